@@ -1,0 +1,2 @@
+//! KVM virtual machine monitor with record/replay fault tolerance (under construction).
+#![deny(missing_docs)]

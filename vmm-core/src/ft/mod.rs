@@ -1,0 +1,1 @@
+//! Fault tolerance: failure detection, arbiter, primary/backup roles (under construction).

@@ -6,8 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
+source scripts/deps.sh
 echo "== loom model tests (ringbuf)"
 RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
   cargo test -p ftvm-ringbuf --release --target-dir target/loom --test loom -- --test-threads=2
 echo "== workspace tests"
-cargo test --workspace --release -- --show-output
+# shellcheck disable=SC2086
+cargo test --workspace --release $FTVM_FEATURES -- --show-output

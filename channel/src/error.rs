@@ -1,0 +1,35 @@
+//! The channel crate's error type.
+
+/// Everything that can go wrong while moving frames between primary and backup.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A system call failed.
+    #[error("{op} failed: {source}")]
+    Io {
+        /// The operation that failed (`"send"`, `"mmap"`, ...).
+        op: &'static str,
+        /// The underlying OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer closed the link or disappeared.
+    #[error("peer closed the connection{}", if *.mid_frame { " in the middle of a frame" } else { "" })]
+    Closed {
+        /// True when the peer vanished inside a frame (the partial frame was discarded).
+        mid_frame: bool,
+    },
+    /// Setting up the link failed (handshake refused, bad configuration, missing resource).
+    #[error("setup failed: {what}")]
+    Setup {
+        /// Human-readable description of what went wrong.
+        what: String,
+    },
+    /// A frame is larger than the transport (or the protocol) allows.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge {
+        /// Length of the offending frame.
+        len: usize,
+        /// Largest allowed length.
+        max: usize,
+    },
+}

@@ -1,1 +1,84 @@
-fn main() {}
+//! `ftvm-bench`: one driver, one subcommand per experiment.
+//!
+//! ```text
+//! cargo run --release -p ftvm-bench -- <name> [--quick] [--out DIR] [benchmark options]
+//! ```
+//!
+//! Every benchmark writes `results/<name>.json` (header: git revision, UTC date, machine; then
+//! its rows, our figures beside the peers' in the same run) and a plot `results/<name>.svg`
+//! through [`report`].
+//!
+//! Adding a benchmark: put it in `src/<name>.rs` with
+//! `pub fn run(opts: &Opts) -> anyhow::Result<()>`, add `mod <name>;` below and one line in
+//! [`BENCHMARKS`].
+
+mod report;
+mod ringbuf;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+/// Options common to every benchmark, plus the arguments it parses itself.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Short run (for CI and a first look): each benchmark finishes in under ~30 s.
+    pub quick: bool,
+    /// Directory for `<name>.json` and the plot (default: `<workspace>/results`).
+    pub out: PathBuf,
+    /// Arguments not understood by the driver, for the benchmark to parse.
+    pub rest: Vec<String>,
+}
+
+/// A benchmark: its subcommand name, a one-line description, its entry point.
+type Bench = (&'static str, &'static str, fn(&Opts) -> anyhow::Result<()>);
+
+/// The subcommands. One line per benchmark.
+const BENCHMARKS: &[Bench] = &[(
+    "ringbuf",
+    "log buffer vs rtrb vs crossbeam ArrayQueue: throughput and RTT",
+    ringbuf::run,
+)];
+
+fn usage() -> String {
+    let mut s =
+        String::from("usage: ftvm-bench <name> [--quick] [--out DIR] [options]\n\nbenchmarks:\n");
+    for (name, what, _) in BENCHMARKS {
+        s.push_str(&format!("  {name:<12} {what}\n"));
+    }
+    s
+}
+
+fn parse(args: Vec<String>) -> anyhow::Result<(String, Opts)> {
+    let mut name = None;
+    let mut opts = Opts {
+        quick: false,
+        out: report::default_results_dir(),
+        rest: Vec::new(),
+    };
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => opts.quick = true,
+            "--out" => opts.out = PathBuf::from(it.next().context("--out needs a directory")?),
+            "-h" | "--help" => {
+                print!("{}", usage());
+                std::process::exit(0);
+            }
+            _ if name.is_none() && !a.starts_with('-') => name = Some(a),
+            _ => opts.rest.push(a),
+        }
+    }
+    let Some(name) = name else {
+        bail!("no benchmark named\n{}", usage())
+    };
+    Ok((name, opts))
+}
+
+fn main() -> anyhow::Result<()> {
+    let (name, opts) = parse(std::env::args().skip(1).collect())?;
+    let Some((_, _, run)) = BENCHMARKS.iter().find(|(n, _, _)| *n == name) else {
+        bail!("unknown benchmark {name:?}\n{}", usage());
+    };
+    run(&opts).with_context(|| format!("benchmark {name}"))
+}

@@ -1,0 +1,674 @@
+//! `ringbuf`: the log buffer against `rtrb` and `crossbeam_queue::ArrayQueue`.
+//!
+//! For records of 64 B, 256 B and 1 KiB, with the producer and the consumer pinned to different
+//! cores and every implementation moving the same payloads (a template with the record's number
+//! in its first 8 bytes) and the consumer really reading them (an XOR fold of every 8-byte word
+//! plus a sum of the numbers that must come out right):
+//! - throughput in million records per second: ours (claim → fill in place → commit; the
+//!   consumer reads whole batches and releases each with one store), rtrb with `push`/`pop`,
+//!   rtrb with its chunk API (`write_chunk_uninit` / `read_chunk` of everything available), and
+//!   `ArrayQueue` with `push`/`pop`. `rtrb_mps` is the better of rtrb's two uses.
+//! - ping-pong round-trip time (one record there, one back; hdrhistogram p50 / p99) for all
+//!   three, spinning.
+//!
+//! Every measurement is repeated (`--reps`, default 3 quick / 5 full); the JSON holds the
+//! medians. Each queue holds the same payload bytes: 4096 records of 64 B / 256 B, 1024 of 1 KiB
+//! (ours: a data area of that many payload bytes, so it holds a few records fewer because of
+//! the 16-byte headers).
+
+use std::hint::black_box;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use crossbeam_queue::ArrayQueue;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::report::{self, Panel, Series};
+use crate::Opts;
+
+/// One row of `results/ringbuf.json`.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    size: usize,
+    records_per_run: u64,
+    reps: usize,
+    ours_mps: f64,
+    rtrb_mps: f64,
+    rtrb_push_pop_mps: f64,
+    rtrb_chunk_mps: f64,
+    crossbeam_mps: f64,
+    ours_vs_rtrb: f64,
+    ours_vs_crossbeam: f64,
+    ours_rtt_p50_ns: f64,
+    ours_rtt_p99_ns: f64,
+    rtrb_rtt_p50_ns: f64,
+    rtrb_rtt_p99_ns: f64,
+    crossbeam_rtt_p50_ns: f64,
+    crossbeam_rtt_p99_ns: f64,
+}
+
+/// Parameters of one run.
+#[derive(Debug, Clone, Copy)]
+struct Params {
+    records: u64,
+    rtt_samples: u64,
+    reps: usize,
+}
+
+/// The cores the two threads are pinned to (the first two the OS offers), if any.
+fn cores() -> (Option<core_affinity::CoreId>, Option<core_affinity::CoreId>) {
+    let ids = core_affinity::get_core_ids().unwrap_or_default();
+    match ids.as_slice() {
+        [a, b, ..] => (Some(*a), Some(*b)),
+        [a] => (Some(*a), Some(*a)),
+        [] => (None, None),
+    }
+}
+
+fn pin(core: Option<core_affinity::CoreId>) {
+    if let Some(c) = core {
+        // Best effort: an unpinned thread still gives a (noisier) figure.
+        let _ = core_affinity::set_for_current(c);
+    }
+}
+
+/// Slots per queue for records of `N` bytes: the same payload bytes for every implementation.
+const fn slots(n: usize) -> usize {
+    if n >= 1024 {
+        1024
+    } else {
+        4096
+    }
+}
+
+/// The payload of record `i`: the template with `i` in its first 8 bytes.
+#[inline(always)]
+fn fill<const N: usize>(dst: &mut [u8], template: &[u8; N], i: u64) {
+    dst.copy_from_slice(template);
+    dst[..8].copy_from_slice(&i.to_le_bytes());
+}
+
+/// Reads a payload: returns its record number and folds every word into `acc`.
+#[inline(always)]
+fn digest(p: &[u8], acc: &mut u64) -> u64 {
+    let mut x = 0u64;
+    for w in p.chunks_exact(8) {
+        x ^= u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+    }
+    *acc = acc.rotate_left(1) ^ x;
+    u64::from_le_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]])
+}
+
+fn template<const N: usize>() -> [u8; N] {
+    let mut t = [0u8; N];
+    for (i, b) in t.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+    }
+    t
+}
+
+/// Runs `producer` and `consumer` on the two cores, started together; returns the consumer's
+/// elapsed time and checks the sum of record numbers it saw.
+fn run_pair<P, C>(n: u64, producer: P, consumer: C) -> anyhow::Result<Duration>
+where
+    P: FnOnce() + Send + 'static,
+    C: FnOnce() -> u64 + Send + 'static,
+{
+    let (c0, c1) = cores();
+    let barrier = Arc::new(Barrier::new(2));
+    let b = barrier.clone();
+    let prod = std::thread::spawn(move || {
+        pin(c0);
+        b.wait();
+        producer();
+    });
+    let cons = std::thread::spawn(move || {
+        pin(c1);
+        barrier.wait();
+        let t = Instant::now();
+        let sum = consumer();
+        (t.elapsed(), sum)
+    });
+    prod.join()
+        .map_err(|_| anyhow!("producer thread panicked"))?;
+    let (elapsed, sum) = cons
+        .join()
+        .map_err(|_| anyhow!("consumer thread panicked"))?;
+    let expected = n * (n - 1) / 2;
+    if sum != expected {
+        bail!("consumer saw record numbers summing to {sum}, expected {expected}");
+    }
+    Ok(elapsed)
+}
+
+fn mps(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64() / 1e6
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput
+
+fn tput_ours<const N: usize>(n: u64) -> anyhow::Result<f64> {
+    let (mut tx, mut rx) = ftvm_ringbuf::with_capacity(slots(N) * N)?;
+    let t = template::<N>();
+    let d = run_pair(
+        n,
+        move || {
+            for i in 0..n {
+                loop {
+                    match tx.claim(1, N) {
+                        Ok(mut c) => {
+                            fill(&mut c, &t, i);
+                            c.commit();
+                            break;
+                        }
+                        Err(_) => std::hint::spin_loop(),
+                    }
+                }
+            }
+        },
+        move || {
+            let (mut got, mut sum, mut acc) = (0u64, 0u64, 0u64);
+            while got < n {
+                let batch = rx.read();
+                if batch.is_empty() {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                for r in batch.records() {
+                    let Ok(r) = r else { return u64::MAX };
+                    sum = sum.wrapping_add(digest(r.payload(), &mut acc));
+                    got += 1;
+                }
+                batch.release();
+            }
+            black_box(acc);
+            sum
+        },
+    )?;
+    Ok(mps(n, d))
+}
+
+fn tput_rtrb<const N: usize>(n: u64) -> anyhow::Result<f64> {
+    let (mut tx, mut rx) = rtrb::RingBuffer::<[u8; N]>::new(slots(N));
+    let t = template::<N>();
+    let d = run_pair(
+        n,
+        move || {
+            for i in 0..n {
+                let mut a = t;
+                fill(&mut a, &t, i);
+                while let Err(rtrb::PushError::Full(back)) = tx.push(a) {
+                    a = back;
+                    std::hint::spin_loop();
+                }
+            }
+        },
+        move || {
+            let (mut got, mut sum, mut acc) = (0u64, 0u64, 0u64);
+            while got < n {
+                match rx.pop() {
+                    Ok(a) => {
+                        sum = sum.wrapping_add(digest(&a, &mut acc));
+                        got += 1;
+                    }
+                    Err(_) => std::hint::spin_loop(),
+                }
+            }
+            black_box(acc);
+            sum
+        },
+    )?;
+    Ok(mps(n, d))
+}
+
+fn tput_rtrb_chunk<const N: usize>(n: u64) -> anyhow::Result<f64> {
+    let (mut tx, mut rx) = rtrb::RingBuffer::<[u8; N]>::new(slots(N));
+    let t = template::<N>();
+    let d = run_pair(
+        n,
+        move || {
+            let mut i = 0u64;
+            while i < n {
+                let want = (tx.slots() as u64).min(n - i) as usize;
+                if want == 0 {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let Ok(chunk) = tx.write_chunk_uninit(want) else {
+                    continue;
+                };
+                let start = i;
+                let moved = chunk.fill_from_iter((start..start + want as u64).map(|k| {
+                    let mut a = t;
+                    fill(&mut a, &t, k);
+                    a
+                }));
+                i += moved as u64;
+            }
+        },
+        move || {
+            let (mut got, mut sum, mut acc) = (0u64, 0u64, 0u64);
+            while got < n {
+                let avail = rx.slots();
+                if avail == 0 {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let Ok(chunk) = rx.read_chunk(avail) else {
+                    continue;
+                };
+                let (a, b) = chunk.as_slices();
+                for p in a.iter().chain(b) {
+                    sum = sum.wrapping_add(digest(p, &mut acc));
+                }
+                got += avail as u64;
+                chunk.commit_all();
+            }
+            black_box(acc);
+            sum
+        },
+    )?;
+    Ok(mps(n, d))
+}
+
+fn tput_crossbeam<const N: usize>(n: u64) -> anyhow::Result<f64> {
+    let q = Arc::new(ArrayQueue::<[u8; N]>::new(slots(N)));
+    let qc = q.clone();
+    let t = template::<N>();
+    let d = run_pair(
+        n,
+        move || {
+            for i in 0..n {
+                let mut a = t;
+                fill(&mut a, &t, i);
+                while let Err(back) = q.push(a) {
+                    a = back;
+                    std::hint::spin_loop();
+                }
+            }
+        },
+        move || {
+            let (mut got, mut sum, mut acc) = (0u64, 0u64, 0u64);
+            while got < n {
+                match qc.pop() {
+                    Some(a) => {
+                        sum = sum.wrapping_add(digest(&a, &mut acc));
+                        got += 1;
+                    }
+                    None => std::hint::spin_loop(),
+                }
+            }
+            black_box(acc);
+            sum
+        },
+    )?;
+    Ok(mps(n, d))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ping-pong round trip
+
+/// Runs a pinger (records `samples` round trips into a histogram) against an echoer.
+fn run_pingpong<P, E>(ping: P, echo: E) -> anyhow::Result<Histogram<u64>>
+where
+    P: FnOnce(&mut Histogram<u64>) + Send + 'static,
+    E: FnOnce() + Send + 'static,
+{
+    let (c0, c1) = cores();
+    let barrier = Arc::new(Barrier::new(2));
+    let b = barrier.clone();
+    let echoer = std::thread::spawn(move || {
+        pin(c1);
+        b.wait();
+        echo();
+    });
+    let pinger = std::thread::spawn(move || -> anyhow::Result<Histogram<u64>> {
+        pin(c0);
+        let mut h =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).context("histogram bounds")?;
+        barrier.wait();
+        ping(&mut h);
+        Ok(h)
+    });
+    let h = pinger.join().map_err(|_| anyhow!("pinger panicked"))??;
+    echoer.join().map_err(|_| anyhow!("echoer panicked"))?;
+    Ok(h)
+}
+
+/// Warm-up round trips not recorded.
+const WARMUP: u64 = 1000;
+
+fn record_rtt(h: &mut Histogram<u64>, i: u64, t: Instant) {
+    if i >= WARMUP {
+        let ns = u64::try_from(t.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        h.saturating_record(ns);
+    }
+}
+
+fn rtt_ours<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>> {
+    let (mut atx, mut arx) = ftvm_ringbuf::with_capacity(slots(N) * N)?;
+    let (mut btx, mut brx) = ftvm_ringbuf::with_capacity(slots(N) * N)?;
+    let t = template::<N>();
+    let total = samples + WARMUP;
+    run_pingpong(
+        move |h| {
+            let mut acc = 0u64;
+            for i in 0..total {
+                let start = Instant::now();
+                if let Ok(mut c) = atx.claim(1, N) {
+                    fill(&mut c, &t, i);
+                    c.commit();
+                }
+                loop {
+                    let batch = brx.read();
+                    if batch.is_empty() {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    for r in batch.records().flatten() {
+                        digest(r.payload(), &mut acc);
+                    }
+                    batch.release();
+                    break;
+                }
+                record_rtt(h, i, start);
+            }
+            black_box(acc);
+        },
+        move || {
+            let mut acc = 0u64;
+            let mut done = 0;
+            while done < total {
+                let batch = arx.read();
+                if batch.is_empty() {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let mut k = 0u64;
+                for r in batch.records().flatten() {
+                    k = digest(r.payload(), &mut acc);
+                    done += 1;
+                }
+                batch.release();
+                if let Ok(mut c) = btx.claim(1, N) {
+                    fill(&mut c, &t, k);
+                    c.commit();
+                }
+            }
+            black_box(acc);
+        },
+    )
+}
+
+fn rtt_rtrb<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>> {
+    let (mut atx, mut arx) = rtrb::RingBuffer::<[u8; N]>::new(slots(N));
+    let (mut btx, mut brx) = rtrb::RingBuffer::<[u8; N]>::new(slots(N));
+    let t = template::<N>();
+    let total = samples + WARMUP;
+    run_pingpong(
+        move |h| {
+            let mut acc = 0u64;
+            for i in 0..total {
+                let start = Instant::now();
+                let mut a = t;
+                fill(&mut a, &t, i);
+                let _ = atx.push(a);
+                loop {
+                    if let Ok(b) = brx.pop() {
+                        digest(&b, &mut acc);
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                record_rtt(h, i, start);
+            }
+            black_box(acc);
+        },
+        move || {
+            let mut acc = 0u64;
+            for _ in 0..total {
+                let a = loop {
+                    if let Ok(a) = arx.pop() {
+                        break a;
+                    }
+                    std::hint::spin_loop();
+                };
+                let k = digest(&a, &mut acc);
+                let mut b = t;
+                fill(&mut b, &t, k);
+                let _ = btx.push(b);
+            }
+            black_box(acc);
+        },
+    )
+}
+
+fn rtt_crossbeam<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>> {
+    let qa = Arc::new(ArrayQueue::<[u8; N]>::new(slots(N)));
+    let qb = Arc::new(ArrayQueue::<[u8; N]>::new(slots(N)));
+    let (qa2, qb2) = (qa.clone(), qb.clone());
+    let t = template::<N>();
+    let total = samples + WARMUP;
+    run_pingpong(
+        move |h| {
+            let mut acc = 0u64;
+            for i in 0..total {
+                let start = Instant::now();
+                let mut a = t;
+                fill(&mut a, &t, i);
+                let _ = qa.push(a);
+                loop {
+                    if let Some(b) = qb.pop() {
+                        digest(&b, &mut acc);
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                record_rtt(h, i, start);
+            }
+            black_box(acc);
+        },
+        move || {
+            let mut acc = 0u64;
+            for _ in 0..total {
+                let a = loop {
+                    if let Some(a) = qa2.pop() {
+                        break a;
+                    }
+                    std::hint::spin_loop();
+                };
+                let k = digest(&a, &mut acc);
+                let mut b = t;
+                fill(&mut b, &t, k);
+                let _ = qb2.push(b);
+            }
+            black_box(acc);
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Medians over the repetitions for one record size.
+fn measure<const N: usize>(p: Params, bar: &indicatif::ProgressBar) -> anyhow::Result<Row> {
+    let (mut ours, mut rtrb_pp, mut rtrb_ch, mut cb) = (vec![], vec![], vec![], vec![]);
+    let (mut o50, mut o99, mut r50, mut r99, mut c50, mut c99) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    // Same bytes moved at every size: fewer, larger records.
+    let records = (p.records * 64 / N as u64).max(1);
+    for rep in 0..p.reps {
+        bar.set_message(format!("{N} B, rep {}/{}", rep + 1, p.reps));
+        // Alternate the order so slow drift (other processes) does not favour one side.
+        if rep % 2 == 0 {
+            ours.push(tput_ours::<N>(records)?);
+            rtrb_pp.push(tput_rtrb::<N>(records)?);
+            rtrb_ch.push(tput_rtrb_chunk::<N>(records)?);
+            cb.push(tput_crossbeam::<N>(records)?);
+        } else {
+            cb.push(tput_crossbeam::<N>(records)?);
+            rtrb_ch.push(tput_rtrb_chunk::<N>(records)?);
+            rtrb_pp.push(tput_rtrb::<N>(records)?);
+            ours.push(tput_ours::<N>(records)?);
+        }
+        bar.inc(1);
+        let h = rtt_ours::<N>(p.rtt_samples)?;
+        o50.push(h.value_at_quantile(0.5) as f64);
+        o99.push(h.value_at_quantile(0.99) as f64);
+        let h = rtt_rtrb::<N>(p.rtt_samples)?;
+        r50.push(h.value_at_quantile(0.5) as f64);
+        r99.push(h.value_at_quantile(0.99) as f64);
+        let h = rtt_crossbeam::<N>(p.rtt_samples)?;
+        c50.push(h.value_at_quantile(0.5) as f64);
+        c99.push(h.value_at_quantile(0.99) as f64);
+        bar.inc(1);
+    }
+    let m = report::median;
+    let (ours_mps, rtrb_pp_mps, rtrb_ch_mps, crossbeam_mps) =
+        (m(&mut ours), m(&mut rtrb_pp), m(&mut rtrb_ch), m(&mut cb));
+    let rtrb_mps = rtrb_pp_mps.max(rtrb_ch_mps);
+    Ok(Row {
+        size: N,
+        records_per_run: records,
+        reps: p.reps,
+        ours_mps,
+        rtrb_mps,
+        rtrb_push_pop_mps: rtrb_pp_mps,
+        rtrb_chunk_mps: rtrb_ch_mps,
+        crossbeam_mps,
+        ours_vs_rtrb: ours_mps / rtrb_mps,
+        ours_vs_crossbeam: ours_mps / crossbeam_mps,
+        ours_rtt_p50_ns: m(&mut o50),
+        ours_rtt_p99_ns: m(&mut o99),
+        rtrb_rtt_p50_ns: m(&mut r50),
+        rtrb_rtt_p99_ns: m(&mut r99),
+        crossbeam_rtt_p50_ns: m(&mut c50),
+        crossbeam_rtt_p99_ns: m(&mut c99),
+    })
+}
+
+fn parse_rest(opts: &Opts, p: &mut Params) -> anyhow::Result<()> {
+    let mut it = opts.rest.iter();
+    while let Some(a) = it.next() {
+        let mut val = |what: &str| -> anyhow::Result<u64> {
+            it.next()
+                .with_context(|| format!("{what} needs a number"))?
+                .parse::<u64>()
+                .with_context(|| format!("{what} needs a number"))
+        };
+        match a.as_str() {
+            "--reps" => p.reps = usize::try_from(val("--reps")?.max(1))?,
+            "--records" => p.records = val("--records")?.max(1),
+            "--rtt-samples" => p.rtt_samples = val("--rtt-samples")?.max(1),
+            other => {
+                bail!("unknown ringbuf option {other:?} (--reps N, --records N, --rtt-samples N)")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `ringbuf` benchmark.
+pub fn run(opts: &Opts) -> anyhow::Result<()> {
+    let mut p = if opts.quick {
+        Params {
+            records: 2_000_000,
+            rtt_samples: 20_000,
+            reps: 3,
+        }
+    } else {
+        Params {
+            records: 20_000_000,
+            rtt_samples: 200_000,
+            reps: 5,
+        }
+    };
+    parse_rest(opts, &mut p)?;
+    let bar = report::progress(3 * 2 * p.reps as u64, "ringbuf");
+    let rows = vec![
+        measure::<64>(p, &bar)?,
+        measure::<256>(p, &bar)?,
+        measure::<1024>(p, &bar)?,
+    ];
+    bar.finish_and_clear();
+
+    let json = report::write_json(opts, "ringbuf", &rows)?;
+    let series = |label: &str, f: fn(&Row) -> f64| Series {
+        label: label.into(),
+        points: rows.iter().map(|r| (r.size as f64, f(r))).collect(),
+    };
+    let svg = report::plot_svg(
+        opts,
+        "ringbuf",
+        &[
+            Panel {
+                title: "throughput, producer → consumer on 2 cores".into(),
+                x_label: "record payload (bytes)".into(),
+                y_label: "million records / s".into(),
+                log_x: true,
+                series: vec![
+                    series("ftvm-ringbuf", |r| r.ours_mps),
+                    series("rtrb (best of push/pop, chunks)", |r| r.rtrb_mps),
+                    series("crossbeam ArrayQueue", |r| r.crossbeam_mps),
+                ],
+            },
+            Panel {
+                title: "ping-pong round trip, p50".into(),
+                x_label: "record payload (bytes)".into(),
+                y_label: "ns".into(),
+                log_x: true,
+                series: vec![
+                    series("ftvm-ringbuf", |r| r.ours_rtt_p50_ns),
+                    series("rtrb", |r| r.rtrb_rtt_p50_ns),
+                    series("crossbeam ArrayQueue", |r| r.crossbeam_rtt_p50_ns),
+                ],
+            },
+        ],
+    )?;
+
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.size.to_string(),
+                format!("{:.1}", r.ours_mps),
+                format!("{:.1}", r.rtrb_push_pop_mps),
+                format!("{:.1}", r.rtrb_chunk_mps),
+                format!("{:.1}", r.crossbeam_mps),
+                format!("{:.2}", r.ours_vs_rtrb),
+                format!("{:.2}", r.ours_vs_crossbeam),
+                format!("{:.0}/{:.0}", r.ours_rtt_p50_ns, r.ours_rtt_p99_ns),
+                format!("{:.0}/{:.0}", r.rtrb_rtt_p50_ns, r.rtrb_rtt_p99_ns),
+                format!(
+                    "{:.0}/{:.0}",
+                    r.crossbeam_rtt_p50_ns, r.crossbeam_rtt_p99_ns
+                ),
+            ]
+        })
+        .collect();
+    report::print_table(
+        &format!(
+            "ringbuf (medians of {} runs; M records/s; RTT p50/p99 ns)",
+            p.reps
+        ),
+        &[
+            "bytes",
+            "ours",
+            "rtrb push",
+            "rtrb chunk",
+            "crossbeam",
+            "ours/rtrb",
+            "ours/cb",
+            "ours rtt",
+            "rtrb rtt",
+            "cb rtt",
+        ],
+        &table,
+    );
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}

@@ -7,7 +7,9 @@
 //! - throughput in million records per second: ours (claim → fill in place → commit; the
 //!   consumer reads whole batches and releases each with one store), rtrb with `push`/`pop`,
 //!   rtrb with its chunk API (`write_chunk_uninit` / `read_chunk` of everything available), and
-//!   `ArrayQueue` with `push`/`pop`. `rtrb_mps` is the better of rtrb's two uses.
+//!   `ArrayQueue` with `push`/`pop`. `rtrb_mps` is the better of rtrb's two uses. Ours is
+//!   measured twice: `ours_mps` publishes every `--publish-every` records (default 32,
+//!   `Claim::commit_deferred` + `Producer::publish`), `ours_per_record_publish_mps` at every commit.
 //! - ping-pong round-trip time (one record there, one back; hdrhistogram p50 / p99) for all
 //!   three, spinning.
 //!
@@ -35,6 +37,8 @@ struct Row {
     records_per_run: u64,
     reps: usize,
     ours_mps: f64,
+    ours_per_record_publish_mps: f64,
+    publish_every: u64,
     rtrb_mps: f64,
     rtrb_push_pop_mps: f64,
     rtrb_chunk_mps: f64,
@@ -55,6 +59,7 @@ struct Params {
     records: u64,
     rtt_samples: u64,
     reps: usize,
+    publish_every: u64,
 }
 
 /// The cores the two threads are pinned to (the first two the OS offers), if any.
@@ -150,7 +155,10 @@ fn mps(n: u64, d: Duration) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Throughput
 
-fn tput_ours<const N: usize>(n: u64) -> anyhow::Result<f64> {
+/// Ours. `publish_every == 1`: every record published at commit; otherwise records are
+/// committed with `commit_deferred` and published every `publish_every` records (and whenever a
+/// claim finds the buffer full).
+fn tput_ours<const N: usize>(n: u64, publish_every: u64) -> anyhow::Result<f64> {
     let (mut tx, mut rx) = ftvm_ringbuf::with_capacity(slots(N) * N)?;
     let t = template::<N>();
     let d = run_pair(
@@ -161,13 +169,18 @@ fn tput_ours<const N: usize>(n: u64) -> anyhow::Result<f64> {
                     match tx.claim(1, N) {
                         Ok(mut c) => {
                             fill(&mut c, &t, i);
-                            c.commit();
+                            if publish_every == 1 || (i + 1) % publish_every == 0 {
+                                c.commit();
+                            } else {
+                                c.commit_deferred();
+                            }
                             break;
                         }
                         Err(_) => std::hint::spin_loop(),
                     }
                 }
             }
+            tx.publish();
         },
         move || {
             let (mut got, mut sum, mut acc) = (0u64, 0u64, 0u64);
@@ -364,7 +377,9 @@ fn rtt_ours<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>> {
                     fill(&mut c, &t, i);
                     c.commit();
                 }
-                loop {
+                // A batch may hold only the padding record at the end of the area.
+                let mut got = 0;
+                while got == 0 {
                     let batch = brx.read();
                     if batch.is_empty() {
                         std::hint::spin_loop();
@@ -372,9 +387,9 @@ fn rtt_ours<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>> {
                     }
                     for r in batch.records().flatten() {
                         digest(r.payload(), &mut acc);
+                        got += 1;
                     }
                     batch.release();
-                    break;
                 }
                 record_rtt(h, i, start);
             }
@@ -389,12 +404,16 @@ fn rtt_ours<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>> {
                     std::hint::spin_loop();
                     continue;
                 }
-                let mut k = 0u64;
+                let (mut k, mut got) = (0u64, 0);
                 for r in batch.records().flatten() {
                     k = digest(r.payload(), &mut acc);
-                    done += 1;
+                    got += 1;
                 }
                 batch.release();
+                if got == 0 {
+                    continue; // only the padding record at the end of the area
+                }
+                done += got;
                 if let Ok(mut c) = btx.claim(1, N) {
                     fill(&mut c, &t, k);
                     c.commit();
@@ -496,7 +515,8 @@ fn rtt_crossbeam<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>>
 
 /// Medians over the repetitions for one record size.
 fn measure<const N: usize>(p: Params, bar: &indicatif::ProgressBar) -> anyhow::Result<Row> {
-    let (mut ours, mut rtrb_pp, mut rtrb_ch, mut cb) = (vec![], vec![], vec![], vec![]);
+    let (mut ours, mut ours1, mut rtrb_pp, mut rtrb_ch, mut cb) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let (mut o50, mut o99, mut r50, mut r99, mut c50, mut c99) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     // Same bytes moved at every size: fewer, larger records.
@@ -505,7 +525,8 @@ fn measure<const N: usize>(p: Params, bar: &indicatif::ProgressBar) -> anyhow::R
         bar.set_message(format!("{N} B, rep {}/{}", rep + 1, p.reps));
         // Alternate the order so slow drift (other processes) does not favour one side.
         if rep % 2 == 0 {
-            ours.push(tput_ours::<N>(records)?);
+            ours.push(tput_ours::<N>(records, p.publish_every)?);
+            ours1.push(tput_ours::<N>(records, 1)?);
             rtrb_pp.push(tput_rtrb::<N>(records)?);
             rtrb_ch.push(tput_rtrb_chunk::<N>(records)?);
             cb.push(tput_crossbeam::<N>(records)?);
@@ -513,7 +534,8 @@ fn measure<const N: usize>(p: Params, bar: &indicatif::ProgressBar) -> anyhow::R
             cb.push(tput_crossbeam::<N>(records)?);
             rtrb_ch.push(tput_rtrb_chunk::<N>(records)?);
             rtrb_pp.push(tput_rtrb::<N>(records)?);
-            ours.push(tput_ours::<N>(records)?);
+            ours1.push(tput_ours::<N>(records, 1)?);
+            ours.push(tput_ours::<N>(records, p.publish_every)?);
         }
         bar.inc(1);
         let h = rtt_ours::<N>(p.rtt_samples)?;
@@ -536,6 +558,8 @@ fn measure<const N: usize>(p: Params, bar: &indicatif::ProgressBar) -> anyhow::R
         records_per_run: records,
         reps: p.reps,
         ours_mps,
+        ours_per_record_publish_mps: m(&mut ours1),
+        publish_every: p.publish_every,
         rtrb_mps,
         rtrb_push_pop_mps: rtrb_pp_mps,
         rtrb_chunk_mps: rtrb_ch_mps,
@@ -564,9 +588,11 @@ fn parse_rest(opts: &Opts, p: &mut Params) -> anyhow::Result<()> {
             "--reps" => p.reps = usize::try_from(val("--reps")?.max(1))?,
             "--records" => p.records = val("--records")?.max(1),
             "--rtt-samples" => p.rtt_samples = val("--rtt-samples")?.max(1),
-            other => {
-                bail!("unknown ringbuf option {other:?} (--reps N, --records N, --rtt-samples N)")
-            }
+            "--publish-every" => p.publish_every = val("--publish-every")?.max(1),
+            other => bail!(
+                "unknown ringbuf option {other:?} \
+                 (--reps N, --records N, --rtt-samples N, --publish-every N)"
+            ),
         }
     }
     Ok(())
@@ -579,12 +605,14 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             records: 2_000_000,
             rtt_samples: 20_000,
             reps: 3,
+            publish_every: 32,
         }
     } else {
         Params {
             records: 20_000_000,
             rtt_samples: 200_000,
             reps: 5,
+            publish_every: 32,
         }
     };
     parse_rest(opts, &mut p)?;
@@ -636,6 +664,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             vec![
                 r.size.to_string(),
                 format!("{:.1}", r.ours_mps),
+                format!("{:.1}", r.ours_per_record_publish_mps),
                 format!("{:.1}", r.rtrb_push_pop_mps),
                 format!("{:.1}", r.rtrb_chunk_mps),
                 format!("{:.1}", r.crossbeam_mps),
@@ -658,6 +687,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         &[
             "bytes",
             "ours",
+            "ours 1by1",
             "rtrb push",
             "rtrb chunk",
             "crossbeam",

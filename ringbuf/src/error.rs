@@ -33,7 +33,10 @@ pub enum RegionError {
 
 impl RegionError {
     pub(crate) fn os(call: &'static str) -> Self {
-        Self::Os { call, source: std::io::Error::last_os_error() }
+        Self::Os {
+            call,
+            source: std::io::Error::last_os_error(),
+        }
     }
 }
 

@@ -79,13 +79,25 @@ pub struct BackoffPark {
 impl BackoffPark {
     /// A back-off with the given phases.
     pub fn new(spins: u32, yields: u32, min_park: Duration, max_park: Duration) -> Self {
-        Self { spins, yields, min_park, max_park, count: 0, park: min_park }
+        Self {
+            spins,
+            yields,
+            min_park,
+            max_park,
+            count: 0,
+            park: min_park,
+        }
     }
 }
 
 impl Default for BackoffPark {
     fn default() -> Self {
-        Self::new(10_000, 100, Duration::from_micros(50), Duration::from_millis(1))
+        Self::new(
+            10_000,
+            100,
+            Duration::from_micros(50),
+            Duration::from_millis(1),
+        )
     }
 }
 
@@ -142,7 +154,51 @@ impl std::str::FromStr for IdleKind {
             "spin" => Ok(Self::Spin),
             "yield" => Ok(Self::Yield),
             "park" => Ok(Self::Park),
-            other => Err(format!("unknown idle strategy {other:?} (spin, yield, park)")),
+            other => Err(format!(
+                "unknown idle strategy {other:?} (spin, yield, park)"
+            )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_and_build() {
+        assert_eq!("spin".parse::<IdleKind>(), Ok(IdleKind::Spin));
+        assert_eq!("yield".parse::<IdleKind>(), Ok(IdleKind::Yield));
+        assert_eq!("park".parse::<IdleKind>(), Ok(IdleKind::Park));
+        assert!("nap".parse::<IdleKind>().unwrap_err().contains("nap"));
+        for kind in [IdleKind::Spin, IdleKind::Yield, IdleKind::Park] {
+            let mut s = kind.build();
+            s.idle(0);
+            s.idle(1);
+            s.reset();
+        }
+    }
+
+    #[test]
+    fn backoff_goes_spin_yield_park_and_resets_on_work() {
+        let mut b = BackoffPark::new(2, 2, Duration::from_micros(10), Duration::from_micros(40));
+        for _ in 0..4 {
+            b.idle(0);
+        }
+        assert_eq!(b.count, 4);
+        assert_eq!(b.park, Duration::from_micros(10));
+        for _ in 0..4 {
+            b.idle(0); // parks 10, 20, 40, 40 µs
+        }
+        assert_eq!(b.park, Duration::from_micros(40));
+        b.idle(1);
+        assert_eq!((b.count, b.park), (0, Duration::from_micros(10)));
+        let mut s = SpinThenYield::new(3);
+        for _ in 0..5 {
+            s.idle(0);
+        }
+        assert_eq!(s.count, 3);
+        s.idle(1);
+        assert_eq!(s.count, 0);
     }
 }

@@ -102,7 +102,13 @@ pub const fn max_payload(capacity: usize) -> usize {
 }
 
 /// Checksum of the descriptor fields (FNV-1a over their bytes); detects a torn or scribbled header.
-pub fn descriptor_checksum(magic: u64, version: u32, descriptor_len: u32, capacity: u64, max: u64) -> u64 {
+pub fn descriptor_checksum(
+    magic: u64,
+    version: u32,
+    descriptor_len: u32,
+    capacity: u64,
+    max: u64,
+) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
         for b in bytes {

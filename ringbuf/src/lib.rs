@@ -43,6 +43,4 @@ mod sync;
 pub use error::{ClaimError, CorruptRecord, RegionError, RingError};
 pub use idle::{BackoffPark, BusySpin, IdleKind, IdleStrategy, SpinThenYield};
 pub use region::{HeapRegion, Region, SharedRegion};
-pub use ring::{
-    with_capacity, Batch, Claim, Consumer, Producer, Record, Records, Ring, FIRST_SEQ,
-};
+pub use ring::{with_capacity, Batch, Claim, Consumer, Producer, Record, Records, Ring, FIRST_SEQ};

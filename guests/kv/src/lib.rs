@@ -1,0 +1,2 @@
+//! kv library (placeholder).
+#![cfg_attr(not(test), no_std)]

@@ -32,4 +32,16 @@ pub enum TransportError {
         /// Largest allowed length.
         max: usize,
     },
+    /// Nothing was heard from the peer for too long.
+    #[error("nothing heard from the peer for {after:?}")]
+    PeerTimeout {
+        /// The configured timeout.
+        after: std::time::Duration,
+    },
+    /// The local log buffer holds something that is not a valid record (memory scribbled on).
+    #[error("log buffer corrupt: {what}")]
+    Log {
+        /// What was wrong.
+        what: String,
+    },
 }

@@ -36,4 +36,35 @@ pub trait Transport: Send {
     /// [`TransportError`] when the link is broken (a peer that disappeared mid-frame is an error,
     /// and the partial frame is never handed out).
     fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError>;
+
+    /// Lets a transport that sleeps in the kernel (the blocking TCP mode) wait up to `timeout`
+    /// for the peer; busy-polled transports return at once (the default).
+    ///
+    /// # Errors
+    /// [`TransportError`] when the link is broken.
+    fn wait(&mut self, timeout: std::time::Duration) -> Result<(), TransportError> {
+        let _ = timeout;
+        Ok(())
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn max_frame(&self) -> usize {
+        (**self).max_frame()
+    }
+    fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
+        (**self).send(frame)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        (**self).flush()
+    }
+    fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
+        (**self).poll_recv(on_frame)
+    }
+    fn wait(&mut self, timeout: std::time::Duration) -> Result<(), TransportError> {
+        (**self).wait(timeout)
+    }
 }

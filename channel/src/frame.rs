@@ -1,0 +1,582 @@
+//! The wire format: frame header, the five frame types, encoding and checked decoding.
+//!
+//! Every frame, whatever the transport (see `PROTOCOL.md` for the full description):
+//!
+//! ```text
+//!  0        2     3     4            8                    16          20          24
+//!  ┌────────┬─────┬─────┬────────────┬────────────────────┬───────────┬───────────┬──────── ─ ─
+//!  │ magic  │ ver │type │ body_len   │ generation         │ crc32c    │ reserved  │ body
+//!  │ u16    │ u8  │ u8  │ u32        │ u64                │ u32       │ u32 (0)   │ body_len bytes
+//!  └────────┴─────┴─────┴────────────┴────────────────────┴───────────┴───────────┴──────── ─ ─
+//!
+//!  DATA body                                   ACK body              HEARTBEAT body
+//!  0          8        12         14        16 0          8          0
+//!  ┌──────────┬────────┬──────────┬─────────┬─ ┌──────────┬─────────┐ ┌──────────┐
+//!  │first_seq │ count  │frag_index│frag_cnt │… │ acked    │executed │ │ nonce    │
+//!  │ u64      │ u32    │ u16      │ u16     │  │ u64      │ u64     │ │ u64      │
+//!  └──────────┴────────┴──────────┴─────────┴─ └──────────┴─────────┘ └──────────┘
+//!  then `count` records in the log buffer's own format (16-byte header: len u32, kind u16,
+//!  flags u16, seq u64; then the payload), back to back without alignment padding — or, when
+//!  frag_cnt > 1, fragment `frag_index` of one such record.
+//!
+//!  HELLO body (72 bytes)
+//!  0    1      4          8          16           24        32         40                72
+//!  ┌────┬──────┬──────────┬──────────┬────────────┬─────────┬──────────┬─────────────────┐
+//!  │role│ pad  │max_frame │ capacity │ max_payload│ seq     │ executed │ pairing digest  │
+//!  │ u8 │ [3]  │ u32      │ u64      │ u64        │ u64     │ u64      │ [u8; 32]        │
+//!  └────┴──────┴──────────┴──────────┴────────────┴─────────┴──────────┴─────────────────┘
+//!  REFUSE body: reason u32, then a UTF-8 explanation.
+//! ```
+//!
+//! The CRC32C covers bytes 0..16, 20..24 and the body. All integers are little-endian. The magic
+//! and version fields keep their place in every future version, so a peer can always tell
+//! "different version" from "garbage".
+
+use ftvm_ringbuf::layout::{
+    KIND_PADDING, RECORD_HEADER_LEN, REC_FLAGS_OFFSET, REC_KIND_OFFSET, REC_LEN_OFFSET,
+    REC_SEQ_OFFSET,
+};
+
+/// Frame magic number.
+pub const MAGIC: u16 = 0xF7C1;
+/// Protocol version spoken by this code.
+pub const VERSION: u8 = 1;
+/// Length of the frame header.
+pub const HEADER_LEN: usize = 24;
+/// Offset of the magic (u16).
+pub const MAGIC_OFFSET: usize = 0;
+/// Offset of the protocol version (u8).
+pub const VERSION_OFFSET: usize = 2;
+/// Offset of the frame type (u8).
+pub const TYPE_OFFSET: usize = 3;
+/// Offset of the body length (u32).
+pub const BODY_LEN_OFFSET: usize = 4;
+/// Offset of the replication generation (u64).
+pub const GENERATION_OFFSET: usize = 8;
+/// Offset of the CRC32C (u32).
+pub const CRC_OFFSET: usize = 16;
+/// Offset of the reserved word (u32, zero).
+pub const RESERVED_OFFSET: usize = 20;
+
+/// Length of the DATA body header (before the records).
+pub const DATA_HEADER_LEN: usize = 16;
+/// Length of the ACK body.
+pub const ACK_BODY_LEN: usize = 16;
+/// Length of the HEARTBEAT body.
+pub const HEARTBEAT_BODY_LEN: usize = 8;
+/// Length of the HELLO body.
+pub const HELLO_BODY_LEN: usize = 72;
+/// Length of the pairing digest.
+pub const DIGEST_LEN: usize = 32;
+/// Smallest `max_frame` the protocol works with (a HELLO must fit, and a fragment must carry
+/// at least a few bytes).
+pub const MIN_FRAME: usize = 128;
+
+/// The frame types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// Handshake: each side's parameters.
+    Hello = 1,
+    /// Handshake refused, with a reason.
+    Refuse = 2,
+    /// Log records (or one fragment of a record).
+    Data = 3,
+    /// Cumulative acknowledgement plus the backup's executed position.
+    Ack = 4,
+    /// Keep-alive.
+    Heartbeat = 5,
+}
+
+impl FrameType {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Hello,
+            2 => Self::Refuse,
+            3 => Self::Data,
+            4 => Self::Ack,
+            5 => Self::Heartbeat,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a frame was rejected by the decoder (each reason has its own drop counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Shorter than its header or than the body length it announces.
+    #[error("truncated frame")]
+    Truncated,
+    /// Wrong magic or unknown frame type.
+    #[error("not a frame (bad magic or type)")]
+    BadHeader,
+    /// The peer speaks another protocol version.
+    #[error("protocol version {found}, expected {VERSION}")]
+    Version {
+        /// The version in the frame.
+        found: u8,
+    },
+    /// Checksum mismatch.
+    #[error("CRC32C mismatch")]
+    Crc,
+    /// The body does not parse (wrong length, inconsistent counts, malformed records).
+    #[error("malformed body: {0}")]
+    BadBody(&'static str),
+}
+
+/// Role announced in a HELLO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// The sending side (primary).
+    Primary = 0,
+    /// The receiving side (backup).
+    Backup = 1,
+}
+
+/// The parameters exchanged in a HELLO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Who sends it.
+    pub role: Role,
+    /// Largest frame the sender of the HELLO accepts.
+    pub max_frame: u32,
+    /// Its log buffer's capacity.
+    pub capacity: u64,
+    /// Its log buffer's largest record payload.
+    pub max_payload: u64,
+    /// Primary: sequence number of its oldest unacknowledged record. Backup: next sequence
+    /// number it expects (0 = fresh, take whatever the primary has).
+    pub seq: u64,
+    /// Backup: the last record it executed (0 = none). Primary: 0.
+    pub executed: u64,
+    /// Opaque digest identifying what is replicated (the guest image); must match.
+    pub digest: [u8; DIGEST_LEN],
+}
+
+/// DATA frame body header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    /// Sequence number of the first (or only) record.
+    pub first_seq: u64,
+    /// Number of whole records (1 for a fragment).
+    pub count: u32,
+    /// Index of this fragment (0 when not fragmented).
+    pub frag_index: u16,
+    /// Number of fragments of the record (1 when not fragmented).
+    pub frag_count: u16,
+}
+
+/// A decoded, checksum-verified frame borrowing the received bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// Handshake parameters.
+    Hello(Hello),
+    /// Handshake refused.
+    Refuse {
+        /// Machine-readable reason code.
+        reason: u32,
+        /// Human-readable explanation.
+        text: &'a str,
+    },
+    /// Records or a fragment.
+    Data {
+        /// The body header.
+        header: DataHeader,
+        /// The records (or the fragment bytes).
+        payload: &'a [u8],
+    },
+    /// Cumulative acknowledgement.
+    Ack {
+        /// Every record with a sequence number ≤ this is in the backup's log buffer.
+        acked: u64,
+        /// Every record with a sequence number ≤ this was executed by the backup.
+        executed: u64,
+    },
+    /// Keep-alive.
+    Heartbeat {
+        /// Opaque value.
+        nonce: u64,
+    },
+}
+
+/// A frame with its header fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoded<'a> {
+    /// Generation in the header.
+    pub generation: u64,
+    /// The frame.
+    pub frame: Frame<'a>,
+}
+
+#[inline]
+fn rd_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+#[inline]
+fn rd_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+#[inline]
+fn rd_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn checksum(frame: &[u8]) -> u32 {
+    let c = crc32c::crc32c(&frame[..CRC_OFFSET]);
+    crc32c::crc32c_append(c, &frame[RESERVED_OFFSET..])
+}
+
+/// Reads the version and type bytes of anything that starts with the frame magic, before any
+/// other check (used by the handshake to report "different version" clearly).
+pub fn peek_version_type(bytes: &[u8]) -> Option<(u8, u8)> {
+    if bytes.len() < HEADER_LEN || rd_u16(bytes, MAGIC_OFFSET) != MAGIC {
+        return None;
+    }
+    Some((bytes[VERSION_OFFSET], bytes[TYPE_OFFSET]))
+}
+
+/// Decodes and verifies one frame.
+///
+/// # Errors
+/// A [`FrameError`] naming why the bytes are not a valid frame. Never panics, whatever the
+/// input.
+pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, FrameError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(FrameError::Truncated);
+    }
+    if rd_u16(bytes, MAGIC_OFFSET) != MAGIC {
+        return Err(FrameError::BadHeader);
+    }
+    let version = bytes[VERSION_OFFSET];
+    if version != VERSION {
+        return Err(FrameError::Version { found: version });
+    }
+    let ty = FrameType::from_u8(bytes[TYPE_OFFSET]).ok_or(FrameError::BadHeader)?;
+    let body_len = rd_u32(bytes, BODY_LEN_OFFSET) as usize;
+    if bytes.len() - HEADER_LEN < body_len {
+        return Err(FrameError::Truncated);
+    }
+    if bytes.len() - HEADER_LEN > body_len {
+        return Err(FrameError::BadBody("trailing bytes after the body"));
+    }
+    if rd_u32(bytes, CRC_OFFSET) != checksum(bytes) {
+        return Err(FrameError::Crc);
+    }
+    let generation = rd_u64(bytes, GENERATION_OFFSET);
+    let body = &bytes[HEADER_LEN..];
+    let frame = match ty {
+        FrameType::Hello => {
+            if body.len() != HELLO_BODY_LEN {
+                return Err(FrameError::BadBody("HELLO length"));
+            }
+            let role = match body[0] {
+                0 => Role::Primary,
+                1 => Role::Backup,
+                _ => return Err(FrameError::BadBody("HELLO role")),
+            };
+            let mut digest = [0u8; DIGEST_LEN];
+            digest.copy_from_slice(&body[40..72]);
+            Frame::Hello(Hello {
+                role,
+                max_frame: rd_u32(body, 4),
+                capacity: rd_u64(body, 8),
+                max_payload: rd_u64(body, 16),
+                seq: rd_u64(body, 24),
+                executed: rd_u64(body, 32),
+                digest,
+            })
+        }
+        FrameType::Refuse => {
+            if body.len() < 4 {
+                return Err(FrameError::BadBody("REFUSE length"));
+            }
+            let text = std::str::from_utf8(&body[4..])
+                .map_err(|_| FrameError::BadBody("REFUSE text is not UTF-8"))?;
+            Frame::Refuse {
+                reason: rd_u32(body, 0),
+                text,
+            }
+        }
+        FrameType::Data => {
+            if body.len() < DATA_HEADER_LEN {
+                return Err(FrameError::BadBody("DATA length"));
+            }
+            let header = DataHeader {
+                first_seq: rd_u64(body, 0),
+                count: rd_u32(body, 8),
+                frag_index: rd_u16(body, 12),
+                frag_count: rd_u16(body, 14),
+            };
+            let payload = &body[DATA_HEADER_LEN..];
+            if header.frag_count == 0
+                || header.frag_index >= header.frag_count
+                || (header.frag_count > 1 && header.count != 1)
+                || header.count == 0
+                || header.first_seq == 0
+            {
+                return Err(FrameError::BadBody("DATA counts"));
+            }
+            Frame::Data { header, payload }
+        }
+        FrameType::Ack => {
+            if body.len() != ACK_BODY_LEN {
+                return Err(FrameError::BadBody("ACK length"));
+            }
+            Frame::Ack {
+                acked: rd_u64(body, 0),
+                executed: rd_u64(body, 8),
+            }
+        }
+        FrameType::Heartbeat => {
+            if body.len() != HEARTBEAT_BODY_LEN {
+                return Err(FrameError::BadBody("HEARTBEAT length"));
+            }
+            Frame::Heartbeat {
+                nonce: rd_u64(body, 0),
+            }
+        }
+    };
+    Ok(Decoded { generation, frame })
+}
+
+/// Starts a frame of type `ty` in `buf` (cleared first); append the body, then [`finish`].
+pub fn begin(buf: &mut Vec<u8>, ty: FrameType, generation: u64) {
+    buf.clear();
+    buf.extend_from_slice(&MAGIC.to_le_bytes());
+    buf.push(VERSION);
+    buf.push(ty as u8);
+    buf.extend_from_slice(&0u32.to_le_bytes());
+    buf.extend_from_slice(&generation.to_le_bytes());
+    buf.extend_from_slice(&0u32.to_le_bytes());
+    buf.extend_from_slice(&0u32.to_le_bytes());
+}
+
+/// Fills in the body length and checksum of a frame started with [`begin`].
+pub fn finish(buf: &mut [u8]) {
+    let body_len = (buf.len() - HEADER_LEN) as u32;
+    buf[BODY_LEN_OFFSET..BODY_LEN_OFFSET + 4].copy_from_slice(&body_len.to_le_bytes());
+    let crc = checksum(buf);
+    buf[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Encodes a HELLO.
+pub fn encode_hello(buf: &mut Vec<u8>, generation: u64, h: &Hello) {
+    begin(buf, FrameType::Hello, generation);
+    buf.push(h.role as u8);
+    buf.extend_from_slice(&[0; 3]);
+    buf.extend_from_slice(&h.max_frame.to_le_bytes());
+    buf.extend_from_slice(&h.capacity.to_le_bytes());
+    buf.extend_from_slice(&h.max_payload.to_le_bytes());
+    buf.extend_from_slice(&h.seq.to_le_bytes());
+    buf.extend_from_slice(&h.executed.to_le_bytes());
+    buf.extend_from_slice(&h.digest);
+    finish(buf);
+}
+
+/// Encodes a REFUSE.
+pub fn encode_refuse(buf: &mut Vec<u8>, generation: u64, reason: u32, text: &str) {
+    begin(buf, FrameType::Refuse, generation);
+    buf.extend_from_slice(&reason.to_le_bytes());
+    buf.extend_from_slice(text.as_bytes());
+    finish(buf);
+}
+
+/// Encodes an ACK.
+pub fn encode_ack(buf: &mut Vec<u8>, generation: u64, acked: u64, executed: u64) {
+    begin(buf, FrameType::Ack, generation);
+    buf.extend_from_slice(&acked.to_le_bytes());
+    buf.extend_from_slice(&executed.to_le_bytes());
+    finish(buf);
+}
+
+/// Encodes a HEARTBEAT.
+pub fn encode_heartbeat(buf: &mut Vec<u8>, generation: u64, nonce: u64) {
+    begin(buf, FrameType::Heartbeat, generation);
+    buf.extend_from_slice(&nonce.to_le_bytes());
+    finish(buf);
+}
+
+/// Starts a DATA frame; append records (or a fragment) and call [`finish_data`].
+pub fn begin_data(buf: &mut Vec<u8>, generation: u64, first_seq: u64, frag: (u16, u16)) {
+    begin(buf, FrameType::Data, generation);
+    buf.extend_from_slice(&first_seq.to_le_bytes());
+    buf.extend_from_slice(&0u32.to_le_bytes());
+    buf.extend_from_slice(&frag.0.to_le_bytes());
+    buf.extend_from_slice(&frag.1.to_le_bytes());
+}
+
+/// Sets the record count of a DATA frame and checksums it.
+pub fn finish_data(buf: &mut [u8], count: u32) {
+    let at = HEADER_LEN + 8;
+    buf[at..at + 4].copy_from_slice(&count.to_le_bytes());
+    finish(buf);
+}
+
+/// Fixed overhead of a DATA frame before its records.
+pub const DATA_OVERHEAD: usize = HEADER_LEN + DATA_HEADER_LEN;
+
+/// A record parsed out of a DATA frame (borrowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireRecord<'a> {
+    /// Sequence number.
+    pub seq: u64,
+    /// Kind.
+    pub kind: u16,
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+/// Parses one record (log-buffer format, unpadded) at the start of `bytes`; returns it and
+/// the bytes it used.
+///
+/// # Errors
+/// [`FrameError::BadBody`] when the header is cut or the payload overruns, or the kind is the
+/// reserved padding kind.
+pub fn parse_record(bytes: &[u8]) -> Result<(WireRecord<'_>, usize), FrameError> {
+    if bytes.len() < RECORD_HEADER_LEN {
+        return Err(FrameError::BadBody("record header cut"));
+    }
+    let len = rd_u32(bytes, REC_LEN_OFFSET) as usize;
+    let kind = rd_u16(bytes, REC_KIND_OFFSET);
+    let _flags = rd_u16(bytes, REC_FLAGS_OFFSET);
+    let seq = rd_u64(bytes, REC_SEQ_OFFSET);
+    if kind == KIND_PADDING {
+        return Err(FrameError::BadBody("padding record on the wire"));
+    }
+    let end = RECORD_HEADER_LEN
+        .checked_add(len)
+        .ok_or(FrameError::BadBody("record length"))?;
+    if end > bytes.len() {
+        return Err(FrameError::BadBody("record payload overruns the frame"));
+    }
+    Ok((
+        WireRecord {
+            seq,
+            kind,
+            payload: &bytes[RECORD_HEADER_LEN..end],
+        },
+        end,
+    ))
+}
+
+/// Checks that `payload` holds exactly `count` well-formed records numbered `first_seq`,
+/// `first_seq + 1`, … each with at most `max_payload` bytes; returns the total log-buffer
+/// bytes they need (record spans).
+///
+/// # Errors
+/// [`FrameError::BadBody`] on any inconsistency.
+pub fn validate_records(
+    payload: &[u8],
+    first_seq: u64,
+    count: u32,
+    max_payload: usize,
+) -> Result<usize, FrameError> {
+    let mut at = 0;
+    let mut span = 0;
+    for i in 0..u64::from(count) {
+        let (rec, used) = parse_record(&payload[at..])?;
+        if rec.seq != first_seq.wrapping_add(i) {
+            return Err(FrameError::BadBody(
+                "record sequence numbers not consecutive",
+            ));
+        }
+        if rec.payload.len() > max_payload {
+            return Err(FrameError::BadBody("record larger than the buffer accepts"));
+        }
+        span += ftvm_ringbuf::layout::record_span(rec.payload.len());
+        at += used;
+    }
+    if at != payload.len() {
+        return Err(FrameError::BadBody("bytes after the last record"));
+    }
+    Ok(span)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            role: Role::Backup,
+            max_frame: 1500,
+            capacity: 1 << 20,
+            max_payload: 1000,
+            seq: 7,
+            executed: 3,
+            digest: [9; 32],
+        }
+    }
+
+    #[test]
+    fn roundtrip_every_type() {
+        let mut b = Vec::new();
+        encode_hello(&mut b, 5, &hello());
+        assert_eq!(
+            decode(&b),
+            Ok(Decoded {
+                generation: 5,
+                frame: Frame::Hello(hello())
+            })
+        );
+        encode_refuse(&mut b, 5, 3, "no");
+        assert_eq!(
+            decode(&b).map(|d| d.frame),
+            Ok(Frame::Refuse {
+                reason: 3,
+                text: "no"
+            })
+        );
+        encode_ack(&mut b, 5, 10, 8);
+        assert_eq!(
+            decode(&b).map(|d| d.frame),
+            Ok(Frame::Ack {
+                acked: 10,
+                executed: 8
+            })
+        );
+        encode_heartbeat(&mut b, 5, 77);
+        assert_eq!(
+            decode(&b).map(|d| d.frame),
+            Ok(Frame::Heartbeat { nonce: 77 })
+        );
+        begin_data(&mut b, 5, 1, (0, 1));
+        let mut rec = vec![0u8; 16];
+        rec[0..4].copy_from_slice(&3u32.to_le_bytes());
+        rec[8..16].copy_from_slice(&1u64.to_le_bytes());
+        rec.extend_from_slice(b"abc");
+        b.extend_from_slice(&rec);
+        finish_data(&mut b, 1);
+        let Ok(Decoded {
+            frame: Frame::Data { header, payload },
+            ..
+        }) = decode(&b)
+        else {
+            panic!("data frame did not decode")
+        };
+        assert_eq!(header.count, 1);
+        assert_eq!(validate_records(payload, 1, 1, 100), Ok(32));
+        assert!(validate_records(payload, 2, 1, 100).is_err());
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let mut b = Vec::new();
+        encode_ack(&mut b, 1, 10, 8);
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(decode(&c).is_err(), "flip at {i} accepted");
+        }
+        for n in 0..b.len() {
+            assert!(decode(&b[..n]).is_err(), "truncation to {n} accepted");
+        }
+        let mut v = b.clone();
+        v[VERSION_OFFSET] = 2;
+        assert_eq!(decode(&v), Err(FrameError::Version { found: 2 }));
+        assert_eq!(peek_version_type(&v), Some((2, FrameType::Ack as u8)));
+    }
+}

@@ -1,0 +1,404 @@
+//! Poller threads and the API the VMM uses: [`LogSender`] on the primary, [`LogReceiver`] on
+//! the backup.
+//!
+//! Each side runs one poller thread, pinned to a configurable core, that drives a
+//! [`Sender`]/[`Receiver`] in a loop and idles with one of the log buffer's idle strategies.
+//! When the link breaks the poller stops and keeps the error; [`LogSender::reconnect`] /
+//! [`LogReceiver::reconnect`] hand it a new transport and it resumes where it was.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ftvm_ringbuf::{Consumer, IdleKind, Producer, Record};
+
+use crate::error::TransportError;
+use crate::reliable::{Config, Receiver, ReceiverShared, Sender, SenderShared};
+use crate::stats::StatsSnapshot;
+use crate::transport::Transport;
+
+/// Where and how a poller thread runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PollerConfig {
+    /// Core to pin the thread to (`None`: leave it to the scheduler).
+    pub core: Option<usize>,
+    /// What the thread does when idle.
+    pub idle: IdleKind,
+}
+
+#[derive(Debug, Default)]
+struct Control {
+    stop: AtomicBool,
+    running: AtomicBool,
+    error: Mutex<Option<TransportError>>,
+}
+
+impl Control {
+    fn set_error(&self, e: TransportError) {
+        if let Ok(mut g) = self.error.lock() {
+            g.get_or_insert(e);
+        }
+    }
+    fn take_error(&self) -> TransportError {
+        self.error
+            .lock()
+            .ok()
+            .and_then(|mut g| g.take())
+            .unwrap_or(TransportError::Closed { mid_frame: false })
+    }
+}
+
+fn pin(core: Option<usize>) {
+    if let Some(id) = core {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+            tracing::warn!(core = id, "could not pin poller thread");
+        }
+    }
+}
+
+/// Runs `step` until it fails or `stop` is set; returns the state machine.
+fn spawn_loop<S: Send + 'static>(
+    name: &str,
+    mut state: S,
+    ctl: Arc<Control>,
+    pc: PollerConfig,
+    step: fn(&mut S) -> Result<usize, TransportError>,
+) -> Result<JoinHandle<S>, TransportError> {
+    ctl.stop.store(false, Ordering::Release);
+    ctl.running.store(true, Ordering::Release);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            pin(pc.core);
+            let mut idle = pc.idle.build();
+            while !ctl.stop.load(Ordering::Acquire) {
+                match step(&mut state) {
+                    Ok(work) => idle.idle(work),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "poller stopped");
+                        ctl.set_error(e);
+                        break;
+                    }
+                }
+            }
+            ctl.running.store(false, Ordering::Release);
+            state
+        })
+        .map_err(|source| TransportError::Io {
+            op: "spawn poller thread",
+            source,
+        })
+}
+
+/// The primary's side: the log buffer's producer for the VMM, and a poller thread shipping the
+/// log to the backup.
+#[derive(Debug)]
+pub struct LogSender {
+    producer: Producer,
+    shared: Arc<SenderShared>,
+    ctl: Arc<Control>,
+    thread: Option<JoinHandle<Sender>>,
+    pc: PollerConfig,
+}
+
+impl LogSender {
+    /// Handshakes with the backup over `transport` (in the calling thread, so refusals surface
+    /// here) and starts the poller.
+    ///
+    /// # Errors
+    /// As [`Sender::connect`]; [`TransportError::Io`] if the thread cannot be spawned.
+    pub fn start(
+        producer: Producer,
+        consumer: Consumer,
+        transport: Box<dyn Transport>,
+        cfg: Config,
+        pc: PollerConfig,
+    ) -> Result<Self, TransportError> {
+        let base = producer.next_seq();
+        let sender = Sender::connect(transport, consumer, base, cfg)?;
+        let shared = Arc::clone(sender.shared());
+        let ctl = Arc::new(Control::default());
+        let thread = spawn_loop("ftvm-log-send", sender, Arc::clone(&ctl), pc, Sender::poll)?;
+        Ok(Self {
+            producer,
+            shared,
+            ctl,
+            thread: Some(thread),
+            pc,
+        })
+    }
+
+    /// The log buffer's producer: append records in place (`claim` → fill → `commit`).
+    pub fn producer(&mut self) -> &mut Producer {
+        &mut self.producer
+    }
+
+    /// Highest sequence number the backup holds.
+    pub fn acked_seq(&self) -> u64 {
+        self.shared.acked_seq()
+    }
+
+    /// Highest sequence number the backup reported executed (the lag is
+    /// `producer().next_seq() - 1 - backup_executed_seq()`).
+    pub fn backup_executed_seq(&self) -> u64 {
+        self.shared.executed_seq()
+    }
+
+    /// The shared positions (for an output releaser on another thread).
+    pub fn shared(&self) -> &Arc<SenderShared> {
+        &self.shared
+    }
+
+    /// Counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// True while the poller runs (false once the link broke).
+    pub fn is_running(&self) -> bool {
+        self.ctl.running.load(Ordering::Acquire)
+    }
+
+    /// Waits until the backup holds every record ≤ `seq`. Returns `Ok(false)` on timeout.
+    ///
+    /// # Errors
+    /// The poller's error when the link broke before that.
+    pub fn wait_acked(&self, seq: u64, timeout: Duration) -> Result<bool, TransportError> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            if self.shared.acked_seq() >= seq {
+                return Ok(true);
+            }
+            if !self.is_running() {
+                return Err(self.ctl.take_error());
+            }
+            if Instant::now() > deadline {
+                return Ok(false);
+            }
+            spins += 1;
+            if spins < 1000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Takes the error that stopped the poller, if it stopped.
+    pub fn error(&self) -> Option<TransportError> {
+        if self.is_running() {
+            None
+        } else {
+            Some(self.ctl.take_error())
+        }
+    }
+
+    fn stop(&mut self) -> Result<Sender, TransportError> {
+        self.ctl.stop.store(true, Ordering::Release);
+        let t = self.thread.take().ok_or_else(|| TransportError::Setup {
+            what: "sender poller lost after an earlier failed reconnect".into(),
+        })?;
+        t.join().map_err(|_| TransportError::Setup {
+            what: "sender poller panicked".into(),
+        })
+    }
+
+    /// Stops the poller (if still running), handshakes over a new transport, and resumes from
+    /// the first record the backup does not hold.
+    ///
+    /// # Errors
+    /// As [`Sender::reconnect`]. After an error the sender can be given another transport.
+    pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
+        let mut sender = self.stop()?;
+        if let Ok(mut g) = self.ctl.error.lock() {
+            g.take();
+        }
+        let res = sender.reconnect(transport);
+        // Keep the state machine even when the handshake failed, for a later attempt.
+        let ctl = Arc::clone(&self.ctl);
+        if res.is_err() {
+            ctl.stop.store(true, Ordering::Release);
+        }
+        self.thread = Some(spawn_loop(
+            "ftvm-log-send",
+            sender,
+            ctl,
+            self.pc,
+            Sender::poll,
+        )?);
+        res
+    }
+
+    /// Stops the poller and returns the producer and the log buffer's consumer.
+    ///
+    /// # Errors
+    /// When the poller thread cannot be joined.
+    pub fn shutdown(mut self) -> Result<(Producer, Consumer), TransportError> {
+        let s = self.stop()?;
+        let producer = std::mem::replace(&mut self.producer, placeholder_producer()?);
+        Ok((producer, s.into_consumer()))
+    }
+}
+
+fn placeholder_producer() -> Result<Producer, TransportError> {
+    let (p, _c) = ftvm_ringbuf::with_capacity(ftvm_ringbuf::layout::MIN_CAPACITY).map_err(|e| {
+        TransportError::Setup {
+            what: e.to_string(),
+        }
+    })?;
+    Ok(p)
+}
+
+impl Drop for LogSender {
+    fn drop(&mut self) {
+        self.ctl.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The backup's side: a poller thread moving frames into the backup's log buffer, and the
+/// buffer's consumer for the replaying vCPU.
+#[derive(Debug)]
+pub struct LogReceiver {
+    consumer: Consumer,
+    shared: Arc<ReceiverShared>,
+    ctl: Arc<Control>,
+    thread: Option<JoinHandle<Receiver>>,
+    pc: PollerConfig,
+}
+
+impl LogReceiver {
+    /// Waits for the primary's handshake on `transport` (in the calling thread, so refusals
+    /// surface here) and starts the poller.
+    ///
+    /// # Errors
+    /// As [`Receiver::accept`].
+    pub fn start(
+        producer: Producer,
+        consumer: Consumer,
+        transport: Box<dyn Transport>,
+        cfg: Config,
+        pc: PollerConfig,
+    ) -> Result<Self, TransportError> {
+        let receiver = Receiver::accept(transport, producer, cfg)?;
+        let shared = Arc::clone(receiver.shared());
+        let ctl = Arc::new(Control::default());
+        let thread = spawn_loop(
+            "ftvm-log-recv",
+            receiver,
+            Arc::clone(&ctl),
+            pc,
+            Receiver::poll,
+        )?;
+        Ok(Self {
+            consumer,
+            shared,
+            ctl,
+            thread: Some(thread),
+            pc,
+        })
+    }
+
+    /// The log buffer's consumer (read batches zero-copy, then release them).
+    pub fn consumer(&mut self) -> &mut Consumer {
+        &mut self.consumer
+    }
+
+    /// Hands every record available now to `f`, in order, then releases them. Returns how
+    /// many; `Ok(0)` when there is nothing yet.
+    ///
+    /// # Errors
+    /// The poller's error once the link broke **and** every record received before is
+    /// consumed (the backup replays everything it got before going live).
+    pub fn poll_records(&mut self, mut f: impl FnMut(Record<'_>)) -> Result<usize, TransportError> {
+        let running = self.is_running();
+        let mut n = 0;
+        loop {
+            let batch = self.consumer.read();
+            if batch.is_empty() {
+                break;
+            }
+            for r in batch.records() {
+                match r {
+                    Ok(r) => {
+                        f(r);
+                        n += 1;
+                    }
+                    Err(e) => {
+                        return Err(TransportError::Log {
+                            what: e.to_string(),
+                        })
+                    }
+                }
+            }
+            batch.release();
+        }
+        if n == 0 && !running {
+            return Err(self.ctl.take_error());
+        }
+        Ok(n)
+    }
+
+    /// Reports the last record the backup executed (sent to the primary with the next ack).
+    pub fn report_executed(&self, seq: u64) {
+        self.shared.report_executed(seq);
+    }
+
+    /// Highest sequence number delivered into the log buffer.
+    pub fn received_seq(&self) -> u64 {
+        self.shared.received_seq()
+    }
+
+    /// Counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// True while the poller runs.
+    pub fn is_running(&self) -> bool {
+        self.ctl.running.load(Ordering::Acquire)
+    }
+
+    /// Stops the poller (if still running), handshakes over a new transport and resumes.
+    ///
+    /// # Errors
+    /// As [`Receiver::reaccept`].
+    pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
+        self.ctl.stop.store(true, Ordering::Release);
+        let t = self.thread.take().ok_or_else(|| TransportError::Setup {
+            what: "receiver poller lost".into(),
+        })?;
+        let mut receiver = t.join().map_err(|_| TransportError::Setup {
+            what: "receiver poller panicked".into(),
+        })?;
+        if let Ok(mut g) = self.ctl.error.lock() {
+            g.take();
+        }
+        let res = receiver.reaccept(transport);
+        let ctl = Arc::clone(&self.ctl);
+        if res.is_err() {
+            ctl.stop.store(true, Ordering::Release);
+        }
+        self.thread = Some(spawn_loop(
+            "ftvm-log-recv",
+            receiver,
+            ctl,
+            self.pc,
+            Receiver::poll,
+        )?);
+        res
+    }
+}
+
+impl Drop for LogReceiver {
+    fn drop(&mut self) {
+        self.ctl.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,1100 @@
+//! Reliability above any [`Transport`]: handshake, sequence numbers, cumulative
+//! acknowledgements, go-back-N retransmission out of the primary's log buffer, duplicate and
+//! reorder handling, fragmentation of large records, resumption after a reconnect.
+//!
+//! [`Sender`] and [`Receiver`] are single-threaded state machines driven by `poll()`: the
+//! pollers of [`crate::poller`] call them in a loop on a pinned thread, and a caller that wants
+//! to own the loop itself (a benchmark, a VMM thread with spare cycles) can call them directly.
+//! They know nothing about the transport beyond the [`Transport`] trait, so every transport
+//! (shm, TCP, io_uring, AF_XDP) shares this code unchanged.
+
+use std::time::{Duration, Instant};
+
+use ftvm_ringbuf::layout::RECORD_HEADER_LEN;
+use ftvm_ringbuf::{ClaimError, Consumer, Producer};
+
+use crate::error::TransportError;
+use crate::frame::{self, Frame, FrameError, Hello, Role, DATA_OVERHEAD, DIGEST_LEN};
+use crate::stats::Stats;
+use crate::transport::Transport;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How long a poller with nothing to do lets a blocking transport wait for the peer.
+const IDLE_WAIT: Duration = Duration::from_millis(1);
+
+/// Refusal reason codes carried in REFUSE frames.
+pub mod refuse {
+    /// Protocol versions differ.
+    pub const VERSION: u32 = 1;
+    /// Replication generations differ.
+    pub const GENERATION: u32 = 2;
+    /// Pairing digests differ (different guest images).
+    pub const DIGEST: u32 = 3;
+    /// Sizes are incompatible (the backup cannot hold the primary's records).
+    pub const SIZES: u32 = 4;
+    /// The backup needs records the primary no longer has.
+    pub const GAP: u32 = 5;
+}
+
+/// Parameters both ends agree on, plus timers.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Replication generation; frames of another generation are dropped and a HELLO of another
+    /// generation is refused.
+    pub generation: u64,
+    /// Opaque pairing digest (the VMM puts a hash of the guest image here); must match.
+    pub digest: [u8; DIGEST_LEN],
+    /// Retransmit timeout: with records in flight and no acknowledgement progress for this
+    /// long, the sender goes back to the first unacknowledged record.
+    pub rto: Duration,
+    /// Send a heartbeat (or an ack) when nothing was sent for this long.
+    pub heartbeat_interval: Duration,
+    /// Give up with [`TransportError::PeerTimeout`] after hearing nothing for this long.
+    pub peer_timeout: Duration,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
+    /// Most log bytes in flight (sent, not acknowledged).
+    pub max_inflight_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            generation: 1,
+            digest: [0; DIGEST_LEN],
+            rto: Duration::from_millis(20),
+            heartbeat_interval: Duration::from_millis(100),
+            peer_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            max_inflight_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Positions published by the sending side for other threads (the VMM's output rule).
+#[derive(Debug, Default)]
+pub struct SenderShared {
+    acked: AtomicU64,
+    executed: AtomicU64,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl SenderShared {
+    /// Highest sequence number the backup holds (every record ≤ it is in its log buffer).
+    pub fn acked_seq(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+    /// Highest sequence number the backup reported executed.
+    pub fn executed_seq(&self) -> u64 {
+        self.executed.load(Ordering::Acquire)
+    }
+}
+
+/// Positions published by the receiving side.
+#[derive(Debug, Default)]
+pub struct ReceiverShared {
+    executed: AtomicU64,
+    received: AtomicU64,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl ReceiverShared {
+    /// Records the backup's executed position; sent to the primary in the next ack.
+    pub fn report_executed(&self, seq: u64) {
+        self.executed.fetch_max(seq, Ordering::AcqRel);
+    }
+    /// Highest sequence number delivered into the backup's log buffer.
+    pub fn received_seq(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+}
+
+fn setup(what: String) -> TransportError {
+    TransportError::Setup { what }
+}
+
+fn hex8(d: &[u8; DIGEST_LEN]) -> String {
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends one frame, retrying while the transport is momentarily full (handshake only).
+fn send_now(t: &mut dyn Transport, frame: &[u8], deadline: Instant) -> Result<(), TransportError> {
+    loop {
+        if t.send(frame)? {
+            return t.flush();
+        }
+        t.flush()?;
+        if Instant::now() > deadline {
+            return Err(setup("transport stayed full during the handshake".into()));
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// The primary's end: drains a log buffer into a transport and processes acknowledgements.
+pub struct Sender {
+    transport: Box<dyn Transport>,
+    consumer: Consumer,
+    cfg: Config,
+    shared: Arc<SenderShared>,
+    max_frame: usize,
+    max_payload: usize,
+    /// Position and sequence number of the next record to send.
+    send_pos: u64,
+    next_seq: u64,
+    /// Next fragment of the record at `send_pos` (0 = not fragmenting).
+    frag_next: u16,
+    /// Highest position ever sent (frames below it are retransmissions).
+    high_water: u64,
+    acked: u64,
+    dup_acks: u32,
+    frame: Vec<u8>,
+    /// A built frame the transport had no room for, with the state to apply once it is sent.
+    pending: Option<Advance>,
+    last_progress: Instant,
+    last_retransmit: Instant,
+    last_send: Instant,
+    last_heard: Instant,
+    heartbeat_nonce: u64,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("transport", &self.transport.name())
+            .field("send_pos", &self.send_pos)
+            .field("next_seq", &self.next_seq)
+            .field("acked", &self.acked)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Advance {
+    pos: u64,
+    seq: u64,
+    frag_next: u16,
+    records: u64,
+    retransmit: bool,
+}
+
+/// Outcome of handling one frame during the handshake.
+enum Step<T> {
+    Continue,
+    Done(T),
+    Fail(TransportError),
+}
+
+impl Sender {
+    /// Handshakes with the backup over `transport` and returns a sender ready to `poll`.
+    /// `base_seq` is the sequence number of the record at the consumer's head (the producer's
+    /// `next_seq()` when the buffer is empty): the first record this sender offers.
+    ///
+    /// # Errors
+    /// [`TransportError::Setup`] when the backup refuses (or is refused: version, generation,
+    /// pairing digest, sizes, a gap) or does not answer in time; transport errors.
+    pub fn connect(
+        transport: Box<dyn Transport>,
+        consumer: Consumer,
+        base_seq: u64,
+        cfg: Config,
+    ) -> Result<Self, TransportError> {
+        let mut consumer = consumer;
+        // The record at the head, if any, tells the first sequence number on offer.
+        let base_seq = loop {
+            let batch = consumer.read();
+            if batch.is_empty() {
+                break base_seq;
+            }
+            match batch.records().next() {
+                Some(Ok(r)) => break r.seq(),
+                Some(Err(e)) => {
+                    return Err(TransportError::Log {
+                        what: e.to_string(),
+                    })
+                }
+                None => batch.release(), // only padding before the wrap
+            }
+        };
+        let now = Instant::now();
+        let max_payload = consumer.ring().max_payload();
+        let head = consumer.position();
+        let mut s = Self {
+            max_frame: transport.max_frame(),
+            transport,
+            consumer,
+            cfg,
+            shared: Arc::new(SenderShared::default()),
+            max_payload,
+            send_pos: head,
+            next_seq: base_seq.max(1),
+            frag_next: 0,
+            high_water: head,
+            acked: base_seq.max(1) - 1,
+            dup_acks: 0,
+            frame: Vec::with_capacity(64 << 10),
+            pending: None,
+            last_progress: now,
+            last_retransmit: now,
+            last_send: now,
+            last_heard: now,
+            heartbeat_nonce: 0,
+        };
+        s.shared.acked.store(s.acked, Ordering::Release);
+        s.handshake()?;
+        Ok(s)
+    }
+
+    /// Replaces a broken transport and handshakes again; sending resumes from the backup's
+    /// next expected record, so nothing is lost or delivered twice.
+    ///
+    /// # Errors
+    /// As [`Self::connect`].
+    pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
+        self.max_frame = transport.max_frame();
+        self.transport = transport;
+        self.pending = None;
+        self.go_back();
+        self.handshake()
+    }
+
+    /// The positions other threads read.
+    pub fn shared(&self) -> &Arc<SenderShared> {
+        &self.shared
+    }
+
+    /// The transport's name.
+    pub fn transport_name(&self) -> &'static str {
+        self.transport.name()
+    }
+
+    /// Highest acknowledged sequence number.
+    pub fn acked_seq(&self) -> u64 {
+        self.acked
+    }
+
+    fn handshake(&mut self) -> Result<(), TransportError> {
+        if self.max_frame < frame::MIN_FRAME {
+            return Err(TransportError::FrameTooLarge {
+                len: frame::MIN_FRAME,
+                max: self.max_frame,
+            });
+        }
+        let hello = Hello {
+            role: Role::Primary,
+            max_frame: u32::try_from(self.max_frame).unwrap_or(u32::MAX),
+            capacity: self.consumer.ring().capacity() as u64,
+            max_payload: self.max_payload as u64,
+            seq: self.acked + 1,
+            executed: 0,
+            digest: self.cfg.digest,
+        };
+        let mut buf = Vec::new();
+        frame::encode_hello(&mut buf, self.cfg.generation, &hello);
+        let start = Instant::now();
+        let deadline = start + self.cfg.handshake_timeout;
+        let mut last_hello: Option<Instant> = None;
+        let cfg = self.cfg.clone();
+        let peer = loop {
+            let now = Instant::now();
+            if now > deadline {
+                return Err(setup(format!(
+                    "no handshake answer from the backup over {} within {:?}",
+                    self.transport.name(),
+                    cfg.handshake_timeout
+                )));
+            }
+            if last_hello.is_none_or(|t| now - t > Duration::from_millis(20)) {
+                send_now(self.transport.as_mut(), &buf, deadline)?;
+                last_hello = Some(now);
+            }
+            let mut step = Step::Continue;
+            self.transport.poll_recv(&mut |bytes| {
+                if !matches!(step, Step::Continue) {
+                    return;
+                }
+                step = primary_hello_step(bytes, &cfg);
+            })?;
+            match step {
+                Step::Continue => std::thread::yield_now(),
+                Step::Done(h) => break h,
+                Step::Fail(e) => return Err(e),
+            }
+        };
+        if (peer.max_payload as usize) < self.max_payload {
+            return Err(setup(format!(
+                "the backup's log buffer accepts records of at most {} bytes, the primary's up \
+                 to {}",
+                peer.max_payload, self.max_payload
+            )));
+        }
+        self.max_frame = self.max_frame.min(peer.max_frame as usize);
+        if peer.seq != 0 {
+            if peer.seq < self.acked + 1 {
+                return Err(setup(format!(
+                    "the backup expects record {} but the primary only holds records from {} on",
+                    peer.seq,
+                    self.acked + 1
+                )));
+            }
+            self.on_ack(peer.seq - 1, peer.executed)?;
+        }
+        let now = Instant::now();
+        self.last_heard = now;
+        self.last_progress = now;
+        tracing::info!(
+            transport = self.transport.name(),
+            generation = self.cfg.generation,
+            resume_seq = self.acked + 1,
+            max_frame = self.max_frame,
+            "primary paired with backup"
+        );
+        Ok(())
+    }
+
+    /// Goes back to the first unacknowledged record (go-back-N).
+    fn go_back(&mut self) {
+        self.send_pos = self.consumer.position();
+        self.next_seq = self.acked + 1;
+        self.frag_next = 0;
+        self.pending = None;
+        self.dup_acks = 0;
+    }
+
+    /// Releases every record ≤ `acked` from the log buffer and advances the send position past
+    /// them when it lags.
+    fn on_ack(&mut self, acked: u64, executed: u64) -> Result<(), TransportError> {
+        self.shared.executed.fetch_max(executed, Ordering::AcqRel);
+        if acked <= self.acked {
+            if acked == self.acked && self.next_seq > self.acked + 1 {
+                self.dup_acks += 1;
+            }
+            return Ok(());
+        }
+        self.dup_acks = 0;
+        loop {
+            let batch = self.consumer.read();
+            if batch.is_empty() {
+                break;
+            }
+            let mut release = None;
+            let mut done = false;
+            for r in batch.records() {
+                match r {
+                    Ok(r) if r.seq() <= acked => release = Some(r.next_position()),
+                    Ok(_) => {
+                        done = true;
+                        break;
+                    }
+                    Err(e) => {
+                        return Err(TransportError::Log {
+                            what: e.to_string(),
+                        });
+                    }
+                }
+            }
+            let end = if done {
+                release
+            } else {
+                Some(batch.end_position())
+            };
+            match end {
+                Some(p) => self.consumer.release_to(p),
+                None => break,
+            }
+            if done {
+                break;
+            }
+        }
+        self.acked = acked;
+        self.shared.acked.store(acked, Ordering::Release);
+        let head = self.consumer.position();
+        if self.send_pos < head || self.next_seq <= acked {
+            self.send_pos = head;
+            self.next_seq = acked + 1;
+            self.frag_next = 0;
+            self.pending = None;
+        }
+        self.last_progress = Instant::now();
+        Ok(())
+    }
+
+    /// One iteration: acknowledgements in, retransmit timer, new records out, heartbeat.
+    /// Returns the amount of work done (0 = idle).
+    ///
+    /// # Errors
+    /// Transport errors ([`TransportError::Closed`] when the backup went away), a refusal, or
+    /// [`TransportError::PeerTimeout`].
+    pub fn poll(&mut self) -> Result<usize, TransportError> {
+        let mut work = 0;
+        // Acknowledgements.
+        let mut acks: Option<(u64, u64)> = None;
+        let mut refused: Option<String> = None;
+        let mut heard = false;
+        let stats = &self.shared.stats;
+        let generation = self.cfg.generation;
+        work += self.transport.poll_recv(&mut |bytes| {
+            stats.received(bytes.len());
+            match frame::decode(bytes) {
+                Err(e) => stats.decode_error(e),
+                Ok(d) if d.generation != generation => stats.drop_generation(),
+                Ok(d) => {
+                    heard = true;
+                    match d.frame {
+                        Frame::Ack { acked, executed } => {
+                            let (a, x) = acks.unwrap_or((0, 0));
+                            acks = Some((a.max(acked), x.max(executed)));
+                        }
+                        Frame::Refuse { text, .. } => refused = Some(text.to_owned()),
+                        _ => {}
+                    }
+                }
+            }
+        })?;
+        let now = Instant::now();
+        if heard {
+            self.last_heard = now;
+        }
+        if let Some(text) = refused {
+            return Err(setup(format!("the backup refused: {text}")));
+        }
+        if let Some((acked, executed)) = acks {
+            self.on_ack(acked, executed)?;
+        }
+        // Retransmission: timeout, or three duplicate acks (fast retransmit).
+        let in_flight = self.next_seq > self.acked + 1 || self.frag_next > 0;
+        if in_flight {
+            let stalled = now.duration_since(self.last_progress) > self.cfg.rto;
+            let fast =
+                self.dup_acks >= 3 && now.duration_since(self.last_retransmit) > self.cfg.rto / 4;
+            if stalled || fast {
+                self.shared.stats.timeout();
+                tracing::debug!(acked = self.acked, next = self.next_seq, fast, "go-back-N");
+                self.go_back();
+                self.last_progress = now;
+                self.last_retransmit = now;
+            }
+        } else {
+            self.last_progress = now;
+        }
+        work += self.send_data()?;
+        if work == 0 && now.duration_since(self.last_send) > self.cfg.heartbeat_interval {
+            self.heartbeat_nonce += 1;
+            frame::encode_heartbeat(&mut self.frame, generation, self.heartbeat_nonce);
+            if self.transport.send(&self.frame)? {
+                self.transport.flush()?;
+                self.last_send = now;
+            }
+        }
+        if now.duration_since(self.last_heard) > self.cfg.peer_timeout {
+            return Err(TransportError::PeerTimeout {
+                after: self.cfg.peer_timeout,
+            });
+        }
+        if work == 0 && (self.next_seq > self.acked + 1 || self.frag_next > 0) {
+            self.transport.wait(IDLE_WAIT)?;
+        }
+        let head = self.consumer.position();
+        self.shared.stats.window(
+            self.next_seq - 1 - self.acked.min(self.next_seq - 1),
+            self.send_pos.saturating_sub(head),
+        );
+        Ok(work)
+    }
+
+    /// Sends as many new (or retransmitted) frames as the window and the transport allow.
+    fn send_data(&mut self) -> Result<usize, TransportError> {
+        let mut frames = 0;
+        loop {
+            if self.pending.is_none() {
+                let head = self.consumer.position();
+                if (self.send_pos - head) as usize >= self.cfg.max_inflight_bytes {
+                    break;
+                }
+                match self.build_frame()? {
+                    Some(adv) => self.pending = Some(adv),
+                    None => break,
+                }
+            }
+            if !self.transport.send(&self.frame)? {
+                break;
+            }
+            if let Some(adv) = self.pending.take() {
+                self.shared
+                    .stats
+                    .sent(self.frame.len(), adv.records, adv.retransmit);
+                if self.next_seq == self.acked + 1 && self.frag_next == 0 {
+                    self.last_progress = Instant::now();
+                }
+                self.send_pos = adv.pos;
+                self.next_seq = adv.seq;
+                self.frag_next = adv.frag_next;
+                self.high_water = self.high_water.max(adv.pos);
+            }
+            frames += 1;
+        }
+        if frames > 0 {
+            self.transport.flush()?;
+            self.last_send = Instant::now();
+        }
+        Ok(frames)
+    }
+
+    /// Builds the next DATA frame from `send_pos` into `self.frame`; `None` when there is
+    /// nothing to send.
+    fn build_frame(&mut self) -> Result<Option<Advance>, TransportError> {
+        let generation = self.cfg.generation;
+        let max_frame = self.max_frame;
+        loop {
+            let batch = self.consumer.read_from(self.send_pos);
+            if batch.is_empty() {
+                return Ok(None);
+            }
+            let retransmit = self.send_pos < self.high_water;
+            let mut records = batch.records();
+            let first = match records.next() {
+                None => {
+                    // Only padding up to the end of the data area: skip it.
+                    self.send_pos = batch.end_position();
+                    continue;
+                }
+                Some(Err(e)) => {
+                    return Err(TransportError::Log {
+                        what: e.to_string(),
+                    })
+                }
+                Some(Ok(r)) => r,
+            };
+            if first.seq() != self.next_seq {
+                return Err(TransportError::Log {
+                    what: format!(
+                        "record at position {} has sequence number {}, expected {}",
+                        first.position(),
+                        first.seq(),
+                        self.next_seq
+                    ),
+                });
+            }
+            let raw = first.raw();
+            if self.frag_next > 0 || DATA_OVERHEAD + raw.len() > max_frame {
+                let chunk = max_frame - DATA_OVERHEAD;
+                let total = raw.len().div_ceil(chunk);
+                let total16 = u16::try_from(total).map_err(|_| TransportError::FrameTooLarge {
+                    len: raw.len(),
+                    max: chunk * usize::from(u16::MAX),
+                })?;
+                let idx = self.frag_next;
+                let from = usize::from(idx) * chunk;
+                let to = (from + chunk).min(raw.len());
+                frame::begin_data(&mut self.frame, generation, first.seq(), (idx, total16));
+                self.frame.extend_from_slice(&raw[from..to]);
+                frame::finish_data(&mut self.frame, 1);
+                let last = idx + 1 == total16;
+                return Ok(Some(if last {
+                    Advance {
+                        pos: first.next_position(),
+                        seq: first.seq() + 1,
+                        frag_next: 0,
+                        records: 1,
+                        retransmit,
+                    }
+                } else {
+                    Advance {
+                        pos: self.send_pos,
+                        seq: self.next_seq,
+                        frag_next: idx + 1,
+                        records: 0,
+                        retransmit,
+                    }
+                }));
+            }
+            frame::begin_data(&mut self.frame, generation, first.seq(), (0, 1));
+            self.frame.extend_from_slice(raw);
+            let mut count = 1u32;
+            let mut end = first.next_position();
+            for r in records {
+                let Ok(r) = r else { break };
+                let raw = r.raw();
+                if self.frame.len() + raw.len() > max_frame {
+                    break;
+                }
+                self.frame.extend_from_slice(raw);
+                count += 1;
+                end = r.next_position();
+            }
+            frame::finish_data(&mut self.frame, count);
+            return Ok(Some(Advance {
+                pos: end,
+                seq: self.next_seq + u64::from(count),
+                frag_next: 0,
+                records: u64::from(count),
+                retransmit,
+            }));
+        }
+    }
+
+    /// Gives back the log buffer's consumer (after the link is gone for good).
+    pub fn into_consumer(self) -> Consumer {
+        self.consumer
+    }
+}
+
+fn primary_hello_step(bytes: &[u8], cfg: &Config) -> Step<Hello> {
+    if let Some((v, _)) = frame::peek_version_type(bytes) {
+        if v != frame::VERSION {
+            return Step::Fail(setup(format!(
+                "the backup speaks protocol version {v}, this primary speaks version {}",
+                frame::VERSION
+            )));
+        }
+    }
+    let Ok(d) = frame::decode(bytes) else {
+        return Step::Continue;
+    };
+    match d.frame {
+        Frame::Refuse { text, .. } => Step::Fail(setup(format!("the backup refused: {text}"))),
+        Frame::Hello(h) if h.role == Role::Backup => {
+            if d.generation != cfg.generation {
+                Step::Fail(setup(format!(
+                    "generation mismatch: the backup is at generation {}, this primary at {}",
+                    d.generation, cfg.generation
+                )))
+            } else if h.digest != cfg.digest {
+                Step::Fail(setup(format!(
+                    "pairing digest mismatch: the backup runs image {}…, this primary {}…",
+                    hex8(&h.digest),
+                    hex8(&cfg.digest)
+                )))
+            } else {
+                Step::Done(h)
+            }
+        }
+        _ => Step::Continue,
+    }
+}
+
+/// Reassembly state of a fragmented record.
+#[derive(Debug, Default)]
+struct Reassembly {
+    seq: u64,
+    next: u16,
+    total: u16,
+    buf: Vec<u8>,
+}
+
+/// The backup's end: moves frames into its log buffer, in order, exactly once, and acknowledges.
+pub struct Receiver {
+    transport: Box<dyn Transport>,
+    state: RecvState,
+}
+
+struct RecvState {
+    producer: Producer,
+    cfg: Config,
+    shared: Arc<ReceiverShared>,
+    /// Next sequence number to deliver (0 before the first handshake).
+    expected: u64,
+    reasm: Reassembly,
+    ack_due: bool,
+    hello_due: bool,
+    hello: Vec<u8>,
+    delivered: u64,
+    max_payload: usize,
+    executed_sent: u64,
+    heard: bool,
+    last_heard: Instant,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("transport", &self.transport.name())
+            .field("expected", &self.state.expected)
+            .finish()
+    }
+}
+
+impl Receiver {
+    /// Waits for the primary's HELLO on `transport`, checks it, and answers. Records will be
+    /// committed into `producer`'s buffer with the primary's sequence numbers.
+    ///
+    /// # Errors
+    /// [`TransportError::Setup`] when the HELLO is refused (version, generation, pairing
+    /// digest, sizes, gap; the primary is told why) or none arrives in time.
+    pub fn accept(
+        transport: Box<dyn Transport>,
+        producer: Producer,
+        cfg: Config,
+    ) -> Result<Self, TransportError> {
+        let max_payload = producer.ring().max_payload();
+        let mut r = Self {
+            transport,
+            state: RecvState {
+                producer,
+                cfg,
+                shared: Arc::new(ReceiverShared::default()),
+                expected: 0,
+                reasm: Reassembly::default(),
+                ack_due: false,
+                hello_due: false,
+                hello: Vec::new(),
+                delivered: 0,
+                max_payload,
+                executed_sent: 0,
+                heard: false,
+                last_heard: Instant::now(),
+            },
+        };
+        r.handshake()?;
+        Ok(r)
+    }
+
+    /// Replaces a broken transport and handshakes again (the primary resumes from the next
+    /// record this backup expects).
+    ///
+    /// # Errors
+    /// As [`Self::accept`].
+    pub fn reaccept(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
+        self.transport = transport;
+        self.state.reasm = Reassembly::default();
+        self.handshake()
+    }
+
+    /// The positions other threads read and write.
+    pub fn shared(&self) -> &Arc<ReceiverShared> {
+        &self.state.shared
+    }
+
+    /// Next sequence number this receiver expects.
+    pub fn expected_seq(&self) -> u64 {
+        self.state.expected
+    }
+
+    fn handshake(&mut self) -> Result<(), TransportError> {
+        let s = &mut self.state;
+        let deadline = Instant::now() + s.cfg.handshake_timeout;
+        let mut out = Vec::new();
+        loop {
+            if Instant::now() > deadline {
+                return Err(setup(format!(
+                    "no HELLO from the primary over {} within {:?}",
+                    self.transport.name(),
+                    s.cfg.handshake_timeout
+                )));
+            }
+            let mut step: Step<Hello> = Step::Continue;
+            let mut refusal: Option<(u32, String)> = None;
+            self.transport.poll_recv(&mut |bytes| {
+                if !matches!(step, Step::Continue) {
+                    return;
+                }
+                (step, refusal) = backup_hello_step(bytes, s);
+            })?;
+            if let Some((reason, text)) = &refusal {
+                frame::encode_refuse(&mut out, s.cfg.generation, *reason, text);
+                // Best effort: the primary learns why; our own error is what matters here.
+                for _ in 0..3 {
+                    if send_now(self.transport.as_mut(), &out, deadline).is_err() {
+                        break;
+                    }
+                }
+            }
+            match step {
+                Step::Continue => std::thread::yield_now(),
+                Step::Fail(e) => return Err(e),
+                Step::Done(h) => {
+                    if s.expected == 0 {
+                        s.expected = h.seq.max(1);
+                        s.producer.set_next_seq(s.expected);
+                    }
+                    s.build_hello(self.transport.max_frame());
+                    s.last_heard = Instant::now();
+                    send_now(self.transport.as_mut(), &s.hello, deadline)?;
+                    tracing::info!(
+                        transport = self.transport.name(),
+                        generation = s.cfg.generation,
+                        expected = s.expected,
+                        "backup paired with primary"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// One iteration: frames in (delivered in order into the log buffer), acks out. Returns
+    /// the amount of work done (0 = idle).
+    ///
+    /// # Errors
+    /// Transport errors: [`TransportError::Closed`] when the primary went away (records it
+    /// had fully sent are already in the buffer; a partial one never is).
+    pub fn poll(&mut self) -> Result<usize, TransportError> {
+        let s = &mut self.state;
+        let before = s.delivered;
+        // Flow control: with less room than a full frame could need, leave frames in the
+        // transport (a stream transport then pushes back on the primary) until the backup's
+        // consumer catches up.
+        let room = s.producer.free() >= 2 * self.transport.max_frame() + 2 * RECORD_HEADER_LEN;
+        let n = if room {
+            self.transport.poll_recv(&mut |bytes| s.on_frame(bytes))?
+        } else {
+            s.heard = true;
+            0
+        };
+        let mut work = n;
+        if s.hello_due {
+            s.hello_due = false;
+            if self.transport.send(&s.hello)? {
+                work += 1;
+            }
+        }
+        let executed = s.shared.executed.load(Ordering::Acquire);
+        let now = Instant::now();
+        if s.heard {
+            s.heard = false;
+            s.last_heard = now;
+        } else if now.duration_since(s.last_heard) > s.cfg.peer_timeout {
+            return Err(TransportError::PeerTimeout {
+                after: s.cfg.peer_timeout,
+            });
+        }
+        if s.delivered != before || s.ack_due || executed != s.executed_sent {
+            s.ack_due = false;
+            s.executed_sent = executed;
+            let mut buf = [0u8; frame::HEADER_LEN + frame::ACK_BODY_LEN];
+            let mut v = Vec::with_capacity(buf.len());
+            frame::encode_ack(
+                &mut v,
+                s.cfg.generation,
+                s.expected.saturating_sub(1),
+                executed,
+            );
+            buf.copy_from_slice(&v);
+            if self.transport.send(&buf)? {
+                work += 1;
+                s.shared.stats.sent(buf.len(), 0, false);
+            } else {
+                s.ack_due = true;
+            }
+        }
+        if work > 0 {
+            self.transport.flush()?;
+        } else {
+            self.transport.wait(IDLE_WAIT)?;
+        }
+        Ok(work)
+    }
+
+    /// Gives back the log buffer's producer.
+    pub fn into_producer(self) -> Producer {
+        self.state.producer
+    }
+}
+
+impl RecvState {
+    fn build_hello(&mut self, max_frame: usize) {
+        let h = Hello {
+            role: Role::Backup,
+            max_frame: u32::try_from(max_frame).unwrap_or(u32::MAX),
+            capacity: self.producer.ring().capacity() as u64,
+            max_payload: self.max_payload as u64,
+            seq: self.expected,
+            executed: self.shared.executed.load(Ordering::Acquire),
+            digest: self.cfg.digest,
+        };
+        frame::encode_hello(&mut self.hello, self.cfg.generation, &h);
+    }
+
+    fn on_frame(&mut self, bytes: &[u8]) {
+        let stats = &self.shared.stats;
+        stats.received(bytes.len());
+        let d = match frame::decode(bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                stats.decode_error(e);
+                return;
+            }
+        };
+        if d.generation != self.cfg.generation {
+            stats.drop_generation();
+            return;
+        }
+        self.heard = true;
+        match d.frame {
+            Frame::Data { header, payload } => {
+                if let Err(e) = self.on_data(header, payload) {
+                    self.shared.stats.decode_error(e);
+                }
+            }
+            Frame::Hello(h) if h.role == Role::Primary => self.hello_due = true,
+            Frame::Heartbeat { .. } => self.ack_due = true,
+            _ => {}
+        }
+    }
+
+    fn on_data(&mut self, h: frame::DataHeader, payload: &[u8]) -> Result<(), FrameError> {
+        let stats = &self.shared.stats;
+        let last = h.first_seq.saturating_add(u64::from(h.count) - 1);
+        if last < self.expected {
+            stats.drop_duplicate();
+            self.ack_due = true;
+            return Ok(());
+        }
+        if h.first_seq > self.expected {
+            stats.drop_out_of_order();
+            self.ack_due = true;
+            return Ok(());
+        }
+        if h.frag_count > 1 {
+            let r = &mut self.reasm;
+            if h.frag_index == 0 {
+                r.seq = h.first_seq;
+                r.next = 1;
+                r.total = h.frag_count;
+                r.buf.clear();
+                r.buf.extend_from_slice(payload);
+            } else if r.seq == h.first_seq && r.next == h.frag_index && r.total == h.frag_count {
+                r.next += 1;
+                r.buf.extend_from_slice(payload);
+            } else {
+                stats.drop_out_of_order();
+                return Ok(());
+            }
+            if r.buf.len() > RECORD_HEADER_LEN + self.max_payload {
+                r.buf.clear();
+                r.next = 0;
+                return Err(FrameError::BadBody("reassembled record too large"));
+            }
+            if r.next < r.total {
+                return Ok(());
+            }
+            let buf = std::mem::take(&mut r.buf);
+            r.next = 0;
+            let res = (|| {
+                let (rec, used) = frame::parse_record(&buf)?;
+                if used != buf.len() || rec.seq != h.first_seq {
+                    return Err(FrameError::BadBody("reassembled record inconsistent"));
+                }
+                if rec.payload.len() > self.max_payload {
+                    return Err(FrameError::BadBody("record larger than the buffer accepts"));
+                }
+                self.deliver(rec.kind, rec.payload);
+                Ok(())
+            })();
+            self.reasm.buf = buf;
+            return res;
+        }
+        frame::validate_records(payload, h.first_seq, h.count, self.max_payload)?;
+        let mut at = 0;
+        while at < payload.len() {
+            let (rec, used) = frame::parse_record(&payload[at..])?;
+            at += used;
+            if rec.seq < self.expected {
+                continue;
+            }
+            if !self.deliver(rec.kind, rec.payload) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits one record into the backup's log buffer; false when there is no room (the
+    /// record will come again).
+    fn deliver(&mut self, kind: u16, payload: &[u8]) -> bool {
+        match self.producer.claim(kind, payload.len()) {
+            Ok(mut c) => {
+                c.copy_from_slice(payload);
+                let seq = c.commit();
+                debug_assert_eq!(seq, self.expected);
+                self.expected = seq + 1;
+                self.delivered += 1;
+                self.shared.stats.delivered(1);
+                self.shared.received.store(seq, Ordering::Release);
+                true
+            }
+            Err(ClaimError::Full { .. }) => {
+                self.shared.stats.drop_backpressure();
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "record rejected by the backup's log buffer");
+                self.shared
+                    .stats
+                    .decode_error(FrameError::BadBody("record rejected by the buffer"));
+                false
+            }
+        }
+    }
+}
+
+fn backup_hello_step(bytes: &[u8], s: &RecvState) -> (Step<Hello>, Option<(u32, String)>) {
+    let refuse = |reason: u32, text: String| {
+        (
+            Step::Fail(setup(format!("refused the primary: {text}"))),
+            Some((reason, text)),
+        )
+    };
+    if let Some((v, ty)) = frame::peek_version_type(bytes) {
+        if v != frame::VERSION && ty == frame::FrameType::Hello as u8 {
+            return refuse(
+                refuse::VERSION,
+                format!(
+                    "protocol version mismatch: the primary speaks version {v}, this backup \
+                     speaks version {}",
+                    frame::VERSION
+                ),
+            );
+        }
+    }
+    let Ok(d) = frame::decode(bytes) else {
+        return (Step::Continue, None);
+    };
+    let Frame::Hello(h) = d.frame else {
+        return (Step::Continue, None);
+    };
+    if h.role != Role::Primary {
+        return (Step::Continue, None);
+    }
+    if d.generation != s.cfg.generation {
+        return refuse(
+            refuse::GENERATION,
+            format!(
+                "generation mismatch: the primary is at generation {}, this backup at {}",
+                d.generation, s.cfg.generation
+            ),
+        );
+    }
+    if h.digest != s.cfg.digest {
+        return refuse(
+            refuse::DIGEST,
+            format!(
+                "pairing digest mismatch: the primary runs image {}…, this backup {}…",
+                hex8(&h.digest),
+                hex8(&s.cfg.digest)
+            ),
+        );
+    }
+    if h.max_payload as usize > s.max_payload {
+        return refuse(
+            refuse::SIZES,
+            format!(
+                "the primary's records may reach {} bytes, this backup's buffer accepts {}",
+                h.max_payload, s.max_payload
+            ),
+        );
+    }
+    if s.expected != 0 && h.seq > s.expected {
+        return refuse(
+            refuse::GAP,
+            format!(
+                "this backup needs record {} but the primary starts at {}",
+                s.expected, h.seq
+            ),
+        );
+    }
+    (Step::Done(h), None)
+}

@@ -1,0 +1,431 @@
+//! io_uring transport over a TCP socket (`io-uring` 0.7), busy-polled.
+//!
+//! - **Sends** go through two *registered* buffers (double buffering): frames are appended,
+//!   length-prefixed exactly as in [`crate::tcp`], to the buffer being filled; `flush` submits
+//!   one `WRITE_FIXED` for the whole batch while the other buffer fills. Short writes are
+//!   resubmitted for the remainder.
+//! - **Receives** use one multishot `RECV` armed once over a group of provided buffers: the
+//!   kernel posts a completion per chunk of stream with no system call from us; each buffer is
+//!   handed back (`PROVIDE_BUFFERS`) once its bytes are consumed. Where multishot receive is
+//!   not supported the transport falls back to one-shot receives (logged).
+//! - **SQPOLL** is an option ([`UringConfig::sqpoll`]): with it, submissions need no system
+//!   call at all, but the kernel thread costs a core; on a 2-core machine with busy pollers on
+//!   both sides it starves everything (see RECIPES.md), so the default is off. When the kernel
+//!   refuses SQPOLL the transport logs it and falls back.
+//!
+//! Completions are reaped by polling the completion queue in user space; the thread that
+//! polls is the only one that touches the ring.
+
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::error::TransportError;
+use crate::tcp::TCP_MAX_FRAME;
+use crate::transport::Transport;
+
+const LEN_PREFIX: usize = 4;
+const SEND_BUF: usize = 512 << 10;
+const RECV_BUF: usize = 64 << 10;
+const RECV_BUFS: u16 = 16;
+const GROUP: u16 = 7;
+
+const UD_SEND: u64 = 1;
+const UD_RECV: u64 = 2;
+const UD_PROVIDE: u64 = 3;
+
+/// io_uring options.
+#[derive(Debug, Clone, Copy)]
+pub struct UringConfig {
+    /// Submission-queue polling by a kernel thread (idle timeout in ms); `None` = off.
+    pub sqpoll: Option<u32>,
+    /// Use multishot receive when the kernel supports it.
+    pub multishot: bool,
+    /// Ring entries.
+    pub entries: u32,
+}
+
+impl Default for UringConfig {
+    fn default() -> Self {
+        Self {
+            sqpoll: None,
+            multishot: true,
+            entries: 256,
+        }
+    }
+}
+
+/// A frame link over one TCP connection driven through io_uring.
+pub struct UringTransport {
+    // Declared first: dropped (ring torn down) before the buffers it references.
+    ring: IoUring,
+    _stream: TcpStream,
+    fd: RawFd,
+    sbufs: [Box<[u8]>; 2],
+    /// Buffer being filled and its fill level.
+    cur: usize,
+    fill: usize,
+    /// Send in flight: (buffer, offset done, end).
+    inflight: Option<(usize, usize, usize)>,
+    pool: Box<[u8]>,
+    multishot: bool,
+    recv_armed: bool,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    closed: Option<TransportError>,
+    cqes: Vec<cqueue::Entry>,
+    to_submit: bool,
+}
+
+impl std::fmt::Debug for UringTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringTransport")
+            .field("fd", &self.fd)
+            .field("multishot", &self.multishot)
+            .finish()
+    }
+}
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+    move |source| TransportError::Io { op, source }
+}
+
+impl UringTransport {
+    /// Takes over a connected TCP stream (sets `TCP_NODELAY`, blocking mode for io_uring).
+    ///
+    /// # Errors
+    /// [`TransportError::Io`] when the ring cannot be created or the buffers registered.
+    pub fn from_stream(stream: TcpStream, cfg: UringConfig) -> Result<Self, TransportError> {
+        stream.set_nodelay(true).map_err(io("set TCP_NODELAY"))?;
+        stream
+            .set_nonblocking(false)
+            .map_err(io("clear O_NONBLOCK"))?;
+        let ring = match cfg.sqpoll {
+            Some(idle) => match IoUring::builder().setup_sqpoll(idle).build(cfg.entries) {
+                Ok(r) => {
+                    tracing::info!(idle_ms = idle, "io_uring with SQPOLL");
+                    r
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "io_uring SQPOLL not permitted; falling back to plain submissions");
+                    IoUring::new(cfg.entries).map_err(io("io_uring_setup"))?
+                }
+            },
+            None => IoUring::new(cfg.entries).map_err(io("io_uring_setup"))?,
+        };
+        let sbufs = [
+            vec![0u8; SEND_BUF].into_boxed_slice(),
+            vec![0u8; SEND_BUF].into_boxed_slice(),
+        ];
+        let iov: Vec<libc::iovec> = sbufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: the two buffers are owned by the transport, never moved (boxed slices) and
+        // outlive the ring, which is dropped first (field order).
+        unsafe { ring.submitter().register_buffers(&iov) }
+            .map_err(io("io_uring register buffers"))?;
+        let fd = stream.as_raw_fd();
+        let mut t = Self {
+            ring,
+            _stream: stream,
+            fd,
+            sbufs,
+            cur: 0,
+            fill: 0,
+            inflight: None,
+            pool: vec![0u8; RECV_BUF * usize::from(RECV_BUFS)].into_boxed_slice(),
+            multishot: cfg.multishot,
+            recv_armed: false,
+            rbuf: Vec::with_capacity(4 * RECV_BUF),
+            rstart: 0,
+            closed: None,
+            cqes: Vec::with_capacity(64),
+            to_submit: false,
+        };
+        if t.multishot {
+            let e = opcode::ProvideBuffers::new(
+                t.pool.as_mut_ptr(),
+                RECV_BUF as i32,
+                RECV_BUFS,
+                GROUP,
+                0,
+            )
+            .build()
+            .user_data(UD_PROVIDE);
+            t.push(&e)?;
+        }
+        t.submit()?;
+        Ok(t)
+    }
+
+    fn push(&mut self, e: &squeue::Entry) -> Result<(), TransportError> {
+        // SAFETY: every buffer an entry references (send buffers, receive pool) is owned by
+        // `self` and outlives the ring.
+        if unsafe { self.ring.submission().push(e) }.is_err() {
+            self.submit()?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(e) }.map_err(|_| TransportError::Setup {
+                what: "io_uring submission queue full".into(),
+            })?;
+        }
+        self.to_submit = true;
+        Ok(())
+    }
+
+    fn submit(&mut self) -> Result<(), TransportError> {
+        self.to_submit = false;
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    || e.raw_os_error() == Some(libc::EINTR) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(TransportError::Io {
+                op: "io_uring_enter",
+                source: e,
+            }),
+        }
+    }
+
+    fn arm_recv(&mut self) -> Result<(), TransportError> {
+        let e = if self.multishot {
+            opcode::RecvMulti::new(types::Fd(self.fd), GROUP).build()
+        } else {
+            opcode::Recv::new(types::Fd(self.fd), self.pool.as_mut_ptr(), RECV_BUF as u32).build()
+        };
+        self.push(&e.user_data(UD_RECV))?;
+        self.recv_armed = true;
+        Ok(())
+    }
+
+    fn start_send(&mut self, buf: usize, from: usize, to: usize) -> Result<(), TransportError> {
+        let len = u32::try_from(to - from).unwrap_or(u32::MAX);
+        let e = opcode::WriteFixed::new(
+            types::Fd(self.fd),
+            self.sbufs[buf][from..].as_ptr(),
+            len,
+            buf as u16,
+        )
+        .build()
+        .user_data(UD_SEND);
+        self.push(&e)?;
+        self.inflight = Some((buf, from, to));
+        Ok(())
+    }
+
+    /// Submits the filled buffer when no send is in flight.
+    fn kick_send(&mut self) -> Result<(), TransportError> {
+        if self.inflight.is_none() && self.fill > 0 {
+            let (b, n) = (self.cur, self.fill);
+            self.cur ^= 1;
+            self.fill = 0;
+            self.start_send(b, 0, n)?;
+        }
+        Ok(())
+    }
+
+    /// Processes every completion.
+    fn reap(&mut self) -> Result<(), TransportError> {
+        self.cqes.clear();
+        self.cqes.extend(self.ring.completion());
+        for i in 0..self.cqes.len() {
+            let c = self.cqes[i].clone();
+            let res = c.result();
+            match c.user_data() {
+                UD_SEND => {
+                    let Some((b, from, to)) = self.inflight.take() else {
+                        continue;
+                    };
+                    if res < 0 {
+                        let err = std::io::Error::from_raw_os_error(-res);
+                        return Err(match -res {
+                            libc::EPIPE | libc::ECONNRESET => {
+                                TransportError::Closed { mid_frame: false }
+                            }
+                            _ => TransportError::Io {
+                                op: "io_uring send",
+                                source: err,
+                            },
+                        });
+                    }
+                    let done = from + res as usize;
+                    if done < to {
+                        self.start_send(b, done, to)?;
+                    }
+                }
+                UD_RECV => {
+                    if res == 0 {
+                        self.closed = Some(TransportError::Closed {
+                            mid_frame: self.rbuf.len() > self.rstart,
+                        });
+                        self.recv_armed = false;
+                        continue;
+                    }
+                    if res < 0 {
+                        self.recv_armed = false;
+                        match -res {
+                            libc::ENOBUFS => continue, // re-armed below once buffers return
+                            libc::EINVAL if self.multishot => {
+                                tracing::info!(
+                                    "multishot receive not supported; using one-shot receives"
+                                );
+                                self.multishot = false;
+                                continue;
+                            }
+                            libc::ECONNRESET | libc::EPIPE => {
+                                self.closed = Some(TransportError::Closed {
+                                    mid_frame: self.rbuf.len() > self.rstart,
+                                });
+                                continue;
+                            }
+                            e => {
+                                return Err(TransportError::Io {
+                                    op: "io_uring recv",
+                                    source: std::io::Error::from_raw_os_error(e),
+                                })
+                            }
+                        }
+                    }
+                    let n = res as usize;
+                    if self.multishot {
+                        let Some(bid) = cqueue::buffer_select(c.flags()) else {
+                            return Err(TransportError::Setup {
+                                what: "multishot recv without a buffer id".into(),
+                            });
+                        };
+                        let off = usize::from(bid) * RECV_BUF;
+                        self.rbuf.extend_from_slice(&self.pool[off..off + n]);
+                        let e = opcode::ProvideBuffers::new(
+                            self.pool[off..].as_mut_ptr(),
+                            RECV_BUF as i32,
+                            1,
+                            GROUP,
+                            bid,
+                        )
+                        .build()
+                        .user_data(UD_PROVIDE);
+                        self.push(&e)?;
+                        if !cqueue::more(c.flags()) {
+                            self.recv_armed = false;
+                        }
+                    } else {
+                        self.rbuf.extend_from_slice(&self.pool[..n]);
+                        self.recv_armed = false;
+                    }
+                }
+                _ => {
+                    if res < 0 {
+                        return Err(TransportError::Io {
+                            op: "io_uring provide buffers",
+                            source: std::io::Error::from_raw_os_error(-res),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Transport for UringTransport {
+    fn name(&self) -> &'static str {
+        "uring"
+    }
+
+    fn max_frame(&self) -> usize {
+        TCP_MAX_FRAME
+    }
+
+    fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
+        if frame.len() > TCP_MAX_FRAME {
+            return Err(TransportError::FrameTooLarge {
+                len: frame.len(),
+                max: TCP_MAX_FRAME,
+            });
+        }
+        let need = LEN_PREFIX + frame.len();
+        if self.fill + need > SEND_BUF {
+            self.reap()?;
+            self.kick_send()?;
+            if self.fill + need > SEND_BUF {
+                if self.to_submit {
+                    self.submit()?;
+                }
+                return Ok(false);
+            }
+        }
+        let b = &mut self.sbufs[self.cur][self.fill..self.fill + need];
+        b[..LEN_PREFIX].copy_from_slice(&(frame.len() as u32).to_le_bytes());
+        b[LEN_PREFIX..].copy_from_slice(frame);
+        self.fill += need;
+        Ok(true)
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.kick_send()?;
+        if self.to_submit {
+            self.submit()?;
+        }
+        Ok(())
+    }
+
+    fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
+        if !self.recv_armed && self.closed.is_none() {
+            self.arm_recv()?;
+        }
+        if self.to_submit {
+            self.submit()?;
+        }
+        self.reap()?;
+        self.kick_send()?;
+        if self.to_submit {
+            self.submit()?;
+        }
+        let mut n = 0;
+        loop {
+            let b = &self.rbuf[self.rstart..];
+            if b.len() < LEN_PREFIX {
+                break;
+            }
+            let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            if len > TCP_MAX_FRAME {
+                return Err(TransportError::FrameTooLarge {
+                    len,
+                    max: TCP_MAX_FRAME,
+                });
+            }
+            if b.len() < LEN_PREFIX + len {
+                break;
+            }
+            on_frame(&b[LEN_PREFIX..LEN_PREFIX + len]);
+            self.rstart += LEN_PREFIX + len;
+            n += 1;
+        }
+        if self.rstart == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rstart = 0;
+        } else if self.rstart > 2 * RECV_BUF {
+            self.rbuf.drain(..self.rstart);
+            self.rstart = 0;
+        }
+        if n == 0 {
+            if let Some(e) = self.closed.take() {
+                let e = match e {
+                    TransportError::Closed { .. } => TransportError::Closed {
+                        mid_frame: self.rbuf.len() > self.rstart,
+                    },
+                    e => e,
+                };
+                return Err(e);
+            }
+        }
+        Ok(n)
+    }
+}

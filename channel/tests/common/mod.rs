@@ -1,0 +1,267 @@
+//! Shared helpers for the channel scenario tests: two real processes (the test binary re-runs
+//! itself with `FTVM_CHANNEL_CHILD` set to play the primary), deterministic record contents.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ftvm_channel::faulty::{Faults, FaultyTransport};
+use ftvm_channel::shm::ShmTransport;
+use ftvm_channel::tcp::{TcpMode, TcpTransport};
+use ftvm_channel::uring::{UringConfig, UringTransport};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport, TransportError};
+use ftvm_ringbuf::{IdleKind, IdleStrategy, SpinThenYield};
+
+pub const CHILD_ENV: &str = "FTVM_CHANNEL_CHILD";
+pub const BUF_CAP: usize = 1 << 22;
+
+/// Payload of the record with sequence number `seq`: 8..64 bytes, a big one (fragmented on
+/// every transport) every 50 000 records.
+pub fn payload(seq: u64, out: &mut Vec<u8>) {
+    out.clear();
+    let len = if seq % 50_000 == 7 {
+        150_000
+    } else {
+        8 + (seq.wrapping_mul(7) % 57) as usize
+    };
+    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out[..8].copy_from_slice(&seq.to_le_bytes());
+}
+
+pub fn kind(seq: u64) -> u16 {
+    (seq % 1000) as u16
+}
+
+/// The parameters the child gets, as one env string: `role;transport;addr;records;faults;generation;digest`.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    pub role: String,
+    pub transport: String,
+    pub addr: String,
+    pub records: u64,
+    pub fault_p: f64,
+    pub generation: u64,
+    pub digest: u8,
+}
+
+impl ChildSpec {
+    pub fn encode(&self) -> String {
+        format!(
+            "{};{};{};{};{};{};{}",
+            self.role,
+            self.transport,
+            self.addr,
+            self.records,
+            self.fault_p,
+            self.generation,
+            self.digest
+        )
+    }
+    pub fn from_env() -> Option<Self> {
+        let s = std::env::var(CHILD_ENV).ok()?;
+        let v: Vec<&str> = s.split(';').collect();
+        Some(Self {
+            role: v[0].into(),
+            transport: v[1].into(),
+            addr: v[2].into(),
+            records: v[3].parse().ok()?,
+            fault_p: v[4].parse().ok()?,
+            generation: v[5].parse().ok()?,
+            digest: v[6].parse().ok()?,
+        })
+    }
+}
+
+/// Re-runs this test binary as the child for test `test`.
+pub fn spawn_child(test: &str, spec: &ChildSpec) -> Child {
+    Command::new(std::env::current_exe().expect("current exe"))
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, spec.encode())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child")
+}
+
+pub fn config(spec: &ChildSpec) -> Config {
+    Config {
+        generation: spec.generation,
+        digest: [spec.digest; 32],
+        rto: Duration::from_millis(5),
+        ..Config::default()
+    }
+}
+
+/// The parent's side of the rendezvous: a listener or shm rings; returns the address string.
+pub enum Rendezvous {
+    Tcp(TcpListener),
+    Shm(PathBuf),
+}
+
+impl Rendezvous {
+    pub fn new(transport: &str, tag: &str) -> Self {
+        match transport {
+            "shm" => Rendezvous::Shm(PathBuf::from(format!(
+                "/dev/shm/ftvm-test-{}-{tag}",
+                std::process::id()
+            ))),
+            _ => Rendezvous::Tcp(TcpListener::bind("127.0.0.1:0").expect("bind")),
+        }
+    }
+    pub fn addr(&self) -> String {
+        match self {
+            Rendezvous::Tcp(l) => l.local_addr().expect("addr").to_string(),
+            Rendezvous::Shm(p) => p.display().to_string(),
+        }
+    }
+    /// The parent's (backup's) transport.
+    pub fn accept(&self, transport: &str, fault_p: f64, seed: u64) -> Box<dyn Transport> {
+        let t: Box<dyn Transport> = match (self, transport) {
+            (Rendezvous::Shm(p), _) => Box::new(ShmTransport::create(p, 1 << 20).expect("shm")),
+            (Rendezvous::Tcp(l), "tcp") => {
+                Box::new(TcpTransport::accept(l, TcpMode::Blocking).expect("accept"))
+            }
+            (Rendezvous::Tcp(l), "tcp-spin") => {
+                Box::new(TcpTransport::accept(l, TcpMode::Spin).expect("accept"))
+            }
+            (Rendezvous::Tcp(l), "uring") => {
+                let (s, _) = l.accept().expect("accept");
+                Box::new(UringTransport::from_stream(s, UringConfig::default()).expect("uring"))
+            }
+            _ => panic!("unknown transport {transport}"),
+        };
+        wrap(t, fault_p, seed)
+    }
+}
+
+fn wrap(t: Box<dyn Transport>, p: f64, seed: u64) -> Box<dyn Transport> {
+    if p > 0.0 {
+        Box::new(FaultyTransport::new(t, Faults::uniform(p, seed)))
+    } else {
+        t
+    }
+}
+
+/// The child's (primary's) transport.
+pub fn connect(
+    transport: &str,
+    addr: &str,
+    fault_p: f64,
+    seed: u64,
+) -> Result<Box<dyn Transport>, TransportError> {
+    let t: Box<dyn Transport> = match transport {
+        "shm" => Box::new(ShmTransport::open(addr.as_ref(), Duration::from_secs(10))?),
+        "tcp" | "tcp-spin" | "uring" => {
+            let a: SocketAddr = addr.parse().expect("socket address");
+            let mode = if transport == "tcp" {
+                TcpMode::Blocking
+            } else {
+                TcpMode::Spin
+            };
+            let t = TcpTransport::connect(a, mode, Duration::from_secs(10))?;
+            if transport == "uring" {
+                let s = t
+                    .stream()
+                    .try_clone()
+                    .map_err(|source| TransportError::Io {
+                        op: "clone",
+                        source,
+                    })?;
+                drop(t);
+                Box::new(UringTransport::from_stream(s, UringConfig::default())?)
+            } else {
+                Box::new(t)
+            }
+        }
+        _ => panic!("unknown transport {transport}"),
+    };
+    Ok(wrap(t, fault_p, seed))
+}
+
+pub fn poller() -> PollerConfig {
+    PollerConfig {
+        core: None,
+        idle: IdleKind::Yield,
+    }
+}
+
+/// The primary: appends `records` records and waits until all are acknowledged.
+pub fn run_primary(spec: &ChildSpec) -> Result<(), TransportError> {
+    let t = connect(&spec.transport, &spec.addr, spec.fault_p, 1)?;
+    let (p, c) = ftvm_ringbuf::with_capacity(BUF_CAP).expect("buffer");
+    let mut tx = LogSender::start(p, c, t, config(spec), poller())?;
+    let mut buf = Vec::new();
+    let mut idle = SpinThenYield::new(100);
+    for seq in 1..=spec.records {
+        payload(seq, &mut buf);
+        let mut claim = tx
+            .producer()
+            .claim_blocking(kind(seq), buf.len(), &mut idle as &mut dyn IdleStrategy)
+            .expect("claim");
+        claim.copy_from_slice(&buf);
+        assert_eq!(claim.commit(), seq);
+        if seq % 4096 == 0 && !tx.is_running() {
+            return Err(tx
+                .error()
+                .unwrap_or(TransportError::Closed { mid_frame: false }));
+        }
+    }
+    if !tx.wait_acked(spec.records, Duration::from_secs(60))? {
+        panic!("not everything acknowledged in time: {:?}", tx.snapshot());
+    }
+    eprintln!("primary done: {:?}", tx.snapshot());
+    Ok(())
+}
+
+/// The backup: receives until `records` records arrived, checking each one.
+pub fn run_backup(
+    mut rx: LogReceiver,
+    records: u64,
+    deadline: Duration,
+) -> Result<LogReceiver, String> {
+    let mut expect = 1u64;
+    let mut buf = Vec::new();
+    let end = Instant::now() + deadline;
+    let mut bad: Option<String> = None;
+    while expect <= records {
+        let n = rx
+            .poll_records(|r| {
+                if bad.is_some() {
+                    return;
+                }
+                payload(r.seq(), &mut buf);
+                if r.seq() != expect {
+                    bad = Some(format!("got seq {} expected {expect}", r.seq()));
+                } else if r.payload() != &buf[..] || r.kind() != kind(r.seq()) {
+                    bad = Some(format!("content of record {} differs", r.seq()));
+                }
+                expect += 1;
+            })
+            .map_err(|e| format!("receiver failed at record {expect}: {e}"))?;
+        if let Some(b) = bad {
+            return Err(b);
+        }
+        if n == 0 {
+            if Instant::now() > end {
+                return Err(format!("timeout at record {expect}: {:?}", rx.snapshot()));
+            }
+            std::thread::yield_now();
+        } else {
+            rx.report_executed(expect - 1);
+        }
+    }
+    Ok(rx)
+}
+
+pub fn backup_buffer() -> (ftvm_ringbuf::Producer, ftvm_ringbuf::Consumer) {
+    ftvm_ringbuf::with_capacity(BUF_CAP).expect("buffer")
+}

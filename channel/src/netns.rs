@@ -268,6 +268,17 @@ pub fn enter_netns(name: &str) -> Result<(), NetnsError> {
     Ok(())
 }
 
+/// Moves the calling thread into network namespace `name` until the returned guard drops (which
+/// moves it back to the namespace it was in).
+///
+/// # Errors
+/// [`NetnsError::Open`] / [`NetnsError::Setns`].
+pub fn enter_scoped(name: &str) -> Result<NetnsEntered, NetnsError> {
+    let original = open_ns_file(PathBuf::from("/proc/thread-self/ns/net"))?;
+    enter_netns(name)?;
+    Ok(NetnsEntered { original })
+}
+
 /// One named network namespace (`/run/netns/<name>`).
 ///
 /// An *owning* guard ([`Netns::create`]) deletes the namespace on drop; a borrowed handle
@@ -378,9 +389,7 @@ impl Netns {
     /// # Errors
     /// [`NetnsError::Open`] / [`NetnsError::Setns`].
     pub fn enter(&self) -> Result<NetnsEntered, NetnsError> {
-        let original = open_ns_file(PathBuf::from("/proc/thread-self/ns/net"))?;
-        enter_netns(&self.name)?;
-        Ok(NetnsEntered { original })
+        enter_scoped(&self.name)
     }
 
     /// Runs `f` on a fresh thread that has entered the namespace and returns its result. A panic

@@ -9,12 +9,12 @@
 //!  │ u16    │ u8  │ u8  │ u32        │ u64                │ u32       │ u32 (0)   │ body_len bytes
 //!  └────────┴─────┴─────┴────────────┴────────────────────┴───────────┴───────────┴──────── ─ ─
 //!
-//!  DATA body                                   ACK body              HEARTBEAT body
-//!  0          8        12         14        16 0          8          0
-//!  ┌──────────┬────────┬──────────┬─────────┬─ ┌──────────┬─────────┐ ┌──────────┐
-//!  │first_seq │ count  │frag_index│frag_cnt │… │ acked    │executed │ │ nonce    │
-//!  │ u64      │ u32    │ u16      │ u16     │  │ u64      │ u64     │ │ u64      │
-//!  └──────────┴────────┴──────────┴─────────┴─ └──────────┴─────────┘ └──────────┘
+//!  DATA body                                   ACK body                       HEARTBEAT body
+//!  0          8        12         14        16 0          8         16         0
+//!  ┌──────────┬────────┬──────────┬─────────┬─ ┌──────────┬─────────┬────────┐ ┌──────────┐
+//!  │first_seq │ count  │frag_index│frag_cnt │… │ acked    │executed │ flags  │ │ nonce    │
+//!  │ u64      │ u32    │ u16      │ u16     │  │ u64      │ u64     │ u64    │ │ u64      │
+//!  └──────────┴────────┴──────────┴─────────┴─ └──────────┴─────────┴────────┘ └──────────┘
 //!  then `count` records in the log buffer's own format (16-byte header: len u32, kind u16,
 //!  flags u16, seq u64; then the payload), back to back without alignment padding — or, when
 //!  frag_cnt > 1, fragment `frag_index` of one such record.
@@ -61,7 +61,9 @@ pub const RESERVED_OFFSET: usize = 20;
 /// Length of the DATA body header (before the records).
 pub const DATA_HEADER_LEN: usize = 16;
 /// Length of the ACK body.
-pub const ACK_BODY_LEN: usize = 16;
+pub const ACK_BODY_LEN: usize = 24;
+/// ACK flag: the backup dropped a frame ahead of a gap (the sender may retransmit at once).
+pub const ACK_FLAG_GAP: u64 = 1;
 /// Length of the HEARTBEAT body.
 pub const HEARTBEAT_BODY_LEN: usize = 8;
 /// Length of the HELLO body.
@@ -192,6 +194,8 @@ pub enum Frame<'a> {
         acked: u64,
         /// Every record with a sequence number ≤ this was executed by the backup.
         executed: u64,
+        /// The backup saw a frame beyond a gap since its previous ack.
+        gap: bool,
     },
     /// Keep-alive.
     Heartbeat {
@@ -328,6 +332,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, FrameError> {
             Frame::Ack {
                 acked: rd_u64(body, 0),
                 executed: rd_u64(body, 8),
+                gap: rd_u64(body, 16) & ACK_FLAG_GAP != 0,
             }
         }
         FrameType::Heartbeat => {
@@ -385,10 +390,11 @@ pub fn encode_refuse(buf: &mut Vec<u8>, generation: u64, reason: u32, text: &str
 }
 
 /// Encodes an ACK.
-pub fn encode_ack(buf: &mut Vec<u8>, generation: u64, acked: u64, executed: u64) {
+pub fn encode_ack(buf: &mut Vec<u8>, generation: u64, acked: u64, executed: u64, gap: bool) {
     begin(buf, FrameType::Ack, generation);
     buf.extend_from_slice(&acked.to_le_bytes());
     buf.extend_from_slice(&executed.to_le_bytes());
+    buf.extend_from_slice(&(if gap { ACK_FLAG_GAP } else { 0 }).to_le_bytes());
     finish(buf);
 }
 
@@ -530,12 +536,13 @@ mod tests {
                 text: "no"
             })
         );
-        encode_ack(&mut b, 5, 10, 8);
+        encode_ack(&mut b, 5, 10, 8, true);
         assert_eq!(
             decode(&b).map(|d| d.frame),
             Ok(Frame::Ack {
                 acked: 10,
-                executed: 8
+                executed: 8,
+                gap: true
             })
         );
         encode_heartbeat(&mut b, 5, 77);
@@ -565,7 +572,7 @@ mod tests {
     #[test]
     fn corruption_is_detected() {
         let mut b = Vec::new();
-        encode_ack(&mut b, 1, 10, 8);
+        encode_ack(&mut b, 1, 10, 8, false);
         for i in 0..b.len() {
             let mut c = b.clone();
             c[i] ^= 0x40;

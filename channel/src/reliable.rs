@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 /// How long a poller with nothing to do lets a blocking transport wait for the peer.
 const IDLE_WAIT: Duration = Duration::from_millis(1);
+/// Upper bound of the retransmit timeout's back-off.
+const MAX_RTO: Duration = Duration::from_millis(500);
 
 /// Refusal reason codes carried in REFUSE frames.
 pub mod refuse {
@@ -151,6 +153,8 @@ pub struct Sender {
     high_water: u64,
     acked: u64,
     dup_acks: u32,
+    /// Current retransmit timeout (doubles on each timeout without progress).
+    rto: Duration,
     frame: Vec<u8>,
     /// A built frame the transport had no room for, with the state to apply once it is sent.
     pending: Option<Advance>,
@@ -220,6 +224,7 @@ impl Sender {
             }
         };
         let now = Instant::now();
+        let rto0 = cfg.rto;
         let max_payload = consumer.ring().max_payload();
         let head = consumer.position();
         let mut s = Self {
@@ -235,6 +240,7 @@ impl Sender {
             high_water: head,
             acked: base_seq.max(1) - 1,
             dup_acks: 0,
+            rto: rto0,
             frame: Vec::with_capacity(64 << 10),
             pending: None,
             last_progress: now,
@@ -340,7 +346,7 @@ impl Sender {
                     self.acked + 1
                 )));
             }
-            self.on_ack(peer.seq - 1, peer.executed)?;
+            self.on_ack(peer.seq - 1, peer.executed, false)?;
         }
         let now = Instant::now();
         self.last_heard = now;
@@ -366,10 +372,10 @@ impl Sender {
 
     /// Releases every record ≤ `acked` from the log buffer and advances the send position past
     /// them when it lags.
-    fn on_ack(&mut self, acked: u64, executed: u64) -> Result<(), TransportError> {
+    fn on_ack(&mut self, acked: u64, executed: u64, gap: bool) -> Result<(), TransportError> {
         self.shared.executed.fetch_max(executed, Ordering::AcqRel);
         if acked <= self.acked {
-            if acked == self.acked && self.next_seq > self.acked + 1 {
+            if gap && acked == self.acked && self.next_seq > self.acked + 1 {
                 self.dup_acks += 1;
             }
             return Ok(());
@@ -419,6 +425,7 @@ impl Sender {
             self.pending = None;
         }
         self.last_progress = Instant::now();
+        self.rto = self.cfg.rto;
         Ok(())
     }
 
@@ -431,7 +438,7 @@ impl Sender {
     pub fn poll(&mut self) -> Result<usize, TransportError> {
         let mut work = 0;
         // Acknowledgements.
-        let mut acks: Option<(u64, u64)> = None;
+        let mut acks: Option<(u64, u64, bool)> = None;
         let mut refused: Option<String> = None;
         let mut heard = false;
         let stats = &self.shared.stats;
@@ -444,9 +451,13 @@ impl Sender {
                 Ok(d) => {
                     heard = true;
                     match d.frame {
-                        Frame::Ack { acked, executed } => {
-                            let (a, x) = acks.unwrap_or((0, 0));
-                            acks = Some((a.max(acked), x.max(executed)));
+                        Frame::Ack {
+                            acked,
+                            executed,
+                            gap,
+                        } => {
+                            let (a, x, g) = acks.unwrap_or((0, 0, false));
+                            acks = Some((a.max(acked), x.max(executed), g || gap));
                         }
                         Frame::Refuse { text, .. } => refused = Some(text.to_owned()),
                         _ => {}
@@ -461,13 +472,13 @@ impl Sender {
         if let Some(text) = refused {
             return Err(setup(format!("the backup refused: {text}")));
         }
-        if let Some((acked, executed)) = acks {
-            self.on_ack(acked, executed)?;
+        if let Some((acked, executed, gap)) = acks {
+            self.on_ack(acked, executed, gap)?;
         }
         // Retransmission: timeout, or three duplicate acks (fast retransmit).
         let in_flight = self.next_seq > self.acked + 1 || self.frag_next > 0;
         if in_flight {
-            let stalled = now.duration_since(self.last_progress) > self.cfg.rto;
+            let stalled = now.duration_since(self.last_progress) > self.rto;
             let fast =
                 self.dup_acks >= 3 && now.duration_since(self.last_retransmit) > self.cfg.rto / 4;
             if stalled || fast {
@@ -476,6 +487,10 @@ impl Sender {
                 self.go_back();
                 self.last_progress = now;
                 self.last_retransmit = now;
+                if stalled {
+                    // Back off while the backup does not answer (busy, or flow-controlled).
+                    self.rto = (self.rto * 2).min(MAX_RTO);
+                }
             }
         } else {
             self.last_progress = now;
@@ -704,6 +719,8 @@ struct RecvState {
     delivered: u64,
     max_payload: usize,
     executed_sent: u64,
+    ackbuf: Vec<u8>,
+    gap_seen: bool,
     heard: bool,
     last_heard: Instant,
 }
@@ -744,6 +761,8 @@ impl Receiver {
                 delivered: 0,
                 max_payload,
                 executed_sent: 0,
+                ackbuf: Vec::with_capacity(64),
+                gap_seen: false,
                 heard: false,
                 last_heard: Instant::now(),
             },
@@ -837,7 +856,9 @@ impl Receiver {
         // Flow control: with less room than a full frame could need, leave frames in the
         // transport (a stream transport then pushes back on the primary) until the backup's
         // consumer catches up.
-        let room = s.producer.free() >= 2 * self.transport.max_frame() + 2 * RECORD_HEADER_LEN;
+        let want = (self.transport.max_frame() + 2 * RECORD_HEADER_LEN)
+            .min(s.producer.ring().capacity() / 4);
+        let room = s.producer.free() >= want;
         let n = if room {
             self.transport.poll_recv(&mut |bytes| s.on_frame(bytes))?
         } else {
@@ -864,18 +885,16 @@ impl Receiver {
         if s.delivered != before || s.ack_due || executed != s.executed_sent {
             s.ack_due = false;
             s.executed_sent = executed;
-            let mut buf = [0u8; frame::HEADER_LEN + frame::ACK_BODY_LEN];
-            let mut v = Vec::with_capacity(buf.len());
             frame::encode_ack(
-                &mut v,
+                &mut s.ackbuf,
                 s.cfg.generation,
                 s.expected.saturating_sub(1),
                 executed,
+                std::mem::take(&mut s.gap_seen),
             );
-            buf.copy_from_slice(&v);
-            if self.transport.send(&buf)? {
+            if self.transport.send(&s.ackbuf)? {
                 work += 1;
-                s.shared.stats.sent(buf.len(), 0, false);
+                s.shared.stats.sent(s.ackbuf.len(), 0, false);
             } else {
                 s.ack_due = true;
             }
@@ -945,6 +964,7 @@ impl RecvState {
         }
         if h.first_seq > self.expected {
             stats.drop_out_of_order();
+            self.gap_seen = true;
             self.ack_due = true;
             return Ok(());
         }

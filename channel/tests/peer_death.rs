@@ -1,0 +1,171 @@
+//! A peer SIGKILLed in the middle of a frame: the survivor gets a clear `Closed { mid_frame:
+//! true }` error after every complete record, and never a partial record. On shared memory
+//! (where frames are published atomically) a killed peer is detected by the peer timeout.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ftvm_channel::tcp::{TcpMode, TcpTransport};
+use ftvm_channel::{Config, LogReceiver, LogSender, TransportError};
+
+const RECORDS: u64 = 10_000;
+
+fn die() -> ! {
+    // SAFETY: plain signal to ourselves.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    unreachable!("SIGKILL returned")
+}
+
+fn cfg() -> Config {
+    Config {
+        generation: 1,
+        peer_timeout: Duration::from_millis(500),
+        ..Config::default()
+    }
+}
+
+/// Child: sends RECORDS records, waits for their acks, then writes half a frame on the raw
+/// socket and kills itself.
+fn child_tcp(spec: &ChildSpec) {
+    let t = TcpTransport::connect(
+        spec.addr.parse().expect("addr"),
+        TcpMode::Spin,
+        Duration::from_secs(10),
+    )
+    .expect("connect");
+    let mut raw = t.stream().try_clone().expect("clone");
+    let (p, c) = ftvm_ringbuf::with_capacity(BUF_CAP).expect("buffer");
+    let mut tx = LogSender::start(p, c, Box::new(t), cfg(), poller()).expect("handshake");
+    let mut buf = Vec::new();
+    for seq in 1..=RECORDS {
+        payload(seq, &mut buf);
+        while tx.producer().push(kind(seq), &buf).is_err() {
+            std::thread::yield_now();
+        }
+    }
+    assert!(tx
+        .wait_acked(RECORDS, Duration::from_secs(30))
+        .expect("acks"));
+    // Half a frame: a length prefix announcing 200 bytes, then 50 of them.
+    let mut half = 200u32.to_le_bytes().to_vec();
+    half.extend_from_slice(&[0x5A; 50]);
+    raw.write_all(&half).expect("write");
+    raw.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(20));
+    die();
+}
+
+/// Child: streams records over shm forever; the parent kills it.
+fn child_shm(spec: &ChildSpec) {
+    let t = connect("shm", &spec.addr, 0.0, 1).expect("open");
+    let (p, c) = ftvm_ringbuf::with_capacity(BUF_CAP).expect("buffer");
+    let mut tx = LogSender::start(p, c, t, cfg(), poller()).expect("handshake");
+    let mut buf = Vec::new();
+    let mut seq = 1;
+    loop {
+        payload(seq, &mut buf);
+        if tx.producer().push(kind(seq), &buf).is_ok() {
+            seq += 1;
+        } else {
+            std::thread::yield_now();
+        }
+        if seq == RECORDS {
+            die();
+        }
+    }
+}
+
+/// Receives until the link fails; checks every record; returns the error and the count.
+fn receive_until_error(mut rx: LogReceiver) -> (TransportError, u64) {
+    let mut expect = 1;
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "no error after the peer died");
+        match rx.poll_records(|r| {
+            payload(r.seq(), &mut buf);
+            assert_eq!(r.seq(), expect);
+            assert_eq!(
+                r.payload(),
+                &buf[..],
+                "partial or corrupt record {}",
+                r.seq()
+            );
+            expect += 1;
+        }) {
+            Ok(0) => std::thread::yield_now(),
+            Ok(_) => {}
+            Err(e) => return (e, expect - 1),
+        }
+    }
+}
+
+#[test]
+fn tcp_peer_killed_mid_frame() {
+    if let Some(spec) = ChildSpec::from_env() {
+        child_tcp(&spec);
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let spec = ChildSpec {
+        role: "primary".into(),
+        transport: "tcp-spin".into(),
+        addr: l.local_addr().expect("addr").to_string(),
+        records: RECORDS,
+        fault_p: 0.0,
+        generation: 1,
+        digest: 0,
+    };
+    let mut child = spawn_child("tcp_peer_killed_mid_frame", &spec);
+    let t = TcpTransport::accept(&l, TcpMode::Spin).expect("accept");
+    let (p, c) = backup_buffer();
+    let rx = LogReceiver::start(p, c, Box::new(t), cfg(), poller()).expect("handshake");
+    let (err, got) = receive_until_error(rx);
+    let status = child.wait().expect("wait");
+    assert!(!status.success(), "child was supposed to die");
+    assert_eq!(
+        got, RECORDS,
+        "every complete record delivered, nothing more"
+    );
+    assert!(
+        matches!(err, TransportError::Closed { mid_frame: true }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("in the middle of a frame"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shm_peer_killed_detected() {
+    if let Some(spec) = ChildSpec::from_env() {
+        child_shm(&spec);
+        return;
+    }
+    let rv = Rendezvous::new("shm", "peer_death");
+    let t = rv.accept("shm", 0.0, 0);
+    let spec = ChildSpec {
+        role: "primary".into(),
+        transport: "shm".into(),
+        addr: rv.addr(),
+        records: RECORDS,
+        fault_p: 0.0,
+        generation: 1,
+        digest: 0,
+    };
+    let mut child = spawn_child("shm_peer_killed_detected", &spec);
+    let (p, c) = backup_buffer();
+    let rx = LogReceiver::start(p, c, t, cfg(), poller()).expect("handshake");
+    let (err, got) = receive_until_error(rx);
+    let status = child.wait().expect("wait");
+    assert!(!status.success());
+    assert!(got < RECORDS, "got {got}");
+    assert!(matches!(err, TransportError::PeerTimeout { .. }), "{err:?}");
+}

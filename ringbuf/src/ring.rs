@@ -7,10 +7,12 @@
 //!   Acquire only when the cache says the buffer is full); the caller fills the payload in place;
 //!   `commit` writes the header (and a padding record if the record wrapped) with plain stores and
 //!   then publishes everything with one Release store of `tail`. A claim that is dropped, or
-//!   whose process dies, publishes nothing.
-//! - The consumer reads `tail` with Acquire (only when its cached copy is exhausted), walks the
-//!   records up to it, and gives space back with one Release store of `head`. The producer's
-//!   Acquire load of `head` orders the consumer's reads before the producer's next writes.
+//!   whose process dies, publishes nothing. `commit_deferred` writes the header but leaves the
+//!   Release store to a later `publish` (or commit, or a claim that finds the buffer full).
+//! - The consumer reads `tail` with Acquire (unless its cached copy already reaches the end of
+//!   the data area), walks the records up to it, and gives space back with one Release store of
+//!   `head`. The producer's Acquire load of `head` orders the consumer's reads before the
+//!   producer's next writes.
 //!
 //! Publication is by `tail` rather than by each record's header (as Aeron does) because there is
 //! only ever one claim in flight (the [`Claim`] borrows the producer mutably): a record is visible
@@ -794,11 +796,13 @@ impl Consumer {
     /// a sender that keeps records until they are acknowledged reads ahead of its head.
     pub fn read_from(&mut self, position: u64) -> Batch<'_> {
         let position = position.max(self.head);
-        if position >= self.cached_tail {
+        let off = (position as usize) & self.ring.mask;
+        // Re-read the producer's index unless the cached one already reaches the end of the
+        // area (then the batch could not be longer anyway).
+        if self.cached_tail < position + (self.ring.capacity - off) as u64 {
             self.cached_tail = self.ring.tail().load(Ordering::Acquire);
         }
         let tail = self.cached_tail.max(position);
-        let off = (position as usize) & self.ring.mask;
         let n = ((tail - position) as usize).min(self.ring.capacity - off);
         self.ring.track_read(off, n);
         Batch {
@@ -1276,6 +1280,18 @@ mod tests {
         assert_eq!(rx.position(), positions[2].1);
         assert!(rx.read().is_empty());
         assert_eq!(rx.committed_position(), positions[2].1);
+    }
+
+    #[test]
+    fn a_read_after_a_partial_release_sees_newer_records() {
+        let (mut tx, mut rx) = with_capacity(1024).unwrap();
+        tx.push(1, b"a").unwrap();
+        tx.push(1, b"b").unwrap();
+        let first_end = rx.read().records().next().unwrap().unwrap().next_position();
+        rx.release_to(first_end);
+        tx.push(1, b"c").unwrap();
+        let seqs: Vec<u64> = rx.read().records().map(|r| r.unwrap().seq()).collect();
+        assert_eq!(seqs, vec![FIRST_SEQ + 1, FIRST_SEQ + 2]);
     }
 
     #[test]

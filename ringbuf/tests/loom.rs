@@ -8,13 +8,16 @@
 //! Run: `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p ftvm-ringbuf --release
 //! --target-dir target/loom --test loom -- --test-threads=2`
 #![cfg(loom)]
+#![allow(clippy::drop_non_drop)] // `drop(batch)` marks where a borrow ends
 
 use ftvm_ringbuf::{with_capacity, ClaimError, Consumer, Producer, FIRST_SEQ};
 use loom::thread;
 
 /// Payload of record number `i` (0-based): `len` bytes derived from `i`.
 fn payload(i: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|k| (i as u8).wrapping_mul(17).wrapping_add(k as u8)).collect()
+    (0..len)
+        .map(|k| (i as u8).wrapping_mul(17).wrapping_add(k as u8))
+        .collect()
 }
 
 /// Pushes `lens.len()` records, retrying (with a loom yield) while the buffer is full.
@@ -24,7 +27,11 @@ fn produce(mut tx: Producer, lens: &[usize], deferred: bool) {
             match tx.claim(1, len) {
                 Ok(mut c) => {
                     c.copy_from_slice(&payload(i as u64, len));
-                    let seq = if deferred { c.commit_deferred() } else { c.commit() };
+                    let seq = if deferred {
+                        c.commit_deferred()
+                    } else {
+                        c.commit()
+                    };
                     assert_eq!(seq, FIRST_SEQ + i as u64);
                     break;
                 }

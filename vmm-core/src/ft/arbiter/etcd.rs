@@ -1,0 +1,359 @@
+//! [`EtcdArbiter`]: the test-and-set as one etcd transaction, for pairs without shared storage.
+//!
+//! Keys, under a configurable prefix `P`:
+//! ```text
+//! P/current          "<generation, 20 digits zero-padded> <winner>"   the newest claim
+//! P/gen/<generation> "<winner>"                                       history, one key per claim
+//! ```
+//! Claiming generation `N` by `who` is one transaction (etcd ≥ 3.3 for the nested part):
+//! ```text
+//! if create_revision(P/current) == 0                 # no claim yet
+//! then put P/current, put P/gen/N                    # won
+//! else if value(P/current) < "<N padded>"            # every older claim sorts below N
+//!      then put P/current, put P/gen/N               # won
+//!      else range P/current                          # lost (or already ours: a retry)
+//! ```
+//! Zero-padding makes the byte order of values the order of generations, and an existing
+//! claim for `N` itself (`"<N padded> <winner>"`) sorts *above* the bare `"<N padded>"`, so it
+//! is not overwritten. etcd applies the whole transaction atomically through Raft: a majority
+//! of the cluster agrees on exactly one outcome, and with one member of three down the claim
+//! still goes through.
+//!
+//! Claims carry no lease: a lease that expired while its holder was merely partitioned away
+//! would let a second node win the same generation — exactly the split brain the arbiter is
+//! there to prevent. Failure of the holder is the failure detector's business; the survivor
+//! claims the *next* generation, and fencing does the rest.
+//!
+//! The client is [`etcdv3client`], whose gRPC code is generated ahead of time (no `protoc` at
+//! build time). Each endpoint gets its own connection; an operation tries the endpoints in turn
+//! (starting with the last one that worked), each with a timeout, and reports
+//! [`ArbiterError::Unreachable`] when none answers. A transaction whose reply was lost may have
+//! been applied: its retry finds the claim naming the caller and reports it won.
+
+use std::future::Future;
+use std::io;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use etcdv3client::pb::{self, compare, request_op, response_op};
+use etcdv3client::EtcdClient;
+
+use super::{Acquire, Arbiter, ArbiterError};
+use crate::ft::node::NodeId;
+
+/// Digits of a zero-padded generation (`u64::MAX` has 20).
+const GEN_DIGITS: usize = 20;
+
+/// Where and how [`EtcdArbiter`] reaches etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs of the cluster's members, e.g. `http://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this pair's claims (one prefix per protected VM).
+    pub prefix: String,
+    /// Limit for one operation on one endpoint (connection included).
+    pub op_timeout: Duration,
+}
+
+impl EtcdConfig {
+    /// A configuration with the default per-endpoint timeout (2 s).
+    pub fn new(endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: prefix.into(),
+            op_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Connections {
+    /// One lazily connected client per endpoint (`None`: not connected, or dropped after an
+    /// error).
+    clients: Vec<Option<EtcdClient>>,
+    /// The endpoint tried first (the last one that answered).
+    preferred: usize,
+}
+
+/// The test-and-set as an etcd transaction (see the [module docs](self)).
+#[derive(Debug)]
+pub struct EtcdArbiter {
+    config: EtcdConfig,
+    runtime: tokio::runtime::Runtime,
+    connections: Mutex<Connections>,
+}
+
+impl EtcdArbiter {
+    /// An arbiter on the etcd cluster of `config`. Nothing is contacted until the first
+    /// operation, so this succeeds while the cluster is down.
+    ///
+    /// # Errors
+    /// [`ArbiterError::Setup`] when the client's I/O runtime cannot be created, or (with an
+    /// [`io::ErrorKind::InvalidInput`] source) when `config` names no endpoint.
+    pub fn new(config: EtcdConfig) -> Result<Self, ArbiterError> {
+        if config.endpoints.is_empty() {
+            return Err(ArbiterError::Setup(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no etcd endpoint configured",
+            )));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ArbiterError::Setup)?;
+        let clients = config.endpoints.iter().map(|_| None).collect();
+        Ok(Self {
+            config,
+            runtime,
+            connections: Mutex::new(Connections {
+                clients,
+                preferred: 0,
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EtcdConfig {
+        &self.config
+    }
+
+    fn current_key(&self) -> Vec<u8> {
+        format!("{}/current", self.config.prefix).into_bytes()
+    }
+
+    fn generation_key(&self, generation: u64) -> Vec<u8> {
+        format!("{}/gen/{generation:0GEN_DIGITS$}", self.config.prefix).into_bytes()
+    }
+
+    /// Runs `op` against the endpoints in turn until one answers.
+    fn with_client<T, F, Fut>(&self, op: F) -> Result<T, ArbiterError>
+    where
+        F: Fn(EtcdClient) -> Fut,
+        Fut: Future<Output = Result<T, etcdv3client::Error>>,
+    {
+        let mut conns = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = conns.clients.len();
+        let mut last_error = String::new();
+        for i in 0..n {
+            let idx = (conns.preferred + i) % n;
+            let endpoint = &self.config.endpoints[idx];
+            let cached = conns.clients[idx].clone();
+            let attempt = self.runtime.block_on(async {
+                tokio::time::timeout(self.config.op_timeout, async {
+                    let client = match cached {
+                        Some(c) => c,
+                        None => EtcdClient::new(vec![endpoint.clone()], None).await?,
+                    };
+                    let out = op(client.clone()).await?;
+                    Ok::<_, etcdv3client::Error>((client, out))
+                })
+                .await
+            });
+            match attempt {
+                Ok(Ok((client, out))) => {
+                    conns.clients[idx] = Some(client);
+                    conns.preferred = idx;
+                    return Ok(out);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(endpoint, error = %e, "etcd endpoint failed");
+                    last_error = format!("{endpoint}: {e}");
+                }
+                Err(_) => {
+                    tracing::debug!(endpoint, "etcd endpoint timed out");
+                    last_error =
+                        format!("{endpoint}: timed out after {:?}", self.config.op_timeout);
+                }
+            }
+            conns.clients[idx] = None;
+        }
+        Err(ArbiterError::unreachable(
+            self.config.endpoints.join(","),
+            io::Error::other(format!("no endpoint answered (last: {last_error})")),
+        ))
+    }
+
+    fn parse_current(&self, value: &[u8]) -> Result<(u64, NodeId), ArbiterError> {
+        let corrupt = |detail: String| ArbiterError::Corrupt {
+            record: String::from_utf8_lossy(&self.current_key()).into_owned(),
+            detail,
+        };
+        let text = std::str::from_utf8(value).map_err(|e| corrupt(format!("not UTF-8: {e}")))?;
+        let (generation, winner) = text
+            .split_once(' ')
+            .ok_or_else(|| corrupt(format!("{text:?} is not `<generation> <winner>`")))?;
+        let generation = generation
+            .parse::<u64>()
+            .ok()
+            .filter(|g| *g > 0)
+            .ok_or_else(|| corrupt(format!("bad generation in {text:?}")))?;
+        let winner = NodeId::new(winner).map_err(|e| corrupt(format!("bad winner: {e}")))?;
+        Ok((generation, winner))
+    }
+}
+
+fn put(key: Vec<u8>, value: Vec<u8>) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(request_op::Request::RequestPut(pb::PutRequest {
+            key,
+            value,
+            ..Default::default()
+        })),
+    }
+}
+
+fn range(key: Vec<u8>) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(request_op::Request::RequestRange(pb::RangeRequest {
+            key,
+            ..Default::default()
+        })),
+    }
+}
+
+/// The value of the first range response in `responses`, if it found the key.
+fn first_range_value(responses: &[pb::ResponseOp]) -> Option<Vec<u8>> {
+    responses.iter().find_map(|r| match &r.response {
+        Some(response_op::Response::ResponseRange(range)) => {
+            range.kvs.first().map(|kv| kv.value.clone())
+        }
+        _ => None,
+    })
+}
+
+impl Arbiter for EtcdArbiter {
+    fn try_acquire(&self, generation: u64, who: &NodeId) -> Result<Acquire, ArbiterError> {
+        if generation == 0 {
+            return Err(ArbiterError::InvalidGeneration);
+        }
+        let current_key = self.current_key();
+        let padded = format!("{generation:0GEN_DIGITS$}");
+        let claim = format!("{padded} {who}").into_bytes();
+        let on_win = vec![
+            put(current_key.clone(), claim),
+            put(
+                self.generation_key(generation),
+                who.as_str().as_bytes().to_vec(),
+            ),
+        ];
+        let inner = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                result: compare::CompareResult::Less as i32,
+                target: compare::CompareTarget::Value as i32,
+                key: current_key.clone(),
+                target_union: Some(compare::TargetUnion::Value(padded.into_bytes())),
+                ..Default::default()
+            }],
+            success: on_win.clone(),
+            failure: vec![range(current_key.clone())],
+        };
+        let txn = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Create as i32,
+                key: current_key,
+                target_union: Some(compare::TargetUnion::CreateRevision(0)),
+                ..Default::default()
+            }],
+            success: on_win,
+            failure: vec![pb::RequestOp {
+                request: Some(request_op::Request::RequestTxn(inner)),
+            }],
+        };
+        let response = self.with_client(|mut client| {
+            let txn = txn.clone();
+            async move { client.kv.txn(txn).await }
+        })?;
+        let won = response.succeeded
+            || response.responses.iter().any(|r| {
+                matches!(&r.response, Some(response_op::Response::ResponseTxn(t)) if t.succeeded)
+            });
+        if won {
+            tracing::info!(generation, %who, "arbiter (etcd): generation won");
+            return Ok(Acquire::Won);
+        }
+        let value = response
+            .responses
+            .iter()
+            .find_map(|r| match &r.response {
+                Some(response_op::Response::ResponseTxn(t)) => first_range_value(&t.responses),
+                _ => None,
+            })
+            .ok_or_else(|| ArbiterError::Corrupt {
+                record: String::from_utf8_lossy(&self.current_key()).into_owned(),
+                detail: "transaction failed but returned no current claim".into(),
+            })?;
+        let (newest, winner) = self.parse_current(&value)?;
+        if newest == generation && &winner == who {
+            // A retry of a claim that was applied but whose reply was lost.
+            tracing::info!(generation, %who, "arbiter (etcd): generation already ours");
+            return Ok(Acquire::Won);
+        }
+        tracing::info!(generation, newest, %winner, "arbiter (etcd): generation lost");
+        Ok(Acquire::Lost {
+            generation: newest,
+            winner,
+        })
+    }
+
+    fn current(&self) -> Result<Option<(u64, NodeId)>, ArbiterError> {
+        let key = self.current_key();
+        let response = self.with_client(|mut client| {
+            let request = pb::RangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            };
+            async move { client.kv.range(request).await }
+        })?;
+        match response.kvs.first() {
+            None => Ok(None),
+            Some(kv) => self.parse_current(&kv.value).map(Some),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_value_parsing() {
+        let arb = EtcdArbiter::new(EtcdConfig::new(vec!["http://127.0.0.1:1".into()], "t"))
+            .expect("arbiter");
+        let a = NodeId::new("a").expect("id");
+        assert_eq!(
+            arb.parse_current(b"00000000000000000007 a").expect("parse"),
+            (7, a)
+        );
+        assert!(arb.parse_current(b"7").is_err());
+        assert!(arb.parse_current(b"x a").is_err());
+        assert!(arb.parse_current(b"0 a").is_err());
+        assert!(arb.parse_current(b"7 a b").is_err());
+        // Zero-padding orders values as generations.
+        assert!(b"00000000000000000009 z".as_slice() < b"00000000000000000010".as_slice());
+        assert!(b"00000000000000000010 a".as_slice() > b"00000000000000000010".as_slice());
+        assert_eq!(
+            arb.generation_key(3),
+            b"t/gen/00000000000000000003".to_vec()
+        );
+    }
+
+    #[test]
+    fn no_endpoint_is_a_setup_error() {
+        let err = EtcdArbiter::new(EtcdConfig::new(vec![], "t")).expect_err("must fail");
+        assert!(matches!(err, ArbiterError::Setup(_)));
+    }
+
+    #[test]
+    fn closed_port_is_unreachable() {
+        // Port 1 on loopback: nothing listens there (connection refused).
+        let arb = EtcdArbiter::new(EtcdConfig::new(vec!["http://127.0.0.1:1".into()], "t"))
+            .expect("arbiter");
+        let a = NodeId::new("a").expect("id");
+        let err = arb.try_acquire(1, &a).expect_err("must fail");
+        assert!(err.is_unreachable(), "{err:?}");
+    }
+}

@@ -42,11 +42,12 @@ const REMOVED_ENV: [&str; 8] = [
 ];
 
 /// The sources of the guest workspace whose change must rebuild the guests.
-const WATCHED: [&str; 7] = [
+const WATCHED: [&str; 8] = [
     "Cargo.toml",
     "Cargo.lock",
     ".cargo/config.toml",
     "rt",
+    "net",
     "cpu",
     "kv",
     "stream",
@@ -114,7 +115,10 @@ fn main() {
 /// Checks that `path` is a static x86-64 executable the VMM's loader accepts.
 fn check_elf(path: &Path) -> Result<(), String> {
     let elf = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    let u16_at = |off: usize| elf.get(off..off + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u16_at = |off: usize| {
+        elf.get(off..off + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let u32_at = |off: usize| {
         elf.get(off..off + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))

@@ -1,2 +1,11 @@
-//! kv library (placeholder).
+//! The `kv` guest's logic, independent of devices so that it is unit-tested on the host: the
+//! Redis protocol ([`resp`]), the store and its commands ([`store`]), and the append-only log on
+//! the block device ([`log`]).
 #![cfg_attr(not(test), no_std)]
+#![deny(missing_docs)]
+
+extern crate alloc;
+
+pub mod log;
+pub mod resp;
+pub mod store;

@@ -1,9 +1,295 @@
-//! `kv` (placeholder while the server lands).
+//! `kv`: a Redis-protocol key-value server (see the library docs for the commands), over TCP
+//! (smoltcp on virtio-net), persisting every write to an append-only log on virtio-blk.
+//!
+//! Command line: `ip=10.0.2.15/24 gw=10.0.2.1 port=6379 conns=64 rxbuf=8192 txbuf=16384 sync`
+//! (`conns` listening sockets on the port, i.e. that many concurrent clients; `sync`: also send a
+//! FLUSH to the disk after each group commit). Prints
+//! `kv: listening on <ip>:<port>, <n> keys recovered` when ready. `SHUTDOWN` powers off with 0.
 #![no_std]
 #![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+
+use ftvm_guest_kv::log::{BlockDevice, DiskError, Log, MemDisk, SECTOR};
+use ftvm_guest_kv::resp::{self, Parsed};
+use ftvm_guest_kv::store::{Outcome, Store};
+use ftvm_guest_net::{NetConfig, Stack};
+use ftvm_guest_rt::hal::{mmio_transport, IdentityHal, VIRTIO_BLK_BASE};
 use ftvm_guest_rt::{entry, println, BootInfo};
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+use virtio_drivers::device::blk::VirtIOBlk;
+use virtio_drivers::transport::mmio::MmioTransport;
+use virtio_drivers::transport::{DeviceType, Transport};
+
 entry!(main);
-fn main(_boot: &BootInfo) -> u64 {
-    println!("kv: not implemented yet");
-    1
+
+/// Exit code for a bad command line.
+const EXIT_USAGE: u64 = 2;
+/// Exit code when the network cannot be brought up.
+const EXIT_NET: u64 = 3;
+/// Exit code when the disk fails.
+const EXIT_DISK: u64 = 4;
+/// Stop reading a connection's requests while this many reply bytes wait to be sent.
+const MAX_PENDING_OUT: usize = 256 << 10;
+/// A memory-only log when there is no disk: big enough for a test run, then `disk full`.
+const MEM_DISK_SECTORS: usize = 16 << 11;
+
+/// The virtio-blk device as a [`BlockDevice`].
+struct VirtioDisk {
+    blk: VirtIOBlk<IdentityHal, MmioTransport<'static>>,
+    sync: bool,
 }
+
+impl BlockDevice for VirtioDisk {
+    fn sectors(&self) -> u64 {
+        self.blk.capacity()
+    }
+
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.blk
+            .read_blocks(sector as usize, buf)
+            .map_err(|_| DiskError { sector })
+    }
+
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), DiskError> {
+        self.blk
+            .write_blocks(sector as usize, buf)
+            .map_err(|_| DiskError { sector })?;
+        if self.sync {
+            self.blk.flush().map_err(|_| DiskError { sector })?;
+        }
+        Ok(())
+    }
+}
+
+enum Disk {
+    Virtio(alloc::boxed::Box<VirtioDisk>),
+    Memory(MemDisk),
+}
+
+impl BlockDevice for Disk {
+    fn sectors(&self) -> u64 {
+        match self {
+            Self::Virtio(d) => d.sectors(),
+            Self::Memory(d) => d.sectors(),
+        }
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        match self {
+            Self::Virtio(d) => d.read(sector, buf),
+            Self::Memory(d) => d.read(sector, buf),
+        }
+    }
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), DiskError> {
+        match self {
+            Self::Virtio(d) => d.write(sector, buf),
+            Self::Memory(d) => d.write(sector, buf),
+        }
+    }
+}
+
+fn open_disk(sync: bool) -> Disk {
+    // SAFETY: VIRTIO_BLK_BASE is the block device window; this is its only transport.
+    match unsafe { mmio_transport(VIRTIO_BLK_BASE) } {
+        Ok(t) if t.device_type() == DeviceType::Block => match VirtIOBlk::new(t) {
+            Ok(blk) => return Disk::Virtio(alloc::boxed::Box::new(VirtioDisk { blk, sync })),
+            Err(e) => println!("kv: virtio-blk driver: {e}; keeping the log in memory"),
+        },
+        Ok(t) => println!(
+            "kv: device at {VIRTIO_BLK_BASE:#x} is {:?}",
+            t.device_type()
+        ),
+        Err(e) => println!("kv: no disk ({e}); keeping the log in memory"),
+    }
+    Disk::Memory(MemDisk::new(MEM_DISK_SECTORS))
+}
+
+/// One connection slot: a listening/connected socket and its buffers.
+struct Conn {
+    handle: SocketHandle,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    sent: usize,
+    closing: bool,
+}
+
+struct Config {
+    port: u16,
+    conns: usize,
+    rxbuf: usize,
+    txbuf: usize,
+    sync: bool,
+}
+
+fn parse_config(boot: &BootInfo) -> Result<Config, ftvm_guest_rt::cmdline::BadValue<'static>> {
+    let cmd = boot.cmdline;
+    Ok(Config {
+        port: cmd.parse_or("port", 6379u16)?,
+        conns: cmd.parse_or("conns", 64usize)?.clamp(1, 1024),
+        rxbuf: cmd.parse_or("rxbuf", 8192usize)?.clamp(1024, 1 << 20),
+        txbuf: cmd.parse_or("txbuf", 16384usize)?.clamp(1024, 1 << 20),
+        sync: cmd.flag("sync"),
+    })
+}
+
+fn main(boot: &BootInfo) -> u64 {
+    let cfg = match parse_config(boot) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("kv: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let net_cfg = match NetConfig::from_cmdline(&boot.cmdline) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("kv: {e}");
+            return EXIT_USAGE;
+        }
+    };
+
+    let mut store = Store::new();
+    let (mut log, found) = match Log::open(open_disk(cfg.sync), |r| store.apply(r)) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("kv: recovering the log: {e}");
+            return EXIT_DISK;
+        }
+    };
+    println!(
+        "kv: log: {} records, {} bytes of {} (generation {}{})",
+        found.records,
+        found.log_bytes,
+        log.capacity(),
+        found.generation,
+        if found.fresh { ", new log" } else { "" }
+    );
+
+    let mut stack = match Stack::new(&net_cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("kv: {e}");
+            return EXIT_NET;
+        }
+    };
+    let mut conns: Vec<Conn> = (0..cfg.conns)
+        .map(|_| {
+            let handle = stack.add_listener(cfg.port, cfg.rxbuf, cfg.txbuf);
+            stack
+                .sockets
+                .get_mut::<tcp::Socket>(handle)
+                .set_nagle_enabled(false);
+            Conn {
+                handle,
+                input: Vec::new(),
+                output: Vec::new(),
+                sent: 0,
+                closing: false,
+            }
+        })
+        .collect();
+    println!(
+        "kv: listening on {}:{}, {} keys recovered",
+        net_cfg.ip.address(),
+        cfg.port,
+        store.len()
+    );
+
+    loop {
+        let now = Stack::now();
+        stack.poll(now);
+        let mut progress = false;
+        let mut shutdown = false;
+
+        // Read and execute requests; replies wait in `output` until the log is written.
+        for conn in &mut conns {
+            let socket = stack.sockets.get_mut::<tcp::Socket>(conn.handle);
+            if !socket.is_open() {
+                conn.input.clear();
+                conn.output.clear();
+                conn.sent = 0;
+                conn.closing = false;
+                // Cannot fail: the port is non-zero and the socket is closed.
+                let _ = socket.listen(cfg.port);
+                continue;
+            }
+            if conn.closing || conn.output.len() - conn.sent > MAX_PENDING_OUT {
+                continue;
+            }
+            if socket.can_recv() {
+                let got = socket.recv(|data| {
+                    conn.input.extend_from_slice(data);
+                    (data.len(), data.len())
+                });
+                progress |= matches!(got, Ok(n) if n > 0);
+            }
+            let mut used = 0;
+            while !conn.closing {
+                match resp::parse(&conn.input[used..]) {
+                    Parsed::Incomplete => break,
+                    Parsed::Error(msg) => {
+                        resp::error(&mut conn.output, msg);
+                        conn.closing = true;
+                    }
+                    Parsed::Request(args, n) => {
+                        used += n;
+                        match store.execute(&args, &mut log, &mut conn.output) {
+                            Outcome::Continue => {}
+                            Outcome::Close => conn.closing = true,
+                            Outcome::Shutdown => {
+                                shutdown = true;
+                                conn.closing = true;
+                            }
+                        }
+                    }
+                }
+            }
+            conn.input.drain(..used);
+        }
+
+        // Group commit: one disk write for every mutation of this round, before any reply.
+        if let Err(e) = log.flush() {
+            println!("kv: writing the log: {e}");
+            return EXIT_DISK;
+        }
+        if shutdown {
+            println!(
+                "kv: shutdown: {} keys, {} commands, log {} bytes",
+                store.len(),
+                store.commands(),
+                log.len()
+            );
+            return 0;
+        }
+
+        // Send replies.
+        for conn in &mut conns {
+            let socket = stack.sockets.get_mut::<tcp::Socket>(conn.handle);
+            if conn.sent < conn.output.len() && socket.can_send() {
+                if let Ok(n) = socket.send_slice(&conn.output[conn.sent..]) {
+                    conn.sent += n;
+                    progress |= n > 0;
+                }
+                if conn.sent == conn.output.len() {
+                    conn.output.clear();
+                    conn.sent = 0;
+                }
+            }
+            let drained = conn.output.is_empty();
+            if (conn.closing && drained) || socket.state() == tcp::State::CloseWait {
+                socket.close();
+            }
+        }
+
+        stack.poll(now);
+        if !progress {
+            stack.wait(now);
+        }
+    }
+}
+
+// Keep the sector size in one place: the log format is defined in the library.
+const _: () = assert!(SECTOR == virtio_drivers::device::blk::SECTOR_SIZE);

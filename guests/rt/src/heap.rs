@@ -1,32 +1,47 @@
-//! The global allocator: a first-fit linked-list heap over the free memory between the loaded
-//! image and the stack (DEVICES.md memory map). Single-threaded, so the spin lock never spins.
+//! The heap: a first-fit linked-list allocator over the free memory between the loaded image and
+//! the stack (DEVICES.md memory map). Single-threaded, so its spin lock never spins. The guest
+//! binary registers [`GuestAllocator`] as its `#[global_allocator]` (done by
+//! [`entry!`](crate::entry)).
 
-/// The global allocator of the guest.
-#[cfg(not(test))]
-#[global_allocator]
-static HEAP: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::{self, NonNull};
 
-/// Hands `[start, end)` to the global allocator.
+use linked_list_allocator::LockedHeap;
+
+static HEAP: LockedHeap = LockedHeap::empty();
+
+/// Hands `[start, end)` to the heap.
 ///
 /// # Safety
 /// The range must be unused, writable RAM, and this must be called once, before any allocation.
 pub unsafe fn init(start: usize, end: usize) {
-    #[cfg(not(test))]
     // SAFETY: guaranteed by the caller.
-    unsafe {
-        HEAP.lock().init(start as *mut u8, end - start)
-    };
-    #[cfg(test)]
-    let _ = (start, end);
+    unsafe { HEAP.lock().init(start as *mut u8, end - start) };
 }
 
 /// `(used, free)` bytes of the heap.
 pub fn usage() -> (usize, usize) {
-    #[cfg(not(test))]
-    {
-        let heap = HEAP.lock();
-        (heap.used(), heap.free())
+    let heap = HEAP.lock();
+    (heap.used(), heap.free())
+}
+
+/// The global allocator of a guest, backed by the heap.
+#[derive(Debug)]
+pub struct GuestAllocator;
+
+// SAFETY: forwards to linked_list_allocator's heap, which returns blocks that fit the layout
+// and never overlap a live block.
+unsafe impl GlobalAlloc for GuestAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        HEAP.lock()
+            .allocate_first_fit(layout)
+            .map_or(ptr::null_mut(), NonNull::as_ptr)
     }
-    #[cfg(test)]
-    (0, 0)
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if let Some(p) = NonNull::new(ptr) {
+            // SAFETY: the caller passes a block allocated by `alloc` with this layout.
+            unsafe { HEAP.lock().deallocate(p, layout) };
+        }
+    }
 }

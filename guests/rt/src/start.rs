@@ -1,55 +1,38 @@
-//! The entry point, the panic handler and the unwinding stubs.
+//! What the [`entry!`](crate::entry) macro expands to calls into: the start routine and the
+//! panic handler. The items that the linker or the compiler look for by name (`_start`,
+//! `#[panic_handler]`, `#[global_allocator]`, `memcpy`...) are emitted by the macro in the guest
+//! binary, not here, so that host unit tests of crates using this library link `std` cleanly.
 
-use core::arch::global_asm;
 use core::panic::PanicInfo;
 
 use crate::{boot::BootInfo, heap, sys, PANIC_EXIT_CODE};
 
-// `_start` is placed first in the image by link.ld (`.text.entry`). The VMM passes the boot info
-// address in RDI and sets RSP ≡ 8 (mod 16); re-aligning here makes the entry robust anyway.
-global_asm!(
-    ".section .text.entry,\"ax\",@progbits",
-    ".global _start",
-    "_start:",
-    "xor ebp, ebp",
-    "and rsp, -16",
-    "call {start}",
-    "ud2",
-    start = sym rt_start,
-);
+/// Exit code when the boot info is invalid.
+pub const BAD_BOOT_INFO_EXIT_CODE: u64 = 100;
 
-extern "Rust" {
-    /// Defined by the guest binary through [`crate::entry!`].
-    fn __ftvm_guest_main(boot: &BootInfo) -> u64;
-}
-
-/// Reads the boot info, sets up the heap, runs the guest's main and powers off with its result.
-extern "C" fn rt_start(boot_info_addr: usize) -> ! {
+/// Reads the boot info, sets up the heap, runs `main` and powers off with its result.
+///
+/// # Safety
+/// Called once, by `_start`, with the boot info address the VMM passed in RDI.
+pub unsafe fn start(boot_info_addr: usize, main: fn(&BootInfo) -> u64) -> ! {
     // SAFETY: the VMM passes the address of the boot info page (DEVICES.md), identity-mapped
-    // and readable; `from_addr` validates the magic and version before trusting the fields.
+    // and never written again; `from_addr` validates the magic and version.
     let boot = match unsafe { BootInfo::from_addr(boot_info_addr) } {
         Ok(boot) => boot,
         Err(e) => {
             crate::println!("rt: bad boot info at {boot_info_addr:#x}: {e}");
-            sys::power_off(PANIC_EXIT_CODE - 1)
+            sys::power_off(BAD_BOOT_INFO_EXIT_CODE)
         }
     };
     let (start, end) = boot.free_memory();
     // SAFETY: [start, end) is RAM that no one else uses: past the loaded image, below the stack
-    // (DEVICES.md memory map), and this is the only call.
+    // (DEVICES.md memory map); the caller guarantees this is the only call.
     unsafe { heap::init(start, end) };
-    // SAFETY: the symbol is defined by the guest binary with exactly this signature (entry!).
-    let code = unsafe { __ftvm_guest_main(&boot) };
-    sys::power_off(code)
+    sys::power_off(main(&boot))
 }
 
-#[panic_handler]
-fn panic(info: &PanicInfo<'_>) -> ! {
+/// The panic handler: prints the message and powers off with [`PANIC_EXIT_CODE`].
+pub fn panic(info: &PanicInfo<'_>) -> ! {
     crate::println!("panic: {info}");
     sys::power_off(PANIC_EXIT_CODE)
 }
-
-/// Never called: the guests are built with `panic = "abort"`, but precompiled `core` may still
-/// reference the personality routine.
-#[no_mangle]
-extern "C" fn rust_eh_personality() {}

@@ -38,6 +38,7 @@ pub mod sys;
 pub use socket::XdpTransport;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::error::TransportError;
 use crate::netns::NetnsError;
@@ -155,6 +156,41 @@ impl XdpConfig {
     pub fn with_peer_mac(mut self, mac: [u8; 6]) -> Self {
         self.peer_mac = Some(mac);
         self
+    }
+}
+
+/// Live packet counters of one [`XdpTransport`], shareable with a monitoring thread
+/// ([`XdpTransport::stats`]) while a poller owns the transport. Only the owning thread writes.
+#[derive(Debug, Default)]
+pub struct XdpStats {
+    tx_frames: AtomicU64,
+    tx_kicks: AtomicU64,
+    tx_full: AtomicU64,
+    rx_frames: AtomicU64,
+    rx_wrong_ethertype: AtomicU64,
+    rx_short: AtomicU64,
+    rx_wakeups: AtomicU64,
+}
+
+/// Adds `n` to a counter that only one thread writes (no locked read-modify-write needed).
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+impl XdpStats {
+    /// Our counters now (the kernel's fields are zero: see [`XdpTransport::counters`]).
+    #[must_use]
+    pub fn snapshot(&self) -> XdpCounters {
+        XdpCounters {
+            tx_frames: self.tx_frames.load(Relaxed),
+            tx_kicks: self.tx_kicks.load(Relaxed),
+            tx_full: self.tx_full.load(Relaxed),
+            rx_frames: self.rx_frames.load(Relaxed),
+            rx_wrong_ethertype: self.rx_wrong_ethertype.load(Relaxed),
+            rx_short: self.rx_short.load(Relaxed),
+            rx_wakeups: self.rx_wakeups.load(Relaxed),
+            ..XdpCounters::default()
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, QueueSize, SocketConfig, UmemConfig, XdpFlags,
@@ -13,7 +14,7 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 use super::eth::{self, Reject};
 use super::sys;
-use super::{AttachMode, CopyMode, XdpConfig, XdpCounters, XdpError, XdpMode};
+use super::{bump, AttachMode, CopyMode, XdpConfig, XdpCounters, XdpError, XdpMode, XdpStats};
 use crate::error::TransportError;
 use crate::netns;
 use crate::transport::Transport;
@@ -62,7 +63,7 @@ pub struct XdpTransport {
     local_mac: [u8; 6],
     ifname: String,
     queue_id: u32,
-    counters: XdpCounters,
+    stats: Arc<XdpStats>,
 }
 
 impl fmt::Debug for XdpTransport {
@@ -72,7 +73,7 @@ impl fmt::Debug for XdpTransport {
             .field("queue_id", &self.queue_id)
             .field("mode", &self.mode)
             .field("max_frame", &self.max_frame)
-            .field("counters", &self.counters)
+            .field("counters", &self.stats.snapshot())
             .finish_non_exhaustive()
     }
 }
@@ -211,7 +212,7 @@ impl XdpTransport {
             local_mac: info.mac,
             ifname: config.ifname.clone(),
             queue_id: config.queue_id,
-            counters: XdpCounters::default(),
+            stats: Arc::new(XdpStats::default()),
         })
     }
 
@@ -233,10 +234,17 @@ impl XdpTransport {
         &self.ifname
     }
 
+    /// A handle on the live counters, readable from other threads while a poller owns the
+    /// transport (the kernel's counters are only in [`Self::counters`]).
+    #[must_use]
+    pub fn stats(&self) -> Arc<XdpStats> {
+        Arc::clone(&self.stats)
+    }
+
     /// Packet counters, ours and the kernel's (`XDP_STATISTICS`, read now).
     #[must_use]
     pub fn counters(&self) -> XdpCounters {
-        let mut c = self.counters;
+        let mut c = self.stats.snapshot();
         if let Ok(k) = self.xsk.rx.fd().xdp_statistics() {
             c.kernel_rx_dropped = k.rx_dropped();
             c.kernel_rx_ring_full = k.rx_ring_full();
@@ -266,7 +274,7 @@ impl XdpTransport {
                 op: "sendto (AF_XDP kick)",
                 source,
             })?;
-            self.counters.tx_kicks += 1;
+            bump(&self.stats.tx_kicks, 1);
         }
         self.unkicked = self.unkicked.saturating_sub(self.kick_batch);
         Ok(())
@@ -289,7 +297,7 @@ impl XdpTransport {
                     op: "poll (AF_XDP fill ring wake-up)",
                     source,
                 })?;
-            self.counters.rx_wakeups += 1;
+            bump(&self.stats.rx_wakeups, 1);
         }
         Ok(())
     }
@@ -316,7 +324,7 @@ impl Transport for XdpTransport {
         }
         let Some(mut desc) = self.free_tx.pop() else {
             // Every frame is in flight: make sure the kernel is working on them.
-            self.counters.tx_full += 1;
+            bump(&self.stats.tx_full, 1);
             self.kick()?;
             return Ok(false);
         };
@@ -337,11 +345,11 @@ impl Transport for XdpTransport {
         // SAFETY: `desc` describes a frame of this UMEM, written above, that no ring holds.
         if unsafe { self.xsk.tx.produce_one(&desc) } == 0 {
             self.free_tx.push(desc);
-            self.counters.tx_full += 1;
+            bump(&self.stats.tx_full, 1);
             self.kick()?;
             return Ok(false);
         }
-        self.counters.tx_frames += 1;
+        bump(&self.stats.tx_frames, 1);
         self.unkicked += 1;
         if self.unkicked >= self.kick_batch {
             self.kick()?;
@@ -385,14 +393,14 @@ impl Transport for XdpTransport {
                         on_frame(frame);
                         delivered += 1;
                     }
-                    Err(Reject::WrongEtherType) => self.counters.rx_wrong_ethertype += 1,
-                    Err(Reject::Short) => self.counters.rx_short += 1,
+                    Err(Reject::WrongEtherType) => bump(&self.stats.rx_wrong_ethertype, 1),
+                    Err(Reject::Short) => bump(&self.stats.rx_short, 1),
                 }
             }
             self.fill_pending.extend_from_slice(&self.scratch[..n]);
             self.refill()?;
         }
-        self.counters.rx_frames += delivered as u64;
+        bump(&self.stats.rx_frames, delivered as u64);
         if seen == 0 {
             // Frames the fill ring refused earlier still need to go back.
             self.refill()?;

@@ -137,6 +137,8 @@ pub struct EtcdMember {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub initial_cluster: String,
+    /// Shared by all members of one cluster (a member with another token is another cluster).
+    pub cluster_token: String,
     pub process: Option<ChildGuard>,
 }
 
@@ -171,7 +173,7 @@ impl EtcdMember {
             .arg("--initial-cluster-state")
             .arg("new")
             .arg("--initial-cluster-token")
-            .arg(format!("ftvm-test-{}", self.peer_port))
+            .arg(&self.cluster_token)
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"]);
         let log = self.log.clone();
         self.process =
@@ -227,6 +229,7 @@ impl EtcdCluster {
                 data_dir: dir.path().join(format!("m{i}.etcd")),
                 log: dir.path().join(format!("m{i}.log")),
                 initial_cluster: initial_cluster.clone(),
+                cluster_token: format!("ftvm-test-{}", ports[0].1),
                 process: None,
             })
             .collect();

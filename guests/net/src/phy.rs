@@ -10,7 +10,7 @@ use virtio_drivers::transport::mmio::MmioTransport;
 use ftvm_guest_rt::hal::IdentityHal;
 
 /// Descriptors per virtqueue (the VMM must offer at least this `QueueNumMax`).
-pub const QUEUE_SIZE: usize = 32;
+pub const QUEUE_SIZE: usize = 64;
 /// Size of each receive buffer (virtio-net header + Ethernet frame of MTU 1500).
 pub const RX_BUF_LEN: usize = 2048;
 /// Ethernet MTU including the 14-byte header.

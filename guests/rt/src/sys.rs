@@ -15,6 +15,11 @@
 //! Every access is one 8-byte MMIO access, i.e. one VM exit (~27 µs under nested PVM): batch.
 
 use core::ptr;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The last value written to `WAIT_DEADLINE` (the register keeps its value), `u64::MAX` before the
+/// first write: an unchanged deadline costs no exit.
+static LAST_DEADLINE: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// Base address of the MMIO window and of the system device.
 pub const MMIO_BASE: usize = 0xD000_0000;
@@ -85,9 +90,13 @@ pub fn power_off(code: u64) -> ! {
 }
 
 /// Blocks until an event or until `CLOCK_NS` reaches `deadline_ns` (`None`: no deadline), and
-/// returns the event bits (`EVENT_*`). Two exits: the deadline write and the WAIT read.
+/// returns the event bits (`EVENT_*`). One exit for the WAIT read, plus one for the deadline
+/// write when it differs from the previous one.
 pub fn wait_until(deadline_ns: Option<u64>) -> u64 {
-    write(REG_WAIT_DEADLINE, deadline_ns.map_or(0, |d| d.max(1)));
+    let deadline = deadline_ns.map_or(0, |d| d.clamp(1, u64::MAX - 1));
+    if LAST_DEADLINE.swap(deadline, Ordering::Relaxed) != deadline {
+        write(REG_WAIT_DEADLINE, deadline);
+    }
     read(REG_WAIT)
 }
 

@@ -12,6 +12,7 @@
 //! `pub fn run(opts: &Opts) -> anyhow::Result<()>`, add `mod <name>;` below and one line in
 //! [`BENCHMARKS`].
 
+mod channel;
 mod report;
 mod ringbuf;
 
@@ -34,11 +35,14 @@ pub struct Opts {
 type Bench = (&'static str, &'static str, fn(&Opts) -> anyhow::Result<()>);
 
 /// The subcommands. One line per benchmark.
-const BENCHMARKS: &[Bench] = &[(
-    "ringbuf",
-    "log buffer vs rtrb vs crossbeam ArrayQueue: throughput and RTT",
-    ringbuf::run,
-)];
+const BENCHMARKS: &[Bench] = &[
+    (
+        "ringbuf",
+        "log buffer vs rtrb vs crossbeam ArrayQueue: throughput and RTT",
+        ringbuf::run,
+    ),
+    ("channel", "every transport side by side: 64 B RTT to ack, 1 KiB streaming", channel::run),
+];
 
 fn usage() -> String {
     let mut s =

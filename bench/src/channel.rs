@@ -1,0 +1,327 @@
+//! `channel`: every transport side by side over loopback, through the full reliability layer.
+//!
+//! For each transport (`shm`, `tcp`, `tcp-spin`, `uring`) a primary thread pinned to core 0
+//! and a backup thread pinned to core 1 each drive their end's state machine
+//! ([`ftvm_channel::Sender`] / [`ftvm_channel::Receiver`]) in their own loop — one busy thread
+//! per side, which is the whole 2-core budget — and the backup drains its log buffer, reading
+//! every record (`black_box`):
+//! - (a) round trip of one 64 B record: commit in the primary's log buffer → framed, sent,
+//!   checked, committed in the backup's log buffer → acknowledged → the primary sees
+//!   `acked_seq` cover it. hdrhistogram p50 / p99 / p99.9.
+//! - (b) streaming throughput of 1 KiB records: the primary appends as fast as the window
+//!   allows; time from the first append to the acknowledgement of the last.
+//!
+//! The blocking `tcp` mode sleeps in `poll(2)` when idle (the classic design); the others spin.
+//! Output: `results/channel.json`, `results/channel.svg`.
+
+use std::hint::black_box;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use ftvm_channel::shm::ShmTransport;
+use ftvm_channel::tcp::{TcpMode, TcpTransport};
+use ftvm_channel::uring::{UringConfig, UringTransport};
+use ftvm_channel::{Config, Receiver, Sender, Transport};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::report::{self, Panel, Series};
+use crate::Opts;
+
+const TRANSPORTS: [&str; 4] = ["shm", "tcp", "tcp-spin", "uring"];
+const RTT_SIZE: usize = 64;
+const STREAM_SIZE: usize = 1024;
+const BUF_CAP: usize = 16 << 20;
+
+/// One row of `results/channel.json`.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    transport: String,
+    rtt_record_bytes: usize,
+    rtt_samples: u64,
+    rtt_p50_ns: f64,
+    rtt_p99_ns: f64,
+    rtt_p999_ns: f64,
+    rtt_p50_vs_tcp: f64,
+    stream_record_bytes: usize,
+    stream_records: u64,
+    mrecords_per_s: f64,
+    gbytes_per_s: f64,
+    stream_vs_tcp: f64,
+    retransmit_timeouts: u64,
+}
+
+fn pin(core: usize) {
+    let _ = core_affinity::set_for_current(core_affinity::CoreId { id: core });
+}
+
+/// Both ends of a fresh link of `kind`.
+fn link(kind: &str, tag: &str) -> anyhow::Result<(Box<dyn Transport>, Box<dyn Transport>)> {
+    Ok(match kind {
+        "shm" => {
+            let prefix = PathBuf::from(format!("/dev/shm/ftvm-bench-{}-{tag}", std::process::id()));
+            let a = ShmTransport::create(&prefix, 4 << 20)?;
+            let b = ShmTransport::open(&prefix, Duration::from_secs(5))?;
+            (Box::new(a), Box::new(b))
+        }
+        "tcp" | "tcp-spin" | "uring" => {
+            let l = TcpListener::bind("127.0.0.1:0")?;
+            let addr = l.local_addr()?;
+            let a = std::net::TcpStream::connect(addr)?;
+            let (b, _) = l.accept()?;
+            if kind == "uring" {
+                let cfg = UringConfig::default();
+                (
+                    Box::new(UringTransport::from_stream(a, cfg)?),
+                    Box::new(UringTransport::from_stream(b, cfg)?),
+                )
+            } else {
+                let mode = if kind == "tcp" {
+                    TcpMode::Blocking
+                } else {
+                    TcpMode::Spin
+                };
+                (
+                    Box::new(TcpTransport::from_stream(a, mode)?),
+                    Box::new(TcpTransport::from_stream(b, mode)?),
+                )
+            }
+        }
+        other => return Err(anyhow!("unknown transport {other}")),
+    })
+}
+
+/// Runs the backup loop until `stop` records arrived; reads every record.
+fn backup_loop(
+    mut r: Receiver,
+    mut c: ftvm_ringbuf::Consumer,
+    last: u64,
+) -> anyhow::Result<(u64, Receiver)> {
+    pin(1);
+    let mut sum = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        r.poll()?;
+        let batch = c.read();
+        if !batch.is_empty() {
+            let mut done = false;
+            for rec in batch.records() {
+                let rec = rec.map_err(|e| anyhow!("{e}"))?;
+                let p = black_box(rec.payload());
+                sum = sum.wrapping_add(u64::from(p[0]) + u64::from(p[p.len() - 1]));
+                done = rec.seq() >= last;
+            }
+            batch.release();
+            if done {
+                // Let the final ack go out.
+                for _ in 0..1000 {
+                    r.poll()?;
+                }
+                return Ok((sum, r));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!("backup timed out"));
+        }
+    }
+}
+
+struct Measured {
+    rtt: Histogram<u64>,
+    mrps: f64,
+    gbps: f64,
+    timeouts: u64,
+}
+
+fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<Measured> {
+    let cfg = Config::default();
+    // (a) RTT.
+    let (ta, tb) = link(kind, "rtt")?;
+    let (mut tx_p, tx_c) = ftvm_ringbuf::with_capacity(BUF_CAP).map_err(|e| anyhow!("{e}"))?;
+    let bcfg = cfg.clone();
+    let warm = rtt_samples / 10;
+    let total = rtt_samples + warm;
+    let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
+        let (p, c) = ftvm_ringbuf::with_capacity(BUF_CAP).map_err(|e| anyhow!("{e}"))?;
+        let r = Receiver::accept(tb, p, bcfg)?;
+        Ok(backup_loop(r, c, total)?.0)
+    });
+    pin(0);
+    let mut s = Sender::connect(ta, tx_c, tx_p.next_seq(), cfg.clone())?;
+    let mut hist = Histogram::<u64>::new_with_bounds(10, 10_000_000_000, 3)?;
+    let payload = [0x5Au8; RTT_SIZE];
+    for i in 1..=total {
+        let t0 = Instant::now();
+        let seq = tx_p.push(1, &payload).map_err(|e| anyhow!("{e}"))?;
+        while s.acked_seq() < seq {
+            s.poll()?;
+        }
+        let ns = t0.elapsed().as_nanos() as u64;
+        if i > warm {
+            hist.record(ns.max(10))?;
+        }
+    }
+    backup.join().map_err(|_| anyhow!("backup panicked"))??;
+    let mut timeouts = s.shared().stats.snapshot().retransmit_timeouts;
+    drop(s);
+
+    // (b) Streaming throughput.
+    let (ta, tb) = link(kind, "stream")?;
+    let (mut tx_p, tx_c) = ftvm_ringbuf::with_capacity(BUF_CAP).map_err(|e| anyhow!("{e}"))?;
+    let bcfg = cfg.clone();
+    let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
+        let (p, c) = ftvm_ringbuf::with_capacity(BUF_CAP).map_err(|e| anyhow!("{e}"))?;
+        let r = Receiver::accept(tb, p, bcfg)?;
+        Ok(backup_loop(r, c, stream_records)?.0)
+    });
+    let mut s = Sender::connect(ta, tx_c, tx_p.next_seq(), cfg)?;
+    let template = vec![0xA5u8; STREAM_SIZE];
+    let t0 = Instant::now();
+    let mut next = 1u64;
+    while s.acked_seq() < stream_records {
+        // Append up to a batch, then let the sender work.
+        let mut k = 0;
+        while next <= stream_records && k < 64 {
+            match tx_p.claim(1, STREAM_SIZE) {
+                Ok(mut c) => {
+                    c.copy_from_slice(&template);
+                    c[..8].copy_from_slice(&next.to_le_bytes());
+                    c.commit();
+                    next += 1;
+                    k += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        s.poll()?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    backup.join().map_err(|_| anyhow!("backup panicked"))??;
+    timeouts += s.shared().stats.snapshot().retransmit_timeouts;
+    let mrps = stream_records as f64 / secs / 1e6;
+    Ok(Measured {
+        rtt: hist,
+        mrps,
+        gbps: mrps * 1e6 * STREAM_SIZE as f64 / 1e9,
+        timeouts,
+    })
+}
+
+/// Entry point.
+pub fn run(opts: &Opts) -> anyhow::Result<()> {
+    let (rtt_samples, stream_records) = if opts.quick {
+        (20_000u64, 300_000u64)
+    } else {
+        (100_000, 2_000_000)
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    for kind in TRANSPORTS {
+        // The blocking mode costs ~60-100 µs per round trip: fewer samples keep the run short.
+        let samples = if kind == "tcp" {
+            rtt_samples / 4
+        } else {
+            rtt_samples
+        };
+        eprintln!("channel: {kind} ...");
+        let m =
+            measure(kind, samples, stream_records).with_context(|| format!("transport {kind}"))?;
+        rows.push(Row {
+            transport: kind.into(),
+            rtt_record_bytes: RTT_SIZE,
+            rtt_samples: samples,
+            rtt_p50_ns: m.rtt.value_at_quantile(0.5) as f64,
+            rtt_p99_ns: m.rtt.value_at_quantile(0.99) as f64,
+            rtt_p999_ns: m.rtt.value_at_quantile(0.999) as f64,
+            rtt_p50_vs_tcp: 0.0,
+            stream_record_bytes: STREAM_SIZE,
+            stream_records,
+            mrecords_per_s: m.mrps,
+            gbytes_per_s: m.gbps,
+            stream_vs_tcp: 0.0,
+            retransmit_timeouts: m.timeouts,
+        });
+    }
+    let tcp = rows.iter().find(|r| r.transport == "tcp").cloned();
+    if let Some(tcp) = tcp {
+        for r in &mut rows {
+            r.rtt_p50_vs_tcp = tcp.rtt_p50_ns / r.rtt_p50_ns.max(1.0);
+            r.stream_vs_tcp = r.mrecords_per_s / tcp.mrecords_per_s.max(1e-9);
+        }
+    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.transport.clone(),
+                format!("{:.2}", r.rtt_p50_ns / 1e3),
+                format!("{:.2}", r.rtt_p99_ns / 1e3),
+                format!("{:.2}", r.rtt_p999_ns / 1e3),
+                format!("{:.1}x", r.rtt_p50_vs_tcp),
+                format!("{:.3}", r.mrecords_per_s),
+                format!("{:.3}", r.gbytes_per_s),
+                format!("{:.2}x", r.stream_vs_tcp),
+                r.retransmit_timeouts.to_string(),
+            ]
+        })
+        .collect();
+    report::print_table(
+        "channel: 64 B round trip to ack (µs) and 1 KiB streaming, loopback, 2 cores",
+        &[
+            "transport",
+            "p50",
+            "p99",
+            "p99.9",
+            "p50 vs tcp",
+            "Mrec/s",
+            "GB/s",
+            "vs tcp",
+            "RTOs",
+        ],
+        &table,
+    );
+    let path = report::write_json(opts, "channel", &rows)?;
+    eprintln!("wrote {}", path.display());
+    let rtt_series = rows
+        .iter()
+        .map(|r| Series {
+            label: r.transport.clone(),
+            points: vec![
+                (50.0, r.rtt_p50_ns / 1e3),
+                (99.0, r.rtt_p99_ns / 1e3),
+                (99.9, r.rtt_p999_ns / 1e3),
+            ],
+        })
+        .collect();
+    let tput_series = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Series {
+            label: r.transport.clone(),
+            points: vec![(i as f64 + 1.0, r.gbytes_per_s)],
+        })
+        .collect();
+    let plot = report::plot_svg(
+        opts,
+        "channel",
+        &[
+            Panel {
+                title: "64 B record → ack round trip".into(),
+                x_label: "percentile".into(),
+                y_label: "µs".into(),
+                log_x: false,
+                series: rtt_series,
+            },
+            Panel {
+                title: "1 KiB streaming".into(),
+                x_label: "transport (1 shm, 2 tcp, 3 tcp-spin, 4 uring)".into(),
+                y_label: "GB/s".into(),
+                log_x: false,
+                series: tput_series,
+            },
+        ],
+    )?;
+    eprintln!("wrote {}", plot.display());
+    Ok(())
+}

@@ -1,1 +1,206 @@
-fn main() {}
+//! `ftvm`: the ftvm command-line tool.
+//!
+//! ```text
+//! ftvm run --guest cpu                       # run an embedded guest (cpu, kv, stream)
+//! ftvm run --guest ./my.elf --mem 128M       # run a static ELF
+//! ftvm run --guest kv --disk kv.img --net tap:ftvm0 --cmdline "ip=10.0.2.15/24 port=6379"
+//! ```
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use ftvm_vmm_core::devices::ConsoleOutput;
+use ftvm_vmm_core::vm::{RunOutcome, Vm, VmConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// ftvm: a fault-tolerant KVM virtual machine system.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing-subscriber env-filter syntax), also read from RUST_LOG.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one VM standalone until the guest powers off.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Guest to run: an embedded guest name (cpu, kv, stream) or the path of a static x86-64
+    /// ELF executable linked at 0x10000.
+    #[arg(long)]
+    guest: String,
+    /// Guest RAM size, with optional K/M/G suffix (at least 2M, at most 3G).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    mem: u64,
+    /// Raw disk image for virtio-blk (size a multiple of 512 bytes).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Network backend for virtio-net: `tap:IFNAME` (created if missing; needs root).
+    #[arg(long)]
+    net: Option<String>,
+    /// Command line passed to the guest in the boot info (≤ 4000 bytes), e.g.
+    /// "ip=10.0.2.15/24 gw=10.0.2.1 port=6379".
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Write console output to this file instead of standard output.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// No progress spinner (also off when stderr is not a terminal).
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|e| format!("bad size {s:?}: {e}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}
+
+fn load_guest(name: &str) -> anyhow::Result<Vec<u8>> {
+    if let Some(elf) = ftvm_vmm_core::guests::by_name(name) {
+        return Ok(elf.to_vec());
+    }
+    let path = PathBuf::from(name);
+    if !path.exists() && !name.contains('/') {
+        bail!("no embedded guest named {name:?} (embedded: cpu, kv, stream) and no such file");
+    }
+    std::fs::read(&path).with_context(|| format!("cannot read guest ELF {}", path.display()))
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let elf = load_guest(&args.guest)?;
+    let tap = match args.net.as_deref() {
+        None => None,
+        Some(spec) => match spec.strip_prefix("tap:") {
+            Some(name) if !name.is_empty() => Some(name.to_string()),
+            _ => bail!("--net {spec:?}: expected tap:IFNAME"),
+        },
+    };
+    let console = match &args.console {
+        Some(p) => ConsoleOutput::File(Arc::new(Mutex::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ))),
+        None => ConsoleOutput::Stdout,
+    };
+    let config = VmConfig {
+        mem_size: args.mem,
+        cmdline: args.cmdline.clone(),
+        disk: args.disk.clone(),
+        tap,
+        net_without_backend: false,
+        console,
+    };
+    let mut vm =
+        Vm::new(&config, &elf).with_context(|| format!("cannot start guest {}", args.guest))?;
+    let control = vm.control();
+
+    let show = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinner = show.then(|| {
+        let pb = ProgressBar::new_spinner();
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        pb
+    });
+    let progress = spinner.clone().map(|pb| {
+        let control = control.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut last = (Instant::now(), 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(200));
+                let n = control.exits();
+                let dt = last.0.elapsed().as_secs_f64().max(1e-9);
+                pb.set_message(format!(
+                    "{n} exits, {:.0} exits/s",
+                    (n - last.1) as f64 / dt
+                ));
+                pb.tick();
+                last = (Instant::now(), n);
+            }
+        })
+    });
+
+    let start = Instant::now();
+    let result = vm.run();
+    let wall = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    if let Some(t) = progress {
+        let _ = t.join();
+    }
+    if let Some(pb) = spinner {
+        pb.finish_and_clear();
+    }
+    let outcome = result.context("VM stopped with an error")?;
+    let total = vm.stats().total();
+    eprintln!("--- ftvm run summary ---");
+    eprintln!("guest      {}", args.guest);
+    eprintln!("run time   {:.3} s", wall.as_secs_f64());
+    eprintln!(
+        "exits      {total} ({:.0}/s)",
+        total as f64 / wall.as_secs_f64().max(1e-9)
+    );
+    for (kind, n) in vm.exits_by_kind() {
+        if n > 0 {
+            eprintln!("  {kind:<14} {n}");
+        }
+    }
+    match outcome {
+        RunOutcome::PoweredOff(code) => {
+            eprintln!("exit code  {code}");
+            std::process::exit(i32::try_from(code.min(255)).unwrap_or(255));
+        }
+        other => bail!("VM stopped before powering off: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

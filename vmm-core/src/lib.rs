@@ -1,5 +1,42 @@
-//! KVM virtual machine monitor with record/replay fault tolerance (under construction).
+//! `ftvm-vmm-core`: a small KVM virtual machine monitor whose every nondeterministic input
+//! passes through one place, so that a backup VM can replay a primary (DESIGN.md §3).
+//!
+//! Layout (modelled on Firecracker's `vstate/`):
+//! - [`kvm`], [`vm`], [`vcpu`]: the KVM objects; [`vcpu::handle_exit`] is the one exit handler;
+//! - [`memory`]: guest RAM and the fixed boot layout; [`loader`]: static ELF guests;
+//! - [`bus`] + [`devices`]: the system device and virtio-mmio net/blk/console (DEVICES.md);
+//! - [`record`]: the record/replay seams; [`state`]: save/restore;
+//! - [`guests`]: the embedded guest programs; [`ft`]: fault tolerance.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use ftvm_vmm_core::vm::{Vm, VmConfig, RunOutcome};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let elf = ftvm_vmm_core::guests::by_name("cpu").ok_or("cpu guest not built")?;
+//! let config = VmConfig { mem_size: 64 << 20, cmdline: "iters=1000".into(), ..Default::default() };
+//! let mut vm = Vm::new(&config, elf)?;
+//! match vm.run()? {
+//!     RunOutcome::PoweredOff(code) => println!("exit code {code}, {} exits", vm.stats().total()),
+//!     other => println!("stopped: {other:?}"),
+//! }
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
+pub mod bus;
+pub mod devices;
 pub mod ft;
 pub mod guests;
+pub mod kvm;
+pub mod loader;
+pub mod memory;
+pub mod record;
+pub mod state;
+pub mod testing;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{RunOutcome, Vm, VmConfig, VmError};

@@ -209,7 +209,11 @@ fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
     let (declared, _) = wait_event(&rx, TIMEOUT + Duration::from_secs(2), is_failed)
         .expect("declared failed once traffic stopped");
     let after = declared - stopped;
-    assert!(after >= TIMEOUT - Duration::from_millis(30), "{after:?}");
+    // (The last note may precede `stopped` by one feeding period plus scheduling delay.)
+    assert!(
+        after >= TIMEOUT / 2,
+        "declared only {after:?} after traffic stopped"
+    );
     assert!(after <= TIMEOUT + MARGIN, "{after:?}");
 
     // Traffic resumes: recovered.

@@ -1,0 +1,233 @@
+//! The devices of DEVICES.md and the bus that dispatches exits to them.
+
+pub mod sys;
+pub mod virtio;
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::bus::{BusDevice, DeviceError, EventSignal, ExitAction, ExitCtx, DEVICE_SIZE};
+use crate::memory::{MMIO_BASE, MMIO_SIZE};
+use crate::record::Inputs;
+use crate::state::{StateError, StateReader, StateWriter, Stateful};
+
+use self::sys::{SysDevice, EVENT_BLK, EVENT_TIMER, REG_WAIT};
+use self::virtio::mmio::VirtioMmio;
+
+/// Where console output (system device CONSOLE and virtio-console) goes.
+#[derive(Debug, Clone, Default)]
+pub enum ConsoleOutput {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// A file (appended).
+    File(Arc<Mutex<File>>),
+    /// An in-memory buffer (tests).
+    Buffer(Arc<Mutex<Vec<u8>>>),
+    /// Discarded.
+    Null,
+}
+
+impl ConsoleOutput {
+    /// Writes `bytes` to the console.
+    ///
+    /// # Errors
+    /// The I/O error of the underlying file or stdout.
+    pub fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            ConsoleOutput::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(bytes)?;
+                out.flush()
+            }
+            ConsoleOutput::File(f) => f.lock().unwrap_or_else(|e| e.into_inner()).write_all(bytes),
+            ConsoleOutput::Buffer(b) => {
+                b.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(bytes);
+                Ok(())
+            }
+            ConsoleOutput::Null => Ok(()),
+        }
+    }
+}
+
+/// Number of virtio-mmio slots (net, blk, console).
+pub const VIRTIO_SLOTS: usize = 3;
+
+/// All devices of a VM, by address.
+#[derive(Debug)]
+pub struct Devices {
+    /// The system device.
+    pub sys: SysDevice,
+    /// virtio-mmio slots 1..=3 (`None`: no device; answers magic and device ID 0).
+    pub virtio: [VirtioMmio; VIRTIO_SLOTS],
+    /// Wakes a blocked WAIT.
+    pub signal: Arc<EventSignal>,
+    /// Set by the controller to make a blocked WAIT return at once.
+    pub interrupt: Arc<AtomicBool>,
+    blk_completed: bool,
+}
+
+/// The device an MMIO address belongs to.
+enum Target {
+    Sys(u64),
+    Virtio(usize, u64),
+    None,
+}
+
+impl Devices {
+    /// A bus with the system device and the given virtio slots.
+    pub fn new(
+        sys: SysDevice,
+        virtio: [VirtioMmio; VIRTIO_SLOTS],
+        signal: Arc<EventSignal>,
+        interrupt: Arc<AtomicBool>,
+    ) -> Self {
+        Devices {
+            sys,
+            virtio,
+            signal,
+            interrupt,
+            blk_completed: false,
+        }
+    }
+
+    fn target(addr: u64) -> Target {
+        if !(MMIO_BASE..MMIO_BASE + MMIO_SIZE).contains(&addr) {
+            return Target::None;
+        }
+        let off = addr - MMIO_BASE;
+        let slot = off / DEVICE_SIZE;
+        let reg = off % DEVICE_SIZE;
+        match slot {
+            0 => Target::Sys(reg),
+            s if (s as usize) <= VIRTIO_SLOTS => Target::Virtio(s as usize - 1, reg),
+            _ => Target::None,
+        }
+    }
+
+    /// Handles an MMIO read.
+    ///
+    /// # Errors
+    /// A [`DeviceError`] from the device.
+    pub fn read(
+        &mut self,
+        ctx: &mut ExitCtx<'_>,
+        addr: u64,
+        data: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        match Self::target(addr) {
+            Target::Sys(REG_WAIT) => {
+                let v = self.wait(ctx, addr)?;
+                crate::bus::put_le(data, v);
+                Ok(())
+            }
+            Target::Sys(reg) => self.sys.read(ctx, reg, data),
+            Target::Virtio(i, reg) => self.virtio[i].read(ctx, reg, data),
+            Target::None => {
+                tracing::debug!(addr, "MMIO read outside any device");
+                data.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Handles an MMIO write.
+    ///
+    /// # Errors
+    /// A [`DeviceError`] from the device.
+    pub fn write(
+        &mut self,
+        ctx: &mut ExitCtx<'_>,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<ExitAction, DeviceError> {
+        match Self::target(addr) {
+            Target::Sys(reg) => self.sys.write(ctx, reg, data),
+            Target::Virtio(i, reg) => {
+                let a = self.virtio[i].write(ctx, reg, data)?;
+                if self.virtio[i].take_completed() && self.virtio[i].device_type() == 2 {
+                    self.blk_completed = true;
+                }
+                Ok(a)
+            }
+            Target::None => {
+                tracing::debug!(addr, "MMIO write outside any device");
+                Ok(ExitAction::Continue)
+            }
+        }
+    }
+
+    /// WAIT: delivers pending input, else blocks until input, the deadline, or an interrupt.
+    fn wait(&mut self, ctx: &mut ExitCtx<'_>, addr: u64) -> Result<u64, DeviceError> {
+        if let Inputs::Replay(src) = ctx.inputs {
+            self.blk_completed = false;
+            return src
+                .external_read(ctx.exit, addr)
+                .map_err(DeviceError::Replay);
+        }
+        let mut events = 0;
+        loop {
+            for dev in &mut self.virtio {
+                events |= dev.deliver_input(ctx)?;
+            }
+            if std::mem::take(&mut self.blk_completed) {
+                events |= EVENT_BLK;
+            }
+            if events != 0 {
+                break;
+            }
+            let deadline = self.sys.wait_deadline;
+            if deadline != 0 && self.sys.clock_now() >= deadline {
+                events = EVENT_TIMER;
+                break;
+            }
+            let can_block = self.virtio.iter().any(VirtioMmio::has_input);
+            if deadline == 0 && !can_block {
+                events = EVENT_TIMER;
+                break;
+            }
+            if self.interrupt.load(Ordering::Acquire) {
+                // The controller wants the vCPU (pause/stop): a spurious wake-up (0 events).
+                break;
+            }
+            let until = (deadline != 0).then(|| self.sys.instant_of(deadline));
+            self.signal.wait(until);
+        }
+        ctx.external_read(addr, || events)
+    }
+
+    /// Replay: after the logged writes of an exit were applied, sets every queue's positions
+    /// from its used ring (devices complete every chain they take within the exit, so
+    /// `next_avail == next_used == used.idx` at every exit boundary).
+    ///
+    /// # Errors
+    /// [`DeviceError::Queue`] if a used ring cannot be read.
+    pub fn resync_queues(&mut self, ctx: &ExitCtx<'_>) -> Result<(), DeviceError> {
+        for dev in &mut self.virtio {
+            dev.resync_queues(ctx.mem)?;
+        }
+        Ok(())
+    }
+}
+
+impl Stateful for Devices {
+    fn save(&self, w: &mut StateWriter) -> Result<(), StateError> {
+        self.sys.save(w)?;
+        for dev in &self.virtio {
+            dev.save(w)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
+        self.sys.restore(r)?;
+        for dev in &mut self.virtio {
+            dev.restore(r)?;
+        }
+        Ok(())
+    }
+}

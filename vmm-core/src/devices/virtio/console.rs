@@ -1,0 +1,81 @@
+//! virtio-console: queue 0 RX (never filled: no console input), queue 1 TX to the console.
+
+use virtio_queue::Queue;
+
+use super::{add_used, pop_chain, read_from_chain, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::bus::{DeviceError, ExitCtx};
+use crate::devices::ConsoleOutput;
+use crate::state::{StateError, StateReader, StateWriter};
+
+const QUEUE_SIZES: &[u16] = &[64, 64];
+
+/// The virtio-console device.
+#[derive(Debug)]
+pub struct Console {
+    out: ConsoleOutput,
+    bytes_out: u64,
+}
+
+impl Console {
+    /// A console writing to `out`.
+    pub fn new(out: ConsoleOutput) -> Self {
+        Console { out, bytes_out: 0 }
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        3
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn queue_max_sizes(&self) -> &'static [u16] {
+        QUEUE_SIZES
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn notify(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        ctx: &mut ExitCtx<'_>,
+    ) -> Result<bool, DeviceError> {
+        if index != 1 {
+            return Ok(false);
+        }
+        let mut used = false;
+        while let Some((head, descs)) = pop_chain(&mut queues[1], ctx.mem)? {
+            let bytes = read_from_chain(&descs, ctx, 1 << 20)?;
+            self.out
+                .write(&bytes)
+                .map_err(|source| DeviceError::Backend {
+                    what: "virtio-console write".into(),
+                    source,
+                })?;
+            self.bytes_out += bytes.len() as u64;
+            add_used(&mut queues[1], ctx, head, 0)?;
+            used = true;
+        }
+        Ok(used)
+    }
+    fn deliver_input(
+        &mut self,
+        _q: &mut [Queue],
+        _ctx: &mut ExitCtx<'_>,
+    ) -> Result<u64, DeviceError> {
+        Ok(0)
+    }
+    fn has_input(&self) -> bool {
+        false
+    }
+    fn save_device(&self, w: &mut StateWriter) -> Result<(), StateError> {
+        w.u64(self.bytes_out);
+        Ok(())
+    }
+    fn restore_device(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
+        self.bytes_out = r.u64("console bytes out")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,167 @@
+//! virtio devices (virtio 1.x) behind the modern MMIO transport.
+
+pub mod blk;
+pub mod console;
+pub mod mmio;
+pub mod net;
+
+use virtio_queue::{Queue, QueueT};
+
+use crate::bus::{DeviceError, ExitCtx};
+use crate::memory::GuestMem;
+use crate::state::{StateError, StateReader, StateWriter};
+
+/// `VIRTIO_F_VERSION_1`: the modern interface.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// One descriptor of a chain, copied out of guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    /// Guest address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Whether the device writes it.
+    pub write: bool,
+}
+
+/// A virtio device model (the transport handles registers and queue setup).
+pub trait VirtioDevice: Send + std::fmt::Debug {
+    /// virtio device ID (1 net, 2 blk, 3 console).
+    fn device_type(&self) -> u32;
+    /// Feature bits offered (including [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Maximum size of each queue (its length is the number of queues).
+    fn queue_max_sizes(&self) -> &'static [u16];
+    /// Reads the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver notified queue `index`: process it. Returns whether a buffer was used.
+    ///
+    /// # Errors
+    /// A [`DeviceError`] stops the VM.
+    fn notify(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        ctx: &mut ExitCtx<'_>,
+    ) -> Result<bool, DeviceError>;
+    /// Copies pending host input (received packets) into the guest; returns WAIT event bits.
+    /// Never called when replaying (the log supplies those writes).
+    ///
+    /// # Errors
+    /// A [`DeviceError`] stops the VM.
+    fn deliver_input(
+        &mut self,
+        queues: &mut [Queue],
+        ctx: &mut ExitCtx<'_>,
+    ) -> Result<u64, DeviceError>;
+    /// Whether input can arrive from outside (a WAIT without deadline may then block).
+    fn has_input(&self) -> bool;
+    /// Saves the device-specific state (not the transport's).
+    ///
+    /// # Errors
+    /// [`StateError`].
+    fn save_device(&self, w: &mut StateWriter) -> Result<(), StateError>;
+    /// Restores what [`VirtioDevice::save_device`] wrote.
+    ///
+    /// # Errors
+    /// [`StateError`] if it does not match this device.
+    fn restore_device(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError>;
+}
+
+/// Copies the descriptors of the next available chain of `queue`, if any.
+///
+/// # Errors
+/// [`DeviceError::Queue`] on a malformed chain.
+pub fn pop_chain(
+    queue: &mut Queue,
+    mem: &GuestMem,
+) -> Result<Option<(u16, Vec<Desc>)>, DeviceError> {
+    if !queue.ready() {
+        return Ok(None);
+    }
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    let mut descs = Vec::new();
+    for d in chain {
+        if descs.len() >= usize::from(queue.size()) {
+            return Err(DeviceError::Queue(
+                "descriptor chain longer than the queue".into(),
+            ));
+        }
+        descs.push(Desc {
+            addr: d.addr().0,
+            len: d.len(),
+            write: d.is_write_only(),
+        });
+    }
+    Ok(Some((head, descs)))
+}
+
+/// Puts `head` in the used ring with `len` bytes written, and reports the ring bytes written
+/// (the element and `used.idx`) to the recorder.
+///
+/// # Errors
+/// [`DeviceError::Queue`] if the used ring is not in RAM.
+pub fn add_used(
+    queue: &mut Queue,
+    ctx: &mut ExitCtx<'_>,
+    head: u16,
+    len: u32,
+) -> Result<(), DeviceError> {
+    let slot = u64::from(queue.next_used() % queue.size());
+    queue
+        .add_used(ctx.mem, head, len)
+        .map_err(|e| DeviceError::Queue(format!("add_used: {e}")))?;
+    let used = queue.used_ring();
+    ctx.record_written(used + 4 + slot * 8, 8)?;
+    ctx.record_written(used + 2, 2)?;
+    Ok(())
+}
+
+/// Writes `data` into the device-writable descriptors of a chain, in order; returns the bytes
+/// written.
+///
+/// # Errors
+/// [`DeviceError::GuestMemory`].
+pub fn write_to_chain(
+    descs: &[Desc],
+    ctx: &mut ExitCtx<'_>,
+    mut data: &[u8],
+) -> Result<usize, DeviceError> {
+    let mut written = 0;
+    for d in descs.iter().filter(|d| d.write) {
+        if data.is_empty() {
+            break;
+        }
+        let n = data.len().min(d.len as usize);
+        ctx.write_guest(d.addr, &data[..n])?;
+        data = &data[n..];
+        written += n;
+    }
+    Ok(written)
+}
+
+/// Reads all device-readable descriptors of a chain into one buffer (at most `limit` bytes).
+///
+/// # Errors
+/// [`DeviceError::GuestMemory`].
+pub fn read_from_chain(
+    descs: &[Desc],
+    ctx: &ExitCtx<'_>,
+    limit: usize,
+) -> Result<Vec<u8>, DeviceError> {
+    let mut out = Vec::new();
+    for d in descs.iter().filter(|d| !d.write) {
+        let n = (d.len as usize).min(limit - out.len());
+        let start = out.len();
+        out.resize(start + n, 0);
+        ctx.read_guest(d.addr, &mut out[start..])?;
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,598 @@
+//! The vCPU: long-mode CPL3 setup, the run loop as a small state machine, and `handle_exit`,
+//! the one function every VM exit passes through.
+//!
+//! ```text
+//!             request(Pause)            command(Resume)
+//!   Running ─────────────────> Paused ─────────────────> Running
+//!      │  POWER_OFF / fault       │ command(Stop)
+//!      └──────────────────────> Stopped <┘
+//! ```
+//! A request is a flag plus a kick: [`VcpuKick::kick`] sets the flag, wakes a blocked WAIT and
+//! sends [`kick_signal`] to the vCPU thread, whose handler sets `kvm_run.immediate_exit` so that
+//! a `KVM_RUN` entered after the flag check returns at once (no lost wake-up).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::bus::{DeviceError, EventSignal, ExitAction, ExitCtx};
+use crate::devices::Devices;
+use crate::kvm::KvmContext;
+use crate::memory::{
+    GuestMem, Layout, BOOT_INFO_ADDR, GDT, GDT_ADDR, GDT_CODE, GDT_DATA, PML4_ADDR,
+};
+use crate::record::{apply_logged_writes, Inputs};
+use crate::state::{StateError, StateReader, StateWriter};
+
+/// CR0 at entry: PE | MP | ET | NE | WP | AM | PG (EM clear).
+pub const CR0: u64 = 0x8005_0033;
+/// CR4 at entry: TSD | PAE | OSFXSR | OSXMMEXCPT.
+pub const CR4: u64 = (1 << 2) | (1 << 5) | (1 << 9) | (1 << 10);
+/// EFER at entry: LME | LMA.
+pub const EFER: u64 = 0x500;
+
+/// MSRs saved and restored with the vCPU.
+pub const SAVED_MSRS: &[u32] = &[
+    0x10,        // TSC
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x277,       // PAT
+    0xC000_0081, // STAR
+    0xC000_0082, // LSTAR
+    0xC000_0083, // CSTAR
+    0xC000_0084, // SFMASK
+    0xC000_0102, // KERNEL_GS_BASE
+];
+
+/// Errors of the vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM vCPU ioctl failed.
+    #[error("KVM {what}")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The guest faulted, triple-faulted or halted; the VM is stopped.
+    #[error("guest stopped by {reason} after {exits} exits\n{regs}")]
+    GuestFault {
+        /// What happened (`triple fault (KVM_EXIT_SHUTDOWN)`, `HLT`, …).
+        reason: String,
+        /// Exits handled before it.
+        exits: u64,
+        /// A register dump.
+        regs: String,
+    },
+    /// A device failed while handling an exit.
+    #[error("device error at exit {exit} ({kind:?} at {addr:#x})")]
+    Device {
+        /// The exit index.
+        exit: u64,
+        /// The exit kind.
+        kind: ExitKind,
+        /// The MMIO address.
+        addr: u64,
+        /// The cause.
+        #[source]
+        source: DeviceError,
+    },
+}
+
+/// Exit kinds counted by [`ExitStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitKind {
+    /// MMIO read of the system device (except WAIT).
+    SysRead,
+    /// MMIO write to the system device.
+    SysWrite,
+    /// WAIT read.
+    Wait,
+    /// MMIO read of a virtio device register.
+    VirtioRead,
+    /// MMIO write to a virtio register other than QueueNotify.
+    VirtioWrite,
+    /// virtio QueueNotify.
+    VirtioNotify,
+    /// Anything else (faults, unexpected exits).
+    Other,
+}
+
+impl ExitKind {
+    /// All kinds, in display order.
+    pub const ALL: [ExitKind; 7] = [
+        ExitKind::SysRead,
+        ExitKind::SysWrite,
+        ExitKind::Wait,
+        ExitKind::VirtioRead,
+        ExitKind::VirtioWrite,
+        ExitKind::VirtioNotify,
+        ExitKind::Other,
+    ];
+
+    /// A short name (`sys_read`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::SysRead => "sys_read",
+            ExitKind::SysWrite => "sys_write",
+            ExitKind::Wait => "wait",
+            ExitKind::VirtioRead => "virtio_read",
+            ExitKind::VirtioWrite => "virtio_write",
+            ExitKind::VirtioNotify => "virtio_notify",
+            ExitKind::Other => "other",
+        }
+    }
+
+    fn classify(addr: u64, write: bool) -> ExitKind {
+        use crate::memory::MMIO_BASE;
+        let off = addr.wrapping_sub(MMIO_BASE);
+        match (off / 0x1000, off % 0x1000, write) {
+            (0, 0x28, false) => ExitKind::Wait,
+            (0, _, false) => ExitKind::SysRead,
+            (0, _, true) => ExitKind::SysWrite,
+            (1..=3, 0x50, true) => ExitKind::VirtioNotify,
+            (1..=3, _, true) => ExitKind::VirtioWrite,
+            (1..=3, _, false) => ExitKind::VirtioRead,
+            _ => ExitKind::Other,
+        }
+    }
+}
+
+/// Exit counters. `total` is the exit index of record/replay: it counts every exit caused by
+/// the guest and nothing else (kicks and signals are counted apart in `interrupts`).
+#[derive(Debug, Default)]
+pub struct ExitStats {
+    /// Exits handled (shared, for progress displays).
+    pub total: Arc<AtomicU64>,
+    /// Per kind, in [`ExitKind::ALL`] order.
+    pub by_kind: [u64; 7],
+    /// KVM_RUN returns caused by kicks (EINTR), not by the guest.
+    pub interrupts: u64,
+}
+
+impl ExitStats {
+    /// The exit index (number of guest exits so far).
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+    /// Count of one kind.
+    pub fn count(&self, kind: ExitKind) -> u64 {
+        ExitKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.by_kind[i])
+    }
+    fn bump(&mut self, kind: ExitKind) {
+        if let Some(i) = ExitKind::ALL.iter().position(|k| *k == kind) {
+            self.by_kind[i] += 1;
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    /// The `kvm_run` of the vCPU running on this thread (null when none).
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: KVM_RUN holds the `kvm_run` mapping of the vCPU owned by this thread, set
+        // while that vCPU is alive and cleared before it is dropped; a byte store is
+        // async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            tracing::warn!(error = %e, "cannot install the vCPU kick signal handler");
+        }
+    });
+}
+
+/// Asks a running vCPU to come back to its controller (pause or stop).
+#[derive(Debug, Default)]
+pub struct VcpuKick {
+    requested: AtomicBool,
+    thread: std::sync::Mutex<Option<libc::pthread_t>>,
+    signal: Arc<EventSignal>,
+    interrupt: Arc<AtomicBool>,
+}
+
+impl VcpuKick {
+    pub(crate) fn new(signal: Arc<EventSignal>, interrupt: Arc<AtomicBool>) -> Self {
+        VcpuKick {
+            requested: AtomicBool::new(false),
+            thread: Default::default(),
+            signal,
+            interrupt,
+        }
+    }
+
+    /// Requests the vCPU to leave its run loop at the next exit (or at once, if in KVM_RUN or
+    /// blocked in WAIT).
+    pub fn kick(&self) {
+        self.requested.store(true, Ordering::Release);
+        self.interrupt.store(true, Ordering::Release);
+        self.signal.notify();
+        let t = *self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = t {
+            // SAFETY: `t` is the pthread of the running vCPU loop, registered by it and cleared
+            // before that loop returns, so the thread exists; the signal's handler is installed.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    fn take(&self) -> bool {
+        let r = self.requested.swap(false, Ordering::AcqRel);
+        if r {
+            self.interrupt.store(false, Ordering::Release);
+        }
+        r
+    }
+}
+
+/// Why the run loop returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunExit {
+    /// The guest wrote POWER_OFF with this code.
+    PowerOff(u64),
+    /// A kick arrived ([`VcpuKick::kick`]).
+    Kicked,
+    /// The exit limit given to the run was reached.
+    ExitLimit,
+}
+
+/// A vCPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm { what, source }
+}
+
+fn seg(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: selector | 3,
+        type_,
+        present: 1,
+        dpl: 3,
+        db,
+        s: 1,
+        l,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// The one exit handler: dispatches an exit to the bus, counts it, and applies the logged
+/// writes when replaying. Returns what the run loop does next.
+///
+/// # Errors
+/// [`VcpuError::Device`] if a device fails; a guest fault is reported by the caller, which has
+/// the registers.
+pub fn handle_exit(
+    exit: VcpuExit<'_>,
+    devices: &mut Devices,
+    mem: &GuestMem,
+    inputs: &mut Inputs,
+    stats: &mut ExitStats,
+) -> Result<Handled, VcpuError> {
+    let index = stats.total();
+    let (kind, addr, result) = match exit {
+        VcpuExit::MmioRead(addr, data) => {
+            let kind = ExitKind::classify(addr, false);
+            let mut ctx = ExitCtx {
+                mem,
+                exit: index,
+                inputs,
+            };
+            (
+                kind,
+                addr,
+                devices
+                    .read(&mut ctx, addr, data)
+                    .map(|()| ExitAction::Continue),
+            )
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            let kind = ExitKind::classify(addr, true);
+            let mut ctx = ExitCtx {
+                mem,
+                exit: index,
+                inputs,
+            };
+            (kind, addr, devices.write(&mut ctx, addr, data))
+        }
+        VcpuExit::Shutdown => return Ok(Handled::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into())),
+        VcpuExit::Hlt => return Ok(Handled::Fault("HLT".into())),
+        VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => {
+            return Ok(Handled::Fault(format!(
+                "port I/O to {port:#x} (only MMIO is supported)"
+            )))
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Ok(Handled::Fault(format!(
+                "KVM entry failure {reason:#x} on cpu {cpu}"
+            )))
+        }
+        VcpuExit::InternalError => return Ok(Handled::Fault("KVM internal error".into())),
+        other => return Ok(Handled::Fault(format!("unexpected exit {other:?}"))),
+    };
+    let action = result.map_err(|source| VcpuError::Device {
+        exit: index,
+        kind,
+        addr,
+        source,
+    })?;
+    if let Inputs::Replay(src) = inputs {
+        let dev_err = |source| VcpuError::Device {
+            exit: index,
+            kind,
+            addr,
+            source,
+        };
+        apply_logged_writes(src.as_mut(), mem, index)
+            .map_err(|e| dev_err(DeviceError::Replay(e)))?;
+        let ctx = ExitCtx {
+            mem,
+            exit: index,
+            inputs,
+        };
+        devices.resync_queues(&ctx).map_err(dev_err)?;
+    }
+    stats.bump(kind);
+    Ok(Handled::Action(action))
+}
+
+/// The outcome of [`handle_exit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// The exit was handled.
+    Action(ExitAction),
+    /// The guest cannot continue (the string says why).
+    Fault(String),
+}
+
+impl Vcpu {
+    /// Creates vCPU 0 of `vm` with the fixed CPUID.
+    ///
+    /// # Errors
+    /// [`VcpuError::Kvm`].
+    pub fn new(vm: &kvm_ioctls::VmFd, kvm: &KvmContext) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&kvm.cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        install_kick_handler();
+        Ok(Vcpu { fd })
+    }
+
+    /// Puts the vCPU in 64-bit mode at CPL3 at `entry` (DEVICES.md).
+    ///
+    /// # Errors
+    /// [`VcpuError::Kvm`].
+    pub fn configure(&self, entry: u64, layout: &Layout) -> Result<(), VcpuError> {
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let code = seg(GDT_CODE, 0xb, 1, 0);
+        let data = seg(GDT_DATA, 0x3, 0, 1);
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.gdt.base = GDT_ADDR;
+        sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cr0 = CR0;
+        sregs.cr3 = PML4_ADDR;
+        sregs.cr4 = CR4;
+        sregs.efer = EFER;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip: entry,
+            rsp: layout.stack_top - 8,
+            rdi: BOOT_INFO_ADDR,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        Ok(())
+    }
+
+    /// A register dump for error messages.
+    pub fn dump_registers(&self) -> String {
+        let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return "  (registers unavailable)".into();
+        };
+        format!(
+            "  rip {:#018x} rsp {:#018x} rflags {:#x}\n  rax {:#018x} rbx {:#018x} rcx {:#018x} rdx {:#018x}\n  \
+             rsi {:#018x} rdi {:#018x} rbp {:#018x} r8  {:#018x}\n  r9  {:#018x} r10 {:#018x} r11 {:#018x} r12 {:#018x}\n  \
+             r13 {:#018x} r14 {:#018x} r15 {:#018x}\n  cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x} ss {:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9,
+            r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+            s.cs.selector, s.ss.selector
+        )
+    }
+
+    /// Runs the guest until POWER_OFF, a kick, a fault, or `limit` exits in total.
+    ///
+    /// # Errors
+    /// [`VcpuError`] on a guest fault (with a register dump), a device error or a KVM failure.
+    pub fn run(
+        &mut self,
+        devices: &mut Devices,
+        mem: &GuestMem,
+        inputs: &mut Inputs,
+        stats: &mut ExitStats,
+        kick: &VcpuKick,
+        limit: Option<u64>,
+    ) -> Result<RunExit, VcpuError> {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|p| p.set(run_ptr));
+        // SAFETY: pthread_self has no preconditions.
+        *kick.thread.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(unsafe { libc::pthread_self() });
+        let result = self.run_inner(devices, mem, inputs, stats, kick, limit);
+        *kick.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Complete a pending MMIO read so that saved registers include its value.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        result
+    }
+
+    fn run_inner(
+        &mut self,
+        devices: &mut Devices,
+        mem: &GuestMem,
+        inputs: &mut Inputs,
+        stats: &mut ExitStats,
+        kick: &VcpuKick,
+        limit: Option<u64>,
+    ) -> Result<RunExit, VcpuError> {
+        loop {
+            if kick.take() {
+                return Ok(RunExit::Kicked);
+            }
+            if limit.is_some_and(|l| stats.total() >= l) {
+                return Ok(RunExit::ExitLimit);
+            }
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    stats.interrupts += 1;
+                    continue;
+                }
+                Err(source) => {
+                    return Err(VcpuError::Kvm {
+                        what: "KVM_RUN",
+                        source,
+                    })
+                }
+            };
+            match handle_exit(exit, devices, mem, inputs, stats)? {
+                Handled::Action(ExitAction::Continue) => {}
+                Handled::Action(ExitAction::PowerOff(code)) => return Ok(RunExit::PowerOff(code)),
+                Handled::Fault(reason) => {
+                    return Err(VcpuError::GuestFault {
+                        reason,
+                        exits: stats.total(),
+                        regs: self.dump_registers(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Saves registers, special registers, XSAVE (x87/SSE/AVX), XCRs, events and MSRs.
+    ///
+    /// # Errors
+    /// [`StateError::Kvm`].
+    pub fn save(&self, w: &mut StateWriter) -> Result<(), StateError> {
+        use zerocopy::IntoBytes;
+        let k = |what| move |source| StateError::Kvm { what, source };
+        w.bytes(self.fd.get_regs().map_err(k("KVM_GET_REGS"))?.as_bytes());
+        w.bytes(self.fd.get_sregs().map_err(k("KVM_GET_SREGS"))?.as_bytes());
+        w.bytes(self.fd.get_xsave().map_err(k("KVM_GET_XSAVE"))?.as_bytes());
+        w.bytes(self.fd.get_xcrs().map_err(k("KVM_GET_XCRS"))?.as_bytes());
+        w.bytes(
+            self.fd
+                .get_vcpu_events()
+                .map_err(k("KVM_GET_VCPU_EVENTS"))?
+                .as_bytes(),
+        );
+        let entries: Vec<kvm_msr_entry> = SAVED_MSRS
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| StateError::Mismatch(format!("MSR list: {e:?}")))?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(k("KVM_GET_MSRS"))?;
+        w.u32(n as u32);
+        for e in &msrs.as_slice()[..n] {
+            w.u32(e.index);
+            w.u64(e.data);
+        }
+        Ok(())
+    }
+
+    /// Restores what [`Vcpu::save`] wrote.
+    ///
+    /// # Errors
+    /// [`StateError`] if the bytes are malformed or KVM refuses them.
+    pub fn restore(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
+        use zerocopy::FromBytes;
+        let k = |what| move |source| StateError::Kvm { what, source };
+        fn bad<E>(what: &'static str) -> impl FnOnce(E) -> StateError {
+            move |_| StateError::Mismatch(format!("{what} has the wrong size"))
+        }
+        let regs = kvm_regs::read_from_bytes(r.bytes("regs")?).map_err(bad("regs"))?;
+        let sregs = kvm_sregs::read_from_bytes(r.bytes("sregs")?).map_err(bad("sregs"))?;
+        let xsave =
+            kvm_bindings::kvm_xsave::read_from_bytes(r.bytes("xsave")?).map_err(bad("xsave"))?;
+        let xcrs =
+            kvm_bindings::kvm_xcrs::read_from_bytes(r.bytes("xcrs")?).map_err(bad("xcrs"))?;
+        let events = kvm_bindings::kvm_vcpu_events::read_from_bytes(r.bytes("events")?)
+            .map_err(bad("vcpu events"))?;
+        let n = r.u32("msr count")? as usize;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let index = r.u32("msr")?;
+            let data = r.u64("msr")?;
+            entries.push(kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            });
+        }
+        self.fd.set_sregs(&sregs).map_err(k("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&regs).map_err(k("KVM_SET_REGS"))?;
+        // SAFETY: `xsave` is a plain `kvm_xsave` (4 KiB region, no trailing FAM data), as
+        // returned by KVM_GET_XSAVE on this kind of host; KVM reads exactly that size.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(k("KVM_SET_XSAVE"))?;
+        self.fd.set_xcrs(&xcrs).map_err(k("KVM_SET_XCRS"))?;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(k("KVM_SET_VCPU_EVENTS"))?;
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|e| StateError::Mismatch(format!("MSR list: {e:?}")))?;
+        self.fd.set_msrs(&msrs).map_err(k("KVM_SET_MSRS"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,394 @@
+//! A whole VM: KVM VM fd, guest memory, one vCPU, the devices, and its control handle.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::bus::{DeviceError, EventSignal};
+use crate::devices::sys::SysDevice;
+use crate::devices::virtio::blk::{Blk, BlkError};
+use crate::devices::virtio::console::Console;
+use crate::devices::virtio::mmio::VirtioMmio;
+use crate::devices::virtio::net::{Net, Tap, TapError, DEFAULT_MAC};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::{ConsoleOutput, Devices};
+use crate::kvm::{KvmContext, KvmError};
+use crate::loader::{load_elf, LoaderError};
+use crate::memory::{allocate, write_boot_structures, GuestMem, Layout, MemoryError, MAX_CMDLINE};
+use crate::record::Inputs;
+use crate::state::{tag, Snapshot, StateError, StateReader, StateWriter, Stateful};
+use crate::vcpu::{ExitKind, ExitStats, RunExit, Vcpu, VcpuError, VcpuKick};
+
+/// Default RAM size (64 MiB).
+pub const DEFAULT_MEM_SIZE: u64 = 64 << 20;
+
+/// How to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// RAM size in bytes.
+    pub mem_size: u64,
+    /// The command line passed in the boot info.
+    pub cmdline: String,
+    /// Raw disk image for virtio-blk.
+    pub disk: Option<PathBuf>,
+    /// TAP interface for virtio-net.
+    pub tap: Option<String>,
+    /// Whether a virtio-net device exists even without a TAP (TX dropped, no RX).
+    pub net_without_backend: bool,
+    /// Console output.
+    pub console: ConsoleOutput,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_size: DEFAULT_MEM_SIZE,
+            cmdline: String::new(),
+            disk: None,
+            tap: None,
+            net_without_backend: false,
+            console: ConsoleOutput::Stdout,
+        }
+    }
+}
+
+/// Errors of building, running and snapshotting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// KVM is not usable.
+    #[error("KVM")]
+    Kvm(#[from] KvmError),
+    /// A VM ioctl failed.
+    #[error("KVM {what}")]
+    VmIoctl {
+        /// The ioctl.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Memory setup failed (bad size, allocation).
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    /// The guest image was rejected.
+    #[error("cannot load guest ELF")]
+    Loader(#[from] LoaderError),
+    /// The command line is too long.
+    #[error("command line is {0} bytes; the limit is {MAX_CMDLINE}")]
+    Cmdline(usize),
+    /// The disk image cannot be used.
+    #[error("virtio-blk")]
+    Disk(#[from] BlkError),
+    /// The TAP device cannot be used.
+    #[error("virtio-net")]
+    Tap(#[from] TapError),
+    /// A device could not be created.
+    #[error("device setup")]
+    Device(#[from] DeviceError),
+    /// The vCPU failed or the guest faulted.
+    #[error("vCPU")]
+    Vcpu(#[from] VcpuError),
+    /// Save or restore failed.
+    #[error("snapshot")]
+    State(#[from] StateError),
+}
+
+/// Why [`Vm::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest powered off with this exit code.
+    PoweredOff(u64),
+    /// Paused by a kick ([`VmControl::kick`]); the VM can run again or be saved.
+    Paused,
+    /// The exit limit was reached; the VM can run again or be saved.
+    ExitLimit,
+}
+
+/// Controls a VM from another thread.
+#[derive(Debug, Clone)]
+pub struct VmControl {
+    kick: Arc<VcpuKick>,
+    exits: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl VmControl {
+    /// Makes a running [`Vm::run`] return [`RunOutcome::Paused`] promptly (even from a WAIT).
+    pub fn kick(&self) {
+        self.kick.kick();
+    }
+    /// Exits handled so far (the exit index).
+    pub fn exits(&self) -> u64 {
+        self.exits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A VM with one vCPU.
+#[derive(Debug)]
+pub struct Vm {
+    _kvm: KvmContext,
+    _vm_fd: VmFd,
+    mem: GuestMem,
+    vcpu: Vcpu,
+    devices: Devices,
+    config: VmConfig,
+    stats: ExitStats,
+    inputs: Inputs,
+    kick: Arc<VcpuKick>,
+    run_time: Duration,
+}
+
+fn build_devices(config: &VmConfig) -> Result<(Devices, Arc<VcpuKick>), VmError> {
+    let signal = Arc::new(EventSignal::default());
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let net: Option<Box<dyn VirtioDevice>> = match &config.tap {
+        Some(name) => Some(Box::new(Net::new(
+            Some(Tap::open(name, signal.clone())?),
+            DEFAULT_MAC,
+        ))),
+        None if config.net_without_backend => Some(Box::new(Net::new(None, DEFAULT_MAC))),
+        None => None,
+    };
+    let blk: Option<Box<dyn VirtioDevice>> = match &config.disk {
+        Some(p) => Some(Box::new(Blk::open(p)?)),
+        None => None,
+    };
+    let console: Box<dyn VirtioDevice> = Box::new(Console::new(config.console.clone()));
+    let devices = Devices::new(
+        SysDevice::new(config.console.clone()),
+        [
+            VirtioMmio::new(net)?,
+            VirtioMmio::new(blk)?,
+            VirtioMmio::new(Some(console))?,
+        ],
+        signal.clone(),
+        interrupt.clone(),
+    );
+    Ok((devices, Arc::new(VcpuKick::new(signal, interrupt))))
+}
+
+impl Vm {
+    fn create(config: &VmConfig) -> Result<(Self, Layout), VmError> {
+        if config.cmdline.len() > MAX_CMDLINE {
+            return Err(VmError::Cmdline(config.cmdline.len()));
+        }
+        let layout = Layout::new(config.mem_size)?;
+        let kvm = KvmContext::new()?;
+        let vm_fd = kvm.kvm.create_vm().map_err(|source| VmError::VmIoctl {
+            what: "KVM_CREATE_VM",
+            source,
+        })?;
+        let mem = allocate(layout.mem_size)?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|_| MemoryError::BadSize {
+                size: layout.mem_size,
+                reason: "no host mapping",
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: layout.mem_size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region describes the live anonymous mapping owned by `mem`, which the Vm
+        // keeps alive as long as `vm_fd` (both are fields of the same Vm, and `mem` is never
+        // replaced).
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(|source| VmError::VmIoctl {
+            what: "KVM_SET_USER_MEMORY_REGION",
+            source,
+        })?;
+        let vcpu = Vcpu::new(&vm_fd, &kvm)?;
+        let (devices, kick) = build_devices(config)?;
+        Ok((
+            Vm {
+                _kvm: kvm,
+                _vm_fd: vm_fd,
+                mem,
+                vcpu,
+                devices,
+                config: config.clone(),
+                stats: ExitStats::default(),
+                inputs: Inputs::default(),
+                kick,
+                run_time: Duration::ZERO,
+            },
+            layout,
+        ))
+    }
+
+    /// Builds a VM and loads the guest ELF `elf` into it, ready to run.
+    ///
+    /// # Errors
+    /// [`VmError`]: KVM missing, bad memory size, bad ELF, missing disk, TAP failure.
+    pub fn new(config: &VmConfig, elf: &[u8]) -> Result<Self, VmError> {
+        let (vm, layout) = Self::create(config)?;
+        let image = load_elf(&vm.mem, &layout, elf)?;
+        write_boot_structures(&vm.mem, &layout, image.image_end, config.cmdline.as_bytes())?;
+        vm.vcpu.configure(image.entry, &layout)?;
+        Ok(vm)
+    }
+
+    /// Builds a VM from a snapshot file written by [`Vm::save`]. `config` supplies the backends
+    /// (disk, TAP, console); its memory size and command line are taken from the snapshot.
+    ///
+    /// # Errors
+    /// [`VmError::State`] if the snapshot is unreadable or does not fit, other [`VmError`]s as
+    /// for [`Vm::new`].
+    pub fn restore(config: &VmConfig, path: &Path) -> Result<Self, VmError> {
+        let snap = Snapshot::read_from(path)?;
+        let mut r = StateReader::new(snap.section(0, tag::CONFIG)?);
+        let mem_size = r.u64("mem size")?;
+        let cmdline = String::from_utf8_lossy(r.bytes("cmdline")?).into_owned();
+        let config = VmConfig {
+            mem_size,
+            cmdline,
+            ..config.clone()
+        };
+        let (mut vm, _layout) = Self::create(&config)?;
+        let memory = snap.section(3, tag::MEMORY)?;
+        if memory.len() as u64 != mem_size {
+            return Err(StateError::Mismatch("memory section size".into()).into());
+        }
+        vm.mem
+            .write_slice(memory, GuestAddress(0))
+            .map_err(|_| StateError::Mismatch("memory".into()))?;
+        vm.vcpu
+            .restore(&mut StateReader::new(snap.section(1, tag::VCPU)?))?;
+        vm.devices
+            .restore(&mut StateReader::new(snap.section(2, tag::DEVICES)?))?;
+        let mut r = StateReader::new(snap.section(4, tag::EXITS)?);
+        vm.stats
+            .total
+            .store(r.u64("exit total")?, std::sync::atomic::Ordering::Relaxed);
+        for k in &mut vm.stats.by_kind {
+            *k = r.u64("exit kind")?;
+        }
+        Ok(vm)
+    }
+
+    /// Saves the whole VM (vCPU, devices, memory, exit counters) to `path`. The VM must not be
+    /// running, which `&mut self` guarantees; it can run on afterwards.
+    ///
+    /// # Errors
+    /// [`VmError::State`].
+    pub fn save(&mut self, path: &Path) -> Result<(), VmError> {
+        let mut snap = Snapshot::default();
+        let mut w = StateWriter::new();
+        w.u64(self.config.mem_size);
+        w.bytes(self.config.cmdline.as_bytes());
+        snap.sections.push((tag::CONFIG, w.into_inner()));
+        let mut w = StateWriter::new();
+        self.vcpu.save(&mut w)?;
+        snap.sections.push((tag::VCPU, w.into_inner()));
+        let mut w = StateWriter::new();
+        self.devices.save(&mut w)?;
+        snap.sections.push((tag::DEVICES, w.into_inner()));
+        let mut memory = vec![0u8; self.config.mem_size as usize];
+        self.mem
+            .read_slice(&mut memory, GuestAddress(0))
+            .map_err(|_| StateError::Mismatch("memory read".into()))?;
+        snap.sections.push((tag::MEMORY, memory));
+        let mut w = StateWriter::new();
+        w.u64(self.stats.total());
+        for k in self.stats.by_kind {
+            w.u64(k);
+        }
+        snap.sections.push((tag::EXITS, w.into_inner()));
+        snap.write_to(path)?;
+        Ok(())
+    }
+
+    /// Sets where nondeterministic inputs come from (default: live, no recorder).
+    pub fn set_inputs(&mut self, inputs: Inputs) {
+        self.inputs = inputs;
+    }
+
+    /// A handle to pause the VM from another thread and watch its exit count.
+    pub fn control(&self) -> VmControl {
+        VmControl {
+            kick: self.kick.clone(),
+            exits: self.stats.total.clone(),
+        }
+    }
+
+    /// Runs the guest on the calling thread until it powers off or is paused.
+    ///
+    /// # Errors
+    /// [`VmError::Vcpu`] on a guest fault (the message has a register dump) or device error.
+    pub fn run(&mut self) -> Result<RunOutcome, VmError> {
+        self.run_until(None)
+    }
+
+    /// Like [`Vm::run`], but returns [`RunOutcome::ExitLimit`] once `limit` exits in total have
+    /// been handled (deterministic stopping points for save/restore and replay).
+    ///
+    /// # Errors
+    /// As [`Vm::run`].
+    pub fn run_until(&mut self, limit: Option<u64>) -> Result<RunOutcome, VmError> {
+        let start = Instant::now();
+        let r = self.vcpu.run(
+            &mut self.devices,
+            &self.mem,
+            &mut self.inputs,
+            &mut self.stats,
+            &self.kick,
+            limit,
+        );
+        self.run_time += start.elapsed();
+        Ok(match r? {
+            RunExit::PowerOff(code) => RunOutcome::PoweredOff(code),
+            RunExit::Kicked => RunOutcome::Paused,
+            RunExit::ExitLimit => RunOutcome::ExitLimit,
+        })
+    }
+
+    /// Exit counters.
+    pub fn stats(&self) -> &ExitStats {
+        &self.stats
+    }
+
+    /// Exits by kind as `(name, count)`.
+    pub fn exits_by_kind(&self) -> Vec<(&'static str, u64)> {
+        ExitKind::ALL
+            .iter()
+            .map(|k| (k.name(), self.stats.count(*k)))
+            .collect()
+    }
+
+    /// Time spent in [`Vm::run`] so far.
+    pub fn run_time(&self) -> Duration {
+        self.run_time
+    }
+
+    /// A digest of all guest memory.
+    pub fn memory_digest(&self) -> u64 {
+        crate::memory::digest(&self.mem)
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// A register dump of the vCPU.
+    pub fn dump_registers(&self) -> String {
+        self.vcpu.dump_registers()
+    }
+}
+
+/// A console that collects output in memory (for tests and tools).
+pub fn buffer_console() -> (ConsoleOutput, Arc<Mutex<Vec<u8>>>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    (ConsoleOutput::Buffer(buf.clone()), buf)
+}

@@ -125,3 +125,222 @@ pub(crate) fn apply_logged_writes(
         None => Ok(()),
     }
 }
+
+/// A recorder and replay source over an in-memory log, for tests.
+pub mod memlog {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use super::{Recorder, ReplayError, ReplaySource};
+
+    /// One logged input.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Event {
+        /// An MMIO read value from outside.
+        Read {
+            /// Exit index.
+            exit: u64,
+            /// MMIO address.
+            addr: u64,
+            /// Value.
+            value: u64,
+        },
+        /// A device write into guest memory.
+        Write {
+            /// Exit index.
+            exit: u64,
+            /// Guest address.
+            gpa: u64,
+            /// Bytes.
+            data: Vec<u8>,
+        },
+    }
+
+    /// Records into a shared `Vec<Event>`.
+    #[derive(Debug, Clone, Default)]
+    pub struct MemRecorder {
+        /// The log.
+        pub log: Arc<Mutex<Vec<Event>>>,
+    }
+
+    impl Recorder for MemRecorder {
+        fn external_read(&mut self, exit: u64, addr: u64, value: u64) {
+            self.log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Event::Read { exit, addr, value });
+        }
+        fn guest_write(&mut self, exit: u64, gpa: u64, data: &[u8]) {
+            self.log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Event::Write {
+                    exit,
+                    gpa,
+                    data: data.to_vec(),
+                });
+        }
+    }
+
+    /// Replays a `Vec<Event>` in order.
+    #[derive(Debug, Clone, Default)]
+    pub struct MemReplay {
+        events: VecDeque<Event>,
+    }
+
+    impl MemReplay {
+        /// A source over `events`.
+        pub fn new(events: Vec<Event>) -> Self {
+            MemReplay {
+                events: events.into(),
+            }
+        }
+        /// Events not consumed yet.
+        pub fn remaining(&self) -> usize {
+            self.events.len()
+        }
+    }
+
+    impl ReplaySource for MemReplay {
+        fn external_read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
+            match self.events.pop_front() {
+                Some(Event::Read {
+                    exit: e,
+                    addr: a,
+                    value,
+                }) if e == exit && a == addr => Ok(value),
+                Some(other) => Err(ReplayError::Diverged {
+                    exit,
+                    what: format!("read of {addr:#x} but the log has {other:?}"),
+                }),
+                None => Err(ReplayError::Exhausted { exit }),
+            }
+        }
+        fn guest_writes(
+            &mut self,
+            exit: u64,
+            apply: &mut dyn FnMut(u64, &[u8]),
+        ) -> Result<(), ReplayError> {
+            while let Some(Event::Write { exit: e, .. }) = self.events.front() {
+                if *e != exit {
+                    break;
+                }
+                if let Some(Event::Write { gpa, data, .. }) = self.events.pop_front() {
+                    apply(gpa, &data);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memlog::{Event, MemRecorder, MemReplay};
+    use super::*;
+    use crate::bus::ExitCtx;
+    use crate::devices::sys::{REG_CLOCK_NS, REG_ENTROPY, REG_WAIT};
+    use crate::memory::MMIO_BASE;
+    use crate::testing::{Asm, Reg};
+    use crate::vm::{buffer_console, RunOutcome, Vm, VmConfig};
+
+    #[test]
+    fn device_writes_reach_the_recorder() {
+        let mem = crate::memory::allocate(4 << 20).unwrap();
+        let rec = MemRecorder::default();
+        let mut inputs = Inputs::Live(Box::new(rec.clone()));
+        let mut ctx = ExitCtx {
+            mem: &mem,
+            exit: 7,
+            inputs: &mut inputs,
+        };
+        ctx.write_guest(0x5000, b"abc").unwrap();
+        ctx.record_written(0x5001, 2).unwrap();
+        assert!(ctx.write_guest(1 << 30, b"x").is_err());
+        let log = rec.log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            vec![
+                Event::Write {
+                    exit: 7,
+                    gpa: 0x5000,
+                    data: b"abc".to_vec()
+                },
+                Event::Write {
+                    exit: 7,
+                    gpa: 0x5001,
+                    data: b"bc".to_vec()
+                },
+            ]
+        );
+    }
+
+    /// clock ^ entropy, stored in memory, printed, then WAIT, then power off with the value.
+    fn nondeterministic_guest() -> Vec<u8> {
+        Asm::new()
+            .load(Reg::Rbx, REG_CLOCK_NS as u8)
+            .load(Reg::Rcx, REG_ENTROPY as u8)
+            .xor_rbx_rcx()
+            .mov_imm(Reg::Rdx, 0x40000)
+            .store_rbx_at_rdx()
+            .print(0x40000, 8)
+            .load(Reg::Rcx, REG_WAIT as u8)
+            .power_off_rbx()
+            .elf()
+    }
+
+    #[test]
+    fn replay_reproduces_a_recorded_run() {
+        crate::require_kvm!("replay_reproduces_a_recorded_run");
+        let elf = nondeterministic_guest();
+        let run = |inputs: Inputs| {
+            let (console, out) = buffer_console();
+            let cfg = VmConfig {
+                mem_size: 4 << 20,
+                console,
+                ..Default::default()
+            };
+            let mut vm = Vm::new(&cfg, &elf).unwrap();
+            vm.set_inputs(inputs);
+            let outcome = vm.run().unwrap();
+            let bytes = out.lock().unwrap().clone();
+            (outcome, bytes, vm.memory_digest())
+        };
+        let rec = MemRecorder::default();
+        let recorded = run(Inputs::Live(Box::new(rec.clone())));
+        let log = rec.log.lock().unwrap().clone();
+        let reads: Vec<(u64, u64)> = log
+            .iter()
+            .filter_map(|e| match e {
+                Event::Read { exit, addr, .. } => Some((*exit, *addr)),
+                Event::Write { .. } => None,
+            })
+            .collect();
+        assert_eq!(
+            reads,
+            vec![
+                (0, MMIO_BASE + REG_CLOCK_NS),
+                (1, MMIO_BASE + REG_ENTROPY),
+                (4, MMIO_BASE + REG_WAIT)
+            ]
+        );
+        // A second live run differs (fresh entropy) ...
+        let other = run(Inputs::default());
+        assert_ne!(other.0, recorded.0);
+        // ... the replay is identical: exit code, console output, memory.
+        let replayed = run(Inputs::Replay(Box::new(MemReplay::new(log.clone()))));
+        assert_eq!(replayed, recorded);
+        assert!(matches!(recorded.0, RunOutcome::PoweredOff(_)));
+        // A log from which one read is missing is detected as a divergence.
+        let mut broken = log;
+        broken.remove(1);
+        let cfg = VmConfig {
+            mem_size: 4 << 20,
+            ..Default::default()
+        };
+        let mut vm = Vm::new(&cfg, &elf).unwrap();
+        vm.set_inputs(Inputs::Replay(Box::new(MemReplay::new(broken))));
+        let e = vm.run().unwrap_err();
+        assert!(format!("{:?}", e).contains("Diverged"), "{e:?}");
+    }
+}

@@ -233,7 +233,9 @@ impl BusDevice for VirtioMmio {
                 _ => {}
             },
             QUEUE_SEL => self.queue_sel = v,
-            QUEUE_NUM => {
+            QUEUE_NUM if v != 0 => {
+                // (0 is written when a driver releases a queue; keep the old size, the queue
+                // is not ready then.)
                 if let Some(q) = self.selected() {
                     q.set_size(v as u16);
                 }

@@ -1,0 +1,154 @@
+//! Shared helpers of the integration tests: the `kv` guest in a network namespace.
+
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Output;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ftvm_channel::netns::Netns;
+use ftvm_vmm_core::devices::ConsoleOutput;
+use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
+
+/// Guest address and port.
+pub const GUEST_IP: &str = "10.0.2.15";
+/// The TAP interface inside the namespace.
+pub const TAP: &str = "ftvmtap0";
+
+/// Why a networked test cannot run here, if it cannot.
+pub fn net_missing() -> Option<String> {
+    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
+        return Some(r);
+    }
+    if let Err(r) = ftvm_channel::netns::require_root() {
+        return Some(r);
+    }
+    if std::process::Command::new("redis-cli")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return Some("redis-cli not installed (Debian package redis-tools)".into());
+    }
+    None
+}
+
+/// A namespace with a TAP at 10.0.2.1/24; deleted on drop.
+pub fn namespace(tag: &str) -> Netns {
+    let name = format!("ftvm-vmm-{tag}-{}", std::process::id());
+    let ns = Netns::create(&name).expect("create netns");
+    ns.add_tap(TAP, Some((Ipv4Addr::new(10, 0, 2, 1), 24)))
+        .expect("add tap");
+    ns
+}
+
+/// A VM running on its own thread; kicked (stopped) and joined on drop.
+pub struct RunningVm {
+    pub control: VmControl,
+    pub console: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    handle: Option<JoinHandle<Result<RunOutcome, String>>>,
+}
+
+impl RunningVm {
+    /// Waits for the VM to stop and returns how.
+    pub fn join(mut self) -> Result<RunOutcome, String> {
+        let h = self.handle.take().expect("joined once");
+        h.join().map_err(|_| "VM thread panicked".to_string())?
+    }
+    /// The console output so far.
+    pub fn console_text(&self) -> String {
+        String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.control.kick();
+            let _ = h.join();
+        }
+    }
+}
+
+/// Starts the `kv` guest with `disk` on the TAP of `ns`.
+pub fn start_kv(ns: &Netns, disk: &Path, extra_cmdline: &str) -> RunningVm {
+    let (console, buf) = buffer_console();
+    let config = VmConfig {
+        mem_size: 64 << 20,
+        cmdline: format!("ip={GUEST_IP}/24 gw=10.0.2.1 port=6379 {extra_cmdline}"),
+        disk: Some(disk.to_path_buf()),
+        tap: Some(TAP.into()),
+        console: ConsoleOutput::clone(&console),
+        ..Default::default()
+    };
+    let elf = ftvm_vmm_core::guests::by_name("kv").expect("kv guest embedded");
+    let (tx, rx) = mpsc::channel();
+    let handle = ns
+        .spawn("kv-vcpu", move || -> Result<RunOutcome, String> {
+            let mut vm = match Vm::new(&config, elf) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:?}")));
+                    return Err(format!("{e:?}"));
+                }
+            };
+            let _ = tx.send(Ok(vm.control()));
+            vm.run().map_err(|e| format!("{e:?}"))
+        })
+        .expect("spawn VM thread");
+    let control = rx.recv().expect("VM thread reports").expect("VM starts");
+    let handle = Some(std::thread::spawn(move || match handle.join() {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("VM thread panicked".into()),
+    }));
+    RunningVm {
+        control,
+        console: buf,
+        handle,
+    }
+}
+
+/// `redis-cli -h GUEST_IP ARGS...` inside `ns`, with a 10 s timeout.
+pub fn redis(ns: &Netns, args: &[&str]) -> Output {
+    let mut all = vec!["10", "redis-cli", "-h", GUEST_IP, "-p", "6379"];
+    all.extend_from_slice(args);
+    ns.exec("timeout", &all).expect("run redis-cli")
+}
+
+/// The reply of a redis-cli command, trimmed.
+pub fn redis_reply(ns: &Netns, args: &[&str]) -> String {
+    let out = redis(ns, args);
+    assert!(out.status.success(), "redis-cli {args:?} failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits until the guest answers PING (at most 15 s).
+pub fn wait_ready(ns: &Netns, vm: &RunningVm) {
+    let start = Instant::now();
+    loop {
+        let all = ["2", "redis-cli", "-h", GUEST_IP, "-p", "6379", "PING"];
+        let out = ns.exec("timeout", &all).expect("redis-cli");
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "kv guest did not answer PING; console: {}",
+            vm.console_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends SHUTDOWN (the guest powers off without closing the connection, so redis-cli is given
+/// only 1 s to wait for a reply that never comes).
+pub fn redis_shutdown(ns: &Netns) {
+    let _ = ns.exec(
+        "timeout",
+        &["1", "redis-cli", "-h", GUEST_IP, "-p", "6379", "SHUTDOWN"],
+    );
+}

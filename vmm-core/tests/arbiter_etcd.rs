@@ -18,6 +18,8 @@ use ftvm_vmm_core::ft::arbiter::{EtcdArbiter, EtcdConfig};
 use ftvm_vmm_core::ft::{acquire_with_retry, Acquire, Arbiter, NodeId, RetryPolicy};
 
 const ROUNDS: u64 = 30;
+/// Time between two rounds of the lockstep race, in microseconds.
+const STEP_US: u64 = 20_000;
 
 fn id(s: &str) -> NodeId {
     NodeId::new(s).expect("valid node id")
@@ -62,7 +64,7 @@ fn wait_ready(arb: &EtcdArbiter, limit: Duration) {
 
 /// Child-process entry point (does nothing in a normal test run): claims generations
 /// `1..=FTVM_ARB_ROUNDS` through etcd at `FTVM_ETCD_ENDPOINTS` as `FTVM_ARB_ID`, starting at
-/// wall-clock time `FTVM_ARB_START`, printing `ARB <generation> won|lost <generation> <winner>`.
+/// wall-clock time `FTVM_ARB_START` plus `FTVM_ARB_STEP_US` per round (lockstep), printing `ARB <generation> won|lost <generation> <winner>`.
 #[test]
 fn child_etcd_claimer() {
     if child_role().as_deref() != Some("etcd-claimer") {
@@ -77,10 +79,13 @@ fn child_etcd_claimer() {
     let rounds: u64 = env("FTVM_ARB_ROUNDS").parse().expect("rounds");
     let start: u128 = env("FTVM_ARB_START").parse().expect("start");
     wait_ready(&arb, Duration::from_secs(10));
-    while unix_nanos() < start {
-        thread::sleep(Duration::from_micros(200));
-    }
+    let step: u128 = env("FTVM_ARB_STEP_US").parse().expect("step");
     for generation in 1..=rounds {
+        // Lockstep: both processes claim generation g at the same instant.
+        let at = start + u128::from(generation - 1) * step * 1000;
+        while unix_nanos() < at {
+            thread::sleep(Duration::from_micros(100));
+        }
         match arb.try_acquire(generation, &me).expect("claim") {
             Acquire::Won => println!("ARB {generation} won"),
             Acquire::Lost {
@@ -111,6 +116,7 @@ fn etcd_two_processes_race_exactly_one_wins_and_stale_loses() {
                 ("FTVM_ARB_ID", who.to_string()),
                 ("FTVM_ARB_ROUNDS", ROUNDS.to_string()),
                 ("FTVM_ARB_START", start.to_string()),
+                ("FTVM_ARB_STEP_US", STEP_US.to_string()),
             ],
         )
     };

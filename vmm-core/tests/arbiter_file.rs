@@ -17,6 +17,8 @@ use ftvm_vmm_core::ft::{
 };
 
 const ROUNDS: u64 = 200;
+/// Time between two rounds of the lockstep race, in microseconds.
+const STEP_US: u64 = 5_000;
 
 fn id(s: &str) -> NodeId {
     NodeId::new(s).expect("valid node id")
@@ -31,7 +33,7 @@ fn unix_nanos() -> u128 {
 
 /// Child-process entry point (does nothing in a normal test run): claims generations
 /// `1..=FTVM_ARB_ROUNDS` on `FTVM_ARB_DIR` as `FTVM_ARB_ID`, starting at wall-clock time
-/// `FTVM_ARB_START` (ns), and prints one `ARB <generation> won|lost <generation> <winner>` line
+/// `FTVM_ARB_START` (ns) plus `FTVM_ARB_STEP_US` per round (lockstep), and prints one `ARB <generation> won|lost <generation> <winner>` line
 /// per claim.
 #[test]
 fn child_file_claimer() {
@@ -43,10 +45,13 @@ fn child_file_claimer() {
     let rounds: u64 = env("FTVM_ARB_ROUNDS").parse().expect("rounds");
     let first: u64 = env("FTVM_ARB_FIRST").parse().expect("first generation");
     let start: u128 = env("FTVM_ARB_START").parse().expect("start time");
-    while unix_nanos() < start {
-        thread::sleep(Duration::from_micros(200));
-    }
+    let step: u128 = env("FTVM_ARB_STEP_US").parse().expect("step");
     for generation in first..first + rounds {
+        // Lockstep: both processes claim generation g at the same instant.
+        let at = start + u128::from(generation - first) * step * 1000;
+        while unix_nanos() < at {
+            thread::sleep(Duration::from_micros(100));
+        }
         match arbiter.try_acquire(generation, &me).expect("claim") {
             Acquire::Won => println!("ARB {generation} won"),
             Acquire::Lost {
@@ -69,6 +74,7 @@ fn spawn_claimer(dir: &Path, who: &str, first: u64, rounds: u64, start: u128) ->
             ("FTVM_ARB_ROUNDS", rounds.to_string()),
             ("FTVM_ARB_FIRST", first.to_string()),
             ("FTVM_ARB_START", start.to_string()),
+            ("FTVM_ARB_STEP_US", STEP_US.to_string()),
         ],
     )
 }

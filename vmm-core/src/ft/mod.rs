@@ -11,13 +11,38 @@
 //! backup taking over, or the primary continuing alone) only after (1) the failure detector has
 //! declared its peer failed and (2) it has won the next generation on the arbiter. While the
 //! arbiter is unreachable it waits; it does not guess.
+//!
+//! ```
+//! use ftvm_vmm_core::ft::{take_over, Acquire, Arbiter, Fence, FileArbiter, NodeId, RetryPolicy};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let shared = tempfile::tempdir()?; // in production: a directory on shared storage
+//! let arbiter = FileArbiter::new(shared.path());
+//! let (primary, backup) = (NodeId::new("host-a")?, NodeId::new("host-b")?);
+//!
+//! // The pair starts in generation 1, held by the primary.
+//! assert_eq!(arbiter.try_acquire(1, &primary)?, Acquire::Won);
+//! let fence = Fence::new(1);
+//!
+//! // The backup's detector presumed the primary failed: take over (waits while the
+//! // directory is unreachable; `|| false`: never give up).
+//! let (generation, outcome) = take_over(&arbiter, &fence, &backup, RetryPolicy::default(), || false)?;
+//! assert_eq!((generation, outcome), (2, Acquire::Won));
+//!
+//! // Generation 2 is now the only one accepted: the old primary's frames are fenced off.
+//! assert!(fence.allows(2) && !fence.allows(1));
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod arbiter;
 pub mod detector;
 pub mod fence;
 pub mod node;
 
-pub use arbiter::{acquire_with_retry, Acquire, Arbiter, ArbiterError, FileArbiter, RetryPolicy};
+pub use arbiter::{
+    acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, FileArbiter, RetryPolicy,
+};
 pub use detector::{
     Detector, DetectorConfig, DetectorError, DetectorEvent, DetectorStats, PeerState, TrafficNote,
 };

@@ -18,7 +18,7 @@
 //! (a *stale* claim loses, [`Acquire::Lost`] naming the newest generation and its winner).
 //!
 //! Generations also *fence*: frames, heartbeats and outputs carry the sender's generation, and
-//! the receiver only accepts its own current generation ([`Fence`](crate::ft::fence::Fence)).
+//! the receiver only accepts its own current generation ([`Fence`]).
 //! A primary that was partitioned away and still believes it is live keeps stamping its old
 //! generation, so everything it sends is dropped by the nodes of the newer generation, and the
 //! output releaser never releases its outputs once it has seen the newer generation.
@@ -44,6 +44,7 @@ pub use file::FileArbiter;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::ft::fence::Fence;
 use crate::ft::node::NodeId;
 
 /// The outcome of a test-and-set.
@@ -249,6 +250,39 @@ pub fn acquire_with_retry<A: Arbiter + ?Sized>(
     }
 }
 
+/// Goes live the only safe way: waits for and wins the generation after `fence`'s current one.
+///
+/// Call it once the failure detector has presumed the peer failed. It runs
+/// [`acquire_with_retry`] for `fence.current() + 1`; on [`Acquire::Won`] it advances `fence` to
+/// the new generation (from then on everything stamped with the old generation is refused) and
+/// the caller may go live. On [`Acquire::Lost`] the fence is left alone: the other side (or a
+/// newer claim) won, and this node must not go live — in VMware FT's terms, it halts.
+///
+/// # Errors
+/// As [`acquire_with_retry`]: [`ArbiterError::Stopped`] when `should_stop` fired first, or an
+/// error other than [`ArbiterError::Unreachable`].
+pub fn take_over<A: Arbiter + ?Sized>(
+    arbiter: &A,
+    fence: &Fence,
+    who: &NodeId,
+    policy: RetryPolicy,
+    should_stop: impl Fn() -> bool,
+) -> Result<(u64, Acquire), ArbiterError> {
+    let generation = fence.current().saturating_add(1);
+    let outcome = acquire_with_retry(arbiter, generation, who, policy, should_stop)?;
+    if outcome.is_won() {
+        fence.advance(generation);
+        tracing::info!(generation, %who, "took over: this node is live in the new generation");
+    } else {
+        tracing::warn!(
+            generation,
+            ?outcome,
+            "take-over lost: this node must not go live"
+        );
+    }
+    Ok((generation, outcome))
+}
+
 impl ArbiterError {
     /// The error's source chain as one line (for logs).
     fn source_text(&self) -> String {
@@ -307,6 +341,30 @@ mod tests {
         let r = acquire_with_retry(&a, 1, &who, quick(), || false);
         assert_eq!(r.ok(), Some(Acquire::Won));
         assert_eq!(a.calls.load(Ordering::SeqCst), 6);
+    }
+
+    #[test]
+    fn take_over_advances_the_fence_only_when_won() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let arb = FileArbiter::new(dir.path());
+        let (a, b) = (NodeId::new("a").expect("id"), NodeId::new("b").expect("id"));
+        let (fa, fb) = (Fence::new(1), Fence::new(1));
+        assert_eq!(arb.try_acquire(1, &a).ok(), Some(Acquire::Won));
+        let (g, won) = take_over(&arb, &fa, &a, quick(), || false).expect("take over");
+        assert_eq!((g, won), (2, Acquire::Won));
+        assert_eq!(fa.current(), 2);
+        let (g, lost) = take_over(&arb, &fb, &b, quick(), || false).expect("take over");
+        assert_eq!(
+            (g, lost),
+            (
+                2,
+                Acquire::Lost {
+                    generation: 2,
+                    winner: a
+                }
+            )
+        );
+        assert_eq!(fb.current(), 1, "a loser's fence must not move");
     }
 
     #[test]

@@ -286,3 +286,87 @@ fn file_retry_can_be_stopped_while_unreachable() {
         .expect("stopped");
     assert!(matches!(r, Err(ArbiterError::Stopped)), "{r:?}");
 }
+
+/// A read-only bind mount of a directory over itself, unmounted on drop (also on failure).
+struct ReadOnlyMount {
+    path: std::path::PathBuf,
+}
+
+impl ReadOnlyMount {
+    /// `None` (after printing why) where bind mounts are not allowed.
+    fn new(path: &Path) -> Option<Self> {
+        let run = |args: &[&str]| {
+            std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let p = path.to_str().expect("utf-8 path");
+        if !run(&["mount", "--bind", p, p]) {
+            return None;
+        }
+        let guard = Self {
+            path: path.to_path_buf(),
+        };
+        if !run(&["mount", "-o", "remount,bind,ro", p]) {
+            return None; // the guard unmounts the bind mount
+        }
+        Some(guard)
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn file_read_only_directory_waits_then_wins() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let share = root.path().join("share");
+    fs::create_dir(&share).expect("mkdir");
+    let arbiter = FileArbiter::new(&share);
+    let me = id("survivor");
+    assert_eq!(
+        arbiter.try_acquire(1, &id("old")).expect("claim"),
+        Acquire::Won
+    );
+
+    let Some(mount) = ReadOnlyMount::new(&share) else {
+        eprintln!("SKIP file_read_only_directory_waits_then_wins: cannot bind-mount (needs root)");
+        return;
+    };
+    // Readable but not writable (a storage server exporting read-only after an error).
+    assert_eq!(arbiter.current().expect("readable"), Some((1, id("old"))));
+    let err = arbiter.try_acquire(2, &me).expect_err("read-only");
+    assert!(err.is_unreachable(), "{err:?}");
+    let (stop, outcome) = {
+        // Generation 2 this time: the retry helper in this file claims generation 1.
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let (arbiter, me, flag) = (arbiter.clone(), me.clone(), stop.clone());
+        thread::spawn(move || {
+            let policy = RetryPolicy {
+                initial: Duration::from_millis(5),
+                max: Duration::from_millis(50),
+            };
+            let r = acquire_with_retry(&arbiter, 2, &me, policy, || flag.load(Ordering::Relaxed));
+            let _ = tx.send(r);
+        });
+        (stop, rx)
+    };
+    assert!(
+        outcome.recv_timeout(Duration::from_millis(400)).is_err(),
+        "returned while the directory was read-only"
+    );
+    drop(mount);
+    let r = outcome
+        .recv_timeout(Duration::from_secs(5))
+        .expect("claim completed after the directory became writable");
+    assert_eq!(r.expect("claim"), Acquire::Won);
+    assert_eq!(arbiter.current().expect("current"), Some((2, me)));
+    stop.store(true, Ordering::Relaxed);
+}

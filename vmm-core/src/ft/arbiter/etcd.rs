@@ -76,6 +76,10 @@ struct Connections {
 }
 
 /// The test-and-set as an etcd transaction (see the [module docs](self)).
+///
+/// The API is blocking: the arbiter drives its gRPC client on a private single-threaded tokio
+/// runtime, so it must not be called from inside an async runtime's worker thread (use
+/// `spawn_blocking` there). Operations are serialised (one at a time per arbiter).
 #[derive(Debug)]
 pub struct EtcdArbiter {
     config: EtcdConfig,

@@ -162,6 +162,68 @@ impl<A: Arbiter + ?Sized> Arbiter for Box<A> {
     }
 }
 
+impl<A: Arbiter + ?Sized> Arbiter for std::sync::Arc<A> {
+    fn try_acquire(&self, generation: u64, who: &NodeId) -> Result<Acquire, ArbiterError> {
+        (**self).try_acquire(generation, who)
+    }
+
+    fn current(&self) -> Result<Option<(u64, NodeId)>, ArbiterError> {
+        (**self).current()
+    }
+}
+
+/// Default etcd key prefix used by [`open`] when the spec names none.
+pub const DEFAULT_ETCD_PREFIX: &str = "/ftvm";
+
+/// Opens the arbiter named by a command-line style `spec`:
+/// - `file:<directory>` (or a bare path): a [`FileArbiter`] on that shared directory;
+/// - `etcd:<url>[,<url>…][#<prefix>]`: an `EtcdArbiter` on those endpoints (feature `etcd`),
+///   keys under `<prefix>` (default [`DEFAULT_ETCD_PREFIX`]), e.g.
+///   `etcd:http://10.0.0.1:2379,http://10.0.0.2:2379#/ftvm/vm1`.
+///
+/// Nothing is contacted yet.
+///
+/// # Errors
+/// [`ArbiterError::Setup`] (with an [`std::io::ErrorKind::InvalidInput`] source) for an empty
+/// spec, an `etcd:` spec without endpoints, or `etcd:` in a build without the `etcd` feature;
+/// as [`EtcdArbiter::new`] otherwise.
+pub fn open(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
+    let invalid = |msg: String| {
+        ArbiterError::Setup(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))
+    };
+    if let Some(rest) = spec.strip_prefix("etcd:") {
+        let (urls, prefix) = rest.split_once('#').unwrap_or((rest, DEFAULT_ETCD_PREFIX));
+        let endpoints: Vec<String> = urls
+            .split(',')
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(invalid(format!(
+                "arbiter spec {spec:?} names no etcd endpoint"
+            )));
+        }
+        #[cfg(feature = "etcd")]
+        {
+            return Ok(Box::new(EtcdArbiter::new(EtcdConfig::new(
+                endpoints, prefix,
+            ))?));
+        }
+        #[cfg(not(feature = "etcd"))]
+        {
+            let _ = prefix;
+            return Err(invalid(format!(
+                "arbiter spec {spec:?}: built without the `etcd` feature"
+            )));
+        }
+    }
+    let dir = spec.strip_prefix("file:").unwrap_or(spec);
+    if dir.is_empty() {
+        return Err(invalid("empty arbiter spec".into()));
+    }
+    Ok(Box::new(FileArbiter::new(dir)))
+}
+
 /// Back-off between attempts of [`acquire_with_retry`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -365,6 +427,31 @@ mod tests {
             )
         );
         assert_eq!(fb.current(), 1, "a loser's fence must not move");
+    }
+
+    #[test]
+    fn open_parses_specs() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let who = NodeId::new("a").expect("id");
+        let spec = format!("file:{}", dir.path().display());
+        assert_eq!(
+            open(&spec).expect("file spec").try_acquire(1, &who).ok(),
+            Some(Acquire::Won)
+        );
+        let bare = dir.path().display().to_string();
+        assert_eq!(
+            open(&bare).expect("bare path").current().ok(),
+            Some(Some((1, who)))
+        );
+        assert!(matches!(open(""), Err(ArbiterError::Setup(_))));
+        assert!(matches!(open("etcd:"), Err(ArbiterError::Setup(_))));
+        assert!(matches!(open("etcd:#/p"), Err(ArbiterError::Setup(_))));
+        #[cfg(feature = "etcd")]
+        {
+            // Port 1: nothing listens; the spec still parses, the store is unreachable.
+            let arb = open("etcd:http://127.0.0.1:1#/x").expect("etcd spec");
+            assert!(arb.current().expect_err("nothing there").is_unreachable());
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - (b) streaming throughput of 1 KiB records: the primary appends as fast as the window
 //!   allows; time from the first append to the acknowledgement of the last.
 //!
+//! Option: `--transports shm,uring` measures a subset.
+//!
 //! The blocking `tcp` mode sleeps in `poll(2)` when idle (the classic design); the others spin.
 //! Output: `results/channel.json`, `results/channel.svg`.
 
@@ -216,8 +218,21 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
     } else {
         (100_000, 2_000_000)
     };
+    let mut only: Vec<String> = TRANSPORTS.iter().map(|s| s.to_string()).collect();
+    let mut it = opts.rest.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--transports" => {
+                let list = it
+                    .next()
+                    .context("--transports needs a comma-separated list")?;
+                only = list.split(',').map(str::to_owned).collect();
+            }
+            other => return Err(anyhow!("unknown option {other} (--transports shm,tcp,...)")),
+        }
+    }
     let mut rows: Vec<Row> = Vec::new();
-    for kind in TRANSPORTS {
+    for kind in only.iter().map(String::as_str) {
         // The blocking mode costs ~60-100 µs per round trip: fewer samples keep the run short.
         let samples = if kind == "tcp" {
             rtt_samples / 4

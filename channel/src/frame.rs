@@ -62,8 +62,9 @@ pub const RESERVED_OFFSET: usize = 20;
 pub const DATA_HEADER_LEN: usize = 16;
 /// Length of the ACK body.
 pub const ACK_BODY_LEN: usize = 24;
-/// ACK flag: the backup dropped a frame ahead of a gap (the sender may retransmit at once).
-pub const ACK_FLAG_GAP: u64 = 1;
+/// Mask of the ACK `flags` word holding the number of frames the backup dropped beyond a gap
+/// since its previous ack (a loss signal: the sender retransmits at once after a few).
+pub const ACK_GAP_MASK: u64 = 0xFFFF_FFFF;
 /// Length of the HEARTBEAT body.
 pub const HEARTBEAT_BODY_LEN: usize = 8;
 /// Length of the HELLO body.
@@ -194,8 +195,8 @@ pub enum Frame<'a> {
         acked: u64,
         /// Every record with a sequence number ≤ this was executed by the backup.
         executed: u64,
-        /// The backup saw a frame beyond a gap since its previous ack.
-        gap: bool,
+        /// Frames the backup dropped beyond a gap since its previous ack.
+        gap: u32,
     },
     /// Keep-alive.
     Heartbeat {
@@ -332,7 +333,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, FrameError> {
             Frame::Ack {
                 acked: rd_u64(body, 0),
                 executed: rd_u64(body, 8),
-                gap: rd_u64(body, 16) & ACK_FLAG_GAP != 0,
+                gap: (rd_u64(body, 16) & ACK_GAP_MASK) as u32,
             }
         }
         FrameType::Heartbeat => {
@@ -390,11 +391,11 @@ pub fn encode_refuse(buf: &mut Vec<u8>, generation: u64, reason: u32, text: &str
 }
 
 /// Encodes an ACK.
-pub fn encode_ack(buf: &mut Vec<u8>, generation: u64, acked: u64, executed: u64, gap: bool) {
+pub fn encode_ack(buf: &mut Vec<u8>, generation: u64, acked: u64, executed: u64, gap: u32) {
     begin(buf, FrameType::Ack, generation);
     buf.extend_from_slice(&acked.to_le_bytes());
     buf.extend_from_slice(&executed.to_le_bytes());
-    buf.extend_from_slice(&(if gap { ACK_FLAG_GAP } else { 0 }).to_le_bytes());
+    buf.extend_from_slice(&u64::from(gap).to_le_bytes());
     finish(buf);
 }
 
@@ -536,13 +537,13 @@ mod tests {
                 text: "no"
             })
         );
-        encode_ack(&mut b, 5, 10, 8, true);
+        encode_ack(&mut b, 5, 10, 8, 2);
         assert_eq!(
             decode(&b).map(|d| d.frame),
             Ok(Frame::Ack {
                 acked: 10,
                 executed: 8,
-                gap: true
+                gap: 2
             })
         );
         encode_heartbeat(&mut b, 5, 77);
@@ -572,7 +573,7 @@ mod tests {
     #[test]
     fn corruption_is_detected() {
         let mut b = Vec::new();
-        encode_ack(&mut b, 1, 10, 8, false);
+        encode_ack(&mut b, 1, 10, 8, 0);
         for i in 0..b.len() {
             let mut c = b.clone();
             c[i] ^= 0x40;

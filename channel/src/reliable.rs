@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 /// How long a poller with nothing to do lets a blocking transport wait for the peer.
 const IDLE_WAIT: Duration = Duration::from_millis(1);
+/// Most frames timed for round-trip samples at once.
+const MAX_TIMED: usize = 4096;
 /// Upper bound of the retransmit timeout's back-off.
 const MAX_RTO: Duration = Duration::from_millis(500);
 
@@ -153,13 +155,19 @@ pub struct Sender {
     high_water: u64,
     acked: u64,
     dup_acks: u32,
-    /// Current retransmit timeout (doubles on each timeout without progress).
+    /// Highest sequence number sent when the last go-back-N happened.
+    recover: u64,
+    /// Current retransmit timeout: `srtt + 4·rttvar`, at least `cfg.rto`, doubled on each
+    /// timeout without progress.
     rto: Duration,
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// (last sequence number, send time) of frames sent for the first time, for RTT samples.
+    sent_times: std::collections::VecDeque<(u64, Instant)>,
     frame: Vec<u8>,
     /// A built frame the transport had no room for, with the state to apply once it is sent.
     pending: Option<Advance>,
     last_progress: Instant,
-    last_retransmit: Instant,
     last_send: Instant,
     last_heard: Instant,
     heartbeat_nonce: u64,
@@ -240,11 +248,14 @@ impl Sender {
             high_water: head,
             acked: base_seq.max(1) - 1,
             dup_acks: 0,
+            recover: 0,
             rto: rto0,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            sent_times: std::collections::VecDeque::with_capacity(1024),
             frame: Vec::with_capacity(64 << 10),
             pending: None,
             last_progress: now,
-            last_retransmit: now,
             last_send: now,
             last_heard: now,
             heartbeat_nonce: 0,
@@ -346,7 +357,7 @@ impl Sender {
                     self.acked + 1
                 )));
             }
-            self.on_ack(peer.seq - 1, peer.executed, false)?;
+            self.on_ack(peer.seq - 1, peer.executed, 0)?;
         }
         let now = Instant::now();
         self.last_heard = now;
@@ -368,19 +379,45 @@ impl Sender {
         self.frag_next = 0;
         self.pending = None;
         self.dup_acks = 0;
+        // Karn: no round-trip samples from frames that may be retransmissions.
+        self.sent_times.clear();
+    }
+
+    /// Feeds one round-trip sample into the smoothed estimate (RFC 6298) and recomputes the
+    /// retransmit timeout.
+    fn rtt_sample(&mut self, sample: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(sample);
+                self.rttvar = sample / 2;
+            }
+            Some(srtt) => {
+                let diff = srtt.abs_diff(sample);
+                self.rttvar = (self.rttvar * 3 + diff) / 4;
+                self.srtt = Some((srtt * 7 + sample) / 8);
+            }
+        }
+        self.rto = self.rto_estimate();
+    }
+
+    fn rto_estimate(&self) -> Duration {
+        match self.srtt {
+            Some(srtt) => (srtt + 4 * self.rttvar).clamp(self.cfg.rto, MAX_RTO),
+            None => self.cfg.rto,
+        }
     }
 
     /// Releases every record ≤ `acked` from the log buffer and advances the send position past
     /// them when it lags.
-    fn on_ack(&mut self, acked: u64, executed: u64, gap: bool) -> Result<(), TransportError> {
+    fn on_ack(&mut self, acked: u64, executed: u64, gap: u32) -> Result<(), TransportError> {
         self.shared.executed.fetch_max(executed, Ordering::AcqRel);
         if acked <= self.acked {
-            if gap && acked == self.acked && self.next_seq > self.acked + 1 {
-                self.dup_acks += 1;
+            if acked == self.acked && self.next_seq > self.acked + 1 {
+                self.dup_acks = self.dup_acks.saturating_add(gap);
             }
             return Ok(());
         }
-        self.dup_acks = 0;
+        self.dup_acks = gap;
         loop {
             let batch = self.consumer.read();
             if batch.is_empty() {
@@ -424,8 +461,21 @@ impl Sender {
             self.frag_next = 0;
             self.pending = None;
         }
-        self.last_progress = Instant::now();
-        self.rto = self.cfg.rto;
+        let now = Instant::now();
+        self.last_progress = now;
+        // Progress ends any back-off.
+        self.rto = self.rto_estimate();
+        let mut sample = None;
+        while let Some(&(seq, t)) = self.sent_times.front() {
+            if seq > acked {
+                break;
+            }
+            sample = Some(t);
+            self.sent_times.pop_front();
+        }
+        if let Some(t) = sample {
+            self.rtt_sample(now.duration_since(t));
+        }
         Ok(())
     }
 
@@ -438,7 +488,7 @@ impl Sender {
     pub fn poll(&mut self) -> Result<usize, TransportError> {
         let mut work = 0;
         // Acknowledgements.
-        let mut acks: Option<(u64, u64, bool)> = None;
+        let mut acks: Option<(u64, u64, u32)> = None;
         let mut refused: Option<String> = None;
         let mut heard = false;
         let stats = &self.shared.stats;
@@ -456,8 +506,8 @@ impl Sender {
                             executed,
                             gap,
                         } => {
-                            let (a, x, g) = acks.unwrap_or((0, 0, false));
-                            acks = Some((a.max(acked), x.max(executed), g || gap));
+                            let (a, x, g) = acks.unwrap_or((0, 0, 0));
+                            acks = Some((a.max(acked), x.max(executed), g.saturating_add(gap)));
                         }
                         Frame::Refuse { text, .. } => refused = Some(text.to_owned()),
                         _ => {}
@@ -479,14 +529,15 @@ impl Sender {
         let in_flight = self.next_seq > self.acked + 1 || self.frag_next > 0;
         if in_flight {
             let stalled = now.duration_since(self.last_progress) > self.rto;
-            let fast =
-                self.dup_acks >= 3 && now.duration_since(self.last_retransmit) > self.cfg.rto / 4;
+            // Fast retransmit: three frames reported beyond a gap, at most once per window
+            // (not again until everything sent before the last go-back is acknowledged).
+            let fast = self.dup_acks >= 3 && self.acked >= self.recover;
             if stalled || fast {
                 self.shared.stats.timeout();
                 tracing::debug!(acked = self.acked, next = self.next_seq, fast, "go-back-N");
+                self.recover = self.next_seq.saturating_sub(1);
                 self.go_back();
                 self.last_progress = now;
-                self.last_retransmit = now;
                 if stalled {
                     // Back off while the backup does not answer (busy, or flow-controlled).
                     self.rto = (self.rto * 2).min(MAX_RTO);
@@ -495,7 +546,8 @@ impl Sender {
         } else {
             self.last_progress = now;
         }
-        work += self.send_data()?;
+        work += self.send_data(now)?;
+        self.transport.flush()?;
         if work == 0 && now.duration_since(self.last_send) > self.cfg.heartbeat_interval {
             self.heartbeat_nonce += 1;
             frame::encode_heartbeat(&mut self.frame, generation, self.heartbeat_nonce);
@@ -521,7 +573,7 @@ impl Sender {
     }
 
     /// Sends as many new (or retransmitted) frames as the window and the transport allow.
-    fn send_data(&mut self) -> Result<usize, TransportError> {
+    fn send_data(&mut self, now: Instant) -> Result<usize, TransportError> {
         let mut frames = 0;
         loop {
             if self.pending.is_none() {
@@ -542,7 +594,10 @@ impl Sender {
                     .stats
                     .sent(self.frame.len(), adv.records, adv.retransmit);
                 if self.next_seq == self.acked + 1 && self.frag_next == 0 {
-                    self.last_progress = Instant::now();
+                    self.last_progress = now;
+                }
+                if adv.records > 0 && !adv.retransmit && self.sent_times.len() < MAX_TIMED {
+                    self.sent_times.push_back((adv.seq - 1, now));
                 }
                 self.send_pos = adv.pos;
                 self.next_seq = adv.seq;
@@ -552,8 +607,7 @@ impl Sender {
             frames += 1;
         }
         if frames > 0 {
-            self.transport.flush()?;
-            self.last_send = Instant::now();
+            self.last_send = now;
         }
         Ok(frames)
     }
@@ -720,7 +774,7 @@ struct RecvState {
     max_payload: usize,
     executed_sent: u64,
     ackbuf: Vec<u8>,
-    gap_seen: bool,
+    gap_seen: u32,
     heard: bool,
     last_heard: Instant,
 }
@@ -762,7 +816,7 @@ impl Receiver {
                 max_payload,
                 executed_sent: 0,
                 ackbuf: Vec::with_capacity(64),
-                gap_seen: false,
+                gap_seen: 0,
                 heard: false,
                 last_heard: Instant::now(),
             },
@@ -899,9 +953,9 @@ impl Receiver {
                 s.ack_due = true;
             }
         }
-        if work > 0 {
-            self.transport.flush()?;
-        } else {
+        // Always: a stream transport may hold bytes the socket did not take last time.
+        self.transport.flush()?;
+        if work == 0 {
             self.transport.wait(IDLE_WAIT)?;
         }
         Ok(work)
@@ -964,7 +1018,7 @@ impl RecvState {
         }
         if h.first_seq > self.expected {
             stats.drop_out_of_order();
-            self.gap_seen = true;
+            self.gap_seen = self.gap_seen.saturating_add(1);
             self.ack_due = true;
             return Ok(());
         }

@@ -44,6 +44,10 @@ pub struct UringConfig {
     pub multishot: bool,
     /// Ring entries.
     pub entries: u32,
+    /// `IORING_SETUP_COOP_TASKRUN | TASKRUN_FLAG` (without SQPOLL): the kernel does not
+    /// interrupt the polling thread to post completions (an IPI, costly under a hypervisor);
+    /// it raises a flag, and the poller enters the kernel only when that flag is up.
+    pub coop_taskrun: bool,
 }
 
 impl Default for UringConfig {
@@ -52,6 +56,7 @@ impl Default for UringConfig {
             sqpoll: None,
             multishot: true,
             entries: 256,
+            coop_taskrun: true,
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct UringTransport {
     closed: Option<TransportError>,
     cqes: Vec<cqueue::Entry>,
     to_submit: bool,
+    /// Buffers handed back in queued but not yet submitted entries.
+    lazy_provides: usize,
 }
 
 impl std::fmt::Debug for UringTransport {
@@ -112,6 +119,19 @@ impl UringTransport {
                     IoUring::new(cfg.entries).map_err(io("io_uring_setup"))?
                 }
             },
+            None if cfg.coop_taskrun => {
+                match IoUring::builder()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag()
+                    .build(cfg.entries)
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::info!(error = %e, "io_uring COOP_TASKRUN unsupported; plain ring");
+                        IoUring::new(cfg.entries).map_err(io("io_uring_setup"))?
+                    }
+                }
+            }
             None => IoUring::new(cfg.entries).map_err(io("io_uring_setup"))?,
         };
         let sbufs = [
@@ -146,6 +166,7 @@ impl UringTransport {
             closed: None,
             cqes: Vec::with_capacity(64),
             to_submit: false,
+            lazy_provides: 0,
         };
         if t.multishot {
             let e = opcode::ProvideBuffers::new(
@@ -161,6 +182,14 @@ impl UringTransport {
         }
         t.submit()?;
         Ok(t)
+    }
+
+    /// Queues an entry without asking for a system call: it rides along with the next submit.
+    fn push_lazy(&mut self, e: &squeue::Entry) -> Result<(), TransportError> {
+        let urgent = self.to_submit;
+        self.push(e)?;
+        self.to_submit = urgent;
+        Ok(())
     }
 
     fn push(&mut self, e: &squeue::Entry) -> Result<(), TransportError> {
@@ -179,6 +208,7 @@ impl UringTransport {
 
     fn submit(&mut self) -> Result<(), TransportError> {
         self.to_submit = false;
+        self.lazy_provides = 0;
         match self.ring.submit() {
             Ok(_) => Ok(()),
             Err(e)
@@ -271,7 +301,12 @@ impl UringTransport {
                     if res < 0 {
                         self.recv_armed = false;
                         match -res {
-                            libc::ENOBUFS => continue, // re-armed below once buffers return
+                            libc::ENOBUFS => {
+                                // Out of buffers: hand back the queued ones now; re-armed on the
+                                // next poll.
+                                self.to_submit = true;
+                                continue;
+                            }
                             libc::EINVAL if self.multishot => {
                                 tracing::info!(
                                     "multishot receive not supported; using one-shot receives"
@@ -311,7 +346,13 @@ impl UringTransport {
                         )
                         .build()
                         .user_data(UD_PROVIDE);
-                        self.push(&e)?;
+                        // Handed back lazily (with the next send's submit) unless the kernel is
+                        // running short of buffers.
+                        self.push_lazy(&e)?;
+                        self.lazy_provides += 1;
+                        if self.lazy_provides >= usize::from(RECV_BUFS) / 2 {
+                            self.to_submit = true;
+                        }
                         if !cqueue::more(c.flags()) {
                             self.recv_armed = false;
                         }
@@ -384,6 +425,11 @@ impl Transport for UringTransport {
             self.submit()?;
         }
         self.reap()?;
+        if self.cqes.is_empty() && self.ring.submission().taskrun() {
+            // Completions are waiting for us to run the kernel's task work.
+            self.submit()?;
+            self.reap()?;
+        }
         self.kick_send()?;
         if self.to_submit {
             self.submit()?;

@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 /// How long a poller with nothing to do lets a blocking transport wait for the peer.
 const IDLE_WAIT: Duration = Duration::from_millis(1);
+/// Idle polls between two clock reads.
+const CLOCK_EVERY: u32 = 64;
 /// Most frames timed for round-trip samples at once.
 const MAX_TIMED: usize = 4096;
 /// Upper bound of the retransmit timeout's back-off.
@@ -155,6 +157,8 @@ pub struct Sender {
     high_water: u64,
     acked: u64,
     dup_acks: u32,
+    /// Poll counter (drives the clock reads).
+    ticks: u32,
     /// Highest sequence number sent when the last go-back-N happened.
     recover: u64,
     /// Current retransmit timeout: `srtt + 4·rttvar`, at least `cfg.rto`, doubled on each
@@ -248,6 +252,7 @@ impl Sender {
             high_water: head,
             acked: base_seq.max(1) - 1,
             dup_acks: 0,
+            ticks: 0,
             recover: 0,
             rto: rto0,
             srtt: None,
@@ -357,7 +362,7 @@ impl Sender {
                     self.acked + 1
                 )));
             }
-            self.on_ack(peer.seq - 1, peer.executed, 0)?;
+            self.on_ack(peer.seq - 1, peer.executed, 0, Instant::now())?;
         }
         let now = Instant::now();
         self.last_heard = now;
@@ -409,7 +414,13 @@ impl Sender {
 
     /// Releases every record ≤ `acked` from the log buffer and advances the send position past
     /// them when it lags.
-    fn on_ack(&mut self, acked: u64, executed: u64, gap: u32) -> Result<(), TransportError> {
+    fn on_ack(
+        &mut self,
+        acked: u64,
+        executed: u64,
+        gap: u32,
+        now: Instant,
+    ) -> Result<(), TransportError> {
         self.shared.executed.fetch_max(executed, Ordering::AcqRel);
         if acked <= self.acked {
             if acked == self.acked && self.next_seq > self.acked + 1 {
@@ -461,7 +472,6 @@ impl Sender {
             self.frag_next = 0;
             self.pending = None;
         }
-        let now = Instant::now();
         self.last_progress = now;
         // Progress ends any back-off.
         self.rto = self.rto_estimate();
@@ -515,17 +525,38 @@ impl Sender {
                 }
             }
         })?;
-        let now = Instant::now();
-        if heard {
-            self.last_heard = now;
-        }
         if let Some(text) = refused {
             return Err(setup(format!("the backup refused: {text}")));
         }
-        if let Some((acked, executed, gap)) = acks {
-            self.on_ack(acked, executed, gap)?;
+        // The clock (~25 ns a read) is read only when something happened, or every
+        // CLOCK_EVERY idle polls for the timers: an idle poll stays short, so new records are
+        // picked up sooner.
+        self.ticks = self.ticks.wrapping_add(1);
+        if heard || acks.is_some() || self.ticks % CLOCK_EVERY == 0 {
+            let now = Instant::now();
+            if heard {
+                self.last_heard = now;
+            }
+            if let Some((acked, executed, gap)) = acks {
+                self.on_ack(acked, executed, gap, now)?;
+            }
+            self.timers(now)?;
         }
-        // Retransmission: timeout, or three duplicate acks (fast retransmit).
+        work += self.send_data()?;
+        self.transport.flush()?;
+        if work == 0 && (self.next_seq > self.acked + 1 || self.frag_next > 0) {
+            self.transport.wait(IDLE_WAIT)?;
+        }
+        let head = self.consumer.position();
+        self.shared.stats.window(
+            self.next_seq - 1 - self.acked.min(self.next_seq - 1),
+            self.send_pos.saturating_sub(head),
+        );
+        Ok(work)
+    }
+
+    /// Retransmit timeout, fast retransmit, heartbeat, peer timeout.
+    fn timers(&mut self, now: Instant) -> Result<(), TransportError> {
         let in_flight = self.next_seq > self.acked + 1 || self.frag_next > 0;
         if in_flight {
             let stalled = now.duration_since(self.last_progress) > self.rto;
@@ -546,11 +577,11 @@ impl Sender {
         } else {
             self.last_progress = now;
         }
-        work += self.send_data(now)?;
-        self.transport.flush()?;
-        if work == 0 && now.duration_since(self.last_send) > self.cfg.heartbeat_interval {
+        if now.duration_since(self.last_send) > self.cfg.heartbeat_interval {
             self.heartbeat_nonce += 1;
-            frame::encode_heartbeat(&mut self.frame, generation, self.heartbeat_nonce);
+            frame::encode_heartbeat(&mut self.frame, self.cfg.generation, self.heartbeat_nonce);
+            // A DATA frame waiting for room is rebuilt after the heartbeat.
+            self.pending = None;
             if self.transport.send(&self.frame)? {
                 self.transport.flush()?;
                 self.last_send = now;
@@ -561,20 +592,13 @@ impl Sender {
                 after: self.cfg.peer_timeout,
             });
         }
-        if work == 0 && (self.next_seq > self.acked + 1 || self.frag_next > 0) {
-            self.transport.wait(IDLE_WAIT)?;
-        }
-        let head = self.consumer.position();
-        self.shared.stats.window(
-            self.next_seq - 1 - self.acked.min(self.next_seq - 1),
-            self.send_pos.saturating_sub(head),
-        );
-        Ok(work)
+        Ok(())
     }
 
     /// Sends as many new (or retransmitted) frames as the window and the transport allow.
-    fn send_data(&mut self, now: Instant) -> Result<usize, TransportError> {
+    fn send_data(&mut self) -> Result<usize, TransportError> {
         let mut frames = 0;
+        let mut now: Option<Instant> = None;
         loop {
             if self.pending.is_none() {
                 let head = self.consumer.position();
@@ -590,6 +614,7 @@ impl Sender {
                 break;
             }
             if let Some(adv) = self.pending.take() {
+                let now = *now.get_or_insert_with(Instant::now);
                 self.shared
                     .stats
                     .sent(self.frame.len(), adv.records, adv.retransmit);
@@ -606,7 +631,7 @@ impl Sender {
             }
             frames += 1;
         }
-        if frames > 0 {
+        if let Some(now) = now {
             self.last_send = now;
         }
         Ok(frames)
@@ -773,6 +798,7 @@ struct RecvState {
     delivered: u64,
     max_payload: usize,
     executed_sent: u64,
+    ticks: u32,
     ackbuf: Vec<u8>,
     gap_seen: u32,
     heard: bool,
@@ -815,6 +841,7 @@ impl Receiver {
                 delivered: 0,
                 max_payload,
                 executed_sent: 0,
+                ticks: 0,
                 ackbuf: Vec::with_capacity(64),
                 gap_seen: 0,
                 heard: false,
@@ -927,14 +954,17 @@ impl Receiver {
             }
         }
         let executed = s.shared.executed.load(Ordering::Acquire);
-        let now = Instant::now();
-        if s.heard {
-            s.heard = false;
-            s.last_heard = now;
-        } else if now.duration_since(s.last_heard) > s.cfg.peer_timeout {
-            return Err(TransportError::PeerTimeout {
-                after: s.cfg.peer_timeout,
-            });
+        s.ticks = s.ticks.wrapping_add(1);
+        if s.heard || s.ticks % CLOCK_EVERY == 0 {
+            let now = Instant::now();
+            if s.heard {
+                s.heard = false;
+                s.last_heard = now;
+            } else if now.duration_since(s.last_heard) > s.cfg.peer_timeout {
+                return Err(TransportError::PeerTimeout {
+                    after: s.cfg.peer_timeout,
+                });
+            }
         }
         if s.delivered != before || s.ack_due || executed != s.executed_sent {
             s.ack_due = false;

@@ -1,9 +1,10 @@
 //! `kv`: a Redis-protocol key-value server (see the library docs for the commands), over TCP
 //! (smoltcp on virtio-net), persisting every write to an append-only log on virtio-blk.
 //!
-//! Command line: `ip=10.0.2.15/24 gw=10.0.2.1 port=6379 conns=64 rxbuf=8192 txbuf=16384 sync`
-//! (`conns` listening sockets on the port, i.e. that many concurrent clients; `sync`: also send a
-//! FLUSH to the disk after each group commit). Prints
+//! Command line: `ip=10.0.2.15/24 gw=10.0.2.1 port=6379 conns=256 backlog=64 rxbuf=8192
+//! txbuf=16384 sync trace` (`conns`: most sockets, connected or listening; `backlog`: sockets kept
+//! listening, the largest burst of new connections accepted at once; `sync`: also send a
+//! FLUSH to the disk after each group commit; `trace`: print every connection state change). Prints
 //! `kv: listening on <ip>:<port>, <n> keys recovered` when ready. `SHUTDOWN` powers off with 0.
 #![no_std]
 #![no_main]
@@ -114,25 +115,50 @@ struct Conn {
     output: Vec<u8>,
     sent: usize,
     closing: bool,
+    /// The socket state last seen (for `trace`).
+    state: tcp::State,
 }
 
 struct Config {
     port: u16,
     conns: usize,
+    backlog: usize,
     rxbuf: usize,
     txbuf: usize,
     sync: bool,
+    trace: bool,
 }
 
 fn parse_config(boot: &BootInfo) -> Result<Config, ftvm_guest_rt::cmdline::BadValue<'static>> {
     let cmd = boot.cmdline;
     Ok(Config {
         port: cmd.parse_or("port", 6379u16)?,
-        conns: cmd.parse_or("conns", 64usize)?.clamp(1, 1024),
+        conns: cmd.parse_or("conns", 256usize)?.clamp(1, 4096),
+        backlog: cmd.parse_or("backlog", 64usize)?.clamp(1, 1024),
         rxbuf: cmd.parse_or("rxbuf", 8192usize)?.clamp(1024, 1 << 20),
         txbuf: cmd.parse_or("txbuf", 16384usize)?.clamp(1024, 1 << 20),
         sync: cmd.flag("sync"),
+        trace: cmd.flag("trace"),
     })
+}
+
+/// Adds up to `n` listening sockets, without exceeding `cfg.conns` sockets in all.
+fn add_listeners(stack: &mut Stack, conns: &mut Vec<Conn>, cfg: &Config, n: usize) {
+    for _ in 0..n.min(cfg.conns.saturating_sub(conns.len())) {
+        let handle = stack.add_listener(cfg.port, cfg.rxbuf, cfg.txbuf);
+        stack
+            .sockets
+            .get_mut::<tcp::Socket>(handle)
+            .set_nagle_enabled(false);
+        conns.push(Conn {
+            handle,
+            input: Vec::new(),
+            output: Vec::new(),
+            sent: 0,
+            closing: false,
+            state: tcp::State::Listen,
+        });
+    }
 }
 
 fn main(boot: &BootInfo) -> u64 {
@@ -175,22 +201,8 @@ fn main(boot: &BootInfo) -> u64 {
             return EXIT_NET;
         }
     };
-    let mut conns: Vec<Conn> = (0..cfg.conns)
-        .map(|_| {
-            let handle = stack.add_listener(cfg.port, cfg.rxbuf, cfg.txbuf);
-            stack
-                .sockets
-                .get_mut::<tcp::Socket>(handle)
-                .set_nagle_enabled(false);
-            Conn {
-                handle,
-                input: Vec::new(),
-                output: Vec::new(),
-                sent: 0,
-                closing: false,
-            }
-        })
-        .collect();
+    let mut conns: Vec<Conn> = Vec::new();
+    add_listeners(&mut stack, &mut conns, &cfg, cfg.backlog);
     println!(
         "kv: listening on {}:{}, {} keys recovered",
         net_cfg.ip.address(),
@@ -205,15 +217,32 @@ fn main(boot: &BootInfo) -> u64 {
         let mut shutdown = false;
 
         // Read and execute requests; replies wait in `output` until the log is written.
-        for conn in &mut conns {
+        // Keep `backlog` sockets listening: a burst of SYNs finds no listener otherwise (RST),
+        // e.g. when redis-benchmark connects its next 50 clients while the last 50 still close.
+        let listening = conns
+            .iter()
+            .filter(|c| c.state == tcp::State::Listen)
+            .count();
+        if listening < cfg.backlog {
+            add_listeners(&mut stack, &mut conns, &cfg, cfg.backlog - listening);
+        }
+        for (i, conn) in conns.iter_mut().enumerate() {
             let socket = stack.sockets.get_mut::<tcp::Socket>(conn.handle);
+            if socket.state() != conn.state {
+                if cfg.trace {
+                    println!("kv: conn {i}: {} -> {}", conn.state, socket.state());
+                }
+                conn.state = socket.state();
+            }
             if !socket.is_open() {
                 conn.input.clear();
                 conn.output.clear();
                 conn.sent = 0;
                 conn.closing = false;
-                // Cannot fail: the port is non-zero and the socket is closed.
-                let _ = socket.listen(cfg.port);
+                // Fails only in TIME-WAIT (then retried next round): the socket is not open.
+                if socket.listen(cfg.port).is_ok() {
+                    conn.state = tcp::State::Listen;
+                }
                 continue;
             }
             if conn.closing || conn.output.len() - conn.sent > MAX_PENDING_OUT {

@@ -19,6 +19,12 @@ use ftvm_channel::{frame, Config, LogReceiver, LogSender, PollerConfig, Transpor
 use ftvm_ringbuf::{IdleKind, IdleStrategy, SpinThenYield};
 
 const BUF_CAP: usize = 1 << 22;
+/// The big record of the clean runs: ~100 frames.
+const BIG: usize = 150_000;
+/// The big record under faults: ~11 frames. (Go-back-N restarts a fragmented record from its
+/// first fragment, so with 3% of frames faulty a 100-fragment record needs dozens of attempts,
+/// each a retransmit timeout: seconds per record.)
+const BIG_FAULTY: usize = 16_000;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -28,12 +34,12 @@ fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Payload of record `seq`: 8..64 bytes, and a 150 000-byte one (fragmented into ~100 frames)
-/// every 50 000 records.
-fn payload(seq: u64, out: &mut Vec<u8>) {
+/// Payload of record `seq`: 8..64 bytes, and one of `big` bytes (fragmented: 150 000 bytes are
+/// about 100 AF_XDP frames) every 50 000 records.
+fn payload(seq: u64, big: usize, out: &mut Vec<u8>) {
     out.clear();
     let len = if seq % 50_000 == 7 {
-        150_000
+        big
     } else {
         8 + (seq.wrapping_mul(7) % 57) as usize
     };
@@ -56,8 +62,19 @@ fn config() -> Config {
     Config {
         generation: 7,
         rto: Duration::from_millis(5),
+        max_inflight_bytes: window(),
         ..Config::default()
     }
+}
+
+/// Log bytes in flight: `FTVM_XDP_WINDOW` (for experiments) or 256 KiB. Below what the
+/// receiver's UMEM holds (2048 frames), and small enough that a go-back-N after a lost frame
+/// costs little: with 4 MiB in flight and 1% loss, 1M records took minutes instead of seconds.
+fn window() -> usize {
+    std::env::var("FTVM_XDP_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256 << 10)
 }
 
 fn poller() -> PollerConfig {
@@ -96,6 +113,7 @@ fn link(prefix: &str) -> Link {
 fn spawn_backup(
     t: Box<dyn Transport>,
     records: u64,
+    big: usize,
     progress: Arc<AtomicU64>,
 ) -> JoinHandle<Result<LogReceiver, String>> {
     std::thread::spawn(move || {
@@ -111,7 +129,7 @@ fn spawn_backup(
                     if bad.is_some() {
                         return;
                     }
-                    payload(r.seq(), &mut buf);
+                    payload(r.seq(), big, &mut buf);
                     if r.seq() != expect {
                         bad = Some(format!("got record {} expecting {expect}", r.seq()));
                     } else if r.payload() != buf.as_slice() || r.kind() != kind(r.seq()) {
@@ -138,13 +156,13 @@ fn spawn_backup(
 }
 
 /// The primary: appends `records` records and waits until all are acknowledged.
-fn run_primary(t: Box<dyn Transport>, records: u64) -> LogSender {
+fn run_primary(t: Box<dyn Transport>, records: u64, big: usize) -> LogSender {
     let (p, c) = ftvm_ringbuf::with_capacity(BUF_CAP).expect("buffer");
     let mut tx = LogSender::start(p, c, t, config(), poller()).expect("handshake");
     let mut buf = Vec::new();
     let mut idle = SpinThenYield::new(100);
     for seq in 1..=records {
-        payload(seq, &mut buf);
+        payload(seq, big, &mut buf);
         let mut claim = tx
             .producer()
             .claim_blocking(kind(seq), buf.len(), &mut idle as &mut dyn IdleStrategy)
@@ -168,14 +186,36 @@ fn transfer(
     a: Box<dyn Transport>,
     b: Box<dyn Transport>,
     records: u64,
+    big: usize,
     progress: Arc<AtomicU64>,
 ) -> (ftvm_channel::StatsSnapshot, ftvm_channel::StatsSnapshot) {
-    let backup = spawn_backup(b, records, progress);
-    let tx = run_primary(a, records);
+    let done = Arc::new(AtomicU64::new(0));
+    let monitor = {
+        let (progress, done) = (Arc::clone(&progress), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut last = t0;
+            while done.load(Ordering::Relaxed) == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+                if last.elapsed() >= Duration::from_secs(5) {
+                    last = Instant::now();
+                    eprintln!(
+                        "  ... {:?}: {} of {records} records delivered",
+                        t0.elapsed(),
+                        progress.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        })
+    };
+    let backup = spawn_backup(b, records, big, progress);
+    let tx = run_primary(a, records, big);
     let rx = backup
         .join()
         .expect("backup thread")
         .unwrap_or_else(|e| panic!("backup: {e}"));
+    done.store(1, Ordering::Relaxed);
+    monitor.join().expect("monitor");
     let (s, r) = (tx.snapshot(), rx.snapshot());
     assert_eq!(r.records_delivered, records, "exactly once: {r:?}");
     (s, r)
@@ -192,7 +232,7 @@ fn xdp_million_records_in_order() {
     let (sa, sb) = (a.stats(), b.stats());
     let records = 1_000_000;
     let t0 = Instant::now();
-    let (s, r) = transfer(Box::new(a), Box::new(b), records, Arc::default());
+    let (s, r) = transfer(Box::new(a), Box::new(b), records, BIG, Arc::default());
     eprintln!(
         "xdp_million_records_in_order: {records} records in {:?}; sender {s:?}; receiver {r:?}; \
          xdp A {:?}; xdp B {:?}",
@@ -224,7 +264,13 @@ fn xdp_million_records_with_faults() {
     let b = FaultyTransport::new(b, faults(12));
     let records = 1_000_000;
     let t0 = Instant::now();
-    let (s, r) = transfer(Box::new(a), Box::new(b), records, Arc::default());
+    let (s, r) = transfer(
+        Box::new(a),
+        Box::new(b),
+        records,
+        BIG_FAULTY,
+        Arc::default(),
+    );
     eprintln!(
         "xdp_million_records_with_faults: {records} records in {:?}; sender {s:?}; receiver {r:?}",
         t0.elapsed()
@@ -268,7 +314,13 @@ fn xdp_link_down_for_a_second() {
             cut_tx.send((at, during)).expect("report cut");
         })
     };
-    let (s, r) = transfer(Box::new(a), Box::new(b), records, Arc::clone(&progress));
+    let (s, r) = transfer(
+        Box::new(a),
+        Box::new(b),
+        records,
+        BIG,
+        Arc::clone(&progress),
+    );
     watcher.join().expect("watcher");
     let (at, during) = cut_rx.recv().expect("the link was cut");
     eprintln!(
@@ -309,7 +361,13 @@ fn xdp_bad_frames_dropped_and_counted() {
             inject_bad_frames(&c.if_a, c.mac_b, c.mac_a)
         })
     };
-    let (_s, r) = transfer(Box::new(a), Box::new(b), records, Arc::clone(&progress));
+    let (_s, r) = transfer(
+        Box::new(a),
+        Box::new(b),
+        records,
+        BIG,
+        Arc::clone(&progress),
+    );
     assert_eq!(injector.join().expect("injector"), 3);
     let x = sb.snapshot();
     eprintln!("xdp_bad_frames_dropped_and_counted: receiver {r:?}; xdp B {x:?}");

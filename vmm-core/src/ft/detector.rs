@@ -249,6 +249,9 @@ pub enum DetectorError {
 }
 
 /// Handle for reporting "log/ack traffic seen from the peer"; cheap to clone and to call.
+///
+/// Note only frames that passed the generation check ([`Fence::check`]): a stale primary's
+/// frames must not keep it "alive" any more than its stale heartbeats do.
 #[derive(Debug, Clone)]
 pub struct TrafficNote {
     counter: Arc<AtomicU64>,

@@ -41,6 +41,8 @@ pub const FIRST_SEQ: u64 = 1;
 /// A log buffer in a memory region: the descriptor has been checked or written.
 pub struct Ring {
     region: Box<dyn Region>,
+    /// `region.base()`, cached (the region never moves its memory).
+    base: NonNull<u8>,
     data: NonNull<u8>,
     capacity: usize,
     mask: usize,
@@ -183,6 +185,7 @@ impl Ring {
         // bounds of the allocation.
         let data = unsafe { NonNull::new_unchecked(region.base().as_ptr().add(DATA_OFFSET)) };
         Self {
+            base: region.base(),
             region,
             data,
             capacity,
@@ -226,11 +229,13 @@ impl Ring {
     }
 
     /// Data capacity in bytes.
+    #[inline]
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// Largest payload a record may have.
+    #[inline]
     pub fn max_payload(&self) -> usize {
         self.max_payload
     }
@@ -253,23 +258,27 @@ impl Ring {
     }
 
     #[cfg(not(loom))]
+    #[inline]
     fn atomic(&self, offset: usize) -> &AtomicU64 {
         debug_assert!(offset % 8 == 0 && offset + 8 <= DATA_OFFSET);
         // SAFETY: offset is 8-aligned inside the descriptor area of a 128-aligned region that
         // lives as long as self; AtomicU64 has the layout of u64 and every access to these words
         // (from any process) is atomic.
-        unsafe { &*self.region.base().as_ptr().add(offset).cast::<AtomicU64>() }
+        unsafe { &*self.base.as_ptr().add(offset).cast::<AtomicU64>() }
     }
 
     #[cfg(not(loom))]
+    #[inline]
     fn tail(&self) -> &AtomicU64 {
         self.atomic(TAIL_OFFSET)
     }
     #[cfg(not(loom))]
+    #[inline]
     fn head(&self) -> &AtomicU64 {
         self.atomic(HEAD_OFFSET)
     }
     #[cfg(not(loom))]
+    #[inline]
     fn next_seq(&self) -> &AtomicU64 {
         self.atomic(NEXT_SEQ_OFFSET)
     }
@@ -283,14 +292,17 @@ impl Ring {
     }
 
     #[cfg(loom)]
+    #[inline]
     fn tail(&self) -> &AtomicU64 {
         &self.ctl.tail
     }
     #[cfg(loom)]
+    #[inline]
     fn head(&self) -> &AtomicU64 {
         &self.ctl.head
     }
     #[cfg(loom)]
+    #[inline]
     fn next_seq(&self) -> &AtomicU64 {
         &self.ctl.next_seq
     }
@@ -474,11 +486,13 @@ impl Producer {
     }
 
     /// The buffer.
+    #[inline]
     pub fn ring(&self) -> &Arc<Ring> {
         &self.ring
     }
 
     /// Sequence number the next commit assigns.
+    #[inline]
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
@@ -492,11 +506,13 @@ impl Producer {
 
     /// Position after the last committed record (including records committed with
     /// [`Claim::commit_deferred`] and not yet published).
+    #[inline]
     pub fn position(&self) -> u64 {
         self.tail
     }
 
     /// Position up to which records are visible to the consumer.
+    #[inline]
     pub fn published_position(&self) -> u64 {
         self.published
     }
@@ -518,6 +534,7 @@ impl Producer {
         self.ring.capacity - (self.tail - self.cached_head) as usize
     }
 
+    #[inline]
     fn plan(&mut self, kind: u16, len: usize) -> Result<Plan, ClaimError> {
         if kind == KIND_PADDING {
             return Err(ClaimError::ReservedKind(kind));
@@ -696,6 +713,7 @@ impl<'a> Claim<'a> {
 
 impl std::ops::Deref for Claim<'_> {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         // SAFETY: the claimed payload lies inside the data area (plan checked it fits before
         // the end) and no one else touches it until commit publishes it.
@@ -711,6 +729,7 @@ impl std::ops::Deref for Claim<'_> {
 }
 
 impl std::ops::DerefMut for Claim<'_> {
+    #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as Deref; the producer is borrowed mutably, so this is the only reference.
         unsafe {
@@ -768,11 +787,13 @@ impl Consumer {
     }
 
     /// The buffer.
+    #[inline]
     pub fn ring(&self) -> &Arc<Ring> {
         &self.ring
     }
 
     /// Position of the oldest unreleased byte.
+    #[inline]
     pub fn position(&self) -> u64 {
         self.head
     }
@@ -794,6 +815,7 @@ impl Consumer {
 
     /// Like [`Self::read`], but starting at `position` (≥ the head, at a record boundary):
     /// a sender that keeps records until they are acknowledged reads ahead of its head.
+    #[inline]
     pub fn read_from(&mut self, position: u64) -> Batch<'_> {
         let position = position.max(self.head);
         let off = (position as usize) & self.ring.mask;
@@ -853,21 +875,25 @@ impl fmt::Debug for Batch<'_> {
 
 impl<'a> Batch<'a> {
     /// True when there is nothing to read.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Position of the first byte.
+    #[inline]
     pub fn start_position(&self) -> u64 {
         self.start
     }
 
     /// Position after the last byte.
+    #[inline]
     pub fn end_position(&self) -> u64 {
         self.start + self.len as u64
     }
 
     /// The raw bytes (record headers included), for zero-copy hand-off.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         // SAFETY: [off, off+len) is inside the data area, committed (below the Acquire-loaded
         // tail) and not yet released, so the producer does not write it while this borrow lives.
@@ -876,6 +902,7 @@ impl<'a> Batch<'a> {
 
     /// Iterates over the records (padding skipped). A malformed header (possible only if the
     /// shared memory was scribbled on) yields one `Err` and ends the iteration.
+    #[inline]
     pub fn records(&self) -> Records<'_> {
         Records {
             bytes: self.as_bytes(),
@@ -887,6 +914,7 @@ impl<'a> Batch<'a> {
     }
 
     /// Releases the whole batch.
+    #[inline]
     pub fn release(self) {
         let end = self.end_position();
         self.consumer.release_to(end);
@@ -906,6 +934,7 @@ pub struct Records<'a> {
 impl<'a> Iterator for Records<'a> {
     type Item = Result<Record<'a>, CorruptRecord>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if self.failed || self.at >= self.bytes.len() {
@@ -968,30 +997,37 @@ pub struct Record<'a> {
 
 impl<'a> Record<'a> {
     /// Position of the record header.
+    #[inline]
     pub fn position(&self) -> u64 {
         self.position
     }
     /// Position right after this record (release to here to free it and all before it).
+    #[inline]
     pub fn next_position(&self) -> u64 {
         self.next_position
     }
     /// Sequence number assigned at commit.
+    #[inline]
     pub fn seq(&self) -> u64 {
         self.seq
     }
     /// Record kind.
+    #[inline]
     pub fn kind(&self) -> u16 {
         self.kind
     }
     /// Record flags (0 today).
+    #[inline]
     pub fn flags(&self) -> u16 {
         self.flags
     }
     /// The payload.
+    #[inline]
     pub fn payload(&self) -> &'a [u8] {
         &self.raw[RECORD_HEADER_LEN..]
     }
     /// Header and payload, as stored.
+    #[inline]
     pub fn raw(&self) -> &'a [u8] {
         self.raw
     }

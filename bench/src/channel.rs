@@ -33,6 +33,10 @@ use crate::report::{self, Panel, Series};
 use crate::Opts;
 
 const TRANSPORTS: [&str; 4] = ["shm", "tcp", "tcp-spin", "uring"];
+// [xdp] With feature `xdp` (root): AF_XDP, and the TCP transports again over the same veth pair
+// between two network namespaces, so that they compare over one network path.
+#[cfg(feature = "xdp")]
+const VETH_TRANSPORTS: [&str; 4] = ["tcp@veth", "tcp-spin@veth", "uring@veth", "xdp"];
 const RTT_SIZE: usize = 64;
 const STREAM_SIZE: usize = 1024;
 const BUF_CAP: usize = 16 << 20;
@@ -91,6 +95,11 @@ fn link(kind: &str, tag: &str) -> anyhow::Result<(Box<dyn Transport>, Box<dyn Tr
                 )
             }
         }
+        // [xdp] veth rows: fresh namespaces per link, deleted when both ends are dropped.
+        #[cfg(feature = "xdp")]
+        k if k == "xdp" || k.ends_with("@veth") => {
+            ftvm_channel::xdp::veth::veth_link(k.trim_end_matches("@veth"), &format!("fb-{tag}"))?
+        }
         other => return Err(anyhow!("unknown transport {other}")),
     })
 }
@@ -145,10 +154,10 @@ fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<
     let bcfg = cfg.clone();
     let warm = rtt_samples / 10;
     let total = rtt_samples + warm;
-    let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
+    let backup = std::thread::spawn(move || -> anyhow::Result<(u64, Receiver)> {
         let (p, c) = ftvm_ringbuf::with_capacity(BUF_CAP).map_err(|e| anyhow!("{e}"))?;
         let r = Receiver::accept(tb, p, bcfg)?;
-        Ok(backup_loop(r, c, total)?.0)
+        backup_loop(r, c, total)
     });
     pin(0);
     let mut s = Sender::connect(ta, tx_c, tx_p.next_seq(), cfg.clone())?;
@@ -165,7 +174,9 @@ fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<
             hist.record(ns.max(10))?;
         }
     }
-    backup.join().map_err(|_| anyhow!("backup panicked"))??;
+    // The backup's end is dropped only after the primary saw its last ack.
+    let (_, r) = backup.join().map_err(|_| anyhow!("backup panicked"))??;
+    drop(r);
     let mut timeouts = s.shared().stats.snapshot().retransmit_timeouts;
     drop(s);
 
@@ -173,10 +184,10 @@ fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<
     let (ta, tb) = link(kind, "stream")?;
     let (mut tx_p, tx_c) = ftvm_ringbuf::with_capacity(BUF_CAP).map_err(|e| anyhow!("{e}"))?;
     let bcfg = cfg.clone();
-    let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
+    let backup = std::thread::spawn(move || -> anyhow::Result<(u64, Receiver)> {
         let (p, c) = ftvm_ringbuf::with_capacity(BUF_CAP).map_err(|e| anyhow!("{e}"))?;
         let r = Receiver::accept(tb, p, bcfg)?;
-        Ok(backup_loop(r, c, stream_records)?.0)
+        backup_loop(r, c, stream_records)
     });
     let mut s = Sender::connect(ta, tx_c, tx_p.next_seq(), cfg)?;
     let template = vec![0xA5u8; STREAM_SIZE];
@@ -200,7 +211,8 @@ fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<
         s.poll()?;
     }
     let secs = t0.elapsed().as_secs_f64();
-    backup.join().map_err(|_| anyhow!("backup panicked"))??;
+    let (_, r) = backup.join().map_err(|_| anyhow!("backup panicked"))??;
+    drop(r);
     timeouts += s.shared().stats.snapshot().retransmit_timeouts;
     let mrps = stream_records as f64 / secs / 1e6;
     Ok(Measured {
@@ -219,6 +231,12 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         (100_000, 2_000_000)
     };
     let mut only: Vec<String> = TRANSPORTS.iter().map(|s| s.to_string()).collect();
+    // [xdp] The veth rows need root (namespaces, AF_XDP).
+    #[cfg(feature = "xdp")]
+    match ftvm_channel::netns::require_root() {
+        Ok(()) => only.extend(VETH_TRANSPORTS.iter().map(|s| s.to_string())),
+        Err(reason) => eprintln!("channel: no veth/xdp rows: {reason}"),
+    }
     let mut it = opts.rest.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -296,6 +314,22 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         ],
         &table,
     );
+    // [xdp] The AF_XDP acceptance figures: against tcp-spin over the same veth pair.
+    #[cfg(feature = "xdp")]
+    if let (Some(x), Some(t)) = (
+        rows.iter().find(|r| r.transport == "xdp"),
+        rows.iter().find(|r| r.transport == "tcp-spin@veth"),
+    ) {
+        eprintln!(
+            "xdp vs tcp-spin over the same veth pair: p50 RTT {:.2} vs {:.2} µs ({:.2}x); \
+             1 KiB streaming {:.3} GB/s, {} RTOs",
+            x.rtt_p50_ns / 1e3,
+            t.rtt_p50_ns / 1e3,
+            x.rtt_p50_ns / t.rtt_p50_ns.max(1.0),
+            x.gbytes_per_s,
+            x.retransmit_timeouts
+        );
+    }
     let path = report::write_json(opts, "channel", &rows)?;
     eprintln!("wrote {}", path.display());
     let rtt_series = rows

@@ -745,13 +745,16 @@ impl std::ops::DerefMut for Claim<'_> {
 
 #[inline]
 fn write_header(p: *mut u8, len: u32, kind: u16, seq: u64) {
+    // len, kind and flags (0) are the first 8 bytes: one store (little-endian, as layout.rs).
+    const _: () = assert!(REC_LEN_OFFSET == 0 && REC_KIND_OFFSET == 4 && REC_FLAGS_OFFSET == 6);
+    let first = u64::from(len) | (u64::from(kind) << 32);
     // SAFETY: p points to RECORD_HEADER_LEN bytes of the data area owned by the producer until
     // the tail store that follows.
     unsafe {
-        p.add(REC_LEN_OFFSET).cast::<u32>().write_unaligned(len);
-        p.add(REC_KIND_OFFSET).cast::<u16>().write_unaligned(kind);
-        p.add(REC_FLAGS_OFFSET).cast::<u16>().write_unaligned(0);
-        p.add(REC_SEQ_OFFSET).cast::<u64>().write_unaligned(seq);
+        p.cast::<u64>().write_unaligned(first.to_le());
+        p.add(REC_SEQ_OFFSET)
+            .cast::<u64>()
+            .write_unaligned(seq.to_le());
     }
 }
 

@@ -6,7 +6,7 @@ use core::fmt;
 
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
-use smoltcp::time::Instant;
+use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 use virtio_drivers::transport::mmio::MmioError;
 use virtio_drivers::transport::{DeviceType, Transport};
@@ -16,6 +16,9 @@ use ftvm_guest_rt::sys;
 
 use crate::config::NetConfig;
 use crate::phy::{Net, PhyStats, VirtioPhy, RX_BUF_LEN};
+
+/// How long a peer may leave sent data unacknowledged before its connection is aborted.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why the network could not be brought up.
 #[derive(Debug)]
@@ -93,12 +96,14 @@ impl Stack {
         Instant::from_micros((sys::clock_ns() / 1000) as i64)
     }
 
-    /// Adds a TCP socket with `rx`/`tx` byte buffers listening on `port`.
+    /// Adds a TCP socket with `rx`/`tx` byte buffers listening on `port`. A connection whose
+    /// peer stops acknowledging for [`PEER_TIMEOUT`] is aborted.
     pub fn add_listener(&mut self, port: u16, rx: usize, tx: usize) -> SocketHandle {
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; rx]),
             tcp::SocketBuffer::new(vec![0; tx]),
         );
+        socket.set_timeout(Some(PEER_TIMEOUT));
         // listen() only fails for port 0 or a socket that is already open.
         let _ = socket.listen(port);
         self.sockets.add(socket)

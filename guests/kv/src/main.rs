@@ -35,8 +35,9 @@ const EXIT_NET: u64 = 3;
 const EXIT_DISK: u64 = 4;
 /// Stop reading a connection's requests while this many reply bytes wait to be sent.
 const MAX_PENDING_OUT: usize = 256 << 10;
-/// A memory-only log when there is no disk: big enough for a test run, then `disk full`.
-const MEM_DISK_SECTORS: usize = 16 << 11;
+/// A memory-only log when there is no disk: big enough for a test run, then `disk full`. At most
+/// 16 MiB and a quarter of the free heap.
+const MEM_DISK_MAX: usize = 16 << 20;
 
 /// The virtio-blk device as a [`BlockDevice`].
 struct VirtioDisk {
@@ -105,7 +106,8 @@ fn open_disk(sync: bool) -> Disk {
         ),
         Err(e) => println!("kv: no disk ({e}); keeping the log in memory"),
     }
-    Disk::Memory(MemDisk::new(MEM_DISK_SECTORS))
+    let (_, free) = ftvm_guest_rt::heap::usage();
+    Disk::Memory(MemDisk::new(MEM_DISK_MAX.min(free / 4) / SECTOR))
 }
 
 /// One connection slot: a listening/connected socket and its buffers.

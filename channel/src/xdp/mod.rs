@@ -34,6 +34,7 @@
 pub mod eth;
 mod socket;
 pub mod sys;
+pub mod veth;
 
 pub use socket::XdpTransport;
 

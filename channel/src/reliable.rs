@@ -159,6 +159,9 @@ pub struct Sender {
     dup_acks: u32,
     /// Poll counter (drives the clock reads).
     ticks: u32,
+    /// Bytes allowed in flight now: `max_inflight_bytes`, down to one frame after a timeout,
+    /// doubling back on each ack.
+    window: usize,
     /// Highest sequence number sent when the last go-back-N happened.
     recover: u64,
     /// Current retransmit timeout: `srtt + 4·rttvar`, at least `cfg.rto`, doubled on each
@@ -253,6 +256,7 @@ impl Sender {
             acked: base_seq.max(1) - 1,
             dup_acks: 0,
             ticks: 0,
+            window: usize::MAX,
             recover: 0,
             rto: rto0,
             srtt: None,
@@ -266,6 +270,7 @@ impl Sender {
             heartbeat_nonce: 0,
         };
         s.shared.acked.store(s.acked, Ordering::Release);
+        s.window = s.cfg.max_inflight_bytes;
         s.handshake()?;
         Ok(s)
     }
@@ -473,6 +478,7 @@ impl Sender {
             self.pending = None;
         }
         self.last_progress = now;
+        self.window = (self.window * 2).min(self.cfg.max_inflight_bytes);
         // Progress ends any back-off.
         self.rto = self.rto_estimate();
         let mut sample = None;
@@ -569,6 +575,9 @@ impl Sender {
                 self.recover = self.next_seq.saturating_sub(1);
                 self.go_back();
                 self.last_progress = now;
+                // Probe with one frame, then open up again as acks come (a spurious timeout —
+                // a backup that was only descheduled — then costs one frame, not a window).
+                self.window = self.max_frame;
                 if stalled {
                     // Back off while the backup does not answer (busy, or flow-controlled).
                     self.rto = (self.rto * 2).min(MAX_RTO);
@@ -602,7 +611,7 @@ impl Sender {
         loop {
             if self.pending.is_none() {
                 let head = self.consumer.position();
-                if (self.send_pos - head) as usize >= self.cfg.max_inflight_bytes {
+                if (self.send_pos - head) as usize >= self.window {
                     break;
                 }
                 match self.build_frame()? {

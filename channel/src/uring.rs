@@ -14,10 +14,13 @@
 //!   refuses SQPOLL the transport logs it and falls back.
 //!
 //! Completions are reaped by polling the completion queue in user space; the thread that
-//! polls is the only one that touches the ring.
+//! polls is the only one that touches the ring. After [`UringConfig::spin_before_block`] with
+//! nothing to do, an idle poller sleeps in `io_uring_enter` until the next completion (one
+//! system call for "wait for anything": data, ack or send completion).
 
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
@@ -48,6 +51,10 @@ pub struct UringConfig {
     /// interrupt the polling thread to post completions (an IPI, costly under a hypervisor);
     /// it raises a flag, and the poller enters the kernel only when that flag is up.
     pub coop_taskrun: bool,
+    /// Spin this long with nothing to do, then sleep in `io_uring_enter` until a completion
+    /// arrives (`None`: always spin). Keeps round trips on the spinning path while traffic
+    /// flows, and gives the core back when the peer is slow (or the machine oversubscribed).
+    pub spin_before_block: Option<Duration>,
 }
 
 impl Default for UringConfig {
@@ -57,6 +64,7 @@ impl Default for UringConfig {
             multishot: true,
             entries: 256,
             coop_taskrun: true,
+            spin_before_block: Some(Duration::from_micros(50)),
         }
     }
 }
@@ -83,6 +91,9 @@ pub struct UringTransport {
     to_submit: bool,
     /// Buffers handed back in queued but not yet submitted entries.
     lazy_provides: usize,
+    spin_before_block: Option<Duration>,
+    /// Since when nothing happened (for spin-then-block).
+    idle_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for UringTransport {
@@ -167,6 +178,8 @@ impl UringTransport {
             cqes: Vec::with_capacity(64),
             to_submit: false,
             lazy_provides: 0,
+            spin_before_block: cfg.spin_before_block,
+            idle_since: None,
         };
         if t.multishot {
             let e = opcode::ProvideBuffers::new(
@@ -406,6 +419,7 @@ impl Transport for UringTransport {
         b[..LEN_PREFIX].copy_from_slice(&(frame.len() as u32).to_le_bytes());
         b[LEN_PREFIX..].copy_from_slice(frame);
         self.fill += need;
+        self.idle_since = None;
         Ok(true)
     }
 
@@ -461,7 +475,9 @@ impl Transport for UringTransport {
             self.rbuf.drain(..self.rstart);
             self.rstart = 0;
         }
-        if n == 0 {
+        if n > 0 {
+            self.idle_since = None;
+        } else {
             if let Some(e) = self.closed.take() {
                 let e = match e {
                     TransportError::Closed { .. } => TransportError::Closed {
@@ -473,5 +489,38 @@ impl Transport for UringTransport {
             }
         }
         Ok(n)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
+        let Some(spin) = self.spin_before_block else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let since = *self.idle_since.get_or_insert(now);
+        if now.duration_since(since) < spin || !self.ring.completion().is_empty() {
+            return Ok(());
+        }
+        if !self.recv_armed && self.closed.is_none() {
+            self.arm_recv()?;
+        }
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        self.to_submit = false;
+        self.lazy_provides = 0;
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(TransportError::Io {
+                op: "io_uring_enter (wait)",
+                source: e,
+            }),
+        }
     }
 }

@@ -287,6 +287,12 @@ fn main(boot: &BootInfo) -> u64 {
             return EXIT_DISK;
         }
         if shutdown {
+            // Reset every connection so that clients (redis-cli waits for the connection to
+            // end after SHUTDOWN) do not hang on a VM that is gone.
+            for conn in &conns {
+                stack.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
+            }
+            stack.poll(now);
             println!(
                 "kv: shutdown: {} keys, {} commands, log {} bytes",
                 store.len(),

@@ -218,6 +218,11 @@ fn main(boot: &BootInfo) -> u64 {
             }
         }
         if quit {
+            // Reset every connection so that no client hangs on a VM that is gone.
+            for slot in &slots {
+                stack.sockets.get_mut::<tcp::Socket>(slot.handle).abort();
+            }
+            stack.poll(now);
             println!(
                 "stream: totals: sunk={} sourced={} connections={}",
                 totals.sunk, totals.sourced, totals.connections

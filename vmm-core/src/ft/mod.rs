@@ -36,9 +36,14 @@
 //! ```
 
 pub mod arbiter;
+pub mod backup;
 pub mod detector;
+pub mod digest;
 pub mod fence;
+pub mod log;
 pub mod node;
+pub mod output;
+pub mod primary;
 
 pub use arbiter::{
     acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, FileArbiter, RetryPolicy,

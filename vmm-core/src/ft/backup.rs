@@ -1,0 +1,398 @@
+//! The backup: replays the primary's log. The vCPU runs until its next exit and takes the
+//! entries logged for that exit, which must match it (exit index, kind, device and address);
+//! it never runs past the last entry it has: at the end of every exit it waits until it holds
+//! an entry of a later exit (so it stays one entry behind the primary). At every checkpoint
+//! it compares its register (and memory) digest with the primary's; any difference stops the
+//! replay with `diverged at exit N: <what differed>`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_channel::LogReceiver;
+use ftvm_ringbuf::IdleKind;
+
+use super::digest::register_digest;
+use super::log::{device_name, Entry};
+use super::primary::PairError;
+use crate::record::{Inputs, ReplayError, ReplaySource};
+use crate::vm::{RunOutcome, Vm};
+
+/// A hook that may alter an entry as it is received (tests: a corrupted entry).
+pub type Tamper = Box<dyn FnMut(u64, &mut Entry) + Send>;
+
+/// Reads entries from the receiver's log buffer, blocking with an idle strategy.
+pub struct LogReader {
+    rx: LogReceiver,
+    pending: VecDeque<(u64, Entry)>,
+    idle: IdleKind,
+    tamper: Option<Tamper>,
+    divergence: Option<(u64, String)>,
+    consumed: u64,
+    waited: Duration,
+}
+
+impl std::fmt::Debug for LogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReader")
+            .field("pending", &self.pending.len())
+            .field("consumed", &self.consumed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogReader {
+    /// A reader over `rx`.
+    pub fn new(rx: LogReceiver, idle: IdleKind, tamper: Option<Tamper>) -> Self {
+        LogReader {
+            rx,
+            pending: VecDeque::new(),
+            idle,
+            tamper,
+            divergence: None,
+            consumed: 0,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// The receiver (counters).
+    pub fn receiver(&self) -> &LogReceiver {
+        &self.rx
+    }
+
+    /// Waits until at least one entry is pending.
+    fn fill(&mut self, exit: u64) -> Result<(), ReplayError> {
+        if !self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut idle = self.idle.build();
+        let started = Instant::now();
+        loop {
+            let mut bad = None;
+            let pending = &mut self.pending;
+            let tamper = &mut self.tamper;
+            let r = self
+                .rx
+                .poll_records(|rec| match Entry::decode(rec.kind(), rec.payload()) {
+                    Ok(mut e) => {
+                        if let Some(t) = tamper.as_mut() {
+                            t(rec.seq(), &mut e);
+                        }
+                        pending.push_back((rec.seq(), e));
+                    }
+                    Err(e) => {
+                        bad.get_or_insert((rec.seq(), e));
+                    }
+                });
+            if let Some((seq, e)) = bad {
+                return Err(self.diverged(exit, format!("log record {seq} is not an entry: {e}")));
+            }
+            match r {
+                Ok(n) if n > 0 => break,
+                Ok(_) => idle.idle(0),
+                Err(e) => {
+                    tracing::warn!(error = %e, exit, "log ended");
+                    return Err(ReplayError::Exhausted { exit });
+                }
+            }
+        }
+        self.waited += started.elapsed();
+        Ok(())
+    }
+
+    fn diverged(&mut self, exit: u64, what: String) -> ReplayError {
+        tracing::error!(exit, %what, "diverged");
+        self.divergence.get_or_insert((exit, what.clone()));
+        ReplayError::Diverged { exit, what }
+    }
+
+    fn consume(&mut self, seq: u64) {
+        self.consumed += 1;
+        self.rx.report_executed(seq);
+    }
+
+    /// Takes the next entry (blocking).
+    ///
+    /// # Errors
+    /// [`ReplayError::Exhausted`] when the log ended.
+    pub fn next_entry(&mut self, exit: u64) -> Result<Entry, ReplayError> {
+        self.fill(exit)?;
+        match self.pending.pop_front() {
+            Some((seq, e)) => {
+                self.consume(seq);
+                Ok(e)
+            }
+            None => Err(ReplayError::Exhausted { exit }),
+        }
+    }
+
+    fn read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
+        loop {
+            self.fill(exit)?;
+            // Entries of this exit: writes (applied at its end) may come before the read.
+            let mut idx = None;
+            let mut all_this_exit = true;
+            for (i, (_, e)) in self.pending.iter().enumerate() {
+                if e.exit() != exit || matches!(e, Entry::Header { .. }) {
+                    all_this_exit = false;
+                    break;
+                }
+                match e {
+                    Entry::Read { .. } => {
+                        idx = Some(i);
+                        break;
+                    }
+                    Entry::Write { .. } => {}
+                    _ => {
+                        all_this_exit = false;
+                        break;
+                    }
+                }
+            }
+            if let Some(i) = idx {
+                if let Some((seq, Entry::Read { addr: a, value, .. })) = self.pending.get(i) {
+                    let (seq, a, value) = (*seq, *a, *value);
+                    if a != addr {
+                        return Err(self.diverged(
+                            exit,
+                            format!(
+                                "the backup read {addr:#x} ({}) but the primary read {a:#x} ({})",
+                                device_name(addr),
+                                device_name(a)
+                            ),
+                        ));
+                    }
+                    self.pending.remove(i);
+                    self.consume(seq);
+                    return Ok(value);
+                }
+            }
+            if all_this_exit {
+                // Only writes of this exit so far: wait for more.
+                let n = self.pending.len();
+                self.fetch_more(exit, n)?;
+                continue;
+            }
+            let next = self
+                .pending
+                .iter()
+                .find(|(_, e)| e.exit() != exit || !matches!(e, Entry::Write { .. }))
+                .map(|(_, e)| format!("{e:?}"))
+                .unwrap_or_default();
+            return Err(self.diverged(
+                exit,
+                format!(
+                    "unexpected exit: the backup read {addr:#x} ({}), the primary logged no read here (next entry: {next})",
+                    device_name(addr)
+                ),
+            ));
+        }
+    }
+
+    /// Waits until more than `have` entries are pending.
+    fn fetch_more(&mut self, exit: u64, have: usize) -> Result<(), ReplayError> {
+        let saved: VecDeque<_> = std::mem::take(&mut self.pending);
+        let r = self.fill(exit);
+        let mut fresh = std::mem::replace(&mut self.pending, saved);
+        self.pending.append(&mut fresh);
+        r?;
+        debug_assert!(self.pending.len() > have);
+        Ok(())
+    }
+
+    fn writes(&mut self, exit: u64, apply: &mut dyn FnMut(u64, &[u8])) -> Result<(), ReplayError> {
+        loop {
+            self.fill(exit)?;
+            let Some((seq, front)) = self.pending.front() else {
+                continue;
+            };
+            let seq = *seq;
+            if front.exit() > exit {
+                return Ok(());
+            }
+            match front {
+                Entry::Write {
+                    exit: e, gpa, data, ..
+                } if *e == exit => {
+                    apply(*gpa, data);
+                    self.pending.pop_front();
+                    self.consume(seq);
+                }
+                other => {
+                    let what = format!(
+                        "unexpected exit: the backup finished exit {exit}, but the log still has {other:?}"
+                    );
+                    return Err(self.diverged(exit, what));
+                }
+            }
+        }
+    }
+}
+
+/// The [`ReplaySource`] of a backup (shares the [`LogReader`] with the run loop).
+#[derive(Debug, Clone)]
+pub struct ChannelReplay(pub Arc<Mutex<LogReader>>);
+
+impl ReplaySource for ChannelReplay {
+    fn external_read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(exit, addr)
+    }
+
+    fn guest_writes(
+        &mut self,
+        exit: u64,
+        apply: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<(), ReplayError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .writes(exit, apply)
+    }
+}
+
+/// What a backup run did.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    /// Power-off code.
+    pub code: u64,
+    /// Exits replayed.
+    pub exits: u64,
+    /// Entries consumed.
+    pub entries: u64,
+    /// Checkpoints compared.
+    pub checkpoints: u64,
+    /// Final memory digest.
+    pub mem_digest: u64,
+    /// Final register digest.
+    pub regs_digest: u64,
+    /// Time spent waiting for entries.
+    pub waited: Duration,
+}
+
+fn compare(exit: u64, what: &str, ours: u64, theirs: u64) -> Result<(), PairError> {
+    if ours == theirs {
+        Ok(())
+    } else {
+        Err(PairError::Diverged {
+            exit,
+            what: format!("{what} digest {ours:#018x}, the primary's is {theirs:#018x}"),
+        })
+    }
+}
+
+/// Replays the log read by `reader` on `vm` (built from the same initial state as the
+/// primary's) until the End entry.
+///
+/// # Errors
+/// [`PairError::Diverged`] at the first difference; [`PairError::LogEnded`] when the log
+/// stops before the end.
+pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairError> {
+    let reader = Arc::new(Mutex::new(reader));
+    let lock = || reader.lock().unwrap_or_else(|e| e.into_inner());
+    let ended = |exit: u64, e: ReplayError| match e {
+        ReplayError::Diverged { exit, what } => PairError::Diverged { exit, what },
+        ReplayError::Exhausted { .. } => PairError::LogEnded {
+            exit,
+            why: "the primary's log stopped".into(),
+        },
+    };
+    let header = lock().next_entry(0).map_err(|e| ended(0, e))?;
+    let Entry::Header {
+        digest_interval,
+        mem_digest_every,
+        ..
+    } = header
+    else {
+        return Err(PairError::Diverged {
+            exit: 0,
+            what: format!("the log starts with {header:?}, not a header"),
+        });
+    };
+    tracing::info!(digest_interval, mem_digest_every, "replaying");
+    vm.set_inputs(Inputs::Replay(Box::new(ChannelReplay(Arc::clone(&reader)))));
+    let interval = digest_interval.max(1);
+    let mut checkpoints = 0u64;
+    let result = loop {
+        let target = (vm.stats().total() / interval + 1) * interval;
+        let outcome = vm.run_until(Some(target));
+        let exit = vm.stats().total();
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                let mut r = lock();
+                if let Some((exit, what)) = r.divergence.take() {
+                    break Err(PairError::Diverged { exit, what });
+                }
+                drop(r);
+                let text = format!("{e}: {}", super::primary::error_chain(&e));
+                if text.contains("log ended") {
+                    break Err(PairError::LogEnded {
+                        exit,
+                        why: "the primary's log stopped".into(),
+                    });
+                }
+                break Err(PairError::Diverged {
+                    exit,
+                    what: format!("the backup failed where the primary did not: {text}"),
+                });
+            }
+        };
+        let entry = match lock().next_entry(exit) {
+            Ok(e) => e,
+            Err(e) => break Err(ended(exit, e)),
+        };
+        match (outcome, entry) {
+            (RunOutcome::ExitLimit, Entry::Digest { exit: e, regs, mem }) if e == exit => {
+                checkpoints += 1;
+                if let Err(d) = compare(exit, "register", register_digest(vm), regs) {
+                    break Err(d);
+                }
+                if let Some(m) = mem {
+                    if let Err(d) = compare(exit, "memory", vm.memory_digest(), m) {
+                        break Err(d);
+                    }
+                }
+            }
+            (
+                RunOutcome::PoweredOff(code),
+                Entry::End {
+                    exit: e,
+                    code: c,
+                    regs,
+                    mem,
+                },
+            ) if e == exit => {
+                if code != c {
+                    break Err(PairError::Diverged {
+                        exit,
+                        what: format!("powered off with {code}, the primary with {c}"),
+                    });
+                }
+                let r = compare(exit, "register", register_digest(vm), regs)
+                    .and_then(|()| compare(exit, "memory", vm.memory_digest(), mem));
+                break r.map(|()| code);
+            }
+            (outcome, entry) => {
+                break Err(PairError::Diverged {
+                    exit,
+                    what: format!("the backup stopped with {outcome:?}, the log has {entry:?}"),
+                })
+            }
+        }
+    };
+    vm.set_inputs(Inputs::default());
+    let code = result?;
+    let r = lock();
+    Ok(BackupReport {
+        code,
+        exits: vm.stats().total(),
+        entries: r.consumed,
+        checkpoints,
+        mem_digest: vm.memory_digest(),
+        regs_digest: register_digest(vm),
+        waited: r.waited,
+    })
+}

@@ -1,0 +1,356 @@
+//! The replication log's entry format (vmm-core/LOG_FORMAT.md, version [`LOG_VERSION`]).
+//!
+//! Every entry is one record of the log buffer: the record's `kind` says which entry it is and
+//! its payload holds little-endian fields. Entries are encoded **in place** into a claimed
+//! record ([`encode_into`]) and decoded from a received record ([`Entry::decode`]).
+
+use std::fmt;
+
+/// Version of the entry format (LOG_FORMAT.md); the [`Entry::Header`] carries it.
+pub const LOG_VERSION: u32 = 1;
+
+/// Record kind of [`Entry::Header`].
+pub const KIND_HEADER: u16 = 1;
+/// Record kind of [`Entry::Read`].
+pub const KIND_READ: u16 = 2;
+/// Record kind of [`Entry::Write`].
+pub const KIND_WRITE: u16 = 3;
+/// Record kind of [`Entry::Digest`].
+pub const KIND_DIGEST: u16 = 4;
+/// Record kind of [`Entry::End`].
+pub const KIND_END: u16 = 5;
+
+/// Fixed part of a [`Entry::Write`] payload (exit, gpa).
+pub const WRITE_HEADER_LEN: usize = 16;
+
+/// Errors decoding an entry.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LogError {
+    /// The record kind is not an entry kind.
+    #[error("unknown log entry kind {0}")]
+    UnknownKind(u16),
+    /// The payload has the wrong length for its kind.
+    #[error("log entry of kind {kind} has {len} payload bytes")]
+    BadLength {
+        /// The kind.
+        kind: u16,
+        /// The payload length.
+        len: usize,
+    },
+    /// The header has a version this build does not understand.
+    #[error("log format version {0}, this build reads version {LOG_VERSION}")]
+    Version(u32),
+}
+
+/// One log entry.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// First entry of a log: format version and the replication parameters.
+    Header {
+        /// [`LOG_VERSION`].
+        version: u32,
+        /// Exits between two [`Entry::Digest`] checkpoints.
+        digest_interval: u64,
+        /// Every how many checkpoints the memory digest is included (0: only at the end).
+        mem_digest_every: u64,
+    },
+    /// The value of an MMIO read whose outcome came from outside (clock, entropy, WAIT).
+    Read {
+        /// Exit index.
+        exit: u64,
+        /// MMIO address (identifies the device and register).
+        addr: u64,
+        /// The value returned to the guest.
+        value: u64,
+    },
+    /// A device wrote `data` into guest memory at `gpa` during exit `exit`.
+    Write {
+        /// Exit index.
+        exit: u64,
+        /// Guest-physical address.
+        gpa: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// A checkpoint: the state digests when `exit` exits had been handled.
+    Digest {
+        /// Exits handled.
+        exit: u64,
+        /// Digest of the vCPU registers.
+        regs: u64,
+        /// Digest of guest memory, if included at this checkpoint.
+        mem: Option<u64>,
+    },
+    /// The guest powered off after `exit` exits with `code`.
+    End {
+        /// Exits handled.
+        exit: u64,
+        /// Power-off code.
+        code: u64,
+        /// Digest of the vCPU registers.
+        regs: u64,
+        /// Digest of guest memory.
+        mem: u64,
+    },
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Entry::Header {
+                version,
+                digest_interval,
+                mem_digest_every,
+            } => write!(
+                f,
+                "header v{version} (digest every {digest_interval} exits, memory every {mem_digest_every})"
+            ),
+            Entry::Read { exit, addr, value } => {
+                write!(f, "read of {addr:#x} ({}) at exit {exit} = {value:#x}", device_name(*addr))
+            }
+            Entry::Write { exit, gpa, data } => {
+                write!(f, "write of {} bytes at {gpa:#x} at exit {exit}", data.len())
+            }
+            Entry::Digest { exit, regs, mem } => match mem {
+                Some(m) => write!(f, "digest at exit {exit} regs {regs:#018x} memory {m:#018x}"),
+                None => write!(f, "digest at exit {exit} regs {regs:#018x}"),
+            },
+            Entry::End {
+                exit,
+                code,
+                regs,
+                mem,
+            } => write!(
+                f,
+                "power off with {code} at exit {exit} regs {regs:#018x} memory {mem:#018x}"
+            ),
+        }
+    }
+}
+
+/// The device an MMIO address belongs to (for messages).
+pub fn device_name(addr: u64) -> &'static str {
+    match addr.wrapping_sub(crate::memory::MMIO_BASE) / crate::bus::DEVICE_SIZE {
+        0 => "sys",
+        1 => "virtio-net",
+        2 => "virtio-blk",
+        3 => "virtio-console",
+        _ => "unmapped",
+    }
+}
+
+fn u64_at(p: &[u8], off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&p[off..off + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn put(p: &mut [u8], off: usize, v: u64) {
+    p[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+impl Entry {
+    /// The record kind of this entry.
+    pub fn kind(&self) -> u16 {
+        match self {
+            Entry::Header { .. } => KIND_HEADER,
+            Entry::Read { .. } => KIND_READ,
+            Entry::Write { .. } => KIND_WRITE,
+            Entry::Digest { .. } => KIND_DIGEST,
+            Entry::End { .. } => KIND_END,
+        }
+    }
+
+    /// The exit index the entry belongs to (0 for the header).
+    pub fn exit(&self) -> u64 {
+        match self {
+            Entry::Header { .. } => 0,
+            Entry::Read { exit, .. }
+            | Entry::Write { exit, .. }
+            | Entry::Digest { exit, .. }
+            | Entry::End { exit, .. } => *exit,
+        }
+    }
+
+    /// Payload length of the encoded entry.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Entry::Header { .. } => 24,
+            Entry::Read { .. } => 24,
+            Entry::Write { data, .. } => WRITE_HEADER_LEN + data.len(),
+            Entry::Digest { .. } => 32,
+            Entry::End { .. } => 32,
+        }
+    }
+
+    /// Encodes the entry into `p` (exactly [`Entry::encoded_len`] bytes).
+    pub fn encode(&self, p: &mut [u8]) {
+        match self {
+            Entry::Header {
+                version,
+                digest_interval,
+                mem_digest_every,
+            } => {
+                put(p, 0, u64::from(*version));
+                put(p, 8, *digest_interval);
+                put(p, 16, *mem_digest_every);
+            }
+            Entry::Read { exit, addr, value } => {
+                put(p, 0, *exit);
+                put(p, 8, *addr);
+                put(p, 16, *value);
+            }
+            Entry::Write { exit, gpa, data } => encode_write(p, *exit, *gpa, data),
+            Entry::Digest { exit, regs, mem } => {
+                put(p, 0, *exit);
+                put(p, 8, *regs);
+                put(p, 16, u64::from(mem.is_some()));
+                put(p, 24, mem.unwrap_or(0));
+            }
+            Entry::End {
+                exit,
+                code,
+                regs,
+                mem,
+            } => {
+                put(p, 0, *exit);
+                put(p, 8, *code);
+                put(p, 16, *regs);
+                put(p, 24, *mem);
+            }
+        }
+    }
+
+    /// Decodes a record of kind `kind` with payload `p`.
+    ///
+    /// # Errors
+    /// [`LogError`] for an unknown kind, a bad length or an unsupported version.
+    pub fn decode(kind: u16, p: &[u8]) -> Result<Entry, LogError> {
+        let need = |n: usize| {
+            if p.len() == n {
+                Ok(())
+            } else {
+                Err(LogError::BadLength { kind, len: p.len() })
+            }
+        };
+        Ok(match kind {
+            KIND_HEADER => {
+                need(24)?;
+                let version = u64_at(p, 0);
+                if version != u64::from(LOG_VERSION) {
+                    return Err(LogError::Version(version as u32));
+                }
+                Entry::Header {
+                    version: LOG_VERSION,
+                    digest_interval: u64_at(p, 8),
+                    mem_digest_every: u64_at(p, 16),
+                }
+            }
+            KIND_READ => {
+                need(24)?;
+                Entry::Read {
+                    exit: u64_at(p, 0),
+                    addr: u64_at(p, 8),
+                    value: u64_at(p, 16),
+                }
+            }
+            KIND_WRITE => {
+                if p.len() < WRITE_HEADER_LEN {
+                    return Err(LogError::BadLength { kind, len: p.len() });
+                }
+                Entry::Write {
+                    exit: u64_at(p, 0),
+                    gpa: u64_at(p, 8),
+                    data: p[WRITE_HEADER_LEN..].to_vec(),
+                }
+            }
+            KIND_DIGEST => {
+                need(32)?;
+                Entry::Digest {
+                    exit: u64_at(p, 0),
+                    regs: u64_at(p, 8),
+                    mem: (u64_at(p, 16) != 0).then(|| u64_at(p, 24)),
+                }
+            }
+            KIND_END => {
+                need(32)?;
+                Entry::End {
+                    exit: u64_at(p, 0),
+                    code: u64_at(p, 8),
+                    regs: u64_at(p, 16),
+                    mem: u64_at(p, 24),
+                }
+            }
+            other => return Err(LogError::UnknownKind(other)),
+        })
+    }
+}
+
+/// Encodes a write entry in place (`p` is `WRITE_HEADER_LEN + data.len()` bytes).
+pub fn encode_write(p: &mut [u8], exit: u64, gpa: u64, data: &[u8]) {
+    put(p, 0, exit);
+    put(p, 8, gpa);
+    p[WRITE_HEADER_LEN..WRITE_HEADER_LEN + data.len()].copy_from_slice(data);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip() {
+        let entries = [
+            Entry::Header {
+                version: LOG_VERSION,
+                digest_interval: 1000,
+                mem_digest_every: 4,
+            },
+            Entry::Read {
+                exit: 3,
+                addr: 0xD000_0008,
+                value: 42,
+            },
+            Entry::Write {
+                exit: 9,
+                gpa: 0x5000,
+                data: b"abc".to_vec(),
+            },
+            Entry::Digest {
+                exit: 1000,
+                regs: 7,
+                mem: None,
+            },
+            Entry::Digest {
+                exit: 2000,
+                regs: 7,
+                mem: Some(0),
+            },
+            Entry::End {
+                exit: 2001,
+                code: 0,
+                regs: 1,
+                mem: 2,
+            },
+        ];
+        for e in entries {
+            let mut buf = vec![0u8; e.encoded_len()];
+            e.encode(&mut buf);
+            assert_eq!(Entry::decode(e.kind(), &buf), Ok(e.clone()));
+        }
+    }
+
+    #[test]
+    fn bad_records_are_rejected() {
+        assert_eq!(Entry::decode(99, &[]), Err(LogError::UnknownKind(99)));
+        assert_eq!(
+            Entry::decode(KIND_READ, &[0; 23]),
+            Err(LogError::BadLength {
+                kind: KIND_READ,
+                len: 23
+            })
+        );
+        let mut h = [0u8; 24];
+        h[0] = 7;
+        assert_eq!(Entry::decode(KIND_HEADER, &h), Err(LogError::Version(7)));
+    }
+}

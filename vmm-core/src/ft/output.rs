@@ -1,0 +1,324 @@
+//! The output rule: an output of the primary leaves the machine only once the backup holds the
+//! log up to the position that was current when the output was produced.
+//!
+//! Outputs are handed to an [`OutputGate`] with their tag (a log sequence number); a releaser
+//! thread passes them to their sink, in order, as soon as the acknowledged position reaches the
+//! tag. The primary's vCPU never waits for it. Every release records how long the output waited
+//! (an HdrHistogram, microseconds) and checks the rule once more against the acknowledged
+//! position read at release time ([`OutputStats::early`] must stay 0).
+//!
+//! Console output is collected by the VM into a buffer ([`OutputGate::add_buffer_source`]); the
+//! releaser drains it and tags the bytes with the log position read *after* draining, which is
+//! never smaller than the position current when they were produced (conservative: it can only
+//! make them wait longer, never shorter).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// Where the acknowledged log position comes from.
+pub trait AckSource: Send + Sync {
+    /// Highest log sequence number the backup holds.
+    fn acked(&self) -> u64;
+}
+
+impl AckSource for ftvm_channel::reliable::SenderShared {
+    fn acked(&self) -> u64 {
+        self.acked_seq()
+    }
+}
+
+impl AckSource for AtomicU64 {
+    fn acked(&self) -> u64 {
+        self.load(Ordering::Acquire)
+    }
+}
+
+/// A destination for released outputs (the TAP, the console).
+pub type Sink = Box<dyn FnMut(&[u8]) + Send>;
+
+/// Counters of the output rule.
+#[derive(Debug, Clone)]
+pub struct OutputStats {
+    /// Outputs submitted.
+    pub produced: u64,
+    /// Outputs released.
+    pub released: u64,
+    /// Bytes released.
+    pub bytes: u64,
+    /// Releases where the acknowledged position was below the tag (must be 0).
+    pub early: u64,
+    /// Most outputs waiting at once.
+    pub max_pending: usize,
+    /// Delay each output waited, in microseconds.
+    pub delay_us: Histogram<u64>,
+    /// `(tag, acknowledged position at release)` of the first releases (for checks).
+    pub releases: Vec<(u64, u64)>,
+}
+
+/// How many `(tag, acked)` pairs are kept.
+pub const KEPT_RELEASES: usize = 4096;
+
+impl Default for OutputStats {
+    fn default() -> Self {
+        OutputStats {
+            produced: 0,
+            released: 0,
+            bytes: 0,
+            early: 0,
+            max_pending: 0,
+            // 1 µs .. 1 h, 3 significant digits: valid bounds, cannot fail.
+            delay_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
+            releases: Vec::new(),
+        }
+    }
+}
+
+/// A buffer the VM appends output to, and the sink its bytes go to.
+type BufferSource = (Arc<Mutex<Vec<u8>>>, usize);
+
+struct Pending {
+    tag: u64,
+    sink: usize,
+    data: Vec<u8>,
+    at: Instant,
+}
+
+struct Inner {
+    acks: Arc<dyn AckSource>,
+    position: Arc<AtomicU64>,
+    pending: Mutex<VecDeque<Pending>>,
+    sinks: Mutex<Vec<Sink>>,
+    sources: Mutex<Vec<BufferSource>>,
+    stats: Mutex<OutputStats>,
+    stop: AtomicBool,
+}
+
+impl Inner {
+    fn drain_sources(&self) {
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        for (buf, sink) in sources.iter() {
+            let data = std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()));
+            if !data.is_empty() {
+                // Read after draining: ≥ the position when the bytes were produced.
+                let tag = self.position.load(Ordering::Acquire);
+                self.submit(*sink, tag, data);
+            }
+        }
+    }
+
+    fn submit(&self, sink: usize, tag: u64, data: Vec<u8>) {
+        let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        q.push_back(Pending {
+            tag,
+            sink,
+            data,
+            at: Instant::now(),
+        });
+        let n = q.len();
+        drop(q);
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.produced += 1;
+        s.max_pending = s.max_pending.max(n);
+    }
+
+    /// Releases every output whose tag is acknowledged; returns how many.
+    fn release(&self) -> usize {
+        let acked = self.acks.acked();
+        let mut ready = Vec::new();
+        {
+            let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            while q.front().is_some_and(|p| p.tag <= acked) {
+                if let Some(p) = q.pop_front() {
+                    ready.push(p);
+                }
+            }
+        }
+        if ready.is_empty() {
+            return 0;
+        }
+        let mut sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &ready {
+            let now_acked = self.acks.acked();
+            if now_acked < p.tag {
+                s.early += 1;
+            }
+            if let Some(sink) = sinks.get_mut(p.sink) {
+                sink(&p.data);
+            }
+            let waited = p.at.elapsed().as_micros().max(1) as u64;
+            let _ = s.delay_us.record(waited.min(3_600_000_000));
+            s.released += 1;
+            s.bytes += p.data.len() as u64;
+            if s.releases.len() < KEPT_RELEASES {
+                s.releases.push((p.tag, now_acked));
+            }
+        }
+        ready.len()
+    }
+}
+
+/// The output gate of a primary (see the module documentation).
+pub struct OutputGate {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for OutputGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputGate").finish_non_exhaustive()
+    }
+}
+
+impl OutputGate {
+    /// Starts the releaser thread. `acks` gives the acknowledged position, `position` the
+    /// primary's current log position (last sequence number logged).
+    ///
+    /// # Errors
+    /// The I/O error if the thread cannot be spawned.
+    pub fn start(acks: Arc<dyn AckSource>, position: Arc<AtomicU64>) -> std::io::Result<Self> {
+        let inner = Arc::new(Inner {
+            acks,
+            position,
+            pending: Mutex::new(VecDeque::new()),
+            sinks: Mutex::new(Vec::new()),
+            sources: Mutex::new(Vec::new()),
+            stats: Mutex::new(OutputStats::default()),
+            stop: AtomicBool::new(false),
+        });
+        let i = Arc::clone(&inner);
+        let thread = std::thread::Builder::new()
+            .name("ftvm-output".into())
+            .spawn(move || {
+                let mut idle = ftvm_ringbuf::IdleKind::Park.build();
+                while !i.stop.load(Ordering::Acquire) {
+                    i.drain_sources();
+                    let n = i.release();
+                    idle.idle(n);
+                }
+            })?;
+        Ok(OutputGate {
+            inner,
+            thread: Some(thread),
+        })
+    }
+
+    /// Registers a sink; returns its id for [`OutputGate::submit`].
+    pub fn add_sink(&self, sink: Sink) -> usize {
+        let mut s = self.inner.sinks.lock().unwrap_or_else(|e| e.into_inner());
+        s.push(sink);
+        s.len() - 1
+    }
+
+    /// Registers a buffer the VM appends output to (its console); the releaser drains it, tags
+    /// the bytes and releases them to `sink` under the rule.
+    pub fn add_buffer_source(&self, buf: Arc<Mutex<Vec<u8>>>, sink: Sink) {
+        let id = self.add_sink(sink);
+        self.inner
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((buf, id));
+    }
+
+    /// Submits one output with its tag.
+    pub fn submit(&self, sink: usize, tag: u64, data: Vec<u8>) {
+        self.inner.submit(sink, tag, data);
+    }
+
+    /// Outputs waiting now.
+    pub fn pending(&self) -> usize {
+        self.inner.drain_sources();
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> OutputStats {
+        self.inner
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits up to `timeout` until every output produced so far is released; returns whether
+    /// they all were.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.pending() == 0 {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Drop for OutputGate {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_wait_for_their_position() {
+        let acked = Arc::new(AtomicU64::new(0));
+        let position = Arc::new(AtomicU64::new(5));
+        let gate = OutputGate::start(acked.clone(), position.clone()).unwrap();
+        let out = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+        let o = out.clone();
+        let sink = gate.add_sink(Box::new(move |d| o.lock().unwrap().push(d.to_vec())));
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        gate.add_buffer_source(
+            console.clone(),
+            Box::new(move |d| s2.lock().unwrap().extend_from_slice(d)),
+        );
+        gate.submit(sink, 3, b"a".to_vec());
+        gate.submit(sink, 7, b"b".to_vec());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(out.lock().unwrap().is_empty(), "released before any ack");
+        acked.store(5, Ordering::Release);
+        assert!(
+            !gate.flush(Duration::from_millis(50)),
+            "tag 7 is not acknowledged"
+        );
+        assert_eq!(*out.lock().unwrap(), vec![b"a".to_vec()]);
+        acked.store(7, Ordering::Release);
+        assert!(gate.flush(Duration::from_secs(5)));
+        assert_eq!(*out.lock().unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+        // Console bytes produced at position 9 wait for 9.
+        position.store(9, Ordering::Release);
+        console.lock().unwrap().extend_from_slice(b"hello");
+        assert!(!gate.flush(Duration::from_millis(50)));
+        assert!(seen.lock().unwrap().is_empty());
+        acked.store(9, Ordering::Release);
+        assert!(gate.flush(Duration::from_secs(5)));
+        assert_eq!(*seen.lock().unwrap(), b"hello");
+        let s = gate.stats();
+        assert_eq!((s.produced, s.released, s.early), (3, 3, 0));
+        assert!(s.releases.iter().all(|(tag, acked)| acked >= tag));
+        assert!(s.delay_us.max() >= 40_000, "waited {} µs", s.delay_us.max());
+    }
+}

@@ -1,0 +1,376 @@
+//! The primary: records every nondeterministic input into the log buffer, in place, while the
+//! channel's sender poller ships it to the backup; logs periodic state digests; releases
+//! outputs under the output rule ([`super::output`]).
+//!
+//! ```text
+//! vCPU thread:  exit ─> ChannelRecorder ─claim/encode/commit─> log buffer ─> sender poller ─> backup
+//!                  └─ every `digest_interval` exits: Digest entry; at power off: End entry
+//! output thread: console bytes ─ tag = log position ─> wait until acked ≥ tag ─> sink
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_channel::{LogSender, TransportError};
+use ftvm_ringbuf::{ClaimError, IdleKind};
+
+use super::digest::register_digest;
+use super::log::{encode_write, Entry, KIND_READ, KIND_WRITE, LOG_VERSION, WRITE_HEADER_LEN};
+use super::output::{OutputGate, OutputStats, Sink};
+use crate::record::{Inputs, Recorder};
+use crate::vm::{RunOutcome, Vm, VmError};
+
+/// Errors of a primary or backup run.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    /// The backup's execution differed from the primary's.
+    #[error("diverged at exit {exit}: {what}")]
+    Diverged {
+        /// The exit index.
+        exit: u64,
+        /// What differed.
+        what: String,
+    },
+    /// The log could not be written (link down while the buffer was full, entry too large).
+    #[error("log: {0}")]
+    Log(String),
+    /// The log ended before the guest powered off (the primary is gone).
+    #[error("log ended at exit {exit}: {why}")]
+    LogEnded {
+        /// The exit index.
+        exit: u64,
+        /// Why.
+        why: String,
+    },
+    /// The channel failed.
+    #[error("channel")]
+    Channel(#[from] TransportError),
+    /// The VM failed.
+    #[error("VM")]
+    Vm(#[from] VmError),
+    /// The guest was paused from outside.
+    #[error("the VM was paused from outside at exit {0}")]
+    Paused(u64),
+    /// Setup failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The messages of `e` and all its sources, joined with `: `.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Replication parameters (the primary sends them to the backup in the log header).
+#[derive(Debug, Clone)]
+pub struct PairOptions {
+    /// Exits between two register-digest checkpoints.
+    pub digest_interval: u64,
+    /// Every how many checkpoints memory is digested too (0: only at the end).
+    pub mem_digest_every: u64,
+    /// How the vCPU waits for log space and the backup for entries.
+    pub idle: IdleKind,
+    /// How long the end of the run waits for acknowledgements.
+    pub ack_timeout: Duration,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            digest_interval: 10_000,
+            mem_digest_every: 0,
+            idle: IdleKind::Yield,
+            ack_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Writes log entries into the sender's log buffer in place.
+#[derive(Debug, Clone)]
+pub struct LogWriter {
+    sender: Arc<Mutex<LogSender>>,
+    position: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    entries: Arc<AtomicU64>,
+    error: Arc<Mutex<Option<String>>>,
+    idle: IdleKind,
+}
+
+impl LogWriter {
+    /// A writer over `sender`'s buffer.
+    pub fn new(mut sender: LogSender, idle: IdleKind) -> Self {
+        let position = Arc::new(AtomicU64::new(
+            sender.producer().next_seq().saturating_sub(1),
+        ));
+        LogWriter {
+            sender: Arc::new(Mutex::new(sender)),
+            position,
+            bytes: Arc::default(),
+            entries: Arc::default(),
+            error: Arc::default(),
+            idle,
+        }
+    }
+
+    /// The sender (acks, counters).
+    pub fn sender(&self) -> std::sync::MutexGuard<'_, LogSender> {
+        self.sender.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Last sequence number written (the log position outputs are tagged with).
+    pub fn position(&self) -> &Arc<AtomicU64> {
+        &self.position
+    }
+
+    /// Payload bytes logged so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Entries logged so far.
+    pub fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// The first error met by a write through the [`Recorder`] interface (which cannot fail).
+    pub fn take_error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Claims `len` bytes of `kind`, lets `fill` encode in place, commits; waits (with the idle
+    /// strategy) while the buffer is full and the link is up. Returns the sequence number.
+    fn append_with(
+        &self,
+        kind: u16,
+        len: usize,
+        fill: impl Fn(&mut [u8]),
+    ) -> Result<u64, PairError> {
+        let mut idle = self.idle.build();
+        let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match sender.producer().claim(kind, len) {
+                Ok(mut claim) => {
+                    fill(&mut claim);
+                    let seq = claim.commit();
+                    self.position.store(seq, Ordering::Release);
+                    self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    self.entries.fetch_add(1, Ordering::Relaxed);
+                    return Ok(seq);
+                }
+                Err(ClaimError::Full { .. }) => {}
+                Err(e) => return Err(PairError::Log(e.to_string())),
+            }
+            if !sender.is_running() {
+                let e = sender
+                    .error()
+                    .map_or_else(|| "link down".to_string(), |e| e.to_string());
+                return Err(PairError::Log(format!(
+                    "log buffer full and the link is down: {e}"
+                )));
+            }
+            idle.idle(0);
+        }
+    }
+
+    /// Appends one entry.
+    ///
+    /// # Errors
+    /// [`PairError::Log`].
+    pub fn append(&self, entry: &Entry) -> Result<u64, PairError> {
+        self.append_with(entry.kind(), entry.encoded_len(), |p| entry.encode(p))
+    }
+
+    fn max_write_chunk(&self) -> usize {
+        let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+        let max = sender.producer().ring().max_payload();
+        max.saturating_sub(WRITE_HEADER_LEN).clamp(1, 64 << 10)
+    }
+
+    fn fail(&self, e: PairError) {
+        tracing::error!(error = %e, "cannot log an input");
+        self.error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(e.to_string());
+    }
+}
+
+/// The [`Recorder`] of a primary: every input becomes an entry of the log.
+#[derive(Debug)]
+pub struct ChannelRecorder {
+    writer: LogWriter,
+    chunk: usize,
+}
+
+impl ChannelRecorder {
+    /// A recorder writing through `writer`.
+    pub fn new(writer: LogWriter) -> Self {
+        let chunk = writer.max_write_chunk();
+        ChannelRecorder { writer, chunk }
+    }
+}
+
+impl Recorder for ChannelRecorder {
+    fn external_read(&mut self, exit: u64, addr: u64, value: u64) {
+        let entry = Entry::Read { exit, addr, value };
+        if let Err(e) = self.writer.append_with(KIND_READ, 24, |p| entry.encode(p)) {
+            self.writer.fail(e);
+        }
+    }
+
+    fn guest_write(&mut self, exit: u64, gpa: u64, data: &[u8]) {
+        for (i, chunk) in data.chunks(self.chunk).enumerate() {
+            let at = gpa + (i * self.chunk) as u64;
+            let r = self
+                .writer
+                .append_with(KIND_WRITE, WRITE_HEADER_LEN + chunk.len(), |p| {
+                    encode_write(p, exit, at, chunk)
+                });
+            if let Err(e) = r {
+                self.writer.fail(e);
+                return;
+            }
+        }
+    }
+}
+
+/// What a primary run did.
+#[derive(Debug, Clone)]
+pub struct PrimaryReport {
+    /// Power-off code.
+    pub code: u64,
+    /// Exits handled.
+    pub exits: u64,
+    /// Entries logged.
+    pub entries: u64,
+    /// Payload bytes logged.
+    pub log_bytes: u64,
+    /// Final memory digest.
+    pub mem_digest: u64,
+    /// Final register digest.
+    pub regs_digest: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Output rule counters.
+    pub outputs: OutputStats,
+    /// Whether the backup reported executing the End entry.
+    pub backup_finished: bool,
+}
+
+/// Test hooks of a primary run (deliberate nondeterminism).
+#[derive(Debug, Default, Clone)]
+pub struct PrimaryHooks {
+    /// At this checkpoint number, write bytes into guest memory at this address without logging
+    /// them (as if the VMM had handed the guest uninitialised host data).
+    pub unlogged_write: Option<(u64, u64, Vec<u8>)>,
+}
+
+/// Runs `vm` as the primary until it powers off: logs through `writer`, releases the console
+/// bytes collected in `console` to `console_sink` under the output rule.
+///
+/// # Errors
+/// [`PairError`].
+pub fn run_primary(
+    vm: &mut Vm,
+    writer: &LogWriter,
+    opts: &PairOptions,
+    console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
+    hooks: &PrimaryHooks,
+) -> Result<PrimaryReport, PairError> {
+    let start = Instant::now();
+    let acks = Arc::clone(writer.sender().shared());
+    let gate = OutputGate::start(acks, Arc::clone(writer.position()))
+        .map_err(|e| PairError::Setup(format!("output thread: {e}")))?;
+    if let Some((buf, sink)) = console {
+        gate.add_buffer_source(buf, sink);
+    }
+    writer.append(&Entry::Header {
+        version: LOG_VERSION,
+        digest_interval: opts.digest_interval,
+        mem_digest_every: opts.mem_digest_every,
+    })?;
+    vm.set_inputs(Inputs::Live(Box::new(ChannelRecorder::new(writer.clone()))));
+    let interval = opts.digest_interval.max(1);
+    let mut checkpoint = 0u64;
+    let result = loop {
+        let target = (vm.stats().total() / interval + 1) * interval;
+        let outcome = vm.run_until(Some(target));
+        if let Some(e) = writer.take_error() {
+            break Err(PairError::Log(e));
+        }
+        let exit = vm.stats().total();
+        match outcome? {
+            RunOutcome::ExitLimit => {
+                checkpoint += 1;
+                let mem = (opts.mem_digest_every > 0 && checkpoint % opts.mem_digest_every == 0)
+                    .then(|| vm.memory_digest());
+                writer.append(&Entry::Digest {
+                    exit,
+                    regs: register_digest(vm),
+                    mem,
+                })?;
+                if let Some((at, gpa, data)) = &hooks.unlogged_write {
+                    if *at == checkpoint {
+                        use vm_memory::Bytes;
+                        let _ = vm.memory().write_slice(data, vm_memory::GuestAddress(*gpa));
+                    }
+                }
+            }
+            RunOutcome::PoweredOff(code) => break Ok((code, exit)),
+            RunOutcome::Paused => break Err(PairError::Paused(exit)),
+        }
+    };
+    vm.set_inputs(Inputs::default());
+    let (code, exits) = result?;
+    let mem_digest = vm.memory_digest();
+    let regs_digest = register_digest(vm);
+    let end = writer.append(&Entry::End {
+        exit: exits,
+        code,
+        regs: regs_digest,
+        mem: mem_digest,
+    })?;
+    if !writer.sender().wait_acked(end, opts.ack_timeout)? {
+        return Err(PairError::Log(format!(
+            "the backup did not acknowledge the end of the log within {:?}",
+            opts.ack_timeout
+        )));
+    }
+    if !gate.flush(opts.ack_timeout) {
+        return Err(PairError::Log("outputs still waiting at the end".into()));
+    }
+    // Give the backup a moment to report that it replayed everything (not required).
+    let deadline = Instant::now() + opts.ack_timeout.min(Duration::from_secs(10));
+    let mut backup_finished = false;
+    while Instant::now() < deadline {
+        let s = writer.sender();
+        if s.backup_executed_seq() >= end {
+            backup_finished = true;
+            break;
+        }
+        if !s.is_running() {
+            break;
+        }
+        drop(s);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(PrimaryReport {
+        code,
+        exits,
+        entries: writer.entries(),
+        log_bytes: writer.bytes(),
+        mem_digest,
+        regs_digest,
+        elapsed: start.elapsed(),
+        outputs: gate.stats(),
+        backup_finished,
+    })
+}

@@ -1,0 +1,303 @@
+//! Primary and backup over the real log channel (TCP on loopback), in one process: replay
+//! equality, the output rule with stalled acknowledgements, and divergence detection.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_channel::tcp::{TcpMode, TcpTransport};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport, TransportError};
+use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader, Tamper};
+use ftvm_vmm_core::ft::digest::pairing_digest;
+use ftvm_vmm_core::ft::log::Entry;
+use ftvm_vmm_core::ft::primary::{
+    run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
+};
+use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
+use ftvm_vmm_core::{guests, require_kvm};
+
+/// Withholds the frames the primary receives (the backup's acks) while `stall` is set.
+struct StallAcks {
+    inner: Box<dyn Transport>,
+    stall: Arc<AtomicBool>,
+}
+
+impl Transport for StallAcks {
+    fn name(&self) -> &'static str {
+        "stall"
+    }
+    fn max_frame(&self) -> usize {
+        self.inner.max_frame()
+    }
+    fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
+        self.inner.send(frame)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.inner.flush()
+    }
+    fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
+        if self.stall.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        self.inner.poll_recv(on_frame)
+    }
+}
+
+#[derive(Default)]
+struct Setup {
+    cmdline: String,
+    opts: PairOptions,
+    hooks: PrimaryHooks,
+    tamper: Option<Tamper>,
+    stall: Option<Arc<AtomicBool>>,
+    backup_cmdline: Option<String>,
+}
+
+struct Outcome {
+    primary: Result<PrimaryReport, PairError>,
+    backup: Result<BackupReport, PairError>,
+    released: Arc<Mutex<Vec<u8>>>,
+    backup_console: Vec<u8>,
+}
+
+fn config(cmdline: &str) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
+    let (console, buf) = buffer_console();
+    (
+        VmConfig {
+            mem_size: 16 << 20,
+            cmdline: cmdline.into(),
+            console,
+            ..Default::default()
+        },
+        buf,
+    )
+}
+
+fn channel_config(cmdline: &str) -> Config {
+    let elf = guests::by_name("cpu").expect("cpu guest");
+    Config {
+        digest: pairing_digest(elf, cmdline, 16 << 20, None).expect("digest"),
+        ..Config::default()
+    }
+}
+
+fn run_pair(setup: Setup) -> Outcome {
+    let elf = guests::by_name("cpu").expect("cpu guest");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let backup_cmdline = setup
+        .backup_cmdline
+        .clone()
+        .unwrap_or_else(|| setup.cmdline.clone());
+    let tamper = setup.tamper;
+    let backup = std::thread::spawn(move || -> (Result<BackupReport, PairError>, Vec<u8>) {
+        let (cfg, buf) = config(&backup_cmdline);
+        let mut vm = Vm::new(&cfg, elf).expect("backup vm");
+        let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
+        let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
+        let rx = match LogReceiver::start(
+            p,
+            c,
+            Box::new(t),
+            channel_config(&backup_cmdline),
+            PollerConfig::default(),
+        ) {
+            Ok(rx) => rx,
+            Err(e) => return (Err(PairError::Channel(e)), Vec::new()),
+        };
+        let reader = LogReader::new(rx, Default::default(), tamper);
+        let r = run_backup(&mut vm, reader);
+        let out = buf.lock().unwrap().clone();
+        (r, out)
+    });
+    let (cfg, buf) = config(&setup.cmdline);
+    let mut vm = Vm::new(&cfg, elf).expect("primary vm");
+    let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
+    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
+    let stall = setup.stall.clone().unwrap_or_default();
+    let t = StallAcks {
+        inner: Box::new(t),
+        stall: stall.clone(),
+    };
+    let released = Arc::new(Mutex::new(Vec::new()));
+    let primary = match LogSender::start(
+        p,
+        c,
+        Box::new(t),
+        channel_config(&setup.cmdline),
+        PollerConfig::default(),
+    ) {
+        Ok(sender) => {
+            if setup.stall.is_some() {
+                stall.store(true, Ordering::Release);
+            }
+            let writer = LogWriter::new(sender, Default::default());
+            let r2 = released.clone();
+            run_primary(
+                &mut vm,
+                &writer,
+                &setup.opts,
+                Some((
+                    buf,
+                    Box::new(move |d: &[u8]| r2.lock().unwrap().extend_from_slice(d)),
+                )),
+                &setup.hooks,
+            )
+        }
+        Err(e) => Err(PairError::Channel(e)),
+    };
+    let (backup, backup_console) = backup.join().expect("backup thread");
+    Outcome {
+        primary,
+        backup,
+        released,
+        backup_console,
+    }
+}
+
+const TIMING: &str = "size=256k rounds=4 seed=3 timing";
+
+fn opts(interval: u64, mem_every: u64) -> PairOptions {
+    PairOptions {
+        digest_interval: interval,
+        mem_digest_every: mem_every,
+        ack_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn ft_backup_replays_the_primary_exactly() {
+    require_kvm!("ft_backup_replays_the_primary_exactly");
+    let o = run_pair(Setup {
+        cmdline: TIMING.into(),
+        opts: opts(3, 1),
+        ..Default::default()
+    });
+    let p = o.primary.expect("primary");
+    let b = o.backup.expect("backup");
+    assert_eq!(p.code, 0);
+    assert_eq!((b.code, b.exits), (p.code, p.exits));
+    assert_eq!(b.mem_digest, p.mem_digest);
+    assert_eq!(b.regs_digest, p.regs_digest);
+    assert!(b.checkpoints >= 2, "{b:?}");
+    assert!(p.backup_finished);
+    let released = o.released.lock().unwrap().clone();
+    let text = String::from_utf8_lossy(&released);
+    assert!(text.contains("cpu: elapsed_ns="), "{text}");
+    assert_eq!(released, o.backup_console, "console output differs");
+    // The clock reads went through the log: entries beyond header, digests and end.
+    assert!(p.entries > 2 + b.checkpoints, "{p:?}");
+    assert_eq!(p.outputs.early, 0);
+    assert!(p.outputs.releases.iter().all(|(tag, acked)| acked >= tag));
+}
+
+#[test]
+fn ft_outputs_wait_for_stalled_acks() {
+    require_kvm!("ft_outputs_wait_for_stalled_acks");
+    let stall = Arc::new(AtomicBool::new(false));
+    let s2 = stall.clone();
+    let unstaller = std::thread::spawn(move || {
+        // Wait until the stall is armed, then hold it for 400 ms.
+        let t = Instant::now();
+        while !s2.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        s2.store(false, Ordering::Release);
+    });
+    let o = run_pair(Setup {
+        cmdline: TIMING.into(),
+        opts: opts(1000, 0),
+        stall: Some(stall),
+        ..Default::default()
+    });
+    unstaller.join().unwrap();
+    let p = o.primary.expect("primary");
+    o.backup.expect("backup");
+    assert!(p.outputs.released >= 1);
+    assert_eq!(p.outputs.early, 0);
+    // Nothing could be released while the acks were withheld.
+    assert!(
+        p.outputs.delay_us.max() >= 300_000,
+        "max delay {} µs",
+        p.outputs.delay_us.max()
+    );
+}
+
+fn expect_divergence(r: Result<BackupReport, PairError>) -> String {
+    match r {
+        Err(e @ PairError::Diverged { .. }) => {
+            let text = e.to_string();
+            assert!(text.starts_with("diverged at exit "), "{text}");
+            text
+        }
+        other => panic!("expected a divergence, got {other:?}"),
+    }
+}
+
+#[test]
+fn ft_corrupted_entry_is_a_divergence() {
+    require_kvm!("ft_corrupted_entry_is_a_divergence");
+    // A read value changed on the way: the guest computes with it; caught by digests.
+    let tamper: Tamper = Box::new(|_, e| {
+        if let Entry::Read { value, .. } = e {
+            *value = value.wrapping_add(12_345_678_901);
+        }
+    });
+    let o = run_pair(Setup {
+        cmdline: TIMING.into(),
+        opts: opts(2, 1),
+        tamper: Some(tamper),
+        ..Default::default()
+    });
+    let text = expect_divergence(o.backup);
+    assert!(text.contains("digest"), "{text}");
+    // A read logged at another address: caught at that exit.
+    let tamper: Tamper = Box::new(|_, e| {
+        if let Entry::Read { addr, .. } = e {
+            *addr += 8;
+        }
+    });
+    let o = run_pair(Setup {
+        cmdline: TIMING.into(),
+        opts: opts(2, 1),
+        tamper: Some(tamper),
+        ..Default::default()
+    });
+    let text = expect_divergence(o.backup);
+    assert!(text.contains("but the primary read"), "{text}");
+}
+
+#[test]
+fn ft_nondeterministic_primary_is_a_divergence() {
+    require_kvm!("ft_nondeterministic_primary_is_a_divergence");
+    // Host data handed to the guest without logging it (at checkpoint 1).
+    let o = run_pair(Setup {
+        cmdline: TIMING.into(),
+        opts: opts(2, 1),
+        hooks: PrimaryHooks {
+            unlogged_write: Some((1, 0x3f_0000, vec![0xa5; 64])),
+        },
+        ..Default::default()
+    });
+    let text = expect_divergence(o.backup);
+    assert!(text.contains("memory digest"), "{text}");
+}
+
+#[test]
+fn ft_different_initial_state_refuses_to_pair() {
+    require_kvm!("ft_different_initial_state_refuses_to_pair");
+    let o = run_pair(Setup {
+        cmdline: TIMING.into(),
+        backup_cmdline: Some("size=256k rounds=4 seed=4 timing".into()),
+        ..Default::default()
+    });
+    assert!(
+        matches!(o.primary, Err(PairError::Channel(_))),
+        "{:?}",
+        o.primary.err()
+    );
+    assert!(matches!(o.backup, Err(PairError::Channel(_))));
+}

@@ -15,6 +15,7 @@
 mod channel;
 mod report;
 mod ringbuf;
+mod vmm;
 
 use std::path::PathBuf;
 
@@ -41,7 +42,16 @@ const BENCHMARKS: &[Bench] = &[
         "log buffer vs rtrb vs crossbeam ArrayQueue: throughput and RTT",
         ringbuf::run,
     ),
-    ("channel", "every transport side by side: 64 B RTT to ack, 1 KiB streaming", channel::run),
+    (
+        "vmm",
+        "VM exit cost by kind; kv guest under redis-benchmark through a TAP",
+        vmm::run,
+    ),
+    (
+        "channel",
+        "every transport side by side: 64 B RTT to ack, 1 KiB streaming",
+        channel::run,
+    ),
 ];
 
 fn usage() -> String {

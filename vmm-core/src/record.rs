@@ -49,6 +49,11 @@ pub enum ReplayError {
 }
 
 /// Supplies logged inputs to a replaying VM instead of the device backends.
+///
+/// Ordering: within one exit, a live run reports the device writes of that exit *before* the
+/// value of its external read (a WAIT first delivers received packets, then returns its event
+/// bits). A source must therefore hand out the read of exit `k` even when writes of exit `k`
+/// come before it in the log; [`ReplaySource::guest_writes`] is called after the read.
 pub trait ReplaySource: Send {
     /// The logged value of the MMIO read of `addr` at exit `exit`.
     ///
@@ -203,17 +208,26 @@ pub mod memlog {
 
     impl ReplaySource for MemReplay {
         fn external_read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
-            match self.events.pop_front() {
-                Some(Event::Read {
-                    exit: e,
-                    addr: a,
-                    value,
-                }) if e == exit && a == addr => Ok(value),
+            // Within one exit the live run logs device writes before the read's value (a WAIT
+            // delivers packets, then returns its event bits): look past this exit's writes.
+            let pos = self
+                .events
+                .iter()
+                .take_while(|e| matches!(e, Event::Write { exit: x, .. } | Event::Read { exit: x, .. } if *x == exit))
+                .position(|e| matches!(e, Event::Read { .. }));
+            match pos.and_then(|p| self.events.remove(p)) {
+                Some(Event::Read { addr: a, value, .. }) if a == addr => Ok(value),
                 Some(other) => Err(ReplayError::Diverged {
                     exit,
                     what: format!("read of {addr:#x} but the log has {other:?}"),
                 }),
-                None => Err(ReplayError::Exhausted { exit }),
+                None => match self.events.front() {
+                    Some(other) => Err(ReplayError::Diverged {
+                        exit,
+                        what: format!("read of {addr:#x} but the log has {other:?}"),
+                    }),
+                    None => Err(ReplayError::Exhausted { exit }),
+                },
             }
         }
         fn guest_writes(

@@ -128,6 +128,20 @@ pub fn redis_reply(ns: &Netns, args: &[&str]) -> String {
 
 /// Waits until the guest answers PING (at most 15 s).
 pub fn wait_ready(ns: &Netns, vm: &RunningVm) {
+    wait_ready_with(ns, &vm.console);
+}
+
+/// Sends SHUTDOWN (the guest powers off without closing the connection, so redis-cli is given
+/// only 1 s to wait for a reply that never comes).
+pub fn redis_shutdown(ns: &Netns) {
+    let _ = ns.exec(
+        "timeout",
+        &["1", "redis-cli", "-h", GUEST_IP, "-p", "6379", "SHUTDOWN"],
+    );
+}
+
+/// Waits until the guest answers PING (at most 15 s); `console` is shown on failure.
+pub fn wait_ready_with(ns: &Netns, console: &std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     let start = Instant::now();
     loop {
         let all = ["2", "redis-cli", "-h", GUEST_IP, "-p", "6379", "PING"];
@@ -138,17 +152,8 @@ pub fn wait_ready(ns: &Netns, vm: &RunningVm) {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "kv guest did not answer PING; console: {}",
-            vm.console_text()
+            String::from_utf8_lossy(&console.lock().unwrap())
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Sends SHUTDOWN (the guest powers off without closing the connection, so redis-cli is given
-/// only 1 s to wait for a reply that never comes).
-pub fn redis_shutdown(ns: &Netns) {
-    let _ = ns.exec(
-        "timeout",
-        &["1", "redis-cli", "-h", GUEST_IP, "-p", "6379", "SHUTDOWN"],
-    );
 }

@@ -39,4 +39,4 @@ pub mod testing;
 pub mod vcpu;
 pub mod vm;
 
-pub use vm::{RunOutcome, Vm, VmConfig, VmError};
+pub use vm::{RunOutcome, Vm, VmConfig, VmError, VmState, VmThread};

@@ -392,3 +392,204 @@ pub fn buffer_console() -> (ConsoleOutput, Arc<Mutex<Vec<u8>>>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
     (ConsoleOutput::Buffer(buf.clone()), buf)
 }
+
+/// The state of a VM running on its own vCPU thread ([`VmThread`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// The vCPU is in its run loop.
+    Running,
+    /// The vCPU waits for a command; the VM can be saved.
+    Paused,
+    /// The vCPU thread has ended (power off, error or stop).
+    Stopped,
+}
+
+enum Command {
+    Resume,
+    Save(PathBuf, std::sync::mpsc::Sender<Result<(), VmError>>),
+    Stop,
+}
+
+struct Shared {
+    state: Mutex<VmState>,
+    changed: std::sync::Condvar,
+}
+
+impl Shared {
+    fn set(&self, s: VmState) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        self.changed.notify_all();
+    }
+    fn get(&self) -> VmState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn wait_while(&self, s: VmState) -> VmState {
+        let g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *self
+            .changed
+            .wait_while(g, |cur| *cur == s)
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A VM on its own vCPU thread, driven as a small state machine:
+///
+/// ```text
+///            pause()            resume()
+///  Running ──────────> Paused ──────────> Running
+///     │ power off / error │ save(path): stays Paused
+///     └────────> Stopped <┘ stop()
+/// ```
+/// Dropping it stops the VM and joins the thread.
+#[derive(Debug)]
+pub struct VmThread {
+    control: VmControl,
+    commands: std::sync::mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    handle: Option<std::thread::JoinHandle<Result<(Vm, RunOutcome), VmError>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("state", &self.get())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Resume => "Resume",
+            Command::Save(..) => "Save",
+            Command::Stop => "Stop",
+        })
+    }
+}
+
+impl VmThread {
+    /// Starts `vm` running on a new thread named `vcpu0`.
+    ///
+    /// # Errors
+    /// The I/O error if the thread cannot be created.
+    pub fn spawn(mut vm: Vm) -> std::io::Result<Self> {
+        let control = vm.control();
+        let (tx, rx) = std::sync::mpsc::channel::<Command>();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(VmState::Running),
+            changed: Default::default(),
+        });
+        let sh = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || {
+                let result = (|| loop {
+                    sh.set(VmState::Running);
+                    match vm.run()? {
+                        RunOutcome::PoweredOff(code) => return Ok(RunOutcome::PoweredOff(code)),
+                        RunOutcome::Paused | RunOutcome::ExitLimit => {}
+                    }
+                    sh.set(VmState::Paused);
+                    loop {
+                        match rx.recv() {
+                            Ok(Command::Resume) => break,
+                            Ok(Command::Save(path, reply)) => {
+                                let _ = reply.send(vm.save(&path));
+                            }
+                            Ok(Command::Stop) | Err(_) => return Ok(RunOutcome::Paused),
+                        }
+                    }
+                })();
+                sh.set(VmState::Stopped);
+                result.map(|outcome| (vm, outcome))
+            })?;
+        Ok(VmThread {
+            control,
+            commands: tx,
+            shared,
+            handle: Some(handle),
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> VmState {
+        self.shared.get()
+    }
+
+    /// Exits handled so far.
+    pub fn exits(&self) -> u64 {
+        self.control.exits()
+    }
+
+    /// Pauses the VM (kicks the vCPU out of KVM_RUN or WAIT) and waits until it is paused or
+    /// stopped; returns the state reached.
+    pub fn pause(&self) -> VmState {
+        if self.shared.get() == VmState::Running {
+            self.control.kick();
+            return self.shared.wait_while(VmState::Running);
+        }
+        self.shared.get()
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&self) {
+        if self.shared.get() == VmState::Paused {
+            let _ = self.commands.send(Command::Resume);
+            // Wait until the vCPU has left Paused, so that a following pause() kicks it.
+            self.shared.wait_while(VmState::Paused);
+        }
+    }
+
+    /// Saves the paused VM to `path` (see [`Vm::save`]).
+    ///
+    /// # Errors
+    /// [`VmError::State`] if the VM is not paused or the save fails.
+    pub fn save(&self, path: &Path) -> Result<(), VmError> {
+        if self.shared.get() != VmState::Paused {
+            return Err(StateError::Mismatch("the VM must be paused to be saved".into()).into());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commands
+            .send(Command::Save(path.to_path_buf(), tx))
+            .map_err(|_| StateError::Mismatch("the vCPU thread has ended".into()))?;
+        rx.recv()
+            .map_err(|_| StateError::Mismatch("the vCPU thread has ended".into()))?
+    }
+
+    /// Waits for the guest to power off (or the VM to fail) and returns the VM and outcome.
+    ///
+    /// # Errors
+    /// The [`VmError`] that stopped the VM.
+    pub fn join(mut self) -> Result<(Vm, RunOutcome), VmError> {
+        self.join_inner()
+    }
+
+    /// Stops the VM (from any state), joins the thread and returns the VM and how it ended
+    /// ([`RunOutcome::Paused`] if it was stopped before powering off).
+    ///
+    /// # Errors
+    /// The [`VmError`] that stopped the VM, if it failed.
+    pub fn stop(mut self) -> Result<(Vm, RunOutcome), VmError> {
+        self.pause();
+        let _ = self.commands.send(Command::Stop);
+        self.join_inner()
+    }
+
+    fn join_inner(&mut self) -> Result<(Vm, RunOutcome), VmError> {
+        match self.handle.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(StateError::Mismatch("the vCPU thread panicked".into()).into()),
+            None => Err(StateError::Mismatch("the vCPU thread was already joined".into()).into()),
+        }
+    }
+}
+
+impl Drop for VmThread {
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            self.pause();
+            let _ = self.commands.send(Command::Stop);
+            let _ = self.join_inner();
+        }
+    }
+}

@@ -37,10 +37,6 @@ const TRANSPORTS: [&str; 4] = ["shm", "tcp", "tcp-spin", "uring"];
 // between two network namespaces, so that they compare over one network path.
 #[cfg(feature = "xdp")]
 const VETH_TRANSPORTS: [&str; 4] = ["tcp@veth", "tcp-spin@veth", "uring@veth", "xdp"];
-// [xdp] With feature `xdp` (root): AF_XDP, and the TCP transports again over the same veth pair
-// between two network namespaces, so that they compare over one network path.
-#[cfg(feature = "xdp")]
-const VETH_TRANSPORTS: [&str; 4] = ["tcp@veth", "tcp-spin@veth", "uring@veth", "xdp"];
 const RTT_SIZE: usize = 64;
 const STREAM_SIZE: usize = 1024;
 const BUF_CAP: usize = 16 << 20;
@@ -98,11 +94,6 @@ fn link(kind: &str, tag: &str) -> anyhow::Result<(Box<dyn Transport>, Box<dyn Tr
                     Box::new(TcpTransport::from_stream(b, mode)?),
                 )
             }
-        }
-        // [xdp] veth rows: fresh namespaces per link, deleted when both ends are dropped.
-        #[cfg(feature = "xdp")]
-        k if k == "xdp" || k.ends_with("@veth") => {
-            ftvm_channel::xdp::veth::veth_link(k.trim_end_matches("@veth"), &format!("fb-{tag}"))?
         }
         // [xdp] veth rows: fresh namespaces per link, deleted when both ends are dropped.
         #[cfg(feature = "xdp")]
@@ -246,12 +237,6 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         Ok(()) => only.extend(VETH_TRANSPORTS.iter().map(|s| s.to_string())),
         Err(reason) => eprintln!("channel: no veth/xdp rows: {reason}"),
     }
-    // [xdp] The veth rows need root (namespaces, AF_XDP).
-    #[cfg(feature = "xdp")]
-    match ftvm_channel::netns::require_root() {
-        Ok(()) => only.extend(VETH_TRANSPORTS.iter().map(|s| s.to_string())),
-        Err(reason) => eprintln!("channel: no veth/xdp rows: {reason}"),
-    }
     let mut it = opts.rest.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -329,22 +314,6 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         ],
         &table,
     );
-    // [xdp] The AF_XDP acceptance figures: against tcp-spin over the same veth pair.
-    #[cfg(feature = "xdp")]
-    if let (Some(x), Some(t)) = (
-        rows.iter().find(|r| r.transport == "xdp"),
-        rows.iter().find(|r| r.transport == "tcp-spin@veth"),
-    ) {
-        eprintln!(
-            "xdp vs tcp-spin over the same veth pair: p50 RTT {:.2} vs {:.2} µs ({:.2}x); \
-             1 KiB streaming {:.3} GB/s, {} RTOs",
-            x.rtt_p50_ns / 1e3,
-            t.rtt_p50_ns / 1e3,
-            x.rtt_p50_ns / t.rtt_p50_ns.max(1.0),
-            x.gbytes_per_s,
-            x.retransmit_timeouts
-        );
-    }
     // [xdp] The AF_XDP acceptance figures: against tcp-spin over the same veth pair.
     #[cfg(feature = "xdp")]
     if let (Some(x), Some(t)) = (

@@ -57,6 +57,15 @@ struct Row {
     gbytes_per_s: f64,
     stream_vs_tcp: f64,
     retransmit_timeouts: u64,
+    /// 1-minute load average when this transport's run started (the machine is shared).
+    load_average_1m: f64,
+}
+
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 fn pin(core: usize) {
@@ -258,8 +267,14 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             rtt_samples
         };
         eprintln!("channel: {kind} ...");
-        let m =
-            measure(kind, samples, stream_records).with_context(|| format!("transport {kind}"))?;
+        let load = load_average();
+        // In a thread of its own: the pinning stays there (the header reads the process's
+        // available parallelism from this thread).
+        let k = kind.to_owned();
+        let m = std::thread::spawn(move || measure(&k, samples, stream_records))
+            .join()
+            .map_err(|_| anyhow!("measurement thread panicked"))?
+            .with_context(|| format!("transport {kind}"))?;
         rows.push(Row {
             transport: kind.into(),
             rtt_record_bytes: RTT_SIZE,
@@ -274,6 +289,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             gbytes_per_s: m.gbps,
             stream_vs_tcp: 0.0,
             retransmit_timeouts: m.timeouts,
+            load_average_1m: load,
         });
     }
     let tcp = rows.iter().find(|r| r.transport == "tcp").cloned();

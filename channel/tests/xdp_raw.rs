@@ -122,6 +122,22 @@ fn xdp_raw_frames_skb_and_drv() {
     }
 }
 
+/// A jumbo MTU gets page-sized UMEM frames and a matching `max_frame`.
+#[test]
+fn xdp_jumbo_mtu() {
+    if let Err(reason) = require_root() {
+        eprintln!("SKIP xdp_jumbo_mtu: {reason}");
+        return;
+    }
+    let mut cfg = HostPairConfig::with_prefix("fx-jumbo");
+    cfg.mtu = Some(ftvm_channel::xdp::veth::VETH_MTU);
+    let hosts = HostPair::create(&cfg).expect("create test hosts");
+    let mut a = open(&hosts, 'a', AttachMode::Skb);
+    let mut b = open(&hosts, 'b', AttachMode::Skb);
+    assert_eq!(a.max_frame(), 3826 - 2);
+    assert_eq!(stream(&mut a, &mut b, 20_000, 256), 20_000);
+}
+
 /// Frames with a wrong EtherType or too short are dropped and counted; ours still arrive.
 #[test]
 fn xdp_drops_foreign_and_short_frames() {

@@ -6,6 +6,7 @@ use std::mem::ManuallyDrop;
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, QueueSize, SocketConfig, UmemConfig, XdpFlags,
@@ -19,9 +20,13 @@ use crate::error::TransportError;
 use crate::netns;
 use crate::transport::Transport;
 
-/// Bytes per UMEM frame (the kernel's minimum chunk; holds a 1500-byte MTU frame after the
-/// 256-byte XDP headroom).
+/// Bytes per UMEM frame for MTUs up to 1778 (the kernel's minimum chunk; holds a 1500-byte MTU
+/// frame after the 256-byte XDP headroom).
 const FRAME_SIZE: u32 = 2048;
+/// Bytes per UMEM frame for larger MTUs (a page: the largest aligned chunk; MTU up to 3826).
+const FRAME_SIZE_LARGE: u32 = 4096;
+/// The XDP headroom the kernel keeps in front of every received frame.
+const XDP_HEADROOM: u32 = 256;
 /// Frames taken from the RX ring per `consume` call.
 const RX_BATCH: usize = 64;
 
@@ -78,6 +83,16 @@ impl fmt::Debug for XdpTransport {
     }
 }
 
+/// How long to retry a bind that fails with EBUSY (see [`XdpTransport::open`]).
+const BUSY_RETRY: Duration = Duration::from_secs(2);
+
+fn is_busy(e: &xsk_rs::socket::SocketCreateError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error)
+        == Some(libc::EBUSY)
+}
+
 fn config_error(what: impl Into<String>) -> XdpError {
     XdpError::Config { what: what.into() }
 }
@@ -114,8 +129,15 @@ impl XdpTransport {
         })?;
 
         let qsize = |n: u32| QueueSize::new(n).map_err(|e| config_error(e.to_string()));
+        // Large MTUs (jumbo frames on veth) carry several records per frame: use page-sized
+        // UMEM frames when a 2 KiB one cannot hold a full-size Ethernet frame.
+        let frame_size = if info.mtu + eth::ETH_HEADER_LEN as u32 + XDP_HEADROOM <= FRAME_SIZE {
+            FRAME_SIZE
+        } else {
+            FRAME_SIZE_LARGE
+        };
         let umem_config = UmemConfig::builder()
-            .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| config_error(e.to_string()))?)
+            .frame_size(FrameSize::new(frame_size).map_err(|e| config_error(e.to_string()))?)
             .fill_queue_size(qsize(2 * ring_size)?)
             .comp_queue_size(qsize(ring_size)?)
             .frame_headroom(0)
@@ -154,11 +176,20 @@ impl XdpTransport {
             attach: config.attach,
             source,
         };
-        // SAFETY: the UMEM was created just above and is not shared with any other socket, so
-        // the (interface, queue) pair is not already bound through it.
-        let (tx, mut rx, rings) =
-            unsafe { Socket::new(socket_config, &umem, &iface, config.queue_id) }
-                .map_err(socket_error)?;
+        // The kernel releases the buffer pool of a socket closed just before on the same queue
+        // from a work queue: binding again at once can fail with EBUSY for a moment.
+        let busy_until = Instant::now() + BUSY_RETRY;
+        let (tx, mut rx, rings) = loop {
+            // SAFETY: the UMEM was created just above and is not shared with any other socket,
+            // so the (interface, queue) pair is not already bound through it.
+            match unsafe { Socket::new(socket_config, &umem, &iface, config.queue_id) } {
+                Ok(queues) => break queues,
+                Err(e) if is_busy(&e) && Instant::now() < busy_until => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(socket_error(e)),
+            }
+        };
         let (mut fq, cq) = rings.ok_or_else(|| {
             config_error("the kernel returned no fill/completion rings for a fresh UMEM")
         })?;

@@ -4,6 +4,8 @@
 //! ftvm run --guest cpu                       # run an embedded guest (cpu, kv, stream)
 //! ftvm run --guest ./my.elf --mem 128M       # run a static ELF
 //! ftvm run --guest kv --disk kv.img --net tap:ftvm0 --cmdline "ip=10.0.2.15/24 port=6379"
+//! ftvm backup  --guest cpu --peer 127.0.0.1:7000 --transport tcp   # a fault-tolerant pair
+//! ftvm primary --guest cpu --peer 127.0.0.1:7000 --transport tcp
 //! ```
 
 use std::path::PathBuf;
@@ -15,6 +17,8 @@ use clap::{Parser, Subcommand};
 use ftvm_vmm_core::devices::ConsoleOutput;
 use ftvm_vmm_core::vm::{RunOutcome, Vm, VmConfig};
 use indicatif::{ProgressBar, ProgressStyle};
+
+mod pair;
 
 /// ftvm: a fault-tolerant KVM virtual machine system.
 #[derive(Debug, Parser)]
@@ -31,6 +35,10 @@ struct Cli {
 enum Command {
     /// Run one VM standalone until the guest powers off.
     Run(RunArgs),
+    /// Run the primary of a fault-tolerant pair (records its inputs, ships the log).
+    Primary(pair::PairArgs),
+    /// Run the backup of a fault-tolerant pair (replays the primary's log).
+    Backup(pair::PairArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -39,13 +47,15 @@ struct RunArgs {
     /// ELF executable linked at 0x10000.
     #[arg(long)]
     guest: String,
-    /// Guest RAM size, with optional K/M/G suffix (at least 2M, at most 3G).
+    /// Guest RAM size, with optional K/M/G suffix: a multiple of 4 KiB, room for the image at
+    /// 64 KiB plus a 1 MiB stack, at most 3.25G (RAM ends below the MMIO window).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     mem: u64,
     /// Raw disk image for virtio-blk (size a multiple of 512 bytes).
     #[arg(long)]
     disk: Option<PathBuf>,
-    /// Network backend for virtio-net: `tap:IFNAME` (created if missing; needs root).
+    /// Network backend for virtio-net: `tap:IFNAME`, an existing TAP interface (e.g. `ip tuntap
+    /// add dev IFNAME mode tap`, with the host side's address on it); needs CAP_NET_ADMIN.
     #[arg(long)]
     net: Option<String>,
     /// Command line passed to the guest in the boot info (≤ 4000 bytes), e.g.
@@ -83,6 +93,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Primary(args) => pair::primary(args),
+        Command::Backup(args) => pair::backup(args),
     }
 }
 

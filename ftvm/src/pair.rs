@@ -1,0 +1,438 @@
+//! `ftvm primary` / `ftvm backup`: a primary and a backup VM in step over the log channel.
+//!
+//! ```text
+//! ftvm backup  --guest kv --disk b.img --net tap:ftvm0 --peer 127.0.0.1:7000 --transport tcp
+//! ftvm primary --guest kv --disk a.img --net tap:ftvm0 --peer 127.0.0.1:7000 --transport tcp
+//! ```
+//! Both start from the same initial state: the digest of guest image, command line, memory size,
+//! device set and disk contents is exchanged in the channel handshake and the pair is refused
+//! if it differs. The backup listens (TCP, io_uring) or creates the rings (shm) at `--peer`;
+//! the primary connects. The backup has no network backend (its transmits are dropped, its
+//! receives come from the log) and writes its own copy of the disk. Settings may come from a
+//! TOML file (`--config`, same keys with `_` for `-`); flags override it.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ftvm_channel::shm::ShmTransport;
+use ftvm_channel::tcp::{TcpMode, TcpTransport};
+use ftvm_channel::uring::{UringConfig, UringTransport};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport};
+use ftvm_ringbuf::IdleKind;
+use ftvm_vmm_core::devices::ConsoleOutput;
+use ftvm_vmm_core::ft::backup::{run_backup, LogReader};
+use ftvm_vmm_core::ft::digest::{file_digest, pairing_digest};
+use ftvm_vmm_core::ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
+use serde::Deserialize;
+
+/// Flags of `ftvm primary` and `ftvm backup` (each may also come from `--config`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PairArgs {
+    /// TOML file with the same settings (keys: guest, mem, disk, net, cmdline, console, peer,
+    /// transport, digest_interval, mem_digest_every, log_capacity, report, idle).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
+    #[arg(long)]
+    pub guest: Option<String>,
+    /// Guest RAM size (K/M/G suffix).
+    #[arg(long, value_parser = crate::parse_size)]
+    pub mem: Option<u64>,
+    /// Raw disk image (the backup writes its own copy; both must start equal).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// `tap:IFNAME` on the primary; on the backup it only gives the device set (no backend).
+    #[arg(long)]
+    pub net: Option<String>,
+    /// Guest command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Console output file (primary: released under the output rule; backup: its replica).
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// Peer: `HOST:PORT` (tcp, tcp-spin, uring; the backup listens there) or a path prefix (shm).
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// Transport: shm, tcp, tcp-spin, uring or xdp.
+    #[arg(long)]
+    pub transport: Option<String>,
+    /// Exits between register-digest checkpoints (primary).
+    #[arg(long)]
+    pub digest_interval: Option<u64>,
+    /// Every how many checkpoints guest memory is digested too (0: only at the end; primary).
+    #[arg(long)]
+    pub mem_digest_every: Option<u64>,
+    /// Log buffer capacity in bytes (power of two).
+    #[arg(long, value_parser = crate::parse_size)]
+    pub log_capacity: Option<u64>,
+    /// Write a JSON report of the run here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Idle strategy of the pollers and the replaying vCPU: spin, yield, park.
+    #[arg(long)]
+    pub idle: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    guest: Option<String>,
+    mem: Option<String>,
+    disk: Option<PathBuf>,
+    net: Option<String>,
+    cmdline: Option<String>,
+    console: Option<PathBuf>,
+    peer: Option<String>,
+    transport: Option<String>,
+    digest_interval: Option<u64>,
+    mem_digest_every: Option<u64>,
+    log_capacity: Option<String>,
+    report: Option<PathBuf>,
+    idle: Option<String>,
+}
+
+/// The merged settings.
+#[derive(Debug, Clone)]
+struct Settings {
+    guest: String,
+    mem: u64,
+    disk: Option<PathBuf>,
+    tap: Option<String>,
+    cmdline: String,
+    console: Option<PathBuf>,
+    peer: String,
+    transport: String,
+    opts: PairOptions,
+    log_capacity: usize,
+    report: Option<PathBuf>,
+}
+
+fn merge(args: PairArgs) -> anyhow::Result<Settings> {
+    let file: FileConfig = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("bad config {}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let size = |s: Option<String>| -> anyhow::Result<Option<u64>> {
+        s.map(|s| crate::parse_size(&s).map_err(anyhow::Error::msg))
+            .transpose()
+    };
+    let guest = args
+        .guest
+        .or(file.guest)
+        .context("--guest is required (flag or config file)")?;
+    let peer = args
+        .peer
+        .or(file.peer)
+        .context("--peer is required (flag or config file)")?;
+    let net = args.net.or(file.net);
+    let tap = match net.as_deref() {
+        None => None,
+        Some(spec) => match spec.strip_prefix("tap:") {
+            Some(name) if !name.is_empty() => Some(name.to_string()),
+            _ => bail!("--net {spec:?}: expected tap:IFNAME"),
+        },
+    };
+    let idle: IdleKind = match args.idle.or(file.idle) {
+        Some(s) => s
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--idle {s:?}: {e:?}"))?,
+        None => IdleKind::Yield,
+    };
+    let log_capacity = args
+        .log_capacity
+        .or(size(file.log_capacity)?)
+        .unwrap_or(16 << 20);
+    Ok(Settings {
+        guest,
+        mem: args.mem.or(size(file.mem)?).unwrap_or(64 << 20),
+        disk: args.disk.or(file.disk),
+        tap,
+        cmdline: args.cmdline.or(file.cmdline).unwrap_or_default(),
+        console: args.console.or(file.console),
+        peer,
+        transport: args
+            .transport
+            .or(file.transport)
+            .unwrap_or_else(|| "tcp".into()),
+        opts: PairOptions {
+            digest_interval: args
+                .digest_interval
+                .or(file.digest_interval)
+                .unwrap_or(10_000),
+            mem_digest_every: args.mem_digest_every.or(file.mem_digest_every).unwrap_or(0),
+            idle,
+            ack_timeout: Duration::from_secs(30),
+        },
+        log_capacity: usize::try_from(log_capacity).context("log capacity")?,
+        report: args.report.or(file.report),
+    })
+}
+
+fn channel_config(s: &Settings, elf: &[u8]) -> anyhow::Result<Config> {
+    // The device set is part of the initial state: whether a virtio-net device exists.
+    let cmdline = format!("{}\0net={}", s.cmdline, s.tap.is_some());
+    let digest = pairing_digest(elf, &cmdline, s.mem, s.disk.as_deref())
+        .context("cannot read the disk image for the pairing digest")?;
+    Ok(Config {
+        digest,
+        ..Config::default()
+    })
+}
+
+const SHM_CAPACITY: usize = 1 << 22;
+
+fn backup_transport(s: &Settings) -> anyhow::Result<Box<dyn Transport>> {
+    let tcp = |mode: Option<TcpMode>| -> anyhow::Result<Box<dyn Transport>> {
+        let listener =
+            TcpListener::bind(&s.peer).with_context(|| format!("cannot listen on {}", s.peer))?;
+        eprintln!("backup: listening on {}", listener.local_addr()?);
+        Ok(match mode {
+            Some(mode) => Box::new(TcpTransport::accept(&listener, mode)?),
+            None => {
+                let (stream, _) = listener.accept().context("accept")?;
+                Box::new(UringTransport::from_stream(stream, UringConfig::default())?)
+            }
+        })
+    };
+    match s.transport.as_str() {
+        "tcp" => tcp(Some(TcpMode::Blocking)),
+        "tcp-spin" => tcp(Some(TcpMode::Spin)),
+        "uring" => tcp(None),
+        "shm" => {
+            eprintln!("backup: shm rings at {}", s.peer);
+            Ok(Box::new(ShmTransport::create(
+                Path::new(&s.peer),
+                SHM_CAPACITY,
+            )?))
+        }
+        "xdp" => bail!("--transport xdp: not wired into ftvm primary/backup yet (use tcp, tcp-spin, uring or shm)"),
+        other => bail!("unknown transport {other:?} (shm, tcp, tcp-spin, uring, xdp)"),
+    }
+}
+
+fn primary_transport(s: &Settings) -> anyhow::Result<Box<dyn Transport>> {
+    let timeout = Duration::from_secs(30);
+    let addr = || -> anyhow::Result<std::net::SocketAddr> {
+        std::net::ToSocketAddrs::to_socket_addrs(&s.peer)
+            .with_context(|| format!("bad peer address {}", s.peer))?
+            .next()
+            .with_context(|| format!("no address for {}", s.peer))
+    };
+    match s.transport.as_str() {
+        "tcp" => Ok(Box::new(TcpTransport::connect(
+            addr()?,
+            TcpMode::Blocking,
+            timeout,
+        )?)),
+        "tcp-spin" => Ok(Box::new(TcpTransport::connect(
+            addr()?,
+            TcpMode::Spin,
+            timeout,
+        )?)),
+        "uring" => {
+            let a = addr()?;
+            let deadline = Instant::now() + timeout;
+            let stream = loop {
+                match TcpStream::connect(a) {
+                    Ok(st) => break st,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("cannot connect to {a}")),
+                }
+            };
+            Ok(Box::new(UringTransport::from_stream(
+                stream,
+                UringConfig::default(),
+            )?))
+        }
+        "shm" => Ok(Box::new(ShmTransport::open(Path::new(&s.peer), timeout)?)),
+        "xdp" => bail!("--transport xdp: not wired into ftvm primary/backup yet (use tcp, tcp-spin, uring or shm)"),
+        other => bail!("unknown transport {other:?} (shm, tcp, tcp-spin, uring, xdp)"),
+    }
+}
+
+fn write_report(path: &Option<PathBuf>, value: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, serde_json::to_vec_pretty(value)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn console_file(path: &Option<PathBuf>) -> anyhow::Result<Option<std::fs::File>> {
+    path.as_ref()
+        .map(|p| std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display())))
+        .transpose()
+}
+
+/// `ftvm primary`.
+///
+/// # Errors
+/// Setup failures, a refused pairing, a VM or log failure.
+pub fn primary(args: PairArgs) -> anyhow::Result<()> {
+    let s = merge(args)?;
+    let elf = crate::load_guest(&s.guest)?;
+    let cfg = channel_config(&s, &elf)?;
+    let (console, buf) = buffer_console();
+    let config = VmConfig {
+        mem_size: s.mem,
+        cmdline: s.cmdline.clone(),
+        disk: s.disk.clone(),
+        tap: s.tap.clone(),
+        net_without_backend: false,
+        console,
+    };
+    let mut vm = Vm::new(&config, &elf).with_context(|| format!("cannot start {}", s.guest))?;
+    let (p, c) = ftvm_ringbuf::with_capacity(s.log_capacity).context("log buffer")?;
+    let transport = primary_transport(&s)?;
+    let pc = PollerConfig {
+        core: None,
+        idle: s.opts.idle,
+    };
+    let sender = LogSender::start(p, c, transport, cfg, pc)
+        .context("the backup refused to pair (different initial state?) or is unreachable")?;
+    eprintln!("primary: paired with the backup, running {}", s.guest);
+    let writer = LogWriter::new(sender, s.opts.idle);
+    let mut file = console_file(&s.console)?;
+    let sink: ftvm_vmm_core::ft::output::Sink = Box::new(move |d: &[u8]| {
+        let r = match file.as_mut() {
+            Some(f) => std::io::Write::write_all(f, d),
+            None => ConsoleOutput::Stdout.write(d),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "console write failed");
+        }
+    });
+    let report = run_primary(
+        &mut vm,
+        &writer,
+        &s.opts,
+        Some((buf, sink)),
+        &PrimaryHooks::default(),
+    )
+    .map_err(anyhow_pair)?;
+    let stats = writer.sender().snapshot();
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    let d = &report.outputs.delay_us;
+    let disk_digest = s.disk.as_deref().map(file_digest).transpose()?;
+    eprintln!(
+        "primary: powered off with {} after {} exits; {} entries, {} log bytes ({:.1} Mbit/s); outputs {} released, delay p50 {} µs p99 {} µs",
+        report.code,
+        report.exits,
+        report.entries,
+        report.log_bytes,
+        report.log_bytes as f64 * 8.0 / secs / 1e6,
+        report.outputs.released,
+        d.value_at_quantile(0.5),
+        d.value_at_quantile(0.99)
+    );
+    write_report(
+        &s.report,
+        &serde_json::json!({
+            "role": "primary",
+            "transport": s.transport,
+            "code": report.code,
+            "exits": report.exits,
+            "entries": report.entries,
+            "log_bytes": report.log_bytes,
+            "elapsed_s": secs,
+            "log_mbit_s": report.log_bytes as f64 * 8.0 / secs / 1e6,
+            "mem_digest": format!("{:016x}", report.mem_digest),
+            "regs_digest": format!("{:016x}", report.regs_digest),
+            "disk_digest": disk_digest.map(|d| format!("{d:016x}")),
+            "backup_finished": report.backup_finished,
+            "outputs_released": report.outputs.released,
+            "outputs_early": report.outputs.early,
+            "outputs_max_pending": report.outputs.max_pending,
+            "output_delay_p50_us": d.value_at_quantile(0.5),
+            "output_delay_p99_us": d.value_at_quantile(0.99),
+            "output_delay_max_us": d.max(),
+            "releases": report.outputs.releases.iter().take(256).collect::<Vec<_>>(),
+            "channel": format!("{stats:?}"),
+        }),
+    )?;
+    std::process::exit(i32::try_from(report.code.min(255)).unwrap_or(255));
+}
+
+fn anyhow_pair(e: PairError) -> anyhow::Error {
+    anyhow::anyhow!("{}", ftvm_vmm_core::ft::primary::error_chain(&e))
+}
+
+/// `ftvm backup`.
+///
+/// # Errors
+/// Setup failures, a refused pairing; a divergence exits with status 3.
+pub fn backup(args: PairArgs) -> anyhow::Result<()> {
+    let s = merge(args)?;
+    let elf = crate::load_guest(&s.guest)?;
+    let cfg = channel_config(&s, &elf)?;
+    let (console, buf) = buffer_console();
+    let config = VmConfig {
+        mem_size: s.mem,
+        cmdline: s.cmdline.clone(),
+        disk: s.disk.clone(),
+        tap: None,
+        net_without_backend: s.tap.is_some(),
+        console,
+    };
+    let mut vm = Vm::new(&config, &elf).with_context(|| format!("cannot start {}", s.guest))?;
+    let (p, c) = ftvm_ringbuf::with_capacity(s.log_capacity).context("log buffer")?;
+    let transport = backup_transport(&s)?;
+    let pc = PollerConfig {
+        core: None,
+        idle: s.opts.idle,
+    };
+    let rx = LogReceiver::start(p, c, transport, cfg, pc)
+        .context("cannot pair with the primary (different initial state?)")?;
+    eprintln!("backup: paired with the primary, replaying {}", s.guest);
+    let reader = LogReader::new(rx, s.opts.idle, None);
+    let result = run_backup(&mut vm, reader);
+    // The backup's outputs are dropped; its console replica goes to --console for comparison.
+    if let Some(mut f) = console_file(&s.console)? {
+        std::io::Write::write_all(&mut f, &buf.lock().unwrap_or_else(|e| e.into_inner()))?;
+    }
+    let disk_digest = s.disk.as_deref().map(file_digest).transpose()?;
+    match result {
+        Ok(r) => {
+            eprintln!(
+                "backup: replayed {} exits ({} entries, {} checkpoints), powered off with {}; waited {:.3} s for the log",
+                r.exits,
+                r.entries,
+                r.checkpoints,
+                r.code,
+                r.waited.as_secs_f64()
+            );
+            write_report(
+                &s.report,
+                &serde_json::json!({
+                    "role": "backup",
+                    "code": r.code,
+                    "exits": r.exits,
+                    "entries": r.entries,
+                    "checkpoints": r.checkpoints,
+                    "mem_digest": format!("{:016x}", r.mem_digest),
+                    "regs_digest": format!("{:016x}", r.regs_digest),
+                    "disk_digest": disk_digest.map(|d| format!("{d:016x}")),
+                }),
+            )?;
+            Ok(())
+        }
+        Err(e @ PairError::Diverged { .. }) => {
+            eprintln!("backup: {e}");
+            write_report(
+                &s.report,
+                &serde_json::json!({"role": "backup", "diverged": e.to_string()}),
+            )?;
+            std::process::exit(3);
+        }
+        Err(e) => Err(anyhow_pair(e)),
+    }
+}

@@ -4,7 +4,8 @@
 //! ```text
 //! results/<name>.json = {
 //!   "benchmark": "<name>",
-//!   "header": { "git_rev", "date_utc", "quick", "command", "machine": { "cpu", "nproc", "kernel" } },
+//!   "header": { "git_rev", "date_utc", "quick", "command", "load_avg",
+//!               "machine": { "cpu", "nproc", "kernel" } },
 //!   "rows": [ { ... one object per measured point ... } ]
 //! }
 //! ```
@@ -52,6 +53,9 @@ pub struct Header {
     pub quick: bool,
     /// The command line that produced the file.
     pub command: String,
+    /// `/proc/loadavg` (1, 5, 15 minutes) when the file was written: on a 2-core machine
+    /// anything above ~2 means the figures were taken with other work competing for the cores.
+    pub load_avg: String,
     /// Where it ran.
     pub machine: Machine,
 }
@@ -65,6 +69,9 @@ impl Header {
             date_utc: utc_now(),
             quick: opts.quick,
             command: format!("cargo run --release -p ftvm-bench -- {}", args.join(" ")),
+            load_avg: std::fs::read_to_string("/proc/loadavg")
+                .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                .unwrap_or_else(|_| "unknown".into()),
             machine: machine(),
         }
     }

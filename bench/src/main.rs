@@ -13,6 +13,7 @@
 //! [`BENCHMARKS`].
 
 mod channel;
+mod ft;
 mod report;
 mod ringbuf;
 mod vmm;
@@ -51,6 +52,11 @@ const BENCHMARKS: &[Bench] = &[
         "channel",
         "every transport side by side: 64 B RTT to ack, 1 KiB streaming",
         channel::run,
+    ),
+    (
+        "ft",
+        "kv under redis-benchmark, FT off vs on per transport (Table 1 ratio, log Mbit/s, output delay)",
+        ft::run,
     ),
 ];
 

@@ -1,0 +1,317 @@
+//! `ft`: the kv guest under `redis-benchmark` SET/GET with fault tolerance off (`ftvm run`)
+//! and on (`ftvm primary` + `ftvm backup`, each transport), in one run: throughput, p50/p99
+//! latency, the FT/no-FT throughput ratio (the paper's Table 1), logging bandwidth and the
+//! output-rule delay. Runs the `ftvm` binary next to this one in a network namespace (root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use ftvm_channel::netns::Netns;
+use serde::Serialize;
+
+use crate::report::{self, Panel, Series};
+use crate::Opts;
+
+const GUEST_IP: &str = "10.0.2.15";
+const TAP: &str = "ftvmtap0";
+
+/// One row of results/ft.json.
+#[derive(Debug, Serialize)]
+struct Row {
+    transport: String,
+    test: String,
+    ops_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    ratio: f64,
+    log_mbit_s: f64,
+    output_delay_p50_us: f64,
+    output_delay_p99_us: f64,
+}
+
+fn ftvm_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().context("binary directory")?.join("ftvm");
+    if !bin.exists() {
+        bail!(
+            "{} not built (cargo build --release -p ftvm)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// (rps, p50 µs, p99 µs) of `test` in redis-benchmark 7 CSV output.
+fn parse_csv(csv: &str, test: &str) -> Option<(f64, f64, f64)> {
+    csv.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(',').map(|c| c.trim_matches('"')).collect();
+        if f.first()? != &test || f.len() < 7 {
+            return None;
+        }
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+        Some((n(1)?, n(4)? * 1000.0, n(6)? * 1000.0))
+    })
+}
+
+fn wait_exit(mut c: Child, timeout: Duration) -> anyhow::Result<std::process::Output> {
+    let start = Instant::now();
+    while c.try_wait()?.is_none() {
+        if start.elapsed() > timeout {
+            let _ = c.kill();
+            let out = c.wait_with_output()?;
+            bail!(
+                "process did not exit: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(c.wait_with_output()?)
+}
+
+fn redis(ns: &Netns, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let mut all = vec!["10", "redis-cli", "-h", GUEST_IP];
+    all.extend_from_slice(args);
+    Ok(ns.exec("timeout", &all)?)
+}
+
+/// (test, ops/s, p50 µs, p99 µs) of one redis-benchmark test.
+type Measured = (String, f64, f64, f64);
+
+/// One configuration: `transport` = "none" (FT off) or a transport name.
+fn one(
+    ns: &Netns,
+    bin: &Path,
+    dir: &Path,
+    transport: &str,
+    requests: u64,
+) -> anyhow::Result<(Vec<Measured>, serde_json::Value)> {
+    for d in ["a.img", "b.img"] {
+        std::fs::File::create(dir.join(d))?.set_len(32 << 20)?;
+    }
+    let cmdline = format!("ip={GUEST_IP}/24 gw=10.0.2.1 port=6379");
+    let net = format!("tap:{TAP}");
+    let shm = format!("/dev/shm/ftvm-bench-ft-{}", std::process::id());
+    let peer = if transport == "shm" {
+        shm
+    } else {
+        "127.0.0.1:7311".to_string()
+    };
+    let args = |role: &str, disk: &str| -> Vec<String> {
+        let mut v = vec![
+            role.to_string(),
+            "--guest".into(),
+            "kv".into(),
+            "--mem".into(),
+            "64M".into(),
+            "--disk".into(),
+            dir.join(disk).display().to_string(),
+            "--net".into(),
+            net.clone(),
+            "--cmdline".into(),
+            cmdline.clone(),
+            "--console".into(),
+            dir.join(format!("{role}.console")).display().to_string(),
+            "--log".into(),
+            "error".into(),
+        ];
+        if role != "run" {
+            v.extend([
+                "--peer".into(),
+                peer.clone(),
+                "--transport".into(),
+                transport.into(),
+                "--report".into(),
+                dir.join(format!("{role}.json")).display().to_string(),
+            ]);
+        } else {
+            v.push("--quiet".into());
+        }
+        v
+    };
+    let bins = bin.display().to_string();
+    let mut children = Vec::new();
+    if transport == "none" {
+        children.push(
+            ns.command(&bins, &args("run", "a.img"))
+                .stderr(Stdio::piped())
+                .spawn()?,
+        );
+    } else {
+        children.push(
+            ns.command(&bins, &args("backup", "b.img"))
+                .stderr(Stdio::piped())
+                .spawn()?,
+        );
+        children.push(
+            ns.command(&bins, &args("primary", "a.img"))
+                .stderr(Stdio::piped())
+                .spawn()?,
+        );
+    }
+    let start = Instant::now();
+    loop {
+        let out = redis(ns, &["PING"])?;
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            for mut c in children {
+                let _ = c.kill();
+            }
+            bail!("kv ({transport}) did not answer PING");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let n = requests.to_string();
+    let out = ns.exec(
+        "timeout",
+        &[
+            "300",
+            "redis-benchmark",
+            "-h",
+            GUEST_IP,
+            "-n",
+            &n,
+            "-c",
+            "8",
+            "-t",
+            "set,get",
+            "--csv",
+        ],
+    )?;
+    let csv = String::from_utf8_lossy(&out.stdout).to_string();
+    let _ = ns.exec("timeout", &["1", "redis-cli", "-h", GUEST_IP, "SHUTDOWN"]);
+    let mut outs = Vec::new();
+    for c in children.into_iter().rev() {
+        outs.push(wait_exit(c, Duration::from_secs(120))?);
+    }
+    let mut rows = Vec::new();
+    for test in ["SET", "GET"] {
+        let (rps, p50, p99) =
+            parse_csv(&csv, test).ok_or_else(|| anyhow!("no {test} row in: {csv}"))?;
+        rows.push((test.to_string(), rps, p50, p99));
+    }
+    let primary = if transport == "none" {
+        serde_json::Value::Null
+    } else {
+        let text = std::fs::read_to_string(dir.join("primary.json"))
+            .with_context(|| format!("primary report ({transport})"))?;
+        serde_json::from_str(&text)?
+    };
+    Ok((rows, primary))
+}
+
+/// Entry point.
+///
+/// # Errors
+/// Not root, redis-benchmark or the ftvm binary missing, a run failing.
+pub fn run(opts: &Opts) -> anyhow::Result<()> {
+    ftvm_channel::netns::require_root().map_err(|r| anyhow!(r))?;
+    let bin = ftvm_binary()?;
+    let requests: u64 = if opts.quick { 5_000 } else { 50_000 };
+    let transports = ["none", "tcp", "tcp-spin", "uring", "shm"];
+    let dir = std::env::temp_dir().join(format!("ftvm-bench-ft-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ns = Netns::create(&format!("ftvm-bench-ft-{}", std::process::id()))?;
+    ns.add_tap(TAP, Some((std::net::Ipv4Addr::new(10, 0, 2, 1), 24)))?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut base = [0.0f64; 2];
+    for t in transports {
+        eprintln!("ft: kv with FT {t} ...");
+        let (r, primary) = one(&ns, &bin, &dir, t, requests)?;
+        let f = |k: &str| primary.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        for (i, (test, rps, p50, p99)) in r.into_iter().enumerate() {
+            if t == "none" {
+                base[i] = rps;
+            }
+            rows.push(Row {
+                transport: t.into(),
+                test,
+                ops_per_s: rps,
+                p50_us: p50,
+                p99_us: p99,
+                ratio: if base[i] > 0.0 { rps / base[i] } else { 0.0 },
+                log_mbit_s: f("log_mbit_s"),
+                output_delay_p50_us: f("output_delay_p50_us"),
+                output_delay_p99_us: f("output_delay_p99_us"),
+            });
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.transport.clone(),
+                r.test.clone(),
+                format!("{:.0}", r.ops_per_s),
+                format!("{:.0}", r.p50_us),
+                format!("{:.0}", r.p99_us),
+                format!("{:.2}", r.ratio),
+                format!("{:.2}", r.log_mbit_s),
+                format!("{:.0}", r.output_delay_p50_us),
+            ]
+        })
+        .collect();
+    report::print_table(
+        &format!("kv under redis-benchmark -c 8 -n {requests}, FT off vs on"),
+        &[
+            "transport",
+            "test",
+            "ops/s",
+            "p50 µs",
+            "p99 µs",
+            "ratio",
+            "log Mbit/s",
+            "out delay p50 µs",
+        ],
+        &table,
+    );
+    let path = report::write_json(opts, "ft", &rows)?;
+    let series = |test: &str, y: fn(&Row) -> f64| Series {
+        label: test.to_string(),
+        points: rows
+            .iter()
+            .filter(|r| r.test == test)
+            .enumerate()
+            .map(|(i, r)| (i as f64, y(r)))
+            .collect(),
+    };
+    let panels = vec![
+        Panel {
+            title: format!("ops/s by transport ({})", transports.join(", ")),
+            x_label: "transport index (0 = FT off)".into(),
+            y_label: "ops/s".into(),
+            log_x: false,
+            series: vec![
+                series("SET", |r| r.ops_per_s),
+                series("GET", |r| r.ops_per_s),
+            ],
+        },
+        Panel {
+            title: "p99 latency".into(),
+            x_label: "transport index (0 = FT off)".into(),
+            y_label: "µs".into(),
+            log_x: false,
+            series: vec![series("SET", |r| r.p99_us), series("GET", |r| r.p99_us)],
+        },
+    ];
+    let svg = report::plot_svg(opts, "ft", &panels)?;
+    eprintln!("wrote {} and {}", path.display(), svg.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_redis_benchmark_7_csv() {
+        let csv = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\",\"p50_latency_ms\",\"p95_latency_ms\",\"p99_latency_ms\",\"max_latency_ms\"\n\"SET\",\"1000.00\",\"1.0\",\"0.1\",\"0.900\",\"2.0\",\"3.500\",\"9.0\"\n";
+        assert_eq!(parse_csv(csv, "SET"), Some((1000.0, 900.0, 3500.0)));
+        assert_eq!(parse_csv(csv, "GET"), None);
+    }
+}

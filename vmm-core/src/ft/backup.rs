@@ -100,6 +100,19 @@ impl LogReader {
         Ok(())
     }
 
+    /// After the End entry: keeps the link (and the acks) up until the primary hangs up, at
+    /// most `timeout`, so that the primary sees its last entries acknowledged.
+    pub fn linger(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.rx.poll_records(|_| {}) {
+                Err(_) => return,
+                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        tracing::warn!("the primary did not hang up after the end of the log");
+    }
+
     fn diverged(&mut self, exit: u64, what: String) -> ReplayError {
         tracing::error!(exit, %what, "diverged");
         self.divergence.get_or_insert((exit, what.clone()));
@@ -385,7 +398,8 @@ pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairEr
     };
     vm.set_inputs(Inputs::default());
     let code = result?;
-    let r = lock();
+    let mut r = lock();
+    r.linger(Duration::from_secs(30));
     Ok(BackupReport {
         code,
         exits: vm.stats().total(),

@@ -120,12 +120,16 @@ impl Stack {
         if self.phy.rx_pending() {
             return sys::EVENT_NET_RX;
         }
+        let now_ns = now.total_micros() as u64 * 1000;
         let deadline = match self.iface.poll_delay(now, &self.sockets) {
             Some(d) if d.total_micros() == 0 => return sys::EVENT_TIMER,
-            Some(d) => Some((now.total_micros() as u64 + d.total_micros()) * 1000),
+            Some(d) => Some(now_ns + d.total_micros() * 1000),
             None => None,
         };
-        sys::wait_until(deadline)
+        // An earlier deadline still pending serves as well (an early wake-up re-polls and
+        // waits again) and saves the WAIT_DEADLINE write: the retransmission timer moves on
+        // with every reply, so a fresh deadline at each wait would cost one exit per request.
+        sys::wait_by(now_ns, deadline)
     }
 
     /// The device's frame counters.

@@ -100,6 +100,22 @@ pub fn wait_until(deadline_ns: Option<u64>) -> u64 {
     read(REG_WAIT)
 }
 
+/// Like [`wait_until`], but keeps the deadline already in the register when it is still ahead
+/// of `now_ns` and not later than `deadline_ns`: the WAIT may then end early (`EVENT_TIMER`
+/// before `deadline_ns`; the caller polls and waits again), and the register write, one exit,
+/// is saved. For an event loop that recomputes its next timer at every wait (a TCP
+/// retransmission timer moves forward with every reply sent), this makes most waits one exit.
+pub fn wait_by(now_ns: u64, deadline_ns: Option<u64>) -> u64 {
+    let last = LAST_DEADLINE.load(Ordering::Relaxed);
+    let keep =
+        last != 0 && last != u64::MAX && last > now_ns && deadline_ns.is_none_or(|d| last <= d);
+    if keep {
+        read(REG_WAIT)
+    } else {
+        wait_until(deadline_ns)
+    }
+}
+
 /// Prints `bytes` on the VM's console (two exits, whatever the length).
 pub fn console_write(bytes: &[u8]) {
     if bytes.is_empty() {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 
 use super::{
     add_used, pop_chain, read_from_chain, write_to_chain, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -38,6 +38,8 @@ pub const MAX_FRAME: usize = 1514;
 /// Host RX queue bound; older packets are dropped beyond it.
 pub const HOST_RX_CAPACITY: usize = 1024;
 const QUEUE_SIZES: &[u16] = &[256, 256];
+/// `VIRTQ_USED_F_NO_NOTIFY`: the driver need not notify the device of new available buffers.
+const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: i16 = 0x0002;
@@ -198,6 +200,24 @@ impl Net {
         }
     }
 
+    /// Sets `VIRTQ_USED_F_NO_NOTIFY` in the RX used ring unless it is set: RX buffers are
+    /// taken only at a WAIT read, so the driver's notify when it re-posts a buffer would be a
+    /// VM exit for nothing (the first notify, when the driver sets the queue up, sets it). A
+    /// guest-memory write at an exit on the vCPU thread, recorded like every device write.
+    fn suppress_rx_notify(queues: &[Queue], ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
+        let Some(q) = queues.first().filter(|q| q.ready()) else {
+            return Ok(());
+        };
+        let used = q.used_ring();
+        let mut flags = [0u8; 2];
+        ctx.read_guest(used, &mut flags)?;
+        let flags = u16::from_le_bytes(flags);
+        if flags & VIRTQ_USED_F_NO_NOTIFY == 0 {
+            ctx.write_guest(used, &(flags | VIRTQ_USED_F_NO_NOTIFY).to_le_bytes())?;
+        }
+        Ok(())
+    }
+
     /// Packets received / sent so far.
     pub fn counters(&self) -> (u64, u64) {
         (self.rx_packets, self.tx_packets)
@@ -208,6 +228,10 @@ impl Net {
         queues: &mut [Queue],
         ctx: &mut ExitCtx<'_>,
     ) -> Result<bool, DeviceError> {
+        if self.tap.is_none() {
+            return Ok(false);
+        }
+        Self::suppress_rx_notify(queues, ctx)?;
         let Some(tap) = &self.tap else {
             return Ok(false);
         };

@@ -41,7 +41,9 @@ pub const FIRST_SEQ: u64 = 1;
 /// A log buffer in a memory region: the descriptor has been checked or written.
 pub struct Ring {
     region: Box<dyn Region>,
-    /// `region.base()`, cached (the region never moves its memory).
+    /// `region.base()`, cached (the region never moves its memory). Under loom the indices
+    /// live in `ctl` instead, so only the non-loom accessors read it.
+    #[cfg_attr(loom, allow(dead_code))]
     base: NonNull<u8>,
     data: NonNull<u8>,
     capacity: usize,

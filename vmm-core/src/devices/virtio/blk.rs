@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use virtio_queue::Queue;
 
-use super::{add_used, pop_chain, Desc, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::bus::{put_le, DeviceError, ExitCtx};
+use super::{add_used, pop_chain, read_config_space, Desc, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::bus::{DeviceError, ExitCtx};
 use crate::state::{StateError, StateReader, StateWriter};
 
 /// `VIRTIO_BLK_F_FLUSH`.
@@ -166,11 +166,7 @@ impl VirtioDevice for Blk {
         let cap = self.sectors.to_le_bytes();
         let mut cfg = [0u8; 16];
         cfg[..8].copy_from_slice(&cap);
-        let v = cfg.get(offset as usize..).unwrap_or(&[]);
-        let mut b = [0u8; 8];
-        let n = v.len().min(data.len()).min(8);
-        b[..n].copy_from_slice(&v[..n]);
-        put_le(data, u64::from_le_bytes(b));
+        read_config_space(&cfg, offset, data);
     }
     fn notify(
         &mut self,

@@ -69,6 +69,19 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn restore_device(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError>;
 }
 
+/// Answers a driver's read of `data.len()` bytes (at most 8) at `offset` in a device's
+/// configuration space `cfg`; bytes past its end read as zero.
+pub fn read_config_space(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    let v = usize::try_from(offset)
+        .ok()
+        .and_then(|o| cfg.get(o..))
+        .unwrap_or(&[]);
+    let mut b = [0u8; 8];
+    let n = v.len().min(data.len()).min(8);
+    b[..n].copy_from_slice(&v[..n]);
+    crate::bus::put_le(data, u64::from_le_bytes(b));
+}
+
 /// Copies the descriptors of the next available chain of `queue`, if any.
 ///
 /// # Errors

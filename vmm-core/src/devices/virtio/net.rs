@@ -21,9 +21,10 @@ use std::thread::JoinHandle;
 use virtio_queue::{Queue, QueueT};
 
 use super::{
-    add_used, pop_chain, read_from_chain, write_to_chain, VirtioDevice, VIRTIO_F_VERSION_1,
+    add_used, pop_chain, read_config_space, read_from_chain, write_to_chain, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
-use crate::bus::{put_le, DeviceError, EventSignal, ExitCtx};
+use crate::bus::{DeviceError, EventSignal, ExitCtx};
 use crate::devices::sys::EVENT_NET_RX;
 use crate::state::{StateError, StateReader, StateWriter};
 
@@ -275,12 +276,7 @@ impl VirtioDevice for Net {
         let mut cfg = [0u8; 10];
         cfg[..6].copy_from_slice(&self.mac);
         cfg[6] = 1; // status: VIRTIO_NET_S_LINK_UP
-        let off = offset as usize;
-        let v = cfg.get(off..).unwrap_or(&[]);
-        let mut b = [0u8; 8];
-        let n = v.len().min(data.len()).min(8);
-        b[..n].copy_from_slice(&v[..n]);
-        put_le(data, u64::from_le_bytes(b));
+        read_config_space(&cfg, offset, data);
     }
     fn notify(
         &mut self,

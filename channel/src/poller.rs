@@ -91,6 +91,45 @@ fn spawn_loop<S: Send + 'static>(
         })
 }
 
+/// Stops the loop in `slot` and returns its state machine.
+fn stop_loop<S>(
+    slot: &mut Option<JoinHandle<S>>,
+    ctl: &Control,
+    role: &str,
+) -> Result<S, TransportError> {
+    ctl.stop.store(true, Ordering::Release);
+    let t = slot.take().ok_or_else(|| TransportError::Setup {
+        what: format!("{role} poller lost after an earlier failed reconnect"),
+    })?;
+    t.join().map_err(|_| TransportError::Setup {
+        what: format!("{role} poller panicked"),
+    })
+}
+
+/// Stops the loop in `slot`, clears its last error, runs `handshake` on the state machine and
+/// starts the loop again — also when the handshake failed (then stopped at once), so that the
+/// state is kept for a later attempt. Returns the handshake's result.
+fn restart_loop<S: Send + 'static>(
+    slot: &mut Option<JoinHandle<S>>,
+    ctl: &Arc<Control>,
+    pc: PollerConfig,
+    (role, name): (&str, &str),
+    step: fn(&mut S) -> Result<usize, TransportError>,
+    handshake: impl FnOnce(&mut S) -> Result<(), TransportError>,
+) -> Result<(), TransportError> {
+    let mut state = stop_loop(slot, ctl, role)?;
+    if let Ok(mut g) = ctl.error.lock() {
+        g.take();
+    }
+    let res = handshake(&mut state);
+    let ctl = Arc::clone(ctl);
+    if res.is_err() {
+        ctl.stop.store(true, Ordering::Release);
+    }
+    *slot = Some(spawn_loop(name, state, ctl, pc, step)?);
+    res
+}
+
 /// The primary's side: the log buffer's producer for the VMM, and a poller thread shipping the
 /// log to the backup.
 #[derive(Debug)]
@@ -196,13 +235,7 @@ impl LogSender {
     }
 
     fn stop(&mut self) -> Result<Sender, TransportError> {
-        self.ctl.stop.store(true, Ordering::Release);
-        let t = self.thread.take().ok_or_else(|| TransportError::Setup {
-            what: "sender poller lost after an earlier failed reconnect".into(),
-        })?;
-        t.join().map_err(|_| TransportError::Setup {
-            what: "sender poller panicked".into(),
-        })
+        stop_loop(&mut self.thread, &self.ctl, "sender")
     }
 
     /// Stops the poller (if still running), handshakes over a new transport, and resumes from
@@ -211,24 +244,14 @@ impl LogSender {
     /// # Errors
     /// As [`Sender::reconnect`]. After an error the sender can be given another transport.
     pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
-        let mut sender = self.stop()?;
-        if let Ok(mut g) = self.ctl.error.lock() {
-            g.take();
-        }
-        let res = sender.reconnect(transport);
-        // Keep the state machine even when the handshake failed, for a later attempt.
-        let ctl = Arc::clone(&self.ctl);
-        if res.is_err() {
-            ctl.stop.store(true, Ordering::Release);
-        }
-        self.thread = Some(spawn_loop(
-            "ftvm-log-send",
-            sender,
-            ctl,
+        restart_loop(
+            &mut self.thread,
+            &self.ctl,
             self.pc,
+            ("sender", "ftvm-log-send"),
             Sender::poll,
-        )?);
-        res
+            |sender| sender.reconnect(transport),
+        )
     }
 
     /// Stops the poller and returns the producer and the log buffer's consumer.
@@ -368,29 +391,14 @@ impl LogReceiver {
     /// # Errors
     /// As [`Receiver::reaccept`].
     pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
-        self.ctl.stop.store(true, Ordering::Release);
-        let t = self.thread.take().ok_or_else(|| TransportError::Setup {
-            what: "receiver poller lost".into(),
-        })?;
-        let mut receiver = t.join().map_err(|_| TransportError::Setup {
-            what: "receiver poller panicked".into(),
-        })?;
-        if let Ok(mut g) = self.ctl.error.lock() {
-            g.take();
-        }
-        let res = receiver.reaccept(transport);
-        let ctl = Arc::clone(&self.ctl);
-        if res.is_err() {
-            ctl.stop.store(true, Ordering::Release);
-        }
-        self.thread = Some(spawn_loop(
-            "ftvm-log-recv",
-            receiver,
-            ctl,
+        restart_loop(
+            &mut self.thread,
+            &self.ctl,
             self.pc,
+            ("receiver", "ftvm-log-recv"),
             Receiver::poll,
-        )?);
-        res
+            |receiver| receiver.reaccept(transport),
+        )
     }
 }
 

@@ -13,9 +13,11 @@
 //! [`BENCHMARKS`].
 
 mod channel;
+mod failover;
 mod ft;
 mod report;
 mod ringbuf;
+mod throttle;
 mod vmm;
 
 use std::path::PathBuf;
@@ -57,6 +59,16 @@ const BENCHMARKS: &[Bench] = &[
         "ft",
         "kv under redis-benchmark, FT off vs on per transport (Table 1 ratio, log Mbit/s, output delay)",
         ft::run,
+    ),
+    (
+        "failover",
+        "kill the primary under client load, repeatedly: failover time p50/max, acked writes lost",
+        failover::run,
+    ),
+    (
+        "throttle",
+        "backup slowed then released: lag and primary CPU share over time under the throttle",
+        throttle::run,
     ),
 ];
 

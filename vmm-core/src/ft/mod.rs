@@ -40,10 +40,12 @@ pub mod backup;
 pub mod detector;
 pub mod digest;
 pub mod fence;
+pub mod golive;
 pub mod log;
 pub mod node;
 pub mod output;
 pub mod primary;
+pub mod throttle;
 
 pub use arbiter::{
     acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, FileArbiter, RetryPolicy,

@@ -11,26 +11,15 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use arbiter_support::{child_role, env, have_program, ChildGuard, EtcdCluster};
+use arbiter_support::{child_role, env, have_program, id, unix_nanos, ChildGuard, EtcdCluster};
 use ftvm_vmm_core::ft::arbiter::{EtcdArbiter, EtcdConfig};
-use ftvm_vmm_core::ft::{acquire_with_retry, Acquire, Arbiter, NodeId, RetryPolicy};
+use ftvm_vmm_core::ft::{acquire_with_retry, Acquire, Arbiter, RetryPolicy};
 
 const ROUNDS: u64 = 30;
 /// Time between two rounds of the lockstep race, in microseconds.
 const STEP_US: u64 = 20_000;
-
-fn id(s: &str) -> NodeId {
-    NodeId::new(s).expect("valid node id")
-}
-
-fn unix_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos()
-}
 
 /// Prints the SKIP line and returns false when etcd is missing.
 fn require_etcd(test: &str) -> bool {

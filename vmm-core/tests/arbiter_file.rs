@@ -9,9 +9,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use arbiter_support::{child_role, env, ChildGuard};
+use arbiter_support::{child_role, env, id, unix_nanos, ChildGuard};
 use ftvm_vmm_core::ft::{
     acquire_with_retry, Acquire, Arbiter, ArbiterError, FileArbiter, NodeId, RetryPolicy,
 };
@@ -19,17 +19,6 @@ use ftvm_vmm_core::ft::{
 const ROUNDS: u64 = 200;
 /// Time between two rounds of the lockstep race, in microseconds.
 const STEP_US: u64 = 5_000;
-
-fn id(s: &str) -> NodeId {
-    NodeId::new(s).expect("valid node id")
-}
-
-fn unix_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos()
-}
 
 /// Child-process entry point (does nothing in a normal test run): claims generations
 /// `1..=FTVM_ARB_ROUNDS` on `FTVM_ARB_DIR` as `FTVM_ARB_ID`, starting at wall-clock time

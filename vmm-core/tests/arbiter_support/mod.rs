@@ -247,3 +247,16 @@ impl EtcdCluster {
         self.members.iter().map(EtcdMember::client_url).collect()
     }
 }
+
+/// A node id (test names are always valid).
+pub fn id(s: &str) -> ftvm_vmm_core::ft::NodeId {
+    ftvm_vmm_core::ft::NodeId::new(s).expect("valid node id")
+}
+
+/// Wall-clock nanoseconds since the epoch (the lockstep start time shared with children).
+pub fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos()
+}

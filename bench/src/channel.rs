@@ -11,7 +11,9 @@
 //! - (b) streaming throughput of 1 KiB records: the primary appends as fast as the window
 //!   allows; time from the first append to the acknowledgement of the last.
 //!
-//! Option: `--transports shm,uring` measures a subset.
+//! Options: `--transports shm,uring` measures a subset; `--runs N` measures every transport N
+//! times, interleaved, and reports medians (with each run's streaming figure); `--only rtt` /
+//! `--only stream` measures one of the two.
 //!
 //! The blocking `tcp` mode sleeps in `poll(2)` when idle (the classic design); the others spin.
 //! Output: `results/channel.json`, `results/channel.svg`.
@@ -56,8 +58,14 @@ struct Row {
     mrecords_per_s: f64,
     gbytes_per_s: f64,
     stream_vs_tcp: f64,
+    /// Streaming figure of each run (the row reports the median; `--runs N`).
+    stream_mrecords_per_s_runs: Vec<f64>,
+    /// How many runs the medians are taken over.
+    runs: usize,
+    /// Retransmit timeouts, summed over the runs.
     retransmit_timeouts: u64,
-    /// 1-minute load average when this transport's run started (the machine is shared).
+    /// 1-minute load average when this transport's runs started, averaged over the runs (the
+    /// machine is shared).
     load_average_1m: f64,
 }
 
@@ -66,6 +74,20 @@ fn load_average() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(0.0)
+}
+
+/// Median of `v` (0 when empty); the mean of the two middle values for an even count.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn pin(core: usize) {
@@ -157,7 +179,32 @@ struct Measured {
 
 fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<Measured> {
     let cfg = Config::default();
-    // (a) RTT.
+    let mut hist = Histogram::<u64>::new_with_bounds(10, 10_000_000_000, 3)?;
+    let mut timeouts = 0;
+    if rtt_samples > 0 {
+        timeouts += measure_rtt(kind, rtt_samples, &cfg, &mut hist)?;
+    }
+    let mut mrps = 0.0;
+    if stream_records > 0 {
+        let (m, t) = measure_stream(kind, stream_records, &cfg)?;
+        mrps = m;
+        timeouts += t;
+    }
+    Ok(Measured {
+        rtt: hist,
+        mrps,
+        gbps: mrps * 1e6 * STREAM_SIZE as f64 / 1e9,
+        timeouts,
+    })
+}
+
+/// (a) Round trip of one record to its ack; returns the retransmit timeouts.
+fn measure_rtt(
+    kind: &str,
+    rtt_samples: u64,
+    cfg: &Config,
+    hist: &mut Histogram<u64>,
+) -> anyhow::Result<u64> {
     let (ta, tb) = link(kind, "rtt")?;
     let (mut tx_p, tx_c) = ftvm_ringbuf::with_capacity(BUF_CAP).map_err(|e| anyhow!("{e}"))?;
     let bcfg = cfg.clone();
@@ -170,7 +217,6 @@ fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<
     });
     pin(0);
     let mut s = Sender::connect(ta, tx_c, tx_p.next_seq(), cfg.clone())?;
-    let mut hist = Histogram::<u64>::new_with_bounds(10, 10_000_000_000, 3)?;
     let payload = [0x5Au8; RTT_SIZE];
     for i in 1..=total {
         let t0 = Instant::now();
@@ -186,10 +232,11 @@ fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<
     // The backup's end is dropped only after the primary saw its last ack.
     let (_, r) = backup.join().map_err(|_| anyhow!("backup panicked"))??;
     drop(r);
-    let mut timeouts = s.shared().stats.snapshot().retransmit_timeouts;
-    drop(s);
+    Ok(s.shared().stats.snapshot().retransmit_timeouts)
+}
 
-    // (b) Streaming throughput.
+/// (b) Streaming throughput of 1 KiB records: returns (million records/s, retransmit timeouts).
+fn measure_stream(kind: &str, stream_records: u64, cfg: &Config) -> anyhow::Result<(f64, u64)> {
     let (ta, tb) = link(kind, "stream")?;
     let (mut tx_p, tx_c) = ftvm_ringbuf::with_capacity(BUF_CAP).map_err(|e| anyhow!("{e}"))?;
     let bcfg = cfg.clone();
@@ -198,7 +245,8 @@ fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<
         let r = Receiver::accept(tb, p, bcfg)?;
         backup_loop(r, c, stream_records)
     });
-    let mut s = Sender::connect(ta, tx_c, tx_p.next_seq(), cfg)?;
+    pin(0);
+    let mut s = Sender::connect(ta, tx_c, tx_p.next_seq(), cfg.clone())?;
     let template = vec![0xA5u8; STREAM_SIZE];
     let t0 = Instant::now();
     let mut next = 1u64;
@@ -222,19 +270,13 @@ fn measure(kind: &str, rtt_samples: u64, stream_records: u64) -> anyhow::Result<
     let secs = t0.elapsed().as_secs_f64();
     let (_, r) = backup.join().map_err(|_| anyhow!("backup panicked"))??;
     drop(r);
-    timeouts += s.shared().stats.snapshot().retransmit_timeouts;
-    let mrps = stream_records as f64 / secs / 1e6;
-    Ok(Measured {
-        rtt: hist,
-        mrps,
-        gbps: mrps * 1e6 * STREAM_SIZE as f64 / 1e9,
-        timeouts,
-    })
+    let timeouts = s.shared().stats.snapshot().retransmit_timeouts;
+    Ok((stream_records as f64 / secs / 1e6, timeouts))
 }
 
 /// Entry point.
 pub fn run(opts: &Opts) -> anyhow::Result<()> {
-    let (rtt_samples, stream_records) = if opts.quick {
+    let (mut rtt_samples, mut stream_records) = if opts.quick {
         (20_000u64, 300_000u64)
     } else {
         (100_000, 2_000_000)
@@ -246,6 +288,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         Ok(()) => only.extend(VETH_TRANSPORTS.iter().map(|s| s.to_string())),
         Err(reason) => eprintln!("channel: no veth/xdp rows: {reason}"),
     }
+    let mut runs = 1usize;
     let mut it = opts.rest.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -255,40 +298,74 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                     .context("--transports needs a comma-separated list")?;
                 only = list.split(',').map(str::to_owned).collect();
             }
-            other => return Err(anyhow!("unknown option {other} (--transports shm,tcp,...)")),
+            "--runs" => {
+                runs = it
+                    .next()
+                    .context("--runs needs a number")?
+                    .parse()
+                    .context("--runs needs a number")?;
+                runs = runs.max(1);
+            }
+            "--only" => match it.next().map(String::as_str) {
+                Some("rtt") => stream_records = 0,
+                Some("stream") => rtt_samples = 0,
+                _ => return Err(anyhow!("--only needs rtt or stream")),
+            },
+            other => {
+                return Err(anyhow!(
+                    "unknown option {other} (--transports shm,tcp,... --runs N --only rtt|stream)"
+                ))
+            }
+        }
+    }
+    // Every run measures each transport in turn (so that a change in the machine's load hits
+    // all of them alike); each row reports the medians over the runs.
+    let mut per: Vec<(Vec<Measured>, f64)> = only.iter().map(|_| (Vec::new(), 0.0)).collect();
+    for run in 0..runs {
+        for (i, kind) in only.iter().enumerate() {
+            // The blocking mode costs ~60-100 µs per round trip: fewer samples keep it short.
+            let samples = if kind == "tcp" {
+                rtt_samples / 4
+            } else {
+                rtt_samples
+            };
+            eprintln!("channel: {kind} (run {}/{runs}) ...", run + 1);
+            per[i].1 += load_average() / runs as f64;
+            // In a thread of its own: the pinning stays there (the header reads the process's
+            // available parallelism from this thread).
+            let k = kind.clone();
+            let m = std::thread::spawn(move || measure(&k, samples, stream_records))
+                .join()
+                .map_err(|_| anyhow!("measurement thread panicked"))?
+                .with_context(|| format!("transport {kind}"))?;
+            per[i].0.push(m);
         }
     }
     let mut rows: Vec<Row> = Vec::new();
-    for kind in only.iter().map(String::as_str) {
-        // The blocking mode costs ~60-100 µs per round trip: fewer samples keep the run short.
+    for (kind, (ms, load)) in only.iter().zip(per) {
         let samples = if kind == "tcp" {
             rtt_samples / 4
         } else {
             rtt_samples
         };
-        eprintln!("channel: {kind} ...");
-        let load = load_average();
-        // In a thread of its own: the pinning stays there (the header reads the process's
-        // available parallelism from this thread).
-        let k = kind.to_owned();
-        let m = std::thread::spawn(move || measure(&k, samples, stream_records))
-            .join()
-            .map_err(|_| anyhow!("measurement thread panicked"))?
-            .with_context(|| format!("transport {kind}"))?;
+        let q = |f: &dyn Fn(&Measured) -> f64| median(ms.iter().map(f).collect());
+        let mrps = q(&|m| m.mrps);
         rows.push(Row {
-            transport: kind.into(),
+            transport: kind.clone(),
             rtt_record_bytes: RTT_SIZE,
             rtt_samples: samples,
-            rtt_p50_ns: m.rtt.value_at_quantile(0.5) as f64,
-            rtt_p99_ns: m.rtt.value_at_quantile(0.99) as f64,
-            rtt_p999_ns: m.rtt.value_at_quantile(0.999) as f64,
+            rtt_p50_ns: q(&|m| m.rtt.value_at_quantile(0.5) as f64),
+            rtt_p99_ns: q(&|m| m.rtt.value_at_quantile(0.99) as f64),
+            rtt_p999_ns: q(&|m| m.rtt.value_at_quantile(0.999) as f64),
             rtt_p50_vs_tcp: 0.0,
             stream_record_bytes: STREAM_SIZE,
             stream_records,
-            mrecords_per_s: m.mrps,
-            gbytes_per_s: m.gbps,
+            mrecords_per_s: mrps,
+            gbytes_per_s: q(&|m| m.gbps),
             stream_vs_tcp: 0.0,
-            retransmit_timeouts: m.timeouts,
+            stream_mrecords_per_s_runs: ms.iter().map(|m| m.mrps).collect(),
+            runs,
+            retransmit_timeouts: ms.iter().map(|m| m.timeouts).sum(),
             load_average_1m: load,
         });
     }

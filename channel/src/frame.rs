@@ -422,6 +422,22 @@ pub fn finish_data(buf: &mut [u8], count: u32) {
     finish(buf);
 }
 
+/// Writes the headers of a DATA frame into the first [`DATA_OVERHEAD`] bytes of `out`, a
+/// frame of exactly `out.len()` bytes; write the records (or the fragment) after them, then
+/// [`finish`] sets the body length and checksum. The in-place counterpart of [`begin_data`].
+pub fn data_header(out: &mut [u8], generation: u64, first_seq: u64, count: u32, frag: (u16, u16)) {
+    out[MAGIC_OFFSET..MAGIC_OFFSET + 2].copy_from_slice(&MAGIC.to_le_bytes());
+    out[VERSION_OFFSET] = VERSION;
+    out[TYPE_OFFSET] = FrameType::Data as u8;
+    out[GENERATION_OFFSET..GENERATION_OFFSET + 8].copy_from_slice(&generation.to_le_bytes());
+    out[RESERVED_OFFSET..RESERVED_OFFSET + 4].copy_from_slice(&0u32.to_le_bytes());
+    let b = HEADER_LEN;
+    out[b..b + 8].copy_from_slice(&first_seq.to_le_bytes());
+    out[b + 8..b + 12].copy_from_slice(&count.to_le_bytes());
+    out[b + 12..b + 14].copy_from_slice(&frag.0.to_le_bytes());
+    out[b + 14..b + 16].copy_from_slice(&frag.1.to_le_bytes());
+}
+
 /// Fixed overhead of a DATA frame before its records.
 pub const DATA_OVERHEAD: usize = HEADER_LEN + DATA_HEADER_LEN;
 

@@ -171,9 +171,16 @@ pub struct Sender {
     rttvar: Duration,
     /// (last sequence number, send time) of frames sent for the first time, for RTT samples.
     sent_times: std::collections::VecDeque<(u64, Instant)>,
+    /// Frames are built here for transports without a send buffer of their own.
     frame: Vec<u8>,
-    /// A built frame the transport had no room for, with the state to apply once it is sent.
-    pending: Option<Advance>,
+    /// Heartbeats are built here.
+    hb_frame: Vec<u8>,
+    /// A frame built in `frame` (its length) the transport had no room for, with the state to
+    /// apply once it is sent.
+    pending: Option<(Advance, usize)>,
+    /// (last sequence number, position after it) of every frame sent since the last go-back,
+    /// oldest first: an ack releases whole frames without reading their records again.
+    sent_frames: std::collections::VecDeque<(u64, u64)>,
     last_progress: Instant,
     last_send: Instant,
     last_heard: Instant,
@@ -263,7 +270,9 @@ impl Sender {
             rttvar: Duration::ZERO,
             sent_times: std::collections::VecDeque::with_capacity(1024),
             frame: Vec::with_capacity(64 << 10),
+            hb_frame: Vec::with_capacity(64),
             pending: None,
+            sent_frames: std::collections::VecDeque::with_capacity(1024),
             last_progress: now,
             last_send: now,
             last_heard: now,
@@ -391,6 +400,7 @@ impl Sender {
         self.dup_acks = 0;
         // Karn: no round-trip samples from frames that may be retransmissions.
         self.sent_times.clear();
+        self.sent_frames.clear();
     }
 
     /// Feeds one round-trip sample into the smoothed estimate (RFC 6298) and recomputes the
@@ -434,6 +444,19 @@ impl Sender {
             return Ok(());
         }
         self.dup_acks = gap;
+        // Whole frames first (no record read), then record by record for the rest (an ack
+        // inside a frame: the backup was short of room).
+        let mut whole = None;
+        while let Some(&(last, end)) = self.sent_frames.front() {
+            if last > acked {
+                break;
+            }
+            whole = Some(end);
+            self.sent_frames.pop_front();
+        }
+        if let Some(end) = whole {
+            self.consumer.release_to(end);
+        }
         loop {
             let batch = self.consumer.read();
             if batch.is_empty() {
@@ -588,10 +611,12 @@ impl Sender {
         }
         if now.duration_since(self.last_send) > self.cfg.heartbeat_interval {
             self.heartbeat_nonce += 1;
-            frame::encode_heartbeat(&mut self.frame, self.cfg.generation, self.heartbeat_nonce);
-            // A DATA frame waiting for room is rebuilt after the heartbeat.
-            self.pending = None;
-            if self.transport.send(&self.frame)? {
+            frame::encode_heartbeat(
+                &mut self.hb_frame,
+                self.cfg.generation,
+                self.heartbeat_nonce,
+            );
+            if self.transport.send(&self.hb_frame)? {
                 self.transport.flush()?;
                 self.last_send = now;
             }
@@ -605,39 +630,69 @@ impl Sender {
     }
 
     /// Sends as many new (or retransmitted) frames as the window and the transport allow.
+    ///
+    /// Each frame is planned first (which records, how many bytes), then written once: straight
+    /// into the transport's own send buffer when it offers one ([`Transport::send_in_place`]:
+    /// io_uring's registered buffers, the shm ring), else into `self.frame` and handed to
+    /// [`Transport::send`].
     fn send_data(&mut self) -> Result<usize, TransportError> {
         let mut frames = 0;
         let mut now: Option<Instant> = None;
+        let generation = self.cfg.generation;
         loop {
-            if self.pending.is_none() {
-                let head = self.consumer.position();
-                if (self.send_pos - head) as usize >= self.window {
-                    break;
+            let (adv, len) = match self.pending {
+                Some(p) => {
+                    if !self.transport.send(&self.frame[..p.1])? {
+                        break;
+                    }
+                    self.pending = None;
+                    p
                 }
-                match self.build_frame()? {
-                    Some(adv) => self.pending = Some(adv),
-                    None => break,
+                None => {
+                    let head = self.consumer.position();
+                    if (self.send_pos - head) as usize >= self.window {
+                        break;
+                    }
+                    let Some(plan) = self.plan_frame()? else {
+                        break;
+                    };
+                    let (transport, consumer, send_pos) =
+                        (&mut self.transport, &mut self.consumer, self.send_pos);
+                    match transport.send_in_place(plan.len, &mut |out| {
+                        write_frame(consumer, send_pos, generation, &plan, out)
+                    })? {
+                        Some(true) => (plan.adv, plan.len),
+                        Some(false) => break,
+                        None => {
+                            if self.frame.len() < plan.len {
+                                self.frame.resize(plan.len, 0);
+                            }
+                            let out = &mut self.frame[..plan.len];
+                            write_frame(&mut self.consumer, send_pos, generation, &plan, out);
+                            if !self.transport.send(&self.frame[..plan.len])? {
+                                self.pending = Some((plan.adv, plan.len));
+                                break;
+                            }
+                            (plan.adv, plan.len)
+                        }
+                    }
                 }
+            };
+            let now = *now.get_or_insert_with(Instant::now);
+            self.shared.stats.sent(len, adv.records, adv.retransmit);
+            if self.next_seq == self.acked + 1 && self.frag_next == 0 {
+                self.last_progress = now;
             }
-            if !self.transport.send(&self.frame)? {
-                break;
-            }
-            if let Some(adv) = self.pending.take() {
-                let now = *now.get_or_insert_with(Instant::now);
-                self.shared
-                    .stats
-                    .sent(self.frame.len(), adv.records, adv.retransmit);
-                if self.next_seq == self.acked + 1 && self.frag_next == 0 {
-                    self.last_progress = now;
-                }
-                if adv.records > 0 && !adv.retransmit && self.sent_times.len() < MAX_TIMED {
+            if adv.records > 0 {
+                if !adv.retransmit && self.sent_times.len() < MAX_TIMED {
                     self.sent_times.push_back((adv.seq - 1, now));
                 }
-                self.send_pos = adv.pos;
-                self.next_seq = adv.seq;
-                self.frag_next = adv.frag_next;
-                self.high_water = self.high_water.max(adv.pos);
+                self.sent_frames.push_back((adv.seq - 1, adv.pos));
             }
+            self.send_pos = adv.pos;
+            self.next_seq = adv.seq;
+            self.frag_next = adv.frag_next;
+            self.high_water = self.high_water.max(adv.pos);
             frames += 1;
         }
         if let Some(now) = now {
@@ -646,10 +701,9 @@ impl Sender {
         Ok(frames)
     }
 
-    /// Builds the next DATA frame from `send_pos` into `self.frame`; `None` when there is
-    /// nothing to send.
-    fn build_frame(&mut self) -> Result<Option<Advance>, TransportError> {
-        let generation = self.cfg.generation;
+    /// Plans the next DATA frame from `send_pos` (which records or which fragment, its exact
+    /// length); `None` when there is nothing to send. Reads record headers only.
+    fn plan_frame(&mut self) -> Result<Option<Plan>, TransportError> {
         let max_frame = self.max_frame;
         loop {
             let batch = self.consumer.read_from(self.send_pos);
@@ -681,22 +735,19 @@ impl Sender {
                     ),
                 });
             }
-            let raw = first.raw();
-            if self.frag_next > 0 || DATA_OVERHEAD + raw.len() > max_frame {
+            let raw_len = first.raw().len();
+            if self.frag_next > 0 || DATA_OVERHEAD + raw_len > max_frame {
                 let chunk = max_frame - DATA_OVERHEAD;
-                let total = raw.len().div_ceil(chunk);
+                let total = raw_len.div_ceil(chunk);
                 let total16 = u16::try_from(total).map_err(|_| TransportError::FrameTooLarge {
-                    len: raw.len(),
+                    len: raw_len,
                     max: chunk * usize::from(u16::MAX),
                 })?;
                 let idx = self.frag_next;
                 let from = usize::from(idx) * chunk;
-                let to = (from + chunk).min(raw.len());
-                frame::begin_data(&mut self.frame, generation, first.seq(), (idx, total16));
-                self.frame.extend_from_slice(&raw[from..to]);
-                frame::finish_data(&mut self.frame, 1);
+                let to = (from + chunk).min(raw_len);
                 let last = idx + 1 == total16;
-                return Ok(Some(if last {
+                let adv = if last {
                     Advance {
                         pos: first.next_position(),
                         seq: first.seq() + 1,
@@ -712,29 +763,42 @@ impl Sender {
                         records: 0,
                         retransmit,
                     }
+                };
+                return Ok(Some(Plan {
+                    first_seq: first.seq(),
+                    count: 1,
+                    frag: (idx, total16),
+                    bytes: (from, to),
+                    len: DATA_OVERHEAD + (to - from),
+                    adv,
                 }));
             }
-            frame::begin_data(&mut self.frame, generation, first.seq(), (0, 1));
-            self.frame.extend_from_slice(raw);
+            let mut len = DATA_OVERHEAD + raw_len;
             let mut count = 1u32;
             let mut end = first.next_position();
             for r in records {
                 let Ok(r) = r else { break };
-                let raw = r.raw();
-                if self.frame.len() + raw.len() > max_frame {
+                let raw_len = r.raw().len();
+                if len + raw_len > max_frame {
                     break;
                 }
-                self.frame.extend_from_slice(raw);
+                len += raw_len;
                 count += 1;
                 end = r.next_position();
             }
-            frame::finish_data(&mut self.frame, count);
-            return Ok(Some(Advance {
-                pos: end,
-                seq: self.next_seq + u64::from(count),
-                frag_next: 0,
-                records: u64::from(count),
-                retransmit,
+            return Ok(Some(Plan {
+                first_seq: first.seq(),
+                count,
+                frag: (0, 1),
+                bytes: (0, 0),
+                len,
+                adv: Advance {
+                    pos: end,
+                    seq: self.next_seq + u64::from(count),
+                    frag_next: 0,
+                    records: u64::from(count),
+                    retransmit,
+                },
             }));
         }
     }
@@ -743,6 +807,47 @@ impl Sender {
     pub fn into_consumer(self) -> Consumer {
         self.consumer
     }
+}
+
+/// One DATA frame to send: planned from record headers, then written in one pass.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    first_seq: u64,
+    count: u32,
+    /// (fragment index, fragment count); (0, 1) for whole records.
+    frag: (u16, u16),
+    /// A fragment's byte range within its record.
+    bytes: (usize, usize),
+    /// Exact frame length.
+    len: usize,
+    adv: Advance,
+}
+
+/// Writes the frame `plan` describes (records from `send_pos` on) into `out`, which is exactly
+/// `plan.len` bytes: header, records straight from the log buffer, checksum.
+fn write_frame(
+    consumer: &mut Consumer,
+    send_pos: u64,
+    generation: u64,
+    plan: &Plan,
+    out: &mut [u8],
+) {
+    frame::data_header(out, generation, plan.first_seq, plan.count, plan.frag);
+    let batch = consumer.read_from(send_pos);
+    let mut at = DATA_OVERHEAD;
+    if plan.frag.1 > 1 {
+        if let Some(Ok(r)) = batch.records().next() {
+            let piece = &r.raw()[plan.bytes.0..plan.bytes.1];
+            out[at..at + piece.len()].copy_from_slice(piece);
+        }
+    } else {
+        for r in batch.records().take(plan.count as usize).flatten() {
+            let raw = r.raw();
+            out[at..at + raw.len()].copy_from_slice(raw);
+            at += raw.len();
+        }
+    }
+    frame::finish(out);
 }
 
 fn primary_hello_step(bytes: &[u8], cfg: &Config) -> Step<Hello> {

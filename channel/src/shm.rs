@@ -7,8 +7,9 @@
 //!   Consumer ◀── <prefix>.b2a  (ftvm-ringbuf Ring) ◀── Producer
 //! ```
 //!
-//! One frame = one record of the ring (kind [`FRAME_KIND`]). Sending copies the frame into the
-//! ring once; receiving hands the frame to the caller straight out of the shared mapping
+//! One frame = one record of the ring (kind [`FRAME_KIND`]). The sender writes each frame
+//! straight into the ring ([`Transport::send_in_place`]: records go from the primary's log
+//! buffer into the shared mapping in one copy); receiving hands the frame to the caller straight out of the shared mapping
 //! (zero-copy) and releases it afterwards. The creator unlinks both files when dropped.
 //! Frames are published atomically (the ring's release store), so a peer that dies never
 //! leaves a partial frame: it is detected by the reliability layer's peer timeout.
@@ -144,13 +145,24 @@ impl Transport for ShmTransport {
     }
 
     fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
-        match self.tx.claim(FRAME_KIND, frame.len()) {
+        Ok(self
+            .send_in_place(frame.len(), &mut |out| out.copy_from_slice(frame))?
+            .unwrap_or(false))
+    }
+
+    /// Zero-copy: the frame is written straight into the shared ring (no staging copy).
+    fn send_in_place(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Option<bool>, TransportError> {
+        match self.tx.claim(FRAME_KIND, len) {
             Ok(mut c) => {
-                c.copy_from_slice(frame);
+                fill(&mut c);
                 c.commit();
-                Ok(true)
+                Ok(Some(true))
             }
-            Err(ClaimError::Full { .. }) => Ok(false),
+            Err(ClaimError::Full { .. }) => Ok(Some(false)),
             Err(ClaimError::TooLarge { len, max }) => {
                 Err(TransportError::FrameTooLarge { len, max })
             }

@@ -24,6 +24,23 @@ pub trait Transport: Send {
     /// [`TransportError`] when the link is broken (peer gone, socket error).
     fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError>;
 
+    /// Zero-copy send, for transports with a send buffer of their own: calls `fill` with
+    /// exactly `len` bytes of that buffer, into which the caller writes one whole frame, and
+    /// queues it (`Ok(Some(true))`). `Ok(Some(false))`: no room now (`fill` was not called,
+    /// nothing queued; retry later). `Ok(None)` (the default): not offered — build the frame
+    /// elsewhere and call [`Self::send`].
+    ///
+    /// # Errors
+    /// [`TransportError`] when the link is broken or `len` exceeds [`Self::max_frame`].
+    fn send_in_place(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Option<bool>, TransportError> {
+        let _ = (len, fill);
+        Ok(None)
+    }
+
     /// Pushes queued frames out (a kick / `sendto` / `io_uring_enter`), without blocking.
     ///
     /// # Errors
@@ -57,6 +74,13 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
         (**self).send(frame)
+    }
+    fn send_in_place(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Option<bool>, TransportError> {
+        (**self).send_in_place(len, fill)
     }
     fn flush(&mut self) -> Result<(), TransportError> {
         (**self).flush()

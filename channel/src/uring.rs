@@ -398,13 +398,23 @@ impl Transport for UringTransport {
     }
 
     fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
-        if frame.len() > TCP_MAX_FRAME {
+        Ok(self
+            .send_in_place(frame.len(), &mut |out| out.copy_from_slice(frame))?
+            .unwrap_or(false))
+    }
+
+    fn send_in_place(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Option<bool>, TransportError> {
+        if len > TCP_MAX_FRAME {
             return Err(TransportError::FrameTooLarge {
-                len: frame.len(),
+                len,
                 max: TCP_MAX_FRAME,
             });
         }
-        let need = LEN_PREFIX + frame.len();
+        let need = LEN_PREFIX + len;
         if self.fill + need > SEND_BUF {
             self.reap()?;
             self.kick_send()?;
@@ -412,15 +422,16 @@ impl Transport for UringTransport {
                 if self.to_submit {
                     self.submit()?;
                 }
-                return Ok(false);
+                return Ok(Some(false));
             }
         }
+        // The frame is written straight into the registered buffer the kernel sends from.
         let b = &mut self.sbufs[self.cur][self.fill..self.fill + need];
-        b[..LEN_PREFIX].copy_from_slice(&(frame.len() as u32).to_le_bytes());
-        b[LEN_PREFIX..].copy_from_slice(frame);
+        b[..LEN_PREFIX].copy_from_slice(&(len as u32).to_le_bytes());
+        fill(&mut b[LEN_PREFIX..]);
         self.fill += need;
         self.idle_since = None;
-        Ok(true)
+        Ok(Some(true))
     }
 
     fn flush(&mut self) -> Result<(), TransportError> {

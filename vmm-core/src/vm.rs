@@ -14,7 +14,7 @@ use crate::devices::sys::SysDevice;
 use crate::devices::virtio::blk::{Blk, BlkError};
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::mmio::VirtioMmio;
-use crate::devices::virtio::net::{Net, Tap, TapError, DEFAULT_MAC};
+use crate::devices::virtio::net::{Net, NetHandle, Tap, TapError, DEFAULT_MAC};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{ConsoleOutput, Devices};
 use crate::kvm::{KvmContext, KvmError};
@@ -140,19 +140,25 @@ pub struct Vm {
     inputs: Inputs,
     kick: Arc<VcpuKick>,
     run_time: Duration,
+    net: Option<NetHandle>,
 }
 
-fn build_devices(config: &VmConfig) -> Result<(Devices, Arc<VcpuKick>), VmError> {
+type Built = (Devices, Arc<VcpuKick>, Option<NetHandle>);
+
+fn build_devices(config: &VmConfig) -> Result<Built, VmError> {
     let signal = Arc::new(EventSignal::default());
     let interrupt = Arc::new(AtomicBool::new(false));
-    let net: Option<Box<dyn VirtioDevice>> = match &config.tap {
-        Some(name) => Some(Box::new(Net::new(
+    let net_dev = match &config.tap {
+        Some(name) => Some(Net::new(
             Some(Tap::open(name, signal.clone())?),
             DEFAULT_MAC,
-        ))),
-        None if config.net_without_backend => Some(Box::new(Net::new(None, DEFAULT_MAC))),
+            signal.clone(),
+        )),
+        None if config.net_without_backend => Some(Net::new(None, DEFAULT_MAC, signal.clone())),
         None => None,
     };
+    let net_handle = net_dev.as_ref().map(Net::handle);
+    let net = net_dev.map(|n| Box::new(n) as Box<dyn VirtioDevice>);
     let blk: Option<Box<dyn VirtioDevice>> = match &config.disk {
         Some(p) => Some(Box::new(Blk::open(p)?)),
         None => None,
@@ -168,7 +174,11 @@ fn build_devices(config: &VmConfig) -> Result<(Devices, Arc<VcpuKick>), VmError>
         signal.clone(),
         interrupt.clone(),
     );
-    Ok((devices, Arc::new(VcpuKick::new(signal, interrupt))))
+    Ok((
+        devices,
+        Arc::new(VcpuKick::new(signal, interrupt)),
+        net_handle,
+    ))
 }
 
 impl Vm {
@@ -204,7 +214,7 @@ impl Vm {
             source,
         })?;
         let vcpu = Vcpu::new(&vm_fd, &kvm)?;
-        let (devices, kick) = build_devices(config)?;
+        let (devices, kick, net) = build_devices(config)?;
         Ok((
             Vm {
                 _kvm: kvm,
@@ -217,6 +227,7 @@ impl Vm {
                 inputs: Inputs::default(),
                 kick,
                 run_time: Duration::ZERO,
+                net,
             },
             layout,
         ))
@@ -346,6 +357,12 @@ impl Vm {
             RunExit::Kicked => RunOutcome::Paused,
             RunExit::ExitLimit => RunOutcome::ExitLimit,
         })
+    }
+
+    /// The virtio-net device's handle (switch its TAP and transmit mode while the VM runs), if
+    /// the VM has a net device.
+    pub fn net(&self) -> Option<&NetHandle> {
+        self.net.as_ref()
     }
 
     /// Exit counters.

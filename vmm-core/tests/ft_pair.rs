@@ -1,5 +1,8 @@
 //! Primary and backup over the real log channel (TCP on loopback), in one process: replay
-//! equality, the output rule with stalled acknowledgements, and divergence detection.
+//! equality, the output rule with stalled acknowledgements (console, and network transmits of
+//! `kv` on a TAP in a network namespace), and divergence detection.
+
+mod common;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -300,4 +303,124 @@ fn ft_different_initial_state_refuses_to_pair() {
         o.primary.err()
     );
     assert!(matches!(o.backup, Err(PairError::Channel(_))));
+}
+
+#[test]
+fn ft_kv_transmits_wait_for_stalled_acks() {
+    const TEST: &str = "ft_kv_transmits_wait_for_stalled_acks";
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(8 << 20))
+            .expect("disk");
+        p
+    };
+    let (pdisk, bdisk) = (disk("primary.img"), disk("backup.img"));
+    let ns = common::namespace("ftnet");
+    let cmdline = format!("ip={}/24 gw=10.0.2.1 port=6379", common::GUEST_IP);
+    let elf = guests::by_name("kv").expect("kv guest");
+    let chan = |disk: &std::path::Path| Config {
+        digest: pairing_digest(elf, &cmdline, 64 << 20, Some(disk)).expect("digest"),
+        ..Config::default()
+    };
+    let (pcfg, bcfg) = (chan(&pdisk), chan(&bdisk));
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let bcmd = cmdline.clone();
+    let backup = std::thread::spawn(move || -> Result<BackupReport, PairError> {
+        let (console, _buf) = buffer_console();
+        let cfg = VmConfig {
+            mem_size: 64 << 20,
+            cmdline: bcmd,
+            disk: Some(bdisk),
+            net_without_backend: true,
+            console,
+            ..Default::default()
+        };
+        let mut vm = Vm::new(&cfg, elf).expect("backup vm");
+        let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
+        let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
+        let rx = LogReceiver::start(p, c, Box::new(t), bcfg, PollerConfig::default())?;
+        run_backup(&mut vm, LogReader::new(rx, Default::default(), None))
+    });
+    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
+    let stall = Arc::new(AtomicBool::new(false));
+    let t = StallAcks {
+        inner: Box::new(t),
+        stall: stall.clone(),
+    };
+    let (console, pbuf) = buffer_console();
+    let pconsole = pbuf.clone();
+    let primary = ns
+        .spawn("ft-primary", move || {
+            let cfg = VmConfig {
+                mem_size: 64 << 20,
+                cmdline,
+                disk: Some(pdisk),
+                tap: Some(common::TAP.into()),
+                console,
+                ..Default::default()
+            };
+            let mut vm = Vm::new(&cfg, elf).expect("primary vm");
+            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
+            let sender = LogSender::start(p, c, Box::new(t), pcfg, PollerConfig::default())?;
+            let writer = LogWriter::new(sender, Default::default());
+            let opts = PairOptions {
+                ack_timeout: Duration::from_secs(10),
+                ..Default::default()
+            };
+            let r = run_primary(&mut vm, &writer, &opts, None, &PrimaryHooks::default());
+            let tx = vm.net().expect("net device").tx_counters();
+            Ok::<_, PairError>((r, tx))
+        })
+        .expect("spawn primary");
+    common::wait_ready_with(&ns, &pconsole);
+    // Withhold the acks: the reply to PING (any frame of it: SYN-ACK, data) must wait.
+    stall.store(true, Ordering::Release);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let ns_name = ns.name().to_string();
+    let client = std::thread::spawn(move || {
+        let ns = ftvm_channel::netns::Netns::open(&ns_name).expect("open netns");
+        let t0 = Instant::now();
+        let out = common::redis(&ns, &["PING"]);
+        let _ = done_tx.send(());
+        (
+            t0.elapsed(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        done_rx.try_recv().is_err(),
+        "the guest's reply reached the client while the acks were withheld"
+    );
+    stall.store(false, Ordering::Release);
+    let (elapsed, reply) = client.join().expect("client");
+    assert_eq!(reply, "PONG");
+    assert!(elapsed >= Duration::from_millis(650), "{elapsed:?}");
+    assert_eq!(common::redis_reply(&ns, &["SET", "k", "v"]), "OK");
+    assert_eq!(common::redis_reply(&ns, &["GET", "k"]), "v");
+    common::redis_shutdown(&ns);
+    let (p, tx) = primary
+        .join()
+        .expect("primary thread")
+        .expect("netns")
+        .expect("primary setup");
+    let p = p.expect("primary");
+    let b = backup.join().expect("backup thread").expect("backup");
+    assert_eq!((b.code, b.mem_digest), (p.code, p.mem_digest));
+    assert!(tx.gated >= 4 && tx.direct == 0, "{tx:?}");
+    assert!(p.outputs.released >= tx.gated, "{:?}", p.outputs.released);
+    assert_eq!(p.outputs.early, 0);
+    assert!(p.outputs.releases.iter().all(|(tag, acked)| acked >= tag));
+    assert!(
+        p.outputs.delay_us.max() >= 600_000,
+        "max delay {} µs",
+        p.outputs.delay_us.max()
+    );
 }

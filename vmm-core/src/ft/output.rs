@@ -10,7 +10,15 @@
 //! Console output is collected by the VM into a buffer ([`OutputGate::add_buffer_source`]); the
 //! releaser drains it and tags the bytes with the log position read *after* draining, which is
 //! never smaller than the position current when they were produced (conservative: it can only
-//! make them wait longer, never shorter).
+//! make them wait longer, never shorter). Transmitted network frames come from the net device
+//! through [`OutputGate::tx_gate`], tagged exactly with the position current when the guest
+//! notified the TX queue.
+//!
+//! Fencing: with [`OutputGate::set_fence`], an output is released only while this side's
+//! generation is the fence's current one. A primary that learns it has been superseded (it lost
+//! the arbiter) advances its fence, and from then on the gate releases nothing. When the primary
+//! runs alone (it won the next generation), [`OutputGate::release_all`] stops waiting for
+//! acknowledgements, still under the fence.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +27,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+
+use super::fence::Fence;
+use crate::devices::virtio::net::{NetHandle, TxGate};
 
 /// Where the acknowledged log position comes from.
 pub trait AckSource: Send + Sync {
@@ -50,8 +61,14 @@ pub struct OutputStats {
     pub released: u64,
     /// Bytes released.
     pub bytes: u64,
-    /// Releases where the acknowledged position was below the tag (must be 0).
+    /// Releases where the acknowledged position was below the tag (must be 0), outside
+    /// [`OutputGate::release_all`] mode.
     pub early: u64,
+    /// Releases made without acknowledgement because this side runs alone
+    /// ([`OutputGate::release_all`]).
+    pub released_alone: u64,
+    /// Times the releaser found outputs ready but the fence refused this side's generation.
+    pub fenced: u64,
     /// Most outputs waiting at once.
     pub max_pending: usize,
     /// Delay each output waited, in microseconds.
@@ -70,6 +87,8 @@ impl Default for OutputStats {
             released: 0,
             bytes: 0,
             early: 0,
+            released_alone: 0,
+            fenced: 0,
             max_pending: 0,
             // 1 µs .. 1 h, 3 significant digits: valid bounds, cannot fail.
             delay_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
@@ -97,6 +116,10 @@ struct Inner {
     sources: Mutex<Vec<BufferSource>>,
     stats: Mutex<OutputStats>,
     stop: AtomicBool,
+    /// The fence and the generation this side acts in (`None`: not fenced).
+    fence: Mutex<Option<(Fence, Arc<AtomicU64>)>>,
+    /// Running alone: outputs no longer wait for acknowledgements.
+    alone: AtomicBool,
 }
 
 impl Inner {
@@ -127,9 +150,26 @@ impl Inner {
         s.max_pending = s.max_pending.max(n);
     }
 
+    /// Whether this side may release outputs now (its generation is the fence's current one).
+    fn fence_allows(&self) -> bool {
+        match &*self.fence.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((fence, generation)) => fence.current() == generation.load(Ordering::Acquire),
+            None => true,
+        }
+    }
+
     /// Releases every output whose tag is acknowledged; returns how many.
     fn release(&self) -> usize {
-        let acked = self.acks.acked();
+        let alone = self.alone.load(Ordering::Acquire);
+        let acked = if alone { u64::MAX } else { self.acks.acked() };
+        if !self.fence_allows() {
+            let q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if q.front().is_some_and(|p| p.tag <= acked) {
+                drop(q);
+                self.stats.lock().unwrap_or_else(|e| e.into_inner()).fenced += 1;
+            }
+            return 0;
+        }
         let mut ready = Vec::new();
         {
             let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,7 +186,9 @@ impl Inner {
         let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         for p in &ready {
             let now_acked = self.acks.acked();
-            if now_acked < p.tag {
+            if alone {
+                s.released_alone += 1;
+            } else if now_acked < p.tag {
                 s.early += 1;
             }
             if let Some(sink) = sinks.get_mut(p.sink) {
@@ -191,6 +233,8 @@ impl OutputGate {
             sources: Mutex::new(Vec::new()),
             stats: Mutex::new(OutputStats::default()),
             stop: AtomicBool::new(false),
+            fence: Mutex::new(None),
+            alone: AtomicBool::new(false),
         });
         let i = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
@@ -232,6 +276,43 @@ impl OutputGate {
         self.inner.submit(sink, tag, data);
     }
 
+    /// A [`TxGate`] for a net device: frames are tagged with the current log position and
+    /// released to `sink` in order under the rule.
+    pub fn tx_gate(&self, sink: Sink) -> Arc<dyn TxGate> {
+        let sink = self.add_sink(sink);
+        Arc::new(GatedTx {
+            inner: Arc::clone(&self.inner),
+            sink,
+        })
+    }
+
+    /// Gates the TX of `net`: its frames wait here and are written to its (current) TAP once
+    /// acknowledged.
+    pub fn gate_net(&self, net: &NetHandle) {
+        let n = net.clone();
+        let gate = self.tx_gate(Box::new(move |frame: &[u8]| {
+            n.write_frame(frame);
+        }));
+        net.set_tx(crate::devices::virtio::net::TxMode::Gated(gate));
+    }
+
+    /// Fences the releaser: from now on outputs are released only while `fence`'s current
+    /// generation is `generation` (the one this side acts in; see [`OutputGate::release_all`]).
+    pub fn set_fence(&self, fence: Fence, generation: u64) {
+        *self.inner.fence.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((fence, Arc::new(AtomicU64::new(generation))));
+    }
+
+    /// This side runs alone in `generation` (it won it on the arbiter): outputs no longer wait
+    /// for acknowledgements; those held are released at once, still only while the fence's
+    /// current generation is `generation`.
+    pub fn release_all(&self, generation: u64) {
+        if let Some((_, g)) = &*self.inner.fence.lock().unwrap_or_else(|e| e.into_inner()) {
+            g.store(generation, Ordering::Release);
+        }
+        self.inner.alone.store(true, Ordering::Release);
+    }
+
     /// Outputs waiting now.
     pub fn pending(&self) -> usize {
         self.inner.drain_sources();
@@ -264,6 +345,22 @@ impl OutputGate {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+}
+
+/// The [`TxGate`] of [`OutputGate::tx_gate`].
+struct GatedTx {
+    inner: Arc<Inner>,
+    sink: usize,
+}
+
+impl TxGate for GatedTx {
+    fn tag(&self) -> u64 {
+        self.inner.position.load(Ordering::Acquire)
+    }
+
+    fn submit(&self, tag: u64, frame: Vec<u8>) {
+        self.inner.submit(self.sink, tag, frame);
     }
 }
 

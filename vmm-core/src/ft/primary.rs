@@ -292,6 +292,9 @@ pub fn run_primary(
     if let Some((buf, sink)) = console {
         gate.add_buffer_source(buf, sink);
     }
+    if let Some(net) = vm.net() {
+        gate.gate_net(net);
+    }
     writer.append(&Entry::Header {
         version: LOG_VERSION,
         digest_interval: opts.digest_interval,

@@ -4,8 +4,14 @@
 //! TAP fd ──(backend thread: poll + read)──> host RX queue (Mutex<VecDeque>, bounded)
 //!                                              │ signal.notify()
 //! vCPU thread, WAIT read or RX QueueNotify ────┘ copy into guest RX buffers (recorded)
-//! vCPU thread, TX QueueNotify ──> strip the 12-byte virtio-net header ──> write(TAP fd)
+//! vCPU thread, TX QueueNotify ──> strip the 12-byte virtio-net header ──> TX sink:
+//!     Direct: write(TAP fd) │ Gated: OutputGate (written by its releaser once acknowledged)
+//!     │ Drop (a replaying backup)
 //! ```
+//! The TAP and the TX sink are held in a [`NetHandle`] shared with the VMM, so that fault
+//! tolerance can switch them while the VM runs: the primary gates its transmits under the output
+//! rule and switches to [`TxMode::Direct`] when it runs alone; a backup that goes live attaches
+//! the service TAP ([`NetHandle::attach_tap`]) and transmits directly.
 //! Every packet is prefixed in guest memory by the 12-byte `virtio_net_hdr_v1` (all zero except
 //! `num_buffers = 1`).
 
@@ -14,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -134,6 +140,14 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Writes one frame (without virtio-net header) to the interface.
+    ///
+    /// # Errors
+    /// The I/O error of the write (the interface is down, its queue is full).
+    pub fn write_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
+        (&self.file).write(frame)
+    }
 }
 
 fn rx_loop(mut file: File, rx: &Mutex<VecDeque<Vec<u8>>>, stop: &AtomicBool, signal: &EventSignal) {
@@ -181,24 +195,174 @@ impl Drop for Tap {
     }
 }
 
+/// Holds transmitted frames back until the log position they are tagged with is acknowledged
+/// (the primary's output rule, implemented by `ft::output::OutputGate`).
+pub trait TxGate: Send + Sync {
+    /// The tag of an output produced now: the current log position.
+    fn tag(&self) -> u64;
+    /// Takes `frame` (without virtio-net header), tagged `tag`; the gate writes it to the TAP
+    /// once `tag` is acknowledged.
+    fn submit(&self, tag: u64, frame: Vec<u8>);
+}
+
+/// Where the frames the guest transmits go.
+#[derive(Clone, Default)]
+pub enum TxMode {
+    /// Written to the TAP at once (a plain run, a backup after go-live, a primary alone).
+    #[default]
+    Direct,
+    /// Handed to a gate with the log position current when the guest notified the TX queue.
+    Gated(Arc<dyn TxGate>),
+    /// Dropped (a backup that replays; replayed transmits are always dropped anyway).
+    Drop,
+}
+
+impl std::fmt::Debug for TxMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TxMode::Direct => "Direct",
+            TxMode::Gated(_) => "Gated",
+            TxMode::Drop => "Drop",
+        })
+    }
+}
+
+/// Transmit counters of a [`NetHandle`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxCounters {
+    /// Frames written to the TAP by the vCPU ([`TxMode::Direct`]).
+    pub direct: u64,
+    /// Frames handed to a gate ([`TxMode::Gated`]).
+    pub gated: u64,
+    /// Frames dropped (replay, [`TxMode::Drop`], no TAP, or the TAP write failed).
+    pub dropped: u64,
+}
+
+#[derive(Debug)]
+struct NetShared {
+    tap: Mutex<Option<Arc<Tap>>>,
+    mode: Mutex<TxMode>,
+    signal: Arc<EventSignal>,
+    direct: AtomicU64,
+    gated: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// The parts of a virtio-net device the VMM may change while the VM runs: its TAP and its
+/// transmit sink. Cheap to clone.
+///
+/// Lock order: the TX mode, then the TAP (the vCPU writes a direct frame holding both; a gate's
+/// releaser takes only the TAP).
+#[derive(Debug, Clone)]
+pub struct NetHandle(Arc<NetShared>);
+
+impl NetHandle {
+    fn new(tap: Option<Tap>, signal: Arc<EventSignal>) -> Self {
+        NetHandle(Arc::new(NetShared {
+            tap: Mutex::new(tap.map(Arc::new)),
+            mode: Mutex::new(TxMode::Direct),
+            signal,
+            direct: AtomicU64::new(0),
+            gated: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }))
+    }
+
+    fn tap(&self) -> Option<Arc<Tap>> {
+        self.0.tap.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The current transmit mode.
+    pub fn tx_mode(&self) -> TxMode {
+        self.0
+            .mode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sets the transmit mode.
+    pub fn set_tx(&self, mode: TxMode) {
+        self.switch_tx(mode, || ());
+    }
+
+    /// Sets the transmit mode after running `before` while no frame can be transmitted (the
+    /// vCPU's transmits wait for the switch): e.g. flush a gate before going direct, so that
+    /// frames leave in the order the guest sent them.
+    pub fn switch_tx(&self, mode: TxMode, before: impl FnOnce()) {
+        let mut m = self.0.mode.lock().unwrap_or_else(|e| e.into_inner());
+        before();
+        tracing::info!(from = ?*m, to = ?mode, "virtio-net transmit mode");
+        *m = mode;
+    }
+
+    /// Opens the TAP interface `name` (an existing persistent one, or a new one) and makes it
+    /// the device's backend: received packets are delivered from now on, transmits go to it.
+    /// A previously attached TAP is closed.
+    ///
+    /// # Errors
+    /// [`TapError`].
+    pub fn attach_tap(&self, name: &str) -> Result<(), TapError> {
+        let tap = Arc::new(Tap::open(name, self.0.signal.clone())?);
+        *self.0.tap.lock().unwrap_or_else(|e| e.into_inner()) = Some(tap);
+        self.0.signal.notify();
+        Ok(())
+    }
+
+    /// The name of the attached TAP, if any.
+    pub fn tap_name(&self) -> Option<String> {
+        self.tap().map(|t| t.name().to_string())
+    }
+
+    /// Writes `frame` to the attached TAP (a gate's sink); returns whether it was written.
+    pub fn write_frame(&self, frame: &[u8]) -> bool {
+        let Some(tap) = self.tap() else {
+            return false;
+        };
+        match tap.write_frame(frame) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "TAP write failed, packet dropped");
+                false
+            }
+        }
+    }
+
+    /// Transmit counters.
+    pub fn tx_counters(&self) -> TxCounters {
+        TxCounters {
+            direct: self.0.direct.load(Ordering::Relaxed),
+            gated: self.0.gated.load(Ordering::Relaxed),
+            dropped: self.0.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The virtio-net device.
 #[derive(Debug)]
 pub struct Net {
     mac: [u8; 6],
-    tap: Option<Tap>,
+    shared: NetHandle,
     rx_packets: u64,
     tx_packets: u64,
 }
 
 impl Net {
-    /// A net device on `tap` (`None`: not connected; TX is dropped, nothing is received).
-    pub fn new(tap: Option<Tap>, mac: [u8; 6]) -> Self {
+    /// A net device on `tap` (`None`: not connected; TX is dropped, nothing is received until a
+    /// TAP is attached through the [`NetHandle`]). `signal` wakes a blocked WAIT when a packet
+    /// arrives on a TAP attached later.
+    pub fn new(tap: Option<Tap>, mac: [u8; 6], signal: Arc<EventSignal>) -> Self {
         Net {
             mac,
-            tap,
+            shared: NetHandle::new(tap, signal),
             rx_packets: 0,
             tx_packets: 0,
         }
+    }
+
+    /// The handle to switch the TAP and the transmit mode while the VM runs.
+    pub fn handle(&self) -> NetHandle {
+        self.shared.clone()
     }
 
     /// Sets `VIRTQ_USED_F_NO_NOTIFY` in the RX used ring unless it is set: RX buffers are
@@ -229,13 +393,10 @@ impl Net {
         queues: &mut [Queue],
         ctx: &mut ExitCtx<'_>,
     ) -> Result<bool, DeviceError> {
-        if self.tap.is_none() {
-            return Ok(false);
-        }
-        Self::suppress_rx_notify(queues, ctx)?;
-        let Some(tap) = &self.tap else {
+        let Some(tap) = self.shared.tap() else {
             return Ok(false);
         };
+        Self::suppress_rx_notify(queues, ctx)?;
         let mut used = false;
         loop {
             let packet = {
@@ -292,13 +453,43 @@ impl VirtioDevice for Net {
             };
         }
         let mut used = false;
+        let shared = &self.shared.0;
+        let mode = shared.mode.lock().unwrap_or_else(|e| e.into_inner());
+        // The output rule's tag: the log position when the guest notified (exact: every entry
+        // of the exits before this one; the guest wrote the frames before notifying).
+        let tag = match &*mode {
+            TxMode::Gated(gate) if !ctx.is_replay() => gate.tag(),
+            _ => 0,
+        };
+        let tap = match &*mode {
+            TxMode::Direct if !ctx.is_replay() => self.shared.tap(),
+            _ => None,
+        };
         while let Some((head, descs)) = pop_chain(&mut queues[1], ctx.mem)? {
             let frame = read_from_chain(&descs, ctx, NET_HDR_LEN + 65536)?;
-            if frame.len() > NET_HDR_LEN && !ctx.is_replay() {
-                if let Some(tap) = &mut self.tap {
-                    if let Err(e) = tap.file.write(&frame[NET_HDR_LEN..]) {
-                        tracing::debug!(error = %e, "TAP write failed, packet dropped");
+            if frame.len() > NET_HDR_LEN {
+                let payload = &frame[NET_HDR_LEN..];
+                let sent = match (&*mode, &tap) {
+                    _ if ctx.is_replay() => false,
+                    (TxMode::Gated(gate), _) => {
+                        gate.submit(tag, payload.to_vec());
+                        shared.gated.fetch_add(1, Ordering::Relaxed);
+                        true
                     }
+                    (TxMode::Direct, Some(tap)) => match tap.write_frame(payload) {
+                        Ok(_) => {
+                            shared.direct.fetch_add(1, Ordering::Relaxed);
+                            true
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TAP write failed, packet dropped");
+                            false
+                        }
+                    },
+                    _ => false,
+                };
+                if !sent {
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
             self.tx_packets += 1;
@@ -319,7 +510,12 @@ impl VirtioDevice for Net {
         })
     }
     fn has_input(&self) -> bool {
-        self.tap.is_some()
+        self.shared
+            .0
+            .tap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
     fn save_device(&self, w: &mut StateWriter) -> Result<(), StateError> {
         w.bytes(&self.mac);

@@ -6,6 +6,7 @@
 //! ftvm run --guest kv --disk kv.img --net tap:ftvm0 --cmdline "ip=10.0.2.15/24 port=6379"
 //! ftvm backup  --guest cpu --peer 127.0.0.1:7000 --transport tcp   # a fault-tolerant pair
 //! ftvm primary --guest cpu --peer 127.0.0.1:7000 --transport tcp
+//! ftvm demo                                  # kill the primary of a kv pair under load
 //! ```
 
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use ftvm_vmm_core::devices::ConsoleOutput;
 use ftvm_vmm_core::vm::{RunOutcome, Vm, VmConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
-mod pair;
+use ftvm::{demo, load_guest, pair, parse_size};
 
 /// ftvm: a fault-tolerant KVM virtual machine system.
 #[derive(Debug, Parser)]
@@ -37,8 +38,12 @@ enum Command {
     Run(RunArgs),
     /// Run the primary of a fault-tolerant pair (records its inputs, ships the log).
     Primary(pair::PairArgs),
-    /// Run the backup of a fault-tolerant pair (replays the primary's log).
+    /// Run the backup of a fault-tolerant pair (replays the primary's log; with `--arbiter`,
+    /// goes live when the primary fails).
     Backup(pair::PairArgs),
+    /// The failover demo: a kv pair under client load on this machine, the primary killed
+    /// mid-load, the backup going live, every acknowledged write checked (needs root and KVM).
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,19 +75,6 @@ struct RunArgs {
     quiet: bool,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
-        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
-        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|e| format!("bad size {s:?}: {e}"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} overflows"))
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -90,23 +82,14 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Run(args) => run(args),
         Command::Primary(args) => pair::primary(args),
         Command::Backup(args) => pair::backup(args),
+        Command::Demo(args) => demo::demo(args),
     }
-}
-
-fn load_guest(name: &str) -> anyhow::Result<Vec<u8>> {
-    if let Some(elf) = ftvm_vmm_core::guests::by_name(name) {
-        return Ok(elf.to_vec());
-    }
-    let path = PathBuf::from(name);
-    if !path.exists() && !name.contains('/') {
-        bail!("no embedded guest named {name:?} (embedded: cpu, kv, stream) and no such file");
-    }
-    std::fs::read(&path).with_context(|| format!("cannot read guest ELF {}", path.display()))
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -201,14 +184,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
-        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("x").is_err());
-    }
 
     #[test]
     fn cli_is_consistent() {

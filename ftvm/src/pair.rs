@@ -11,8 +11,9 @@
 //! receives come from the log) and writes its own copy of the disk. Settings may come from a
 //! TOML file (`--config`, same keys with `_` for `-`); flags override it.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -25,6 +26,7 @@ use ftvm_vmm_core::devices::ConsoleOutput;
 use ftvm_vmm_core::ft::backup::{run_backup, LogReader};
 use ftvm_vmm_core::ft::digest::{file_digest, pairing_digest};
 use ftvm_vmm_core::ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_vmm_core::ft::{acquire_with_retry, Acquire, Arbiter, NodeId, RetryPolicy, Role};
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 use serde::Deserialize;
 
@@ -32,7 +34,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct PairArgs {
     /// TOML file with the same settings (keys: guest, mem, disk, net, cmdline, console, peer,
-    /// transport, digest_interval, mem_digest_every, log_capacity, report, idle).
+    /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, arbiter, node,
+    /// heartbeat, peer_heartbeat, fail_timeout, generation).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
@@ -44,7 +47,8 @@ pub struct PairArgs {
     /// Raw disk image (the backup writes its own copy; both must start equal).
     #[arg(long)]
     pub disk: Option<PathBuf>,
-    /// `tap:IFNAME` on the primary; on the backup it only gives the device set (no backend).
+    /// `tap:IFNAME` on the primary; on the backup it gives the device set (no backend while it
+    /// replays) and, with `--arbiter`, the service TAP it attaches when it goes live.
     #[arg(long)]
     pub net: Option<String>,
     /// Guest command line.
@@ -74,7 +78,42 @@ pub struct PairArgs {
     /// Idle strategy of the pollers and the replaying vCPU: spin, yield, park.
     #[arg(long)]
     pub idle: Option<String>,
+    /// Failover: the arbiter both sides must win a generation on before going live:
+    /// `file:DIR` (a shared directory), `etcd://HOST:PORT[,HOST:PORT...]` or
+    /// `etcd:URL[,URL...][#PREFIX]`. Without it, no failover: the pair stops when a side fails.
+    #[arg(long)]
+    pub arbiter: Option<String>,
+    /// This node's name on the arbiter (default: `primary` / `backup`).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Local UDP address of the failure detector's heartbeats (default 127.0.0.1:7102 on the
+    /// primary, 127.0.0.1:7101 on the backup).
+    #[arg(long)]
+    pub heartbeat: Option<String>,
+    /// The peer's heartbeat address (default: the other of the two above).
+    #[arg(long)]
+    pub peer_heartbeat: Option<String>,
+    /// Milliseconds without heartbeats or log traffic after which the peer is presumed failed
+    /// (default 200: see `DEFAULT_FAIL_TIMEOUT_MS`).
+    #[arg(long)]
+    pub fail_timeout: Option<u64>,
+    /// The generation this pair starts in (default 1); a node whose generation is older than
+    /// the arbiter's newest is fenced and exits with status 4.
+    #[arg(long)]
+    pub generation: Option<u64>,
 }
+
+/// Default failure-detection timeout. Failover time ≈ detection (timeout + ≤ 1 heartbeat
+/// interval of 10 ms) + arbiter (a few ms) + drain of the received log + TAP attach + the
+/// clients' TCP retransmission of what the dead primary never logged (Linux: ≥ 200 ms RTO).
+/// 200 ms keeps that sum under 1 s at p50 with room to spare, while staying 20 heartbeat
+/// intervals above the scheduling hiccups seen on this 2-core machine under load (tens of ms),
+/// so a busy but healthy peer is not declared failed.
+pub const DEFAULT_FAIL_TIMEOUT_MS: u64 = 200;
+
+/// Exit status of a side that lost the arbiter or was fenced by a newer generation (it
+/// released no output after that). Divergence exits with 3.
+pub const EXIT_FENCED: i32 = 4;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,6 +131,23 @@ struct FileConfig {
     log_capacity: Option<String>,
     report: Option<PathBuf>,
     idle: Option<String>,
+    arbiter: Option<String>,
+    node: Option<String>,
+    heartbeat: Option<String>,
+    peer_heartbeat: Option<String>,
+    fail_timeout: Option<u64>,
+    generation: Option<u64>,
+}
+
+/// Failover settings (with `--arbiter`).
+#[derive(Debug, Clone)]
+struct FtSettings {
+    arbiter: String,
+    node: String,
+    heartbeat: SocketAddr,
+    peer_heartbeat: SocketAddr,
+    fail_timeout: Duration,
+    generation: u64,
 }
 
 /// The merged settings.
@@ -108,9 +164,17 @@ struct Settings {
     opts: PairOptions,
     log_capacity: usize,
     report: Option<PathBuf>,
+    ft: Option<FtSettings>,
 }
 
-fn merge(args: PairArgs) -> anyhow::Result<Settings> {
+fn socket_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    std::net::ToSocketAddrs::to_socket_addrs(s)
+        .with_context(|| format!("{flag} {s:?}: not HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{flag} {s:?}: no address"))
+}
+
+fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
     let file: FileConfig = match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -145,6 +209,42 @@ fn merge(args: PairArgs) -> anyhow::Result<Settings> {
             .map_err(|e| anyhow::anyhow!("--idle {s:?}: {e:?}"))?,
         None => IdleKind::Yield,
     };
+    let ft = match args.arbiter.or(file.arbiter) {
+        None => None,
+        Some(spec) => {
+            let (me, peer) = match role {
+                Role::Backup => ("127.0.0.1:7101", "127.0.0.1:7102"),
+                _ => ("127.0.0.1:7102", "127.0.0.1:7101"),
+            };
+            let heartbeat = args.heartbeat.or(file.heartbeat);
+            let peer_heartbeat = args.peer_heartbeat.or(file.peer_heartbeat);
+            let generation = args.generation.or(file.generation).unwrap_or(1);
+            if generation == 0 {
+                bail!("--generation 0: generations start at 1");
+            }
+            let fail_timeout = args
+                .fail_timeout
+                .or(file.fail_timeout)
+                .unwrap_or(DEFAULT_FAIL_TIMEOUT_MS);
+            if fail_timeout <= 20 {
+                bail!("--fail-timeout {fail_timeout}: must exceed 20 ms (two heartbeat intervals)");
+            }
+            Some(FtSettings {
+                arbiter: crate::demo::arbiter_spec(&spec),
+                node: args
+                    .node
+                    .or(file.node)
+                    .unwrap_or_else(|| role_name(role).to_string()),
+                heartbeat: socket_addr("--heartbeat", heartbeat.as_deref().unwrap_or(me))?,
+                peer_heartbeat: socket_addr(
+                    "--peer-heartbeat",
+                    peer_heartbeat.as_deref().unwrap_or(peer),
+                )?,
+                fail_timeout: Duration::from_millis(fail_timeout),
+                generation,
+            })
+        }
+    };
     let log_capacity = args
         .log_capacity
         .or(size(file.log_capacity)?)
@@ -172,7 +272,16 @@ fn merge(args: PairArgs) -> anyhow::Result<Settings> {
         },
         log_capacity: usize::try_from(log_capacity).context("log capacity")?,
         report: args.report.or(file.report),
+        ft,
     })
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Primary => "primary",
+        Role::Backup => "backup",
+        Role::Alone => "alone",
+    }
 }
 
 fn channel_config(s: &Settings, elf: &[u8]) -> anyhow::Result<Config> {
@@ -278,7 +387,11 @@ fn console_file(path: &Option<PathBuf>) -> anyhow::Result<Option<std::fs::File>>
 /// # Errors
 /// Setup failures, a refused pairing, a VM or log failure.
 pub fn primary(args: PairArgs) -> anyhow::Result<()> {
-    let s = merge(args)?;
+    let s = merge(args, Role::Primary)?;
+    let _arbiter =
+        s.ft.as_ref()
+            .map(|ft| start_check(ft, Role::Primary))
+            .transpose()?;
     let elf = crate::load_guest(&s.guest)?;
     let cfg = channel_config(&s, &elf)?;
     let (console, buf) = buffer_console();
@@ -362,6 +475,67 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
     std::process::exit(i32::try_from(report.code.min(255)).unwrap_or(255));
 }
 
+/// Before anything is opened (the TAP above all): a node whose generation is older than the
+/// arbiter's newest is a stale survivor of an earlier failover (for instance a killed primary
+/// restarted with its old state) and must not run; the primary then takes (or re-takes) its
+/// generation. While the arbiter is unreachable, waits ("never go live blind").
+fn start_check(ft: &FtSettings, role: Role) -> anyhow::Result<Arc<dyn Arbiter>> {
+    let arbiter: Arc<dyn Arbiter> = Arc::from(
+        ftvm_vmm_core::ft::arbiter::open(&ft.arbiter)
+            .with_context(|| format!("--arbiter {}", ft.arbiter))?,
+    );
+    let node = NodeId::new(ft.node.clone()).context("--node")?;
+    let who = role_name(role);
+    eprintln!(
+        "{who}: failover: arbiter {}, node {node}, generation {}, heartbeats {} <-> {}, fail timeout {} ms",
+        ft.arbiter,
+        ft.generation,
+        ft.heartbeat,
+        ft.peer_heartbeat,
+        ft.fail_timeout.as_millis()
+    );
+    let policy = RetryPolicy::default();
+    let mut waited = false;
+    let current = loop {
+        match arbiter.current() {
+            Ok(c) => break c,
+            Err(e) if e.is_unreachable() => {
+                if !waited {
+                    eprintln!("{who}: arbiter {} unreachable, waiting: {e}", ft.arbiter);
+                    waited = true;
+                }
+                std::thread::sleep(policy.max);
+            }
+            Err(e) => return Err(e).context("arbiter"),
+        }
+    };
+    if let Some((g, winner)) = &current {
+        if *g > ft.generation {
+            fenced(&format!(
+                "{who}: FENCED: generation {g} is held by {winner}, this node's generation {} is stale; releasing nothing",
+                ft.generation
+            ));
+        }
+    }
+    if role == Role::Primary {
+        match acquire_with_retry(&*arbiter, ft.generation, &node, policy, || false)
+            .context("arbiter")?
+        {
+            Acquire::Won => {}
+            Acquire::Lost { generation, winner } => fenced(&format!(
+                "{who}: FENCED: generation {generation} is held by {winner}, not {node}; releasing nothing"
+            )),
+        }
+    }
+    Ok(arbiter)
+}
+
+/// Exits with [`EXIT_FENCED`] after printing `msg`.
+fn fenced(msg: &str) -> ! {
+    eprintln!("{msg}");
+    std::process::exit(EXIT_FENCED);
+}
+
 fn anyhow_pair(e: PairError) -> anyhow::Error {
     anyhow::anyhow!("{}", ftvm_vmm_core::ft::primary::error_chain(&e))
 }
@@ -371,7 +545,11 @@ fn anyhow_pair(e: PairError) -> anyhow::Error {
 /// # Errors
 /// Setup failures, a refused pairing; a divergence exits with status 3.
 pub fn backup(args: PairArgs) -> anyhow::Result<()> {
-    let s = merge(args)?;
+    let s = merge(args, Role::Backup)?;
+    let _arbiter =
+        s.ft.as_ref()
+            .map(|ft| start_check(ft, Role::Backup))
+            .transpose()?;
     let elf = crate::load_guest(&s.guest)?;
     let cfg = channel_config(&s, &elf)?;
     let (console, buf) = buffer_console();

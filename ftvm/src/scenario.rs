@@ -1,0 +1,589 @@
+//! A fault-tolerant `kv` pair on this machine, for `ftvm demo` and the fault tests: a temporary
+//! network namespace with a persistent TAP at 10.0.2.1/24, a temporary directory with the two
+//! disk images and a file arbiter, and `ftvm backup` / `ftvm primary` as child processes inside
+//! the namespace (heartbeats and the tcp transports on the namespace's loopback).
+//!
+//! ```text
+//!  namespace ftvm-<tag>-<pid>-<n>
+//!  ┌───────────────────────────────────────────────────────────────────────────────┐
+//!  │ client threads ──TCP──> 10.0.2.1 ─ TAP ftvmtap0 ─> guest 10.0.2.15:6379     │
+//!  │                                         │ (the live side holds the TAP)      │
+//!  │  ftvm primary  ──log (shm | 127.0.0.1:7000)──>  ftvm backup                  │
+//!  │   heartbeats 127.0.0.1:7102 <──UDP──> 127.0.0.1:7101                         │
+//!  └───────────────────────────────────────────────────────────────────────────────┘
+//!  temp dir: a.img b.img arbiter/ (gen-N files) p.json b.json p.console b.console
+//! ```
+//! Everything is torn down on drop, in order: children (SIGKILL, reaped), namespace (with its
+//! TAP), shared-memory rings, temporary directory.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ftvm_channel::netns::{Netns, NetnsError};
+
+use crate::client::{ClientError, Reply, RespConn};
+
+/// The guest's address.
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The guest's port.
+pub const GUEST_PORT: u16 = 6379;
+/// The service TAP inside the namespace.
+pub const TAP: &str = "ftvmtap0";
+/// The tcp transports' port on the namespace's loopback.
+pub const LOG_PORT: u16 = 7000;
+/// The backup's heartbeat port.
+pub const BACKUP_HEARTBEAT_PORT: u16 = 7101;
+/// The primary's heartbeat port.
+pub const PRIMARY_HEARTBEAT_PORT: u16 = 7102;
+/// Size of each disk image.
+pub const DISK_SIZE: u64 = 32 << 20;
+
+/// The exit status of `ftvm primary` / `ftvm backup` when it lost the arbiter or was fenced by
+/// a newer generation (it released nothing after that).
+pub const EXIT_FENCED: i32 = 4;
+
+/// A failure of the scenario.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// Not root, no KVM, no `ip`.
+    #[error("{0}")]
+    Missing(String),
+    /// The namespace or TAP could not be set up.
+    #[error("network namespace")]
+    Netns(#[from] NetnsError),
+    /// A file or directory could not be created, or a child could not be started.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest did not answer in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The client failed.
+    #[error("client")]
+    Client(#[from] ClientError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ScenarioError {
+    let what = what.into();
+    move |source| ScenarioError::Io { what, source }
+}
+
+/// Why a scenario cannot run on this machine, if it cannot (not root, no `/dev/kvm`, no `ip`).
+pub fn missing() -> Option<String> {
+    if let Err(r) = ftvm_channel::netns::require_root() {
+        return Some(format!(
+            "{r}: the demo creates a network namespace and a TAP device"
+        ));
+    }
+    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
+        return Some(r);
+    }
+    None
+}
+
+/// Which side of the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `ftvm primary`.
+    Primary,
+    /// `ftvm backup`.
+    Backup,
+}
+
+impl Side {
+    /// `primary` / `backup`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Primary => "primary",
+            Side::Backup => "backup",
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Side::Primary => "p",
+            Side::Backup => "b",
+        }
+    }
+}
+
+/// Settings of a [`Scenario`].
+#[derive(Debug, Clone)]
+pub struct ScenarioConfig {
+    /// The `ftvm` executable to start the two sides with.
+    pub ftvm: PathBuf,
+    /// Names the namespace (`ftvm-<tag>-<pid>-<n>`), at most 8 characters used.
+    pub tag: String,
+    /// Transport: shm, tcp, tcp-spin, uring, xdp.
+    pub transport: String,
+    /// Arbiter spec; `None`: a file arbiter in the temporary directory.
+    pub arbiter: Option<String>,
+    /// `--fail-timeout` in milliseconds (`None`: the default of `ftvm primary/backup`).
+    pub fail_timeout_ms: Option<u64>,
+    /// `--log` of the children.
+    pub log: String,
+    /// No failover at all (no `--arbiter`): the pair as `ftvm primary/backup` run without it.
+    pub no_failover: bool,
+}
+
+impl ScenarioConfig {
+    /// Defaults: shm transport, file arbiter, children logging warnings.
+    pub fn new(ftvm: PathBuf, tag: &str) -> Self {
+        ScenarioConfig {
+            ftvm,
+            tag: tag.into(),
+            transport: "shm".into(),
+            arbiter: None,
+            fail_timeout_ms: None,
+            log: "warn".into(),
+            no_failover: false,
+        }
+    }
+}
+
+/// One `ftvm primary` / `ftvm backup` child process, its stderr collected line by line.
+#[derive(Debug)]
+pub struct Node {
+    side: Side,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+    started: Instant,
+}
+
+impl Node {
+    /// Which side.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// When it was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The stderr lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stderr line `i` onwards (for showing new lines as they come).
+    pub fn lines_from(&self, i: usize) -> Vec<String> {
+        let l = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        l.get(i..).map(<[String]>::to_vec).unwrap_or_default()
+    }
+
+    /// The first stderr line containing `needle`, if any yet.
+    pub fn find_line(&self, needle: &str) -> Option<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned()
+    }
+
+    /// Waits at most `timeout` for a stderr line containing `needle`.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.find_line(needle) {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The exit status if it has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits at most `timeout` for it to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_status() {
+                self.join_reader();
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends SIGKILL and reaps it; returns when the process is gone.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        if self.try_status().is_none() {
+            if let Err(e) = self.child.kill() {
+                tracing::warn!(pid = self.child.id(), error = %e, "cannot kill child");
+            }
+            self.status = self.child.wait().ok();
+        }
+        self.join_reader();
+        self.status
+    }
+
+    fn join_reader(&mut self) {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+
+    /// All stderr as one string (for messages).
+    pub fn stderr_text(&self) -> String {
+        self.lines().join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+static SCENARIOS: AtomicU64 = AtomicU64::new(0);
+
+/// The pair, its namespace and its files (see the [module docs](self)).
+#[derive(Debug)]
+pub struct Scenario {
+    /// The primary (`None` once taken away with [`Scenario::take`]).
+    pub primary: Option<Node>,
+    /// The backup.
+    pub backup: Option<Node>,
+    config: ScenarioConfig,
+    arbiter: String,
+    peer: String,
+    shm: Option<PathBuf>,
+    ns: Netns,
+    dir: tempfile::TempDir,
+}
+
+impl Scenario {
+    /// Creates the namespace, TAP, disks and arbiter directory (nothing is started yet).
+    ///
+    /// # Errors
+    /// [`ScenarioError`].
+    pub fn prepare(config: ScenarioConfig) -> Result<Self, ScenarioError> {
+        if let Some(r) = missing() {
+            return Err(ScenarioError::Missing(r));
+        }
+        let n = SCENARIOS.fetch_add(1, Ordering::Relaxed);
+        let tag: String = config.tag.chars().take(8).collect();
+        let pid = std::process::id();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ftvm-{tag}-"))
+            .tempdir()
+            .map_err(io("cannot create a temporary directory"))?;
+        for d in ["a.img", "b.img"] {
+            let p = dir.path().join(d);
+            std::fs::File::create(&p)
+                .and_then(|f| f.set_len(DISK_SIZE))
+                .map_err(io(format!("cannot create {}", p.display())))?;
+        }
+        let arb = dir.path().join("arbiter");
+        std::fs::create_dir(&arb).map_err(io(format!("cannot create {}", arb.display())))?;
+        let arbiter = config
+            .arbiter
+            .clone()
+            .unwrap_or_else(|| format!("file:{}", arb.display()));
+        let ns = Netns::create(&format!("ftvm-{tag}-{pid}-{n}"))?;
+        ns.add_tap(TAP, Some((Ipv4Addr::new(10, 0, 2, 1), 24)))?;
+        let (peer, shm) = if config.transport == "shm" {
+            let p = PathBuf::from(format!("/dev/shm/ftvm-{tag}-{pid}-{n}"));
+            (p.display().to_string(), Some(p))
+        } else {
+            (format!("127.0.0.1:{LOG_PORT}"), None)
+        };
+        Ok(Scenario {
+            primary: None,
+            backup: None,
+            config,
+            arbiter,
+            peer,
+            shm,
+            ns,
+            dir,
+        })
+    }
+
+    /// Starts the backup, then the primary, and waits until the guest answers PING.
+    ///
+    /// # Errors
+    /// [`ScenarioError`]; [`ScenarioError::Timeout`] when kv does not answer in 30 s.
+    pub fn start(config: ScenarioConfig) -> Result<Self, ScenarioError> {
+        let mut s = Self::prepare(config)?;
+        s.backup = Some(s.spawn(Side::Backup, &[])?);
+        s.primary = Some(s.spawn(Side::Primary, &[])?);
+        s.wait_ready(Duration::from_secs(30))?;
+        Ok(s)
+    }
+
+    /// The namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// The temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The file arbiter's directory (meaningful with the default arbiter).
+    pub fn arbiter_dir(&self) -> PathBuf {
+        self.dir.path().join("arbiter")
+    }
+
+    /// The arbiter spec given to both sides.
+    pub fn arbiter_spec(&self) -> &str {
+        &self.arbiter
+    }
+
+    /// The guest's service address.
+    pub fn guest_addr() -> SocketAddr {
+        SocketAddr::from((GUEST_IP, GUEST_PORT))
+    }
+
+    /// The JSON report a side wrote (`p.json` / `b.json`), if any.
+    pub fn report(&self, side: Side) -> Option<serde_json::Value> {
+        let p = self.dir.path().join(format!("{}.json", side.tag()));
+        let text = std::fs::read_to_string(p).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The command-line arguments of `side` (before `extra`).
+    pub fn args(&self, side: Side) -> Vec<String> {
+        let d = self.dir.path();
+        let tag = side.tag();
+        let disk = if side == Side::Primary {
+            "a.img"
+        } else {
+            "b.img"
+        };
+        let mut v: Vec<String> = vec![
+            side.name().into(),
+            "--guest".into(),
+            "kv".into(),
+            "--mem".into(),
+            "64M".into(),
+            "--disk".into(),
+            d.join(disk).display().to_string(),
+            "--net".into(),
+            format!("tap:{TAP}"),
+            "--cmdline".into(),
+            format!("ip={GUEST_IP}/24 gw=10.0.2.1 port={GUEST_PORT}"),
+            "--peer".into(),
+            self.peer.clone(),
+            "--transport".into(),
+            self.config.transport.clone(),
+            "--console".into(),
+            d.join(format!("{tag}.console")).display().to_string(),
+            "--report".into(),
+            d.join(format!("{tag}.json")).display().to_string(),
+            "--log".into(),
+            self.config.log.clone(),
+        ];
+        if !self.config.no_failover {
+            let (me, peer) = match side {
+                Side::Primary => (PRIMARY_HEARTBEAT_PORT, BACKUP_HEARTBEAT_PORT),
+                Side::Backup => (BACKUP_HEARTBEAT_PORT, PRIMARY_HEARTBEAT_PORT),
+            };
+            v.extend([
+                "--arbiter".into(),
+                self.arbiter.clone(),
+                "--node".into(),
+                side.name().into(),
+                "--heartbeat".into(),
+                format!("127.0.0.1:{me}"),
+                "--peer-heartbeat".into(),
+                format!("127.0.0.1:{peer}"),
+            ]);
+            if let Some(ms) = self.config.fail_timeout_ms {
+                v.extend(["--fail-timeout".into(), ms.to_string()]);
+            }
+        }
+        v
+    }
+
+    /// Starts `side` inside the namespace with [`Scenario::args`] plus `extra`.
+    ///
+    /// # Errors
+    /// [`ScenarioError::Io`] when the process cannot be started.
+    pub fn spawn(&self, side: Side, extra: &[String]) -> Result<Node, ScenarioError> {
+        let mut args = self.args(side);
+        args.extend_from_slice(extra);
+        let mut cmd = self
+            .ns
+            .command(&self.config.ftvm.display().to_string(), &args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        restore_signals(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .map_err(io(format!("cannot start {}", self.config.ftvm.display())))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let reader = child.stderr.take().map(|err| {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(line) = line else { break };
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            })
+        });
+        Ok(Node {
+            side,
+            child,
+            lines,
+            reader,
+            status: None,
+            started: Instant::now(),
+        })
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    ///
+    /// # Errors
+    /// [`ScenarioError::Netns`] when the thread cannot enter the namespace.
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, ScenarioError> {
+        Ok(self.ns.run(f)?)
+    }
+
+    /// One command to the guest, from inside the namespace, on a fresh connection.
+    ///
+    /// # Errors
+    /// [`ScenarioError::Client`].
+    pub fn command(&self, args: &[&[u8]], timeout: Duration) -> Result<Reply, ScenarioError> {
+        self.in_netns(|| {
+            RespConn::connect(Self::guest_addr(), timeout).and_then(|mut c| c.command(args))
+        })?
+        .map_err(ScenarioError::from)
+    }
+
+    /// Waits until the guest answers PING (through whichever side is live).
+    ///
+    /// # Errors
+    /// [`ScenarioError::Timeout`], with both sides' stderr.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), ScenarioError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Reply::Simple(s)) = self.command(&[b"PING"], Duration::from_secs(1)) {
+                if s == "PONG" {
+                    return Ok(());
+                }
+            }
+            let dead = [&mut self.primary, &mut self.backup]
+                .into_iter()
+                .flatten()
+                .all(|n| n.try_status().is_some());
+            if Instant::now() >= deadline || dead {
+                return Err(ScenarioError::Timeout(format!(
+                    "kv did not answer PING within {timeout:?}{}\n{}",
+                    if dead { " (both sides exited)" } else { "" },
+                    self.stderr_of_both()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Both sides' stderr, labelled (for error messages).
+    pub fn stderr_of_both(&self) -> String {
+        let mut s = String::new();
+        for n in [&self.primary, &self.backup].into_iter().flatten() {
+            s.push_str(&format!(
+                "--- {} stderr ---\n{}\n",
+                n.side.name(),
+                n.stderr_text()
+            ));
+        }
+        s
+    }
+
+    /// Sends SHUTDOWN to the guest (it powers off; the connection is not answered).
+    pub fn shutdown_guest(&self) {
+        let _ = self.command(&[b"SHUTDOWN"], Duration::from_millis(500));
+    }
+
+    /// The generation files (`gen-N`) in the file arbiter's directory, sorted by N.
+    pub fn generations(&self) -> Vec<(u64, String)> {
+        let mut v: Vec<(u64, String)> = std::fs::read_dir(self.arbiter_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let g = name.strip_prefix("gen-")?.parse().ok()?;
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let winner = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("winner "))
+                    .unwrap_or("")
+                    .to_string();
+                Some((g, winner))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        // Children first (they hold the TAP and the rings), then the rings; the namespace and
+        // the directory drop after this body.
+        self.primary.take();
+        self.backup.take();
+        if let Some(p) = &self.shm {
+            for ext in ["a2b", "b2a"] {
+                let mut f = p.as_os_str().to_owned();
+                f.push(format!(".{ext}"));
+                let _ = std::fs::remove_file(PathBuf::from(f));
+            }
+        }
+    }
+}
+
+/// Children start with the default signal mask: `ftvm demo` blocks SIGINT/SIGTERM in its own
+/// threads to handle them on one thread, and a blocked mask survives `exec`.
+fn restore_signals(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // async-signal-safe functions (sigemptyset, sigprocmask) on a local set.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

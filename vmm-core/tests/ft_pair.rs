@@ -55,6 +55,8 @@ struct Setup {
     tamper: Option<Tamper>,
     stall: Option<Arc<AtomicBool>>,
     backup_cmdline: Option<String>,
+    /// Push a control every few milliseconds while the primary runs.
+    push_controls: bool,
 }
 
 struct Outcome {
@@ -110,7 +112,19 @@ fn run_pair(setup: Setup) -> Outcome {
             Err(e) => return (Err(PairError::Channel(e)), Vec::new()),
         };
         let reader = LogReader::new(rx, Default::default(), tamper);
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let h2 = handled.clone();
+        reader
+            .controls()
+            .on_apply(move |c| h2.lock().unwrap().push(c));
         let r = run_backup(&mut vm, reader);
+        if let Ok(rep) = &r {
+            assert_eq!(
+                *handled.lock().unwrap(),
+                rep.controls,
+                "handler saw every control"
+            );
+        }
         let out = buf.lock().unwrap().clone();
         (r, out)
     });
@@ -137,7 +151,22 @@ fn run_pair(setup: Setup) -> Outcome {
             }
             let writer = LogWriter::new(sender, Default::default());
             let r2 = released.clone();
-            run_primary(
+            let done = Arc::new(AtomicBool::new(false));
+            let pusher = setup.push_controls.then(|| {
+                let (q, done) = (writer.controls().clone(), done.clone());
+                // Two before the start (logged at the first checkpoint), more while it runs.
+                q.push(1, 1000);
+                q.push(2, 2000);
+                std::thread::spawn(move || {
+                    let mut n = 2u64;
+                    while !done.load(Ordering::Acquire) {
+                        n += 1;
+                        q.push((n % 3) as u32, n * 1000);
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+            });
+            let r = run_primary(
                 &mut vm,
                 &writer,
                 &setup.opts,
@@ -146,7 +175,12 @@ fn run_pair(setup: Setup) -> Outcome {
                     Box::new(move |d: &[u8]| r2.lock().unwrap().extend_from_slice(d)),
                 )),
                 &setup.hooks,
-            )
+            );
+            done.store(true, Ordering::Release);
+            if let Some(p) = pusher {
+                p.join().expect("pusher");
+            }
+            r
         }
         Err(e) => Err(PairError::Channel(e)),
     };
@@ -194,6 +228,31 @@ fn ft_backup_replays_the_primary_exactly() {
     assert!(p.entries > 2 + b.checkpoints, "{p:?}");
     assert_eq!(p.outputs.early, 0);
     assert!(p.outputs.releases.iter().all(|(tag, acked)| acked >= tag));
+}
+
+#[test]
+fn ft_controls_apply_at_the_same_exit_on_both_sides() {
+    require_kvm!("ft_controls_apply_at_the_same_exit_on_both_sides");
+    let o = run_pair(Setup {
+        cmdline: "size=1M rounds=16 seed=5 timing".into(),
+        opts: opts(3, 0),
+        push_controls: true,
+        ..Default::default()
+    });
+    let p = o.primary.expect("primary");
+    let b = o.backup.expect("backup");
+    assert_eq!(b.mem_digest, p.mem_digest);
+    assert!(p.controls.len() >= 2, "{:?}", p.controls);
+    assert_eq!(p.controls, b.controls);
+    assert!(p
+        .controls
+        .iter()
+        .all(|c| c.exit % 3 == 0 && c.value % 1000 == 0));
+    let mut sorted = p.controls.clone();
+    sorted.sort_by_key(|c| c.value);
+    assert_eq!(sorted, p.controls, "applied in the order pushed");
+    // The stall counters are consistent (a 1 MiB buffer rarely fills here).
+    assert_eq!(p.log_stalls.count == 0, p.log_stalls.time.is_zero());
 }
 
 #[test]

@@ -13,7 +13,7 @@ use ftvm_channel::LogReceiver;
 use ftvm_ringbuf::IdleKind;
 
 use super::digest::register_digest;
-use super::log::{device_name, Entry};
+use super::log::{device_name, AppliedControl, ControlQueue, Entry};
 use super::primary::PairError;
 use crate::record::{Inputs, ReplayError, ReplaySource};
 use crate::vm::{RunOutcome, Vm};
@@ -30,6 +30,7 @@ pub struct LogReader {
     divergence: Option<(u64, String)>,
     consumed: u64,
     waited: Duration,
+    controls: ControlQueue,
 }
 
 impl std::fmt::Debug for LogReader {
@@ -52,7 +53,14 @@ impl LogReader {
             divergence: None,
             consumed: 0,
             waited: Duration::ZERO,
+            controls: ControlQueue::new(),
         }
+    }
+
+    /// The controls the backup applies where the primary logged them (set a handler with
+    /// [`ControlQueue::on_apply`] before the run; read [`ControlQueue::applied`] after).
+    pub fn controls(&self) -> &ControlQueue {
+        &self.controls
     }
 
     /// The receiver (counters).
@@ -283,6 +291,8 @@ pub struct BackupReport {
     pub regs_digest: u64,
     /// Time spent waiting for entries.
     pub waited: Duration,
+    /// The controls applied, in order (equal to the primary's).
+    pub controls: Vec<AppliedControl>,
 }
 
 fn compare(exit: u64, what: &str, ours: u64, theirs: u64) -> Result<(), PairError> {
@@ -357,6 +367,15 @@ pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairEr
             Ok(e) => e,
             Err(e) => break Err(ended(exit, e)),
         };
+        let entry = match entry {
+            Entry::Control { .. } if outcome == RunOutcome::ExitLimit => {
+                match apply_controls(&reader, exit, entry) {
+                    Ok(next) => next,
+                    Err(e) => break Err(e),
+                }
+            }
+            entry => entry,
+        };
         match (outcome, entry) {
             (RunOutcome::ExitLimit, Entry::Digest { exit: e, regs, mem }) if e == exit => {
                 checkpoints += 1;
@@ -408,5 +427,41 @@ pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairEr
         mem_digest: vm.memory_digest(),
         regs_digest: register_digest(vm),
         waited: r.waited,
+        controls: r.controls.applied(),
     })
+}
+
+/// Applies the Control entries logged at checkpoint `exit` (`first` is the first of them);
+/// returns the entry that follows them (the checkpoint's Digest).
+fn apply_controls(
+    reader: &Arc<Mutex<LogReader>>,
+    exit: u64,
+    first: Entry,
+) -> Result<Entry, PairError> {
+    let mut entry = first;
+    loop {
+        let Entry::Control {
+            exit: e,
+            key,
+            value,
+        } = entry
+        else {
+            return Ok(entry);
+        };
+        if e != exit {
+            return Err(PairError::Diverged {
+                exit,
+                what: format!("the log has a control for exit {e} at checkpoint {exit}"),
+            });
+        }
+        let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
+        r.controls.apply(AppliedControl { exit, key, value });
+        entry = r.next_entry(exit).map_err(|e| match e {
+            ReplayError::Diverged { exit, what } => PairError::Diverged { exit, what },
+            ReplayError::Exhausted { .. } => PairError::LogEnded {
+                exit,
+                why: "the primary's log stopped".into(),
+            },
+        })?;
+    }
 }

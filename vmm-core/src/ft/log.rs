@@ -4,10 +4,13 @@
 //! its payload holds little-endian fields. Entries are encoded **in place** into a claimed
 //! record ([`encode_into`]) and decoded from a received record ([`Entry::decode`]).
 
+use std::collections::VecDeque;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 /// Version of the entry format (LOG_FORMAT.md); the [`Entry::Header`] carries it.
-pub const LOG_VERSION: u32 = 1;
+/// Version 2 added [`Entry::Control`].
+pub const LOG_VERSION: u32 = 2;
 
 /// Record kind of [`Entry::Header`].
 pub const KIND_HEADER: u16 = 1;
@@ -19,6 +22,8 @@ pub const KIND_WRITE: u16 = 3;
 pub const KIND_DIGEST: u16 = 4;
 /// Record kind of [`Entry::End`].
 pub const KIND_END: u16 = 5;
+/// Record kind of [`Entry::Control`].
+pub const KIND_CONTROL: u16 = 6;
 
 /// Fixed part of a [`Entry::Write`] payload (exit, gpa).
 pub const WRITE_HEADER_LEN: usize = 16;
@@ -81,6 +86,16 @@ pub enum Entry {
         /// Digest of guest memory, if included at this checkpoint.
         mem: Option<u64>,
     },
+    /// A control setting (`key`, `value`) taken from the primary's [`ControlQueue`] and applied
+    /// on both sides when `exit` exits had been handled (at a checkpoint, before its digest).
+    Control {
+        /// Exits handled.
+        exit: u64,
+        /// What is set (meaning defined by the user of the queue, e.g. the throttle).
+        key: u32,
+        /// The value.
+        value: u64,
+    },
     /// The guest powered off after `exit` exits with `code`.
     End {
         /// Exits handled.
@@ -115,6 +130,9 @@ impl fmt::Debug for Entry {
                 Some(m) => write!(f, "digest at exit {exit} regs {regs:#018x} memory {m:#018x}"),
                 None => write!(f, "digest at exit {exit} regs {regs:#018x}"),
             },
+            Entry::Control { exit, key, value } => {
+                write!(f, "control {key} = {value} at exit {exit}")
+            }
             Entry::End {
                 exit,
                 code,
@@ -157,6 +175,7 @@ impl Entry {
             Entry::Read { .. } => KIND_READ,
             Entry::Write { .. } => KIND_WRITE,
             Entry::Digest { .. } => KIND_DIGEST,
+            Entry::Control { .. } => KIND_CONTROL,
             Entry::End { .. } => KIND_END,
         }
     }
@@ -168,6 +187,7 @@ impl Entry {
             Entry::Read { exit, .. }
             | Entry::Write { exit, .. }
             | Entry::Digest { exit, .. }
+            | Entry::Control { exit, .. }
             | Entry::End { exit, .. } => *exit,
         }
     }
@@ -179,6 +199,7 @@ impl Entry {
             Entry::Read { .. } => 24,
             Entry::Write { data, .. } => WRITE_HEADER_LEN + data.len(),
             Entry::Digest { .. } => 32,
+            Entry::Control { .. } => 24,
             Entry::End { .. } => 32,
         }
     }
@@ -206,6 +227,11 @@ impl Entry {
                 put(p, 8, *regs);
                 put(p, 16, u64::from(mem.is_some()));
                 put(p, 24, mem.unwrap_or(0));
+            }
+            Entry::Control { exit, key, value } => {
+                put(p, 0, *exit);
+                put(p, 8, u64::from(*key));
+                put(p, 16, *value);
             }
             Entry::End {
                 exit,
@@ -272,6 +298,16 @@ impl Entry {
                     mem: (u64_at(p, 16) != 0).then(|| u64_at(p, 24)),
                 }
             }
+            KIND_CONTROL => {
+                need(24)?;
+                let key = u64_at(p, 8);
+                Entry::Control {
+                    exit: u64_at(p, 0),
+                    key: u32::try_from(key)
+                        .map_err(|_| LogError::BadLength { kind, len: p.len() })?,
+                    value: u64_at(p, 16),
+                }
+            }
             KIND_END => {
                 need(32)?;
                 Entry::End {
@@ -283,6 +319,129 @@ impl Entry {
             }
             other => return Err(LogError::UnknownKind(other)),
         })
+    }
+}
+
+/// A control setting applied at a checkpoint (see [`ControlQueue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppliedControl {
+    /// The exit index (a checkpoint: exits handled when it was applied).
+    pub exit: u64,
+    /// The key.
+    pub key: u32,
+    /// The value.
+    pub value: u64,
+}
+
+/// How many applied controls a [`ControlQueue`] keeps (the count goes on).
+pub const KEPT_CONTROLS: usize = 1 << 16;
+
+type ControlHandler = Box<dyn FnMut(AppliedControl) + Send>;
+
+#[derive(Default)]
+struct ControlInner {
+    pending: Mutex<VecDeque<(u32, u64)>>,
+    applied: Mutex<(Vec<AppliedControl>, u64)>,
+    handler: Mutex<Option<ControlHandler>>,
+}
+
+/// Settings that must take effect at the same point of the guest's execution on both sides of a
+/// pair (e.g. a vCPU throttle): whoever decides [`push`](ControlQueue::push)es `(key, value)`
+/// on the primary's queue ([`LogWriter::controls`](super::primary::LogWriter::controls)); at its
+/// next checkpoint the primary logs each pending one as an [`Entry::Control`] at the current
+/// exit index and applies it; the backup applies it when it reaches the same exit
+/// ([`LogReader::controls`](super::backup::LogReader::controls)). "Applying" calls the handler
+/// set with [`on_apply`](ControlQueue::on_apply) and appends to [`applied`](ControlQueue::applied).
+///
+/// Cheap to clone (shared). The handler runs on the vCPU thread: keep it short.
+#[derive(Clone, Default)]
+pub struct ControlQueue(Arc<ControlInner>);
+
+impl fmt::Debug for ControlQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlQueue")
+            .field("pending", &self.pending())
+            .field("applied", &self.applied_count())
+            .finish()
+    }
+}
+
+impl ControlQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues `(key, value)` for the next checkpoint (primary).
+    pub fn push(&self, key: u32, value: u64) {
+        self.0
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((key, value));
+    }
+
+    /// Controls queued, not yet logged.
+    pub fn pending(&self) -> usize {
+        self.0
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Sets the function called (on the vCPU thread) for every control applied from now on.
+    pub fn on_apply(&self, handler: impl FnMut(AppliedControl) + Send + 'static) {
+        *self.0.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(handler));
+    }
+
+    /// The controls applied so far, in order (the first [`KEPT_CONTROLS`]).
+    pub fn applied(&self) -> Vec<AppliedControl> {
+        self.0
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// How many controls were applied.
+    pub fn applied_count(&self) -> u64 {
+        self.0.applied.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// Takes every pending control (primary, at a checkpoint).
+    pub(crate) fn take_pending(&self) -> Vec<(u32, u64)> {
+        self.0
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect()
+    }
+
+    /// Applies one control: calls the handler, records it.
+    pub(crate) fn apply(&self, c: AppliedControl) {
+        tracing::debug!(
+            exit = c.exit,
+            key = c.key,
+            value = c.value,
+            "control applied"
+        );
+        if let Some(h) = self
+            .0
+            .handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            h(c);
+        }
+        let mut a = self.0.applied.lock().unwrap_or_else(|e| e.into_inner());
+        if a.0.len() < KEPT_CONTROLS {
+            a.0.push(c);
+        }
+        a.1 += 1;
     }
 }
 
@@ -325,6 +484,11 @@ mod tests {
                 regs: 7,
                 mem: Some(0),
             },
+            Entry::Control {
+                exit: 2000,
+                key: 7,
+                value: u64::MAX,
+            },
             Entry::End {
                 exit: 2001,
                 code: 0,
@@ -352,5 +516,37 @@ mod tests {
         let mut h = [0u8; 24];
         h[0] = 7;
         assert_eq!(Entry::decode(KIND_HEADER, &h), Err(LogError::Version(7)));
+        let mut c = [0u8; 24];
+        c[12] = 1; // key above u32::MAX
+        assert!(Entry::decode(KIND_CONTROL, &c).is_err());
+    }
+
+    #[test]
+    fn control_queue_applies_in_order() {
+        let q = ControlQueue::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        q.on_apply(move |c| s2.lock().unwrap().push(c.key));
+        q.push(1, 10);
+        q.push(2, 20);
+        assert_eq!(q.pending(), 2);
+        for (key, value) in q.take_pending() {
+            q.apply(AppliedControl {
+                exit: 5,
+                key,
+                value,
+            });
+        }
+        assert_eq!(q.pending(), 0);
+        assert_eq!(*seen.lock().unwrap(), vec![1, 2]);
+        assert_eq!(q.applied_count(), 2);
+        assert_eq!(
+            q.applied()[1],
+            AppliedControl {
+                exit: 5,
+                key: 2,
+                value: 20
+            }
+        );
     }
 }

@@ -16,7 +16,10 @@ use ftvm_channel::{LogSender, TransportError};
 use ftvm_ringbuf::{ClaimError, IdleKind};
 
 use super::digest::register_digest;
-use super::log::{encode_write, Entry, KIND_READ, KIND_WRITE, LOG_VERSION, WRITE_HEADER_LEN};
+use super::log::{
+    encode_write, AppliedControl, ControlQueue, Entry, KIND_READ, KIND_WRITE, LOG_VERSION,
+    WRITE_HEADER_LEN,
+};
 use super::output::{OutputGate, OutputStats, Sink};
 use crate::record::{Inputs, Recorder};
 use crate::vm::{RunOutcome, Vm, VmError};
@@ -102,6 +105,18 @@ pub struct LogWriter {
     entries: Arc<AtomicU64>,
     error: Arc<Mutex<Option<String>>>,
     idle: IdleKind,
+    controls: ControlQueue,
+    stalls: Arc<AtomicU64>,
+    stall_ns: Arc<AtomicU64>,
+}
+
+/// How often and how long the vCPU waited for log space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStalls {
+    /// Appends that found the log buffer full and waited.
+    pub count: u64,
+    /// Total time waited.
+    pub time: Duration,
 }
 
 impl LogWriter {
@@ -117,6 +132,23 @@ impl LogWriter {
             entries: Arc::default(),
             error: Arc::default(),
             idle,
+            controls: ControlQueue::new(),
+            stalls: Arc::default(),
+            stall_ns: Arc::default(),
+        }
+    }
+
+    /// The queue of controls logged and applied at the next checkpoint of [`run_primary`]
+    /// (see [`ControlQueue`]).
+    pub fn controls(&self) -> &ControlQueue {
+        &self.controls
+    }
+
+    /// How often and how long appends waited for log space so far.
+    pub fn stalls(&self) -> LogStalls {
+        LogStalls {
+            count: self.stalls.load(Ordering::Relaxed),
+            time: Duration::from_nanos(self.stall_ns.load(Ordering::Relaxed)),
         }
     }
 
@@ -153,7 +185,8 @@ impl LogWriter {
         len: usize,
         fill: impl Fn(&mut [u8]),
     ) -> Result<u64, PairError> {
-        let mut idle = self.idle.build();
+        let mut idle = None;
+        let mut stalled: Option<Instant> = None;
         let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             match sender.producer().claim(kind, len) {
@@ -163,9 +196,16 @@ impl LogWriter {
                     self.position.store(seq, Ordering::Release);
                     self.bytes.fetch_add(len as u64, Ordering::Relaxed);
                     self.entries.fetch_add(1, Ordering::Relaxed);
+                    if let Some(t) = stalled {
+                        self.stalls.fetch_add(1, Ordering::Relaxed);
+                        self.stall_ns
+                            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
                     return Ok(seq);
                 }
-                Err(ClaimError::Full { .. }) => {}
+                Err(ClaimError::Full { .. }) => {
+                    stalled.get_or_insert_with(Instant::now);
+                }
                 Err(e) => return Err(PairError::Log(e.to_string())),
             }
             if !sender.is_running() {
@@ -176,7 +216,7 @@ impl LogWriter {
                     "log buffer full and the link is down: {e}"
                 )));
             }
-            idle.idle(0);
+            idle.get_or_insert_with(|| self.idle.build()).idle(0);
         }
     }
 
@@ -263,6 +303,10 @@ pub struct PrimaryReport {
     pub outputs: OutputStats,
     /// Whether the backup reported executing the End entry.
     pub backup_finished: bool,
+    /// Times and time the vCPU waited for log space.
+    pub log_stalls: LogStalls,
+    /// The controls logged and applied, in order (see [`LogWriter::controls`]).
+    pub controls: Vec<AppliedControl>,
 }
 
 /// Test hooks of a primary run (deliberate nondeterminism).
@@ -313,6 +357,7 @@ pub fn run_primary(
         match outcome? {
             RunOutcome::ExitLimit => {
                 checkpoint += 1;
+                log_controls(writer, exit)?;
                 let mem = (opts.mem_digest_every > 0 && checkpoint % opts.mem_digest_every == 0)
                     .then(|| vm.memory_digest());
                 writer.append(&Entry::Digest {
@@ -375,5 +420,16 @@ pub fn run_primary(
         elapsed: start.elapsed(),
         outputs: gate.stats(),
         backup_finished,
+        log_stalls: writer.stalls(),
+        controls: writer.controls().applied(),
     })
+}
+
+/// Logs every pending control at exit `exit` and applies it (a checkpoint of the primary).
+fn log_controls(writer: &LogWriter, exit: u64) -> Result<(), PairError> {
+    for (key, value) in writer.controls().take_pending() {
+        writer.append(&Entry::Control { exit, key, value })?;
+        writer.controls().apply(AppliedControl { exit, key, value });
+    }
+    Ok(())
 }

@@ -13,7 +13,9 @@
 //!
 //! Options: `--transports shm,uring` measures a subset; `--runs N` measures every transport N
 //! times, interleaved, and reports medians (with each run's streaming figure); `--only rtt` /
-//! `--only stream` measures one of the two.
+//! `--only stream` measures one of the two. Environment: `FTVM_URING_ASYNC=<bytes>|off` sets
+//! the uring transport's `async_send_min` (sends of at least that size go to an io-wq worker;
+//! `off`: all inline), `FTVM_URING_WORKER_CPU=<core>` pins those workers.
 //!
 //! The blocking `tcp` mode sleeps in `poll(2)` when idle (the classic design); the others spin.
 //! Output: `results/channel.json`, `results/channel.svg`.
@@ -109,7 +111,13 @@ fn link(kind: &str, tag: &str) -> anyhow::Result<(Box<dyn Transport>, Box<dyn Tr
             let a = std::net::TcpStream::connect(addr)?;
             let (b, _) = l.accept()?;
             if kind == "uring" {
-                let cfg = UringConfig::default();
+                let mut cfg = UringConfig::default();
+                if let Ok(v) = std::env::var("FTVM_URING_ASYNC") {
+                    cfg.async_send_min = v.parse().ok();
+                }
+                if let Ok(v) = std::env::var("FTVM_URING_WORKER_CPU") {
+                    cfg.worker_cpu = v.parse().ok();
+                }
                 (
                     Box::new(UringTransport::from_stream(a, cfg)?),
                     Box::new(UringTransport::from_stream(b, cfg)?),

@@ -8,6 +8,11 @@
 //!   kernel posts a completion per chunk of stream with no system call from us; each buffer is
 //!   handed back (`PROVIDE_BUFFERS`) once its bytes are consumed. Where multishot receive is
 //!   not supported the transport falls back to one-shot receives (logged).
+//! - **Large sends leave the poller's core** ([`UringConfig::async_send_min`], 32 KiB by
+//!   default): a batch that big is flagged `IOSQE_ASYNC`, so a kernel io-wq worker does the
+//!   copy into the socket and the TCP processing (on loopback, the receiving side's too) while
+//!   the poller builds the next batch in the other buffer. Small sends (acks, a lone record)
+//!   still run inline in `io_uring_enter`, where they are cheapest and quickest.
 //! - **SQPOLL** is an option ([`UringConfig::sqpoll`]): with it, submissions need no system
 //!   call at all, but the kernel thread costs a core; on a 2-core machine with busy pollers on
 //!   both sides it starves everything (see RECIPES.md), so the default is off. When the kernel
@@ -37,6 +42,9 @@ const GROUP: u16 = 7;
 const UD_SEND: u64 = 1;
 const UD_RECV: u64 = 2;
 const UD_PROVIDE: u64 = 3;
+const UD_CANCEL: u64 = 4;
+/// How long dropping the transport waits for a cancelled send to complete.
+const DROP_WAIT: Duration = Duration::from_millis(200);
 
 /// io_uring options.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +63,14 @@ pub struct UringConfig {
     /// arrives (`None`: always spin). Keeps round trips on the spinning path while traffic
     /// flows, and gives the core back when the peer is slow (or the machine oversubscribed).
     pub spin_before_block: Option<Duration>,
+    /// Sends of at least this many bytes are handed to the kernel's io-wq worker threads
+    /// (`IOSQE_ASYNC`): the copy into the socket and the TCP/loopback processing then run on
+    /// a worker instead of the polling thread, which goes on building the next batch. `None`:
+    /// every send runs inline in `io_uring_enter` (on the poller's core).
+    pub async_send_min: Option<usize>,
+    /// Cores the io-wq workers may run on (`IORING_REGISTER_IOWQ_AFF`); `None`: the poller's
+    /// affinity at ring creation. Only meaningful with [`Self::async_send_min`].
+    pub worker_cpu: Option<usize>,
 }
 
 impl Default for UringConfig {
@@ -65,6 +81,8 @@ impl Default for UringConfig {
             entries: 256,
             coop_taskrun: true,
             spin_before_block: Some(Duration::from_micros(50)),
+            async_send_min: Some(32 << 10),
+            worker_cpu: None,
         }
     }
 }
@@ -73,7 +91,7 @@ impl Default for UringConfig {
 pub struct UringTransport {
     // Declared first: dropped (ring torn down) before the buffers it references.
     ring: IoUring,
-    _stream: TcpStream,
+    stream: TcpStream,
     fd: RawFd,
     sbufs: [Box<[u8]>; 2],
     /// Buffer being filled and its fill level.
@@ -92,6 +110,7 @@ pub struct UringTransport {
     /// Buffers handed back in queued but not yet submitted entries.
     lazy_provides: usize,
     spin_before_block: Option<Duration>,
+    async_send_min: usize,
     /// Since when nothing happened (for spin-then-block).
     idle_since: Option<Instant>,
 }
@@ -160,10 +179,19 @@ impl UringTransport {
         // outlive the ring, which is dropped first (field order).
         unsafe { ring.submitter().register_buffers(&iov) }
             .map_err(io("io_uring register buffers"))?;
+        if let Some(cpu) = cfg.worker_cpu {
+            // SAFETY: an all-zero cpu_set_t is the valid empty set; CPU_SET writes inside it.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `set` is a valid cpu_set_t; CPU_SET ignores out-of-range indices.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+            if let Err(e) = ring.submitter().register_iowq_aff(&set) {
+                tracing::info!(error = %e, cpu, "io_uring worker affinity refused; workers float");
+            }
+        }
         let fd = stream.as_raw_fd();
         let mut t = Self {
             ring,
-            _stream: stream,
+            stream,
             fd,
             sbufs,
             cur: 0,
@@ -179,6 +207,7 @@ impl UringTransport {
             to_submit: false,
             lazy_provides: 0,
             spin_before_block: cfg.spin_before_block,
+            async_send_min: cfg.async_send_min.unwrap_or(usize::MAX),
             idle_since: None,
         };
         if t.multishot {
@@ -258,6 +287,11 @@ impl UringTransport {
         )
         .build()
         .user_data(UD_SEND);
+        let e = if to - from >= self.async_send_min {
+            e.flags(squeue::Flags::ASYNC)
+        } else {
+            e
+        };
         self.push(&e)?;
         self.inflight = Some((buf, from, to));
         Ok(())
@@ -385,6 +419,41 @@ impl UringTransport {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for UringTransport {
+    /// A send still in flight (blocked on a full socket, or on an io-wq worker) reads a send
+    /// buffer that is about to be freed: cancel it and wait (bounded) for its completion, so
+    /// that the kernel is done with the buffers before they go.
+    fn drop(&mut self) {
+        if self.inflight.is_none() {
+            return;
+        }
+        let cancel = opcode::AsyncCancel::new(UD_SEND)
+            .build()
+            .user_data(UD_CANCEL);
+        // SAFETY: the entry references no memory.
+        if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            let _ = unsafe { self.ring.submission().push(&cancel) };
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let deadline = Instant::now() + DROP_WAIT;
+        while self.inflight.is_some() && Instant::now() < deadline {
+            let ts = types::Timespec::from(Duration::from_millis(10));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            for c in self.ring.completion() {
+                if c.user_data() == UD_SEND {
+                    self.inflight = None;
+                }
+            }
+        }
+        if self.inflight.is_some() {
+            tracing::warn!("io_uring send still in flight when the transport was dropped");
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The io_uring transport's non-default configurations still move records exactly once and in
-//! order: one-shot receives instead of multishot, no COOP_TASKRUN, and SQPOLL (or its logged
-//! fallback where the kernel refuses it).
+//! order: one-shot receives instead of multishot, no COOP_TASKRUN, SQPOLL (or its logged
+//! fallback where the kernel refuses it), every send on an io-wq worker (pinned to one core),
+//! and every send inline.
 
 mod common;
 
@@ -84,6 +85,23 @@ fn uring_without_coop_taskrun() {
 fn uring_sqpoll_or_fallback() {
     run(UringConfig {
         sqpoll: Some(10),
+        ..UringConfig::default()
+    });
+}
+
+#[test]
+fn uring_every_send_on_a_worker() {
+    run(UringConfig {
+        async_send_min: Some(0),
+        worker_cpu: Some(0),
+        ..UringConfig::default()
+    });
+}
+
+#[test]
+fn uring_every_send_inline() {
+    run(UringConfig {
+        async_send_min: None,
         ..UringConfig::default()
     });
 }

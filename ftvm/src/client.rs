@@ -378,8 +378,9 @@ impl Load {
         &self.checker
     }
 
-    /// Stops the threads (each finishes its request in flight) and waits for them.
-    pub fn stop(mut self) -> LoadStats {
+    /// Stops the threads (each finishes its request in flight), waits for them and returns the
+    /// final counters (the checker then holds every acknowledged write).
+    pub fn stop(&mut self) -> LoadStats {
         self.halt();
         self.stats()
     }
@@ -546,7 +547,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             prefix: "t".into(),
         };
-        let load = Load::start(&cfg, checker.clone()).unwrap();
+        let mut load = Load::start(&cfg, checker.clone()).unwrap();
         while load.stats().ops < 500 {
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -305,7 +305,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     p.line("  kv answers through the primary (replies released under the output rule)");
 
     let checker = Arc::new(Checker::default());
-    let load = Load::start(
+    let mut load = Load::start(
         &LoadConfig {
             netns: Some(s.netns().name().to_string()),
             addr: Scenario::guest_addr(),

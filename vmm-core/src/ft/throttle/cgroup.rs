@@ -214,6 +214,18 @@ impl CgroupCpu {
         Ok(())
     }
 
+    /// Sets the group's weight against its siblings when the CPUs are contended
+    /// (`cpu.shares`, default 1024; 2..=262144).
+    ///
+    /// # Errors
+    /// [`ThrottleError::Write`].
+    pub fn set_weight(&mut self, shares: u64) -> Result<(), ThrottleError> {
+        write(
+            &self.dir.join("cpu.shares"),
+            &shares.clamp(2, 262_144).to_string(),
+        )
+    }
+
     /// The group's `cpu.stat` counters: `(nr_periods, nr_throttled, throttled_time)`.
     ///
     /// # Errors
@@ -324,6 +336,9 @@ mod tests {
             (thread_cpu_time(tid).expect("cpu") - c0).as_secs_f64() / t0.elapsed().as_secs_f64();
         assert!(share < 0.3, "limited thread used {share:.2} of a CPU");
         assert!(g.stat().expect("stat").1 > 0, "never throttled");
+        g.set_weight(4096).expect("weight");
+        let w = fs::read_to_string(g.path().join("cpu.shares")).expect("shares");
+        assert_eq!(w.trim(), "4096");
         g.set_share(0.0001).expect("share");
         assert_eq!(g.quota(), Some(Duration::from_micros(MIN_QUOTA_US)));
         g.set_share(1.0).expect("share");

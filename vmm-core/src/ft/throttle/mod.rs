@@ -17,6 +17,8 @@
 //!   filter on the lag), pure and unit-tested against a simulated plant.
 //! - [`cgroup`]: the actuator, a cgroup v1 `cpu` group holding the vCPU thread
 //!   (`cpu.cfs_quota_us = share × cpu.cfs_period_us`).
+//! - [`experiment`]: a primary/backup pair in one process with the backup slowed by a cgroup on
+//!   a schedule, sampled over time (the scenario tests and the `throttle` benchmark).
 //! - [`Throttle`]: the controller thread tying them together; [`ThrottleStatus`] is its state
 //!   for counters and the periodic status line (`tracing` target `ftvm::throttle`).
 //!
@@ -37,6 +39,7 @@
 //! | `update_interval` | 10 ms | how often the controller acts |
 //! | `sample_interval` | 1 ms | how often the primary's position is sampled (time-lag resolution) |
 //! | `status_interval` | 1 s | period of the status line (0: none) |
+//! | `cpu_weight` | kernel default (1024) | `cpu.shares` of the vCPU's cgroup against the host's other work |
 //!
 //! # Example
 //!
@@ -65,6 +68,7 @@
 //! ```
 
 pub mod cgroup;
+pub mod experiment;
 pub mod lag;
 pub mod pi;
 
@@ -181,8 +185,11 @@ pub struct ThrottleConfig {
     pub status_interval: Duration,
     /// Position samples kept (at one per `sample_interval` while logging).
     pub samples: usize,
-    /// Name of the cgroup (default `ftvm-<pid>-primary`).
+    /// Name of the cgroup (default `ftvm-<pid>-primary-<n>`).
     pub group_name: Option<String>,
+    /// `cpu.shares` of the cgroup (`None`: the kernel's default, 1024): the vCPU's weight
+    /// against the host's other work when the CPUs are contended.
+    pub cpu_weight: Option<u64>,
 }
 
 impl Default for ThrottleConfig {
@@ -197,6 +204,7 @@ impl Default for ThrottleConfig {
             status_interval: Duration::from_secs(1),
             samples: 16_384,
             group_name: None,
+            cpu_weight: None,
         }
     }
 }
@@ -290,11 +298,15 @@ impl Throttle {
         vcpu_tid: i32,
     ) -> Result<Self, ThrottleError> {
         cfg.check()?;
-        let name = cfg
-            .group_name
-            .clone()
-            .unwrap_or_else(|| format!("ftvm-{}-primary", std::process::id()));
+        static GROUPS: AtomicU64 = AtomicU64::new(0);
+        let name = cfg.group_name.clone().unwrap_or_else(|| {
+            let n = GROUPS.fetch_add(1, Ordering::Relaxed);
+            format!("ftvm-{}-primary-{n}", std::process::id())
+        });
         let mut group = CgroupCpu::create(&name, cfg.cfs_period)?;
+        if let Some(w) = cfg.cpu_weight {
+            group.set_weight(w)?;
+        }
         group.add_thread(vcpu_tid)?;
         Self::with_actuator(cfg, source, Box::new(group))
     }

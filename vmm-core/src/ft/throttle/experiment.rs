@@ -1,0 +1,449 @@
+//! The throttle experiment: a primary and a backup in one process over TCP loopback, the
+//! backup's vCPU thread limited by a cgroup on a schedule, the primary throttled, both sampled
+//! over time. The scenario tests (`vmm-core/tests/throttle.rs`) assert on its report; the
+//! `throttle` benchmark plots it.
+//!
+//! The guest ([`logging_guest`]) logs at a steady rate: it does a fixed amount of arithmetic,
+//! reads `CLOCK_NS` (one exit, one log entry), and repeats until its clock passes the run time,
+//! so a run lasts the same wall time whatever the throttle does to its speed.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_channel::tcp::{TcpMode, TcpTransport};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport, TransportError};
+use ftvm_ringbuf::IdleKind;
+
+use super::{
+    current_tid, error_text, thread_cpu_time, CgroupCpu, PairLag, Throttle, ThrottleConfig,
+    ThrottleError, ThrottleStatus,
+};
+use crate::devices::sys::{REG_CLOCK_NS, REG_POWER_OFF};
+use crate::ft::backup::{run_backup, BackupReport, LogReader};
+use crate::ft::digest::pairing_digest;
+use crate::ft::primary::{error_chain, run_primary, LogWriter, PairOptions, PrimaryReport};
+use crate::testing::Asm;
+use crate::vm::{buffer_console, Vm, VmConfig};
+
+/// Guest RAM of the experiment's VMs.
+pub const MEM_SIZE: u64 = 16 << 20;
+
+/// Errors of an experiment run (a failed primary or backup run is part of the report).
+#[derive(Debug, thiserror::Error)]
+pub enum ExperimentError {
+    /// A cgroup could not be set up.
+    #[error("cgroup")]
+    Cgroup(#[from] ThrottleError),
+    /// The pair could not be set up.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// The channel could not be set up.
+    #[error("channel")]
+    Channel(#[from] TransportError),
+    /// A thread panicked.
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
+}
+
+/// A guest that logs one `CLOCK_NS` read after every `spin` iterations of integer arithmetic
+/// (about 1 ns each) and powers off with 0 once its clock passes `run_for`.
+pub fn logging_guest(run_for: Duration, spin: u32) -> Vec<u8> {
+    let end = run_for.as_nanos().min(u64::MAX as u128) as u64;
+    // rax = MMIO base (Asm::new), rsi = end, rbx = accumulator.
+    let mut code = vec![0x48, 0xBE];
+    code.extend_from_slice(&end.to_le_bytes()); // movabs rsi, end
+    let outer = code.len();
+    code.push(0xBA); // mov edx, spin
+    code.extend_from_slice(&spin.max(1).to_le_bytes());
+    let inner = code.len();
+    code.extend_from_slice(&[0x48, 0x01, 0xD3]); // add rbx, rdx
+    code.extend_from_slice(&[0x48, 0xC1, 0xC3, 0x07]); // rol rbx, 7
+    code.extend_from_slice(&[0xFF, 0xCA]); // dec edx
+    let rel = inner as i64 - (code.len() as i64 + 2);
+    code.extend_from_slice(&[0x75, rel as i8 as u8]); // jnz inner
+    code.extend_from_slice(&[0x48, 0x8B, 0x50, REG_CLOCK_NS as u8]); // mov rdx, [rax+CLOCK_NS]
+    code.extend_from_slice(&[0x48, 0x31, 0xD3]); // xor rbx, rdx
+    code.extend_from_slice(&[0x48, 0x39, 0xF2]); // cmp rdx, rsi
+    let rel = outer as i64 - (code.len() as i64 + 6);
+    code.extend_from_slice(&[0x0F, 0x82]); // jb outer (rel32)
+    code.extend_from_slice(&(rel as i32).to_le_bytes());
+    // mov qword [rax+POWER_OFF], 0; then spin in place.
+    code.extend_from_slice(&[0x48, 0xC7, 0x40, REG_POWER_OFF as u8, 0, 0, 0, 0]);
+    code.extend_from_slice(&[0xEB, 0xFE]);
+    Asm::new().raw(&code).elf()
+}
+
+/// Withholds the frames the primary receives (the backup's acks and heartbeats) while set.
+struct StallAcks {
+    inner: Box<dyn Transport>,
+    stall: Arc<AtomicBool>,
+}
+
+impl Transport for StallAcks {
+    fn name(&self) -> &'static str {
+        "stall-acks"
+    }
+    fn max_frame(&self) -> usize {
+        self.inner.max_frame()
+    }
+    fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
+        self.inner.send(frame)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.inner.flush()
+    }
+    fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
+        if self.stall.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        self.inner.poll_recv(on_frame)
+    }
+    fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
+        if self.stall.load(Ordering::Acquire) {
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            return Ok(());
+        }
+        self.inner.wait(timeout)
+    }
+}
+
+/// What happens when, counted from the start of the primary's run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Event {
+    /// Limit the backup vCPU thread to this share of a CPU (1.0: no limit).
+    BackupShare(f64),
+    /// Withhold (`true`) or deliver again (`false`) the backup's acks.
+    StallAcks(bool),
+}
+
+/// Parameters of a run.
+#[derive(Debug, Clone)]
+pub struct ExperimentConfig {
+    /// How long the guest runs (its clock).
+    pub run_for: Duration,
+    /// Arithmetic iterations between two logged clock reads.
+    pub spin: u32,
+    /// Log buffer capacity of each side (a power of two).
+    pub ring_capacity: usize,
+    /// The primary's throttle (`None`: none).
+    pub throttle: Option<ThrottleConfig>,
+    /// The backup's CPU share before the first event.
+    pub backup_share: f64,
+    /// CFS period of the backup's cgroup.
+    pub backup_period: Duration,
+    /// `cpu.shares` of the backup's cgroup, and of the primary's unless its throttle
+    /// configuration sets one: on a shared machine, a high weight stands for hosts that are
+    /// otherwise idle (the vCPUs are not starved by unrelated work), so the cgroup quota alone
+    /// decides how fast the backup is.
+    pub backup_weight: u64,
+    /// Events at times from the start of the primary's run.
+    pub events: Vec<(Duration, Event)>,
+    /// Sampling period of the report.
+    pub sample_every: Duration,
+    /// Exits between two digest checkpoints.
+    pub digest_interval: u64,
+    /// The channel's peer timeout (failure detection).
+    pub peer_timeout: Duration,
+    /// How long the end of the primary's run waits for acknowledgements.
+    pub ack_timeout: Duration,
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        ExperimentConfig {
+            run_for: Duration::from_secs(5),
+            spin: 20_000,
+            ring_capacity: 1 << 20,
+            throttle: Some(ThrottleConfig::default()),
+            backup_share: 1.0,
+            backup_period: Duration::from_millis(10),
+            backup_weight: 16_384,
+            events: Vec::new(),
+            sample_every: Duration::from_millis(50),
+            digest_interval: 2000,
+            peer_timeout: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// One sample of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Sample {
+    /// Seconds since the primary's run started.
+    pub t: f64,
+    /// The primary's share as set by the throttle (1 without one).
+    pub share: f64,
+    /// CPU the primary's vCPU thread used since the previous sample (fraction of a CPU).
+    pub primary_cpu: f64,
+    /// CPU the backup's vCPU thread used since the previous sample.
+    pub backup_cpu: f64,
+    /// The backup's cgroup limit (1: none).
+    pub backup_share: f64,
+    /// The throttle's time lag (ms; 0 without a throttle).
+    pub lag_ms: f64,
+    /// The throttle's predicted lag (ms).
+    pub predicted_ms: f64,
+    /// Last logged sequence number.
+    pub logged: u64,
+    /// Last acknowledged sequence number.
+    pub acked: u64,
+    /// Last executed sequence number.
+    pub executed: u64,
+    /// Log bytes written so far.
+    pub log_bytes: u64,
+    /// Times the vCPU waited for log space so far.
+    pub stalls: u64,
+    /// Time the vCPU waited for log space so far (s).
+    pub stall_s: f64,
+    /// Whether acks are being withheld.
+    pub acks_stalled: bool,
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct ExperimentReport {
+    /// Samples, every `sample_every`.
+    pub samples: Vec<Sample>,
+    /// The primary's run.
+    pub primary: Result<PrimaryReport, String>,
+    /// The backup's run.
+    pub backup: Result<BackupReport, String>,
+    /// The throttle's final state.
+    pub throttle: Option<ThrottleStatus>,
+    /// The log buffer capacity of the primary (bytes).
+    pub ring_capacity: usize,
+}
+
+fn cpu_of(tid: i32) -> f64 {
+    if tid <= 0 {
+        return 0.0;
+    }
+    thread_cpu_time(tid).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn group_name(role: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "ftvm-{}-exp-{role}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs the experiment (the primary on the calling thread).
+///
+/// # Errors
+/// [`ExperimentError`] when the pair cannot be set up.
+pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> {
+    let elf = logging_guest(cfg.run_for, cfg.spin);
+    let digest = pairing_digest(&elf, "", MEM_SIZE, None)
+        .map_err(|e| ExperimentError::Setup(format!("pairing digest: {e}")))?;
+    let chan = Config {
+        digest,
+        peer_timeout: cfg.peer_timeout,
+        ..Config::default()
+    };
+    let pc = PollerConfig {
+        core: None,
+        idle: IdleKind::Park,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| ExperimentError::Setup(format!("bind: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ExperimentError::Setup(format!("bind: {e}")))?;
+
+    // The backup's cgroup exists from the start; its share follows the events.
+    let mut limit = CgroupCpu::create(&group_name("backup"), cfg.backup_period)?;
+    limit.set_share(cfg.backup_share)?;
+    limit.set_weight(cfg.backup_weight)?;
+    let limit = Arc::new(Mutex::new(limit));
+    let backup_tid = Arc::new(AtomicI32::new(0));
+    let vm_config = || VmConfig {
+        mem_size: MEM_SIZE,
+        console: buffer_console().0,
+        ..Default::default()
+    };
+    let backup = {
+        let (elf, chan, limit, backup_tid) = (
+            elf.clone(),
+            chan.clone(),
+            Arc::clone(&limit),
+            Arc::clone(&backup_tid),
+        );
+        let ring = cfg.ring_capacity;
+        let cfg_vm = vm_config();
+        std::thread::Builder::new()
+            .name("ftvm-exp-backup".into())
+            .spawn(move || -> Result<BackupReport, String> {
+                let mut vm = Vm::new(&cfg_vm, &elf).map_err(|e| error_chain(&e))?;
+                let tid = current_tid();
+                limit
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .add_thread(tid)
+                    .map_err(|e| error_text(&e))?;
+                backup_tid.store(tid, Ordering::Release);
+                let (p, c) = ftvm_ringbuf::with_capacity(ring).map_err(|e| e.to_string())?;
+                let t = TcpTransport::accept(&listener, TcpMode::Blocking)
+                    .map_err(|e| error_chain(&e))?;
+                let rx =
+                    LogReceiver::start(p, c, Box::new(t), chan, pc).map_err(|e| error_chain(&e))?;
+                // Park when caught up: a spinning backup would take the primary's CPU.
+                let reader = LogReader::new(rx, IdleKind::Park, None);
+                run_backup(&mut vm, reader).map_err(|e| error_chain(&e))
+            })
+            .map_err(|e| ExperimentError::Setup(format!("backup thread: {e}")))?
+    };
+
+    let mut vm = Vm::new(&vm_config(), &elf)
+        .map_err(|e| ExperimentError::Setup(format!("primary VM: {}", error_chain(&e))))?;
+    let (p, c) = ftvm_ringbuf::with_capacity(cfg.ring_capacity)
+        .map_err(|e| ExperimentError::Setup(format!("log buffer: {e}")))?;
+    let stall = Arc::new(AtomicBool::new(false));
+    let t = TcpTransport::connect(addr, TcpMode::Blocking, Duration::from_secs(10))?;
+    let t = StallAcks {
+        inner: Box::new(t),
+        stall: Arc::clone(&stall),
+    };
+    let sender = LogSender::start(p, c, Box::new(t), chan, pc)?;
+    let writer = LogWriter::new(sender, IdleKind::Yield);
+    let shared = Arc::clone(writer.sender().shared());
+    let primary_tid = current_tid();
+    let throttle = match &cfg.throttle {
+        Some(tc) => Some(Throttle::start(
+            ThrottleConfig {
+                group_name: Some(
+                    tc.group_name
+                        .clone()
+                        .unwrap_or_else(|| group_name("primary")),
+                ),
+                cpu_weight: tc.cpu_weight.or(Some(cfg.backup_weight)),
+                ..tc.clone()
+            },
+            PairLag::new(Arc::clone(&shared), Arc::clone(writer.position())),
+            primary_tid,
+        )?),
+        None => None,
+    };
+    let opts = PairOptions {
+        digest_interval: cfg.digest_interval,
+        mem_digest_every: 0,
+        idle: IdleKind::Yield,
+        ack_timeout: cfg.ack_timeout,
+    };
+    let done = AtomicBool::new(false);
+    let (primary, samples) = std::thread::scope(|s| {
+        let monitor = std::thread::Builder::new()
+            .name("ftvm-exp-monitor".into())
+            .spawn_scoped(s, || {
+                let start = Instant::now();
+                let mut events = cfg.events.clone();
+                events.sort_by_key(|(t, _)| *t);
+                let mut next_event = 0;
+                let mut samples = Vec::new();
+                let mut backup_share = cfg.backup_share;
+                let (mut pc0, mut bc0, mut t0) = (cpu_of(primary_tid), 0.0, 0.0);
+                while !done.load(Ordering::Acquire) {
+                    std::thread::sleep(cfg.sample_every);
+                    let t = start.elapsed();
+                    while let Some((at, ev)) = events.get(next_event) {
+                        if *at > t {
+                            break;
+                        }
+                        match *ev {
+                            Event::BackupShare(share) => {
+                                backup_share = share;
+                                let r = limit
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .set_share(share);
+                                if let Err(e) = r {
+                                    tracing::warn!(error = %error_text(&e), "backup share");
+                                }
+                            }
+                            Event::StallAcks(on) => stall.store(on, Ordering::Release),
+                        }
+                        next_event += 1;
+                    }
+                    let ts = t.as_secs_f64();
+                    let (pc, bc) = (
+                        cpu_of(primary_tid),
+                        cpu_of(backup_tid.load(Ordering::Acquire)),
+                    );
+                    let dt = (ts - t0).max(1e-6);
+                    let st = throttle.as_ref().map(Throttle::status);
+                    let stalls = writer.stalls();
+                    samples.push(Sample {
+                        t: ts,
+                        share: st.map_or(1.0, |s| s.share),
+                        primary_cpu: (pc - pc0) / dt,
+                        backup_cpu: if bc0 > 0.0 { (bc - bc0) / dt } else { 0.0 },
+                        backup_share,
+                        lag_ms: st.map_or(0.0, |s| s.lag_ms),
+                        predicted_ms: st.map_or(0.0, |s| s.lag_predicted_ms),
+                        logged: writer.position().load(Ordering::Acquire),
+                        acked: shared.acked_seq(),
+                        executed: shared.executed_seq(),
+                        log_bytes: writer.bytes(),
+                        stalls: stalls.count,
+                        stall_s: stalls.time.as_secs_f64(),
+                        acks_stalled: stall.load(Ordering::Acquire),
+                    });
+                    (pc0, bc0, t0) = (pc, bc, ts);
+                }
+                samples
+            });
+        let primary = run_primary(&mut vm, &writer, &opts, None, &Default::default());
+        done.store(true, Ordering::Release);
+        stall.store(false, Ordering::Release);
+        let samples = match monitor {
+            Ok(h) => h.join().map_err(|_| ExperimentError::Panicked("monitor")),
+            Err(e) => Err(ExperimentError::Setup(format!("monitor thread: {e}"))),
+        };
+        (primary, samples)
+    });
+    let samples = samples?;
+    let throttle = throttle.map(Throttle::stop);
+    // Hang up: the backup lingers until the primary's side of the link closes.
+    drop(writer);
+    drop(vm);
+    let backup = backup
+        .join()
+        .map_err(|_| ExperimentError::Panicked("backup"))?;
+    Ok(ExperimentReport {
+        samples,
+        primary: primary.map_err(|e| error_chain(&e)),
+        backup,
+        throttle,
+        ring_capacity: cfg.ring_capacity,
+    })
+}
+
+/// The `q` quantile (0..=1) of `values` (0 when empty).
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles() {
+        assert_eq!(quantile(&[], 0.5), 0.0);
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert_eq!(quantile(&v, 1.0), 100.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+    }
+}

@@ -1,0 +1,254 @@
+//! Flow control and throttling with real KVM VMs, a real log channel (TCP loopback) and real
+//! cgroups: a backup whose vCPU thread is limited to 30 % of a CPU throttles the primary and
+//! the lag stays under the target; lifting the limit restores full speed; a backup that stops
+//! acknowledging stalls the primary with bounded memory, and the log arrives whole.
+//!
+//! The tests take the machine's two cores for themselves: they run one at a time.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ftvm_vmm_core::ft::throttle::experiment::{
+    self, quantile, Event, ExperimentConfig, ExperimentReport, Sample,
+};
+use ftvm_vmm_core::ft::throttle::{cgroup_cpu_unusable, ThrottleConfig};
+use ftvm_vmm_core::testing::kvm_missing;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Prints `SKIP <test>: <reason>` and returns when KVM or the cgroup cpu controller is missing.
+macro_rules! require_kvm_and_cgroup {
+    ($name:expr) => {
+        if let Some(r) = kvm_missing().or_else(cgroup_cpu_unusable) {
+            eprintln!("SKIP {}: {}", $name, r);
+            return;
+        }
+    };
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+/// The backup replayed the whole log: same exits, same final memory and registers.
+fn assert_replayed(r: &ExperimentReport) {
+    let p = r.primary.as_ref().expect("primary run");
+    let b = r.backup.as_ref().expect("backup run");
+    assert_eq!(p.code, 0);
+    assert_eq!((b.code, b.exits), (p.code, p.exits), "exits differ");
+    assert_eq!(b.mem_digest, p.mem_digest, "memory differs");
+    assert_eq!(b.regs_digest, p.regs_digest, "registers differ");
+    assert_eq!(b.entries, p.entries, "entries lost or added");
+    assert!(p.backup_finished);
+}
+
+fn window(samples: &[Sample], from: f64, to: f64) -> Vec<&Sample> {
+    samples.iter().filter(|s| s.t >= from && s.t < to).collect()
+}
+
+fn rate(w: &[&Sample]) -> f64 {
+    match (w.first(), w.last()) {
+        (Some(a), Some(b)) if b.t > a.t => (b.logged - a.logged) as f64 / (b.t - a.t),
+        _ => 0.0,
+    }
+}
+
+fn print_samples(r: &ExperimentReport) {
+    for s in r.samples.iter().step_by(5) {
+        eprintln!(
+            "t={:5.2} share={:.2} cpu p={:.2} b={:.2} (limit {:.2}) lag={:6.1} ms pred={:6.1} ms entries={} inflight={} stalls={}",
+            s.t,
+            s.share,
+            s.primary_cpu,
+            s.backup_cpu,
+            s.backup_share,
+            s.lag_ms,
+            s.predicted_ms,
+            s.logged - s.executed,
+            s.logged - s.acked,
+            s.stalls
+        );
+    }
+}
+
+/// Tolerance of the settled lag: p99 of the samples taken after the controller settled must
+/// stay within `TOLERANCE × target`.
+const TOLERANCE: f64 = 1.5;
+
+#[test]
+fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
+    const TEST: &str = "throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns";
+    require_kvm_and_cgroup!(TEST);
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // 0–1 s full speed; 1–9 s backup limited to 30 % of a CPU; 9–13 s unlimited again.
+    let (slow_at, lift_at, end) = (1.0, 9.0, 13.0);
+    let target = Duration::from_millis(100);
+    let r = experiment::run(&ExperimentConfig {
+        run_for: secs(end),
+        throttle: Some(ThrottleConfig {
+            target,
+            ..Default::default()
+        }),
+        events: vec![
+            (secs(slow_at), Event::BackupShare(0.3)),
+            (secs(lift_at), Event::BackupShare(1.0)),
+        ],
+        ..Default::default()
+    })
+    .expect("experiment");
+    print_samples(&r);
+    assert_replayed(&r);
+    let s = &r.samples;
+    let t = r.throttle.expect("throttle status");
+    eprintln!("{TEST}: final throttle status {t:?}");
+
+    // The primary was throttled.
+    let slowed = window(s, slow_at + 3.0, lift_at);
+    let min_share = s.iter().map(|x| x.share).fold(1.0, f64::min);
+    assert!(min_share < 0.7, "never throttled: min share {min_share:.2}");
+    let mean_share = slowed.iter().map(|x| x.share).sum::<f64>() / slowed.len() as f64;
+    assert!(mean_share < 0.8, "mean share while slowed {mean_share:.2}");
+
+    // Settled (3 s after the slow-down until the lift): p99 of the lag under the tolerance.
+    let lags: Vec<f64> = slowed.iter().map(|x| x.lag_ms).collect();
+    let p99 = quantile(&lags, 0.99);
+    let p50 = quantile(&lags, 0.5);
+    eprintln!(
+        "{TEST}: settled lag p50 {p50:.1} ms p99 {p99:.1} ms (target {} ms), mean share {mean_share:.2}",
+        target.as_millis()
+    );
+    assert!(
+        p99 <= target.as_secs_f64() * 1e3 * TOLERANCE,
+        "settled lag p99 {p99:.1} ms over {TOLERANCE} × target"
+    );
+
+    // The log buffer never filled: no stall, and never more than the capacity in flight.
+    let p = r.primary.as_ref().expect("primary");
+    assert_eq!(p.log_stalls.count, 0, "the vCPU waited for log space");
+    let bytes_per_entry = p.log_bytes as f64 / p.entries.max(1) as f64 + 16.0;
+    let max_inflight = s.iter().map(|x| x.logged - x.acked).max().unwrap_or(0);
+    assert!(
+        (max_inflight as f64) * bytes_per_entry < r.ring_capacity as f64 / 2.0,
+        "{max_inflight} entries in flight"
+    );
+
+    // Lifted: full share again within 3 s, and the primary runs faster than while slowed.
+    let back = s
+        .iter()
+        .find(|x| x.t >= lift_at && x.share >= 1.0)
+        .map(|x| x.t - lift_at)
+        .expect("full share after the lift");
+    eprintln!("{TEST}: full share {back:.2} s after the lift");
+    assert!(back <= 3.0, "full share only {back:.2} s after the lift");
+    // Afterwards the unlimited backup still shares two cores with the primary and the rest of
+    // the machine, so the throttle may act again now and then, but far less.
+    let after = window(s, lift_at + back, end - 0.2);
+    let mean_after = after.iter().map(|x| x.share).sum::<f64>() / after.len().max(1) as f64;
+    eprintln!("{TEST}: mean share after the lift {mean_after:.2}");
+    assert!(
+        mean_after >= 0.6 && mean_after >= 2.0 * mean_share,
+        "mean share after the lift {mean_after:.2} (while slowed {mean_share:.2})"
+    );
+    let (fast, slow) = (rate(&after), rate(&slowed));
+    eprintln!("{TEST}: entries/s slowed {slow:.0}, after the lift {fast:.0}");
+    assert!(
+        fast > 1.5 * slow,
+        "entries/s slowed {slow:.0}, after {fast:.0}"
+    );
+}
+
+#[test]
+fn throttle_backup_that_stops_acking_stalls_the_primary_with_bounded_memory() {
+    const TEST: &str = "throttle_backup_that_stops_acking_stalls_the_primary_with_bounded_memory";
+    require_kvm_and_cgroup!(TEST);
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // A small buffer (64 KiB ≈ 1600 entries) fills in well under the 2 s the acks are held.
+    let capacity = 64 << 10;
+    let (stall_at, release_at) = (1.0, 3.0);
+    let r = experiment::run(&ExperimentConfig {
+        run_for: secs(4.5),
+        ring_capacity: capacity,
+        throttle: None,
+        events: vec![
+            (secs(stall_at), Event::StallAcks(true)),
+            (secs(release_at), Event::StallAcks(false)),
+        ],
+        ..Default::default()
+    })
+    .expect("experiment");
+    print_samples(&r);
+    // Nothing lost or reordered: the backup's final state equals the primary's.
+    assert_replayed(&r);
+    let p = r.primary.as_ref().expect("primary");
+    let s = &r.samples;
+    // The primary stalled: its position stood still while the acks were held...
+    let held = window(s, stall_at + 0.5, release_at - 0.05);
+    let (first, last) = (
+        held.first().expect("samples"),
+        held.last().expect("samples"),
+    );
+    assert_eq!(first.logged, last.logged, "the primary kept logging");
+    // ...with at most a buffer's worth of entries unacknowledged (bounded memory)...
+    let max_record = 24 + 16;
+    let max_inflight = s.iter().map(|x| x.logged - x.acked).max().unwrap_or(0);
+    assert!(
+        max_inflight as usize * 16 <= capacity,
+        "{max_inflight} entries in flight in a {capacity}-byte buffer"
+    );
+    assert!(
+        max_inflight as usize * max_record >= capacity / 4,
+        "the buffer never filled: {max_inflight} in flight"
+    );
+    // ...and the stall was counted.
+    eprintln!("{TEST}: stalls {:?}", p.log_stalls);
+    assert!(p.log_stalls.count >= 1);
+    assert!(
+        p.log_stalls.time >= Duration::from_millis(1200),
+        "stall time {:?}",
+        p.log_stalls.time
+    );
+    // After the release the primary went on.
+    let tail = window(s, release_at + 0.3, 4.4);
+    assert!(rate(&tail) > 0.0, "no progress after the release");
+}
+
+#[test]
+fn throttle_backup_that_never_acks_ends_in_failure_detection() {
+    const TEST: &str = "throttle_backup_that_never_acks_ends_in_failure_detection";
+    require_kvm_and_cgroup!(TEST);
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let capacity = 64 << 10;
+    let r = experiment::run(&ExperimentConfig {
+        run_for: secs(20.0),
+        ring_capacity: capacity,
+        peer_timeout: Duration::from_secs(1),
+        ack_timeout: Duration::from_secs(2),
+        events: vec![(secs(0.5), Event::StallAcks(true))],
+        ..Default::default()
+    })
+    .expect("experiment");
+    // The primary stops with an error: its log is full and the link is declared down.
+    let e = r.primary.as_ref().expect_err("the primary must fail");
+    eprintln!("{TEST}: primary: {e}");
+    assert!(e.contains("link is down"), "{e}");
+    let last = r.samples.last().expect("samples");
+    assert!(
+        last.t < 5.0,
+        "failure detection took {:.1} s (peer timeout 1 s)",
+        last.t
+    );
+    let max_inflight = r
+        .samples
+        .iter()
+        .map(|x| x.logged - x.acked)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        max_inflight as usize * 16 <= capacity,
+        "{max_inflight} in flight"
+    );
+    assert!(
+        r.backup.is_err(),
+        "the backup cannot finish a log that stopped"
+    );
+}

@@ -26,6 +26,12 @@ const IDLE_WAIT: Duration = Duration::from_millis(1);
 const CLOCK_EVERY: u32 = 64;
 /// Most frames timed for round-trip samples at once.
 const MAX_TIMED: usize = 4096;
+/// A poll that brought at least this many frame bytes is streaming: its ack waits for the
+/// next poll (which either brings more, or nothing and then acks). Smaller deliveries — a
+/// lone record waiting for its ack — are acknowledged at once.
+const ACK_DEFER_MIN: usize = 16 << 10;
+/// Most frame bytes received between two acks while streaming.
+const ACK_EVERY: usize = 256 << 10;
 /// Upper bound of the retransmit timeout's back-off.
 const MAX_RTO: Duration = Duration::from_millis(500);
 
@@ -914,6 +920,11 @@ struct RecvState {
     executed_sent: u64,
     ticks: u32,
     ackbuf: Vec<u8>,
+    /// Frame bytes received in this poll, and since the last ack.
+    bytes_in: usize,
+    unacked_bytes: usize,
+    /// Records delivered that no ack covers yet.
+    unacked: bool,
     gap_seen: u32,
     heard: bool,
     last_heard: Instant,
@@ -957,6 +968,9 @@ impl Receiver {
                 executed_sent: 0,
                 ticks: 0,
                 ackbuf: Vec::with_capacity(64),
+                bytes_in: 0,
+                unacked_bytes: 0,
+                unacked: false,
                 gap_seen: 0,
                 heard: false,
                 last_heard: Instant::now(),
@@ -1048,6 +1062,7 @@ impl Receiver {
     pub fn poll(&mut self) -> Result<usize, TransportError> {
         let s = &mut self.state;
         let before = s.delivered;
+        s.bytes_in = 0;
         // Flow control: with less room than a full frame could need, leave frames in the
         // transport (a stream transport then pushes back on the primary) until the backup's
         // consumer catches up.
@@ -1080,8 +1095,18 @@ impl Receiver {
                 });
             }
         }
-        if s.delivered != before || s.ack_due || executed != s.executed_sent {
+        // Acks are coalesced while frames stream in: a poll that delivered a lot acks only once
+        // ACK_EVERY bytes arrived unacknowledged; the first poll that brings little or nothing
+        // acks at once.
+        if s.delivered != before {
+            s.unacked = true;
+        }
+        s.unacked_bytes += s.bytes_in;
+        let streaming = s.bytes_in >= ACK_DEFER_MIN && s.unacked_bytes < ACK_EVERY;
+        if (s.unacked && !streaming) || s.ack_due || executed != s.executed_sent {
             s.ack_due = false;
+            s.unacked = false;
+            s.unacked_bytes = 0;
             s.executed_sent = executed;
             frame::encode_ack(
                 &mut s.ackbuf,
@@ -1128,6 +1153,7 @@ impl RecvState {
     fn on_frame(&mut self, bytes: &[u8]) {
         let stats = &self.shared.stats;
         stats.received(bytes.len());
+        self.bytes_in += bytes.len();
         let d = match frame::decode(bytes) {
             Ok(d) => d,
             Err(e) => {

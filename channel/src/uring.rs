@@ -35,7 +35,7 @@ use crate::transport::Transport;
 
 const LEN_PREFIX: usize = 4;
 const SEND_BUF: usize = 512 << 10;
-const RECV_BUF: usize = 64 << 10;
+const RECV_BUF: usize = 256 << 10;
 const RECV_BUFS: u16 = 16;
 const GROUP: u16 = 7;
 
@@ -102,8 +102,10 @@ pub struct UringTransport {
     pool: Box<[u8]>,
     multishot: bool,
     recv_armed: bool,
-    rbuf: Vec<u8>,
-    rstart: usize,
+    /// Received chunks not yet handed out: (buffer id, bytes), in stream order.
+    ready: std::collections::VecDeque<(u16, usize)>,
+    /// The start of a frame that continues in the next chunk (at most one frame).
+    carry: Vec<u8>,
     closed: Option<TransportError>,
     cqes: Vec<cqueue::Entry>,
     to_submit: bool,
@@ -200,8 +202,8 @@ impl UringTransport {
             pool: vec![0u8; RECV_BUF * usize::from(RECV_BUFS)].into_boxed_slice(),
             multishot: cfg.multishot,
             recv_armed: false,
-            rbuf: Vec::with_capacity(4 * RECV_BUF),
-            rstart: 0,
+            ready: std::collections::VecDeque::with_capacity(usize::from(RECV_BUFS)),
+            carry: Vec::with_capacity(LEN_PREFIX + TCP_MAX_FRAME),
             closed: None,
             cqes: Vec::with_capacity(64),
             to_submit: false,
@@ -264,6 +266,32 @@ impl UringTransport {
                 source: e,
             }),
         }
+    }
+
+    /// True when part of a frame was received but not handed out.
+    fn mid_frame(&self) -> bool {
+        !self.carry.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Gives buffer `bid` back to the kernel's group, lazily (with the next submit) unless the
+    /// kernel is running short of buffers.
+    fn provide(&mut self, bid: u16) -> Result<(), TransportError> {
+        let off = usize::from(bid) * RECV_BUF;
+        let e = opcode::ProvideBuffers::new(
+            self.pool[off..].as_mut_ptr(),
+            RECV_BUF as i32,
+            1,
+            GROUP,
+            bid,
+        )
+        .build()
+        .user_data(UD_PROVIDE);
+        self.push_lazy(&e)?;
+        self.lazy_provides += 1;
+        if self.lazy_provides >= usize::from(RECV_BUFS) / 2 {
+            self.to_submit = true;
+        }
+        Ok(())
     }
 
     fn arm_recv(&mut self) -> Result<(), TransportError> {
@@ -340,7 +368,7 @@ impl UringTransport {
                 UD_RECV => {
                     if res == 0 {
                         self.closed = Some(TransportError::Closed {
-                            mid_frame: self.rbuf.len() > self.rstart,
+                            mid_frame: self.mid_frame(),
                         });
                         self.recv_armed = false;
                         continue;
@@ -363,7 +391,7 @@ impl UringTransport {
                             }
                             libc::ECONNRESET | libc::EPIPE => {
                                 self.closed = Some(TransportError::Closed {
-                                    mid_frame: self.rbuf.len() > self.rstart,
+                                    mid_frame: self.mid_frame(),
                                 });
                                 continue;
                             }
@@ -382,29 +410,15 @@ impl UringTransport {
                                 what: "multishot recv without a buffer id".into(),
                             });
                         };
-                        let off = usize::from(bid) * RECV_BUF;
-                        self.rbuf.extend_from_slice(&self.pool[off..off + n]);
-                        let e = opcode::ProvideBuffers::new(
-                            self.pool[off..].as_mut_ptr(),
-                            RECV_BUF as i32,
-                            1,
-                            GROUP,
-                            bid,
-                        )
-                        .build()
-                        .user_data(UD_PROVIDE);
-                        // Handed back lazily (with the next send's submit) unless the kernel is
-                        // running short of buffers.
-                        self.push_lazy(&e)?;
-                        self.lazy_provides += 1;
-                        if self.lazy_provides >= usize::from(RECV_BUFS) / 2 {
-                            self.to_submit = true;
-                        }
+                        // Handed out (in place) by the next poll_recv, then given back.
+                        self.ready.push_back((bid, n));
                         if !cqueue::more(c.flags()) {
                             self.recv_armed = false;
                         }
                     } else {
-                        self.rbuf.extend_from_slice(&self.pool[..n]);
+                        // One-shot receives land at the start of the pool; the next one is
+                        // armed once this chunk is handed out.
+                        self.ready.push_back((0, n));
                         self.recv_armed = false;
                     }
                 }
@@ -420,6 +434,55 @@ impl UringTransport {
         }
         Ok(())
     }
+}
+
+/// Hands every whole frame in `chunk` (the next piece of the stream) to `on_frame`, in place;
+/// a frame begun in an earlier chunk is completed in `carry` first, and the start of a frame
+/// that continues in the next chunk is kept there. Only frames cut by a chunk boundary are
+/// copied. Returns how many frames were handed out.
+fn split_frames(
+    chunk: &[u8],
+    carry: &mut Vec<u8>,
+    on_frame: &mut dyn FnMut(&[u8]),
+) -> Result<usize, TransportError> {
+    let frame_len = |b: &[u8]| -> Result<usize, TransportError> {
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if len > TCP_MAX_FRAME {
+            return Err(TransportError::FrameTooLarge {
+                len,
+                max: TCP_MAX_FRAME,
+            });
+        }
+        Ok(len)
+    };
+    let mut n = 0;
+    let mut at = 0;
+    while !carry.is_empty() && at < chunk.len() {
+        let need = if carry.len() < LEN_PREFIX {
+            LEN_PREFIX - carry.len()
+        } else {
+            LEN_PREFIX + frame_len(carry)? - carry.len()
+        };
+        let take = need.min(chunk.len() - at);
+        carry.extend_from_slice(&chunk[at..at + take]);
+        at += take;
+        if carry.len() >= LEN_PREFIX && carry.len() == LEN_PREFIX + frame_len(carry)? {
+            on_frame(&carry[LEN_PREFIX..]);
+            carry.clear();
+            n += 1;
+        }
+    }
+    while chunk.len() - at >= LEN_PREFIX {
+        let len = frame_len(&chunk[at..])?;
+        if chunk.len() - at < LEN_PREFIX + len {
+            break;
+        }
+        on_frame(&chunk[at + LEN_PREFIX..at + LEN_PREFIX + len]);
+        at += LEN_PREFIX + len;
+        n += 1;
+    }
+    carry.extend_from_slice(&chunk[at..]);
+    Ok(n)
 }
 
 impl Drop for UringTransport {
@@ -512,7 +575,8 @@ impl Transport for UringTransport {
     }
 
     fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
-        if !self.recv_armed && self.closed.is_none() {
+        // (A one-shot receive reuses the pool: armed only once its last chunk is handed out.)
+        if !self.recv_armed && self.closed.is_none() && (self.multishot || self.ready.is_empty()) {
             self.arm_recv()?;
         }
         if self.to_submit {
@@ -529,31 +593,13 @@ impl Transport for UringTransport {
             self.submit()?;
         }
         let mut n = 0;
-        loop {
-            let b = &self.rbuf[self.rstart..];
-            if b.len() < LEN_PREFIX {
-                break;
+        while let Some((bid, len)) = self.ready.pop_front() {
+            let off = usize::from(bid) * RECV_BUF;
+            let res = split_frames(&self.pool[off..off + len], &mut self.carry, on_frame);
+            if self.multishot {
+                self.provide(bid)?;
             }
-            let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-            if len > TCP_MAX_FRAME {
-                return Err(TransportError::FrameTooLarge {
-                    len,
-                    max: TCP_MAX_FRAME,
-                });
-            }
-            if b.len() < LEN_PREFIX + len {
-                break;
-            }
-            on_frame(&b[LEN_PREFIX..LEN_PREFIX + len]);
-            self.rstart += LEN_PREFIX + len;
-            n += 1;
-        }
-        if self.rstart == self.rbuf.len() {
-            self.rbuf.clear();
-            self.rstart = 0;
-        } else if self.rstart > 2 * RECV_BUF {
-            self.rbuf.drain(..self.rstart);
-            self.rstart = 0;
+            n += res?;
         }
         if n > 0 {
             self.idle_since = None;
@@ -561,7 +607,7 @@ impl Transport for UringTransport {
             if let Some(e) = self.closed.take() {
                 let e = match e {
                     TransportError::Closed { .. } => TransportError::Closed {
-                        mid_frame: self.rbuf.len() > self.rstart,
+                        mid_frame: self.mid_frame(),
                     },
                     e => e,
                 };

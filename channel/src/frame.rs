@@ -40,7 +40,7 @@ use ftvm_ringbuf::layout::{
 /// Frame magic number.
 pub const MAGIC: u16 = 0xF7C1;
 /// Protocol version spoken by this code.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 24;
 /// Offset of the magic (u16).
@@ -65,6 +65,9 @@ pub const ACK_BODY_LEN: usize = 24;
 /// Mask of the ACK `flags` word holding the number of frames the backup dropped beyond a gap
 /// since its previous ack (a loss signal: the sender retransmits at once after a few).
 pub const ACK_GAP_MASK: u64 = 0xFFFF_FFFF;
+/// Shift of the ACK `flags` field holding how many records are missing right after `acked`
+/// while the backup holds frames beyond them (0: it holds none). Version 2.
+pub const ACK_MISSING_SHIFT: u32 = 32;
 /// Length of the HEARTBEAT body.
 pub const HEARTBEAT_BODY_LEN: usize = 8;
 /// Length of the HELLO body.
@@ -197,6 +200,9 @@ pub enum Frame<'a> {
         executed: u64,
         /// Frames the backup dropped beyond a gap since its previous ack.
         gap: u32,
+        /// Records missing right after `acked` while the backup holds frames beyond them
+        /// (records `acked + 1 ..= acked + missing`): the sender resends just those. 0: none.
+        missing: u32,
     },
     /// Keep-alive.
     Heartbeat {
@@ -334,6 +340,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, FrameError> {
                 acked: rd_u64(body, 0),
                 executed: rd_u64(body, 8),
                 gap: (rd_u64(body, 16) & ACK_GAP_MASK) as u32,
+                missing: (rd_u64(body, 16) >> ACK_MISSING_SHIFT) as u32,
             }
         }
         FrameType::Heartbeat => {
@@ -391,11 +398,19 @@ pub fn encode_refuse(buf: &mut Vec<u8>, generation: u64, reason: u32, text: &str
 }
 
 /// Encodes an ACK.
-pub fn encode_ack(buf: &mut Vec<u8>, generation: u64, acked: u64, executed: u64, gap: u32) {
+pub fn encode_ack(
+    buf: &mut Vec<u8>,
+    generation: u64,
+    acked: u64,
+    executed: u64,
+    gap: u32,
+    missing: u32,
+) {
     begin(buf, FrameType::Ack, generation);
     buf.extend_from_slice(&acked.to_le_bytes());
     buf.extend_from_slice(&executed.to_le_bytes());
-    buf.extend_from_slice(&u64::from(gap).to_le_bytes());
+    let flags = u64::from(gap) | (u64::from(missing) << ACK_MISSING_SHIFT);
+    buf.extend_from_slice(&flags.to_le_bytes());
     finish(buf);
 }
 
@@ -553,13 +568,14 @@ mod tests {
                 text: "no"
             })
         );
-        encode_ack(&mut b, 5, 10, 8, 2);
+        encode_ack(&mut b, 5, 10, 8, 2, 7);
         assert_eq!(
             decode(&b).map(|d| d.frame),
             Ok(Frame::Ack {
                 acked: 10,
                 executed: 8,
-                gap: 2
+                gap: 2,
+                missing: 7
             })
         );
         encode_heartbeat(&mut b, 5, 77);
@@ -589,7 +605,7 @@ mod tests {
     #[test]
     fn corruption_is_detected() {
         let mut b = Vec::new();
-        encode_ack(&mut b, 1, 10, 8, 0);
+        encode_ack(&mut b, 1, 10, 8, 0, 0);
         for i in 0..b.len() {
             let mut c = b.clone();
             c[i] ^= 0x40;
@@ -599,8 +615,11 @@ mod tests {
             assert!(decode(&b[..n]).is_err(), "truncation to {n} accepted");
         }
         let mut v = b.clone();
-        v[VERSION_OFFSET] = 2;
-        assert_eq!(decode(&v), Err(FrameError::Version { found: 2 }));
-        assert_eq!(peek_version_type(&v), Some((2, FrameType::Ack as u8)));
+        v[VERSION_OFFSET] = VERSION + 1;
+        assert_eq!(decode(&v), Err(FrameError::Version { found: VERSION + 1 }));
+        assert_eq!(
+            peek_version_type(&v),
+            Some((VERSION + 1, FrameType::Ack as u8))
+        );
     }
 }

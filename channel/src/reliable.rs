@@ -32,6 +32,8 @@ const MAX_TIMED: usize = 4096;
 const ACK_DEFER_MIN: usize = 16 << 10;
 /// Most frame bytes received between two acks while streaming.
 const ACK_EVERY: usize = 256 << 10;
+/// Most bytes of frames the backup holds beyond a hole (waiting for the missing records).
+const HOLD_MAX: usize = 4 << 20;
 /// Upper bound of the retransmit timeout's back-off.
 const MAX_RTO: Duration = Duration::from_millis(500);
 
@@ -184,6 +186,11 @@ pub struct Sender {
     /// A frame built in `frame` (its length) the transport had no room for, with the state to
     /// apply once it is sent.
     pending: Option<(Advance, usize)>,
+    /// Selective retransmission in progress (the backup holds frames beyond a hole).
+    resend: Option<Resend>,
+    /// First sequence number of the last hole resent (each hole is resent once; a hole that
+    /// stays open ends in a retransmit timeout and go-back-N).
+    resent_hole: u64,
     /// (last sequence number, position after it) of every frame sent since the last go-back,
     /// oldest first: an ack releases whole frames without reading their records again.
     sent_frames: std::collections::VecDeque<(u64, u64)>,
@@ -211,6 +218,23 @@ struct Advance {
     frag_next: u16,
     records: u64,
     retransmit: bool,
+    /// A selective retransmission: advances the resend cursor, not the send position.
+    resend: bool,
+}
+
+/// Where a frame is planned from: log position, its record's sequence number, fragment.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    pos: u64,
+    seq: u64,
+    frag: u16,
+}
+
+/// A selective retransmission in progress: records up to `last` are sent again from `at`.
+#[derive(Debug, Clone, Copy)]
+struct Resend {
+    at: Cursor,
+    last: u64,
 }
 
 /// Outcome of handling one frame during the handshake.
@@ -279,6 +303,8 @@ impl Sender {
             hb_frame: Vec::with_capacity(64),
             pending: None,
             sent_frames: std::collections::VecDeque::with_capacity(1024),
+            resend: None,
+            resent_hole: 0,
             last_progress: now,
             last_send: now,
             last_heard: now,
@@ -382,7 +408,7 @@ impl Sender {
                     self.acked + 1
                 )));
             }
-            self.on_ack(peer.seq - 1, peer.executed, 0, Instant::now())?;
+            self.on_ack(peer.seq - 1, peer.executed, 0, 0, Instant::now())?;
         }
         let now = Instant::now();
         self.last_heard = now;
@@ -407,6 +433,7 @@ impl Sender {
         // Karn: no round-trip samples from frames that may be retransmissions.
         self.sent_times.clear();
         self.sent_frames.clear();
+        self.resend = None;
     }
 
     /// Feeds one round-trip sample into the smoothed estimate (RFC 6298) and recomputes the
@@ -440,12 +467,14 @@ impl Sender {
         acked: u64,
         executed: u64,
         gap: u32,
+        missing: u32,
         now: Instant,
     ) -> Result<(), TransportError> {
         self.shared.executed.fetch_max(executed, Ordering::AcqRel);
         if acked <= self.acked {
             if acked == self.acked && self.next_seq > self.acked + 1 {
                 self.dup_acks = self.dup_acks.saturating_add(gap);
+                self.selective(missing);
             }
             return Ok(());
         }
@@ -507,6 +536,22 @@ impl Sender {
             self.pending = None;
         }
         self.last_progress = now;
+        // A resend the acks overtook restarts at the new first unacknowledged record.
+        if let Some(r) = self.resend {
+            if r.last <= acked {
+                self.resend = None;
+            } else if r.at.seq <= acked {
+                self.resend = Some(Resend {
+                    at: Cursor {
+                        pos: head,
+                        seq: acked + 1,
+                        frag: 0,
+                    },
+                    last: r.last,
+                });
+            }
+        }
+        self.selective(missing);
         self.window = (self.window * 2).min(self.cfg.max_inflight_bytes);
         // Progress ends any back-off.
         self.rto = self.rto_estimate();
@@ -524,6 +569,31 @@ impl Sender {
         Ok(())
     }
 
+    /// The backup holds frames beyond a hole of `missing` records after the last acked one:
+    /// resend just those (once per hole), unless a go-back is already resending them.
+    fn selective(&mut self, missing: u32) {
+        let hole = self.acked + 1;
+        if missing == 0 || self.resend.is_some() || self.resent_hole == hole {
+            return;
+        }
+        let last = (self.acked + u64::from(missing)).min(self.next_seq.saturating_sub(1));
+        if last < hole || self.frag_next > 0 && self.next_seq <= last {
+            return;
+        }
+        self.resent_hole = hole;
+        self.resend = Some(Resend {
+            at: Cursor {
+                pos: self.consumer.position(),
+                seq: hole,
+                frag: 0,
+            },
+            last,
+        });
+        self.dup_acks = 0;
+        self.shared.stats.selective_retransmit();
+        tracing::debug!(hole, last, "selective retransmission");
+    }
+
     /// One iteration: acknowledgements in, retransmit timer, new records out, heartbeat.
     /// Returns the amount of work done (0 = idle).
     ///
@@ -533,7 +603,7 @@ impl Sender {
     pub fn poll(&mut self) -> Result<usize, TransportError> {
         let mut work = 0;
         // Acknowledgements.
-        let mut acks: Option<(u64, u64, u32)> = None;
+        let mut acks: Option<(u64, u64, u32, u32)> = None;
         let mut refused: Option<String> = None;
         let mut heard = false;
         let stats = &self.shared.stats;
@@ -550,9 +620,12 @@ impl Sender {
                             acked,
                             executed,
                             gap,
+                            missing,
                         } => {
-                            let (a, x, g) = acks.unwrap_or((0, 0, 0));
-                            acks = Some((a.max(acked), x.max(executed), g.saturating_add(gap)));
+                            let (a, x, g, m) = acks.unwrap_or((0, 0, 0, 0));
+                            // The hole the newest ack reports.
+                            let m = if acked >= a { missing } else { m };
+                            acks = Some((a.max(acked), x.max(executed), g.saturating_add(gap), m));
                         }
                         Frame::Refuse { text, .. } => refused = Some(text.to_owned()),
                         _ => {}
@@ -572,8 +645,8 @@ impl Sender {
             if heard {
                 self.last_heard = now;
             }
-            if let Some((acked, executed, gap)) = acks {
-                self.on_ack(acked, executed, gap, now)?;
+            if let Some((acked, executed, gap, missing)) = acks {
+                self.on_ack(acked, executed, gap, missing, now)?;
             }
             self.timers(now)?;
         }
@@ -655,15 +728,34 @@ impl Sender {
                     p
                 }
                 None => {
-                    let head = self.consumer.position();
-                    if (self.send_pos - head) as usize >= self.window {
-                        break;
-                    }
-                    let Some(plan) = self.plan_frame()? else {
+                    let plan = if let Some(r) = self.resend {
+                        let mut at = r.at;
+                        let plan = self.plan_frame(&mut at, r.last)?;
+                        if plan.is_none() {
+                            self.resend = None;
+                            continue;
+                        }
+                        self.resend = Some(Resend { at, last: r.last });
+                        plan
+                    } else {
+                        let head = self.consumer.position();
+                        if (self.send_pos - head) as usize >= self.window {
+                            break;
+                        }
+                        let mut at = Cursor {
+                            pos: self.send_pos,
+                            seq: self.next_seq,
+                            frag: self.frag_next,
+                        };
+                        let plan = self.plan_frame(&mut at, u64::MAX)?;
+                        self.send_pos = at.pos;
+                        plan
+                    };
+                    let Some(plan) = plan else {
                         break;
                     };
                     let (transport, consumer, send_pos) =
-                        (&mut self.transport, &mut self.consumer, self.send_pos);
+                        (&mut self.transport, &mut self.consumer, plan.from);
                     match transport.send_in_place(plan.len, &mut |out| {
                         write_frame(consumer, send_pos, generation, &plan, out)
                     })? {
@@ -686,6 +778,20 @@ impl Sender {
             };
             let now = *now.get_or_insert_with(Instant::now);
             self.shared.stats.sent(len, adv.records, adv.retransmit);
+            frames += 1;
+            if adv.resend {
+                if let Some(r) = &mut self.resend {
+                    r.at = Cursor {
+                        pos: adv.pos,
+                        seq: adv.seq,
+                        frag: adv.frag_next,
+                    };
+                    if adv.seq > r.last && adv.frag_next == 0 {
+                        self.resend = None;
+                    }
+                }
+                continue;
+            }
             if self.next_seq == self.acked + 1 && self.frag_next == 0 {
                 self.last_progress = now;
             }
@@ -699,7 +805,6 @@ impl Sender {
             self.next_seq = adv.seq;
             self.frag_next = adv.frag_next;
             self.high_water = self.high_water.max(adv.pos);
-            frames += 1;
         }
         if let Some(now) = now {
             self.last_send = now;
@@ -707,21 +812,24 @@ impl Sender {
         Ok(frames)
     }
 
-    /// Plans the next DATA frame from `send_pos` (which records or which fragment, its exact
-    /// length); `None` when there is nothing to send. Reads record headers only.
-    fn plan_frame(&mut self) -> Result<Option<Plan>, TransportError> {
+    /// Plans the next DATA frame from `at` (which records or which fragment, its exact
+    /// length), with no record beyond sequence number `last` (`u64::MAX`: new data; anything
+    /// else: a selective retransmission); `None` when there is nothing to send. Reads record
+    /// headers only; moves `at.pos` past padding.
+    fn plan_frame(&mut self, at: &mut Cursor, last: u64) -> Result<Option<Plan>, TransportError> {
         let max_frame = self.max_frame;
+        let resend = last != u64::MAX;
         loop {
-            let batch = self.consumer.read_from(self.send_pos);
+            let batch = self.consumer.read_from(at.pos);
             if batch.is_empty() {
                 return Ok(None);
             }
-            let retransmit = self.send_pos < self.high_water;
+            let retransmit = resend || at.pos < self.high_water;
             let mut records = batch.records();
             let first = match records.next() {
                 None => {
                     // Only padding up to the end of the data area: skip it.
-                    self.send_pos = batch.end_position();
+                    at.pos = batch.end_position();
                     continue;
                 }
                 Some(Err(e)) => {
@@ -731,25 +839,28 @@ impl Sender {
                 }
                 Some(Ok(r)) => r,
             };
-            if first.seq() != self.next_seq {
+            if first.seq() > last {
+                return Ok(None);
+            }
+            if first.seq() != at.seq {
                 return Err(TransportError::Log {
                     what: format!(
                         "record at position {} has sequence number {}, expected {}",
                         first.position(),
                         first.seq(),
-                        self.next_seq
+                        at.seq
                     ),
                 });
             }
             let raw_len = first.raw().len();
-            if self.frag_next > 0 || DATA_OVERHEAD + raw_len > max_frame {
+            if at.frag > 0 || DATA_OVERHEAD + raw_len > max_frame {
                 let chunk = max_frame - DATA_OVERHEAD;
                 let total = raw_len.div_ceil(chunk);
                 let total16 = u16::try_from(total).map_err(|_| TransportError::FrameTooLarge {
                     len: raw_len,
                     max: chunk * usize::from(u16::MAX),
                 })?;
-                let idx = self.frag_next;
+                let idx = at.frag;
                 let from = usize::from(idx) * chunk;
                 let to = (from + chunk).min(raw_len);
                 let last = idx + 1 == total16;
@@ -760,17 +871,20 @@ impl Sender {
                         frag_next: 0,
                         records: 1,
                         retransmit,
+                        resend,
                     }
                 } else {
                     Advance {
-                        pos: self.send_pos,
-                        seq: self.next_seq,
+                        pos: at.pos,
+                        seq: at.seq,
                         frag_next: idx + 1,
                         records: 0,
                         retransmit,
+                        resend,
                     }
                 };
                 return Ok(Some(Plan {
+                    from: at.pos,
                     first_seq: first.seq(),
                     count: 1,
                     frag: (idx, total16),
@@ -784,6 +898,9 @@ impl Sender {
             let mut end = first.next_position();
             for r in records {
                 let Ok(r) = r else { break };
+                if r.seq() > last {
+                    break;
+                }
                 let raw_len = r.raw().len();
                 if len + raw_len > max_frame {
                     break;
@@ -793,6 +910,7 @@ impl Sender {
                 end = r.next_position();
             }
             return Ok(Some(Plan {
+                from: at.pos,
                 first_seq: first.seq(),
                 count,
                 frag: (0, 1),
@@ -800,10 +918,11 @@ impl Sender {
                 len,
                 adv: Advance {
                     pos: end,
-                    seq: self.next_seq + u64::from(count),
+                    seq: at.seq + u64::from(count),
                     frag_next: 0,
                     records: u64::from(count),
                     retransmit,
+                    resend,
                 },
             }));
         }
@@ -818,6 +937,8 @@ impl Sender {
 /// One DATA frame to send: planned from record headers, then written in one pass.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
+    /// Log position of the frame's first record.
+    from: u64,
     first_seq: u64,
     count: u32,
     /// (fragment index, fragment count); (0, 1) for whole records.
@@ -920,6 +1041,10 @@ struct RecvState {
     executed_sent: u64,
     ticks: u32,
     ackbuf: Vec<u8>,
+    /// Whole-record frames that arrived beyond a hole, by first sequence number: (record
+    /// count, records); delivered once the hole is filled.
+    held: std::collections::BTreeMap<u64, (u32, Vec<u8>)>,
+    held_bytes: usize,
     /// Frame bytes received in this poll, and since the last ack.
     bytes_in: usize,
     unacked_bytes: usize,
@@ -968,6 +1093,8 @@ impl Receiver {
                 executed_sent: 0,
                 ticks: 0,
                 ackbuf: Vec::with_capacity(64),
+                held: std::collections::BTreeMap::new(),
+                held_bytes: 0,
                 bytes_in: 0,
                 unacked_bytes: 0,
                 unacked: false,
@@ -988,6 +1115,8 @@ impl Receiver {
     pub fn reaccept(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
         self.transport = transport;
         self.state.reasm = Reassembly::default();
+        self.state.held.clear();
+        self.state.held_bytes = 0;
         self.handshake()
     }
 
@@ -1108,12 +1237,14 @@ impl Receiver {
             s.unacked = false;
             s.unacked_bytes = 0;
             s.executed_sent = executed;
+            let missing = s.missing();
             frame::encode_ack(
                 &mut s.ackbuf,
                 s.cfg.generation,
                 s.expected.saturating_sub(1),
                 executed,
                 std::mem::take(&mut s.gap_seen),
+                missing,
             );
             if self.transport.send(&s.ackbuf)? {
                 work += 1;
@@ -1171,6 +1302,7 @@ impl RecvState {
                 if let Err(e) = self.on_data(header, payload) {
                     self.shared.stats.decode_error(e);
                 }
+                self.drain_held();
             }
             Frame::Hello(h) if h.role == Role::Primary => self.hello_due = true,
             Frame::Heartbeat { .. } => self.ack_due = true,
@@ -1187,9 +1319,22 @@ impl RecvState {
             return Ok(());
         }
         if h.first_seq > self.expected {
+            self.ack_due = true;
+            if self.held.contains_key(&h.first_seq) {
+                stats.drop_duplicate();
+                return Ok(());
+            }
+            // Held until the hole before it is filled; the ack's `missing` asks the primary
+            // for just the records in the hole.
+            if h.frag_count == 1 && self.held_bytes + payload.len() <= HOLD_MAX {
+                frame::validate_records(payload, h.first_seq, h.count, self.max_payload)?;
+                self.held_bytes += payload.len();
+                self.held.insert(h.first_seq, (h.count, payload.to_vec()));
+                stats.held_out_of_order();
+                return Ok(());
+            }
             stats.drop_out_of_order();
             self.gap_seen = self.gap_seen.saturating_add(1);
-            self.ack_due = true;
             return Ok(());
         }
         if h.frag_count > 1 {
@@ -1232,6 +1377,42 @@ impl RecvState {
             return res;
         }
         frame::validate_records(payload, h.first_seq, h.count, self.max_payload)?;
+        self.deliver_records(payload)
+    }
+
+    /// Records missing right after the last one delivered, before the first held frame (0
+    /// when nothing is held).
+    fn missing(&self) -> u32 {
+        self.held.first_key_value().map_or(0, |(&first, _)| {
+            u32::try_from(first.saturating_sub(self.expected)).unwrap_or(u32::MAX)
+        })
+    }
+
+    /// Delivers the held frames the log has caught up with.
+    fn drain_held(&mut self) {
+        while let Some(entry) = self.held.first_entry() {
+            if *entry.key() > self.expected {
+                break;
+            }
+            let (first, (count, records)) = entry.remove_entry();
+            self.held_bytes -= records.len();
+            let last = first + u64::from(count) - 1;
+            if last < self.expected {
+                continue;
+            }
+            if let Err(e) = self.deliver_records(&records) {
+                self.shared.stats.decode_error(e);
+            }
+            if self.expected <= last {
+                // Short of room: the rest comes again.
+                break;
+            }
+        }
+    }
+
+    /// Delivers the records of a checked DATA body from `expected` on (those below are
+    /// already held).
+    fn deliver_records(&mut self, payload: &[u8]) -> Result<(), FrameError> {
         let mut at = 0;
         while at < payload.len() {
             let (rec, used) = frame::parse_record(&payload[at..])?;

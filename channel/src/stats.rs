@@ -15,6 +15,8 @@ pub struct Stats {
     records_delivered: AtomicU64,
     retransmit_timeouts: AtomicU64,
     retransmitted_frames: AtomicU64,
+    selective_retransmits: AtomicU64,
+    held_out_of_order: AtomicU64,
     drop_truncated: AtomicU64,
     drop_bad_header: AtomicU64,
     drop_version: AtomicU64,
@@ -47,6 +49,12 @@ pub struct StatsSnapshot {
     pub retransmit_timeouts: u64,
     /// DATA frames sent again.
     pub retransmitted_frames: u64,
+    /// Selective retransmissions: the backup reported a hole (it holds frames beyond it) and
+    /// only the missing records were sent again.
+    pub selective_retransmits: u64,
+    /// Frames that arrived beyond a hole and were held by the backup until it was filled (not
+    /// drops: their records are delivered).
+    pub held_out_of_order: u64,
     /// Dropped: shorter than announced.
     pub drop_truncated: u64,
     /// Dropped: bad magic or unknown type.
@@ -98,6 +106,8 @@ impl Stats {
             records_delivered: self.records_delivered.load(Relaxed),
             retransmit_timeouts: self.retransmit_timeouts.load(Relaxed),
             retransmitted_frames: self.retransmitted_frames.load(Relaxed),
+            selective_retransmits: self.selective_retransmits.load(Relaxed),
+            held_out_of_order: self.held_out_of_order.load(Relaxed),
             drop_truncated: self.drop_truncated.load(Relaxed),
             drop_bad_header: self.drop_bad_header.load(Relaxed),
             drop_version: self.drop_version.load(Relaxed),
@@ -157,6 +167,14 @@ impl Stats {
     pub(crate) fn drop_duplicate(&self) {
         Self::add(&self.drop_duplicate, 1);
     }
+    pub(crate) fn selective_retransmit(&self) {
+        Self::add(&self.selective_retransmits, 1);
+    }
+
+    pub(crate) fn held_out_of_order(&self) {
+        Self::add(&self.held_out_of_order, 1);
+    }
+
     pub(crate) fn drop_out_of_order(&self) {
         Self::add(&self.drop_out_of_order, 1);
     }

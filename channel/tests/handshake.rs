@@ -81,7 +81,7 @@ fn matching_handshake_accepted() {
 }
 
 /// Makes a HELLO of another protocol version (valid checksum).
-fn hello_v2(role: Role) -> Vec<u8> {
+fn hello_next_version(role: Role) -> Vec<u8> {
     let mut b = Vec::new();
     let h = Hello {
         role,
@@ -121,7 +121,7 @@ fn version_mismatch_refused_by_backup_with_reason() {
         let (p, _c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
         Receiver::accept(Box::new(b), p, cfg(1, 1)).map(|_| ())
     });
-    assert!(a.send(&hello_v2(Role::Primary)).expect("send"));
+    assert!(a.send(&hello_next_version(Role::Primary)).expect("send"));
     a.flush().expect("flush");
     let refusal = recv_one(&mut a);
     let Ok(frame::Decoded {
@@ -137,8 +137,9 @@ fn version_mismatch_refused_by_backup_with_reason() {
         .expect("thread")
         .expect_err("accepted another version")
         .to_string();
+    let next = (frame::VERSION + 1).to_string();
     assert!(
-        err.contains("protocol version mismatch") && err.contains('2'),
+        err.contains("protocol version mismatch") && err.contains(&next),
         "{err}"
     );
 }
@@ -155,12 +156,13 @@ fn version_mismatch_refused_by_primary() {
         frame::decode(&first).map(|d| d.frame),
         Ok(Frame::Hello(_))
     ));
-    assert!(b.send(&hello_v2(Role::Backup)).expect("send"));
+    assert!(b.send(&hello_next_version(Role::Backup)).expect("send"));
     b.flush().expect("flush");
     let err = tx
         .join()
         .expect("thread")
         .expect_err("accepted another version")
         .to_string();
-    assert!(err.contains("protocol version 2"), "{err}");
+    let next = format!("protocol version {}", frame::VERSION + 1);
+    assert!(err.contains(&next), "{err}");
 }

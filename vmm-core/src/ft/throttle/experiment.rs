@@ -17,8 +17,8 @@ use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport, Tran
 use ftvm_ringbuf::IdleKind;
 
 use super::{
-    current_tid, error_text, thread_cpu_time, CgroupCpu, PairLag, Throttle, ThrottleConfig,
-    ThrottleError, ThrottleStatus,
+    current_tid, error_text, propose_target, thread_cpu_time, Actuator, AgreedTarget, CgroupCpu,
+    PairLag, TargetFollower, Throttle, ThrottleConfig, ThrottleError, ThrottleStatus,
 };
 use crate::devices::sys::{REG_CLOCK_NS, REG_POWER_OFF};
 use crate::ft::backup::{run_backup, BackupReport, LogReader};
@@ -109,6 +109,19 @@ impl Transport for StallAcks {
     }
 }
 
+/// The actuator of a run without throttling: the controller runs (so the lag is measured the
+/// same way) but nothing is applied.
+struct Observe;
+
+impl Actuator for Observe {
+    fn set_share(&mut self, _share: f64) -> Result<(), ThrottleError> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "none (measuring only)".into()
+    }
+}
+
 /// What happens when, counted from the start of the primary's run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Event {
@@ -116,6 +129,8 @@ pub enum Event {
     BackupShare(f64),
     /// Withhold (`true`) or deliver again (`false`) the backup's acks.
     StallAcks(bool),
+    /// Propose a new throttle target through the log ([`propose_target`]).
+    ProposeTarget(Duration),
 }
 
 /// Parameters of a run.
@@ -127,7 +142,7 @@ pub struct ExperimentConfig {
     pub spin: u32,
     /// Log buffer capacity of each side (a power of two).
     pub ring_capacity: usize,
-    /// The primary's throttle (`None`: none).
+    /// The primary's throttle (`None`: none; the lag is still measured).
     pub throttle: Option<ThrottleConfig>,
     /// The backup's CPU share before the first event.
     pub backup_share: f64,
@@ -182,7 +197,7 @@ pub struct Sample {
     pub backup_cpu: f64,
     /// The backup's cgroup limit (1: none).
     pub backup_share: f64,
-    /// The throttle's time lag (ms; 0 without a throttle).
+    /// The time lag (ms).
     pub lag_ms: f64,
     /// The throttle's predicted lag (ms).
     pub predicted_ms: f64,
@@ -200,6 +215,8 @@ pub struct Sample {
     pub stall_s: f64,
     /// Whether acks are being withheld.
     pub acks_stalled: bool,
+    /// The throttle's target (ms).
+    pub target_ms: f64,
 }
 
 /// What a run did.
@@ -211,10 +228,15 @@ pub struct ExperimentReport {
     pub primary: Result<PrimaryReport, String>,
     /// The backup's run.
     pub backup: Result<BackupReport, String>,
-    /// The throttle's final state.
+    /// The throttle's final state (without a throttle: the measuring controller's, whose
+    /// `share` was never applied).
     pub throttle: Option<ThrottleStatus>,
     /// The log buffer capacity of the primary (bytes).
     pub ring_capacity: usize,
+    /// The last throttle target the primary applied from the log, and where.
+    pub primary_target: Option<AgreedTarget>,
+    /// The last throttle target the backup applied from the log, and where.
+    pub backup_target: Option<AgreedTarget>,
 }
 
 fn cpu_of(tid: i32) -> f64 {
@@ -262,17 +284,19 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
     limit.set_weight(cfg.backup_weight)?;
     let limit = Arc::new(Mutex::new(limit));
     let backup_tid = Arc::new(AtomicI32::new(0));
+    let backup_follower = TargetFollower::new();
     let vm_config = || VmConfig {
         mem_size: MEM_SIZE,
         console: buffer_console().0,
         ..Default::default()
     };
     let backup = {
-        let (elf, chan, limit, backup_tid) = (
+        let (elf, chan, limit, backup_tid, follower) = (
             elf.clone(),
             chan.clone(),
             Arc::clone(&limit),
             Arc::clone(&backup_tid),
+            backup_follower.clone(),
         );
         let ring = cfg.ring_capacity;
         let cfg_vm = vm_config();
@@ -294,6 +318,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                     LogReceiver::start(p, c, Box::new(t), chan, pc).map_err(|e| error_chain(&e))?;
                 // Park when caught up: a spinning backup would take the primary's CPU.
                 let reader = LogReader::new(rx, IdleKind::Park, None);
+                follower.install(reader.controls());
                 run_backup(&mut vm, reader).map_err(|e| error_chain(&e))
             })
             .map_err(|e| ExperimentError::Setup(format!("backup thread: {e}")))?
@@ -313,8 +338,11 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
     let writer = LogWriter::new(sender, IdleKind::Yield);
     let shared = Arc::clone(writer.sender().shared());
     let primary_tid = current_tid();
+    let mut primary_group = None;
+    let lag_source = PairLag::new(Arc::clone(&shared), Arc::clone(writer.position()));
+    let throttling = cfg.throttle.is_some();
     let throttle = match &cfg.throttle {
-        Some(tc) => Some(Throttle::start(
+        Some(tc) => Throttle::start(
             ThrottleConfig {
                 group_name: Some(
                     tc.group_name
@@ -324,11 +352,31 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                 cpu_weight: tc.cpu_weight.or(Some(cfg.backup_weight)),
                 ..tc.clone()
             },
-            PairLag::new(Arc::clone(&shared), Arc::clone(writer.position())),
+            lag_source,
             primary_tid,
-        )?),
-        None => None,
+        )?,
+        None => {
+            // The same weight as a throttled primary, without a quota.
+            let mut g = CgroupCpu::create(&group_name("primary"), Duration::from_millis(10))?;
+            g.set_weight(cfg.backup_weight)?;
+            g.add_thread(primary_tid)?;
+            primary_group = Some(g);
+            Throttle::with_actuator(
+                ThrottleConfig {
+                    status_interval: Duration::ZERO,
+                    ..Default::default()
+                },
+                lag_source,
+                Box::new(Observe),
+            )?
+        }
     };
+    let primary_follower = if throttling {
+        throttle.follower()
+    } else {
+        TargetFollower::new()
+    };
+    primary_follower.install(writer.controls());
     let opts = PairOptions {
         digest_interval: cfg.digest_interval,
         mem_digest_every: 0,
@@ -366,6 +414,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                                 }
                             }
                             Event::StallAcks(on) => stall.store(on, Ordering::Release),
+                            Event::ProposeTarget(d) => propose_target(writer.controls(), d),
                         }
                         next_event += 1;
                     }
@@ -375,16 +424,16 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                         cpu_of(backup_tid.load(Ordering::Acquire)),
                     );
                     let dt = (ts - t0).max(1e-6);
-                    let st = throttle.as_ref().map(Throttle::status);
+                    let st = throttle.status();
                     let stalls = writer.stalls();
                     samples.push(Sample {
                         t: ts,
-                        share: st.map_or(1.0, |s| s.share),
+                        share: if throttling { st.share } else { 1.0 },
                         primary_cpu: (pc - pc0) / dt,
                         backup_cpu: if bc0 > 0.0 { (bc - bc0) / dt } else { 0.0 },
                         backup_share,
-                        lag_ms: st.map_or(0.0, |s| s.lag_ms),
-                        predicted_ms: st.map_or(0.0, |s| s.lag_predicted_ms),
+                        lag_ms: st.lag_ms,
+                        predicted_ms: st.lag_predicted_ms,
                         logged: writer.position().load(Ordering::Acquire),
                         acked: shared.acked_seq(),
                         executed: shared.executed_seq(),
@@ -392,6 +441,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                         stalls: stalls.count,
                         stall_s: stalls.time.as_secs_f64(),
                         acks_stalled: stall.load(Ordering::Acquire),
+                        target_ms: st.target_ms,
                     });
                     (pc0, bc0, t0) = (pc, bc, ts);
                 }
@@ -407,7 +457,8 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
         (primary, samples)
     });
     let samples = samples?;
-    let throttle = throttle.map(Throttle::stop);
+    let throttle = Some(throttle.stop());
+    drop(primary_group);
     // Hang up: the backup lingers until the primary's side of the link closes.
     drop(writer);
     drop(vm);
@@ -420,6 +471,8 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
         backup,
         throttle,
         ring_capacity: cfg.ring_capacity,
+        primary_target: primary_follower.agreed(),
+        backup_target: backup_follower.agreed(),
     })
 }
 

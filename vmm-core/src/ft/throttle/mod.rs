@@ -17,6 +17,8 @@
 //!   filter on the lag), pure and unit-tested against a simulated plant.
 //! - [`cgroup`]: the actuator, a cgroup v1 `cpu` group holding the vCPU thread
 //!   (`cpu.cfs_quota_us = share × cpu.cfs_period_us`).
+//! - [`control`]: a target change agreed through the log (a control entry applied by both
+//!   sides at the same exit index).
 //! - [`experiment`]: a primary/backup pair in one process with the backup slowed by a cgroup on
 //!   a schedule, sampled over time (the scenario tests and the `throttle` benchmark).
 //! - [`Throttle`]: the controller thread tying them together; [`ThrottleStatus`] is its state
@@ -68,6 +70,7 @@
 //! ```
 
 pub mod cgroup;
+pub mod control;
 pub mod experiment;
 pub mod lag;
 pub mod pi;
@@ -79,6 +82,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use cgroup::{cgroup_cpu_unusable, current_tid, thread_cpu_time, CgroupCpu};
+pub use control::{propose_target, AgreedTarget, TargetFollower, CONTROL_TARGET_US};
 pub use lag::{Lag, LagMeter, LagSource, PairLag};
 pub use pi::{PiConfig, PiController};
 
@@ -278,6 +282,13 @@ struct Inner {
     status: Mutex<ThrottleStatus>,
 }
 
+impl Inner {
+    fn set_target(&self, target: Duration) {
+        let ns = target.as_nanos().clamp(1, u64::MAX as u128) as u64;
+        self.target_ns.store(ns, Ordering::Release);
+    }
+}
+
 /// The throttle controller: a thread sampling the lag and setting the primary vCPU's share.
 /// Stopping (or dropping) it restores full speed and removes its cgroup.
 #[derive(Debug)]
@@ -352,10 +363,16 @@ impl Throttle {
         *self.inner.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes the lag target (takes effect at the next update).
+    /// Changes the lag target (takes effect at the next update). In a pair, prefer
+    /// [`propose_target`]: the change then goes through the log and the backup agrees on it.
     pub fn set_target(&self, target: Duration) {
-        let ns = target.as_nanos().clamp(1, u64::MAX as u128) as u64;
-        self.inner.target_ns.store(ns, Ordering::Release);
+        self.inner.set_target(target);
+    }
+
+    /// A [`TargetFollower`] that sets this throttle's target when a target control is applied
+    /// (install it on the primary's `LogWriter::controls()`).
+    pub fn follower(&self) -> TargetFollower {
+        TargetFollower::for_throttle(Arc::clone(&self.inner))
     }
 
     /// The lag target.

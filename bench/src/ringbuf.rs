@@ -4,19 +4,32 @@
 //! cores and every implementation moving the same payloads (a template with the record's number
 //! in its first 8 bytes) and the consumer really reading them (an XOR fold of every 8-byte word
 //! plus a sum of the numbers that must come out right):
-//! - throughput in million records per second: ours (claim → fill in place → commit; the
-//!   consumer reads whole batches and releases each with one store), rtrb with `push`/`pop`,
-//!   rtrb with its chunk API (`write_chunk_uninit` / `read_chunk` of everything available), and
-//!   `ArrayQueue` with `push`/`pop`. `rtrb_mps` is the better of rtrb's two uses. Ours is
-//!   measured twice: `ours_mps` publishes every `--publish-every` records (default 32,
-//!   `Claim::commit_deferred` + `Producer::publish`), `ours_per_record_publish_mps` at every commit.
+//! - throughput in million records per second. Each implementation is driven through its own
+//!   batch interface where it has one, with the same batch size `B` (`--batch`, default 128
+//!   records) on the producer side and "everything available" on the consumer side:
+//!   - ours: claim → fill in place → `commit_deferred`, and `publish` every `B` records (one
+//!     Release store per batch); the consumer takes every committed record up to the end of the
+//!     data area as one batch and releases it with one store. `ours_per_record_publish_mps`
+//!     publishes at every commit (`Claim::commit`) instead.
+//!   - rtrb chunks: `write_chunk_uninit(min(free slots, B))` filled with `fill_from_iter` and
+//!     committed once (`rtrb_chunk_mps`), and the same with every free slot in one chunk
+//!     (`rtrb_chunk_free_mps`); the consumer takes `read_chunk(all available)` and commits it
+//!     once. `rtrb_push_pop_mps`: `push`/`pop` one record at a time.
+//!   - `ArrayQueue` has no batch interface: `push`/`pop`.
+//!
+//!   `rtrb_mps` is the best of rtrb's three uses, so "ours vs rtrb" is against rtrb at its best.
+//!   For reference, `rtrb_chunk_record_sized_mps` runs rtrb's chunk API (batches as ours) with
+//!   items of `size + 16` bytes: as many bytes per record as ours moves with its header, which
+//!   separates the cost of the header bytes from the cost of the buffer's mechanics.
+//!   Both batch paths do the same work per batch: one read of the other side's index when the
+//!   cached one runs out, one Release store to publish, one to free.
 //! - ping-pong round-trip time (one record there, one back; hdrhistogram p50 / p99) for all
 //!   three, spinning.
 //!
-//! Every measurement is repeated (`--reps`, default 3 quick / 5 full); the JSON holds the
-//! medians. Each queue holds the same payload bytes: 4096 records of 64 B / 256 B, 1024 of 1 KiB
-//! (ours: a data area of that many payload bytes, so it holds a few records fewer because of
-//! the 16-byte headers).
+//! Every measurement is repeated (`--reps`, default 3 quick / 5 full), the implementations
+//! interleaved in alternating order within each repetition; the JSON holds the medians. Each
+//! queue holds the same payload bytes: 4096 records of 64 B / 256 B, 1024 of 1 KiB (ours: a data
+//! area of that many payload bytes, so it holds fewer records because of the 16-byte headers).
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
@@ -38,10 +51,14 @@ struct Row {
     reps: usize,
     ours_mps: f64,
     ours_per_record_publish_mps: f64,
-    publish_every: u64,
+    batch: u64,
     rtrb_mps: f64,
     rtrb_push_pop_mps: f64,
     rtrb_chunk_mps: f64,
+    rtrb_chunk_free_mps: f64,
+    /// rtrb's chunk API (batches as ours) with items of `size + 16` bytes — as many bytes per
+    /// record as ours moves (payload and header) — for reference; not part of `rtrb_mps`.
+    rtrb_chunk_record_sized_mps: f64,
     crossbeam_mps: f64,
     ours_vs_rtrb: f64,
     ours_vs_crossbeam: f64,
@@ -53,13 +70,18 @@ struct Row {
     crossbeam_rtt_p99_ns: f64,
 }
 
+/// The record payload sizes measured.
+const SIZES: &[usize] = &[64, 256, 1024];
+
 /// Parameters of one run.
 #[derive(Debug, Clone, Copy)]
 struct Params {
     records: u64,
     rtt_samples: u64,
     reps: usize,
-    publish_every: u64,
+    batch: u64,
+    /// Record sizes to measure (a subset of 64, 256, 1024).
+    sizes: &'static [usize],
 }
 
 /// The cores the two threads are pinned to (the first two the OS offers), if any.
@@ -155,22 +177,25 @@ fn mps(n: u64, d: Duration) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Throughput
 
-/// Ours. `publish_every == 1`: every record published at commit; otherwise records are
-/// committed with `commit_deferred` and published every `publish_every` records (and whenever a
-/// claim finds the buffer full).
-fn tput_ours<const N: usize>(n: u64, publish_every: u64) -> anyhow::Result<f64> {
+/// Ours. `batch == 1`: every record published at commit; otherwise records are committed with
+/// `commit_deferred` and published every `batch` records (and whenever a claim finds the buffer
+/// full).
+fn tput_ours<const N: usize>(n: u64, batch: u64) -> anyhow::Result<f64> {
     let (mut tx, mut rx) = ftvm_ringbuf::with_capacity(slots(N) * N)?;
     let t = template::<N>();
     let d = run_pair(
         n,
         move || {
+            let mut left = batch; // records until the next publication
             for i in 0..n {
                 loop {
                     match tx.claim(1, N) {
                         Ok(mut c) => {
                             fill(&mut c, &t, i);
-                            if publish_every == 1 || (i + 1) % publish_every == 0 {
+                            left -= 1;
+                            if left == 0 {
                                 c.commit();
+                                left = batch;
                             } else {
                                 c.commit_deferred();
                             }
@@ -242,15 +267,21 @@ fn tput_rtrb<const N: usize>(n: u64) -> anyhow::Result<f64> {
     Ok(mps(n, d))
 }
 
-fn tput_rtrb_chunk<const N: usize>(n: u64) -> anyhow::Result<f64> {
-    let (mut tx, mut rx) = rtrb::RingBuffer::<[u8; N]>::new(slots(N));
+/// rtrb's chunk API: chunks of at most `max_chunk` records (`u64::MAX`: every free slot).
+fn tput_rtrb_chunk<const N: usize>(n: u64, max_chunk: u64) -> anyhow::Result<f64> {
+    tput_rtrb_chunk_in::<N>(n, max_chunk, slots(N))
+}
+
+/// As [`tput_rtrb_chunk`], with `slots` items in the queue.
+fn tput_rtrb_chunk_in<const N: usize>(n: u64, max_chunk: u64, slots: usize) -> anyhow::Result<f64> {
+    let (mut tx, mut rx) = rtrb::RingBuffer::<[u8; N]>::new(slots);
     let t = template::<N>();
     let d = run_pair(
         n,
         move || {
             let mut i = 0u64;
             while i < n {
-                let want = (tx.slots() as u64).min(n - i) as usize;
+                let want = (tx.slots() as u64).min(n - i).min(max_chunk) as usize;
                 if want == 0 {
                     std::hint::spin_loop();
                     continue;
@@ -518,29 +549,53 @@ fn rtt_crossbeam<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>>
 
 // ---------------------------------------------------------------------------------------------
 
-/// Medians over the repetitions for one record size.
-fn measure<const N: usize>(p: Params, bar: &indicatif::ProgressBar) -> anyhow::Result<Row> {
-    let (mut ours, mut ours1, mut rtrb_pp, mut rtrb_ch, mut cb) =
-        (vec![], vec![], vec![], vec![], vec![]);
+/// Medians over the repetitions for one record size: `N` payload bytes, `M = N + 16` bytes per
+/// record in our buffer (the header).
+fn measure<const N: usize, const M: usize>(
+    p: Params,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<Row> {
+    let (mut ours, mut ours1, mut rtrb_pp, mut rtrb_ch, mut rtrb_chf, mut cb, mut rtrb_hdr) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut o50, mut o99, mut r50, mut r99, mut c50, mut c99) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     // Same bytes moved at every size: fewer, larger records.
     let records = (p.records * 64 / N as u64).max(1);
+    type Run = fn(u64, u64) -> anyhow::Result<f64>;
+    let runs: [(Run, u64, usize); 7] = [
+        (tput_ours::<N>, p.batch, 0),
+        (tput_ours::<N>, 1, 1),
+        (|n, _| tput_rtrb::<N>(n), 0, 2),
+        (tput_rtrb_chunk::<N>, p.batch, 3),
+        (tput_rtrb_chunk::<N>, u64::MAX, 4),
+        (|n, _| tput_crossbeam::<N>(n), 0, 5),
+        // Items as large as our records (payload + 16-byte header), in the same queue bytes.
+        (
+            |n, b| tput_rtrb_chunk_in::<M>(n, b, slots(N) * N / M),
+            p.batch,
+            6,
+        ),
+    ];
     for rep in 0..p.reps {
         bar.set_message(format!("{N} B, rep {}/{}", rep + 1, p.reps));
         // Alternate the order so slow drift (other processes) does not favour one side.
-        if rep % 2 == 0 {
-            ours.push(tput_ours::<N>(records, p.publish_every)?);
-            ours1.push(tput_ours::<N>(records, 1)?);
-            rtrb_pp.push(tput_rtrb::<N>(records)?);
-            rtrb_ch.push(tput_rtrb_chunk::<N>(records)?);
-            cb.push(tput_crossbeam::<N>(records)?);
+        let order: Vec<&(Run, u64, usize)> = if rep % 2 == 0 {
+            runs.iter().collect()
         } else {
-            cb.push(tput_crossbeam::<N>(records)?);
-            rtrb_ch.push(tput_rtrb_chunk::<N>(records)?);
-            rtrb_pp.push(tput_rtrb::<N>(records)?);
-            ours1.push(tput_ours::<N>(records, 1)?);
-            ours.push(tput_ours::<N>(records, p.publish_every)?);
+            runs.iter().rev().collect()
+        };
+        for &(run, arg, slot) in order {
+            let v = run(records, arg)?;
+            [
+                &mut ours,
+                &mut ours1,
+                &mut rtrb_pp,
+                &mut rtrb_ch,
+                &mut rtrb_chf,
+                &mut cb,
+                &mut rtrb_hdr,
+            ][slot]
+                .push(v);
         }
         bar.inc(1);
         let h = rtt_ours::<N>(p.rtt_samples)?;
@@ -555,19 +610,26 @@ fn measure<const N: usize>(p: Params, bar: &indicatif::ProgressBar) -> anyhow::R
         bar.inc(1);
     }
     let m = report::median;
-    let (ours_mps, rtrb_pp_mps, rtrb_ch_mps, crossbeam_mps) =
-        (m(&mut ours), m(&mut rtrb_pp), m(&mut rtrb_ch), m(&mut cb));
-    let rtrb_mps = rtrb_pp_mps.max(rtrb_ch_mps);
+    let (ours_mps, rtrb_pp_mps, rtrb_ch_mps, rtrb_chf_mps, crossbeam_mps) = (
+        m(&mut ours),
+        m(&mut rtrb_pp),
+        m(&mut rtrb_ch),
+        m(&mut rtrb_chf),
+        m(&mut cb),
+    );
+    let rtrb_mps = rtrb_pp_mps.max(rtrb_ch_mps).max(rtrb_chf_mps);
     Ok(Row {
         size: N,
         records_per_run: records,
         reps: p.reps,
         ours_mps,
         ours_per_record_publish_mps: m(&mut ours1),
-        publish_every: p.publish_every,
+        batch: p.batch,
         rtrb_mps,
         rtrb_push_pop_mps: rtrb_pp_mps,
         rtrb_chunk_mps: rtrb_ch_mps,
+        rtrb_chunk_free_mps: rtrb_chf_mps,
+        rtrb_chunk_record_sized_mps: m(&mut rtrb_hdr),
         crossbeam_mps,
         ours_vs_rtrb: ours_mps / rtrb_mps,
         ours_vs_crossbeam: ours_mps / crossbeam_mps,
@@ -593,10 +655,17 @@ fn parse_rest(opts: &Opts, p: &mut Params) -> anyhow::Result<()> {
             "--reps" => p.reps = usize::try_from(val("--reps")?.max(1))?,
             "--records" => p.records = val("--records")?.max(1),
             "--rtt-samples" => p.rtt_samples = val("--rtt-samples")?.max(1),
-            "--publish-every" => p.publish_every = val("--publish-every")?.max(1),
+            "--batch" | "--publish-every" => p.batch = val("--batch")?.max(1),
+            "--size" => {
+                let size = val("--size")?;
+                p.sizes = match SIZES.iter().position(|&s| s as u64 == size) {
+                    Some(i) => &SIZES[i..=i],
+                    None => bail!("--size must be one of {SIZES:?}"),
+                };
+            }
             other => bail!(
                 "unknown ringbuf option {other:?} \
-                 (--reps N, --records N, --rtt-samples N, --publish-every N)"
+                 (--reps N, --records N, --rtt-samples N, --batch N, --size 64|256|1024)"
             ),
         }
     }
@@ -607,26 +676,31 @@ fn parse_rest(opts: &Opts, p: &mut Params) -> anyhow::Result<()> {
 pub fn run(opts: &Opts) -> anyhow::Result<()> {
     let mut p = if opts.quick {
         Params {
-            records: 2_000_000,
-            rtt_samples: 20_000,
+            records: 1_000_000,
+            rtt_samples: 10_000,
             reps: 3,
-            publish_every: 32,
+            batch: 128,
+            sizes: SIZES,
         }
     } else {
         Params {
             records: 20_000_000,
             rtt_samples: 200_000,
             reps: 5,
-            publish_every: 32,
+            batch: 128,
+            sizes: SIZES,
         }
     };
     parse_rest(opts, &mut p)?;
-    let bar = report::progress(3 * 2 * p.reps as u64, "ringbuf");
-    let rows = vec![
-        measure::<64>(p, &bar)?,
-        measure::<256>(p, &bar)?,
-        measure::<1024>(p, &bar)?,
-    ];
+    let bar = report::progress(p.sizes.len() as u64 * 2 * p.reps as u64, "ringbuf");
+    let mut rows = Vec::new();
+    for &size in p.sizes {
+        rows.push(match size {
+            64 => measure::<64, 80>(p, &bar)?,
+            256 => measure::<256, 272>(p, &bar)?,
+            _ => measure::<1024, 1040>(p, &bar)?,
+        });
+    }
     bar.finish_and_clear();
 
     let json = report::write_json(opts, "ringbuf", &rows)?;
@@ -672,6 +746,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 format!("{:.1}", r.ours_per_record_publish_mps),
                 format!("{:.1}", r.rtrb_push_pop_mps),
                 format!("{:.1}", r.rtrb_chunk_mps),
+                format!("{:.1}", r.rtrb_chunk_free_mps),
+                format!("{:.1}", r.rtrb_chunk_record_sized_mps),
                 format!("{:.1}", r.crossbeam_mps),
                 format!("{:.2}", r.ours_vs_rtrb),
                 format!("{:.2}", r.ours_vs_crossbeam),
@@ -686,8 +762,9 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         .collect();
     report::print_table(
         &format!(
-            "ringbuf (medians of {} runs; M records/s; RTT p50/p99 ns)",
-            p.reps
+            "ringbuf (medians of {} runs; M records/s, batches of {} records, rtrb chunk* = \
+             all free slots, rtrb chunk+16 = items of size+16 B; RTT p50/p99 ns)",
+            p.reps, p.batch
         ),
         &[
             "bytes",
@@ -695,6 +772,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             "ours 1by1",
             "rtrb push",
             "rtrb chunk",
+            "rtrb chunk*",
+            "rtrb chunk+16",
             "crossbeam",
             "ours/rtrb",
             "ours/cb",

@@ -706,10 +706,9 @@ struct SlowPlan {
 /// `Producer::plan` when the record wraps or the cached head says the buffer may be full.
 ///
 /// Out of line and `extern "C"`: a caller in another crate then knows that the call cannot
-/// unwind (a panic would abort) and touches none of its locals, so a loop of claims keeps the
-/// producer's tail and sequence number in registers rather than storing them to memory before
-/// every claim in case this cold call is taken. (Inlined, its Acquire load of `head` would stop
-/// LLVM from keeping them in registers at all.)
+/// unwind (a panic would abort) and is handed values, not the producer, so a loop of claims
+/// keeps the producer's tail and sequence number in registers instead of reloading them from
+/// memory for every claim. (Inlined, its Acquire load of `head` made LLVM reload them.)
 #[cold]
 #[inline(never)]
 extern "C" fn plan_slow(ring: &Ring, tail: u64, limit: u64, span: usize) -> SlowPlan {

@@ -70,6 +70,35 @@ pub trait ReplaySource: Send {
         exit: u64,
         apply: &mut dyn FnMut(u64, &[u8]),
     ) -> Result<(), ReplayError>;
+    /// The source ran out of entries at exit `exit` (one of its methods just returned
+    /// [`ReplayError::Exhausted`]). Returns the recorder of live inputs if the run continues
+    /// **live** from this point (a backup that won the take-over after its primary failed), or
+    /// `None` to end the replay with the error (the default).
+    ///
+    /// Where the VMM asks (see [`try_go_live`]): at an external read (the read, and the rest of
+    /// the exit, are then answered live: the writes logged for this exit before the missing read
+    /// are discarded), and at the end of an exit (the writes of the exit received so far have
+    /// been applied; the next exit runs live).
+    fn go_live(&mut self, exit: u64) -> Option<Box<dyn Recorder>> {
+        let _ = exit;
+        None
+    }
+}
+
+/// After the replay source of `inputs` returned [`ReplayError::Exhausted`] at exit `exit`: asks
+/// it whether the run goes live ([`ReplaySource::go_live`]); if so, `inputs` becomes
+/// [`Inputs::Live`] with the recorder it returned, and this returns `true`.
+pub fn try_go_live(inputs: &mut Inputs, exit: u64) -> bool {
+    let Inputs::Replay(src) = inputs else {
+        return false;
+    };
+    match src.go_live(exit) {
+        Some(rec) => {
+            *inputs = Inputs::Live(rec);
+            true
+        }
+        None => false,
+    }
 }
 
 /// Where the nondeterministic inputs of a run come from.

@@ -24,7 +24,7 @@ use crate::kvm::KvmContext;
 use crate::memory::{
     GuestMem, Layout, BOOT_INFO_ADDR, GDT, GDT_ADDR, GDT_CODE, GDT_DATA, PML4_ADDR,
 };
-use crate::record::{apply_logged_writes, Inputs};
+use crate::record::{apply_logged_writes, try_go_live, Inputs, ReplayError};
 use crate::state::{StateError, StateReader, StateWriter};
 
 /// CR0 at entry: PE | MP | ET | NE | WP | AM | PG (EM clear).
@@ -353,8 +353,18 @@ pub fn handle_exit(
             addr,
             source,
         };
-        apply_logged_writes(src.as_mut(), mem, index)
-            .map_err(|e| dev_err(DeviceError::Replay(e)))?;
+        match apply_logged_writes(src.as_mut(), mem, index) {
+            Ok(()) => {}
+            // The log ran out at the end of this exit and the run went live: the writes of
+            // this exit received so far are applied; the next exit runs live.
+            Err(ReplayError::Exhausted { .. }) if try_go_live(inputs, index) => {
+                tracing::info!(
+                    exit = index,
+                    "replay ended at the end of an exit: running live"
+                );
+            }
+            Err(e) => return Err(dev_err(DeviceError::Replay(e))),
+        }
         let ctx = ExitCtx {
             mem,
             exit: index,

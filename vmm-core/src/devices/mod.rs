@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::bus::{BusDevice, DeviceError, EventSignal, ExitAction, ExitCtx, DEVICE_SIZE};
 use crate::memory::{MMIO_BASE, MMIO_SIZE};
-use crate::record::Inputs;
+use crate::record::{try_go_live, Inputs, ReplayError};
 use crate::state::{StateError, StateReader, StateWriter, Stateful};
 
 use self::sys::{SysDevice, EVENT_BLK, EVENT_TIMER, REG_WAIT};
@@ -125,7 +125,16 @@ impl Devices {
                 crate::bus::put_le(data, v);
                 Ok(())
             }
-            Target::Sys(reg) => self.sys.read(ctx, reg, data),
+            Target::Sys(reg) => match self.sys.read(ctx, reg, data) {
+                // The log ran out at this read and the run went live: read live instead (the
+                // replayed attempt had no effect besides the failed read).
+                Err(DeviceError::Replay(ReplayError::Exhausted { .. }))
+                    if try_go_live(ctx.inputs, ctx.exit) =>
+                {
+                    self.sys.read(ctx, reg, data)
+                }
+                r => r,
+            },
             Target::Virtio(i, reg) => self.virtio[i].read(ctx, reg, data),
             Target::None => {
                 tracing::debug!(addr, "MMIO read outside any device");
@@ -164,10 +173,18 @@ impl Devices {
     /// WAIT: delivers pending input, else blocks until input, the deadline, or an interrupt.
     fn wait(&mut self, ctx: &mut ExitCtx<'_>, addr: u64) -> Result<u64, DeviceError> {
         if let Inputs::Replay(src) = ctx.inputs {
-            self.blk_completed = false;
-            return src
-                .external_read(ctx.exit, addr)
-                .map_err(DeviceError::Replay);
+            match src.external_read(ctx.exit, addr) {
+                Ok(v) => {
+                    self.blk_completed = false;
+                    return Ok(v);
+                }
+                // The log ran out at this WAIT and the run went live: the WAIT is answered
+                // live (below); the writes logged for it before its missing read are dropped.
+                Err(ReplayError::Exhausted { .. }) if try_go_live(ctx.inputs, ctx.exit) => {
+                    tracing::info!(exit = ctx.exit, "replay ended at a WAIT: answering it live");
+                }
+                Err(e) => return Err(DeviceError::Replay(e)),
+            }
         }
         let mut events = 0;
         loop {

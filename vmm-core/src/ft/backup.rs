@@ -6,12 +6,14 @@
 //! replay with `diverged at exit N: <what differed>`.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_channel::LogReceiver;
 use ftvm_ringbuf::IdleKind;
 
+use super::detector::TrafficNote;
 use super::digest::register_digest;
 use super::log::{device_name, AppliedControl, ControlQueue, Entry};
 use super::primary::PairError;
@@ -31,6 +33,44 @@ pub struct LogReader {
     consumed: u64,
     waited: Duration,
     controls: ControlQueue,
+    watch: Option<Watch>,
+}
+
+/// What a [`LogReader`] of a fault-tolerant backup watches besides the link.
+struct Watch {
+    /// The failure detector presumes the primary failed.
+    peer_failed: Arc<AtomicBool>,
+    /// Reports log traffic to the failure detector.
+    traffic: TrafficNote,
+    /// The receiver was stopped (no more records are received or acknowledged).
+    severed: bool,
+    /// When the log was first seen to stop (link error, or the primary presumed failed).
+    lost_at: Option<Instant>,
+}
+
+/// A transport that is closed: handing it to [`LogReceiver::reconnect`] stops the receiver's
+/// poller (its handshake fails at once), so that nothing more is received or acknowledged.
+struct Severed;
+
+impl ftvm_channel::Transport for Severed {
+    fn name(&self) -> &'static str {
+        "severed"
+    }
+    fn max_frame(&self) -> usize {
+        1 << 16
+    }
+    fn send(&mut self, _frame: &[u8]) -> Result<bool, ftvm_channel::TransportError> {
+        Err(ftvm_channel::TransportError::Closed { mid_frame: false })
+    }
+    fn flush(&mut self) -> Result<(), ftvm_channel::TransportError> {
+        Ok(())
+    }
+    fn poll_recv(
+        &mut self,
+        _on_frame: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, ftvm_channel::TransportError> {
+        Err(ftvm_channel::TransportError::Closed { mid_frame: false })
+    }
 }
 
 impl std::fmt::Debug for LogReader {
@@ -54,7 +94,44 @@ impl LogReader {
             consumed: 0,
             waited: Duration::ZERO,
             controls: ControlQueue::new(),
+            watch: None,
         }
+    }
+
+    /// Fault tolerance: while waiting for entries, stop waiting once `peer_failed` is set (the
+    /// failure detector presumes the primary failed): the receiver is then stopped (nothing more
+    /// is received or acknowledged), the entries it holds are handed out, and the log ends
+    /// ([`ReplayError::Exhausted`]). Each batch of records received is noted on `traffic`.
+    pub(crate) fn watch(&mut self, peer_failed: Arc<AtomicBool>, traffic: TrafficNote) {
+        self.watch = Some(Watch {
+            peer_failed,
+            traffic,
+            severed: false,
+            lost_at: None,
+        });
+    }
+
+    /// When the log was first seen to stop (with [`LogReader::watch`]).
+    pub(crate) fn lost_at(&self) -> Option<Instant> {
+        self.watch.as_ref().and_then(|w| w.lost_at)
+    }
+
+    /// Stops the receiver: nothing more is received or acknowledged; what it holds can still be
+    /// read. Returns whether it was running.
+    pub(crate) fn sever(&mut self) -> bool {
+        let was = self.rx.is_running();
+        // The handshake over a closed transport fails at once and leaves the poller stopped.
+        let _ = self.rx.reconnect(Box::new(Severed));
+        if let Some(w) = self.watch.as_mut() {
+            w.severed = true;
+            w.lost_at.get_or_insert_with(Instant::now);
+        }
+        was
+    }
+
+    /// Entries consumed so far.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
     }
 
     /// The controls the backup applies where the primary logged them (set a handler with
@@ -96,9 +173,31 @@ impl LogReader {
                 return Err(self.diverged(exit, format!("log record {seq} is not an entry: {e}")));
             }
             match r {
-                Ok(n) if n > 0 => break,
-                Ok(_) => idle.idle(0),
+                Ok(n) if n > 0 => {
+                    if let Some(w) = &self.watch {
+                        w.traffic.note();
+                    }
+                    break;
+                }
+                Ok(_) => {
+                    let failed = self
+                        .watch
+                        .as_ref()
+                        .is_some_and(|w| !w.severed && w.peer_failed.load(Ordering::Acquire));
+                    if failed {
+                        tracing::warn!(
+                            exit,
+                            "the primary is presumed failed: stopping the log receiver"
+                        );
+                        self.sever();
+                    } else {
+                        idle.idle(0);
+                    }
+                }
                 Err(e) => {
+                    if let Some(w) = self.watch.as_mut() {
+                        w.lost_at.get_or_insert_with(Instant::now);
+                    }
                     tracing::warn!(error = %e, exit, "log ended");
                     return Err(ReplayError::Exhausted { exit });
                 }
@@ -314,7 +413,80 @@ fn compare(exit: u64, what: &str, ours: u64, theirs: u64) -> Result<(), PairErro
 /// stops before the end.
 pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairError> {
     let reader = Arc::new(Mutex::new(reader));
+    match backup_loop(vm, &reader, None)? {
+        BackupEnd::Finished(report) => Ok(report),
+        BackupEnd::Live { exit, .. } => Err(PairError::LogEnded {
+            exit,
+            why: "the replay went live without a go-live controller".into(),
+        }),
+    }
+}
+
+/// What decides, when the log runs out, whether a backup goes live ([`super::golive`]).
+pub(crate) trait GoLiveHook: Send {
+    /// The log ran out at exit `exit`: waits for the failure detector and the arbiter; returns
+    /// whether this side won and is now live (outputs enabled, service address taken).
+    fn decide(&mut self, exit: u64) -> bool;
+    /// Whether the decision was made and won.
+    fn is_live(&self) -> bool;
+    /// The error that ended the decision, if it was lost or failed.
+    fn take_failure(&mut self) -> Option<PairError>;
+}
+
+/// A shared [`GoLiveHook`].
+pub(crate) type SharedGoLive = Arc<Mutex<dyn GoLiveHook>>;
+
+/// The [`ReplaySource`] of a fault-tolerant backup: the log, and on its exhaustion the go-live
+/// decision ([`ReplaySource::go_live`]).
+struct FtReplay {
+    log: ChannelReplay,
+    golive: SharedGoLive,
+}
+
+impl ReplaySource for FtReplay {
+    fn external_read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
+        self.log.external_read(exit, addr)
+    }
+
+    fn guest_writes(
+        &mut self,
+        exit: u64,
+        apply: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<(), ReplayError> {
+        self.log.guest_writes(exit, apply)
+    }
+
+    fn go_live(&mut self, exit: u64) -> Option<Box<dyn crate::record::Recorder>> {
+        let won = self
+            .golive
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .decide(exit);
+        won.then(|| Box::new(()) as Box<dyn crate::record::Recorder>)
+    }
+}
+
+/// How a backup's replay ended.
+pub(crate) enum BackupEnd {
+    /// The End entry was replayed.
+    Finished(BackupReport),
+    /// The log ran out and the backup went live (the VM's inputs are live).
+    Live {
+        /// The exit index when the replay loop noticed.
+        exit: u64,
+        /// How the VM's run that went live ended, if it ran on live.
+        outcome: Option<RunOutcome>,
+    },
+}
+
+/// The replay of a backup; with `golive`, the log running out is a go-live decision.
+pub(crate) fn backup_loop(
+    vm: &mut Vm,
+    reader: &Arc<Mutex<LogReader>>,
+    golive: Option<&SharedGoLive>,
+) -> Result<BackupEnd, PairError> {
     let lock = || reader.lock().unwrap_or_else(|e| e.into_inner());
+    let hook = || golive.map(|g| g.lock().unwrap_or_else(|e| e.into_inner()));
     let ended = |exit: u64, e: ReplayError| match e {
         ReplayError::Diverged { exit, what } => PairError::Diverged { exit, what },
         ReplayError::Exhausted { .. } => PairError::LogEnded {
@@ -322,7 +494,28 @@ pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairEr
             why: "the primary's log stopped".into(),
         },
     };
-    let header = lock().next_entry(0).map_err(|e| ended(0, e))?;
+    // The log ran out between exits: go live here if the decision is won.
+    let run_out = |vm: &mut Vm, exit: u64, e: ReplayError| -> Result<BackupEnd, PairError> {
+        if matches!(e, ReplayError::Exhausted { .. }) {
+            if let Some(mut h) = hook() {
+                if h.decide(exit) {
+                    vm.set_inputs(Inputs::default());
+                    return Ok(BackupEnd::Live {
+                        exit,
+                        outcome: None,
+                    });
+                }
+                if let Some(f) = h.take_failure() {
+                    return Err(f);
+                }
+            }
+        }
+        Err(ended(exit, e))
+    };
+    let header = match lock().next_entry(0) {
+        Ok(h) => h,
+        Err(e) => return run_out(vm, 0, e),
+    };
     let Entry::Header {
         digest_interval,
         mem_digest_every,
@@ -335,16 +528,36 @@ pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairEr
         });
     };
     tracing::info!(digest_interval, mem_digest_every, "replaying");
-    vm.set_inputs(Inputs::Replay(Box::new(ChannelReplay(Arc::clone(&reader)))));
+    let log = ChannelReplay(Arc::clone(reader));
+    vm.set_inputs(Inputs::Replay(match golive {
+        Some(g) => Box::new(FtReplay {
+            log,
+            golive: Arc::clone(g),
+        }),
+        None => Box::new(log),
+    }));
     let interval = digest_interval.max(1);
     let mut checkpoints = 0u64;
     let result = loop {
         let target = (vm.stats().total() / interval + 1) * interval;
         let outcome = vm.run_until(Some(target));
         let exit = vm.stats().total();
+        if hook().is_some_and(|h| h.is_live()) {
+            // The log ran out during that run and the VM went live.
+            return match outcome {
+                Ok(o) => Ok(BackupEnd::Live {
+                    exit,
+                    outcome: Some(o),
+                }),
+                Err(e) => Err(e.into()),
+            };
+        }
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
+                if let Some(f) = hook().and_then(|mut h| h.take_failure()) {
+                    break Err(f);
+                }
                 let mut r = lock();
                 if let Some((exit, what)) = r.divergence.take() {
                     break Err(PairError::Diverged { exit, what });
@@ -363,14 +576,24 @@ pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairEr
                 });
             }
         };
+        if outcome == RunOutcome::Paused {
+            break Err(PairError::Paused(exit));
+        }
         let entry = match lock().next_entry(exit) {
             Ok(e) => e,
-            Err(e) => break Err(ended(exit, e)),
+            Err(e) => {
+                vm.set_inputs(Inputs::default());
+                return run_out(vm, exit, e);
+            }
         };
         let entry = match entry {
             Entry::Control { .. } if outcome == RunOutcome::ExitLimit => {
-                match apply_controls(&reader, exit, entry) {
+                match apply_controls(reader, exit, entry) {
                     Ok(next) => next,
+                    Err(PairError::LogEnded { .. }) => {
+                        vm.set_inputs(Inputs::default());
+                        return run_out(vm, exit, ReplayError::Exhausted { exit });
+                    }
                     Err(e) => break Err(e),
                 }
             }
@@ -419,7 +642,7 @@ pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairEr
     let code = result?;
     let mut r = lock();
     r.linger(Duration::from_secs(30));
-    Ok(BackupReport {
+    Ok(BackupEnd::Finished(BackupReport {
         code,
         exits: vm.stats().total(),
         entries: r.consumed,
@@ -428,7 +651,7 @@ pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairEr
         regs_digest: register_digest(vm),
         waited: r.waited,
         controls: r.controls.applied(),
-    })
+    }))
 }
 
 /// Applies the Control entries logged at checkpoint `exit` (`first` is the first of them);

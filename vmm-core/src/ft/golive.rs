@@ -1,1 +1,746 @@
-//! Go-live: the backup taking over, and the primary continuing alone (issue #7; being built).
+//! Go-live: a backup whose primary failed takes over, and a primary whose backup failed goes on
+//! alone — both only after winning the next generation on the arbiter.
+//!
+//! ```text
+//! backup:  log stops (link error, or detector: primary failed) ─> stop receiving/acking
+//!          ─> replay every entry received ─> log runs out at exit N
+//!          ─> wait: detector says the primary failed ─> take_over (generation g+1; waits while
+//!             the arbiter is unreachable; lost ⇒ stop with PairError::Superseded)
+//!          ─> attach the service TAP, TX direct, console released ─> inputs live from exit N on
+//!          ─> runs as a lone primary until power off
+//! primary: detector: backup failed, or link down ─> take_over (g+1)
+//!          ─> won: stop logging, release every held output, TX direct, run alone
+//!          ─> lost: fence the output gate (nothing more is released), stop
+//! ```
+//!
+//! # Where the replay stops, and why it is safe under the output rule
+//! The backup goes live at the first point where its log has nothing more: at an external read
+//! (clock, entropy, WAIT) whose entry is missing, at the end of an exit (it waits for an entry
+//! of a later exit before leaving one), or at a checkpoint. There the replay source runs the
+//! decision ([`ReplaySource::go_live`](crate::record::ReplaySource::go_live)); on winning, the
+//! VM's inputs become live **at that point**: the missing read is answered by the device, and
+//! every later exit runs live. No exit is replayed in part and then re-executed.
+//!
+//! Let `P` be the last log position the backup received (it stops its receiver first, so `P`
+//! cannot move any more and nothing after `P` is acknowledged). Every output the primary
+//! released was tagged with a position `≤ P` (it was released only once acknowledged), and was
+//! produced by the primary's execution up to its tag — which the backup reproduced exactly,
+//! since replay is deterministic given the entries `≤ P`. So the world has only seen outputs of
+//! an execution the backup continues from. Entries the primary logged after `P` are lost with
+//! it; they only describe inputs (packets received, clock values) no released output depends
+//! on. Where the log ends inside an exit: the writes of that exit received so far are a prefix
+//! in the order the device made them, and every device publishes its results (the used ring's
+//! index) after the data, so a prefix is a consistent state (a packet whose index was not
+//! published is simply not received — the network may drop packets); a WAIT whose value is
+//! missing is answered live and the writes logged for it are dropped. Outputs the primary
+//! produced but had not released, and those the backup produced while replaying (dropped),
+//! may thus never appear or appear twice (the live backup re-sends what it produces after
+//! going live): the network tolerates both, the guest's TCP retransmits.
+//!
+//! A primary that goes alone keeps its state (nothing to replay); it releases what it held once
+//! it won, and nothing at all once it learned it lost ([`Fence`] on the output gate).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::arbiter::{acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, RetryPolicy};
+use super::backup::{backup_loop, BackupEnd, BackupReport, GoLiveHook, LogReader, SharedGoLive};
+use super::detector::{Detector, DetectorConfig, DetectorEvent, DetectorStats, PeerState};
+use super::digest::register_digest;
+use super::fence::Fence;
+use super::log::AppliedControl;
+use super::node::{NodeId, Role};
+use super::output::{OutputGate, OutputStats, Sink};
+use super::primary::{
+    primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
+};
+use crate::devices::virtio::net::{NetHandle, TxCounters, TxMode};
+use crate::vm::{RunOutcome, Vm, VmControl};
+
+/// How long going alone waits for the held outputs to be released.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The fault-tolerance settings of one side of a pair.
+#[derive(Clone)]
+pub struct FtConfig {
+    /// The test-and-set both sides share (from [`super::arbiter::open`]).
+    pub arbiter: Arc<dyn Arbiter>,
+    /// This node's id on the arbiter.
+    pub node: NodeId,
+    /// The generation the pair starts in (held by the primary: [`run_primary_ft`] acquires it,
+    /// and refuses to run if another node holds it or a newer one). The channel's
+    /// `Config::generation` must be the same.
+    pub generation: u64,
+    /// UDP heartbeats: local address, the peer's, interval and failure timeout (the role is set
+    /// by the run function).
+    pub detector: DetectorConfig,
+    /// Back-off while the arbiter is unreachable.
+    pub retry: RetryPolicy,
+    /// Backup: the TAP it attaches when it goes live (the service interface the clients use;
+    /// created persistent by the operator, `ip tuntap add NAME mode tap`, so that it survives
+    /// the primary). `None`: no network after go-live.
+    pub service_tap: Option<String>,
+}
+
+impl std::fmt::Debug for FtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FtConfig")
+            .field("node", &self.node)
+            .field("generation", &self.generation)
+            .field("detector", &self.detector)
+            .field("retry", &self.retry)
+            .field("service_tap", &self.service_tap)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FtConfig {
+    /// Settings with the default retry policy and no service TAP.
+    pub fn new(
+        arbiter: Arc<dyn Arbiter>,
+        node: NodeId,
+        generation: u64,
+        detector: DetectorConfig,
+    ) -> Self {
+        FtConfig {
+            arbiter,
+            node,
+            generation,
+            detector,
+            retry: RetryPolicy::default(),
+            service_tap: None,
+        }
+    }
+}
+
+/// How long each step of going live (backup) or alone (primary) took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GoLiveTimings {
+    /// The generation won.
+    pub generation: u64,
+    /// The exit index where the VM went live (backup) or the decision was taken (primary).
+    pub at_exit: u64,
+    /// Detection: the peer's last sign of life → presumed failed (the detector's measure; zero
+    /// when the link went down first).
+    pub detection: Duration,
+    /// Backup: the log stopped → every received entry replayed. Primary: releasing the outputs
+    /// held when it won.
+    pub drain: Duration,
+    /// Waiting for the detector after the replay ran out (backup; zero on the primary).
+    pub wait_detector: Duration,
+    /// The test-and-set (including waits while the arbiter was unreachable).
+    pub arbiter: Duration,
+    /// Attaching the service TAP and enabling outputs.
+    pub attach: Duration,
+    /// From the first sign of the failure (log stopped, or the last sign of life) to live.
+    pub total: Duration,
+}
+
+/// What [`run_primary_ft`] did.
+#[derive(Debug, Clone)]
+pub struct PrimaryFtReport {
+    /// The primary's run (`backup_finished` is false and the log stops early if it went
+    /// alone).
+    pub report: PrimaryReport,
+    /// `Some` if the backup failed and this primary went on alone.
+    pub alone: Option<GoLiveTimings>,
+    /// The generation this primary ended in.
+    pub generation: u64,
+    /// Failure detector counters.
+    pub detector: DetectorStats,
+}
+
+/// What a backup that went live did.
+#[derive(Debug, Clone)]
+pub struct LiveReport {
+    /// How going live went.
+    pub timings: GoLiveTimings,
+    /// Power-off code.
+    pub code: u64,
+    /// Exits in total (replayed and live).
+    pub exits: u64,
+    /// Log entries replayed.
+    pub entries: u64,
+    /// Controls applied while replaying.
+    pub controls: Vec<AppliedControl>,
+    /// Final memory digest.
+    pub mem_digest: u64,
+    /// Final register digest.
+    pub regs_digest: u64,
+    /// Console output released after going live.
+    pub console: OutputStats,
+    /// The console output replayed before going live (the primary's to release).
+    pub console_replayed: Vec<u8>,
+    /// Transmit counters of the net device (if any).
+    pub tx: Option<TxCounters>,
+    /// Failure detector counters.
+    pub detector: DetectorStats,
+}
+
+/// How [`run_backup_ft`] ended.
+#[derive(Debug, Clone)]
+pub enum BackupFtReport {
+    /// The primary ran to power off; the backup replayed the whole log.
+    Finished(BackupReport),
+    /// The primary failed; the backup went live and ran as a lone primary until power off.
+    WentLive(Box<LiveReport>),
+}
+
+fn spawn_detector(
+    cfg: &FtConfig,
+    role: Role,
+    fence: &Fence,
+    failed: &Arc<AtomicBool>,
+) -> Result<Arc<Detector>, PairError> {
+    let mut dc = cfg.detector.clone();
+    dc.role = role;
+    let (f, fence2) = (Arc::clone(failed), fence.clone());
+    let detector = Detector::spawn(dc, fence.clone(), move |event| match event {
+        DetectorEvent::PeerFailed { detection_time, .. } => {
+            tracing::warn!(?detection_time, "peer presumed failed");
+            f.store(true, Ordering::Release);
+        }
+        DetectorEvent::PeerRecovered { down_for } => {
+            tracing::info!(?down_for, "peer alive again");
+        }
+        DetectorEvent::Superseded {
+            peer_generation,
+            ours,
+        } => {
+            tracing::error!(
+                peer_generation,
+                ours,
+                "the peer acts in a newer generation: this node is superseded"
+            );
+            fence2.advance(peer_generation);
+        }
+        DetectorEvent::RoleConflict { peer, ours } => {
+            tracing::error!(?peer, ?ours, "both sides claim a live role");
+        }
+    })?;
+    Ok(Arc::new(detector))
+}
+
+fn winner_of(arbiter: &dyn Arbiter, generation: u64) -> String {
+    match arbiter.current() {
+        Ok(Some((g, w))) if g >= generation => w.to_string(),
+        _ => "another node".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Primary
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct PrimaryShared {
+    alone: Mutex<Option<GoLiveTimings>>,
+    superseded: Mutex<Option<(u64, String)>>,
+    arbiter_error: Mutex<Option<ArbiterError>>,
+}
+
+/// The fault-tolerance side of a primary's run (used by [`primary_loop`]).
+pub(crate) struct PrimaryFt {
+    cfg: FtConfig,
+    fence: Fence,
+    detector: Arc<Detector>,
+    failed: Arc<AtomicBool>,
+    shared: Arc<PrimaryShared>,
+    stop: Arc<AtomicBool>,
+    monitor: Option<JoinHandle<()>>,
+}
+
+impl PrimaryFt {
+    fn new(cfg: FtConfig) -> Result<Self, PairError> {
+        let outcome =
+            acquire_with_retry(&*cfg.arbiter, cfg.generation, &cfg.node, cfg.retry, || {
+                false
+            })?;
+        if let Acquire::Lost { generation, winner } = outcome {
+            return Err(PairError::Superseded {
+                generation,
+                winner: winner.to_string(),
+            });
+        }
+        let fence = Fence::new(cfg.generation);
+        let failed = Arc::new(AtomicBool::new(false));
+        let detector = spawn_detector(&cfg, Role::Primary, &fence, &failed)?;
+        Ok(PrimaryFt {
+            cfg,
+            fence,
+            detector,
+            failed,
+            shared: Arc::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+            monitor: None,
+        })
+    }
+
+    /// Fences `gate`, lets failures of the link be decided here, starts the monitor thread.
+    pub(crate) fn start(
+        &mut self,
+        gate: Arc<OutputGate>,
+        writer: &LogWriter,
+        vm: &Vm,
+    ) -> Result<(), PairError> {
+        gate.set_fence(self.fence.clone(), self.cfg.generation);
+        writer.set_managed();
+        let m = Monitor {
+            cfg: self.cfg.clone(),
+            fence: self.fence.clone(),
+            detector: Arc::clone(&self.detector),
+            failed: Arc::clone(&self.failed),
+            shared: Arc::clone(&self.shared),
+            stop: Arc::clone(&self.stop),
+            writer: writer.clone(),
+            gate,
+            net: vm.net().cloned(),
+            control: vm.control(),
+        };
+        self.monitor = Some(
+            std::thread::Builder::new()
+                .name("ft-primary-monitor".into())
+                .spawn(move || m.run())
+                .map_err(|e| PairError::Setup(format!("FT monitor thread: {e}")))?,
+        );
+        Ok(())
+    }
+
+    /// The error to stop with if this primary was superseded (lost the take-over, or saw a
+    /// newer generation) or the arbiter failed.
+    pub(crate) fn superseded(&self) -> Option<PairError> {
+        if let Some(e) = self
+            .shared
+            .arbiter_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            return Some(PairError::Arbiter(e));
+        }
+        let s = self
+            .shared
+            .superseded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // (A newer generation seen after going alone needs no flag: the gate's fence already
+        // refuses every output.)
+        s.map(|(generation, winner)| PairError::Superseded { generation, winner })
+    }
+
+    /// Stops the monitor (the pair ended normally; the link going down is no failure now).
+    pub(crate) fn stop_monitor(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.monitor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PrimaryFt {
+    fn drop(&mut self) {
+        self.stop_monitor();
+    }
+}
+
+/// The primary's FT monitor thread: watches the detector and the link; goes alone or stops.
+struct Monitor {
+    cfg: FtConfig,
+    fence: Fence,
+    detector: Arc<Detector>,
+    failed: Arc<AtomicBool>,
+    shared: Arc<PrimaryShared>,
+    stop: Arc<AtomicBool>,
+    writer: LogWriter,
+    gate: Arc<OutputGate>,
+    net: Option<NetHandle>,
+    control: VmControl,
+}
+
+impl Monitor {
+    fn run(self) {
+        let mut last_acked = 0;
+        while !self.stop.load(Ordering::Acquire) {
+            let (running, acked) = {
+                let s = self.writer.sender();
+                (s.is_running(), s.acked_seq())
+            };
+            if acked != last_acked {
+                // Acknowledgements moving: the backup is alive.
+                self.detector.note_traffic();
+                last_acked = acked;
+            }
+            if self.fence.current() > self.cfg.generation {
+                // A heartbeat of a newer generation: the backup went live.
+                let g = self.fence.current();
+                self.lose(g, winner_of(&*self.cfg.arbiter, g));
+                return;
+            }
+            if self.failed.load(Ordering::Acquire) || !running {
+                self.go_alone(running);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn lose(&self, generation: u64, winner: String) {
+        self.fence.advance(generation);
+        self.writer.set_fenced();
+        tracing::error!(
+            generation,
+            %winner,
+            "this primary lost the take-over: no output is released any more; stopping"
+        );
+        *self
+            .shared
+            .superseded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((generation, winner));
+        self.control.kick();
+    }
+
+    fn go_alone(&self, link_up: bool) {
+        let t_failed = Instant::now();
+        let detection = if self.detector.peer_state() == PeerState::Failed {
+            self.detector.stats().last_detection.unwrap_or_default()
+        } else {
+            Duration::ZERO
+        };
+        let at_exit = self.control.exits();
+        tracing::warn!(
+            link_up,
+            ?detection,
+            at_exit,
+            "the backup is presumed failed: taking over the next generation before going alone"
+        );
+        let stop = Arc::clone(&self.stop);
+        let r = take_over(
+            &*self.cfg.arbiter,
+            &self.fence,
+            &self.cfg.node,
+            self.cfg.retry,
+            move || stop.load(Ordering::Acquire),
+        );
+        let t_won = Instant::now();
+        match r {
+            Ok((generation, Acquire::Won)) => {
+                self.writer.set_alone();
+                self.gate.release_all(generation);
+                let mut released = false;
+                match &self.net {
+                    // Frames held before the switch leave first, in order.
+                    Some(net) => net.switch_tx(TxMode::Direct, || {
+                        released = self.gate.flush(RELEASE_TIMEOUT);
+                    }),
+                    None => released = self.gate.flush(RELEASE_TIMEOUT),
+                }
+                if !released {
+                    tracing::error!("held outputs could not all be released");
+                }
+                let t_drained = Instant::now();
+                self.detector.set_role(Role::Alone);
+                let timings = GoLiveTimings {
+                    generation,
+                    at_exit,
+                    detection,
+                    drain: t_drained - t_won,
+                    wait_detector: Duration::ZERO,
+                    arbiter: t_won - t_failed,
+                    attach: Duration::ZERO,
+                    total: t_drained - t_failed + detection,
+                };
+                tracing::info!(?timings, "primary goes on alone");
+                *self.shared.alone.lock().unwrap_or_else(|e| e.into_inner()) = Some(timings);
+            }
+            Ok((_, Acquire::Lost { generation, winner })) => {
+                self.lose(generation, winner.to_string());
+            }
+            Err(ArbiterError::Stopped) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "arbiter failed: this primary stops");
+                self.writer.set_fenced();
+                *self
+                    .shared
+                    .arbiter_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(e);
+                self.control.kick();
+            }
+        }
+    }
+}
+
+/// Runs `vm` as the primary of a fault-tolerant pair: as [`run_primary`](super::primary::run_primary),
+/// plus failure detection (UDP heartbeats to the backup, acknowledgements as traffic) and, when
+/// the backup is presumed failed or the link is down, going alone after winning the next
+/// generation: logging stops, held outputs are released, transmits go straight to the TAP, and
+/// the VM runs on until it powers off. A primary that loses the take-over (or sees the backup
+/// live in a newer generation) releases nothing more and stops with
+/// [`PairError::Superseded`].
+///
+/// It first acquires `ft.generation` (idempotent for the node holding it): a stale primary
+/// restarted after its backup took over is refused here.
+///
+/// # Errors
+/// [`PairError`]; [`PairError::Superseded`] as above.
+pub fn run_primary_ft(
+    vm: &mut Vm,
+    writer: &LogWriter,
+    opts: &PairOptions,
+    console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
+    hooks: &PrimaryHooks,
+    ft: FtConfig,
+) -> Result<PrimaryFtReport, PairError> {
+    let mut pft = PrimaryFt::new(ft)?;
+    let report = primary_loop(vm, writer, opts, console, hooks, Some(&mut pft));
+    pft.stop_monitor();
+    if let Some(e) = pft.superseded() {
+        return Err(e);
+    }
+    let report = report?;
+    let alone = *pft.shared.alone.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(PrimaryFtReport {
+        report,
+        alone,
+        generation: pft.fence.current(),
+        detector: pft.detector.stats(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backup
+// ---------------------------------------------------------------------------------------------
+
+/// The backup's go-live decision (runs on the vCPU thread, inside the replay source).
+struct BackupGoLive {
+    cfg: FtConfig,
+    fence: Fence,
+    detector: Arc<Detector>,
+    failed: Arc<AtomicBool>,
+    reader: Arc<Mutex<LogReader>>,
+    net: Option<NetHandle>,
+    console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
+    console_gate: Option<OutputGate>,
+    console_replayed: Vec<u8>,
+    decided: bool,
+    timings: Option<GoLiveTimings>,
+    failure: Option<PairError>,
+}
+
+impl BackupGoLive {
+    fn lost(&mut self, generation: u64, winner: String) -> bool {
+        tracing::error!(
+            generation,
+            %winner,
+            "the backup lost the take-over: it does not go live"
+        );
+        self.failure = Some(PairError::Superseded { generation, winner });
+        false
+    }
+
+    fn decide_inner(&mut self, exit: u64) -> bool {
+        let t_out = Instant::now();
+        let lost_at = {
+            let mut r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+            // Nothing more may be received or acknowledged from here on.
+            r.sever();
+            r.lost_at().unwrap_or(t_out)
+        };
+        tracing::warn!(
+            exit,
+            drained_ms = (t_out - lost_at).as_millis() as u64,
+            "the log ran out; waiting for the failure detector"
+        );
+        // 1. The primary must be presumed failed (a log link that broke while the primary
+        //    lives is decided by the primary: it takes the next generation and we lose).
+        let mut last_check = Instant::now();
+        while !self.failed.load(Ordering::Acquire) {
+            if self.fence.current() > self.cfg.generation {
+                let g = self.fence.current();
+                return self.lost(g, winner_of(&*self.cfg.arbiter, g));
+            }
+            if last_check.elapsed() >= Duration::from_millis(100) {
+                last_check = Instant::now();
+                if let Ok(Some((g, w))) = self.cfg.arbiter.current() {
+                    if g > self.cfg.generation && w != self.cfg.node {
+                        return self.lost(g, w.to_string());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t_failed = Instant::now();
+        let detection = self.detector.stats().last_detection.unwrap_or_default();
+        // 2. The test-and-set (waits while the arbiter is unreachable; never live without it).
+        let (generation, outcome) = match take_over(
+            &*self.cfg.arbiter,
+            &self.fence,
+            &self.cfg.node,
+            self.cfg.retry,
+            || false,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "arbiter failed: the backup does not go live");
+                self.failure = Some(PairError::Arbiter(e));
+                return false;
+            }
+        };
+        if let Acquire::Lost { generation, winner } = outcome {
+            return self.lost(generation, winner.to_string());
+        }
+        let t_won = Instant::now();
+        // 3. Outputs and the service address.
+        self.detector.set_role(Role::Alone);
+        if let Some(net) = &self.net {
+            if let Some(tap) = &self.cfg.service_tap {
+                if let Err(e) = net.attach_tap(tap) {
+                    tracing::error!(error = %e, tap = %tap, "cannot attach the service TAP");
+                    self.failure = Some(PairError::Setup(format!(
+                        "went live in generation {generation} but cannot attach TAP {tap}: {}",
+                        super::primary::error_chain(&e)
+                    )));
+                    return false;
+                }
+            }
+            net.set_tx(TxMode::Direct);
+        }
+        if let Some((buf, sink)) = self.console.take() {
+            // What was replayed was the primary's to release; from here on the output is ours.
+            self.console_replayed =
+                std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()));
+            let acks: Arc<dyn super::output::AckSource> =
+                Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+            match OutputGate::start(acks, Arc::default()) {
+                Ok(gate) => {
+                    gate.add_buffer_source(buf, sink);
+                    self.console_gate = Some(gate);
+                }
+                Err(e) => tracing::error!(error = %e, "console output thread"),
+            }
+        }
+        let t_live = Instant::now();
+        let first_sign = lost_at.min(t_failed.checked_sub(detection).unwrap_or(t_failed));
+        let timings = GoLiveTimings {
+            generation,
+            at_exit: exit,
+            detection,
+            drain: t_out.saturating_duration_since(lost_at),
+            wait_detector: t_failed - t_out,
+            arbiter: t_won - t_failed,
+            attach: t_live - t_won,
+            total: t_live.saturating_duration_since(first_sign),
+        };
+        tracing::info!(?timings, "the backup is live");
+        self.timings = Some(timings);
+        true
+    }
+}
+
+impl GoLiveHook for BackupGoLive {
+    fn decide(&mut self, exit: u64) -> bool {
+        if self.decided {
+            return self.timings.is_some();
+        }
+        self.decided = true;
+        self.decide_inner(exit)
+    }
+
+    fn is_live(&self) -> bool {
+        self.timings.is_some()
+    }
+
+    fn take_failure(&mut self) -> Option<PairError> {
+        self.failure.take()
+    }
+}
+
+/// Runs `vm` as the backup of a fault-tolerant pair: replays the log read by `reader` (as
+/// [`run_backup`](super::backup::run_backup)) while a failure detector watches the primary.
+/// When the log stops and the primary is presumed failed, it replays every entry received,
+/// wins the next generation on the arbiter (waiting while it is unreachable), attaches
+/// `ft.service_tap`, enables its outputs (`console`: bytes the guest prints from then on go to
+/// the sink; transmits go to the TAP) and runs on as a lone primary until the guest powers off.
+///
+/// # Errors
+/// [`PairError`]: a divergence; [`PairError::Superseded`] if the primary took the next
+/// generation instead (the backup stops without going live); [`PairError::LogEnded`] if the log
+/// ended and no decision could be made.
+pub fn run_backup_ft(
+    vm: &mut Vm,
+    mut reader: LogReader,
+    ft: FtConfig,
+    console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
+) -> Result<BackupFtReport, PairError> {
+    let fence = Fence::new(ft.generation);
+    let failed = Arc::new(AtomicBool::new(false));
+    let detector = spawn_detector(&ft, Role::Backup, &fence, &failed)?;
+    reader.watch(Arc::clone(&failed), detector.traffic());
+    let reader = Arc::new(Mutex::new(reader));
+    let golive = Arc::new(Mutex::new(BackupGoLive {
+        cfg: ft,
+        fence,
+        detector: Arc::clone(&detector),
+        failed,
+        reader: Arc::clone(&reader),
+        net: vm.net().cloned(),
+        console,
+        console_gate: None,
+        console_replayed: Vec::new(),
+        decided: false,
+        timings: None,
+        failure: None,
+    }));
+    let hook: SharedGoLive = golive.clone();
+    let end = backup_loop(vm, &reader, Some(&hook))?;
+    let (exit, outcome) = match end {
+        BackupEnd::Finished(r) => return Ok(BackupFtReport::Finished(r)),
+        BackupEnd::Live { exit, outcome } => (exit, outcome),
+    };
+    let (entries, controls) = {
+        let r = reader.lock().unwrap_or_else(|e| e.into_inner());
+        (r.consumed(), r.controls().applied())
+    };
+    // The receiver is no longer needed.
+    drop(reader);
+    tracing::info!(exit, "running as a lone primary");
+    let code = match outcome {
+        Some(RunOutcome::PoweredOff(code)) => code,
+        Some(RunOutcome::Paused) => return Err(PairError::Paused(vm.stats().total())),
+        _ => loop {
+            match vm.run()? {
+                RunOutcome::PoweredOff(code) => break code,
+                RunOutcome::Paused => return Err(PairError::Paused(vm.stats().total())),
+                RunOutcome::ExitLimit => {}
+            }
+        },
+    };
+    let mut g = golive.lock().unwrap_or_else(|e| e.into_inner());
+    let timings = g.timings.unwrap_or_default();
+    let console_replayed = std::mem::take(&mut g.console_replayed);
+    let console = match g.console_gate.take() {
+        Some(gate) => {
+            gate.flush(RELEASE_TIMEOUT);
+            gate.stats()
+        }
+        None => OutputStats::default(),
+    };
+    drop(g);
+    Ok(BackupFtReport::WentLive(Box::new(LiveReport {
+        timings,
+        code,
+        exits: vm.stats().total(),
+        entries,
+        controls,
+        mem_digest: vm.memory_digest(),
+        regs_digest: register_digest(vm),
+        console,
+        console_replayed,
+        tx: vm.net().map(NetHandle::tx_counters),
+        detector: detector.stats(),
+    })))
+}

@@ -8,7 +8,7 @@
 //! output thread: console bytes ─ tag = log position ─> wait until acked ≥ tag ─> sink
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use ftvm_channel::{LogSender, TransportError};
 use ftvm_ringbuf::{ClaimError, IdleKind};
 
 use super::digest::register_digest;
+use super::golive::PrimaryFt;
 use super::log::{
     encode_write, AppliedControl, ControlQueue, Entry, KIND_READ, KIND_WRITE, LOG_VERSION,
     WRITE_HEADER_LEN,
@@ -58,6 +59,20 @@ pub enum PairError {
     /// Setup failed.
     #[error("{0}")]
     Setup(String),
+    /// Another node holds a newer generation: this node must not go live or release outputs.
+    #[error("superseded: generation {generation} is held by {winner}; this node stops")]
+    Superseded {
+        /// The newest generation.
+        generation: u64,
+        /// Its holder.
+        winner: String,
+    },
+    /// The arbiter failed (other than by being unreachable, which is waited out).
+    #[error("arbiter")]
+    Arbiter(#[from] super::arbiter::ArbiterError),
+    /// The failure detector could not be started.
+    #[error("failure detector")]
+    Detector(#[from] super::detector::DetectorError),
 }
 
 /// The messages of `e` and all its sources, joined with `: `.
@@ -108,7 +123,18 @@ pub struct LogWriter {
     controls: ControlQueue,
     stalls: Arc<AtomicU64>,
     stall_ns: Arc<AtomicU64>,
+    mode: Arc<AtomicU8>,
 }
+
+/// [`LogWriter`] modes.
+const MODE_LOGGING: u8 = 0;
+/// Logging, and a failure detector decides what a dead link means: appends wait for log space
+/// even when the link is down (until the mode changes).
+const MODE_MANAGED: u8 = 1;
+/// The primary runs alone: appends are dropped.
+const MODE_ALONE: u8 = 2;
+/// The primary lost the take-over: appends fail.
+const MODE_FENCED: u8 = 3;
 
 /// How often and how long the vCPU waited for log space.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -135,7 +161,31 @@ impl LogWriter {
             controls: ControlQueue::new(),
             stalls: Arc::default(),
             stall_ns: Arc::default(),
+            mode: Arc::new(AtomicU8::new(MODE_LOGGING)),
         }
+    }
+
+    pub(crate) fn set_mode(&self, mode: u8) {
+        self.mode.store(mode, Ordering::Release);
+    }
+
+    pub(crate) fn set_managed(&self) {
+        self.set_mode(MODE_MANAGED);
+    }
+
+    /// Stops logging: appends are dropped from now on (the primary runs alone).
+    pub(crate) fn set_alone(&self) {
+        self.set_mode(MODE_ALONE);
+    }
+
+    /// Appends fail from now on (this primary was superseded).
+    pub(crate) fn set_fenced(&self) {
+        self.set_mode(MODE_FENCED);
+    }
+
+    /// Whether logging stopped because the primary runs alone.
+    pub fn is_alone(&self) -> bool {
+        self.mode.load(Ordering::Acquire) == MODE_ALONE
     }
 
     /// The queue of controls logged and applied at the next checkpoint of [`run_primary`]
@@ -187,8 +237,17 @@ impl LogWriter {
     ) -> Result<u64, PairError> {
         let mut idle = None;
         let mut stalled: Option<Instant> = None;
-        let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
         loop {
+            match self.mode.load(Ordering::Acquire) {
+                MODE_ALONE => return Ok(self.position.load(Ordering::Acquire)),
+                MODE_FENCED => {
+                    return Err(PairError::Log(
+                        "this primary was superseded: it no longer logs".into(),
+                    ))
+                }
+                _ => {}
+            }
+            let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
             match sender.producer().claim(kind, len) {
                 Ok(mut claim) => {
                     fill(&mut claim);
@@ -208,7 +267,7 @@ impl LogWriter {
                 }
                 Err(e) => return Err(PairError::Log(e.to_string())),
             }
-            if !sender.is_running() {
+            if !sender.is_running() && self.mode.load(Ordering::Acquire) == MODE_LOGGING {
                 let e = sender
                     .error()
                     .map_or_else(|| "link down".to_string(), |e| e.to_string());
@@ -216,6 +275,8 @@ impl LogWriter {
                     "log buffer full and the link is down: {e}"
                 )));
             }
+            // Wait without the lock: the FT monitor reads the sender meanwhile.
+            drop(sender);
             idle.get_or_insert_with(|| self.idle.build()).idle(0);
         }
     }
@@ -318,7 +379,8 @@ pub struct PrimaryHooks {
 }
 
 /// Runs `vm` as the primary until it powers off: logs through `writer`, releases the console
-/// bytes collected in `console` to `console_sink` under the output rule.
+/// bytes collected in `console` to `console_sink` under the output rule, and the frames the
+/// guest transmits on its net device (if any) to its TAP under the same rule.
 ///
 /// # Errors
 /// [`PairError`].
@@ -329,10 +391,24 @@ pub fn run_primary(
     console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
     hooks: &PrimaryHooks,
 ) -> Result<PrimaryReport, PairError> {
+    primary_loop(vm, writer, opts, console, hooks, None)
+}
+
+/// The primary's run; with `ft`, failure detection and going alone ([`super::golive`]).
+pub(crate) fn primary_loop(
+    vm: &mut Vm,
+    writer: &LogWriter,
+    opts: &PairOptions,
+    console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
+    hooks: &PrimaryHooks,
+    mut ft: Option<&mut PrimaryFt>,
+) -> Result<PrimaryReport, PairError> {
     let start = Instant::now();
     let acks = Arc::clone(writer.sender().shared());
-    let gate = OutputGate::start(acks, Arc::clone(writer.position()))
-        .map_err(|e| PairError::Setup(format!("output thread: {e}")))?;
+    let gate = Arc::new(
+        OutputGate::start(acks, Arc::clone(writer.position()))
+            .map_err(|e| PairError::Setup(format!("output thread: {e}")))?,
+    );
     if let Some((buf, sink)) = console {
         gate.add_buffer_source(buf, sink);
     }
@@ -344,19 +420,41 @@ pub fn run_primary(
         digest_interval: opts.digest_interval,
         mem_digest_every: opts.mem_digest_every,
     })?;
+    if let Some(f) = ft.as_deref_mut() {
+        f.start(Arc::clone(&gate), writer, vm)?;
+    }
     vm.set_inputs(Inputs::Live(Box::new(ChannelRecorder::new(writer.clone()))));
     let interval = opts.digest_interval.max(1);
     let mut checkpoint = 0u64;
+    let mut logging = true;
     let result = loop {
+        if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
+            break Err(e);
+        }
+        if logging && writer.is_alone() {
+            // Running alone: no more log entries, inputs straight from the devices.
+            vm.set_inputs(Inputs::default());
+            logging = false;
+        }
         let target = (vm.stats().total() / interval + 1) * interval;
         let outcome = vm.run_until(Some(target));
         if let Some(e) = writer.take_error() {
+            if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
+                break Err(e);
+            }
             break Err(PairError::Log(e));
         }
         let exit = vm.stats().total();
         match outcome? {
             RunOutcome::ExitLimit => {
                 checkpoint += 1;
+                if writer.is_alone() {
+                    // Controls still take effect; there is no backup to tell.
+                    for (key, value) in writer.controls().take_pending() {
+                        writer.controls().apply(AppliedControl { exit, key, value });
+                    }
+                    continue;
+                }
                 log_controls(writer, exit)?;
                 let mem = (opts.mem_digest_every > 0 && checkpoint % opts.mem_digest_every == 0)
                     .then(|| vm.memory_digest());
@@ -373,7 +471,11 @@ pub fn run_primary(
                 }
             }
             RunOutcome::PoweredOff(code) => break Ok((code, exit)),
-            RunOutcome::Paused => break Err(PairError::Paused(exit)),
+            // The FT monitor kicks the vCPU when this primary was superseded.
+            RunOutcome::Paused => match ft.as_deref().and_then(PrimaryFt::superseded) {
+                Some(e) => break Err(e),
+                None => break Err(PairError::Paused(exit)),
+            },
         }
     };
     vm.set_inputs(Inputs::default());
@@ -386,29 +488,56 @@ pub fn run_primary(
         regs: regs_digest,
         mem: mem_digest,
     })?;
-    if !writer.sender().wait_acked(end, opts.ack_timeout)? {
-        return Err(PairError::Log(format!(
-            "the backup did not acknowledge the end of the log within {:?}",
-            opts.ack_timeout
-        )));
+    let mut backup_finished = false;
+    match ft {
+        None => {
+            if !writer.sender().wait_acked(end, opts.ack_timeout)? {
+                return Err(PairError::Log(format!(
+                    "the backup did not acknowledge the end of the log within {:?}",
+                    opts.ack_timeout
+                )));
+            }
+        }
+        Some(f) => {
+            // Acknowledged, or the backup failed meanwhile and this primary went alone.
+            let deadline = Instant::now() + opts.ack_timeout;
+            loop {
+                if let Some(e) = f.superseded() {
+                    return Err(e);
+                }
+                if writer.is_alone() || writer.sender().acked_seq() >= end {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(PairError::Log(format!(
+                        "the backup did not acknowledge the end of the log within {:?}",
+                        opts.ack_timeout
+                    )));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            // The pair ended normally (or alone): the link going down now is no failure.
+            f.stop_monitor();
+        }
     }
     if !gate.flush(opts.ack_timeout) {
         return Err(PairError::Log("outputs still waiting at the end".into()));
     }
-    // Give the backup a moment to report that it replayed everything (not required).
-    let deadline = Instant::now() + opts.ack_timeout.min(Duration::from_secs(10));
-    let mut backup_finished = false;
-    while Instant::now() < deadline {
-        let s = writer.sender();
-        if s.backup_executed_seq() >= end {
-            backup_finished = true;
-            break;
+    if !writer.is_alone() {
+        // Give the backup a moment to report that it replayed everything (not required).
+        let deadline = Instant::now() + opts.ack_timeout.min(Duration::from_secs(10));
+        while Instant::now() < deadline {
+            let s = writer.sender();
+            if s.backup_executed_seq() >= end {
+                backup_finished = true;
+                break;
+            }
+            if !s.is_running() {
+                break;
+            }
+            drop(s);
+            std::thread::sleep(Duration::from_millis(1));
         }
-        if !s.is_running() {
-            break;
-        }
-        drop(s);
-        std::thread::sleep(Duration::from_millis(1));
     }
     Ok(PrimaryReport {
         code,

@@ -1,0 +1,483 @@
+//! Go-live in one process: a primary and a backup of the `cpu` guest over TCP on loopback, a
+//! file arbiter in a temporary directory and real UDP failure detectors with a short timeout.
+//! A "crash" stops a side's VM and drops its channel end and detector, as a killed process
+//! would.
+//!
+//! - the primary crashes mid-run: the backup goes live in generation 2 and the guest ends with
+//!   the checksum of an undisturbed run;
+//! - the backup crashes: the primary goes alone in generation 2 and releases what it held;
+//! - the arbiter is unreachable: the backup does not go live until it is back;
+//! - a primary that lost the arbiter never releases an output.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_channel::tcp::{TcpMode, TcpTransport};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport, TransportError};
+use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter, RetryPolicy};
+use ftvm_vmm_core::ft::backup::LogReader;
+use ftvm_vmm_core::ft::detector::DetectorConfig;
+use ftvm_vmm_core::ft::digest::pairing_digest;
+use ftvm_vmm_core::ft::golive::{
+    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, PrimaryFtReport,
+};
+use ftvm_vmm_core::ft::node::{NodeId, Role};
+use ftvm_vmm_core::ft::output::Sink;
+use ftvm_vmm_core::ft::primary::{LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
+use ftvm_vmm_core::{guests, require_kvm};
+
+/// Long enough to stop a side mid-run (the compute takes well over a second here).
+const CMDLINE: &str = "size=8M rounds=200 seed=7 timing";
+const MEM: u64 = 32 << 20;
+
+/// Withholds the frames the primary receives (the backup's acks) while `stall` is set.
+struct StallAcks {
+    inner: Box<dyn Transport>,
+    stall: Arc<AtomicBool>,
+}
+
+impl Transport for StallAcks {
+    fn name(&self) -> &'static str {
+        "stall"
+    }
+    fn max_frame(&self) -> usize {
+        self.inner.max_frame()
+    }
+    fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
+        self.inner.send(frame)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.inner.flush()
+    }
+    fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
+        if self.stall.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        self.inner.poll_recv(on_frame)
+    }
+}
+
+fn free_udp() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    s.local_addr().expect("udp addr")
+}
+
+fn vm_config() -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
+    let (console, buf) = buffer_console();
+    (
+        VmConfig {
+            mem_size: MEM,
+            cmdline: CMDLINE.into(),
+            console,
+            ..Default::default()
+        },
+        buf,
+    )
+}
+
+fn channel_config() -> Config {
+    let elf = guests::by_name("cpu").expect("cpu guest");
+    Config {
+        digest: pairing_digest(elf, CMDLINE, MEM, None).expect("digest"),
+        ..Config::default()
+    }
+}
+
+fn ft(arbiter: &Arc<dyn Arbiter>, node: &str, bind: SocketAddr, peer: SocketAddr) -> FtConfig {
+    let mut detector = DetectorConfig::new(bind, peer, Role::Primary);
+    detector.interval = Duration::from_millis(10);
+    detector.timeout = Duration::from_millis(250);
+    FtConfig {
+        retry: RetryPolicy {
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(50),
+        },
+        ..FtConfig::new(
+            Arc::clone(arbiter),
+            NodeId::new(node).expect("node id"),
+            1,
+            detector,
+        )
+    }
+}
+
+/// Bytes written to a sink, and when the first arrived.
+#[derive(Clone, Default)]
+struct Collected(Arc<Mutex<(Vec<u8>, Option<Instant>)>>);
+
+impl Collected {
+    fn sink(&self) -> Sink {
+        let c = self.0.clone();
+        Box::new(move |d: &[u8]| {
+            let mut g = c.lock().unwrap();
+            g.0.extend_from_slice(d);
+            g.1.get_or_insert_with(Instant::now);
+        })
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap().0).into_owned()
+    }
+    fn first_at(&self) -> Option<Instant> {
+        self.0.lock().unwrap().1
+    }
+}
+
+/// A short description of a run's result (reports hold large histograms).
+fn brief<T>(r: &Result<T, PairError>, what: impl Fn(&T) -> String) -> String {
+    match r {
+        Ok(v) => format!("Ok({})", what(v)),
+        Err(e) => format!("Err({})", ftvm_vmm_core::ft::primary::error_chain(e)),
+    }
+}
+
+fn backup_kind(b: &BackupFtReport) -> String {
+    match b {
+        BackupFtReport::Finished(r) => format!("finished at exit {}", r.exits),
+        BackupFtReport::WentLive(l) => format!("went live: {:?}", l.timings),
+    }
+}
+
+fn checksum_line(text: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.starts_with("cpu: checksum="))
+        .map(str::to_string)
+}
+
+/// The checksum line of an undisturbed run without FT.
+fn expected_checksum() -> String {
+    let (cfg, buf) = vm_config();
+    let mut vm = Vm::new(&cfg, guests::by_name("cpu").expect("cpu")).expect("vm");
+    assert_eq!(vm.run().expect("run"), RunOutcome::PoweredOff(0));
+    let text = String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+    checksum_line(&text).unwrap_or_else(|| panic!("no checksum in {text}"))
+}
+
+/// Where the pair's parts are, and how each side is set up.
+struct PairSpec {
+    arbiter: Arc<dyn Arbiter>,
+    primary_ft: FtConfig,
+    backup_ft: FtConfig,
+    stall_acks: bool,
+}
+
+impl PairSpec {
+    /// Detectors heartbeating each other.
+    fn new(arbiter: Arc<dyn Arbiter>) -> Self {
+        let (pa, ba) = (free_udp(), free_udp());
+        PairSpec {
+            primary_ft: ft(&arbiter, "primary", pa, ba),
+            backup_ft: ft(&arbiter, "backup", ba, pa),
+            arbiter,
+            stall_acks: false,
+        }
+    }
+}
+
+struct Running {
+    primary: std::thread::JoinHandle<Result<PrimaryFtReport, PairError>>,
+    backup: std::thread::JoinHandle<Result<BackupFtReport, PairError>>,
+    primary_vm: VmControl,
+    backup_vm: VmControl,
+    primary_console: Collected,
+    backup_console: Collected,
+    stall: Arc<AtomicBool>,
+}
+
+fn start(spec: PairSpec) -> Running {
+    let elf = guests::by_name("cpu").expect("cpu guest");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (btx, brx) = mpsc::channel();
+    let backup_console = Collected::default();
+    let bc = backup_console.clone();
+    let bft = spec.backup_ft;
+    let backup = std::thread::spawn(move || {
+        let (cfg, buf) = vm_config();
+        let mut vm = Vm::new(&cfg, elf).expect("backup vm");
+        btx.send(vm.control()).expect("report control");
+        let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
+        let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
+        let rx = LogReceiver::start(p, c, Box::new(t), channel_config(), PollerConfig::default())?;
+        let reader = LogReader::new(rx, Default::default(), None);
+        run_backup_ft(&mut vm, reader, bft, Some((buf, bc.sink())))
+    });
+    let backup_vm = brx.recv().expect("backup control");
+    let stall = Arc::new(AtomicBool::new(false));
+    let (s2, stall_acks) = (stall.clone(), spec.stall_acks);
+    let (ptx, prx) = mpsc::channel();
+    let primary_console = Collected::default();
+    let pc = primary_console.clone();
+    let pft = spec.primary_ft;
+    let primary = std::thread::spawn(move || {
+        let (cfg, buf) = vm_config();
+        let mut vm = Vm::new(&cfg, elf).expect("primary vm");
+        ptx.send(vm.control()).expect("report control");
+        let t =
+            TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
+        let t = StallAcks {
+            inner: Box::new(t),
+            stall: s2.clone(),
+        };
+        let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
+        let sender =
+            LogSender::start(p, c, Box::new(t), channel_config(), PollerConfig::default())?;
+        // After the handshake (its answer is a frame the primary receives).
+        s2.store(stall_acks, Ordering::Release);
+        let writer = LogWriter::new(sender, Default::default());
+        let opts = PairOptions {
+            digest_interval: 50,
+            ack_timeout: Duration::from_secs(20),
+            ..Default::default()
+        };
+        // The writer (the channel) and the detector go when this thread ends: a crash.
+        run_primary_ft(
+            &mut vm,
+            &writer,
+            &opts,
+            Some((buf, pc.sink())),
+            &PrimaryHooks::default(),
+            pft,
+        )
+    });
+    let primary_vm = prx.recv().expect("primary control");
+    let _ = spec.arbiter;
+    Running {
+        primary,
+        backup,
+        primary_vm,
+        backup_vm,
+        primary_console,
+        backup_console,
+        stall,
+    }
+}
+
+fn file_arbiter(dir: &Path) -> Arc<dyn Arbiter> {
+    Arc::new(FileArbiter::new(dir))
+}
+
+fn current(arbiter: &Arc<dyn Arbiter>) -> Option<(u64, String)> {
+    arbiter
+        .current()
+        .expect("arbiter reachable")
+        .map(|(g, w)| (g, w.to_string()))
+}
+
+/// Waits until the primary holds generation 1 and has run a while.
+fn wait_started(r: &Running, arbiter: &Arc<dyn Arbiter>) {
+    let t = Instant::now();
+    while current(arbiter).is_none() || r.primary_vm.exits() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the primary did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn golive_backup_takes_over_when_the_primary_crashes() {
+    require_kvm!("golive_backup_takes_over_when_the_primary_crashes");
+    let expected = expected_checksum();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = file_arbiter(dir.path());
+    let r = start(PairSpec::new(Arc::clone(&arbiter)));
+    wait_started(&r, &arbiter);
+    std::thread::sleep(Duration::from_millis(300));
+    // Crash the primary mid-run.
+    r.primary_vm.kick();
+    let p = r.primary.join().expect("primary thread");
+    assert!(
+        matches!(p, Err(PairError::Paused(_))),
+        "{}",
+        brief(&p, |r| format!("alone {:?}", r.alone))
+    );
+    let b = r.backup.join().expect("backup thread").expect("backup");
+    let BackupFtReport::WentLive(live) = b else {
+        panic!("the backup did not go live: {}", backup_kind(&b));
+    };
+    assert_eq!(live.code, 0);
+    assert_eq!(live.timings.generation, 2);
+    assert_eq!(current(&arbiter), Some((2, "backup".into())));
+    assert!(
+        live.timings.detection >= Duration::from_millis(200),
+        "{:?}",
+        live.timings
+    );
+    assert!(
+        live.timings.total < Duration::from_secs(5),
+        "{:?}",
+        live.timings
+    );
+    // The guest finished as it would have without the failure; what it printed after going
+    // live was released by the new primary.
+    let text = r.backup_console.text();
+    assert_eq!(
+        checksum_line(&text).as_deref(),
+        Some(expected.as_str()),
+        "{text}"
+    );
+    assert!(checksum_line(&r.primary_console.text()).is_none());
+    assert!(live.exits > live.timings.at_exit);
+}
+
+#[test]
+fn golive_primary_goes_alone_when_the_backup_crashes() {
+    require_kvm!("golive_primary_goes_alone_when_the_backup_crashes");
+    let expected = expected_checksum();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = file_arbiter(dir.path());
+    let mut spec = PairSpec::new(Arc::clone(&arbiter));
+    // Nothing is acknowledged: the first line the guest prints is held.
+    spec.stall_acks = true;
+    let r = start(spec);
+    wait_started(&r, &arbiter);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r.primary_console.text(), "", "released without an ack");
+    // Crash the backup.
+    r.backup_vm.kick();
+    let b = r.backup.join().expect("backup thread");
+    assert!(b.is_err(), "{}", brief(&b, backup_kind));
+    let p = r.primary.join().expect("primary thread").expect("primary");
+    let alone = p.alone.expect("the primary went alone");
+    assert_eq!((alone.generation, p.generation), (2, 2));
+    assert_eq!(current(&arbiter), Some((2, "primary".into())));
+    assert_eq!(p.report.code, 0);
+    let o = &p.report.outputs;
+    assert_eq!(o.released, o.produced);
+    assert!(o.released_alone >= 2, "{} released alone", o.released_alone);
+    assert_eq!(o.early, 0);
+    let text = r.primary_console.text();
+    assert!(text.starts_with("cpu: size="), "{text}");
+    assert_eq!(
+        checksum_line(&text).as_deref(),
+        Some(expected.as_str()),
+        "{text}"
+    );
+    drop(r.stall);
+}
+
+/// Makes the arbiter's directory unreachable (a file in its place) until dropped.
+struct Outage {
+    dir: PathBuf,
+    away: PathBuf,
+}
+
+impl Outage {
+    fn start(dir: &Path) -> Self {
+        let away = dir.with_extension("away");
+        std::fs::rename(dir, &away).expect("move the arbiter directory away");
+        std::fs::write(dir, b"not a directory").expect("file in its place");
+        Outage {
+            dir: dir.to_path_buf(),
+            away,
+        }
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.dir);
+        let _ = std::fs::rename(&self.away, &self.dir);
+    }
+}
+
+#[test]
+fn golive_backup_waits_for_an_unreachable_arbiter() {
+    require_kvm!("golive_backup_waits_for_an_unreachable_arbiter");
+    let expected = expected_checksum();
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("arbiter");
+    std::fs::create_dir(&dir).expect("arbiter dir");
+    let arbiter = file_arbiter(&dir);
+    let r = start(PairSpec::new(Arc::clone(&arbiter)));
+    wait_started(&r, &arbiter);
+    std::thread::sleep(Duration::from_millis(200));
+    let outage = Outage::start(&dir);
+    assert!(
+        arbiter.current().is_err(),
+        "the outage must make it unreachable"
+    );
+    r.primary_vm.kick();
+    assert!(r.primary.join().expect("primary thread").is_err());
+    // Well past detection: the backup must still be waiting.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        r.backup_console.first_at().is_none(),
+        "live without the arbiter"
+    );
+    assert!(!r.backup.is_finished());
+    let restored = Instant::now();
+    drop(outage);
+    let b = r.backup.join().expect("backup thread").expect("backup");
+    let BackupFtReport::WentLive(live) = b else {
+        panic!("the backup did not go live: {}", backup_kind(&b));
+    };
+    assert!(r.backup_console.first_at().expect("output after go-live") > restored);
+    assert!(
+        live.timings.arbiter >= Duration::from_millis(600),
+        "{:?}",
+        live.timings
+    );
+    assert_eq!(current(&arbiter), Some((2, "backup".into())));
+    let text = r.backup_console.text();
+    assert_eq!(
+        checksum_line(&text).as_deref(),
+        Some(expected.as_str()),
+        "{text}"
+    );
+}
+
+#[test]
+fn golive_primary_that_lost_the_arbiter_releases_nothing() {
+    require_kvm!("golive_primary_that_lost_the_arbiter_releases_nothing");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = file_arbiter(dir.path());
+    let mut spec = PairSpec::new(Arc::clone(&arbiter));
+    // The primary hears no heartbeat (the backup's go elsewhere): it will presume the backup
+    // failed; the backup hears the primary.
+    spec.backup_ft.detector.peer = free_udp();
+    spec.stall_acks = true;
+    let r = start(spec);
+    let t = Instant::now();
+    while current(&arbiter).is_none() {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The backup wins generation 2 first (as if it had gone live).
+    let backup = NodeId::new("backup").expect("id");
+    assert!(arbiter.try_acquire(2, &backup).expect("acquire").is_won());
+    let p = r.primary.join().expect("primary thread");
+    match &p {
+        Err(PairError::Superseded { generation, winner }) => {
+            assert_eq!((*generation, winner.as_str()), (2, "backup"));
+        }
+        other => panic!(
+            "expected Superseded, got {}",
+            brief(other, |r| format!("alone {:?}", r.alone))
+        ),
+    }
+    // Acknowledgements flow again: still nothing may come out of the fenced primary.
+    r.stall.store(false, Ordering::Release);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        r.primary_console.text(),
+        "",
+        "a fenced primary released output"
+    );
+    // The output existed: the backup replayed the line the primary held.
+    let b = r.backup.join().expect("backup thread").expect("backup");
+    let BackupFtReport::WentLive(live) = b else {
+        panic!(
+            "the backup (holder of generation 2) did not go live: {}",
+            backup_kind(&b)
+        );
+    };
+    let replica = String::from_utf8_lossy(&live.console_replayed).into_owned();
+    assert!(replica.starts_with("cpu: size="), "{replica:?}");
+}

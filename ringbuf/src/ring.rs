@@ -478,7 +478,7 @@ unsafe impl Send for Producer {}
 unsafe impl Send for Consumer {}
 
 /// How far ahead of its tail the producer asks for cache lines in exclusive state (`prefetchw`),
-/// when the consumer has released them. The lines it is about to write were last read by the
+/// when the consumer has released them (and the most it asks for per claim). The lines it is about to write were last read by the
 /// consumer's core, so each store would otherwise wait for that core to give the line up; asking
 /// early overlaps those transfers. (A read prefetch on the consumer side made no measurable
 /// difference — the hardware prefetcher follows the sequential walk — so there is none.)
@@ -601,10 +601,17 @@ impl Producer {
         let end = self.tail + span as u64;
         if off + span <= self.geo.capacity && end <= self.limit {
             self.ring.track_write(off, span);
-            // Ask for the line a few records ahead in exclusive state, if the consumer is
-            // done with it.
-            if end + (PREFETCH_AHEAD + 64) as u64 <= self.limit {
-                prefetch_write(self.geo.ptr((off + span + PREFETCH_AHEAD) & self.geo.mask));
+            // Ask for the lines `PREFETCH_AHEAD` bytes on in exclusive state — as many bytes as
+            // this record takes (up to `PREFETCH_AHEAD`), so that every line gets asked for
+            // once on the way — if the consumer is done with them.
+            let n = span.min(PREFETCH_AHEAD);
+            if end + (PREFETCH_AHEAD + n) as u64 <= self.limit {
+                let first = off + span + PREFETCH_AHEAD;
+                let mut at = first;
+                while at < first + n {
+                    prefetch_write(self.geo.ptr(at & self.geo.mask));
+                    at += 64;
+                }
             }
             return Ok(Plan { at: off, pad: 0 });
         }

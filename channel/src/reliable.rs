@@ -577,7 +577,7 @@ impl Sender {
             return;
         }
         let last = (self.acked + u64::from(missing)).min(self.next_seq.saturating_sub(1));
-        if last < hole || self.frag_next > 0 && self.next_seq <= last {
+        if last < hole {
             return;
         }
         self.resent_hole = hole;

@@ -650,3 +650,54 @@ impl Transport for UringTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// However the stream is cut into chunks, every frame comes out once, whole, in order.
+        #[test]
+        fn frames_survive_any_chunking(
+            lens in proptest::collection::vec(0usize..3000, 1..40),
+            cuts in proptest::collection::vec(1usize..5000, 1..80),
+        ) {
+            let mut stream = Vec::new();
+            let mut frames = Vec::new();
+            for (i, len) in lens.iter().enumerate() {
+                let f: Vec<u8> = (0..*len).map(|j| (i * 7 + j) as u8).collect();
+                stream.extend_from_slice(&(f.len() as u32).to_le_bytes());
+                stream.extend_from_slice(&f);
+                frames.push(f);
+            }
+            let mut carry = Vec::new();
+            let mut out: Vec<Vec<u8>> = Vec::new();
+            let mut at = 0;
+            let mut cut = cuts.iter().cycle();
+            while at < stream.len() {
+                let end = (at + cut.next().copied().unwrap_or(1)).min(stream.len());
+                let n = split_frames(&stream[at..end], &mut carry, &mut |f| out.push(f.to_vec()))
+                    .expect("valid stream");
+                prop_assert!(n <= out.len());
+                at = end;
+            }
+            prop_assert!(carry.is_empty());
+            prop_assert_eq!(out, frames);
+        }
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_an_error() {
+        let mut carry = Vec::new();
+        let bad = ((TCP_MAX_FRAME + 1) as u32).to_le_bytes();
+        // Whole in one chunk, and cut inside the prefix.
+        assert!(split_frames(&bad, &mut carry, &mut |_| {}).is_err());
+        carry.clear();
+        assert!(matches!(
+            split_frames(&bad[..2], &mut carry, &mut |_| {}),
+            Ok(0)
+        ));
+        assert!(split_frames(&bad[2..], &mut carry, &mut |_| {}).is_err());
+    }
+}

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p ftvm-bench -- throttle [--quick] [--target-ms N] [--backup-share S]
+//!     [--kp K] [--ki K] [--tau-ms T]     (controller gains, see ftvm_vmm_core::ft::throttle)
 //! ```
 //!
 //! An in-process primary/backup pair over TCP loopback runs a guest that logs a clock read
@@ -22,7 +23,7 @@ use anyhow::{bail, Context};
 use ftvm_vmm_core::ft::throttle::experiment::{
     self, quantile, Event, ExperimentConfig, ExperimentReport, Sample,
 };
-use ftvm_vmm_core::ft::throttle::{cgroup_cpu_unusable, ThrottleConfig};
+use ftvm_vmm_core::ft::throttle::{cgroup_cpu_unusable, PiConfig, ThrottleConfig};
 use serde::Serialize;
 
 use crate::report::{self, Panel, Series};
@@ -55,6 +56,9 @@ struct Point {
 struct Row {
     run: &'static str,
     target_ms: f64,
+    kp: f64,
+    ki: f64,
+    filter_tau_ms: f64,
     backup_share: f64,
     slow_at_s: f64,
     lift_at_s: f64,
@@ -85,6 +89,7 @@ struct Row {
 
 struct Plan {
     target: Duration,
+    pi: PiConfig,
     share: f64,
     slow_at: f64,
     lift_at: f64,
@@ -95,6 +100,7 @@ fn parse(opts: &Opts) -> anyhow::Result<Plan> {
     let slowed = if opts.quick { 5.0 } else { 12.0 };
     let mut plan = Plan {
         target: Duration::from_millis(100),
+        pi: PiConfig::default(),
         share: 0.3,
         slow_at: 1.0,
         lift_at: 1.0 + slowed,
@@ -113,7 +119,14 @@ fn parse(opts: &Opts) -> anyhow::Result<Plan> {
                     bail!("--backup-share must be in (0, 1]");
                 }
             }
-            other => bail!("unknown option {other:?} (--target-ms N, --backup-share S)"),
+            "--kp" => plan.pi.kp = val(a)?.parse().context("--kp")?,
+            "--ki" => plan.pi.ki = val(a)?.parse().context("--ki")?,
+            "--tau-ms" => {
+                plan.pi.filter_tau = val(a)?.parse::<f64>().context("--tau-ms")? / 1e3;
+            }
+            other => bail!(
+                "unknown option {other:?} (--target-ms N, --backup-share S, --kp K, --ki K, --tau-ms T)"
+            ),
         }
     }
     Ok(plan)
@@ -199,6 +212,9 @@ fn summarize(run: &'static str, plan: &Plan, r: &ExperimentReport) -> Row {
     Row {
         run,
         target_ms: plan.target.as_secs_f64() * 1e3,
+        kp: plan.pi.kp,
+        ki: plan.pi.ki,
+        filter_tau_ms: plan.pi.filter_tau * 1e3,
         backup_share: plan.share,
         slow_at_s: plan.slow_at,
         lift_at_s: plan.lift_at,
@@ -209,7 +225,11 @@ fn summarize(run: &'static str, plan: &Plan, r: &ExperimentReport) -> Row {
         lag_max_ms: s.iter().map(|x| x.lag_ms).fold(0.0, f64::max),
         min_share: s.iter().map(|x| x.share).fold(1.0, f64::min),
         mean_share_settled: mean_share,
-        recovery_s: after_lift(&|x| x.share >= 1.0),
+        recovery_s: if run == "throttled" {
+            after_lift(&|x| x.share >= 1.0)
+        } else {
+            None
+        },
         lag_recovery_s: after_lift(&|x| x.lag_ms < 10.0),
         share_reversals_per_s: reversals(&settled) as f64 / settled_span,
         entries_per_s_full: rate(&window(s, 0.2, plan.slow_at)),
@@ -244,6 +264,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             "throttled",
             Some(ThrottleConfig {
                 target: plan.target,
+                pi: plan.pi,
                 status_interval: Duration::ZERO,
                 ..Default::default()
             }),

@@ -33,10 +33,10 @@
 //! |---|---|---|
 //! | `target` | 100 ms | the lag the pair must stay under (p99 once settled) |
 //! | `setpoint_fraction` | 0.5 | the controller regulates the lag to `target × fraction`, leaving the rest as margin for bursts |
-//! | `pi.kp` | 0.5 | proportional gain: log-share per unit of normalised error `(setpoint − lag)/setpoint`; higher reacts faster, oscillates sooner |
-//! | `pi.ki` | 1.0 /s | integral gain: removes the steady-state error; higher settles faster, overshoots more |
+//! | `pi.kp` | 0.3 | proportional gain: log-share per unit of normalised error `(setpoint − lag)/setpoint`; higher reacts faster, oscillates sooner |
+//! | `pi.ki` | 0.8 /s | integral gain: removes the steady-state error; higher settles faster, overshoots more |
 //! | `pi.min_share` | 0.1 | the primary never gets less than this share of a CPU (a backup that stops entirely is the failure detector's business) |
-//! | `pi.filter_tau` | 30 ms | low-pass time constant on the measured lag (smooths the CFS on/off bursts) |
+//! | `pi.filter_tau` | 50 ms | low-pass time constant on the measured lag (smooths the CFS on/off bursts) |
 //! | `cfs_period` | 10 ms | the cgroup's CFS period: the throttled vCPU runs `share × period`, then waits; short = smooth |
 //! | `update_interval` | 10 ms | how often the controller acts |
 //! | `sample_interval` | 1 ms | how often the primary's position is sampled (time-lag resolution) |

@@ -40,10 +40,10 @@ pub struct PiConfig {
 impl Default for PiConfig {
     fn default() -> Self {
         PiConfig {
-            kp: 0.5,
-            ki: 1.0,
+            kp: 0.3,
+            ki: 0.8,
             min_share: 0.1,
-            filter_tau: 0.03,
+            filter_tau: 0.05,
         }
     }
 }
@@ -239,11 +239,13 @@ mod tests {
                 assert!((lag - 0.05).abs() < 0.01, "speed {speed}: lag {lag}");
             }
             // The onset peak: what the primary logged at full speed before the controller
-            // reacted (~60 ms here: filter + measurement delay) takes 1/speed as long to
-            // replay. It is inherent to any feedback on the lag; the settled lag is not.
+            // reacted (~80 ms here: filter + measurement delay) takes 1/speed as long to
+            // replay. It is inherent to any feedback on the lag; the settled lag is not. Faster
+            // gains lower it and make the share jitter once settled: the defaults favour a
+            // smooth share.
             let peak = trace.iter().map(|&(_, l)| l).fold(0.0, f64::max);
             eprintln!("speed {speed}: peak lag {peak:.3} s");
-            assert!(peak < 0.08 / speed, "speed {speed}: peak lag {peak}");
+            assert!(peak < 0.1 / speed, "speed {speed}: peak lag {peak}");
         }
     }
 

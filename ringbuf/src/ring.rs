@@ -472,10 +472,17 @@ impl Geometry {
 }
 
 // SAFETY: the geometry's pointer is into the data area owned by the `Arc<Ring>` each end holds
-// (the ring is `Send + Sync`); each end touches only the bytes the protocol gives it.
+// (the ring is `Send + Sync`); each end touches only the bytes the protocol gives it. The ends
+// stay `Send + Sync` as they were before they kept the pointer: every access to the data area
+// goes through `&mut self` (or a `Claim`/`Batch` borrowing it mutably); `&self` methods read
+// only the end's own fields and the ring's atomics.
 unsafe impl Send for Producer {}
 // SAFETY: as above.
+unsafe impl Sync for Producer {}
+// SAFETY: as above.
 unsafe impl Send for Consumer {}
+// SAFETY: as above.
+unsafe impl Sync for Consumer {}
 
 /// How far ahead of its tail the producer asks for cache lines in exclusive state (`prefetchw`),
 /// when the consumer has released them (and the most it asks for per claim). The lines it is about to write were last read by the
@@ -1177,6 +1184,14 @@ mod tests {
             }
             batch.release();
         }
+    }
+
+    #[test]
+    fn both_ends_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Producer>();
+        check::<Consumer>();
+        check::<Ring>();
     }
 
     #[test]

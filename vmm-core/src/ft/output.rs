@@ -289,10 +289,7 @@ impl OutputGate {
     /// Gates the TX of `net`: its frames wait here and are written to its (current) TAP once
     /// acknowledged.
     pub fn gate_net(&self, net: &NetHandle) {
-        let n = net.clone();
-        let gate = self.tx_gate(Box::new(move |frame: &[u8]| {
-            n.write_frame(frame);
-        }));
+        let gate = self.tx_gate(net.frame_writer());
         net.set_tx(crate::devices::virtio::net::TxMode::Gated(gate));
     }
 

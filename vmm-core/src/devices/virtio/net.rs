@@ -227,6 +227,9 @@ impl std::fmt::Debug for TxMode {
     }
 }
 
+/// A function writing frames to a net device's TAP ([`NetHandle::frame_writer`]).
+pub type FrameWriter = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Transmit counters of a [`NetHandle`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TxCounters {
@@ -326,6 +329,18 @@ impl NetHandle {
                 false
             }
         }
+    }
+
+    /// A function writing frames to the TAP attached at the time of each call (a gate's sink).
+    /// It holds the device weakly: a gate stored in the device's own TX mode does not keep the
+    /// device (and its TAP) alive.
+    pub fn frame_writer(&self) -> FrameWriter {
+        let weak = Arc::downgrade(&self.0);
+        Box::new(move |frame: &[u8]| {
+            if let Some(shared) = weak.upgrade() {
+                NetHandle(shared).write_frame(frame);
+            }
+        })
     }
 
     /// Transmit counters.

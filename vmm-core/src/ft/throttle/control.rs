@@ -52,7 +52,7 @@ impl TargetFollower {
 
     pub(super) fn for_throttle(inner: Arc<Inner>) -> Self {
         TargetFollower {
-            agreed: Arc::default(),
+            agreed: Arc::clone(&inner.agreed),
             throttle: Some(inner),
         }
     }

@@ -339,10 +339,9 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
     let shared = Arc::clone(writer.sender().shared());
     let primary_tid = current_tid();
     let mut primary_group = None;
-    let lag_source = PairLag::new(Arc::clone(&shared), Arc::clone(writer.position()));
     let throttling = cfg.throttle.is_some();
     let throttle = match &cfg.throttle {
-        Some(tc) => Throttle::start(
+        Some(tc) => Throttle::for_writer(
             ThrottleConfig {
                 group_name: Some(
                     tc.group_name
@@ -352,7 +351,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                 cpu_weight: tc.cpu_weight.or(Some(cfg.backup_weight)),
                 ..tc.clone()
             },
-            lag_source,
+            &writer,
             primary_tid,
         )?,
         None => {
@@ -366,17 +365,19 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                     status_interval: Duration::ZERO,
                     ..Default::default()
                 },
-                lag_source,
+                PairLag::new(Arc::clone(&shared), Arc::clone(writer.position())),
                 Box::new(Observe),
             )?
         }
     };
+    // With a throttle, `for_writer` installed its follower; without one, record only.
     let primary_follower = if throttling {
         throttle.follower()
     } else {
-        TargetFollower::new()
+        let f = TargetFollower::new();
+        f.install(writer.controls());
+        f
     };
-    primary_follower.install(writer.controls());
     let opts = PairOptions {
         digest_interval: cfg.digest_interval,
         mem_digest_every: 0,

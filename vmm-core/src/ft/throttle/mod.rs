@@ -54,7 +54,9 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // In a primary: `writer.sender().shared()` and `writer.position()` of its `LogWriter`,
-//! // and the tid of the thread that runs the vCPU (here: this one).
+//! // and the tid of the thread that runs the vCPU (here: this one). With the `LogWriter` at
+//! // hand, `Throttle::for_writer(cfg, &writer, current_tid())` does this and also follows
+//! // target changes agreed through the log.
 //! let (acks, position) = (Arc::new(SenderShared::default()), Arc::new(AtomicU64::new(0)));
 //! let throttle = Throttle::start(
 //!     ThrottleConfig { target: Duration::from_millis(100), ..Default::default() },
@@ -85,6 +87,8 @@ pub use cgroup::{cgroup_cpu_unusable, current_tid, thread_cpu_time, CgroupCpu};
 pub use control::{propose_target, AgreedTarget, TargetFollower, CONTROL_TARGET_US};
 pub use lag::{Lag, LagMeter, LagSource, PairLag};
 pub use pi::{PiConfig, PiController};
+
+use crate::ft::primary::LogWriter;
 
 /// Errors of the throttle.
 #[derive(Debug, thiserror::Error)]
@@ -280,6 +284,8 @@ struct Inner {
     stop: AtomicBool,
     target_ns: AtomicU64,
     status: Mutex<ThrottleStatus>,
+    /// The last target agreed through the log (shared by every follower of this throttle).
+    agreed: Arc<Mutex<Option<AgreedTarget>>>,
 }
 
 impl Inner {
@@ -322,6 +328,31 @@ impl Throttle {
         Self::with_actuator(cfg, source, Box::new(group))
     }
 
+    /// Starts a throttle for the primary writing through `writer`, acting on thread `vcpu_tid`
+    /// (the thread that will call `run_primary`: [`current_tid`] there), and makes it follow
+    /// the target changes agreed through the log ([`propose_target`] on `writer.controls()`;
+    /// this sets the queue's handler, see [`TargetFollower`]).
+    ///
+    /// Stop it (or drop it) when the run ends or the primary goes on alone: without acks the
+    /// lag only grows, and the throttle would hold the vCPU at its minimum share.
+    ///
+    /// # Errors
+    /// As [`Throttle::start`].
+    pub fn for_writer(
+        cfg: ThrottleConfig,
+        writer: &LogWriter,
+        vcpu_tid: i32,
+    ) -> Result<Self, ThrottleError> {
+        let shared = Arc::clone(writer.sender().shared());
+        let throttle = Self::start(
+            cfg,
+            PairLag::new(shared, Arc::clone(writer.position())),
+            vcpu_tid,
+        )?;
+        throttle.follower().install(writer.controls());
+        Ok(throttle)
+    }
+
     /// Starts a throttle driving any actuator (another mechanism, a simulation).
     ///
     /// # Errors
@@ -336,6 +367,7 @@ impl Throttle {
         let describe = actuator.describe();
         let inner = Arc::new(Inner {
             stop: AtomicBool::new(false),
+            agreed: Arc::default(),
             target_ns: AtomicU64::new(cfg.target.as_nanos() as u64),
             status: Mutex::new(ThrottleStatus {
                 share: 1.0,
@@ -373,6 +405,11 @@ impl Throttle {
     /// (install it on the primary's `LogWriter::controls()`).
     pub fn follower(&self) -> TargetFollower {
         TargetFollower::for_throttle(Arc::clone(&self.inner))
+    }
+
+    /// The last target agreed through the log and applied to this throttle, and where.
+    pub fn agreed_target(&self) -> Option<AgreedTarget> {
+        *self.inner.agreed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The lag target.

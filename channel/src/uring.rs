@@ -1,13 +1,17 @@
 //! io_uring transport over a TCP socket (`io-uring` 0.7), busy-polled.
 //!
-//! - **Sends** go through two *registered* buffers (double buffering): frames are appended,
-//!   length-prefixed exactly as in [`crate::tcp`], to the buffer being filled; `flush` submits
-//!   one `WRITE_FIXED` for the whole batch while the other buffer fills. Short writes are
-//!   resubmitted for the remainder.
-//! - **Receives** use one multishot `RECV` armed once over a group of provided buffers: the
-//!   kernel posts a completion per chunk of stream with no system call from us; each buffer is
-//!   handed back (`PROVIDE_BUFFERS`) once its bytes are consumed. Where multishot receive is
-//!   not supported the transport falls back to one-shot receives (logged).
+//! - **Sends** go through two *registered* buffers (double buffering): the reliability layer
+//!   writes each frame straight into the buffer being filled
+//!   ([`Transport::send_in_place`]; length-prefixed exactly as in [`crate::tcp`]), and `flush`
+//!   submits one `WRITE_FIXED` for the whole batch — one `io_uring_enter` per batch, not per
+//!   frame — while the other buffer fills. Short writes are resubmitted for the remainder.
+//! - **Receives** use one multishot `RECV` armed once over a group of 16 × 256 KiB provided
+//!   buffers: the kernel posts a completion per chunk of stream with no system call from us.
+//!   Frames are handed out in place, straight from those buffers; only a frame cut by a chunk
+//!   boundary is copied (into a carry buffer, to be completed by the next chunk). Each buffer
+//!   is handed back (`PROVIDE_BUFFERS`, riding along with the next submission) once its frames
+//!   are handed out. Where multishot receive is not supported the transport falls back to
+//!   one-shot receives (logged).
 //! - **Large sends leave the poller's core** ([`UringConfig::async_send_min`], 32 KiB by
 //!   default): a batch that big is flagged `IOSQE_ASYNC`, so a kernel io-wq worker does the
 //!   copy into the socket and the TCP processing (on loopback, the receiving side's too) while

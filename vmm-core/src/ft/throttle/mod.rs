@@ -32,7 +32,7 @@
 //! | knob | default | effect |
 //! |---|---|---|
 //! | `target` | 100 ms | the lag the pair must stay under (p99 once settled) |
-//! | `setpoint_fraction` | 0.5 | the controller regulates the lag to `target × fraction`, leaving the rest as margin for bursts |
+//! | `setpoint_fraction` | 0.4 | the controller regulates the lag to `target × fraction`, leaving the rest as margin for bursts (CPU-time hiccups of either host) |
 //! | `pi.kp` | 0.3 | proportional gain: log-share per unit of normalised error `(setpoint − lag)/setpoint`; higher reacts faster, oscillates sooner |
 //! | `pi.ki` | 0.8 /s | integral gain: removes the steady-state error; higher settles faster, overshoots more |
 //! | `pi.min_share` | 0.1 | the primary never gets less than this share of a CPU (a backup that stops entirely is the failure detector's business) |
@@ -204,7 +204,7 @@ impl Default for ThrottleConfig {
     fn default() -> Self {
         ThrottleConfig {
             target: Duration::from_millis(100),
-            setpoint_fraction: 0.5,
+            setpoint_fraction: 0.4,
             pi: PiConfig::default(),
             sample_interval: Duration::from_millis(1),
             update_interval: Duration::from_millis(10),
@@ -650,7 +650,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         let s = t.status();
-        assert_eq!((s.target_ms, s.setpoint_ms), (40.0, 20.0));
+        assert_eq!((s.target_ms, s.setpoint_ms), (40.0, 16.0));
         assert_eq!(s.share, 1.0, "no lag, no throttling");
     }
 

@@ -13,6 +13,7 @@ pub mod client;
 pub mod demo;
 pub mod pair;
 pub mod scenario;
+pub mod transitions;
 
 /// Parses a size with an optional K/M/G suffix (`64M`, `2g`, `4096`).
 ///

@@ -24,9 +24,15 @@ use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport};
 use ftvm_ringbuf::IdleKind;
 use ftvm_vmm_core::devices::ConsoleOutput;
 use ftvm_vmm_core::ft::backup::{run_backup, LogReader};
+use ftvm_vmm_core::ft::detector::DetectorStats;
 use ftvm_vmm_core::ft::digest::{file_digest, pairing_digest};
+use ftvm_vmm_core::ft::golive::{
+    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, GoLiveTimings,
+};
 use ftvm_vmm_core::ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryHooks};
-use ftvm_vmm_core::ft::{acquire_with_retry, Acquire, Arbiter, NodeId, RetryPolicy, Role};
+use ftvm_vmm_core::ft::{
+    acquire_with_retry, Acquire, Arbiter, DetectorConfig, NodeId, RetryPolicy, Role,
+};
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 use serde::Deserialize;
 
@@ -57,7 +63,8 @@ pub struct PairArgs {
     /// Console output file (primary: released under the output rule; backup: its replica).
     #[arg(long)]
     pub console: Option<PathBuf>,
-    /// Peer: `HOST:PORT` (tcp, tcp-spin, uring; the backup listens there) or a path prefix (shm).
+    /// Peer: `HOST:PORT` (tcp, tcp-spin, uring; the backup listens there), a path prefix (shm),
+    /// or this side's network interface facing the peer (xdp, e.g. one end of a veth pair).
     #[arg(long)]
     pub peer: Option<String>,
     /// Transport: shm, tcp, tcp-spin, uring or xdp.
@@ -291,6 +298,7 @@ fn channel_config(s: &Settings, elf: &[u8]) -> anyhow::Result<Config> {
         .context("cannot read the disk image for the pairing digest")?;
     Ok(Config {
         digest,
+        generation: s.ft.as_ref().map_or(1, |ft| ft.generation),
         ..Config::default()
     })
 }
@@ -321,9 +329,25 @@ fn backup_transport(s: &Settings) -> anyhow::Result<Box<dyn Transport>> {
                 SHM_CAPACITY,
             )?))
         }
-        "xdp" => bail!("--transport xdp: not wired into ftvm primary/backup yet (use tcp, tcp-spin, uring or shm)"),
+        "xdp" => xdp_transport(s),
         other => bail!("unknown transport {other:?} (shm, tcp, tcp-spin, uring, xdp)"),
     }
+}
+
+/// AF_XDP: `--peer` names this side's interface (a veth end or a NIC facing the peer); the
+/// channel handshake then pairs the two sides as over any other transport.
+#[cfg(feature = "xdp")]
+fn xdp_transport(s: &Settings) -> anyhow::Result<Box<dyn Transport>> {
+    use ftvm_channel::xdp::{XdpConfig, XdpTransport};
+    let t = XdpTransport::open(&XdpConfig::new(&s.peer))
+        .with_context(|| format!("cannot open AF_XDP on {}", s.peer))?;
+    eprintln!("AF_XDP on {} ({})", s.peer, t.mode());
+    Ok(Box::new(t))
+}
+
+#[cfg(not(feature = "xdp"))]
+fn xdp_transport(_: &Settings) -> anyhow::Result<Box<dyn Transport>> {
+    bail!("--transport xdp: this ftvm was built without the `xdp` feature (cargo build --release -p ftvm --features xdp)")
 }
 
 fn primary_transport(s: &Settings) -> anyhow::Result<Box<dyn Transport>> {
@@ -363,7 +387,7 @@ fn primary_transport(s: &Settings) -> anyhow::Result<Box<dyn Transport>> {
             )?))
         }
         "shm" => Ok(Box::new(ShmTransport::open(Path::new(&s.peer), timeout)?)),
-        "xdp" => bail!("--transport xdp: not wired into ftvm primary/backup yet (use tcp, tcp-spin, uring or shm)"),
+        "xdp" => xdp_transport(s),
         other => bail!("unknown transport {other:?} (shm, tcp, tcp-spin, uring, xdp)"),
     }
 }
@@ -388,7 +412,7 @@ fn console_file(path: &Option<PathBuf>) -> anyhow::Result<Option<std::fs::File>>
 /// Setup failures, a refused pairing, a VM or log failure.
 pub fn primary(args: PairArgs) -> anyhow::Result<()> {
     let s = merge(args, Role::Primary)?;
-    let _arbiter =
+    let arbiter =
         s.ft.as_ref()
             .map(|ft| start_check(ft, Role::Primary))
             .transpose()?;
@@ -424,14 +448,29 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "console write failed");
         }
     });
-    let report = run_primary(
-        &mut vm,
-        &writer,
-        &s.opts,
-        Some((buf, sink)),
-        &PrimaryHooks::default(),
-    )
-    .map_err(anyhow_pair)?;
+    let hooks = PrimaryHooks::default();
+    let (report, ft_json) = match ft_config(&s, arbiter, Role::Primary)? {
+        None => (
+            run_primary(&mut vm, &writer, &s.opts, Some((buf, sink)), &hooks)
+                .map_err(anyhow_pair)?,
+            serde_json::Value::Null,
+        ),
+        Some(ft) => match run_primary_ft(&mut vm, &writer, &s.opts, Some((buf, sink)), &hooks, ft)
+        {
+            Ok(r) => {
+                let json = serde_json::json!({
+                    "generation": r.generation,
+                    "alone": r.alone.as_ref().map(timings_json),
+                    "detector": detector_json(&r.detector),
+                });
+                (r.report, json)
+            }
+            Err(PairError::Superseded { generation, winner }) => fenced(&format!(
+                "primary: FENCED: generation {generation} is held by {winner}; stopped, releasing nothing more"
+            )),
+            Err(e) => return Err(anyhow_pair(e)),
+        },
+    };
     let stats = writer.sender().snapshot();
     let secs = report.elapsed.as_secs_f64().max(1e-9);
     let d = &report.outputs.delay_us;
@@ -470,6 +509,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
             "output_delay_max_us": d.max(),
             "releases": report.outputs.releases.iter().take(256).collect::<Vec<_>>(),
             "channel": format!("{stats:?}"),
+            "failover": ft_json,
         }),
     )?;
     std::process::exit(i32::try_from(report.code.min(255)).unwrap_or(255));
@@ -530,6 +570,57 @@ fn start_check(ft: &FtSettings, role: Role) -> anyhow::Result<Arc<dyn Arbiter>> 
     Ok(arbiter)
 }
 
+/// The golive API's settings, with `--arbiter`.
+fn ft_config(
+    s: &Settings,
+    arbiter: Option<Arc<dyn Arbiter>>,
+    role: Role,
+) -> anyhow::Result<Option<FtConfig>> {
+    let (Some(ft), Some(arbiter)) = (&s.ft, arbiter) else {
+        return Ok(None);
+    };
+    let mut detector = DetectorConfig::new(ft.heartbeat, ft.peer_heartbeat, role);
+    detector.timeout = ft.fail_timeout;
+    detector.interval = detector.interval.min(ft.fail_timeout / 4);
+    let mut cfg = FtConfig::new(
+        arbiter,
+        NodeId::new(ft.node.clone()).context("--node")?,
+        ft.generation,
+        detector,
+    );
+    if role == Role::Backup {
+        cfg.service_tap = s.tap.clone();
+    }
+    Ok(Some(cfg))
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn timings_json(t: &GoLiveTimings) -> serde_json::Value {
+    serde_json::json!({
+        "generation": t.generation,
+        "at_exit": t.at_exit,
+        "total_ms": ms(t.total),
+        "detection_ms": ms(t.detection),
+        "drain_ms": ms(t.drain),
+        "wait_detector_ms": ms(t.wait_detector),
+        "arbiter_ms": ms(t.arbiter),
+        "attach_ms": ms(t.attach),
+    })
+}
+
+fn detector_json(d: &DetectorStats) -> serde_json::Value {
+    serde_json::json!({
+        "heartbeats_sent": d.heartbeats_sent,
+        "heartbeats_received": d.heartbeats_received,
+        "stale_heartbeats": d.stale_heartbeats,
+        "failures_declared": d.failures_declared,
+        "last_detection_ms": d.last_detection.map(ms),
+    })
+}
+
 /// Exits with [`EXIT_FENCED`] after printing `msg`.
 fn fenced(msg: &str) -> ! {
     eprintln!("{msg}");
@@ -546,7 +637,7 @@ fn anyhow_pair(e: PairError) -> anyhow::Error {
 /// Setup failures, a refused pairing; a divergence exits with status 3.
 pub fn backup(args: PairArgs) -> anyhow::Result<()> {
     let s = merge(args, Role::Backup)?;
-    let _arbiter =
+    let arbiter =
         s.ft.as_ref()
             .map(|ft| start_check(ft, Role::Backup))
             .transpose()?;
@@ -572,7 +663,54 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
         .context("cannot pair with the primary (different initial state?)")?;
     eprintln!("backup: paired with the primary, replaying {}", s.guest);
     let reader = LogReader::new(rx, s.opts.idle, None);
-    let result = run_backup(&mut vm, reader);
+    let result = match ft_config(&s, arbiter, Role::Backup)? {
+        None => run_backup(&mut vm, reader),
+        Some(ft) => {
+            // After going live, the console output is this node's to release: to --console.
+            let mut file = console_file(&s.console)?;
+            let sink: ftvm_vmm_core::ft::output::Sink = Box::new(move |d: &[u8]| {
+                let r = match file.as_mut() {
+                    Some(f) => std::io::Write::write_all(f, d),
+                    None => ConsoleOutput::Stdout.write(d),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "console write failed");
+                }
+            });
+            match run_backup_ft(&mut vm, reader, ft, Some((buf.clone(), sink))) {
+                Ok(BackupFtReport::Finished(r)) => Ok(r),
+                Ok(BackupFtReport::WentLive(live)) => {
+                    let disk_digest = s.disk.as_deref().map(file_digest).transpose()?;
+                    eprintln!(
+                        "backup: (live as generation {}) powered off with {} after {} exits ({} replayed entries)",
+                        live.timings.generation, live.code, live.exits, live.entries
+                    );
+                    write_report(
+                        &s.report,
+                        &serde_json::json!({
+                            "role": "backup",
+                            "went_live": true,
+                            "code": live.code,
+                            "exits": live.exits,
+                            "entries": live.entries,
+                            "mem_digest": format!("{:016x}", live.mem_digest),
+                            "regs_digest": format!("{:016x}", live.regs_digest),
+                            "disk_digest": disk_digest.map(|d| format!("{d:016x}")),
+                            "golive": timings_json(&live.timings),
+                            "detector": detector_json(&live.detector),
+                            "console_released": live.console.released,
+                            "tx": live.tx.map(|t| format!("{t:?}")),
+                        }),
+                    )?;
+                    std::process::exit(i32::try_from(live.code.min(255)).unwrap_or(255));
+                }
+                Err(PairError::Superseded { generation, winner }) => fenced(&format!(
+                    "backup: FENCED: generation {generation} is held by {winner}; stopped without going live"
+                )),
+                Err(e) => Err(e),
+            }
+        }
+    };
     // The backup's outputs are dropped; its console replica goes to --console for comparison.
     if let Some(mut f) = console_file(&s.console)? {
         std::io::Write::write_all(&mut f, &buf.lock().unwrap_or_else(|e| e.into_inner()))?;

@@ -41,6 +41,10 @@ pub const LOG_PORT: u16 = 7000;
 pub const BACKUP_HEARTBEAT_PORT: u16 = 7101;
 /// The primary's heartbeat port.
 pub const PRIMARY_HEARTBEAT_PORT: u16 = 7102;
+/// The primary's veth end with `--transport xdp`.
+pub const XDP_PRIMARY_IF: &str = "ftvmxp";
+/// The backup's veth end with `--transport xdp`.
+pub const XDP_BACKUP_IF: &str = "ftvmxb";
 /// Size of each disk image.
 pub const DISK_SIZE: u64 = 32 << 20;
 
@@ -314,11 +318,29 @@ impl Scenario {
             .unwrap_or_else(|| format!("file:{}", arb.display()));
         let ns = Netns::create(&format!("ftvm-{tag}-{pid}-{n}"))?;
         ns.add_tap(TAP, Some((Ipv4Addr::new(10, 0, 2, 1), 24)))?;
-        let (peer, shm) = if config.transport == "shm" {
-            let p = PathBuf::from(format!("/dev/shm/ftvm-{tag}-{pid}-{n}"));
-            (p.display().to_string(), Some(p))
-        } else {
-            (format!("127.0.0.1:{LOG_PORT}"), None)
+        let (peer, shm) = match config.transport.as_str() {
+            "shm" => {
+                let p = PathBuf::from(format!("/dev/shm/ftvm-{tag}-{pid}-{n}"));
+                (p.display().to_string(), Some(p))
+            }
+            "xdp" => {
+                // A veth pair inside the namespace: the primary on one end, the backup on the
+                // other (`--peer` names each side's own end).
+                ns.ip(&[
+                    "link",
+                    "add",
+                    XDP_PRIMARY_IF,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    XDP_BACKUP_IF,
+                ])?;
+                ns.set_link(XDP_PRIMARY_IF, true)?;
+                ns.set_link(XDP_BACKUP_IF, true)?;
+                (String::new(), None)
+            }
+            _ => (format!("127.0.0.1:{LOG_PORT}"), None),
         };
         Ok(Scenario {
             primary: None,
@@ -398,7 +420,11 @@ impl Scenario {
             "--cmdline".into(),
             format!("ip={GUEST_IP}/24 gw=10.0.2.1 port={GUEST_PORT}"),
             "--peer".into(),
-            self.peer.clone(),
+            match (self.config.transport.as_str(), side) {
+                ("xdp", Side::Primary) => XDP_PRIMARY_IF.into(),
+                ("xdp", Side::Backup) => XDP_BACKUP_IF.into(),
+                _ => self.peer.clone(),
+            },
             "--transport".into(),
             self.config.transport.clone(),
             "--console".into(),

@@ -1,0 +1,115 @@
+//! Shared helpers of the process-level fault tests: a kv pair of real `ftvm` processes in a
+//! network namespace ([`ftvm::scenario`]), client load with an acknowledged-writes checker
+//! ([`ftvm::client`]), one test at a time.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ftvm::client::{CheckReport, Checker, Load, LoadConfig, RespConn};
+use ftvm::scenario::{Scenario, ScenarioConfig};
+
+/// The `ftvm` binary built with these tests.
+pub fn ftvm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+/// Prints `SKIP <test>: <reason>` and returns true when the scenario cannot run here.
+pub fn skip(test: &str) -> bool {
+    match ftvm::scenario::missing() {
+        Some(r) => {
+            eprintln!("SKIP {test}: {r}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// One scenario at a time: two VMs per test already fill this 2-core machine, and a starved
+/// heartbeat thread would look like a failure.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A scenario configuration for `tag` (transport shm, file arbiter, children log at info).
+pub fn config(tag: &str) -> ScenarioConfig {
+    let mut c = ScenarioConfig::new(ftvm_bin(), tag);
+    c.log = "info".into();
+    c
+}
+
+/// Client load on the scenario's guest (`threads` connections; a 10 s reply timeout, so a
+/// failover pause is not an error).
+pub fn load(s: &Scenario, threads: usize, prefix: &str) -> Load {
+    Load::start(
+        &LoadConfig {
+            netns: Some(s.netns().name().to_string()),
+            addr: Scenario::guest_addr(),
+            threads,
+            timeout: Duration::from_secs(10),
+            prefix: prefix.into(),
+        },
+        Arc::new(Checker::default()),
+    )
+    .expect("start client load")
+}
+
+/// Waits until `load` has `n` more acknowledged writes than now (panics after `timeout`, with
+/// both sides' stderr).
+pub fn wait_ops(s: &Scenario, load: &Load, n: u64, timeout: Duration) {
+    let start = load.stats().ops;
+    let deadline = Instant::now() + timeout;
+    while load.stats().ops < start + n {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} acknowledged writes in {timeout:?} (last client error: {:?})\n{}",
+            load.last_error(),
+            s.stderr_of_both()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for the first client reply after the load's mark (panics after `timeout`).
+pub fn wait_first_reply(s: &Scenario, load: &Load, timeout: Duration) -> Instant {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = load.first_reply_after_mark() {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no client reply within {timeout:?} (last client error: {:?})\n{}",
+            load.last_error(),
+            s.stderr_of_both()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reads back every write acknowledged to `checker` (from inside the namespace).
+pub fn verify(s: &Scenario, checker: &Checker) -> CheckReport {
+    s.in_netns(|| {
+        let mut c = RespConn::connect(Scenario::guest_addr(), Duration::from_secs(10))?;
+        checker.verify(&mut c)
+    })
+    .expect("enter namespace")
+    .unwrap_or_else(|e| panic!("read back: {e:?}\n{}", s.stderr_of_both()))
+}
+
+/// Asserts that every acknowledged write is readable and that there were some.
+pub fn assert_no_acked_write_lost(s: &Scenario, checker: &Checker) -> CheckReport {
+    let r = verify(s, checker);
+    assert!(r.checked > 0, "no acknowledged write to check");
+    assert_eq!(
+        r.lost,
+        0,
+        "acknowledged writes lost: {:?}\n{}",
+        r.examples,
+        s.stderr_of_both()
+    );
+    r
+}

@@ -1,0 +1,348 @@
+//! Failover with real processes and real faults: `ftvm primary` and `ftvm backup` of the kv
+//! guest in a network namespace with a persistent TAP, a file arbiter, client load recording
+//! every acknowledged SET; the faults are SIGKILL, a cut logging link (nftables), a stale
+//! primary restarted with its old state, and an unreachable arbiter. Every test ends by reading
+//! back every acknowledged write. Needs root and /dev/kvm (prints SKIP otherwise).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use ftvm::scenario::{Scenario, Side, EXIT_FENCED};
+use ftvm_vmm_core::ft::{Acquire, Arbiter, FileArbiter, NodeId};
+
+/// Kills the primary under load: the backup wins generation 2, attaches the TAP and serves;
+/// every SET acknowledged before or after the failover is readable; the guest powers off
+/// cleanly through the new primary.
+#[test]
+fn sigkill_primary_backup_goes_live_without_losing_acked_writes() {
+    const TEST: &str = "sigkill_primary_backup_goes_live_without_losing_acked_writes";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let mut s = Scenario::start(common::config("kill-p")).expect("start pair");
+    let mut load = common::load(&s, 4, "a");
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let before = load.stats().ops;
+    let t_kill = Instant::now();
+    let mut primary = s.primary.take().expect("primary");
+    primary.kill();
+    load.mark(Instant::now());
+    let first = common::wait_first_reply(&s, &load, Duration::from_secs(20));
+    eprintln!(
+        "{TEST}: {before} writes acked before the kill; first reply {:?} after it",
+        first - t_kill
+    );
+    let backup = s.backup.as_mut().expect("backup");
+    let live = backup
+        .wait_line("LIVE", Duration::from_secs(5))
+        .expect("the backup prints its LIVE line");
+    assert!(live.contains("generation 2"), "{live}");
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let stats = load.stop();
+    let report = common::assert_no_acked_write_lost(&s, load.checker());
+    assert!(report.checked >= stats.ops.min(400), "{report:?}");
+    assert_eq!(
+        s.generations(),
+        vec![(1, "primary".to_string()), (2, "backup".to_string())]
+    );
+    s.shutdown_guest();
+    let backup = s.backup.as_mut().expect("backup");
+    let status = backup.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.and_then(|st| st.code()),
+        Some(0),
+        "{}",
+        backup.stderr_text()
+    );
+    let b = s.report(Side::Backup).expect("backup report");
+    assert!(b["golive"].is_object(), "{b}");
+}
+
+/// Kills the backup under load: the primary wins generation 2 and carries on alone; the
+/// clients see no error at all.
+#[test]
+fn sigkill_backup_primary_continues_alone_without_client_errors() {
+    const TEST: &str = "sigkill_backup_primary_continues_alone_without_client_errors";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let mut s = Scenario::start(common::config("kill-b")).expect("start pair");
+    let mut load = common::load(&s, 4, "b");
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    s.backup.take().expect("backup").kill();
+    load.mark(Instant::now());
+    common::wait_first_reply(&s, &load, Duration::from_secs(20));
+    let primary = s.primary.as_mut().expect("primary");
+    let alone = primary
+        .wait_line("ALONE", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no ALONE line: {}", primary.stderr_text()));
+    assert!(alone.contains("generation 2"), "{alone}");
+    common::wait_ops(&s, &load, 300, Duration::from_secs(20));
+    let stats = load.stop();
+    assert_eq!(
+        stats.errors,
+        0,
+        "clients saw errors: {:?}",
+        load.last_error()
+    );
+    common::assert_no_acked_write_lost(&s, load.checker());
+    assert_eq!(
+        s.generations(),
+        vec![(1, "primary".to_string()), (2, "primary".to_string())]
+    );
+    s.shutdown_guest();
+    let primary = s.primary.as_mut().expect("primary");
+    let status = primary.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.and_then(|st| st.code()),
+        Some(0),
+        "{}",
+        primary.stderr_text()
+    );
+}
+
+/// Cuts the logging link and the heartbeats with both sides alive (nftables drops the tcp
+/// transport's and the heartbeats' packets inside the namespace; the clients' traffic on the
+/// TAP is untouched): both presume the other failed, both go for generation 2, exactly one
+/// wins and serves; the other stops with the fenced status. No acknowledged write is lost.
+#[test]
+fn cut_link_exactly_one_side_goes_live() {
+    const TEST: &str = "cut_link_exactly_one_side_goes_live";
+    if common::skip(TEST) {
+        return;
+    }
+    if std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP {TEST}: nft not installed (Debian package nftables)");
+        return;
+    }
+    let _serial = common::serial();
+    let mut config = common::config("cut");
+    config.transport = "tcp".into();
+    let mut s = Scenario::prepare(config).expect("prepare pair");
+    // The backup waits longer before presuming the primary failed (the primary, which holds
+    // the service, keeps it through a partition); the arbiter alone keeps the two sides from
+    // both going live.
+    s.backup = Some(
+        s.spawn(Side::Backup, &["--fail-timeout".into(), "600".into()])
+            .expect("spawn backup"),
+    );
+    s.primary = Some(s.spawn(Side::Primary, &[]).expect("spawn primary"));
+    s.wait_ready(Duration::from_secs(30)).expect("kv answers");
+    let mut load = common::load(&s, 4, "c");
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let log = ftvm::scenario::LOG_PORT.to_string();
+    let hb = format!(
+        "{{ {}, {} }}",
+        ftvm::scenario::BACKUP_HEARTBEAT_PORT,
+        ftvm::scenario::PRIMARY_HEARTBEAT_PORT
+    );
+    let nft: [&[&str]; 5] = [
+        &["add", "table", "inet", "ftvmcut"],
+        &[
+            "add",
+            "chain",
+            "inet",
+            "ftvmcut",
+            "input",
+            "{ type filter hook input priority 0 ; }",
+        ],
+        &[
+            "add", "rule", "inet", "ftvmcut", "input", "tcp", "dport", &log, "drop",
+        ],
+        &[
+            "add", "rule", "inet", "ftvmcut", "input", "tcp", "sport", &log, "drop",
+        ],
+        &[
+            "add", "rule", "inet", "ftvmcut", "input", "udp", "dport", &hb, "drop",
+        ],
+    ];
+    for args in nft {
+        let out = s.netns().exec("nft", args).expect("run nft");
+        assert!(out.status.success(), "nft {args:?}: {out:?}");
+    }
+    load.mark(Instant::now());
+    // One side stops (lost the arbiter), the other goes live.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (loser, winner) = loop {
+        let p = s.primary.as_mut().expect("primary").try_status();
+        let b = s.backup.as_mut().expect("backup").try_status();
+        match (p, b) {
+            (Some(st), None) => break (st, Side::Backup),
+            (None, Some(st)) => break (st, Side::Primary),
+            (Some(a), Some(b)) => panic!("both sides stopped ({a}, {b})\n{}", s.stderr_of_both()),
+            (None, None) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither side stopped after the cut\n{}",
+            s.stderr_of_both()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(loser.code(), Some(EXIT_FENCED), "{}", s.stderr_of_both());
+    eprintln!("{TEST}: the {} won generation 2", winner.name());
+    common::wait_first_reply(&s, &load, Duration::from_secs(20));
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    load.stop();
+    let gens = s.generations();
+    assert_eq!(gens.len(), 2, "{gens:?}");
+    assert_eq!(gens[1], (2, winner.name().to_string()), "{gens:?}");
+    common::assert_no_acked_write_lost(&s, load.checker());
+    let node = match winner {
+        Side::Primary => s.primary.as_mut(),
+        Side::Backup => s.backup.as_mut(),
+    }
+    .expect("winner");
+    assert!(node.try_status().is_none(), "the winner is still running");
+}
+
+/// After a failover, the killed primary is restarted with its old state (generation 1, its
+/// old disk): it is fenced by the arbiter's generation 2, exits with the fenced status and
+/// releases no output (its console stays empty, the new primary keeps serving every write).
+#[test]
+fn restarted_stale_primary_is_fenced_and_releases_nothing() {
+    const TEST: &str = "restarted_stale_primary_is_fenced_and_releases_nothing";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let mut s = Scenario::start(common::config("stale")).expect("start pair");
+    let mut load = common::load(&s, 2, "d");
+    common::wait_ops(&s, &load, 100, Duration::from_secs(20));
+    s.primary.take().expect("primary").kill();
+    load.mark(Instant::now());
+    common::wait_first_reply(&s, &load, Duration::from_secs(20));
+    let console = s.dir().join("p.console");
+    let _ = std::fs::remove_file(&console);
+    let mut stale = s.spawn(Side::Primary, &[]).expect("restart primary");
+    let status = stale.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.and_then(|st| st.code()),
+        Some(EXIT_FENCED),
+        "{}",
+        stale.stderr_text()
+    );
+    let text = stale.stderr_text();
+    assert!(
+        text.contains("FENCED") && text.contains("generation 2"),
+        "{text}"
+    );
+    assert!(
+        std::fs::read(&console).map_or(true, |c| c.is_empty()),
+        "the stale primary released console output"
+    );
+    let before = load.stats().ops;
+    common::wait_ops(&s, &load, 100, Duration::from_secs(20));
+    assert!(load.stats().ops > before);
+    load.stop();
+    common::assert_no_acked_write_lost(&s, load.checker());
+    assert_eq!(s.generations().last().map(|g| g.0), Some(2));
+}
+
+/// A primary started in generation 1 while the arbiter already holds generation 2 is fenced
+/// before it opens anything (no VM, no TAP, no console).
+#[test]
+fn primary_of_an_old_generation_is_fenced_at_start() {
+    const TEST: &str = "primary_of_an_old_generation_is_fenced_at_start";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let s = Scenario::prepare(common::config("oldgen")).expect("prepare");
+    let arbiter = FileArbiter::new(s.arbiter_dir());
+    let other = NodeId::new("backup").expect("node id");
+    assert_eq!(arbiter.try_acquire(2, &other).expect("claim"), Acquire::Won);
+    let mut p = s.spawn(Side::Primary, &[]).expect("spawn primary");
+    let status = p.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.and_then(|st| st.code()),
+        Some(EXIT_FENCED),
+        "{}",
+        p.stderr_text()
+    );
+    assert!(p.stderr_text().contains("FENCED"), "{}", p.stderr_text());
+    assert!(!s.dir().join("p.console").exists());
+    assert_eq!(s.generations(), vec![(2, "backup".to_string())]);
+}
+
+/// The arbiter's directory becomes unreachable (moved away), then the primary is killed: the
+/// backup presumes it failed but does not go live while it cannot win the generation (no
+/// client reply, no generation file); once the directory is back it goes live, and no
+/// acknowledged write is lost.
+#[test]
+fn unreachable_arbiter_keeps_both_sides_from_going_live_until_it_returns() {
+    const TEST: &str = "unreachable_arbiter_keeps_both_sides_from_going_live_until_it_returns";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let mut s = Scenario::start(common::config("noarb")).expect("start pair");
+    let mut load = common::load(&s, 2, "e");
+    common::wait_ops(&s, &load, 100, Duration::from_secs(20));
+    let dir = s.arbiter_dir();
+    let away = s.dir().join("arbiter.away");
+    std::fs::rename(&dir, &away).expect("move the arbiter directory away");
+    s.primary.take().expect("primary").kill();
+    load.mark(Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let backup = s.backup.as_mut().expect("backup");
+    assert!(
+        backup.try_status().is_none(),
+        "the backup gave up: {}",
+        backup.stderr_text()
+    );
+    assert!(
+        backup.find_line("LIVE").is_none(),
+        "went live without the arbiter: {}",
+        backup.stderr_text()
+    );
+    assert_eq!(
+        load.first_reply_after_mark(),
+        None,
+        "a client was answered with no live side"
+    );
+    std::fs::rename(&away, &dir).expect("bring the arbiter directory back");
+    common::wait_first_reply(&s, &load, Duration::from_secs(20));
+    common::wait_ops(&s, &load, 100, Duration::from_secs(20));
+    load.stop();
+    common::assert_no_acked_write_lost(&s, load.checker());
+    assert_eq!(
+        s.generations(),
+        vec![(1, "primary".to_string()), (2, "backup".to_string())]
+    );
+}
+
+/// `ftvm demo` end to end (the README's main command), shortened: it exits 0 and its report
+/// shows a failover, checked writes and none lost.
+#[test]
+fn demo_command_fails_over_and_loses_no_acked_write() {
+    const TEST: &str = "demo_command_fails_over_and_loses_no_acked_write";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("demo.json");
+    let out = std::process::Command::new(common::ftvm_bin())
+        .args(["demo", "--quiet", "--kill-after", "1.5", "--run-after", "1"])
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .expect("run ftvm demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("--- ftvm demo summary ---"), "{stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
+    assert_eq!(r["acked_writes_lost"], 0, "{r}");
+    assert!(r["acked_writes_checked"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert!(r["failover_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+    assert!(r["ops_per_s_after"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+}

@@ -55,7 +55,7 @@ fn rate(w: &[&Sample]) -> f64 {
 
 fn print_samples(r: &ExperimentReport) {
     for (i, s) in r.samples.iter().enumerate() {
-        if i % 5 != 0 && s.lag_ms < 100.0 {
+        if i % 10 != 0 && s.lag_ms < 150.0 {
             continue;
         }
         eprintln!(

@@ -226,6 +226,43 @@ impl CgroupCpu {
         )
     }
 
+    /// Threads in the group now (from its `tasks` file).
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub fn tasks(&self) -> io::Result<Vec<i32>> {
+        let text = fs::read_to_string(self.dir.join("tasks"))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// Moves every thread of the group that was not added with [`add_thread`] back to where
+    /// the first member came from; returns how many. Threads a member spawns inherit its
+    /// group (the vCPU thread starting the output releaser, say): they must not be throttled
+    /// with it.
+    ///
+    /// [`add_thread`]: CgroupCpu::add_thread
+    pub fn evict_strangers(&self) -> usize {
+        let Some((_, home)) = self.members.first() else {
+            return 0;
+        };
+        let Ok(tasks) = self.tasks() else {
+            return 0;
+        };
+        let mut moved = 0;
+        for tid in tasks {
+            if self.members.iter().any(|(m, _)| *m == tid) {
+                continue;
+            }
+            if fs::write(home.join("tasks"), tid.to_string()).is_ok() {
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            tracing::debug!(moved, dir = %self.dir.display(), "threads spawned inside the throttled group moved out");
+        }
+        moved
+    }
+
     /// The group's `cpu.stat` counters: `(nr_periods, nr_throttled, throttled_time)`.
     ///
     /// # Errors
@@ -253,6 +290,7 @@ impl CgroupCpu {
 impl Drop for CgroupCpu {
     fn drop(&mut self) {
         let _ = fs::write(self.dir.join("cpu.cfs_quota_us"), "-1");
+        self.evict_strangers();
         for (tid, from) in self.members.drain(..) {
             if let Err(e) = fs::write(from.join("tasks"), tid.to_string()) {
                 // ESRCH: the thread has exited, nothing to move.
@@ -336,6 +374,20 @@ mod tests {
             (thread_cpu_time(tid).expect("cpu") - c0).as_secs_f64() / t0.elapsed().as_secs_f64();
         assert!(share < 0.3, "limited thread used {share:.2} of a CPU");
         assert!(g.stat().expect("stat").1 > 0, "never throttled");
+        // A thread started by a member inherits the group; it is moved out.
+        g.add_thread(current_tid()).expect("move self");
+        let (ctx, crx) = std::sync::mpsc::channel();
+        let (cstop_tx, cstop_rx) = std::sync::mpsc::channel::<()>();
+        let child = std::thread::spawn(move || {
+            ctx.send(current_tid()).expect("send");
+            let _ = cstop_rx.recv();
+        });
+        let child_tid = crx.recv().expect("child tid");
+        assert!(g.tasks().expect("tasks").contains(&child_tid));
+        assert_eq!(g.evict_strangers(), 1);
+        assert!(!g.tasks().expect("tasks").contains(&child_tid));
+        cstop_tx.send(()).expect("stop child");
+        child.join().expect("child");
         g.set_weight(4096).expect("weight");
         let w = fs::read_to_string(g.path().join("cpu.shares")).expect("shares");
         assert_eq!(w.trim(), "4096");

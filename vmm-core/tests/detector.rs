@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use arbiter_support::{child_role, env, free_udp_port, ChildGuard};
+use arbiter_support::{child_role, env, free_udp_port, free_udp_ports, ChildGuard};
 use ftvm_vmm_core::ft::{Detector, DetectorConfig, DetectorEvent, Fence, PeerState, Role};
 
 const INTERVAL: Duration = Duration::from_millis(10);
@@ -92,7 +92,7 @@ fn child_detector_peer() {
 
 #[test]
 fn detector_declares_sigkilled_peer_process_failed_within_timeout() {
-    let (mine, theirs) = (free_udp_port(), free_udp_port());
+    let [mine, theirs] = free_udp_ports();
     let (d, rx) = detector(mine, theirs, Role::Backup, Fence::new(1));
     let mut child = ChildGuard::spawn_test(
         "child_detector_peer",
@@ -153,7 +153,7 @@ fn detector_detection_time_over_repeated_stops() {
     // Five in-process trials: stop one side, measure the other's detection time.
     let mut times = Vec::new();
     for _ in 0..5 {
-        let (a, b) = (free_udp_port(), free_udp_port());
+        let [a, b] = free_udp_ports();
         let (watcher, rx) = detector(a, b, Role::Primary, Fence::new(3));
         let (peer, _peer_rx) = detector(b, a, Role::Backup, Fence::new(3));
         wait_heard(&watcher, 10);
@@ -227,7 +227,7 @@ fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
 
 #[test]
 fn detector_ignores_old_generation_heartbeats() {
-    let (a, b) = (free_udp_port(), free_udp_port());
+    let [a, b] = free_udp_ports();
     // We are in generation 2; the peer still beats in generation 1 (a superseded primary).
     let (d, rx) = detector(a, b, Role::Primary, Fence::new(2));
     let stale_fence = Fence::new(1);
@@ -277,7 +277,7 @@ fn detector_ignores_old_generation_heartbeats() {
 
 #[test]
 fn detector_reports_two_live_roles_and_drops_foreign_datagrams() {
-    let (a, b) = (free_udp_port(), free_udp_port());
+    let [a, b] = free_udp_ports();
     let (d, rx) = detector(a, b, Role::Primary, Fence::new(1));
     // Garbage and a heartbeat-sized datagram from a stranger are dropped.
     let stranger = UdpSocket::bind("127.0.0.1:0").expect("bind");

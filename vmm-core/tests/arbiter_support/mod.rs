@@ -115,10 +115,16 @@ pub fn free_tcp_port() -> u16 {
 
 /// A loopback UDP port that was free a moment ago.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+    free_udp_ports::<1>()[0]
+}
+
+/// `N` distinct free UDP ports on loopback: all sockets are held until every port is chosen
+/// (two calls of [`free_udp_port`] in a row may return the same port).
+pub fn free_udp_ports<const N: usize>() -> [u16; N] {
+    let socks: Vec<UdpSocket> = (0..N)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("free udp port"))
+        .collect();
+    std::array::from_fn(|i| socks[i].local_addr().expect("bound socket").port())
 }
 
 /// Whether `program` is on the PATH.

@@ -29,8 +29,9 @@ pub struct DemoArgs {
     /// Transport of the log: shm, tcp, tcp-spin, uring (xdp: see `ftvm primary --help`).
     #[arg(long, default_value = "shm")]
     pub transport: String,
-    /// Arbiter: `etcd://HOST:PORT` (or `etcd:http://HOST:PORT,...`) for etcd, `file:DIR` for a
-    /// shared directory; default: a file arbiter in the demo's temporary directory.
+    /// Arbiter: `etcd` starts a local etcd inside the demo's namespace; `etcd://HOST:PORT` (or
+    /// `etcd:http://HOST:PORT,...`) uses an etcd reachable from inside the namespace; `file:DIR`
+    /// a shared directory. Default: a file arbiter in the demo's temporary directory.
     #[arg(long)]
     pub arbiter: Option<String>,
     /// Seconds of replicated load before the primary is killed.
@@ -275,8 +276,10 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     config.log = args.child_log.clone();
     p.phase("setup");
     p.line(format!(
-        "ftvm demo: kv primary + backup ({} transport), file arbiter by default, {} clients",
-        args.transport, args.clients
+        "ftvm demo: kv primary + backup ({} transport, {} arbiter), {} clients",
+        args.transport,
+        args.arbiter.as_deref().unwrap_or("file"),
+        args.clients
     ));
     let mut s = Scenario::prepare(config)?;
     p.line(format!(

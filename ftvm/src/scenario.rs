@@ -131,7 +131,8 @@ pub struct ScenarioConfig {
     pub tag: String,
     /// Transport: shm, tcp, tcp-spin, uring, xdp.
     pub transport: String,
-    /// Arbiter spec; `None`: a file arbiter in the temporary directory.
+    /// Arbiter spec; `None`: a file arbiter in the temporary directory; `"etcd"`: a
+    /// single-member etcd started on the namespace's loopback (needs the `etcd` binary).
     pub arbiter: Option<String>,
     /// `--fail-timeout` in milliseconds (`None`: the default of `ftvm primary/backup`).
     pub fail_timeout_ms: Option<u64>,
@@ -284,6 +285,7 @@ pub struct Scenario {
     arbiter: String,
     peer: String,
     shm: Option<PathBuf>,
+    etcd: Option<Child>,
     ns: Netns,
     dir: tempfile::TempDir,
 }
@@ -312,12 +314,17 @@ impl Scenario {
         }
         let arb = dir.path().join("arbiter");
         std::fs::create_dir(&arb).map_err(io(format!("cannot create {}", arb.display())))?;
-        let arbiter = config
-            .arbiter
-            .clone()
-            .unwrap_or_else(|| format!("file:{}", arb.display()));
         let ns = Netns::create(&format!("ftvm-{tag}-{pid}-{n}"))?;
         ns.add_tap(TAP, Some((Ipv4Addr::new(10, 0, 2, 1), 24)))?;
+        let mut etcd = None;
+        let arbiter = match config.arbiter.as_deref() {
+            None => format!("file:{}", arb.display()),
+            Some("etcd") => {
+                etcd = Some(start_etcd(&ns, dir.path())?);
+                format!("etcd:{ETCD_URL}#/ftvm/{tag}-{pid}-{n}")
+            }
+            Some(spec) => spec.to_string(),
+        };
         let (peer, shm) = match config.transport.as_str() {
             "shm" => {
                 let p = PathBuf::from(format!("/dev/shm/ftvm-{tag}-{pid}-{n}"));
@@ -349,6 +356,7 @@ impl Scenario {
             arbiter,
             peer,
             shm,
+            etcd,
             ns,
             dir,
         })
@@ -586,6 +594,10 @@ impl Drop for Scenario {
         // the directory drop after this body.
         self.primary.take();
         self.backup.take();
+        if let Some(mut etcd) = self.etcd.take() {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
+        }
         if let Some(p) = &self.shm {
             for ext in ["a2b", "b2a"] {
                 let mut f = p.as_os_str().to_owned();
@@ -593,6 +605,60 @@ impl Drop for Scenario {
                 let _ = std::fs::remove_file(PathBuf::from(f));
             }
         }
+    }
+}
+
+/// Client URL of the etcd started inside the namespace (`arbiter: Some("etcd")`).
+pub const ETCD_URL: &str = "http://127.0.0.1:2379";
+
+/// Starts a single-member etcd on the namespace's loopback, data and log in `dir`; waits (at
+/// most 15 s) until it accepts connections.
+fn start_etcd(ns: &Netns, dir: &Path) -> Result<Child, ScenarioError> {
+    let data = dir.join("etcd");
+    let log = dir.join("etcd.log");
+    let peer = "http://127.0.0.1:2380";
+    let args = [
+        "--name".to_string(),
+        "ftvm".into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--listen-client-urls".into(),
+        ETCD_URL.into(),
+        "--advertise-client-urls".into(),
+        ETCD_URL.into(),
+        "--listen-peer-urls".into(),
+        peer.into(),
+        "--initial-advertise-peer-urls".into(),
+        peer.into(),
+        "--initial-cluster".into(),
+        format!("ftvm={peer}"),
+    ];
+    let out =
+        std::fs::File::create(&log).map_err(io(format!("cannot create {}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(io(format!("cannot create {}", log.display())))?;
+    let mut cmd = ns.command("etcd", &args);
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    restore_signals(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .map_err(io("cannot start etcd (Debian package etcd-server)"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let up = ns.run(|| std::net::TcpStream::connect(("127.0.0.1", 2379)).is_ok())?;
+        if up {
+            return Ok(child);
+        }
+        if child.try_wait().ok().flatten().is_some() || Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ScenarioError::Timeout(format!(
+                "etcd did not start; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

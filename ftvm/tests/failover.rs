@@ -319,19 +319,14 @@ fn unreachable_arbiter_keeps_both_sides_from_going_live_until_it_returns() {
     );
 }
 
-/// `ftvm demo` end to end (the README's main command), shortened: it exits 0 and its report
-/// shows a failover, checked writes and none lost.
-#[test]
-fn demo_command_fails_over_and_loses_no_acked_write() {
-    const TEST: &str = "demo_command_fails_over_and_loses_no_acked_write";
-    if common::skip(TEST) {
-        return;
-    }
-    let _serial = common::serial();
+/// `ftvm demo` end to end (the README's main command), shortened, with `extra` flags: it exits
+/// 0 and its report shows a failover, checked writes and none lost.
+fn run_demo(extra: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().expect("tempdir");
     let report = dir.path().join("demo.json");
     let out = std::process::Command::new(common::ftvm_bin())
         .args(["demo", "--quiet", "--kill-after", "1.5", "--run-after", "1"])
+        .args(extra)
         .arg("--report")
         .arg(&report)
         .output()
@@ -345,4 +340,44 @@ fn demo_command_fails_over_and_loses_no_acked_write() {
     assert!(r["acked_writes_checked"].as_u64().unwrap_or(0) > 0, "{r}");
     assert!(r["failover_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
     assert!(r["ops_per_s_after"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+    assert_eq!(r["backup_golive"]["generation"], 2, "{r}");
+    r
+}
+
+#[test]
+fn demo_command_fails_over_and_loses_no_acked_write() {
+    const TEST: &str = "demo_command_fails_over_and_loses_no_acked_write";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let r = run_demo(&[]);
+    assert!(
+        r["arbiter"].as_str().unwrap_or("").starts_with("file:"),
+        "{r}"
+    );
+}
+
+/// The demo with `--arbiter etcd` (a local etcd in the demo's namespace): the test-and-set is
+/// an etcd transaction; same outcome.
+#[test]
+fn demo_with_etcd_arbiter_fails_over_and_loses_no_acked_write() {
+    const TEST: &str = "demo_with_etcd_arbiter_fails_over_and_loses_no_acked_write";
+    if common::skip(TEST) {
+        return;
+    }
+    if std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP {TEST}: etcd not installed (Debian package etcd-server)");
+        return;
+    }
+    let _serial = common::serial();
+    let r = run_demo(&["--arbiter", "etcd"]);
+    assert!(
+        r["arbiter"].as_str().unwrap_or("").starts_with("etcd:"),
+        "{r}"
+    );
 }

@@ -485,6 +485,46 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
 }
 
 #[test]
+fn golive_stale_primary_is_refused_and_the_backup_runs_the_guest() {
+    require_kvm!("golive_stale_primary_is_refused_and_the_backup_runs_the_guest");
+    let expected = expected_checksum();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = file_arbiter(dir.path());
+    // The pair already moved on: the backup took generation 2 after generation 1.
+    let (old, backup) = (
+        NodeId::new("primary").expect("id"),
+        NodeId::new("backup").expect("id"),
+    );
+    assert!(arbiter.try_acquire(1, &old).expect("acquire").is_won());
+    assert!(arbiter.try_acquire(2, &backup).expect("acquire").is_won());
+    // A primary restarted with its old state (generation 1) must not run.
+    let r = start(PairSpec::new(Arc::clone(&arbiter)));
+    let p = r.primary.join().expect("primary thread");
+    match &p {
+        Err(PairError::Superseded { generation, winner }) => {
+            assert_eq!((*generation, winner.as_str()), (2, "backup"));
+        }
+        other => panic!(
+            "expected Superseded, got {}",
+            brief(other, |r| format!("alone {:?}", r.alone))
+        ),
+    }
+    assert_eq!(r.primary_console.text(), "");
+    // The backup (holder of generation 2) got no log at all: it goes live at the start.
+    let b = r.backup.join().expect("backup thread").expect("backup");
+    let BackupFtReport::WentLive(live) = b else {
+        panic!("the backup did not go live: {}", backup_kind(&b));
+    };
+    assert_eq!((live.timings.at_exit, live.entries), (0, 0));
+    let text = r.backup_console.text();
+    assert_eq!(
+        checksum_line(&text).as_deref(),
+        Some(expected.as_str()),
+        "{text}"
+    );
+}
+
+#[test]
 fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
     const TEST: &str = "golive_kv_keeps_its_data_and_address_after_the_primary_crashes";
     if let Some(r) = common::net_missing() {

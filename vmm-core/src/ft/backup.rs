@@ -512,7 +512,9 @@ pub(crate) fn backup_loop(
         }
         Err(ended(exit, e))
     };
-    let header = match lock().next_entry(0) {
+    // (The reader's lock must be released before `run_out`: the decision takes it.)
+    let first = lock().next_entry(0);
+    let header = match first {
         Ok(h) => h,
         Err(e) => return run_out(vm, 0, e),
     };
@@ -579,7 +581,8 @@ pub(crate) fn backup_loop(
         if outcome == RunOutcome::Paused {
             break Err(PairError::Paused(exit));
         }
-        let entry = match lock().next_entry(exit) {
+        let next = lock().next_entry(exit);
+        let entry = match next {
             Ok(e) => e,
             Err(e) => {
                 vm.set_inputs(Inputs::default());

@@ -159,8 +159,6 @@ pub trait Actuator: Send + 'static {
     fn set_share(&mut self, share: f64) -> Result<(), ThrottleError>;
     /// A short description for logs.
     fn describe(&self) -> String;
-    /// Periodic upkeep (every ~100 ms, on the controller thread).
-    fn maintain(&mut self) {}
 }
 
 impl Actuator for CgroupCpu {
@@ -173,9 +171,6 @@ impl Actuator for CgroupCpu {
             self.path().display(),
             self.period()
         )
-    }
-    fn maintain(&mut self) {
-        self.evict_strangers();
     }
 }
 
@@ -467,13 +462,8 @@ fn control_loop(
     let mut last_update = start;
     let mut last_status = start;
     let mut errors_logged = 0u64;
-    let mut last_upkeep = start;
     while !inner.stop.load(Ordering::Acquire) {
         let now = Instant::now();
-        if now.saturating_duration_since(last_upkeep) >= Duration::from_millis(100) {
-            last_upkeep = now;
-            actuator.maintain();
-        }
         meter.sample(source.logged_seq(), source.logged_bytes(), now);
         let dt = now.saturating_duration_since(last_update);
         if dt >= cfg.update_interval {

@@ -277,7 +277,7 @@ static SCENARIOS: AtomicU64 = AtomicU64::new(0);
 /// The pair, its namespace and its files (see the [module docs](self)).
 #[derive(Debug)]
 pub struct Scenario {
-    /// The primary (`None` once taken away with [`Scenario::take`]).
+    /// The primary (`None` before it is spawned, or once a test took it to kill it).
     pub primary: Option<Node>,
     /// The backup.
     pub backup: Option<Node>,

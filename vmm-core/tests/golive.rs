@@ -66,9 +66,13 @@ impl Transport for StallAcks {
     }
 }
 
-fn free_udp() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("udp bind");
-    s.local_addr().expect("udp addr")
+/// `N` distinct free UDP addresses on loopback (all sockets are held until every port is known:
+/// binding one after another could hand out the same port twice).
+fn free_udp<const N: usize>() -> [SocketAddr; N] {
+    let sockets: Vec<UdpSocket> = (0..N)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("udp bind"))
+        .collect();
+    std::array::from_fn(|i| sockets[i].local_addr().expect("udp addr"))
 }
 
 fn vm_config() -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
@@ -172,7 +176,7 @@ struct PairSpec {
 impl PairSpec {
     /// Detectors heartbeating each other.
     fn new(arbiter: Arc<dyn Arbiter>) -> Self {
-        let (pa, ba) = (free_udp(), free_udp());
+        let [pa, ba] = free_udp();
         PairSpec {
             primary_ft: ft(&arbiter, "primary", pa, ba),
             backup_ft: ft(&arbiter, "backup", ba, pa),
@@ -440,10 +444,12 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
     require_kvm!("golive_primary_that_lost_the_arbiter_releases_nothing");
     let dir = tempfile::tempdir().expect("tempdir");
     let arbiter = file_arbiter(dir.path());
+    let [pa, ba, nowhere] = free_udp();
     let mut spec = PairSpec::new(Arc::clone(&arbiter));
     // The primary hears no heartbeat (the backup's go elsewhere): it will presume the backup
     // failed; the backup hears the primary.
-    spec.backup_ft.detector.peer = free_udp();
+    spec.primary_ft = ft(&arbiter, "primary", pa, ba);
+    spec.backup_ft = ft(&arbiter, "backup", ba, nowhere);
     spec.stall_acks = true;
     let r = start(spec);
     let t = Instant::now();

@@ -56,7 +56,7 @@ use super::output::{OutputGate, OutputStats, Sink};
 use super::primary::{
     primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
-use crate::devices::virtio::net::{NetHandle, TxCounters, TxMode};
+use crate::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMode};
 use crate::vm::{RunOutcome, Vm, VmControl};
 
 /// How long going alone waits for the held outputs to be released.
@@ -598,7 +598,7 @@ impl BackupGoLive {
         self.detector.set_role(Role::Alone);
         if let Some(net) = &self.net {
             if let Some(tap) = &self.cfg.service_tap {
-                if let Err(e) = net.attach_tap(tap) {
+                if let Err(e) = attach_when_free(net, tap) {
                     tracing::error!(error = %e, tap = %tap, "cannot attach the service TAP");
                     self.failure = Some(PairError::Setup(format!(
                         "went live in generation {generation} but cannot attach TAP {tap}: {}",
@@ -743,4 +743,32 @@ pub fn run_backup_ft(
         tx: vm.net().map(NetHandle::tx_counters),
         detector: detector.stats(),
     })))
+}
+
+/// How long go-live waits for the service TAP to become free.
+const ATTACH_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Attaches `tap`, retrying while it is busy: after a partition the losing side may still
+/// hold the TAP for a moment (it stops when it sees it lost the arbiter, and its TAP file
+/// closes when it exits). Any other error, or still busy after [`ATTACH_PATIENCE`], fails.
+fn attach_when_free(net: &NetHandle, tap: &str) -> Result<(), TapError> {
+    let deadline = Instant::now() + ATTACH_PATIENCE;
+    let mut logged = false;
+    loop {
+        match net.attach_tap(tap) {
+            Err(TapError::SetIff(_, ref io))
+                if io.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+            {
+                if !logged {
+                    tracing::warn!(
+                        tap,
+                        "service TAP busy (the other side still holds it); retrying"
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }

@@ -6,6 +6,11 @@
 //! - [`detector`]: presumes the peer failed after a timeout without heartbeats or traffic
 //!   ([`Detector`]).
 //! - [`fence`]: generation fencing of frames, heartbeats and outputs ([`Fence`]).
+//! - [`primary`], [`backup`], [`log`], [`output`], [`digest`]: record/replay over the log channel
+//!   with the output rule and divergence detection.
+//! - [`golive`]: the backup going live and the primary continuing alone ([`run_primary_ft`],
+//!   [`run_backup_ft`]).
+//! - [`throttle`]: lag measurement and the CPU throttle that keeps the primary in step.
 //!
 //! The rule these pieces implement together: **never go live blind**. A node goes live (the
 //! backup taking over, or the primary continuing alone) only after (1) the failure detector has
@@ -54,4 +59,9 @@ pub use detector::{
     Detector, DetectorConfig, DetectorError, DetectorEvent, DetectorStats, PeerState, TrafficNote,
 };
 pub use fence::{Fence, FenceError};
+pub use golive::{
+    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, GoLiveTimings, LiveReport,
+    PrimaryFtReport,
+};
+pub use log::{AppliedControl, ControlQueue};
 pub use node::{NodeId, NodeIdError, Role};

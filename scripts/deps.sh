@@ -22,7 +22,7 @@ fi
 # The AF_XDP transport is a cargo feature: enabled when its build dependencies are present.
 FTVM_FEATURES=""
 if dpkg -s libelf-dev clang m4 libpcap-dev >/dev/null 2>&1; then
-  FTVM_FEATURES="--features ftvm-channel/xdp"
+  FTVM_FEATURES="--features ftvm-channel/xdp,ftvm/xdp"
 else
   echo "SKIP AF_XDP transport: build packages (libelf-dev clang m4 libpcap-dev) missing"
 fi

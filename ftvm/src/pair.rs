@@ -30,6 +30,9 @@ use ftvm_vmm_core::ft::golive::{
     run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, GoLiveTimings,
 };
 use ftvm_vmm_core::ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_vmm_core::ft::throttle::{
+    current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus,
+};
 use ftvm_vmm_core::ft::{
     acquire_with_retry, Acquire, Arbiter, DetectorConfig, NodeId, RetryPolicy, Role,
 };
@@ -41,7 +44,8 @@ use serde::Deserialize;
 pub struct PairArgs {
     /// TOML file with the same settings (keys: guest, mem, disk, net, cmdline, console, peer,
     /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, arbiter, node,
-    /// heartbeat, peer_heartbeat, fail_timeout, generation).
+    /// heartbeat, peer_heartbeat, fail_timeout, generation, throttle_target_ms,
+    /// throttle_min_share).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
@@ -108,6 +112,15 @@ pub struct PairArgs {
     /// the arbiter's newest is fenced and exits with status 4.
     #[arg(long)]
     pub generation: Option<u64>,
+    /// Primary: keep the backup's execution within this many milliseconds of the primary's by
+    /// lowering the primary vCPU's CPU share (a cgroup v1 `cpu` group: needs root); 0 turns
+    /// the throttle off (default 100).
+    #[arg(long)]
+    pub throttle_target_ms: Option<u64>,
+    /// Primary: the smallest CPU share the throttle may give the vCPU, in (0, 1] (default:
+    /// `ThrottleConfig`'s, 0.1).
+    #[arg(long)]
+    pub throttle_min_share: Option<f64>,
 }
 
 /// Default failure-detection timeout. Failover time ≈ detection (timeout + ≤ 1 heartbeat
@@ -117,6 +130,10 @@ pub struct PairArgs {
 /// intervals above the scheduling hiccups seen on this 2-core machine under load (tens of ms),
 /// so a busy but healthy peer is not declared failed.
 pub const DEFAULT_FAIL_TIMEOUT_MS: u64 = 200;
+
+/// Default lag target of the primary's throttle (ms): the design's bound on how far the
+/// backup may trail, which also bounds the log it must drain when it goes live.
+pub const DEFAULT_THROTTLE_TARGET_MS: u64 = 100;
 
 /// Exit status of a side that lost the arbiter or was fenced by a newer generation (it
 /// released no output after that). Divergence exits with 3.
@@ -144,6 +161,8 @@ struct FileConfig {
     peer_heartbeat: Option<String>,
     fail_timeout: Option<u64>,
     generation: Option<u64>,
+    throttle_target_ms: Option<u64>,
+    throttle_min_share: Option<f64>,
 }
 
 /// Failover settings (with `--arbiter`).
@@ -172,6 +191,8 @@ struct Settings {
     log_capacity: usize,
     report: Option<PathBuf>,
     ft: Option<FtSettings>,
+    /// The primary's throttle (`None`: off).
+    throttle: Option<ThrottleConfig>,
 }
 
 fn socket_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
@@ -252,6 +273,25 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
             })
         }
     };
+    let throttle_target_ms = args
+        .throttle_target_ms
+        .or(file.throttle_target_ms)
+        .unwrap_or(DEFAULT_THROTTLE_TARGET_MS);
+    let throttle = if throttle_target_ms == 0 {
+        None
+    } else {
+        let mut cfg = ThrottleConfig {
+            target: Duration::from_millis(throttle_target_ms),
+            ..ThrottleConfig::default()
+        };
+        if let Some(m) = args.throttle_min_share.or(file.throttle_min_share) {
+            if !(m > 0.0 && m <= 1.0) {
+                bail!("--throttle-min-share {m}: must be in (0, 1]");
+            }
+            cfg.pi.min_share = m;
+        }
+        Some(cfg)
+    };
     let log_capacity = args
         .log_capacity
         .or(size(file.log_capacity)?)
@@ -280,6 +320,7 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
         log_capacity: usize::try_from(log_capacity).context("log capacity")?,
         report: args.report.or(file.report),
         ft,
+        throttle,
     })
 }
 
@@ -449,27 +490,33 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         }
     });
     let hooks = PrimaryHooks::default();
-    let (report, ft_json) = match ft_config(&s, arbiter, Role::Primary)? {
-        None => (
-            run_primary(&mut vm, &writer, &s.opts, Some((buf, sink)), &hooks)
-                .map_err(anyhow_pair)?,
-            serde_json::Value::Null,
-        ),
-        Some(ft) => match run_primary_ft(&mut vm, &writer, &s.opts, Some((buf, sink)), &hooks, ft)
-        {
-            Ok(r) => {
+    let ft = ft_config(&s, arbiter, Role::Primary)?;
+    // The throttle acts on this thread: `run_primary` / `run_primary_ft` run the vCPU here.
+    // There is no hook for going on alone, so a primary that lost its backup stays throttled
+    // by the controller until the run ends (the lag then only grows: at the minimum share).
+    let throttle = start_throttle(s.throttle.as_ref(), &writer);
+    let run = match ft {
+        None => run_primary(&mut vm, &writer, &s.opts, Some((buf, sink)), &hooks)
+            .map(|r| (r, serde_json::Value::Null)),
+        Some(ft) => {
+            run_primary_ft(&mut vm, &writer, &s.opts, Some((buf, sink)), &hooks, ft).map(|r| {
                 let json = serde_json::json!({
                     "generation": r.generation,
                     "alone": r.alone.as_ref().map(timings_json),
                     "detector": detector_json(&r.detector),
                 });
                 (r.report, json)
-            }
-            Err(PairError::Superseded { generation, winner }) => fenced(&format!(
-                "primary: FENCED: generation {generation} is held by {winner}; stopped, releasing nothing more"
-            )),
-            Err(e) => return Err(anyhow_pair(e)),
-        },
+            })
+        }
+    };
+    // Stopped before any exit below: it restores full speed and removes its cgroup.
+    let throttle_json = throttle_json(throttle.map(Throttle::stop));
+    let (report, ft_json) = match run {
+        Ok(r) => r,
+        Err(PairError::Superseded { generation, winner }) => fenced(&format!(
+            "primary: FENCED: generation {generation} is held by {winner}; stopped, releasing nothing more"
+        )),
+        Err(e) => return Err(anyhow_pair(e)),
     };
     let stats = writer.sender().snapshot();
     let secs = report.elapsed.as_secs_f64().max(1e-9);
@@ -510,9 +557,71 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
             "releases": report.outputs.releases.iter().take(256).collect::<Vec<_>>(),
             "channel": format!("{stats:?}"),
             "failover": ft_json,
+            "throttle": throttle_json,
         }),
     )?;
     std::process::exit(i32::try_from(report.code.min(255)).unwrap_or(255));
+}
+
+/// Starts the throttle for the vCPU running on this thread. `Err`: why there is none (off, or
+/// it cannot start: not root, no cgroup v1 `cpu` controller; then it warns, and the pair runs
+/// unthrottled).
+fn start_throttle(cfg: Option<&ThrottleConfig>, writer: &LogWriter) -> Result<Throttle, String> {
+    let Some(cfg) = cfg else {
+        return Err("off (--throttle-target-ms 0)".into());
+    };
+    match Throttle::for_writer(cfg.clone(), writer, current_tid()) {
+        Ok(t) => {
+            tracing::info!(
+                target: "ftvm::throttle",
+                target_ms = cfg.target.as_millis() as u64,
+                min_share = cfg.pi.min_share,
+                actuator = t.actuator(),
+                "primary: CPU throttle on"
+            );
+            Ok(t)
+        }
+        Err(e) => {
+            let why = error_text(&e);
+            tracing::warn!(
+                target: "ftvm::throttle",
+                error = %why,
+                "primary: cannot start the CPU throttle, running UNTHROTTLED (the backup may fall behind the lag target)"
+            );
+            Err(format!("could not start: {why}"))
+        }
+    }
+}
+
+/// The `"throttle"` object of the primary's report: the final [`ThrottleStatus`], or why there
+/// was none.
+fn throttle_json(status: Result<ThrottleStatus, String>) -> serde_json::Value {
+    match status {
+        Err(reason) => serde_json::json!({"enabled": false, "reason": reason}),
+        Ok(st) => serde_json::json!({
+            "enabled": true,
+            "share": st.share,
+            "min_share": st.min_share,
+            "lag_ms": st.lag_ms,
+            "max_lag_ms": st.max_lag_ms,
+            "target_ms": st.target_ms,
+            "throttled_ms": ms(st.throttled),
+            "updates": st.updates,
+            "actuator_errors": st.actuator_errors,
+        }),
+    }
+}
+
+/// The messages of `e` and its sources, joined with `: `.
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Before anything is opened (the TAP above all): a node whose generation is older than the
@@ -663,6 +772,8 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
         .context("cannot pair with the primary (different initial state?)")?;
     eprintln!("backup: paired with the primary, replaying {}", s.guest);
     let reader = LogReader::new(rx, s.opts.idle, None);
+    // Records (and logs) the throttle targets agreed through the log.
+    TargetFollower::new().install(reader.controls());
     let result = match ft_config(&s, arbiter, Role::Backup)? {
         None => run_backup(&mut vm, reader),
         Some(ft) => {

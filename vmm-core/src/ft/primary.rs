@@ -183,6 +183,11 @@ impl LogWriter {
         self.set_mode(MODE_FENCED);
     }
 
+    /// The counter of log payload bytes written (for the lag in bytes).
+    pub fn bytes_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.bytes)
+    }
+
     /// Whether logging stopped because the primary runs alone.
     pub fn is_alone(&self) -> bool {
         self.mode.load(Ordering::Acquire) == MODE_ALONE

@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 
 use ftvm_channel::reliable::SenderShared;
 
+use crate::ft::primary::LogWriter;
+
 /// Where the lag comes from: the primary's logged position and the backup's reported ones.
 pub trait LagSource: Send + 'static {
     /// The last sequence number the primary logged.
@@ -43,6 +45,11 @@ pub trait LagSource: Send + 'static {
     fn executed_seq(&self) -> u64;
     /// The last sequence number the backup acknowledged (holds in its buffer).
     fn acked_seq(&self) -> u64;
+    /// Whether there is a backup to keep in step with (false once the primary runs alone:
+    /// the throttle then gives the vCPU its full share back).
+    fn replicating(&self) -> bool {
+        true
+    }
 }
 
 /// The lag source of a primary: its log position (`LogWriter::position()`) and the sender's
@@ -52,6 +59,7 @@ pub struct PairLag {
     shared: Arc<SenderShared>,
     position: Arc<AtomicU64>,
     bytes: Option<Arc<AtomicU64>>,
+    writer: Option<LogWriter>,
 }
 
 impl PairLag {
@@ -61,6 +69,18 @@ impl PairLag {
             shared,
             position,
             bytes: None,
+            writer: None,
+        }
+    }
+
+    /// The source of a primary's `writer`: its position, its byte counter (lag in bytes), and
+    /// whether it still replicates (not alone).
+    pub fn for_writer(writer: &LogWriter) -> Self {
+        PairLag {
+            shared: Arc::clone(writer.sender().shared()),
+            position: Arc::clone(writer.position()),
+            bytes: Some(writer.bytes_counter()),
+            writer: Some(writer.clone()),
         }
     }
 
@@ -83,6 +103,9 @@ impl LagSource for PairLag {
     }
     fn acked_seq(&self) -> u64 {
         self.shared.acked_seq()
+    }
+    fn replicating(&self) -> bool {
+        self.writer.as_ref().is_none_or(|w| !w.is_alone())
     }
 }
 

@@ -343,12 +343,7 @@ impl Throttle {
         writer: &LogWriter,
         vcpu_tid: i32,
     ) -> Result<Self, ThrottleError> {
-        let shared = Arc::clone(writer.sender().shared());
-        let throttle = Self::start(
-            cfg,
-            PairLag::new(shared, Arc::clone(writer.position())),
-            vcpu_tid,
-        )?;
+        let throttle = Self::start(cfg, PairLag::for_writer(writer), vcpu_tid)?;
         throttle.follower().install(writer.controls());
         Ok(throttle)
     }
@@ -471,7 +466,12 @@ fn control_loop(
             let target = Duration::from_nanos(inner.target_ns.load(Ordering::Acquire));
             let setpoint = target.as_secs_f64() * cfg.setpoint_fraction;
             let lag = meter.measure(source, now);
-            let share = pi.update(setpoint, lag.predicted.as_secs_f64(), dt.as_secs_f64());
+            // Alone (the backup failed): nothing to keep in step with, full speed.
+            let share = if source.replicating() {
+                pi.update(setpoint, lag.predicted.as_secs_f64(), dt.as_secs_f64())
+            } else {
+                1.0
+            };
             // Writes to cgroupfs only when the quota would move by a visible amount.
             let changed = (share - applied).abs() > 0.005 || (share >= 1.0) != (applied >= 1.0);
             let mut failed = false;

@@ -136,3 +136,58 @@ macro_rules! require_kvm {
         }
     };
 }
+
+/// A transport wrapper that withholds the frames its side receives while `stall` is set (on a
+/// primary: the backup's acks and heartbeats), to test the output rule and stalls. Sends pass.
+pub struct StallAcks {
+    /// The real transport.
+    pub inner: Box<dyn ftvm_channel::Transport>,
+    /// While set, nothing is received.
+    pub stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for StallAcks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StallAcks")
+            .field("inner", &self.inner.name())
+            .field("stall", &self.stall)
+            .finish()
+    }
+}
+
+impl StallAcks {
+    fn stalled(&self) -> bool {
+        self.stall.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl ftvm_channel::Transport for StallAcks {
+    fn name(&self) -> &'static str {
+        "stall-acks"
+    }
+    fn max_frame(&self) -> usize {
+        self.inner.max_frame()
+    }
+    fn send(&mut self, frame: &[u8]) -> Result<bool, ftvm_channel::TransportError> {
+        self.inner.send(frame)
+    }
+    fn flush(&mut self) -> Result<(), ftvm_channel::TransportError> {
+        self.inner.flush()
+    }
+    fn poll_recv(
+        &mut self,
+        on_frame: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, ftvm_channel::TransportError> {
+        if self.stalled() {
+            return Ok(0);
+        }
+        self.inner.poll_recv(on_frame)
+    }
+    fn wait(&mut self, timeout: std::time::Duration) -> Result<(), ftvm_channel::TransportError> {
+        if self.stalled() {
+            std::thread::sleep(timeout.min(std::time::Duration::from_millis(1)));
+            return Ok(());
+        }
+        self.inner.wait(timeout)
+    }
+}

@@ -10,42 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport, TransportError};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
 use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader, Tamper};
 use ftvm_vmm_core::ft::digest::pairing_digest;
 use ftvm_vmm_core::ft::log::Entry;
 use ftvm_vmm_core::ft::primary::{
     run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
+use ftvm_vmm_core::testing::StallAcks;
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 use ftvm_vmm_core::{guests, require_kvm};
-
-/// Withholds the frames the primary receives (the backup's acks) while `stall` is set.
-struct StallAcks {
-    inner: Box<dyn Transport>,
-    stall: Arc<AtomicBool>,
-}
-
-impl Transport for StallAcks {
-    fn name(&self) -> &'static str {
-        "stall"
-    }
-    fn max_frame(&self) -> usize {
-        self.inner.max_frame()
-    }
-    fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
-        self.inner.send(frame)
-    }
-    fn flush(&mut self) -> Result<(), TransportError> {
-        self.inner.flush()
-    }
-    fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
-        if self.stall.load(Ordering::Acquire) {
-            return Ok(0);
-        }
-        self.inner.poll_recv(on_frame)
-    }
-}
 
 #[derive(Default)]
 struct Setup {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport, TransportError};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
 use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter, RetryPolicy};
 use ftvm_vmm_core::ft::backup::LogReader;
 use ftvm_vmm_core::ft::detector::DetectorConfig;
@@ -32,6 +32,7 @@ use ftvm_vmm_core::ft::golive::{
 use ftvm_vmm_core::ft::node::{NodeId, Role};
 use ftvm_vmm_core::ft::output::Sink;
 use ftvm_vmm_core::ft::primary::{LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_vmm_core::testing::StallAcks;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 use ftvm_vmm_core::{guests, require_kvm};
 
@@ -39,33 +40,6 @@ use ftvm_vmm_core::{guests, require_kvm};
 /// tests stop a side about 0.3 s after the start), longer when the machine is busy.
 const CMDLINE: &str = "size=8M rounds=600 seed=7 timing";
 const MEM: u64 = 32 << 20;
-
-/// Withholds the frames the primary receives (the backup's acks) while `stall` is set.
-struct StallAcks {
-    inner: Box<dyn Transport>,
-    stall: Arc<AtomicBool>,
-}
-
-impl Transport for StallAcks {
-    fn name(&self) -> &'static str {
-        "stall"
-    }
-    fn max_frame(&self) -> usize {
-        self.inner.max_frame()
-    }
-    fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
-        self.inner.send(frame)
-    }
-    fn flush(&mut self) -> Result<(), TransportError> {
-        self.inner.flush()
-    }
-    fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
-        if self.stall.load(Ordering::Acquire) {
-            return Ok(0);
-        }
-        self.inner.poll_recv(on_frame)
-    }
-}
 
 /// `N` distinct free UDP addresses on loopback (all sockets are held until every port is known:
 /// binding one after another could hand out the same port twice).

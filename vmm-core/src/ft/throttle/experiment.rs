@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport, TransportError};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, TransportError};
 use ftvm_ringbuf::IdleKind;
 
 use super::{
@@ -24,7 +24,7 @@ use crate::devices::sys::{REG_CLOCK_NS, REG_POWER_OFF};
 use crate::ft::backup::{run_backup, BackupReport, LogReader};
 use crate::ft::digest::pairing_digest;
 use crate::ft::primary::{error_chain, run_primary, LogWriter, PairOptions, PrimaryReport};
-use crate::testing::Asm;
+use crate::testing::{Asm, StallAcks};
 use crate::vm::{buffer_console, Vm, VmConfig};
 
 /// Guest RAM of the experiment's VMs.
@@ -73,40 +73,6 @@ pub fn logging_guest(run_for: Duration, spin: u32) -> Vec<u8> {
     code.extend_from_slice(&[0x48, 0xC7, 0x40, REG_POWER_OFF as u8, 0, 0, 0, 0]);
     code.extend_from_slice(&[0xEB, 0xFE]);
     Asm::new().raw(&code).elf()
-}
-
-/// Withholds the frames the primary receives (the backup's acks and heartbeats) while set.
-struct StallAcks {
-    inner: Box<dyn Transport>,
-    stall: Arc<AtomicBool>,
-}
-
-impl Transport for StallAcks {
-    fn name(&self) -> &'static str {
-        "stall-acks"
-    }
-    fn max_frame(&self) -> usize {
-        self.inner.max_frame()
-    }
-    fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
-        self.inner.send(frame)
-    }
-    fn flush(&mut self) -> Result<(), TransportError> {
-        self.inner.flush()
-    }
-    fn poll_recv(&mut self, on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
-        if self.stall.load(Ordering::Acquire) {
-            return Ok(0);
-        }
-        self.inner.poll_recv(on_frame)
-    }
-    fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
-        if self.stall.load(Ordering::Acquire) {
-            std::thread::sleep(timeout.min(Duration::from_millis(1)));
-            return Ok(());
-        }
-        self.inner.wait(timeout)
-    }
 }
 
 /// The actuator of a run without throttling: the controller runs (so the lag is measured the

@@ -7,7 +7,7 @@
 //! ```
 //! `--quick`: 3 runs; full: 10. Runs the `ftvm` binary next to this one (root, /dev/kvm).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -64,18 +64,6 @@ fn parse_args(opts: &Opts) -> anyhow::Result<Args> {
     Ok(a)
 }
 
-fn ftvm_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("binary directory")?.join("ftvm");
-    if !bin.exists() {
-        bail!(
-            "{} not built (cargo build --release -p ftvm)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 /// One `ftvm demo --report` run; its summary.
 fn one_run(bin: &Path, a: &Args, report: &Path) -> anyhow::Result<serde_json::Value> {
     let mut cmd = Command::new(bin);
@@ -99,7 +87,7 @@ fn one_run(bin: &Path, a: &Args, report: &Path) -> anyhow::Result<serde_json::Va
 /// Runs the benchmark.
 pub fn run(opts: &Opts) -> anyhow::Result<()> {
     let a = parse_args(opts)?;
-    let bin = ftvm_binary()?;
+    let bin = crate::ft::ftvm_binary()?;
     let dir = std::env::temp_dir().join(format!("ftvm-bench-failover-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let result = runs_of(opts, &a, &bin, &dir);

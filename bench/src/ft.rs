@@ -31,7 +31,8 @@ struct Row {
     output_delay_p99_us: f64,
 }
 
-fn ftvm_binary() -> anyhow::Result<PathBuf> {
+/// The `ftvm` binary beside this one (`cargo build --release -p ftvm`).
+pub(crate) fn ftvm_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("binary directory")?.join("ftvm");
     if !bin.exists() {

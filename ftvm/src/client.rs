@@ -468,17 +468,8 @@ fn client_thread(
     checker.record(acked);
 }
 
-/// The messages of `e` and its sources, joined with `: `.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// The messages of an error and its sources, joined with `: `.
+pub use ftvm_vmm_core::ft::primary::error_chain;
 
 #[cfg(test)]
 mod tests {

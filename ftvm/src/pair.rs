@@ -612,17 +612,7 @@ fn throttle_json(status: Result<ThrottleStatus, String>) -> serde_json::Value {
     }
 }
 
-/// The messages of `e` and its sources, joined with `: `.
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use ftvm_vmm_core::ft::primary::error_chain as error_text;
 
 /// Before anything is opened (the TAP above all): a node whose generation is older than the
 /// arbiter's newest is a stale survivor of an earlier failover (for instance a killed primary

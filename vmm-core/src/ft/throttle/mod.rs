@@ -138,17 +138,8 @@ pub enum ThrottleError {
     Config(String),
 }
 
-/// The messages of `e` and its sources, joined with `: `.
-pub(crate) fn error_text(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// The messages of an error and its sources, joined with `: `.
+pub(crate) use crate::ft::primary::error_chain as error_text;
 
 /// Something that sets the primary vCPU's CPU share.
 pub trait Actuator: Send + 'static {

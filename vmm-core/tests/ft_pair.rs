@@ -346,14 +346,10 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = |name: &str| {
-        let p = dir.path().join(name);
-        std::fs::File::create(&p)
-            .and_then(|f| f.set_len(8 << 20))
-            .expect("disk");
-        p
-    };
-    let (pdisk, bdisk) = (disk("primary.img"), disk("backup.img"));
+    let (pdisk, bdisk) = (
+        common::blank_disk(dir.path(), "primary.img"),
+        common::blank_disk(dir.path(), "backup.img"),
+    );
     let ns = common::namespace("ftnet");
     let cmdline = format!("ip={}/24 gw=10.0.2.1 port=6379", common::GUEST_IP);
     let elf = guests::by_name("kv").expect("kv guest");

@@ -518,14 +518,10 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = |name: &str| {
-        let p = dir.path().join(name);
-        std::fs::File::create(&p)
-            .and_then(|f| f.set_len(8 << 20))
-            .expect("disk");
-        p
-    };
-    let (pdisk, bdisk) = (disk("primary.img"), disk("backup.img"));
+    let (pdisk, bdisk) = (
+        common::blank_disk(dir.path(), "primary.img"),
+        common::blank_disk(dir.path(), "backup.img"),
+    );
     let adir = dir.path().join("arbiter");
     std::fs::create_dir(&adir).expect("arbiter dir");
     let arbiter = file_arbiter(&adir);

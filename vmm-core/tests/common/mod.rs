@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -12,6 +12,15 @@ use std::time::{Duration, Instant};
 use ftvm_channel::netns::Netns;
 use ftvm_vmm_core::devices::ConsoleOutput;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
+
+/// A blank 8 MiB disk image `name` in `dir`.
+pub fn blank_disk(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("disk");
+    p
+}
 
 /// Guest address and port.
 pub const GUEST_IP: &str = "10.0.2.15";

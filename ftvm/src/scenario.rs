@@ -13,6 +13,10 @@
 //!  └───────────────────────────────────────────────────────────────────────────────┘
 //!  temp dir: a.img b.img arbiter/ (gen-N files) p.json b.json p.console b.console
 //! ```
+//! With `arbiter: Some("etcd")` a single etcd member, with `Some("etcd3")` a three-member etcd
+//! cluster, runs on the namespace's loopback instead of the file arbiter (data and logs in the
+//! temporary directory, `etcd-m<i>/` and `etcd-m<i>.log`); [`Scenario::kill_etcd_member`]
+//! crashes one member.
 //! Everything is torn down on drop, in order: children (SIGKILL, reaped), namespace (with its
 //! TAP), shared-memory rings, temporary directory.
 
@@ -132,7 +136,9 @@ pub struct ScenarioConfig {
     /// Transport: shm, tcp, tcp-spin, uring, xdp.
     pub transport: String,
     /// Arbiter spec; `None`: a file arbiter in the temporary directory; `"etcd"`: a
-    /// single-member etcd started on the namespace's loopback (needs the `etcd` binary).
+    /// single-member etcd started on the namespace's loopback (needs the `etcd` binary);
+    /// `"etcd3"`: a three-member etcd cluster there, its leader listed first (see
+    /// [`Scenario::etcd_endpoints`]).
     pub arbiter: Option<String>,
     /// `--fail-timeout` in milliseconds (`None`: the default of `ftvm primary/backup`).
     pub fail_timeout_ms: Option<u64>,
@@ -285,7 +291,9 @@ pub struct Scenario {
     arbiter: String,
     peer: String,
     shm: Option<PathBuf>,
-    etcd: Option<Child>,
+    /// The etcd members started for the arbiter, in the order of the arbiter spec (dropped
+    /// before the namespace).
+    etcd: Vec<EtcdMember>,
     ns: Netns,
     dir: tempfile::TempDir,
 }
@@ -316,12 +324,21 @@ impl Scenario {
         std::fs::create_dir(&arb).map_err(io(format!("cannot create {}", arb.display())))?;
         let ns = Netns::create(&format!("ftvm-{tag}-{pid}-{n}"))?;
         ns.add_tap(TAP, Some((Ipv4Addr::new(10, 0, 2, 1), 24)))?;
-        let mut etcd = None;
+        let mut etcd = Vec::new();
         let arbiter = match config.arbiter.as_deref() {
             None => format!("file:{}", arb.display()),
             Some("etcd") => {
-                etcd = Some(start_etcd(&ns, dir.path())?);
+                etcd = start_etcd(&ns, dir.path(), 1)?;
                 format!("etcd:{ETCD_URL}#/ftvm/{tag}-{pid}-{n}")
+            }
+            Some("etcd3") => {
+                etcd = start_etcd(&ns, dir.path(), 3)?;
+                // The leader first: both sides try the endpoints in order, so crashing member 0
+                // takes away the endpoint they use and forces an election.
+                let leader = wait_etcd_leader(&ns, &etcd, Duration::from_secs(20))?;
+                etcd.rotate_left(leader);
+                let urls: Vec<String> = etcd.iter().map(EtcdMember::url).collect();
+                format!("etcd:{}#/ftvm/{tag}-{pid}-{n}", urls.join(","))
             }
             Some(spec) => spec.to_string(),
         };
@@ -392,6 +409,35 @@ impl Scenario {
     /// The arbiter spec given to both sides.
     pub fn arbiter_spec(&self) -> &str {
         &self.arbiter
+    }
+
+    /// Client URLs of the etcd members this scenario started, in the order the arbiter spec
+    /// names them (with `"etcd3"`: the member that was the leader at start first); empty with
+    /// another arbiter.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd.iter().map(EtcdMember::url).collect()
+    }
+
+    /// Crashes etcd member `i` (index into [`Scenario::etcd_endpoints`]) with SIGKILL and reaps
+    /// it; returns its process id. Killing one that is already gone does nothing.
+    ///
+    /// # Errors
+    /// [`ScenarioError::Missing`] when there is no member `i`; [`ScenarioError::Io`] when it
+    /// cannot be killed.
+    pub fn kill_etcd_member(&mut self, i: usize) -> Result<Option<u32>, ScenarioError> {
+        let n = self.etcd.len();
+        let member = self
+            .etcd
+            .get_mut(i)
+            .ok_or_else(|| ScenarioError::Missing(format!("no etcd member {i} (of {n})")))?;
+        member.kill()
+    }
+
+    /// The index (into [`Scenario::etcd_endpoints`]) of the member the running members name
+    /// as their leader; `None` while there is none (an election) or no member answers.
+    pub fn etcd_leader(&self) -> Option<usize> {
+        let members = &self.etcd;
+        self.in_netns(|| etcd_leader_of(members)).ok().flatten()
     }
 
     /// The guest's service address.
@@ -594,10 +640,7 @@ impl Drop for Scenario {
         // the directory drop after this body.
         self.primary.take();
         self.backup.take();
-        if let Some(mut etcd) = self.etcd.take() {
-            let _ = etcd.kill();
-            let _ = etcd.wait();
-        }
+        self.etcd.clear();
         if let Some(p) = &self.shm {
             for ext in ["a2b", "b2a"] {
                 let mut f = p.as_os_str().to_owned();
@@ -608,58 +651,189 @@ impl Drop for Scenario {
     }
 }
 
-/// Client URL of the etcd started inside the namespace (`arbiter: Some("etcd")`).
+/// Client URL of the etcd started inside the namespace (`arbiter: Some("etcd")`; with
+/// `Some("etcd3")` member m0's, [`ETCD_CLIENT_PORTS`]).
 pub const ETCD_URL: &str = "http://127.0.0.1:2379";
 
-/// Starts a single-member etcd on the namespace's loopback, data and log in `dir`; waits (at
-/// most 15 s) until it accepts connections.
-fn start_etcd(ns: &Netns, dir: &Path) -> Result<Child, ScenarioError> {
-    let data = dir.join("etcd");
-    let log = dir.join("etcd.log");
-    let peer = "http://127.0.0.1:2380";
-    let args = [
-        "--name".to_string(),
-        "ftvm".into(),
-        "--data-dir".into(),
-        data.display().to_string(),
-        "--listen-client-urls".into(),
-        ETCD_URL.into(),
-        "--advertise-client-urls".into(),
-        ETCD_URL.into(),
-        "--listen-peer-urls".into(),
-        peer.into(),
-        "--initial-advertise-peer-urls".into(),
-        peer.into(),
-        "--initial-cluster".into(),
-        format!("ftvm={peer}"),
-    ];
-    let out =
-        std::fs::File::create(&log).map_err(io(format!("cannot create {}", log.display())))?;
-    let err = out
-        .try_clone()
-        .map_err(io(format!("cannot create {}", log.display())))?;
-    let mut cmd = ns.command("etcd", &args);
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    restore_signals(&mut cmd);
-    let mut child = cmd
-        .spawn()
-        .map_err(io("cannot start etcd (Debian package etcd-server)"))?;
+/// Client ports of the etcd members (member `i` listens on the `i`-th), on the namespace's
+/// loopback.
+pub const ETCD_CLIENT_PORTS: [u16; 3] = [2379, 12379, 22379];
+
+/// Peer (Raft) ports of the etcd members.
+pub const ETCD_PEER_PORTS: [u16; 3] = [2380, 12380, 22380];
+
+/// One etcd member started inside the namespace; SIGKILLed and reaped on drop.
+#[derive(Debug)]
+struct EtcdMember {
+    client_port: u16,
+    /// `None` once killed.
+    child: Option<Child>,
+}
+
+impl EtcdMember {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn kill(&mut self) -> Result<Option<u32>, ScenarioError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        let pid = child.id();
+        let killed = child.kill();
+        let _ = child.wait();
+        killed.map_err(io(format!("cannot kill etcd (pid {pid})")))?;
+        Ok(Some(pid))
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// Starts an etcd cluster of `n` (1 to 3) members on the namespace's loopback, data and logs in
+/// `dir`; waits (at most 15 s) until each accepts connections.
+fn start_etcd(ns: &Netns, dir: &Path, n: usize) -> Result<Vec<EtcdMember>, ScenarioError> {
+    let peer_url = |i: usize| format!("http://127.0.0.1:{}", ETCD_PEER_PORTS[i]);
+    let initial_cluster: Vec<String> = (0..n).map(|i| format!("m{i}={}", peer_url(i))).collect();
+    let initial_cluster = initial_cluster.join(",");
+    let mut members = Vec::with_capacity(n);
+    let mut logs = Vec::with_capacity(n);
+    for (i, &client_port) in ETCD_CLIENT_PORTS.iter().enumerate().take(n) {
+        let client = format!("http://127.0.0.1:{client_port}");
+        let args = [
+            "--name".to_string(),
+            format!("m{i}"),
+            "--data-dir".into(),
+            dir.join(format!("etcd-m{i}")).display().to_string(),
+            "--listen-client-urls".into(),
+            client.clone(),
+            "--advertise-client-urls".into(),
+            client,
+            "--listen-peer-urls".into(),
+            peer_url(i),
+            "--initial-advertise-peer-urls".into(),
+            peer_url(i),
+            "--initial-cluster".into(),
+            initial_cluster.clone(),
+            "--initial-cluster-state".into(),
+            "new".into(),
+            "--initial-cluster-token".into(),
+            format!("ftvm-{}", ns.name()),
+        ];
+        let log = dir.join(format!("etcd-m{i}.log"));
+        let out =
+            std::fs::File::create(&log).map_err(io(format!("cannot create {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(io(format!("cannot create {}", log.display())))?;
+        let mut cmd = ns.command("etcd", &args);
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        restore_signals(&mut cmd);
+        // `ip netns exec` execs etcd: the child's pid is etcd's.
+        let child = cmd
+            .spawn()
+            .map_err(io("cannot start etcd (Debian package etcd-server)"))?;
+        members.push(EtcdMember {
+            client_port,
+            child: Some(child),
+        });
+        logs.push(log);
+    }
     let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let up = ns.run(|| std::net::TcpStream::connect(("127.0.0.1", 2379)).is_ok())?;
-        if up {
-            return Ok(child);
+    for (m, log) in members.iter_mut().zip(&logs) {
+        loop {
+            let port = m.client_port;
+            let up = ns.run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())?;
+            if up {
+                break;
+            }
+            let exited = m
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited || Instant::now() >= deadline {
+                return Err(ScenarioError::Timeout(format!(
+                    "etcd did not start; its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if child.try_wait().ok().flatten().is_some() || Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    }
+    Ok(members)
+}
+
+/// Waits (at most `timeout`) until the members agree on a leader; returns its index.
+fn wait_etcd_leader(
+    ns: &Netns,
+    members: &[EtcdMember],
+    timeout: Duration,
+) -> Result<usize, ScenarioError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(i) = ns.run(|| etcd_leader_of(members))? {
+            return Ok(i);
+        }
+        if Instant::now() >= deadline {
             return Err(ScenarioError::Timeout(format!(
-                "etcd did not start; its log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                "the etcd cluster elected no leader within {timeout:?}"
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The index of the member the running `members` name as leader (from inside the namespace).
+fn etcd_leader_of(members: &[EtcdMember]) -> Option<usize> {
+    let status: Vec<Option<(String, String)>> = members
+        .iter()
+        .map(|m| {
+            m.child.as_ref()?;
+            etcd_status(m.client_port)
+        })
+        .collect();
+    let leader = status
+        .iter()
+        .flatten()
+        .map(|(_, leader)| leader)
+        .find(|l| l.as_str() != "0")?;
+    status
+        .iter()
+        .position(|s| s.as_ref().is_some_and(|(me, _)| me == leader))
+}
+
+/// `(member id, leader id)` from the member's status (etcd's JSON gateway,
+/// `POST /v3/maintenance/status`); `None` if it does not answer in time.
+fn etcd_status(port: u16) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_millis(500);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    conn.set_read_timeout(Some(timeout)).ok()?;
+    conn.set_write_timeout(Some(timeout)).ok()?;
+    let request = format!(
+        "POST /v3/maintenance/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    conn.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).ok()?;
+    // The body is one JSON object (whatever the transfer encoding around it).
+    let body = &response[response.find("\r\n\r\n")?..];
+    let json = &body[body.find('{')?..=body.rfind('}')?];
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let id = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    Some((
+        id(&v["header"]["member_id"])?,
+        id(&v["leader"]).unwrap_or_default(),
+    ))
 }
 
 /// Children start with the default signal mask: `ftvm demo` blocks SIGINT/SIGTERM in its own

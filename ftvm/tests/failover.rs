@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use ftvm::scenario::{Scenario, Side, EXIT_FENCED};
-use ftvm_vmm_core::ft::{Acquire, Arbiter, FileArbiter, NodeId};
+use ftvm_vmm_core::ft::{Acquire, Arbiter, ArbiterError, FileArbiter, NodeId};
 
 /// Kills the primary under load: the backup wins generation 2, attaches the TAP and serves;
 /// every SET acknowledged before or after the failover is readable; the guest powers off
@@ -108,31 +108,39 @@ fn sigkill_backup_primary_continues_alone_without_client_errors() {
 /// transport's and the heartbeats' packets inside the namespace; the clients' traffic on the
 /// TAP is untouched): both presume the other failed, both go for generation 2, exactly one
 /// wins and serves; the other stops with the fenced status. No acknowledged write is lost.
+///
+/// Here the backup waits longer before presuming the primary failed (`--fail-timeout 600`
+/// against the primary's 200 ms), so the primary, which holds the service, usually keeps it
+/// through a partition; the arbiter alone keeps the two sides from both going live.
 #[test]
 fn cut_link_exactly_one_side_goes_live() {
-    const TEST: &str = "cut_link_exactly_one_side_goes_live";
-    if common::skip(TEST) {
-        return;
-    }
-    if std::process::Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP {TEST}: nft not installed (Debian package nftables)");
+    cut_link(
+        "cut_link_exactly_one_side_goes_live",
+        &["--fail-timeout".into(), "600".into()],
+    );
+}
+
+/// As [`cut_link_exactly_one_side_goes_live`], with the same (default, 200 ms) failure timeout
+/// on both sides: they presume each other failed at about the same moment and race for
+/// generation 2 on the arbiter. Either may win; exactly one does.
+#[test]
+fn cut_link_symmetric_timeouts_exactly_one_side_goes_live() {
+    cut_link(
+        "cut_link_symmetric_timeouts_exactly_one_side_goes_live",
+        &[],
+    );
+}
+
+/// The link-cut scenario; `backup_extra`: extra arguments of the backup.
+fn cut_link(test: &str, backup_extra: &[String]) {
+    if common::skip(test) || common::skip_without(test, "nft", "nftables") {
         return;
     }
     let _serial = common::serial();
     let mut config = common::config("cut");
     config.transport = "tcp".into();
     let mut s = Scenario::prepare(config).expect("prepare pair");
-    // The backup waits longer before presuming the primary failed (the primary, which holds
-    // the service, keeps it through a partition); the arbiter alone keeps the two sides from
-    // both going live.
-    s.backup = Some(
-        s.spawn(Side::Backup, &["--fail-timeout".into(), "600".into()])
-            .expect("spawn backup"),
-    );
+    s.backup = Some(s.spawn(Side::Backup, backup_extra).expect("spawn backup"));
     s.primary = Some(s.spawn(Side::Primary, &[]).expect("spawn primary"));
     s.wait_ready(Duration::from_secs(30)).expect("kv answers");
     let mut load = common::load(&s, 4, "c");
@@ -167,7 +175,8 @@ fn cut_link_exactly_one_side_goes_live() {
         let out = s.netns().exec("nft", args).expect("run nft");
         assert!(out.status.success(), "nft {args:?}: {out:?}");
     }
-    load.mark(Instant::now());
+    let t_cut = Instant::now();
+    load.mark(t_cut);
     // One side stops (lost the arbiter), the other goes live.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (loser, winner) = loop {
@@ -187,8 +196,28 @@ fn cut_link_exactly_one_side_goes_live() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(loser.code(), Some(EXIT_FENCED), "{}", s.stderr_of_both());
-    eprintln!("{TEST}: the {} won generation 2", winner.name());
-    common::wait_first_reply(&s, &load, Duration::from_secs(20));
+    let (winner_node, loser_node, needle) = match winner {
+        Side::Primary => (s.primary.as_mut(), s.backup.as_ref(), "ALONE"),
+        Side::Backup => (s.backup.as_mut(), s.primary.as_ref(), "LIVE"),
+    };
+    let loser_text = loser_node.expect("loser").stderr_text();
+    assert!(loser_text.contains("FENCED"), "{loser_text}");
+    let line = winner_node
+        .expect("winner")
+        .wait_line(needle, Duration::from_secs(5))
+        .unwrap_or_else(|| {
+            panic!(
+                "the winner printed no {needle} line\n{}",
+                s.stderr_of_both()
+            )
+        });
+    assert!(line.contains("generation 2"), "{line}");
+    let first = common::wait_first_reply(&s, &load, Duration::from_secs(20));
+    eprintln!(
+        "{test}: the {} won generation 2, first reply {:?} after the cut; {line}",
+        winner.name(),
+        first.saturating_duration_since(t_cut)
+    );
     common::wait_ops(&s, &load, 200, Duration::from_secs(20));
     load.stop();
     let gens = s.generations();
@@ -366,12 +395,7 @@ fn demo_with_etcd_arbiter_fails_over_and_loses_no_acked_write() {
     if common::skip(TEST) {
         return;
     }
-    if std::process::Command::new("etcd")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP {TEST}: etcd not installed (Debian package etcd-server)");
+    if common::skip_without(TEST, "etcd", "etcd-server") {
         return;
     }
     let _serial = common::serial();
@@ -379,5 +403,94 @@ fn demo_with_etcd_arbiter_fails_over_and_loses_no_acked_write() {
     assert!(
         r["arbiter"].as_str().unwrap_or("").starts_with("etcd:"),
         "{r}"
+    );
+}
+
+/// The arbiter is a three-member etcd cluster. While the pair runs under load, the member both
+/// sides' arbiter clients use (the first endpoint they try, and the leader at start) crashes
+/// (SIGKILL): the pair keeps serving (it needs the arbiter only for a failover). Then the
+/// primary is killed: the backup wins generation 2 through an etcd transaction the two
+/// surviving members agree on, goes live, the clients carry on, and no acknowledged write is
+/// lost.
+#[test]
+fn etcd_member_down_sigkill_primary_backup_goes_live_without_losing_acked_writes() {
+    const TEST: &str =
+        "etcd_member_down_sigkill_primary_backup_goes_live_without_losing_acked_writes";
+    if common::skip(TEST) || common::skip_without(TEST, "etcd", "etcd-server") {
+        return;
+    }
+    let _serial = common::serial();
+    let mut config = common::config("etcd3");
+    config.arbiter = Some("etcd3".into());
+    let mut s = Scenario::start(config).expect("start pair");
+    let endpoints = s.etcd_endpoints();
+    assert_eq!(endpoints.len(), 3, "{endpoints:?}");
+    assert!(
+        s.arbiter_spec()
+            .starts_with(&format!("etcd:{}#", endpoints.join(","))),
+        "{}",
+        s.arbiter_spec()
+    );
+    let mut load = common::load(&s, 4, "f");
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let leader = s.etcd_leader();
+    let pid = s
+        .kill_etcd_member(0)
+        .expect("kill etcd member")
+        .expect("member 0 was running");
+    eprintln!(
+        "{TEST}: SIGKILLed etcd member {} (pid {pid}, {})",
+        endpoints[0],
+        if leader == Some(0) {
+            "the leader"
+        } else {
+            "a follower"
+        }
+    );
+    // Both sides still live: the pair goes on without the arbiter.
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let t_kill = Instant::now();
+    s.primary.take().expect("primary").kill();
+    load.mark(Instant::now());
+    let first = common::wait_first_reply(&s, &load, Duration::from_secs(20));
+    let backup = s.backup.as_mut().expect("backup");
+    let live = backup
+        .wait_line("LIVE", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no LIVE line: {}", backup.stderr_text()));
+    eprintln!(
+        "{TEST}: first reply {:?} after the primary's kill; {live}",
+        first - t_kill
+    );
+    assert!(live.contains("generation 2"), "{live}");
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let stats = load.stop();
+    let report = common::assert_no_acked_write_lost(&s, load.checker());
+    assert!(report.checked >= stats.ops.min(400), "{report:?}");
+    // The claim is in etcd: read back (past the dead first endpoint) from the survivors, who
+    // have a leader other than the dead member.
+    let spec = s.arbiter_spec().to_string();
+    let current = s
+        .in_netns(move || ftvm_vmm_core::ft::arbiter::open(&spec).and_then(|a| a.current()))
+        .expect("enter namespace")
+        .unwrap_or_else(|e: ArbiterError| panic!("read the claim from etcd: {e}"));
+    assert_eq!(
+        current,
+        Some((2, NodeId::new("backup").expect("node id"))),
+        "{}",
+        s.stderr_of_both()
+    );
+    let new_leader = s.etcd_leader();
+    assert!(
+        new_leader.is_some_and(|l| l != 0),
+        "survivors' leader: {new_leader:?}"
+    );
+    s.shutdown_guest();
+    let backup = s.backup.as_mut().expect("backup");
+    let status = backup.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.and_then(|st| st.code()),
+        Some(0),
+        "{}",
+        backup.stderr_text()
     );
 }

@@ -7,7 +7,7 @@
 //! [`LogReceiver::reconnect`] hand it a new transport and it resumes where it was.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,40 @@ struct Control {
     stop: AtomicBool,
     running: AtomicBool,
     error: Mutex<Option<TransportError>>,
+    /// Called on the poller thread after every step that received frames (see
+    /// [`LogSender::set_ack_hook`]).
+    hook: OnceLock<Hook>,
+}
+
+/// Lets the thread consuming the backup's log buffer sleep until the receiver's poller
+/// delivers records ([`LogReceiver::wait_for_records`]).
+#[derive(Debug, Default)]
+struct Doorbell {
+    sleeping: AtomicBool,
+    sleeper: Mutex<Option<std::thread::Thread>>,
+}
+
+impl Doorbell {
+    /// On the poller thread, after a step that received frames.
+    fn ring(&self) {
+        // Pairs with the fence in `LogReceiver::wait_for_records`: either the poller sees the
+        // consumer asleep, or the consumer sees the records (the ring's tail was stored before).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) {
+            if let Some(t) = &*self.sleeper.lock().unwrap_or_else(|e| e.into_inner()) {
+                t.unpark();
+            }
+        }
+    }
+}
+
+/// A callback run on the poller thread.
+struct Hook(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 impl Control {
@@ -74,7 +108,14 @@ fn spawn_loop<S: Send + 'static>(
             let mut idle = pc.idle.build();
             while !ctl.stop.load(Ordering::Acquire) {
                 match step(&mut state) {
-                    Ok(work) => idle.idle(work),
+                    Ok(work) => {
+                        if work > 0 {
+                            if let Some(Hook(h)) = ctl.hook.get() {
+                                h();
+                            }
+                        }
+                        idle.idle(work);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "poller stopped");
                         ctl.set_error(e);
@@ -189,6 +230,16 @@ impl LogSender {
         &self.shared
     }
 
+    /// Runs `hook` on the poller thread after every poll step that received frames (an
+    /// acknowledgement among them), also after a reconnect: the primary's output gate releases
+    /// what the new acknowledged position allows right there, instead of a thread of its own
+    /// polling [`LogSender::acked_seq`] (which on a host with fewer cores than busy threads
+    /// takes CPU time from the vCPU). The hook must be short and must not block. Returns
+    /// `false` (and drops `hook`) if one was set before.
+    pub fn set_ack_hook(&self, hook: impl Fn() + Send + Sync + 'static) -> bool {
+        self.ctl.hook.set(Hook(Box::new(hook))).is_ok()
+    }
+
     /// Counters.
     pub fn snapshot(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
@@ -287,6 +338,7 @@ impl Drop for LogSender {
 /// buffer's consumer for the replaying vCPU.
 #[derive(Debug)]
 pub struct LogReceiver {
+    doorbell: Arc<Doorbell>,
     consumer: Consumer,
     shared: Arc<ReceiverShared>,
     ctl: Arc<Control>,
@@ -310,6 +362,9 @@ impl LogReceiver {
         let receiver = Receiver::accept(transport, producer, cfg)?;
         let shared = Arc::clone(receiver.shared());
         let ctl = Arc::new(Control::default());
+        let doorbell = Arc::new(Doorbell::default());
+        let d = Arc::clone(&doorbell);
+        let _ = ctl.hook.set(Hook(Box::new(move || d.ring())));
         let thread = spawn_loop(
             "ftvm-log-recv",
             receiver,
@@ -318,6 +373,7 @@ impl LogReceiver {
             Receiver::poll,
         )?;
         Ok(Self {
+            doorbell,
             consumer,
             shared,
             ctl,
@@ -364,6 +420,27 @@ impl LogReceiver {
             return Err(self.ctl.take_error());
         }
         Ok(n)
+    }
+
+    /// Sleeps until the poller delivers records, at most `timeout`; returns at once when
+    /// records are available or the poller stopped. For a consumer that would otherwise poll
+    /// [`LogReceiver::poll_records`] in a loop: on a host with fewer cores than busy threads a
+    /// sleeping consumer leaves the CPU to others (waking takes ~60 µs here, so spin a little
+    /// first when entries are expected soon).
+    pub fn wait_for_records(&mut self, timeout: Duration) {
+        *self
+            .doorbell
+            .sleeper
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
+        self.doorbell.sleeping.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `Doorbell::ring`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let empty = self.consumer.committed_position() == self.consumer.position();
+        if empty && self.is_running() {
+            std::thread::park_timeout(timeout);
+        }
+        self.doorbell.sleeping.store(false, Ordering::Relaxed);
     }
 
     /// Reports the last record the backup executed (sent to the primary with the next ack).

@@ -43,7 +43,7 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct PairArgs {
     /// TOML file with the same settings (keys: guest, mem, disk, net, cmdline, console, peer,
-    /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, arbiter, node,
+    /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, poll_idle, arbiter, node,
     /// heartbeat, peer_heartbeat, fail_timeout, generation, throttle_target_ms,
     /// throttle_min_share).
     #[arg(long)]
@@ -86,9 +86,14 @@ pub struct PairArgs {
     /// Write a JSON report of the run here.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Idle strategy of the pollers and the replaying vCPU: spin, yield, park.
+    /// How the vCPU waits (the backup for its next log entry, the primary on a full log
+    /// buffer): spin, yield, park (default: spin briefly, then sleep until the log poller
+    /// delivers — leaves the CPU to others when the pair shares cores).
     #[arg(long)]
     pub idle: Option<String>,
+    /// Idle strategy of the log poller threads: spin (dedicated cores), yield (default), park.
+    #[arg(long)]
+    pub poll_idle: Option<String>,
     /// Failover: the arbiter both sides must win a generation on before going live:
     /// `file:DIR` (a shared directory), `etcd://HOST:PORT[,HOST:PORT...]` or
     /// `etcd:URL[,URL...][#PREFIX]`. Without it, no failover: the pair stops when a side fails.
@@ -155,6 +160,7 @@ struct FileConfig {
     log_capacity: Option<String>,
     report: Option<PathBuf>,
     idle: Option<String>,
+    poll_idle: Option<String>,
     arbiter: Option<String>,
     node: Option<String>,
     heartbeat: Option<String>,
@@ -188,6 +194,8 @@ struct Settings {
     peer: String,
     transport: String,
     opts: PairOptions,
+    /// Idle strategy of the poller threads.
+    poll_idle: IdleKind,
     log_capacity: usize,
     report: Option<PathBuf>,
     ft: Option<FtSettings>,
@@ -235,6 +243,12 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
         Some(s) => s
             .parse()
             .map_err(|e| anyhow::anyhow!("--idle {s:?}: {e:?}"))?,
+        None => IdleKind::Park,
+    };
+    let poll_idle: IdleKind = match args.poll_idle.or(file.poll_idle) {
+        Some(s) => s
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--poll-idle {s:?}: {e:?}"))?,
         None => IdleKind::Yield,
     };
     let ft = match args.arbiter.or(file.arbiter) {
@@ -317,6 +331,7 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
             idle,
             ack_timeout: Duration::from_secs(30),
         },
+        poll_idle,
         log_capacity: usize::try_from(log_capacity).context("log capacity")?,
         report: args.report.or(file.report),
         ft,
@@ -473,7 +488,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
     let transport = primary_transport(&s)?;
     let pc = PollerConfig {
         core: None,
-        idle: s.opts.idle,
+        idle: s.poll_idle,
     };
     let sender = LogSender::start(p, c, transport, cfg, pc)
         .context("the backup refused to pair (different initial state?) or is unreachable")?;
@@ -756,7 +771,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
     let transport = backup_transport(&s)?;
     let pc = PollerConfig {
         core: None,
-        idle: s.opts.idle,
+        idle: s.poll_idle,
     };
     let rx = LogReceiver::start(p, c, transport, cfg, pc)
         .context("cannot pair with the primary (different initial state?)")?;

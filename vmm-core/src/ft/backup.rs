@@ -20,6 +20,10 @@ use super::primary::PairError;
 use crate::record::{Inputs, ReplayError, ReplaySource};
 use crate::vm::{RunOutcome, Vm};
 
+/// With [`IdleKind::Park`], empty polls of the log before the replaying vCPU sleeps until the
+/// receiver delivers (a poll is ~50 ns: a few tens of microseconds of spinning).
+const PARK_AFTER_POLLS: u32 = 500;
+
 /// A hook that may alter an entry as it is received (tests: a corrupted entry).
 pub type Tamper = Box<dyn FnMut(u64, &mut Entry) + Send>;
 
@@ -151,6 +155,7 @@ impl LogReader {
             return Ok(());
         }
         let mut idle = self.idle.build();
+        let mut spins = 0u32;
         let started = Instant::now();
         loop {
             let mut bad = None;
@@ -190,6 +195,16 @@ impl LogReader {
                             "the primary is presumed failed: stopping the log receiver"
                         );
                         self.sever();
+                    } else if self.idle == IdleKind::Park {
+                        // Spin a little (the next entry is often microseconds away), then
+                        // sleep until the receiver delivers: a spinning backup vCPU takes the
+                        // CPU from the pollers and the primary when they share cores.
+                        spins += 1;
+                        if spins < PARK_AFTER_POLLS {
+                            std::hint::spin_loop();
+                        } else {
+                            self.rx.wait_for_records(Duration::from_millis(1));
+                        }
                     } else {
                         idle.idle(0);
                     }

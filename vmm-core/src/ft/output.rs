@@ -125,6 +125,12 @@ struct Inner {
     sleeping: AtomicBool,
     /// The releaser thread, for `unpark`.
     releaser: OnceLock<Thread>,
+    /// Tag of the oldest pending output (`u64::MAX`: none), read without the queue's lock by
+    /// [`Inner::on_ack`].
+    front_tag: AtomicU64,
+    /// The channel's poller calls [`Inner::on_ack`] after acknowledgements arrive
+    /// ([`OutputGate::ack_hook`]): the releaser thread no longer polls while outputs wait.
+    hooked: AtomicBool,
 }
 
 impl Inner {
@@ -142,6 +148,9 @@ impl Inner {
 
     fn submit(&self, sink: usize, tag: u64, data: Vec<u8>) {
         let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if q.is_empty() {
+            self.front_tag.store(tag, Ordering::SeqCst);
+        }
         q.push_back(Pending {
             tag,
             sink,
@@ -150,9 +159,17 @@ impl Inner {
         });
         let n = q.len();
         drop(q);
+        // With the poller's hook, an output whose tag is acknowledged already (the ack came
+        // before it was queued, so no later ack may come to release it) is released by the
+        // releaser thread. The fence pairs with the one in `on_ack`: either the hook sees this
+        // output's tag, or this sees the ack.
+        let hooked_ready = self.hooked.load(Ordering::Acquire) && {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            self.alone.load(Ordering::Acquire) || self.acks.acked() >= tag
+        };
         // SeqCst pairs with the releaser's store before its last look at the queue: either it
         // sees this output, or this sees it sleeping and wakes it.
-        if self.sleeping.load(Ordering::SeqCst) {
+        if hooked_ready || self.sleeping.load(Ordering::SeqCst) {
             if let Some(t) = self.releaser.get() {
                 t.unpark();
             }
@@ -185,11 +202,20 @@ impl Inner {
     /// polls (spin, then yield: an ack is tens of microseconds away, and waking a parked thread
     /// costs ~60 µs here); with nothing waiting it parks until the next submit (console buffers,
     /// which do not submit, are looked at every millisecond).
+    ///
+    /// With the poller's hook ([`OutputGate::ack_hook`]) the acknowledgements release outputs
+    /// on the poller thread, and this thread only drains the console buffers (every
+    /// millisecond), releases outputs that were acknowledged before they were queued (woken by
+    /// the submit), and everything once this side runs alone.
     fn releaser_loop(&self) {
         let mut poll = ftvm_ringbuf::IdleKind::Yield.build();
         while !self.stop.load(Ordering::Acquire) {
             self.drain_sources();
             let n = self.release();
+            if self.hooked.load(Ordering::Acquire) && !self.alone.load(Ordering::Acquire) {
+                std::thread::park_timeout(Duration::from_millis(1));
+                continue;
+            }
             if n > 0 || self.awaiting_ack() {
                 poll.idle(n);
                 continue;
@@ -203,7 +229,21 @@ impl Inner {
         }
     }
 
+    /// Called on the channel poller's thread after acknowledgements arrived: releases what they
+    /// allow. Cheap when nothing waits (two atomic loads).
+    fn on_ack(&self) {
+        // Pairs with the fence in `submit` (see there).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let front = self.front_tag.load(Ordering::SeqCst);
+        if front != u64::MAX && self.acks.acked() >= front {
+            self.release();
+        }
+    }
+
     /// Releases every output whose tag is acknowledged; returns how many.
+    ///
+    /// Takes the sinks' lock first: the releaser thread and the poller's hook may both
+    /// release, and the lock keeps one batch from overtaking another.
     fn release(&self) -> usize {
         let alone = self.alone.load(Ordering::Acquire);
         let acked = if alone { u64::MAX } else { self.acks.acked() };
@@ -215,6 +255,7 @@ impl Inner {
             }
             return 0;
         }
+        let mut sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
         let mut ready = Vec::new();
         {
             let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -223,11 +264,14 @@ impl Inner {
                     ready.push(p);
                 }
             }
+            if !ready.is_empty() {
+                let front = q.front().map_or(u64::MAX, |p| p.tag);
+                self.front_tag.store(front, Ordering::SeqCst);
+            }
         }
         if ready.is_empty() {
             return 0;
         }
-        let mut sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
         let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         for p in &ready {
             let now_acked = self.acks.acked();
@@ -282,6 +326,8 @@ impl OutputGate {
             alone: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             releaser: OnceLock::new(),
+            front_tag: AtomicU64::new(u64::MAX),
+            hooked: AtomicBool::new(false),
         });
         let i = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
@@ -349,6 +395,26 @@ impl OutputGate {
             g.store(generation, Ordering::Release);
         }
         self.inner.alone.store(true, Ordering::Release);
+        if let Some(t) = self.inner.releaser.get() {
+            t.unpark();
+        }
+    }
+
+    /// Hooks the gate into the channel's sender poller
+    /// ([`ftvm_channel::poller::LogSender::set_ack_hook`]): newly arrived acknowledgements
+    /// release what they allow on the poller's thread, and the releaser thread no longer polls
+    /// for them. Returns `false` (the gate keeps polling) if the sender has a hook already.
+    pub fn hook_into(&self, sender: &ftvm_channel::poller::LogSender) -> bool {
+        let inner = Arc::clone(&self.inner);
+        let ok = sender.set_ack_hook(move || {
+            if !inner.stop.load(Ordering::Acquire) {
+                inner.on_ack();
+            }
+        });
+        if ok {
+            self.inner.hooked.store(true, Ordering::Release);
+        }
+        ok
     }
 
     /// Outputs waiting now.
@@ -462,5 +528,77 @@ mod tests {
         assert_eq!((s.produced, s.released, s.early), (3, 3, 0));
         assert!(s.releases.iter().all(|(tag, acked)| acked >= tag));
         assert!(s.delay_us.max() >= 40_000, "waited {} µs", s.delay_us.max());
+    }
+
+    /// Hooked into a real sender (TCP on loopback, a receiver acknowledging), outputs are
+    /// released by the acknowledgements on the sender's poller thread, in order, never early.
+    #[test]
+    fn acknowledgements_release_outputs_on_the_poller_thread() {
+        use ftvm_channel::poller::{LogReceiver, LogSender, PollerConfig};
+        use ftvm_channel::reliable::Config;
+        use ftvm_channel::tcp::{TcpMode, TcpTransport};
+        const N: u8 = 50;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let backup = std::thread::spawn(move || {
+            let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).unwrap();
+            let t = TcpTransport::accept(&listener, TcpMode::Blocking).unwrap();
+            let mut rx = LogReceiver::start(
+                p,
+                c,
+                Box::new(t),
+                Config::default(),
+                PollerConfig::default(),
+            )
+            .unwrap();
+            let mut got = 0;
+            while !d.load(Ordering::Acquire) {
+                got += rx.poll_records(|_| {}).unwrap_or(0);
+                rx.wait_for_records(Duration::from_millis(1));
+            }
+            got
+        });
+        let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).unwrap();
+        let t = TcpTransport::connect(addr, TcpMode::Blocking, Duration::from_secs(10)).unwrap();
+        let mut sender = LogSender::start(
+            p,
+            c,
+            Box::new(t),
+            Config::default(),
+            PollerConfig::default(),
+        )
+        .unwrap();
+        let position = Arc::new(AtomicU64::new(0));
+        let gate = OutputGate::start(sender.shared().clone(), position.clone()).unwrap();
+        assert!(gate.hook_into(&sender));
+        assert!(!gate.hook_into(&sender), "a second hook is refused");
+        let out = Arc::new(Mutex::new(Vec::<(u8, String)>::new()));
+        let o = out.clone();
+        let sink = gate.add_sink(Box::new(move |d| {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            o.lock().unwrap().push((d[0], name));
+        }));
+        for i in 0..N {
+            let seq = sender.producer().push(1, &[i; 32]).unwrap();
+            position.store(seq, Ordering::Release);
+            gate.submit(sink, seq, vec![i]);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        assert!(gate.flush(Duration::from_secs(10)), "outputs not released");
+        let s = gate.stats();
+        assert_eq!((s.released, s.early), (u64::from(N), 0));
+        assert!(s.releases.iter().all(|(tag, acked)| acked >= tag));
+        let out = out.lock().unwrap().clone();
+        let order: Vec<u8> = out.iter().map(|(i, _)| *i).collect();
+        assert_eq!(order, (0..N).collect::<Vec<_>>(), "released out of order");
+        let on_poller = out.iter().filter(|(_, n)| n == "ftvm-log-send").count();
+        assert!(
+            on_poller > 0,
+            "no output released by the acknowledgements: {out:?}"
+        );
+        done.store(true, Ordering::Release);
+        assert_eq!(backup.join().unwrap(), usize::from(N));
     }
 }

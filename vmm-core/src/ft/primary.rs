@@ -414,6 +414,9 @@ pub(crate) fn primary_loop(
         OutputGate::start(acks, Arc::clone(writer.position()))
             .map_err(|e| PairError::Setup(format!("output thread: {e}")))?,
     );
+    if !gate.hook_into(&writer.sender()) {
+        tracing::debug!("the log sender has an ack hook already; outputs are polled for");
+    }
     if let Some((buf, sink)) = console {
         gate.add_buffer_source(buf, sink);
     }

@@ -6,7 +6,7 @@
 //! When the link breaks the poller stops and keeps the error; [`LogSender::reconnect`] /
 //! [`LogReceiver::reconnect`] hand it a new transport and it resumes where it was.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,6 +59,47 @@ impl Doorbell {
     }
 }
 
+/// Lets the sender's poller sleep while it has nothing to do: every record the producer
+/// committed is acknowledged. [`LogSender::notify`] (after a commit) wakes it. Enabled with
+/// [`IdleKind::Park`] once the producer called `notify` at least once (a producer that never
+/// notifies would otherwise find its records sent up to a sleep period late).
+#[derive(Debug, Default)]
+struct SenderWake {
+    notified: AtomicBool,
+    committed: AtomicU64,
+    sleeping: AtomicBool,
+    poller: Mutex<Option<std::thread::Thread>>,
+    /// Times the poller went to sleep.
+    sleeps: AtomicU64,
+}
+
+/// Empty polls in a row before a quiet sender poller sleeps (a poll is ~0.1–0.2 µs: tens of
+/// microseconds of spinning, about one acknowledgement round trip).
+const QUIET_POLLS: u32 = 256;
+
+/// Longest sleep of a quiet sender poller (its timers stay this accurate).
+const QUIET_SLEEP: Duration = Duration::from_millis(1);
+
+impl SenderWake {
+    /// Whether the poller may sleep now: nothing committed is unacknowledged.
+    fn quiet(&self, acked: u64) -> bool {
+        self.notified.load(Ordering::Acquire) && acked >= self.committed.load(Ordering::Acquire)
+    }
+
+    /// On the poller thread: sleeps while quiet, at most [`QUIET_SLEEP`].
+    fn sleep(&self, acked: impl Fn() -> u64) {
+        self.sleeping.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `LogSender::notify`: either the producer sees the poller
+        // asleep, or the poller sees the new commit.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.quiet(acked()) {
+            self.sleeps.fetch_add(1, Ordering::Relaxed);
+            std::thread::park_timeout(QUIET_SLEEP);
+        }
+        self.sleeping.store(false, Ordering::Relaxed);
+    }
+}
+
 /// A callback run on the poller thread.
 struct Hook(Box<dyn Fn() + Send + Sync>);
 
@@ -98,6 +139,7 @@ fn spawn_loop<S: Send + 'static>(
     ctl: Arc<Control>,
     pc: PollerConfig,
     step: fn(&mut S) -> Result<usize, TransportError>,
+    quiet: Option<Quiet<S>>,
 ) -> Result<JoinHandle<S>, TransportError> {
     ctl.stop.store(false, Ordering::Release);
     ctl.running.store(true, Ordering::Release);
@@ -106,12 +148,29 @@ fn spawn_loop<S: Send + 'static>(
         .spawn(move || {
             pin(pc.core);
             let mut idle = pc.idle.build();
+            // Quiet sleeping (sender, `IdleKind::Park`): this thread is the one to wake.
+            let quiet = quiet.filter(|_| pc.idle == IdleKind::Park);
+            if let Some((wake, _)) = &quiet {
+                *wake.poller.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(std::thread::current());
+            }
+            let mut empty = 0u32;
             while !ctl.stop.load(Ordering::Acquire) {
                 match step(&mut state) {
                     Ok(work) => {
                         if work > 0 {
+                            empty = 0;
                             if let Some(Hook(h)) = ctl.hook.get() {
                                 h();
+                            }
+                        } else {
+                            empty = empty.saturating_add(1);
+                        }
+                        if let Some((wake, acked)) = &quiet {
+                            if empty >= QUIET_POLLS && wake.quiet(acked(&state)) {
+                                wake.sleep(|| acked(&state));
+                                empty = 0;
+                                continue;
                             }
                         }
                         idle.idle(work);
@@ -130,6 +189,13 @@ fn spawn_loop<S: Send + 'static>(
             op: "spawn poller thread",
             source,
         })
+}
+
+/// What a quiet poller sleeps on, and how it reads the acknowledged position from its state.
+type Quiet<S> = (Arc<SenderWake>, fn(&S) -> u64);
+
+fn sender_acked(s: &Sender) -> u64 {
+    s.shared().acked_seq()
 }
 
 /// Stops the loop in `slot` and returns its state machine.
@@ -156,6 +222,7 @@ fn restart_loop<S: Send + 'static>(
     pc: PollerConfig,
     (role, name): (&str, &str),
     step: fn(&mut S) -> Result<usize, TransportError>,
+    quiet: Option<Quiet<S>>,
     handshake: impl FnOnce(&mut S) -> Result<(), TransportError>,
 ) -> Result<(), TransportError> {
     let mut state = stop_loop(slot, ctl, role)?;
@@ -167,7 +234,7 @@ fn restart_loop<S: Send + 'static>(
     if res.is_err() {
         ctl.stop.store(true, Ordering::Release);
     }
-    *slot = Some(spawn_loop(name, state, ctl, pc, step)?);
+    *slot = Some(spawn_loop(name, state, ctl, pc, step, quiet)?);
     res
 }
 
@@ -175,6 +242,7 @@ fn restart_loop<S: Send + 'static>(
 /// log to the backup.
 #[derive(Debug)]
 pub struct LogSender {
+    wake: Arc<SenderWake>,
     producer: Producer,
     shared: Arc<SenderShared>,
     ctl: Arc<Control>,
@@ -199,8 +267,17 @@ impl LogSender {
         let sender = Sender::connect(transport, consumer, base, cfg)?;
         let shared = Arc::clone(sender.shared());
         let ctl = Arc::new(Control::default());
-        let thread = spawn_loop("ftvm-log-send", sender, Arc::clone(&ctl), pc, Sender::poll)?;
+        let wake = Arc::new(SenderWake::default());
+        let thread = spawn_loop(
+            "ftvm-log-send",
+            sender,
+            Arc::clone(&ctl),
+            pc,
+            Sender::poll,
+            Some((Arc::clone(&wake), sender_acked)),
+        )?;
         Ok(Self {
+            wake,
             producer,
             shared,
             ctl,
@@ -212,6 +289,26 @@ impl LogSender {
     /// The log buffer's producer: append records in place (`claim` → fill → `commit`).
     pub fn producer(&mut self) -> &mut Producer {
         &mut self.producer
+    }
+
+    /// Tells the poller that records up to `seq` are committed (call after a commit): with
+    /// [`IdleKind::Park`] the poller sleeps while every committed record is acknowledged, and
+    /// this wakes it (a `SeqCst` fence and a load when it is awake; an unpark when asleep).
+    pub fn notify(&self, seq: u64) {
+        self.wake.committed.fetch_max(seq, Ordering::Release);
+        self.wake.notified.store(true, Ordering::Release);
+        // Pairs with the fence in `SenderWake::sleep`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.wake.sleeping.load(Ordering::Relaxed) {
+            if let Some(t) = &*self.wake.poller.lock().unwrap_or_else(|e| e.into_inner()) {
+                t.unpark();
+            }
+        }
+    }
+
+    /// Times the poller slept because it had nothing to do ([`LogSender::notify`]).
+    pub fn quiet_sleeps(&self) -> u64 {
+        self.wake.sleeps.load(Ordering::Relaxed)
     }
 
     /// Highest sequence number the backup holds.
@@ -301,6 +398,7 @@ impl LogSender {
             self.pc,
             ("sender", "ftvm-log-send"),
             Sender::poll,
+            Some((Arc::clone(&self.wake), sender_acked)),
             |sender| sender.reconnect(transport),
         )
     }
@@ -371,6 +469,7 @@ impl LogReceiver {
             Arc::clone(&ctl),
             pc,
             Receiver::poll,
+            None,
         )?;
         Ok(Self {
             doorbell,
@@ -474,6 +573,7 @@ impl LogReceiver {
             self.pc,
             ("receiver", "ftvm-log-recv"),
             Receiver::poll,
+            None,
             |receiver| receiver.reaccept(transport),
         )
     }

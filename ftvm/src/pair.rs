@@ -91,7 +91,8 @@ pub struct PairArgs {
     /// delivers — leaves the CPU to others when the pair shares cores).
     #[arg(long)]
     pub idle: Option<String>,
-    /// Idle strategy of the log poller threads: spin (dedicated cores), yield (default), park.
+    /// Idle strategy of the log poller threads: spin (dedicated cores), yield, park (default:
+    /// the sender sleeps while everything it sent is acknowledged, woken by the next commit).
     #[arg(long)]
     pub poll_idle: Option<String>,
     /// Failover: the arbiter both sides must win a generation on before going live:
@@ -249,7 +250,7 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
         Some(s) => s
             .parse()
             .map_err(|e| anyhow::anyhow!("--poll-idle {s:?}: {e:?}"))?,
-        None => IdleKind::Yield,
+        None => IdleKind::Park,
     };
     let ft = match args.arbiter.or(file.arbiter) {
         None => None,

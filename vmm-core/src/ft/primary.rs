@@ -257,6 +257,7 @@ impl LogWriter {
                 Ok(mut claim) => {
                     fill(&mut claim);
                     let seq = claim.commit();
+                    sender.notify(seq);
                     self.position.store(seq, Ordering::Release);
                     self.bytes.fetch_add(len as u64, Ordering::Relaxed);
                     self.entries.fetch_add(1, Ordering::Relaxed);

@@ -26,6 +26,10 @@
 //! - ping-pong round-trip time (one record there, one back; hdrhistogram p50 / p99) for all
 //!   three, spinning.
 //!
+//! `--icount ROUNDS` runs, instead, a single-threaded driver of the same producer and consumer
+//! code (ours and rtrb's chunks) for counting instructions per record under callgrind (see
+//! [`icount`]).
+//!
 //! Every measurement is repeated (`--reps`, default 3 quick / 5 full), the implementations
 //! interleaved in alternating order within each repetition; the JSON holds the medians. Each
 //! queue holds the same payload bytes: 4096 records of 64 B / 256 B, 1024 of 1 KiB (ours: a data
@@ -82,6 +86,9 @@ struct Params {
     batch: u64,
     /// Record sizes to measure (a subset of 64, 256, 1024).
     sizes: &'static [usize],
+    /// `--icount R`: instead of measuring, run the single-threaded instruction-count driver
+    /// ([`icount`]) for `R` rounds.
+    icount: Option<u64>,
 }
 
 /// The cores the two threads are pinned to (the first two the OS offers), if any.
@@ -355,6 +362,145 @@ fn tput_crossbeam<const N: usize>(n: u64) -> anyhow::Result<f64> {
         },
     )?;
     Ok(mps(n, d))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instruction counts
+
+/// Records per round of [`icount`] for records of `N` bytes: a quarter of the queue, so
+/// neither side ever waits.
+const fn icount_round(n: usize) -> u64 {
+    (slots(n) / 4) as u64
+}
+
+/// The per-record work of ours and of rtrb's chunk API on one thread, for counting
+/// instructions: `valgrind --tool=callgrind ftvm-bench ringbuf --icount 200 --size 64`, then
+/// `callgrind_annotate --inclusive=yes` gives each `icount_*` function's instructions; divide
+/// by the records it reports. Each round fills a quarter of the queue (the throughput runs'
+/// producer code: claim → fill → `commit_deferred`, publish every `batch`; rtrb chunks of
+/// `batch`), then drains them (the throughput runs' consumer code). No thread ever waits, so
+/// the counts are the buffers' own work per record, with the same fill and digest for both.
+fn icount<const N: usize>(rounds: u64, batch: u64) -> anyhow::Result<()> {
+    let t = template::<N>();
+    let (mut tx, mut rx) = ftvm_ringbuf::with_capacity(slots(N) * N)?;
+    let (mut rtx, mut rrx) = rtrb::RingBuffer::<[u8; N]>::new(slots(N));
+    let (mut ours_sum, mut rtrb_sum, mut acc) = (0u64, 0u64, 0u64);
+    for r in 0..rounds {
+        let first = r * icount_round(N);
+        icount_ours_produce(&mut tx, &t, first, batch);
+        ours_sum = ours_sum.wrapping_add(icount_ours_consume::<N>(&mut rx, &mut acc)?);
+        icount_rtrb_produce(&mut rtx, &t, first, batch);
+        rtrb_sum = rtrb_sum.wrapping_add(icount_rtrb_consume(&mut rrx, &mut acc)?);
+    }
+    black_box(acc);
+    let n = rounds * icount_round(N);
+    let expected = n.wrapping_mul(n.wrapping_sub(1)) / 2;
+    if ours_sum != expected || rtrb_sum != expected {
+        bail!("icount: sums {ours_sum} / {rtrb_sum}, expected {expected}");
+    }
+    println!("icount {N} B: {n} records through ours and rtrb (divide callgrind counts by {n})");
+    Ok(())
+}
+
+#[inline(never)]
+fn icount_ours_produce<const N: usize>(
+    tx: &mut ftvm_ringbuf::Producer,
+    t: &[u8; N],
+    first: u64,
+    batch: u64,
+) {
+    let mut left = batch;
+    for i in first..first + icount_round(N) {
+        let Ok(mut c) = tx.claim(1, N) else {
+            return; // cannot happen: a round fills a quarter of the buffer
+        };
+        fill(&mut c, t, i);
+        left -= 1;
+        if left == 0 {
+            c.commit();
+            left = batch;
+        } else {
+            c.commit_deferred();
+        }
+    }
+    tx.publish();
+}
+
+#[inline(never)]
+fn icount_ours_consume<const N: usize>(
+    rx: &mut ftvm_ringbuf::Consumer,
+    acc: &mut u64,
+) -> anyhow::Result<u64> {
+    let (mut got, mut sum) = (0u64, 0u64);
+    while got < icount_round(N) {
+        let batch = rx.read();
+        if batch.is_empty() {
+            bail!(
+                "icount: ours is empty after {got} of {} records",
+                icount_round(N)
+            );
+        }
+        for r in batch.records() {
+            let Some(p) = r.ok().and_then(|r| <&[u8; N]>::try_from(r.payload()).ok()) else {
+                bail!("icount: malformed record");
+            };
+            sum = sum.wrapping_add(digest(p, acc));
+            got += 1;
+        }
+        batch.release();
+    }
+    Ok(sum)
+}
+
+#[inline(never)]
+fn icount_rtrb_produce<const N: usize>(
+    tx: &mut rtrb::Producer<[u8; N]>,
+    t: &[u8; N],
+    first: u64,
+    batch: u64,
+) {
+    let end = first + icount_round(N);
+    let mut i = first;
+    while i < end {
+        let want = (tx.slots() as u64).min(end - i).min(batch) as usize;
+        let Ok(chunk) = tx.write_chunk_uninit(want) else {
+            return;
+        };
+        let start = i;
+        let moved = chunk.fill_from_iter((start..start + want as u64).map(|k| {
+            let mut a = *t;
+            fill(&mut a, t, k);
+            a
+        }));
+        i += moved as u64;
+    }
+}
+
+#[inline(never)]
+fn icount_rtrb_consume<const N: usize>(
+    rx: &mut rtrb::Consumer<[u8; N]>,
+    acc: &mut u64,
+) -> anyhow::Result<u64> {
+    let (mut got, mut sum) = (0u64, 0u64);
+    while got < icount_round(N) {
+        let avail = rx.slots();
+        if avail == 0 {
+            bail!(
+                "icount: rtrb is empty after {got} of {} records",
+                icount_round(N)
+            );
+        }
+        let Ok(chunk) = rx.read_chunk(avail) else {
+            bail!("icount: rtrb read_chunk");
+        };
+        let (a, b) = chunk.as_slices();
+        for p in a.iter().chain(b) {
+            sum = sum.wrapping_add(digest(p, acc));
+        }
+        got += avail as u64;
+        chunk.commit_all();
+    }
+    Ok(sum)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,6 +802,7 @@ fn parse_rest(opts: &Opts, p: &mut Params) -> anyhow::Result<()> {
             "--records" => p.records = val("--records")?.max(1),
             "--rtt-samples" => p.rtt_samples = val("--rtt-samples")?.max(1),
             "--batch" | "--publish-every" => p.batch = val("--batch")?.max(1),
+            "--icount" => p.icount = Some(val("--icount")?.max(1)),
             "--size" => {
                 let size = val("--size")?;
                 p.sizes = match SIZES.iter().position(|&s| s as u64 == size) {
@@ -665,7 +812,8 @@ fn parse_rest(opts: &Opts, p: &mut Params) -> anyhow::Result<()> {
             }
             other => bail!(
                 "unknown ringbuf option {other:?} \
-                 (--reps N, --records N, --rtt-samples N, --batch N, --size 64|256|1024)"
+                 (--reps N, --records N, --rtt-samples N, --batch N, --size 64|256|1024, \
+                 --icount ROUNDS)"
             ),
         }
     }
@@ -681,6 +829,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             reps: 3,
             batch: 128,
             sizes: SIZES,
+            icount: None,
         }
     } else {
         Params {
@@ -689,9 +838,20 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             reps: 5,
             batch: 128,
             sizes: SIZES,
+            icount: None,
         }
     };
     parse_rest(opts, &mut p)?;
+    if let Some(rounds) = p.icount {
+        for &size in p.sizes {
+            match size {
+                64 => icount::<64>(rounds, p.batch)?,
+                256 => icount::<256>(rounds, p.batch)?,
+                _ => icount::<1024>(rounds, p.batch)?,
+            }
+        }
+        return Ok(());
+    }
     let bar = report::progress(p.sizes.len() as u64 * 2 * p.reps as u64, "ringbuf");
     let mut rows = Vec::new();
     for &size in p.sizes {

@@ -276,4 +276,12 @@ proptest! {
     fn matches_the_model_4096(ops in proptest::collection::vec(op(max_payload(4096)), 1..300)) {
         run(4096, &ops)?;
     }
+
+    /// Large enough that most claims of small records take the producer's fast path (which
+    /// needs room for its prefetch range, ~1 KiB, after the record), so both paths and the
+    /// switches between them meet the model.
+    #[test]
+    fn matches_the_model_16k(ops in proptest::collection::vec(op(max_payload(16384)), 1..600)) {
+        run(16384, &ops)?;
+    }
 }

@@ -1,7 +1,12 @@
 //! `ft`: the kv guest under `redis-benchmark` SET/GET with fault tolerance off (`ftvm run`)
 //! and on (`ftvm primary` + `ftvm backup`, each transport), in one run: throughput, p50/p99
 //! latency, the FT/no-FT throughput ratio (the paper's Table 1), logging bandwidth and the
-//! output-rule delay. Runs the `ftvm` binary next to this one in a network namespace (root).
+//! output-rule delay, and the CPU time the primary's and the backup's processes took (in cores,
+//! over the `redis-benchmark` run: on a 2-core host that is the budget FT competes for). Runs the
+//! `ftvm` binary next to this one in a network namespace (root).
+//!
+//! Options: `--transports none,tcp,...` (FT off, `none`, is always measured first), `--runs N`
+//! (every run measures each configuration in turn; rows hold the medians), `--requests N`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -29,7 +34,31 @@ struct Row {
     log_mbit_s: f64,
     output_delay_p50_us: f64,
     output_delay_p99_us: f64,
+    /// CPU time of the primary's process (`ftvm run` when FT is off) per second of the run.
+    primary_cpu_cores: f64,
+    /// CPU time of the backup's process per second of the run (0 when FT is off).
+    backup_cpu_cores: f64,
+    runs: usize,
 }
+
+/// CPU time of every thread of process `pid` (`/proc/PID/task/*/schedstat`); zero when gone.
+fn process_cpu(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// (test, ops/s, p50 µs, p99 µs) of one redis-benchmark test.
+type Measured = (String, f64, f64, f64);
+/// What one configuration measured: per test (SET, GET) ops/s, p50, p99; the primary's
+/// report; CPU cores used by the primary and the backup.
+type One = (Vec<Measured>, serde_json::Value, f64, f64);
 
 /// The `ftvm` binary beside this one (`cargo build --release -p ftvm`).
 pub(crate) fn ftvm_binary() -> anyhow::Result<PathBuf> {
@@ -78,17 +107,8 @@ fn redis(ns: &Netns, args: &[&str]) -> anyhow::Result<std::process::Output> {
     Ok(ns.exec("timeout", &all)?)
 }
 
-/// (test, ops/s, p50 µs, p99 µs) of one redis-benchmark test.
-type Measured = (String, f64, f64, f64);
-
 /// One configuration: `transport` = "none" (FT off) or a transport name.
-fn one(
-    ns: &Netns,
-    bin: &Path,
-    dir: &Path,
-    transport: &str,
-    requests: u64,
-) -> anyhow::Result<(Vec<Measured>, serde_json::Value)> {
+fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> anyhow::Result<One> {
     for d in ["a.img", "b.img"] {
         std::fs::File::create(dir.join(d))?.set_len(32 << 20)?;
     }
@@ -167,6 +187,9 @@ fn one(
         std::thread::sleep(Duration::from_millis(100));
     }
     let n = requests.to_string();
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let cpu0: Vec<Duration> = pids.iter().map(|&p| process_cpu(p)).collect();
+    let t0 = Instant::now();
     let out = ns.exec(
         "timeout",
         &[
@@ -183,6 +206,18 @@ fn one(
             "--csv",
         ],
     )?;
+    let wall = t0.elapsed().as_secs_f64().max(1e-6);
+    let cores: Vec<f64> = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(&p, c0)| process_cpu(p).saturating_sub(*c0).as_secs_f64() / wall)
+        .collect();
+    // children: [run] or [backup, primary].
+    let (primary_cores, backup_cores) = match cores.as_slice() {
+        [run] => (*run, 0.0),
+        [backup, primary] => (*primary, *backup),
+        _ => (0.0, 0.0),
+    };
     let csv = String::from_utf8_lossy(&out.stdout).to_string();
     let _ = ns.exec("timeout", &["1", "redis-cli", "-h", GUEST_IP, "SHUTDOWN"]);
     let mut outs = Vec::new();
@@ -202,7 +237,16 @@ fn one(
             .with_context(|| format!("primary report ({transport})"))?;
         serde_json::from_str(&text)?
     };
-    Ok((rows, primary))
+    Ok((rows, primary, primary_cores, backup_cores))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Entry point.
@@ -212,32 +256,87 @@ fn one(
 pub fn run(opts: &Opts) -> anyhow::Result<()> {
     ftvm_channel::netns::require_root().map_err(|r| anyhow!(r))?;
     let bin = ftvm_binary()?;
-    let requests: u64 = if opts.quick { 5_000 } else { 50_000 };
-    let transports = ["none", "tcp", "tcp-spin", "uring", "shm"];
+    let mut requests: u64 = if opts.quick { 5_000 } else { 50_000 };
+    let mut transports: Vec<String> = ["none", "tcp", "tcp-spin", "uring", "shm"]
+        .map(String::from)
+        .to_vec();
+    let mut runs = 1usize;
+    let mut it = opts.rest.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--transports" => {
+                transports = std::iter::once("none".to_string())
+                    .chain(
+                        value()?
+                            .split(',')
+                            .filter(|t| *t != "none" && !t.is_empty())
+                            .map(str::to_owned),
+                    )
+                    .collect();
+            }
+            "--runs" => runs = value()?.parse::<usize>().context("--runs")?.max(1),
+            "--requests" => requests = value()?.parse::<u64>().context("--requests")?.max(1),
+            other => {
+                bail!("unknown option {other} (--transports tcp,uring,... --runs N --requests N)")
+            }
+        }
+    }
     let dir = std::env::temp_dir().join(format!("ftvm-bench-ft-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let ns = Netns::create(&format!("ftvm-bench-ft-{}", std::process::id()))?;
     ns.add_tap(TAP, Some((std::net::Ipv4Addr::new(10, 0, 2, 1), 24)))?;
+    // samples[transport][test] = one value vector per column, over the runs.
+    type Samples = [Vec<f64>; 8];
+    let mut samples: Vec<[Samples; 2]> =
+        (0..transports.len()).map(|_| Default::default()).collect();
+    let mut tests = [String::new(), String::new()];
+    for run in 0..runs {
+        for (ti, t) in transports.iter().enumerate() {
+            eprintln!("ft: run {}/{runs}: kv with FT {t} ...", run + 1);
+            let (r, primary, pc, bc) = one(&ns, &bin, &dir, t, requests)?;
+            let f = |k: &str| primary.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+            for (i, (test, rps, p50, p99)) in r.into_iter().enumerate().take(2) {
+                tests[i] = test;
+                let values = [
+                    rps,
+                    p50,
+                    p99,
+                    f("log_mbit_s"),
+                    f("output_delay_p50_us"),
+                    f("output_delay_p99_us"),
+                    pc,
+                    bc,
+                ];
+                for (k, v) in values.into_iter().enumerate() {
+                    samples[ti][i][k].push(v);
+                }
+            }
+        }
+    }
     let mut rows: Vec<Row> = Vec::new();
     let mut base = [0.0f64; 2];
-    for t in transports {
-        eprintln!("ft: kv with FT {t} ...");
-        let (r, primary) = one(&ns, &bin, &dir, t, requests)?;
-        let f = |k: &str| primary.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-        for (i, (test, rps, p50, p99)) in r.into_iter().enumerate() {
+    for (ti, t) in transports.iter().enumerate() {
+        for i in 0..2 {
+            let mut m = samples[ti][i].clone().map(|mut v| median(&mut v));
             if t == "none" {
-                base[i] = rps;
+                base[i] = m[0];
+                m[4] = 0.0;
+                m[5] = 0.0;
             }
             rows.push(Row {
-                transport: t.into(),
-                test,
-                ops_per_s: rps,
-                p50_us: p50,
-                p99_us: p99,
-                ratio: if base[i] > 0.0 { rps / base[i] } else { 0.0 },
-                log_mbit_s: f("log_mbit_s"),
-                output_delay_p50_us: f("output_delay_p50_us"),
-                output_delay_p99_us: f("output_delay_p99_us"),
+                transport: t.clone(),
+                test: tests[i].clone(),
+                ops_per_s: m[0],
+                p50_us: m[1],
+                p99_us: m[2],
+                ratio: if base[i] > 0.0 { m[0] / base[i] } else { 0.0 },
+                log_mbit_s: m[3],
+                output_delay_p50_us: m[4],
+                output_delay_p99_us: m[5],
+                primary_cpu_cores: m[6],
+                backup_cpu_cores: m[7],
+                runs,
             });
         }
     }
@@ -254,11 +353,15 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 format!("{:.2}", r.ratio),
                 format!("{:.2}", r.log_mbit_s),
                 format!("{:.0}", r.output_delay_p50_us),
+                format!("{:.2}", r.primary_cpu_cores),
+                format!("{:.2}", r.backup_cpu_cores),
             ]
         })
         .collect();
     report::print_table(
-        &format!("kv under redis-benchmark -c 8 -n {requests}, FT off vs on"),
+        &format!(
+            "kv under redis-benchmark -c 8 -n {requests}, FT off vs on (medians of {runs} runs)"
+        ),
         &[
             "transport",
             "test",
@@ -268,6 +371,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             "ratio",
             "log Mbit/s",
             "out delay p50 µs",
+            "primary cores",
+            "backup cores",
         ],
         &table,
     );

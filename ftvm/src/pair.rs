@@ -8,8 +8,12 @@
 //! device set and disk contents is exchanged in the channel handshake and the pair is refused
 //! if it differs. The backup listens (TCP, io_uring) or creates the rings (shm) at `--peer`;
 //! the primary connects. The backup has no network backend (its transmits are dropped, its
-//! receives come from the log) and writes its own copy of the disk. Settings may come from a
-//! TOML file (`--config`, same keys with `_` for `-`); flags override it.
+//! receives come from the log) and writes its own copy of the disk — or, with `--shared-disk`
+//! on both sides (part of the pairing digest), both name the same image: the primary's writes
+//! are outputs (each waits until the backup acknowledged the log so far), the backup does not
+//! touch the disk while it replays and owns it once it goes live (`vmm-core/DEVICES.md`).
+//! Settings may come from a TOML file (`--config`, same keys with `_` for `-`); flags override
+//! it.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -42,7 +46,7 @@ use serde::Deserialize;
 /// Flags of `ftvm primary` and `ftvm backup` (each may also come from `--config`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct PairArgs {
-    /// TOML file with the same settings (keys: guest, mem, disk, net, cmdline, console, peer,
+    /// TOML file with the same settings (keys: guest, mem, disk, shared_disk, net, cmdline, console, peer,
     /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, poll_idle, arbiter, node,
     /// heartbeat, peer_heartbeat, fail_timeout, generation, throttle_target_ms,
     /// throttle_min_share).
@@ -54,9 +58,17 @@ pub struct PairArgs {
     /// Guest RAM size (K/M/G suffix).
     #[arg(long, value_parser = crate::parse_size)]
     pub mem: Option<u64>,
-    /// Raw disk image (the backup writes its own copy; both must start equal).
+    /// Raw disk image (the backup writes its own copy; both must start equal), or with
+    /// `--shared-disk` the one image both sides name.
     #[arg(long)]
     pub disk: Option<PathBuf>,
+    /// Shared-disk mode (both sides must agree; needs `--disk`): the primary and the backup
+    /// name the same image. The primary's disk writes are outputs: each waits until the backup
+    /// acknowledged the log up to it (counted in the report's `disk_waits`); the backup never
+    /// touches the disk while it replays (writes dropped, read data from the log) and owns it
+    /// once it goes live.
+    #[arg(long)]
+    pub shared_disk: bool,
     /// `tap:IFNAME` on the primary; on the backup it gives the device set (no backend while it
     /// replays) and, with `--arbiter`, the service TAP it attaches when it goes live.
     #[arg(long)]
@@ -151,6 +163,7 @@ struct FileConfig {
     guest: Option<String>,
     mem: Option<String>,
     disk: Option<PathBuf>,
+    shared_disk: Option<bool>,
     net: Option<String>,
     cmdline: Option<String>,
     console: Option<PathBuf>,
@@ -189,6 +202,8 @@ struct Settings {
     guest: String,
     mem: u64,
     disk: Option<PathBuf>,
+    /// Both sides name the same disk image.
+    shared_disk: bool,
     tap: Option<String>,
     cmdline: String,
     console: Option<PathBuf>,
@@ -307,6 +322,11 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
         }
         Some(cfg)
     };
+    let shared_disk = args.shared_disk || file.shared_disk.unwrap_or(false);
+    let disk = args.disk.or(file.disk);
+    if shared_disk && disk.is_none() {
+        bail!("--shared-disk needs --disk (the image both sides name)");
+    }
     let log_capacity = args
         .log_capacity
         .or(size(file.log_capacity)?)
@@ -314,7 +334,8 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
     Ok(Settings {
         guest,
         mem: args.mem.or(size(file.mem)?).unwrap_or(64 << 20),
-        disk: args.disk.or(file.disk),
+        disk,
+        shared_disk,
         tap,
         cmdline: args.cmdline.or(file.cmdline).unwrap_or_default(),
         console: args.console.or(file.console),
@@ -340,6 +361,33 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
     })
 }
 
+/// `--shared-disk`: marks the VM's disk as shared with the other side.
+fn share_disk(s: &Settings, vm: &Vm) -> anyhow::Result<()> {
+    if s.shared_disk {
+        vm.disk()
+            .context("--shared-disk: the VM has no disk")?
+            .set_shared(true);
+        eprintln!(
+            "shared-disk mode: both sides name {}",
+            s.disk.as_deref().unwrap_or(Path::new("?")).display()
+        );
+    }
+    Ok(())
+}
+
+fn disk_json(vm: &Vm) -> serde_json::Value {
+    match vm.disk() {
+        Some(d) if d.is_shared() => {
+            let c = d.counters();
+            serde_json::json!({
+                "reads": c.reads, "writes": c.writes, "gated": c.gated, "refused": c.refused,
+                "dropped": c.dropped, "redone": c.redone,
+            })
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
 fn role_name(role: Role) -> &'static str {
     match role {
         Role::Primary => "primary",
@@ -349,8 +397,15 @@ fn role_name(role: Role) -> &'static str {
 }
 
 fn channel_config(s: &Settings, elf: &[u8]) -> anyhow::Result<Config> {
-    // The device set is part of the initial state: whether a virtio-net device exists.
-    let cmdline = format!("{}\0net={}", s.cmdline, s.tap.is_some());
+    // The device set is part of the initial state: whether a virtio-net device exists; and
+    // both sides must agree on the disk mode (a shared-disk primary with a backup writing its
+    // own copy, or the reverse, would lose or double writes): a mismatch refuses to pair.
+    let cmdline = format!(
+        "{}\0net={}{}",
+        s.cmdline,
+        s.tap.is_some(),
+        if s.shared_disk { "\0shared_disk" } else { "" }
+    );
     let digest = pairing_digest(elf, &cmdline, s.mem, s.disk.as_deref())
         .context("cannot read the disk image for the pairing digest")?;
     Ok(Config {
@@ -485,6 +540,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         console,
     };
     let mut vm = Vm::new(&config, &elf).with_context(|| format!("cannot start {}", s.guest))?;
+    share_disk(&s, &vm)?;
     let (p, c) = ftvm_ringbuf::with_capacity(s.log_capacity).context("log buffer")?;
     let transport = primary_transport(&s)?;
     let pc = PollerConfig {
@@ -492,7 +548,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         idle: s.poll_idle,
     };
     let sender = LogSender::start(p, c, transport, cfg, pc)
-        .context("the backup refused to pair (different initial state?) or is unreachable")?;
+        .context("the backup refused to pair (different initial state? guest, memory, command line, disk contents and --shared-disk must agree) or is unreachable")?;
     eprintln!("primary: paired with the backup, running {}", s.guest);
     let writer = LogWriter::new(sender, s.opts.idle);
     let mut file = console_file(&s.console)?;
@@ -574,6 +630,14 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
             "channel": format!("{stats:?}"),
             "failover": ft_json,
             "throttle": throttle_json,
+            "shared_disk": disk_json(&vm),
+            "disk_waits": report.disk_waits.map(|w| serde_json::json!({
+                "writes": w.writes,
+                "waited": w.waited,
+                "time_ms": ms(w.time),
+                "max_ms": ms(w.max),
+                "alone": w.alone,
+            })),
         }),
     )?;
     std::process::exit(i32::try_from(report.code.min(255)).unwrap_or(255));
@@ -768,6 +832,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
         console,
     };
     let mut vm = Vm::new(&config, &elf).with_context(|| format!("cannot start {}", s.guest))?;
+    share_disk(&s, &vm)?;
     let (p, c) = ftvm_ringbuf::with_capacity(s.log_capacity).context("log buffer")?;
     let transport = backup_transport(&s)?;
     let pc = PollerConfig {
@@ -775,7 +840,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
         idle: s.poll_idle,
     };
     let rx = LogReceiver::start(p, c, transport, cfg, pc)
-        .context("cannot pair with the primary (different initial state?)")?;
+        .context("cannot pair with the primary (different initial state? guest, memory, command line, disk contents and --shared-disk must agree)")?;
     eprintln!("backup: paired with the primary, replaying {}", s.guest);
     let reader = LogReader::new(rx, s.opts.idle, None);
     // Records (and logs) the throttle targets agreed through the log.
@@ -817,6 +882,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                             "detector": detector_json(&live.detector),
                             "console_released": live.console.released,
                             "tx": live.tx.map(|t| format!("{t:?}")),
+                            "shared_disk": disk_json(&vm),
                         }),
                     )?;
                     std::process::exit(i32::try_from(live.code.min(255)).unwrap_or(255));
@@ -854,6 +920,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                     "mem_digest": format!("{:016x}", r.mem_digest),
                     "regs_digest": format!("{:016x}", r.regs_digest),
                     "disk_digest": disk_digest.map(|d| format!("{d:016x}")),
+                    "shared_disk": disk_json(&vm),
                 }),
             )?;
             Ok(())

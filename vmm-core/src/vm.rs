@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::bus::{DeviceError, EventSignal};
 use crate::devices::sys::SysDevice;
-use crate::devices::virtio::blk::{Blk, BlkError};
+use crate::devices::virtio::blk::{Blk, BlkError, BlkHandle};
 use crate::devices::virtio::console::Console;
 use crate::devices::virtio::mmio::VirtioMmio;
 use crate::devices::virtio::net::{Net, NetHandle, Tap, TapError, DEFAULT_MAC};
@@ -141,9 +141,10 @@ pub struct Vm {
     kick: Arc<VcpuKick>,
     run_time: Duration,
     net: Option<NetHandle>,
+    disk: Option<BlkHandle>,
 }
 
-type Built = (Devices, Arc<VcpuKick>, Option<NetHandle>);
+type Built = (Devices, Arc<VcpuKick>, Option<NetHandle>, Option<BlkHandle>);
 
 fn build_devices(config: &VmConfig) -> Result<Built, VmError> {
     let signal = Arc::new(EventSignal::default());
@@ -159,10 +160,9 @@ fn build_devices(config: &VmConfig) -> Result<Built, VmError> {
     };
     let net_handle = net_dev.as_ref().map(Net::handle);
     let net = net_dev.map(|n| Box::new(n) as Box<dyn VirtioDevice>);
-    let blk: Option<Box<dyn VirtioDevice>> = match &config.disk {
-        Some(p) => Some(Box::new(Blk::open(p)?)),
-        None => None,
-    };
+    let blk_dev = config.disk.as_deref().map(Blk::open).transpose()?;
+    let disk_handle = blk_dev.as_ref().map(Blk::handle);
+    let blk = blk_dev.map(|b| Box::new(b) as Box<dyn VirtioDevice>);
     let console: Box<dyn VirtioDevice> = Box::new(Console::new(config.console.clone()));
     let devices = Devices::new(
         SysDevice::new(config.console.clone()),
@@ -178,6 +178,7 @@ fn build_devices(config: &VmConfig) -> Result<Built, VmError> {
         devices,
         Arc::new(VcpuKick::new(signal, interrupt)),
         net_handle,
+        disk_handle,
     ))
 }
 
@@ -214,7 +215,7 @@ impl Vm {
             source,
         })?;
         let vcpu = Vcpu::new(&vm_fd, &kvm)?;
-        let (devices, kick, net) = build_devices(config)?;
+        let (devices, kick, net, disk) = build_devices(config)?;
         Ok((
             Vm {
                 _kvm: kvm,
@@ -228,6 +229,7 @@ impl Vm {
                 kick,
                 run_time: Duration::ZERO,
                 net,
+                disk,
             },
             layout,
         ))
@@ -363,6 +365,12 @@ impl Vm {
     /// the VM has a net device.
     pub fn net(&self) -> Option<&NetHandle> {
         self.net.as_ref()
+    }
+
+    /// The virtio-blk device's handle (disk mode for shared-disk pairs, counters), if the VM
+    /// has a disk.
+    pub fn disk(&self) -> Option<&BlkHandle> {
+        self.disk.as_ref()
     }
 
     /// Exit counters.

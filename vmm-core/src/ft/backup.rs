@@ -4,6 +4,11 @@
 //! an entry of a later exit (so it stays one entry behind the primary). At every checkpoint
 //! it compares its register (and memory) digest with the primary's; any difference stops the
 //! replay with `diverged at exit N: <what differed>`.
+//!
+//! Shared-disk mode (the primary and the backup name the same image): while it replays, the
+//! backup's virtio-blk device does not touch the disk (read data come from the log, writes are
+//! dropped and counted: [`DiskMode::Replay`]); the disk becomes the backup's when it goes live
+//! ([`super::golive`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +22,7 @@ use super::detector::TrafficNote;
 use super::digest::register_digest;
 use super::log::{device_name, AppliedControl, ControlQueue, Entry};
 use super::primary::PairError;
+use crate::devices::virtio::blk::{BlkCounters, DiskMode};
 use crate::record::{Inputs, ReplayError, ReplaySource};
 use crate::vm::{RunOutcome, Vm};
 
@@ -407,6 +413,9 @@ pub struct BackupReport {
     pub waited: Duration,
     /// The controls applied, in order (equal to the primary's).
     pub controls: Vec<AppliedControl>,
+    /// Shared-disk mode: the disk counters (`dropped`: the guest's writes the backup did not
+    /// perform, they were the primary's); `None`: the disk is not shared.
+    pub disk: Option<BlkCounters>,
 }
 
 fn compare(exit: u64, what: &str, ours: u64, theirs: u64) -> Result<(), PairError> {
@@ -545,6 +554,11 @@ pub(crate) fn backup_loop(
         });
     };
     tracing::info!(digest_interval, mem_digest_every, "replaying");
+    let shared_disk = vm.disk().filter(|d| d.is_shared()).cloned();
+    if let Some(d) = &shared_disk {
+        // The primary owns the disk while this side replays.
+        d.set_mode(DiskMode::Replay);
+    }
     let log = ChannelReplay(Arc::clone(reader));
     vm.set_inputs(Inputs::Replay(match golive {
         Some(g) => Box::new(FtReplay {
@@ -669,6 +683,7 @@ pub(crate) fn backup_loop(
         regs_digest: register_digest(vm),
         waited: r.waited,
         controls: r.controls.applied(),
+        disk: shared_disk.map(|d| d.counters()),
     }))
 }
 

@@ -39,6 +39,27 @@
 //!
 //! A primary that goes alone keeps its state (nothing to replay); it releases what it held once
 //! it won, and nothing at all once it learned it lost ([`Fence`] on the output gate).
+//!
+//! # Shared-disk mode: why no acknowledged write is lost
+//! Both sides name the same image; the primary performs a guest write only once the backup has
+//! acknowledged every entry logged before it ([`DiskBarrier`](super::primary::DiskBarrier)),
+//! and the replaying backup does not touch the disk. Going live (after winning the arbiter),
+//! the backup takes the disk over ([`BlkHandle::go_live`]):
+//! - a write whose completion (status byte, used ring: logged after the write was performed)
+//!   the backup replayed was done by the primary, before anything it logged later;
+//! - a write request the primary issued after the last entry the backup holds is executed by
+//!   the backup itself when it runs that exit live (the primary had no input since that entry,
+//!   so the backup issues the same request with the same data; writing it again is harmless);
+//! - if the log ends inside a QueueNotify exit, the requests of that exit from the first one
+//!   whose logged status is missing are executed by the backup at go-live, in order (only the
+//!   first of them can have reached the disk: the primary waits for the acknowledgement of the
+//!   previous request's completion before its next write).
+//!
+//! So the disk holds every write whose completion the guest saw (and any client was told
+//! about), in order. What remains is the classic zombie write: a primary that passed the
+//! barrier and then stalled for longer than the failure timeout could still write after the
+//! backup went live; the primary re-checks its fence before each write, but closing the window
+//! entirely needs fencing by the storage (SCSI reservations), as in VMware FT.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,7 +77,9 @@ use super::output::{OutputGate, OutputStats, Sink};
 use super::primary::{
     primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
+use crate::devices::virtio::blk::{BlkCounters, BlkHandle};
 use crate::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMode};
+use crate::memory::GuestMem;
 use crate::vm::{RunOutcome, Vm, VmControl};
 
 /// How long going alone waits for the held outputs to be released.
@@ -175,6 +198,9 @@ pub struct LiveReport {
     pub console_replayed: Vec<u8>,
     /// Transmit counters of the net device (if any).
     pub tx: Option<TxCounters>,
+    /// Shared-disk mode: the disk counters (`dropped` while replaying, `redone` at go-live,
+    /// then `reads`/`writes` as a lone primary); `None`: the disk is not shared.
+    pub disk: Option<BlkCounters>,
     /// Failure detector counters.
     pub detector: DetectorStats,
 }
@@ -523,6 +549,9 @@ struct BackupGoLive {
     failed: Arc<AtomicBool>,
     reader: Arc<Mutex<LogReader>>,
     net: Option<NetHandle>,
+    /// Shared-disk mode: the disk this side takes over when it goes live, and guest memory
+    /// (for the requests of the last exit whose completion the log lacked).
+    disk: Option<(BlkHandle, GuestMem)>,
     console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
     console_gate: Option<OutputGate>,
     console_replayed: Vec<u8>,
@@ -594,7 +623,11 @@ impl BackupGoLive {
             return self.lost(generation, winner.to_string());
         }
         let t_won = Instant::now();
-        // 3. Outputs and the service address.
+        // 3. The shared disk is ours now (never before winning).
+        if let Some((disk, mem)) = &self.disk {
+            disk.go_live(exit, mem);
+        }
+        // 4. Outputs and the service address.
         self.detector.set_role(Role::Alone);
         if let Some(net) = &self.net {
             if let Some(tap) = &self.cfg.service_tap {
@@ -688,6 +721,10 @@ pub fn run_backup_ft(
         failed,
         reader: Arc::clone(&reader),
         net: vm.net().cloned(),
+        disk: vm
+            .disk()
+            .filter(|d| d.is_shared())
+            .map(|d| (d.clone(), vm.memory().clone())),
         console,
         console_gate: None,
         console_replayed: Vec::new(),
@@ -741,6 +778,7 @@ pub fn run_backup_ft(
         console,
         console_replayed,
         tx: vm.net().map(NetHandle::tx_counters),
+        disk: vm.disk().filter(|d| d.is_shared()).map(BlkHandle::counters),
         detector: detector.stats(),
     })))
 }

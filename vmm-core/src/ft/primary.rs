@@ -6,7 +6,13 @@
 //! vCPU thread:  exit ─> ChannelRecorder ─claim/encode/commit─> log buffer ─> sender poller ─> backup
 //!                  └─ every `digest_interval` exits: Digest entry; at power off: End entry
 //! output thread: console bytes ─ tag = log position ─> wait until acked ≥ tag ─> sink
+//! shared disk:   guest write request ─> vCPU waits until acked ≥ log position ─> pwrite
 //! ```
+//!
+//! Shared-disk mode (the backup names the same image, [`set_shared`](crate::devices::virtio::blk::BlkHandle::set_shared)): a disk write
+//! is an output. [`DiskBarrier`] holds the vCPU before each write request until the backup has
+//! acknowledged every entry logged so far; alone it passes at once, superseded it refuses
+//! (the write never reaches the disk and the VM stops).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +28,7 @@ use super::log::{
     WRITE_HEADER_LEN,
 };
 use super::output::{OutputGate, OutputStats, Sink};
+use crate::devices::virtio::blk::{DiskMode, WriteBarrier};
 use crate::record::{Inputs, Recorder};
 use crate::vm::{RunOutcome, Vm, VmError};
 
@@ -374,6 +381,117 @@ pub struct PrimaryReport {
     pub log_stalls: LogStalls,
     /// The controls logged and applied, in order (see [`LogWriter::controls`]).
     pub controls: Vec<AppliedControl>,
+    /// Shared-disk mode: the writes held until the backup acknowledged the log (`None`: the
+    /// disk is not shared).
+    pub disk_waits: Option<DiskWaits>,
+}
+
+/// How the shared-disk writes of a primary waited for acknowledgements ([`DiskBarrier`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskWaits {
+    /// Write requests that passed the barrier.
+    pub writes: u64,
+    /// Of those, how many found the log not yet acknowledged and waited.
+    pub waited: u64,
+    /// Total time waited.
+    pub time: Duration,
+    /// Longest single wait.
+    pub max: Duration,
+    /// Writes that passed without waiting because this primary ran alone.
+    pub alone: u64,
+}
+
+/// The [`WriteBarrier`] of a primary in shared-disk mode: a write may reach the disk once the
+/// backup acknowledged the log position current when it was issued (the output rule, applied
+/// synchronously on the vCPU thread). While the link is down and a failure detector manages the
+/// pair, it waits for the decision: alone (won the next generation) it passes, superseded it
+/// refuses. Without a detector, a link that is down refuses (nobody will ever acknowledge).
+pub struct DiskBarrier {
+    writer: LogWriter,
+    acks: Arc<ftvm_channel::reliable::SenderShared>,
+    waits: Mutex<DiskWaits>,
+}
+
+impl std::fmt::Debug for DiskBarrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskBarrier")
+            .field("waits", &self.waits())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Spins of the barrier before it yields, yields before it sleeps.
+const BARRIER_SPINS: u32 = 200;
+const BARRIER_YIELDS: u32 = 200;
+
+impl DiskBarrier {
+    /// A barrier on `writer`'s log and acknowledgements.
+    pub fn new(writer: &LogWriter) -> Self {
+        let acks = Arc::clone(writer.sender().shared());
+        DiskBarrier {
+            writer: writer.clone(),
+            acks,
+            waits: Mutex::new(DiskWaits::default()),
+        }
+    }
+
+    /// The counters so far.
+    pub fn waits(&self) -> DiskWaits {
+        *self.waits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, started: Option<Instant>, alone: bool) {
+        let mut w = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        w.writes += 1;
+        if alone {
+            w.alone += 1;
+        }
+        if let Some(t) = started {
+            let d = t.elapsed();
+            w.waited += 1;
+            w.time += d;
+            w.max = w.max.max(d);
+        }
+    }
+}
+
+impl WriteBarrier for DiskBarrier {
+    fn before_write(&self) -> Result<(), String> {
+        let target = self.writer.position().load(Ordering::Acquire);
+        let mut started: Option<Instant> = None;
+        let mut polls = 0u32;
+        loop {
+            match self.writer.mode.load(Ordering::Acquire) {
+                MODE_ALONE => {
+                    self.count(started, true);
+                    return Ok(());
+                }
+                MODE_FENCED => return Err("this primary was superseded".into()),
+                _ => {}
+            }
+            if self.acks.acked_seq() >= target {
+                self.count(started, false);
+                return Ok(());
+            }
+            started.get_or_insert_with(Instant::now);
+            polls += 1;
+            if polls < BARRIER_SPINS {
+                std::hint::spin_loop();
+            } else if polls < BARRIER_SPINS + BARRIER_YIELDS {
+                std::thread::yield_now();
+            } else {
+                if polls % 64 == 0
+                    && self.writer.mode.load(Ordering::Acquire) == MODE_LOGGING
+                    && !self.writer.sender().is_running()
+                {
+                    return Err(format!(
+                        "the link is down and the backup never acknowledged log position {target}"
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
 }
 
 /// Test hooks of a primary run (deliberate nondeterminism).
@@ -424,6 +542,12 @@ pub(crate) fn primary_loop(
     if let Some(net) = vm.net() {
         gate.gate_net(net);
     }
+    let disk = vm.disk().filter(|d| d.is_shared()).cloned();
+    let barrier = disk.as_ref().map(|d| {
+        let b = Arc::new(DiskBarrier::new(writer));
+        d.set_mode(DiskMode::Gated(b.clone()));
+        b
+    });
     writer.append(&Entry::Header {
         version: LOG_VERSION,
         digest_interval: opts.digest_interval,
@@ -447,6 +571,12 @@ pub(crate) fn primary_loop(
         }
         let target = (vm.stats().total() / interval + 1) * interval;
         let outcome = vm.run_until(Some(target));
+        if outcome.is_err() {
+            // A superseded primary's shared-disk write is refused with a device error.
+            if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
+                break Err(e);
+            }
+        }
         if let Some(e) = writer.take_error() {
             if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
                 break Err(e);
@@ -488,6 +618,9 @@ pub(crate) fn primary_loop(
         }
     };
     vm.set_inputs(Inputs::default());
+    if let Some(d) = &disk {
+        d.set_mode(DiskMode::Direct);
+    }
     let (code, exits) = result?;
     let mem_digest = vm.memory_digest();
     let regs_digest = register_digest(vm);
@@ -560,6 +693,7 @@ pub(crate) fn primary_loop(
         backup_finished,
         log_stalls: writer.stalls(),
         controls: writer.controls().applied(),
+        disk_waits: barrier.map(|b| b.waits()),
     })
 }
 

@@ -6,15 +6,35 @@
 //!                [status 1 B, writable: 0 OK, 1 IOERR, 2 UNSUPP]
 //! ```
 //! Requests are executed synchronously while handling the QueueNotify exit.
+//!
+//! # Shared-disk mode
+//! When the primary and the backup of a pair name the same image ([`BlkHandle::set_shared`]),
+//! the device's [`DiskMode`] decides what touches the file (`vmm-core/DEVICES.md`, "Shared-disk
+//! mode"):
+//! - [`DiskMode::Direct`]: reads and writes go to the file (a plain run, a primary that runs
+//!   alone, a backup after go-live, and both sides of a pair with their own copies);
+//! - [`DiskMode::Gated`] (the primary): a write is an output: before it reaches the file the
+//!   vCPU waits on the [`WriteBarrier`] (the backup has acknowledged the log up to the position
+//!   current when the write was issued); a refused write stops the VM;
+//! - [`DiskMode::Replay`] (the backup while it replays): the file is not touched at all; read
+//!   data come from the log, writes are dropped (counted). The requests of the last exit are
+//!   remembered, and the status byte of each request is set to [`STATUS_PENDING`] until the
+//!   primary's logged status overwrites it. If the backup goes live at the end of that exit
+//!   with some completions missing from the log, [`BlkHandle::go_live`] executes the requests
+//!   from the first one whose status is still pending, on the file, in order.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{add_used, pop_chain, read_config_space, Desc, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::{DeviceError, ExitCtx};
+use crate::memory::GuestMem;
 use crate::state::{StateError, StateReader, StateWriter};
 
 /// `VIRTIO_BLK_F_FLUSH`.
@@ -28,6 +48,10 @@ const T_GET_ID: u32 = 8;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
+/// The status a replaying backup writes for a request whose result only the primary knows;
+/// never a valid virtio-blk status, so a byte still holding it after the exit's logged writes
+/// were applied marks a request the log did not complete.
+pub const STATUS_PENDING: u8 = 0xFF;
 const QUEUE_SIZES: &[u16] = &[128];
 
 /// Errors opening a disk image.
@@ -41,11 +65,250 @@ pub enum BlkError {
     Size(PathBuf, u64),
 }
 
+/// Decides when a write of a primary in shared-disk mode may reach the disk.
+pub trait WriteBarrier: Send + Sync {
+    /// Blocks the vCPU until a write issued now may reach the shared disk. `Err(why)`: it must
+    /// never be written (this side was superseded, or the link broke with nobody to decide).
+    ///
+    /// # Errors
+    /// As above.
+    fn before_write(&self) -> Result<(), String>;
+}
+
+/// What the device does with its image (see the module documentation).
+#[derive(Clone, Default)]
+pub enum DiskMode {
+    /// Reads and writes go to the file.
+    #[default]
+    Direct,
+    /// Writes wait for the barrier first (a primary in shared-disk mode).
+    Gated(Arc<dyn WriteBarrier>),
+    /// The file is not touched (a backup replaying in shared-disk mode).
+    Replay,
+}
+
+impl std::fmt::Debug for DiskMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskMode::Direct => "Direct",
+            DiskMode::Gated(_) => "Gated",
+            DiskMode::Replay => "Replay",
+        })
+    }
+}
+
+/// Counters of a virtio-blk device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlkCounters {
+    /// Read requests served from the file.
+    pub reads: u64,
+    /// Write requests written to the file.
+    pub writes: u64,
+    /// Write requests that passed a [`WriteBarrier`] first ([`DiskMode::Gated`]).
+    pub gated: u64,
+    /// Write requests the barrier refused (not written; the VM stopped).
+    pub refused: u64,
+    /// Write requests dropped while replaying ([`DiskMode::Replay`]).
+    pub dropped: u64,
+    /// Requests executed at go-live because the log lacked their completion.
+    pub redone: u64,
+}
+
+/// One request seen while replaying, kept until the next exit.
+#[derive(Debug, Clone)]
+struct Recorded {
+    ty: u32,
+    sector: u64,
+    /// Writable data buffers (IN, GET_ID): `(gpa, len)`.
+    bufs: Vec<(u64, u32)>,
+    /// Data of an OUT request, as it was in guest memory at the exit.
+    out: Vec<u8>,
+    status: u64,
+}
+
+#[derive(Debug)]
+struct BlkShared {
+    file: File,
+    sectors: u64,
+    shared: AtomicBool,
+    mode: Mutex<DiskMode>,
+    /// `(exit, requests)` of the last exit handled in [`DiskMode::Replay`].
+    replayed: Mutex<(u64, Vec<Recorded>)>,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    gated: AtomicU64,
+    refused: AtomicU64,
+    dropped: AtomicU64,
+    redone: AtomicU64,
+}
+
+impl BlkShared {
+    /// Writes `data` at byte offset `off`.
+    fn write_at(&self, data: &[u8], off: u64) -> std::io::Result<()> {
+        self.file.write_all_at(data, off)
+    }
+
+    fn in_range(&self, sector: u64, total: u64) -> bool {
+        sector
+            .checked_mul(SECTOR)
+            .and_then(|b| b.checked_add(total))
+            .is_some_and(|end| end <= self.sectors * SECTOR)
+    }
+}
+
+/// A handle on the device's disk mode and counters, shared with the FT code while the VM runs.
+#[derive(Debug, Clone)]
+pub struct BlkHandle(Arc<BlkShared>);
+
+impl BlkHandle {
+    /// Marks the image as shared with the other side of a pair (both name the same file).
+    pub fn set_shared(&self, shared: bool) {
+        self.0.shared.store(shared, Ordering::Release);
+    }
+
+    /// Whether the image is shared with the other side of a pair.
+    pub fn is_shared(&self) -> bool {
+        self.0.shared.load(Ordering::Acquire)
+    }
+
+    /// Sets what the device does with its file from the next request on.
+    pub fn set_mode(&self, mode: DiskMode) {
+        let mut m = self.0.mode.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::info!(from = ?*m, to = ?mode, "virtio-blk disk mode");
+        *m = mode;
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> DiskMode {
+        self.0
+            .mode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> BlkCounters {
+        let s = &self.0;
+        BlkCounters {
+            reads: s.reads.load(Ordering::Relaxed),
+            writes: s.writes.load(Ordering::Relaxed),
+            gated: s.gated.load(Ordering::Relaxed),
+            refused: s.refused.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+            redone: s.redone.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A backup in [`DiskMode::Replay`] goes live at exit `exit` (it owns the disk from now on):
+    /// if the requests of that exit were replayed and the log did not complete all of them (a
+    /// status byte in `mem` still [`STATUS_PENDING`]), executes them on the file from the first
+    /// incomplete one on, in order, writing read data and statuses into `mem`; then switches to
+    /// [`DiskMode::Direct`]. Returns how many requests it executed.
+    ///
+    /// Why this is exact: the primary logs a request's read data and status before its
+    /// used-ring update, and performs a write only once the backup acknowledged everything it
+    /// logged before, so at most the first incomplete request can have reached the disk already
+    /// (re-writing the same data is harmless) and every earlier one is complete in the log.
+    pub fn go_live(&self, exit: u64, mem: &GuestMem) -> usize {
+        let mut done = 0;
+        let reqs = {
+            let mut r = self.0.replayed.lock().unwrap_or_else(|e| e.into_inner());
+            let reqs = std::mem::take(&mut r.1);
+            if r.0 == exit {
+                reqs
+            } else {
+                Vec::new()
+            }
+        };
+        let pending = |req: &Recorded| {
+            let mut b = [0u8; 1];
+            mem.read_slice(&mut b, GuestAddress(req.status)).is_ok() && b[0] == STATUS_PENDING
+        };
+        if let Some(first) = reqs.iter().position(pending) {
+            for req in &reqs[first..] {
+                let st = self.redo(req, mem);
+                if mem.write_slice(&[st], GuestAddress(req.status)).is_err() {
+                    tracing::warn!(status = req.status, "status byte outside guest memory");
+                }
+                done += 1;
+            }
+            self.0.redone.fetch_add(done as u64, Ordering::Relaxed);
+            tracing::warn!(
+                exit,
+                requests = done,
+                "go-live: executed the disk requests whose completion the log lacked"
+            );
+        }
+        self.set_mode(DiskMode::Direct);
+        done
+    }
+
+    fn redo(&self, req: &Recorded, mem: &GuestMem) -> u8 {
+        let s = &self.0;
+        match req.ty {
+            T_IN => {
+                let total: u64 = req.bufs.iter().map(|(_, l)| u64::from(*l)).sum();
+                if !s.in_range(req.sector, total) {
+                    return S_IOERR;
+                }
+                let mut off = req.sector * SECTOR;
+                for (gpa, len) in &req.bufs {
+                    let mut buf = vec![0u8; *len as usize];
+                    if s.file.read_exact_at(&mut buf, off).is_err()
+                        || mem.write_slice(&buf, GuestAddress(*gpa)).is_err()
+                    {
+                        return S_IOERR;
+                    }
+                    off += u64::from(*len);
+                }
+                s.reads.fetch_add(1, Ordering::Relaxed);
+                S_OK
+            }
+            T_OUT => {
+                if !s.in_range(req.sector, req.out.len() as u64) {
+                    return S_IOERR;
+                }
+                match s.write_at(&req.out, req.sector * SECTOR) {
+                    Ok(()) => {
+                        s.writes.fetch_add(1, Ordering::Relaxed);
+                        S_OK
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "disk write failed");
+                        S_IOERR
+                    }
+                }
+            }
+            T_FLUSH => match s.file.sync_data() {
+                Ok(()) => S_OK,
+                Err(_) => S_IOERR,
+            },
+            T_GET_ID => {
+                if let Some((gpa, len)) = req.bufs.first() {
+                    let id = device_id();
+                    let n = (*len as usize).min(id.len());
+                    if mem.write_slice(&id[..n], GuestAddress(*gpa)).is_err() {
+                        return S_IOERR;
+                    }
+                }
+                S_OK
+            }
+            _ => S_UNSUPP,
+        }
+    }
+}
+
+fn device_id() -> [u8; 20] {
+    let mut id = [0u8; 20];
+    id[..8].copy_from_slice(b"ftvm-blk");
+    id
+}
+
 /// The virtio-blk device.
 #[derive(Debug)]
 pub struct Blk {
-    file: File,
-    sectors: u64,
+    shared: Arc<BlkShared>,
 }
 
 impl Blk {
@@ -67,17 +330,38 @@ impl Blk {
             return Err(BlkError::Size(path.into(), len));
         }
         Ok(Blk {
-            file,
-            sectors: len / SECTOR,
+            shared: Arc::new(BlkShared {
+                file,
+                sectors: len / SECTOR,
+                shared: AtomicBool::new(false),
+                mode: Mutex::new(DiskMode::Direct),
+                replayed: Mutex::new((u64::MAX, Vec::new())),
+                reads: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
+                gated: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+                redone: AtomicU64::new(0),
+            }),
         })
     }
 
     /// Capacity in sectors.
     pub fn sectors(&self) -> u64 {
-        self.sectors
+        self.shared.sectors
     }
 
-    fn execute(&mut self, descs: &[Desc], ctx: &mut ExitCtx<'_>) -> Result<u32, DeviceError> {
+    /// The handle (mode, counters).
+    pub fn handle(&self) -> BlkHandle {
+        BlkHandle(Arc::clone(&self.shared))
+    }
+
+    fn execute(
+        &mut self,
+        descs: &[Desc],
+        ctx: &mut ExitCtx<'_>,
+        mode: &DiskMode,
+    ) -> Result<u32, DeviceError> {
         let Some((status, body)) = descs.split_last() else {
             return Ok(0);
         };
@@ -91,23 +375,38 @@ impl Blk {
         sb.copy_from_slice(&hdr[8..]);
         let sector = u64::from_le_bytes(sb);
         let data = &body[1..];
+        if matches!(mode, DiskMode::Replay) {
+            return self.replay(ty, sector, data, status.addr, ctx);
+        }
+        let s = &*self.shared;
         let mut written = 0u32;
         let st = match ty {
             T_IN | T_OUT => {
                 let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
-                if sector
-                    .checked_mul(SECTOR)
-                    .and_then(|b| b.checked_add(total))
-                    .is_none_or(|end| end > self.sectors * SECTOR)
-                {
+                if !s.in_range(sector, total) {
                     S_IOERR
                 } else {
+                    if ty == T_OUT {
+                        if let DiskMode::Gated(barrier) = mode {
+                            // An output: wait until the backup holds the log up to here.
+                            if let Err(why) = barrier.before_write() {
+                                s.refused.fetch_add(1, Ordering::Relaxed);
+                                return Err(DeviceError::Backend {
+                                    what: format!(
+                                        "shared disk: write of sector {sector} withheld: {why}"
+                                    ),
+                                    source: std::io::Error::other("write withheld"),
+                                });
+                            }
+                            s.gated.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     let mut off = sector * SECTOR;
                     let mut st = S_OK;
                     for d in data {
                         let mut buf = vec![0u8; d.len as usize];
                         if ty == T_IN {
-                            if let Err(e) = self.file.read_exact_at(&mut buf, off) {
+                            if let Err(e) = s.file.read_exact_at(&mut buf, off) {
                                 tracing::warn!(error = %e, "disk read failed");
                                 st = S_IOERR;
                                 break;
@@ -116,7 +415,7 @@ impl Blk {
                             written += d.len;
                         } else {
                             ctx.read_guest(d.addr, &mut buf)?;
-                            if let Err(e) = self.file.write_all_at(&buf, off) {
+                            if let Err(e) = s.write_at(&buf, off) {
                                 tracing::warn!(error = %e, "disk write failed");
                                 st = S_IOERR;
                                 break;
@@ -124,10 +423,14 @@ impl Blk {
                         }
                         off += u64::from(d.len);
                     }
+                    if st == S_OK {
+                        let c = if ty == T_IN { &s.reads } else { &s.writes };
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
                     st
                 }
             }
-            T_FLUSH => match self.file.sync_data() {
+            T_FLUSH => match s.file.sync_data() {
                 Ok(()) => S_OK,
                 Err(e) => {
                     tracing::warn!(error = %e, "disk flush failed");
@@ -135,11 +438,9 @@ impl Blk {
                 }
             },
             T_GET_ID => {
-                let mut id = [0u8; 20];
-                id[..8].copy_from_slice(b"ftvm-blk");
                 if let Some(d) = data.iter().find(|d| d.write) {
                     let n = (d.len as usize).min(20);
-                    ctx.write_guest(d.addr, &id[..n])?;
+                    ctx.write_guest(d.addr, &device_id()[..n])?;
                     written += n as u32;
                 }
                 S_OK
@@ -147,6 +448,68 @@ impl Blk {
             _ => S_UNSUPP,
         };
         ctx.write_guest(status.addr, &[st])?;
+        Ok(written + 1)
+    }
+
+    /// A request of a backup replaying in shared-disk mode: the file is not touched; the
+    /// request is remembered for [`BlkHandle::go_live`]; the guest memory this writes (status
+    /// [`STATUS_PENDING`], the used ring) is overwritten by the primary's logged writes at the
+    /// end of the exit. Returns the used length the primary computes for the same request.
+    fn replay(
+        &mut self,
+        ty: u32,
+        sector: u64,
+        data: &[Desc],
+        status: u64,
+        ctx: &mut ExitCtx<'_>,
+    ) -> Result<u32, DeviceError> {
+        let s = &*self.shared;
+        let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+        let mut rec = Recorded {
+            ty,
+            sector,
+            bufs: Vec::new(),
+            out: Vec::new(),
+            status,
+        };
+        let (st, written) = match ty {
+            T_IN | T_OUT if !s.in_range(sector, total) => (S_IOERR, 0),
+            T_IN => {
+                rec.bufs = data.iter().map(|d| (d.addr, d.len)).collect();
+                (STATUS_PENDING, u32::try_from(total).unwrap_or(u32::MAX))
+            }
+            T_OUT => {
+                let mut out = vec![0u8; total as usize];
+                let mut at = 0usize;
+                for d in data {
+                    let n = d.len as usize;
+                    ctx.read_guest(d.addr, &mut out[at..at + n])?;
+                    at += n;
+                }
+                rec.out = out;
+                s.dropped.fetch_add(1, Ordering::Relaxed);
+                (STATUS_PENDING, 0)
+            }
+            T_FLUSH => (STATUS_PENDING, 0),
+            T_GET_ID => {
+                let mut n = 0;
+                if let Some(d) = data.iter().find(|d| d.write) {
+                    rec.bufs.push((d.addr, d.len));
+                    n = (d.len as usize).min(20);
+                    ctx.write_guest(d.addr, &device_id()[..n])?;
+                }
+                (S_OK, n as u32)
+            }
+            _ => (S_UNSUPP, 0),
+        };
+        {
+            let mut r = s.replayed.lock().unwrap_or_else(|e| e.into_inner());
+            if r.0 != ctx.exit {
+                *r = (ctx.exit, Vec::new());
+            }
+            r.1.push(rec);
+        }
+        ctx.write_guest(status, &[st])?;
         Ok(written + 1)
     }
 }
@@ -163,7 +526,7 @@ impl VirtioDevice for Blk {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // capacity (u64 sectors) at 0; everything else 0.
-        let cap = self.sectors.to_le_bytes();
+        let cap = self.shared.sectors.to_le_bytes();
         let mut cfg = [0u8; 16];
         cfg[..8].copy_from_slice(&cap);
         read_config_space(&cfg, offset, data);
@@ -174,9 +537,15 @@ impl VirtioDevice for Blk {
         queues: &mut [Queue],
         ctx: &mut ExitCtx<'_>,
     ) -> Result<bool, DeviceError> {
+        let mode = self
+            .shared
+            .mode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut used = false;
         while let Some((head, descs)) = pop_chain(&mut queues[0], ctx.mem)? {
-            let len = self.execute(&descs, ctx)?;
+            let len = self.execute(&descs, ctx, &mode)?;
             add_used(&mut queues[0], ctx, head, len)?;
             used = true;
         }
@@ -193,17 +562,207 @@ impl VirtioDevice for Blk {
         false
     }
     fn save_device(&self, w: &mut StateWriter) -> Result<(), StateError> {
-        w.u64(self.sectors);
+        w.u64(self.shared.sectors);
         Ok(())
     }
     fn restore_device(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
         let s = r.u64("blk sectors")?;
-        if s != self.sectors {
+        if s != self.shared.sectors {
             return Err(StateError::Mismatch(format!(
                 "disk has {} sectors, snapshot was taken with {s}",
-                self.sectors
+                self.shared.sectors
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Inputs;
+
+    const HDR: u64 = 0x10_0000;
+    const STATUS: u64 = 0x10_0100;
+    const DATA: u64 = 0x11_0000;
+    const HDR2: u64 = 0x12_0000;
+    const STATUS2: u64 = 0x12_0100;
+    const READ_BUF: u64 = 0x13_0000;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        blk: Blk,
+        mem: GuestMem,
+        inputs: Inputs,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(64 * SECTOR))
+            .unwrap();
+        let blk = Blk::open(&path).unwrap();
+        let mem = crate::memory::allocate(4 << 20).unwrap();
+        Rig {
+            _dir: dir,
+            path,
+            blk,
+            mem,
+            inputs: Inputs::default(),
+        }
+    }
+
+    fn header(mem: &GuestMem, at: u64, ty: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(at)).unwrap();
+    }
+
+    fn byte(mem: &GuestMem, at: u64) -> u8 {
+        let mut b = [0u8; 1];
+        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        b[0]
+    }
+
+    /// A write of one sector at sector 3 (`0xAB` bytes), then a read of it, in exit 7.
+    fn write_then_read(r: &mut Rig, mode: &DiskMode) -> Result<(u32, u32), DeviceError> {
+        header(&r.mem, HDR, T_OUT, 3);
+        r.mem
+            .write_slice(&[0xAB; SECTOR as usize], GuestAddress(DATA))
+            .unwrap();
+        header(&r.mem, HDR2, T_IN, 3);
+        let w = [
+            Desc {
+                addr: HDR,
+                len: 16,
+                write: false,
+            },
+            Desc {
+                addr: DATA,
+                len: SECTOR as u32,
+                write: false,
+            },
+            Desc {
+                addr: STATUS,
+                len: 1,
+                write: true,
+            },
+        ];
+        let rd = [
+            Desc {
+                addr: HDR2,
+                len: 16,
+                write: false,
+            },
+            Desc {
+                addr: READ_BUF,
+                len: SECTOR as u32,
+                write: true,
+            },
+            Desc {
+                addr: STATUS2,
+                len: 1,
+                write: true,
+            },
+        ];
+        let mut ctx = ExitCtx {
+            mem: &r.mem,
+            exit: 7,
+            inputs: &mut r.inputs,
+        };
+        let a = r.blk.execute(&w, &mut ctx, mode)?;
+        let b = r.blk.execute(&rd, &mut ctx, mode)?;
+        Ok((a, b))
+    }
+
+    fn sector3(path: &Path) -> Vec<u8> {
+        std::fs::read(path).unwrap()[3 * SECTOR as usize..4 * SECTOR as usize].to_vec()
+    }
+
+    #[test]
+    fn replay_mode_never_touches_the_file_and_go_live_completes_the_missing_requests() {
+        let mut r = rig();
+        let h = r.blk.handle();
+        let lens = write_then_read(&mut r, &DiskMode::Replay).unwrap();
+        // Same used lengths as a primary computes (status byte, read data + status).
+        assert_eq!(lens, (1, SECTOR as u32 + 1));
+        assert_eq!(sector3(&r.path), vec![0; SECTOR as usize], "file touched");
+        assert_eq!(byte(&r.mem, STATUS), STATUS_PENDING);
+        assert_eq!(byte(&r.mem, STATUS2), STATUS_PENDING);
+        let c = h.counters();
+        assert_eq!((c.dropped, c.reads, c.writes), (1, 0, 0));
+        // The log completed the write (the primary performed it: its status was logged), not
+        // the read: going live at this exit executes the read alone, on the file.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r.path)
+            .unwrap()
+            .write_all_at(&[0xAB; SECTOR as usize], 3 * SECTOR)
+            .unwrap();
+        r.mem.write_slice(&[S_OK], GuestAddress(STATUS)).unwrap();
+        assert_eq!(h.go_live(7, &r.mem), 1);
+        assert_eq!(byte(&r.mem, STATUS2), S_OK);
+        let mut buf = vec![0u8; SECTOR as usize];
+        r.mem.read_slice(&mut buf, GuestAddress(READ_BUF)).unwrap();
+        assert_eq!(buf, vec![0xAB; SECTOR as usize]);
+        let c = h.counters();
+        assert_eq!((c.redone, c.reads, c.writes), (1, 1, 0));
+        assert!(matches!(h.mode(), DiskMode::Direct));
+    }
+
+    #[test]
+    fn go_live_executes_every_request_from_the_first_incomplete_one() {
+        let mut r = rig();
+        let h = r.blk.handle();
+        write_then_read(&mut r, &DiskMode::Replay).unwrap();
+        // Nothing of exit 7 was logged: the write and the read are executed, in order.
+        assert_eq!(h.go_live(7, &r.mem), 2);
+        assert_eq!(sector3(&r.path), vec![0xAB; SECTOR as usize]);
+        assert_eq!((byte(&r.mem, STATUS), byte(&r.mem, STATUS2)), (S_OK, S_OK));
+        let mut buf = vec![0u8; SECTOR as usize];
+        r.mem.read_slice(&mut buf, GuestAddress(READ_BUF)).unwrap();
+        assert_eq!(buf, vec![0xAB; SECTOR as usize]);
+        assert_eq!(h.counters().redone, 2);
+    }
+
+    #[test]
+    fn go_live_at_a_later_exit_executes_nothing() {
+        let mut r = rig();
+        let h = r.blk.handle();
+        write_then_read(&mut r, &DiskMode::Replay).unwrap();
+        // The backup left exit 7 (it saw an entry of a later exit): its requests were done.
+        assert_eq!(h.go_live(8, &r.mem), 0);
+        assert_eq!(sector3(&r.path), vec![0; SECTOR as usize]);
+        assert_eq!(h.counters().redone, 0);
+    }
+
+    struct Barrier(Result<(), String>, std::sync::atomic::AtomicU64);
+
+    impl WriteBarrier for Barrier {
+        fn before_write(&self) -> Result<(), String> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn gated_writes_pass_the_barrier_or_never_reach_the_file() {
+        let mut r = rig();
+        let h = r.blk.handle();
+        let refuse = Arc::new(Barrier(Err("superseded".into()), AtomicU64::new(0)));
+        let e = write_then_read(&mut r, &DiskMode::Gated(refuse.clone())).unwrap_err();
+        assert!(e.to_string().contains("withheld: superseded"), "{e}");
+        assert_eq!(sector3(&r.path), vec![0; SECTOR as usize]);
+        assert_eq!(refuse.1.load(Ordering::Relaxed), 1);
+        let pass = Arc::new(Barrier(Ok(()), AtomicU64::new(0)));
+        write_then_read(&mut r, &DiskMode::Gated(pass.clone())).unwrap();
+        assert_eq!(sector3(&r.path), vec![0xAB; SECTOR as usize]);
+        // Only the write asks the barrier; the read does not wait.
+        assert_eq!(pass.1.load(Ordering::Relaxed), 1);
+        let c = h.counters();
+        assert_eq!((c.refused, c.gated, c.writes, c.reads), (1, 1, 1, 1));
     }
 }

@@ -1,0 +1,530 @@
+//! Shared-disk mode: the primary and the backup of a pair name the same disk image (real KVM,
+//! the `kv` guest on a TAP in a network namespace, TCP on loopback, one process).
+//!
+//! - a pair running `kv` under client commands: the backup never touches the disk (it drops
+//!   exactly the writes the primary performed), and `kv` restarted on the disk recovers every
+//!   key;
+//! - with the backup's acknowledgements withheld, a guest write does not reach the disk file
+//!   until they resume;
+//! - the primary crashes mid-run: the backup goes live on the same disk, keeps every
+//!   acknowledged write, and `kv` restarted on the disk afterwards finds them all.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_channel::netns::Netns;
+use ftvm_channel::tcp::{TcpMode, TcpTransport};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
+use ftvm_vmm_core::devices::virtio::blk::BlkCounters;
+use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter, RetryPolicy};
+use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader};
+use ftvm_vmm_core::ft::detector::DetectorConfig;
+use ftvm_vmm_core::ft::digest::pairing_digest;
+use ftvm_vmm_core::ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, FtConfig};
+use ftvm_vmm_core::ft::node::{NodeId, Role};
+use ftvm_vmm_core::ft::primary::{
+    error_chain, run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
+};
+use ftvm_vmm_core::guests;
+use ftvm_vmm_core::testing::StallAcks;
+use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig};
+
+const MEM: u64 = 64 << 20;
+
+fn kv_cmdline() -> String {
+    format!("ip={}/24 gw=10.0.2.1 port=6379", common::GUEST_IP)
+}
+
+/// The channel config of both sides: one image, one digest.
+fn chan(disk: &Path) -> Config {
+    let elf = guests::by_name("kv").expect("kv guest");
+    let cmdline = format!("{}\0shared_disk", kv_cmdline());
+    Config {
+        digest: pairing_digest(elf, &cmdline, MEM, Some(disk)).expect("digest"),
+        ..Config::default()
+    }
+}
+
+fn backup_config(disk: &Path) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
+    let (console, buf) = buffer_console();
+    (
+        VmConfig {
+            mem_size: MEM,
+            cmdline: kv_cmdline(),
+            disk: Some(disk.to_path_buf()),
+            net_without_backend: true,
+            console,
+            ..Default::default()
+        },
+        buf,
+    )
+}
+
+fn primary_config(disk: &Path) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
+    let (console, buf) = buffer_console();
+    (
+        VmConfig {
+            mem_size: MEM,
+            cmdline: kv_cmdline(),
+            disk: Some(disk.to_path_buf()),
+            tap: Some(common::TAP.into()),
+            console,
+            ..Default::default()
+        },
+        buf,
+    )
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// One RESP line (without CR LF) from `s`.
+fn read_line(s: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => line.push(b[0]),
+            other => panic!("kv connection: {other:?} after {line:?}"),
+        }
+    }
+    String::from_utf8_lossy(&line[..line.len() - 2]).into_owned()
+}
+
+fn disk_has(disk: &Path, needle: &str) -> bool {
+    contains(&std::fs::read(disk).expect("read disk"), needle.as_bytes())
+}
+
+/// Boots `kv` alone on `disk` and checks that every `(key, value)` is there.
+fn recovers(ns: &Netns, disk: &Path, keys: &[(&str, &str)]) {
+    let vm = common::start_kv(ns, disk, "");
+    common::wait_ready(ns, &vm);
+    for (k, v) in keys {
+        assert_eq!(
+            common::redis_reply(ns, &["GET", k]),
+            *v,
+            "key {k} after a restart on the shared disk; console: {}",
+            vm.console_text()
+        );
+    }
+    common::redis_shutdown(ns);
+    assert_eq!(vm.join().expect("kv restarted"), RunOutcome::PoweredOff(0));
+}
+
+struct PairResult {
+    primary: PrimaryReport,
+    primary_disk: BlkCounters,
+    backup: BackupReport,
+}
+
+/// A shared-disk pair of `kv` on `disk` (plain, no failover) while `drive` talks to it; the
+/// primary's transport withholds acknowledgements while `stall` is set. `drive` must end with
+/// SHUTDOWN.
+fn kv_pair(
+    ns: &Netns,
+    disk: &Path,
+    stall: Arc<AtomicBool>,
+    drive: impl FnOnce(&Arc<Mutex<Vec<u8>>>),
+) -> PairResult {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let elf = guests::by_name("kv").expect("kv guest");
+    let bdisk = disk.to_path_buf();
+    let backup = std::thread::spawn(move || -> Result<BackupReport, PairError> {
+        let (cfg, _buf) = backup_config(&bdisk);
+        let mut vm = Vm::new(&cfg, elf).expect("backup vm");
+        vm.disk().expect("disk").set_shared(true);
+        let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
+        let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
+        let rx = LogReceiver::start(p, c, Box::new(t), chan(&bdisk), PollerConfig::default())?;
+        run_backup(&mut vm, LogReader::new(rx, Default::default(), None))
+    });
+    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
+    let t = StallAcks {
+        inner: Box::new(t),
+        stall,
+    };
+    let (cfg, pbuf) = primary_config(disk);
+    let pconsole = pbuf.clone();
+    let pdisk = disk.to_path_buf();
+    let primary = ns
+        .spawn("sd-primary", move || {
+            let mut vm = Vm::new(&cfg, elf).expect("primary vm");
+            vm.disk().expect("disk").set_shared(true);
+            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
+            let sender =
+                LogSender::start(p, c, Box::new(t), chan(&pdisk), PollerConfig::default())?;
+            let writer = LogWriter::new(sender, Default::default());
+            let opts = PairOptions {
+                ack_timeout: Duration::from_secs(10),
+                ..Default::default()
+            };
+            let r = run_primary(&mut vm, &writer, &opts, None, &PrimaryHooks::default());
+            let counters = vm.disk().expect("disk").counters();
+            Ok::<_, PairError>((r, counters))
+        })
+        .expect("spawn primary");
+    drive(&pconsole);
+    let (p, primary_disk) = primary
+        .join()
+        .expect("primary thread")
+        .expect("netns")
+        .expect("primary setup");
+    let primary = p.unwrap_or_else(|e| panic!("primary: {}", error_chain(&e)));
+    let backup = backup
+        .join()
+        .expect("backup thread")
+        .unwrap_or_else(|e| panic!("backup: {}", error_chain(&e)));
+    PairResult {
+        primary,
+        primary_disk,
+        backup,
+    }
+}
+
+#[test]
+fn shared_disk_kv_pair_backup_never_writes_and_the_disk_recovers() {
+    const TEST: &str = "shared_disk_kv_pair_backup_never_writes_and_the_disk_recovers";
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = common::blank_disk(dir.path(), "shared.img");
+    let ns = common::namespace("sdpair");
+    let keys: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("key{i}"), format!("value-{i}-shared")))
+        .collect();
+    let r = kv_pair(&ns, &disk, Arc::default(), |console| {
+        common::wait_ready_with(&ns, console);
+        for (k, v) in &keys {
+            assert_eq!(common::redis_reply(&ns, &["SET", k, v]), "OK");
+        }
+        for i in 1..=3 {
+            assert_eq!(common::redis_reply(&ns, &["INCR", "n"]), i.to_string());
+        }
+        assert_eq!(common::redis_reply(&ns, &["DEL", "key7"]), "1");
+        common::redis_shutdown(&ns);
+    });
+    let (p, b) = (&r.primary, &r.backup);
+    eprintln!(
+        "{TEST}: primary disk {:?}, waits {:?}; backup disk {:?}",
+        r.primary_disk, p.disk_waits, b.disk
+    );
+    assert_eq!((b.code, b.mem_digest), (p.code, p.mem_digest));
+    let waits = p.disk_waits.expect("shared-disk primary counts its waits");
+    let bd = b.disk.expect("shared-disk backup counts its drops");
+    // 12 commands that write, group-committed: at least one disk write each.
+    assert!(r.primary_disk.writes >= 12, "{:?}", r.primary_disk);
+    assert_eq!(r.primary_disk.gated, r.primary_disk.writes);
+    assert_eq!(waits.writes, r.primary_disk.gated);
+    assert_eq!(r.primary_disk.refused, 0);
+    assert!(r.primary_disk.reads >= 1, "kv reads its log at boot");
+    // The backup replayed every request without touching the disk: it dropped exactly the
+    // writes the primary performed, and read nothing (read data came from the log).
+    assert_eq!(bd.dropped, r.primary_disk.writes, "{bd:?}");
+    assert_eq!((bd.reads, bd.writes, bd.redone), (0, 0, 0), "{bd:?}");
+    for (_, v) in &keys {
+        assert!(disk_has(&disk, v), "{v} is not on the disk");
+    }
+    let mut expect: Vec<(&str, &str)> = keys[..7]
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    expect.push(("n", "3"));
+    expect.push(("key7", ""));
+    recovers(&ns, &disk, &expect);
+}
+
+#[test]
+fn shared_disk_write_waits_for_stalled_acks() {
+    const TEST: &str = "shared_disk_write_waits_for_stalled_acks";
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = common::blank_disk(dir.path(), "shared.img");
+    let ns = common::namespace("sdstall");
+    let stall = Arc::new(AtomicBool::new(false));
+    let s2 = stall.clone();
+    const VALUE: &str = "written-while-the-acks-were-withheld";
+    let r = kv_pair(&ns, &disk, stall, |console| {
+        common::wait_ready_with(&ns, console);
+        assert_eq!(common::redis_reply(&ns, &["SET", "first", "one"]), "OK");
+        // A client connected before the stall (the output rule would hold the handshake's
+        // SYN-ACK): with the acks withheld, the guest still receives its SET (an input is
+        // logged, not held) and appends it to its log on the disk — and that write must wait.
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel();
+        let client = ns
+            .spawn("sd-client", move || {
+                let mut s = TcpStream::connect((common::GUEST_IP, 6379)).expect("connect kv");
+                s.set_read_timeout(Some(Duration::from_secs(20)))
+                    .expect("timeout");
+                s.write_all(b"*1\r\n$4\r\nPING\r\n").expect("send PING");
+                assert_eq!(read_line(&mut s), "+PONG");
+                ready_tx.send(()).expect("ready");
+                go_rx.recv().expect("go");
+                let t0 = Instant::now();
+                let cmd = format!(
+                    "*3\r\n$3\r\nSET\r\n$7\r\nstalled\r\n${}\r\n{VALUE}\r\n",
+                    VALUE.len()
+                );
+                s.write_all(cmd.as_bytes()).expect("send SET");
+                let reply = read_line(&mut s);
+                let _ = done_tx.send(());
+                (t0.elapsed(), reply)
+            })
+            .expect("spawn client");
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("client connected");
+        s2.store(true, Ordering::Release);
+        go_tx.send(()).expect("go");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(800) {
+            assert!(
+                !disk_has(&disk, VALUE),
+                "the write reached the disk while the acks were withheld"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            done_rx.try_recv().is_err(),
+            "the reply reached the client while the acks were withheld"
+        );
+        s2.store(false, Ordering::Release);
+        let (elapsed, reply) = client.join().expect("client thread").expect("netns");
+        assert_eq!(reply, "+OK");
+        assert!(elapsed >= Duration::from_millis(750), "{elapsed:?}");
+        assert!(
+            disk_has(&disk, VALUE),
+            "the write is on the disk once acked"
+        );
+        common::redis_shutdown(&ns);
+    });
+    let waits = r.primary.disk_waits.expect("waits counted");
+    eprintln!("{TEST}: {waits:?}");
+    assert!(waits.waited >= 1, "{waits:?}");
+    assert!(waits.max >= Duration::from_millis(700), "{waits:?}");
+    assert!(waits.time >= waits.max);
+    assert_eq!(r.backup.mem_digest, r.primary.mem_digest);
+    recovers(&ns, &disk, &[("first", "one"), ("stalled", VALUE)]);
+}
+
+/// `N` distinct free UDP addresses on loopback.
+fn free_udp<const N: usize>() -> [SocketAddr; N] {
+    let sockets: Vec<UdpSocket> = (0..N)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("udp bind"))
+        .collect();
+    std::array::from_fn(|i| sockets[i].local_addr().expect("udp addr"))
+}
+
+fn ft(arbiter: &Arc<dyn Arbiter>, node: &str, bind: SocketAddr, peer: SocketAddr) -> FtConfig {
+    let mut detector = DetectorConfig::new(bind, peer, Role::Primary);
+    detector.interval = Duration::from_millis(10);
+    detector.timeout = Duration::from_millis(250);
+    FtConfig {
+        retry: RetryPolicy {
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(50),
+        },
+        ..FtConfig::new(
+            Arc::clone(arbiter),
+            NodeId::new(node).expect("node id"),
+            1,
+            detector,
+        )
+    }
+}
+
+#[test]
+fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes() {
+    const TEST: &str =
+        "shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes";
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk: PathBuf = common::blank_disk(dir.path(), "shared.img");
+    let adir = dir.path().join("arbiter");
+    std::fs::create_dir(&adir).expect("arbiter dir");
+    let arbiter: Arc<dyn Arbiter> = Arc::new(FileArbiter::new(&adir));
+    let ns = common::namespace("sdlive");
+    let elf = guests::by_name("kv").expect("kv guest");
+    let [pa, ba] = free_udp();
+    let pft = ft(&arbiter, "primary", pa, ba);
+    let mut bft = ft(&arbiter, "backup", ba, pa);
+    bft.service_tap = Some(common::TAP.into());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let bdisk = disk.clone();
+    let backup = ns
+        .spawn("sd-backup", move || {
+            let (cfg, buf) = backup_config(&bdisk);
+            let mut vm = Vm::new(&cfg, elf).expect("backup vm");
+            vm.disk().expect("disk").set_shared(true);
+            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
+            let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
+            let rx = LogReceiver::start(p, c, Box::new(t), chan(&bdisk), PollerConfig::default())?;
+            let reader = LogReader::new(rx, Default::default(), None);
+            let sink: ftvm_vmm_core::ft::output::Sink = Box::new(|_| {});
+            run_backup_ft(&mut vm, reader, bft, Some((buf, sink)))
+        })
+        .expect("spawn backup");
+    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
+    let (cfg, pbuf) = primary_config(&disk);
+    let pconsole = pbuf.clone();
+    let (ptx, prx) = mpsc::channel();
+    let pdisk = disk.clone();
+    let primary = ns
+        .spawn("sd-primary", move || {
+            let mut vm = Vm::new(&cfg, elf).expect("primary vm");
+            vm.disk().expect("disk").set_shared(true);
+            ptx.send(vm.control()).expect("control");
+            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
+            let sender =
+                LogSender::start(p, c, Box::new(t), chan(&pdisk), PollerConfig::default())?;
+            let writer = LogWriter::new(sender, Default::default());
+            let opts = PairOptions {
+                ack_timeout: Duration::from_secs(10),
+                ..Default::default()
+            };
+            // Returning drops the VM (its TAP and disk files), the channel and the detector:
+            // a crash.
+            let r = run_primary_ft(&mut vm, &writer, &opts, None, &PrimaryHooks::default(), pft);
+            Ok::<_, PairError>((r, vm.disk().expect("disk").counters()))
+        })
+        .expect("spawn primary");
+    let primary_vm = prx.recv().expect("primary control");
+    common::wait_ready_with(&ns, &pconsole);
+    let acked: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("before{i}"), format!("acked-before-crash-{i}")))
+        .collect();
+    for (k, v) in &acked {
+        assert_eq!(common::redis_reply(&ns, &["SET", k, v]), "OK");
+    }
+    for i in 1..=3 {
+        assert_eq!(common::redis_reply(&ns, &["INCR", "n"]), i.to_string());
+    }
+    // Crash the primary while a client keeps writing (its unacknowledged writes may or may not
+    // survive; every acknowledged one must).
+    let ns_name = ns.name().to_string();
+    let writer_stop = Arc::new(AtomicBool::new(false));
+    let ws = writer_stop.clone();
+    let during = std::thread::spawn(move || {
+        let ns = Netns::open(&ns_name).expect("open netns");
+        let mut ok = Vec::new();
+        let mut i = 0;
+        while !ws.load(Ordering::Acquire) && i < 200 {
+            let (k, v) = (
+                format!("during{i}"),
+                format!("written-around-the-crash-{i}"),
+            );
+            let out = ns
+                .exec(
+                    "timeout",
+                    &["2", "redis-cli", "-h", common::GUEST_IP, "SET", &k, &v],
+                )
+                .expect("redis-cli");
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "OK" {
+                ok.push((k, v));
+            }
+            i += 1;
+        }
+        ok
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let crashed = Instant::now();
+    primary_vm.kick();
+    let (p, pcounters) = primary
+        .join()
+        .expect("primary thread")
+        .expect("netns")
+        .expect("primary setup");
+    assert!(
+        matches!(p, Err(PairError::Paused(_))),
+        "the primary did not crash as planned: {:?}",
+        p.as_ref().map(|r| r.alone).map_err(|e| error_chain(e))
+    );
+    let reply = loop {
+        let out = ns
+            .exec(
+                "timeout",
+                &["1", "redis-cli", "-h", common::GUEST_IP, "GET", "before0"],
+            )
+            .expect("redis-cli");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !text.is_empty() {
+            break text;
+        }
+        assert!(
+            crashed.elapsed() < Duration::from_secs(20),
+            "no answer after the crash"
+        );
+    };
+    eprintln!(
+        "{TEST}: first reply {:?} after the crash",
+        crashed.elapsed()
+    );
+    assert_eq!(reply, "acked-before-crash-0");
+    std::thread::sleep(Duration::from_millis(200));
+    writer_stop.store(true, Ordering::Release);
+    let during_ok = during.join().expect("writer thread");
+    assert_eq!(common::redis_reply(&ns, &["INCR", "n"]), "4");
+    assert_eq!(
+        common::redis_reply(&ns, &["SET", "after", "failover"]),
+        "OK"
+    );
+    for (k, v) in acked.iter().chain(&during_ok) {
+        assert_eq!(
+            common::redis_reply(&ns, &["GET", k]),
+            *v,
+            "live backup: {k}"
+        );
+    }
+    common::redis_shutdown(&ns);
+    let b = backup
+        .join()
+        .expect("backup thread")
+        .expect("netns")
+        .unwrap_or_else(|e| panic!("backup: {}", error_chain(&e)));
+    let BackupFtReport::WentLive(live) = b else {
+        panic!("the backup did not go live");
+    };
+    let bd = live.disk.expect("shared-disk counters");
+    eprintln!(
+        "{TEST}: primary disk {pcounters:?}; backup disk {bd:?}; {} writes acknowledged around the crash; go-live at exit {}",
+        during_ok.len(),
+        live.timings.at_exit
+    );
+    assert_eq!((live.code, live.timings.generation), (0, 2));
+    assert!(pcounters.writes >= 9, "{pcounters:?}");
+    // While replaying the backup dropped what the primary wrote (at most the primary's
+    // writes); live, it wrote the rest itself.
+    assert!(
+        bd.dropped >= 9 && bd.dropped <= pcounters.writes,
+        "{bd:?} vs {pcounters:?}"
+    );
+    assert!(bd.writes >= 2, "the live backup wrote INCR and SET: {bd:?}");
+    // Everything acknowledged is on the shared disk.
+    let mut expect: Vec<(&str, &str)> = acked
+        .iter()
+        .chain(&during_ok)
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    expect.push(("n", "4"));
+    expect.push(("after", "failover"));
+    recovers(&ns, &disk, &expect);
+}

@@ -7,13 +7,17 @@
 //! - with the backup's acknowledgements withheld, a guest write does not reach the disk file
 //!   until they resume;
 //! - the primary crashes mid-run: the backup goes live on the same disk, keeps every
-//!   acknowledged write, and `kv` restarted on the disk afterwards finds them all.
+//!   acknowledged write, and `kv` restarted on the disk afterwards finds them all;
+//! - `ftvm primary/backup --shared-disk` as real processes: `kv` under `redis-benchmark`, and a
+//!   mode mismatch refused at pairing (the `ftvm` binary comes from this test's target
+//!   directory; SKIP when it is not built).
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -527,4 +531,251 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
     expect.push(("n", "4"));
     expect.push(("after", "failover"));
     recovers(&ns, &disk, &expect);
+}
+
+// ---------------------------------------------------------------------------------------------
+// `ftvm primary/backup --shared-disk` as real processes
+// ---------------------------------------------------------------------------------------------
+
+/// The `ftvm` binary of this test's target directory (`cargo build -p ftvm`), if built.
+fn ftvm_binary(test: &str) -> Option<PathBuf> {
+    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
+        eprintln!("SKIP {test}: {r}");
+        return None;
+    }
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("ftvm");
+    if bin.exists() {
+        Some(bin)
+    } else {
+        eprintln!(
+            "SKIP {test}: {} not built (cargo build -p ftvm)",
+            bin.display()
+        );
+        None
+    }
+}
+
+fn wait_child(mut c: Child, what: &str, timeout: Duration) -> std::process::Output {
+    let start = Instant::now();
+    loop {
+        if c.try_wait().expect("try_wait").is_some() {
+            return c.wait_with_output().expect("output");
+        }
+        if start.elapsed() > timeout {
+            let _ = c.kill();
+            let out = c.wait_with_output().expect("output");
+            panic!(
+                "{what} did not finish in {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn report(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("report written");
+    serde_json::from_str(&text).expect("report is JSON")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[test]
+fn shared_disk_processes_refuse_a_mode_mismatch() {
+    const TEST: &str = "shared_disk_processes_refuse_a_mode_mismatch";
+    let Some(bin) = ftvm_binary(TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = common::blank_disk(dir.path(), "shared.img");
+    let peer = format!("127.0.0.1:{}", free_port());
+    let args = |role: &str, shared: bool| {
+        let mut v: Vec<String> = [
+            role,
+            "--guest",
+            "cpu",
+            "--mem",
+            "16M",
+            "--cmdline",
+            "size=64k rounds=1",
+            "--disk",
+            &disk.display().to_string(),
+            "--peer",
+            &peer,
+            "--transport",
+            "tcp",
+            "--throttle-target-ms",
+            "0",
+            "--log",
+            "error",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if shared {
+            v.push("--shared-disk".into());
+        }
+        v
+    };
+    let backup = Command::new(&bin)
+        .args(args("backup", true))
+        .env("RUST_BACKTRACE", "0")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn backup");
+    let primary = Command::new(&bin)
+        .args(args("primary", false))
+        .env("RUST_BACKTRACE", "0")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn primary");
+    let po = wait_child(primary, "primary", Duration::from_secs(60));
+    let bo = wait_child(backup, "backup", Duration::from_secs(60));
+    assert!(!po.status.success() && !bo.status.success());
+    for out in [&po, &bo] {
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("pairing digest mismatch") && text.contains("--shared-disk must agree"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn shared_disk_processes_kv_under_redis_benchmark() {
+    const TEST: &str = "shared_disk_processes_kv_under_redis_benchmark";
+    let Some(bin) = ftvm_binary(TEST) else {
+        return;
+    };
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    if Command::new("redis-benchmark")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP {TEST}: redis-benchmark not installed (redis-tools)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = common::blank_disk(dir.path(), "shared.img");
+    let ns = common::namespace("sdproc");
+    let peer = format!("127.0.0.1:{}", free_port());
+    let net = format!("tap:{}", common::TAP);
+    let cmdline = kv_cmdline();
+    let d = disk.display().to_string();
+    let spawn = |role: &str| -> Child {
+        let tag = if role == "primary" { "p" } else { "b" };
+        let rep = dir.path().join(format!("{tag}.json")).display().to_string();
+        let args = [
+            role,
+            "--guest",
+            "kv",
+            "--mem",
+            "64M",
+            "--disk",
+            &d,
+            "--shared-disk",
+            "--net",
+            &net,
+            "--cmdline",
+            &cmdline,
+            "--peer",
+            &peer,
+            "--transport",
+            "tcp",
+            "--throttle-target-ms",
+            "0",
+            "--report",
+            &rep,
+            "--log",
+            "warn",
+        ];
+        ns.command(&bin.display().to_string(), &args)
+            .env("RUST_BACKTRACE", "0")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let backup = spawn("backup");
+    std::thread::sleep(Duration::from_millis(300));
+    let primary = spawn("primary");
+    let start = Instant::now();
+    loop {
+        let out = ns
+            .exec(
+                "timeout",
+                &["2", "redis-cli", "-h", common::GUEST_IP, "PING"],
+            )
+            .expect("redis-cli");
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "kv in shared-disk mode did not answer PING"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = ns
+        .exec(
+            "timeout",
+            &[
+                "60",
+                "redis-benchmark",
+                "-h",
+                common::GUEST_IP,
+                "-n",
+                "2000",
+                "-c",
+                "4",
+                "-t",
+                "set",
+                "-q",
+            ],
+        )
+        .expect("redis-benchmark");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains("SET"), "{text}");
+    eprintln!("{TEST}: {}", text.trim().rsplit('\r').next().unwrap_or(""));
+    assert_eq!(
+        common::redis_reply(&ns, &["SET", "sdkey", "shared-value"]),
+        "OK"
+    );
+    common::redis_shutdown(&ns);
+    let po = wait_child(primary, "primary", Duration::from_secs(60));
+    let bo = wait_child(backup, "backup", Duration::from_secs(60));
+    assert!(
+        po.status.success(),
+        "{}",
+        String::from_utf8_lossy(&po.stderr)
+    );
+    assert!(
+        bo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bo.stderr)
+    );
+    let p = report(&dir.path().join("p.json"));
+    let b = report(&dir.path().join("b.json"));
+    eprintln!(
+        "{TEST}: primary disk {} waits {}; backup disk {}",
+        p["shared_disk"], p["disk_waits"], b["shared_disk"]
+    );
+    assert_eq!(b["mem_digest"], p["mem_digest"]);
+    let writes = p["shared_disk"]["writes"].as_u64().expect("primary writes");
+    assert!(writes >= 100, "{p}");
+    assert_eq!(p["disk_waits"]["writes"].as_u64(), Some(writes));
+    assert_eq!(b["shared_disk"]["dropped"].as_u64(), Some(writes), "{b}");
+    assert_eq!(b["shared_disk"]["writes"], 0);
+    assert_eq!(b["shared_disk"]["reads"], 0);
+    assert_eq!(p["disk_digest"], b["disk_digest"]);
+    recovers(&ns, &disk, &[("sdkey", "shared-value")]);
 }

@@ -25,18 +25,23 @@
 //! claims the *next* generation, and fencing does the rest.
 //!
 //! The client is [`etcdv3client`], whose gRPC code is generated ahead of time (no `protoc` at
-//! build time). Each endpoint gets its own connection; an operation tries the endpoints in turn
-//! (starting with the last one that worked), each with a timeout, and reports
-//! [`ArbiterError::Unreachable`] when none answers. A transaction whose reply was lost may have
-//! been applied: its retry finds the claim naming the caller and reports it won.
+//! build time). Each endpoint gets its own connection; an operation goes first to the last
+//! endpoint that answered, and each 250 ms without an answer (or at once after a failure) it is
+//! also sent to the next one (a hedged request), each attempt with its own timeout; the first
+//! answer wins, and [`ArbiterError::Unreachable`] is reported when none answers. A transaction
+//! whose reply was lost may have been applied: its retry finds the claim naming the caller and
+//! reports it won — which also makes two concurrent attempts of one claim safe.
 //!
 //! A crashed member costs nothing: its connection fails at once and the next endpoint answers
 //! (test: `crashed_endpoint_with_a_cached_connection_is_skipped_at_once`, ~2 ms). A crashed
-//! *leader* costs an election: until the survivors' election timeout (etcd's default 1 s,
-//! randomised up to 2 s) they still follow the dead leader, and a claim sent to one of them
-//! meanwhile is forwarded to it and never answered, so that attempt ends only at `op_timeout`
-//! and the retry goes through. A failover right after the leader crashed thus took the arbiter
-//! ~2.0 s instead of ~3 ms (ftvm's `etcd_member_down_sigkill_primary_backup_goes_live_…` test).
+//! *leader* costs more: until the survivors' election timeout (etcd's default 1 s, randomised
+//! up to 2 s) a member still following the dead leader forwards the claim to it and does not
+//! answer. Before hedging that attempt ran into its 2 s timeout (a failover right after the
+//! leader crashed took the arbiter ~2.0 s instead of ~3 ms, ftvm's
+//! `etcd_member_down_sigkill_primary_backup_goes_live_…` test); now the next member is asked
+//! after 250 ms, and every 250 ms a new request goes to the next member (round-robin): a
+//! request forwarded to the dead leader stays unanswered even after the election, a new one
+//! goes through, so the claim waits about as long as the election.
 
 use std::future::Future;
 use std::io;
@@ -59,8 +64,11 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// Key prefix of this pair's claims (one prefix per protected VM).
     pub prefix: String,
-    /// Limit for one operation on one endpoint (connection included).
+    /// Limit for one operation (connections included), over all its hedged attempts.
     pub op_timeout: Duration,
+    /// An operation not answered within this is also sent to the next endpoint (a hedged
+    /// request), and so on; the first answer wins.
+    pub hedge_after: Duration,
 }
 
 impl EtcdConfig {
@@ -70,6 +78,7 @@ impl EtcdConfig {
             endpoints,
             prefix: prefix.into(),
             op_timeout: Duration::from_secs(2),
+            hedge_after: Duration::from_millis(250),
         }
     }
 }
@@ -137,24 +146,35 @@ impl EtcdArbiter {
         format!("{}/gen/{generation:0GEN_DIGITS$}", self.config.prefix).into_bytes()
     }
 
-    /// Runs `op` against the endpoints in turn until one answers.
+    /// Runs `op` against the endpoints until one answers: first the one that answered last;
+    /// each [`EtcdConfig::hedge_after`] without an answer (or at once after a failure) the
+    /// next one joins (round-robin, a new request each time), while the earlier attempts keep
+    /// running; the first success wins. Gives up when every endpoint failed, or after
+    /// [`EtcdConfig::op_timeout`] without an answer.
+    ///
+    /// Hedging matters after the cluster's *leader* crashed: a member still following it
+    /// forwards the request and never answers until the election, while another member may
+    /// answer at once. Running a claim on two members at once is safe: it is one transaction
+    /// on one replicated store, and a claim that finds the key already naming the caller reports
+    /// it won (see [`Arbiter::try_acquire`] below).
     fn with_client<T, F, Fut>(&self, op: F) -> Result<T, ArbiterError>
     where
         F: Fn(EtcdClient) -> Fut,
         Fut: Future<Output = Result<T, etcdv3client::Error>>,
     {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
         let mut conns = self
             .connections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = conns.clients.len();
-        let mut last_error = String::new();
-        for i in 0..n {
-            let idx = (conns.preferred + i) % n;
-            let endpoint = &self.config.endpoints[idx];
+        let order: Vec<usize> = (0..n).map(|i| (conns.preferred + i) % n).collect();
+        let attempt = |idx: usize| {
+            let endpoint = self.config.endpoints[idx].clone();
             let cached = conns.clients[idx].clone();
-            let attempt = self.runtime.block_on(async {
-                tokio::time::timeout(self.config.op_timeout, async {
+            let op = &op;
+            async move {
+                let r = tokio::time::timeout(self.config.op_timeout, async {
                     let client = match cached {
                         Some(c) => c,
                         None => EtcdClient::new(vec![endpoint.clone()], None).await?,
@@ -162,30 +182,87 @@ impl EtcdArbiter {
                     let out = op(client.clone()).await?;
                     Ok::<_, etcdv3client::Error>((client, out))
                 })
-                .await
-            });
-            match attempt {
-                Ok(Ok((client, out))) => {
-                    conns.clients[idx] = Some(client);
-                    conns.preferred = idx;
-                    return Ok(out);
+                .await;
+                (idx, endpoint, r)
+            }
+        };
+        let deadline = tokio::time::Instant::now() + self.config.op_timeout;
+        let (outcome, failed) = self.runtime.block_on(async {
+            let mut running = FuturesUnordered::new();
+            let mut next = 0;
+            let mut failed: Vec<(usize, String)> = Vec::new();
+            loop {
+                if running.is_empty() {
+                    // Every endpoint failed (the first pass), or none is left to try.
+                    let Some(&idx) = order.get(next) else {
+                        return (None, failed);
+                    };
+                    next += 1;
+                    running.push(attempt(idx));
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(endpoint, error = %e, "etcd endpoint failed");
-                    last_error = format!("{endpoint}: {e}");
+                if tokio::time::Instant::now() >= deadline {
+                    return (None, failed);
                 }
-                Err(_) => {
-                    tracing::debug!(endpoint, "etcd endpoint timed out");
-                    last_error =
-                        format!("{endpoint}: timed out after {:?}", self.config.op_timeout);
+                let hedge = tokio::time::sleep_until(
+                    (tokio::time::Instant::now() + self.config.hedge_after).min(deadline),
+                );
+                tokio::select! {
+                    done = running.next() => {
+                        let Some((idx, endpoint, r)) = done else { continue };
+                        match r {
+                            Ok(Ok((client, out))) => return (Some((idx, client, out)), failed),
+                            Ok(Err(e)) => {
+                                tracing::debug!(endpoint, error = %e, "etcd endpoint failed");
+                                failed.push((idx, format!("{endpoint}: {e}")));
+                            }
+                            Err(_) => {
+                                tracing::debug!(endpoint, "etcd endpoint timed out");
+                                failed.push((idx, format!(
+                                    "{endpoint}: timed out after {:?}",
+                                    self.config.op_timeout
+                                )));
+                            }
+                        }
+                        // A failure in the first pass: the next endpoint joins at once.
+                        if let Some(&idx) = order.get(next) {
+                            next += 1;
+                            running.push(attempt(idx));
+                        }
+                    }
+                    () = hedge => {
+                        // Round-robin, also past the first pass: a request forwarded to a dead
+                        // leader stays unanswered even after the election, a new one goes
+                        // through.
+                        if n > 0 && tokio::time::Instant::now() < deadline {
+                            let idx = order[next % n];
+                            tracing::debug!(endpoint = %self.config.endpoints[idx], "etcd: hedging");
+                            next += 1;
+                            running.push(attempt(idx));
+                        }
+                    }
                 }
             }
-            conns.clients[idx] = None;
+        });
+        for (idx, _) in &failed {
+            conns.clients[*idx] = None;
         }
-        Err(ArbiterError::unreachable(
-            self.config.endpoints.join(","),
-            io::Error::other(format!("no endpoint answered (last: {last_error})")),
-        ))
+        match outcome {
+            Some((idx, client, out)) => {
+                conns.clients[idx] = Some(client);
+                conns.preferred = idx;
+                Ok(out)
+            }
+            None => {
+                let last_error = failed.last().map_or_else(
+                    || format!("none answered within {:?}", self.config.op_timeout),
+                    |(_, e)| e.clone(),
+                );
+                Err(ArbiterError::unreachable(
+                    self.config.endpoints.join(","),
+                    io::Error::other(format!("no endpoint answered (last: {last_error})")),
+                ))
+            }
+        }
     }
 
     fn parse_current(&self, value: &[u8]) -> Result<(u64, NodeId), ArbiterError> {
@@ -447,6 +524,9 @@ mod tests {
         let (first, second) = (LocalEtcd::start("first"), LocalEtcd::start("second"));
         let mut config = EtcdConfig::new(vec![first.url(), second.url()], "/t");
         config.op_timeout = Duration::from_secs(5);
+        // No hedging: a slow first answer (a loaded machine) must not make the second endpoint
+        // the preferred one before the crash; what is tested is the move after a failure.
+        config.hedge_after = config.op_timeout;
         let arb = EtcdArbiter::new(config).expect("arbiter");
         wait_answers(&arb);
         wait_answers(
@@ -468,6 +548,40 @@ mod tests {
         eprintln!("{TEST}: claim through the second endpoint in {took:?}");
         assert!(took < Duration::from_secs(1), "took {took:?}");
         assert_eq!(preferred(&arb), (1, vec![false, true]));
+        assert_eq!(arb.current().expect("current"), Some((1, a)));
+    }
+
+    /// The preferred endpoint accepts connections but never answers (as a member following a
+    /// crashed leader does until the election): after `hedge_after` the claim also goes to the
+    /// next endpoint, which answers; the silent one's timeout (10 s here) is not waited for.
+    #[test]
+    fn silent_endpoint_is_hedged_after_a_quarter_second() {
+        const TEST: &str = "silent_endpoint_is_hedged_after_a_quarter_second";
+        if std::process::Command::new("etcd")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIP {TEST}: etcd not installed (Debian package etcd-server)");
+            return;
+        }
+        // The kernel completes the TCP handshake (backlog); nobody ever reads or writes.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let silent_url = format!("http://{}", silent.local_addr().expect("addr"));
+        let etcd = LocalEtcd::start("hedge");
+        wait_answers(&EtcdArbiter::new(EtcdConfig::new(vec![etcd.url()], "/h")).expect("arbiter"));
+        let mut config = EtcdConfig::new(vec![silent_url, etcd.url()], "/h");
+        config.op_timeout = Duration::from_secs(10);
+        let arb = EtcdArbiter::new(config).expect("arbiter");
+        let a = NodeId::new("a").expect("id");
+        let t = std::time::Instant::now();
+        assert_eq!(arb.try_acquire(1, &a).expect("claim"), Acquire::Won);
+        let took = t.elapsed();
+        eprintln!("{TEST}: claim answered by the second endpoint in {took:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "waited {took:?}: the silent endpoint's timeout, not the hedge"
+        );
         assert_eq!(arb.current().expect("current"), Some((1, a)));
     }
 

@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_channel::netns::Netns;
+use ftvm_channel::netns::{Netns, NetnsError};
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
 use ftvm_vmm_core::devices::virtio::blk::BlkCounters;
@@ -31,14 +31,16 @@ use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter, RetryPolicy};
 use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader};
 use ftvm_vmm_core::ft::detector::DetectorConfig;
 use ftvm_vmm_core::ft::digest::pairing_digest;
-use ftvm_vmm_core::ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, FtConfig};
+use ftvm_vmm_core::ft::golive::{
+    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, PrimaryFtReport,
+};
 use ftvm_vmm_core::ft::node::{NodeId, Role};
 use ftvm_vmm_core::ft::primary::{
     error_chain, run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
 use ftvm_vmm_core::guests;
 use ftvm_vmm_core::testing::StallAcks;
-use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig};
+use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 
 const MEM: u64 = 64 << 20;
 
@@ -352,20 +354,22 @@ fn ft(arbiter: &Arc<dyn Arbiter>, node: &str, bind: SocketAddr, peer: SocketAddr
     }
 }
 
-#[test]
-fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes() {
-    const TEST: &str =
-        "shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk: PathBuf = common::blank_disk(dir.path(), "shared.img");
-    let adir = dir.path().join("arbiter");
-    std::fs::create_dir(&adir).expect("arbiter dir");
-    let arbiter: Arc<dyn Arbiter> = Arc::new(FileArbiter::new(&adir));
-    let ns = common::namespace("sdlive");
+type PrimaryEnd = (Result<PrimaryFtReport, PairError>, BlkCounters);
+
+/// A fault-tolerant shared-disk pair of `kv` on `disk` (file arbiter in `adir`, detectors with a
+/// 250 ms timeout); the backup takes over the TAP of `ns` when it goes live. Each side's thread
+/// returning is a crash of that side (its VM, channel end and detector go).
+struct FtPair {
+    primary: std::thread::JoinHandle<Result<Result<PrimaryEnd, PairError>, NetnsError>>,
+    backup: std::thread::JoinHandle<Result<Result<BackupFtReport, PairError>, NetnsError>>,
+    primary_vm: VmControl,
+    backup_vm: VmControl,
+    arbiter: Arc<dyn Arbiter>,
+}
+
+fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
+    std::fs::create_dir(adir).expect("arbiter dir");
+    let arbiter: Arc<dyn Arbiter> = Arc::new(FileArbiter::new(adir));
     let elf = guests::by_name("kv").expect("kv guest");
     let [pa, ba] = free_udp();
     let pft = ft(&arbiter, "primary", pa, ba);
@@ -373,12 +377,14 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
     bft.service_tap = Some(common::TAP.into());
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let bdisk = disk.clone();
+    let bdisk = disk.to_path_buf();
+    let (btx, brx) = mpsc::channel();
     let backup = ns
         .spawn("sd-backup", move || {
             let (cfg, buf) = backup_config(&bdisk);
             let mut vm = Vm::new(&cfg, elf).expect("backup vm");
             vm.disk().expect("disk").set_shared(true);
+            btx.send(vm.control()).expect("control");
             let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
             let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
             let rx = LogReceiver::start(p, c, Box::new(t), chan(&bdisk), PollerConfig::default())?;
@@ -388,10 +394,10 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
         })
         .expect("spawn backup");
     let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
-    let (cfg, pbuf) = primary_config(&disk);
+    let (cfg, pbuf) = primary_config(disk);
     let pconsole = pbuf.clone();
     let (ptx, prx) = mpsc::channel();
-    let pdisk = disk.clone();
+    let pdisk = disk.to_path_buf();
     let primary = ns
         .spawn("sd-primary", move || {
             let mut vm = Vm::new(&cfg, elf).expect("primary vm");
@@ -405,14 +411,40 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
                 ack_timeout: Duration::from_secs(10),
                 ..Default::default()
             };
-            // Returning drops the VM (its TAP and disk files), the channel and the detector:
-            // a crash.
             let r = run_primary_ft(&mut vm, &writer, &opts, None, &PrimaryHooks::default(), pft);
             Ok::<_, PairError>((r, vm.disk().expect("disk").counters()))
         })
         .expect("spawn primary");
     let primary_vm = prx.recv().expect("primary control");
-    common::wait_ready_with(&ns, &pconsole);
+    let backup_vm = brx.recv().expect("backup control");
+    common::wait_ready_with(ns, &pconsole);
+    FtPair {
+        primary,
+        backup,
+        primary_vm,
+        backup_vm,
+        arbiter,
+    }
+}
+
+#[test]
+fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes() {
+    const TEST: &str =
+        "shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes";
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk: PathBuf = common::blank_disk(dir.path(), "shared.img");
+    let ns = common::namespace("sdlive");
+    let FtPair {
+        primary,
+        backup,
+        primary_vm,
+        arbiter,
+        ..
+    } = ft_pair(&ns, &disk, &dir.path().join("arbiter"));
     let acked: Vec<(String, String)> = (0..6)
         .map(|i| (format!("before{i}"), format!("acked-before-crash-{i}")))
         .collect();
@@ -514,6 +546,13 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
         live.timings.at_exit
     );
     assert_eq!((live.code, live.timings.generation), (0, 2));
+    assert_eq!(
+        arbiter
+            .current()
+            .expect("arbiter")
+            .map(|(g, w)| (g, w.to_string())),
+        Some((2, "backup".to_string()))
+    );
     assert!(pcounters.writes >= 9, "{pcounters:?}");
     // While replaying the backup dropped what the primary wrote (at most the primary's
     // writes); live, it wrote the rest itself.
@@ -530,6 +569,70 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
         .collect();
     expect.push(("n", "4"));
     expect.push(("after", "failover"));
+    recovers(&ns, &disk, &expect);
+}
+
+#[test]
+fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
+    const TEST: &str = "shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes";
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk: PathBuf = common::blank_disk(dir.path(), "shared.img");
+    let ns = common::namespace("sdalone");
+    let FtPair {
+        primary,
+        backup,
+        backup_vm,
+        arbiter,
+        ..
+    } = ft_pair(&ns, &disk, &dir.path().join("arbiter"));
+    assert_eq!(common::redis_reply(&ns, &["SET", "paired", "yes"]), "OK");
+    // The backup crashes; the client keeps writing: the first writes after it may wait in the
+    // primary's disk barrier (no acknowledgement will come) until the primary goes alone.
+    backup_vm.kick();
+    let b = backup.join().expect("backup thread").expect("netns");
+    assert!(
+        matches!(b, Err(PairError::Paused(_))),
+        "backup did not crash as planned"
+    );
+    let t0 = Instant::now();
+    for i in 0..20 {
+        let (k, v) = (format!("alone{i}"), format!("written-alone-{i}"));
+        assert_eq!(common::redis_reply(&ns, &["SET", &k, &v]), "OK", "{k}");
+    }
+    eprintln!(
+        "{TEST}: 20 SETs in {:?} after the backup crashed",
+        t0.elapsed()
+    );
+    common::redis_shutdown(&ns);
+    let (p, pcounters) = primary
+        .join()
+        .expect("primary thread")
+        .expect("netns")
+        .expect("primary setup");
+    let p = p.unwrap_or_else(|e| panic!("primary: {}", error_chain(&e)));
+    let waits = p.report.disk_waits.expect("disk waits");
+    eprintln!("{TEST}: {pcounters:?} {waits:?} alone {:?}", p.alone);
+    assert_eq!(p.alone.map(|t| t.generation), Some(2));
+    assert_eq!(
+        arbiter
+            .current()
+            .expect("arbiter")
+            .map(|(g, w)| (g, w.to_string())),
+        Some((2, "primary".to_string()))
+    );
+    assert!(waits.alone >= 20, "{waits:?}");
+    assert_eq!(waits.writes, pcounters.gated);
+    assert_eq!(pcounters.refused, 0);
+    let mut expect = vec![("paired".to_string(), "yes".to_string())];
+    expect.extend((0..20).map(|i| (format!("alone{i}"), format!("written-alone-{i}"))));
+    let expect: Vec<(&str, &str)> = expect
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     recovers(&ns, &disk, &expect);
 }
 

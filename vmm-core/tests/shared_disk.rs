@@ -2,8 +2,8 @@
 //! the `kv` guest on a TAP in a network namespace, TCP on loopback, one process).
 //!
 //! - a pair running `kv` under client commands: the backup never touches the disk (it drops
-//!   exactly the writes the primary performed), and `kv` restarted on the disk recovers every
-//!   key;
+//!   exactly the writes the primary performed), the disk ends byte for byte equal to the disk of
+//!   a run without FT given the same commands, and `kv` restarted on it recovers every key;
 //! - with the backup's acknowledgements withheld, a guest write does not reach the disk file
 //!   until they resume;
 //! - the primary crashes mid-run: the backup goes live on the same disk, keeps every
@@ -197,8 +197,8 @@ fn kv_pair(
 }
 
 #[test]
-fn shared_disk_kv_pair_backup_never_writes_and_the_disk_recovers() {
-    const TEST: &str = "shared_disk_kv_pair_backup_never_writes_and_the_disk_recovers";
+fn shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes() {
+    const TEST: &str = "shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes";
     if let Some(r) = common::net_missing() {
         eprintln!("SKIP {TEST}: {r}");
         return;
@@ -209,17 +209,30 @@ fn shared_disk_kv_pair_backup_never_writes_and_the_disk_recovers() {
     let keys: Vec<(String, String)> = (0..8)
         .map(|i| (format!("key{i}"), format!("value-{i}-shared")))
         .collect();
-    let r = kv_pair(&ns, &disk, Arc::default(), |console| {
-        common::wait_ready_with(&ns, console);
+    let commands = |ns: &Netns| {
         for (k, v) in &keys {
-            assert_eq!(common::redis_reply(&ns, &["SET", k, v]), "OK");
+            assert_eq!(common::redis_reply(ns, &["SET", k, v]), "OK");
         }
         for i in 1..=3 {
-            assert_eq!(common::redis_reply(&ns, &["INCR", "n"]), i.to_string());
+            assert_eq!(common::redis_reply(ns, &["INCR", "n"]), i.to_string());
         }
-        assert_eq!(common::redis_reply(&ns, &["DEL", "key7"]), "1");
-        common::redis_shutdown(&ns);
+        assert_eq!(common::redis_reply(ns, &["DEL", "key7"]), "1");
+        common::redis_shutdown(ns);
+    };
+    let r = kv_pair(&ns, &disk, Arc::default(), |console| {
+        common::wait_ready_with(&ns, console);
+        commands(&ns);
     });
+    // The same commands on a plain kv without FT, on a disk of its own.
+    let plain = common::blank_disk(dir.path(), "plain.img");
+    let vm = common::start_kv(&ns, &plain, "");
+    common::wait_ready(&ns, &vm);
+    commands(&ns);
+    assert_eq!(vm.join().expect("plain kv"), RunOutcome::PoweredOff(0));
+    assert!(
+        std::fs::read(&plain).expect("plain disk") == std::fs::read(&disk).expect("shared disk"),
+        "the shared disk differs from the disk of a run without FT"
+    );
     let (p, b) = (&r.primary, &r.backup);
     eprintln!(
         "{TEST}: primary disk {:?}, waits {:?}; backup disk {:?}",

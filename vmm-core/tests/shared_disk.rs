@@ -8,6 +8,8 @@
 //!   until they resume;
 //! - the primary crashes mid-run: the backup goes live on the same disk, keeps every
 //!   acknowledged write, and `kv` restarted on the disk afterwards finds them all;
+//! - the backup's log ends inside a disk exit (after the read data, before the status): going
+//!   live completes the request on the disk (else `kv` would see an I/O error and stop);
 //! - `ftvm primary/backup --shared-disk` as real processes: `kv` under `redis-benchmark`, and a
 //!   mode mismatch refused at pairing (the `ftvm` binary comes from this test's target
 //!   directory; SKIP when it is not built).
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 use ftvm_channel::netns::{Netns, NetnsError};
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
-use ftvm_vmm_core::devices::virtio::blk::BlkCounters;
+use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter, RetryPolicy};
 use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader};
 use ftvm_vmm_core::ft::detector::DetectorConfig;
@@ -39,6 +41,9 @@ use ftvm_vmm_core::ft::primary::{
     error_chain, run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
 use ftvm_vmm_core::guests;
+use ftvm_vmm_core::memory::GuestMem;
+use ftvm_vmm_core::record::memlog::{Event, MemRecorder, MemReplay};
+use ftvm_vmm_core::record::{Inputs, Recorder, ReplayError, ReplaySource};
 use ftvm_vmm_core::testing::StallAcks;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 
@@ -647,6 +652,137 @@ fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     recovers(&ns, &disk, &expect);
+}
+
+/// The log of a primary that died in the middle of a disk exit, for a replaying VM: the events
+/// of [`MemReplay`]; once they run out (at an external read, or at the end of an exit with no
+/// event of a later exit left, as the backup's log reader decides) the VM goes live, and the
+/// disk is taken over with [`BlkHandle::go_live`](ftvm_vmm_core::devices::virtio::blk::BlkHandle::go_live)
+/// as the backup's go-live does.
+struct CutLog {
+    events: MemReplay,
+    disk: BlkHandle,
+    mem: GuestMem,
+    live_at: Arc<Mutex<Option<(u64, usize)>>>,
+}
+
+impl ReplaySource for CutLog {
+    fn external_read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
+        if self.events.remaining() == 0 {
+            return Err(ReplayError::Exhausted { exit });
+        }
+        self.events.external_read(exit, addr)
+    }
+    fn guest_writes(
+        &mut self,
+        exit: u64,
+        apply: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<(), ReplayError> {
+        self.events.guest_writes(exit, apply)?;
+        if self.events.remaining() == 0 {
+            return Err(ReplayError::Exhausted { exit });
+        }
+        Ok(())
+    }
+    fn go_live(&mut self, exit: u64) -> Option<Box<dyn Recorder>> {
+        let redone = self.disk.go_live(exit, &self.mem);
+        *self.live_at.lock().unwrap() = Some((exit, redone));
+        Some(Box::new(()))
+    }
+}
+
+/// Runs `vm` one exit at a time until `done` holds (or it stops, or 20 s pass).
+fn step_until(vm: &mut Vm, what: &str, done: impl Fn(&Vm) -> bool) {
+    let t0 = Instant::now();
+    while !done(vm) {
+        let next = vm.stats().total() + 1;
+        match vm.run_until(Some(next)) {
+            Ok(RunOutcome::ExitLimit) => {}
+            other => panic!("{what}: the VM stopped: {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{what}: too slow");
+    }
+}
+
+#[test]
+fn shared_disk_go_live_inside_a_disk_exit_completes_the_request() {
+    const TEST: &str = "shared_disk_go_live_inside_a_disk_exit_completes_the_request";
+    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let elf = guests::by_name("kv").expect("kv guest");
+    let config = |disk: &Path| VmConfig {
+        disk: Some(disk.to_path_buf()),
+        ..backup_config(disk).0
+    };
+    // The primary: kv boots, reads its log header from the disk (one request per exit), finds
+    // a blank disk and writes a fresh header. Recorded up to the end of the first read's exit.
+    let pdisk = common::blank_disk(dir.path(), "primary.img");
+    let mut primary = Vm::new(&config(&pdisk), elf).expect("primary vm");
+    let rec = MemRecorder::default();
+    primary.set_inputs(Inputs::Live(Box::new(rec.clone())));
+    let reads = |vm: &Vm| vm.disk().expect("disk").counters().reads;
+    step_until(&mut primary, "primary", |vm| reads(vm) >= 1);
+    let read_exit = primary.stats().total() - 1;
+    let log = rec.log.lock().unwrap().clone();
+    // That exit logged the read data first, then the status byte and the used ring.
+    let of_exit: Vec<&Event> = log
+        .iter()
+        .filter(|e| matches!(e, Event::Write { exit, .. } if *exit == read_exit))
+        .collect();
+    assert!(of_exit.len() >= 3, "{of_exit:?}");
+    assert!(
+        matches!(of_exit[0], Event::Write { data, .. } if data.len() == 512),
+        "{:?}",
+        of_exit[0]
+    );
+    // The primary dies after logging the read data, before the status: the backup's log ends
+    // inside the disk exit.
+    let cut: Vec<Event> = log
+        .iter()
+        .filter(|e| match e {
+            Event::Write { exit, .. } | Event::Read { exit, .. } => *exit < read_exit,
+        })
+        .cloned()
+        .chain(std::iter::once(of_exit[0].clone()))
+        .collect();
+    step_until(&mut primary, "primary", |vm| {
+        vm.disk().expect("disk").counters().writes >= 1
+    });
+    // The backup, on its shared-disk replica (equal to the primary's disk before it ran).
+    let bdisk = common::blank_disk(dir.path(), "backup.img");
+    let mut backup = Vm::new(&config(&bdisk), elf).expect("backup vm");
+    let disk = backup.disk().expect("disk").clone();
+    disk.set_shared(true);
+    disk.set_mode(DiskMode::Replay);
+    let live_at = Arc::new(Mutex::new(None));
+    backup.set_inputs(Inputs::Replay(Box::new(CutLog {
+        events: MemReplay::new(cut),
+        disk: disk.clone(),
+        mem: backup.memory().clone(),
+        live_at: live_at.clone(),
+    })));
+    // Without the go-live completion the guest would find the status byte at 0xFF (an I/O
+    // error) and power off with its disk-failure code instead of writing the fresh header.
+    step_until(&mut backup, "backup", |_| disk.counters().writes >= 1);
+    let c = disk.counters();
+    eprintln!(
+        "{TEST}: read at exit {read_exit}, live at {:?}, {c:?}",
+        live_at.lock().unwrap()
+    );
+    assert_eq!(*live_at.lock().unwrap(), Some((read_exit, 1)));
+    // The read executed at go-live (the only disk access of the replay), then kv's own write.
+    assert_eq!(
+        (c.redone, c.reads, c.writes, c.dropped),
+        (1, 1, 1, 0),
+        "{c:?}"
+    );
+    assert!(
+        std::fs::read(&bdisk).unwrap() == std::fs::read(&pdisk).unwrap(),
+        "the backup's disk differs from the primary's after the same boot"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -642,7 +642,7 @@ impl Drop for Scenario {
         self.backup.take();
         self.etcd.clear();
         if let Some(p) = &self.shm {
-            for ext in ["a2b", "b2a"] {
+            for ext in ["a2b", "b2a", "bell"] {
                 let mut f = p.as_os_str().to_owned();
                 f.push(format!(".{ext}"));
                 let _ = std::fs::remove_file(PathBuf::from(f));

@@ -498,6 +498,18 @@ mod tests {
     }
 
     /// Waits (at most 15 s) until `arb` answers a read.
+    /// Prints the SKIP line and returns true when the `etcd` binary is missing.
+    fn skip_without_etcd(test: &str) -> bool {
+        let missing = std::process::Command::new("etcd")
+            .arg("--version")
+            .output()
+            .is_err();
+        if missing {
+            eprintln!("SKIP {test}: etcd not installed (Debian package etcd-server)");
+        }
+        missing
+    }
+
     fn wait_answers(arb: &EtcdArbiter) {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while let Err(e) = arb.current() {
@@ -513,12 +525,7 @@ mod tests {
     #[test]
     fn crashed_endpoint_with_a_cached_connection_is_skipped_at_once() {
         const TEST: &str = "crashed_endpoint_with_a_cached_connection_is_skipped_at_once";
-        if std::process::Command::new("etcd")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("SKIP {TEST}: etcd not installed (Debian package etcd-server)");
+        if skip_without_etcd(TEST) {
             return;
         }
         let (first, second) = (LocalEtcd::start("first"), LocalEtcd::start("second"));
@@ -557,12 +564,7 @@ mod tests {
     #[test]
     fn silent_endpoint_is_hedged_after_a_quarter_second() {
         const TEST: &str = "silent_endpoint_is_hedged_after_a_quarter_second";
-        if std::process::Command::new("etcd")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("SKIP {TEST}: etcd not installed (Debian package etcd-server)");
+        if skip_without_etcd(TEST) {
             return;
         }
         // The kernel completes the TCP handshake (backlog); nobody ever reads or writes.

@@ -605,6 +605,16 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         d.value_at_quantile(0.5),
         d.value_at_quantile(0.99)
     );
+    if let Some(w) = &report.disk_waits {
+        eprintln!(
+            "primary: shared disk: {} writes, {} waited for the backup's ack ({:.1} ms in total, longest {:.3} ms), {} while alone",
+            w.writes,
+            w.waited,
+            ms(w.time),
+            ms(w.max),
+            w.alone
+        );
+    }
     write_report(
         &s.report,
         &serde_json::json!({

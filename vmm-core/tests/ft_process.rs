@@ -8,57 +8,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn ftvm_binary(test: &str) -> Option<PathBuf> {
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
-        eprintln!("SKIP {test}: {r}");
-        return None;
-    }
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("ftvm");
-    if bin.exists() {
-        Some(bin)
-    } else {
-        eprintln!(
-            "SKIP {test}: {} not built (cargo build -p ftvm)",
-            bin.display()
-        );
-        None
-    }
-}
-
-fn wait_child(mut c: Child, what: &str, timeout: Duration) -> std::process::Output {
-    let start = Instant::now();
-    loop {
-        if c.try_wait().expect("try_wait").is_some() {
-            return c.wait_with_output().expect("output");
-        }
-        if start.elapsed() > timeout {
-            let _ = c.kill();
-            let out = c.wait_with_output().expect("output");
-            panic!(
-                "{what} did not finish in {timeout:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn report(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).expect("report written");
-    serde_json::from_str(&text).expect("report is JSON")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use common::{free_port, ftvm_binary, report, wait_child};
 
 fn check_equal_runs(dir: &Path, disk: bool) {
     let p = report(&dir.join("p.json"));
@@ -257,41 +211,8 @@ fn ft_processes_kv_under_redis_benchmark() {
     let backup = spawn("backup", "b.img");
     let primary = spawn("primary", "a.img");
     // Wait until kv answers (through the primary; replies are released under the output rule).
-    let start = Instant::now();
-    loop {
-        let out = ns
-            .exec(
-                "timeout",
-                &["2", "redis-cli", "-h", common::GUEST_IP, "PING"],
-            )
-            .expect("redis-cli");
-        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "kv under FT did not answer PING"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = ns
-        .exec(
-            "timeout",
-            &[
-                "60",
-                "redis-benchmark",
-                "-h",
-                common::GUEST_IP,
-                "-n",
-                "3000",
-                "-c",
-                "8",
-                "-t",
-                "set,get",
-                "-q",
-            ],
-        )
-        .expect("redis-benchmark");
+    common::wait_pong(&ns, "kv under FT did not answer PING");
+    let out = common::redis_benchmark(&ns, "3000", "8", "set,get");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "redis-benchmark: {text}");
     assert!(text.contains("SET") && text.contains("GET"), "{text}");

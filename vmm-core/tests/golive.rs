@@ -22,14 +22,13 @@ use std::time::{Duration, Instant};
 
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
-use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter, RetryPolicy};
+use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter};
 use ftvm_vmm_core::ft::backup::LogReader;
-use ftvm_vmm_core::ft::detector::DetectorConfig;
 use ftvm_vmm_core::ft::digest::pairing_digest;
 use ftvm_vmm_core::ft::golive::{
     run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, PrimaryFtReport,
 };
-use ftvm_vmm_core::ft::node::{NodeId, Role};
+use ftvm_vmm_core::ft::node::NodeId;
 use ftvm_vmm_core::ft::output::Sink;
 use ftvm_vmm_core::ft::primary::{LogWriter, PairError, PairOptions, PrimaryHooks};
 use ftvm_vmm_core::testing::StallAcks;
@@ -68,24 +67,6 @@ fn channel_config() -> Config {
     Config {
         digest: pairing_digest(elf, CMDLINE, MEM, None).expect("digest"),
         ..Config::default()
-    }
-}
-
-fn ft(arbiter: &Arc<dyn Arbiter>, node: &str, bind: SocketAddr, peer: SocketAddr) -> FtConfig {
-    let mut detector = DetectorConfig::new(bind, peer, Role::Primary);
-    detector.interval = Duration::from_millis(10);
-    detector.timeout = Duration::from_millis(250);
-    FtConfig {
-        retry: RetryPolicy {
-            initial: Duration::from_millis(5),
-            max: Duration::from_millis(50),
-        },
-        ..FtConfig::new(
-            Arc::clone(arbiter),
-            NodeId::new(node).expect("node id"),
-            1,
-            detector,
-        )
     }
 }
 
@@ -158,8 +139,8 @@ impl PairSpec {
     fn new(arbiter: Arc<dyn Arbiter>) -> Self {
         let [pa, ba] = free_udp();
         PairSpec {
-            primary_ft: ft(&arbiter, "primary", pa, ba),
-            backup_ft: ft(&arbiter, "backup", ba, pa),
+            primary_ft: common::ft_config(&arbiter, "primary", pa, ba),
+            backup_ft: common::ft_config(&arbiter, "backup", ba, pa),
             arbiter,
             stall_acks: false,
         }
@@ -428,8 +409,8 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
     let mut spec = PairSpec::new(Arc::clone(&arbiter));
     // The primary hears no heartbeat (the backup's go elsewhere): it will presume the backup
     // failed; the backup hears the primary.
-    spec.primary_ft = ft(&arbiter, "primary", pa, ba);
-    spec.backup_ft = ft(&arbiter, "backup", ba, nowhere);
+    spec.primary_ft = common::ft_config(&arbiter, "primary", pa, ba);
+    spec.backup_ft = common::ft_config(&arbiter, "backup", ba, nowhere);
     spec.stall_acks = true;
     let r = start(spec);
     let t = Instant::now();

@@ -29,14 +29,10 @@ use ftvm_channel::netns::{Netns, NetnsError};
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
 use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
-use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter, RetryPolicy};
+use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter};
 use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader};
-use ftvm_vmm_core::ft::detector::DetectorConfig;
 use ftvm_vmm_core::ft::digest::pairing_digest;
-use ftvm_vmm_core::ft::golive::{
-    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, PrimaryFtReport,
-};
-use ftvm_vmm_core::ft::node::{NodeId, Role};
+use ftvm_vmm_core::ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, PrimaryFtReport};
 use ftvm_vmm_core::ft::primary::{
     error_chain, run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
@@ -46,6 +42,8 @@ use ftvm_vmm_core::record::memlog::{Event, MemRecorder, MemReplay};
 use ftvm_vmm_core::record::{Inputs, Recorder, ReplayError, ReplaySource};
 use ftvm_vmm_core::testing::StallAcks;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
+
+use common::{free_port, ftvm_binary, report, wait_child};
 
 const MEM: u64 = 64 << 20;
 
@@ -354,24 +352,6 @@ fn free_udp<const N: usize>() -> [SocketAddr; N] {
     std::array::from_fn(|i| sockets[i].local_addr().expect("udp addr"))
 }
 
-fn ft(arbiter: &Arc<dyn Arbiter>, node: &str, bind: SocketAddr, peer: SocketAddr) -> FtConfig {
-    let mut detector = DetectorConfig::new(bind, peer, Role::Primary);
-    detector.interval = Duration::from_millis(10);
-    detector.timeout = Duration::from_millis(250);
-    FtConfig {
-        retry: RetryPolicy {
-            initial: Duration::from_millis(5),
-            max: Duration::from_millis(50),
-        },
-        ..FtConfig::new(
-            Arc::clone(arbiter),
-            NodeId::new(node).expect("node id"),
-            1,
-            detector,
-        )
-    }
-}
-
 type PrimaryEnd = (Result<PrimaryFtReport, PairError>, BlkCounters);
 
 /// A fault-tolerant shared-disk pair of `kv` on `disk` (file arbiter in `adir`, detectors with a
@@ -390,8 +370,8 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
     let arbiter: Arc<dyn Arbiter> = Arc::new(FileArbiter::new(adir));
     let elf = guests::by_name("kv").expect("kv guest");
     let [pa, ba] = free_udp();
-    let pft = ft(&arbiter, "primary", pa, ba);
-    let mut bft = ft(&arbiter, "backup", ba, pa);
+    let pft = common::ft_config(&arbiter, "primary", pa, ba);
+    let mut bft = common::ft_config(&arbiter, "backup", ba, pa);
     bft.service_tap = Some(common::TAP.into());
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -789,55 +769,6 @@ fn shared_disk_go_live_inside_a_disk_exit_completes_the_request() {
 // `ftvm primary/backup --shared-disk` as real processes
 // ---------------------------------------------------------------------------------------------
 
-/// The `ftvm` binary of this test's target directory (`cargo build -p ftvm`), if built.
-fn ftvm_binary(test: &str) -> Option<PathBuf> {
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
-        eprintln!("SKIP {test}: {r}");
-        return None;
-    }
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("ftvm");
-    if bin.exists() {
-        Some(bin)
-    } else {
-        eprintln!(
-            "SKIP {test}: {} not built (cargo build -p ftvm)",
-            bin.display()
-        );
-        None
-    }
-}
-
-fn wait_child(mut c: Child, what: &str, timeout: Duration) -> std::process::Output {
-    let start = Instant::now();
-    loop {
-        if c.try_wait().expect("try_wait").is_some() {
-            return c.wait_with_output().expect("output");
-        }
-        if start.elapsed() > timeout {
-            let _ = c.kill();
-            let out = c.wait_with_output().expect("output");
-            panic!(
-                "{what} did not finish in {timeout:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn report(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).expect("report written");
-    serde_json::from_str(&text).expect("report is JSON")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 #[test]
 fn shared_disk_processes_refuse_a_mode_mismatch() {
     const TEST: &str = "shared_disk_processes_refuse_a_mode_mismatch";
@@ -960,41 +891,8 @@ fn shared_disk_processes_kv_under_redis_benchmark() {
     let backup = spawn("backup");
     std::thread::sleep(Duration::from_millis(300));
     let primary = spawn("primary");
-    let start = Instant::now();
-    loop {
-        let out = ns
-            .exec(
-                "timeout",
-                &["2", "redis-cli", "-h", common::GUEST_IP, "PING"],
-            )
-            .expect("redis-cli");
-        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "kv in shared-disk mode did not answer PING"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = ns
-        .exec(
-            "timeout",
-            &[
-                "60",
-                "redis-benchmark",
-                "-h",
-                common::GUEST_IP,
-                "-n",
-                "2000",
-                "-c",
-                "4",
-                "-t",
-                "set",
-                "-q",
-            ],
-        )
-        .expect("redis-benchmark");
+    common::wait_pong(&ns, "kv in shared-disk mode did not answer PING");
+    let out = common::redis_benchmark(&ns, "2000", "4", "set");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success() && text.contains("SET"), "{text}");
     eprintln!("{TEST}: {}", text.trim().rsplit('\r').next().unwrap_or(""));

@@ -166,3 +166,121 @@ pub fn wait_ready_with(ns: &Netns, console: &std::sync::Arc<std::sync::Mutex<Vec
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The `ftvm` binary of this test's target directory (`cargo build -p ftvm`; `cargo test
+/// --workspace` builds it); prints SKIP and returns `None` without KVM or the binary.
+pub fn ftvm_binary(test: &str) -> Option<PathBuf> {
+    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
+        eprintln!("SKIP {test}: {r}");
+        return None;
+    }
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("ftvm");
+    if bin.exists() {
+        Some(bin)
+    } else {
+        eprintln!(
+            "SKIP {test}: {} not built (cargo build -p ftvm)",
+            bin.display()
+        );
+        None
+    }
+}
+
+/// Waits for a child process (at most `timeout`, then kills it and panics with its stderr).
+pub fn wait_child(mut c: std::process::Child, what: &str, timeout: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        if c.try_wait().expect("try_wait").is_some() {
+            return c.wait_with_output().expect("output");
+        }
+        if start.elapsed() > timeout {
+            let _ = c.kill();
+            let out = c.wait_with_output().expect("output");
+            panic!(
+                "{what} did not finish in {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A JSON report an `ftvm` process wrote.
+pub fn report(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("report written");
+    serde_json::from_str(&text).expect("report is JSON")
+}
+
+/// A TCP port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits (at most 30 s) until `kv` answers PING in `ns`; panics with `what` otherwise.
+pub fn wait_pong(ns: &Netns, what: &str) {
+    let start = Instant::now();
+    loop {
+        let out = ns
+            .exec("timeout", &["2", "redis-cli", "-h", GUEST_IP, "PING"])
+            .expect("redis-cli");
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `redis-benchmark -n requests -c clients -t tests -q` against `kv` in `ns` (at most 60 s).
+pub fn redis_benchmark(ns: &Netns, requests: &str, clients: &str, tests: &str) -> Output {
+    ns.exec(
+        "timeout",
+        &[
+            "60",
+            "redis-benchmark",
+            "-h",
+            GUEST_IP,
+            "-n",
+            requests,
+            "-c",
+            clients,
+            "-t",
+            tests,
+            "-q",
+        ],
+    )
+    .expect("redis-benchmark")
+}
+
+/// Failover settings of one side for the in-process pairs: heartbeats every 10 ms, failure
+/// presumed after 250 ms, arbiter retries from 5 ms to 50 ms, generation 1.
+pub fn ft_config(
+    arbiter: &std::sync::Arc<dyn ftvm_vmm_core::ft::arbiter::Arbiter>,
+    node: &str,
+    bind: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+) -> ftvm_vmm_core::ft::golive::FtConfig {
+    use ftvm_vmm_core::ft::arbiter::RetryPolicy;
+    use ftvm_vmm_core::ft::detector::DetectorConfig;
+    use ftvm_vmm_core::ft::golive::FtConfig;
+    use ftvm_vmm_core::ft::node::{NodeId, Role};
+    let mut detector = DetectorConfig::new(bind, peer, Role::Primary);
+    detector.interval = Duration::from_millis(10);
+    detector.timeout = Duration::from_millis(250);
+    FtConfig {
+        retry: RetryPolicy {
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(50),
+        },
+        ..FtConfig::new(
+            std::sync::Arc::clone(arbiter),
+            NodeId::new(node).expect("node id"),
+            1,
+            detector,
+        )
+    }
+}

@@ -131,6 +131,8 @@ pub struct LogWriter {
     stalls: Arc<AtomicU64>,
     stall_ns: Arc<AtomicU64>,
     mode: Arc<AtomicU8>,
+    /// The throttle's pacer, consulted after each append (on the vCPU thread).
+    pacer: Arc<std::sync::OnceLock<Arc<super::throttle::Pacer>>>,
 }
 
 /// [`LogWriter`] modes.
@@ -169,7 +171,14 @@ impl LogWriter {
             stalls: Arc::default(),
             stall_ns: Arc::default(),
             mode: Arc::new(AtomicU8::new(MODE_LOGGING)),
+            pacer: Arc::default(),
         }
+    }
+
+    /// Paces the vCPU thread at its appends with `pacer` (the throttle's pause actuator,
+    /// [`super::throttle::pace`]). Only the first pacer set is used.
+    pub fn set_pacer(&self, pacer: Arc<super::throttle::Pacer>) {
+        let _ = self.pacer.set(pacer);
     }
 
     pub(crate) fn set_mode(&self, mode: u8) {
@@ -272,6 +281,10 @@ impl LogWriter {
                         self.stalls.fetch_add(1, Ordering::Relaxed);
                         self.stall_ns
                             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
+                    drop(sender);
+                    if let Some(p) = self.pacer.get() {
+                        p.pace();
                     }
                     return Ok(seq);
                 }

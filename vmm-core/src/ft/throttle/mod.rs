@@ -15,8 +15,10 @@
 //!   the backup needs to execute its backlog, which has no dead time).
 //! - [`pi`]: the PI controller (on the logarithm of the share, with anti-windup and a low-pass
 //!   filter on the lag), pure and unit-tested against a simulated plant.
-//! - [`cgroup`]: the actuator, a cgroup v1 `cpu` group holding the vCPU thread
+//! - [`cgroup`]: the scheduler-level actuator, a cgroup v1 `cpu` group holding the vCPU thread
 //!   (`cpu.cfs_quota_us = share × cpu.cfs_period_us`).
+//! - [`pace`]: the pause-based actuator, a token bucket of CPU time the vCPU thread checks at
+//!   its logged exits ([`Throttle::for_writer`] drives both with the same share).
 //! - [`control`]: a target change agreed through the log (a control entry applied by both
 //!   sides at the same exit index).
 //! - [`experiment`]: a primary/backup pair in one process with the backup slowed by a cgroup on
@@ -75,6 +77,7 @@ pub mod cgroup;
 pub mod control;
 pub mod experiment;
 pub mod lag;
+pub mod pace;
 pub mod pi;
 
 use std::path::PathBuf;
@@ -86,6 +89,7 @@ use std::time::{Duration, Instant};
 pub use cgroup::{cgroup_cpu_unusable, current_tid, thread_cpu_time, CgroupCpu};
 pub use control::{propose_target, AgreedTarget, TargetFollower, CONTROL_TARGET_US};
 pub use lag::{Lag, LagMeter, LagSource, PairLag};
+pub use pace::{Paced, Pacer};
 pub use pi::{PiConfig, PiController};
 
 use crate::ft::primary::LogWriter;
@@ -305,6 +309,12 @@ impl Throttle {
         source: impl LagSource,
         vcpu_tid: i32,
     ) -> Result<Self, ThrottleError> {
+        let group = Self::vcpu_group(&cfg, vcpu_tid)?;
+        Self::with_actuator(cfg, source, Box::new(group))
+    }
+
+    /// A new cgroup v1 `cpu` group holding thread `vcpu_tid`, as `cfg` says.
+    fn vcpu_group(cfg: &ThrottleConfig, vcpu_tid: i32) -> Result<CgroupCpu, ThrottleError> {
         cfg.check()?;
         static GROUPS: AtomicU64 = AtomicU64::new(0);
         let name = cfg.group_name.clone().unwrap_or_else(|| {
@@ -316,7 +326,7 @@ impl Throttle {
             group.set_weight(w)?;
         }
         group.add_thread(vcpu_tid)?;
-        Self::with_actuator(cfg, source, Box::new(group))
+        Ok(group)
     }
 
     /// Starts a throttle for the primary writing through `writer`, acting on thread `vcpu_tid`
@@ -334,7 +344,15 @@ impl Throttle {
         writer: &LogWriter,
         vcpu_tid: i32,
     ) -> Result<Self, ThrottleError> {
-        let throttle = Self::start(cfg, PairLag::for_writer(writer), vcpu_tid)?;
+        let group = Self::vcpu_group(&cfg, vcpu_tid)?;
+        // The quota, and pacing at the vCPU's logged exits (module `pace`).
+        let pacer = Arc::new(Pacer::default());
+        writer.set_pacer(Arc::clone(&pacer));
+        let actuator = Paced {
+            inner: Box::new(group),
+            pacer,
+        };
+        let throttle = Self::with_actuator(cfg, PairLag::for_writer(writer), Box::new(actuator))?;
         throttle.follower().install(writer.controls());
         Ok(throttle)
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig};
 use ftvm_vmm_core::{guests, require_kvm};
 
-const CMDLINE: &str = "size=4M rounds=48 seed=7";
+const CMDLINE: &str = "size=4M rounds=480 seed=7";
 
 fn config() -> (VmConfig, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     let (console, out) = buffer_console();

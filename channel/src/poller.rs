@@ -37,8 +37,9 @@ struct Control {
     hook: OnceLock<Hook>,
 }
 
-/// Lets the thread consuming the backup's log buffer sleep until the receiver's poller
-/// delivers records ([`LogReceiver::wait_for_records`]).
+/// Lets one thread sleep until another has something for it: the backup's log consumer until
+/// the receiver's poller delivers ([`LogReceiver::wait_for_records`]), the sender's poller until
+/// the producer commits ([`LogSender::notify`]).
 #[derive(Debug, Default)]
 struct Doorbell {
     sleeping: AtomicBool,
@@ -46,16 +47,31 @@ struct Doorbell {
 }
 
 impl Doorbell {
-    /// On the poller thread, after a step that received frames.
+    /// After making something ready (stored before this call): wakes the sleeper, if asleep.
     fn ring(&self) {
-        // Pairs with the fence in `LogReceiver::wait_for_records`: either the poller sees the
-        // consumer asleep, or the consumer sees the records (the ring's tail was stored before).
+        // Pairs with the fence in `sleep`: either the ringer sees the sleeper asleep, or the
+        // sleeper's `ready()` sees what was made ready.
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.sleeping.load(Ordering::Relaxed) {
             if let Some(t) = &*self.sleeper.lock().unwrap_or_else(|e| e.into_inner()) {
                 t.unpark();
             }
         }
+    }
+
+    /// On the sleeping thread: sleeps up to `timeout` unless `ready()`; returns whether it
+    /// slept.
+    fn sleep(&self, timeout: Duration, ready: impl FnOnce() -> bool) -> bool {
+        *self.sleeper.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
+        self.sleeping.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `ring`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let slept = !ready();
+        if slept {
+            std::thread::park_timeout(timeout);
+        }
+        self.sleeping.store(false, Ordering::Relaxed);
+        slept
     }
 }
 
@@ -67,8 +83,7 @@ impl Doorbell {
 struct SenderWake {
     notified: AtomicBool,
     committed: AtomicU64,
-    sleeping: AtomicBool,
-    poller: Mutex<Option<std::thread::Thread>>,
+    bell: Doorbell,
     /// Times the poller went to sleep.
     sleeps: AtomicU64,
 }
@@ -86,17 +101,12 @@ impl SenderWake {
         self.notified.load(Ordering::Acquire) && acked >= self.committed.load(Ordering::Acquire)
     }
 
-    /// On the poller thread: sleeps while quiet, at most [`QUIET_SLEEP`].
-    fn sleep(&self, acked: impl Fn() -> u64) {
-        self.sleeping.store(true, Ordering::Relaxed);
-        // Pairs with the fence in `LogSender::notify`: either the producer sees the poller
-        // asleep, or the poller sees the new commit.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.quiet(acked()) {
+    /// On the poller thread: sleeps while quiet, at most [`QUIET_SLEEP`]; [`LogSender::notify`]
+    /// rings the bell.
+    fn sleep(&self, acked: u64) {
+        if self.bell.sleep(QUIET_SLEEP, || !self.quiet(acked)) {
             self.sleeps.fetch_add(1, Ordering::Relaxed);
-            std::thread::park_timeout(QUIET_SLEEP);
         }
-        self.sleeping.store(false, Ordering::Relaxed);
     }
 }
 
@@ -148,12 +158,8 @@ fn spawn_loop<S: Send + 'static>(
         .spawn(move || {
             pin(pc.core);
             let mut idle = pc.idle.build();
-            // Quiet sleeping (sender, `IdleKind::Park`): this thread is the one to wake.
+            // Quiet sleeping: the sender, with `IdleKind::Park`.
             let quiet = quiet.filter(|_| pc.idle == IdleKind::Park);
-            if let Some((wake, _)) = &quiet {
-                *wake.poller.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(std::thread::current());
-            }
             let mut empty = 0u32;
             while !ctl.stop.load(Ordering::Acquire) {
                 match step(&mut state) {
@@ -168,7 +174,7 @@ fn spawn_loop<S: Send + 'static>(
                         }
                         if let Some((wake, acked)) = &quiet {
                             if empty >= QUIET_POLLS && wake.quiet(acked(&state)) {
-                                wake.sleep(|| acked(&state));
+                                wake.sleep(acked(&state));
                                 empty = 0;
                                 continue;
                             }
@@ -297,13 +303,7 @@ impl LogSender {
     pub fn notify(&self, seq: u64) {
         self.wake.committed.fetch_max(seq, Ordering::Release);
         self.wake.notified.store(true, Ordering::Release);
-        // Pairs with the fence in `SenderWake::sleep`.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.wake.sleeping.load(Ordering::Relaxed) {
-            if let Some(t) = &*self.wake.poller.lock().unwrap_or_else(|e| e.into_inner()) {
-                t.unpark();
-            }
-        }
+        self.wake.bell.ring();
     }
 
     /// Times the poller slept because it had nothing to do ([`LogSender::notify`]).
@@ -527,19 +527,12 @@ impl LogReceiver {
     /// sleeping consumer leaves the CPU to others (waking takes ~60 µs here, so spin a little
     /// first when entries are expected soon).
     pub fn wait_for_records(&mut self, timeout: Duration) {
-        *self
-            .doorbell
-            .sleeper
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
-        self.doorbell.sleeping.store(true, Ordering::Relaxed);
-        // Pairs with the fence in `Doorbell::ring`.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let empty = self.consumer.committed_position() == self.consumer.position();
-        if empty && self.is_running() {
-            std::thread::park_timeout(timeout);
-        }
-        self.doorbell.sleeping.store(false, Ordering::Relaxed);
+        let consumer = &mut self.consumer;
+        let ctl = &self.ctl;
+        self.doorbell.sleep(timeout, || {
+            consumer.committed_position() != consumer.position()
+                || !ctl.running.load(Ordering::Acquire)
+        });
     }
 
     /// Reports the last record the backup executed (sent to the primary with the next ack).

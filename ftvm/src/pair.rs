@@ -226,6 +226,16 @@ fn socket_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{flag} {s:?}: no address"))
 }
 
+/// An idle strategy flag's value (`park` when not given).
+fn idle_kind(flag: &str, value: Option<String>) -> anyhow::Result<IdleKind> {
+    match value {
+        Some(s) => s
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{flag} {s:?}: {e:?}")),
+        None => Ok(IdleKind::Park),
+    }
+}
+
 fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
     let file: FileConfig = match &args.config {
         Some(p) => {
@@ -255,18 +265,8 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
             _ => bail!("--net {spec:?}: expected tap:IFNAME"),
         },
     };
-    let idle: IdleKind = match args.idle.or(file.idle) {
-        Some(s) => s
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--idle {s:?}: {e:?}"))?,
-        None => IdleKind::Park,
-    };
-    let poll_idle: IdleKind = match args.poll_idle.or(file.poll_idle) {
-        Some(s) => s
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--poll-idle {s:?}: {e:?}"))?,
-        None => IdleKind::Park,
-    };
+    let idle = idle_kind("--idle", args.idle.or(file.idle))?;
+    let poll_idle = idle_kind("--poll-idle", args.poll_idle.or(file.poll_idle))?;
     let ft = match args.arbiter.or(file.arbiter) {
         None => None,
         Some(spec) => {
@@ -376,8 +376,8 @@ fn share_disk(s: &Settings, vm: &Vm) -> anyhow::Result<()> {
 }
 
 fn disk_json(vm: &Vm) -> serde_json::Value {
-    match vm.disk() {
-        Some(d) if d.is_shared() => {
+    match vm.shared_disk() {
+        Some(d) => {
             let c = d.counters();
             serde_json::json!({
                 "reads": c.reads, "writes": c.writes, "gated": c.gated, "refused": c.refused,

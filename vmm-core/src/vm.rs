@@ -373,6 +373,12 @@ impl Vm {
         self.disk.as_ref()
     }
 
+    /// The disk's handle if it is shared with the other side of a pair
+    /// ([`BlkHandle::set_shared`]).
+    pub fn shared_disk(&self) -> Option<&BlkHandle> {
+        self.disk().filter(|d| d.is_shared())
+    }
+
     /// Exit counters.
     pub fn stats(&self) -> &ExitStats {
         &self.stats

@@ -554,7 +554,7 @@ pub(crate) fn backup_loop(
         });
     };
     tracing::info!(digest_interval, mem_digest_every, "replaying");
-    let shared_disk = vm.disk().filter(|d| d.is_shared()).cloned();
+    let shared_disk = vm.shared_disk().cloned();
     if let Some(d) = &shared_disk {
         // The primary owns the disk while this side replays.
         d.set_mode(DiskMode::Replay);

@@ -721,10 +721,7 @@ pub fn run_backup_ft(
         failed,
         reader: Arc::clone(&reader),
         net: vm.net().cloned(),
-        disk: vm
-            .disk()
-            .filter(|d| d.is_shared())
-            .map(|d| (d.clone(), vm.memory().clone())),
+        disk: vm.shared_disk().map(|d| (d.clone(), vm.memory().clone())),
         console,
         console_gate: None,
         console_replayed: Vec::new(),
@@ -778,7 +775,7 @@ pub fn run_backup_ft(
         console,
         console_replayed,
         tx: vm.net().map(NetHandle::tx_counters),
-        disk: vm.disk().filter(|d| d.is_shared()).map(BlkHandle::counters),
+        disk: vm.shared_disk().map(BlkHandle::counters),
         detector: detector.stats(),
     })))
 }

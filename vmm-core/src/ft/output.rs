@@ -129,7 +129,7 @@ struct Inner {
     /// [`Inner::on_ack`].
     front_tag: AtomicU64,
     /// The channel's poller calls [`Inner::on_ack`] after acknowledgements arrive
-    /// ([`OutputGate::ack_hook`]): the releaser thread no longer polls while outputs wait.
+    /// ([`OutputGate::hook_into`]): the releaser thread no longer polls while outputs wait.
     hooked: AtomicBool,
 }
 
@@ -203,7 +203,7 @@ impl Inner {
     /// costs ~60 µs here); with nothing waiting it parks until the next submit (console buffers,
     /// which do not submit, are looked at every millisecond).
     ///
-    /// With the poller's hook ([`OutputGate::ack_hook`]) the acknowledgements release outputs
+    /// With the poller's hook ([`OutputGate::hook_into`]) the acknowledgements release outputs
     /// on the poller thread, and this thread only drains the console buffers (every
     /// millisecond), releases outputs that were acknowledged before they were queued (woken by
     /// the submit), and everything once this side runs alone.

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_channel::{LogSender, TransportError};
-use ftvm_ringbuf::{ClaimError, IdleKind};
+use ftvm_ringbuf::{ClaimError, IdleKind, IdleStrategy};
 
 use super::digest::register_digest;
 use super::golive::PrimaryFt;
@@ -473,6 +473,13 @@ impl WriteBarrier for DiskBarrier {
         let target = self.writer.position().load(Ordering::Acquire);
         let mut started: Option<Instant> = None;
         let mut polls = 0u32;
+        // Spin, yield, then sleep 50 µs at a time.
+        let mut idle = ftvm_ringbuf::BackoffPark::new(
+            BARRIER_SPINS,
+            BARRIER_YIELDS,
+            Duration::from_micros(50),
+            Duration::from_micros(50),
+        );
         loop {
             match self.writer.mode.load(Ordering::Acquire) {
                 MODE_ALONE => {
@@ -488,21 +495,16 @@ impl WriteBarrier for DiskBarrier {
             }
             started.get_or_insert_with(Instant::now);
             polls += 1;
-            if polls < BARRIER_SPINS {
-                std::hint::spin_loop();
-            } else if polls < BARRIER_SPINS + BARRIER_YIELDS {
-                std::thread::yield_now();
-            } else {
-                if polls % 64 == 0
-                    && self.writer.mode.load(Ordering::Acquire) == MODE_LOGGING
-                    && !self.writer.sender().is_running()
-                {
-                    return Err(format!(
-                        "the link is down and the backup never acknowledged log position {target}"
-                    ));
-                }
-                std::thread::sleep(Duration::from_micros(50));
+            if polls > BARRIER_SPINS + BARRIER_YIELDS
+                && polls % 64 == 0
+                && self.writer.mode.load(Ordering::Acquire) == MODE_LOGGING
+                && !self.writer.sender().is_running()
+            {
+                return Err(format!(
+                    "the link is down and the backup never acknowledged log position {target}"
+                ));
             }
+            idle.idle(0);
         }
     }
 }
@@ -555,7 +557,7 @@ pub(crate) fn primary_loop(
     if let Some(net) = vm.net() {
         gate.gate_net(net);
     }
-    let disk = vm.disk().filter(|d| d.is_shared()).cloned();
+    let disk = vm.shared_disk().cloned();
     let barrier = disk.as_ref().map(|d| {
         let b = Arc::new(DiskBarrier::new(writer));
         d.set_mode(DiskMode::Gated(b.clone()));

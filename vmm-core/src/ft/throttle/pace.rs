@@ -9,11 +9,11 @@
 //! when the bucket is empty until the share has earned back what was overspent. The bucket
 //! holds at most [`MAX_BURST`], so a thread that was idle cannot run unchecked afterwards.
 //!
-//! At full share `pace` is one atomic load. The throttle sets the share on both actuators
+//! At full share `pace` is two atomic loads. The throttle sets the share on both actuators
 //! ([`Paced`]): the quota still bounds a guest that runs long without exits; the pacer
 //! removes the bursts between the scheduler's checks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,9 @@ pub const MAX_BURST: Duration = Duration::from_millis(2);
 pub struct Pacer {
     share_bits: AtomicU64,
     state: Mutex<Option<Bucket>>,
+    /// `state` holds a bucket (cleared at the first `pace` at full share): lets `pace` at full
+    /// share return without taking the lock.
+    active: AtomicBool,
     /// Sleeps taken and their total (for the report and tests).
     sleeps: AtomicU64,
     slept_ns: AtomicU64,
@@ -45,6 +48,7 @@ impl Default for Pacer {
         Pacer {
             share_bits: AtomicU64::new(1.0f64.to_bits()),
             state: Mutex::new(None),
+            active: AtomicBool::new(false),
             sleeps: AtomicU64::new(0),
             slept_ns: AtomicU64::new(0),
         }
@@ -97,11 +101,16 @@ impl Pacer {
     /// more than its share. Cheap at full share.
     pub fn pace(&self) {
         let share = self.share();
+        if share >= 1.0 && !self.active.load(Ordering::Relaxed) {
+            return;
+        }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if share >= 1.0 {
             *state = None;
+            self.active.store(false, Ordering::Relaxed);
             return;
         }
+        self.active.store(true, Ordering::Relaxed);
         let (now, cpu) = (Instant::now(), thread_cpu());
         let b = state.get_or_insert(Bucket {
             wall: now,

@@ -7,6 +7,13 @@
 //! primary    records, ships the log   ✗ SIGKILL
 //! backup     replays                       detects, wins generation 2, attaches the TAP, runs
 //! ```
+//! With `--shared-disk` both sides name one disk image (`ftvm primary/backup --shared-disk`,
+//! `vmm-core/DEVICES.md`): `kv` appends every write to its log on that image before replying,
+//! the primary's disk writes wait for the backup's acknowledgement, the replaying backup drops
+//! them and owns the image once live. After the new primary powered off, `kv` is booted alone
+//! on the image (`ftvm run`) and every acknowledged write is read back a second time, from the
+//! store its log recovered.
+//!
 //! Needs root (network namespace, TAP) and `/dev/kvm`; everything it creates is removed at the
 //! end, on error and on Ctrl-C. Exit status: 0 when no acknowledged write was lost, 1 otherwise
 //! (and on any failure).
@@ -20,7 +27,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::client::{Checker, Load, LoadConfig, RespConn};
+use crate::client::{Checker, Load, LoadConfig, Reply, RespConn};
 use crate::scenario::{Node, Scenario, ScenarioConfig, Side};
 
 /// Flags of `ftvm demo`.
@@ -56,6 +63,11 @@ pub struct DemoArgs {
     /// Log filter of the two `ftvm` processes.
     #[arg(long, default_value = "warn")]
     pub child_log: String,
+    /// Both sides name one disk image (`ftvm primary/backup --shared-disk`) instead of each its
+    /// own copy; afterwards `kv` is booted alone on that image and every acknowledged write is
+    /// read back from it too.
+    #[arg(long)]
+    pub shared_disk: bool,
 }
 
 /// The summary of a demo run (`--report`).
@@ -65,6 +77,8 @@ pub struct DemoSummary {
     pub transport: String,
     /// Arbiter spec used.
     pub arbiter: String,
+    /// `own-copy` (each side its own image) or `shared` (`--shared-disk`: one image).
+    pub disk_mode: String,
     /// Acknowledged SETs per second before the kill.
     pub ops_per_s_before: f64,
     /// Acknowledged SETs per second on the new primary.
@@ -85,6 +99,37 @@ pub struct DemoSummary {
     pub client_errors: u64,
     /// Acknowledged SETs in all.
     pub acked_writes: u64,
+    /// What the pair left on the one image (`--shared-disk` only).
+    pub shared_disk: Option<SharedDiskSummary>,
+}
+
+/// The shared image after the run (`ftvm demo --shared-disk`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SharedDiskSummary {
+    /// Size of the image in bytes.
+    pub image_bytes: u64,
+    /// Digest of the image when the new primary powered off (its report's `disk_digest`).
+    pub digest_at_power_off: Option<String>,
+    /// The new primary's disk counters (its report's `shared_disk`): `dropped` = the old
+    /// primary's write requests it did not repeat while replaying, `writes` = its own after
+    /// going live, `redone` = requests it completed at go-live, `reads` = reads from the file.
+    pub backup_disk: Option<serde_json::Value>,
+    /// Keys `kv` booted alone on the image recovered from its log (its console line).
+    pub keys_recovered: Option<u64>,
+    /// Acknowledged writes read back from `kv` booted alone on the image.
+    pub acked_writes_checked: u64,
+    /// Of those, missing or different (must be 0).
+    pub acked_writes_lost: u64,
+    /// Examples of lost writes.
+    pub lost_examples: Vec<String>,
+}
+
+impl DemoSummary {
+    /// Acknowledged writes lost: in the check on the new primary, or (shared disk) in the
+    /// check of `kv` booted alone on the image.
+    pub fn lost(&self) -> u64 {
+        self.acked_writes_lost + self.shared_disk.as_ref().map_or(0, |d| d.acked_writes_lost)
+    }
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -185,7 +230,7 @@ impl Echo {
                 let new = n.lines_from(self.seen[i]);
                 self.seen[i] += new.len();
                 for l in new {
-                    p.line(format!("  [{}] {l}", n.side().name()));
+                    p.line(format!("  [{}] {l}", n.name()));
                 }
             }
         }
@@ -239,7 +284,8 @@ pub fn arbiter_spec(spec: &str) -> String {
     }
 }
 
-/// `ftvm demo`.
+/// `ftvm demo`: see the [module docs](self); `--shared-disk` gives both sides one disk image and
+/// reads every acknowledged write back a second time from `kv` booted alone on it.
 ///
 /// # Errors
 /// Not root / no KVM (with the reason), setup failures, the backup not going live, a check that
@@ -256,11 +302,8 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         std::fs::write(p, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("cannot write {}", p.display()))?;
     }
-    if summary.acked_writes_lost > 0 {
-        eprintln!(
-            "FAILED: {} acknowledged writes lost",
-            summary.acked_writes_lost
-        );
+    if summary.lost() > 0 {
+        eprintln!("FAILED: {} acknowledged writes lost", summary.lost());
         std::process::exit(1);
     }
     Ok(())
@@ -274,11 +317,17 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     config.arbiter = args.arbiter.as_deref().map(arbiter_spec);
     config.fail_timeout_ms = args.fail_timeout;
     config.log = args.child_log.clone();
+    config.shared_disk = args.shared_disk;
     p.phase("setup");
     p.line(format!(
-        "ftvm demo: kv primary + backup ({} transport, {} arbiter), {} clients",
+        "ftvm demo: kv primary + backup ({} transport, {} arbiter, {}), {} clients",
         args.transport,
         args.arbiter.as_deref().unwrap_or("file"),
+        if args.shared_disk {
+            "one shared disk"
+        } else {
+            "a disk copy each"
+        },
         args.clients
     ));
     let mut s = Scenario::prepare(config)?;
@@ -438,11 +487,21 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         .and_then(|b| b.wait_exit(Duration::from_secs(15)));
     echo.show(&p, [None, s.backup.as_ref()]);
     if backup_status.is_none() {
+        if let Some(b) = s.backup.as_mut() {
+            b.kill();
+        }
         p.line("  the new primary did not power off within 15 s (killed)");
     }
-    let backup_golive = s
-        .report(Side::Backup)
+    let backup_report = s.report(Side::Backup);
+    let backup_golive = backup_report
+        .as_ref()
         .and_then(|r| r.get("golive").cloned());
+    let shared_disk = if s.shared_disk() {
+        p.phase("disk");
+        Some(check_shared_disk(&s, &checker, &p, backup_report.as_ref())?)
+    } else {
+        None
+    };
     p.finish();
     if let Some(e) = load_errors {
         tracing::info!(last_error = %e, "client errors during the run");
@@ -450,6 +509,12 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     Ok(DemoSummary {
         transport: args.transport.clone(),
         arbiter: s.arbiter_spec().to_string(),
+        disk_mode: if s.shared_disk() {
+            "shared"
+        } else {
+            "own-copy"
+        }
+        .into(),
         ops_per_s_before: before.ops as f64 / before_secs.max(1e-9),
         ops_per_s_after: after_ops as f64 / after_secs.max(1e-9),
         failover_ms: ms(failover),
@@ -460,6 +525,88 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         lost_examples: check.examples,
         client_errors: end_stats.errors,
         acked_writes: end_stats.ops,
+        shared_disk,
+    })
+}
+
+/// Shared-disk mode, once both sides are gone: the image as the new primary left it, then `kv`
+/// booted alone on it (`ftvm run`) reading back every acknowledged write from the store its
+/// log recovered, and powered off.
+fn check_shared_disk(
+    s: &Scenario,
+    checker: &Checker,
+    p: &Progress,
+    backup_report: Option<&serde_json::Value>,
+) -> anyhow::Result<SharedDiskSummary> {
+    let image = s.disk(Side::Backup);
+    let image_bytes = std::fs::metadata(&image)
+        .with_context(|| format!("cannot read {}", image.display()))?
+        .len();
+    let field = |k: &str| {
+        backup_report
+            .and_then(|r| r.get(k))
+            .filter(|v| !v.is_null())
+    };
+    let digest_at_power_off = field("disk_digest").and_then(|v| v.as_str().map(String::from));
+    let backup_disk = field("shared_disk").cloned();
+    p.status("booting kv alone on the shared image".into());
+    let mut alone = s.spawn_alone(&image)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        check_interrupted()?;
+        if let Ok(Reply::Simple(r)) = s.command(&[b"PING"], Duration::from_secs(1)) {
+            if r == "PONG" {
+                break;
+            }
+        }
+        if let Some(st) = alone.try_status() {
+            bail!(
+                "kv booted alone on the shared image exited ({st})\n{}",
+                alone.stderr_text()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "kv booted alone on the shared image did not answer PING within 30 s\n{}",
+                alone.stderr_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let console = s.console(None);
+    let keys_recovered = console.lines().find_map(|l| {
+        l.strip_suffix(" keys recovered")?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    });
+    p.status(format!(
+        "reading back {} acknowledged writes from the shared image",
+        checker.len()
+    ));
+    let check = s.in_netns(|| -> anyhow::Result<_> {
+        let mut c = RespConn::connect(Scenario::guest_addr(), Duration::from_secs(10))?;
+        Ok(checker.verify(&mut c)?)
+    })??;
+    p.line(format!(
+        "  kv booted alone on the shared image: {} keys recovered; {} acknowledged writes read back, {} lost",
+        keys_recovered.map_or("?".to_string(), |k: u64| k.to_string()),
+        check.checked,
+        check.lost
+    ));
+    s.shutdown_guest();
+    if alone.wait_exit(Duration::from_secs(15)).is_none() {
+        p.line("  kv alone did not power off within 15 s (killed)");
+    }
+    Ok(SharedDiskSummary {
+        image_bytes,
+        digest_at_power_off,
+        backup_disk,
+        keys_recovered,
+        acked_writes_checked: check.checked,
+        acked_writes_lost: check.lost,
+        lost_examples: check.examples,
     })
 }
 
@@ -467,6 +614,20 @@ fn print_summary(s: &DemoSummary) {
     eprintln!("--- ftvm demo summary ---");
     eprintln!("transport            {}", s.transport);
     eprintln!("arbiter              {}", s.arbiter);
+    match &s.shared_disk {
+        None => eprintln!(
+            "disk                 {} (each side its own image)",
+            s.disk_mode
+        ),
+        Some(d) => {
+            eprintln!(
+                "disk                 {} (one image, --shared-disk): {} bytes, digest {} at power-off",
+                s.disk_mode,
+                d.image_bytes,
+                d.digest_at_power_off.as_deref().unwrap_or("?")
+            );
+        }
+    }
     eprintln!(
         "throughput           {:.0} ops/s before (replicated), {:.0} ops/s after (new primary, alone)",
         s.ops_per_s_before, s.ops_per_s_after
@@ -484,6 +645,26 @@ fn print_summary(s: &DemoSummary) {
     );
     for e in &s.lost_examples {
         eprintln!("  lost: {e}");
+    }
+    if let Some(d) = &s.shared_disk {
+        if let Some(c) = &d.backup_disk {
+            let n = |k: &str| c.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            eprintln!(
+                "backup's disk        dropped {} write requests of the primary while replaying, wrote {} after going live, redid {} at go-live",
+                n("dropped"),
+                n("writes"),
+                n("redone")
+            );
+        }
+        eprintln!(
+            "from the disk        {} keys recovered by kv booted alone on the image; {} acked writes checked, {} lost",
+            d.keys_recovered.map_or("?".to_string(), |k| k.to_string()),
+            d.acked_writes_checked,
+            d.acked_writes_lost
+        );
+        for e in &d.lost_examples {
+            eprintln!("  lost: {e}");
+        }
     }
     eprintln!("client errors        {}", s.client_errors);
 }

@@ -13,6 +13,9 @@
 //!  └───────────────────────────────────────────────────────────────────────────────┘
 //!  temp dir: a.img b.img arbiter/ (gen-N files) p.json b.json p.console b.console
 //! ```
+//! With `shared_disk` both sides name one image, `shared.img`, with `--shared-disk` (instead of
+//! each its own copy, `a.img` and `b.img`); [`Scenario::spawn_alone`] boots `kv` alone on it
+//! afterwards (`ftvm run`), to read back what reached the disk.
 //! With `arbiter: Some("etcd")` a single etcd member, with `Some("etcd3")` a three-member etcd
 //! cluster, runs on the namespace's loopback instead of the file arbiter (data and logs in the
 //! temporary directory, `etcd-m<i>/` and `etcd-m<i>.log`); [`Scenario::kill_etcd_member`]
@@ -51,6 +54,8 @@ pub const XDP_PRIMARY_IF: &str = "ftvmxp";
 pub const XDP_BACKUP_IF: &str = "ftvmxb";
 /// Size of each disk image.
 pub const DISK_SIZE: u64 = 32 << 20;
+/// The image both sides name in shared-disk mode (in the temporary directory).
+pub const SHARED_DISK: &str = "shared.img";
 
 /// The exit status of `ftvm primary` / `ftvm backup` when it lost the arbiter or was fenced by
 /// a newer generation (it released nothing after that).
@@ -146,6 +151,8 @@ pub struct ScenarioConfig {
     pub log: String,
     /// No failover at all (no `--arbiter`): the pair as `ftvm primary/backup` run without it.
     pub no_failover: bool,
+    /// Shared-disk mode: both sides name one image ([`SHARED_DISK`]) with `--shared-disk`.
+    pub shared_disk: bool,
 }
 
 impl ScenarioConfig {
@@ -159,6 +166,7 @@ impl ScenarioConfig {
             fail_timeout_ms: None,
             log: "warn".into(),
             no_failover: false,
+            shared_disk: false,
         }
     }
 }
@@ -166,7 +174,8 @@ impl ScenarioConfig {
 /// One `ftvm primary` / `ftvm backup` child process, its stderr collected line by line.
 #[derive(Debug)]
 pub struct Node {
-    side: Side,
+    /// `None`: a guest run alone ([`Scenario::spawn_alone`]).
+    side: Option<Side>,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
@@ -175,9 +184,14 @@ pub struct Node {
 }
 
 impl Node {
-    /// Which side.
-    pub fn side(&self) -> Side {
+    /// Which side; `None` for a guest run alone ([`Scenario::spawn_alone`]).
+    pub fn side(&self) -> Option<Side> {
         self.side
+    }
+
+    /// `primary`, `backup`, or `alone` (for labels).
+    pub fn name(&self) -> &'static str {
+        self.side.map_or("alone", Side::name)
     }
 
     /// The process id.
@@ -314,7 +328,12 @@ impl Scenario {
             .prefix(&format!("ftvm-{tag}-"))
             .tempdir()
             .map_err(io("cannot create a temporary directory"))?;
-        for d in ["a.img", "b.img"] {
+        let disks: &[&str] = if config.shared_disk {
+            &[SHARED_DISK]
+        } else {
+            &["a.img", "b.img"]
+        };
+        for d in disks {
             let p = dir.path().join(d);
             std::fs::File::create(&p)
                 .and_then(|f| f.set_len(DISK_SIZE))
@@ -452,15 +471,26 @@ impl Scenario {
         serde_json::from_str(&text).ok()
     }
 
+    /// The disk image `side` names: its own copy (`a.img`, `b.img`), or in shared-disk mode
+    /// the one image of both ([`SHARED_DISK`]).
+    pub fn disk(&self, side: Side) -> PathBuf {
+        let name = match (self.config.shared_disk, side) {
+            (true, _) => SHARED_DISK,
+            (false, Side::Primary) => "a.img",
+            (false, Side::Backup) => "b.img",
+        };
+        self.dir.path().join(name)
+    }
+
+    /// Whether both sides name one image (`--shared-disk`).
+    pub fn shared_disk(&self) -> bool {
+        self.config.shared_disk
+    }
+
     /// The command-line arguments of `side` (before `extra`).
     pub fn args(&self, side: Side) -> Vec<String> {
         let d = self.dir.path();
         let tag = side.tag();
-        let disk = if side == Side::Primary {
-            "a.img"
-        } else {
-            "b.img"
-        };
         let mut v: Vec<String> = vec![
             side.name().into(),
             "--guest".into(),
@@ -468,11 +498,11 @@ impl Scenario {
             "--mem".into(),
             "64M".into(),
             "--disk".into(),
-            d.join(disk).display().to_string(),
+            self.disk(side).display().to_string(),
             "--net".into(),
             format!("tap:{TAP}"),
             "--cmdline".into(),
-            format!("ip={GUEST_IP}/24 gw=10.0.2.1 port={GUEST_PORT}"),
+            kv_cmdline(),
             "--peer".into(),
             match (self.config.transport.as_str(), side) {
                 ("xdp", Side::Primary) => XDP_PRIMARY_IF.into(),
@@ -488,6 +518,9 @@ impl Scenario {
             "--log".into(),
             self.config.log.clone(),
         ];
+        if self.config.shared_disk {
+            v.push("--shared-disk".into());
+        }
         if !self.config.no_failover {
             let (me, peer) = match side {
                 Side::Primary => (PRIMARY_HEARTBEAT_PORT, BACKUP_HEARTBEAT_PORT),
@@ -517,9 +550,49 @@ impl Scenario {
     pub fn spawn(&self, side: Side, extra: &[String]) -> Result<Node, ScenarioError> {
         let mut args = self.args(side);
         args.extend_from_slice(extra);
+        self.spawn_ftvm(Some(side), &args)
+    }
+
+    /// Starts `kv` alone (`ftvm run`) inside the namespace on `disk`, with the pair's memory
+    /// size, TAP and command line, its console to `alone.console` in the temporary directory
+    /// ([`Scenario::console`]). Both sides must be gone: it takes over the TAP (and, on the
+    /// shared image, the disk).
+    ///
+    /// # Errors
+    /// [`ScenarioError::Io`] when the process cannot be started.
+    pub fn spawn_alone(&self, disk: &Path) -> Result<Node, ScenarioError> {
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--guest".into(),
+            "kv".into(),
+            "--mem".into(),
+            "64M".into(),
+            "--disk".into(),
+            disk.display().to_string(),
+            "--net".into(),
+            format!("tap:{TAP}"),
+            "--cmdline".into(),
+            kv_cmdline(),
+            "--console".into(),
+            self.dir.path().join("alone.console").display().to_string(),
+            "--quiet".into(),
+            "--log".into(),
+            self.config.log.clone(),
+        ];
+        self.spawn_ftvm(None, &args)
+    }
+
+    /// The console output so far of `side` (`p.console` / `b.console`; `None`: of the guest run
+    /// alone, `alone.console`); empty when there is none.
+    pub fn console(&self, side: Option<Side>) -> String {
+        let name = side.map_or("alone", Side::tag);
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.console"))).unwrap_or_default()
+    }
+
+    fn spawn_ftvm(&self, side: Option<Side>, args: &[String]) -> Result<Node, ScenarioError> {
         let mut cmd = self
             .ns
-            .command(&self.config.ftvm.display().to_string(), &args);
+            .command(&self.config.ftvm.display().to_string(), args);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -599,7 +672,7 @@ impl Scenario {
         for n in [&self.primary, &self.backup].into_iter().flatten() {
             s.push_str(&format!(
                 "--- {} stderr ---\n{}\n",
-                n.side.name(),
+                n.name(),
                 n.stderr_text()
             ));
         }
@@ -649,6 +722,11 @@ impl Drop for Scenario {
             }
         }
     }
+}
+
+/// The guest's command line (address, gateway, port).
+fn kv_cmdline() -> String {
+    format!("ip={GUEST_IP}/24 gw=10.0.2.1 port={GUEST_PORT}")
 }
 
 /// Client URL of the etcd started inside the namespace (`arbiter: Some("etcd")`; with

@@ -1,8 +1,9 @@
 //! Failover with real processes and real faults: `ftvm primary` and `ftvm backup` of the kv
 //! guest in a network namespace with a persistent TAP, a file arbiter, client load recording
 //! every acknowledged SET; the faults are SIGKILL, a cut logging link (nftables), a stale
-//! primary restarted with its old state, and an unreachable arbiter. Every test ends by reading
-//! back every acknowledged write. Needs root and /dev/kvm (prints SKIP otherwise).
+//! primary restarted with its old state, and an unreachable arbiter; `ftvm demo` as a process
+//! (file and etcd arbiters, `--shared-disk`). Every test ends by reading back every
+//! acknowledged write. Needs root and /dev/kvm (prints SKIP otherwise).
 
 mod common;
 
@@ -385,6 +386,8 @@ fn demo_command_fails_over_and_loses_no_acked_write() {
         r["arbiter"].as_str().unwrap_or("").starts_with("file:"),
         "{r}"
     );
+    assert_eq!(r["disk_mode"], "own-copy", "{r}");
+    assert!(r["shared_disk"].is_null(), "{r}");
 }
 
 /// The demo with `--arbiter etcd` (a local etcd in the demo's namespace): the test-and-set is
@@ -402,6 +405,42 @@ fn demo_with_etcd_arbiter_fails_over_and_loses_no_acked_write() {
     let r = run_demo(&["--arbiter", "etcd"]);
     assert!(
         r["arbiter"].as_str().unwrap_or("").starts_with("etcd:"),
+        "{r}"
+    );
+}
+
+/// The demo with `--shared-disk`: both sides name one image, the backup drops the primary's
+/// disk writes while it replays and writes the image itself once live; after the run `kv`
+/// booted alone on that image recovers every acknowledged write from its log.
+#[test]
+fn demo_shared_disk_fails_over_and_the_disk_keeps_every_acked_write() {
+    const TEST: &str = "demo_shared_disk_fails_over_and_the_disk_keeps_every_acked_write";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let r = run_demo(&["--shared-disk"]);
+    assert_eq!(r["disk_mode"], "shared", "{r}");
+    assert!(r["acked_writes"].as_u64().unwrap_or(0) > 0, "{r}");
+    let d = &r["shared_disk"];
+    assert_eq!(d["acked_writes_lost"], 0, "{r}");
+    let checked = r["acked_writes_checked"].as_u64().unwrap_or(0);
+    assert_eq!(d["acked_writes_checked"].as_u64(), Some(checked), "{r}");
+    // Every acknowledged key is in the log on the image (keys are unique per write; writes
+    // that reached the disk but whose reply was lost with the primary may add more).
+    assert!(d["keys_recovered"].as_u64().unwrap_or(0) >= checked, "{r}");
+    let c = &d["backup_disk"];
+    assert!(
+        c["dropped"].as_u64().unwrap_or(0) > 0,
+        "the backup replayed no disk write: {r}"
+    );
+    assert!(
+        c["writes"].as_u64().unwrap_or(0) > 0,
+        "the live backup wrote nothing: {r}"
+    );
+    assert_eq!(
+        d["image_bytes"].as_u64(),
+        Some(ftvm::scenario::DISK_SIZE),
         "{r}"
     );
 }

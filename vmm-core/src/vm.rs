@@ -322,6 +322,13 @@ impl Vm {
         self.inputs = inputs;
     }
 
+    /// Sets (or clears, `None`) a function called on the vCPU thread after every exit in which
+    /// the guest wrote console output ([`Devices::set_console_hook`]).
+    pub fn set_console_hook(&mut self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {
+        self.devices
+            .set_console_hook(hook.map(crate::devices::ConsoleHook));
+    }
+
     /// A handle to pause the VM from another thread and watch its exit count.
     pub fn control(&self) -> VmControl {
         VmControl {

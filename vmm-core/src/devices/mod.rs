@@ -13,7 +13,7 @@ use crate::memory::{MMIO_BASE, MMIO_SIZE};
 use crate::record::{try_go_live, Inputs, ReplayError};
 use crate::state::{StateError, StateReader, StateWriter, Stateful};
 
-use self::sys::{SysDevice, EVENT_BLK, EVENT_TIMER, REG_WAIT};
+use self::sys::{SysDevice, EVENT_BLK, EVENT_TIMER, REG_CONSOLE_LEN, REG_WAIT};
 use self::virtio::mmio::VirtioMmio;
 
 /// Where console output (system device CONSOLE and virtio-console) goes.
@@ -69,6 +69,19 @@ pub struct Devices {
     /// Set by the controller to make a blocked WAIT return at once.
     pub interrupt: Arc<AtomicBool>,
     blk_completed: bool,
+    /// Called after an exit that wrote console output ([`Devices::set_console_hook`]).
+    console_hook: Option<ConsoleHook>,
+}
+
+/// A function called on the vCPU thread after the guest wrote to a console
+/// ([`Devices::set_console_hook`]).
+#[derive(Clone)]
+pub struct ConsoleHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for ConsoleHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsoleHook")
+    }
 }
 
 /// The device an MMIO address belongs to.
@@ -92,6 +105,21 @@ impl Devices {
             signal,
             interrupt,
             blk_completed: false,
+            console_hook: None,
+        }
+    }
+
+    /// Sets (or clears) the function called on the vCPU thread at the end of every exit that
+    /// wrote console output (the system device's `CONSOLE_LEN`, a virtio-console transmit): a
+    /// primary hands the bytes to its output gate there, tagged with the log position of that
+    /// exit, instead of a thread looking at the console buffer every millisecond.
+    pub fn set_console_hook(&mut self, hook: Option<ConsoleHook>) {
+        self.console_hook = hook;
+    }
+
+    fn console_written(&self) {
+        if let Some(ConsoleHook(hook)) = &self.console_hook {
+            hook();
         }
     }
 
@@ -155,11 +183,21 @@ impl Devices {
         data: &[u8],
     ) -> Result<ExitAction, DeviceError> {
         match Self::target(addr) {
-            Target::Sys(reg) => self.sys.write(ctx, reg, data),
+            Target::Sys(reg) => {
+                let a = self.sys.write(ctx, reg, data)?;
+                if reg == REG_CONSOLE_LEN {
+                    self.console_written();
+                }
+                Ok(a)
+            }
             Target::Virtio(i, reg) => {
                 let a = self.virtio[i].write(ctx, reg, data)?;
-                if self.virtio[i].take_completed() && self.virtio[i].device_type() == 2 {
+                let kind = self.virtio[i].device_type();
+                if self.virtio[i].take_completed() && kind == 2 {
                     self.blk_completed = true;
+                }
+                if kind == 3 && reg == self::virtio::mmio::QUEUE_NOTIFY {
+                    self.console_written();
                 }
                 Ok(a)
             }

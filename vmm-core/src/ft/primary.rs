@@ -551,6 +551,7 @@ pub(crate) fn primary_loop(
     if !gate.hook_into(&writer.sender()) {
         tracing::debug!("the log sender has an ack hook already; outputs are polled for");
     }
+    let console_hooked = console.is_some();
     if let Some((buf, sink)) = console {
         gate.add_buffer_source(buf, sink);
     }
@@ -570,6 +571,10 @@ pub(crate) fn primary_loop(
     })?;
     if let Some(f) = ft.as_deref_mut() {
         f.start(Arc::clone(&gate), writer, vm)?;
+    }
+    if console_hooked {
+        // The console bytes go to the gate at the exit that wrote them.
+        vm.set_console_hook(Some(Arc::new(gate.source_drainer())));
     }
     vm.set_inputs(Inputs::Live(Box::new(ChannelRecorder::new(writer.clone()))));
     let interval = opts.digest_interval.max(1);
@@ -633,6 +638,7 @@ pub(crate) fn primary_loop(
         }
     };
     vm.set_inputs(Inputs::default());
+    vm.set_console_hook(None);
     if let Some(d) = &disk {
         d.set_mode(DiskMode::Direct);
     }

@@ -2,12 +2,15 @@
 //! and on (`ftvm primary` + `ftvm backup`, each transport), in one run: throughput, p50/p99
 //! latency, the FT/no-FT throughput ratio (the paper's Table 1), logging bandwidth and the
 //! output-rule delay, and the CPU time the primary's and the backup's processes took (in cores,
-//! over the `redis-benchmark` run: on a 2-core host that is the budget FT competes for). Runs the
+//! over the `redis-benchmark` run: on a 2-core host that is the budget FT competes for) and per
+//! request, by thread (vCPU, sender/receiver poller, TAP reader, output releaser: CPU time per
+//! request stays meaningful when other work shares the host, throughput does not). Runs the
 //! `ftvm` binary next to this one in a network namespace (root).
 //!
 //! Options: `--transports none,tcp,...` (FT off, `none`, is always measured first), `--runs N`
 //! (every run measures each configuration in turn; rows hold the medians), `--requests N`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -38,27 +41,69 @@ struct Row {
     primary_cpu_cores: f64,
     /// CPU time of the backup's process per second of the run (0 when FT is off).
     backup_cpu_cores: f64,
+    /// CPU time of the primary's process (`ftvm run` when FT is off) per request of the
+    /// `redis-benchmark` run (SET and GET together), in µs: unlike throughput, robust when
+    /// other work shares the host.
+    primary_us_per_req: f64,
+    /// The same for the backup's process (0 when FT is off).
+    backup_us_per_req: f64,
+    /// The primary's CPU per request by thread name (`ftvm` is the vCPU, `ftvm-log-send` the
+    /// channel's sender poller, `tap-rx-*` the TAP reader, `ftvm-output` the output releaser).
+    primary_threads_us_per_req: BTreeMap<String, f64>,
+    /// The backup's CPU per request by thread name (`ftvm-log-recv` is the receiver poller).
+    backup_threads_us_per_req: BTreeMap<String, f64>,
     runs: usize,
 }
 
-/// CPU time of every thread of process `pid` (`/proc/PID/task/*/schedstat`); zero when gone.
-fn process_cpu(pid: u32) -> Duration {
+/// CPU time of the threads of process `pid` (`/proc/PID/task/*/schedstat`), summed by thread
+/// name (`comm`); empty when gone.
+fn thread_cpu(pid: u32) -> BTreeMap<String, Duration> {
+    let mut by_name = BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Duration::ZERO;
+        return by_name;
     };
-    let ns: u64 = tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(ns)
+    for t in tasks.flatten() {
+        let ns = std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|text| text.split_whitespace().next()?.parse::<u64>().ok());
+        let name = std::fs::read_to_string(t.path().join("comm"))
+            .map(|n| n.trim().to_string())
+            .unwrap_or_default();
+        if let Some(ns) = ns {
+            *by_name.entry(name).or_insert(Duration::ZERO) += Duration::from_nanos(ns);
+        }
+    }
+    by_name
+}
+
+/// CPU time of every thread of process `pid`; zero when gone.
+fn process_cpu(pid: u32) -> Duration {
+    thread_cpu(pid).values().sum()
+}
+
+/// Per-thread CPU used between two [`thread_cpu`] snapshots, in µs per request.
+fn per_request(
+    before: &BTreeMap<String, Duration>,
+    after: &BTreeMap<String, Duration>,
+    requests: u64,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(name, t)| {
+            let t0 = before.get(name).copied().unwrap_or(Duration::ZERO);
+            let us = t.saturating_sub(t0).as_secs_f64() * 1e6 / requests.max(1) as f64;
+            (name.clone(), us)
+        })
+        .collect()
 }
 
 /// (test, ops/s, p50 µs, p99 µs) of one redis-benchmark test.
 type Measured = (String, f64, f64, f64);
+/// CPU of one process: cores over the run, and µs per request by thread name.
+type Cpu = (f64, BTreeMap<String, f64>);
 /// What one configuration measured: per test (SET, GET) ops/s, p50, p99; the primary's
-/// report; CPU cores used by the primary and the backup.
-type One = (Vec<Measured>, serde_json::Value, f64, f64);
+/// report; the CPU of the primary and of the backup.
+type One = (Vec<Measured>, serde_json::Value, Cpu, Cpu);
 
 /// The `ftvm` binary beside this one (`cargo build --release -p ftvm`).
 pub(crate) fn ftvm_binary() -> anyhow::Result<PathBuf> {
@@ -188,6 +233,7 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> an
     }
     let n = requests.to_string();
     let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let threads0: Vec<BTreeMap<String, Duration>> = pids.iter().map(|&p| thread_cpu(p)).collect();
     let cpu0: Vec<Duration> = pids.iter().map(|&p| process_cpu(p)).collect();
     let t0 = Instant::now();
     let out = ns.exec(
@@ -207,16 +253,23 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> an
         ],
     )?;
     let wall = t0.elapsed().as_secs_f64().max(1e-6);
+    let threads: Vec<BTreeMap<String, f64>> = pids
+        .iter()
+        .zip(&threads0)
+        // SET and GET: two runs of `requests` each.
+        .map(|(&p, t0)| per_request(t0, &thread_cpu(p), 2 * requests))
+        .collect();
     let cores: Vec<f64> = pids
         .iter()
         .zip(&cpu0)
         .map(|(&p, c0)| process_cpu(p).saturating_sub(*c0).as_secs_f64() / wall)
         .collect();
     // children: [run] or [backup, primary].
-    let (primary_cores, backup_cores) = match cores.as_slice() {
-        [run] => (*run, 0.0),
-        [backup, primary] => (*primary, *backup),
-        _ => (0.0, 0.0),
+    let cpu: Vec<Cpu> = cores.into_iter().zip(threads).collect();
+    let (primary_cpu, backup_cpu) = match cpu.as_slice() {
+        [run] => (run.clone(), Cpu::default()),
+        [backup, primary] => (primary.clone(), backup.clone()),
+        _ => Default::default(),
     };
     let csv = String::from_utf8_lossy(&out.stdout).to_string();
     let _ = ns.exec("timeout", &["1", "redis-cli", "-h", GUEST_IP, "SHUTDOWN"]);
@@ -237,7 +290,7 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> an
             .with_context(|| format!("primary report ({transport})"))?;
         serde_json::from_str(&text)?
     };
-    Ok((rows, primary, primary_cores, backup_cores))
+    Ok((rows, primary, primary_cpu, backup_cpu))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -287,15 +340,27 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
     let ns = Netns::create(&format!("ftvm-bench-ft-{}", std::process::id()))?;
     ns.add_tap(TAP, Some((std::net::Ipv4Addr::new(10, 0, 2, 1), 24)))?;
     // samples[transport][test] = one value vector per column, over the runs.
-    type Samples = [Vec<f64>; 8];
+    type Samples = [Vec<f64>; 10];
     let mut samples: Vec<[Samples; 2]> =
+        (0..transports.len()).map(|_| Default::default()).collect();
+    // threads[transport][role] = per thread name, µs per request over the runs.
+    type ThreadSamples = BTreeMap<String, Vec<f64>>;
+    let mut threads: Vec<[ThreadSamples; 2]> =
         (0..transports.len()).map(|_| Default::default()).collect();
     let mut tests = [String::new(), String::new()];
     for run in 0..runs {
         for (ti, t) in transports.iter().enumerate() {
             eprintln!("ft: run {}/{runs}: kv with FT {t} ...", run + 1);
-            let (r, primary, pc, bc) = one(&ns, &bin, &dir, t, requests)?;
+            let (r, primary, (pc, pt), (bc, bt)) = one(&ns, &bin, &dir, t, requests)?;
             let f = |k: &str| primary.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+            // (A float sum of nothing is -0.0.)
+            let total = |m: &BTreeMap<String, f64>| m.values().fold(0.0, |a, b| a + b);
+            let (pu, bu) = (total(&pt), total(&bt));
+            for (role, per_thread) in [pt, bt].into_iter().enumerate() {
+                for (name, us) in per_thread {
+                    threads[ti][role].entry(name).or_default().push(us);
+                }
+            }
             for (i, (test, rps, p50, p99)) in r.into_iter().enumerate().take(2) {
                 tests[i] = test;
                 let values = [
@@ -307,6 +372,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                     f("output_delay_p99_us"),
                     pc,
                     bc,
+                    pu,
+                    bu,
                 ];
                 for (k, v) in values.into_iter().enumerate() {
                     samples[ti][i][k].push(v);
@@ -317,6 +384,16 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut base = [0.0f64; 2];
     for (ti, t) in transports.iter().enumerate() {
+        let [pt, bt] = threads[ti].clone().map(|by_name| {
+            by_name
+                .into_iter()
+                // Threads seen in only some runs (a short-lived helper) count 0 in the others.
+                .map(|(name, mut v)| {
+                    v.resize(runs.max(v.len()), 0.0);
+                    (name, median(&mut v))
+                })
+                .collect::<BTreeMap<String, f64>>()
+        });
         for i in 0..2 {
             let mut m = samples[ti][i].clone().map(|mut v| median(&mut v));
             if t == "none" {
@@ -336,6 +413,10 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 output_delay_p99_us: m[5],
                 primary_cpu_cores: m[6],
                 backup_cpu_cores: m[7],
+                primary_us_per_req: m[8],
+                backup_us_per_req: m[9],
+                primary_threads_us_per_req: pt.clone(),
+                backup_threads_us_per_req: bt.clone(),
                 runs,
             });
         }
@@ -355,6 +436,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 format!("{:.0}", r.output_delay_p50_us),
                 format!("{:.2}", r.primary_cpu_cores),
                 format!("{:.2}", r.backup_cpu_cores),
+                format!("{:.0}", r.primary_us_per_req),
+                format!("{:.0}", r.backup_us_per_req),
             ]
         })
         .collect();
@@ -373,9 +456,32 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             "out delay p50 µs",
             "primary cores",
             "backup cores",
+            "primary µs/req",
+            "backup µs/req",
         ],
         &table,
     );
+    // Where each side's CPU goes, per request (medians; SET and GET together).
+    for r in rows.iter().filter(|r| r.test == tests[0]) {
+        let show = |m: &BTreeMap<String, f64>| {
+            let mut v: Vec<(&String, &f64)> = m.iter().filter(|(_, us)| **us >= 0.05).collect();
+            v.sort_by(|a, b| b.1.total_cmp(a.1));
+            v.iter()
+                .map(|(n, us)| format!("{n} {us:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        eprintln!(
+            "{:>9} µs/request by thread: primary [{}]{}",
+            r.transport,
+            show(&r.primary_threads_us_per_req),
+            if r.transport == "none" {
+                String::new()
+            } else {
+                format!("; backup [{}]", show(&r.backup_threads_us_per_req))
+            }
+        );
+    }
     let path = report::write_json(opts, "ft", &rows)?;
     let series = |test: &str, y: fn(&Row) -> f64| Series {
         label: test.to_string(),
@@ -419,5 +525,22 @@ mod tests {
         let csv = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\",\"p50_latency_ms\",\"p95_latency_ms\",\"p99_latency_ms\",\"max_latency_ms\"\n\"SET\",\"1000.00\",\"1.0\",\"0.1\",\"0.900\",\"2.0\",\"3.500\",\"9.0\"\n";
         assert_eq!(parse_csv(csv, "SET"), Some((1000.0, 900.0, 3500.0)));
         assert_eq!(parse_csv(csv, "GET"), None);
+    }
+
+    #[test]
+    fn per_request_cpu_by_thread() {
+        let ms = Duration::from_millis;
+        let before = BTreeMap::from([("ftvm".to_string(), ms(100))]);
+        let after = BTreeMap::from([
+            ("ftvm".to_string(), ms(300)),
+            ("ftvm-log-send".to_string(), ms(50)),
+        ]);
+        let us = per_request(&before, &after, 1000);
+        assert_eq!(us.len(), 2);
+        assert!((us["ftvm"] - 200.0).abs() < 1e-9, "{us:?}");
+        // A thread started during the run counts from zero.
+        assert!((us["ftvm-log-send"] - 50.0).abs() < 1e-9, "{us:?}");
+        // This process has a thread of its own, with some CPU time.
+        assert!(thread_cpu(std::process::id()).values().sum::<Duration>() > Duration::ZERO);
     }
 }

@@ -1,5 +1,6 @@
 //! Fault injection below the reliability layer: [`FaultyTransport`] wraps any transport and,
-//! with a seeded generator, loses, duplicates, reorders and truncates the frames it sends.
+//! with a seeded generator, loses, duplicates, reorders and truncates the frames it sends, and
+//! refuses sends as a full link would (the sender must keep the frame and try again later).
 
 use crate::error::TransportError;
 use crate::transport::Transport;
@@ -15,6 +16,9 @@ pub struct Faults {
     pub reorder: f64,
     /// Frame cut at a random length.
     pub truncate: f64,
+    /// Send refused as if the link were full (`Ok(false)`, nothing sent): the sender keeps the
+    /// frame and offers it again later, after other work (acks) may have moved its state on.
+    pub refuse: f64,
     /// Seed of the generator (same seed, same faults for the same frame sequence).
     pub seed: u64,
 }
@@ -27,6 +31,7 @@ impl Faults {
             duplicate: p,
             reorder: p,
             truncate: p,
+            refuse: p,
             seed,
         }
     }
@@ -43,6 +48,8 @@ pub struct FaultCounts {
     pub reordered: u64,
     /// Frames truncated.
     pub truncated: u64,
+    /// Sends refused.
+    pub refused: u64,
 }
 
 /// A transport that misbehaves on purpose.
@@ -112,6 +119,10 @@ impl<T: Transport> Transport for FaultyTransport<T> {
     }
 
     fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
+        if self.roll(self.faults.refuse) {
+            self.counts.refused += 1;
+            return Ok(false);
+        }
         if self.roll(self.faults.loss) {
             self.counts.lost += 1;
             return Ok(true);

@@ -780,13 +780,19 @@ impl Sender {
             self.shared.stats.sent(len, adv.records, adv.retransmit);
             frames += 1;
             if adv.resend {
+                // Only forward: a frame that waited in `pending` may belong to a resend that
+                // acks processed meanwhile ended, rebased on the new head or replaced by the
+                // resend of a newer hole. Its end may then lie behind the cursor (behind the
+                // released head, even); that frame went out anyway, the cursor stays.
                 if let Some(r) = &mut self.resend {
-                    r.at = Cursor {
-                        pos: adv.pos,
-                        seq: adv.seq,
-                        frag: adv.frag_next,
-                    };
-                    if adv.seq > r.last && adv.frag_next == 0 {
+                    if (adv.seq, adv.frag_next) > (r.at.seq, r.at.frag) {
+                        r.at = Cursor {
+                            pos: adv.pos,
+                            seq: adv.seq,
+                            frag: adv.frag_next,
+                        };
+                    }
+                    if r.at.seq > r.last && r.at.frag == 0 {
                         self.resend = None;
                     }
                 }

@@ -258,6 +258,7 @@ fn xdp_million_records_with_faults() {
         duplicate: 0.01,
         reorder: 0.01,
         truncate: 0.0,
+        refuse: 0.0,
         seed,
     };
     let a = FaultyTransport::new(a, faults(11));

@@ -4,11 +4,12 @@
 //! - The producer is the only writer of `tail` and `next_seq`; the consumer the only writer of
 //!   `head`. Both are positions that never wrap (u64 byte counts).
 //! - `claim` reserves space after `tail` (checking against a cached copy of `head`, re-read with
-//!   Acquire only when the cache says the buffer is full); the caller fills the payload in place;
-//!   `commit` writes the header (and a padding record if the record wrapped) with plain stores and
-//!   then publishes everything with one Release store of `tail`. A claim that is dropped, or
-//!   whose process dies, publishes nothing. `commit_deferred` writes the header but leaves the
-//!   Release store to a later `publish` (or commit, or a claim that finds the buffer full).
+//!   Acquire only when the cache says the buffer is full; a claim that wraps writes the padding
+//!   record then); the caller fills the payload in place; `commit` writes the header with plain
+//!   stores and then publishes everything with one Release store of `tail`. A claim that is
+//!   dropped, or whose process dies, publishes nothing. `commit_deferred` writes the header but
+//!   leaves the Release store to a later `publish` (or commit, or a claim that finds the buffer
+//!   full).
 //! - The consumer reads `tail` with Acquire (unless its cached copy already reaches the end of
 //!   the data area), walks the records up to it, and gives space back with one Release store of
 //!   `head`. The producer's Acquire load of `head` orders the consumer's reads before the
@@ -440,6 +441,11 @@ pub struct Producer {
     /// The consumer's position when last read plus the capacity: a claim ending at or before
     /// it fits without looking at the shared `head` (rtrb's cached-index trick).
     limit: u64,
+    /// `min(limit, end of the lap of the data area the tail was in when this was computed)`:
+    /// a claim ending at or before it needs neither a wrap nor a look at `head`, so the fast
+    /// path is one compare. (Once the tail moves into the next lap, every claim ends past it
+    /// and the slow path computes it again.)
+    fast_limit: u64,
     next_seq: u64,
 }
 
@@ -484,12 +490,17 @@ unsafe impl Send for Consumer {}
 // SAFETY: as above.
 unsafe impl Sync for Consumer {}
 
-/// How far ahead of its tail the producer asks for cache lines in exclusive state (`prefetchw`),
-/// when the consumer has released them (and the most it asks for per claim). The lines it is about to write were last read by the
-/// consumer's core, so each store would otherwise wait for that core to give the line up; asking
-/// early overlaps those transfers. (A read prefetch on the consumer side made no measurable
-/// difference — the hardware prefetcher follows the sequential walk — so there is none.)
+/// How far past a record the producer asks for cache lines in exclusive state (`prefetchw`),
+/// when the consumer has released them (and the most it asks for per claim). The lines it is
+/// about to write were last read by the consumer's core, so each store would otherwise wait for
+/// that core to give the line up; asking early overlaps those transfers. (A read prefetch on
+/// the consumer side made no measurable difference — the hardware prefetcher follows the
+/// sequential walk — so there is none.)
 const PREFETCH_AHEAD: usize = 1024;
+
+/// The longest record span whose prefetch range (16-byte aligned) touches at most two lines.
+const PREFETCH_SHORT: usize = 64 + RECORD_ALIGN;
+const _: () = assert!(RECORD_ALIGN == 16 && PREFETCH_AHEAD % 64 == 0);
 
 /// Hints that the line at `p` will be written soon (`prefetchw`). Never faults.
 #[inline(always)]
@@ -503,6 +514,24 @@ fn prefetch_write(p: *const u8) {
     }
     #[cfg(not(all(target_arch = "x86_64", not(loom))))]
     let _ = p;
+}
+
+/// `prefetch_write(p + at + PREFETCH_AHEAD)`, with the constant in the addressing mode.
+#[inline(always)]
+fn prefetch_write_ahead(p: *const u8, at: usize) {
+    // SAFETY: as `prefetch_write`: a hint that never faults, whatever the address.
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    unsafe {
+        std::arch::asm!(
+            "prefetchw [{p} + {at} + {ahead}]",
+            p = in(reg) p,
+            at = in(reg) at,
+            ahead = const PREFETCH_AHEAD,
+            options(nostack, preserves_flags, readonly)
+        );
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    let _ = (p, at);
 }
 
 impl fmt::Debug for Producer {
@@ -520,9 +549,10 @@ impl fmt::Debug for Producer {
 struct Plan {
     /// Data offset of the record header.
     at: usize,
-    /// Bytes of padding record before it: 0, or (when the record wraps) everything from the
-    /// tail to the end of the data area.
-    pad: usize,
+    /// Position of the record header: the tail, or (when the record wraps and a padding record
+    /// fills the rest of the data area, already written by `plan_slow`) the start of the next
+    /// lap.
+    start: u64,
 }
 
 impl Producer {
@@ -535,9 +565,11 @@ impl Producer {
         let tail = ring.tail().load(Ordering::Acquire);
         let cached_head = ring.head().load(Ordering::Acquire);
         let next_seq = ring.next_seq().load(Ordering::Acquire);
+        let limit = cached_head + ring.capacity as u64;
         Ok(Self {
             geo: Geometry::of(&ring),
-            limit: cached_head + ring.capacity as u64,
+            limit,
+            fast_limit: fast_limit(limit, tail, ring.mask),
             ring,
             tail,
             published: tail,
@@ -583,14 +615,14 @@ impl Producer {
     pub fn publish(&mut self) {
         if self.published != self.tail {
             self.published = self.tail;
-            self.ring.next_seq().store(self.next_seq, Ordering::Relaxed);
-            self.ring.tail().store(self.tail, Ordering::Release);
+            publish_to(&self.ring, self.tail, self.next_seq);
         }
     }
 
     /// Free bytes, re-reading the consumer's position.
     pub fn free(&mut self) -> usize {
         self.limit = self.ring.head().load(Ordering::Acquire) + self.geo.capacity as u64;
+        self.fast_limit = fast_limit(self.limit, self.tail, self.geo.mask);
         (self.limit - self.tail) as usize
     }
 
@@ -604,26 +636,22 @@ impl Producer {
             return Err(refusal(kind, len, self.geo.max_payload));
         }
         let span = record_span(len);
-        let off = (self.tail as usize) & self.geo.mask;
         let end = self.tail + span as u64;
-        if off + span <= self.geo.capacity && end <= self.limit {
+        // The fast path also needs room for the prefetch range after the record (see
+        // `prefetch`), so it is one compare; a record that fits but is too close to the limit or
+        // the end of the lap for the prefetch takes the out-of-line path (and no prefetch).
+        if end + (PREFETCH_AHEAD + span.min(PREFETCH_AHEAD)) as u64 <= self.fast_limit {
+            let off = (self.tail as usize) & self.geo.mask;
             self.ring.track_write(off, span);
-            // Ask for the lines `PREFETCH_AHEAD` bytes on in exclusive state — as many bytes as
-            // this record takes (up to `PREFETCH_AHEAD`), so that every line gets asked for
-            // once on the way — if the consumer is done with them.
-            let n = span.min(PREFETCH_AHEAD);
-            if end + (PREFETCH_AHEAD + n) as u64 <= self.limit {
-                let first = off + span + PREFETCH_AHEAD;
-                let mut at = first;
-                while at < first + n {
-                    prefetch_write(self.geo.ptr(at & self.geo.mask));
-                    at += 64;
-                }
-            }
-            return Ok(Plan { at: off, pad: 0 });
+            self.prefetch(off, span);
+            return Ok(Plan {
+                at: off,
+                start: self.tail,
+            });
         }
         let slow = plan_slow(&self.ring, self.tail, self.limit, span);
         self.limit = slow.limit;
+        self.fast_limit = fast_limit(slow.limit, self.tail, self.geo.mask);
         if slow.full {
             // Deferred records must become visible, or the consumer could never free the
             // space this claim waits for.
@@ -635,8 +663,33 @@ impl Producer {
         }
         Ok(Plan {
             at: slow.at,
-            pad: slow.pad,
+            start: self.tail + slow.pad as u64,
         })
+    }
+
+    /// Asks for cache lines `PREFETCH_AHEAD` bytes past the end of the record at data offset
+    /// `off` (`span` bytes) in exclusive state: the record's own bytes
+    /// shifted by `span + PREFETCH_AHEAD`, at most `PREFETCH_AHEAD` of them, so that successive
+    /// records of one size ask for every line once. The caller (the fast path of `plan`)
+    /// checked that the consumer is done with those bytes and that they lie in the tail's lap
+    /// of the data area. A range of at most `PREFETCH_SHORT` bytes (16-byte aligned) lies in at
+    /// most two lines, its first and its last, so a short record costs two `prefetchw`
+    /// addressed off the record's own pointer and no loop.
+    #[inline(always)]
+    fn prefetch(&self, off: usize, span: usize) {
+        let n = span.min(PREFETCH_AHEAD);
+        let rec = self.geo.ptr(off);
+        if span <= PREFETCH_SHORT {
+            prefetch_write_ahead(rec, span);
+            prefetch_write_ahead(rec, 2 * span - 1);
+        } else {
+            let first = rec.wrapping_add(span + PREFETCH_AHEAD);
+            let mut at = 0;
+            while at < n {
+                prefetch_write(first.wrapping_add(at));
+                at += 64;
+            }
+        }
     }
 
     /// Claims space for a record of `len` payload bytes of `kind`, to be filled in place.
@@ -704,6 +757,23 @@ fn refusal(kind: u16, len: usize, max: usize) -> ClaimError {
     }
 }
 
+/// Stores `next_seq` and then, with Release, `tail`: everything before `tail` becomes visible.
+///
+/// Out of line (it runs once per batch): with the atomic stores inlined in a caller's loop of
+/// claims, LLVM treats them as clobbering all memory and keeps the producer's tail and sequence
+/// number in memory, storing and reloading them for every record.
+#[inline(never)]
+extern "C" fn publish_to(ring: &Ring, tail: u64, next_seq: u64) {
+    ring.next_seq().store(next_seq, Ordering::Relaxed);
+    ring.tail().store(tail, Ordering::Release);
+}
+
+/// `min(limit, end of the lap of the data area that position `tail` is in)`.
+#[inline]
+fn fast_limit(limit: u64, tail: u64, mask: usize) -> u64 {
+    limit.min((tail | mask as u64) + 1)
+}
+
 /// What [`plan_slow`] found.
 #[repr(C)]
 struct SlowPlan {
@@ -748,6 +818,15 @@ extern "C" fn plan_slow(ring: &Ring, tail: u64, limit: u64, span: usize) -> Slow
     }
     if pad != 0 {
         ring.track_write(off, pad);
+        // The padding record fills the rest of the lap; writing it now (the space is ours) keeps
+        // the commit path free of a branch. If the claim is dropped, the tail does not move
+        // and the bytes are never read.
+        write_header(
+            ring.data.as_ptr().wrapping_add(off),
+            (pad - RECORD_HEADER_LEN) as u32,
+            KIND_PADDING,
+            0,
+        );
     }
     ring.track_write(at, span);
     SlowPlan {
@@ -821,16 +900,10 @@ impl<'a> Claim<'a> {
     fn write(self, len: usize) -> &'a mut Producer {
         let len = len.min(self.len);
         let p = self.producer;
-        let pad = self.plan.pad;
-        if pad != 0 {
-            let pad_at = p.geo.capacity - pad;
-            let pad_len = pad - RECORD_HEADER_LEN;
-            write_header(p.geo.ptr(pad_at), pad_len as u32, KIND_PADDING, 0);
-        }
         let seq = p.next_seq;
         write_header(p.geo.ptr(self.plan.at), len as u32, self.kind, seq);
         p.next_seq = seq + 1;
-        p.tail += (pad + record_span(len)) as u64;
+        p.tail = self.plan.start + record_span(len) as u64;
         p
     }
 }
@@ -1040,9 +1113,8 @@ impl<'a> Batch<'a> {
     #[inline]
     pub fn records(&self) -> Records<'_> {
         Records {
-            bytes: self.as_bytes(),
+            rest: self.as_bytes(),
             pos: self.start,
-            at: 0,
             max: self.consumer.geo.max_payload,
         }
     }
@@ -1058,9 +1130,10 @@ impl<'a> Batch<'a> {
 /// Iterator over the records of a [`Batch`].
 #[derive(Debug)]
 pub struct Records<'a> {
-    bytes: &'a [u8],
+    /// The bytes not yet walked.
+    rest: &'a [u8],
+    /// Position of `rest[0]`.
     pos: u64,
-    at: usize,
     max: usize,
 }
 
@@ -1070,12 +1143,12 @@ impl<'a> Iterator for Records<'a> {
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let rest = self.bytes.get(self.at..).unwrap_or_default();
-            if rest.is_empty() {
-                return None;
-            }
-            let position = self.pos + self.at as u64;
+            let rest = self.rest;
+            let position = self.pos;
             let Some(header) = rest.first_chunk::<RECORD_HEADER_LEN>() else {
+                if rest.is_empty() {
+                    return None;
+                }
                 return Some(Err(self.fail(position, "truncated record header")));
             };
             let [l0, l1, l2, l3, k0, k1, f0, f1, seq @ ..] = *header;
@@ -1084,23 +1157,29 @@ impl<'a> Iterator for Records<'a> {
             let span = record_span(len);
             // The common case first: one well-formed record that fits in the batch.
             if kind != KIND_PADDING && len <= self.max && span <= rest.len() {
-                self.at += span;
+                // SAFETY: RECORD_HEADER_LEN + len <= span <= rest.len().
+                let raw = unsafe { rest.get_unchecked(..RECORD_HEADER_LEN + len) };
+                // SAFETY: span <= rest.len().
+                self.rest = unsafe { rest.get_unchecked(span..) };
+                self.pos = position + span as u64;
                 return Some(Ok(Record {
                     position,
-                    next_position: self.pos + self.at as u64,
+                    next_position: self.pos,
                     seq: u64::from_le_bytes(seq),
                     kind,
                     flags: u16::from_le_bytes([f0, f1]),
-                    raw: rest.get(..RECORD_HEADER_LEN + len).unwrap_or_default(),
+                    raw,
                 }));
             }
             if kind != KIND_PADDING && len > self.max {
                 return Some(Err(self.fail(position, "record length above maximum")));
             }
-            if span > rest.len() {
+            let Some(after) = rest.get(span..) else {
                 return Some(Err(self.fail(position, "record runs past the tail")));
-            }
-            self.at += span; // a padding record: skip it
+            };
+            // A padding record: skip it.
+            self.rest = after;
+            self.pos = position + span as u64;
         }
     }
 }
@@ -1109,7 +1188,7 @@ impl Records<'_> {
     /// Ends the iteration after reporting a malformed header.
     #[cold]
     fn fail(&mut self, position: u64, what: &'static str) -> CorruptRecord {
-        self.at = self.bytes.len();
+        self.rest = &[];
         CorruptRecord { position, what }
     }
 }

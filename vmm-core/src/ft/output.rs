@@ -7,10 +7,12 @@
 //! (an HdrHistogram, microseconds) and checks the rule once more against the acknowledged
 //! position read at release time ([`OutputStats::early`] must stay 0).
 //!
-//! Console output is collected by the VM into a buffer ([`OutputGate::add_buffer_source`]); the
-//! releaser drains it and tags the bytes with the log position read *after* draining, which is
-//! never smaller than the position current when they were produced (conservative: it can only
-//! make them wait longer, never shorter). Transmitted network frames come from the net device
+//! Console output is collected by the VM into a buffer ([`OutputGate::add_buffer_source`]);
+//! whoever drains it tags the bytes with the log position read *after* draining, which is never
+//! smaller than the position current when they were produced (conservative: it can only make
+//! them wait longer, never shorter). A primary drains it on the vCPU thread at the end of the
+//! exit that wrote it ([`OutputGate::source_drainer`]), so the tag is exactly that exit's
+//! position; the releaser thread drains it too, as a safety net. Transmitted network frames come from the net device
 //! through [`OutputGate::tx_gate`], tagged exactly with the position current when the guest
 //! notified the TX queue.
 //!

@@ -5,7 +5,8 @@
 //! ```text
 //! vCPU thread:  exit ─> ChannelRecorder ─claim/encode/commit─> log buffer ─> sender poller ─> backup
 //!                  └─ every `digest_interval` exits: Digest entry; at power off: End entry
-//! output thread: console bytes ─ tag = log position ─> wait until acked ≥ tag ─> sink
+//! console:      guest write ─(vCPU, same exit) tag = log position─> output gate
+//! sender poller: acks ─> release the gate's outputs with tag ≤ acked ─> TAP / console sink
 //! shared disk:   guest write request ─> vCPU waits until acked ≥ log position ─> pwrite
 //! ```
 //!

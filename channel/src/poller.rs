@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ftvm_ringbuf::{Consumer, IdleKind, Producer, Record};
+use ftvm_ringbuf::{Consumer, Doorbell, IdleKind, Producer, Record};
 
 use crate::error::TransportError;
 use crate::reliable::{Config, Receiver, ReceiverShared, Sender, SenderShared};
@@ -35,44 +35,6 @@ struct Control {
     /// Called on the poller thread after every step that received frames (see
     /// [`LogSender::set_ack_hook`]).
     hook: OnceLock<Hook>,
-}
-
-/// Lets one thread sleep until another has something for it: the backup's log consumer until
-/// the receiver's poller delivers ([`LogReceiver::wait_for_records`]), the sender's poller until
-/// the producer commits ([`LogSender::notify`]).
-#[derive(Debug, Default)]
-struct Doorbell {
-    sleeping: AtomicBool,
-    sleeper: Mutex<Option<std::thread::Thread>>,
-}
-
-impl Doorbell {
-    /// After making something ready (stored before this call): wakes the sleeper, if asleep.
-    fn ring(&self) {
-        // Pairs with the fence in `sleep`: either the ringer sees the sleeper asleep, or the
-        // sleeper's `ready()` sees what was made ready.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed) {
-            if let Some(t) = &*self.sleeper.lock().unwrap_or_else(|e| e.into_inner()) {
-                t.unpark();
-            }
-        }
-    }
-
-    /// On the sleeping thread: sleeps up to `timeout` unless `ready()`; returns whether it
-    /// slept.
-    fn sleep(&self, timeout: Duration, ready: impl FnOnce() -> bool) -> bool {
-        *self.sleeper.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
-        self.sleeping.store(true, Ordering::Relaxed);
-        // Pairs with the fence in `ring`.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let slept = !ready();
-        if slept {
-            std::thread::park_timeout(timeout);
-        }
-        self.sleeping.store(false, Ordering::Relaxed);
-        slept
-    }
 }
 
 /// Lets the sender's poller sleep while it has nothing to do: every record the producer

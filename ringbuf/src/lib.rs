@@ -33,6 +33,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod doorbell;
 mod error;
 pub mod idle;
 pub mod layout;
@@ -40,6 +41,7 @@ mod region;
 mod ring;
 mod sync;
 
+pub use doorbell::Doorbell;
 pub use error::{ClaimError, CorruptRecord, RegionError, RingError};
 pub use idle::{BackoffPark, BusySpin, IdleKind, IdleStrategy, SpinThenYield};
 pub use region::{HeapRegion, Region, SharedRegion};

@@ -115,3 +115,74 @@ fn deferred_publication() {
 fn mixed_sizes_in_a_128_byte_buffer() {
     model(128, &[40, 0, 24, 48], false, true);
 }
+
+// --- Doorbell: no lost wake-up -----------------------------------------------------------------
+//
+// Under loom the sleeper parks without a timeout, so a ring that fails to wake it (the
+// ringer missing `sleeping`, and the sleeper missing the data) is a deadlock loom reports.
+
+mod doorbell {
+    use ftvm_ringbuf::Doorbell;
+    use loom::sync::atomic::{AtomicU64, Ordering};
+    use loom::sync::Arc;
+    use loom::thread;
+    use std::time::Duration;
+
+    /// A sleeper thread waits (sleeping on the bell while the value is short) until `value`
+    /// reaches `ringers * rings_each`; each ringer (the model's main thread, and more spawned
+    /// ones) adds one and rings, `rings_each` times. The main thread only rings and joins,
+    /// so nobody unparks a thread blocked in `join` (loom cannot model that: tokio-rs/loom#249).
+    fn model(ringers: usize, rings_each: u64) {
+        loom::model(move || {
+            let bell = Arc::new(Doorbell::new());
+            let value = Arc::new(AtomicU64::new(0));
+            let target = ringers as u64 * rings_each;
+            let sleeper = {
+                let (bell, value) = (Arc::clone(&bell), Arc::clone(&value));
+                thread::spawn(move || {
+                    let mut sleeps = 0;
+                    while value.load(Ordering::Acquire) < target {
+                        if bell.sleep(Duration::from_millis(1), || {
+                            value.load(Ordering::Acquire) >= target
+                        }) {
+                            sleeps += 1;
+                        }
+                    }
+                    sleeps
+                })
+            };
+            let ring = {
+                let (bell, value) = (Arc::clone(&bell), Arc::clone(&value));
+                move || {
+                    for _ in 0..rings_each {
+                        value.fetch_add(1, Ordering::Release);
+                        bell.ring();
+                    }
+                }
+            };
+            let others: Vec<_> = (1..ringers).map(|_| thread::spawn(ring.clone())).collect();
+            ring();
+            for h in others {
+                h.join().expect("ringer");
+            }
+            let sleeps = sleeper.join().expect("sleeper");
+            // Every sleep but a last one ends in a ring (loom parks without a timeout).
+            assert!(sleeps <= target, "{sleeps} sleeps for {target} rings");
+        });
+    }
+
+    #[test]
+    fn one_ring_wakes_the_sleeper() {
+        model(1, 1);
+    }
+
+    #[test]
+    fn the_bell_rearms_after_a_wake_up() {
+        model(1, 2);
+    }
+
+    #[test]
+    fn two_ringers() {
+        model(2, 1);
+    }
+}

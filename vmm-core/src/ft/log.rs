@@ -2,7 +2,8 @@
 //!
 //! Every entry is one record of the log buffer: the record's `kind` says which entry it is and
 //! its payload holds little-endian fields. Entries are encoded **in place** into a claimed
-//! record ([`encode_into`]) and decoded from a received record ([`Entry::decode`]).
+//! record ([`Entry::encode`], [`encode_write`]) and decoded from a received record
+//! ([`Entry::decode`]).
 
 use std::collections::VecDeque;
 use std::fmt;

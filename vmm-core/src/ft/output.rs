@@ -383,8 +383,7 @@ impl OutputGate {
     /// wrote console output ([`Vm::set_console_hook`](crate::vm::Vm::set_console_hook)), so
     /// the bytes are tagged with exactly the position of the exit that produced them and are
     /// released by the acknowledgement that covers it. From then on the releaser thread drains
-    /// the buffers only as a safety net (every [`PUSHED_SOURCES_POLL`]), instead of waking
-    /// every millisecond.
+    /// the buffers only as a safety net (every 50 ms), instead of waking every millisecond.
     pub fn source_drainer(&self) -> impl Fn() + Send + Sync + 'static {
         self.inner.sources_pushed.store(true, Ordering::Release);
         let inner = Arc::clone(&self.inner);

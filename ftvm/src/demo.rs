@@ -470,10 +470,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         "reading back {} acknowledged writes",
         checker.len()
     ));
-    let check = s.in_netns(|| -> anyhow::Result<_> {
-        let mut c = RespConn::connect(Scenario::guest_addr(), Duration::from_secs(10))?;
-        Ok(checker.verify(&mut c)?)
-    })??;
+    let check = read_back(&s, &checker)?;
     p.line(format!(
         "  {} acknowledged writes read back, {} lost",
         check.checked, check.lost
@@ -585,10 +582,7 @@ fn check_shared_disk(
         "reading back {} acknowledged writes from the shared image",
         checker.len()
     ));
-    let check = s.in_netns(|| -> anyhow::Result<_> {
-        let mut c = RespConn::connect(Scenario::guest_addr(), Duration::from_secs(10))?;
-        Ok(checker.verify(&mut c)?)
-    })??;
+    let check = read_back(s, checker)?;
     p.line(format!(
         "  kv booted alone on the shared image: {} keys recovered; {} acknowledged writes read back, {} lost",
         keys_recovered.map_or("?".to_string(), |k: u64| k.to_string()),
@@ -608,6 +602,14 @@ fn check_shared_disk(
         acked_writes_lost: check.lost,
         lost_examples: check.examples,
     })
+}
+
+/// Reads every acknowledged write back from the guest (inside the scenario's namespace).
+fn read_back(s: &Scenario, checker: &Checker) -> anyhow::Result<crate::client::CheckReport> {
+    s.in_netns(|| -> anyhow::Result<_> {
+        let mut c = RespConn::connect(Scenario::guest_addr(), Duration::from_secs(10))?;
+        Ok(checker.verify(&mut c)?)
+    })?
 }
 
 fn print_summary(s: &DemoSummary) {

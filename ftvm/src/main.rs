@@ -43,6 +43,7 @@ enum Command {
     Backup(pair::PairArgs),
     /// The failover demo: a kv pair under client load on this machine, the primary killed
     /// mid-load, the backup going live, every acknowledged write checked (needs root and KVM).
+    /// `--shared-disk`: both sides on one disk image, read back again from `kv` booted alone on it.
     Demo(demo::DemoArgs),
 }
 

@@ -29,6 +29,7 @@ use ftvm_channel::netns::{Netns, NetnsError};
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
 use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
+use ftvm_vmm_core::devices::virtio::owner::DiskOwner;
 use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter};
 use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader};
 use ftvm_vmm_core::ft::digest::pairing_digest;
@@ -106,6 +107,13 @@ fn read_line(s: &mut TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&line[..line.len() - 2]).into_owned()
+}
+
+/// The generation in the shared image's owner record (`<image>.owner`).
+fn owner_generation(disk: &Path) -> u64 {
+    DiskOwner::open(disk)
+        .and_then(|o| o.generation())
+        .expect("owner record")
 }
 
 fn disk_has(disk: &Path, needle: &str) -> bool {
@@ -551,6 +559,8 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
             .map(|(g, w)| (g, w.to_string())),
         Some((2, "backup".to_string()))
     );
+    // Storage fencing: the live backup took the disk's owner record for generation 2.
+    assert_eq!(owner_generation(&disk), 2);
     assert!(pcounters.writes >= 9, "{pcounters:?}");
     // While replaying the backup dropped what the primary wrote (at most the primary's
     // writes); live, it wrote the rest itself.
@@ -622,6 +632,7 @@ fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
             .map(|(g, w)| (g, w.to_string())),
         Some((2, "primary".to_string()))
     );
+    assert_eq!(owner_generation(&disk), 2);
     assert!(waits.alone >= 20, "{waits:?}");
     assert_eq!(waits.writes, pcounters.gated);
     assert_eq!(pcounters.refused, 0);
@@ -632,6 +643,82 @@ fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     recovers(&ns, &disk, &expect);
+}
+
+#[test]
+fn shared_disk_write_fenced_off_by_a_newer_owner_stops_both_sides_as_superseded() {
+    const TEST: &str =
+        "shared_disk_write_fenced_off_by_a_newer_owner_stops_both_sides_as_superseded";
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk: PathBuf = common::blank_disk(dir.path(), "shared.img");
+    let ns = common::namespace("sdfence");
+    let FtPair {
+        primary, backup, ..
+    } = ft_pair(&ns, &disk, &dir.path().join("arbiter"));
+    assert_eq!(common::redis_reply(&ns, &["SET", "owned", "gen1"]), "OK");
+    assert_eq!(
+        owner_generation(&disk),
+        1,
+        "the primary took the disk at its start"
+    );
+    // A newer owner takes the disk behind the pair's back (as a side of generation 5 would).
+    let taken = DiskOwner::open(&disk)
+        .and_then(|o| o.take(5, Duration::from_secs(2)))
+        .expect("take 5");
+    assert_eq!((taken.previous, taken.forced), (1, false));
+    // The primary's next write is refused: the guest never answers.
+    let out = ns
+        .exec(
+            "timeout",
+            &[
+                "2",
+                "redis-cli",
+                "-h",
+                common::GUEST_IP,
+                "SET",
+                "fenced",
+                "zombie-value",
+            ],
+        )
+        .expect("redis-cli");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim() != "OK",
+        "a fenced-off write was acknowledged"
+    );
+    let (p, pcounters) = primary
+        .join()
+        .expect("primary thread")
+        .expect("netns")
+        .expect("primary setup");
+    match &p {
+        Err(PairError::Superseded { generation, winner }) => {
+            assert_eq!(*generation, 5);
+            assert!(winner.contains("shared disk"), "{winner}");
+        }
+        other => panic!(
+            "the primary did not stop as superseded: {:?}",
+            other.as_ref().map(|r| r.alone).map_err(|e| error_chain(e))
+        ),
+    }
+    assert!(pcounters.refused >= 1, "{pcounters:?}");
+    // The backup wins generation 2 on the arbiter but not the disk: it does not go live.
+    let b = backup.join().expect("backup thread").expect("netns");
+    match &b {
+        Err(PairError::Superseded { generation, .. }) => assert_eq!(*generation, 5),
+        Err(e) => panic!("backup: {}", error_chain(e)),
+        Ok(_) => panic!("the backup went on although a newer generation owns the disk"),
+    }
+    eprintln!("{TEST}: primary disk {pcounters:?}");
+    assert!(disk_has(&disk, "gen1"));
+    assert!(
+        !disk_has(&disk, "zombie-value"),
+        "a fenced-off write reached the disk"
+    );
+    assert_eq!(owner_generation(&disk), 5);
 }
 
 /// The log of a primary that died in the middle of a disk exit, for a replaying VM: the events

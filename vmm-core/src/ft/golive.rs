@@ -56,10 +56,14 @@
 //!   previous request's completion before its next write).
 //!
 //! So the disk holds every write whose completion the guest saw (and any client was told
-//! about), in order. What remains is the classic zombie write: a primary that passed the
-//! barrier and then stalled for longer than the failure timeout could still write after the
-//! backup went live; the primary re-checks its fence before each write, but closing the window
-//! entirely needs fencing by the storage (SCSI reservations), as in VMware FT.
+//! about), in order. The classic zombie write (a primary that passed the barrier, stalled for
+//! longer than the failure timeout, then writes after the backup went live) is fenced off by
+//! the image's owner record ([`owner`](crate::devices::virtio::owner)): each side takes it for
+//! its generation ([`BlkHandle::take_ownership`]: the primary at its start and when it goes
+//! alone, the backup before [`BlkHandle::go_live`]), and every write request holds its read
+//! lock and is refused if a newer generation owns the disk. Its limit: a writer stopped while
+//! holding the lock is waited for at most `owner::TAKE_PATIENCE` (2 s), then its one request
+//! in progress can still land (`vmm-core/DEVICES.md`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,7 +81,7 @@ use super::output::{OutputGate, OutputStats, Sink};
 use super::primary::{
     primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
-use crate::devices::virtio::blk::{BlkCounters, BlkHandle};
+use crate::devices::virtio::blk::{BlkCounters, BlkError, BlkHandle};
 use crate::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMode};
 use crate::memory::GuestMem;
 use crate::vm::{RunOutcome, Vm, VmControl};
@@ -249,6 +253,35 @@ fn spawn_detector(
     Ok(Arc::new(detector))
 }
 
+/// Who a side superseded on the shared disk's owner record lost to.
+const DISK_OWNER: &str = "the owner of the shared disk";
+
+/// Takes `disk`'s owner record for `generation` ([`BlkHandle::take_ownership`]).
+fn take_disk(disk: &BlkHandle, generation: u64) -> Result<(), PairError> {
+    match disk.take_ownership(generation) {
+        Ok(_) => Ok(()),
+        Err(BlkError::Superseded { owner, .. }) => Err(PairError::Superseded {
+            generation: owner,
+            winner: DISK_OWNER.into(),
+        }),
+        Err(e) => Err(PairError::Setup(format!(
+            "shared disk: {}",
+            super::primary::error_chain(&e)
+        ))),
+    }
+}
+
+/// `Some(Superseded)` if the VM's shared disk refused a write because its owner record holds a
+/// newer generation (the VM stopped with a device error).
+pub(crate) fn disk_superseded(vm: &Vm) -> Option<PairError> {
+    vm.shared_disk()
+        .and_then(BlkHandle::superseded_by)
+        .map(|generation| PairError::Superseded {
+            generation,
+            winner: DISK_OWNER.into(),
+        })
+}
+
 fn winner_of(arbiter: &dyn Arbiter, generation: u64) -> String {
     match arbiter.current() {
         Ok(Some((g, w))) if g >= generation => w.to_string(),
@@ -311,6 +344,10 @@ impl PrimaryFt {
         writer: &LogWriter,
         vm: &Vm,
     ) -> Result<(), PairError> {
+        if let Some(d) = vm.shared_disk() {
+            // Storage fencing: the shared disk is this primary's in its generation.
+            take_disk(d, self.cfg.generation)?;
+        }
         gate.set_fence(self.fence.clone(), self.cfg.generation);
         writer.set_managed();
         let m = Monitor {
@@ -323,6 +360,7 @@ impl PrimaryFt {
             writer: writer.clone(),
             gate,
             net: vm.net().cloned(),
+            disk: vm.shared_disk().cloned(),
             control: vm.control(),
         };
         self.monitor = Some(
@@ -383,6 +421,7 @@ struct Monitor {
     writer: LogWriter,
     gate: Arc<OutputGate>,
     net: Option<NetHandle>,
+    disk: Option<BlkHandle>,
     control: VmControl,
 }
 
@@ -454,6 +493,18 @@ impl Monitor {
         let t_won = Instant::now();
         match r {
             Ok((generation, Acquire::Won)) => {
+                if let Some(d) = &self.disk {
+                    // The disk is ours in the new generation before a write passes unheld.
+                    if let Err(e) = take_disk(d, generation) {
+                        let g = match e {
+                            PairError::Superseded { generation: g, .. } => g,
+                            _ => generation,
+                        };
+                        tracing::error!(error = %e, "cannot take the shared disk");
+                        self.lose(g, DISK_OWNER.into());
+                        return;
+                    }
+                }
                 self.writer.set_alone();
                 self.gate.release_all(generation);
                 let mut released = false;
@@ -623,8 +674,20 @@ impl BackupGoLive {
             return self.lost(generation, winner.to_string());
         }
         let t_won = Instant::now();
-        // 3. The shared disk is ours now (never before winning).
+        // 3. The shared disk is ours now (never before winning): first its owner record (a
+        //    zombie write of the old primary is refused from here on), then the requests the
+        //    log left incomplete.
         if let Some((disk, mem)) = &self.disk {
+            match take_disk(disk, generation) {
+                Ok(()) => {}
+                Err(PairError::Superseded { generation, winner }) => {
+                    return self.lost(generation, winner);
+                }
+                Err(e) => {
+                    self.failure = Some(e);
+                    return false;
+                }
+            }
             disk.go_live(exit, mem);
         }
         // 4. Outputs and the service address.
@@ -746,7 +809,13 @@ pub fn run_backup_ft(
         Some(RunOutcome::PoweredOff(code)) => code,
         Some(RunOutcome::Paused) => return Err(PairError::Paused(vm.stats().total())),
         _ => loop {
-            match vm.run()? {
+            let r = vm.run();
+            if r.is_err() {
+                if let Some(e) = disk_superseded(vm) {
+                    return Err(e);
+                }
+            }
+            match r? {
                 RunOutcome::PoweredOff(code) => break code,
                 RunOutcome::Paused => return Err(PairError::Paused(vm.stats().total())),
                 RunOutcome::ExitLimit => {}

@@ -597,6 +597,10 @@ pub(crate) fn primary_loop(
             if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
                 break Err(e);
             }
+            // So is a write the disk's owner record fenced off (a newer generation owns it).
+            if let Some(e) = super::golive::disk_superseded(vm) {
+                break Err(e);
+            }
         }
         if let Some(e) = writer.take_error() {
             if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {

@@ -22,6 +22,11 @@
 //!   primary's logged status overwrites it. If the backup goes live at the end of that exit
 //!   with some completions missing from the log, [`BlkHandle::go_live`] executes the requests
 //!   from the first one whose status is still pending, on the file, in order.
+//!
+//! Storage fencing: once a side took the shared disk for its generation
+//! ([`BlkHandle::take_ownership`], the owner record `<image>.owner` of [`super::owner`]), each
+//! write request holds the record's read lock while it reaches the file, and is refused (the
+//! VM stops; [`BlkHandle::superseded_by`]) if a newer generation owns the disk.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -32,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::owner::{DiskOwner, Taken, WriteGuard, TAKE_PATIENCE};
 use super::{add_used, pop_chain, read_config_space, Desc, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::{DeviceError, ExitCtx};
 use crate::memory::GuestMem;
@@ -63,6 +69,20 @@ pub enum BlkError {
     /// The image size is not a multiple of 512 bytes.
     #[error("disk image {0} is {1} bytes, not a multiple of 512")]
     Size(PathBuf, u64),
+    /// The owner record of a shared image cannot be opened, locked, read or written.
+    #[error("disk owner record {0}")]
+    Owner(PathBuf, #[source] std::io::Error),
+    /// The owner record of a shared image holds a newer generation than this side's: another
+    /// side owns the disk, this one must not write to it.
+    #[error("superseded on the shared disk: {path} holds generation {owner}, ours is {ours}")]
+    Superseded {
+        /// The owner record.
+        path: PathBuf,
+        /// The generation it holds.
+        owner: u64,
+        /// This side's generation.
+        ours: u64,
+    },
 }
 
 /// Decides when a write of a primary in shared-disk mode may reach the disk.
@@ -129,6 +149,12 @@ struct Recorded {
 #[derive(Debug)]
 struct BlkShared {
     file: File,
+    path: PathBuf,
+    /// The owner record and this side's generation, once this side took the shared disk
+    /// ([`BlkHandle::take_ownership`]); from then on every write is fenced by it.
+    owner: Mutex<Option<(Arc<DiskOwner>, u64)>>,
+    /// The newer generation the owner record held when a write was refused (0: none).
+    superseded: AtomicU64,
     sectors: u64,
     shared: AtomicBool,
     mode: Mutex<DiskMode>,
@@ -146,6 +172,29 @@ impl BlkShared {
     /// Writes `data` at byte offset `off`.
     fn write_at(&self, data: &[u8], off: u64) -> std::io::Result<()> {
         self.file.write_all_at(data, off)
+    }
+
+    /// The owner record and this side's generation, if this side took the disk.
+    fn owner(&self) -> Option<(Arc<DiskOwner>, u64)> {
+        self.owner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The fence around one write request: `owner` (from [`BlkShared::owner`]) read-locked and
+    /// checked; `Err`: the write must not reach the image (counted, remembered).
+    fn fence<'a>(
+        &self,
+        owner: &'a Option<(Arc<DiskOwner>, u64)>,
+    ) -> Result<Option<WriteGuard<'a>>, BlkError> {
+        let Some((o, ours)) = owner else {
+            return Ok(None);
+        };
+        o.guard(*ours).map(Some).inspect_err(|e| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            if let BlkError::Superseded { owner, .. } = e {
+                self.superseded.fetch_max(*owner, Ordering::AcqRel);
+            }
+            tracing::error!(error = %e, "shared disk: write refused by the owner record");
+        })
     }
 
     fn in_range(&self, sector: u64, total: u64) -> bool {
@@ -176,6 +225,38 @@ impl BlkHandle {
         let mut m = self.0.mode.lock().unwrap_or_else(|e| e.into_inner());
         tracing::info!(from = ?*m, to = ?mode, "virtio-blk disk mode");
         *m = mode;
+    }
+
+    /// Takes the shared disk for generation `generation` through its owner record
+    /// (`<image>.owner`, [`DiskOwner::take`], waiting at most [`TAKE_PATIENCE`] for writers'
+    /// locks); from then on every write request of this device holds the record's read lock
+    /// and is refused if the record holds a newer generation. Called by a primary at its
+    /// start and when it goes on alone, and by a backup going live (before its first write).
+    ///
+    /// # Errors
+    /// [`BlkError::Superseded`]: the record holds a newer generation (this side is fenced off:
+    /// its writes are refused from now on); [`BlkError::Owner`]: I/O errors.
+    pub fn take_ownership(&self, generation: u64) -> Result<Taken, BlkError> {
+        let s = &self.0;
+        let owner = match s.owner() {
+            Some((o, _)) => o,
+            None => Arc::new(DiskOwner::open(&s.path)?),
+        };
+        let r = owner.take(generation, TAKE_PATIENCE);
+        if let Err(BlkError::Superseded { owner, .. }) = &r {
+            s.superseded.fetch_max(*owner, Ordering::AcqRel);
+        }
+        *s.owner.lock().unwrap_or_else(|e| e.into_inner()) = Some((owner, generation));
+        r
+    }
+
+    /// The newer generation the owner record held when this side's write (or take-over) was
+    /// refused: this side is superseded on the disk. `None`: never refused.
+    pub fn superseded_by(&self) -> Option<u64> {
+        match self.0.superseded.load(Ordering::Acquire) {
+            0 => None,
+            g => Some(g),
+        }
     }
 
     /// The current mode.
@@ -269,6 +350,10 @@ impl BlkHandle {
                 if !s.in_range(req.sector, req.out.len() as u64) {
                     return S_IOERR;
                 }
+                let owner = s.owner();
+                let Ok(_guard) = s.fence(&owner) else {
+                    return S_IOERR;
+                };
                 match s.write_at(&req.out, req.sector * SECTOR) {
                     Ok(()) => {
                         s.writes.fetch_add(1, Ordering::Relaxed);
@@ -332,6 +417,9 @@ impl Blk {
         Ok(Blk {
             shared: Arc::new(BlkShared {
                 file,
+                path: path.into(),
+                owner: Mutex::new(None),
+                superseded: AtomicU64::new(0),
                 sectors: len / SECTOR,
                 shared: AtomicBool::new(false),
                 mode: Mutex::new(DiskMode::Direct),
@@ -401,6 +489,13 @@ impl Blk {
                             s.gated.fetch_add(1, Ordering::Relaxed);
                         }
                     }
+                    // Storage fencing: the owner record stays read-locked (and must not hold a
+                    // newer generation) while the request's data reach the image.
+                    let owner = if ty == T_OUT { s.owner() } else { None };
+                    let _guard = s.fence(&owner).map_err(|e| DeviceError::Backend {
+                        what: format!("shared disk: write of sector {sector} withheld: {e}"),
+                        source: std::io::Error::other("fenced off by the disk owner record"),
+                    })?;
                     let mut off = sector * SECTOR;
                     let mut st = S_OK;
                     for d in data {
@@ -737,6 +832,56 @@ mod tests {
         assert_eq!(h.go_live(8, &r.mem), 0);
         assert_eq!(sector3(&r.path), vec![0; SECTOR as usize]);
         assert_eq!(h.counters().redone, 0);
+    }
+
+    #[test]
+    fn a_write_fenced_off_by_a_newer_owner_never_reaches_the_file() {
+        let mut old = rig();
+        let h = old.blk.handle();
+        // The old writer owns the disk in generation 1 and writes.
+        assert_eq!(h.take_ownership(1).unwrap().previous, 0);
+        write_then_read(&mut old, &DiskMode::Direct).unwrap();
+        assert_eq!(sector3(&old.path), vec![0xAB; SECTOR as usize]);
+        // A new owner (its own open of the image and of the record) takes generation 2.
+        let new = Blk::open(&old.path).unwrap();
+        let taken = new.handle().take_ownership(2).unwrap();
+        assert_eq!((taken.previous, taken.forced), (1, false));
+        // The old writer's next write is refused; the image is unchanged.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&old.path)
+            .unwrap()
+            .write_all_at(&[0x11; SECTOR as usize], 3 * SECTOR)
+            .unwrap();
+        let e = write_then_read(&mut old, &DiskMode::Direct).unwrap_err();
+        assert!(
+            e.to_string().contains("holds generation 2, ours is 1"),
+            "{e}"
+        );
+        assert_eq!(sector3(&old.path), vec![0x11; SECTOR as usize]);
+        assert_eq!(h.superseded_by(), Some(2));
+        let c = h.counters();
+        assert_eq!((c.writes, c.refused), (1, 1));
+        // Taking the disk back with the old generation is refused too.
+        assert!(matches!(
+            h.take_ownership(1),
+            Err(BlkError::Superseded {
+                owner: 2,
+                ours: 1,
+                ..
+            })
+        ));
+        // The new owner's write lands.
+        let mut new = Rig {
+            _dir: tempfile::tempdir().unwrap(),
+            path: old.path.clone(),
+            blk: new,
+            mem: crate::memory::allocate(4 << 20).unwrap(),
+            inputs: Inputs::default(),
+        };
+        write_then_read(&mut new, &DiskMode::Direct).unwrap();
+        assert_eq!(sector3(&old.path), vec![0xAB; SECTOR as usize]);
+        assert_eq!(new.blk.handle().counters().writes, 1);
     }
 
     struct Barrier(Result<(), String>, std::sync::atomic::AtomicU64);

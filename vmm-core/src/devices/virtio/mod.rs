@@ -4,6 +4,7 @@ pub mod blk;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod owner;
 
 use virtio_queue::{Queue, QueueT};
 

@@ -138,8 +138,8 @@ fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
     const TEST: &str = "throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns";
     require_kvm_and_cgroup!(TEST);
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    // 0–1 s full speed; 1–9 s backup limited to 30 % of a CPU; 9–13 s unlimited again.
-    let (slow_at, lift_at, end) = (1.0, 9.0, 13.0);
+    // 0–1 s full speed; 1–9 s backup limited to 30 % of a CPU; 9–15 s unlimited again.
+    let (slow_at, lift_at, end) = (1.0, 9.0, 15.0);
     let target = Duration::from_millis(100);
     let cfg = ExperimentConfig {
         run_for: secs(end),
@@ -194,10 +194,11 @@ fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
         "{max_inflight} entries in flight"
     );
 
-    // Lifted: the primary speeds up. Back at full share within 4 s when the unlimited backup
+    // Lifted: the primary speeds up. Back at full share within 6 s when the unlimited backup
     // can keep up with a full-speed primary, i.e. when the machine gives it most of a CPU (both
     // vCPUs need ~0.85 of a CPU each at full speed: two cores, with pollers and whatever else
-    // runs here).
+    // runs here). Idle, it takes 1.1–1.8 s; a CI run that shared the host with a build took
+    // 4.1 s while the lag sat at the set point (a controller that never lifts fails either way).
     let after = window(s, lift_at + 0.5, end - 0.2);
     let mean_after = after.iter().map(|x| x.share).sum::<f64>() / after.len().max(1) as f64;
     let (fast, slow) = (rate(&after), rate(&slowed));
@@ -226,9 +227,9 @@ fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
         "{TEST}: full share {back:?} s after the lift (the backup used {backup_cpu:.2} of a CPU)"
     );
     match back {
-        Some(b) if b <= 4.0 => {}
+        Some(b) if b <= 6.0 => {}
         _ if backup_cpu < 0.9 => eprintln!(
-            "SKIP {TEST} (full share within 4 s of the lift): the unlimited backup got only {backup_cpu:.2} of a CPU on this loaded machine"
+            "SKIP {TEST} (full share within 6 s of the lift): the unlimited backup got only {backup_cpu:.2} of a CPU on this loaded machine"
         ),
         _ => panic!("full share {back:?} s after the lift, the backup used {backup_cpu:.2} of a CPU"),
     }

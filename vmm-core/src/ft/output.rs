@@ -520,6 +520,20 @@ impl Drop for OutputGate {
 mod tests {
     use super::*;
 
+    type Bytes = Arc<Mutex<Vec<u8>>>;
+
+    /// A console-like buffer source of `gate`: (the buffer the VM writes, what was released).
+    fn console_source(gate: &OutputGate) -> (Bytes, Bytes) {
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        gate.add_buffer_source(
+            console.clone(),
+            Box::new(move |d| s2.lock().unwrap().extend_from_slice(d)),
+        );
+        (console, seen)
+    }
+
     #[test]
     fn outputs_wait_for_their_position() {
         let acked = Arc::new(AtomicU64::new(0));
@@ -528,13 +542,7 @@ mod tests {
         let out = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
         let o = out.clone();
         let sink = gate.add_sink(Box::new(move |d| o.lock().unwrap().push(d.to_vec())));
-        let console = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s2 = seen.clone();
-        gate.add_buffer_source(
-            console.clone(),
-            Box::new(move |d| s2.lock().unwrap().extend_from_slice(d)),
-        );
+        let (console, seen) = console_source(&gate);
         gate.submit(sink, 3, b"a".to_vec());
         gate.submit(sink, 7, b"b".to_vec());
         std::thread::sleep(Duration::from_millis(50));
@@ -572,13 +580,7 @@ mod tests {
         let gate = OutputGate::start(acked.clone(), position.clone()).unwrap();
         // As a primary hooked into its sender: the releaser only wakes now and then.
         gate.inner.hooked.store(true, Ordering::Release);
-        let console = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s2 = seen.clone();
-        gate.add_buffer_source(
-            console.clone(),
-            Box::new(move |d| s2.lock().unwrap().extend_from_slice(d)),
-        );
+        let (console, seen) = console_source(&gate);
         let drain = gate.source_drainer();
         console.lock().unwrap().extend_from_slice(b"at 5");
         drain();

@@ -204,7 +204,7 @@ fn summarize(run: &'static str, plan: &Plan, r: &ExperimentReport) -> Row {
                 backup_limit: x.backup_share,
                 lag_ms: x.lag_ms,
                 predicted_ms: x.predicted_ms,
-                lag_entries: x.logged - x.executed,
+                lag_entries: x.logged.saturating_sub(x.executed),
                 entries_per_s: eps,
             }
         })

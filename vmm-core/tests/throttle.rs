@@ -67,8 +67,8 @@ fn print_samples(r: &ExperimentReport) {
             s.backup_share,
             s.lag_ms,
             s.predicted_ms,
-            s.logged - s.executed,
-            s.logged - s.acked,
+            s.logged.saturating_sub(s.executed),
+            s.logged.saturating_sub(s.acked),
             s.stalls
         );
     }
@@ -188,7 +188,11 @@ fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
     let p = r.primary.as_ref().expect("primary");
     assert_eq!(p.log_stalls.count, 0, "the vCPU waited for log space");
     let bytes_per_entry = p.log_bytes as f64 / p.entries.max(1) as f64 + 16.0;
-    let max_inflight = s.iter().map(|x| x.logged - x.acked).max().unwrap_or(0);
+    let max_inflight = s
+        .iter()
+        .map(|x| x.logged.saturating_sub(x.acked))
+        .max()
+        .unwrap_or(0);
     assert!(
         (max_inflight as f64) * bytes_per_entry < r.ring_capacity as f64 / 2.0,
         "{max_inflight} entries in flight"
@@ -268,7 +272,11 @@ fn throttle_backup_that_stops_acking_stalls_the_primary_with_bounded_memory() {
     assert_eq!(first.logged, last.logged, "the primary kept logging");
     // ...with at most a buffer's worth of entries unacknowledged (bounded memory)...
     let max_record = 24 + 16;
-    let max_inflight = s.iter().map(|x| x.logged - x.acked).max().unwrap_or(0);
+    let max_inflight = s
+        .iter()
+        .map(|x| x.logged.saturating_sub(x.acked))
+        .max()
+        .unwrap_or(0);
     assert!(
         max_inflight as usize * 16 <= capacity,
         "{max_inflight} entries in flight in a {capacity}-byte buffer"
@@ -318,7 +326,7 @@ fn throttle_backup_that_never_acks_ends_in_failure_detection() {
     let max_inflight = r
         .samples
         .iter()
-        .map(|x| x.logged - x.acked)
+        .map(|x| x.logged.saturating_sub(x.acked))
         .max()
         .unwrap_or(0);
     assert!(

@@ -393,6 +393,12 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                     let dt = (ts - t0).max(1e-6);
                     let st = throttle.status();
                     let stalls = writer.stalls();
+                    // The backup's positions first, the log's after: read the other way round,
+                    // entries logged and acknowledged between the two loads made a sample's
+                    // `acked` exceed its `logged` (one CI run saw `logged - acked` wrap).
+                    let executed = shared.executed_seq();
+                    let acked = shared.acked_seq();
+                    let logged = writer.position().load(Ordering::Acquire);
                     samples.push(Sample {
                         t: ts,
                         share: if throttling { st.share } else { 1.0 },
@@ -401,9 +407,9 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                         backup_share,
                         lag_ms: st.lag_ms,
                         predicted_ms: st.lag_predicted_ms,
-                        logged: writer.position().load(Ordering::Acquire),
-                        acked: shared.acked_seq(),
-                        executed: shared.executed_seq(),
+                        logged,
+                        acked,
+                        executed,
                         log_bytes: writer.bytes(),
                         stalls: stalls.count,
                         stall_s: stalls.time.as_secs_f64(),

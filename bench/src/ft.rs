@@ -8,7 +8,11 @@
 //! `ftvm` binary next to this one in a network namespace (root).
 //!
 //! Options: `--transports none,tcp,...` (FT off, `none`, is always measured first), `--runs N`
-//! (every run measures each configuration in turn; rows hold the medians), `--requests N`.
+//! (every run measures each configuration in turn; rows hold the medians), `--requests N`. A
+//! transport written `T+shared` (`--transports tcp,tcp+shared`) runs the pair in shared-disk
+//! mode: one image, `--shared-disk`, and a file arbiter, so every disk write waits for the
+//! backup's ack and passes the disk owner record's fence (`vmm-core/DEVICES.md`); the row's
+//! `disk_mode` says which.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +33,8 @@ const TAP: &str = "ftvmtap0";
 #[derive(Debug, Serialize)]
 struct Row {
     transport: String,
+    /// `own-copy` (each side its own image; FT off: the one image) or `shared` (`T+shared`).
+    disk_mode: &'static str,
     test: String,
     ops_per_s: f64,
     p50_us: f64,
@@ -153,10 +159,16 @@ fn redis(ns: &Netns, args: &[&str]) -> anyhow::Result<std::process::Output> {
 }
 
 /// One configuration: `transport` = "none" (FT off) or a transport name.
-fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> anyhow::Result<One> {
+fn one(ns: &Netns, bin: &Path, dir: &Path, config: &str, requests: u64) -> anyhow::Result<One> {
+    let (transport, shared) = split_config(config);
     for d in ["a.img", "b.img"] {
         std::fs::File::create(dir.join(d))?.set_len(32 << 20)?;
     }
+    // A fresh arbiter and owner record per run (a pair starts in generation 1).
+    let arbiter = dir.join("arbiter");
+    let _ = std::fs::remove_dir_all(&arbiter);
+    let _ = std::fs::remove_file(dir.join("a.img.owner"));
+    std::fs::create_dir_all(&arbiter)?;
     let cmdline = format!("ip={GUEST_IP}/24 gw=10.0.2.1 port=6379");
     let net = format!("tap:{TAP}");
     let shm = format!("/dev/shm/ftvm-bench-ft-{}", std::process::id());
@@ -192,6 +204,13 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> an
                 "--report".into(),
                 dir.join(format!("{role}.json")).display().to_string(),
             ]);
+            if shared {
+                v.extend([
+                    "--shared-disk".into(),
+                    "--arbiter".into(),
+                    format!("file:{}", arbiter.display()),
+                ]);
+            }
         } else {
             v.push("--quiet".into());
         }
@@ -207,9 +226,12 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> an
         );
     } else {
         children.push(
-            ns.command(&bins, &args("backup", "b.img"))
-                .stderr(Stdio::piped())
-                .spawn()?,
+            ns.command(
+                &bins,
+                &args("backup", if shared { "a.img" } else { "b.img" }),
+            )
+            .stderr(Stdio::piped())
+            .spawn()?,
         );
         children.push(
             ns.command(&bins, &args("primary", "a.img"))
@@ -224,10 +246,19 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> an
             break;
         }
         if start.elapsed() > Duration::from_secs(30) {
+            let mut why = String::new();
             for mut c in children {
                 let _ = c.kill();
+                if let Ok(out) = c.wait_with_output() {
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    let tail: Vec<&str> = err.lines().rev().take(5).collect();
+                    for l in tail.into_iter().rev() {
+                        why.push_str("\n  ");
+                        why.push_str(l);
+                    }
+                }
             }
-            bail!("kv ({transport}) did not answer PING");
+            bail!("kv ({config}) did not answer PING; the processes said:{why}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -277,6 +308,18 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> an
     for c in children.into_iter().rev() {
         outs.push(wait_exit(c, Duration::from_secs(120))?);
     }
+    // A pair with an arbiter (`T+shared`) may fail over during the run (a side presumed the
+    // other failed): say so, the figures of such a run are not those of a replicated pair.
+    for out in &outs {
+        for l in String::from_utf8_lossy(&out.stderr).lines() {
+            if ["LIVE", "ALONE", "FENCED", "uperseded", "presumed"]
+                .iter()
+                .any(|k| l.contains(k))
+            {
+                eprintln!("ft: {config}: {l}");
+            }
+        }
+    }
     let mut rows = Vec::new();
     for test in ["SET", "GET"] {
         let (rps, p50, p99) =
@@ -291,6 +334,14 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, transport: &str, requests: u64) -> an
         serde_json::from_str(&text)?
     };
     Ok((rows, primary, primary_cpu, backup_cpu))
+}
+
+/// `T+shared` → (`T`, shared-disk mode); `T` → (`T`, own copies).
+fn split_config(config: &str) -> (&str, bool) {
+    match config.strip_suffix("+shared") {
+        Some(t) => (t, true),
+        None => (config, false),
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -403,6 +454,11 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             }
             rows.push(Row {
                 transport: t.clone(),
+                disk_mode: if split_config(t).1 {
+                    "shared"
+                } else {
+                    "own-copy"
+                },
                 test: tests[i].clone(),
                 ops_per_s: m[0],
                 p50_us: m[1],
@@ -519,6 +575,13 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_suffix_selects_the_shared_disk_mode() {
+        assert_eq!(split_config("tcp+shared"), ("tcp", true));
+        assert_eq!(split_config("shm"), ("shm", false));
+        assert_eq!(split_config("none"), ("none", false));
+    }
 
     #[test]
     fn parses_redis_benchmark_7_csv() {

@@ -46,6 +46,19 @@ use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 
 use common::{free_port, ftvm_binary, report, wait_child};
 
+/// How every test here with a network starts: a SKIP line without KVM or root; else a
+/// temporary directory, a blank shared image in it and a namespace (`tag`) with the TAP.
+fn shared_setup(test: &str, tag: &str) -> Option<(tempfile::TempDir, PathBuf, Netns)> {
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP {test}: {r}");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = common::blank_disk(dir.path(), "shared.img");
+    let ns = common::namespace(tag);
+    Some((dir, disk, ns))
+}
+
 const MEM: u64 = 64 << 20;
 
 fn kv_cmdline() -> String {
@@ -210,13 +223,9 @@ fn kv_pair(
 #[test]
 fn shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes() {
     const TEST: &str = "shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    let Some((dir, disk, ns)) = shared_setup(TEST, "sdpair") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = common::blank_disk(dir.path(), "shared.img");
-    let ns = common::namespace("sdpair");
+    };
     let keys: Vec<(String, String)> = (0..8)
         .map(|i| (format!("key{i}"), format!("value-{i}-shared")))
         .collect();
@@ -277,13 +286,9 @@ fn shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes() {
 #[test]
 fn shared_disk_write_waits_for_stalled_acks() {
     const TEST: &str = "shared_disk_write_waits_for_stalled_acks";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    let Some((_dir, disk, ns)) = shared_setup(TEST, "sdstall") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = common::blank_disk(dir.path(), "shared.img");
-    let ns = common::namespace("sdstall");
+    };
     let stall = Arc::new(AtomicBool::new(false));
     let s2 = stall.clone();
     const VALUE: &str = "written-while-the-acks-were-withheld";
@@ -437,13 +442,9 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
 fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes() {
     const TEST: &str =
         "shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    let Some((dir, disk, ns)) = shared_setup(TEST, "sdlive") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk: PathBuf = common::blank_disk(dir.path(), "shared.img");
-    let ns = common::namespace("sdlive");
+    };
     let FtPair {
         primary,
         backup,
@@ -583,13 +584,9 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
 #[test]
 fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
     const TEST: &str = "shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    let Some((dir, disk, ns)) = shared_setup(TEST, "sdalone") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk: PathBuf = common::blank_disk(dir.path(), "shared.img");
-    let ns = common::namespace("sdalone");
+    };
     let FtPair {
         primary,
         backup,
@@ -649,13 +646,9 @@ fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
 fn shared_disk_write_fenced_off_by_a_newer_owner_stops_both_sides_as_superseded() {
     const TEST: &str =
         "shared_disk_write_fenced_off_by_a_newer_owner_stops_both_sides_as_superseded";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    let Some((dir, disk, ns)) = shared_setup(TEST, "sdfence") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk: PathBuf = common::blank_disk(dir.path(), "shared.img");
-    let ns = common::namespace("sdfence");
+    };
     let FtPair {
         primary, backup, ..
     } = ft_pair(&ns, &disk, &dir.path().join("arbiter"));
@@ -923,10 +916,6 @@ fn shared_disk_processes_kv_under_redis_benchmark() {
     let Some(bin) = ftvm_binary(TEST) else {
         return;
     };
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
-        return;
-    }
     if Command::new("redis-benchmark")
         .arg("--version")
         .output()
@@ -935,9 +924,9 @@ fn shared_disk_processes_kv_under_redis_benchmark() {
         eprintln!("SKIP {TEST}: redis-benchmark not installed (redis-tools)");
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = common::blank_disk(dir.path(), "shared.img");
-    let ns = common::namespace("sdproc");
+    let Some((dir, disk, ns)) = shared_setup(TEST, "sdproc") else {
+        return;
+    };
     let peer = format!("127.0.0.1:{}", free_port());
     let net = format!("tap:{}", common::TAP);
     let cmdline = kv_cmdline();

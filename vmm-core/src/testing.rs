@@ -120,6 +120,20 @@ pub fn kvm_missing() -> Option<String> {
     }
 }
 
+/// Prints `SKIP <test>: <program> not installed (Debian package <package>)` and returns true
+/// when `program` cannot be run (`<program> --version` fails to start).
+pub fn skip_without(test: &str, program: &str, package: &str) -> bool {
+    if std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        return false;
+    }
+    eprintln!("SKIP {test}: {program} not installed (Debian package {package})");
+    true
+}
+
 /// Whether the process runs as root (needed for TAP devices and network namespaces).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -159,12 +159,7 @@ fn ft_processes_kv_under_redis_benchmark() {
         eprintln!("SKIP {TEST}: {r}");
         return;
     }
-    if Command::new("redis-benchmark")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP {TEST}: redis-benchmark not installed (redis-tools)");
+    if ftvm_vmm_core::testing::skip_without(TEST, "redis-benchmark", "redis-tools") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

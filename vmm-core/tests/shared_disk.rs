@@ -916,12 +916,7 @@ fn shared_disk_processes_kv_under_redis_benchmark() {
     let Some(bin) = ftvm_binary(TEST) else {
         return;
     };
-    if Command::new("redis-benchmark")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP {TEST}: redis-benchmark not installed (redis-tools)");
+    if ftvm_vmm_core::testing::skip_without(TEST, "redis-benchmark", "redis-tools") {
         return;
     }
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdproc") else {

@@ -27,19 +27,7 @@ pub fn skip(test: &str) -> bool {
     }
 }
 
-/// Prints `SKIP <test>: <program> not installed (Debian package <package>)` and returns true
-/// when `program` cannot be run (`<program> --version` fails to start).
-pub fn skip_without(test: &str, program: &str, package: &str) -> bool {
-    if std::process::Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok()
-    {
-        return false;
-    }
-    eprintln!("SKIP {test}: {program} not installed (Debian package {package})");
-    true
-}
+pub use ftvm_vmm_core::testing::skip_without;
 
 /// One scenario at a time: two VMs per test already fill this 2-core machine, and a starved
 /// heartbeat thread would look like a failure.

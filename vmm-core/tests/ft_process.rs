@@ -10,9 +10,8 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use common::{free_port, ftvm_binary, report, wait_child};
+use common::{free_port, ftvm_binary, report};
 
 fn check_equal_runs(dir: &Path, disk: bool) {
     let p = report(&dir.join("p.json"));
@@ -91,18 +90,7 @@ fn ft_processes_replay_cpu_over_tcp() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn primary");
-    let po = wait_child(primary, "primary", Duration::from_secs(60));
-    let bo = wait_child(backup, "backup", Duration::from_secs(60));
-    assert!(
-        po.status.success(),
-        "{}",
-        String::from_utf8_lossy(&po.stderr)
-    );
-    assert!(
-        bo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&bo.stderr)
-    );
+    common::wait_pair_ok(primary, backup);
     check_equal_runs(dir.path(), false);
 }
 
@@ -142,8 +130,7 @@ fn ft_processes_refuse_different_initial_state() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn primary");
-    let po = wait_child(primary, "primary", Duration::from_secs(60));
-    let bo = wait_child(backup, "backup", Duration::from_secs(60));
+    let (po, bo) = common::wait_pair(primary, backup);
     assert!(!po.status.success() && !bo.status.success());
     let text = String::from_utf8_lossy(&po.stderr);
     assert!(text.contains("pairing digest mismatch"), "{text}");
@@ -213,18 +200,7 @@ fn ft_processes_kv_under_redis_benchmark() {
     assert!(text.contains("SET") && text.contains("GET"), "{text}");
     assert_eq!(common::redis_reply(&ns, &["SET", "ftkey", "ftvalue"]), "OK");
     common::redis_shutdown(&ns);
-    let po = wait_child(primary, "primary", Duration::from_secs(60));
-    let bo = wait_child(backup, "backup", Duration::from_secs(60));
-    assert!(
-        po.status.success(),
-        "{}",
-        String::from_utf8_lossy(&po.stderr)
-    );
-    assert!(
-        bo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&bo.stderr)
-    );
+    common::wait_pair_ok(primary, backup);
     check_equal_runs(dir.path(), true);
     let p = report(&dir.path().join("p.json"));
     assert!(p["outputs_released"].as_u64().unwrap() > 0);

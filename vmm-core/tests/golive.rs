@@ -585,23 +585,9 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
         "{}",
         brief(&p, |r| format!("alone {:?}", r.alone))
     );
-    let reply = loop {
-        let out = ns
-            .exec(
-                "timeout",
-                &["1", "redis-cli", "-h", common::GUEST_IP, "GET", "before"],
-            )
-            .expect("redis-cli");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if out.status.success() && !text.is_empty() {
-            break text;
-        }
-        assert!(
-            crashed.elapsed() < Duration::from_secs(20),
-            "no answer after the crash; backup console: {}",
-            backup_console.text()
-        );
-    };
+    let reply = common::get_after_crash(&ns, "before", crashed, || {
+        format!("; backup console: {}", backup_console.text())
+    });
     let failover = crashed.elapsed();
     eprintln!("{TEST}: first reply {failover:?} after the crash");
     assert_eq!(reply, "crash");

@@ -44,7 +44,7 @@ use ftvm_vmm_core::record::{Inputs, Recorder, ReplayError, ReplaySource};
 use ftvm_vmm_core::testing::StallAcks;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 
-use common::{free_port, ftvm_binary, report, wait_child};
+use common::{free_port, ftvm_binary, report};
 
 /// How every test here with a network starts: a SKIP line without KVM or root; else a
 /// temporary directory, a blank shared image in it and a namespace (`tag`) with the TAP.
@@ -501,22 +501,7 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
         "the primary did not crash as planned: {:?}",
         p.as_ref().map(|r| r.alone).map_err(|e| error_chain(e))
     );
-    let reply = loop {
-        let out = ns
-            .exec(
-                "timeout",
-                &["1", "redis-cli", "-h", common::GUEST_IP, "GET", "before0"],
-            )
-            .expect("redis-cli");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if out.status.success() && !text.is_empty() {
-            break text;
-        }
-        assert!(
-            crashed.elapsed() < Duration::from_secs(20),
-            "no answer after the crash"
-        );
-    };
+    let reply = common::get_after_crash(&ns, "before0", crashed, String::new);
     eprintln!(
         "{TEST}: first reply {:?} after the crash",
         crashed.elapsed()
@@ -898,8 +883,7 @@ fn shared_disk_processes_refuse_a_mode_mismatch() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn primary");
-    let po = wait_child(primary, "primary", Duration::from_secs(60));
-    let bo = wait_child(backup, "backup", Duration::from_secs(60));
+    let (po, bo) = common::wait_pair(primary, backup);
     assert!(!po.status.success() && !bo.status.success());
     for out in [&po, &bo] {
         let text = String::from_utf8_lossy(&out.stderr);
@@ -972,18 +956,7 @@ fn shared_disk_processes_kv_under_redis_benchmark() {
         "OK"
     );
     common::redis_shutdown(&ns);
-    let po = wait_child(primary, "primary", Duration::from_secs(60));
-    let bo = wait_child(backup, "backup", Duration::from_secs(60));
-    assert!(
-        po.status.success(),
-        "{}",
-        String::from_utf8_lossy(&po.stderr)
-    );
-    assert!(
-        bo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&bo.stderr)
-    );
+    common::wait_pair_ok(primary, backup);
     let p = report(&dir.path().join("p.json"));
     let b = report(&dir.path().join("b.json"));
     eprintln!(

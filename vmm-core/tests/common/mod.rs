@@ -135,6 +135,30 @@ pub fn redis_reply(ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// After a crash at `crashed`: retries `GET key` (1 s per try) until the new primary answers with
+/// a non-empty value, which it returns; fails after 20 s with `context()` in the message.
+pub fn get_after_crash(
+    ns: &Netns,
+    key: &str,
+    crashed: Instant,
+    context: impl Fn() -> String,
+) -> String {
+    loop {
+        let out = ns
+            .exec("timeout", &["1", "redis-cli", "-h", GUEST_IP, "GET", key])
+            .expect("redis-cli");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !text.is_empty() {
+            return text;
+        }
+        assert!(
+            crashed.elapsed() < Duration::from_secs(20),
+            "no answer after the crash{}",
+            context()
+        );
+    }
+}
+
 /// Waits until the guest answers PING (at most 15 s).
 pub fn wait_ready(ns: &Netns, vm: &RunningVm) {
     wait_ready_with(ns, &vm.console);
@@ -204,6 +228,26 @@ pub fn wait_child(mut c: std::process::Child, what: &str, timeout: Duration) -> 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits (up to 60 s each) for a pair's primary and backup processes; returns their outputs.
+pub fn wait_pair(primary: std::process::Child, backup: std::process::Child) -> (Output, Output) {
+    let po = wait_child(primary, "primary", Duration::from_secs(60));
+    let bo = wait_child(backup, "backup", Duration::from_secs(60));
+    (po, bo)
+}
+
+/// [`wait_pair`], asserting that both processes exited successfully (stderr in the message).
+pub fn wait_pair_ok(primary: std::process::Child, backup: std::process::Child) -> (Output, Output) {
+    let (po, bo) = wait_pair(primary, backup);
+    for out in [&po, &bo] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (po, bo)
 }
 
 /// A JSON report an `ftvm` process wrote.

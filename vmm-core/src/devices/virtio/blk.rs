@@ -777,6 +777,23 @@ mod tests {
         std::fs::read(path).unwrap()[3 * SECTOR as usize..4 * SECTOR as usize].to_vec()
     }
 
+    /// Fills sector 3 of the image with `b` behind the device's back.
+    fn set_sector3(path: &Path, b: u8) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .write_all_at(&[b; SECTOR as usize], 3 * SECTOR)
+            .unwrap();
+    }
+
+    /// The sector the read request of [`write_then_read`] delivered into guest memory.
+    fn read_data(mem: &GuestMem) -> Vec<u8> {
+        let mut buf = vec![0u8; SECTOR as usize];
+        mem.read_slice(&mut buf, GuestAddress(READ_BUF)).unwrap();
+        buf
+    }
+
     #[test]
     fn replay_mode_never_touches_the_file_and_go_live_completes_the_missing_requests() {
         let mut r = rig();
@@ -791,18 +808,11 @@ mod tests {
         assert_eq!((c.dropped, c.reads, c.writes), (1, 0, 0));
         // The log completed the write (the primary performed it: its status was logged), not
         // the read: going live at this exit executes the read alone, on the file.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&r.path)
-            .unwrap()
-            .write_all_at(&[0xAB; SECTOR as usize], 3 * SECTOR)
-            .unwrap();
+        set_sector3(&r.path, 0xAB);
         r.mem.write_slice(&[S_OK], GuestAddress(STATUS)).unwrap();
         assert_eq!(h.go_live(7, &r.mem), 1);
         assert_eq!(byte(&r.mem, STATUS2), S_OK);
-        let mut buf = vec![0u8; SECTOR as usize];
-        r.mem.read_slice(&mut buf, GuestAddress(READ_BUF)).unwrap();
-        assert_eq!(buf, vec![0xAB; SECTOR as usize]);
+        assert_eq!(read_data(&r.mem), vec![0xAB; SECTOR as usize]);
         let c = h.counters();
         assert_eq!((c.redone, c.reads, c.writes), (1, 1, 0));
         assert!(matches!(h.mode(), DiskMode::Direct));
@@ -817,9 +827,7 @@ mod tests {
         assert_eq!(h.go_live(7, &r.mem), 2);
         assert_eq!(sector3(&r.path), vec![0xAB; SECTOR as usize]);
         assert_eq!((byte(&r.mem, STATUS), byte(&r.mem, STATUS2)), (S_OK, S_OK));
-        let mut buf = vec![0u8; SECTOR as usize];
-        r.mem.read_slice(&mut buf, GuestAddress(READ_BUF)).unwrap();
-        assert_eq!(buf, vec![0xAB; SECTOR as usize]);
+        assert_eq!(read_data(&r.mem), vec![0xAB; SECTOR as usize]);
         assert_eq!(h.counters().redone, 2);
     }
 
@@ -847,12 +855,7 @@ mod tests {
         let taken = new.handle().take_ownership(2).unwrap();
         assert_eq!((taken.previous, taken.forced), (1, false));
         // The old writer's next write is refused; the image is unchanged.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&old.path)
-            .unwrap()
-            .write_all_at(&[0x11; SECTOR as usize], 3 * SECTOR)
-            .unwrap();
+        set_sector3(&old.path, 0x11);
         let e = write_then_read(&mut old, &DiskMode::Direct).unwrap_err();
         assert!(
             e.to_string().contains("holds generation 2, ours is 1"),

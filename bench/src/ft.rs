@@ -164,11 +164,13 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, config: &str, requests: u64) -> anyho
     for d in ["a.img", "b.img"] {
         std::fs::File::create(dir.join(d))?.set_len(32 << 20)?;
     }
-    // A fresh arbiter and owner record per run (a pair starts in generation 1).
+    // Shared disk: a fresh arbiter and owner record per run (a pair starts in generation 1).
     let arbiter = dir.join("arbiter");
-    let _ = std::fs::remove_dir_all(&arbiter);
-    let _ = std::fs::remove_file(dir.join("a.img.owner"));
-    std::fs::create_dir_all(&arbiter)?;
+    if shared {
+        let _ = std::fs::remove_dir_all(&arbiter);
+        let _ = std::fs::remove_file(dir.join("a.img.owner"));
+        std::fs::create_dir_all(&arbiter)?;
+    }
     let cmdline = format!("ip={GUEST_IP}/24 gw=10.0.2.1 port=6379");
     let net = format!("tap:{TAP}");
     let shm = format!("/dev/shm/ftvm-bench-ft-{}", std::process::id());

@@ -124,6 +124,27 @@ fn fill<const N: usize>(dst: &mut [u8], template: &[u8; N], i: u64) {
     dst[..8].copy_from_slice(&i.to_le_bytes());
 }
 
+/// Our producer's step (the throughput run and the `--icount` driver share it): fills record
+/// `i` in place and commits it, publishing every `batch` records (`left` counts down to the
+/// next publication).
+#[inline(always)]
+fn put<const N: usize>(
+    mut c: ftvm_ringbuf::Claim<'_>,
+    template: &[u8; N],
+    i: u64,
+    left: &mut u64,
+    batch: u64,
+) {
+    fill(&mut c, template, i);
+    *left -= 1;
+    if *left == 0 {
+        c.commit();
+        *left = batch;
+    } else {
+        c.commit_deferred();
+    }
+}
+
 /// Reads a payload: returns its record number and folds every word into `acc`.
 #[inline(always)]
 fn digest(p: &[u8], acc: &mut u64) -> u64 {
@@ -197,15 +218,8 @@ fn tput_ours<const N: usize>(n: u64, batch: u64) -> anyhow::Result<f64> {
             for i in 0..n {
                 loop {
                     match tx.claim(1, N) {
-                        Ok(mut c) => {
-                            fill(&mut c, &t, i);
-                            left -= 1;
-                            if left == 0 {
-                                c.commit();
-                                left = batch;
-                            } else {
-                                c.commit_deferred();
-                            }
+                        Ok(c) => {
+                            put(c, &t, i, &mut left, batch);
                             break;
                         }
                         Err(_) => std::hint::spin_loop(),
@@ -411,17 +425,10 @@ fn icount_ours_produce<const N: usize>(
 ) {
     let mut left = batch;
     for i in first..first + icount_round(N) {
-        let Ok(mut c) = tx.claim(1, N) else {
+        let Ok(c) = tx.claim(1, N) else {
             return; // cannot happen: a round fills a quarter of the buffer
         };
-        fill(&mut c, t, i);
-        left -= 1;
-        if left == 0 {
-            c.commit();
-            left = batch;
-        } else {
-            c.commit_deferred();
-        }
+        put(c, t, i, &mut left, batch);
     }
     tx.publish();
 }

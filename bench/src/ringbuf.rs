@@ -19,7 +19,7 @@
 //!
 //!   `rtrb_mps` is the best of rtrb's three uses, so "ours vs rtrb" is against rtrb at its best.
 //!   For reference, `rtrb_chunk_record_sized_mps` runs rtrb's chunk API (batches as ours) with
-//!   items of `size + 16` bytes: as many bytes per record as ours moves with its header, which
+//!   items of `size + 8` bytes: as many bytes per record as ours moves with its header, which
 //!   separates the cost of the header bytes from the cost of the buffer's mechanics.
 //!   Both batch paths do the same work per batch: one read of the other side's index when the
 //!   cached one runs out, one Release store to publish, one to free.
@@ -33,7 +33,7 @@
 //! Every measurement is repeated (`--reps`, default 3 quick / 5 full), the implementations
 //! interleaved in alternating order within each repetition; the JSON holds the medians. Each
 //! queue holds the same payload bytes: 4096 records of 64 B / 256 B, 1024 of 1 KiB (ours: a data
-//! area of that many payload bytes, so it holds fewer records because of the 16-byte headers).
+//! area of that many payload bytes, so it holds fewer records because of the 8-byte headers).
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
@@ -43,6 +43,8 @@ use anyhow::{anyhow, bail, Context};
 use crossbeam_queue::ArrayQueue;
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+use ftvm_ringbuf::layout::RECORD_HEADER_LEN;
 
 use crate::report::{self, Panel, Series};
 use crate::Opts;
@@ -60,7 +62,7 @@ struct Row {
     rtrb_push_pop_mps: f64,
     rtrb_chunk_mps: f64,
     rtrb_chunk_free_mps: f64,
-    /// rtrb's chunk API (batches as ours) with items of `size + 16` bytes — as many bytes per
+    /// rtrb's chunk API (batches as ours) with items of `size + 8` bytes — as many bytes per
     /// record as ours moves (payload and header) — for reference; not part of `rtrb_mps`.
     rtrb_chunk_record_sized_mps: f64,
     crossbeam_mps: f64,
@@ -702,7 +704,7 @@ fn rtt_crossbeam<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>>
 
 // ---------------------------------------------------------------------------------------------
 
-/// Medians over the repetitions for one record size: `N` payload bytes, `M = N + 16` bytes per
+/// Medians over the repetitions for one record size: `N` payload bytes, `M = N + 8` bytes per
 /// record in our buffer (the header).
 fn measure<const N: usize, const M: usize>(
     p: Params,
@@ -722,7 +724,7 @@ fn measure<const N: usize, const M: usize>(
         (tput_rtrb_chunk::<N>, p.batch, 3),
         (tput_rtrb_chunk::<N>, u64::MAX, 4),
         (|n, _| tput_crossbeam::<N>(n), 0, 5),
-        // Items as large as our records (payload + 16-byte header), in the same queue bytes.
+        // Items as large as our records (payload + 8-byte header), in the same queue bytes.
         (
             |n, b| tput_rtrb_chunk_in::<M>(n, b, slots(N) * N / M),
             p.batch,
@@ -863,9 +865,9 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &size in p.sizes {
         rows.push(match size {
-            64 => measure::<64, 80>(p, &bar)?,
-            256 => measure::<256, 272>(p, &bar)?,
-            _ => measure::<1024, 1040>(p, &bar)?,
+            64 => measure::<64, { 64 + RECORD_HEADER_LEN }>(p, &bar)?,
+            256 => measure::<256, { 256 + RECORD_HEADER_LEN }>(p, &bar)?,
+            _ => measure::<1024, { 1024 + RECORD_HEADER_LEN }>(p, &bar)?,
         });
     }
     bar.finish_and_clear();
@@ -930,7 +932,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
     report::print_table(
         &format!(
             "ringbuf (medians of {} runs; M records/s, batches of {} records, rtrb chunk* = \
-             all free slots, rtrb chunk+16 = items of size+16 B; RTT p50/p99 ns)",
+             all free slots, rtrb chunk+8 = items of size+8 B; RTT p50/p99 ns)",
             p.reps, p.batch
         ),
         &[
@@ -940,7 +942,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             "rtrb push",
             "rtrb chunk",
             "rtrb chunk*",
-            "rtrb chunk+16",
+            "rtrb chunk+8",
             "crossbeam",
             "ours/rtrb",
             "ours/cb",

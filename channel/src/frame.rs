@@ -15,8 +15,8 @@
 //!  │first_seq │ count  │frag_index│frag_cnt │… │ acked    │executed │ flags  │ │ nonce    │
 //!  │ u64      │ u32    │ u16      │ u16     │  │ u64      │ u64     │ u64    │ │ u64      │
 //!  └──────────┴────────┴──────────┴─────────┴─ └──────────┴─────────┴────────┘ └──────────┘
-//!  then `count` records in the log buffer's own format (16-byte header: len u32, kind u16,
-//!  flags u16, seq u64; then the payload), back to back without alignment padding — or, when
+//!  then `count` records in the log buffer's own format (8-byte header: len u24, kind u8, the
+//!  low 32 bits of seq; then the payload), back to back without alignment padding — or, when
 //!  frag_cnt > 1, fragment `frag_index` of one such record.
 //!
 //!  HELLO body (72 bytes)
@@ -32,15 +32,12 @@
 //! and version fields keep their place in every future version, so a peer can always tell
 //! "different version" from "garbage".
 
-use ftvm_ringbuf::layout::{
-    KIND_PADDING, RECORD_HEADER_LEN, REC_FLAGS_OFFSET, REC_KIND_OFFSET, REC_LEN_OFFSET,
-    REC_SEQ_OFFSET,
-};
+use ftvm_ringbuf::layout::{split_header, KIND_PADDING, RECORD_HEADER_LEN};
 
 /// Frame magic number.
 pub const MAGIC: u16 = 0xF7C1;
-/// Protocol version spoken by this code.
-pub const VERSION: u8 = 2;
+/// Protocol version spoken by this code. (3: records carry the log buffer's 8-byte header.)
+pub const VERSION: u8 = 3;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 24;
 /// Offset of the magic (u16).
@@ -459,8 +456,9 @@ pub const DATA_OVERHEAD: usize = HEADER_LEN + DATA_HEADER_LEN;
 /// A record parsed out of a DATA frame (borrowed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WireRecord<'a> {
-    /// Sequence number.
-    pub seq: u64,
+    /// The low 32 bits of the sequence number (the frame's `first_seq` gives the rest:
+    /// records are numbered consecutively from it).
+    pub seq_low: u32,
     /// Kind.
     pub kind: u16,
     /// Payload.
@@ -474,25 +472,20 @@ pub struct WireRecord<'a> {
 /// [`FrameError::BadBody`] when the header is cut or the payload overruns, or the kind is the
 /// reserved padding kind.
 pub fn parse_record(bytes: &[u8]) -> Result<(WireRecord<'_>, usize), FrameError> {
-    if bytes.len() < RECORD_HEADER_LEN {
+    let Some(header) = bytes.first_chunk::<RECORD_HEADER_LEN>() else {
         return Err(FrameError::BadBody("record header cut"));
-    }
-    let len = rd_u32(bytes, REC_LEN_OFFSET) as usize;
-    let kind = rd_u16(bytes, REC_KIND_OFFSET);
-    let _flags = rd_u16(bytes, REC_FLAGS_OFFSET);
-    let seq = rd_u64(bytes, REC_SEQ_OFFSET);
+    };
+    let (len, kind, seq_low) = split_header(u64::from_le_bytes(*header));
     if kind == KIND_PADDING {
         return Err(FrameError::BadBody("padding record on the wire"));
     }
-    let end = RECORD_HEADER_LEN
-        .checked_add(len)
-        .ok_or(FrameError::BadBody("record length"))?;
+    let end = RECORD_HEADER_LEN + len;
     if end > bytes.len() {
         return Err(FrameError::BadBody("record payload overruns the frame"));
     }
     Ok((
         WireRecord {
-            seq,
+            seq_low,
             kind,
             payload: &bytes[RECORD_HEADER_LEN..end],
         },
@@ -501,8 +494,8 @@ pub fn parse_record(bytes: &[u8]) -> Result<(WireRecord<'_>, usize), FrameError>
 }
 
 /// Checks that `payload` holds exactly `count` well-formed records numbered `first_seq`,
-/// `first_seq + 1`, … each with at most `max_payload` bytes; returns the total log-buffer
-/// bytes they need (record spans).
+/// `first_seq + 1`, … (their headers carry the low 32 bits) each with at most `max_payload`
+/// bytes; returns the total log-buffer bytes they need (record spans).
 ///
 /// # Errors
 /// [`FrameError::BadBody`] on any inconsistency.
@@ -516,7 +509,7 @@ pub fn validate_records(
     let mut span = 0;
     for i in 0..u64::from(count) {
         let (rec, used) = parse_record(&payload[at..])?;
-        if rec.seq != first_seq.wrapping_add(i) {
+        if rec.seq_low != first_seq.wrapping_add(i) as u32 {
             return Err(FrameError::BadBody(
                 "record sequence numbers not consecutive",
             ));
@@ -584,9 +577,9 @@ mod tests {
             Ok(Frame::Heartbeat { nonce: 77 })
         );
         begin_data(&mut b, 5, 1, (0, 1));
-        let mut rec = vec![0u8; 16];
-        rec[0..4].copy_from_slice(&3u32.to_le_bytes());
-        rec[8..16].copy_from_slice(&1u64.to_le_bytes());
+        let mut rec = ftvm_ringbuf::layout::header_word(3, 1, 1)
+            .to_le_bytes()
+            .to_vec();
         rec.extend_from_slice(b"abc");
         b.extend_from_slice(&rec);
         finish_data(&mut b, 1);
@@ -598,8 +591,10 @@ mod tests {
             panic!("data frame did not decode")
         };
         assert_eq!(header.count, 1);
-        assert_eq!(validate_records(payload, 1, 1, 100), Ok(32));
+        assert_eq!(validate_records(payload, 1, 1, 100), Ok(16));
         assert!(validate_records(payload, 2, 1, 100).is_err());
+        // Only the low 32 bits travel: 2^32 + 1 has the same, so it passes too.
+        assert_eq!(validate_records(payload, (1 << 32) + 1, 1, 100), Ok(16));
     }
 
     #[test]

@@ -1171,7 +1171,11 @@ impl Receiver {
                 Step::Done(h) => {
                     if s.expected == 0 {
                         s.expected = h.seq.max(1);
-                        s.producer.set_next_seq(s.expected);
+                        s.producer
+                            .set_next_seq(s.expected)
+                            .map_err(|e| TransportError::Log {
+                                what: format!("backup log buffer: {e}"),
+                            })?;
                     }
                     s.build_hello(self.transport.max_frame());
                     s.last_heard = Instant::now();
@@ -1370,7 +1374,7 @@ impl RecvState {
             r.next = 0;
             let res = (|| {
                 let (rec, used) = frame::parse_record(&buf)?;
-                if used != buf.len() || rec.seq != h.first_seq {
+                if used != buf.len() || rec.seq_low != h.first_seq as u32 {
                     return Err(FrameError::BadBody("reassembled record inconsistent"));
                 }
                 if rec.payload.len() > self.max_payload {
@@ -1383,7 +1387,7 @@ impl RecvState {
             return res;
         }
         frame::validate_records(payload, h.first_seq, h.count, self.max_payload)?;
-        self.deliver_records(payload)
+        self.deliver_records(h.first_seq, payload)
     }
 
     /// Records missing right after the last one delivered, before the first held frame (0
@@ -1406,7 +1410,7 @@ impl RecvState {
             if last < self.expected {
                 continue;
             }
-            if let Err(e) = self.deliver_records(&records) {
+            if let Err(e) = self.deliver_records(first, &records) {
                 self.shared.stats.decode_error(e);
             }
             if self.expected <= last {
@@ -1416,14 +1420,16 @@ impl RecvState {
         }
     }
 
-    /// Delivers the records of a checked DATA body from `expected` on (those below are
-    /// already held).
-    fn deliver_records(&mut self, payload: &[u8]) -> Result<(), FrameError> {
+    /// Delivers the records of a checked DATA body (numbered from `first_seq`) from `expected`
+    /// on (those below are already held).
+    fn deliver_records(&mut self, first_seq: u64, payload: &[u8]) -> Result<(), FrameError> {
         let mut at = 0;
+        let mut seq = first_seq;
         while at < payload.len() {
             let (rec, used) = frame::parse_record(&payload[at..])?;
             at += used;
-            if rec.seq < self.expected {
+            seq += 1;
+            if seq - 1 < self.expected {
                 continue;
             }
             if !self.deliver(rec.kind, rec.payload) {

@@ -30,7 +30,7 @@ use crate::error::TransportError;
 use crate::transport::Transport;
 
 /// Record kind used for frames in the rings.
-pub const FRAME_KIND: u16 = 0x5348;
+pub const FRAME_KIND: u16 = 0x53;
 /// Largest frame carried.
 pub const SHM_MAX_FRAME: usize = 64 << 10;
 

@@ -55,7 +55,7 @@ fn payload(seq: u64, big: usize, out: &mut Vec<u8>) {
 }
 
 fn kind(seq: u64) -> u16 {
-    (seq % 1000) as u16
+    (seq % 255) as u16
 }
 
 fn config() -> Config {

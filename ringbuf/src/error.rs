@@ -47,7 +47,7 @@ pub enum RingError {
     #[error("log buffer memory")]
     Region(#[from] RegionError),
     /// The capacity is not a power of two, too small, or does not fit the region.
-    #[error("invalid capacity {capacity} for a region of {region_len} bytes (need a power of two >= 64 and {region_len} >= 0x180 + capacity)")]
+    #[error("invalid capacity {capacity} for a region of {region_len} bytes (need a power of two from 64 to 4 GiB and {region_len} >= 0x180 + capacity)")]
     BadCapacity {
         /// Requested data capacity.
         capacity: usize,
@@ -73,6 +73,13 @@ pub enum RingError {
     Corrupt {
         /// What was inconsistent.
         what: String,
+    },
+    /// `set_next_seq` on a buffer that still holds records: their sequence numbers are rebuilt
+    /// from the producer's next one, so renumbering under them would change theirs.
+    #[error("cannot renumber a log buffer that holds {unread} unreleased bytes of records")]
+    NotEmpty {
+        /// Bytes committed and not yet released by the consumer.
+        unread: u64,
     },
     /// The role is held by a live process.
     #[error("the {role} role is held by live process {pid}")]

@@ -14,13 +14,20 @@
 //!        │ data: `capacity` bytes (a power of two), records back to back │
 //!        └──────────────────────────────────────────────────────────────┘
 //!
-//!  record (16-byte aligned, so a gap at the end always fits a padding header)
-//!  0      4        6        8                16
-//!  ┌──────┬────────┬────────┬────────────────┬─────────────── ─ ─
-//!  │ len  │ kind   │ flags  │ seq            │ payload (len bytes)
-//!  │ u32  │ u16    │ u16    │ u64            │
-//!  └──────┴────────┴────────┴────────────────┴─────────────── ─ ─
+//!  record (8-byte aligned, so a gap at the end always fits a padding header)
+//!  0        3      4                8
+//!  ┌────────┬──────┬────────────────┬─────────────── ─ ─
+//!  │ len    │ kind │ seq (low 32)   │ payload (len bytes)
+//!  │ u24    │ u8   │ u32            │
+//!  └────────┴──────┴────────────────┴─────────────── ─ ─
 //! ```
+//!
+//! The header is one little-endian u64: `len | kind << 24 | (seq as u32) << 32`. It holds the
+//! low 32 bits of the sequence number; a reader rebuilds the whole number from the `next_seq`
+//! it loads together with `tail` ([`seq_from_low`]): every record it can see lies fewer than
+//! `capacity / RECORD_ALIGN` ≤ 2^29 records before that bound, so the low bits name exactly one
+//! candidate. An 8-byte header instead of a 16-byte one makes a 64-byte record take 72 bytes of
+//! buffer instead of 80 (`DESIGN.md`, "Why an 8-byte header").
 //!
 //! Positions are byte counts since the buffer was created; `position & (capacity - 1)` is the
 //! offset in the data area. A record never straddles the end of the data area: when it would,
@@ -31,8 +38,8 @@
 
 /// Magic number at offset 0: `b"FTVMLOG1"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"FTVMLOG1");
-/// Layout version; bump when anything in this file changes.
-pub const VERSION: u32 = 1;
+/// Layout version; bump when anything in this file changes. (2: the 8-byte record header.)
+pub const VERSION: u32 = 2;
 
 /// Offset of the magic number.
 pub const MAGIC_OFFSET: usize = 0;
@@ -61,22 +68,52 @@ pub const CONSUMER_PID_OFFSET: usize = 0x108;
 pub const DATA_OFFSET: usize = 0x180;
 
 /// Length of a record header.
-pub const RECORD_HEADER_LEN: usize = 16;
+pub const RECORD_HEADER_LEN: usize = 8;
 /// Record alignment in the data area.
-pub const RECORD_ALIGN: usize = 16;
-/// Offset of the payload length (u32) in a record header.
+pub const RECORD_ALIGN: usize = 8;
+/// Offset of the payload length (u24) in a record header.
 pub const REC_LEN_OFFSET: usize = 0;
-/// Offset of the record kind (u16) in a record header.
-pub const REC_KIND_OFFSET: usize = 4;
-/// Offset of the record flags (u16) in a record header.
-pub const REC_FLAGS_OFFSET: usize = 6;
-/// Offset of the sequence number (u64) in a record header.
-pub const REC_SEQ_OFFSET: usize = 8;
-/// The kind of a padding record; user kinds must be below it.
-pub const KIND_PADDING: u16 = 0xFFFF;
+/// Offset of the record kind (u8) in a record header.
+pub const REC_KIND_OFFSET: usize = 3;
+/// Offset of the low 32 bits of the sequence number (u32) in a record header.
+pub const REC_SEQ_OFFSET: usize = 4;
+/// The kind of a padding record; user kinds must be below it (0..=254).
+pub const KIND_PADDING: u16 = 0xFF;
+/// The largest payload length the header's 24-bit field holds.
+pub const MAX_RECORD_LEN: usize = (1 << 24) - 1;
+
+/// The record header as one little-endian u64 (see the diagram above).
+#[inline(always)]
+pub const fn header_word(len: u32, kind: u16, seq: u64) -> u64 {
+    (len as u64) | ((kind as u64) << 24) | ((seq as u32 as u64) << 32)
+}
+
+/// Splits a header word into (payload length, kind, low 32 bits of the sequence number).
+#[inline(always)]
+pub const fn split_header(word: u64) -> (usize, u16, u32) {
+    (
+        (word & 0xFF_FFFF) as usize,
+        ((word >> 24) & 0xFF) as u16,
+        (word >> 32) as u32,
+    )
+}
+
+/// The sequence number below `bound` whose low 32 bits are `low`: the largest `s < bound` with
+/// `s as u32 == low`. Exact for every record a reader can see when `bound` is the `next_seq`
+/// published with (or after) the tail it read, because fewer than 2^32 records lie between any
+/// of them and `bound` (at most `capacity / RECORD_ALIGN`, and [`MAX_CAPACITY`] keeps that
+/// below 2^29).
+#[inline(always)]
+pub const fn seq_from_low(low: u32, bound: u64) -> u64 {
+    let top = bound.wrapping_sub(1);
+    top.wrapping_sub((top as u32).wrapping_sub(low) as u64)
+}
 
 /// Smallest data capacity accepted.
 pub const MIN_CAPACITY: usize = 64;
+/// Largest data capacity accepted (4 GiB): keeps the records a reader can see within the
+/// 32-bit window of [`seq_from_low`].
+pub const MAX_CAPACITY: usize = 1 << 32;
 
 /// Bytes a record with `len` payload bytes occupies in the data area.
 #[inline]
@@ -96,9 +133,15 @@ pub const fn region_len(capacity: usize) -> usize {
 }
 
 /// The largest payload a buffer of `capacity` accepts: any record up to half the data area
-/// always fits once the buffer drains, wherever the wrap point lies.
+/// always fits once the buffer drains, wherever the wrap point lies; and the length must fit
+/// the header's 24 bits (16 MiB − 1).
 pub const fn max_payload(capacity: usize) -> usize {
-    capacity / 2 - RECORD_HEADER_LEN
+    let half = capacity / 2 - RECORD_HEADER_LEN;
+    if half < MAX_RECORD_LEN {
+        half
+    } else {
+        MAX_RECORD_LEN
+    }
 }
 
 /// Checksum of the descriptor fields (FNV-1a over their bytes); detects a torn or scribbled header.
@@ -122,4 +165,43 @@ pub fn descriptor_checksum(
     feed(&capacity.to_le_bytes());
     feed(&max.to_le_bytes());
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_words_round_trip() {
+        for (len, kind, seq) in [
+            (0u32, 0u16, 1u64),
+            (64, 3, 0x1234_5678_9abc),
+            (MAX_RECORD_LEN as u32, KIND_PADDING, u64::MAX),
+        ] {
+            let (l, k, s) = split_header(header_word(len, kind, seq));
+            assert_eq!((l, k, s), (len as usize, kind, seq as u32));
+        }
+        // Little-endian bytes as the diagram says: len, kind, seq.
+        let b = header_word(0x030201, 0x04, 0x0807_0605).to_le_bytes();
+        assert_eq!(b, [1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn sequence_numbers_are_rebuilt_below_the_bound() {
+        let window = (MAX_CAPACITY / RECORD_ALIGN) as u64;
+        for bound in [1u64, 2, 1 << 32, (1 << 32) + 1, 7 << 40, u64::MAX] {
+            for back in [1u64, 2, 1000, window] {
+                let Some(seq) = bound.checked_sub(back) else {
+                    continue;
+                };
+                assert_eq!(
+                    seq_from_low(seq as u32, bound),
+                    seq,
+                    "bound {bound} back {back}"
+                );
+            }
+        }
+        // The window is well inside the 32 bits the header keeps.
+        const { assert!(MAX_CAPACITY / RECORD_ALIGN < 1 << 32) };
+    }
 }

@@ -94,7 +94,7 @@ impl Ring {
     pub fn init(region: impl Region + 'static, capacity: usize) -> Result<Arc<Self>, RingError> {
         let region_len = region.len();
         if !capacity.is_power_of_two()
-            || capacity < MIN_CAPACITY
+            || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity)
             || region_len < region_len_for(capacity)
         {
             return Err(RingError::BadCapacity {
@@ -157,7 +157,7 @@ impl Ring {
         let capacity = usize::try_from(cap).unwrap_or(usize::MAX);
         if dlen as usize != DATA_OFFSET
             || !capacity.is_power_of_two()
-            || capacity < MIN_CAPACITY
+            || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity)
             || region_len < region_len_for(capacity)
             || max != max_payload(capacity) as u64
         {
@@ -418,7 +418,7 @@ fn process_alive(_pid: u64) -> bool {
 /// # Errors
 /// See [`Ring::init`].
 pub fn with_capacity(capacity: usize) -> Result<(Producer, Consumer), RingError> {
-    if !capacity.is_power_of_two() || capacity < MIN_CAPACITY {
+    if !capacity.is_power_of_two() || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity) {
         return Err(RingError::BadCapacity {
             capacity,
             region_len: region_len_for(capacity),
@@ -498,11 +498,17 @@ unsafe impl Sync for Consumer {}
 /// sequential walk — so there is none.)
 const PREFETCH_AHEAD: usize = 1024;
 
-/// The longest record span whose prefetch range (16-byte aligned) touches at most two lines.
+/// The longest record span whose prefetch range (`RECORD_ALIGN`-aligned) touches at most two
+/// lines: a range starting at most `64 - RECORD_ALIGN` bytes into a line ends in the next one.
 const PREFETCH_SHORT: usize = 64 + RECORD_ALIGN;
-const _: () = assert!(RECORD_ALIGN == 16 && PREFETCH_AHEAD % 64 == 0);
+const _: () = assert!(RECORD_ALIGN <= 64 && PREFETCH_AHEAD % 64 == 0);
 
 /// Hints that the line at `p` will be written soon (`prefetchw`). Never faults.
+///
+/// The `asm!` blocks are `nomem` and take the address as an integer: a prefetch reads and
+/// writes no memory as far as the program can tell. (With `readonly`, the compiler had to store
+/// the producer's tail and sequence number to memory before every prefetch, two stores per
+/// record.)
 #[inline(always)]
 fn prefetch_write(p: *const u8) {
     // SAFETY: `prefetchw` only hints the cache (CPUs without it run it as a NOP); it never
@@ -510,7 +516,11 @@ fn prefetch_write(p: *const u8) {
     // compiles to a plain read prefetch unless the crate is built with `prfchw`.)
     #[cfg(all(target_arch = "x86_64", not(loom)))]
     unsafe {
-        std::arch::asm!("prefetchw [{}]", in(reg) p, options(nostack, preserves_flags, readonly));
+        std::arch::asm!(
+            "prefetchw [{}]",
+            in(reg) p.addr(),
+            options(nostack, preserves_flags, nomem)
+        );
     }
     #[cfg(not(all(target_arch = "x86_64", not(loom))))]
     let _ = p;
@@ -524,10 +534,10 @@ fn prefetch_write_ahead(p: *const u8, at: usize) {
     unsafe {
         std::arch::asm!(
             "prefetchw [{p} + {at} + {ahead}]",
-            p = in(reg) p,
+            p = in(reg) p.addr(),
             at = in(reg) at,
             ahead = const PREFETCH_AHEAD,
-            options(nostack, preserves_flags, readonly)
+            options(nostack, preserves_flags, nomem)
         );
     }
     #[cfg(not(all(target_arch = "x86_64", not(loom))))]
@@ -591,9 +601,21 @@ impl Producer {
 
     /// Sets the sequence number of the next record (a receiver mirroring a remote log does this
     /// once so that local and remote numbers agree).
-    pub fn set_next_seq(&mut self, seq: u64) {
+    ///
+    /// # Errors
+    /// [`RingError::NotEmpty`] unless every record committed so far has been released: a
+    /// reader rebuilds sequence numbers from the next one (`layout.rs`), so the records in the
+    /// buffer would change numbers.
+    pub fn set_next_seq(&mut self, seq: u64) -> Result<(), RingError> {
+        let head = self.ring.head().load(Ordering::Acquire);
+        if head != self.tail {
+            return Err(RingError::NotEmpty {
+                unread: self.tail.saturating_sub(head),
+            });
+        }
         self.next_seq = seq;
         self.ring.next_seq().store(seq, Ordering::Release);
+        Ok(())
     }
 
     /// Position after the last committed record (including records committed with
@@ -632,7 +654,7 @@ impl Producer {
     /// than `&mut self`, so that a caller's loop can keep the producer's indices in registers.
     #[inline(always)]
     fn plan(&mut self, kind: u16, len: usize) -> Result<Plan, ClaimError> {
-        if kind == KIND_PADDING || len > self.geo.max_payload {
+        if kind >= KIND_PADDING || len > self.geo.max_payload {
             return Err(refusal(kind, len, self.geo.max_payload));
         }
         let span = record_span(len);
@@ -672,7 +694,7 @@ impl Producer {
     /// shifted by `span + PREFETCH_AHEAD`, at most `PREFETCH_AHEAD` of them, so that successive
     /// records of one size ask for every line once. The caller (the fast path of `plan`)
     /// checked that the consumer is done with those bytes and that they lie in the tail's lap
-    /// of the data area. A range of at most `PREFETCH_SHORT` bytes (16-byte aligned) lies in at
+    /// of the data area. A range of at most `PREFETCH_SHORT` bytes (8-byte aligned) lies in at
     /// most two lines, its first and its last, so a short record costs two `prefetchw`
     /// addressed off the record's own pointer and no loop.
     #[inline(always)]
@@ -750,7 +772,7 @@ impl Producer {
 #[cold]
 #[inline]
 fn refusal(kind: u16, len: usize, max: usize) -> ClaimError {
-    if kind == KIND_PADDING {
+    if kind >= KIND_PADDING {
         ClaimError::ReservedKind(kind)
     } else {
         ClaimError::TooLarge { len, max }
@@ -936,27 +958,14 @@ impl std::ops::DerefMut for Claim<'_> {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn write_header(p: *mut u8, len: u32, kind: u16, seq: u64) {
-    // len, kind and flags (0) are the first 8 bytes: one store (little-endian, as layout.rs).
-    const _: () = assert!(REC_LEN_OFFSET == 0 && REC_KIND_OFFSET == 4 && REC_FLAGS_OFFSET == 6);
-    let first = u64::from(len) | (u64::from(kind) << 32);
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_set_epi64x, _mm_storeu_si128};
-        // One 16-byte store instead of two 8-byte ones: the producer is bound by its stores.
-        // SAFETY: SSE2 is part of the x86_64 baseline; p points to RECORD_HEADER_LEN bytes of
-        // the data area owned by the producer until the tail store that follows.
-        unsafe { _mm_storeu_si128(p.cast(), _mm_set_epi64x(seq as i64, first as i64)) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    // SAFETY: p points to RECORD_HEADER_LEN bytes of the data area owned by the producer until
-    // the tail store that follows.
+    // SAFETY: p points to RECORD_HEADER_LEN (8) bytes of the data area owned by the producer
+    // until the tail store that follows; records are 8-byte aligned in a data area that starts
+    // 128-aligned, but the store does not rely on it.
     unsafe {
-        p.cast::<u64>().write_unaligned(first.to_le());
-        p.add(REC_SEQ_OFFSET)
-            .cast::<u64>()
-            .write_unaligned(seq.to_le());
+        p.cast::<u64>()
+            .write_unaligned(header_word(len, kind, seq).to_le())
     }
 }
 
@@ -966,6 +975,9 @@ pub struct Consumer {
     geo: Geometry,
     head: u64,
     cached_tail: u64,
+    /// The producer's `next_seq`, loaded right after `cached_tail`: above the sequence number
+    /// of every record before `cached_tail`, and close enough for [`seq_from_low`].
+    seq_bound: u64,
 }
 
 impl fmt::Debug for Consumer {
@@ -985,11 +997,13 @@ impl Consumer {
         ring.take_role(ring.consumer_pid(), "consumer")?;
         let head = ring.head().load(Ordering::Acquire);
         let cached_tail = ring.tail().load(Ordering::Acquire);
+        let seq_bound = ring.next_seq().load(Ordering::Relaxed);
         Ok(Self {
             geo: Geometry::of(&ring),
             ring,
             head,
             cached_tail,
+            seq_bound,
         })
     }
 
@@ -1007,8 +1021,17 @@ impl Consumer {
 
     /// Position after the last committed record (re-reads the producer's index).
     pub fn committed_position(&mut self) -> u64 {
-        self.cached_tail = self.ring.tail().load(Ordering::Acquire);
+        self.load_tail();
         self.cached_tail
+    }
+
+    /// Loads the producer's `tail` (Acquire) and then its `next_seq`. The producer stores
+    /// `next_seq` before its Release store of `tail`, so the `next_seq` read here is at least
+    /// the one published with that tail: above every record before it.
+    #[inline]
+    fn load_tail(&mut self) {
+        self.cached_tail = self.ring.tail().load(Ordering::Acquire);
+        self.seq_bound = self.ring.next_seq().load(Ordering::Relaxed);
     }
 
     /// The committed, unreleased records from the head, as one contiguous slice of the data
@@ -1030,7 +1053,7 @@ impl Consumer {
         // Re-read the producer's index unless the cached one already reaches the end of the
         // area (then the batch could not be longer anyway).
         if self.cached_tail < position + to_end as u64 {
-            self.cached_tail = self.ring.tail().load(Ordering::Acquire);
+            self.load_tail();
         }
         let tail = self.cached_tail.max(position);
         let n = ((tail - position) as usize).min(to_end);
@@ -1116,6 +1139,7 @@ impl<'a> Batch<'a> {
             rest: self.as_bytes(),
             pos: self.start,
             max: self.consumer.geo.max_payload,
+            seq_bound: self.consumer.seq_bound,
         }
     }
 
@@ -1135,6 +1159,8 @@ pub struct Records<'a> {
     /// Position of `rest[0]`.
     pos: u64,
     max: usize,
+    /// See [`Consumer::seq_bound`].
+    seq_bound: u64,
 }
 
 impl<'a> Iterator for Records<'a> {
@@ -1151,9 +1177,7 @@ impl<'a> Iterator for Records<'a> {
                 }
                 return Some(Err(self.fail(position, "truncated record header")));
             };
-            let [l0, l1, l2, l3, k0, k1, f0, f1, seq @ ..] = *header;
-            let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
-            let kind = u16::from_le_bytes([k0, k1]);
+            let (len, kind, seq_low) = split_header(u64::from_le_bytes(*header));
             let span = record_span(len);
             // The common case first: one well-formed record that fits in the batch.
             if kind != KIND_PADDING && len <= self.max && span <= rest.len() {
@@ -1165,9 +1189,8 @@ impl<'a> Iterator for Records<'a> {
                 return Some(Ok(Record {
                     position,
                     next_position: self.pos,
-                    seq: u64::from_le_bytes(seq),
+                    seq: seq_from_low(seq_low, self.seq_bound),
                     kind,
-                    flags: u16::from_le_bytes([f0, f1]),
                     raw,
                 }));
             }
@@ -1200,7 +1223,6 @@ pub struct Record<'a> {
     next_position: u64,
     seq: u64,
     kind: u16,
-    flags: u16,
     raw: &'a [u8],
 }
 
@@ -1224,11 +1246,6 @@ impl<'a> Record<'a> {
     #[inline]
     pub fn kind(&self) -> u16 {
         self.kind
-    }
-    /// Record flags (0 today).
-    #[inline]
-    pub fn flags(&self) -> u16 {
-        self.flags
     }
     /// The payload.
     #[inline]
@@ -1296,19 +1313,19 @@ mod tests {
         let (mut tx, mut rx) = with_capacity(256).unwrap();
         // 3 records of span 64 put the tail at 192; release them so there is room.
         for i in 0..3u8 {
-            tx.push(1, &[i; 48]).unwrap();
+            tx.push(1, &[i; 56]).unwrap();
         }
         assert_eq!(drain(&mut rx).len(), 3);
         assert_eq!(tx.position(), 192);
         // A record of span 96 does not fit in the last 64 bytes: padding, then offset 0.
-        let seq = tx.push(2, &[7; 80]).unwrap();
+        let seq = tx.push(2, &[7; 88]).unwrap();
         assert_eq!(tx.position(), 192 + 64 + 96);
         // The first batch ends at the end of the area and holds only the padding record.
         let batch = rx.read();
         assert_eq!((batch.start_position(), batch.end_position()), (192, 256));
         let raw = batch.as_bytes();
-        assert_eq!(u16::from_le_bytes([raw[4], raw[5]]), KIND_PADDING);
-        assert_eq!(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]), 48);
+        assert_eq!(u16::from(raw[REC_KIND_OFFSET]), KIND_PADDING);
+        assert_eq!(u32::from_le_bytes([raw[0], raw[1], raw[2], 0]), 56);
         assert_eq!(batch.records().count(), 0);
         batch.release();
         // The second starts at offset 0 with the record.
@@ -1318,7 +1335,7 @@ mod tests {
         assert_eq!(recs.len(), 1);
         assert_eq!(
             (recs[0].seq(), recs[0].kind(), recs[0].payload()),
-            (seq, 2, &[7u8; 80][..])
+            (seq, 2, &[7u8; 88][..])
         );
         assert_eq!(recs[0].next_position(), 256 + 96);
         batch.release();
@@ -1328,13 +1345,13 @@ mod tests {
     #[test]
     fn a_gap_of_exactly_one_header_becomes_an_empty_padding_record() {
         let (mut tx, mut rx) = with_capacity(128).unwrap();
-        tx.push(1, &[1; 32]).unwrap(); // span 48
-        tx.push(1, &[1; 48]).unwrap(); // span 64: 16 bytes left before the end
+        tx.push(1, &[1; 48]).unwrap(); // span 56
+        tx.push(1, &[1; 56]).unwrap(); // span 64: 8 bytes left before the end
         drain(&mut rx);
-        tx.push(1, &[2; 16]).unwrap(); // span 32: padding of 16 (len 0), then offset 0
-        assert_eq!(tx.position(), 112 + 16 + 32);
+        tx.push(1, &[2; 16]).unwrap(); // span 24: padding of 8 (len 0), then offset 0
+        assert_eq!(tx.position(), 120 + 8 + 24);
         let batch = rx.read();
-        assert_eq!(&batch.as_bytes()[..6], &[0, 0, 0, 0, 0xFF, 0xFF]);
+        assert_eq!(&batch.as_bytes()[..4], &[0, 0, 0, 0xFF]);
         drop(batch);
         let got = drain(&mut rx);
         assert_eq!(got, vec![(FIRST_SEQ + 2, 1, vec![2; 16])]);
@@ -1383,12 +1400,12 @@ mod tests {
     fn full_is_reported_without_blocking_and_clears_after_release() {
         let (mut tx, mut rx) = with_capacity(256).unwrap();
         for _ in 0..4 {
-            tx.push(1, &[0; 48]).unwrap(); // span 64
+            tx.push(1, &[0; 56]).unwrap(); // span 64
         }
         assert_eq!(
             tx.claim(1, 0).unwrap_err(),
             ClaimError::Full {
-                needed: 16,
+                needed: 8,
                 available: 0
             }
         );
@@ -1399,20 +1416,20 @@ mod tests {
         drop(batch);
         rx.release_to(first);
         assert_eq!(
-            tx.claim(1, 49).unwrap_err(),
+            tx.claim(1, 57).unwrap_err(),
             ClaimError::Full {
-                needed: 80,
+                needed: 72,
                 available: 64
             }
         );
-        assert_eq!(tx.push(1, &[0; 48]).unwrap(), FIRST_SEQ + 4);
+        assert_eq!(tx.push(1, &[0; 56]).unwrap(), FIRST_SEQ + 4);
     }
 
     #[test]
     fn claim_blocking_waits_for_the_consumer() {
         let (mut tx, mut rx) = with_capacity(64).unwrap();
-        tx.push(1, &[0; 16]).unwrap(); // span 32
-        tx.push(1, &[0; 16]).unwrap(); // full
+        tx.push(1, &[0; 24]).unwrap(); // span 32
+        tx.push(1, &[0; 24]).unwrap(); // full
         let consumer = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(20));
             let n = drain(&mut rx).len();
@@ -1460,11 +1477,11 @@ mod tests {
     #[test]
     fn commit_len_shrinks_a_wrapped_record() {
         let (mut tx, mut rx) = with_capacity(256).unwrap();
-        tx.push(1, &[0; 160]).unwrap_err(); // TooLarge: max is 112
-        tx.push(1, &[0; 96]).unwrap(); // span 112
-        tx.push(1, &[0; 96]).unwrap(); // tail 224
+        tx.push(1, &[0; 160]).unwrap_err(); // TooLarge: max is 120
+        tx.push(1, &[0; 104]).unwrap(); // span 112
+        tx.push(1, &[0; 104]).unwrap(); // tail 224
         drain(&mut rx);
-        let mut c = tx.claim(1, 100).unwrap(); // wraps: padding 32 + span 128
+        let mut c = tx.claim(1, 100).unwrap(); // wraps: padding 32 + span 112
         c[..3].copy_from_slice(b"xyz");
         c.commit_len(3);
         assert_eq!(tx.position(), 224 + 32 + record_span(3) as u64);
@@ -1488,7 +1505,7 @@ mod tests {
         assert_eq!(drain(&mut rx).len(), 2);
         // A claim that finds the buffer full publishes what is deferred.
         for _ in 0..8 {
-            tx.claim(1, 16).unwrap().commit_deferred(); // span 32 each: 256 bytes
+            tx.claim(1, 24).unwrap().commit_deferred(); // span 32 each: 256 bytes
         }
         assert!(rx.read().is_empty());
         assert!(matches!(tx.claim(1, 0), Err(ClaimError::Full { .. })));
@@ -1575,7 +1592,7 @@ mod tests {
     #[test]
     fn set_next_seq_numbers_the_following_records_and_survives_a_new_producer() {
         let (mut tx, mut rx) = with_capacity(256).unwrap();
-        tx.set_next_seq(1000);
+        tx.set_next_seq(1000).unwrap();
         assert_eq!(tx.push(1, b"a").unwrap(), 1000);
         assert_eq!(tx.push(1, b"b").unwrap(), 1001);
         let ring = tx.ring().clone();
@@ -1585,6 +1602,78 @@ mod tests {
         assert_eq!(tx.push(1, b"c").unwrap(), 1002);
         let seqs: Vec<u64> = drain(&mut rx).into_iter().map(|r| r.0).collect();
         assert_eq!(seqs, vec![1000, 1001, 1002]);
+    }
+
+    #[test]
+    fn sequence_numbers_survive_the_32_bit_wrap_of_the_header_field() {
+        // The header holds the low 32 bits; the reader rebuilds the rest from `next_seq`.
+        let (mut tx, mut rx) = with_capacity(256).unwrap();
+        let start = (5u64 << 32) - 3;
+        tx.set_next_seq(start).unwrap();
+        let mut want = Vec::new();
+        for round in 0..4u64 {
+            for i in 0..3 {
+                let seq = tx.claim(1, 8).unwrap().commit_deferred();
+                assert_eq!(seq, start + round * 3 + i);
+                want.push(seq);
+            }
+            tx.publish();
+            // Read some rounds late: records on both sides of the wrap in one batch.
+            if round % 2 == 1 {
+                let got: Vec<u64> = drain(&mut rx).into_iter().map(|r| r.0).collect();
+                assert_eq!(got, std::mem::take(&mut want));
+            }
+        }
+        // A batch read while the producer commits more keeps the numbers of what it holds.
+        tx.push(1, b"a").unwrap();
+        let batch = rx.read();
+        tx.push(1, b"b").unwrap();
+        let first = batch.records().next().unwrap().unwrap().seq();
+        assert_eq!(first, start + 12);
+        drop(batch);
+        assert_eq!(drain(&mut rx).len(), 2);
+    }
+
+    #[test]
+    fn renumbering_a_buffer_that_holds_records_is_refused() {
+        let (mut tx, mut rx) = with_capacity(256).unwrap();
+        tx.push(1, b"x").unwrap();
+        assert!(matches!(
+            tx.set_next_seq(100),
+            Err(RingError::NotEmpty { unread: 16 })
+        ));
+        // Deferred (unpublished) records count too.
+        drain(&mut rx);
+        tx.claim(1, 0).unwrap().commit_deferred();
+        assert!(matches!(
+            tx.set_next_seq(100),
+            Err(RingError::NotEmpty { .. })
+        ));
+        drain(&mut rx);
+        tx.publish();
+        drain(&mut rx);
+        tx.set_next_seq(100).unwrap();
+        assert_eq!(tx.push(1, b"y").unwrap(), 100);
+        assert_eq!(drain(&mut rx), vec![(100, 1, b"y".to_vec())]);
+    }
+
+    #[test]
+    fn kinds_above_the_header_byte_and_lengths_above_24_bits_are_refused() {
+        let (mut tx, _rx) = with_capacity(256).unwrap();
+        for kind in [KIND_PADDING, 0x100, u16::MAX] {
+            assert_eq!(
+                tx.claim(kind, 1).unwrap_err(),
+                ClaimError::ReservedKind(kind)
+            );
+        }
+        assert_eq!(tx.push(KIND_PADDING - 1, b"k").unwrap(), FIRST_SEQ);
+        // A large buffer caps records at the header's 24-bit length, not half the area.
+        assert_eq!(max_payload(64 << 20), MAX_RECORD_LEN);
+        assert_eq!(max_payload(1 << 20), (1 << 19) - RECORD_HEADER_LEN);
+        assert!(matches!(
+            with_capacity(MAX_CAPACITY * 2),
+            Err(RingError::BadCapacity { .. })
+        ));
     }
 
     #[test]
@@ -1683,7 +1772,7 @@ mod tests {
 
     #[test]
     fn attach_rejects_bad_indices() {
-        for (head, tail) in [(64u64, 32u64), (0, 512), (8, 16), (0, 24)] {
+        for (head, tail) in [(64u64, 32u64), (0, 512), (4, 16), (0, 20)] {
             let (_ring, file) = shared_ring(256);
             file.write_all_at(&head.to_le_bytes(), HEAD_OFFSET as u64)
                 .unwrap();

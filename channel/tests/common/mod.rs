@@ -38,7 +38,7 @@ pub fn payload(seq: u64, out: &mut Vec<u8>) {
 }
 
 pub fn kind(seq: u64) -> u16 {
-    (seq % 1000) as u16
+    (seq % 255) as u16
 }
 
 /// The parameters the child gets, as one env string: `role;transport;addr;records;faults;generation;digest`.

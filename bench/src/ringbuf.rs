@@ -9,8 +9,11 @@
 //!   records) on the producer side and "everything available" on the consumer side:
 //!   - ours: claim → fill in place → `commit_deferred`, and `publish` every `B` records (one
 //!     Release store per batch); the consumer takes every committed record up to the end of the
-//!     data area as one batch and releases it with one store. `ours_per_record_publish_mps`
-//!     publishes at every commit (`Claim::commit`) instead.
+//!     data area as one batch and releases it with one store (`ours_claim_mps`);
+//!     `ours_reserve_mps`: `Producer::reserve` for `B` records, each appended with
+//!     `Reservation::claim` and filled in place, committed once (one look at the consumer's
+//!     position per batch, as rtrb's chunks); `ours_mps` is the better of the two.
+//!     `ours_per_record_publish_mps` publishes at every commit (`Claim::commit`) instead.
 //!   - rtrb chunks: `write_chunk_uninit(min(free slots, B))` filled with `fill_from_iter` and
 //!     committed once (`rtrb_chunk_mps`), and the same with every free slot in one chunk
 //!     (`rtrb_chunk_free_mps`); the consumer takes `read_chunk(all available)` and commits it
@@ -30,8 +33,10 @@
 //! code (ours and rtrb's chunks) for counting instructions per record under callgrind (see
 //! [`icount`]).
 //!
-//! Every measurement is repeated (`--reps`, default 3 quick / 5 full), the implementations
-//! interleaved in alternating order within each repetition; the JSON holds the medians. Each
+//! Every measurement is repeated (`--reps`, default 3 quick / 7 full), the implementations
+//! interleaved in alternating order within each repetition (ours next to rtrb's chunks); the
+//! JSON holds the medians, and `ours_vs_rtrb_paired` the median of each repetition's own
+//! ours / rtrb ratio (with its minimum), which the host's slow phases disturb less. Each
 //! queue holds the same payload bytes: 4096 records of 64 B / 256 B, 1024 of 1 KiB (ours: a data
 //! area of that many payload bytes, so it holds fewer records because of the 8-byte headers).
 
@@ -56,6 +61,8 @@ struct Row {
     records_per_run: u64,
     reps: usize,
     ours_mps: f64,
+    ours_claim_mps: f64,
+    ours_reserve_mps: f64,
     ours_per_record_publish_mps: f64,
     batch: u64,
     rtrb_mps: f64,
@@ -67,6 +74,11 @@ struct Row {
     rtrb_chunk_record_sized_mps: f64,
     crossbeam_mps: f64,
     ours_vs_rtrb: f64,
+    /// Median over the repetitions of (ours / rtrb's best) within each repetition: robust to the
+    /// host's slow phases, which move both figures of one repetition alike.
+    ours_vs_rtrb_paired: f64,
+    /// The lowest of those per-repetition ratios.
+    ours_vs_rtrb_paired_min: f64,
     ours_vs_crossbeam: f64,
     ours_rtt_p50_ns: f64,
     ours_rtt_p99_ns: f64,
@@ -207,11 +219,36 @@ fn mps(n: u64, d: Duration) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Throughput
 
+/// Our consumer (both throughput runs): takes every committed record up to the end of the data
+/// area as one batch, reads each, releases the batch with one store; returns the sum of the
+/// record numbers (`u64::MAX` on a malformed record).
+fn consume_ours<const N: usize>(mut rx: ftvm_ringbuf::Consumer, n: u64) -> u64 {
+    let (mut got, mut sum, mut acc) = (0u64, 0u64, 0u64);
+    while got < n {
+        let batch = rx.read();
+        if batch.is_empty() {
+            std::hint::spin_loop();
+            continue;
+        }
+        for r in batch.records() {
+            // A consumer of fixed-size records views them as arrays, as rtrb hands them out.
+            let Some(p) = r.ok().and_then(|r| <&[u8; N]>::try_from(r.payload()).ok()) else {
+                return u64::MAX;
+            };
+            sum = sum.wrapping_add(digest(p, &mut acc));
+            got += 1;
+        }
+        batch.release();
+    }
+    black_box(acc);
+    sum
+}
+
 /// Ours. `batch == 1`: every record published at commit; otherwise records are committed with
 /// `commit_deferred` and published every `batch` records (and whenever a claim finds the buffer
 /// full).
 fn tput_ours<const N: usize>(n: u64, batch: u64) -> anyhow::Result<f64> {
-    let (mut tx, mut rx) = ftvm_ringbuf::with_capacity(slots(N) * N)?;
+    let (mut tx, rx) = ftvm_ringbuf::with_capacity(slots(N) * N)?;
     let t = template::<N>();
     let d = run_pair(
         n,
@@ -230,31 +267,55 @@ fn tput_ours<const N: usize>(n: u64, batch: u64) -> anyhow::Result<f64> {
             }
             tx.publish();
         },
-        move || {
-            let (mut got, mut sum, mut acc) = (0u64, 0u64, 0u64);
-            while got < n {
-                let batch = rx.read();
-                if batch.is_empty() {
-                    std::hint::spin_loop();
-                    continue;
-                }
-                for r in batch.records() {
-                    // A consumer of fixed-size records views them as arrays, as rtrb hands
-                    // them out.
-                    let Some(p) = r.ok().and_then(|r| <&[u8; N]>::try_from(r.payload()).ok())
-                    else {
-                        return u64::MAX;
-                    };
-                    sum = sum.wrapping_add(digest(p, &mut acc));
-                    got += 1;
-                }
-                batch.release();
-            }
-            black_box(acc);
-            sum
-        },
+        move || consume_ours::<N>(rx, n),
     )?;
     Ok(mps(n, d))
+}
+
+/// Ours through reservations: `Producer::reserve` for `batch` records (fewer at the end), each
+/// appended with `Reservation::claim` and filled in place, then one `commit`.
+fn tput_ours_reserve<const N: usize>(n: u64, batch: u64) -> anyhow::Result<f64> {
+    let (mut tx, rx) = ftvm_ringbuf::with_capacity(slots(N) * N)?;
+    let t = template::<N>();
+    let d = run_pair(
+        n,
+        move || {
+            let mut i = 0u64;
+            while i < n {
+                let k = batch.min(n - i);
+                if reserve_put(&mut tx, &t, i, k) {
+                    i += k;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        },
+        move || consume_ours::<N>(rx, n),
+    )?;
+    Ok(mps(n, d))
+}
+
+/// One reservation of `k` records `first..first + k` (the reserve producer and its `--icount`
+/// driver share it); false when the buffer is full.
+#[inline(always)]
+fn reserve_put<const N: usize>(
+    tx: &mut ftvm_ringbuf::Producer,
+    t: &[u8; N],
+    first: u64,
+    k: u64,
+) -> bool {
+    let span = ftvm_ringbuf::layout::record_span(N);
+    let Ok(mut r) = tx.reserve(k as usize * span) else {
+        return false;
+    };
+    for i in first..first + k {
+        match r.claim(1, N) {
+            Ok(c) => fill(c, t, i),
+            Err(_) => return false, // cannot happen: the reservation holds k records
+        }
+    }
+    r.commit();
+    true
 }
 
 fn tput_rtrb<const N: usize>(n: u64) -> anyhow::Result<f64> {
@@ -393,8 +454,10 @@ const fn icount_round(n: usize) -> u64 {
 /// instructions: `valgrind --tool=callgrind ftvm-bench ringbuf --icount 200 --size 64`, then
 /// `callgrind_annotate --inclusive=yes` gives each `icount_*` function's instructions; divide
 /// by the records it reports. Each round fills a quarter of the queue (the throughput runs'
-/// producer code: claim → fill → `commit_deferred`, publish every `batch`; rtrb chunks of
-/// `batch`), then drains them (the throughput runs' consumer code). No thread ever waits, so
+/// producer code: claim → fill → `commit_deferred`, publish every `batch`; then the same
+/// records again through reservations of `batch`; rtrb chunks of `batch`), then drains them
+/// (the throughput runs' consumer code; `icount_ours_consume` runs twice per round, so halve
+/// its count). No thread ever waits, so
 /// the counts are the buffers' own work per record, with the same fill and digest for both.
 fn icount<const N: usize>(rounds: u64, batch: u64) -> anyhow::Result<()> {
     let t = template::<N>();
@@ -405,13 +468,15 @@ fn icount<const N: usize>(rounds: u64, batch: u64) -> anyhow::Result<()> {
         let first = r * icount_round(N);
         icount_ours_produce(&mut tx, &t, first, batch);
         ours_sum = ours_sum.wrapping_add(icount_ours_consume::<N>(&mut rx, &mut acc)?);
+        icount_ours_reserve_produce(&mut tx, &t, first, batch);
+        ours_sum = ours_sum.wrapping_add(icount_ours_consume::<N>(&mut rx, &mut acc)?);
         icount_rtrb_produce(&mut rtx, &t, first, batch);
         rtrb_sum = rtrb_sum.wrapping_add(icount_rtrb_consume(&mut rrx, &mut acc)?);
     }
     black_box(acc);
     let n = rounds * icount_round(N);
     let expected = n.wrapping_mul(n.wrapping_sub(1)) / 2;
-    if ours_sum != expected || rtrb_sum != expected {
+    if ours_sum != expected.wrapping_mul(2) || rtrb_sum != expected {
         bail!("icount: sums {ours_sum} / {rtrb_sum}, expected {expected}");
     }
     println!("icount {N} B: {n} records through ours and rtrb (divide callgrind counts by {n})");
@@ -433,6 +498,24 @@ fn icount_ours_produce<const N: usize>(
         put(c, t, i, &mut left, batch);
     }
     tx.publish();
+}
+
+#[inline(never)]
+fn icount_ours_reserve_produce<const N: usize>(
+    tx: &mut ftvm_ringbuf::Producer,
+    t: &[u8; N],
+    first: u64,
+    batch: u64,
+) {
+    let end = first + icount_round(N);
+    let mut i = first;
+    while i < end {
+        let k = batch.min(end - i);
+        if !reserve_put(tx, t, i, k) {
+            return; // cannot happen: a round fills a quarter of the buffer
+        }
+        i += k;
+    }
 }
 
 #[inline(never)]
@@ -712,16 +795,20 @@ fn measure<const N: usize, const M: usize>(
 ) -> anyhow::Result<Row> {
     let (mut ours, mut ours1, mut rtrb_pp, mut rtrb_ch, mut rtrb_chf, mut cb, mut rtrb_hdr) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut ours_res = vec![];
     let (mut o50, mut o99, mut r50, mut r99, mut c50, mut c99) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     // Same bytes moved at every size: fewer, larger records.
     let records = (p.records * 64 / N as u64).max(1);
     type Run = fn(u64, u64) -> anyhow::Result<f64>;
-    let runs: [(Run, u64, usize); 7] = [
+    // Ours and rtrb's chunks run back to back (in either order), so that each repetition's
+    // ratio of the two compares runs the host treated alike.
+    let runs: [(Run, u64, usize); 8] = [
         (tput_ours::<N>, p.batch, 0),
+        (tput_rtrb_chunk::<N>, p.batch, 3),
+        (tput_ours_reserve::<N>, p.batch, 7),
         (tput_ours::<N>, 1, 1),
         (|n, _| tput_rtrb::<N>(n), 0, 2),
-        (tput_rtrb_chunk::<N>, p.batch, 3),
         (tput_rtrb_chunk::<N>, u64::MAX, 4),
         (|n, _| tput_crossbeam::<N>(n), 0, 5),
         // Items as large as our records (payload + 8-byte header), in the same queue bytes.
@@ -749,6 +836,7 @@ fn measure<const N: usize, const M: usize>(
                 &mut rtrb_chf,
                 &mut cb,
                 &mut rtrb_hdr,
+                &mut ours_res,
             ][slot]
                 .push(v);
         }
@@ -765,8 +853,13 @@ fn measure<const N: usize, const M: usize>(
         bar.inc(1);
     }
     let m = report::median;
-    let (ours_mps, rtrb_pp_mps, rtrb_ch_mps, rtrb_chf_mps, crossbeam_mps) = (
-        m(&mut ours),
+    // Per repetition: ours against rtrb's best use in the same repetition.
+    let mut paired: Vec<f64> = (0..ours.len())
+        .map(|k| ours[k].max(ours_res[k]) / rtrb_pp[k].max(rtrb_ch[k]).max(rtrb_chf[k]))
+        .collect();
+    let (ours_claim_mps, ours_reserve_mps) = (m(&mut ours), m(&mut ours_res));
+    let ours_mps = ours_claim_mps.max(ours_reserve_mps);
+    let (rtrb_pp_mps, rtrb_ch_mps, rtrb_chf_mps, crossbeam_mps) = (
         m(&mut rtrb_pp),
         m(&mut rtrb_ch),
         m(&mut rtrb_chf),
@@ -778,6 +871,8 @@ fn measure<const N: usize, const M: usize>(
         records_per_run: records,
         reps: p.reps,
         ours_mps,
+        ours_claim_mps,
+        ours_reserve_mps,
         ours_per_record_publish_mps: m(&mut ours1),
         batch: p.batch,
         rtrb_mps,
@@ -787,6 +882,8 @@ fn measure<const N: usize, const M: usize>(
         rtrb_chunk_record_sized_mps: m(&mut rtrb_hdr),
         crossbeam_mps,
         ours_vs_rtrb: ours_mps / rtrb_mps,
+        ours_vs_rtrb_paired: m(&mut paired),
+        ours_vs_rtrb_paired_min: paired.iter().copied().fold(f64::INFINITY, f64::min),
         ours_vs_crossbeam: ours_mps / crossbeam_mps,
         ours_rtt_p50_ns: m(&mut o50),
         ours_rtt_p99_ns: m(&mut o99),
@@ -844,7 +941,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         Params {
             records: 20_000_000,
             rtt_samples: 200_000,
-            reps: 5,
+            reps: 7,
             batch: 128,
             sizes: SIZES,
             icount: None,
@@ -911,7 +1008,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         .map(|r| {
             vec![
                 r.size.to_string(),
-                format!("{:.1}", r.ours_mps),
+                format!("{:.1}", r.ours_claim_mps),
+                format!("{:.1}", r.ours_reserve_mps),
                 format!("{:.1}", r.ours_per_record_publish_mps),
                 format!("{:.1}", r.rtrb_push_pop_mps),
                 format!("{:.1}", r.rtrb_chunk_mps),
@@ -919,6 +1017,10 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 format!("{:.1}", r.rtrb_chunk_record_sized_mps),
                 format!("{:.1}", r.crossbeam_mps),
                 format!("{:.2}", r.ours_vs_rtrb),
+                format!(
+                    "{:.2} (≥{:.2})",
+                    r.ours_vs_rtrb_paired, r.ours_vs_rtrb_paired_min
+                ),
                 format!("{:.2}", r.ours_vs_crossbeam),
                 format!("{:.0}/{:.0}", r.ours_rtt_p50_ns, r.ours_rtt_p99_ns),
                 format!("{:.0}/{:.0}", r.rtrb_rtt_p50_ns, r.rtrb_rtt_p99_ns),
@@ -932,12 +1034,14 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
     report::print_table(
         &format!(
             "ringbuf (medians of {} runs; M records/s, batches of {} records, rtrb chunk* = \
-             all free slots, rtrb chunk+8 = items of size+8 B; RTT p50/p99 ns)",
+             all free slots, rtrb chunk+8 = items of size+8 B; paired = median (min) of each \
+             run's own ours/rtrb; RTT p50/p99 ns)",
             p.reps, p.batch
         ),
         &[
             "bytes",
-            "ours",
+            "ours claim",
+            "ours res",
             "ours 1by1",
             "rtrb push",
             "rtrb chunk",
@@ -945,6 +1049,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             "rtrb chunk+8",
             "crossbeam",
             "ours/rtrb",
+            "paired",
             "ours/cb",
             "ours rtt",
             "rtrb rtt",

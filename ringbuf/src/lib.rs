@@ -9,6 +9,9 @@
 //! - [`Producer::claim`] → fill the returned slice in place → [`Claim::commit`] (assigns the
 //!   record's sequence number and publishes it). A full buffer is a [`ClaimError::Full`], never a
 //!   block; [`Producer::claim_blocking`] waits with an [`IdleStrategy`].
+//! - [`Producer::reserve`] takes space for several records at once; [`Reservation::claim`] /
+//!   [`Reservation::push`] append them and [`Reservation::commit`] commits them together (the
+//!   backup's receiver writes each DATA frame's records this way).
 //! - [`Consumer::read`] returns a [`Batch`]: every committed record up to the end of the data
 //!   area as one contiguous slice; [`Batch::release`] frees them in one store.
 //! - Layout and protocol: [`layout`] (the bytes) and `ring.rs` (the orderings); see also
@@ -45,4 +48,6 @@ pub use doorbell::Doorbell;
 pub use error::{ClaimError, CorruptRecord, RegionError, RingError};
 pub use idle::{BackoffPark, BusySpin, IdleKind, IdleStrategy, SpinThenYield};
 pub use region::{HeapRegion, Region, SharedRegion};
-pub use ring::{with_capacity, Batch, Claim, Consumer, Producer, Record, Records, Ring, FIRST_SEQ};
+pub use ring::{
+    with_capacity, Batch, Claim, Consumer, Producer, Record, Records, Reservation, Ring, FIRST_SEQ,
+};

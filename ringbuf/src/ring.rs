@@ -657,7 +657,14 @@ impl Producer {
         if kind >= KIND_PADDING || len > self.geo.max_payload {
             return Err(refusal(kind, len, self.geo.max_payload));
         }
-        let span = record_span(len);
+        self.plan_span::<true>(record_span(len))
+    }
+
+    /// [`Self::plan`] for `span` bytes (a multiple of `RECORD_ALIGN`, at most half the data
+    /// area); `PREFETCH`: ask for the lines after them (a single record; a reservation's
+    /// records ask for their own).
+    #[inline(always)]
+    fn plan_span<const PREFETCH: bool>(&mut self, span: usize) -> Result<Plan, ClaimError> {
         let end = self.tail + span as u64;
         // The fast path also needs room for the prefetch range after the record (see
         // `prefetch`), so it is one compare; a record that fits but is too close to the limit or
@@ -665,7 +672,9 @@ impl Producer {
         if end + (PREFETCH_AHEAD + span.min(PREFETCH_AHEAD)) as u64 <= self.fast_limit {
             let off = (self.tail as usize) & self.geo.mask;
             self.ring.track_write(off, span);
-            self.prefetch(off, span);
+            if PREFETCH {
+                self.prefetch(off, span);
+            }
             return Ok(Plan {
                 at: off,
                 start: self.tail,
@@ -727,6 +736,39 @@ impl Producer {
             plan,
             kind,
             len,
+        })
+    }
+
+    /// Reserves `bytes` of contiguous space (rounded up to `RECORD_ALIGN`) for several records,
+    /// written with [`Reservation::claim`] or [`Reservation::push`] and committed together with
+    /// one check of the consumer's position for all of them (a single claim checks per
+    /// record). `bytes` counts record spans, header and alignment included
+    /// ([`crate::layout::record_span`]). The reservation is all or nothing: its records become
+    /// committed only at [`Reservation::commit`] (or `commit_deferred`); dropping it commits
+    /// none. Space left unused at commit stays free.
+    ///
+    /// # Errors
+    /// [`ClaimError::Full`] when the consumer has not released enough space;
+    /// [`ClaimError::TooLarge`] when `bytes` exceeds the largest record span (half the data
+    /// area, see [`Ring::max_payload`]): such a reservation might never fit.
+    #[inline]
+    pub fn reserve(&mut self, bytes: usize) -> Result<Reservation<'_>, ClaimError> {
+        let max = self.geo.max_payload + RECORD_HEADER_LEN;
+        if bytes > max {
+            return Err(ClaimError::TooLarge { len: bytes, max });
+        }
+        let bytes = align_up(bytes, RECORD_ALIGN);
+        let plan = self.plan_span::<false>(bytes)?;
+        let start = plan.start;
+        let seq = self.next_seq;
+        let prefetch_end = self.fast_limit;
+        Ok(Reservation {
+            producer: self,
+            at: plan.at,
+            pos: start,
+            end: start + bytes as u64,
+            prefetch_end,
+            seq,
         })
     }
 
@@ -926,6 +968,126 @@ impl<'a> Claim<'a> {
         write_header(p.geo.ptr(self.plan.at), len as u32, self.kind, seq);
         p.next_seq = seq + 1;
         p.tail = self.plan.start + record_span(len) as u64;
+        p
+    }
+}
+
+/// Contiguous space for several records, from [`Producer::reserve`].
+pub struct Reservation<'a> {
+    producer: &'a mut Producer,
+    /// Data offset of the next record.
+    at: usize,
+    /// Position of the next record.
+    pos: u64,
+    /// Position where the reserved space ends.
+    end: u64,
+    /// The producer's `fast_limit` at the reservation: a record whose prefetch range (see
+    /// `Producer::prefetch`) ends below it gets the single claim's prefetch.
+    prefetch_end: u64,
+    /// Sequence number of the next record.
+    seq: u64,
+}
+
+impl fmt::Debug for Reservation<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("pos", &self.pos)
+            .field("end", &self.end)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl<'a> Reservation<'a> {
+    /// Bytes of the reservation not yet used by records.
+    #[inline]
+    pub fn remaining(&self) -> usize {
+        (self.end - self.pos) as usize
+    }
+
+    /// Sequence number the next record gets.
+    #[inline]
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Appends a record of `len` payload bytes of `kind` and returns its payload to fill in
+    /// place. Its header is written now; it is committed with the reservation.
+    ///
+    /// # Errors
+    /// [`ClaimError::Full`] when its span exceeds [`Self::remaining`] (nothing is written);
+    /// [`ClaimError::ReservedKind`].
+    #[inline]
+    pub fn claim(&mut self, kind: u16, len: usize) -> Result<&mut [u8], ClaimError> {
+        let left = self.end - self.pos;
+        // len <= left first, so that record_span cannot overflow.
+        if kind >= KIND_PADDING || len as u64 > left || record_span(len) as u64 > left {
+            return Err(self.refuse(kind, len));
+        }
+        let span = record_span(len);
+        let p = self.producer.geo.ptr(self.at);
+        if self.pos + (span + PREFETCH_AHEAD + span.min(PREFETCH_AHEAD)) as u64 <= self.prefetch_end
+        {
+            self.producer.prefetch(self.at, span);
+        }
+        write_header(p, len as u32, kind, self.seq);
+        self.seq += 1;
+        self.at += span;
+        self.pos += span as u64;
+        // SAFETY: the record [p, p + span) lies inside the reserved space of the data area,
+        // which only this producer writes until the commit publishes it; the reservation borrows
+        // the producer mutably and the slice borrows the reservation.
+        Ok(unsafe { std::slice::from_raw_parts_mut(p.add(RECORD_HEADER_LEN), len) })
+    }
+
+    /// Appends a record holding a copy of `payload`; returns its sequence number.
+    ///
+    /// # Errors
+    /// As [`Self::claim`].
+    #[inline]
+    pub fn push(&mut self, kind: u16, payload: &[u8]) -> Result<u64, ClaimError> {
+        let seq = self.seq;
+        self.claim(kind, payload.len())?.copy_from_slice(payload);
+        Ok(seq)
+    }
+
+    #[cold]
+    fn refuse(&self, kind: u16, len: usize) -> ClaimError {
+        if kind >= KIND_PADDING {
+            ClaimError::ReservedKind(kind)
+        } else {
+            ClaimError::Full {
+                needed: len.saturating_add(RECORD_HEADER_LEN),
+                available: self.remaining(),
+            }
+        }
+    }
+
+    /// Commits every record appended and publishes them (with anything deferred before);
+    /// returns the sequence number the next record gets.
+    #[inline]
+    pub fn commit(self) -> u64 {
+        let p = self.commit_deferred_inner();
+        p.publish();
+        p.next_seq
+    }
+
+    /// Commits every record appended without publishing them (see [`Claim::commit_deferred`]);
+    /// returns the sequence number the next record gets.
+    #[inline]
+    pub fn commit_deferred(self) -> u64 {
+        self.commit_deferred_inner().next_seq
+    }
+
+    #[inline]
+    fn commit_deferred_inner(self) -> &'a mut Producer {
+        let p = self.producer;
+        // Nothing appended: the tail stays (a padding record written for the reservation
+        // lies beyond it, unread, as after a dropped claim).
+        if self.seq != p.next_seq {
+            p.tail = self.pos;
+            p.next_seq = self.seq;
+        }
         p
     }
 }
@@ -1602,6 +1764,91 @@ mod tests {
         assert_eq!(tx.push(1, b"c").unwrap(), 1002);
         let seqs: Vec<u64> = drain(&mut rx).into_iter().map(|r| r.0).collect();
         assert_eq!(seqs, vec![1000, 1001, 1002]);
+    }
+
+    #[test]
+    fn a_reservation_commits_its_records_together_and_leaves_unused_space_free() {
+        let (mut tx, mut rx) = with_capacity(256).unwrap();
+        let mut r = tx.reserve(3 * record_span(10) + 5).unwrap();
+        assert_eq!(r.remaining(), 3 * 24 + 8); // rounded up to RECORD_ALIGN
+        assert_eq!(r.push(4, b"0123456789").unwrap(), FIRST_SEQ);
+        r.claim(5, 3).unwrap().copy_from_slice(b"abc");
+        assert_eq!(r.next_seq(), FIRST_SEQ + 2);
+        // Too long for what is left: refused, nothing written.
+        assert_eq!(
+            r.claim(1, 60).unwrap_err(),
+            ClaimError::Full {
+                needed: 68,
+                available: 3 * 24 + 8 - 24 - 16
+            }
+        );
+        assert_eq!(
+            r.claim(KIND_PADDING, 0).unwrap_err(),
+            ClaimError::ReservedKind(KIND_PADDING)
+        );
+        assert_eq!(r.commit_deferred(), FIRST_SEQ + 2);
+        assert!(rx.read().is_empty(), "deferred until published");
+        assert_eq!(tx.position(), 24 + 16);
+        tx.publish();
+        assert_eq!(
+            drain(&mut rx),
+            vec![
+                (FIRST_SEQ, 4, b"0123456789".to_vec()),
+                (FIRST_SEQ + 1, 5, b"abc".to_vec())
+            ]
+        );
+        // The next record follows the last one appended, not the end of the reservation.
+        assert_eq!(tx.push(1, b"z").unwrap(), FIRST_SEQ + 2);
+        let batch = rx.read();
+        assert_eq!(batch.start_position(), 40);
+        drop(batch);
+        assert_eq!(drain(&mut rx).len(), 1);
+    }
+
+    #[test]
+    fn a_dropped_reservation_commits_nothing() {
+        let (mut tx, mut rx) = with_capacity(256).unwrap();
+        tx.push(1, b"a").unwrap();
+        let mut r = tx.reserve(64).unwrap();
+        r.push(2, b"lost").unwrap();
+        r.push(2, b"too").unwrap();
+        drop(r);
+        assert_eq!((tx.position(), tx.next_seq()), (16, FIRST_SEQ + 1));
+        assert_eq!(tx.push(3, b"b").unwrap(), FIRST_SEQ + 1);
+        assert_eq!(
+            drain(&mut rx),
+            vec![
+                (FIRST_SEQ, 1, b"a".to_vec()),
+                (FIRST_SEQ + 1, 3, b"b".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reservation_past_the_end_of_the_area_wraps_and_too_large_ones_are_refused() {
+        let (mut tx, mut rx) = with_capacity(256).unwrap();
+        assert_eq!(
+            tx.reserve(129).unwrap_err(),
+            ClaimError::TooLarge { len: 129, max: 128 }
+        );
+        for _ in 0..3 {
+            tx.push(1, &[0; 56]).unwrap(); // tail 192
+        }
+        drain(&mut rx);
+        // 96 bytes do not fit in the last 64: padding, then offset 0.
+        let mut r = tx.reserve(96).unwrap();
+        for i in 0..4u8 {
+            r.push(7, &[i; 16]).unwrap();
+        }
+        assert_eq!(r.commit(), FIRST_SEQ + 7);
+        assert_eq!(tx.position(), 256 + 96);
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[3], (FIRST_SEQ + 6, 7, vec![3; 16]));
+        // Full: the consumer holds too much. A full reservation publishes deferred records.
+        tx.claim(1, 100).unwrap().commit_deferred();
+        assert!(matches!(tx.reserve(128), Err(ClaimError::Full { .. })));
+        assert_eq!(drain(&mut rx).len(), 1);
     }
 
     #[test]

@@ -94,20 +94,51 @@ fn two_records_arrive_in_order() {
 /// also needs the consumer to have released the first record (buffer full until then).
 #[test]
 fn wrap_around_with_padding() {
-    model(64, &[8, 8, 8], false, false);
+    model(64, &[16, 16, 16], false, false);
 }
 
 /// Spans 32 + 32 fill a 64-byte buffer; the third record waits for a release of one record.
 #[test]
 fn full_buffer_waits_for_release() {
-    model(64, &[16, 16, 16], false, true);
+    model(64, &[24, 24, 24], false, true);
 }
 
 /// Deferred commits become visible together at publish (or when a claim finds the buffer
 /// full), never half-written.
 #[test]
 fn deferred_publication() {
-    model(64, &[8, 8, 8], true, false);
+    model(64, &[16, 16, 16], true, false);
+}
+
+/// Records appended to reservations of two, committed together: spans 16 + 16, then a
+/// reservation of 32 at offset 32, then one that wraps (padding) once the first is released.
+#[test]
+fn reservations_commit_their_records_together() {
+    const LENS: &[usize] = &[8, 8, 8, 8, 8];
+    loom::model(|| {
+        let (mut tx, rx) = with_capacity(64).expect("ring");
+        let p = thread::spawn(move || {
+            let mut i = 0;
+            while i < LENS.len() {
+                let n = 2.min(LENS.len() - i);
+                let bytes = LENS[i..i + n].iter().map(|&l| l + 8).sum();
+                match tx.reserve(bytes) {
+                    Ok(mut r) => {
+                        for k in i..i + n {
+                            let seq = r.push(1, &payload(k as u64, LENS[k])).expect("fits");
+                            assert_eq!(seq, FIRST_SEQ + k as u64);
+                        }
+                        r.commit();
+                        i += n;
+                    }
+                    Err(ClaimError::Full { .. }) => thread::yield_now(),
+                    Err(e) => panic!("reserve: {e}"),
+                }
+            }
+        });
+        consume(rx, LENS, false);
+        p.join().expect("producer");
+    });
 }
 
 /// A larger buffer, mixed sizes, records released one by one.

@@ -1,5 +1,6 @@
-//! Random sequences of claim / commit / commit_len / commit_deferred / abort / publish / read /
-//! release against a `VecDeque` model of the buffer. The model computes the space a claim needs
+//! Random sequences of claim / commit / commit_len / commit_deferred / abort / reserve (several
+//! records committed or dropped together) / publish / read / release against a `VecDeque` model
+//! of the buffer. The model computes the space a claim needs
 //! from `record_span` and the padding at the wrap point, so `Full` must come exactly when the
 //! model says the space is short, and every record must come back with its kind, sequence
 //! number, position and content.
@@ -8,7 +9,9 @@
 
 use std::collections::VecDeque;
 
-use ftvm_ringbuf::layout::{max_payload, record_span, KIND_PADDING};
+use ftvm_ringbuf::layout::{
+    max_payload, record_span, KIND_PADDING, RECORD_ALIGN, RECORD_HEADER_LEN,
+};
 use ftvm_ringbuf::{with_capacity, ClaimError, FIRST_SEQ};
 use proptest::prelude::*;
 
@@ -26,6 +29,15 @@ enum Op {
     Claim {
         kind: u16,
         len: usize,
+        finish: Finish,
+    },
+    /// Reserve the spans of `lens` plus `extra` bytes, append the records (and then one that
+    /// must not fit when `overflow`), finish with Commit, Deferred or Abort (drop).
+    Reserve {
+        kind: u16,
+        lens: Vec<usize>,
+        extra: usize,
+        overflow: bool,
         finish: Finish,
     },
     Publish,
@@ -59,7 +71,11 @@ struct Model {
 impl Model {
     /// Bytes a claim of `len` advances the tail by at the current tail (padding included).
     fn advance(&self, len: usize) -> u64 {
-        let span = record_span(len) as u64;
+        self.advance_span(record_span(len) as u64)
+    }
+
+    /// Bytes `span` contiguous bytes take at the current tail (padding included).
+    fn advance_span(&self, span: u64) -> u64 {
         let to_end = self.cap - self.tail % self.cap;
         if span <= to_end {
             span
@@ -83,8 +99,28 @@ fn op(max: usize) -> impl Strategy<Value = Op> {
         1 => Just(max),
         1 => max + 1..=max + 64,
     ];
+    let reserve_finish = prop_oneof![
+        3 => Just(Finish::Commit),
+        2 => Just(Finish::Deferred),
+        1 => Just(Finish::Abort),
+    ];
+    let reserve = (
+        prop_oneof![10 => 0u16..8, 1 => Just(KIND_PADDING)],
+        proptest::collection::vec(0..=max.min(48), 0..6),
+        prop_oneof![3 => Just(0usize), 1 => 0usize..=max],
+        any::<bool>(),
+        reserve_finish,
+    )
+        .prop_map(|(kind, lens, extra, overflow, finish)| Op::Reserve {
+            kind,
+            lens,
+            extra,
+            overflow,
+            finish,
+        });
     prop_oneof![
         6 => (kind, len, finish).prop_map(|(kind, len, finish)| Op::Claim { kind, len, finish }),
+        2 => reserve,
         1 => Just(Op::Publish),
         3 => proptest::option::of(0usize..6).prop_map(|release| Op::Read { release }),
     ]
@@ -182,6 +218,107 @@ fn run(cap: usize, ops: &[Op]) -> Result<(), TestCaseError> {
                 });
                 m.next_seq += 1;
                 m.tail = next_position;
+                if !matches!(finish, Finish::Deferred) {
+                    m.published = m.tail;
+                }
+                prop_assert_eq!(tx.position(), m.tail);
+                prop_assert_eq!(tx.published_position(), m.published);
+                prop_assert_eq!(tx.next_seq(), m.next_seq);
+            }
+            Op::Reserve {
+                kind,
+                lens,
+                extra,
+                overflow,
+                finish,
+            } => {
+                let kind = *kind;
+                let spans: u64 = lens.iter().map(|&l| record_span(l) as u64).sum();
+                let bytes = spans as usize + extra;
+                let result = tx.reserve(bytes);
+                if bytes > max + RECORD_HEADER_LEN {
+                    prop_assert_eq!(
+                        result.unwrap_err(),
+                        ClaimError::TooLarge {
+                            len: bytes,
+                            max: max + RECORD_HEADER_LEN
+                        }
+                    );
+                    continue;
+                }
+                let span = bytes.div_ceil(RECORD_ALIGN) as u64 * RECORD_ALIGN as u64;
+                let advance = m.advance_span(span);
+                let used = m.tail - m.head;
+                if used + advance > m.cap {
+                    prop_assert_eq!(
+                        result.unwrap_err(),
+                        ClaimError::Full {
+                            needed: advance as usize,
+                            available: (m.cap - used) as usize
+                        }
+                    );
+                    m.published = m.tail;
+                    continue;
+                }
+                let mut r = match result {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Err(TestCaseError::fail(format!(
+                            "reserve({bytes}) failed with {e} but the model has {} free, \
+                             needs {advance}",
+                            m.cap - used
+                        )))
+                    }
+                };
+                prop_assert_eq!(r.remaining() as u64, span);
+                let mut position = m.tail + (advance - span);
+                let mut recs = Vec::new();
+                let mut seq = m.next_seq;
+                for &len in lens {
+                    match r.push(kind, &content(seq, len)) {
+                        Ok(got) if kind < KIND_PADDING => prop_assert_eq!(got, seq),
+                        Err(ClaimError::ReservedKind(k)) if kind >= KIND_PADDING => {
+                            prop_assert_eq!(k, kind);
+                            continue;
+                        }
+                        other => {
+                            return Err(TestCaseError::fail(format!(
+                                "push({kind}, {len}): {other:?}"
+                            )))
+                        }
+                    }
+                    let next_position = position + record_span(len) as u64;
+                    recs.push(Rec {
+                        seq,
+                        kind,
+                        payload: content(seq, len),
+                        position,
+                        next_position,
+                    });
+                    position = next_position;
+                    seq += 1;
+                }
+                if *overflow && kind < KIND_PADDING {
+                    let len = r.remaining() + 1;
+                    let refused = matches!(r.claim(kind, len), Err(ClaimError::Full { .. }));
+                    prop_assert!(refused, "a record past the reservation was not refused");
+                }
+                match finish {
+                    Finish::Abort => {
+                        drop(r);
+                        continue;
+                    }
+                    Finish::Deferred => prop_assert_eq!(r.commit_deferred(), seq),
+                    _ => {
+                        prop_assert_eq!(r.commit(), seq);
+                        m.published = m.tail;
+                    }
+                }
+                if !recs.is_empty() {
+                    m.tail = position;
+                    m.next_seq = seq;
+                    m.records.extend(recs);
+                }
                 if !matches!(finish, Finish::Deferred) {
                     m.published = m.tail;
                 }

@@ -74,6 +74,20 @@ impl Model {
         self.advance_span(record_span(len) as u64)
     }
 
+    /// The `Full` error a claim or reservation advancing the tail by `advance` gets, if the
+    /// space is short; such a claim publishes the deferred records, as the model then does.
+    fn full(&mut self, advance: u64) -> Option<ClaimError> {
+        let used = self.tail - self.head;
+        if used + advance <= self.cap {
+            return None;
+        }
+        self.published = self.tail;
+        Some(ClaimError::Full {
+            needed: advance as usize,
+            available: (self.cap - used) as usize,
+        })
+    }
+
     /// Bytes `span` contiguous bytes take at the current tail (padding included).
     fn advance_span(&self, span: u64) -> u64 {
         let to_end = self.cap - self.tail % self.cap;
@@ -158,16 +172,8 @@ fn run(cap: usize, ops: &[Op]) -> Result<(), TestCaseError> {
                 }
                 let advance = m.advance(len);
                 let used = m.tail - m.head;
-                if used + advance > m.cap {
-                    prop_assert_eq!(
-                        result.unwrap_err(),
-                        ClaimError::Full {
-                            needed: advance as usize,
-                            available: (m.cap - used) as usize
-                        }
-                    );
-                    // A claim that finds the buffer full publishes deferred records.
-                    m.published = m.tail;
+                if let Some(full) = m.full(advance) {
+                    prop_assert_eq!(result.unwrap_err(), full);
                     continue;
                 }
                 let mut claim = match result {
@@ -249,15 +255,8 @@ fn run(cap: usize, ops: &[Op]) -> Result<(), TestCaseError> {
                 let span = bytes.div_ceil(RECORD_ALIGN) as u64 * RECORD_ALIGN as u64;
                 let advance = m.advance_span(span);
                 let used = m.tail - m.head;
-                if used + advance > m.cap {
-                    prop_assert_eq!(
-                        result.unwrap_err(),
-                        ClaimError::Full {
-                            needed: advance as usize,
-                            available: (m.cap - used) as usize
-                        }
-                    );
-                    m.published = m.tail;
+                if let Some(full) = m.full(advance) {
+                    prop_assert_eq!(result.unwrap_err(), full);
                     continue;
                 }
                 let mut r = match result {

@@ -37,6 +37,8 @@ struct Row {
     disk_mode: &'static str,
     test: String,
     ops_per_s: f64,
+    /// Every run's ops/s, in run order (the dispersion the median hides).
+    ops_per_s_runs: Vec<f64>,
     p50_us: f64,
     p99_us: f64,
     ratio: f64,
@@ -463,6 +465,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 },
                 test: tests[i].clone(),
                 ops_per_s: m[0],
+                ops_per_s_runs: samples[ti][i][0].clone(),
                 p50_us: m[1],
                 p99_us: m[2],
                 ratio: if base[i] > 0.0 { m[0] / base[i] } else { 0.0 },

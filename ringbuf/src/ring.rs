@@ -1341,23 +1341,22 @@ impl<'a> Iterator for Records<'a> {
             };
             let (len, kind, seq_low) = split_header(u64::from_le_bytes(*header));
             let span = record_span(len);
-            // The common case first: one well-formed record that fits in the batch.
-            if kind != KIND_PADDING && len <= self.max && span <= rest.len() {
-                // SAFETY: RECORD_HEADER_LEN + len <= span <= rest.len().
-                let raw = unsafe { rest.get_unchecked(..RECORD_HEADER_LEN + len) };
-                // SAFETY: span <= rest.len().
-                self.rest = unsafe { rest.get_unchecked(span..) };
-                self.pos = position + span as u64;
-                return Some(Ok(Record {
-                    position,
-                    next_position: self.pos,
-                    seq: seq_from_low(seq_low, self.seq_bound),
-                    kind,
-                    raw,
-                }));
+            // The common case first: a record that ends before the batch does. It cannot be
+            // padding: a padding record runs to the end of the data area, where every batch
+            // that holds it ends. (A scribbled header with the padding kind in mid-batch is
+            // handed out as a record of kind 255, which no producer writes.)
+            if len <= self.max && span < rest.len() {
+                return Some(Ok(self.take(rest, position, len, span, kind, seq_low)));
             }
-            if kind != KIND_PADDING && len > self.max {
-                return Some(Err(self.fail(position, "record length above maximum")));
+            if kind != KIND_PADDING {
+                if len > self.max {
+                    return Some(Err(self.fail(position, "record length above maximum")));
+                }
+                if span > rest.len() {
+                    return Some(Err(self.fail(position, "record runs past the tail")));
+                }
+                // The batch's last record.
+                return Some(Ok(self.take(rest, position, len, span, kind, seq_low)));
             }
             let Some(after) = rest.get(span..) else {
                 return Some(Err(self.fail(position, "record runs past the tail")));
@@ -1365,6 +1364,35 @@ impl<'a> Iterator for Records<'a> {
             // A padding record: skip it.
             self.rest = after;
             self.pos = position + span as u64;
+        }
+    }
+}
+
+impl<'a> Records<'a> {
+    /// Hands out the record at the start of `rest` (the caller checked `span <= rest.len()`
+    /// and `len <= max`) and steps past it.
+    #[inline(always)]
+    fn take(
+        &mut self,
+        rest: &'a [u8],
+        position: u64,
+        len: usize,
+        span: usize,
+        kind: u16,
+        seq_low: u32,
+    ) -> Record<'a> {
+        debug_assert!(RECORD_HEADER_LEN + len <= span && span <= rest.len());
+        // SAFETY: RECORD_HEADER_LEN + len <= span <= rest.len() (the caller's checks).
+        let raw = unsafe { rest.get_unchecked(..RECORD_HEADER_LEN + len) };
+        // SAFETY: span <= rest.len().
+        self.rest = unsafe { rest.get_unchecked(span..) };
+        self.pos = position + span as u64;
+        Record {
+            position,
+            next_position: self.pos,
+            seq: seq_from_low(seq_low, self.seq_bound),
+            kind,
+            raw,
         }
     }
 }
@@ -2070,6 +2098,15 @@ mod tests {
         let batch = rx.read();
         let err = batch.records().nth(1).unwrap().unwrap_err();
         assert_eq!(err.what, "record runs past the tail");
+        // The padding kind in mid-batch (padding always ends a batch) is not skipped
+        // silently: the record comes out with kind 255, which no producer can write.
+        drop(batch);
+        file.write_all_at(&[8, 0, 0, 1], second as u64).unwrap(); // len 8, kind 1 again
+        file.write_all_at(&[KIND_PADDING as u8], DATA_OFFSET as u64 + 3)
+            .unwrap();
+        let batch = rx.read();
+        let kinds: Vec<u16> = batch.records().map(|r| r.unwrap().kind()).collect();
+        assert_eq!(kinds, vec![KIND_PADDING, 1]);
     }
 
     #[test]

@@ -1442,12 +1442,13 @@ impl RecvState {
         // Part of the frame delivered already, or no room for all of it: record by record, as
         // many as fit.
         let mut at = 0;
-        let mut seq = first_seq;
+        let mut next_seq = first_seq;
         while at < payload.len() {
             let (rec, used) = frame::parse_record(&payload[at..])?;
             at += used;
-            seq += 1;
-            if seq - 1 < self.expected {
+            let seq = next_seq;
+            next_seq += 1;
+            if seq < self.expected {
                 continue;
             }
             if !self.deliver(rec.kind, rec.payload) {

@@ -115,6 +115,12 @@ pub const MIN_CAPACITY: usize = 64;
 /// 32-bit window of [`seq_from_low`].
 pub const MAX_CAPACITY: usize = 1 << 32;
 
+/// Whether a data area of `capacity` bytes is one a buffer can have: a power of two from
+/// [`MIN_CAPACITY`] to [`MAX_CAPACITY`].
+pub const fn valid_capacity(capacity: usize) -> bool {
+    capacity.is_power_of_two() && capacity >= MIN_CAPACITY && capacity <= MAX_CAPACITY
+}
+
 /// Bytes a record with `len` payload bytes occupies in the data area.
 #[inline]
 pub const fn record_span(len: usize) -> usize {

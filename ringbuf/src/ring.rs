@@ -93,10 +93,7 @@ impl Ring {
     /// small for it.
     pub fn init(region: impl Region + 'static, capacity: usize) -> Result<Arc<Self>, RingError> {
         let region_len = region.len();
-        if !capacity.is_power_of_two()
-            || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity)
-            || region_len < region_len_for(capacity)
-        {
+        if !valid_capacity(capacity) || region_len < region_len_for(capacity) {
             return Err(RingError::BadCapacity {
                 capacity,
                 region_len,
@@ -156,8 +153,7 @@ impl Ring {
         }
         let capacity = usize::try_from(cap).unwrap_or(usize::MAX);
         if dlen as usize != DATA_OFFSET
-            || !capacity.is_power_of_two()
-            || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity)
+            || !valid_capacity(capacity)
             || region_len < region_len_for(capacity)
             || max != max_payload(capacity) as u64
         {
@@ -418,7 +414,7 @@ fn process_alive(_pid: u64) -> bool {
 /// # Errors
 /// See [`Ring::init`].
 pub fn with_capacity(capacity: usize) -> Result<(Producer, Consumer), RingError> {
-    if !capacity.is_power_of_two() || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity) {
+    if !valid_capacity(capacity) {
         return Err(RingError::BadCapacity {
             capacity,
             region_len: region_len_for(capacity),
@@ -502,6 +498,19 @@ const PREFETCH_AHEAD: usize = 1024;
 /// lines: a range starting at most `64 - RECORD_ALIGN` bytes into a line ends in the next one.
 const PREFETCH_SHORT: usize = 64 + RECORD_ALIGN;
 const _: () = assert!(RECORD_ALIGN <= 64 && PREFETCH_AHEAD % 64 == 0);
+
+/// How far past a record's end its prefetch range reaches (see `Producer::prefetch`): a
+/// record ending at `end` may prefetch only when `end + prefetch_reach(span)` is within the
+/// consumer's released space and the tail's lap (`fast_limit`).
+#[inline(always)]
+const fn prefetch_reach(span: usize) -> u64 {
+    (PREFETCH_AHEAD
+        + if span < PREFETCH_AHEAD {
+            span
+        } else {
+            PREFETCH_AHEAD
+        }) as u64
+}
 
 /// Hints that the line at `p` will be written soon (`prefetchw`). Never faults.
 ///
@@ -669,7 +678,7 @@ impl Producer {
         // The fast path also needs room for the prefetch range after the record (see
         // `prefetch`), so it is one compare; a record that fits but is too close to the limit or
         // the end of the lap for the prefetch takes the out-of-line path (and no prefetch).
-        if end + (PREFETCH_AHEAD + span.min(PREFETCH_AHEAD)) as u64 <= self.fast_limit {
+        if end + prefetch_reach(span) <= self.fast_limit {
             let off = (self.tail as usize) & self.geo.mask;
             self.ring.track_write(off, span);
             if PREFETCH {
@@ -1021,13 +1030,15 @@ impl<'a> Reservation<'a> {
     pub fn claim(&mut self, kind: u16, len: usize) -> Result<&mut [u8], ClaimError> {
         let left = self.end - self.pos;
         // len <= left first, so that record_span cannot overflow.
-        if kind >= KIND_PADDING || len as u64 > left || record_span(len) as u64 > left {
+        if kind >= KIND_PADDING || len as u64 > left {
             return Err(self.refuse(kind, len));
         }
         let span = record_span(len);
+        if span as u64 > left {
+            return Err(self.refuse(kind, len));
+        }
         let p = self.producer.geo.ptr(self.at);
-        if self.pos + (span + PREFETCH_AHEAD + span.min(PREFETCH_AHEAD)) as u64 <= self.prefetch_end
-        {
+        if self.pos + span as u64 + prefetch_reach(span) <= self.prefetch_end {
             self.producer.prefetch(self.at, span);
         }
         write_header(p, len as u32, kind, self.seq);
@@ -1158,15 +1169,15 @@ impl Consumer {
     pub fn new(ring: Arc<Ring>) -> Result<Self, RingError> {
         ring.take_role(ring.consumer_pid(), "consumer")?;
         let head = ring.head().load(Ordering::Acquire);
-        let cached_tail = ring.tail().load(Ordering::Acquire);
-        let seq_bound = ring.next_seq().load(Ordering::Relaxed);
-        Ok(Self {
+        let mut consumer = Self {
             geo: Geometry::of(&ring),
             ring,
             head,
-            cached_tail,
-            seq_bound,
-        })
+            cached_tail: 0,
+            seq_bound: 0,
+        };
+        consumer.load_tail();
+        Ok(consumer)
     }
 
     /// The buffer.

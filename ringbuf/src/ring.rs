@@ -535,6 +535,22 @@ fn prefetch_write(p: *const u8) {
     let _ = p;
 }
 
+/// The prefetch of the record at `rec`, `span` bytes (see `Producer::prefetch`).
+#[inline(always)]
+fn prefetch_span(rec: *const u8, span: usize) {
+    if span <= PREFETCH_SHORT {
+        prefetch_write_ahead(rec, span);
+        prefetch_write_ahead(rec, 2 * span - 1);
+    } else {
+        let first = rec.wrapping_add(span + PREFETCH_AHEAD);
+        let mut at = 0;
+        while at < span.min(PREFETCH_AHEAD) {
+            prefetch_write(first.wrapping_add(at));
+            at += 64;
+        }
+    }
+}
+
 /// `prefetch_write(p + at + PREFETCH_AHEAD)`, with the constant in the addressing mode.
 #[inline(always)]
 fn prefetch_write_ahead(p: *const u8, at: usize) {
@@ -717,19 +733,7 @@ impl Producer {
     /// addressed off the record's own pointer and no loop.
     #[inline(always)]
     fn prefetch(&self, off: usize, span: usize) {
-        let n = span.min(PREFETCH_AHEAD);
-        let rec = self.geo.ptr(off);
-        if span <= PREFETCH_SHORT {
-            prefetch_write_ahead(rec, span);
-            prefetch_write_ahead(rec, 2 * span - 1);
-        } else {
-            let first = rec.wrapping_add(span + PREFETCH_AHEAD);
-            let mut at = 0;
-            while at < n {
-                prefetch_write(first.wrapping_add(at));
-                at += 64;
-            }
-        }
+        prefetch_span(self.geo.ptr(off), span);
     }
 
     /// Claims space for a record of `len` payload bytes of `kind`, to be filled in place.
@@ -768,15 +772,25 @@ impl Producer {
         }
         let bytes = align_up(bytes, RECORD_ALIGN);
         let plan = self.plan_span::<false>(bytes)?;
-        let start = plan.start;
+        // Data offsets from here on: the reserved space is contiguous, so position = base + offset.
+        let base = plan.start - plan.at as u64;
+        let end = plan.at + bytes;
+        // A record gets the single claim's prefetch when its prefetch range ends at or below
+        // `prefetch_end`: released by the consumer, in this lap. When that holds for any
+        // record the reservation can hold (the range reaches at most `prefetch_reach(bytes)`
+        // past its end), `prefetch_all` says so once, and a loop of claims tests a flag that
+        // does not change instead of comparing offsets per record.
+        let prefetch_end = (self.fast_limit - base).min(self.geo.capacity as u64) as usize;
+        let prefetch_all = end as u64 + prefetch_reach(bytes) <= prefetch_end as u64;
         let seq = self.next_seq;
-        let prefetch_end = self.fast_limit;
         Ok(Reservation {
+            data: self.geo.data,
             producer: self,
             at: plan.at,
-            pos: start,
-            end: start + bytes as u64,
+            end,
+            prefetch_all,
             prefetch_end,
+            base,
             seq,
         })
     }
@@ -984,24 +998,35 @@ impl<'a> Claim<'a> {
 /// Contiguous space for several records, from [`Producer::reserve`].
 pub struct Reservation<'a> {
     producer: &'a mut Producer,
+    /// The data area (the producer's, held here so that a loop of claims keeps it in a
+    /// register: stores through the claimed slices might alias the producer).
+    data: NonNull<u8>,
     /// Data offset of the next record.
     at: usize,
-    /// Position of the next record.
-    pos: u64,
-    /// Position where the reserved space ends.
-    end: u64,
-    /// The producer's `fast_limit` at the reservation: a record whose prefetch range (see
-    /// `Producer::prefetch`) ends below it gets the single claim's prefetch.
-    prefetch_end: u64,
+    /// Data offset where the reserved space ends.
+    end: usize,
+    /// Every record gets the single claim's prefetch (see `Producer::prefetch`).
+    prefetch_all: bool,
+    /// Otherwise, a record whose prefetch range ends at or below this data offset gets it.
+    prefetch_end: usize,
+    /// Position of data offset 0 in the reservation's lap (position = `base` + offset).
+    base: u64,
     /// Sequence number of the next record.
     seq: u64,
 }
 
+// SAFETY: the data pointer is the producer's, which the reservation borrows mutably: sending
+// the reservation is sending that borrow (`Producer` is `Send`), and `&Reservation` reads only
+// plain fields.
+unsafe impl Send for Reservation<'_> {}
+// SAFETY: as for `Send`: `&self` methods read only plain fields.
+unsafe impl Sync for Reservation<'_> {}
+
 impl fmt::Debug for Reservation<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reservation")
-            .field("pos", &self.pos)
-            .field("end", &self.end)
+            .field("pos", &(self.base + self.at as u64))
+            .field("end", &(self.base + self.end as u64))
             .field("seq", &self.seq)
             .finish()
     }
@@ -1011,7 +1036,7 @@ impl<'a> Reservation<'a> {
     /// Bytes of the reservation not yet used by records.
     #[inline]
     pub fn remaining(&self) -> usize {
-        (self.end - self.pos) as usize
+        self.end - self.at
     }
 
     /// Sequence number the next record gets.
@@ -1028,23 +1053,24 @@ impl<'a> Reservation<'a> {
     /// [`ClaimError::ReservedKind`].
     #[inline]
     pub fn claim(&mut self, kind: u16, len: usize) -> Result<&mut [u8], ClaimError> {
-        let left = self.end - self.pos;
+        let left = self.end - self.at;
         // len <= left first, so that record_span cannot overflow.
-        if kind >= KIND_PADDING || len as u64 > left {
+        if kind >= KIND_PADDING || len > left {
             return Err(self.refuse(kind, len));
         }
         let span = record_span(len);
-        if span as u64 > left {
+        if span > left {
             return Err(self.refuse(kind, len));
         }
-        let p = self.producer.geo.ptr(self.at);
-        if self.pos + span as u64 + prefetch_reach(span) <= self.prefetch_end {
-            self.producer.prefetch(self.at, span);
+        // SAFETY: at < end <= capacity: inside the data area.
+        let p = unsafe { self.data.as_ptr().add(self.at) };
+        if self.prefetch_all || self.at + span + prefetch_reach(span) as usize <= self.prefetch_end
+        {
+            prefetch_span(p, span);
         }
         write_header(p, len as u32, kind, self.seq);
         self.seq += 1;
         self.at += span;
-        self.pos += span as u64;
         // SAFETY: the record [p, p + span) lies inside the reserved space of the data area,
         // which only this producer writes until the commit publishes it; the reservation borrows
         // the producer mutably and the slice borrows the reservation.
@@ -1096,7 +1122,7 @@ impl<'a> Reservation<'a> {
         // Nothing appended: the tail stays (a padding record written for the reservation
         // lies beyond it, unread, as after a dropped claim).
         if self.seq != p.next_seq {
-            p.tail = self.pos;
+            p.tail = self.base + self.at as u64;
             p.next_seq = self.seq;
         }
         p
@@ -1304,14 +1330,20 @@ impl<'a> Batch<'a> {
         unsafe { std::slice::from_raw_parts(self.consumer.geo.ptr(self.off), self.len) }
     }
 
-    /// Iterates over the records (padding skipped). A malformed header (possible only if the
-    /// shared memory was scribbled on) yields one `Err` and ends the iteration.
+    /// Iterates over the records (padding skipped). A header whose record would run past the
+    /// batch, or a truncated header (possible only if the shared memory was scribbled on),
+    /// yields one `Err` and ends the iteration. Every record handed out lies inside the batch;
+    /// the walk checks nothing else (a scribbled length that stays inside the batch, like a
+    /// scribbled payload, comes out as it is), so a consumer of shared memory it does not
+    /// trust validates what it decodes.
     #[inline]
     pub fn records(&self) -> Records<'_> {
+        let bytes = self.as_bytes();
         Records {
-            rest: self.as_bytes(),
-            pos: self.start,
-            max: self.consumer.geo.max_payload,
+            bytes,
+            at: 0,
+            end: bytes.len() & !(RECORD_ALIGN - 1),
+            start: self.start,
             seq_bound: self.consumer.seq_bound,
         }
     }
@@ -1325,13 +1357,21 @@ impl<'a> Batch<'a> {
 }
 
 /// Iterator over the records of a [`Batch`].
+///
+/// The cursor is an offset into the batch's bytes, not a shrinking slice: stepping past a
+/// record is one add, and its position is computed only when asked for.
 #[derive(Debug)]
 pub struct Records<'a> {
-    /// The bytes not yet walked.
-    rest: &'a [u8],
-    /// Position of `rest[0]`.
-    pos: u64,
-    max: usize,
+    /// The batch's bytes.
+    bytes: &'a [u8],
+    /// Offset of the next record header in `bytes`: a multiple of `RECORD_ALIGN` below `end`,
+    /// or at least `end` when the walk is over.
+    at: usize,
+    /// `bytes.len()` rounded down to `RECORD_ALIGN`: records end at multiples of it, so bytes
+    /// past it can only be a truncated header (a scribbled tail).
+    end: usize,
+    /// Position of `bytes[0]`.
+    start: u64,
     /// See [`Consumer::seq_bound`].
     seq_bound: u64,
 }
@@ -1341,79 +1381,68 @@ impl<'a> Iterator for Records<'a> {
 
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
+        const { assert!(RECORD_HEADER_LEN == RECORD_ALIGN) };
         loop {
-            let rest = self.rest;
-            let position = self.pos;
-            let Some(header) = rest.first_chunk::<RECORD_HEADER_LEN>() else {
-                if rest.is_empty() {
-                    return None;
+            let at = self.at;
+            if at >= self.end {
+                if at < self.bytes.len() {
+                    return Some(Err(self.fail(at, "truncated record header")));
                 }
-                return Some(Err(self.fail(position, "truncated record header")));
-            };
-            let (len, kind, seq_low) = split_header(u64::from_le_bytes(*header));
-            let span = record_span(len);
+                return None;
+            }
+            // SAFETY: `at` is a multiple of RECORD_ALIGN (it starts at 0 and moves by record
+            // spans) below `end`, a multiple of RECORD_ALIGN at most `bytes.len()`; so the
+            // RECORD_HEADER_LEN (= RECORD_ALIGN) header bytes at `at` lie inside `bytes`.
+            let word = unsafe { self.bytes.as_ptr().add(at).cast::<u64>().read_unaligned() };
+            let (len, kind, seq_low) = split_header(u64::from_le(word));
+            let next = at + record_span(len);
             // The common case first: a record that ends before the batch does. It cannot be
             // padding: a padding record runs to the end of the data area, where every batch
             // that holds it ends. (A scribbled header with the padding kind in mid-batch is
             // handed out as a record of kind 255, which no producer writes.)
-            if len <= self.max && span < rest.len() {
-                return Some(Ok(self.take(rest, position, len, span, kind, seq_low)));
+            if next < self.end {
+                return Some(Ok(self.take(at, len, next, kind, seq_low)));
+            }
+            if next > self.end {
+                return Some(Err(self.fail(at, "record runs past the tail")));
             }
             if kind != KIND_PADDING {
-                if len > self.max {
-                    return Some(Err(self.fail(position, "record length above maximum")));
-                }
-                if span > rest.len() {
-                    return Some(Err(self.fail(position, "record runs past the tail")));
-                }
                 // The batch's last record.
-                return Some(Ok(self.take(rest, position, len, span, kind, seq_low)));
+                return Some(Ok(self.take(at, len, next, kind, seq_low)));
             }
-            let Some(after) = rest.get(span..) else {
-                return Some(Err(self.fail(position, "record runs past the tail")));
-            };
             // A padding record: skip it.
-            self.rest = after;
-            self.pos = position + span as u64;
+            self.at = next;
         }
     }
 }
 
 impl<'a> Records<'a> {
-    /// Hands out the record at the start of `rest` (the caller checked `span <= rest.len()`
-    /// and `len <= max`) and steps past it.
+    /// Hands out the record at offset `at`, `len` payload bytes, and steps to `next` (the
+    /// caller checked `next <= end`).
     #[inline(always)]
-    fn take(
-        &mut self,
-        rest: &'a [u8],
-        position: u64,
-        len: usize,
-        span: usize,
-        kind: u16,
-        seq_low: u32,
-    ) -> Record<'a> {
-        debug_assert!(RECORD_HEADER_LEN + len <= span && span <= rest.len());
-        // SAFETY: RECORD_HEADER_LEN + len <= span <= rest.len() (the caller's checks).
-        let raw = unsafe { rest.get_unchecked(..RECORD_HEADER_LEN + len) };
-        // SAFETY: span <= rest.len().
-        self.rest = unsafe { rest.get_unchecked(span..) };
-        self.pos = position + span as u64;
+    fn take(&mut self, at: usize, len: usize, next: usize, kind: u16, seq_low: u32) -> Record<'a> {
+        debug_assert!(at + RECORD_HEADER_LEN + len <= next && next <= self.end);
+        // SAFETY: at + RECORD_HEADER_LEN + len <= next <= end <= bytes.len() (record_span
+        // rounds up the header and payload; the caller checked next).
+        let raw = unsafe { self.bytes.get_unchecked(at..at + RECORD_HEADER_LEN + len) };
+        self.at = next;
         Record {
-            position,
-            next_position: self.pos,
+            position: self.start + at as u64,
+            next_position: self.start + next as u64,
             seq: seq_from_low(seq_low, self.seq_bound),
             kind,
             raw,
         }
     }
-}
 
-impl Records<'_> {
-    /// Ends the iteration after reporting a malformed header.
+    /// Ends the iteration after reporting a malformed header at offset `at`.
     #[cold]
-    fn fail(&mut self, position: u64, what: &'static str) -> CorruptRecord {
-        self.rest = &[];
-        CorruptRecord { position, what }
+    fn fail(&mut self, at: usize, what: &'static str) -> CorruptRecord {
+        self.at = self.bytes.len();
+        CorruptRecord {
+            position: self.start + at as u64,
+            what,
+        }
     }
 }
 
@@ -2092,7 +2121,7 @@ mod tests {
         let mut rx = Consumer::new(ring).unwrap();
         tx.push(1, &[1; 8]).unwrap();
         tx.push(1, &[2; 8]).unwrap();
-        // The second record's length now claims more than the maximum.
+        // The second record's length now runs far past the tail.
         let second = DATA_OFFSET + record_span(8);
         file.write_all_at(&10_000u32.to_le_bytes(), second as u64)
             .unwrap();
@@ -2102,7 +2131,7 @@ mod tests {
         assert!(items[0].is_ok());
         let err = items[1].clone().unwrap_err();
         assert_eq!(err.position, record_span(8) as u64);
-        // A length below the maximum that runs past the tail is caught too.
+        // So does a length just long enough to run past it.
         drop(batch);
         file.write_all_at(&64u32.to_le_bytes(), second as u64)
             .unwrap();
@@ -2118,6 +2147,59 @@ mod tests {
         let batch = rx.read();
         let kinds: Vec<u16> = batch.records().map(|r| r.unwrap().kind()).collect();
         assert_eq!(kinds, vec![KIND_PADDING, 1]);
+    }
+
+    #[test]
+    fn a_scribbled_length_inside_the_batch_comes_out_inside_the_batch() {
+        let (ring, file) = shared_ring(256);
+        let max = ring.max_payload(); // 120
+        let mut tx = Producer::new(ring.clone()).unwrap();
+        let mut rx = Consumer::new(ring).unwrap();
+        for i in 0..10u8 {
+            tx.push(1, &[i; 8]).unwrap(); // spans of 16: the batch is 160 bytes
+        }
+        // The first record now claims 136 bytes (above the maximum, inside the batch): it
+        // covers records 1..=8 and the walk goes on with record 9.
+        let len = max + 16;
+        assert_eq!(record_span(len), 9 * record_span(8));
+        file.write_all_at(&(len as u32).to_le_bytes()[..3], DATA_OFFSET as u64)
+            .unwrap();
+        let batch = rx.read();
+        assert_eq!(batch.as_bytes().len(), 160);
+        let recs: Vec<_> = batch.records().map(Result::unwrap).collect();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].payload().len(), len);
+        assert_eq!(recs[0].next_position(), recs[1].position());
+        assert_eq!(recs[1].payload(), &[9; 8]);
+        assert_eq!(recs[1].next_position(), batch.end_position());
+    }
+
+    #[test]
+    fn a_tail_that_cuts_a_header_is_reported_as_truncated() {
+        let (ring, file) = shared_ring(256);
+        let mut tx = Producer::new(ring.clone()).unwrap();
+        let mut rx = Consumer::new(ring).unwrap();
+        tx.push(1, &[1; 8]).unwrap();
+        tx.push(2, &[2; 8]).unwrap();
+        // A scribbled tail 4 bytes into a third header.
+        let tail = 2 * record_span(8) as u64 + 4;
+        file.write_all_at(&tail.to_le_bytes(), TAIL_OFFSET as u64)
+            .unwrap();
+        let batch = rx.read();
+        assert_eq!(batch.as_bytes().len(), tail as usize);
+        let items: Vec<_> = batch.records().collect();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].as_ref().unwrap().payload(), &[1; 8]);
+        assert_eq!(items[1].as_ref().unwrap().payload(), &[2; 8]);
+        let err = items[2].clone().unwrap_err();
+        assert_eq!(err.what, "truncated record header");
+        assert_eq!(err.position, 2 * record_span(8) as u64);
+        // Shorter than one header: the error alone.
+        drop(batch);
+        let batch = rx.read_from(2 * record_span(8) as u64);
+        let items: Vec<_> = batch.records().collect();
+        assert_eq!(items.len(), 1);
+        assert!(items[0].is_err());
     }
 
     #[test]

@@ -2014,6 +2014,14 @@ mod tests {
         (ring, file)
     }
 
+    /// Both ends of a ring in a memfd, plus the scribbling handle of [`shared_ring`].
+    fn shared_ends(capacity: usize) -> (Producer, Consumer, std::fs::File) {
+        let (ring, file) = shared_ring(capacity);
+        let tx = Producer::new(ring.clone()).unwrap();
+        let rx = Consumer::new(ring).unwrap();
+        (tx, rx, file)
+    }
+
     fn attach_copy(file: &std::fs::File) -> Result<Arc<Ring>, RingError> {
         let fd = std::os::fd::OwnedFd::from(file.try_clone().unwrap());
         Ring::attach(SharedRegion::from_fd(fd).unwrap())
@@ -2116,9 +2124,7 @@ mod tests {
 
     #[test]
     fn a_scribbled_record_header_is_reported_once_not_trusted() {
-        let (ring, file) = shared_ring(256);
-        let mut tx = Producer::new(ring.clone()).unwrap();
-        let mut rx = Consumer::new(ring).unwrap();
+        let (mut tx, mut rx, file) = shared_ends(256);
         tx.push(1, &[1; 8]).unwrap();
         tx.push(1, &[2; 8]).unwrap();
         // The second record's length now runs far past the tail.
@@ -2151,10 +2157,8 @@ mod tests {
 
     #[test]
     fn a_scribbled_length_inside_the_batch_comes_out_inside_the_batch() {
-        let (ring, file) = shared_ring(256);
-        let max = ring.max_payload(); // 120
-        let mut tx = Producer::new(ring.clone()).unwrap();
-        let mut rx = Consumer::new(ring).unwrap();
+        let (mut tx, mut rx, file) = shared_ends(256);
+        let max = tx.ring().max_payload(); // 120
         for i in 0..10u8 {
             tx.push(1, &[i; 8]).unwrap(); // spans of 16: the batch is 160 bytes
         }
@@ -2176,9 +2180,7 @@ mod tests {
 
     #[test]
     fn a_tail_that_cuts_a_header_is_reported_as_truncated() {
-        let (ring, file) = shared_ring(256);
-        let mut tx = Producer::new(ring.clone()).unwrap();
-        let mut rx = Consumer::new(ring).unwrap();
+        let (mut tx, mut rx, file) = shared_ends(256);
         tx.push(1, &[1; 8]).unwrap();
         tx.push(2, &[2; 8]).unwrap();
         // A scribbled tail 4 bytes into a third header.

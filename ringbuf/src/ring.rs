@@ -543,12 +543,37 @@ fn prefetch_span(rec: *const u8, span: usize) {
         prefetch_write_ahead(rec, 2 * span - 1);
     } else {
         let first = rec.wrapping_add(span + PREFETCH_AHEAD);
+        let n = span.min(PREFETCH_AHEAD);
         let mut at = 0;
-        while at < span.min(PREFETCH_AHEAD) {
+        while at + 256 <= n {
+            prefetch_write_4(first.wrapping_add(at));
+            at += 256;
+        }
+        while at < n {
             prefetch_write(first.wrapping_add(at));
             at += 64;
         }
     }
+}
+
+/// `prefetch_write` of the four lines from `p`: one address register for the four (a
+/// `prefetch_write` each costs an `lea` each, which is 16 instructions of a 1 KiB record's).
+#[inline(always)]
+fn prefetch_write_4(p: *const u8) {
+    // SAFETY: as `prefetch_write`: hints that never fault, whatever the address.
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    unsafe {
+        std::arch::asm!(
+            "prefetchw [{p}]",
+            "prefetchw [{p} + 64]",
+            "prefetchw [{p} + 128]",
+            "prefetchw [{p} + 192]",
+            p = in(reg) p.addr(),
+            options(nostack, preserves_flags, nomem)
+        );
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    let _ = p;
 }
 
 /// `prefetch_write(p + at + PREFETCH_AHEAD)`, with the constant in the addressing mode.

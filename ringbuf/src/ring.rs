@@ -805,7 +805,10 @@ impl Producer {
         // record the reservation can hold (the range reaches at most `prefetch_reach(bytes)`
         // past its end), `prefetch_all` says so once, and a loop of claims tests a flag that
         // does not change instead of comparing offsets per record.
-        let prefetch_end = (self.fast_limit - base).min(self.geo.capacity as u64) as usize;
+        let prefetch_end = self
+            .fast_limit
+            .saturating_sub(base)
+            .min(self.geo.capacity as u64) as usize;
         let prefetch_all = end as u64 + prefetch_reach(bytes) <= prefetch_end as u64;
         let seq = self.next_seq;
         Ok(Reservation {

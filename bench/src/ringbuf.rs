@@ -9,8 +9,7 @@
 //!   records) on the producer side and "everything available" on the consumer side:
 //!   - ours: claim → fill in place → `commit_deferred`, and `publish` every `B` records (one
 //!     Release store per batch); the consumer takes every committed record up to the end of the
-//!     data area as one batch, walks it with `for_each` and releases it with one store
-//!     (`ours_claim_mps`);
+//!     data area as one batch and releases it with one store (`ours_claim_mps`);
 //!     `ours_reserve_mps`: `Producer::reserve` for `B` records, each appended with
 //!     `Reservation::claim` and filled in place, committed once (one look at the consumer's
 //!     position per batch, as rtrb's chunks); `ours_mps` is the better of the two.
@@ -231,21 +230,13 @@ fn consume_ours<const N: usize>(mut rx: ftvm_ringbuf::Consumer, n: u64) -> u64 {
             std::hint::spin_loop();
             continue;
         }
-        // `for_each` runs the walk as one loop (`Records::fold`), a compare per record fewer
-        // than a `for` loop over `next`.
-        let mut bad = false;
-        batch.records().for_each(|r| {
+        for r in batch.records() {
             // A consumer of fixed-size records views them as arrays, as rtrb hands them out.
-            match r.ok().and_then(|r| <&[u8; N]>::try_from(r.payload()).ok()) {
-                Some(p) => {
-                    sum = sum.wrapping_add(digest(p, &mut acc));
-                    got += 1;
-                }
-                None => bad = true,
-            }
-        });
-        if bad {
-            return u64::MAX;
+            let Some(p) = r.ok().and_then(|r| <&[u8; N]>::try_from(r.payload()).ok()) else {
+                return u64::MAX;
+            };
+            sum = sum.wrapping_add(digest(p, &mut acc));
+            got += 1;
         }
         batch.release();
     }
@@ -541,18 +532,12 @@ fn icount_ours_consume<const N: usize>(
                 icount_round(N)
             );
         }
-        let mut bad = false;
-        batch.records().for_each(|r| {
-            match r.ok().and_then(|r| <&[u8; N]>::try_from(r.payload()).ok()) {
-                Some(p) => {
-                    sum = sum.wrapping_add(digest(p, acc));
-                    got += 1;
-                }
-                None => bad = true,
-            }
-        });
-        if bad {
-            bail!("icount: malformed record");
+        for r in batch.records() {
+            let Some(p) = r.ok().and_then(|r| <&[u8; N]>::try_from(r.payload()).ok()) else {
+                bail!("icount: malformed record");
+            };
+            sum = sum.wrapping_add(digest(p, acc));
+            got += 1;
         }
         batch.release();
     }

@@ -1429,52 +1429,18 @@ impl<'a> Iterator for Records<'a> {
             // that holds it ends. (A scribbled header with the padding kind in mid-batch is
             // handed out as a record of kind 255, which no producer writes.)
             if next < self.end {
-                return Some(Ok(self.hand_out(at, len, next, kind, seq_low)));
+                return Some(Ok(self.take(at, len, next, kind, seq_low)));
             }
             if next > self.end {
                 return Some(Err(self.fail(at, "record runs past the tail")));
             }
             if kind != KIND_PADDING {
                 // The batch's last record.
-                return Some(Ok(self.hand_out(at, len, next, kind, seq_low)));
+                return Some(Ok(self.take(at, len, next, kind, seq_low)));
             }
             // A padding record: skip it.
             self.at = next;
         }
-    }
-
-    /// The walk as one loop (what `for_each`, `sum`, `count` and the like use): the next
-    /// header's check is the previous record's `next < end`, so a mid-batch record costs one
-    /// compare fewer than through `next`.
-    #[inline]
-    fn fold<B, F>(mut self, init: B, mut f: F) -> B
-    where
-        F: FnMut(B, Self::Item) -> B,
-    {
-        let mut acc = init;
-        let mut at = self.at;
-        if at < self.end {
-            loop {
-                // SAFETY: as in `next`: `at` is a multiple of RECORD_ALIGN below `end`.
-                let word = unsafe { self.bytes.as_ptr().add(at).cast::<u64>().read_unaligned() };
-                let (len, kind, seq_low) = split_header(u64::from_le(word));
-                let next = at + record_span(len);
-                if next < self.end {
-                    let r = self.hand_out(at, len, next, kind, seq_low);
-                    acc = f(acc, Ok(r));
-                    at = next;
-                    continue;
-                }
-                // The batch's last record, padding or an error: `next` handles them.
-                self.at = at;
-                break;
-            }
-        }
-        self.at = at;
-        for item in self {
-            acc = f(acc, item);
-        }
-        acc
     }
 }
 
@@ -1482,14 +1448,7 @@ impl<'a> Records<'a> {
     /// Hands out the record at offset `at`, `len` payload bytes, and steps to `next` (the
     /// caller checked `next <= end`).
     #[inline(always)]
-    fn hand_out(
-        &mut self,
-        at: usize,
-        len: usize,
-        next: usize,
-        kind: u16,
-        seq_low: u32,
-    ) -> Record<'a> {
+    fn take(&mut self, at: usize, len: usize, next: usize, kind: u16, seq_low: u32) -> Record<'a> {
         debug_assert!(at + RECORD_HEADER_LEN + len <= next && next <= self.end);
         // SAFETY: at + RECORD_HEADER_LEN + len <= next <= end <= bytes.len() (record_span
         // rounds up the header and payload; the caller checked next).
@@ -2083,30 +2042,6 @@ mod tests {
         (ring, file)
     }
 
-    /// One record a walk handed out, `(position, next position, seq, kind, payload)`, or its
-    /// error, `(position, what)`.
-    type Walked = Result<(u64, u64, u64, u16, Vec<u8>), (u64, &'static str)>;
-
-    /// What a batch's walk hands out, as comparable values; checks that `next` and `fold`
-    /// agree.
-    fn walk(batch: &Batch<'_>) -> Vec<Walked> {
-        let view = |r: Result<Record<'_>, CorruptRecord>| match r {
-            Ok(r) => Ok((
-                r.position(),
-                r.next_position(),
-                r.seq(),
-                r.kind(),
-                r.payload().to_vec(),
-            )),
-            Err(e) => Err((e.position, e.what)),
-        };
-        let by_next: Vec<_> = batch.records().map(view).collect();
-        let mut by_fold = Vec::new();
-        batch.records().for_each(|r| by_fold.push(view(r)));
-        assert_eq!(by_next, by_fold, "next and fold disagree");
-        by_next
-    }
-
     /// Both ends of a ring in a memfd, plus the scribbling handle of [`shared_ring`].
     fn shared_ends(capacity: usize) -> (Producer, Consumer, std::fs::File) {
         let (ring, file) = shared_ring(capacity);
@@ -2225,20 +2160,18 @@ mod tests {
         file.write_all_at(&10_000u32.to_le_bytes(), second as u64)
             .unwrap();
         let batch = rx.read();
-        let items = walk(&batch);
+        let items: Vec<_> = batch.records().collect();
         assert_eq!(items.len(), 2);
         assert!(items[0].is_ok());
-        assert_eq!(
-            items[1],
-            Err((record_span(8) as u64, "record runs past the tail"))
-        );
+        let err = items[1].clone().unwrap_err();
+        assert_eq!(err.position, record_span(8) as u64);
         // So does a length just long enough to run past it.
         drop(batch);
         file.write_all_at(&64u32.to_le_bytes(), second as u64)
             .unwrap();
         let batch = rx.read();
-        let err = walk(&batch)[1].clone().unwrap_err();
-        assert_eq!(err.1, "record runs past the tail");
+        let err = batch.records().nth(1).unwrap().unwrap_err();
+        assert_eq!(err.what, "record runs past the tail");
         // The padding kind in mid-batch (padding always ends a batch) is not skipped
         // silently: the record comes out with kind 255, which no producer can write.
         drop(batch);
@@ -2246,7 +2179,7 @@ mod tests {
         file.write_all_at(&[KIND_PADDING as u8], DATA_OFFSET as u64 + 3)
             .unwrap();
         let batch = rx.read();
-        let kinds: Vec<u16> = walk(&batch).into_iter().map(|r| r.unwrap().3).collect();
+        let kinds: Vec<u16> = batch.records().map(|r| r.unwrap().kind()).collect();
         assert_eq!(kinds, vec![KIND_PADDING, 1]);
     }
 
@@ -2265,12 +2198,12 @@ mod tests {
             .unwrap();
         let batch = rx.read();
         assert_eq!(batch.as_bytes().len(), 160);
-        let recs: Vec<_> = walk(&batch).into_iter().map(Result::unwrap).collect();
+        let recs: Vec<_> = batch.records().map(Result::unwrap).collect();
         assert_eq!(recs.len(), 2);
-        assert_eq!(recs[0].4.len(), len);
-        assert_eq!(recs[0].1, recs[1].0); // the first ends where the second starts
-        assert_eq!(recs[1].4, [9; 8]);
-        assert_eq!(recs[1].1, batch.end_position());
+        assert_eq!(recs[0].payload().len(), len);
+        assert_eq!(recs[0].next_position(), recs[1].position());
+        assert_eq!(recs[1].payload(), &[9; 8]);
+        assert_eq!(recs[1].next_position(), batch.end_position());
     }
 
     #[test]
@@ -2284,18 +2217,17 @@ mod tests {
             .unwrap();
         let batch = rx.read();
         assert_eq!(batch.as_bytes().len(), tail as usize);
-        let items = walk(&batch);
+        let items: Vec<_> = batch.records().collect();
         assert_eq!(items.len(), 3);
-        assert_eq!(items[0].as_ref().unwrap().4, [1; 8]);
-        assert_eq!(items[1].as_ref().unwrap().4, [2; 8]);
-        assert_eq!(
-            items[2],
-            Err((2 * record_span(8) as u64, "truncated record header"))
-        );
+        assert_eq!(items[0].as_ref().unwrap().payload(), &[1; 8]);
+        assert_eq!(items[1].as_ref().unwrap().payload(), &[2; 8]);
+        let err = items[2].clone().unwrap_err();
+        assert_eq!(err.what, "truncated record header");
+        assert_eq!(err.position, 2 * record_span(8) as u64);
         // Shorter than one header: the error alone.
         drop(batch);
         let batch = rx.read_from(2 * record_span(8) as u64);
-        let items = walk(&batch);
+        let items: Vec<_> = batch.records().collect();
         assert_eq!(items.len(), 1);
         assert!(items[0].is_err());
     }

@@ -512,27 +512,30 @@ const fn prefetch_reach(span: usize) -> u64 {
         }) as u64
 }
 
-/// Hints that the line at `p` will be written soon (`prefetchw`). Never faults.
+/// An `asm!` of `prefetchw` hints with the given template and operands, on x86-64 outside
+/// loom (whose models have no caches); elsewhere nothing.
 ///
-/// The `asm!` blocks are `nomem` and take the address as an integer: a prefetch reads and
-/// writes no memory as far as the program can tell. (With `readonly`, the compiler had to store
-/// the producer's tail and sequence number to memory before every prefetch, two stores per
-/// record.)
+/// The blocks are `nomem` and take addresses as integers: a prefetch reads and writes no memory
+/// as far as the program can tell. (With `readonly`, the compiler had to store the producer's
+/// tail and sequence number to memory before every prefetch, two stores per record.)
+/// `_mm_prefetch` with `_MM_HINT_ET0` would compile to a plain read prefetch unless the crate
+/// were built with `prfchw`, hence the `asm!`.
+macro_rules! prefetchw {
+    ($($operands:tt)*) => {
+        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        // SAFETY: `prefetchw` only hints the cache (CPUs without it run it as a NOP); it never
+        // faults nor changes memory, whatever the address.
+        unsafe {
+            std::arch::asm!($($operands)*, options(nostack, preserves_flags, nomem));
+        }
+    };
+}
+
+/// Hints that the line at `p` will be written soon (`prefetchw`). Never faults.
 #[inline(always)]
 fn prefetch_write(p: *const u8) {
-    // SAFETY: `prefetchw` only hints the cache (CPUs without it run it as a NOP); it never
-    // faults nor changes memory, whatever the address. (`_mm_prefetch` with `_MM_HINT_ET0`
-    // compiles to a plain read prefetch unless the crate is built with `prfchw`.)
-    #[cfg(all(target_arch = "x86_64", not(loom)))]
-    unsafe {
-        std::arch::asm!(
-            "prefetchw [{}]",
-            in(reg) p.addr(),
-            options(nostack, preserves_flags, nomem)
-        );
-    }
-    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-    let _ = p;
+    prefetchw!("prefetchw [{p}]", p = in(reg) p.addr());
+    let _ = p; // used only by the asm (x86-64, outside loom)
 }
 
 /// The prefetch of the record at `rec`, `span` bytes (see `Producer::prefetch`).
@@ -560,38 +563,26 @@ fn prefetch_span(rec: *const u8, span: usize) {
 /// `prefetch_write` each costs an `lea` each, which is 16 instructions of a 1 KiB record's).
 #[inline(always)]
 fn prefetch_write_4(p: *const u8) {
-    // SAFETY: as `prefetch_write`: hints that never fault, whatever the address.
-    #[cfg(all(target_arch = "x86_64", not(loom)))]
-    unsafe {
-        std::arch::asm!(
-            "prefetchw [{p}]",
-            "prefetchw [{p} + 64]",
-            "prefetchw [{p} + 128]",
-            "prefetchw [{p} + 192]",
-            p = in(reg) p.addr(),
-            options(nostack, preserves_flags, nomem)
-        );
-    }
-    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-    let _ = p;
+    prefetchw!(
+        "prefetchw [{p}]",
+        "prefetchw [{p} + 64]",
+        "prefetchw [{p} + 128]",
+        "prefetchw [{p} + 192]",
+        p = in(reg) p.addr()
+    );
+    let _ = p; // used only by the asm (x86-64, outside loom)
 }
 
 /// `prefetch_write(p + at + PREFETCH_AHEAD)`, with the constant in the addressing mode.
 #[inline(always)]
 fn prefetch_write_ahead(p: *const u8, at: usize) {
-    // SAFETY: as `prefetch_write`: a hint that never faults, whatever the address.
-    #[cfg(all(target_arch = "x86_64", not(loom)))]
-    unsafe {
-        std::arch::asm!(
-            "prefetchw [{p} + {at} + {ahead}]",
-            p = in(reg) p.addr(),
-            at = in(reg) at,
-            ahead = const PREFETCH_AHEAD,
-            options(nostack, preserves_flags, nomem)
-        );
-    }
-    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-    let _ = (p, at);
+    prefetchw!(
+        "prefetchw [{p} + {at} + {ahead}]",
+        p = in(reg) p.addr(),
+        at = in(reg) at,
+        ahead = const PREFETCH_AHEAD
+    );
+    let _ = (p, at); // used only by the asm (x86-64, outside loom)
 }
 
 impl fmt::Debug for Producer {

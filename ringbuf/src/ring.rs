@@ -499,7 +499,7 @@ const PREFETCH_AHEAD: usize = 1024;
 const PREFETCH_SHORT: usize = 64 + RECORD_ALIGN;
 const _: () = assert!(RECORD_ALIGN <= 64 && PREFETCH_AHEAD % 64 == 0);
 
-/// How far past a record's end its prefetch range reaches (see `Producer::prefetch`): a
+/// How far past a record's end its prefetch range reaches (see `prefetch_span`): a
 /// record ending at `end` may prefetch only when `end + prefetch_reach(span)` is within the
 /// consumer's released space and the tail's lap (`fast_limit`).
 #[inline(always)]
@@ -538,7 +538,14 @@ fn prefetch_write(p: *const u8) {
     let _ = p; // used only by the asm (x86-64, outside loom)
 }
 
-/// The prefetch of the record at `rec`, `span` bytes (see `Producer::prefetch`).
+/// Asks for cache lines `PREFETCH_AHEAD` bytes past the end of the record at `rec` (`span`
+/// bytes) in exclusive state: the record's own bytes shifted by `span + PREFETCH_AHEAD`, at
+/// most `PREFETCH_AHEAD` of them, so that successive records of one size ask for every line
+/// once. The caller (a claim's fast path, or a reservation's record) checked that the consumer
+/// is done with those bytes and that they lie in the tail's lap of the data area. A range of at
+/// most `PREFETCH_SHORT` bytes (8-byte aligned) lies in at most two lines, its first and its
+/// last, so a short record costs two `prefetchw` addressed off the record's own pointer and no
+/// loop.
 #[inline(always)]
 fn prefetch_span(rec: *const u8, span: usize) {
     if span <= PREFETCH_SHORT {
@@ -708,13 +715,14 @@ impl Producer {
     fn plan_span<const PREFETCH: bool>(&mut self, span: usize) -> Result<Plan, ClaimError> {
         let end = self.tail + span as u64;
         // The fast path also needs room for the prefetch range after the record (see
-        // `prefetch`), so it is one compare; a record that fits but is too close to the limit or
-        // the end of the lap for the prefetch takes the out-of-line path (and no prefetch).
+        // `prefetch_span`), so it is one compare; a record that fits but is too close to the
+        // limit or the end of the lap for the prefetch takes the out-of-line path (and no
+        // prefetch).
         if end + prefetch_reach(span) <= self.fast_limit {
             let off = (self.tail as usize) & self.geo.mask;
             self.ring.track_write(off, span);
             if PREFETCH {
-                self.prefetch(off, span);
+                prefetch_span(self.geo.ptr(off), span);
             }
             return Ok(Plan {
                 at: off,
@@ -737,19 +745,6 @@ impl Producer {
             at: slow.at,
             start: self.tail + slow.pad as u64,
         })
-    }
-
-    /// Asks for cache lines `PREFETCH_AHEAD` bytes past the end of the record at data offset
-    /// `off` (`span` bytes) in exclusive state: the record's own bytes
-    /// shifted by `span + PREFETCH_AHEAD`, at most `PREFETCH_AHEAD` of them, so that successive
-    /// records of one size ask for every line once. The caller (the fast path of `plan`)
-    /// checked that the consumer is done with those bytes and that they lie in the tail's lap
-    /// of the data area. A range of at most `PREFETCH_SHORT` bytes (8-byte aligned) lies in at
-    /// most two lines, its first and its last, so a short record costs two `prefetchw`
-    /// addressed off the record's own pointer and no loop.
-    #[inline(always)]
-    fn prefetch(&self, off: usize, span: usize) {
-        prefetch_span(self.geo.ptr(off), span);
     }
 
     /// Claims space for a record of `len` payload bytes of `kind`, to be filled in place.
@@ -1024,7 +1019,7 @@ pub struct Reservation<'a> {
     at: usize,
     /// Data offset where the reserved space ends.
     end: usize,
-    /// Every record gets the single claim's prefetch (see `Producer::prefetch`).
+    /// Every record gets the single claim's prefetch (see `prefetch_span`).
     prefetch_all: bool,
     /// Otherwise, a record whose prefetch range ends at or below this data offset gets it.
     prefetch_end: usize,

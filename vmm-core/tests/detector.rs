@@ -10,8 +10,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use arbiter_support::{child_role, env, free_udp_port, free_udp_ports, ChildGuard};
-use ftvm_vmm_core::ft::{Detector, DetectorConfig, DetectorEvent, Fence, PeerState, Role};
+use arbiter_support::{child_role, env, free_udp_ports, ChildGuard};
+use ftvm_vmm_core::ft::{
+    Detector, DetectorConfig, DetectorError, DetectorEvent, Fence, PeerState, Role,
+};
 
 const INTERVAL: Duration = Duration::from_millis(10);
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -30,19 +32,39 @@ fn config(bind: u16, peer: u16, role: Role) -> DetectorConfig {
     c
 }
 
+type Events = mpsc::Receiver<(Instant, DetectorEvent)>;
+
 /// A detector whose events go to a channel.
 fn detector(
     bind: u16,
     peer: u16,
     role: Role,
     fence: Fence,
-) -> (Detector, mpsc::Receiver<(Instant, DetectorEvent)>) {
+) -> Result<(Detector, Events), DetectorError> {
     let (tx, rx) = mpsc::channel();
     let d = Detector::spawn(config(bind, peer, role), fence, move |e| {
         let _ = tx.send((Instant::now(), e));
-    })
-    .expect("spawn detector");
-    (d, rx)
+    })?;
+    Ok((d, rx))
+}
+
+/// Runs `start` with two distinct ports found free, and again with fresh ones (at most 5
+/// times) when a detector could not bind its port because it is in use: a port found free can
+/// be taken by a test running in parallel before the detector binds it (CI, 2026-12-02:
+/// `Bind { .., AddrInUse }`). Any other error fails the test.
+fn on_free_ports<T>(mut start: impl FnMut([u16; 2]) -> Result<T, DetectorError>) -> T {
+    let mut attempt = 1;
+    loop {
+        match start(free_udp_ports()) {
+            Ok(t) => return t,
+            Err(DetectorError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && attempt < 5 =>
+            {
+                attempt += 1;
+            }
+            Err(e) => panic!("spawn detector: {e:?}"),
+        }
+    }
 }
 
 /// Waits for the first event matching `pred` within `limit`.
@@ -92,8 +114,12 @@ fn child_detector_peer() {
 
 #[test]
 fn detector_declares_sigkilled_peer_process_failed_within_timeout() {
-    let [mine, theirs] = free_udp_ports();
-    let (d, rx) = detector(mine, theirs, Role::Backup, Fence::new(1));
+    let ([mine, theirs], (d, rx)) = on_free_ports(|[mine, theirs]| {
+        Ok((
+            [mine, theirs],
+            detector(mine, theirs, Role::Backup, Fence::new(1))?,
+        ))
+    });
     let mut child = ChildGuard::spawn_test(
         "child_detector_peer",
         "detector-peer",
@@ -153,9 +179,12 @@ fn detector_detection_time_over_repeated_stops() {
     // Five in-process trials: stop one side, measure the other's detection time.
     let mut times = Vec::new();
     for _ in 0..5 {
-        let [a, b] = free_udp_ports();
-        let (watcher, rx) = detector(a, b, Role::Primary, Fence::new(3));
-        let (peer, _peer_rx) = detector(b, a, Role::Backup, Fence::new(3));
+        let ((watcher, rx), (peer, _peer_rx)) = on_free_ports(|[a, b]| {
+            Ok((
+                detector(a, b, Role::Primary, Fence::new(3))?,
+                detector(b, a, Role::Backup, Fence::new(3))?,
+            ))
+        });
         wait_heard(&watcher, 10);
         while rx.try_recv().is_ok() {}
         peer.stop().expect("clean stop");
@@ -187,7 +216,8 @@ fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
     // The peer's heartbeat port is bound but never sends: only traffic notes show life.
     let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let silent_port = silent.local_addr().expect("addr").port();
-    let (d, rx) = detector(free_udp_port(), silent_port, Role::Primary, Fence::new(1));
+    let (d, rx) =
+        on_free_ports(|[mine, _]| detector(mine, silent_port, Role::Primary, Fence::new(1)));
     let traffic = d.traffic();
     let feeding_until = Instant::now() + TIMEOUT * 4;
     while Instant::now() < feeding_until {
@@ -227,11 +257,14 @@ fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
 
 #[test]
 fn detector_ignores_old_generation_heartbeats() {
-    let [a, b] = free_udp_ports();
     // We are in generation 2; the peer still beats in generation 1 (a superseded primary).
-    let (d, rx) = detector(a, b, Role::Primary, Fence::new(2));
     let stale_fence = Fence::new(1);
-    let (peer, _peer_rx) = detector(b, a, Role::Backup, stale_fence.clone());
+    let ((d, rx), (peer, _peer_rx)) = on_free_ports(|[a, b]| {
+        Ok((
+            detector(a, b, Role::Primary, Fence::new(2))?,
+            detector(b, a, Role::Backup, stale_fence.clone())?,
+        ))
+    });
     let (_, event) = wait_event(&rx, TIMEOUT + Duration::from_secs(2), is_failed)
         .expect("stale heartbeats must not keep the peer alive");
     assert!(
@@ -277,13 +310,14 @@ fn detector_ignores_old_generation_heartbeats() {
 
 #[test]
 fn detector_reports_two_live_roles_and_drops_foreign_datagrams() {
-    let [a, b] = free_udp_ports();
-    let (d, rx) = detector(a, b, Role::Primary, Fence::new(1));
-    // Garbage and a heartbeat-sized datagram from a stranger are dropped.
-    let stranger = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    stranger.send_to(b"hello", loopback(a)).expect("send");
-    stranger.send_to(&[0u8; 32], loopback(a)).expect("send");
-    let (peer, _peer_rx) = detector(b, a, Role::Alone, Fence::new(1));
+    let ((d, rx), (peer, _peer_rx)) = on_free_ports(|[a, b]| {
+        let ours = detector(a, b, Role::Primary, Fence::new(1))?;
+        // Garbage and a heartbeat-sized datagram from a stranger are dropped.
+        let stranger = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        stranger.send_to(b"hello", loopback(a)).expect("send");
+        stranger.send_to(&[0u8; 32], loopback(a)).expect("send");
+        Ok((ours, detector(b, a, Role::Alone, Fence::new(1))?))
+    });
     let conflict = wait_event(&rx, Duration::from_secs(2), |e| {
         matches!(e, DetectorEvent::RoleConflict { .. })
     });

@@ -3,7 +3,6 @@
 //! and the final controller state, or says why there was no throttle. Needs root and /dev/kvm
 //! (prints SKIP otherwise).
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -19,10 +18,7 @@ fn missing() -> Option<String> {
 /// Runs a cpu-guest pair on a free loopback port with `extra` primary flags; returns the
 /// primary's report.
 fn run_pair(dir: &Path, extra: &[&str]) -> serde_json::Value {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let [port] = ftvm_vmm_core::testing::loopback_ports().expect("free loopback port");
     let peer = format!("127.0.0.1:{port}");
     let backup = Command::new(BIN)
         .args([

@@ -134,6 +134,64 @@ pub fn skip_without(test: &str, program: &str, package: &str) -> bool {
     true
 }
 
+/// The lowest port [`loopback_ports`] hands out.
+const TEST_PORT_LOW: u32 = 10_000;
+
+/// `N` distinct loopback ports for a test's sockets and child processes, each free for both TCP
+/// and UDP when chosen.
+///
+/// A port found free by binding port 0 and closing the socket can be handed to another socket
+/// (a test running in parallel that binds port 0, or any outgoing connection) before the test
+/// binds it again; CI saw `AddrInUse` that way. These ports come from below the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`), which the kernel never hands out by
+/// itself, and a process-wide counter never hands out the same one twice, so only a program
+/// that binds fixed ports could take one. The walk starts at an offset derived from the process
+/// id, so that test binaries run one after another (and their child processes, which take
+/// ports of their own) start at different places.
+///
+/// Errors: no free port left below the ephemeral range (or that range starts too low to leave
+/// room for the walk).
+pub fn loopback_ports<const N: usize>() -> std::io::Result<[u16; N]> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .min(u32::from(u16::MAX));
+    let span = high.saturating_sub(TEST_PORT_LOW);
+    if span < 1_000 {
+        return Err(std::io::Error::other(format!(
+            "the ephemeral port range starts at {high}: no room for test ports above {TEST_PORT_LOW}"
+        )));
+    }
+    let seed = std::process::id().wrapping_mul(2_654_435_761) % span;
+    let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::Relaxed, Ordering::Relaxed);
+    let free = |port: u16| {
+        let at = (std::net::Ipv4Addr::LOCALHOST, port);
+        std::net::TcpListener::bind(at).is_ok() && std::net::UdpSocket::bind(at).is_ok()
+    };
+    let mut ports = [0u16; N];
+    for slot in &mut ports {
+        let mut tried = 0;
+        *slot = loop {
+            if tried == span {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("no free loopback port in {TEST_PORT_LOW}..{high}"),
+                ));
+            }
+            tried += 1;
+            let port = (TEST_PORT_LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+            if free(port) {
+                break port;
+            }
+        };
+    }
+    Ok(ports)
+}
+
 /// Whether the process runs as root (needed for TAP devices and network namespaces).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -203,5 +261,29 @@ impl ftvm_channel::Transport for StallAcks {
             return Ok(());
         }
         self.inner.wait(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let a = loopback_ports::<3>().expect("ports");
+        let b = loopback_ports::<3>().expect("ports");
+        let all: std::collections::HashSet<u16> = a.iter().chain(&b).copied().collect();
+        assert_eq!(all.len(), 6, "{a:?} {b:?}");
+        let high: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("port range")
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("low end");
+        for p in all {
+            assert!((TEST_PORT_LOW..high).contains(&u32::from(p)), "{p}");
+            std::net::TcpListener::bind(("127.0.0.1", p)).expect("tcp bind");
+            std::net::UdpSocket::bind(("127.0.0.1", p)).expect("udp bind");
+        }
     }
 }

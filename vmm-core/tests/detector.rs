@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use arbiter_support::{child_role, env, free_udp_ports, ChildGuard};
+use arbiter_support::{child_role, env, free_ports, ChildGuard};
 use ftvm_vmm_core::ft::{
     Detector, DetectorConfig, DetectorError, DetectorEvent, Fence, PeerState, Role,
 };
@@ -55,7 +55,7 @@ fn detector(
 fn on_free_ports<T>(mut start: impl FnMut([u16; 2]) -> Result<T, DetectorError>) -> T {
     let mut attempt = 1;
     loop {
-        match start(free_udp_ports()) {
+        match start(free_ports()) {
             Ok(t) => return t,
             Err(DetectorError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::AddrInUse && attempt < 5 =>

@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -40,15 +40,6 @@ use ftvm_vmm_core::{guests, require_kvm};
 /// stop, so 2400 (the whole file's tests take ~6 s idle).
 const CMDLINE: &str = "size=8M rounds=2400 seed=7 timing";
 const MEM: u64 = 32 << 20;
-
-/// `N` distinct free UDP addresses on loopback (all sockets are held until every port is known:
-/// binding one after another could hand out the same port twice).
-fn free_udp<const N: usize>() -> [SocketAddr; N] {
-    let sockets: Vec<UdpSocket> = (0..N)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("udp bind"))
-        .collect();
-    std::array::from_fn(|i| sockets[i].local_addr().expect("udp addr"))
-}
 
 fn vm_config() -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
     let (console, buf) = buffer_console();
@@ -138,7 +129,7 @@ struct PairSpec {
 impl PairSpec {
     /// Detectors heartbeating each other.
     fn new(arbiter: Arc<dyn Arbiter>) -> Self {
-        let [pa, ba] = free_udp();
+        let [pa, ba] = common::free_udp();
         PairSpec {
             primary_ft: common::ft_config(&arbiter, "primary", pa, ba),
             backup_ft: common::ft_config(&arbiter, "backup", ba, pa),
@@ -406,7 +397,7 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
     require_kvm!("golive_primary_that_lost_the_arbiter_releases_nothing");
     let dir = tempfile::tempdir().expect("tempdir");
     let arbiter = file_arbiter(dir.path());
-    let [pa, ba, nowhere] = free_udp();
+    let [pa, ba, nowhere] = common::free_udp();
     let mut spec = PairSpec::new(Arc::clone(&arbiter));
     // The primary hears no heartbeat (the backup's go elsewhere): it will presume the backup
     // failed; the backup hears the primary.

@@ -17,7 +17,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -357,14 +357,6 @@ fn shared_disk_write_waits_for_stalled_acks() {
     recovers(&ns, &disk, &[("first", "one"), ("stalled", VALUE)]);
 }
 
-/// `N` distinct free UDP addresses on loopback.
-fn free_udp<const N: usize>() -> [SocketAddr; N] {
-    let sockets: Vec<UdpSocket> = (0..N)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("udp bind"))
-        .collect();
-    std::array::from_fn(|i| sockets[i].local_addr().expect("udp addr"))
-}
-
 type PrimaryEnd = (Result<PrimaryFtReport, PairError>, BlkCounters);
 
 /// A fault-tolerant shared-disk pair of `kv` on `disk` (file arbiter in `adir`, detectors with a
@@ -382,7 +374,7 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
     std::fs::create_dir(adir).expect("arbiter dir");
     let arbiter: Arc<dyn Arbiter> = Arc::new(FileArbiter::new(adir));
     let elf = guests::by_name("kv").expect("kv guest");
-    let [pa, ba] = free_udp();
+    let [pa, ba] = common::free_udp();
     let pft = common::ft_config(&arbiter, "primary", pa, ba);
     let mut bft = common::ft_config(&arbiter, "backup", ba, pa);
     bft.service_tap = Some(common::TAP.into());

@@ -4,7 +4,7 @@
 #![allow(dead_code)] // Each test file uses a different subset.
 
 use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -105,26 +105,10 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A loopback TCP port that was free a moment ago.
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free tcp port")
-}
-
-/// A loopback UDP port that was free a moment ago.
-pub fn free_udp_port() -> u16 {
-    free_udp_ports::<1>()[0]
-}
-
-/// `N` distinct free UDP ports on loopback: all sockets are held until every port is chosen
-/// (two calls of [`free_udp_port`] in a row may return the same port).
-pub fn free_udp_ports<const N: usize>() -> [u16; N] {
-    let socks: Vec<UdpSocket> = (0..N)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("free udp port"))
-        .collect();
-    std::array::from_fn(|i| socks[i].local_addr().expect("bound socket").port())
+/// `N` distinct loopback ports (TCP or UDP) for this test and its children; see
+/// [`ftvm_vmm_core::testing::loopback_ports`].
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    ftvm_vmm_core::testing::loopback_ports().expect("free loopback ports")
 }
 
 /// Whether `program` is on the PATH.
@@ -218,7 +202,12 @@ impl EtcdCluster {
     /// Starts `n` members and waits until each accepts client connections.
     pub fn start(n: usize) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_tcp_port(), free_tcp_port())).collect();
+        let ports: Vec<(u16, u16)> = (0..n)
+            .map(|_| {
+                let [client, peer] = free_ports();
+                (client, peer)
+            })
+            .collect();
         let initial_cluster = ports
             .iter()
             .enumerate()

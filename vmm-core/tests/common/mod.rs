@@ -256,12 +256,17 @@ pub fn report(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("report is JSON")
 }
 
-/// A TCP port free on loopback now.
+/// A loopback port for this test and its children (see
+/// [`ftvm_vmm_core::testing::loopback_ports`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    let [port] = ftvm_vmm_core::testing::loopback_ports().expect("free loopback port");
+    port
+}
+
+/// `N` distinct loopback addresses (for detectors' UDP heartbeats).
+pub fn free_udp<const N: usize>() -> [std::net::SocketAddr; N] {
+    let ports: [u16; N] = ftvm_vmm_core::testing::loopback_ports().expect("free loopback ports");
+    ports.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
 }
 
 /// Waits (at most 30 s) until `kv` answers PING in `ns`; panics with `what` otherwise.

@@ -446,13 +446,8 @@ mod tests {
 
     impl LocalEtcd {
         fn start(name: &str) -> Self {
-            // Both ports are chosen while both sockets are held (no duplicate).
-            let socks: Vec<std::net::TcpListener> = (0..2)
-                .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
-                .collect();
-            let port = |i: usize| socks[i].local_addr().expect("bound").port();
-            let (client_port, peer_port) = (port(0), port(1));
-            drop(socks);
+            let [client_port, peer_port] =
+                crate::testing::loopback_ports().expect("free loopback ports");
             let dir = tempfile::tempdir().expect("temp dir");
             let client = format!("http://127.0.0.1:{client_port}");
             let peer = format!("http://127.0.0.1:{peer_port}");

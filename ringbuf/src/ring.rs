@@ -1359,6 +1359,7 @@ impl<'a> Batch<'a> {
             end: bytes.len() & !(RECORD_ALIGN - 1),
             start: self.start,
             seq_bound: self.consumer.seq_bound,
+            stride: 0,
         }
     }
 
@@ -1388,6 +1389,29 @@ pub struct Records<'a> {
     start: u64,
     /// See [`Consumer::seq_bound`].
     seq_bound: u64,
+    /// The span of the last record handed out through the general path: the guess for the
+    /// next record's span (0 before the first, which never matches: spans are at least 8).
+    stride: usize,
+}
+
+/// `x`, as a value the optimiser cannot see through; costs no instruction. The walk's guessed
+/// offset goes through it so that the compiler, knowing on the fast path that the guess equals
+/// the offset computed from the header, does not replace the one with the other and put the
+/// header's load back into the chain of offsets.
+#[inline(always)]
+fn opaque(x: usize) -> usize {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    {
+        let mut x = x;
+        // SAFETY: an empty asm block (a comment) with one register in and out: it touches no
+        // memory, stack or flags, and leaves the register as it was.
+        unsafe {
+            std::arch::asm!("/* {0} */", inout(reg) x, options(pure, nomem, nostack, preserves_flags));
+        }
+        x
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    x
 }
 
 impl<'a> Iterator for Records<'a> {
@@ -1409,12 +1433,23 @@ impl<'a> Iterator for Records<'a> {
             // RECORD_HEADER_LEN (= RECORD_ALIGN) header bytes at `at` lie inside `bytes`.
             let word = unsafe { self.bytes.as_ptr().add(at).cast::<u64>().read_unaligned() };
             let (len, kind, seq_low) = split_header(u64::from_le(word));
-            let next = at + record_span(len);
-            // The common case first: a record that ends before the batch does. It cannot be
-            // padding: a padding record runs to the end of the data area, where every batch
-            // that holds it ends. (A scribbled header with the padding kind in mid-batch is
-            // handed out as a record of kind 255, which no producer writes.)
+            let span = record_span(len);
+            // The common case first: a record as long as the one before it, ending before the
+            // batch does. It cannot be padding: a padding record runs to the end of the data
+            // area, where every batch that holds it ends. (A scribbled header with the padding
+            // kind in mid-batch is handed out as a record of kind 255, which no producer
+            // writes.) The next offset is the guess, `at` plus the previous span, which does
+            // not wait for this header's load: the CPU predicts the branch and starts on the
+            // next header while this one is in flight, as an array queue computes every
+            // item's address from its index (a walk that waits for each header is a chain of
+            // load, mask, round and add per record).
+            let guess = opaque(at + self.stride);
+            if span == self.stride && guess < self.end {
+                return Some(Ok(self.take(at, len, guess, kind, seq_low)));
+            }
+            let next = at + span;
             if next < self.end {
+                self.stride = span;
                 return Some(Ok(self.take(at, len, next, kind, seq_low)));
             }
             if next > self.end {
@@ -2190,6 +2225,80 @@ mod tests {
         assert_eq!(recs[0].next_position(), recs[1].position());
         assert_eq!(recs[1].payload(), &[9; 8]);
         assert_eq!(recs[1].next_position(), batch.end_position());
+    }
+
+    /// The walk guesses each record's span from the one before (see `Records::next`); every
+    /// guess is checked against the record's own header and the batch's end.
+    #[test]
+    fn the_walk_checks_its_guessed_offsets_against_each_header_and_the_tail() {
+        let (mut tx, mut rx, _file) = shared_ends(512);
+        let lens = [8, 8, 8, 24, 24, 0, 8, 8, 8];
+        for (i, &len) in lens.iter().enumerate() {
+            tx.push(i as u16, &vec![i as u8; len]).unwrap();
+        }
+        let batch = rx.read();
+        let recs: Vec<_> = batch.records().map(Result::unwrap).collect();
+        let got: Vec<_> = recs
+            .iter()
+            .map(|r| (r.kind(), r.payload().to_vec()))
+            .collect();
+        let want: Vec<_> = (0..)
+            .zip(lens)
+            .map(|(i, l)| (i, vec![i as u8; l]))
+            .collect();
+        assert_eq!(got, want);
+        for w in recs.windows(2) {
+            assert_eq!(w[0].next_position(), w[1].position());
+        }
+        assert_eq!(recs[8].next_position(), batch.end_position());
+        drop(batch);
+        // A run of equal records whose last one the (scribbled) tail cuts after its header:
+        // the guessed offset lies past the tail, and the record is reported, not handed out.
+        let (mut tx, mut rx, file2) = shared_ends(256);
+        for i in 0..5u8 {
+            tx.push(1, &[i; 8]).unwrap();
+        }
+        let tail = 4 * record_span(8) as u64 + RECORD_HEADER_LEN as u64;
+        file2
+            .write_all_at(&tail.to_le_bytes(), TAIL_OFFSET as u64)
+            .unwrap();
+        let batch = rx.read();
+        let items: Vec<_> = batch.records().collect();
+        assert_eq!(items.len(), 5);
+        for (i, r) in items[..4].iter().enumerate() {
+            assert_eq!(r.as_ref().unwrap().payload(), &[i as u8; 8]);
+        }
+        let err = items[4].clone().unwrap_err();
+        assert_eq!(err.what, "record runs past the tail");
+        assert_eq!(err.position, 4 * record_span(8) as u64);
+    }
+
+    /// A padding record as long as the record before it: the guessed offset is the end of the
+    /// data area, and the padding is skipped there, not handed out.
+    #[test]
+    fn padding_as_long_as_the_record_before_it_is_skipped() {
+        let mut buf = crate::with_capacity(256).unwrap();
+        let (tx, rx) = (&mut buf.0, &mut buf.1);
+        assert_eq!(tx.ring().capacity(), 256);
+        for i in 0..14u8 {
+            tx.push(1, &[i; 8]).unwrap(); // spans of 16: offsets 0..224
+        }
+        assert_eq!(drain(rx).len(), 14);
+        tx.push(2, &[14; 8]).unwrap(); // offset 224
+        tx.push(3, &[15; 16]).unwrap(); // span 24: padding of 16 at 240, the record at 0
+        let batch = rx.read();
+        assert_eq!(
+            batch.as_bytes().len(),
+            32,
+            "the record at 224 and the padding"
+        );
+        let recs: Vec<_> = batch.records().map(Result::unwrap).collect();
+        assert_eq!(recs.len(), 1, "padding handed out: {recs:?}");
+        assert_eq!((recs[0].kind(), recs[0].payload()), (2, &[14u8; 8][..]));
+        batch.release();
+        let rest = drain(rx);
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].1, rest[0].2.as_slice()), (3, &[15u8; 16][..]));
     }
 
     #[test]

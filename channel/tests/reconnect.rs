@@ -14,8 +14,28 @@ use ftvm_channel::{LogReceiver, LogSender, Transport, TransportError};
 const RECORDS: u64 = 300_000;
 const CUTS: [u64; 2] = [60_000, 180_000];
 
+/// The primary's next connection; fails the test when none comes within 20 s (a primary that
+/// died would otherwise leave the test blocked in `accept` for good).
+fn accept(l: &TcpListener) -> TcpStream {
+    l.set_nonblocking(true).expect("non-blocking listener");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).expect("blocking stream");
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no connection from the primary");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
 fn backup_transport(kind: &str, l: &TcpListener) -> (Box<dyn Transport>, TcpStream) {
-    let (s, _) = l.accept().expect("accept");
+    let s = accept(l);
     let cut = s.try_clone().expect("clone");
     let t: Box<dyn Transport> = match kind {
         "uring" => Box::new(UringTransport::from_stream(s, UringConfig::default()).expect("uring")),
@@ -33,7 +53,10 @@ fn primary(spec: &ChildSpec) -> Result<(), TransportError> {
     let mut seq = 1;
     let mut reconnects = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while seq <= spec.records || tx.acked_seq() < spec.records {
+    // Until every record is sent and acknowledged, and the backup cut the link every time it
+    // means to (on a loaded machine the backup's consumer may lag so far behind that every
+    // record is in its buffer before it makes a cut).
+    while seq <= spec.records || tx.acked_seq() < spec.records || reconnects < CUTS.len() {
         assert!(
             Instant::now() < deadline,
             "primary stuck at {seq}, acked {}",
@@ -100,21 +123,26 @@ fn reconnect_resume(test: &str, kind: &str) {
         if cuts.peek().is_some_and(|&&c| expect > c) {
             cuts.next();
             cut.shutdown(Shutdown::Both).expect("cut the connection");
-            // Drain what arrived before the cut, then wait for the poller to notice.
-            while rx.is_running() {
-                std::thread::yield_now();
+            // Drain what arrived before the cut until the poller reports the broken link. (It
+            // must be drained: with its log buffer full the poller leaves the socket unread,
+            // so it would never read the end of the stream.)
+            loop {
+                assert!(
+                    Instant::now() < deadline,
+                    "the cut went unnoticed at {expect}"
+                );
+                match rx.poll_records(|r| check(r, &mut expect, &mut buf)) {
+                    Ok(0) => std::thread::yield_now(),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
             }
             let (t, c2) = backup_transport(kind, &l);
             cut = c2;
             rx.reconnect(t).expect("re-handshake");
             continue;
         }
-        let got = rx.poll_records(|r| {
-            payload(r.seq(), &mut buf);
-            assert_eq!(r.seq(), expect, "out of order or duplicated");
-            assert_eq!(r.payload(), &buf[..], "content of record {}", r.seq());
-            expect += 1;
-        });
+        let got = rx.poll_records(|r| check(r, &mut expect, &mut buf));
         match got {
             Ok(0) => std::thread::yield_now(),
             Ok(_) => {}
@@ -131,6 +159,14 @@ fn reconnect_resume(test: &str, kind: &str) {
             .unwrap_or(0),
         0
     );
+}
+
+/// Checks that `r` is record `expect` with its content, and steps `expect`.
+fn check(r: ftvm_ringbuf::Record<'_>, expect: &mut u64, buf: &mut Vec<u8>) {
+    payload(r.seq(), buf);
+    assert_eq!(r.seq(), *expect, "out of order or duplicated");
+    assert_eq!(r.payload(), &buf[..], "content of record {}", r.seq());
+    *expect += 1;
 }
 
 #[test]

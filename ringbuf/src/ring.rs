@@ -1359,7 +1359,8 @@ impl<'a> Batch<'a> {
             end: bytes.len() & !(RECORD_ALIGN - 1),
             start: self.start,
             seq_bound: self.consumer.seq_bound,
-            stride: 0,
+            expect: 0,
+            stride: record_span(0),
         }
     }
 
@@ -1389,8 +1390,11 @@ pub struct Records<'a> {
     start: u64,
     /// See [`Consumer::seq_bound`].
     seq_bound: u64,
-    /// The span of the last record handed out through the general path: the guess for the
-    /// next record's span (0 before the first, which never matches: spans are at least 8).
+    /// The low half of a header (length and kind) that the walk expects next: that of the
+    /// last record it handed out through the general path (at first, an empty record of kind
+    /// 0).
+    expect: u32,
+    /// `record_span` of `expect`'s length: the guess for the next record's span.
     stride: usize,
 }
 
@@ -1432,23 +1436,26 @@ impl<'a> Iterator for Records<'a> {
             // spans) below `end`, a multiple of RECORD_ALIGN at most `bytes.len()`; so the
             // RECORD_HEADER_LEN (= RECORD_ALIGN) header bytes at `at` lie inside `bytes`.
             let word = unsafe { self.bytes.as_ptr().add(at).cast::<u64>().read_unaligned() };
-            let (len, kind, seq_low) = split_header(u64::from_le(word));
-            let span = record_span(len);
-            // The common case first: a record as long as the one before it, ending before the
-            // batch does. It cannot be padding: a padding record runs to the end of the data
-            // area, where every batch that holds it ends. (A scribbled header with the padding
-            // kind in mid-batch is handed out as a record of kind 255, which no producer
-            // writes.) The next offset is the guess, `at` plus the previous span, which does
-            // not wait for this header's load: the CPU predicts the branch and starts on the
-            // next header while this one is in flight, as an array queue computes every
-            // item's address from its index (a walk that waits for each header is a chain of
-            // load, mask, round and add per record).
+            let word = u64::from_le(word);
+            // The common case first: a record of the same length and kind as the one before
+            // it (the header's low half equals `expect`), ending before the batch does. It
+            // cannot be padding: a padding record runs to the end of the data area, where
+            // every batch that holds it ends. (A scribbled header with the padding kind in
+            // mid-batch is handed out as a record of kind 255, which no producer writes.) The
+            // next offset is the guess, `at` plus the previous span, which does not wait for
+            // this header's load: the CPU predicts the branch and starts on the next header
+            // while this one is in flight, as an array queue computes every item's address
+            // from its index (a walk that waits for each header is a chain of load, mask,
+            // round and add per record). The check is one 32-bit compare.
             let guess = opaque(at + self.stride);
-            if span == self.stride && guess < self.end {
+            let (len, kind, seq_low) = split_header(word);
+            if word as u32 == self.expect && guess < self.end {
                 return Some(Ok(self.take(at, len, guess, kind, seq_low)));
             }
+            let span = record_span(len);
             let next = at + span;
             if next < self.end {
+                self.expect = word as u32;
                 self.stride = span;
                 return Some(Ok(self.take(at, len, next, kind, seq_low)));
             }
@@ -2232,7 +2239,7 @@ mod tests {
     #[test]
     fn the_walk_checks_its_guessed_offsets_against_each_header_and_the_tail() {
         let (mut tx, mut rx, _file) = shared_ends(512);
-        let lens = [8, 8, 8, 24, 24, 0, 8, 8, 8];
+        let lens = [0, 0, 8, 8, 8, 24, 24, 0, 8, 8, 8]; // kinds 0, 1, 2, ...: the first is the header the walk expects first
         for (i, &len) in lens.iter().enumerate() {
             tx.push(i as u16, &vec![i as u8; len]).unwrap();
         }
@@ -2250,7 +2257,7 @@ mod tests {
         for w in recs.windows(2) {
             assert_eq!(w[0].next_position(), w[1].position());
         }
-        assert_eq!(recs[8].next_position(), batch.end_position());
+        assert_eq!(recs[10].next_position(), batch.end_position());
         drop(batch);
         // A run of equal records whose last one the (scribbled) tail cuts after its header:
         // the guessed offset lies past the tail, and the record is reported, not handed out.

@@ -49,14 +49,7 @@ fn sigkill_primary_backup_goes_live_without_losing_acked_writes() {
         vec![(1, "primary".to_string()), (2, "backup".to_string())]
     );
     s.shutdown_guest();
-    let backup = s.backup.as_mut().expect("backup");
-    let status = backup.wait_exit(Duration::from_secs(20));
-    assert_eq!(
-        status.and_then(|st| st.code()),
-        Some(0),
-        "{}",
-        backup.stderr_text()
-    );
+    common::assert_exits_with(s.backup.as_mut().expect("backup"), 0);
     let b = s.report(Side::Backup).expect("backup report");
     assert!(b["golive"].is_object(), "{b}");
 }
@@ -95,14 +88,7 @@ fn sigkill_backup_primary_continues_alone_without_client_errors() {
         vec![(1, "primary".to_string()), (2, "primary".to_string())]
     );
     s.shutdown_guest();
-    let primary = s.primary.as_mut().expect("primary");
-    let status = primary.wait_exit(Duration::from_secs(20));
-    assert_eq!(
-        status.and_then(|st| st.code()),
-        Some(0),
-        "{}",
-        primary.stderr_text()
-    );
+    common::assert_exits_with(s.primary.as_mut().expect("primary"), 0);
 }
 
 /// Cuts the logging link and the heartbeats with both sides alive (nftables drops the tcp
@@ -252,13 +238,7 @@ fn restarted_stale_primary_is_fenced_and_releases_nothing() {
     let console = s.dir().join("p.console");
     let _ = std::fs::remove_file(&console);
     let mut stale = s.spawn(Side::Primary, &[]).expect("restart primary");
-    let status = stale.wait_exit(Duration::from_secs(20));
-    assert_eq!(
-        status.and_then(|st| st.code()),
-        Some(EXIT_FENCED),
-        "{}",
-        stale.stderr_text()
-    );
+    common::assert_exits_with(&mut stale, EXIT_FENCED);
     let text = stale.stderr_text();
     assert!(
         text.contains("FENCED") && text.contains("generation 2"),
@@ -290,13 +270,7 @@ fn primary_of_an_old_generation_is_fenced_at_start() {
     let other = NodeId::new("backup").expect("node id");
     assert_eq!(arbiter.try_acquire(2, &other).expect("claim"), Acquire::Won);
     let mut p = s.spawn(Side::Primary, &[]).expect("spawn primary");
-    let status = p.wait_exit(Duration::from_secs(20));
-    assert_eq!(
-        status.and_then(|st| st.code()),
-        Some(EXIT_FENCED),
-        "{}",
-        p.stderr_text()
-    );
+    common::assert_exits_with(&mut p, EXIT_FENCED);
     assert!(p.stderr_text().contains("FENCED"), "{}", p.stderr_text());
     assert!(!s.dir().join("p.console").exists());
     assert_eq!(s.generations(), vec![(2, "backup".to_string())]);
@@ -524,12 +498,5 @@ fn etcd_member_down_sigkill_primary_backup_goes_live_without_losing_acked_writes
         "survivors' leader: {new_leader:?}"
     );
     s.shutdown_guest();
-    let backup = s.backup.as_mut().expect("backup");
-    let status = backup.wait_exit(Duration::from_secs(20));
-    assert_eq!(
-        status.and_then(|st| st.code()),
-        Some(0),
-        "{}",
-        backup.stderr_text()
-    );
+    common::assert_exits_with(s.backup.as_mut().expect("backup"), 0);
 }

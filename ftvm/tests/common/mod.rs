@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ftvm::client::{CheckReport, Checker, Load, LoadConfig, RespConn};
-use ftvm::scenario::{Scenario, ScenarioConfig};
+use ftvm::scenario::{Node, Scenario, ScenarioConfig};
 
 /// The `ftvm` binary built with these tests.
 pub fn ftvm_bin() -> PathBuf {
@@ -114,4 +114,15 @@ pub fn assert_no_acked_write_lost(s: &Scenario, checker: &Checker) -> CheckRepor
         s.stderr_of_both()
     );
     r
+}
+
+/// Waits (at most 20 s) for `node` to exit and asserts its exit code (its stderr otherwise).
+pub fn assert_exits_with(node: &mut Node, code: i32) {
+    let status = node.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.and_then(|st| st.code()),
+        Some(code),
+        "{}",
+        node.stderr_text()
+    );
 }

@@ -701,42 +701,15 @@ fn rtt_ours<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>> {
 fn rtt_rtrb<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>> {
     let (mut atx, mut arx) = rtrb::RingBuffer::<[u8; N]>::new(slots(N));
     let (mut btx, mut brx) = rtrb::RingBuffer::<[u8; N]>::new(slots(N));
-    let t = template::<N>();
-    let total = samples + WARMUP;
-    run_pingpong(
-        move |h| {
-            let mut acc = 0u64;
-            for i in 0..total {
-                let start = Instant::now();
-                let mut a = t;
-                fill(&mut a, &t, i);
-                let _ = atx.push(a);
-                loop {
-                    if let Ok(b) = brx.pop() {
-                        digest(&b, &mut acc);
-                        break;
-                    }
-                    std::hint::spin_loop();
-                }
-                record_rtt(h, i, start);
-            }
-            black_box(acc);
+    rtt_array(
+        samples,
+        move |a| {
+            let _ = atx.push(a);
         },
-        move || {
-            let mut acc = 0u64;
-            for _ in 0..total {
-                let a = loop {
-                    if let Ok(a) = arx.pop() {
-                        break a;
-                    }
-                    std::hint::spin_loop();
-                };
-                let k = digest(&a, &mut acc);
-                let mut b = t;
-                fill(&mut b, &t, k);
-                let _ = btx.push(b);
-            }
-            black_box(acc);
+        move || brx.pop().ok(),
+        move || arx.pop().ok(),
+        move |b| {
+            let _ = btx.push(b);
         },
     )
 }
@@ -745,6 +718,36 @@ fn rtt_crossbeam<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>>
     let qa = Arc::new(ArrayQueue::<[u8; N]>::new(slots(N)));
     let qb = Arc::new(ArrayQueue::<[u8; N]>::new(slots(N)));
     let (qa2, qb2) = (qa.clone(), qb.clone());
+    rtt_array(
+        samples,
+        move |a| {
+            let _ = qa.push(a);
+        },
+        move || qb.pop(),
+        move || qa2.pop(),
+        move |b| {
+            let _ = qb2.push(b);
+        },
+    )
+}
+
+/// Ping-pong over two queues of `[u8; N]` items (rtrb's and crossbeam's differ only in their
+/// signatures): the pinger pushes onto queue A and pops the echo from B; the echoer pops from A
+/// and pushes onto B. The closures are generic parameters, so each queue's calls are inlined as
+/// if written out.
+fn rtt_array<const N: usize, PushA, PopB, PopA, PushB>(
+    samples: u64,
+    mut push_a: PushA,
+    mut pop_b: PopB,
+    mut pop_a: PopA,
+    mut push_b: PushB,
+) -> anyhow::Result<Histogram<u64>>
+where
+    PushA: FnMut([u8; N]) + Send + 'static,
+    PopB: FnMut() -> Option<[u8; N]> + Send + 'static,
+    PopA: FnMut() -> Option<[u8; N]> + Send + 'static,
+    PushB: FnMut([u8; N]) + Send + 'static,
+{
     let t = template::<N>();
     let total = samples + WARMUP;
     run_pingpong(
@@ -754,9 +757,9 @@ fn rtt_crossbeam<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>>
                 let start = Instant::now();
                 let mut a = t;
                 fill(&mut a, &t, i);
-                let _ = qa.push(a);
+                push_a(a);
                 loop {
-                    if let Some(b) = qb.pop() {
+                    if let Some(b) = pop_b() {
                         digest(&b, &mut acc);
                         break;
                     }
@@ -770,7 +773,7 @@ fn rtt_crossbeam<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>>
             let mut acc = 0u64;
             for _ in 0..total {
                 let a = loop {
-                    if let Some(a) = qa2.pop() {
+                    if let Some(a) = pop_a() {
                         break a;
                     }
                     std::hint::spin_loop();
@@ -778,7 +781,7 @@ fn rtt_crossbeam<const N: usize>(samples: u64) -> anyhow::Result<Histogram<u64>>
                 let k = digest(&a, &mut acc);
                 let mut b = t;
                 fill(&mut b, &t, k);
-                let _ = qb2.push(b);
+                push_b(b);
             }
             black_box(acc);
         },

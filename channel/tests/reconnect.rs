@@ -14,28 +14,8 @@ use ftvm_channel::{LogReceiver, LogSender, Transport, TransportError};
 const RECORDS: u64 = 300_000;
 const CUTS: [u64; 2] = [60_000, 180_000];
 
-/// The primary's next connection; fails the test when none comes within 20 s (a primary that
-/// died would otherwise leave the test blocked in `accept` for good).
-fn accept(l: &TcpListener) -> TcpStream {
-    l.set_nonblocking(true).expect("non-blocking listener");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match l.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).expect("blocking stream");
-                return s;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "no connection from the primary");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
-    }
-}
-
 fn backup_transport(kind: &str, l: &TcpListener) -> (Box<dyn Transport>, TcpStream) {
-    let s = accept(l);
+    let s = accept_within(l, Duration::from_secs(20));
     let cut = s.try_clone().expect("clone");
     let t: Box<dyn Transport> = match kind {
         "uring" => Box::new(UringTransport::from_stream(s, UringConfig::default()).expect("uring")),

@@ -2,7 +2,7 @@
 //! itself with `FTVM_CHANNEL_CHILD` set to play the primary), deterministic record contents.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -127,19 +127,50 @@ impl Rendezvous {
     pub fn accept(&self, transport: &str, fault_p: f64, seed: u64) -> Box<dyn Transport> {
         let t: Box<dyn Transport> = match (self, transport) {
             (Rendezvous::Shm(p), _) => Box::new(ShmTransport::create(p, 1 << 20).expect("shm")),
-            (Rendezvous::Tcp(l), "tcp") => {
-                Box::new(TcpTransport::accept(l, TcpMode::Blocking).expect("accept"))
-            }
-            (Rendezvous::Tcp(l), "tcp-spin") => {
-                Box::new(TcpTransport::accept(l, TcpMode::Spin).expect("accept"))
-            }
-            (Rendezvous::Tcp(l), "uring") => {
-                let (s, _) = l.accept().expect("accept");
-                Box::new(UringTransport::from_stream(s, UringConfig::default()).expect("uring"))
-            }
+            (Rendezvous::Tcp(l), "tcp") => Box::new(
+                TcpTransport::from_stream(accept_within(l, CHILD_CONNECT), TcpMode::Blocking)
+                    .expect("tcp"),
+            ),
+            (Rendezvous::Tcp(l), "tcp-spin") => Box::new(
+                TcpTransport::from_stream(accept_within(l, CHILD_CONNECT), TcpMode::Spin)
+                    .expect("tcp"),
+            ),
+            (Rendezvous::Tcp(l), "uring") => Box::new(
+                UringTransport::from_stream(
+                    accept_within(l, CHILD_CONNECT),
+                    UringConfig::default(),
+                )
+                .expect("uring"),
+            ),
             _ => panic!("unknown transport {transport}"),
         };
         wrap(t, fault_p, seed)
+    }
+}
+
+/// How long the parent waits for its child process to connect.
+const CHILD_CONNECT: Duration = Duration::from_secs(20);
+
+/// The next connection on `l`; fails the test when none comes within `limit` (a child process
+/// that died before connecting would otherwise leave the test blocked in `accept` for good).
+pub fn accept_within(l: &TcpListener, limit: Duration) -> TcpStream {
+    l.set_nonblocking(true).expect("non-blocking listener");
+    let deadline = Instant::now() + limit;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).expect("blocking stream");
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no connection from the child process within {limit:?}"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
     }
 }
 

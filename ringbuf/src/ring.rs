@@ -1375,7 +1375,10 @@ impl<'a> Batch<'a> {
 /// Iterator over the records of a [`Batch`].
 ///
 /// The cursor is an offset into the batch's bytes, not a shrinking slice: stepping past a
-/// record is one add, and its position is computed only when asked for.
+/// record is one add, and its position is computed only when asked for. The next offset is
+/// guessed from the record before (`expect`, `stride`) and checked against each header, so the
+/// next header's load does not wait for this one's (`ringbuf/DESIGN.md`, "What the hot path
+/// does now").
 #[derive(Debug)]
 pub struct Records<'a> {
     /// The batch's bytes.
@@ -1399,8 +1402,8 @@ pub struct Records<'a> {
 }
 
 /// `x`, as a value the optimiser cannot see through; costs no instruction. The walk's guessed
-/// offset goes through it so that the compiler, knowing on the fast path that the guess equals
-/// the offset computed from the header, does not replace the one with the other and put the
+/// offset goes through it so that the compiler, knowing on the fast path that the header
+/// matches the expected one, does not compute the offset from the header instead and put the
 /// header's load back into the chain of offsets.
 #[inline(always)]
 fn opaque(x: usize) -> usize {

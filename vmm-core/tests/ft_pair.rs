@@ -362,15 +362,7 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
     let addr = listener.local_addr().expect("addr");
     let bcmd = cmdline.clone();
     let backup = std::thread::spawn(move || -> Result<BackupReport, PairError> {
-        let (console, _buf) = buffer_console();
-        let cfg = VmConfig {
-            mem_size: 64 << 20,
-            cmdline: bcmd,
-            disk: Some(bdisk),
-            net_without_backend: true,
-            console,
-            ..Default::default()
-        };
+        let (cfg, _buf) = common::backup_vm_config(64 << 20, bcmd, bdisk);
         let mut vm = Vm::new(&cfg, elf).expect("backup vm");
         let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
         let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");

@@ -517,15 +517,7 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
     let bcmd = cmdline.clone();
     let backup = ns
         .spawn("ft-backup", move || {
-            let (console, buf) = buffer_console();
-            let cfg = VmConfig {
-                mem_size: 64 << 20,
-                cmdline: bcmd,
-                disk: Some(bdisk),
-                net_without_backend: true,
-                console,
-                ..Default::default()
-            };
+            let (cfg, buf) = common::backup_vm_config(64 << 20, bcmd, bdisk);
             let mut vm = Vm::new(&cfg, elf).expect("backup vm");
             let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
             let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");

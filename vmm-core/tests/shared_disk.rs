@@ -76,18 +76,7 @@ fn chan(disk: &Path) -> Config {
 }
 
 fn backup_config(disk: &Path) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
-    let (console, buf) = buffer_console();
-    (
-        VmConfig {
-            mem_size: MEM,
-            cmdline: kv_cmdline(),
-            disk: Some(disk.to_path_buf()),
-            net_without_backend: true,
-            console,
-            ..Default::default()
-        },
-        buf,
-    )
+    common::backup_vm_config(MEM, kv_cmdline(), disk.to_path_buf())
 }
 
 fn primary_config(disk: &Path) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {

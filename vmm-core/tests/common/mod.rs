@@ -333,3 +333,22 @@ pub fn ft_config(
         )
     }
 }
+
+/// A backup VM's configuration: `mem` bytes, `cmdline`, `disk`, the network device without a
+/// backend (it replays), and a console buffer (returned).
+pub fn backup_vm_config(
+    mem: u64,
+    cmdline: String,
+    disk: PathBuf,
+) -> (VmConfig, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let (console, buf) = buffer_console();
+    let cfg = VmConfig {
+        mem_size: mem,
+        cmdline,
+        disk: Some(disk),
+        net_without_backend: true,
+        console,
+        ..Default::default()
+    };
+    (cfg, buf)
+}

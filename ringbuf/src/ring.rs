@@ -372,6 +372,13 @@ impl Ring {
             }
         }
     }
+
+    /// Gives up the role in `slot` if this process holds it (a role taken over by another
+    /// process after a crash stays with that process).
+    fn release_role(slot: &AtomicU64) {
+        let me = u64::from(std::process::id());
+        let _ = slot.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
 }
 
 fn region_len_for(capacity: usize) -> usize {
@@ -941,11 +948,7 @@ extern "C" fn plan_slow(ring: &Ring, tail: u64, limit: u64, span: usize) -> Slow
 impl Drop for Producer {
     fn drop(&mut self) {
         self.publish();
-        let me = u64::from(std::process::id());
-        let _ =
-            self.ring
-                .producer_pid()
-                .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
+        Ring::release_role(self.ring.producer_pid());
     }
 }
 
@@ -1292,11 +1295,7 @@ impl Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        let me = u64::from(std::process::id());
-        let _ =
-            self.ring
-                .consumer_pid()
-                .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
+        Ring::release_role(self.ring.consumer_pid());
     }
 }
 

@@ -320,6 +320,26 @@ fn reserve_put<const N: usize>(
 
 fn tput_rtrb<const N: usize>(n: u64) -> anyhow::Result<f64> {
     let (mut tx, mut rx) = rtrb::RingBuffer::<[u8; N]>::new(slots(N));
+    tput_array(
+        n,
+        move |a| tx.push(a).map_err(|rtrb::PushError::Full(back)| back),
+        move || rx.pop().ok(),
+    )
+}
+
+/// An array queue of `[u8; N]` items moved one by one (rtrb's push/pop, crossbeam's
+/// `ArrayQueue`; their APIs differ only in their signatures): `push` hands the item back when
+/// the queue is full. The closures are generic parameters, so each queue's calls are inlined as
+/// if written out.
+fn tput_array<const N: usize, Push, Pop>(
+    n: u64,
+    mut push: Push,
+    mut pop: Pop,
+) -> anyhow::Result<f64>
+where
+    Push: FnMut([u8; N]) -> Result<(), [u8; N]> + Send + 'static,
+    Pop: FnMut() -> Option<[u8; N]> + Send + 'static,
+{
     let t = template::<N>();
     let d = run_pair(
         n,
@@ -327,7 +347,7 @@ fn tput_rtrb<const N: usize>(n: u64) -> anyhow::Result<f64> {
             for i in 0..n {
                 let mut a = t;
                 fill(&mut a, &t, i);
-                while let Err(rtrb::PushError::Full(back)) = tx.push(a) {
+                while let Err(back) = push(a) {
                     a = back;
                     std::hint::spin_loop();
                 }
@@ -336,12 +356,12 @@ fn tput_rtrb<const N: usize>(n: u64) -> anyhow::Result<f64> {
         move || {
             let (mut got, mut sum, mut acc) = (0u64, 0u64, 0u64);
             while got < n {
-                match rx.pop() {
-                    Ok(a) => {
+                match pop() {
+                    Some(a) => {
                         sum = sum.wrapping_add(digest(&a, &mut acc));
                         got += 1;
                     }
-                    Err(_) => std::hint::spin_loop(),
+                    None => std::hint::spin_loop(),
                 }
             }
             black_box(acc);
@@ -410,35 +430,7 @@ fn tput_rtrb_chunk_in<const N: usize>(n: u64, max_chunk: u64, slots: usize) -> a
 fn tput_crossbeam<const N: usize>(n: u64) -> anyhow::Result<f64> {
     let q = Arc::new(ArrayQueue::<[u8; N]>::new(slots(N)));
     let qc = q.clone();
-    let t = template::<N>();
-    let d = run_pair(
-        n,
-        move || {
-            for i in 0..n {
-                let mut a = t;
-                fill(&mut a, &t, i);
-                while let Err(back) = q.push(a) {
-                    a = back;
-                    std::hint::spin_loop();
-                }
-            }
-        },
-        move || {
-            let (mut got, mut sum, mut acc) = (0u64, 0u64, 0u64);
-            while got < n {
-                match qc.pop() {
-                    Some(a) => {
-                        sum = sum.wrapping_add(digest(&a, &mut acc));
-                        got += 1;
-                    }
-                    None => std::hint::spin_loop(),
-                }
-            }
-            black_box(acc);
-            sum
-        },
-    )?;
-    Ok(mps(n, d))
+    tput_array(n, move |a| q.push(a), move || qc.pop())
 }
 
 // ---------------------------------------------------------------------------------------------

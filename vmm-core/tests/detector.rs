@@ -48,23 +48,11 @@ fn detector(
     Ok((d, rx))
 }
 
-/// Runs `start` with two distinct ports found free, and again with fresh ones (at most 5
-/// times) when a detector could not bind its port because it is in use: a port found free can
-/// be taken by a test running in parallel before the detector binds it (CI, 2026-12-02:
-/// `Bind { .., AddrInUse }`). Any other error fails the test.
-fn on_free_ports<T>(mut start: impl FnMut([u16; 2]) -> Result<T, DetectorError>) -> T {
-    let mut attempt = 1;
-    loop {
-        match start(free_ports()) {
-            Ok(t) => return t,
-            Err(DetectorError::Bind { source, .. })
-                if source.kind() == std::io::ErrorKind::AddrInUse && attempt < 5 =>
-            {
-                attempt += 1;
-            }
-            Err(e) => panic!("spawn detector: {e:?}"),
-        }
-    }
+/// Runs `start` with two distinct free ports; an error fails the test. (The ports come from
+/// below the ephemeral range, so a test running in parallel cannot take one before the detector
+/// binds it, as a port found by binding port 0 could: CI, 2026-12-02, `Bind { .., AddrInUse }`.)
+fn on_free_ports<T>(start: impl FnOnce([u16; 2]) -> Result<T, DetectorError>) -> T {
+    start(free_ports()).unwrap_or_else(|e| panic!("spawn detector: {e:?}"))
 }
 
 /// Waits for the first event matching `pred` within `limit`.

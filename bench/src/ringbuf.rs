@@ -23,7 +23,10 @@
 //!   `rtrb_mps` is the best of rtrb's three uses, so "ours vs rtrb" is against rtrb at its best.
 //!   For reference, `rtrb_chunk_record_sized_mps` runs rtrb's chunk API (batches as ours) with
 //!   items of `size + 8` bytes: as many bytes per record as ours moves with its header, which
-//!   separates the cost of the header bytes from the cost of the buffer's mechanics.
+//!   separates the cost of the header bytes from the cost of the buffer's mechanics. It runs
+//!   right after rtrb's chunks of `size` bytes, and two paired ratios come of it:
+//!   `rtrb_record_sized_vs_rtrb_paired` (what eight more bytes per item cost rtrb itself) and
+//!   `ours_vs_rtrb_record_sized_paired` (ours against rtrb moving the same bytes per record).
 //!   Both batch paths do the same work per batch: one read of the other side's index when the
 //!   cached one runs out, one Release store to publish, one to free.
 //! - ping-pong round-trip time (one record there, one back; hdrhistogram p50 / p99) for all
@@ -72,6 +75,13 @@ struct Row {
     /// rtrb's chunk API (batches as ours) with items of `size + 8` bytes — as many bytes per
     /// record as ours moves (payload and header) — for reference; not part of `rtrb_mps`.
     rtrb_chunk_record_sized_mps: f64,
+    /// Median over the repetitions of (rtrb with items of `size + 8` bytes / rtrb with items of
+    /// `size` bytes), both through chunks of `batch`, run back to back: what eight more bytes
+    /// per record cost rtrb itself, the bytes our header adds to every record.
+    rtrb_record_sized_vs_rtrb_paired: f64,
+    /// Median over the repetitions of (ours / rtrb with items of `size + 8` bytes): the two
+    /// buffers moving the same bytes per record.
+    ours_vs_rtrb_record_sized_paired: f64,
     crossbeam_mps: f64,
     ours_vs_rtrb: f64,
     /// Median over the repetitions of (ours / rtrb's best) within each repetition: robust to the
@@ -801,17 +811,19 @@ fn measure<const N: usize, const M: usize>(
     let runs: [(Run, u64, usize); 8] = [
         (tput_ours::<N>, p.batch, 0),
         (tput_rtrb_chunk::<N>, p.batch, 3),
-        (tput_ours_reserve::<N>, p.batch, 7),
-        (tput_ours::<N>, 1, 1),
-        (|n, _| tput_rtrb::<N>(n), 0, 2),
-        (tput_rtrb_chunk::<N>, u64::MAX, 4),
-        (|n, _| tput_crossbeam::<N>(n), 0, 5),
-        // Items as large as our records (payload + 8-byte header), in the same queue bytes.
+        // Items as large as our records (payload + 8-byte header), in the same queue bytes,
+        // next to rtrb's chunks of `N` bytes so that their ratio pairs runs the host treated
+        // alike.
         (
             |n, b| tput_rtrb_chunk_in::<M>(n, b, slots(N) * N / M),
             p.batch,
             6,
         ),
+        (tput_ours_reserve::<N>, p.batch, 7),
+        (tput_ours::<N>, 1, 1),
+        (|n, _| tput_rtrb::<N>(n), 0, 2),
+        (tput_rtrb_chunk::<N>, u64::MAX, 4),
+        (|n, _| tput_crossbeam::<N>(n), 0, 5),
     ];
     for rep in 0..p.reps {
         bar.set_message(format!("{N} B, rep {}/{}", rep + 1, p.reps));
@@ -852,6 +864,10 @@ fn measure<const N: usize, const M: usize>(
     let mut paired: Vec<f64> = (0..ours.len())
         .map(|k| ours[k].max(ours_res[k]) / rtrb_pp[k].max(rtrb_ch[k]).max(rtrb_chf[k]))
         .collect();
+    let mut header_cost: Vec<f64> = (0..ours.len()).map(|k| rtrb_hdr[k] / rtrb_ch[k]).collect();
+    let mut same_bytes: Vec<f64> = (0..ours.len())
+        .map(|k| ours[k].max(ours_res[k]) / rtrb_hdr[k])
+        .collect();
     let (ours_claim_mps, ours_reserve_mps) = (m(&mut ours), m(&mut ours_res));
     let ours_mps = ours_claim_mps.max(ours_reserve_mps);
     let (rtrb_pp_mps, rtrb_ch_mps, rtrb_chf_mps, crossbeam_mps) = (
@@ -875,6 +891,8 @@ fn measure<const N: usize, const M: usize>(
         rtrb_chunk_mps: rtrb_ch_mps,
         rtrb_chunk_free_mps: rtrb_chf_mps,
         rtrb_chunk_record_sized_mps: m(&mut rtrb_hdr),
+        rtrb_record_sized_vs_rtrb_paired: m(&mut header_cost),
+        ours_vs_rtrb_record_sized_paired: m(&mut same_bytes),
         crossbeam_mps,
         ours_vs_rtrb: ours_mps / rtrb_mps,
         ours_vs_rtrb_paired: m(&mut paired),
@@ -1016,6 +1034,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                     "{:.2} (≥{:.2})",
                     r.ours_vs_rtrb_paired, r.ours_vs_rtrb_paired_min
                 ),
+                format!("{:.2}", r.rtrb_record_sized_vs_rtrb_paired),
+                format!("{:.2}", r.ours_vs_rtrb_record_sized_paired),
                 format!("{:.2}", r.ours_vs_crossbeam),
                 format!("{:.0}/{:.0}", r.ours_rtt_p50_ns, r.ours_rtt_p99_ns),
                 format!("{:.0}/{:.0}", r.rtrb_rtt_p50_ns, r.rtrb_rtt_p99_ns),
@@ -1030,7 +1050,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         &format!(
             "ringbuf (medians of {} runs; M records/s, batches of {} records, rtrb chunk* = \
              all free slots, rtrb chunk+8 = items of size+8 B; paired = median (min) of each \
-             run's own ours/rtrb; RTT p50/p99 ns)",
+             run's own ours/rtrb; rtrb+8/rtrb, ours/rtrb+8: the same per run; RTT p50/p99 ns)",
             p.reps, p.batch
         ),
         &[
@@ -1045,6 +1065,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             "crossbeam",
             "ours/rtrb",
             "paired",
+            "rtrb+8/rtrb",
+            "ours/rtrb+8",
             "ours/cb",
             "ours rtt",
             "rtrb rtt",

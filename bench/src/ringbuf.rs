@@ -861,13 +861,16 @@ fn measure<const N: usize, const M: usize>(
     }
     let m = report::median;
     // Per repetition: ours against rtrb's best use in the same repetition.
-    let mut paired: Vec<f64> = (0..ours.len())
-        .map(|k| ours[k].max(ours_res[k]) / rtrb_pp[k].max(rtrb_ch[k]).max(rtrb_chf[k]))
+    let ratios = |num: &[f64], den: &[f64]| -> Vec<f64> {
+        num.iter().zip(den).map(|(a, b)| a / b).collect()
+    };
+    let ours_best: Vec<f64> = ours.iter().zip(&ours_res).map(|(a, b)| a.max(*b)).collect();
+    let rtrb_best: Vec<f64> = (0..ours.len())
+        .map(|k| rtrb_pp[k].max(rtrb_ch[k]).max(rtrb_chf[k]))
         .collect();
-    let mut header_cost: Vec<f64> = (0..ours.len()).map(|k| rtrb_hdr[k] / rtrb_ch[k]).collect();
-    let mut same_bytes: Vec<f64> = (0..ours.len())
-        .map(|k| ours[k].max(ours_res[k]) / rtrb_hdr[k])
-        .collect();
+    let mut paired = ratios(&ours_best, &rtrb_best);
+    let mut header_cost = ratios(&rtrb_hdr, &rtrb_ch);
+    let mut same_bytes = ratios(&ours_best, &rtrb_hdr);
     let (ours_claim_mps, ours_reserve_mps) = (m(&mut ours), m(&mut ours_res));
     let ours_mps = ours_claim_mps.max(ours_reserve_mps);
     let (rtrb_pp_mps, rtrb_ch_mps, rtrb_chf_mps, crossbeam_mps) = (

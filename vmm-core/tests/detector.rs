@@ -11,9 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use arbiter_support::{child_role, env, free_ports, ChildGuard};
-use ftvm_vmm_core::ft::{
-    Detector, DetectorConfig, DetectorError, DetectorEvent, Fence, PeerState, Role,
-};
+use ftvm_vmm_core::ft::{Detector, DetectorConfig, DetectorEvent, Fence, PeerState, Role};
 
 const INTERVAL: Duration = Duration::from_millis(10);
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -35,24 +33,13 @@ fn config(bind: u16, peer: u16, role: Role) -> DetectorConfig {
 type Events = mpsc::Receiver<(Instant, DetectorEvent)>;
 
 /// A detector whose events go to a channel.
-fn detector(
-    bind: u16,
-    peer: u16,
-    role: Role,
-    fence: Fence,
-) -> Result<(Detector, Events), DetectorError> {
+fn detector(bind: u16, peer: u16, role: Role, fence: Fence) -> (Detector, Events) {
     let (tx, rx) = mpsc::channel();
     let d = Detector::spawn(config(bind, peer, role), fence, move |e| {
         let _ = tx.send((Instant::now(), e));
-    })?;
-    Ok((d, rx))
-}
-
-/// Runs `start` with two distinct free ports; an error fails the test. (The ports come from
-/// below the ephemeral range, so a test running in parallel cannot take one before the detector
-/// binds it, as a port found by binding port 0 could: CI, 2026-12-02, `Bind { .., AddrInUse }`.)
-fn on_free_ports<T>(start: impl FnOnce([u16; 2]) -> Result<T, DetectorError>) -> T {
-    start(free_ports()).unwrap_or_else(|e| panic!("spawn detector: {e:?}"))
+    })
+    .unwrap_or_else(|e| panic!("spawn detector: {e:?}"));
+    (d, rx)
 }
 
 /// Waits for the first event matching `pred` within `limit`.
@@ -102,12 +89,11 @@ fn child_detector_peer() {
 
 #[test]
 fn detector_declares_sigkilled_peer_process_failed_within_timeout() {
-    let ([mine, theirs], (d, rx)) = on_free_ports(|[mine, theirs]| {
-        Ok((
-            [mine, theirs],
-            detector(mine, theirs, Role::Backup, Fence::new(1))?,
-        ))
-    });
+    // The ports come from below the ephemeral range, so a test running in parallel cannot take
+    // one before the detector binds it, as a port found by binding port 0 could (CI,
+    // 2026-12-02, `Bind { .., AddrInUse }`).
+    let [mine, theirs] = free_ports();
+    let (d, rx) = detector(mine, theirs, Role::Backup, Fence::new(1));
     let mut child = ChildGuard::spawn_test(
         "child_detector_peer",
         "detector-peer",
@@ -167,12 +153,9 @@ fn detector_detection_time_over_repeated_stops() {
     // Five in-process trials: stop one side, measure the other's detection time.
     let mut times = Vec::new();
     for _ in 0..5 {
-        let ((watcher, rx), (peer, _peer_rx)) = on_free_ports(|[a, b]| {
-            Ok((
-                detector(a, b, Role::Primary, Fence::new(3))?,
-                detector(b, a, Role::Backup, Fence::new(3))?,
-            ))
-        });
+        let [a, b] = free_ports();
+        let (watcher, rx) = detector(a, b, Role::Primary, Fence::new(3));
+        let (peer, _peer_rx) = detector(b, a, Role::Backup, Fence::new(3));
         wait_heard(&watcher, 10);
         while rx.try_recv().is_ok() {}
         peer.stop().expect("clean stop");
@@ -204,8 +187,8 @@ fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
     // The peer's heartbeat port is bound but never sends: only traffic notes show life.
     let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let silent_port = silent.local_addr().expect("addr").port();
-    let (d, rx) =
-        on_free_ports(|[mine, _]| detector(mine, silent_port, Role::Primary, Fence::new(1)));
+    let [mine] = free_ports();
+    let (d, rx) = detector(mine, silent_port, Role::Primary, Fence::new(1));
     let traffic = d.traffic();
     let feeding_until = Instant::now() + TIMEOUT * 4;
     while Instant::now() < feeding_until {
@@ -247,12 +230,9 @@ fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
 fn detector_ignores_old_generation_heartbeats() {
     // We are in generation 2; the peer still beats in generation 1 (a superseded primary).
     let stale_fence = Fence::new(1);
-    let ((d, rx), (peer, _peer_rx)) = on_free_ports(|[a, b]| {
-        Ok((
-            detector(a, b, Role::Primary, Fence::new(2))?,
-            detector(b, a, Role::Backup, stale_fence.clone())?,
-        ))
-    });
+    let [a, b] = free_ports();
+    let (d, rx) = detector(a, b, Role::Primary, Fence::new(2));
+    let (peer, _peer_rx) = detector(b, a, Role::Backup, stale_fence.clone());
     let (_, event) = wait_event(&rx, TIMEOUT + Duration::from_secs(2), is_failed)
         .expect("stale heartbeats must not keep the peer alive");
     assert!(
@@ -298,14 +278,13 @@ fn detector_ignores_old_generation_heartbeats() {
 
 #[test]
 fn detector_reports_two_live_roles_and_drops_foreign_datagrams() {
-    let ((d, rx), (peer, _peer_rx)) = on_free_ports(|[a, b]| {
-        let ours = detector(a, b, Role::Primary, Fence::new(1))?;
-        // Garbage and a heartbeat-sized datagram from a stranger are dropped.
-        let stranger = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        stranger.send_to(b"hello", loopback(a)).expect("send");
-        stranger.send_to(&[0u8; 32], loopback(a)).expect("send");
-        Ok((ours, detector(b, a, Role::Alone, Fence::new(1))?))
-    });
+    let [a, b] = free_ports();
+    let (d, rx) = detector(a, b, Role::Primary, Fence::new(1));
+    // Garbage and a heartbeat-sized datagram from a stranger are dropped.
+    let stranger = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    stranger.send_to(b"hello", loopback(a)).expect("send");
+    stranger.send_to(&[0u8; 32], loopback(a)).expect("send");
+    let (peer, _peer_rx) = detector(b, a, Role::Alone, Fence::new(1));
     let conflict = wait_event(&rx, Duration::from_secs(2), |e| {
         matches!(e, DetectorEvent::RoleConflict { .. })
     });

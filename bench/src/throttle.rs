@@ -49,6 +49,9 @@ struct Point {
     lag_entries: u64,
     /// Entries logged per second since the previous point.
     entries_per_s: f64,
+    /// CPU time the hypervisor gave to others since the previous point, summed over this
+    /// machine's CPUs (fraction of a CPU): a lag spike under high steal is the host's.
+    host_steal: f64,
 }
 
 /// One row of results/throttle.json: one run.
@@ -206,6 +209,7 @@ fn summarize(run: &'static str, plan: &Plan, r: &ExperimentReport) -> Row {
                 predicted_ms: x.predicted_ms,
                 lag_entries: x.logged.saturating_sub(x.executed),
                 entries_per_s: eps,
+                host_steal: x.host_steal,
             }
         })
         .collect();

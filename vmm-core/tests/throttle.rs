@@ -55,11 +55,11 @@ fn rate(w: &[&Sample]) -> f64 {
 
 fn print_samples(r: &ExperimentReport) {
     for (i, s) in r.samples.iter().enumerate() {
-        if i % 10 != 0 && s.lag_ms < 150.0 {
+        if i % 10 != 0 && s.lag_ms < 100.0 {
             continue;
         }
         eprintln!(
-            "t={:5.2} share={:.2} cpu p={:.2} b={:.2} (limit {:.2}) lag={:6.1} ms pred={:6.1} ms entries={} inflight={} stalls={}",
+            "t={:5.2} share={:.2} cpu p={:.2} b={:.2} (limit {:.2}) lag={:6.1} ms pred={:6.1} ms entries={} inflight={} stalls={} steal={:.2}",
             s.t,
             s.share,
             s.primary_cpu,
@@ -69,7 +69,8 @@ fn print_samples(r: &ExperimentReport) {
             s.predicted_ms,
             s.logged.saturating_sub(s.executed),
             s.logged.saturating_sub(s.acked),
-            s.stalls
+            s.stalls,
+            s.host_steal
         );
     }
 }
@@ -108,20 +109,81 @@ fn starved(r: &ExperimentReport, from: f64, to: f64) -> Option<String> {
     None
 }
 
-/// Runs `cfg` until a run's timing is meaningful (at most 3 attempts: the machine is shared);
-/// returns the last run and, if it was still starved, why.
-fn run_unstarved(
+/// Intervals before a sample that a lag spike at it can come from: the lag rises while the
+/// backup is held up and falls back over a few hundred milliseconds.
+const LOOKBACK: usize = 6;
+
+/// Why the lag at sample `i` says nothing about the controller, if it does not: in one of the
+/// [`LOOKBACK`] intervals before it, the test process went unsampled (a gap of more than two
+/// sampling periods) or the limited backup had entries to execute and got less than half of its
+/// quota. Neither is something the primary's throttle can cause or prevent: the backup was
+/// held up by the machine (the hypervisor's steal, other work).
+fn held_up_before(s: &[Sample], i: usize, period: f64) -> Option<String> {
+    (i.saturating_sub(LOOKBACK).max(1)..=i).find_map(|j| {
+        let (a, b) = (&s[j - 1], &s[j]);
+        if b.t - a.t > 2.0 * period {
+            return Some(format!(
+                "no sample for {:.0} ms before t={:.2} s",
+                (b.t - a.t) * 1e3,
+                b.t
+            ));
+        }
+        (a.logged > a.executed && b.backup_share < 1.0 && b.backup_cpu < 0.5 * b.backup_share)
+            .then(|| {
+                format!(
+                    "the backup used {:.2} of a CPU under a {:.2} quota with entries to execute at t={:.2} s (host steal {:.2})",
+                    b.backup_cpu, b.backup_share, b.t, b.host_steal
+                )
+            })
+    })
+}
+
+/// Why the `q` quantile of a run's lag over samples `from..to` failed its `bound` (ms) for reasons outside
+/// the controller, if it did: every sample over the bound follows an interval in which the
+/// machine held the backup up ([`held_up_before`]). `None` when the bound holds, or when a
+/// sample over it has no such excuse (a controller fault: the test must fail).
+fn lag_spikes_held_up(s: &[Sample], from: f64, to: f64, q: f64, bound: f64) -> Option<String> {
+    let idx: Vec<usize> = (0..s.len())
+        .filter(|&i| s[i].t >= from && s[i].t < to)
+        .collect();
+    let lags: Vec<f64> = idx.iter().map(|&i| s[i].lag_ms).collect();
+    if quantile(&lags, q) <= bound {
+        return None;
+    }
+    let period = SAMPLE_EVERY.as_secs_f64();
+    let why: Vec<String> = idx
+        .iter()
+        .filter(|&&i| s[i].lag_ms > bound)
+        .map(|&i| held_up_before(s, i, period))
+        .collect::<Option<_>>()?;
+    Some(format!(
+        "{} samples over {bound:.0} ms, each after the backup was held up; first: {}",
+        why.len(),
+        why[0]
+    ))
+}
+
+/// The experiments' sampling period (their default).
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+/// Runs `cfg` until a run's timing is meaningful (at most 3 attempts: the machine is shared):
+/// not [`starved`], and `judge` (a test's own timing check) finds no disturbance. Returns the
+/// last run and, if it was still disturbed, why.
+fn run_undisturbed(
     test: &str,
     cfg: &ExperimentConfig,
     end: f64,
+    judge: impl Fn(&ExperimentReport) -> Option<String>,
 ) -> (ExperimentReport, Option<String>) {
+    assert_eq!(cfg.sample_every, SAMPLE_EVERY);
     let mut attempt = 1;
     loop {
         let r = experiment::run(cfg).expect("experiment");
-        let why = starved(&r, 0.0, end);
+        let why = starved(&r, 0.0, end).or_else(|| judge(&r));
         match why {
             Some(w) if attempt < 3 => {
-                eprintln!("{test}: attempt {attempt} starved by other work ({w}); again");
+                eprintln!("{test}: attempt {attempt} disturbed by the machine ({w}); again");
+                print_samples(&r);
                 attempt += 1;
             }
             _ => return (r, why),
@@ -153,10 +215,13 @@ fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
         ],
         ..Default::default()
     };
-    let (r, starved) = run_unstarved(TEST, &cfg, end);
+    let bound = target.as_secs_f64() * 1e3 * TOLERANCE;
+    let (r, disturbed) = run_undisturbed(TEST, &cfg, end, |r| {
+        lag_spikes_held_up(&r.samples, slow_at + 3.0, lift_at, 0.99, bound)
+    });
     print_samples(&r);
     assert_replayed(&r);
-    if let Some(why) = starved {
+    if let Some(why) = disturbed {
         eprintln!("SKIP {TEST} (timing assertions): the machine is overloaded: {why}");
         return;
     }
@@ -180,7 +245,7 @@ fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
         target.as_millis()
     );
     assert!(
-        p99 <= target.as_secs_f64() * 1e3 * TOLERANCE,
+        p99 <= bound,
         "settled lag p99 {p99:.1} ms over {TOLERANCE} × target"
     );
 
@@ -359,7 +424,15 @@ fn throttle_target_change_is_agreed_through_the_log() {
         ],
         ..Default::default()
     };
-    let (r, starved) = run_unstarved(TEST, &cfg, end);
+    let (r, disturbed) = run_undisturbed(TEST, &cfg, end, |r| {
+        lag_spikes_held_up(
+            &r.samples,
+            change_at + 2.0,
+            end - 0.1,
+            0.99,
+            100.0 * TOLERANCE,
+        )
+    });
     print_samples(&r);
     assert_replayed(&r);
     let (p, b) = (
@@ -391,7 +464,7 @@ fn throttle_target_change_is_agreed_through_the_log() {
             .all(|s| s.target_ms == 100.0),
         "target changed before the proposal"
     );
-    if let Some(why) = starved {
+    if let Some(why) = disturbed {
         eprintln!("SKIP {TEST} (timing assertions): the machine is overloaded: {why}");
         return;
     }
@@ -412,5 +485,77 @@ fn throttle_target_change_is_agreed_through_the_log() {
     assert!(
         p99_after <= 100.0 * TOLERANCE,
         "lag p99 {p99_after:.1} ms over {TOLERANCE} × the old target"
+    );
+}
+
+/// The excuse for a lag spike is given only for what the machine did: a spike while the backup
+/// ran at its quota is the controller's and fails the test; one after a gap in the samples or
+/// after the backup got under half its quota with work to do asks for another run.
+#[test]
+fn lag_spikes_are_excused_only_after_the_machine_held_the_backup_up() {
+    // 100 samples 50 ms apart, backup limited to 0.3 and using it, lag 40 ms.
+    let steady = |i: usize| Sample {
+        t: i as f64 * 0.05,
+        backup_cpu: 0.28,
+        backup_share: 0.3,
+        lag_ms: 40.0,
+        logged: 100 * i as u64 + 50,
+        executed: 100 * i as u64,
+        ..Default::default()
+    };
+    let mut s: Vec<Sample> = (0..100).map(steady).collect();
+    assert_eq!(
+        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
+        None,
+        "no spike"
+    );
+    // Two spikes with the backup at its quota: not excused (the controller let it happen).
+    s[60].lag_ms = 150.0;
+    s[61].lag_ms = 140.0;
+    assert_eq!(
+        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
+        None,
+        "a controller fault"
+    );
+    // One spike alone stays under the p99 of 100 samples.
+    s[61].lag_ms = 40.0;
+    assert_eq!(
+        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
+        None,
+        "under the p99"
+    );
+    s[61].lag_ms = 140.0;
+    // The backup starved with work to do 4 intervals before the first spike: excused...
+    s[57].backup_cpu = 0.05;
+    let why = lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0).expect("excused");
+    assert!(why.contains("the backup used 0.05"), "{why}");
+    // ...but not when it had nothing to execute (caught up: idle by choice)...
+    s[56].executed = s[56].logged;
+    assert_eq!(
+        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
+        None,
+        "idle backup"
+    );
+    // ...nor when the starved interval is further back than the look-back.
+    s[56] = steady(56);
+    s[57] = steady(57);
+    s[60 - LOOKBACK - 1].backup_cpu = 0.05;
+    assert_eq!(
+        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
+        None,
+        "too early"
+    );
+    // A gap in the samples (the test process not scheduled) before the spikes: excused.
+    for x in &mut s[59..] {
+        x.t += 0.2;
+    }
+    let why = lag_spikes_held_up(&s, 0.0, 5.2, 0.99, 120.0).expect("excused");
+    assert!(why.contains("no sample for 250 ms"), "{why}");
+    // Every spike needs its excuse: a third spike far from the gap is the controller's.
+    s[90].lag_ms = 130.0;
+    assert_eq!(
+        lag_spikes_held_up(&s, 0.0, 5.2, 0.99, 120.0),
+        None,
+        "one spike unexcused"
     );
 }

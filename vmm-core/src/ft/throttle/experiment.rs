@@ -183,6 +183,10 @@ pub struct Sample {
     pub acks_stalled: bool,
     /// The throttle's target (ms).
     pub target_ms: f64,
+    /// CPU time the hypervisor gave to others since the previous sample, summed over this
+    /// machine's CPUs (fraction of a CPU; `steal` of `/proc/stat`): on a virtual machine, the
+    /// time none of this run's threads could run however the controller set the shares.
+    pub host_steal: f64,
 }
 
 /// What a run did.
@@ -210,6 +214,18 @@ fn cpu_of(tid: i32) -> f64 {
         return 0.0;
     }
     thread_cpu_time(tid).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Seconds of CPU time the hypervisor gave to others since boot, summed over this machine's
+/// CPUs (the `steal` column of `/proc/stat`'s `cpu` line), if the kernel reports it.
+pub fn host_steal_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // cpu user nice system idle iowait irq softirq steal ...
+    let ticks: u64 = line.split_whitespace().nth(8)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
 }
 
 fn group_name(role: &str) -> String {
@@ -362,6 +378,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                 let mut samples = Vec::new();
                 let mut backup_share = cfg.backup_share;
                 let (mut pc0, mut bc0, mut t0) = (cpu_of(primary_tid), 0.0, 0.0);
+                let mut steal0 = host_steal_s().unwrap_or(0.0);
                 while !done.load(Ordering::Acquire) {
                     std::thread::sleep(cfg.sample_every);
                     let t = start.elapsed();
@@ -391,6 +408,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                         cpu_of(backup_tid.load(Ordering::Acquire)),
                     );
                     let dt = (ts - t0).max(1e-6);
+                    let steal = host_steal_s().unwrap_or(0.0);
                     let st = throttle.status();
                     let stalls = writer.stalls();
                     // The backup's positions first, the log's after: read the other way round,
@@ -415,8 +433,9 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                         stall_s: stalls.time.as_secs_f64(),
                         acks_stalled: stall.load(Ordering::Acquire),
                         target_ms: st.target_ms,
+                        host_steal: (steal - steal0).max(0.0) / dt,
                     });
-                    (pc0, bc0, t0) = (pc, bc, ts);
+                    (pc0, bc0, t0, steal0) = (pc, bc, ts, steal);
                 }
                 samples
             });

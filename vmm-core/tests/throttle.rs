@@ -504,58 +504,36 @@ fn lag_spikes_are_excused_only_after_the_machine_held_the_backup_up() {
         ..Default::default()
     };
     let mut s: Vec<Sample> = (0..100).map(steady).collect();
-    assert_eq!(
-        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
-        None,
-        "no spike"
-    );
+    // The settled test's judgement: p99 of the samples in [0, end) against 120 ms.
+    let judge = |s: &[Sample], end: f64| lag_spikes_held_up(s, 0.0, end, 0.99, 120.0);
+    assert_eq!(judge(&s, 5.0), None, "no spike");
     // Two spikes with the backup at its quota: not excused (the controller let it happen).
     s[60].lag_ms = 150.0;
     s[61].lag_ms = 140.0;
-    assert_eq!(
-        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
-        None,
-        "a controller fault"
-    );
+    assert_eq!(judge(&s, 5.0), None, "a controller fault");
     // One spike alone stays under the p99 of 100 samples.
     s[61].lag_ms = 40.0;
-    assert_eq!(
-        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
-        None,
-        "under the p99"
-    );
+    assert_eq!(judge(&s, 5.0), None, "under the p99");
     s[61].lag_ms = 140.0;
     // The backup starved with work to do 4 intervals before the first spike: excused...
     s[57].backup_cpu = 0.05;
-    let why = lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0).expect("excused");
+    let why = judge(&s, 5.0).expect("excused");
     assert!(why.contains("the backup used 0.05"), "{why}");
     // ...but not when it had nothing to execute (caught up: idle by choice)...
     s[56].executed = s[56].logged;
-    assert_eq!(
-        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
-        None,
-        "idle backup"
-    );
+    assert_eq!(judge(&s, 5.0), None, "idle backup");
     // ...nor when the starved interval is further back than the look-back.
     s[56] = steady(56);
     s[57] = steady(57);
     s[60 - LOOKBACK - 1].backup_cpu = 0.05;
-    assert_eq!(
-        lag_spikes_held_up(&s, 0.0, 5.0, 0.99, 120.0),
-        None,
-        "too early"
-    );
+    assert_eq!(judge(&s, 5.0), None, "too early");
     // A gap in the samples (the test process not scheduled) before the spikes: excused.
     for x in &mut s[59..] {
         x.t += 0.2;
     }
-    let why = lag_spikes_held_up(&s, 0.0, 5.2, 0.99, 120.0).expect("excused");
+    let why = judge(&s, 5.2).expect("excused");
     assert!(why.contains("no sample for 250 ms"), "{why}");
     // Every spike needs its excuse: a third spike far from the gap is the controller's.
     s[90].lag_ms = 130.0;
-    assert_eq!(
-        lag_spikes_held_up(&s, 0.0, 5.2, 0.99, 120.0),
-        None,
-        "one spike unexcused"
-    );
+    assert_eq!(judge(&s, 5.2), None, "one spike unexcused");
 }

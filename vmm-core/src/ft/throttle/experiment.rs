@@ -218,7 +218,7 @@ fn cpu_of(tid: i32) -> f64 {
 
 /// Seconds of CPU time the hypervisor gave to others since boot, summed over this machine's
 /// CPUs (the `steal` column of `/proc/stat`'s `cpu` line), if the kernel reports it.
-pub fn host_steal_s() -> Option<f64> {
+fn host_steal_s() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     // cpu user nice system idle iowait irq softirq steal ...

@@ -137,6 +137,16 @@ pub fn skip_without(test: &str, program: &str, package: &str) -> bool {
 /// The lowest port [`loopback_ports`] hands out.
 const TEST_PORT_LOW: u32 = 10_000;
 
+/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), if readable.
+fn ephemeral_ports_start() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// `N` distinct loopback ports for a test's sockets and child processes, each free for both TCP
 /// and UDP when chosen.
 ///
@@ -155,9 +165,7 @@ pub fn loopback_ports<const N: usize>() -> std::io::Result<[u16; N]> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
 
-    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+    let high = ephemeral_ports_start()
         .unwrap_or(32_768)
         .min(u32::from(u16::MAX));
     let span = high.saturating_sub(TEST_PORT_LOW);
@@ -274,12 +282,7 @@ mod tests {
         let b = loopback_ports::<3>().expect("ports");
         let all: std::collections::HashSet<u16> = a.iter().chain(&b).copied().collect();
         assert_eq!(all.len(), 6, "{a:?} {b:?}");
-        let high: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .expect("port range")
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse().ok())
-            .expect("low end");
+        let high = ephemeral_ports_start().expect("the ephemeral port range");
         for p in all {
             assert!((TEST_PORT_LOW..high).contains(&u32::from(p)), "{p}");
             std::net::TcpListener::bind(("127.0.0.1", p)).expect("tcp bind");

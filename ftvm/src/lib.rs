@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 
 pub mod client;
 pub mod demo;
+pub mod exit;
 pub mod pair;
 pub mod scenario;
 pub mod transitions;

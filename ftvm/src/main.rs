@@ -181,7 +181,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     match outcome {
         RunOutcome::PoweredOff(code) => {
             eprintln!("exit code  {code}");
-            std::process::exit(i32::try_from(code.min(255)).unwrap_or(255));
+            std::process::exit(ftvm::exit::guest_status(code));
         }
         other => bail!("VM stopped before powering off: {other:?}"),
     }

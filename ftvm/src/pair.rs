@@ -127,7 +127,7 @@ pub struct PairArgs {
     #[arg(long)]
     pub fail_timeout: Option<u64>,
     /// The generation this pair starts in (default 1); a node whose generation is older than
-    /// the arbiter's newest is fenced and exits with status 4.
+    /// the arbiter's newest is fenced and exits with status 203 ([`crate::exit::FENCED`]).
     #[arg(long)]
     pub generation: Option<u64>,
     /// Primary: keep the backup's execution within this many milliseconds of the primary's by
@@ -154,8 +154,8 @@ pub const DEFAULT_FAIL_TIMEOUT_MS: u64 = 200;
 pub const DEFAULT_THROTTLE_TARGET_MS: u64 = 100;
 
 /// Exit status of a side that lost the arbiter or was fenced by a newer generation (it
-/// released no output after that). Divergence exits with 3.
-pub const EXIT_FENCED: i32 = 4;
+/// released no output after that); the whole table is [`crate::exit`].
+pub const EXIT_FENCED: i32 = crate::exit::FENCED;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -650,7 +650,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
             })),
         }),
     )?;
-    std::process::exit(i32::try_from(report.code.min(255)).unwrap_or(255));
+    std::process::exit(crate::exit::guest_status(report.code));
 }
 
 /// Starts the throttle for the vCPU running on this thread. `Err`: why there is none (off, or
@@ -823,7 +823,7 @@ fn anyhow_pair(e: PairError) -> anyhow::Error {
 /// `ftvm backup`.
 ///
 /// # Errors
-/// Setup failures, a refused pairing; a divergence exits with status 3.
+/// Setup failures, a refused pairing; a divergence exits with status 202 ([`crate::exit::DIVERGED`]).
 pub fn backup(args: PairArgs) -> anyhow::Result<()> {
     let s = merge(args, Role::Backup)?;
     let arbiter =
@@ -895,7 +895,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                             "shared_disk": disk_json(&vm),
                         }),
                     )?;
-                    std::process::exit(i32::try_from(live.code.min(255)).unwrap_or(255));
+                    std::process::exit(crate::exit::guest_status(live.code));
                 }
                 Err(PairError::Superseded { generation, winner }) => fenced(&format!(
                     "backup: FENCED: generation {generation} is held by {winner}; stopped without going live"
@@ -941,7 +941,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                 &s.report,
                 &serde_json::json!({"role": "backup", "diverged": e.to_string()}),
             )?;
-            std::process::exit(3);
+            std::process::exit(crate::exit::DIVERGED);
         }
         Err(e) => Err(anyhow_pair(e)),
     }

@@ -59,7 +59,7 @@ pub const SHARED_DISK: &str = "shared.img";
 
 /// The exit status of `ftvm primary` / `ftvm backup` when it lost the arbiter or was fenced by
 /// a newer generation (it released nothing after that).
-pub const EXIT_FENCED: i32 = 4;
+pub const EXIT_FENCED: i32 = crate::exit::FENCED;
 
 /// A failure of the scenario.
 #[derive(Debug, thiserror::Error)]

@@ -33,7 +33,9 @@ use ftvm_vmm_core::ft::digest::{file_digest, pairing_digest};
 use ftvm_vmm_core::ft::golive::{
     run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, GoLiveTimings,
 };
-use ftvm_vmm_core::ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_vmm_core::ft::primary::{
+    run_primary, LogWriter, PairError, PairOptions, PeerFailurePolicy, PrimaryHooks,
+};
 use ftvm_vmm_core::ft::throttle::{
     current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus,
 };
@@ -49,7 +51,7 @@ pub struct PairArgs {
     /// TOML file with the same settings (keys: guest, mem, disk, shared_disk, net, cmdline, console, peer,
     /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, poll_idle, arbiter, node,
     /// heartbeat, peer_heartbeat, fail_timeout, generation, throttle_target_ms,
-    /// throttle_min_share).
+    /// throttle_min_share, go_alone_unprotected).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
@@ -139,6 +141,13 @@ pub struct PairArgs {
     /// `ThrottleConfig`'s, 0.1).
     #[arg(long)]
     pub throttle_min_share: Option<f64>,
+    /// Primary without `--arbiter`: when the backup fails, go on alone WITHOUT PROTECTION
+    /// (release the held outputs, stop logging, run on with no backup and no failover) instead
+    /// of stopping with status 204 ([`crate::exit::PEER_FAILED`]). A backup without an arbiter
+    /// never goes live (it cannot tell a dead primary from a partitioned one), so this primary
+    /// is then the only live copy.
+    #[arg(long)]
+    pub go_alone_unprotected: bool,
 }
 
 /// Default failure-detection timeout. Failover time ≈ detection (timeout + ≤ 1 heartbeat
@@ -183,6 +192,7 @@ struct FileConfig {
     generation: Option<u64>,
     throttle_target_ms: Option<u64>,
     throttle_min_share: Option<f64>,
+    go_alone_unprotected: Option<bool>,
 }
 
 /// Failover settings (with `--arbiter`).
@@ -322,6 +332,11 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
         }
         Some(cfg)
     };
+    let go_alone_unprotected =
+        args.go_alone_unprotected || file.go_alone_unprotected.unwrap_or(false);
+    if go_alone_unprotected && (role != Role::Primary || ft.is_some()) {
+        bail!("--go-alone-unprotected applies to a primary without --arbiter only");
+    }
     let shared_disk = args.shared_disk || file.shared_disk.unwrap_or(false);
     let disk = args.disk.or(file.disk);
     if shared_disk && disk.is_none() {
@@ -352,6 +367,11 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
             mem_digest_every: args.mem_digest_every.or(file.mem_digest_every).unwrap_or(0),
             idle,
             ack_timeout: Duration::from_secs(30),
+            on_peer_failure: if go_alone_unprotected {
+                PeerFailurePolicy::GoAloneUnprotected
+            } else {
+                PeerFailurePolicy::Stop
+            },
         },
         poll_idle,
         log_capacity: usize::try_from(log_capacity).context("log capacity")?,
@@ -588,6 +608,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         Err(PairError::Superseded { generation, winner }) => fenced(&format!(
             "primary: FENCED: generation {generation} is held by {winner}; stopped, releasing nothing more"
         )),
+        Err(e @ PairError::PeerFailed { .. }) => peer_failed("primary", &e),
         Err(e) => return Err(anyhow_pair(e)),
     };
     let stats = writer.sender().snapshot();
@@ -810,6 +831,16 @@ fn detector_json(d: &DetectorStats) -> serde_json::Value {
     })
 }
 
+/// Exits with [`crate::exit::PEER_FAILED`] after saying why: the peer failed and this side,
+/// without an arbiter, does not take over.
+fn peer_failed(who: &str, e: &PairError) -> ! {
+    eprintln!(
+        "{who}: PEER FAILED: {}",
+        ftvm_vmm_core::ft::primary::error_chain(e)
+    );
+    std::process::exit(crate::exit::PEER_FAILED);
+}
+
 /// Exits with [`EXIT_FENCED`] after printing `msg`.
 fn fenced(msg: &str) -> ! {
     eprintln!("{msg}");
@@ -935,6 +966,16 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        // Without an arbiter the backup never goes live (it cannot tell a dead primary from
+        // a partitioned one): it replayed everything it received and stops.
+        Err(PairError::LogEnded { exit, why }) if s.ft.is_none() => peer_failed(
+            "backup",
+            &PairError::PeerFailed {
+                peer: "primary",
+                exit,
+                why,
+            },
+        ),
         Err(e @ PairError::Diverged { .. }) => {
             eprintln!("backup: {e}");
             write_report(

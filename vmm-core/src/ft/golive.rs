@@ -566,19 +566,7 @@ impl Monitor {
                         return;
                     }
                 }
-                self.writer.set_alone();
-                self.gate.release_all(generation);
-                let mut released = false;
-                match &self.net {
-                    // Frames held before the switch leave first, in order.
-                    Some(net) => net.switch_tx(TxMode::Direct, || {
-                        released = self.gate.flush(RELEASE_TIMEOUT);
-                    }),
-                    None => released = self.gate.flush(RELEASE_TIMEOUT),
-                }
-                if !released {
-                    tracing::error!("held outputs could not all be released");
-                }
+                release_alone(&self.writer, &self.gate, self.net.as_ref(), generation);
                 let t_drained = Instant::now();
                 self.detector.set_role(Role::Alone);
                 let timings = GoLiveTimings {
@@ -610,6 +598,30 @@ impl Monitor {
             }
         }
     }
+}
+
+/// A primary goes on alone in `generation`: logging stops, every held output is released (the
+/// frames held before transmits switch to the TAP leave first, in order), transmits go
+/// straight to the TAP. Returns whether everything held was released in time.
+pub(crate) fn release_alone(
+    writer: &LogWriter,
+    gate: &OutputGate,
+    net: Option<&NetHandle>,
+    generation: u64,
+) -> bool {
+    writer.set_alone();
+    gate.release_all(generation);
+    let mut released = false;
+    match net {
+        Some(net) => net.switch_tx(TxMode::Direct, || {
+            released = gate.flush(RELEASE_TIMEOUT);
+        }),
+        None => released = gate.flush(RELEASE_TIMEOUT),
+    }
+    if !released {
+        tracing::error!("held outputs could not all be released");
+    }
+    released
 }
 
 /// Runs `vm` as the primary of a fault-tolerant pair: as [`run_primary`](super::primary::run_primary),

@@ -21,10 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ftvm_channel::reliable::{Accepted, Incoming, OneLink, TcpIncoming, TransportMaker};
 use ftvm_channel::shm::ShmTransport;
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::uring::{UringConfig, UringTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport};
+use ftvm_channel::{
+    Config, LogReceiver, LogSender, PollerConfig, Refusal, Transport, TransportError,
+};
 use ftvm_ringbuf::IdleKind;
 use ftvm_vmm_core::devices::ConsoleOutput;
 use ftvm_vmm_core::ft::backup::{run_backup, LogReader};
@@ -44,6 +47,8 @@ use ftvm_vmm_core::ft::{
 };
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 use serde::Deserialize;
+
+use crate::pairing::PairingSettings;
 
 /// Flags of `ftvm primary` and `ftvm backup` (each may also come from `--config`).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -416,52 +421,97 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-fn channel_config(s: &Settings, elf: &[u8]) -> anyhow::Result<Config> {
-    // The device set is part of the initial state: whether a virtio-net device exists; and
-    // both sides must agree on the disk mode (a shared-disk primary with a backup writing its
-    // own copy, or the reverse, would lose or double writes): a mismatch refuses to pair.
-    let cmdline = format!(
-        "{}\0net={}{}",
-        s.cmdline,
-        s.tap.is_some(),
-        if s.shared_disk { "\0shared_disk" } else { "" }
-    );
+fn channel_config(s: &Settings, elf: &[u8], role: Role) -> anyhow::Result<Config> {
+    // The device set is part of the initial state: whether a virtio-net device exists. The
+    // rest both sides must agree on (disk mode, failover settings) travels in the settings
+    // blob, compared field by field so that a refusal names what differs.
+    let cmdline = format!("{}\0net={}", s.cmdline, s.tap.is_some());
     let digest = pairing_digest(elf, &cmdline, s.mem, s.disk.as_deref())
         .context("cannot read the disk image for the pairing digest")?;
+    let settings = pairing_settings(s, role);
     Ok(Config {
         digest,
-        generation: s.ft.as_ref().map_or(1, |ft| ft.generation),
+        generation: settings.generation,
+        settings: settings.to_blob().context("pairing settings")?,
+        check_settings: Some(settings.channel_check()),
         ..Config::default()
     })
 }
 
+/// This side's [`PairingSettings`].
+fn pairing_settings(s: &Settings, role: Role) -> PairingSettings {
+    let ft = s.ft.as_ref();
+    PairingSettings {
+        role: role_name(role).into(),
+        arbiter: ft.map(|f| f.arbiter.clone()),
+        node: ft.map(|f| f.node.clone()),
+        shared_disk: s.shared_disk,
+        heartbeat: ft.map(|f| f.heartbeat),
+        peer_heartbeat: ft.map(|f| f.peer_heartbeat),
+        fail_timeout_ms: ft.map(|f| f.fail_timeout.as_millis() as u64),
+        generation: ft.map_or(1, |f| f.generation),
+    }
+}
+
+/// Exits with [`crate::exit::PAIRING_REFUSED`] when `e` is a refused handshake (the message
+/// names what differs; the peer says the same); any other error is returned.
+fn refused_or(who: &str, e: TransportError) -> anyhow::Error {
+    if let TransportError::Refused { reason, .. } = e {
+        let hint = match reason {
+            Refusal::Digest => " (guest, memory, command line, device set and disk contents must be the same on both sides)",
+            _ => "",
+        };
+        eprintln!("{who}: PAIRING REFUSED: {e}{hint}");
+        std::process::exit(crate::exit::PAIRING_REFUSED);
+    }
+    anyhow::Error::new(e)
+}
+
 const SHM_CAPACITY: usize = 1 << 22;
 
-fn backup_transport(s: &Settings) -> anyhow::Result<Box<dyn Transport>> {
-    let tcp = |mode: Option<TcpMode>| -> anyhow::Result<Box<dyn Transport>> {
+/// Where the backup waits for its primary: the logging port (tcp, tcp-spin, uring: every
+/// connection is a candidate, strays are dropped and the port keeps listening), or the one
+/// link there is (shm: the rings, which it creates afresh; xdp: the interface).
+fn backup_incoming(s: &Settings) -> anyhow::Result<Box<dyn Incoming>> {
+    let tcp = |make: TransportMaker| -> anyhow::Result<Box<dyn Incoming>> {
         let listener =
             TcpListener::bind(&s.peer).with_context(|| format!("cannot listen on {}", s.peer))?;
         eprintln!("backup: listening on {}", listener.local_addr()?);
-        Ok(match mode {
-            Some(mode) => Box::new(TcpTransport::accept(&listener, mode)?),
-            None => {
-                let (stream, _) = listener.accept().context("accept")?;
-                Box::new(UringTransport::from_stream(stream, UringConfig::default())?)
-            }
-        })
+        Ok(Box::new(TcpIncoming::new(listener, make)?))
+    };
+    let one = |transport: Box<dyn Transport>| -> Box<dyn Incoming> {
+        Box::new(OneLink(Some(Accepted {
+            transport,
+            peer: s.peer.clone(),
+            source: s.peer.clone(),
+            persistent: true,
+        })))
     };
     match s.transport.as_str() {
-        "tcp" => tcp(Some(TcpMode::Blocking)),
-        "tcp-spin" => tcp(Some(TcpMode::Spin)),
-        "uring" => tcp(None),
+        "tcp" | "tcp-spin" => {
+            let mode = if s.transport == "tcp" {
+                TcpMode::Blocking
+            } else {
+                TcpMode::Spin
+            };
+            tcp(Box::new(move |stream| {
+                Ok(Box::new(TcpTransport::from_stream(stream, mode)?) as Box<dyn Transport>)
+            }))
+        }
+        "uring" => tcp(Box::new(|stream| {
+            Ok(
+                Box::new(UringTransport::from_stream(stream, UringConfig::default())?)
+                    as Box<dyn Transport>,
+            )
+        })),
         "shm" => {
             eprintln!("backup: shm rings at {}", s.peer);
-            Ok(Box::new(ShmTransport::create(
+            Ok(one(Box::new(ShmTransport::create(
                 Path::new(&s.peer),
                 SHM_CAPACITY,
-            )?))
+            )?)))
         }
-        "xdp" => xdp_transport(s),
+        "xdp" => Ok(one(xdp_transport(s)?)),
         other => bail!("unknown transport {other:?} (shm, tcp, tcp-spin, uring, xdp)"),
     }
 }
@@ -549,7 +599,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
             .map(|ft| start_check(ft, Role::Primary))
             .transpose()?;
     let elf = crate::load_guest(&s.guest)?;
-    let cfg = channel_config(&s, &elf)?;
+    let cfg = channel_config(&s, &elf, Role::Primary)?;
     let (console, buf) = buffer_console();
     let config = VmConfig {
         mem_size: s.mem,
@@ -568,7 +618,8 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         idle: s.poll_idle,
     };
     let sender = LogSender::start(p, c, transport, cfg, pc)
-        .context("the backup refused to pair (different initial state? guest, memory, command line, disk contents and --shared-disk must agree) or is unreachable")?;
+        .map_err(|e| refused_or("primary", e))
+        .context("cannot pair with the backup (is it running and reachable?)")?;
     eprintln!("primary: paired with the backup, running {}", s.guest);
     let writer = LogWriter::new(sender, s.opts.idle);
     let mut file = console_file(&s.console)?;
@@ -862,7 +913,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
             .map(|ft| start_check(ft, Role::Backup))
             .transpose()?;
     let elf = crate::load_guest(&s.guest)?;
-    let cfg = channel_config(&s, &elf)?;
+    let cfg = channel_config(&s, &elf, Role::Backup)?;
     let (console, buf) = buffer_console();
     let config = VmConfig {
         mem_size: s.mem,
@@ -875,14 +926,24 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
     let mut vm = Vm::new(&config, &elf).with_context(|| format!("cannot start {}", s.guest))?;
     share_disk(&s, &vm)?;
     let (p, c) = ftvm_ringbuf::with_capacity(s.log_capacity).context("log buffer")?;
-    let transport = backup_transport(&s)?;
+    let mut incoming = backup_incoming(&s)?;
     let pc = PollerConfig {
         core: None,
         idle: s.poll_idle,
     };
-    let rx = LogReceiver::start(p, c, transport, cfg, pc)
-        .context("cannot pair with the primary (different initial state? guest, memory, command line, disk contents and --shared-disk must agree)")?;
-    eprintln!("backup: paired with the primary, replaying {}", s.guest);
+    let (rx, listened) = LogReceiver::listen(p, c, incoming.as_mut(), cfg, pc)
+        .map_err(|e| refused_or("backup", e))
+        .context("cannot pair with the primary")?;
+    drop(incoming);
+    eprintln!(
+        "backup: paired with the primary ({}), replaying {}{}",
+        listened.paired_with,
+        s.guest,
+        match listened.strays {
+            0 => String::new(),
+            n => format!(" ({n} stray connection(s) on the logging port dropped before)"),
+        }
+    );
     let reader = LogReader::new(rx, s.opts.idle, None);
     // Records (and logs) the throttle targets agreed through the log.
     TargetFollower::new().install(reader.controls());

@@ -56,7 +56,13 @@ pub mod refuse {
 /// The VMM's check of the peer's settings blob ([`Config::check_settings`]): `Ok` when both
 /// sides agree, else the text naming every field that differs and both values.
 #[derive(Clone)]
-pub struct SettingsCheck(pub Arc<dyn Fn(&[u8]) -> Result<(), String> + Send + Sync>);
+pub struct SettingsCheck(pub Arc<SettingsCheckFn>);
+
+/// The function inside a [`SettingsCheck`]: the peer's blob → agreement or the refusal text.
+pub type SettingsCheckFn = dyn Fn(&[u8]) -> Result<(), String> + Send + Sync;
+
+/// The peer's HELLO and settings blob, once they passed every check.
+type PeerHello = (Hello, Vec<u8>);
 
 impl std::fmt::Debug for SettingsCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1028,7 +1034,7 @@ fn write_frame(
     frame::finish(out);
 }
 
-fn primary_hello_step(bytes: &[u8], cfg: &Config) -> Step<(Hello, Vec<u8>)> {
+fn primary_hello_step(bytes: &[u8], cfg: &Config) -> Step<PeerHello> {
     if let Some((v, _)) = frame::peek_version_type(bytes) {
         if v != frame::VERSION {
             return Step::Fail(refused(
@@ -1325,7 +1331,7 @@ impl Receiver {
             let mut i = 0;
             while i < candidates.len() {
                 let c = &mut candidates[i];
-                let mut step: Step<(Hello, Vec<u8>)> = Step::Continue;
+                let mut step: Step<PeerHello> = Step::Continue;
                 let mut refusal: Option<(u32, String)> = None;
                 let polled = c.accepted.transport.poll_recv(&mut |bytes| {
                     if matches!(step, Step::Continue) && refusal.is_none() {
@@ -1446,7 +1452,7 @@ impl Receiver {
                     s.cfg.handshake_timeout
                 )));
             }
-            let mut step: Step<(Hello, Vec<u8>)> = Step::Continue;
+            let mut step: Step<PeerHello> = Step::Continue;
             let mut refusal: Option<(u32, String)> = None;
             self.transport.poll_recv(&mut |bytes| {
                 if !matches!(step, Step::Continue) {
@@ -1860,10 +1866,7 @@ struct Held {
     records: Vec<u8>,
 }
 
-fn backup_hello_step(
-    bytes: &[u8],
-    s: &RecvState,
-) -> (Step<(Hello, Vec<u8>)>, Option<(u32, String)>) {
+fn backup_hello_step(bytes: &[u8], s: &RecvState) -> (Step<PeerHello>, Option<(u32, String)>) {
     let refuse = |reason: Refusal, text: String| {
         (
             Step::Fail(refused(reason, format!("refused the primary: {text}"))),

@@ -29,9 +29,8 @@ impl Spoofer {
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
             assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
             // SAFETY: `fd` is a fresh descriptor nobody else owns.
-            Spoofer {
-                fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            }
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            Spoofer { fd }
         })
         .expect("enter namespace")
     }

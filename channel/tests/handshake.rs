@@ -114,21 +114,21 @@ fn settings_mismatch_refused_on_both_sides_and_settings_exchanged() {
     assert_eq!(rx.join().expect("thread").expect("backup handshake"), b"P");
 }
 
+/// A TCP listener on a free loopback port whose connections become tcp-spin transports.
+fn tcp_incoming() -> (TcpIncoming, std::net::SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let make = |s| Ok(Box::new(TcpTransport::from_stream(s, TcpMode::Spin)?) as Box<dyn Transport>);
+    (TcpIncoming::new(l, Box::new(make)).expect("incoming"), addr)
+}
+
 /// A listening backup meets, in turn, a connection that closes at once, one that sends
 /// garbage, one that sends a HELLO of another protocol version, and one that stays silent
 /// (still open): it drops or refuses each, keeps listening, and pairs with the real primary.
 #[test]
 fn listening_backup_drops_strays_and_pairs_with_the_primary() {
     use std::io::Write;
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let mut incoming = TcpIncoming::new(
-        l,
-        Box::new(|s| {
-            Ok(Box::new(TcpTransport::from_stream(s, TcpMode::Spin)?) as Box<dyn Transport>)
-        }),
-    )
-    .expect("incoming");
+    let (mut incoming, addr) = tcp_incoming();
     let rx = std::thread::spawn(move || {
         let (p, _c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
         Receiver::listen(&mut incoming, p, cfg(1, 1)).map(|(_, report)| report)
@@ -161,15 +161,7 @@ fn listening_backup_drops_strays_and_pairs_with_the_primary() {
 /// a misconfiguration, not a stray.
 #[test]
 fn listening_backup_refuses_a_mismatched_primary() {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let mut incoming = TcpIncoming::new(
-        l,
-        Box::new(|s| {
-            Ok(Box::new(TcpTransport::from_stream(s, TcpMode::Spin)?) as Box<dyn Transport>)
-        }),
-    )
-    .expect("incoming");
+    let (mut incoming, addr) = tcp_incoming();
     let rx = std::thread::spawn(move || {
         let (p, _c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
         Receiver::listen(&mut incoming, p, cfg(1, 1)).map(|_| ())

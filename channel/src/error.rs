@@ -18,7 +18,16 @@ pub enum TransportError {
         /// True when the peer vanished inside a frame (the partial frame was discarded).
         mid_frame: bool,
     },
-    /// Setting up the link failed (handshake refused, bad configuration, missing resource).
+    /// The handshake was refused: the two sides disagree (by this side's check, or the peer
+    /// said so in a REFUSE frame). Both sides report the same reason.
+    #[error("pairing refused: {text}")]
+    Refused {
+        /// What they disagree on.
+        reason: Refusal,
+        /// The explanation, naming both values.
+        text: String,
+    },
+    /// Setting up the link failed (no answer in time, bad configuration, missing resource).
     #[error("setup failed: {what}")]
     Setup {
         /// Human-readable description of what went wrong.
@@ -44,4 +53,51 @@ pub enum TransportError {
         /// What was wrong.
         what: String,
     },
+}
+
+/// Why a handshake was refused (the REFUSE frame's reason codes, `PROTOCOL.md` §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The protocol versions differ.
+    Version,
+    /// The replication generations differ.
+    Generation,
+    /// The pairing digests differ (guest image, configuration, disk contents).
+    Digest,
+    /// The backup's buffer cannot hold the primary's records.
+    Sizes,
+    /// The backup needs records the primary no longer holds.
+    Gap,
+    /// The settings blobs disagree (the VMM's check named the fields).
+    Settings,
+    /// A reason code this version does not know.
+    Other(u32),
+}
+
+impl Refusal {
+    /// The wire code.
+    pub fn code(self) -> u32 {
+        match self {
+            Self::Version => 1,
+            Self::Generation => 2,
+            Self::Digest => 3,
+            Self::Sizes => 4,
+            Self::Gap => 5,
+            Self::Settings => 6,
+            Self::Other(c) => c,
+        }
+    }
+
+    /// The reason for a wire code.
+    pub fn from_code(code: u32) -> Self {
+        match code {
+            1 => Self::Version,
+            2 => Self::Generation,
+            3 => Self::Digest,
+            4 => Self::Sizes,
+            5 => Self::Gap,
+            6 => Self::Settings,
+            c => Self::Other(c),
+        }
+    }
 }

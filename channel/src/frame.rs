@@ -19,12 +19,12 @@
 //!  low 32 bits of seq; then the payload), back to back without alignment padding — or, when
 //!  frag_cnt > 1, fragment `frag_index` of one such record.
 //!
-//!  HELLO body (72 bytes)
-//!  0    1      4          8          16           24        32         40                72
-//!  ┌────┬──────┬──────────┬──────────┬────────────┬─────────┬──────────┬─────────────────┐
-//!  │role│ pad  │max_frame │ capacity │ max_payload│ seq     │ executed │ pairing digest  │
-//!  │ u8 │ [3]  │ u32      │ u64      │ u64        │ u64     │ u64      │ [u8; 32]        │
-//!  └────┴──────┴──────────┴──────────┴────────────┴─────────┴──────────┴─────────────────┘
+//!  HELLO body (76 bytes + settings)
+//!  0    1      4          8          16           24        32         40                72          76
+//!  ┌────┬──────┬──────────┬──────────┬────────────┬─────────┬──────────┬─────────────────┬───────────┬──────── ─ ─
+//!  │role│ pad  │max_frame │ capacity │ max_payload│ seq     │ executed │ pairing digest  │settings_len│ settings
+//!  │ u8 │ [3]  │ u32      │ u64      │ u64        │ u64     │ u64      │ [u8; 32]        │ u32       │ (opaque)
+//!  └────┴──────┴──────────┴──────────┴────────────┴─────────┴──────────┴─────────────────┴───────────┴──────── ─ ─
 //!  REFUSE body: reason u32, then a UTF-8 explanation.
 //! ```
 //!
@@ -36,8 +36,9 @@ use ftvm_ringbuf::layout::{split_header, KIND_PADDING, RECORD_HEADER_LEN};
 
 /// Frame magic number.
 pub const MAGIC: u16 = 0xF7C1;
-/// Protocol version spoken by this code. (3: records carry the log buffer's 8-byte header.)
-pub const VERSION: u8 = 3;
+/// Protocol version spoken by this code. (3: records carry the log buffer's 8-byte header;
+/// 4: the HELLO carries an opaque, length-delimited settings blob.)
+pub const VERSION: u8 = 4;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 24;
 /// Offset of the magic (u16).
@@ -67,8 +68,13 @@ pub const ACK_GAP_MASK: u64 = 0xFFFF_FFFF;
 pub const ACK_MISSING_SHIFT: u32 = 32;
 /// Length of the HEARTBEAT body.
 pub const HEARTBEAT_BODY_LEN: usize = 8;
-/// Length of the HELLO body.
-pub const HELLO_BODY_LEN: usize = 72;
+/// Length of the HELLO body before the settings blob (the fixed fields and `settings_len`).
+pub const HELLO_BODY_LEN: usize = 76;
+/// Offset of `settings_len` (u32) in the HELLO body; the settings follow it.
+pub const HELLO_SETTINGS_LEN_OFFSET: usize = 72;
+/// Largest settings blob a HELLO carries (so that a HELLO fits in every transport's frame,
+/// AF_XDP's ~1500 bytes included).
+pub const MAX_SETTINGS_LEN: usize = 1024;
 /// Length of the pairing digest.
 pub const DIGEST_LEN: usize = 32;
 /// Smallest `max_frame` the protocol works with (a HELLO must fit, and a fragment must carry
@@ -174,7 +180,12 @@ pub struct DataHeader {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame<'a> {
     /// Handshake parameters.
-    Hello(Hello),
+    Hello {
+        /// The fixed parameters.
+        hello: Hello,
+        /// The sender's settings blob (opaque to the channel; the VMM compares it).
+        settings: &'a [u8],
+    },
     /// Handshake refused.
     Refuse {
         /// Machine-readable reason code.
@@ -277,7 +288,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, FrameError> {
     let body = &bytes[HEADER_LEN..];
     let frame = match ty {
         FrameType::Hello => {
-            if body.len() != HELLO_BODY_LEN {
+            if body.len() < HELLO_BODY_LEN {
                 return Err(FrameError::BadBody("HELLO length"));
             }
             let role = match body[0] {
@@ -287,15 +298,22 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, FrameError> {
             };
             let mut digest = [0u8; DIGEST_LEN];
             digest.copy_from_slice(&body[40..72]);
-            Frame::Hello(Hello {
-                role,
-                max_frame: rd_u32(body, 4),
-                capacity: rd_u64(body, 8),
-                max_payload: rd_u64(body, 16),
-                seq: rd_u64(body, 24),
-                executed: rd_u64(body, 32),
-                digest,
-            })
+            let settings_len = rd_u32(body, HELLO_SETTINGS_LEN_OFFSET) as usize;
+            if settings_len > MAX_SETTINGS_LEN || body.len() != HELLO_BODY_LEN + settings_len {
+                return Err(FrameError::BadBody("HELLO settings length"));
+            }
+            Frame::Hello {
+                hello: Hello {
+                    role,
+                    max_frame: rd_u32(body, 4),
+                    capacity: rd_u64(body, 8),
+                    max_payload: rd_u64(body, 16),
+                    seq: rd_u64(body, 24),
+                    executed: rd_u64(body, 32),
+                    digest,
+                },
+                settings: &body[HELLO_BODY_LEN..],
+            }
         }
         FrameType::Refuse => {
             if body.len() < 4 {
@@ -372,8 +390,10 @@ pub fn finish(buf: &mut [u8]) {
     buf[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Encodes a HELLO.
-pub fn encode_hello(buf: &mut Vec<u8>, generation: u64, h: &Hello) {
+/// Encodes a HELLO with `settings` (at most [`MAX_SETTINGS_LEN`] bytes: the caller checks;
+/// longer ones are cut there and the peer will find them malformed).
+pub fn encode_hello(buf: &mut Vec<u8>, generation: u64, h: &Hello, settings: &[u8]) {
+    let settings = &settings[..settings.len().min(MAX_SETTINGS_LEN)];
     begin(buf, FrameType::Hello, generation);
     buf.push(h.role as u8);
     buf.extend_from_slice(&[0; 3]);
@@ -383,6 +403,8 @@ pub fn encode_hello(buf: &mut Vec<u8>, generation: u64, h: &Hello) {
     buf.extend_from_slice(&h.seq.to_le_bytes());
     buf.extend_from_slice(&h.executed.to_le_bytes());
     buf.extend_from_slice(&h.digest);
+    buf.extend_from_slice(&(settings.len() as u32).to_le_bytes());
+    buf.extend_from_slice(settings);
     finish(buf);
 }
 
@@ -545,14 +567,22 @@ mod tests {
     #[test]
     fn roundtrip_every_type() {
         let mut b = Vec::new();
-        encode_hello(&mut b, 5, &hello());
+        encode_hello(&mut b, 5, &hello(), b"{\"k\":1}");
         assert_eq!(
             decode(&b),
             Ok(Decoded {
                 generation: 5,
-                frame: Frame::Hello(hello())
+                frame: Frame::Hello {
+                    hello: hello(),
+                    settings: b"{\"k\":1}"
+                }
             })
         );
+        encode_hello(&mut b, 5, &hello(), &[]);
+        assert!(matches!(
+            decode(&b).map(|d| d.frame),
+            Ok(Frame::Hello { settings: [], .. })
+        ));
         encode_refuse(&mut b, 5, 3, "no");
         assert_eq!(
             decode(&b).map(|d| d.frame),

@@ -59,7 +59,7 @@ pub mod uring;
 #[cfg(feature = "xdp")]
 pub mod xdp;
 
-pub use error::TransportError;
+pub use error::{Refusal, TransportError};
 pub use poller::{LogReceiver, LogSender, PollerConfig};
 pub use reliable::{Config, Receiver, Sender};
 pub use stats::StatsSnapshot;

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use ftvm_ringbuf::{Consumer, Doorbell, IdleKind, Producer, Record};
 
 use crate::error::TransportError;
-use crate::reliable::{Config, Receiver, ReceiverShared, Sender, SenderShared};
+use crate::reliable::{
+    Config, Incoming, ListenReport, Receiver, ReceiverShared, Sender, SenderShared,
+};
 use crate::stats::StatsSnapshot;
 use crate::transport::Transport;
 
@@ -210,6 +212,7 @@ fn restart_loop<S: Send + 'static>(
 /// log to the backup.
 #[derive(Debug)]
 pub struct LogSender {
+    peer_settings: Vec<u8>,
     wake: Arc<SenderWake>,
     producer: Producer,
     shared: Arc<SenderShared>,
@@ -233,6 +236,7 @@ impl LogSender {
     ) -> Result<Self, TransportError> {
         let base = producer.next_seq();
         let sender = Sender::connect(transport, consumer, base, cfg)?;
+        let peer_settings = sender.peer_settings().to_vec();
         let shared = Arc::clone(sender.shared());
         let ctl = Arc::new(Control::default());
         let wake = Arc::new(SenderWake::default());
@@ -245,6 +249,7 @@ impl LogSender {
             Some((Arc::clone(&wake), sender_acked)),
         )?;
         Ok(Self {
+            peer_settings,
             wake,
             producer,
             shared,
@@ -252,6 +257,11 @@ impl LogSender {
             thread: Some(thread),
             pc,
         })
+    }
+
+    /// The backup's settings blob (from its HELLO at the first handshake).
+    pub fn peer_settings(&self) -> &[u8] {
+        &self.peer_settings
     }
 
     /// The log buffer's producer: append records in place (`claim` → fill → `commit`).
@@ -398,6 +408,7 @@ impl Drop for LogSender {
 /// buffer's consumer for the replaying vCPU.
 #[derive(Debug)]
 pub struct LogReceiver {
+    peer_settings: Vec<u8>,
     doorbell: Arc<Doorbell>,
     consumer: Consumer,
     shared: Arc<ReceiverShared>,
@@ -420,6 +431,32 @@ impl LogReceiver {
         pc: PollerConfig,
     ) -> Result<Self, TransportError> {
         let receiver = Receiver::accept(transport, producer, cfg)?;
+        Self::run(receiver, consumer, pc)
+    }
+
+    /// Like [`LogReceiver::start`], over the connections `incoming` brings until one is the
+    /// primary (see [`Receiver::listen`]: strays are dropped and counted, the backup keeps
+    /// listening).
+    ///
+    /// # Errors
+    /// As [`Receiver::listen`]; [`TransportError::Io`] if the thread cannot be spawned.
+    pub fn listen(
+        producer: Producer,
+        consumer: Consumer,
+        incoming: &mut dyn Incoming,
+        cfg: Config,
+        pc: PollerConfig,
+    ) -> Result<(Self, ListenReport), TransportError> {
+        let (receiver, report) = Receiver::listen(incoming, producer, cfg)?;
+        Ok((Self::run(receiver, consumer, pc)?, report))
+    }
+
+    fn run(
+        receiver: Receiver,
+        consumer: Consumer,
+        pc: PollerConfig,
+    ) -> Result<Self, TransportError> {
+        let peer_settings = receiver.peer_settings().to_vec();
         let shared = Arc::clone(receiver.shared());
         let ctl = Arc::new(Control::default());
         let doorbell = Arc::new(Doorbell::default());
@@ -434,6 +471,7 @@ impl LogReceiver {
             None,
         )?;
         Ok(Self {
+            peer_settings,
             doorbell,
             consumer,
             shared,
@@ -441,6 +479,11 @@ impl LogReceiver {
             thread: Some(thread),
             pc,
         })
+    }
+
+    /// The primary's settings blob (from its HELLO at the first handshake).
+    pub fn peer_settings(&self) -> &[u8] {
+        &self.peer_settings
     }
 
     /// The log buffer's consumer (read batches zero-copy, then release them).

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ftvm_ringbuf::layout::RECORD_HEADER_LEN;
 use ftvm_ringbuf::{ClaimError, Consumer, Producer};
 
-use crate::error::TransportError;
+use crate::error::{Refusal, TransportError};
 use crate::frame::{self, Frame, FrameError, Hello, Role, DATA_OVERHEAD, DIGEST_LEN};
 use crate::stats::Stats;
 use crate::transport::Transport;
@@ -49,6 +49,25 @@ pub mod refuse {
     pub const SIZES: u32 = 4;
     /// The backup needs records the primary no longer has.
     pub const GAP: u32 = 5;
+    /// The settings blobs disagree (version 4).
+    pub const SETTINGS: u32 = 6;
+}
+
+/// The VMM's check of the peer's settings blob ([`Config::check_settings`]): `Ok` when both
+/// sides agree, else the text naming every field that differs and both values.
+#[derive(Clone)]
+pub struct SettingsCheck(pub Arc<SettingsCheckFn>);
+
+/// The function inside a [`SettingsCheck`]: the peer's blob → agreement or the refusal text.
+pub type SettingsCheckFn = dyn Fn(&[u8]) -> Result<(), String> + Send + Sync;
+
+/// The peer's HELLO and settings blob, once they passed every check.
+type PeerHello = (Hello, Vec<u8>);
+
+impl std::fmt::Debug for SettingsCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SettingsCheck")
+    }
 }
 
 /// Parameters both ends agree on, plus timers.
@@ -59,6 +78,13 @@ pub struct Config {
     pub generation: u64,
     /// Opaque pairing digest (the VMM puts a hash of the guest image here); must match.
     pub digest: [u8; DIGEST_LEN],
+    /// This side's settings blob, sent in its HELLO (opaque to the channel, at most
+    /// [`frame::MAX_SETTINGS_LEN`] bytes): what the VMM needs both sides to agree on.
+    pub settings: Vec<u8>,
+    /// Checks the peer's settings blob at the handshake (`None`: any is accepted); a
+    /// refusal is sent to the peer and returned as [`TransportError::Refused`] with
+    /// [`Refusal::Settings`] on both sides.
+    pub check_settings: Option<SettingsCheck>,
     /// Retransmit timeout: with records in flight and no acknowledgement progress for this
     /// long, the sender goes back to the first unacknowledged record.
     pub rto: Duration,
@@ -77,6 +103,8 @@ impl Default for Config {
         Self {
             generation: 1,
             digest: [0; DIGEST_LEN],
+            settings: Vec::new(),
+            check_settings: None,
             rto: Duration::from_millis(20),
             heartbeat_interval: Duration::from_millis(100),
             peer_timeout: Duration::from_secs(5),
@@ -128,6 +156,10 @@ impl ReceiverShared {
 
 fn setup(what: String) -> TransportError {
     TransportError::Setup { what }
+}
+
+fn refused(reason: Refusal, text: String) -> TransportError {
+    TransportError::Refused { reason, text }
 }
 
 fn hex8(d: &[u8; DIGEST_LEN]) -> String {
@@ -198,6 +230,8 @@ pub struct Sender {
     last_send: Instant,
     last_heard: Instant,
     heartbeat_nonce: u64,
+    /// The backup's settings blob from its last HELLO.
+    peer_settings: Vec<u8>,
 }
 
 impl std::fmt::Debug for Sender {
@@ -309,6 +343,7 @@ impl Sender {
             last_send: now,
             last_heard: now,
             heartbeat_nonce: 0,
+            peer_settings: Vec::new(),
         };
         s.shared.acked.store(s.acked, Ordering::Release);
         s.window = s.cfg.max_inflight_bytes;
@@ -344,7 +379,13 @@ impl Sender {
         self.acked
     }
 
+    /// The backup's settings blob (from its HELLO).
+    pub fn peer_settings(&self) -> &[u8] {
+        &self.peer_settings
+    }
+
     fn handshake(&mut self) -> Result<(), TransportError> {
+        check_settings_len(&self.cfg)?;
         if self.max_frame < frame::MIN_FRAME {
             return Err(TransportError::FrameTooLarge {
                 len: frame::MIN_FRAME,
@@ -361,7 +402,7 @@ impl Sender {
             digest: self.cfg.digest,
         };
         let mut buf = Vec::new();
-        frame::encode_hello(&mut buf, self.cfg.generation, &hello);
+        frame::encode_hello(&mut buf, self.cfg.generation, &hello, &self.cfg.settings);
         let start = Instant::now();
         let deadline = start + self.cfg.handshake_timeout;
         let mut last_hello: Option<Instant> = None;
@@ -388,25 +429,35 @@ impl Sender {
             })?;
             match step {
                 Step::Continue => std::thread::yield_now(),
-                Step::Done(h) => break h,
+                Step::Done((h, settings)) => {
+                    self.peer_settings = settings;
+                    break h;
+                }
                 Step::Fail(e) => return Err(e),
             }
         };
         if (peer.max_payload as usize) < self.max_payload {
-            return Err(setup(format!(
-                "the backup's log buffer accepts records of at most {} bytes, the primary's up \
-                 to {}",
-                peer.max_payload, self.max_payload
-            )));
+            return Err(refused(
+                Refusal::Sizes,
+                format!(
+                    "the backup's log buffer accepts records of at most {} bytes, the \
+                     primary's up to {}",
+                    peer.max_payload, self.max_payload
+                ),
+            ));
         }
         self.max_frame = self.max_frame.min(peer.max_frame as usize);
         if peer.seq != 0 {
             if peer.seq < self.acked + 1 {
-                return Err(setup(format!(
-                    "the backup expects record {} but the primary only holds records from {} on",
-                    peer.seq,
-                    self.acked + 1
-                )));
+                return Err(refused(
+                    Refusal::Gap,
+                    format!(
+                        "the backup expects record {} but the primary only holds records from \
+                         {} on",
+                        peer.seq,
+                        self.acked + 1
+                    ),
+                ));
             }
             self.on_ack(peer.seq - 1, peer.executed, 0, 0, Instant::now())?;
         }
@@ -983,38 +1034,192 @@ fn write_frame(
     frame::finish(out);
 }
 
-fn primary_hello_step(bytes: &[u8], cfg: &Config) -> Step<Hello> {
+fn primary_hello_step(bytes: &[u8], cfg: &Config) -> Step<PeerHello> {
     if let Some((v, _)) = frame::peek_version_type(bytes) {
         if v != frame::VERSION {
-            return Step::Fail(setup(format!(
-                "the backup speaks protocol version {v}, this primary speaks version {}",
-                frame::VERSION
-            )));
+            return Step::Fail(refused(
+                Refusal::Version,
+                format!(
+                    "the backup speaks protocol version {v}, this primary speaks version {}",
+                    frame::VERSION
+                ),
+            ));
         }
     }
     let Ok(d) = frame::decode(bytes) else {
         return Step::Continue;
     };
     match d.frame {
-        Frame::Refuse { text, .. } => Step::Fail(setup(format!("the backup refused: {text}"))),
-        Frame::Hello(h) if h.role == Role::Backup => {
+        Frame::Refuse { reason, text } => Step::Fail(refused(
+            Refusal::from_code(reason),
+            format!("the backup refused: {text}"),
+        )),
+        Frame::Hello { hello: h, settings } if h.role == Role::Backup => {
             if d.generation != cfg.generation {
-                Step::Fail(setup(format!(
-                    "generation mismatch: the backup is at generation {}, this primary at {}",
-                    d.generation, cfg.generation
-                )))
+                Step::Fail(refused(
+                    Refusal::Generation,
+                    format!(
+                        "generation mismatch: the backup is at generation {}, this primary at {}",
+                        d.generation, cfg.generation
+                    ),
+                ))
             } else if h.digest != cfg.digest {
-                Step::Fail(setup(format!(
-                    "pairing digest mismatch: the backup runs image {}…, this primary {}…",
-                    hex8(&h.digest),
-                    hex8(&cfg.digest)
-                )))
+                Step::Fail(refused(
+                    Refusal::Digest,
+                    format!(
+                        "pairing digest mismatch: the backup runs image {}…, this primary {}…",
+                        hex8(&h.digest),
+                        hex8(&cfg.digest)
+                    ),
+                ))
+            } else if let Some(Err(text)) = cfg.check_settings.as_ref().map(|c| (c.0)(settings)) {
+                Step::Fail(refused(Refusal::Settings, text))
             } else {
-                Step::Done(h)
+                Step::Done((h, settings.to_vec()))
             }
         }
         _ => Step::Continue,
     }
+}
+
+/// A settings blob longer than a HELLO carries is a configuration error of this side.
+fn check_settings_len(cfg: &Config) -> Result<(), TransportError> {
+    if cfg.settings.len() > frame::MAX_SETTINGS_LEN {
+        return Err(setup(format!(
+            "the settings blob has {} bytes, a HELLO carries at most {}",
+            cfg.settings.len(),
+            frame::MAX_SETTINGS_LEN
+        )));
+    }
+    Ok(())
+}
+
+/// How long [`Receiver::listen`] sleeps when no connection brought anything.
+const LISTEN_IDLE: Duration = Duration::from_millis(1);
+
+/// A connection [`Incoming::poll_accept`] brought.
+pub struct Accepted {
+    /// The link, ready for the handshake.
+    pub transport: Box<dyn Transport>,
+    /// Who is at the other end, for logs (`IP:PORT`, an interface, a path).
+    pub peer: String,
+    /// The source that strays are logged once per (the IP address without the port).
+    pub source: String,
+    /// The only link there is (shared memory, AF_XDP): a stray's frames are dropped but the
+    /// link is kept, and it is never timed out. `false` for a connection of its own (TCP),
+    /// which is dropped when it turns out a stray.
+    pub persistent: bool,
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted")
+            .field("transport", &self.transport.name())
+            .field("peer", &self.peer)
+            .field("persistent", &self.persistent)
+            .finish()
+    }
+}
+
+/// Where [`Receiver::listen`] gets candidate links from: a listening socket, or one link.
+pub trait Incoming: Send {
+    /// The next connection that arrived, without blocking (`None`: none now).
+    ///
+    /// # Errors
+    /// [`TransportError`] when listening itself failed.
+    fn poll_accept(&mut self) -> Result<Option<Accepted>, TransportError>;
+}
+
+/// A single link, handed out once ([`Accepted::persistent`]): shared memory, AF_XDP.
+#[derive(Debug)]
+pub struct OneLink(pub Option<Accepted>);
+
+impl Incoming for OneLink {
+    fn poll_accept(&mut self) -> Result<Option<Accepted>, TransportError> {
+        Ok(self.0.take())
+    }
+}
+
+/// Connections to a TCP listener, each made a transport by `make` (tcp, tcp-spin, io_uring).
+pub struct TcpIncoming {
+    listener: std::net::TcpListener,
+    make: TransportMaker,
+}
+
+/// Turns an accepted stream into a transport ([`TcpIncoming`]).
+pub type TransportMaker =
+    Box<dyn FnMut(std::net::TcpStream) -> Result<Box<dyn Transport>, TransportError> + Send>;
+
+impl std::fmt::Debug for TcpIncoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpIncoming")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpIncoming {
+    /// Listens on `listener` (made non-blocking here); `make` wraps each accepted stream.
+    ///
+    /// # Errors
+    /// [`TransportError::Io`] when the listener cannot be made non-blocking.
+    pub fn new(
+        listener: std::net::TcpListener,
+        make: TransportMaker,
+    ) -> Result<Self, TransportError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| TransportError::Io {
+                op: "set O_NONBLOCK on the listener",
+                source,
+            })?;
+        Ok(TcpIncoming { listener, make })
+    }
+}
+
+impl Incoming for TcpIncoming {
+    fn poll_accept(&mut self) -> Result<Option<Accepted>, TransportError> {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, addr)) => match (self.make)(stream) {
+                    Ok(transport) => {
+                        return Ok(Some(Accepted {
+                            transport,
+                            peer: addr.to_string(),
+                            source: addr.ip().to_string(),
+                            persistent: false,
+                        }))
+                    }
+                    // One connection that cannot be set up is a stray, not a failure.
+                    Err(e) => tracing::warn!(%addr, error = %e, "cannot set up a connection"),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // The connection was reset before it was accepted, and the like: a stray.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
+                Err(source) => {
+                    return Err(TransportError::Io {
+                        op: "accept",
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// What [`Receiver::listen`] saw before it paired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenReport {
+    /// Stray connections (and, on a persistent link, stray HELLOs) refused or dropped.
+    pub strays: u64,
+    /// Who the backup paired with.
+    pub paired_with: String,
+}
+
+struct Candidate {
+    accepted: Accepted,
+    since: Instant,
 }
 
 /// Reassembly state of a fragmented record.
@@ -1059,6 +1264,8 @@ struct RecvState {
     gap_seen: u32,
     heard: bool,
     last_heard: Instant,
+    /// The primary's settings blob from its HELLO.
+    peer_settings: Vec<u8>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -1075,42 +1282,133 @@ impl Receiver {
     /// committed into `producer`'s buffer with the primary's sequence numbers.
     ///
     /// # Errors
-    /// [`TransportError::Setup`] when the HELLO is refused (version, generation, pairing
-    /// digest, sizes, gap; the primary is told why) or none arrives in time.
+    /// [`TransportError::Refused`] when the HELLO is refused (version, generation, pairing
+    /// digest, settings, sizes, gap; the primary is told why); [`TransportError::Setup`] when
+    /// none arrives in time.
     pub fn accept(
         transport: Box<dyn Transport>,
         producer: Producer,
         cfg: Config,
     ) -> Result<Self, TransportError> {
-        let max_payload = producer.ring().max_payload();
         let mut r = Self {
             transport,
-            state: RecvState {
-                producer,
-                cfg,
-                shared: Arc::new(ReceiverShared::default()),
-                expected: 0,
-                reasm: Reassembly::default(),
-                ack_due: false,
-                hello_due: false,
-                hello: Vec::new(),
-                delivered: 0,
-                max_payload,
-                executed_sent: 0,
-                ticks: 0,
-                ackbuf: Vec::with_capacity(64),
-                held: std::collections::BTreeMap::new(),
-                held_bytes: 0,
-                bytes_in: 0,
-                unacked_bytes: 0,
-                unacked: false,
-                gap_seen: 0,
-                heard: false,
-                last_heard: Instant::now(),
-            },
+            state: RecvState::new(producer, cfg),
         };
         r.handshake()?;
         Ok(r)
+    }
+
+    /// Like [`Self::accept`], but over the connections `incoming` brings, several at a time,
+    /// until one of them is the primary: a connection that closes, sends something that is not
+    /// a HELLO of this protocol version, or stays silent for `handshake_timeout` is a *stray*
+    /// (a port scan, a health check, an old peer): it is refused or dropped, counted, logged
+    /// once per source address, and the backup keeps listening. A HELLO of this version whose
+    /// generation, digest, settings or sizes disagree is refused on both sides
+    /// ([`TransportError::Refused`]): that is a misconfigured primary, not a stray.
+    ///
+    /// # Errors
+    /// [`TransportError::Refused`] as above; errors of `incoming` itself.
+    pub fn listen(
+        incoming: &mut dyn Incoming,
+        producer: Producer,
+        cfg: Config,
+    ) -> Result<(Self, ListenReport), TransportError> {
+        check_settings_len(&cfg)?;
+        let state = RecvState::new(producer, cfg);
+        let mut report = ListenReport::default();
+        let mut logged = std::collections::HashSet::new();
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            let mut busy = false;
+            while let Some(accepted) = incoming.poll_accept()? {
+                busy = true;
+                candidates.push(Candidate {
+                    accepted,
+                    since: Instant::now(),
+                });
+            }
+            let mut i = 0;
+            while i < candidates.len() {
+                let c = &mut candidates[i];
+                let mut step: Step<PeerHello> = Step::Continue;
+                let mut refusal: Option<(u32, String)> = None;
+                let polled = c.accepted.transport.poll_recv(&mut |bytes| {
+                    if matches!(step, Step::Continue) && refusal.is_none() {
+                        (step, refusal) = backup_hello_step(bytes, &state);
+                    }
+                });
+                let deadline = Instant::now() + state.cfg.handshake_timeout;
+                if let Some((reason, text)) = &refusal {
+                    frame::encode_refuse(&mut out, state.cfg.generation, *reason, text);
+                    for _ in 0..3 {
+                        if send_now(c.accepted.transport.as_mut(), &out, deadline).is_err() {
+                            break;
+                        }
+                    }
+                }
+                let stray = match (polled, step) {
+                    (Err(e), _) => Some(e.to_string()),
+                    (Ok(_), Step::Done((h, settings))) => {
+                        let c = candidates.swap_remove(i);
+                        let mut r = Receiver {
+                            transport: c.accepted.transport,
+                            state,
+                        };
+                        r.finish_handshake(&h, settings, deadline)?;
+                        report.paired_with = c.accepted.peer;
+                        tracing::info!(
+                            strays = report.strays,
+                            "paired with the primary after {} stray connection(s)",
+                            report.strays
+                        );
+                        return Ok((r, report));
+                    }
+                    (Ok(_), Step::Fail(TransportError::Refused { reason, text }))
+                        if reason != Refusal::Version =>
+                    {
+                        return Err(refused(reason, text));
+                    }
+                    (Ok(_), Step::Fail(e)) => Some(e.to_string()),
+                    (Ok(_), Step::Continue)
+                        if !c.accepted.persistent
+                            && c.since.elapsed() > state.cfg.handshake_timeout =>
+                    {
+                        Some(format!("no HELLO within {:?}", state.cfg.handshake_timeout))
+                    }
+                    (Ok(n), Step::Continue) => {
+                        busy |= n > 0;
+                        None
+                    }
+                };
+                match stray {
+                    None => i += 1,
+                    Some(why) => {
+                        busy = true;
+                        report.strays += 1;
+                        let c = &candidates[i];
+                        if logged.insert(c.accepted.source.clone()) {
+                            tracing::warn!(
+                                source = %c.accepted.peer,
+                                %why,
+                                "stray connection on the logging port (not the primary): \
+                                 dropped, still listening (logged once per source address)"
+                            );
+                        }
+                        if c.accepted.persistent {
+                            // A datagram or shared-memory link is the only one there is: the
+                            // stray's frames were dropped, the link stays.
+                            i += 1;
+                        } else {
+                            candidates.swap_remove(i);
+                        }
+                    }
+                }
+            }
+            if !busy {
+                std::thread::sleep(LISTEN_IDLE);
+            }
+        }
     }
 
     /// Replaces a broken transport and handshakes again (the primary resumes from the next
@@ -1136,7 +1434,13 @@ impl Receiver {
         self.state.expected
     }
 
+    /// The primary's settings blob (from its HELLO).
+    pub fn peer_settings(&self) -> &[u8] {
+        &self.state.peer_settings
+    }
+
     fn handshake(&mut self) -> Result<(), TransportError> {
+        check_settings_len(&self.state.cfg)?;
         let s = &mut self.state;
         let deadline = Instant::now() + s.cfg.handshake_timeout;
         let mut out = Vec::new();
@@ -1148,7 +1452,7 @@ impl Receiver {
                     s.cfg.handshake_timeout
                 )));
             }
-            let mut step: Step<Hello> = Step::Continue;
+            let mut step: Step<PeerHello> = Step::Continue;
             let mut refusal: Option<(u32, String)> = None;
             self.transport.poll_recv(&mut |bytes| {
                 if !matches!(step, Step::Continue) {
@@ -1168,28 +1472,39 @@ impl Receiver {
             match step {
                 Step::Continue => std::thread::yield_now(),
                 Step::Fail(e) => return Err(e),
-                Step::Done(h) => {
-                    if s.expected == 0 {
-                        s.expected = h.seq.max(1);
-                        s.producer
-                            .set_next_seq(s.expected)
-                            .map_err(|e| TransportError::Log {
-                                what: format!("backup log buffer: {e}"),
-                            })?;
-                    }
-                    s.build_hello(self.transport.max_frame());
-                    s.last_heard = Instant::now();
-                    send_now(self.transport.as_mut(), &s.hello, deadline)?;
-                    tracing::info!(
-                        transport = self.transport.name(),
-                        generation = s.cfg.generation,
-                        expected = s.expected,
-                        "backup paired with primary"
-                    );
-                    return Ok(());
-                }
+                Step::Done((h, settings)) => return self.finish_handshake(&h, settings, deadline),
             }
         }
+    }
+
+    /// The primary's HELLO `h` passed the checks: adopt its position (a fresh backup), keep
+    /// its settings, answer with this backup's HELLO.
+    fn finish_handshake(
+        &mut self,
+        h: &Hello,
+        settings: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<(), TransportError> {
+        let s = &mut self.state;
+        if s.expected == 0 {
+            s.expected = h.seq.max(1);
+            s.producer
+                .set_next_seq(s.expected)
+                .map_err(|e| TransportError::Log {
+                    what: format!("backup log buffer: {e}"),
+                })?;
+        }
+        s.peer_settings = settings;
+        s.build_hello(self.transport.max_frame());
+        s.last_heard = Instant::now();
+        send_now(self.transport.as_mut(), &s.hello, deadline)?;
+        tracing::info!(
+            transport = self.transport.name(),
+            generation = s.cfg.generation,
+            expected = s.expected,
+            "backup paired with primary"
+        );
+        Ok(())
     }
 
     /// One iteration: frames in (delivered in order into the log buffer), acks out. Returns
@@ -1278,6 +1593,34 @@ impl Receiver {
 }
 
 impl RecvState {
+    fn new(producer: Producer, cfg: Config) -> Self {
+        let max_payload = producer.ring().max_payload();
+        RecvState {
+            producer,
+            cfg,
+            shared: Arc::new(ReceiverShared::default()),
+            expected: 0,
+            reasm: Reassembly::default(),
+            ack_due: false,
+            hello_due: false,
+            hello: Vec::new(),
+            delivered: 0,
+            max_payload,
+            executed_sent: 0,
+            ticks: 0,
+            ackbuf: Vec::with_capacity(64),
+            held: std::collections::BTreeMap::new(),
+            held_bytes: 0,
+            bytes_in: 0,
+            unacked_bytes: 0,
+            unacked: false,
+            gap_seen: 0,
+            heard: false,
+            last_heard: Instant::now(),
+            peer_settings: Vec::new(),
+        }
+    }
+
     fn build_hello(&mut self, max_frame: usize) {
         let h = Hello {
             role: Role::Backup,
@@ -1288,7 +1631,7 @@ impl RecvState {
             executed: self.shared.executed.load(Ordering::Acquire),
             digest: self.cfg.digest,
         };
-        frame::encode_hello(&mut self.hello, self.cfg.generation, &h);
+        frame::encode_hello(&mut self.hello, self.cfg.generation, &h, &self.cfg.settings);
     }
 
     fn on_frame(&mut self, bytes: &[u8]) {
@@ -1314,7 +1657,7 @@ impl RecvState {
                 }
                 self.drain_held();
             }
-            Frame::Hello(h) if h.role == Role::Primary => self.hello_due = true,
+            Frame::Hello { hello: h, .. } if h.role == Role::Primary => self.hello_due = true,
             Frame::Heartbeat { .. } => self.ack_due = true,
             _ => {}
         }
@@ -1523,17 +1866,17 @@ struct Held {
     records: Vec<u8>,
 }
 
-fn backup_hello_step(bytes: &[u8], s: &RecvState) -> (Step<Hello>, Option<(u32, String)>) {
-    let refuse = |reason: u32, text: String| {
+fn backup_hello_step(bytes: &[u8], s: &RecvState) -> (Step<PeerHello>, Option<(u32, String)>) {
+    let refuse = |reason: Refusal, text: String| {
         (
-            Step::Fail(setup(format!("refused the primary: {text}"))),
-            Some((reason, text)),
+            Step::Fail(refused(reason, format!("refused the primary: {text}"))),
+            Some((reason.code(), text)),
         )
     };
     if let Some((v, ty)) = frame::peek_version_type(bytes) {
         if v != frame::VERSION && ty == frame::FrameType::Hello as u8 {
             return refuse(
-                refuse::VERSION,
+                Refusal::Version,
                 format!(
                     "protocol version mismatch: the primary speaks version {v}, this backup \
                      speaks version {}",
@@ -1545,7 +1888,7 @@ fn backup_hello_step(bytes: &[u8], s: &RecvState) -> (Step<Hello>, Option<(u32, 
     let Ok(d) = frame::decode(bytes) else {
         return (Step::Continue, None);
     };
-    let Frame::Hello(h) = d.frame else {
+    let Frame::Hello { hello: h, settings } = d.frame else {
         return (Step::Continue, None);
     };
     if h.role != Role::Primary {
@@ -1553,7 +1896,7 @@ fn backup_hello_step(bytes: &[u8], s: &RecvState) -> (Step<Hello>, Option<(u32, 
     }
     if d.generation != s.cfg.generation {
         return refuse(
-            refuse::GENERATION,
+            Refusal::Generation,
             format!(
                 "generation mismatch: the primary is at generation {}, this backup at {}",
                 d.generation, s.cfg.generation
@@ -1562,7 +1905,7 @@ fn backup_hello_step(bytes: &[u8], s: &RecvState) -> (Step<Hello>, Option<(u32, 
     }
     if h.digest != s.cfg.digest {
         return refuse(
-            refuse::DIGEST,
+            Refusal::Digest,
             format!(
                 "pairing digest mismatch: the primary runs image {}…, this backup {}…",
                 hex8(&h.digest),
@@ -1570,9 +1913,12 @@ fn backup_hello_step(bytes: &[u8], s: &RecvState) -> (Step<Hello>, Option<(u32, 
             ),
         );
     }
+    if let Some(Err(text)) = s.cfg.check_settings.as_ref().map(|c| (c.0)(settings)) {
+        return refuse(Refusal::Settings, text);
+    }
     if h.max_payload as usize > s.max_payload {
         return refuse(
-            refuse::SIZES,
+            Refusal::Sizes,
             format!(
                 "the primary's records may reach {} bytes, this backup's buffer accepts {}",
                 h.max_payload, s.max_payload
@@ -1581,12 +1927,12 @@ fn backup_hello_step(bytes: &[u8], s: &RecvState) -> (Step<Hello>, Option<(u32, 
     }
     if s.expected != 0 && h.seq > s.expected {
         return refuse(
-            refuse::GAP,
+            Refusal::Gap,
             format!(
                 "this backup needs record {} but the primary starts at {}",
                 s.expected, h.seq
             ),
         );
     }
-    (Step::Done(h), None)
+    (Step::Done((h, settings.to_vec())), None)
 }

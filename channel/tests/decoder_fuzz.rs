@@ -47,7 +47,7 @@ fn hello() -> Vec<u8> {
         executed: 0,
         digest: [0; 32],
     };
-    frame::encode_hello(&mut b, 1, &h);
+    frame::encode_hello(&mut b, 1, &h, b"settings");
     b
 }
 

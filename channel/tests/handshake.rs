@@ -1,12 +1,14 @@
-//! Handshake refusals: a protocol version, generation or pairing-digest mismatch is refused
-//! with a clear error on both sides (real TCP sockets, real sender and receiver).
+//! Handshake refusals: a protocol version, generation, pairing-digest or settings mismatch is
+//! refused with a clear error on both sides (real TCP sockets, real sender and receiver); a
+//! listening backup drops stray connections and pairs with the real primary afterwards.
 
 use std::net::TcpListener;
 use std::time::Duration;
 
 use ftvm_channel::frame::{self, Frame, Hello, Role};
+use ftvm_channel::reliable::{SettingsCheck, TcpIncoming};
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, Receiver, Sender, Transport, TransportError};
+use ftvm_channel::{Config, Receiver, Refusal, Sender, Transport, TransportError};
 
 fn cfg(generation: u64, digest: u8) -> Config {
     Config {
@@ -29,7 +31,8 @@ fn pair() -> (TcpTransport, TcpTransport) {
     (a, b)
 }
 
-/// Runs a real sender and a real receiver with the given configurations; returns both errors.
+/// Runs a real sender and a real receiver with the given configurations; returns both errors
+/// (both must be [`TransportError::Refused`] with the same reason).
 fn both_refuse(primary: Config, backup: Config) -> (String, String) {
     let (a, b) = pair();
     let rx = std::thread::spawn(move || {
@@ -42,8 +45,12 @@ fn both_refuse(primary: Config, backup: Config) -> (String, String) {
     let (Err(te), Err(re)) = (tx, rx) else {
         panic!("a mismatched handshake was accepted")
     };
-    assert!(matches!(te, TransportError::Setup { .. }), "{te:?}");
-    assert!(matches!(re, TransportError::Setup { .. }), "{re:?}");
+    let (TransportError::Refused { reason: a, .. }, TransportError::Refused { reason: b, .. }) =
+        (&te, &re)
+    else {
+        panic!("not refusals: {te:?} / {re:?}")
+    };
+    assert_eq!(a, b);
     (te.to_string(), re.to_string())
 }
 
@@ -65,6 +72,116 @@ fn pairing_digest_mismatch_refused_on_both_sides() {
         rx.contains("pairing digest mismatch") && rx.contains("aaaa") && rx.contains("bbbb"),
         "{rx}"
     );
+}
+
+/// A settings check that accepts only `want`, naming both blobs otherwise.
+fn settings(mine: &str, want: &'static str) -> Config {
+    Config {
+        settings: mine.as_bytes().to_vec(),
+        check_settings: Some(SettingsCheck(std::sync::Arc::new(
+            move |theirs: &[u8]| {
+                if theirs == want.as_bytes() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "settings differ: {} against {want}",
+                        String::from_utf8_lossy(theirs)
+                    ))
+                }
+            },
+        ))),
+        ..cfg(1, 1)
+    }
+}
+
+#[test]
+fn settings_mismatch_refused_on_both_sides_and_settings_exchanged() {
+    let (tx, rx) = both_refuse(settings("P", "B"), settings("B", "X"));
+    assert!(
+        tx.contains("the backup refused") && tx.contains("P against X"),
+        "{tx}"
+    );
+    assert!(rx.contains("P against X"), "{rx}");
+    // Matching: each side learns the other's blob.
+    let (a, b) = pair();
+    let rx = std::thread::spawn(move || {
+        let (p, _c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
+        Receiver::accept(Box::new(b), p, settings("B", "P")).map(|r| r.peer_settings().to_vec())
+    });
+    let (_p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
+    let tx = Sender::connect(Box::new(a), c, 1, settings("P", "B")).expect("primary handshake");
+    assert_eq!(tx.peer_settings(), b"B");
+    assert_eq!(rx.join().expect("thread").expect("backup handshake"), b"P");
+}
+
+/// A TCP listener on a free loopback port whose connections become tcp-spin transports.
+fn tcp_incoming() -> (TcpIncoming, std::net::SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let make = |s| Ok(Box::new(TcpTransport::from_stream(s, TcpMode::Spin)?) as Box<dyn Transport>);
+    (TcpIncoming::new(l, Box::new(make)).expect("incoming"), addr)
+}
+
+/// A listening backup meets, in turn, a connection that closes at once, one that sends
+/// garbage, one that sends a HELLO of another protocol version, and one that stays silent
+/// (still open): it drops or refuses each, keeps listening, and pairs with the real primary.
+#[test]
+fn listening_backup_drops_strays_and_pairs_with_the_primary() {
+    use std::io::Write;
+    let (mut incoming, addr) = tcp_incoming();
+    let rx = std::thread::spawn(move || {
+        let (p, _c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
+        Receiver::listen(&mut incoming, p, cfg(1, 1)).map(|(_, report)| report)
+    });
+    drop(std::net::TcpStream::connect(addr).expect("connect"));
+    let mut garbage = std::net::TcpStream::connect(addr).expect("connect");
+    garbage.write_all(&[0xFF; 64]).expect("garbage");
+    drop(garbage);
+    let mut old =
+        TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
+    assert!(old.send(&hello_next_version(Role::Primary)).expect("send"));
+    old.flush().expect("flush");
+    let refusal = recv_one(&mut old);
+    assert!(matches!(
+        frame::decode(&refusal).map(|d| d.frame),
+        Ok(Frame::Refuse { reason: 1, .. })
+    ));
+    drop(old);
+    let _silent = std::net::TcpStream::connect(addr).expect("connect");
+    std::thread::sleep(Duration::from_millis(100));
+    let (_p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
+    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
+    let tx = Sender::connect(Box::new(t), c, 1, cfg(1, 1)).expect("the primary pairs");
+    assert_eq!(tx.acked_seq(), 0);
+    let report = rx.join().expect("thread").expect("the backup pairs");
+    assert_eq!(report.strays, 3, "{report:?}");
+}
+
+/// A listening backup still refuses a primary of this version whose digest differs: that is
+/// a misconfiguration, not a stray.
+#[test]
+fn listening_backup_refuses_a_mismatched_primary() {
+    let (mut incoming, addr) = tcp_incoming();
+    let rx = std::thread::spawn(move || {
+        let (p, _c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
+        Receiver::listen(&mut incoming, p, cfg(1, 1)).map(|_| ())
+    });
+    let (_p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
+    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
+    let te = Sender::connect(Box::new(t), c, 1, cfg(1, 2)).expect_err("mismatch accepted");
+    let re = rx.join().expect("thread").expect_err("mismatch accepted");
+    for e in [&te, &re] {
+        assert!(
+            matches!(
+                e,
+                TransportError::Refused {
+                    reason: Refusal::Digest,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
 }
 
 #[test]
@@ -92,7 +209,7 @@ fn hello_next_version(role: Role) -> Vec<u8> {
         executed: 0,
         digest: [1; 32],
     };
-    frame::encode_hello(&mut b, 1, &h);
+    frame::encode_hello(&mut b, 1, &h, &[]);
     b[frame::VERSION_OFFSET] = frame::VERSION + 1;
     frame::finish(&mut b);
     b
@@ -154,7 +271,7 @@ fn version_mismatch_refused_by_primary() {
     let first = recv_one(&mut b);
     assert!(matches!(
         frame::decode(&first).map(|d| d.frame),
-        Ok(Frame::Hello(_))
+        Ok(Frame::Hello { .. })
     ));
     assert!(b.send(&hello_next_version(Role::Backup)).expect("send"));
     b.flush().expect("flush");

@@ -13,6 +13,7 @@ pub mod client;
 pub mod demo;
 pub mod exit;
 pub mod pair;
+pub mod pairing;
 pub mod scenario;
 pub mod transitions;
 

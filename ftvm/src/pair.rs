@@ -21,10 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ftvm_channel::reliable::{Accepted, Incoming, OneLink, TcpIncoming, TransportMaker};
 use ftvm_channel::shm::ShmTransport;
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::uring::{UringConfig, UringTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Transport};
+use ftvm_channel::{
+    Config, LogReceiver, LogSender, PollerConfig, Refusal, Transport, TransportError,
+};
 use ftvm_ringbuf::IdleKind;
 use ftvm_vmm_core::devices::ConsoleOutput;
 use ftvm_vmm_core::ft::backup::{run_backup, LogReader};
@@ -33,7 +36,9 @@ use ftvm_vmm_core::ft::digest::{file_digest, pairing_digest};
 use ftvm_vmm_core::ft::golive::{
     run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, GoLiveTimings,
 };
-use ftvm_vmm_core::ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_vmm_core::ft::primary::{
+    run_primary, LogWriter, PairError, PairOptions, PeerFailurePolicy, PrimaryHooks,
+};
 use ftvm_vmm_core::ft::throttle::{
     current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus,
 };
@@ -43,13 +48,15 @@ use ftvm_vmm_core::ft::{
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 use serde::Deserialize;
 
+use crate::pairing::PairingSettings;
+
 /// Flags of `ftvm primary` and `ftvm backup` (each may also come from `--config`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct PairArgs {
     /// TOML file with the same settings (keys: guest, mem, disk, shared_disk, net, cmdline, console, peer,
     /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, poll_idle, arbiter, node,
     /// heartbeat, peer_heartbeat, fail_timeout, generation, throttle_target_ms,
-    /// throttle_min_share).
+    /// throttle_min_share, go_alone_unprotected).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
@@ -139,6 +146,13 @@ pub struct PairArgs {
     /// `ThrottleConfig`'s, 0.1).
     #[arg(long)]
     pub throttle_min_share: Option<f64>,
+    /// Primary without `--arbiter`: when the backup fails, go on alone WITHOUT PROTECTION
+    /// (release the held outputs, stop logging, run on with no backup and no failover) instead
+    /// of stopping with status 204 ([`crate::exit::PEER_FAILED`]). A backup without an arbiter
+    /// never goes live (it cannot tell a dead primary from a partitioned one), so this primary
+    /// is then the only live copy.
+    #[arg(long)]
+    pub go_alone_unprotected: bool,
 }
 
 /// Default failure-detection timeout. Failover time ≈ detection (timeout + ≤ 1 heartbeat
@@ -183,6 +197,7 @@ struct FileConfig {
     generation: Option<u64>,
     throttle_target_ms: Option<u64>,
     throttle_min_share: Option<f64>,
+    go_alone_unprotected: Option<bool>,
 }
 
 /// Failover settings (with `--arbiter`).
@@ -322,6 +337,11 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
         }
         Some(cfg)
     };
+    let go_alone_unprotected =
+        args.go_alone_unprotected || file.go_alone_unprotected.unwrap_or(false);
+    if go_alone_unprotected && (role != Role::Primary || ft.is_some()) {
+        bail!("--go-alone-unprotected applies to a primary without --arbiter only");
+    }
     let shared_disk = args.shared_disk || file.shared_disk.unwrap_or(false);
     let disk = args.disk.or(file.disk);
     if shared_disk && disk.is_none() {
@@ -352,6 +372,11 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
             mem_digest_every: args.mem_digest_every.or(file.mem_digest_every).unwrap_or(0),
             idle,
             ack_timeout: Duration::from_secs(30),
+            on_peer_failure: if go_alone_unprotected {
+                PeerFailurePolicy::GoAloneUnprotected
+            } else {
+                PeerFailurePolicy::Stop
+            },
         },
         poll_idle,
         log_capacity: usize::try_from(log_capacity).context("log capacity")?,
@@ -396,52 +421,97 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-fn channel_config(s: &Settings, elf: &[u8]) -> anyhow::Result<Config> {
-    // The device set is part of the initial state: whether a virtio-net device exists; and
-    // both sides must agree on the disk mode (a shared-disk primary with a backup writing its
-    // own copy, or the reverse, would lose or double writes): a mismatch refuses to pair.
-    let cmdline = format!(
-        "{}\0net={}{}",
-        s.cmdline,
-        s.tap.is_some(),
-        if s.shared_disk { "\0shared_disk" } else { "" }
-    );
+fn channel_config(s: &Settings, elf: &[u8], role: Role) -> anyhow::Result<Config> {
+    // The device set is part of the initial state: whether a virtio-net device exists. The
+    // rest both sides must agree on (disk mode, failover settings) travels in the settings
+    // blob, compared field by field so that a refusal names what differs.
+    let cmdline = format!("{}\0net={}", s.cmdline, s.tap.is_some());
     let digest = pairing_digest(elf, &cmdline, s.mem, s.disk.as_deref())
         .context("cannot read the disk image for the pairing digest")?;
+    let settings = pairing_settings(s, role);
     Ok(Config {
         digest,
-        generation: s.ft.as_ref().map_or(1, |ft| ft.generation),
+        generation: settings.generation,
+        settings: settings.to_blob().context("pairing settings")?,
+        check_settings: Some(settings.channel_check()),
         ..Config::default()
     })
 }
 
+/// This side's [`PairingSettings`].
+fn pairing_settings(s: &Settings, role: Role) -> PairingSettings {
+    let ft = s.ft.as_ref();
+    PairingSettings {
+        role: role_name(role).into(),
+        arbiter: ft.map(|f| f.arbiter.clone()),
+        node: ft.map(|f| f.node.clone()),
+        shared_disk: s.shared_disk,
+        heartbeat: ft.map(|f| f.heartbeat),
+        peer_heartbeat: ft.map(|f| f.peer_heartbeat),
+        fail_timeout_ms: ft.map(|f| f.fail_timeout.as_millis() as u64),
+        generation: ft.map_or(1, |f| f.generation),
+    }
+}
+
+/// Exits with [`crate::exit::PAIRING_REFUSED`] when `e` is a refused handshake (the message
+/// names what differs; the peer says the same); any other error is returned.
+fn refused_or(who: &str, e: TransportError) -> anyhow::Error {
+    if let TransportError::Refused { reason, .. } = e {
+        let hint = match reason {
+            Refusal::Digest => " (guest, memory, command line, device set and disk contents must be the same on both sides)",
+            _ => "",
+        };
+        eprintln!("{who}: PAIRING REFUSED: {e}{hint}");
+        std::process::exit(crate::exit::PAIRING_REFUSED);
+    }
+    anyhow::Error::new(e)
+}
+
 const SHM_CAPACITY: usize = 1 << 22;
 
-fn backup_transport(s: &Settings) -> anyhow::Result<Box<dyn Transport>> {
-    let tcp = |mode: Option<TcpMode>| -> anyhow::Result<Box<dyn Transport>> {
+/// Where the backup waits for its primary: the logging port (tcp, tcp-spin, uring: every
+/// connection is a candidate, strays are dropped and the port keeps listening), or the one
+/// link there is (shm: the rings, which it creates afresh; xdp: the interface).
+fn backup_incoming(s: &Settings) -> anyhow::Result<Box<dyn Incoming>> {
+    let tcp = |make: TransportMaker| -> anyhow::Result<Box<dyn Incoming>> {
         let listener =
             TcpListener::bind(&s.peer).with_context(|| format!("cannot listen on {}", s.peer))?;
         eprintln!("backup: listening on {}", listener.local_addr()?);
-        Ok(match mode {
-            Some(mode) => Box::new(TcpTransport::accept(&listener, mode)?),
-            None => {
-                let (stream, _) = listener.accept().context("accept")?;
-                Box::new(UringTransport::from_stream(stream, UringConfig::default())?)
-            }
-        })
+        Ok(Box::new(TcpIncoming::new(listener, make)?))
+    };
+    let one = |transport: Box<dyn Transport>| -> Box<dyn Incoming> {
+        Box::new(OneLink(Some(Accepted {
+            transport,
+            peer: s.peer.clone(),
+            source: s.peer.clone(),
+            persistent: true,
+        })))
     };
     match s.transport.as_str() {
-        "tcp" => tcp(Some(TcpMode::Blocking)),
-        "tcp-spin" => tcp(Some(TcpMode::Spin)),
-        "uring" => tcp(None),
+        "tcp" | "tcp-spin" => {
+            let mode = if s.transport == "tcp" {
+                TcpMode::Blocking
+            } else {
+                TcpMode::Spin
+            };
+            tcp(Box::new(move |stream| {
+                Ok(Box::new(TcpTransport::from_stream(stream, mode)?) as Box<dyn Transport>)
+            }))
+        }
+        "uring" => tcp(Box::new(|stream| {
+            Ok(
+                Box::new(UringTransport::from_stream(stream, UringConfig::default())?)
+                    as Box<dyn Transport>,
+            )
+        })),
         "shm" => {
             eprintln!("backup: shm rings at {}", s.peer);
-            Ok(Box::new(ShmTransport::create(
+            Ok(one(Box::new(ShmTransport::create(
                 Path::new(&s.peer),
                 SHM_CAPACITY,
-            )?))
+            )?)))
         }
-        "xdp" => xdp_transport(s),
+        "xdp" => Ok(one(xdp_transport(s)?)),
         other => bail!("unknown transport {other:?} (shm, tcp, tcp-spin, uring, xdp)"),
     }
 }
@@ -529,7 +599,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
             .map(|ft| start_check(ft, Role::Primary))
             .transpose()?;
     let elf = crate::load_guest(&s.guest)?;
-    let cfg = channel_config(&s, &elf)?;
+    let cfg = channel_config(&s, &elf, Role::Primary)?;
     let (console, buf) = buffer_console();
     let config = VmConfig {
         mem_size: s.mem,
@@ -548,7 +618,8 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         idle: s.poll_idle,
     };
     let sender = LogSender::start(p, c, transport, cfg, pc)
-        .context("the backup refused to pair (different initial state? guest, memory, command line, disk contents and --shared-disk must agree) or is unreachable")?;
+        .map_err(|e| refused_or("primary", e))
+        .context("cannot pair with the backup (is it running and reachable?)")?;
     eprintln!("primary: paired with the backup, running {}", s.guest);
     let writer = LogWriter::new(sender, s.opts.idle);
     let mut file = console_file(&s.console)?;
@@ -588,6 +659,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         Err(PairError::Superseded { generation, winner }) => fenced(&format!(
             "primary: FENCED: generation {generation} is held by {winner}; stopped, releasing nothing more"
         )),
+        Err(e @ PairError::PeerFailed { .. }) => peer_failed("primary", &e),
         Err(e) => return Err(anyhow_pair(e)),
     };
     let stats = writer.sender().snapshot();
@@ -810,6 +882,16 @@ fn detector_json(d: &DetectorStats) -> serde_json::Value {
     })
 }
 
+/// Exits with [`crate::exit::PEER_FAILED`] after saying why: the peer failed and this side,
+/// without an arbiter, does not take over.
+fn peer_failed(who: &str, e: &PairError) -> ! {
+    eprintln!(
+        "{who}: PEER FAILED: {}",
+        ftvm_vmm_core::ft::primary::error_chain(e)
+    );
+    std::process::exit(crate::exit::PEER_FAILED);
+}
+
 /// Exits with [`EXIT_FENCED`] after printing `msg`.
 fn fenced(msg: &str) -> ! {
     eprintln!("{msg}");
@@ -831,7 +913,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
             .map(|ft| start_check(ft, Role::Backup))
             .transpose()?;
     let elf = crate::load_guest(&s.guest)?;
-    let cfg = channel_config(&s, &elf)?;
+    let cfg = channel_config(&s, &elf, Role::Backup)?;
     let (console, buf) = buffer_console();
     let config = VmConfig {
         mem_size: s.mem,
@@ -844,14 +926,24 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
     let mut vm = Vm::new(&config, &elf).with_context(|| format!("cannot start {}", s.guest))?;
     share_disk(&s, &vm)?;
     let (p, c) = ftvm_ringbuf::with_capacity(s.log_capacity).context("log buffer")?;
-    let transport = backup_transport(&s)?;
+    let mut incoming = backup_incoming(&s)?;
     let pc = PollerConfig {
         core: None,
         idle: s.poll_idle,
     };
-    let rx = LogReceiver::start(p, c, transport, cfg, pc)
-        .context("cannot pair with the primary (different initial state? guest, memory, command line, disk contents and --shared-disk must agree)")?;
-    eprintln!("backup: paired with the primary, replaying {}", s.guest);
+    let (rx, listened) = LogReceiver::listen(p, c, incoming.as_mut(), cfg, pc)
+        .map_err(|e| refused_or("backup", e))
+        .context("cannot pair with the primary")?;
+    drop(incoming);
+    eprintln!(
+        "backup: paired with the primary ({}), replaying {}{}",
+        listened.paired_with,
+        s.guest,
+        match listened.strays {
+            0 => String::new(),
+            n => format!(" ({n} stray connection(s) on the logging port dropped before)"),
+        }
+    );
     let reader = LogReader::new(rx, s.opts.idle, None);
     // Records (and logs) the throttle targets agreed through the log.
     TargetFollower::new().install(reader.controls());
@@ -935,6 +1027,16 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        // Without an arbiter the backup never goes live (it cannot tell a dead primary from
+        // a partitioned one): it replayed everything it received and stops.
+        Err(PairError::LogEnded { exit, why }) if s.ft.is_none() => peer_failed(
+            "backup",
+            &PairError::PeerFailed {
+                peer: "primary",
+                exit,
+                why,
+            },
+        ),
         Err(e @ PairError::Diverged { .. }) => {
             eprintln!("backup: {e}");
             write_report(

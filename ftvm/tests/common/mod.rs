@@ -2,7 +2,7 @@
 //! network namespace ([`ftvm::scenario`]), client load with an acknowledged-writes checker
 //! ([`ftvm::client`]), one test at a time.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,9 +11,19 @@ use std::time::{Duration, Instant};
 use ftvm::client::{CheckReport, Checker, Load, LoadConfig, RespConn};
 use ftvm::scenario::{Node, Scenario, ScenarioConfig};
 
-/// The `ftvm` binary built with these tests.
+/// The `ftvm` binary built with these tests, or the one `FTVM_TEST_BIN` names (to check that
+/// a test fails against an older build: `FTVM_TEST_BIN=/tmp/ftvm-old cargo test ...`).
 pub fn ftvm_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ftvm"))
+    match std::env::var_os("FTVM_TEST_BIN") {
+        Some(p) => {
+            eprintln!(
+                "testing the ftvm binary {} (FTVM_TEST_BIN)",
+                p.to_string_lossy()
+            );
+            PathBuf::from(p)
+        }
+        None => PathBuf::from(env!("CARGO_BIN_EXE_ftvm")),
+    }
 }
 
 /// Prints `SKIP <test>: <reason>` and returns true when the scenario cannot run here.

@@ -20,14 +20,49 @@
 //! Presuming a failure is not going live: the caller must then win the next generation on the
 //! [arbiter](crate::ft::arbiter) ("never go live blind").
 //!
-//! # Fencing
-//! Heartbeats carry the sender's generation and role. A heartbeat from an *older* generation
-//! than this node's [`Fence`] comes from a superseded node: it is ignored (it does not keep the
-//! peer alive) and counted in [`DetectorStats::stale_heartbeats`]. A heartbeat from a *newer*
-//! generation means this node has been superseded: it is reported once per generation as
-//! [`DetectorEvent::Superseded`] (the peer is alive). Two live roles on both sides (primary and
-//! primary, or alone) are reported as [`DetectorEvent::RoleConflict`] — a split brain that the
-//! arbiter exists to prevent.
+//! # Heartbeats carry liveness only
+//! Heartbeats carry the sender's generation and role, but a heartbeat is an unauthenticated
+//! UDP datagram: nothing it says is evidence about the pair's generation. The fence
+//! ([`Fence`]) advances only on evidence from the [arbiter](crate::ft::arbiter) (a generation
+//! read from it, or a lost test-and-set) or from an authenticated frame of the logging channel
+//! (its generation check after the handshake) — never on a heartbeat. So:
+//! - a heartbeat of this node's generation is a sign of life;
+//! - a heartbeat from an *older* generation comes from a superseded node, or is forged: it is
+//!   ignored (it does not keep the peer alive) and counted in
+//!   [`DetectorStats::stale_heartbeats`];
+//! - a heartbeat claiming a *newer* generation is reported once per claimed generation as
+//!   [`DetectorEvent::Superseded`], a **claim**: the caller may read the arbiter to check it
+//!   (rate-limited), and acts only on what the arbiter says. It is counted in
+//!   [`DetectorStats::newer_claims`] and is no sign of life;
+//! - two live roles on both sides (primary and primary, or alone) are reported as
+//!   [`DetectorEvent::RoleConflict`] — logged only, for the same reason.
+//!
+//! # Threat model
+//! Whoever can send UDP datagrams to a heartbeat port controls every field of a datagram,
+//! including, with a raw socket, its source address. What each field can do:
+//!
+//! | field | effect of a forged value |
+//! |---|---|
+//! | source address | must equal the configured peer address, or the datagram is dropped ([`DetectorStats::dropped`]); spoofable, so not a proof of origin |
+//! | magic, version, length, reserved | anything but the exact format is dropped |
+//! | generation | equal: a sign of life; older: ignored; newer: an arbiter read at most (the caller rate-limits it), never a stop |
+//! | role | a [`DetectorEvent::RoleConflict`] log line; no decision depends on it |
+//! | sequence | counted; no decision depends on it (a forged high sequence cannot make the real peer's heartbeats look old) |
+//! | incarnation | a "peer restarted" log line; no decision depends on it |
+//!
+//! So a forged heartbeat can neither stop a side nor make a healthy peer look failed (nothing
+//! a datagram says is taken away from the real peer's heartbeats). What it can do is look like
+//! life: forged heartbeats of the right generation from the spoofed peer address keep a dead
+//! peer "alive" **as far as the heartbeats go**. That cannot block a failover for long, because
+//! the logging channel is the stronger signal and is watched beside the heartbeats: a dead
+//! peer's channel breaks (at once when its process dies and the kernel closes the connection,
+//! after the channel's peer timeout when its host vanishes), and then the primary goes alone
+//! whatever the heartbeats say, and the backup, once its log ran out, contests the next
+//! generation on the arbiter after at most two failure timeouts even while heartbeats still
+//! arrive ([`golive`](crate::ft::golive)). The arbiter keeps that safe: a peer that was in fact
+//! alive either holds the next generation already (the contest is lost) or loses it.
+//! Authenticating heartbeats (a keyed MAC with a key exchanged in the channel handshake) would
+//! also stop forged signs of life; it is not built.
 //!
 //! # Heartbeat wire format
 //! 32 bytes, little-endian:
@@ -185,7 +220,8 @@ pub enum DetectorEvent {
         /// How long it had been presumed failed.
         down_for: Duration,
     },
-    /// The peer sends heartbeats of a newer generation: this node has been superseded.
+    /// A heartbeat claims a newer generation than this node's. Only a claim (heartbeats are
+    /// not authenticated): the caller may read the arbiter to check it, never stop on it alone.
     Superseded {
         /// The peer's generation.
         peer_generation: u64,
@@ -212,6 +248,9 @@ pub struct DetectorStats {
     pub heartbeats_received: u64,
     /// Heartbeats ignored because their generation was older than ours.
     pub stale_heartbeats: u64,
+    /// Heartbeats that claimed a generation newer than ours (reported as
+    /// [`DetectorEvent::Superseded`] once per claimed generation; no sign of life).
+    pub newer_claims: u64,
     /// Datagrams dropped: not a heartbeat, or not from the peer.
     pub dropped: u64,
     /// Times the traffic counter was found to have moved.
@@ -559,17 +598,23 @@ impl Worker {
             }
             self.peer_incarnation = Some(hb.incarnation);
         }
-        if hb.generation > ours && hb.generation > self.superseded_reported {
-            self.superseded_reported = hb.generation;
-            tracing::warn!(
-                peer_generation = hb.generation,
-                ours,
-                "peer is in a newer generation: this node is superseded"
-            );
-            (self.on_event)(DetectorEvent::Superseded {
-                peer_generation: hb.generation,
-                ours,
-            });
+        if hb.generation > ours {
+            // A claim, not evidence: reported (once per claimed generation) for the caller to
+            // check on the arbiter; no sign of life, no fence movement here.
+            self.shared.update(|s| s.newer_claims += 1);
+            if hb.generation > self.superseded_reported {
+                self.superseded_reported = hb.generation;
+                tracing::warn!(
+                    peer_generation = hb.generation,
+                    ours,
+                    "a heartbeat claims a newer generation: not acted on unless the arbiter confirms it"
+                );
+                (self.on_event)(DetectorEvent::Superseded {
+                    peer_generation: hb.generation,
+                    ours,
+                });
+            }
+            return;
         }
         let role = Role::from_u8(self.shared.role.load(Ordering::Relaxed)).unwrap_or(Role::Backup);
         let conflict = role.is_live() && hb.role.is_live();
@@ -581,9 +626,7 @@ impl Worker {
             });
         }
         self.conflict_reported = conflict;
-        if hb.generation == ours {
-            self.ever_heard = true;
-        }
+        self.ever_heard = true;
         self.sign_of_life(now);
     }
 

@@ -4,14 +4,21 @@
 //! ```text
 //! backup:  log stops (link error, or detector: primary failed) ─> stop receiving/acking
 //!          ─> replay every entry received ─> log runs out at exit N
-//!          ─> wait: detector says the primary failed ─> take_over (generation g+1; waits while
-//!             the arbiter is unreachable; lost ⇒ stop with PairError::Superseded)
+//!          ─> wait: detector says the primary failed (or the log link broke two failure
+//!             timeouts ago) ─> take_over (generation g+1; waits while the arbiter is
+//!             unreachable; lost ⇒ stop with PairError::Superseded)
 //!          ─> attach the service TAP, TX direct, console released ─> inputs live from exit N on
 //!          ─> runs as a lone primary until power off
 //! primary: detector: backup failed, or link down ─> take_over (g+1)
 //!          ─> won: stop logging, release every held output, TX direct, run alone
 //!          ─> lost: fence the output gate (nothing more is released), stop
+//! either:  a heartbeat claims a newer generation ─> read the arbiter (at most every 100 ms)
+//!          ─> only if it names a newer generation held by another node: as "lost" above
 //! ```
+//!
+//! Heartbeats carry liveness only (see the detector's threat model): the fence moves on
+//! evidence from the arbiter (a generation read from it, a lost test-and-set) or from the
+//! logging channel's generation check, never on what a UDP datagram says.
 //!
 //! # Where the replay stops, and why it is safe under the output rule
 //! The backup goes live at the first point where its log has nothing more: at an external read
@@ -218,15 +225,20 @@ pub enum BackupFtReport {
     WentLive(Box<LiveReport>),
 }
 
+/// What a heartbeat claimed: the newest generation a heartbeat named (0: none newer than
+/// ours). Only a reason to read the arbiter ([`ArbiterCheck`]); heartbeats are not evidence.
+type Claimed = Arc<std::sync::atomic::AtomicU64>;
+
 fn spawn_detector(
     cfg: &FtConfig,
     role: Role,
     fence: &Fence,
     failed: &Arc<AtomicBool>,
+    claimed: &Claimed,
 ) -> Result<Arc<Detector>, PairError> {
     let mut dc = cfg.detector.clone();
     dc.role = role;
-    let (f, fence2) = (Arc::clone(failed), fence.clone());
+    let (f, claimed) = (Arc::clone(failed), Arc::clone(claimed));
     let detector = Detector::spawn(dc, fence.clone(), move |event| match event {
         DetectorEvent::PeerFailed { detection_time, .. } => {
             tracing::warn!(?detection_time, "peer presumed failed");
@@ -236,21 +248,72 @@ fn spawn_detector(
             tracing::info!(?down_for, "peer alive again");
         }
         DetectorEvent::Superseded {
-            peer_generation,
-            ours,
+            peer_generation, ..
         } => {
-            tracing::error!(
-                peer_generation,
-                ours,
-                "the peer acts in a newer generation: this node is superseded"
-            );
-            fence2.advance(peer_generation);
+            // Heartbeats carry liveness only: the claim is checked on the arbiter.
+            claimed.fetch_max(peer_generation, Ordering::AcqRel);
         }
         DetectorEvent::RoleConflict { peer, ours } => {
             tracing::error!(?peer, ?ours, "both sides claim a live role");
         }
     })?;
     Ok(Arc::new(detector))
+}
+
+/// Least time between two arbiter reads made to check what heartbeats claimed: a flood of
+/// forged claims costs the arbiter at most this rate.
+const CLAIM_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// Checks, on the arbiter, the newer generations heartbeats claimed (rate-limited to one read
+/// per [`CLAIM_CHECK_EVERY`]). The only evidence that this node was superseded is the arbiter
+/// naming a newer generation held by another node.
+struct ArbiterCheck {
+    claimed: Claimed,
+    /// The claim checked last (each claimed generation is checked once).
+    checked: u64,
+    last_read: Option<Instant>,
+}
+
+impl ArbiterCheck {
+    fn new(claimed: Claimed) -> Self {
+        ArbiterCheck {
+            claimed,
+            checked: 0,
+            last_read: None,
+        }
+    }
+
+    /// `Some((generation, winner))` if a heartbeat claimed a newer generation than `ours` and
+    /// the arbiter confirms another node holds one.
+    fn superseded(&mut self, cfg: &FtConfig, ours: u64) -> Option<(u64, String)> {
+        let claim = self.claimed.load(Ordering::Acquire);
+        if claim <= ours.max(self.checked) {
+            return None;
+        }
+        if self
+            .last_read
+            .is_some_and(|t| t.elapsed() < CLAIM_CHECK_EVERY)
+        {
+            return None;
+        }
+        self.last_read = Some(Instant::now());
+        match cfg.arbiter.current() {
+            Ok(Some((g, w))) if g > ours && w != cfg.node => return Some((g, w.to_string())),
+            Ok(current) => {
+                self.checked = claim;
+                tracing::warn!(
+                    claimed = claim,
+                    ours,
+                    arbiter = ?current.map(|(g, _)| g),
+                    "a heartbeat claimed a newer generation the arbiter does not confirm: ignored \
+                     (forged or misdirected heartbeat)"
+                );
+            }
+            // Unreachable: checked again at the next call.
+            Err(e) => tracing::warn!(error = %e, "cannot check a claimed generation"),
+        }
+        None
+    }
 }
 
 /// Who a side superseded on the shared disk's owner record lost to.
@@ -282,13 +345,6 @@ pub(crate) fn disk_superseded(vm: &Vm) -> Option<PairError> {
         })
 }
 
-fn winner_of(arbiter: &dyn Arbiter, generation: u64) -> String {
-    match arbiter.current() {
-        Ok(Some((g, w))) if g >= generation => w.to_string(),
-        _ => "another node".into(),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Primary
 // ---------------------------------------------------------------------------------------------
@@ -306,6 +362,7 @@ pub(crate) struct PrimaryFt {
     fence: Fence,
     detector: Arc<Detector>,
     failed: Arc<AtomicBool>,
+    claimed: Claimed,
     shared: Arc<PrimaryShared>,
     stop: Arc<AtomicBool>,
     monitor: Option<JoinHandle<()>>,
@@ -325,12 +382,14 @@ impl PrimaryFt {
         }
         let fence = Fence::new(cfg.generation);
         let failed = Arc::new(AtomicBool::new(false));
-        let detector = spawn_detector(&cfg, Role::Primary, &fence, &failed)?;
+        let claimed = Claimed::default();
+        let detector = spawn_detector(&cfg, Role::Primary, &fence, &failed, &claimed)?;
         Ok(PrimaryFt {
             cfg,
             fence,
             detector,
             failed,
+            claimed,
             shared: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             monitor: None,
@@ -355,6 +414,7 @@ impl PrimaryFt {
             fence: self.fence.clone(),
             detector: Arc::clone(&self.detector),
             failed: Arc::clone(&self.failed),
+            claims: ArbiterCheck::new(Arc::clone(&self.claimed)),
             shared: Arc::clone(&self.shared),
             stop: Arc::clone(&self.stop),
             writer: writer.clone(),
@@ -416,6 +476,7 @@ struct Monitor {
     fence: Fence,
     detector: Arc<Detector>,
     failed: Arc<AtomicBool>,
+    claims: ArbiterCheck,
     shared: Arc<PrimaryShared>,
     stop: Arc<AtomicBool>,
     writer: LogWriter,
@@ -426,7 +487,7 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn run(self) {
+    fn run(mut self) {
         let mut last_acked = 0;
         while !self.stop.load(Ordering::Acquire) {
             let (running, acked) = {
@@ -438,10 +499,10 @@ impl Monitor {
                 self.detector.note_traffic();
                 last_acked = acked;
             }
-            if self.fence.current() > self.cfg.generation {
-                // A heartbeat of a newer generation: the backup went live.
-                let g = self.fence.current();
-                self.lose(g, winner_of(&*self.cfg.arbiter, g));
+            if let Some((g, winner)) = self.claims.superseded(&self.cfg, self.cfg.generation) {
+                // A heartbeat claimed a newer generation and the arbiter confirms it: the
+                // backup went live.
+                self.lose(g, winner);
                 return;
             }
             if self.failed.load(Ordering::Acquire) || !running {
@@ -505,19 +566,7 @@ impl Monitor {
                         return;
                     }
                 }
-                self.writer.set_alone();
-                self.gate.release_all(generation);
-                let mut released = false;
-                match &self.net {
-                    // Frames held before the switch leave first, in order.
-                    Some(net) => net.switch_tx(TxMode::Direct, || {
-                        released = self.gate.flush(RELEASE_TIMEOUT);
-                    }),
-                    None => released = self.gate.flush(RELEASE_TIMEOUT),
-                }
-                if !released {
-                    tracing::error!("held outputs could not all be released");
-                }
+                release_alone(&self.writer, &self.gate, self.net.as_ref(), generation);
                 let t_drained = Instant::now();
                 self.detector.set_role(Role::Alone);
                 let timings = GoLiveTimings {
@@ -549,6 +598,30 @@ impl Monitor {
             }
         }
     }
+}
+
+/// A primary goes on alone in `generation`: logging stops, every held output is released (the
+/// frames held before transmits switch to the TAP leave first, in order), transmits go
+/// straight to the TAP. Returns whether everything held was released in time.
+pub(crate) fn release_alone(
+    writer: &LogWriter,
+    gate: &OutputGate,
+    net: Option<&NetHandle>,
+    generation: u64,
+) -> bool {
+    writer.set_alone();
+    gate.release_all(generation);
+    let mut released = false;
+    match net {
+        Some(net) => net.switch_tx(TxMode::Direct, || {
+            released = gate.flush(RELEASE_TIMEOUT);
+        }),
+        None => released = gate.flush(RELEASE_TIMEOUT),
+    }
+    if !released {
+        tracing::error!("held outputs could not all be released");
+    }
+    released
 }
 
 /// Runs `vm` as the primary of a fault-tolerant pair: as [`run_primary`](super::primary::run_primary),
@@ -637,13 +710,23 @@ impl BackupGoLive {
         );
         // 1. The primary must be presumed failed (a log link that broke while the primary
         //    lives is decided by the primary: it takes the next generation and we lose).
+        //    Heartbeats alone cannot hold this back for long: the log link is the stronger
+        //    signal, and once it broke, a primary that is alive takes the next generation at
+        //    once (its link broke too) — so after two failure timeouts without a decision,
+        //    the backup contests the next generation whatever the heartbeats say (forged ones
+        //    included; the arbiter keeps that safe: see the detector's threat model).
+        let contest_after = 2 * self.cfg.detector.timeout;
         let mut last_check = Instant::now();
         while !self.failed.load(Ordering::Acquire) {
-            if self.fence.current() > self.cfg.generation {
-                let g = self.fence.current();
-                return self.lost(g, winner_of(&*self.cfg.arbiter, g));
+            if lost_at.elapsed() >= contest_after {
+                tracing::warn!(
+                    since_log_lost_ms = lost_at.elapsed().as_millis() as u64,
+                    "the log link is down and the primary has not taken the next generation, \
+                     though its heartbeats still arrive: contesting the next generation"
+                );
+                break;
             }
-            if last_check.elapsed() >= Duration::from_millis(100) {
+            if last_check.elapsed() >= CLAIM_CHECK_EVERY {
                 last_check = Instant::now();
                 if let Ok(Some((g, w))) = self.cfg.arbiter.current() {
                     if g > self.cfg.generation && w != self.cfg.node {
@@ -774,7 +857,8 @@ pub fn run_backup_ft(
 ) -> Result<BackupFtReport, PairError> {
     let fence = Fence::new(ft.generation);
     let failed = Arc::new(AtomicBool::new(false));
-    let detector = spawn_detector(&ft, Role::Backup, &fence, &failed)?;
+    // A backup checks the arbiter itself while it decides (below); claims need no reader.
+    let detector = spawn_detector(&ft, Role::Backup, &fence, &failed, &Claimed::default())?;
     reader.watch(Arc::clone(&failed), detector.traffic());
     let reader = Arc::new(Mutex::new(reader));
     let golive = Arc::new(Mutex::new(BackupGoLive {

@@ -81,6 +81,40 @@ pub enum PairError {
     /// The failure detector could not be started.
     #[error("failure detector")]
     Detector(#[from] super::detector::DetectorError),
+    /// The peer failed (its logging link broke) and this side has no arbiter to take over
+    /// with: the pair stops ([`PeerFailurePolicy::Stop`]).
+    #[error(
+        "the {peer} failed at exit {exit} ({why}); without an arbiter this side cannot take \
+         over safely: the pair stops"
+    )]
+    PeerFailed {
+        /// `"backup"` or `"primary"`.
+        peer: &'static str,
+        /// The exit index where this side stopped.
+        exit: u64,
+        /// How the failure showed (the link's error).
+        why: String,
+    },
+}
+
+/// What a primary **without an arbiter** does when its backup fails (its logging link
+/// breaks). With an arbiter the primary always goes on alone after winning the next
+/// generation ([`super::golive`]).
+///
+/// Without an arbiter nothing can tell a dead backup from a partitioned one, so by default the
+/// pair stops: the primary cannot keep its promise (no acknowledged output lost at a failover)
+/// without a backup, and its held outputs wait for acknowledgements that will never come. A
+/// backup without an arbiter never goes live (it would risk a second live copy), so a primary
+/// that goes on alone is the only live copy; it runs *unprotected*, which the operator must
+/// choose explicitly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PeerFailurePolicy {
+    /// Stop promptly with [`PairError::PeerFailed`]; held outputs are never released.
+    #[default]
+    Stop,
+    /// Warn loudly, stop logging, release every held output and run on as a lone primary
+    /// without protection.
+    GoAloneUnprotected,
 }
 
 /// The messages of `e` and all its sources, joined with `: `.
@@ -106,6 +140,8 @@ pub struct PairOptions {
     pub idle: IdleKind,
     /// How long the end of the run waits for acknowledgements.
     pub ack_timeout: Duration,
+    /// Primary without an arbiter ([`run_primary`]): what to do when the backup fails.
+    pub on_peer_failure: PeerFailurePolicy,
 }
 
 impl Default for PairOptions {
@@ -115,6 +151,7 @@ impl Default for PairOptions {
             mem_digest_every: 0,
             idle: IdleKind::Yield,
             ack_timeout: Duration::from_secs(30),
+            on_peer_failure: PeerFailurePolicy::Stop,
         }
     }
 }
@@ -510,6 +547,107 @@ impl WriteBarrier for DiskBarrier {
     }
 }
 
+/// Watches the logging link of a primary **without an arbiter** and applies its
+/// [`PeerFailurePolicy`] when the link breaks (the backup failed). A thread that looks every
+/// [`LINK_WATCH_EVERY`] and sleeps in between (no spinning); stopped when the run ends.
+struct LinkWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    failed: Arc<Mutex<Option<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often [`LinkWatch`] looks at the link.
+const LINK_WATCH_EVERY: Duration = Duration::from_millis(5);
+
+impl LinkWatch {
+    fn start(
+        writer: &LogWriter,
+        gate: &Arc<OutputGate>,
+        vm: &Vm,
+        policy: PeerFailurePolicy,
+    ) -> Result<Self, PairError> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed = Arc::new(Mutex::new(None));
+        let (writer, gate, net, control) = (
+            writer.clone(),
+            Arc::clone(gate),
+            vm.net().cloned(),
+            vm.control(),
+        );
+        let (stop2, failed2) = (Arc::clone(&stop), Arc::clone(&failed));
+        let thread = std::thread::Builder::new()
+            .name("ft-link-watch".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Acquire) {
+                    let why = {
+                        let s = writer.sender();
+                        if s.is_running() {
+                            None
+                        } else {
+                            Some(s.error().map_or_else(
+                                || "the logging link is down".to_string(),
+                                |e| format!("logging link: {e}"),
+                            ))
+                        }
+                    };
+                    let Some(why) = why else {
+                        std::thread::sleep(LINK_WATCH_EVERY);
+                        continue;
+                    };
+                    match policy {
+                        PeerFailurePolicy::Stop => {
+                            tracing::error!(
+                                %why,
+                                "the backup failed and there is no arbiter: the pair stops \
+                                 (held outputs are not released)"
+                            );
+                            *failed2.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                            control.kick();
+                        }
+                        PeerFailurePolicy::GoAloneUnprotected => {
+                            tracing::warn!(
+                                %why,
+                                "UNPROTECTED: the backup failed and there is no arbiter; this \
+                                 primary goes on ALONE as asked (--go-alone-unprotected): no \
+                                 backup, no failover, held outputs released now"
+                            );
+                            super::golive::release_alone(&writer, &gate, net.as_ref(), 1);
+                        }
+                    }
+                    return;
+                }
+            })
+            .map_err(|e| PairError::Setup(format!("link watch thread: {e}")))?;
+        Ok(LinkWatch {
+            stop,
+            failed,
+            thread: Some(thread),
+        })
+    }
+
+    /// Why the backup is taken for failed, once the link broke under [`PeerFailurePolicy::Stop`].
+    fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stops watching (the run ended: the link going down now is no failure).
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LinkWatch {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Test hooks of a primary run (deliberate nondeterminism).
 #[derive(Debug, Default, Clone)]
 pub struct PrimaryHooks {
@@ -573,6 +711,21 @@ pub(crate) fn primary_loop(
     if let Some(f) = ft.as_deref_mut() {
         f.start(Arc::clone(&gate), writer, vm)?;
     }
+    // Without an arbiter, the link breaking is the backup's failure: the policy decides.
+    let mut watch = match ft {
+        None => Some(LinkWatch::start(writer, &gate, vm, opts.on_peer_failure)?),
+        Some(_) => None,
+    };
+    let peer_failed = |watch: &Option<LinkWatch>, exit: u64| {
+        watch
+            .as_ref()
+            .and_then(LinkWatch::failure)
+            .map(|why| PairError::PeerFailed {
+                peer: "backup",
+                exit,
+                why,
+            })
+    };
     if console_hooked {
         // The console bytes go to the gate at the exit that wrote them.
         vm.set_console_hook(Some(Arc::new(gate.source_drainer())));
@@ -583,6 +736,9 @@ pub(crate) fn primary_loop(
     let mut logging = true;
     let result = loop {
         if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
+            break Err(e);
+        }
+        if let Some(e) = peer_failed(&watch, vm.stats().total()) {
             break Err(e);
         }
         if logging && writer.is_alone() {
@@ -601,9 +757,16 @@ pub(crate) fn primary_loop(
             if let Some(e) = super::golive::disk_superseded(vm) {
                 break Err(e);
             }
+            // A shared-disk write refused because the link broke: the backup failed.
+            if let Some(e) = peer_failed(&watch, vm.stats().total()) {
+                break Err(e);
+            }
         }
         if let Some(e) = writer.take_error() {
             if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
+                break Err(e);
+            }
+            if let Some(e) = peer_failed(&watch, vm.stats().total()) {
                 break Err(e);
             }
             break Err(PairError::Log(e));
@@ -635,13 +798,17 @@ pub(crate) fn primary_loop(
                 }
             }
             RunOutcome::PoweredOff(code) => break Ok((code, exit)),
-            // The FT monitor kicks the vCPU when this primary was superseded.
+            // The FT monitor kicks the vCPU when this primary was superseded, the link watch
+            // when the backup failed.
             RunOutcome::Paused => match ft.as_deref().and_then(PrimaryFt::superseded) {
                 Some(e) => break Err(e),
-                None => break Err(PairError::Paused(exit)),
+                None => break Err(peer_failed(&watch, exit).unwrap_or(PairError::Paused(exit))),
             },
         }
     };
+    if let Some(w) = watch.as_mut() {
+        w.stop();
+    }
     vm.set_inputs(Inputs::default());
     vm.set_console_hook(None);
     if let Some(d) = &disk {
@@ -658,6 +825,8 @@ pub(crate) fn primary_loop(
     })?;
     let mut backup_finished = false;
     match ft {
+        // Alone (unprotected): nobody acknowledges any more.
+        None if writer.is_alone() => {}
         None => {
             if !writer.sender().wait_acked(end, opts.ack_timeout)? {
                 return Err(PairError::Log(format!(

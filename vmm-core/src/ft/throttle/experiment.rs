@@ -365,6 +365,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
         mem_digest_every: 0,
         idle: IdleKind::Yield,
         ack_timeout: cfg.ack_timeout,
+        ..PairOptions::default()
     };
     let done = AtomicBool::new(false);
     let (primary, samples) = std::thread::scope(|s| {

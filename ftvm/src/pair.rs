@@ -35,7 +35,7 @@ use ftvm_vmm_core::ft::golive::{
 };
 use ftvm_vmm_core::ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryHooks};
 use ftvm_vmm_core::ft::throttle::{
-    current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus,
+    current_tid, CgroupPlace, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus,
 };
 use ftvm_vmm_core::ft::{
     acquire_with_retry, Acquire, Arbiter, DetectorConfig, NodeId, RetryPolicy, Role,
@@ -49,7 +49,7 @@ pub struct PairArgs {
     /// TOML file with the same settings (keys: guest, mem, disk, shared_disk, net, cmdline, console, peer,
     /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, poll_idle, arbiter, node,
     /// heartbeat, peer_heartbeat, fail_timeout, generation, throttle_target_ms,
-    /// throttle_min_share).
+    /// throttle_min_share, throttle_cgroup).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
@@ -131,10 +131,16 @@ pub struct PairArgs {
     #[arg(long)]
     pub generation: Option<u64>,
     /// Primary: keep the backup's execution within this many milliseconds of the primary's by
-    /// lowering the primary vCPU's CPU share (a cgroup v1 `cpu` group: needs root); 0 turns
-    /// the throttle off (default 100).
+    /// lowering the primary vCPU's CPU share (a cgroup v2 or v1 `cpu` group plus pauses at the
+    /// vCPU's exits; the pauses alone where no cgroup is writable); 0 turns the throttle off
+    /// [default: 100].
     #[arg(long)]
     pub throttle_target_ms: Option<u64>,
+    /// Primary: where the throttle's cgroup goes: `auto` (under this process's own cgroup in
+    /// the cpu controller's hierarchy), a cgroup directory (a delegated one; on cgroup v2 the
+    /// process moves into it), or `none` (pauses at exits only) [default: auto].
+    #[arg(long, value_name = "auto|none|DIR")]
+    pub throttle_cgroup: Option<String>,
     /// Primary: the smallest CPU share the throttle may give the vCPU, in (0, 1] (default:
     /// `ThrottleConfig`'s, 0.1).
     #[arg(long)]
@@ -183,6 +189,7 @@ struct FileConfig {
     generation: Option<u64>,
     throttle_target_ms: Option<u64>,
     throttle_min_share: Option<f64>,
+    throttle_cgroup: Option<String>,
 }
 
 /// Failover settings (with `--arbiter`).
@@ -320,6 +327,20 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
             }
             cfg.pi.min_share = m;
         }
+        cfg.cgroup = match args.throttle_cgroup.or(file.throttle_cgroup).as_deref() {
+            None | Some("auto") => CgroupPlace::Auto,
+            Some("none") => CgroupPlace::Off,
+            Some(dir) => {
+                let dir = PathBuf::from(dir);
+                if !dir.is_dir() {
+                    bail!(
+                        "--throttle-cgroup {}: no such directory (auto, none or a cgroup directory)",
+                        dir.display()
+                    );
+                }
+                CgroupPlace::At(dir)
+            }
+        };
         Some(cfg)
     };
     let shared_disk = args.shared_disk || file.shared_disk.unwrap_or(false);
@@ -564,9 +585,9 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
     let hooks = PrimaryHooks::default();
     let ft = ft_config(&s, arbiter, Role::Primary)?;
     // The throttle acts on this thread: `run_primary` / `run_primary_ft` run the vCPU here.
-    // There is no hook for going on alone, so a primary that lost its backup stays throttled
-    // by the controller until the run ends (the lag then only grows: at the minimum share).
-    let throttle = start_throttle(s.throttle.as_ref(), &writer);
+    // Once the primary goes on alone its lag source stops replicating and the controller
+    // gives the vCPU its full share back.
+    let throttle = start_throttle(s.throttle.as_ref(), &writer)?;
     let run = match ft {
         None => run_primary(&mut vm, &writer, &s.opts, Some((buf, sink)), &hooks)
             .map(|r| (r, serde_json::Value::Null)),
@@ -582,7 +603,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         }
     };
     // Stopped before any exit below: it restores full speed and removes its cgroup.
-    let throttle_json = throttle_json(throttle.map(Throttle::stop));
+    let throttle_json = throttle_json(throttle.map(Throttle::stop).ok_or("off (--throttle-target-ms 0)"));
     let (report, ft_json) = match run {
         Ok(r) => r,
         Err(PairError::Superseded { generation, winner }) => fenced(&format!(
@@ -653,43 +674,36 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
     std::process::exit(crate::exit::guest_status(report.code));
 }
 
-/// Starts the throttle for the vCPU running on this thread. `Err`: why there is none (off, or
-/// it cannot start: not root, no cgroup v1 `cpu` controller; then it warns, and the pair runs
-/// unthrottled).
-fn start_throttle(cfg: Option<&ThrottleConfig>, writer: &LogWriter) -> Result<Throttle, String> {
+/// Starts the throttle for the vCPU running on this thread (`None`: turned off). Where no cgroup
+/// is writable it runs with the pacer alone (and says so once); it fails only on a broken
+/// configuration or when its thread cannot start.
+fn start_throttle(
+    cfg: Option<&ThrottleConfig>,
+    writer: &LogWriter,
+) -> anyhow::Result<Option<Throttle>> {
     let Some(cfg) = cfg else {
-        return Err("off (--throttle-target-ms 0)".into());
+        return Ok(None);
     };
-    match Throttle::for_writer(cfg.clone(), writer, current_tid()) {
-        Ok(t) => {
-            tracing::info!(
-                target: "ftvm::throttle",
-                target_ms = cfg.target.as_millis() as u64,
-                min_share = cfg.pi.min_share,
-                actuator = t.actuator(),
-                "primary: CPU throttle on"
-            );
-            Ok(t)
-        }
-        Err(e) => {
-            let why = error_text(&e);
-            tracing::warn!(
-                target: "ftvm::throttle",
-                error = %why,
-                "primary: cannot start the CPU throttle, running UNTHROTTLED (the backup may fall behind the lag target)"
-            );
-            Err(format!("could not start: {why}"))
-        }
-    }
+    let t = Throttle::for_writer(cfg.clone(), writer, current_tid())
+        .map_err(|e| anyhow::anyhow!("cannot start the CPU throttle: {}", error_text(&e)))?;
+    tracing::info!(
+        target: "ftvm::throttle",
+        target_ms = cfg.target.as_millis() as u64,
+        min_share = cfg.pi.min_share,
+        actuator = t.actuator(),
+        "primary: CPU throttle on"
+    );
+    Ok(Some(t))
 }
 
 /// The `"throttle"` object of the primary's report: the final [`ThrottleStatus`], or why there
 /// was none.
-fn throttle_json(status: Result<ThrottleStatus, String>) -> serde_json::Value {
+fn throttle_json(status: Result<ThrottleStatus, &str>) -> serde_json::Value {
     match status {
         Err(reason) => serde_json::json!({"enabled": false, "reason": reason}),
         Ok(st) => serde_json::json!({
             "enabled": true,
+            "actuator": st.actuator.name(),
             "share": st.share,
             "min_share": st.min_share,
             "lag_ms": st.lag_ms,

@@ -888,6 +888,57 @@ mod tests {
         assert!(locate("", "").is_err());
     }
 
+    /// The cgroup v2 file protocol, against a directory laid out like a delegated v2 cgroup (a
+    /// fake beside `tests/throttle_actuators.rs`, which runs the real one where the kernel
+    /// offers `cpu` on v2): the process joins the delegated cgroup, the group is made threaded,
+    /// `+cpu` enabled, the thread moved through `cgroup.threads`, the quota written to `cpu.max`
+    /// with the period, the weight scaled to `cpu.weight`, everything given back on drop.
+    #[test]
+    fn the_v2_file_protocol() {
+        if !fs::read_to_string("/proc/self/cgroup").is_ok_and(|t| t.contains("0::")) {
+            eprintln!("SKIP the_v2_file_protocol: no cgroup v2 line in /proc/self/cgroup");
+            return;
+        }
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path();
+        for (f, v) in [
+            ("cgroup.controllers", "cpu memory"),
+            ("cgroup.subtree_control", ""),
+            ("cgroup.procs", ""),
+            ("cgroup.threads", ""),
+        ] {
+            fs::write(p.join(f), v).expect("parent file");
+        }
+        let child = p.join("ftvm-1-primary-0");
+        fs::create_dir(&child).expect("child");
+        for (f, v) in [
+            ("cgroup.type", "domain"),
+            ("cpu.max", "max 100000"),
+            ("cgroup.threads", ""),
+        ] {
+            fs::write(child.join(f), v).expect("child file");
+        }
+        let h = CpuHierarchy::at(p).expect("v2 dir");
+        assert_eq!(h.version, CgroupVersion::V2);
+        let mut g =
+            CgroupCpu::create_in(&h, "ftvm-1-primary-0", Duration::from_millis(10)).expect("create");
+        let text = |f: &Path| fs::read_to_string(f).expect("read").trim().to_string();
+        assert_eq!(text(&p.join("cgroup.procs")), std::process::id().to_string());
+        assert_eq!(text(&child.join("cgroup.type")), "threaded");
+        assert_eq!(text(&p.join("cgroup.subtree_control")), "+cpu");
+        assert_eq!(text(&child.join("cpu.max")), "max 10000");
+        let tid = current_tid();
+        g.add_thread(tid).expect("move");
+        assert_eq!(text(&child.join("cgroup.threads")), tid.to_string());
+        g.set_share(0.25).expect("share");
+        assert_eq!(text(&child.join("cpu.max")), "2500 10000");
+        g.set_weight(2048).expect("weight");
+        assert_eq!(text(&child.join("cpu.weight")), "200");
+        drop(g);
+        assert_eq!(text(&child.join("cpu.max")), "max 10000");
+        assert_eq!(text(&p.join("cgroup.threads")), tid.to_string());
+    }
+
     #[test]
     fn stale_group_names_name_their_pid() {
         assert_eq!(owner_pid("ftvm-123-primary-0"), Some(123));

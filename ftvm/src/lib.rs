@@ -12,8 +12,10 @@ use anyhow::{bail, Context};
 pub mod client;
 pub mod demo;
 pub mod exit;
+pub mod metrics;
 pub mod pair;
 pub mod scenario;
+pub mod stat;
 pub mod transitions;
 
 /// Parses a size with an optional K/M/G suffix (`64M`, `2g`, `4096`).

@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use ftvm_vmm_core::devices::ConsoleOutput;
+use ftvm_vmm_core::ft::observe::{Observer, SideRole};
 use ftvm_vmm_core::vm::{RunOutcome, Vm, VmConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use ftvm::{demo, load_guest, pair, parse_size};
+use ftvm::{demo, load_guest, pair, parse_size, stat};
 
 /// ftvm: a fault-tolerant KVM virtual machine system.
 #[derive(Debug, Parser)]
@@ -45,6 +46,9 @@ enum Command {
     /// mid-load, the backup going live, every acknowledged write checked (needs root and KVM).
     /// `--shared-disk`: both sides on one disk image, read back again from `kv` booted alone on it.
     Demo(demo::DemoArgs),
+    /// A live view of one or both sides of a pair from their `--metrics` endpoints (refreshed
+    /// every second; `--once --json` for scripts).
+    Stat(stat::StatArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,6 +78,9 @@ struct RunArgs {
     /// No progress spinner (also off when stderr is not a terminal).
     #[arg(long)]
     quiet: bool,
+    /// Serve the live counters over HTTP at this `HOST:PORT` (`/metrics`, `/status.json`).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         Command::Primary(args) => pair::primary(args),
         Command::Backup(args) => pair::backup(args),
         Command::Demo(args) => demo::demo(args),
+        Command::Stat(args) => stat::stat(&args),
     }
 }
 
@@ -124,6 +132,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut vm =
         Vm::new(&config, &elf).with_context(|| format!("cannot start guest {}", args.guest))?;
     let control = vm.control();
+    let observer = Observer::new(SideRole::Run);
+    observer.watch_exits(vm.stats());
+    let _metrics = ftvm::metrics::start_if(args.metrics.as_deref(), &observer)?;
 
     let show = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

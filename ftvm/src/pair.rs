@@ -49,7 +49,7 @@ pub struct PairArgs {
     /// TOML file with the same settings (keys: guest, mem, disk, shared_disk, net, cmdline, console, peer,
     /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, poll_idle, arbiter, node,
     /// heartbeat, peer_heartbeat, fail_timeout, generation, throttle_target_ms,
-    /// throttle_min_share, throttle_cgroup).
+    /// throttle_min_share, throttle_cgroup, metrics).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
@@ -136,6 +136,10 @@ pub struct PairArgs {
     /// [default: 100].
     #[arg(long)]
     pub throttle_target_ms: Option<u64>,
+    /// Serve the live counters over HTTP at this `HOST:PORT`: Prometheus text at `/metrics`,
+    /// JSON at `/status.json` (read by `ftvm stat`); from pairing on.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
     /// Primary: where the throttle's cgroup goes: `auto` (under this process's own cgroup in
     /// the cpu controller's hierarchy), a cgroup directory (a delegated one; on cgroup v2 the
     /// process moves into it), or `none` (pauses at exits only) [default: auto].
@@ -190,6 +194,7 @@ struct FileConfig {
     throttle_target_ms: Option<u64>,
     throttle_min_share: Option<f64>,
     throttle_cgroup: Option<String>,
+    metrics: Option<String>,
 }
 
 /// Failover settings (with `--arbiter`).
@@ -224,6 +229,8 @@ struct Settings {
     ft: Option<FtSettings>,
     /// The primary's throttle (`None`: off).
     throttle: Option<ThrottleConfig>,
+    /// `--metrics` address.
+    metrics: Option<String>,
 }
 
 fn socket_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
@@ -379,6 +386,7 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
         report: args.report.or(file.report),
         ft,
         throttle,
+        metrics: args.metrics.or(file.metrics),
     })
 }
 
@@ -572,6 +580,8 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         .context("the backup refused to pair (different initial state? guest, memory, command line, disk contents and --shared-disk must agree) or is unreachable")?;
     eprintln!("primary: paired with the backup, running {}", s.guest);
     let writer = LogWriter::new(sender, s.opts.idle);
+    writer.observer().set_transport(&s.transport);
+    let _metrics = crate::metrics::start_if(s.metrics.as_deref(), writer.observer())?;
     let mut file = console_file(&s.console)?;
     let sink: ftvm_vmm_core::ft::output::Sink = Box::new(move |d: &[u8]| {
         let r = match file.as_mut() {
@@ -603,7 +613,11 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         }
     };
     // Stopped before any exit below: it restores full speed and removes its cgroup.
-    let throttle_json = throttle_json(throttle.map(Throttle::stop).ok_or("off (--throttle-target-ms 0)"));
+    let throttle_json = throttle_json(
+        throttle
+            .map(Throttle::stop)
+            .ok_or("off (--throttle-target-ms 0)"),
+    );
     let (report, ft_json) = match run {
         Ok(r) => r,
         Err(PairError::Superseded { generation, winner }) => fenced(&format!(
@@ -612,6 +626,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         Err(e) => return Err(anyhow_pair(e)),
     };
     let stats = writer.sender().snapshot();
+    let observed = writer.observer().snapshot();
     let secs = report.elapsed.as_secs_f64().max(1e-9);
     let d = &report.outputs.delay_us;
     let disk_digest = s.disk.as_deref().map(file_digest).transpose()?;
@@ -658,7 +673,8 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
             "output_delay_p99_us": d.value_at_quantile(0.99),
             "output_delay_max_us": d.max(),
             "releases": report.outputs.releases.iter().take(256).collect::<Vec<_>>(),
-            "channel": format!("{stats:?}"),
+            "channel": stats,
+            "metrics": observed,
             "failover": ft_json,
             "throttle": throttle_json,
             "shared_disk": disk_json(&vm),
@@ -867,6 +883,9 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
         .context("cannot pair with the primary (different initial state? guest, memory, command line, disk contents and --shared-disk must agree)")?;
     eprintln!("backup: paired with the primary, replaying {}", s.guest);
     let reader = LogReader::new(rx, s.opts.idle, None);
+    let observer = reader.observer().clone();
+    observer.set_transport(&s.transport);
+    let _metrics = crate::metrics::start_if(s.metrics.as_deref(), &observer)?;
     // Records (and logs) the throttle targets agreed through the log.
     TargetFollower::new().install(reader.controls());
     let result = match ft_config(&s, arbiter, Role::Backup)? {
@@ -905,8 +924,9 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                             "golive": timings_json(&live.timings),
                             "detector": detector_json(&live.detector),
                             "console_released": live.console.released,
-                            "tx": live.tx.map(|t| format!("{t:?}")),
+                            "tx": live.tx,
                             "shared_disk": disk_json(&vm),
+                            "metrics": observer.snapshot(),
                         }),
                     )?;
                     std::process::exit(crate::exit::guest_status(live.code));
@@ -945,6 +965,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                     "regs_digest": format!("{:016x}", r.regs_digest),
                     "disk_digest": disk_digest.map(|d| format!("{d:016x}")),
                     "shared_disk": disk_json(&vm),
+                    "metrics": observer.snapshot(),
                 }),
             )?;
             Ok(())

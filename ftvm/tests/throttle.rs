@@ -121,7 +121,10 @@ fn primary_report_has_the_throttle_state() {
         None => ["cgroup-v1", "cgroup-v2"].as_slice(),
         Some(_) => ["pacer"].as_slice(),
     };
-    assert!(t["actuator"].as_str().is_some_and(|a| want.contains(&a)), "{t}");
+    assert!(
+        t["actuator"].as_str().is_some_and(|a| want.contains(&a)),
+        "{t}"
+    );
 }
 
 /// `--throttle-cgroup none`: the pacer alone, reported as such.
@@ -162,7 +165,9 @@ fn primary_under_ip_netns_exec_uses_a_cgroup() {
     let t = &r["throttle"];
     assert_eq!(t["enabled"], true, "{t}");
     assert!(
-        t["actuator"].as_str().is_some_and(|a| a.starts_with("cgroup-")),
+        t["actuator"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("cgroup-")),
         "not throttled through a cgroup under ip netns exec: {t}"
     );
     assert_eq!(mounts(), before, "the host's mounts changed");

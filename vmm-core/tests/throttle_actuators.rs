@@ -146,7 +146,8 @@ fn cgroup_v2_threaded_group_on_a_mounted_hierarchy() {
     let before = children(mount.path());
     let controllers =
         std::fs::read_to_string(mount.path().join("cgroup.controllers")).expect("controllers");
-    let subtree = |p: &Path| std::fs::read_to_string(p.join("cgroup.subtree_control")).expect("subtree");
+    let subtree =
+        |p: &Path| std::fs::read_to_string(p.join("cgroup.subtree_control")).expect("subtree");
     let subtree_before = subtree(mount.path());
     let name = format!("ftvm-{}-v2test-0", std::process::id());
     let r = CgroupCpu::create_in(&h, &name, Duration::from_millis(10));
@@ -218,7 +219,11 @@ fn stale_groups_of_dead_processes_are_removed() {
     let _ = std::fs::remove_dir(&stale);
     assert!(removed >= 1 && !stale_left, "stale group kept");
     assert!(live_left, "a live process's group was removed");
-    eprintln!("{TEST}: {:?} hierarchy at {}", h.version, h.parent.display());
+    eprintln!(
+        "{TEST}: {:?} hierarchy at {}",
+        h.version,
+        h.parent.display()
+    );
 }
 
 /// A real pair (KVM, TCP loopback) with the backup slowed to 30 % of a CPU and no cgroup for

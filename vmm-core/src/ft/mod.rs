@@ -48,6 +48,7 @@ pub mod fence;
 pub mod golive;
 pub mod log;
 pub mod node;
+pub mod observe;
 pub mod output;
 pub mod primary;
 pub mod throttle;

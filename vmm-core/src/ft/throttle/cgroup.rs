@@ -326,13 +326,9 @@ fn self_mount(version: CgroupVersion, options: &str) -> Result<(), ThrottleError
     // Nothing mounted here may propagate to the host.
     mount_syscall("none", "/", None, libc::MS_REC | libc::MS_SLAVE, None).map_err(mount_err)?;
     match version {
-        CgroupVersion::V1 => mount_syscall(
-            "cgroup",
-            SELF_MOUNT_POINT,
-            Some("cgroup"),
-            0,
-            Some(options),
-        ),
+        CgroupVersion::V1 => {
+            mount_syscall("cgroup", SELF_MOUNT_POINT, Some("cgroup"), 0, Some(options))
+        }
         CgroupVersion::V2 => mount_syscall("cgroup2", SELF_MOUNT_POINT, Some("cgroup2"), 0, None),
     }
     .map_err(mount_err)?;
@@ -543,7 +539,11 @@ impl CgroupCpu {
     /// (v2: the hierarchy offers no `cpu` controller to this cgroup),
     /// [`ThrottleError::CreateGroup`] (not root, read-only cgroupfs), [`ThrottleError::Write`]
     /// (v2: the parent has domain controllers enabled, so no threaded group can go under it).
-    pub fn create_in(h: &CpuHierarchy, name: &str, period: Duration) -> Result<Self, ThrottleError> {
+    pub fn create_in(
+        h: &CpuHierarchy,
+        name: &str,
+        period: Duration,
+    ) -> Result<Self, ThrottleError> {
         let period_us = check_name_period(name, period)?;
         if h.version == CgroupVersion::V2 {
             let ctrls = read(&h.parent.join("cgroup.controllers"))?;
@@ -632,7 +632,11 @@ impl CgroupCpu {
             source,
         };
         let from = self.hierarchy.dir_of(tid).map_err(err)?;
-        fs::write(self.dir.join(self.hierarchy.threads_file()), tid.to_string()).map_err(err)?;
+        fs::write(
+            self.dir.join(self.hierarchy.threads_file()),
+            tid.to_string(),
+        )
+        .map_err(err)?;
         self.members.push((tid, from));
         Ok(())
     }
@@ -807,10 +811,7 @@ impl Drop for CgroupCpu {
                 .map(|d| d.flatten().any(|e| e.path().is_dir()))
                 .unwrap_or(true);
             if !others {
-                let _ = fs::write(
-                    self.hierarchy.parent.join("cgroup.subtree_control"),
-                    "-cpu",
-                );
+                let _ = fs::write(self.hierarchy.parent.join("cgroup.subtree_control"), "-cpu");
             }
         }
     }
@@ -821,7 +822,8 @@ mod tests {
     use super::*;
 
     /// `/proc/self/cgroup` and `/proc/self/mountinfo` of this machine (v1 `cpu`, v2 beside it).
-    const HYBRID_CGROUP: &str = "9:name=systemd:/\n4:memory:/process_api/e4\n2:cpuacct:/\n1:cpu:/\n0::/\n";
+    const HYBRID_CGROUP: &str =
+        "9:name=systemd:/\n4:memory:/process_api/e4\n2:cpuacct:/\n1:cpu:/\n0::/\n";
     const HYBRID_MOUNTINFO: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
@@ -863,7 +865,8 @@ mod tests {
         };
         assert_eq!(h.parent, PathBuf::from("/mnt/my cg"));
         // Under `ip netns exec`: the same cgroups, none of the mounts.
-        let netns_mounts = "22 1 0:21 / /proc rw - proc proc rw\n100 1 0:50 / /sys rw - sysfs sysfs rw\n";
+        let netns_mounts =
+            "22 1 0:21 / /proc rw - proc proc rw\n100 1 0:50 / /sys rw - sysfs sysfs rw\n";
         assert_eq!(
             locate(HYBRID_CGROUP, netns_mounts),
             Ok(Found::NotMounted {
@@ -920,10 +923,13 @@ mod tests {
         }
         let h = CpuHierarchy::at(p).expect("v2 dir");
         assert_eq!(h.version, CgroupVersion::V2);
-        let mut g =
-            CgroupCpu::create_in(&h, "ftvm-1-primary-0", Duration::from_millis(10)).expect("create");
+        let mut g = CgroupCpu::create_in(&h, "ftvm-1-primary-0", Duration::from_millis(10))
+            .expect("create");
         let text = |f: &Path| fs::read_to_string(f).expect("read").trim().to_string();
-        assert_eq!(text(&p.join("cgroup.procs")), std::process::id().to_string());
+        assert_eq!(
+            text(&p.join("cgroup.procs")),
+            std::process::id().to_string()
+        );
         assert_eq!(text(&child.join("cgroup.type")), "threaded");
         assert_eq!(text(&p.join("cgroup.subtree_control")), "+cpu");
         assert_eq!(text(&child.join("cpu.max")), "max 10000");

@@ -463,10 +463,29 @@ impl Throttle {
         writer.set_pacer(Arc::clone(&pacer));
         let actuator = Paced {
             inner: group,
-            pacer,
+            pacer: Arc::clone(&pacer),
         };
         let throttle = Self::with_actuator(cfg, PairLag::for_writer(writer), Box::new(actuator))?;
         throttle.follower().install(writer.controls());
+        let inner = Arc::clone(&throttle.inner);
+        writer.observer().set_throttle(move || {
+            let s = *inner.status.lock().unwrap_or_else(|e| e.into_inner());
+            let (sleeps, slept) = pacer.slept();
+            crate::ft::observe::ThrottleSnapshot {
+                actuator: s.actuator.name().to_string(),
+                share: s.share,
+                min_share: s.min_share,
+                target_ms: s.target_ms,
+                lag_ms: s.lag_ms,
+                max_lag_ms: s.max_lag_ms,
+                lag_bytes: s.lag_bytes,
+                throttled_ms: crate::ft::observe::ms(s.throttled),
+                updates: s.updates,
+                actuator_errors: s.actuator_errors,
+                pacer_sleeps: sleeps,
+                pacer_slept_ms: crate::ft::observe::ms(slept),
+            }
+        });
         Ok(throttle)
     }
 

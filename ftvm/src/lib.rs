@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
+pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod exit;

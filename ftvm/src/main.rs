@@ -24,7 +24,7 @@ use ftvm::{demo, load_guest, pair, parse_size, stat};
 
 /// ftvm: a fault-tolerant KVM virtual machine system.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_long_help = ftvm::exit::HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,11 +36,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one VM standalone until the guest powers off.
+    #[command(after_long_help = ftvm::exit::HELP)]
     Run(RunArgs),
     /// Run the primary of a fault-tolerant pair (records its inputs, ships the log).
+    #[command(after_long_help = ftvm::exit::HELP)]
     Primary(pair::PairArgs),
     /// Run the backup of a fault-tolerant pair (replays the primary's log; with `--arbiter`,
     /// goes live when the primary fails).
+    #[command(after_long_help = ftvm::exit::HELP)]
     Backup(pair::PairArgs),
     /// The failover demo: a kv pair under client load on this machine, the primary killed
     /// mid-load, the backup going live, every acknowledged write checked (needs root and KVM).
@@ -83,8 +86,14 @@ struct RunArgs {
     metrics: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { ftvm::exit::USAGE } else { 0 });
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     use tracing_subscriber::prelude::*;
@@ -97,12 +106,15 @@ fn main() -> anyhow::Result<()> {
         )
         .with(ftvm::transitions::layer())
         .init();
-    match cli.command {
+    let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Primary(args) => pair::primary(args),
         Command::Backup(args) => pair::backup(args),
         Command::Demo(args) => demo::demo(args),
         Command::Stat(args) => stat::stat(&args),
+    };
+    if let Err(e) = result {
+        std::process::exit(ftvm::cli::report_error(&e));
     }
 }
 

@@ -55,7 +55,7 @@ pub struct PairArgs {
     /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
     #[arg(long)]
     pub guest: Option<String>,
-    /// Guest RAM size (K/M/G suffix).
+    /// Guest RAM size (K/M/G suffix) [default: 64M].
     #[arg(long, value_parser = crate::parse_size)]
     pub mem: Option<u64>,
     /// Raw disk image (the backup writes its own copy; both must start equal), or with
@@ -83,50 +83,53 @@ pub struct PairArgs {
     /// or this side's network interface facing the peer (xdp, e.g. one end of a veth pair).
     #[arg(long)]
     pub peer: Option<String>,
-    /// Transport: shm, tcp, tcp-spin, uring or xdp.
+    /// Transport: shm, tcp, tcp-spin, uring or xdp [default: tcp].
     #[arg(long)]
     pub transport: Option<String>,
-    /// Exits between register-digest checkpoints (primary).
+    /// Exits between register-digest checkpoints (primary) [default: 10000].
     #[arg(long)]
     pub digest_interval: Option<u64>,
-    /// Every how many checkpoints guest memory is digested too (0: only at the end; primary).
+    /// Every how many checkpoints guest memory is digested too (0: only at the end; primary)
+    /// [default: 0].
     #[arg(long)]
     pub mem_digest_every: Option<u64>,
-    /// Log buffer capacity in bytes (power of two).
+    /// Log buffer capacity in bytes (power of two; K/M/G suffix) [default: 16M].
     #[arg(long, value_parser = crate::parse_size)]
     pub log_capacity: Option<u64>,
     /// Write a JSON report of the run here.
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// How the vCPU waits (the backup for its next log entry, the primary on a full log
-    /// buffer): spin, yield, park (default: spin briefly, then sleep until the log poller
-    /// delivers — leaves the CPU to others when the pair shares cores).
+    /// buffer): spin, yield, park (spin briefly, then sleep until the log poller delivers —
+    /// leaves the CPU to others when the pair shares cores) [default: park].
     #[arg(long)]
     pub idle: Option<String>,
-    /// Idle strategy of the log poller threads: spin (dedicated cores), yield, park (default:
-    /// the sender sleeps while everything it sent is acknowledged, woken by the next commit).
+    /// Idle strategy of the log poller threads: spin (dedicated cores), yield, park (the sender
+    /// sleeps while everything it sent is acknowledged, woken by the next commit)
+    /// [default: park].
     #[arg(long)]
     pub poll_idle: Option<String>,
     /// Failover: the arbiter both sides must win a generation on before going live:
-    /// `file:DIR` (a shared directory), `etcd://HOST:PORT[,HOST:PORT...]` or
-    /// `etcd:URL[,URL...][#PREFIX]`. Without it, no failover: the pair stops when a side fails.
+    /// `file:DIR` (an existing shared directory), `etcd://HOST:PORT[,HOST:PORT...][#PREFIX]` or
+    /// `etcd:http://HOST:PORT[,...][#PREFIX]`; anything else is refused at start. Without it,
+    /// no failover: the pair stops when a side fails.
     #[arg(long)]
     pub arbiter: Option<String>,
-    /// This node's name on the arbiter (default: `primary` / `backup`).
+    /// This node's name on the arbiter [default: primary / backup].
     #[arg(long)]
     pub node: Option<String>,
-    /// Local UDP address of the failure detector's heartbeats (default 127.0.0.1:7102 on the
-    /// primary, 127.0.0.1:7101 on the backup).
+    /// Local UDP address of the failure detector's heartbeats [default: 127.0.0.1:7102 on the
+    /// primary, 127.0.0.1:7101 on the backup].
     #[arg(long)]
     pub heartbeat: Option<String>,
-    /// The peer's heartbeat address (default: the other of the two above).
+    /// The peer's heartbeat address [default: the other of the two above].
     #[arg(long)]
     pub peer_heartbeat: Option<String>,
     /// Milliseconds without heartbeats or log traffic after which the peer is presumed failed
-    /// (default 200: see `DEFAULT_FAIL_TIMEOUT_MS`).
+    /// [default: 200].
     #[arg(long)]
     pub fail_timeout: Option<u64>,
-    /// The generation this pair starts in (default 1); a node whose generation is older than
+    /// The generation this pair starts in [default: 1]; a node whose generation is older than
     /// the arbiter's newest is fenced and exits with status 203 ([`crate::exit::FENCED`]).
     #[arg(long)]
     pub generation: Option<u64>,
@@ -145,8 +148,7 @@ pub struct PairArgs {
     /// process moves into it), or `none` (pauses at exits only) [default: auto].
     #[arg(long, value_name = "auto|none|DIR")]
     pub throttle_cgroup: Option<String>,
-    /// Primary: the smallest CPU share the throttle may give the vCPU, in (0, 1] (default:
-    /// `ThrottleConfig`'s, 0.1).
+    /// Primary: the smallest CPU share the throttle may give the vCPU, in (0, 1] [default: 0.1].
     #[arg(long)]
     pub throttle_min_share: Option<f64>,
 }
@@ -302,7 +304,7 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
                 bail!("--fail-timeout {fail_timeout}: must exceed 20 ms (two heartbeat intervals)");
             }
             Some(FtSettings {
-                arbiter: crate::demo::arbiter_spec(&spec),
+                arbiter: crate::cli::arbiter_spec(&spec)?,
                 node: args
                     .node
                     .or(file.node)

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use ftvm_vmm_core::ft::observe::Snapshot;
+use ftvm_vmm_core::ft::observe::{SideRole, Snapshot};
 
 use crate::metrics::{http_get, parse_addr};
 
@@ -333,11 +333,18 @@ pub fn one_line(primary: Option<&Snapshot>, backup: Option<&Snapshot>) -> String
         }
     }
     if let Some(b) = backup {
-        parts.push(format!(
-            "backup {} executed {}",
-            b.role.name(),
-            b.log.as_ref().map_or(0, |l| l.executed)
-        ));
+        parts.push(match b.role {
+            SideRole::Backup => format!(
+                "backup executed {}",
+                b.log.as_ref().map_or(0, |l| l.executed)
+            ),
+            role => format!(
+                "{} in generation {}, {} exits",
+                role.name(),
+                b.generation,
+                b.exits.as_ref().map_or(0, |e| e.total)
+            ),
+        });
     }
     parts.join(" | ")
 }
@@ -345,7 +352,7 @@ pub fn one_line(primary: Option<&Snapshot>, backup: Option<&Snapshot>) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ftvm_vmm_core::ft::observe::{LagSnapshot, SideRole};
+    use ftvm_vmm_core::ft::observe::LagSnapshot;
 
     #[test]
     fn the_table_and_the_line_show_both_sides() {

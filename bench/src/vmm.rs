@@ -302,19 +302,6 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_rps;
-
-    #[test]
-    fn parses_redis_benchmark_csv() {
-        let csv = "\"test\",\"rps\",\"avg_latency_ms\"\n\"SET\",\"1234.56\",\"1.0\"\n\"GET\",\"2000.00\",\"0.5\"\n";
-        assert_eq!(parse_rps(csv, "SET"), Some(1234.56));
-        assert_eq!(parse_rps(csv, "GET"), Some(2000.0));
-        assert_eq!(parse_rps(csv, "INCR"), None);
-    }
-}
-
 /// The vmm plot from the results' row (JSON, as written): the cost of each kind of VM exit
 /// beside a host syscall (two decades apart: log scale), and kv's requests/s; `stamp`: the
 /// results file's revision and date (`None`: now).
@@ -378,4 +365,17 @@ pub fn plot(
         });
     }
     report::plot_any(opts, "vmm", &panels, stamp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rps;
+
+    #[test]
+    fn parses_redis_benchmark_csv() {
+        let csv = "\"test\",\"rps\",\"avg_latency_ms\"\n\"SET\",\"1234.56\",\"1.0\"\n\"GET\",\"2000.00\",\"0.5\"\n";
+        assert_eq!(parse_rps(csv, "SET"), Some(1234.56));
+        assert_eq!(parse_rps(csv, "GET"), Some(2000.0));
+        assert_eq!(parse_rps(csv, "INCR"), None);
+    }
 }

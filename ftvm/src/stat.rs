@@ -121,6 +121,9 @@ fn per_s(
     Some(f(now)?.saturating_sub(f(p)?) as f64 / dt)
 }
 
+/// A cell of the table from an endpoint's snapshot and its previous one.
+type Cell<'a> = &'a dyn Fn(&Snapshot, Option<&(Instant, Snapshot)>) -> String;
+
 /// The table: one row per quantity, one column per endpoint.
 fn table(
     readings: &[Reading],
@@ -129,7 +132,7 @@ fn table(
 ) -> String {
     let mut rows: Vec<(&str, Vec<String>)> = Vec::new();
     let mut row = |name: &'static str, cells: Vec<String>| rows.push((name, cells));
-    let col = |f: &dyn Fn(&Snapshot, Option<&(Instant, Snapshot)>) -> String| -> Vec<String> {
+    let col = |f: Cell<'_>| -> Vec<String> {
         readings
             .iter()
             .map(|(a, r)| match r {

@@ -261,6 +261,9 @@ impl EncodeMetric for ConstHistogram {
     }
 }
 
+/// A counter family: name, help, unit, label, and a value per label value.
+type CounterFamily<'a> = (&'a str, &'a str, Option<Unit>, &'a str, Vec<(&'a str, u64)>);
+
 /// Encodes one snapshot (the registry's only collector).
 #[derive(Debug)]
 struct SnapshotCollector(Snapshot);
@@ -490,40 +493,37 @@ impl Collector for SnapshotCollector {
                 "The log channel's transport",
                 &[("transport", c.transport.as_str())],
             )?;
-            o.family(
-                "ftvm_channel_frames",
-                "Log channel frames",
-                None,
-                MetricType::Counter,
-                "direction",
-                &[
-                    ("sent", k.frames_sent as f64),
-                    ("received", k.frames_received as f64),
-                ],
-            )?;
-            o.family(
-                "ftvm_channel",
-                "Log channel bytes",
-                bytes,
-                MetricType::Counter,
-                "direction",
-                &[
-                    ("sent", k.bytes_sent as f64),
-                    ("received", k.bytes_received as f64),
-                ],
-            )?;
-            o.family(
-                "ftvm_channel_retransmits",
-                "Retransmissions: timeouts (go-back-N), frames sent again, selective resends",
-                None,
-                MetricType::Counter,
-                "kind",
-                &[
-                    ("timeout", k.retransmit_timeouts as f64),
-                    ("frame", k.retransmitted_frames as f64),
-                    ("selective", k.selective_retransmits as f64),
-                ],
-            )?;
+            let families: [CounterFamily; 3] = [
+                (
+                    "ftvm_channel_frames",
+                    "Log channel frames",
+                    None,
+                    "direction",
+                    vec![("sent", k.frames_sent), ("received", k.frames_received)],
+                ),
+                (
+                    "ftvm_channel",
+                    "Log channel bytes",
+                    bytes,
+                    "direction",
+                    vec![("sent", k.bytes_sent), ("received", k.bytes_received)],
+                ),
+                (
+                    "ftvm_channel_retransmits",
+                    "Retransmissions: timeouts (go-back-N), frames sent again, selective resends",
+                    None,
+                    "kind",
+                    vec![
+                        ("timeout", k.retransmit_timeouts),
+                        ("frame", k.retransmitted_frames),
+                        ("selective", k.selective_retransmits),
+                    ],
+                ),
+            ];
+            for (name, help, unit, label, values) in families {
+                let v: Vec<(&str, f64)> = values.iter().map(|(l, n)| (*l, *n as f64)).collect();
+                o.family(name, help, unit, MetricType::Counter, label, &v)?;
+            }
             o.counter(
                 "ftvm_channel_drops",
                 "Frames dropped (bad, duplicate, out of order, no room)",

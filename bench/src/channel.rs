@@ -433,45 +433,65 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
     }
     let path = report::write_json(opts, "channel", &rows)?;
     eprintln!("wrote {}", path.display());
-    let rtt_series = rows
-        .iter()
-        .map(|r| Series {
-            label: r.transport.clone(),
-            points: vec![
-                (50.0, r.rtt_p50_ns / 1e3),
-                (99.0, r.rtt_p99_ns / 1e3),
-                (99.9, r.rtt_p999_ns / 1e3),
-            ],
-        })
-        .collect();
-    let tput_series = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Series {
-            label: r.transport.clone(),
-            points: vec![(i as f64 + 1.0, r.gbytes_per_s)],
-        })
-        .collect();
-    let plot = report::plot_svg(
-        opts,
-        "channel",
-        &[
-            Panel {
-                title: "64 B record → ack round trip".into(),
-                x_label: "percentile".into(),
-                y_label: "µs".into(),
-                log_x: false,
-                series: rtt_series,
-            },
-            Panel {
-                title: "1 KiB streaming".into(),
-                x_label: "transport (1 shm, 2 tcp, 3 tcp-spin, 4 uring)".into(),
-                y_label: "GB/s".into(),
-                log_x: false,
-                series: tput_series,
-            },
-        ],
-    )?;
+    let plot = plot(opts, &serde_json::to_value(&rows)?, None)?;
     eprintln!("wrote {}", plot.display());
     Ok(())
+}
+
+/// The channel plot from the results' rows (JSON, as written): RTT percentiles per transport
+/// on a log axis (shm and tcp are two decades apart), streaming throughput per transport;
+/// `stamp`: the results file's revision and date (`None`: now).
+///
+/// # Errors
+/// The plot cannot be written.
+pub fn plot(
+    opts: &Opts,
+    rows: &serde_json::Value,
+    stamp: Option<&str>,
+) -> anyhow::Result<std::path::PathBuf> {
+    let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| r["transport"].as_str().unwrap_or("?").to_string())
+        .collect();
+    let pct = |label: &str, key: &str| Series {
+        label: label.into(),
+        points: rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i as f64, f(r, key) / 1e3))
+            .collect(),
+    };
+    let panels = [
+        Panel {
+            title: "64 B record → ack round trip".into(),
+            x_label: "transport".into(),
+            y_label: "µs (log scale)".into(),
+            log_y: true,
+            categories: names.clone(),
+            series: vec![
+                pct("p50", "rtt_p50_ns"),
+                pct("p99", "rtt_p99_ns"),
+                pct("p99.9", "rtt_p999_ns"),
+            ],
+            ..Default::default()
+        },
+        Panel {
+            title: "1 KiB streaming".into(),
+            x_label: "transport".into(),
+            y_label: "GB/s".into(),
+            categories: names,
+            series: vec![Series {
+                label: "throughput".into(),
+                points: rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (i as f64, f(r, "gbytes_per_s")))
+                    .collect(),
+            }],
+            ..Default::default()
+        },
+    ];
+    report::plot_any(opts, "channel", &panels, stamp)
 }

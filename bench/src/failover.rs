@@ -193,6 +193,8 @@ fn runs_of(opts: &Opts, a: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> 
             x_label: "run".into(),
             y_label: "ms".into(),
             log_x: false,
+            log_y: false,
+            categories: Vec::new(),
             series,
         }],
     )?;

@@ -544,37 +544,68 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         );
     }
     let path = report::write_json(opts, "ft", &rows)?;
-    let series = |test: &str, y: fn(&Row) -> f64| Series {
+    let svg = plot(opts, &serde_json::to_value(&rows)?, None)?;
+    eprintln!("wrote {} and {}", path.display(), svg.display());
+    Ok(())
+}
+
+/// The ft plot from the results' rows (JSON, as written): SET and GET throughput and p99
+/// latency per configuration (FT off, then each transport, `+shared` for shared-disk mode) as
+/// named bars; `stamp`: the results file's revision and date (`None`: now).
+///
+/// # Errors
+/// The plot cannot be written.
+pub fn plot(
+    opts: &Opts,
+    rows: &serde_json::Value,
+    stamp: Option<&str>,
+) -> anyhow::Result<std::path::PathBuf> {
+    let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
+    let config = |r: &serde_json::Value| {
+        let t = r["transport"].as_str().unwrap_or("?");
+        match (t, r["disk_mode"].as_str()) {
+            ("none", _) => "FT off".to_string(),
+            (t, Some("shared")) => format!("{t}+shared"),
+            (t, _) => t.to_string(),
+        }
+    };
+    let mut configs: Vec<String> = Vec::new();
+    for r in rows {
+        let c = config(r);
+        if !configs.contains(&c) {
+            configs.push(c);
+        }
+    }
+    let series = |test: &str, key: &str| Series {
         label: test.to_string(),
         points: rows
             .iter()
-            .filter(|r| r.test == test)
-            .enumerate()
-            .map(|(i, r)| (i as f64, y(r)))
+            .filter(|r| r["test"] == test)
+            .filter_map(|r| {
+                let i = configs.iter().position(|c| *c == config(r))?;
+                Some((i as f64, r[key].as_f64()?))
+            })
             .collect(),
     };
-    let panels = vec![
+    let panels = [
         Panel {
-            title: format!("ops/s by transport ({})", transports.join(", ")),
-            x_label: "transport index (0 = FT off)".into(),
+            title: "kv under redis-benchmark: ops/s".into(),
+            x_label: "configuration".into(),
             y_label: "ops/s".into(),
-            log_x: false,
-            series: vec![
-                series("SET", |r| r.ops_per_s),
-                series("GET", |r| r.ops_per_s),
-            ],
+            categories: configs.clone(),
+            series: vec![series("SET", "ops_per_s"), series("GET", "ops_per_s")],
+            ..Default::default()
         },
         Panel {
             title: "p99 latency".into(),
-            x_label: "transport index (0 = FT off)".into(),
+            x_label: "configuration".into(),
             y_label: "µs".into(),
-            log_x: false,
-            series: vec![series("SET", |r| r.p99_us), series("GET", |r| r.p99_us)],
+            series: vec![series("SET", "p99_us"), series("GET", "p99_us")],
+            categories: configs.clone(),
+            ..Default::default()
         },
     ];
-    let svg = report::plot_svg(opts, "ft", &panels)?;
-    eprintln!("wrote {} and {}", path.display(), svg.display());
-    Ok(())
+    report::plot_any(opts, "ft", &panels, stamp)
 }
 
 #[cfg(test)]

@@ -70,7 +70,53 @@ const BENCHMARKS: &[Bench] = &[
         "backup slowed then released: lag and primary CPU share over time under the throttle",
         throttle::run,
     ),
+    (
+        "replot",
+        "redraw results/<name>.svg from results/<name>.json, no run (channel, ft, vmm; default: all)",
+        replot,
+    ),
 ];
+
+/// A benchmark's plot drawn from its results' rows, stamped with the file's revision and date.
+type Replot = fn(&Opts, &serde_json::Value, Option<&str>) -> anyhow::Result<PathBuf>;
+
+/// The benchmarks whose plot can be redrawn from their JSON.
+const REPLOTS: &[(&str, Replot)] = &[
+    ("channel", channel::plot),
+    ("ft", ft::plot),
+    ("vmm", vmm::plot),
+];
+
+/// `ftvm-bench replot [NAME...]`: each named plot drawn again from `<out>/<name>.json`.
+fn replot(opts: &Opts) -> anyhow::Result<()> {
+    let names: Vec<&str> = if opts.rest.is_empty() {
+        REPLOTS.iter().map(|(n, _)| *n).collect()
+    } else {
+        opts.rest.iter().map(String::as_str).collect()
+    };
+    for name in names {
+        let Some((_, plot)) = REPLOTS.iter().find(|(n, _)| *n == name) else {
+            bail!(
+                "replot {name:?}: only {:?}",
+                REPLOTS.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+            );
+        };
+        let path = opts.out.join(format!("{name}.json"));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let file: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("bad JSON in {}", path.display()))?;
+        let h = &file["header"];
+        let stamp = format!(
+            "ftvm {} · {}",
+            h["git_rev"].as_str().unwrap_or("unknown"),
+            h["date_utc"].as_str().unwrap_or("unknown date")
+        );
+        let svg = plot(opts, &file["rows"], Some(&stamp))?;
+        eprintln!("wrote {} (from {})", svg.display(), path.display());
+    }
+    Ok(())
+}
 
 fn usage() -> String {
     let mut s =

@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::coord::ranged1d::ValueFormatter;
-use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -162,17 +161,17 @@ pub fn write_json<R: Serialize>(opts: &Opts, name: &str, rows: &[R]) -> anyhow::
     Ok(path)
 }
 
-/// One line of a plot.
+/// One line of a plot (or, in a panel with categories, one bar per category).
 #[derive(Debug, Clone)]
 pub struct Series {
     /// Legend text.
     pub label: String,
-    /// (x, y) points, in x order.
+    /// (x, y) points, in x order; with categories, x is the category's index.
     pub points: Vec<(f64, f64)>,
 }
 
-/// One panel of a plot: a line chart.
-#[derive(Debug, Clone)]
+/// One panel of a plot: a line chart, or grouped bars over named categories.
+#[derive(Debug, Clone, Default)]
 pub struct Panel {
     /// Title above the panel.
     pub title: String,
@@ -182,35 +181,86 @@ pub struct Panel {
     pub y_label: String,
     /// Logarithmic x axis (e.g. record sizes 64..1024).
     pub log_x: bool,
-    /// The lines.
+    /// Logarithmic y axis: for values that span decades (latencies of shm vs tcp).
+    pub log_y: bool,
+    /// Named categories on the x axis (transports, configurations): the panel is drawn as
+    /// grouped bars, one per series in each category; empty: lines over a numeric x axis.
+    pub categories: Vec<String>,
+    /// The lines (or bar groups).
     pub series: Vec<Series>,
 }
 
-const PALETTE: [RGBColor; 6] = [
+/// Ten distinct colours (matplotlib's tab10): no two series of a panel share one up to ten.
+const PALETTE: [RGBColor; 10] = [
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0x2c, 0xa0, 0x2c),
     RGBColor(0xff, 0x7f, 0x0e),
     RGBColor(0x94, 0x67, 0xbd),
     RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x17, 0xbe, 0xcf),
 ];
 
-/// Draws `panels` side by side into `<out>/<name>.svg`; returns the path.
+/// Draws `panels` side by side into `<out>/<name>.svg`, stamped with the workspace's git
+/// revision and the date; returns the path.
 ///
 /// # Errors
 /// If the file cannot be written or a panel has no points.
 pub fn plot_svg(opts: &Opts, name: &str, panels: &[Panel]) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
-    let path = opts.out.join(format!("{name}.svg"));
-    let width = 520 * u32::try_from(panels.len().max(1)).unwrap_or(1);
+    let stamp = format!("ftvm {} · {}", git_rev(), utc_now());
+    plot_svg_stamped(&opts.out, name, panels, &stamp)
+}
+
+/// [`plot_svg`], or [`plot_svg_stamped`] into `opts.out` when a stamp is given.
+///
+/// # Errors
+/// If the file cannot be written or a panel has no points.
+pub fn plot_any(
+    opts: &Opts,
+    name: &str,
+    panels: &[Panel],
+    stamp: Option<&str>,
+) -> anyhow::Result<PathBuf> {
+    match stamp {
+        Some(s) => plot_svg_stamped(&opts.out, name, panels, s),
+        None => plot_svg(opts, name, panels),
+    }
+}
+
+/// [`plot_svg`] into `dir`, stamped with `stamp` (a results file's revision and date when a
+/// plot is redrawn from it: `ftvm-bench replot`).
+///
+/// # Errors
+/// If the file cannot be written or a panel has no points.
+pub fn plot_svg_stamped(
+    dir: &Path,
+    name: &str,
+    panels: &[Panel],
+    stamp: &str,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.svg"));
+    let width = 620 * u32::try_from(panels.len().max(1)).unwrap_or(1);
     {
-        let root = SVGBackend::new(&path, (width, 400)).into_drawing_area();
+        let root = SVGBackend::new(&path, (width, 440)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let areas = root.split_evenly((1, panels.len().max(1)));
+        let (body, footer) = root.split_vertically(420);
+        let areas = body.split_evenly((1, panels.len().max(1)));
         for (panel, area) in panels.iter().zip(areas.iter()) {
             draw_panel(panel, area)?;
         }
+        footer
+            .draw(&Text::new(
+                stamp.to_string(),
+                (8, 2),
+                ("sans-serif", 13)
+                    .into_font()
+                    .color(&RGBColor(0x55, 0x55, 0x55)),
+            ))
+            .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
     }
     Ok(path)
@@ -220,34 +270,77 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e}")
 }
 
-/// Draws the mesh, every series (line + points) and the legend of `panel` on a chart whose x
-/// axis is linear or logarithmic.
-fn draw_series<'a, X>(
-    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, RangedCoordf64>>,
+/// Draws the mesh, every series (lines + points, or grouped bars over the categories) and the
+/// legend of `panel`.
+fn draw_series<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
     panel: &Panel,
+    y_floor: f64,
 ) -> anyhow::Result<()>
 where
     X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
 {
-    chart
-        .configure_mesh()
-        .x_desc(&panel.x_label)
+    let cats = &panel.categories;
+    let name_of = |x: &f64| {
+        let i = x.round();
+        if cats.is_empty() {
+            format!("{x}")
+        } else if (x - i).abs() < 1e-6 && i >= 0.0 {
+            cats.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    // Whole numbers without a ".0"; small values with their digits.
+    let number = |v: &f64| {
+        if v.fract() == 0.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v}")
+        }
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(&panel.x_label)
         .y_desc(&panel.y_label)
-        .draw()
-        .map_err(plot_err)?;
+        .y_label_formatter(&number);
+    if !cats.is_empty() {
+        // Long names of many categories would run into each other.
+        let size = if cats.len() > 6 { 10 } else { 12 };
+        mesh.x_labels(cats.len())
+            .x_label_formatter(&name_of)
+            .x_label_style(("sans-serif", size))
+            .disable_x_mesh();
+    }
+    mesh.draw().map_err(plot_err)?;
+    let n = panel.series.len().max(1) as f64;
     for (i, s) in panel.series.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
-        chart
-            .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
-            .map_err(plot_err)?
-            .label(&s.label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c));
-        chart
-            .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, c.filled())))
-            .map_err(plot_err)?;
+        if cats.is_empty() {
+            chart
+                .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
+                .map_err(plot_err)?
+                .label(&s.label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c));
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                .map_err(plot_err)?;
+        } else {
+            // Bars of one category side by side, 0.8 of the slot wide together.
+            let w = 0.8 / n;
+            let left = -0.4 + w * i as f64;
+            chart
+                .draw_series(s.points.iter().map(|&(x, y)| {
+                    Rectangle::new([(x + left, y_floor), (x + left + w * 0.9, y)], c.filled())
+                }))
+                .map_err(plot_err)?
+                .label(&s.label)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+        }
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
@@ -261,34 +354,57 @@ fn draw_panel(
 ) -> anyhow::Result<()> {
     let pts = || panel.series.iter().flat_map(|s| s.points.iter().copied());
     let (mut x0, mut x1) = (f64::INFINITY, f64::NEG_INFINITY);
-    let mut y1 = 0f64;
+    let (mut y0, mut y1) = (f64::INFINITY, 0f64);
     for (x, y) in pts() {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y1 = y1.max(y);
+        if y > 0.0 {
+            y0 = y0.min(y);
+        }
     }
     anyhow::ensure!(x0.is_finite(), "panel {:?} has no points", panel.title);
-    if x1 <= x0 {
+    if !panel.categories.is_empty() {
+        (x0, x1) = (-0.5, panel.categories.len() as f64 - 0.5);
+    } else if x1 <= x0 {
         x1 = x0 + 1.0;
     }
-    let y1 = if y1 > 0.0 { y1 * 1.15 } else { 1.0 };
     let mut builder = ChartBuilder::on(area);
     builder
         .caption(&panel.title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(60);
-    if panel.log_x {
-        let mut chart = builder
-            .build_cartesian_2d((x0 * 0.8..x1 * 1.25).log_scale(), 0f64..y1)
-            .map_err(plot_err)?;
-        draw_series(&mut chart, panel)?;
-    } else {
+        .y_label_area_size(64);
+    let xr = if panel.categories.is_empty() && !panel.log_x {
         let pad = (x1 - x0) * 0.05;
-        let mut chart = builder
-            .build_cartesian_2d(x0 - pad..x1 + pad, 0f64..y1)
-            .map_err(plot_err)?;
-        draw_series(&mut chart, panel)?;
+        x0 - pad..x1 + pad
+    } else if panel.log_x {
+        x0 * 0.8..x1 * 1.25
+    } else {
+        x0..x1
+    };
+    macro_rules! draw {
+        ($x:expr, $y:expr, $floor:expr) => {{
+            let mut chart = builder.build_cartesian_2d($x, $y).map_err(plot_err)?;
+            draw_series(&mut chart, panel, $floor)?;
+        }};
+    }
+    if panel.log_y {
+        // Whole decades around the data, so a reader sees the ratios.
+        // A decade of headroom for the legend above the tallest bar.
+        let lo = 10f64.powf(y0.min(y1).max(1e-12).log10().floor());
+        let hi = 10f64.powf(y1.max(lo * 10.0).log10().ceil() + 1.0);
+        match panel.log_x {
+            true => draw!(xr.log_scale(), (lo..hi).log_scale(), lo),
+            false => draw!(xr, (lo..hi).log_scale(), lo),
+        }
+    } else {
+        // Headroom for the legend above the tallest line or bar.
+        let top = if y1 > 0.0 { y1 * 1.3 } else { 1.0 };
+        match panel.log_x {
+            true => draw!(xr.log_scale(), 0f64..top, 0.0),
+            false => draw!(xr, 0f64..top, 0.0),
+        }
     }
     Ok(())
 }

@@ -999,6 +999,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 x_label: "record payload (bytes)".into(),
                 y_label: "million records / s".into(),
                 log_x: true,
+                log_y: false,
+                categories: Vec::new(),
                 series: vec![
                     series("ftvm-ringbuf", |r| r.ours_mps),
                     series("rtrb (best of push/pop, chunks)", |r| r.rtrb_mps),
@@ -1010,6 +1012,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
                 x_label: "record payload (bytes)".into(),
                 y_label: "ns".into(),
                 log_x: true,
+                log_y: false,
+                categories: Vec::new(),
                 series: vec![
                     series("ftvm-ringbuf", |r| r.ours_rtt_p50_ns),
                     series("rtrb", |r| r.rtrb_rtt_p50_ns),

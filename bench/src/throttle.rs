@@ -344,6 +344,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             x_label: "time (s)".into(),
             y_label: "ms".into(),
             log_x: false,
+            log_y: false,
+            categories: Vec::new(),
             series: vec![
                 Series {
                     label: "time lag".into(),
@@ -360,6 +362,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             x_label: "time (s)".into(),
             y_label: "share of a CPU".into(),
             log_x: false,
+            log_y: false,
+            categories: Vec::new(),
             series: vec![
                 Series {
                     label: "primary share (set)".into(),
@@ -380,6 +384,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             x_label: "time (s)".into(),
             y_label: "ms".into(),
             log_x: false,
+            log_y: false,
+            categories: Vec::new(),
             series: vec![Series {
                 label: "time lag".into(),
                 points: pts(peer, |p| p.lag_ms),

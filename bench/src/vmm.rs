@@ -295,44 +295,76 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             ],
         );
     }
+    let rows = serde_json::to_value([&row])?;
     let json = report::write_json(opts, "vmm", &[row])?;
+    let svg = plot(opts, &rows, None)?;
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+/// The vmm plot from the results' row (JSON, as written): the cost of each kind of VM exit
+/// beside a host syscall (two decades apart: log scale), and kv's requests/s; `stamp`: the
+/// results file's revision and date (`None`: now).
+///
+/// # Errors
+/// The plot cannot be written.
+pub fn plot(
+    opts: &Opts,
+    rows: &serde_json::Value,
+    stamp: Option<&str>,
+) -> anyhow::Result<std::path::PathBuf> {
+    let row = &rows[0];
+    let exit_ns: Vec<(String, f64)> = row["exit_ns"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let syscall = row["host_syscall_ns"].as_f64().unwrap_or(0.0);
     let mut panels = vec![Panel {
-        title: "VM exit cost by kind (ns)".into(),
-        x_label: "kind: 0 sys_clock_read 1 sys_read 2 sys_write 3 virtio_notify 4 wait".into(),
-        y_label: "ns per exit".into(),
-        log_x: false,
+        title: "VM exit cost by kind".into(),
+        x_label: "exit kind".into(),
+        y_label: "ns per exit (log scale)".into(),
+        log_y: true,
+        categories: exit_ns.iter().map(|(k, _)| k.clone()).collect(),
         series: vec![
             Series {
-                label: "exit".into(),
+                label: "VM exit".into(),
                 points: exit_ns
-                    .values()
+                    .iter()
                     .enumerate()
-                    .map(|(i, v)| (i as f64, *v))
+                    .map(|(i, (_, v))| (i as f64, *v))
                     .collect(),
             },
             Series {
                 label: "host syscall (peer)".into(),
-                points: (0..exit_ns.len())
-                    .map(|i| (i as f64, host_syscall_ns))
-                    .collect(),
+                points: (0..exit_ns.len()).map(|i| (i as f64, syscall)).collect(),
             },
         ],
+        ..Default::default()
     }];
-    if let (Some(s), Some(g)) = (kv_set, kv_get) {
+    if let (Some(s), Some(g)) = (
+        row["kv_set_ops_per_s"].as_f64(),
+        row["kv_get_ops_per_s"].as_f64(),
+    ) {
         panels.push(Panel {
-            title: format!("kv via TAP, {clients} clients (requests/s)"),
-            x_label: "0 SET, 1 GET".into(),
+            title: format!(
+                "kv via TAP, {} clients",
+                row["kv_clients"].as_u64().unwrap_or(0)
+            ),
+            x_label: "request".into(),
             y_label: "requests/s".into(),
-            log_x: false,
+            categories: vec!["SET".into(), "GET".into()],
             series: vec![Series {
                 label: "kv guest".into(),
                 points: vec![(0.0, s), (1.0, g)],
             }],
+            ..Default::default()
         });
     }
-    let svg = report::plot_svg(opts, "vmm", &panels)?;
-    println!("wrote {} and {}", json.display(), svg.display());
-    Ok(())
+    report::plot_any(opts, "vmm", &panels, stamp)
 }
 
 #[cfg(test)]

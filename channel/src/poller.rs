@@ -550,6 +550,11 @@ impl LogReceiver {
         self.shared.received_seq()
     }
 
+    /// The positions and counters shared with the poller (for observers on other threads).
+    pub fn shared(&self) -> &Arc<ReceiverShared> {
+        &self.shared
+    }
+
     /// Counters.
     pub fn snapshot(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()

@@ -119,6 +119,7 @@ impl Default for Config {
 pub struct SenderShared {
     acked: AtomicU64,
     executed: AtomicU64,
+    sent: AtomicU64,
     /// Counters.
     pub stats: Stats,
 }
@@ -131,6 +132,16 @@ impl SenderShared {
     /// Highest sequence number the backup reported executed.
     pub fn executed_seq(&self) -> u64 {
         self.executed.load(Ordering::Acquire)
+    }
+    /// Highest sequence number sent (in a frame handed to the transport) so far.
+    pub fn sent_seq(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+    /// Single writer (the sender's poller): a load and a store, no locked instruction.
+    fn note_sent(&self, seq: u64) {
+        if seq > self.sent.load(Ordering::Relaxed) {
+            self.sent.store(seq, Ordering::Relaxed);
+        }
     }
 }
 
@@ -151,6 +162,10 @@ impl ReceiverShared {
     /// Highest sequence number delivered into the backup's log buffer.
     pub fn received_seq(&self) -> u64 {
         self.received.load(Ordering::Acquire)
+    }
+    /// Highest sequence number the backup reported executed.
+    pub fn executed_seq(&self) -> u64 {
+        self.executed.load(Ordering::Acquire)
     }
 }
 
@@ -502,6 +517,9 @@ impl Sender {
             }
         }
         self.rto = self.rto_estimate();
+        if let Some(srtt) = self.srtt {
+            self.shared.stats.srtt(srtt);
+        }
     }
 
     fn rto_estimate(&self) -> Duration {
@@ -857,6 +875,7 @@ impl Sender {
                     self.sent_times.push_back((adv.seq - 1, now));
                 }
                 self.sent_frames.push_back((adv.seq - 1, adv.pos));
+                self.shared.note_sent(adv.seq - 1);
             }
             self.send_pos = adv.pos;
             self.next_seq = adv.seq;

@@ -28,10 +28,13 @@ pub struct Stats {
     drop_backpressure: AtomicU64,
     window_records: AtomicU64,
     window_bytes: AtomicU64,
+    srtt_ns: AtomicU64,
 }
 
-/// A copy of the counters at one instant.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A copy of the counters at one instant (serialized as one JSON object in the reports and
+/// the metrics endpoint's `/status.json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StatsSnapshot {
     /// Frames handed to the transport.
     pub frames_sent: u64,
@@ -77,6 +80,9 @@ pub struct StatsSnapshot {
     pub window_records: u64,
     /// Bytes of log sent and not yet acknowledged.
     pub window_bytes: u64,
+    /// The sender's smoothed round-trip time to an acknowledgement (RFC 6298 `srtt`), in
+    /// nanoseconds; 0 until the first sample (and on the receiving side).
+    pub srtt_ns: u64,
 }
 
 impl StatsSnapshot {
@@ -119,6 +125,7 @@ impl Stats {
             drop_backpressure: self.drop_backpressure.load(Relaxed),
             window_records: self.window_records.load(Relaxed),
             window_bytes: self.window_bytes.load(Relaxed),
+            srtt_ns: self.srtt_ns.load(Relaxed),
         }
     }
 
@@ -180,6 +187,10 @@ impl Stats {
     }
     pub(crate) fn drop_backpressure(&self) {
         Self::add(&self.drop_backpressure, 1);
+    }
+    pub(crate) fn srtt(&self, srtt: std::time::Duration) {
+        self.srtt_ns
+            .store(u64::try_from(srtt.as_nanos()).unwrap_or(u64::MAX), Relaxed);
     }
     pub(crate) fn window(&self, records: u64, bytes: u64) {
         self.window_records.store(records, Relaxed);

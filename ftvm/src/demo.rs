@@ -29,6 +29,7 @@ use serde::Serialize;
 
 use crate::client::{Checker, Load, LoadConfig, Reply, RespConn};
 use crate::scenario::{Node, Scenario, ScenarioConfig, Side};
+use ftvm_vmm_core::ft::observe::Snapshot;
 
 /// Flags of `ftvm demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -95,6 +96,11 @@ pub struct DemoSummary {
     pub acked_writes_lost: u64,
     /// Examples of lost writes.
     pub lost_examples: Vec<String>,
+    /// What throttled the primary (`cgroup-v2`, `cgroup-v1`, `pacer`), from its metrics
+    /// endpoint before the kill.
+    pub throttle_actuator: Option<String>,
+    /// The smallest CPU share the throttle gave the primary's vCPU before the kill.
+    pub throttle_min_share: Option<f64>,
     /// Client errors (connection failures, timeouts) during the whole run.
     pub client_errors: u64,
     /// Acknowledged SETs in all.
@@ -272,18 +278,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Accepts `etcd://HOST:PORT` (as documented for `--arbiter`) besides the forms
-/// `ftvm_vmm_core::ft::arbiter::open` takes.
-pub fn arbiter_spec(spec: &str) -> String {
-    match spec.strip_prefix("etcd://") {
-        Some(hosts) => {
-            let urls: Vec<String> = hosts.split(',').map(|h| format!("http://{h}")).collect();
-            format!("etcd:{}", urls.join(","))
-        }
-        None => spec.to_string(),
-    }
-}
-
 /// `ftvm demo`: see the [module docs](self); `--shared-disk` gives both sides one disk image and
 /// reads every acknowledged write back a second time from `kv` booted alone on it.
 ///
@@ -314,7 +308,12 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     let ftvm = std::env::current_exe().context("cannot find the ftvm executable")?;
     let mut config = ScenarioConfig::new(ftvm, "demo");
     config.transport = args.transport.clone();
-    config.arbiter = args.arbiter.as_deref().map(arbiter_spec);
+    config.arbiter = match args.arbiter.as_deref() {
+        // A local etcd the scenario starts.
+        Some(local @ ("etcd" | "etcd3")) => Some(local.to_string()),
+        Some(spec) => Some(crate::cli::arbiter_spec(spec)?),
+        None => None,
+    };
     config.fail_timeout_ms = args.fail_timeout;
     config.log = args.child_log.clone();
     config.shared_disk = args.shared_disk;
@@ -339,14 +338,16 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         s.arbiter_spec()
     ));
     let mut echo = Echo { seen: [0, 0] };
-    s.backup = Some(s.spawn(Side::Backup, &[])?);
-    s.primary = Some(s.spawn(Side::Primary, &[])?);
+    let metrics = |side: Side| vec!["--metrics".to_string(), metrics_addr(side)];
+    s.backup = Some(s.spawn(Side::Backup, &metrics(Side::Backup))?);
+    s.primary = Some(s.spawn(Side::Primary, &metrics(Side::Primary))?);
     p.phase("boot");
     p.status("waiting for kv to answer PING".into());
     let boot_deadline = Instant::now() + Duration::from_secs(30);
     loop {
         check_interrupted()?;
         echo.show(&p, [s.primary.as_ref(), s.backup.as_ref()]);
+        check_running(&mut s, &[Side::Primary, Side::Backup])?;
         if s.wait_ready(Duration::from_millis(200)).is_ok() {
             break;
         }
@@ -371,6 +372,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     let t_load = Instant::now();
     p.phase("replicated");
     let kill_at = t_load + Duration::from_secs_f64(args.kill_after.max(0.5));
+    let mut live = LiveStatus::default();
     while Instant::now() < kill_at {
         check_interrupted()?;
         echo.show(&p, [s.primary.as_ref(), s.backup.as_ref()]);
@@ -380,11 +382,8 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
             rate.add(st.ops),
             st.ops
         ));
-        if let Some(primary) = s.primary.as_mut() {
-            if let Some(st) = primary.try_status() {
-                bail!("the primary exited early ({st})\n{}", s.stderr_of_both());
-            }
-        }
+        check_running(&mut s, &[Side::Primary, Side::Backup])?;
+        live.tick(&s, &p, true);
         std::thread::sleep(Duration::from_millis(100));
     }
     let before = load.stats();
@@ -458,6 +457,8 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
             rate.add(st.ops),
             st.ops
         ));
+        check_running(&mut s, &[Side::Backup])?;
+        live.tick(&s, &p, false);
         std::thread::sleep(Duration::from_millis(100));
     }
     let load_errors = load.last_error();
@@ -520,6 +521,8 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         acked_writes_checked: check.checked,
         acked_writes_lost: check.lost,
         lost_examples: check.examples,
+        throttle_actuator: live.actuator.clone(),
+        throttle_min_share: live.min_share,
         client_errors: end_stats.errors,
         acked_writes: end_stats.ops,
         shared_disk,
@@ -668,5 +671,79 @@ fn print_summary(s: &DemoSummary) {
             eprintln!("  lost: {e}");
         }
     }
+    match (&s.throttle_actuator, s.throttle_min_share) {
+        (Some(a), Some(m)) => eprintln!(
+            "throttle             {a} (the primary's vCPU share went down to {m:.2} before the kill)"
+        ),
+        (Some(a), None) => eprintln!("throttle             {a}"),
+        _ => eprintln!("throttle             unknown (the primary's metrics never answered)"),
+    }
     eprintln!("client errors        {}", s.client_errors);
+}
+
+/// The `--metrics` address of `side` inside the demo's namespace.
+fn metrics_addr(side: Side) -> String {
+    match side {
+        Side::Primary => "127.0.0.1:9102".into(),
+        Side::Backup => "127.0.0.1:9101".into(),
+    }
+}
+
+/// Fails at once when one of `sides` has exited (it should still be running).
+fn check_running(s: &mut Scenario, sides: &[Side]) -> anyhow::Result<()> {
+    for side in sides {
+        let node = match side {
+            Side::Primary => s.primary.as_mut(),
+            Side::Backup => s.backup.as_mut(),
+        };
+        if let Some(st) = node.and_then(Node::try_status) {
+            bail!(
+                "the {} exited early ({st})\n{}",
+                side.name(),
+                s.stderr_of_both()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The one-line live status printed every second while the clients run, read from both
+/// sides' metrics endpoints (inside the namespace).
+#[derive(Default)]
+struct LiveStatus {
+    last: Option<Instant>,
+    actuator: Option<String>,
+    min_share: Option<f64>,
+}
+
+impl LiveStatus {
+    fn tick(&mut self, s: &Scenario, p: &Progress, primary: bool) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let get = |side: Side| {
+            let addr = metrics_addr(side);
+            s.in_netns(move || {
+                crate::metrics::http_get(&addr, "/status.json", Duration::from_millis(300))
+                    .ok()
+                    .and_then(|b| serde_json::from_str::<Snapshot>(&b).ok())
+            })
+            .ok()
+            .flatten()
+        };
+        let ps = primary.then(|| get(Side::Primary)).flatten();
+        let bs = get(Side::Backup);
+        if let Some(t) = ps.as_ref().and_then(|x| x.throttle.as_ref()) {
+            self.actuator = Some(t.actuator.clone());
+            self.min_share = Some(t.min_share);
+        }
+        let line = crate::stat::one_line(ps.as_ref(), bs.as_ref());
+        if !line.is_empty() {
+            p.line(format!("  status: {line}"));
+        }
+    }
 }

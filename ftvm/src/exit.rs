@@ -17,8 +17,25 @@
 //! | 206 | [`CANNOT_TAKE_OVER`]: the backup can no longer take over (its own disk copy failed) and stopped |
 //! | 207 | [`STOPPED`]: stopped by SIGTERM/SIGINT before the guest powered off |
 //!
-//! `ftvm demo` is not a guest runner: it exits 0 when every acknowledged write was read back
-//! and 1 otherwise.
+//! `ftvm demo` is not a guest runner: it exits 0 when every acknowledged write was read back,
+//! 1 when one was lost and [`ERROR`] when it could not run. Every command prints a failure as
+//! one line (`ftvm: error: …`, causes joined with `: `, no backtrace whatever `RUST_BACKTRACE`
+//! says) and exits with [`ERROR`]; clap's usage errors exit with [`USAGE`].
+
+/// The table above as `ftvm --help` shows it (and the README).
+pub const HELP: &str = "\
+Exit status (ftvm run, primary, backup):
+  0-199  the guest powered off with this code (codes above 199 are reported as 199)
+  200    ftvm failed (setup, I/O, bad configuration): one line on stderr
+  201    bad command-line flags (usage)
+  202    the backup's replay diverged from the primary's execution
+  203    fenced: this side lost the arbiter or saw a newer generation
+  204    the peer failed and there is no arbiter to take over with
+  205    pairing refused: the two sides' settings disagree
+  206    the backup can no longer take over (its own disk copy failed)
+  207    stopped by SIGTERM/SIGINT before the guest powered off
+ftvm demo exits 0 when every acknowledged write was read back, 1 when one was lost, 200 on an
+error; ftvm stat exits 200 when an endpoint does not answer (--once).";
 
 /// The highest guest power-off code passed through as the process's exit status.
 pub const GUEST_MAX: u64 = 199;
@@ -68,6 +85,10 @@ mod tests {
             STOPPED,
         ] {
             assert!(own > GUEST_MAX as i32 && own < 256, "{own}");
+            assert!(
+                HELP.contains(&format!("\n  {own} ")),
+                "{own} not in the help table"
+            );
         }
     }
 }

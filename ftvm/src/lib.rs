@@ -9,12 +9,15 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
+pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod exit;
+pub mod metrics;
 pub mod pair;
 pub mod pairing;
 pub mod scenario;
+pub mod stat;
 pub mod transitions;
 
 /// Parses a size with an optional K/M/G suffix (`64M`, `2g`, `4096`).

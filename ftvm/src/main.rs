@@ -16,14 +16,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use ftvm_vmm_core::devices::ConsoleOutput;
+use ftvm_vmm_core::ft::observe::{Observer, SideRole};
 use ftvm_vmm_core::vm::{RunOutcome, Vm, VmConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use ftvm::{demo, load_guest, pair, parse_size};
+use ftvm::{demo, load_guest, pair, parse_size, stat};
 
 /// ftvm: a fault-tolerant KVM virtual machine system.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_long_help = ftvm::exit::HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,16 +36,22 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one VM standalone until the guest powers off.
+    #[command(after_long_help = ftvm::exit::HELP)]
     Run(RunArgs),
     /// Run the primary of a fault-tolerant pair (records its inputs, ships the log).
+    #[command(after_long_help = ftvm::exit::HELP)]
     Primary(pair::PairArgs),
     /// Run the backup of a fault-tolerant pair (replays the primary's log; with `--arbiter`,
     /// goes live when the primary fails).
+    #[command(after_long_help = ftvm::exit::HELP)]
     Backup(pair::PairArgs),
     /// The failover demo: a kv pair under client load on this machine, the primary killed
     /// mid-load, the backup going live, every acknowledged write checked (needs root and KVM).
     /// `--shared-disk`: both sides on one disk image, read back again from `kv` booted alone on it.
     Demo(demo::DemoArgs),
+    /// A live view of one or both sides of a pair from their `--metrics` endpoints (refreshed
+    /// every second; `--once --json` for scripts).
+    Stat(stat::StatArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,10 +81,19 @@ struct RunArgs {
     /// No progress spinner (also off when stderr is not a terminal).
     #[arg(long)]
     quiet: bool,
+    /// Serve the live counters over HTTP at this `HOST:PORT` (`/metrics`, `/status.json`).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { ftvm::exit::USAGE } else { 0 });
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     use tracing_subscriber::prelude::*;
@@ -90,11 +106,15 @@ fn main() -> anyhow::Result<()> {
         )
         .with(ftvm::transitions::layer())
         .init();
-    match cli.command {
+    let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Primary(args) => pair::primary(args),
         Command::Backup(args) => pair::backup(args),
         Command::Demo(args) => demo::demo(args),
+        Command::Stat(args) => stat::stat(&args),
+    };
+    if let Err(e) = result {
+        std::process::exit(ftvm::cli::report_error(&e));
     }
 }
 
@@ -124,6 +144,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut vm =
         Vm::new(&config, &elf).with_context(|| format!("cannot start guest {}", args.guest))?;
     let control = vm.control();
+    let observer = Observer::new(SideRole::Run);
+    observer.watch_exits(vm.stats());
+    let _metrics = ftvm::metrics::start_if(args.metrics.as_deref(), &observer)?;
 
     let show = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

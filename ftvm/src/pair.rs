@@ -40,7 +40,7 @@ use ftvm_vmm_core::ft::primary::{
     run_primary, LogWriter, PairError, PairOptions, PeerFailurePolicy, PrimaryHooks,
 };
 use ftvm_vmm_core::ft::throttle::{
-    current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus,
+    current_tid, CgroupPlace, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus,
 };
 use ftvm_vmm_core::ft::{
     acquire_with_retry, Acquire, Arbiter, DetectorConfig, NodeId, RetryPolicy, Role,
@@ -56,13 +56,13 @@ pub struct PairArgs {
     /// TOML file with the same settings (keys: guest, mem, disk, shared_disk, net, cmdline, console, peer,
     /// transport, digest_interval, mem_digest_every, log_capacity, report, idle, poll_idle, arbiter, node,
     /// heartbeat, peer_heartbeat, fail_timeout, generation, throttle_target_ms,
-    /// throttle_min_share, go_alone_unprotected).
+    /// throttle_min_share, throttle_cgroup, metrics, go_alone_unprotected).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
     #[arg(long)]
     pub guest: Option<String>,
-    /// Guest RAM size (K/M/G suffix).
+    /// Guest RAM size (K/M/G suffix) [default: 64M].
     #[arg(long, value_parser = crate::parse_size)]
     pub mem: Option<u64>,
     /// Raw disk image (the backup writes its own copy; both must start equal), or with
@@ -90,60 +90,72 @@ pub struct PairArgs {
     /// or this side's network interface facing the peer (xdp, e.g. one end of a veth pair).
     #[arg(long)]
     pub peer: Option<String>,
-    /// Transport: shm, tcp, tcp-spin, uring or xdp.
+    /// Transport: shm, tcp, tcp-spin, uring or xdp [default: tcp].
     #[arg(long)]
     pub transport: Option<String>,
-    /// Exits between register-digest checkpoints (primary).
+    /// Exits between register-digest checkpoints (primary) [default: 10000].
     #[arg(long)]
     pub digest_interval: Option<u64>,
-    /// Every how many checkpoints guest memory is digested too (0: only at the end; primary).
+    /// Every how many checkpoints guest memory is digested too (0: only at the end; primary)
+    /// [default: 0].
     #[arg(long)]
     pub mem_digest_every: Option<u64>,
-    /// Log buffer capacity in bytes (power of two).
+    /// Log buffer capacity in bytes (power of two; K/M/G suffix) [default: 16M].
     #[arg(long, value_parser = crate::parse_size)]
     pub log_capacity: Option<u64>,
     /// Write a JSON report of the run here.
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// How the vCPU waits (the backup for its next log entry, the primary on a full log
-    /// buffer): spin, yield, park (default: spin briefly, then sleep until the log poller
-    /// delivers — leaves the CPU to others when the pair shares cores).
+    /// buffer): spin, yield, park (spin briefly, then sleep until the log poller delivers —
+    /// leaves the CPU to others when the pair shares cores) [default: park].
     #[arg(long)]
     pub idle: Option<String>,
-    /// Idle strategy of the log poller threads: spin (dedicated cores), yield, park (default:
-    /// the sender sleeps while everything it sent is acknowledged, woken by the next commit).
+    /// Idle strategy of the log poller threads: spin (dedicated cores), yield, park (the sender
+    /// sleeps while everything it sent is acknowledged, woken by the next commit)
+    /// [default: park].
     #[arg(long)]
     pub poll_idle: Option<String>,
     /// Failover: the arbiter both sides must win a generation on before going live:
-    /// `file:DIR` (a shared directory), `etcd://HOST:PORT[,HOST:PORT...]` or
-    /// `etcd:URL[,URL...][#PREFIX]`. Without it, no failover: the pair stops when a side fails.
+    /// `file:DIR` (an existing shared directory), `etcd://HOST:PORT[,HOST:PORT...][#PREFIX]` or
+    /// `etcd:http://HOST:PORT[,...][#PREFIX]`; anything else is refused at start. Without it,
+    /// no failover: the pair stops when a side fails.
     #[arg(long)]
     pub arbiter: Option<String>,
-    /// This node's name on the arbiter (default: `primary` / `backup`).
+    /// This node's name on the arbiter [default: primary / backup].
     #[arg(long)]
     pub node: Option<String>,
-    /// Local UDP address of the failure detector's heartbeats (default 127.0.0.1:7102 on the
-    /// primary, 127.0.0.1:7101 on the backup).
+    /// Local UDP address of the failure detector's heartbeats [default: 127.0.0.1:7102 on the
+    /// primary, 127.0.0.1:7101 on the backup].
     #[arg(long)]
     pub heartbeat: Option<String>,
-    /// The peer's heartbeat address (default: the other of the two above).
+    /// The peer's heartbeat address [default: the other of the two above].
     #[arg(long)]
     pub peer_heartbeat: Option<String>,
     /// Milliseconds without heartbeats or log traffic after which the peer is presumed failed
-    /// (default 200: see `DEFAULT_FAIL_TIMEOUT_MS`).
+    /// [default: 200].
     #[arg(long)]
     pub fail_timeout: Option<u64>,
-    /// The generation this pair starts in (default 1); a node whose generation is older than
+    /// The generation this pair starts in [default: 1]; a node whose generation is older than
     /// the arbiter's newest is fenced and exits with status 203 ([`crate::exit::FENCED`]).
     #[arg(long)]
     pub generation: Option<u64>,
     /// Primary: keep the backup's execution within this many milliseconds of the primary's by
-    /// lowering the primary vCPU's CPU share (a cgroup v1 `cpu` group: needs root); 0 turns
-    /// the throttle off (default 100).
+    /// lowering the primary vCPU's CPU share (a cgroup v2 or v1 `cpu` group plus pauses at the
+    /// vCPU's exits; the pauses alone where no cgroup is writable); 0 turns the throttle off
+    /// [default: 100].
     #[arg(long)]
     pub throttle_target_ms: Option<u64>,
-    /// Primary: the smallest CPU share the throttle may give the vCPU, in (0, 1] (default:
-    /// `ThrottleConfig`'s, 0.1).
+    /// Serve the live counters over HTTP at this `HOST:PORT`: Prometheus text at `/metrics`,
+    /// JSON at `/status.json` (read by `ftvm stat`); from pairing on.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// Primary: where the throttle's cgroup goes: `auto` (under this process's own cgroup in
+    /// the cpu controller's hierarchy), a cgroup directory (a delegated one; on cgroup v2 the
+    /// process moves into it), or `none` (pauses at exits only) [default: auto].
+    #[arg(long, value_name = "auto|none|DIR")]
+    pub throttle_cgroup: Option<String>,
+    /// Primary: the smallest CPU share the throttle may give the vCPU, in (0, 1] [default: 0.1].
     #[arg(long)]
     pub throttle_min_share: Option<f64>,
     /// Primary without `--arbiter`: when the backup fails, go on alone WITHOUT PROTECTION
@@ -198,6 +210,8 @@ struct FileConfig {
     throttle_target_ms: Option<u64>,
     throttle_min_share: Option<f64>,
     go_alone_unprotected: Option<bool>,
+    throttle_cgroup: Option<String>,
+    metrics: Option<String>,
 }
 
 /// Failover settings (with `--arbiter`).
@@ -232,6 +246,8 @@ struct Settings {
     ft: Option<FtSettings>,
     /// The primary's throttle (`None`: off).
     throttle: Option<ThrottleConfig>,
+    /// `--metrics` address.
+    metrics: Option<String>,
 }
 
 fn socket_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
@@ -303,7 +319,7 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
                 bail!("--fail-timeout {fail_timeout}: must exceed 20 ms (two heartbeat intervals)");
             }
             Some(FtSettings {
-                arbiter: crate::demo::arbiter_spec(&spec),
+                arbiter: crate::cli::arbiter_spec(&spec)?,
                 node: args
                     .node
                     .or(file.node)
@@ -335,6 +351,20 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
             }
             cfg.pi.min_share = m;
         }
+        cfg.cgroup = match args.throttle_cgroup.or(file.throttle_cgroup).as_deref() {
+            None | Some("auto") => CgroupPlace::Auto,
+            Some("none") => CgroupPlace::Off,
+            Some(dir) => {
+                let dir = PathBuf::from(dir);
+                if !dir.is_dir() {
+                    bail!(
+                        "--throttle-cgroup {}: no such directory (auto, none or a cgroup directory)",
+                        dir.display()
+                    );
+                }
+                CgroupPlace::At(dir)
+            }
+        };
         Some(cfg)
     };
     let go_alone_unprotected =
@@ -383,6 +413,7 @@ fn merge(args: PairArgs, role: Role) -> anyhow::Result<Settings> {
         report: args.report.or(file.report),
         ft,
         throttle,
+        metrics: args.metrics.or(file.metrics),
     })
 }
 
@@ -622,6 +653,8 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         .context("cannot pair with the backup (is it running and reachable?)")?;
     eprintln!("primary: paired with the backup, running {}", s.guest);
     let writer = LogWriter::new(sender, s.opts.idle);
+    writer.observer().set_transport(&s.transport);
+    let _metrics = crate::metrics::start_if(s.metrics.as_deref(), writer.observer())?;
     let mut file = console_file(&s.console)?;
     let sink: ftvm_vmm_core::ft::output::Sink = Box::new(move |d: &[u8]| {
         let r = match file.as_mut() {
@@ -635,9 +668,9 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
     let hooks = PrimaryHooks::default();
     let ft = ft_config(&s, arbiter, Role::Primary)?;
     // The throttle acts on this thread: `run_primary` / `run_primary_ft` run the vCPU here.
-    // There is no hook for going on alone, so a primary that lost its backup stays throttled
-    // by the controller until the run ends (the lag then only grows: at the minimum share).
-    let throttle = start_throttle(s.throttle.as_ref(), &writer);
+    // Once the primary goes on alone its lag source stops replicating and the controller
+    // gives the vCPU its full share back.
+    let throttle = start_throttle(s.throttle.as_ref(), &writer)?;
     let run = match ft {
         None => run_primary(&mut vm, &writer, &s.opts, Some((buf, sink)), &hooks)
             .map(|r| (r, serde_json::Value::Null)),
@@ -653,7 +686,11 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         }
     };
     // Stopped before any exit below: it restores full speed and removes its cgroup.
-    let throttle_json = throttle_json(throttle.map(Throttle::stop));
+    let throttle_json = throttle_json(
+        throttle
+            .map(Throttle::stop)
+            .ok_or("off (--throttle-target-ms 0)"),
+    );
     let (report, ft_json) = match run {
         Ok(r) => r,
         Err(PairError::Superseded { generation, winner }) => fenced(&format!(
@@ -663,6 +700,7 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
         Err(e) => return Err(anyhow_pair(e)),
     };
     let stats = writer.sender().snapshot();
+    let observed = writer.observer().snapshot();
     let secs = report.elapsed.as_secs_f64().max(1e-9);
     let d = &report.outputs.delay_us;
     let disk_digest = s.disk.as_deref().map(file_digest).transpose()?;
@@ -709,7 +747,8 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
             "output_delay_p99_us": d.value_at_quantile(0.99),
             "output_delay_max_us": d.max(),
             "releases": report.outputs.releases.iter().take(256).collect::<Vec<_>>(),
-            "channel": format!("{stats:?}"),
+            "channel": stats,
+            "metrics": observed,
             "failover": ft_json,
             "throttle": throttle_json,
             "shared_disk": disk_json(&vm),
@@ -725,43 +764,36 @@ pub fn primary(args: PairArgs) -> anyhow::Result<()> {
     std::process::exit(crate::exit::guest_status(report.code));
 }
 
-/// Starts the throttle for the vCPU running on this thread. `Err`: why there is none (off, or
-/// it cannot start: not root, no cgroup v1 `cpu` controller; then it warns, and the pair runs
-/// unthrottled).
-fn start_throttle(cfg: Option<&ThrottleConfig>, writer: &LogWriter) -> Result<Throttle, String> {
+/// Starts the throttle for the vCPU running on this thread (`None`: turned off). Where no cgroup
+/// is writable it runs with the pacer alone (and says so once); it fails only on a broken
+/// configuration or when its thread cannot start.
+fn start_throttle(
+    cfg: Option<&ThrottleConfig>,
+    writer: &LogWriter,
+) -> anyhow::Result<Option<Throttle>> {
     let Some(cfg) = cfg else {
-        return Err("off (--throttle-target-ms 0)".into());
+        return Ok(None);
     };
-    match Throttle::for_writer(cfg.clone(), writer, current_tid()) {
-        Ok(t) => {
-            tracing::info!(
-                target: "ftvm::throttle",
-                target_ms = cfg.target.as_millis() as u64,
-                min_share = cfg.pi.min_share,
-                actuator = t.actuator(),
-                "primary: CPU throttle on"
-            );
-            Ok(t)
-        }
-        Err(e) => {
-            let why = error_text(&e);
-            tracing::warn!(
-                target: "ftvm::throttle",
-                error = %why,
-                "primary: cannot start the CPU throttle, running UNTHROTTLED (the backup may fall behind the lag target)"
-            );
-            Err(format!("could not start: {why}"))
-        }
-    }
+    let t = Throttle::for_writer(cfg.clone(), writer, current_tid())
+        .map_err(|e| anyhow::anyhow!("cannot start the CPU throttle: {}", error_text(&e)))?;
+    tracing::info!(
+        target: "ftvm::throttle",
+        target_ms = cfg.target.as_millis() as u64,
+        min_share = cfg.pi.min_share,
+        actuator = t.actuator(),
+        "primary: CPU throttle on"
+    );
+    Ok(Some(t))
 }
 
 /// The `"throttle"` object of the primary's report: the final [`ThrottleStatus`], or why there
 /// was none.
-fn throttle_json(status: Result<ThrottleStatus, String>) -> serde_json::Value {
+fn throttle_json(status: Result<ThrottleStatus, &str>) -> serde_json::Value {
     match status {
         Err(reason) => serde_json::json!({"enabled": false, "reason": reason}),
         Ok(st) => serde_json::json!({
             "enabled": true,
+            "actuator": st.actuator.name(),
             "share": st.share,
             "min_share": st.min_share,
             "lag_ms": st.lag_ms,
@@ -945,6 +977,9 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
         }
     );
     let reader = LogReader::new(rx, s.opts.idle, None);
+    let observer = reader.observer().clone();
+    observer.set_transport(&s.transport);
+    let _metrics = crate::metrics::start_if(s.metrics.as_deref(), &observer)?;
     // Records (and logs) the throttle targets agreed through the log.
     TargetFollower::new().install(reader.controls());
     let result = match ft_config(&s, arbiter, Role::Backup)? {
@@ -983,8 +1018,9 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                             "golive": timings_json(&live.timings),
                             "detector": detector_json(&live.detector),
                             "console_released": live.console.released,
-                            "tx": live.tx.map(|t| format!("{t:?}")),
+                            "tx": live.tx,
                             "shared_disk": disk_json(&vm),
+                            "metrics": observer.snapshot(),
                         }),
                     )?;
                     std::process::exit(crate::exit::guest_status(live.code));
@@ -1023,6 +1059,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                     "regs_digest": format!("{:016x}", r.regs_digest),
                     "disk_digest": disk_digest.map(|d| format!("{d:016x}")),
                     "shared_disk": disk_json(&vm),
+                    "metrics": observer.snapshot(),
                 }),
             )?;
             Ok(())

@@ -1,6 +1,8 @@
 //! The primary's CPU throttle in `ftvm primary`: a real pair (cpu guest, TCP on loopback) with
-//! `--report`; the report's `"throttle"` object carries the flags' target and minimum share
-//! and the final controller state, or says why there was no throttle. Needs root and /dev/kvm
+//! `--report`; the report's `"throttle"` object carries the flags' target and minimum share,
+//! the actuator that ran (`cgroup-v2`, `cgroup-v1` or `pacer`) and the final controller state,
+//! or says why there was no throttle. A pair started with `ip netns exec` (which hides the
+//! host's cgroup mounts) is throttled through the cgroup all the same. Needs root and /dev/kvm
 //! (prints SKIP otherwise).
 
 use std::path::Path;
@@ -19,8 +21,24 @@ fn missing() -> Option<String> {
 /// primary's report.
 fn run_pair(dir: &Path, extra: &[&str]) -> serde_json::Value {
     let [port] = ftvm_vmm_core::testing::loopback_ports().expect("free loopback port");
-    let peer = format!("127.0.0.1:{port}");
-    let backup = Command::new(BIN)
+    run_pair_with(dir, extra, &format!("127.0.0.1:{port}"), |_| {})
+}
+
+/// [`run_pair`] with the peer address given and the two commands adjusted by `wrap` (which
+/// gets each `Command` before its arguments are added).
+fn run_pair_with(
+    dir: &Path,
+    extra: &[&str],
+    peer: &str,
+    wrap: impl Fn(&mut Command),
+) -> serde_json::Value {
+    let peer = peer.to_string();
+    let command = || {
+        let mut c = Command::new(BIN);
+        wrap(&mut c);
+        c
+    };
+    let backup = command()
         .args([
             "backup",
             "--guest",
@@ -35,7 +53,7 @@ fn run_pair(dir: &Path, extra: &[&str]) -> serde_json::Value {
         .spawn()
         .expect("spawn backup");
     let report = dir.join("primary.json");
-    let primary = Command::new(BIN)
+    let primary = command()
         .args([
             "primary",
             "--guest",
@@ -95,15 +113,71 @@ fn primary_report_has_the_throttle_state() {
         }
         Some(why) => {
             eprintln!("{TEST}: no cgroup cpu controller ({why}): checking the fallback");
-            assert_eq!(t["enabled"], false, "{t}");
-            assert!(
-                t["reason"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("could not start")),
-                "{t}"
-            );
+            assert_eq!(t["enabled"], true, "{t}");
+            assert_eq!(t["actuator"], "pacer", "{t}");
         }
     }
+    let want = match cgroup_cpu_unusable() {
+        None => ["cgroup-v1", "cgroup-v2"].as_slice(),
+        Some(_) => ["pacer"].as_slice(),
+    };
+    assert!(
+        t["actuator"].as_str().is_some_and(|a| want.contains(&a)),
+        "{t}"
+    );
+}
+
+/// `--throttle-cgroup none`: the pacer alone, reported as such.
+#[test]
+fn throttle_cgroup_none_paces_alone() {
+    const TEST: &str = "throttle_cgroup_none_paces_alone";
+    if let Some(r) = missing() {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = run_pair(dir.path(), &["--throttle-cgroup", "none"]);
+    assert_eq!(r["throttle"]["enabled"], true, "{r}");
+    assert_eq!(r["throttle"]["actuator"], "pacer", "{r}");
+}
+
+/// Started with `ip netns exec` (a private mount namespace whose fresh `/sys` shows no cgroup
+/// mount), the primary mounts the cpu controller's hierarchy in its own namespace and is
+/// throttled through a cgroup, as outside; the host's mounts are untouched and no group is
+/// left behind.
+#[test]
+fn primary_under_ip_netns_exec_uses_a_cgroup() {
+    const TEST: &str = "primary_under_ip_netns_exec_uses_a_cgroup";
+    if let Some(r) = missing().or_else(cgroup_cpu_unusable) {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let ns = ftvm_channel::netns::Netns::create(&format!("ftvm-thr-{}", std::process::id()))
+        .expect("netns");
+    let mounts = || std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let before = mounts();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = ns.name().to_string();
+    let r = run_pair_with(dir.path(), &[], "127.0.0.1:7000", |c| {
+        *c = Command::new("ip");
+        c.args(["netns", "exec", &name, BIN]);
+    });
+    let t = &r["throttle"];
+    assert_eq!(t["enabled"], true, "{t}");
+    assert!(
+        t["actuator"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("cgroup-")),
+        "not throttled through a cgroup under ip netns exec: {t}"
+    );
+    assert_eq!(mounts(), before, "the host's mounts changed");
+    let h = ftvm_vmm_core::ft::throttle::CpuHierarchy::find().expect("hierarchy");
+    let left: Vec<_> = std::fs::read_dir(&h.parent)
+        .expect("cgroup dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("-primary-"))
+        .collect();
+    assert!(left.is_empty(), "groups left behind: {left:?}");
 }
 
 /// `--throttle-target-ms 0` turns the throttle off, and the report says so.

@@ -150,8 +150,9 @@ impl ExitKind {
 pub struct ExitStats {
     /// Exits handled (shared, for progress displays).
     pub total: Arc<AtomicU64>,
-    /// Per kind, in [`ExitKind::ALL`] order.
-    pub by_kind: [u64; 7],
+    /// Per kind, in [`ExitKind::ALL`] order (shared: the metrics endpoint reads them while the
+    /// vCPU runs; one writer, the vCPU thread, so a bump is a load and a store).
+    pub by_kind: Arc<[AtomicU64; 7]>,
     /// KVM_RUN returns caused by kicks (EINTR), not by the guest.
     pub interrupts: u64,
 }
@@ -166,11 +167,12 @@ impl ExitStats {
         ExitKind::ALL
             .iter()
             .position(|k| *k == kind)
-            .map_or(0, |i| self.by_kind[i])
+            .map_or(0, |i| self.by_kind[i].load(Ordering::Relaxed))
     }
     fn bump(&mut self, kind: ExitKind) {
         if let Some(i) = ExitKind::ALL.iter().position(|k| *k == kind) {
-            self.by_kind[i] += 1;
+            let c = &self.by_kind[i];
+            c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         }
         self.total.fetch_add(1, Ordering::Relaxed);
     }

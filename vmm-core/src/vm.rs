@@ -279,8 +279,8 @@ impl Vm {
         vm.stats
             .total
             .store(r.u64("exit total")?, std::sync::atomic::Ordering::Relaxed);
-        for k in &mut vm.stats.by_kind {
-            *k = r.u64("exit kind")?;
+        for k in vm.stats.by_kind.iter() {
+            k.store(r.u64("exit kind")?, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(vm)
     }
@@ -309,8 +309,8 @@ impl Vm {
         snap.sections.push((tag::MEMORY, memory));
         let mut w = StateWriter::new();
         w.u64(self.stats.total());
-        for k in self.stats.by_kind {
-            w.u64(k);
+        for k in self.stats.by_kind.iter() {
+            w.u64(k.load(std::sync::atomic::Ordering::Relaxed));
         }
         snap.sections.push((tag::EXITS, w.into_inner()));
         snap.write_to(path)?;

@@ -21,6 +21,7 @@ use ftvm_ringbuf::IdleKind;
 use super::detector::TrafficNote;
 use super::digest::register_digest;
 use super::log::{device_name, AppliedControl, ControlQueue, Entry};
+use super::observe::{LogSnapshot, Observer, SideRole};
 use super::primary::PairError;
 use crate::devices::virtio::blk::{BlkCounters, DiskMode};
 use crate::record::{Inputs, ReplayError, ReplaySource};
@@ -44,6 +45,7 @@ pub struct LogReader {
     waited: Duration,
     controls: ControlQueue,
     watch: Option<Watch>,
+    observer: Observer,
 }
 
 /// What a [`LogReader`] of a fault-tolerant backup watches besides the link.
@@ -95,6 +97,18 @@ impl std::fmt::Debug for LogReader {
 impl LogReader {
     /// A reader over `rx`.
     pub fn new(rx: LogReceiver, idle: IdleKind, tamper: Option<Tamper>) -> Self {
+        let observer = Observer::new(SideRole::Backup);
+        let shared = Arc::clone(rx.shared());
+        let s = Arc::clone(&shared);
+        observer.set_log(move || LogSnapshot {
+            written: s.received_seq(),
+            sent: None,
+            acked: s.received_seq(),
+            executed: s.executed_seq(),
+            entries: s.stats.snapshot().records_delivered,
+            ..Default::default()
+        });
+        observer.set_channel(move || shared.stats.snapshot());
         LogReader {
             rx,
             pending: VecDeque::new(),
@@ -105,7 +119,14 @@ impl LogReader {
             waited: Duration::ZERO,
             controls: ControlQueue::new(),
             watch: None,
+            observer,
         }
+    }
+
+    /// The side's live counters: the log, the channel, and what the run registers (exits,
+    /// detector, outputs once live).
+    pub fn observer(&self) -> &Observer {
+        &self.observer
     }
 
     /// Fault tolerance: while waiting for entries, stop waiting once `peer_failed` is set (the
@@ -510,6 +531,7 @@ pub(crate) fn backup_loop(
     golive: Option<&SharedGoLive>,
 ) -> Result<BackupEnd, PairError> {
     let lock = || reader.lock().unwrap_or_else(|e| e.into_inner());
+    lock().observer().watch_exits(vm.stats());
     let hook = || golive.map(|g| g.lock().unwrap_or_else(|e| e.into_inner()));
     let ended = |exit: u64, e: ReplayError| match e {
         ReplayError::Diverged { exit, what } => PairError::Diverged { exit, what },

@@ -435,6 +435,27 @@ impl Detector {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Registers this detector's counters with `observer` (its statistics' lock, which only
+    /// the detector thread takes otherwise, once per snapshot).
+    pub fn observe_into(&self, observer: &super::observe::Observer) {
+        let shared = Arc::clone(&self.shared);
+        observer.set_detector(move || {
+            let d = *shared
+                .stats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            super::observe::DetectorSnapshot {
+                heartbeats_sent: d.heartbeats_sent,
+                send_errors: d.send_errors,
+                heartbeats_received: d.heartbeats_received,
+                stale_heartbeats: d.stale_heartbeats,
+                dropped: d.dropped,
+                failures_declared: d.failures_declared,
+                last_detection_ms: d.last_detection.map(super::observe::ms),
+            }
+        });
+    }
+
     /// Stops the thread and waits for it (at most about one `interval`).
     ///
     /// # Errors

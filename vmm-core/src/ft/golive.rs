@@ -84,6 +84,7 @@ use super::digest::register_digest;
 use super::fence::Fence;
 use super::log::AppliedControl;
 use super::node::{NodeId, Role};
+use super::observe::SideRole;
 use super::output::{OutputGate, OutputStats, Sink};
 use super::primary::{
     primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
@@ -409,6 +410,8 @@ impl PrimaryFt {
         }
         gate.set_fence(self.fence.clone(), self.cfg.generation);
         writer.set_managed();
+        self.detector.observe_into(writer.observer());
+        writer.observer().set_generation(self.cfg.generation);
         let m = Monitor {
             cfg: self.cfg.clone(),
             fence: self.fence.clone(),
@@ -516,6 +519,9 @@ impl Monitor {
     fn lose(&self, generation: u64, winner: String) {
         self.fence.advance(generation);
         self.writer.set_fenced();
+        self.writer
+            .observer()
+            .set_role(SideRole::Fenced, generation);
         tracing::error!(
             generation,
             %winner,
@@ -580,6 +586,7 @@ impl Monitor {
                     total: t_drained - t_failed + detection,
                 };
                 tracing::info!(?timings, "primary goes on alone");
+                self.writer.observer().set_role(SideRole::Alone, generation);
                 *self.shared.alone.lock().unwrap_or_else(|e| e.into_inner()) = Some(timings);
             }
             Ok((_, Acquire::Lost { generation, winner })) => {
@@ -815,6 +822,12 @@ impl BackupGoLive {
             total: t_live.saturating_duration_since(first_sign),
         };
         tracing::info!(?timings, "the backup is live");
+        let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        reader.observer().set_role(SideRole::Alone, generation);
+        if let Some(g) = &self.console_gate {
+            g.observe_into(reader.observer());
+        }
+        drop(reader);
         self.timings = Some(timings);
         true
     }
@@ -860,6 +873,8 @@ pub fn run_backup_ft(
     // A backup checks the arbiter itself while it decides (below); claims need no reader.
     let detector = spawn_detector(&ft, Role::Backup, &fence, &failed, &Claimed::default())?;
     reader.watch(Arc::clone(&failed), detector.traffic());
+    detector.observe_into(reader.observer());
+    reader.observer().set_generation(ft.generation);
     let reader = Arc::new(Mutex::new(reader));
     let golive = Arc::new(Mutex::new(BackupGoLive {
         cfg: ft,

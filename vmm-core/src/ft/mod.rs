@@ -11,6 +11,7 @@
 //! - [`golive`]: the backup going live and the primary continuing alone ([`run_primary_ft`],
 //!   [`run_backup_ft`]).
 //! - [`throttle`]: lag measurement and the CPU throttle that keeps the primary in step.
+//! - [`observe`]: the live counters of a side (metrics endpoint, `ftvm stat`, reports).
 //!
 //! The rule these pieces implement together: **never go live blind**. A node goes live (the
 //! backup taking over, or the primary continuing alone) only after (1) the failure detector has
@@ -48,6 +49,7 @@ pub mod fence;
 pub mod golive;
 pub mod log;
 pub mod node;
+pub mod observe;
 pub mod output;
 pub mod primary;
 pub mod throttle;

@@ -327,6 +327,41 @@ impl std::fmt::Debug for OutputGate {
 }
 
 impl OutputGate {
+    /// Registers this gate's counters with `observer` (the statistics' lock is taken once per
+    /// snapshot for a copy of the counters and the delay histogram).
+    pub fn observe_into(&self, observer: &super::observe::Observer) {
+        let inner = Arc::clone(&self.inner);
+        observer.set_outputs(move || {
+            let (s, delay) = {
+                let s = inner.stats.lock().unwrap_or_else(|e| e.into_inner());
+                (
+                    (
+                        s.produced,
+                        s.released,
+                        s.bytes,
+                        s.early,
+                        s.released_alone,
+                        s.fenced,
+                        s.max_pending,
+                    ),
+                    s.delay_us.clone(),
+                )
+            };
+            let (produced, released, bytes, early, released_alone, fenced, max_pending) = s;
+            super::observe::OutputsSnapshot {
+                produced,
+                released,
+                held: produced.saturating_sub(released),
+                bytes,
+                early,
+                released_alone,
+                fenced,
+                max_pending: max_pending as u64,
+                delay: super::observe::delay_snapshot(&delay),
+            }
+        });
+    }
+
     /// Starts the releaser thread. `acks` gives the acknowledged position, `position` the
     /// primary's current log position (last sequence number logged).
     ///

@@ -28,6 +28,7 @@ use super::log::{
     encode_write, AppliedControl, ControlQueue, Entry, KIND_READ, KIND_WRITE, LOG_VERSION,
     WRITE_HEADER_LEN,
 };
+use super::observe::{DiskWaitsSnapshot, LogSnapshot, Observer, SideRole};
 use super::output::{OutputGate, OutputStats, Sink};
 use crate::devices::virtio::blk::{DiskMode, WriteBarrier};
 use crate::record::{Inputs, Recorder};
@@ -171,6 +172,8 @@ pub struct LogWriter {
     mode: Arc<AtomicU8>,
     /// The throttle's pacer, consulted after each append (on the vCPU thread).
     pacer: Arc<std::sync::OnceLock<Arc<super::throttle::Pacer>>>,
+    /// The side's live counters ([`super::observe`]).
+    observer: Observer,
 }
 
 /// [`LogWriter`] modes.
@@ -198,7 +201,8 @@ impl LogWriter {
         let position = Arc::new(AtomicU64::new(
             sender.producer().next_seq().saturating_sub(1),
         ));
-        LogWriter {
+        let shared = Arc::clone(sender.shared());
+        let writer = LogWriter {
             sender: Arc::new(Mutex::new(sender)),
             position,
             bytes: Arc::default(),
@@ -210,7 +214,36 @@ impl LogWriter {
             stall_ns: Arc::default(),
             mode: Arc::new(AtomicU8::new(MODE_LOGGING)),
             pacer: Arc::default(),
-        }
+            observer: Observer::new(SideRole::Primary),
+        };
+        let w = writer.clone();
+        let acks = Arc::clone(&shared);
+        writer.observer.set_log(move || {
+            let stalls = w.stalls();
+            LogSnapshot {
+                written: w.position.load(Ordering::Acquire),
+                sent: Some(acks.sent_seq()),
+                acked: acks.acked_seq(),
+                executed: acks.executed_seq(),
+                entries: w.entries(),
+                bytes: Some(w.bytes()),
+                stalls: stalls.count,
+                stall_ms: super::observe::ms(stalls.time),
+            }
+        });
+        writer.observer.set_channel(move || shared.stats.snapshot());
+        writer
+    }
+
+    /// The side's live counters: the log, the channel, and what the run registers (exits,
+    /// outputs, throttle, detector, disk waits).
+    pub fn observer(&self) -> &Observer {
+        &self.observer
+    }
+
+    /// Sleeps the pacer made the vCPU take and their total (zero without a throttle).
+    pub fn pacer_sleeps(&self) -> (u64, Duration) {
+        self.pacer.get().map_or((0, Duration::ZERO), |p| p.slept())
     }
 
     /// Paces the vCPU thread at its appends with `pacer` (the throttle's pause actuator,
@@ -703,6 +736,22 @@ pub(crate) fn primary_loop(
         d.set_mode(DiskMode::Gated(b.clone()));
         b
     });
+    let observer = writer.observer();
+    observer.watch_exits(vm.stats());
+    gate.observe_into(observer);
+    if let Some(b) = &barrier {
+        let b = Arc::clone(b);
+        observer.set_disk_waits(move || {
+            let w = b.waits();
+            DiskWaitsSnapshot {
+                writes: w.writes,
+                waited: w.waited,
+                time_ms: super::observe::ms(w.time),
+                max_ms: super::observe::ms(w.max),
+                alone: w.alone,
+            }
+        });
+    }
     writer.append(&Entry::Header {
         version: LOG_VERSION,
         digest_interval: opts.digest_interval,

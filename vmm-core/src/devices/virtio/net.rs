@@ -231,7 +231,7 @@ impl std::fmt::Debug for TxMode {
 pub type FrameWriter = Box<dyn FnMut(&[u8]) + Send>;
 
 /// Transmit counters of a [`NetHandle`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TxCounters {
     /// Frames written to the TAP by the vCPU ([`TxMode::Direct`]).
     pub direct: u64,

@@ -4,9 +4,9 @@
 //!
 //! ```text
 //!  primary vCPU ──log──▶ sender ══ transport ══▶ backup vCPU (replays)
-//!      ▲ cpu.cfs_quota_us      ▲ acks: acked, executed position
+//!      ▲ cpu.max | cpu.cfs_quota_us, and pauses at exits   ▲ acks: acked, executed position
 //!      │                       │
-//!  CgroupCpu ◀── share ── PiController ◀── lag ── LagMeter ◀── (logged position, Instant)
+//!  CgroupCpu + Pacer ◀── share ── PiController ◀── lag ── LagMeter ◀── (logged position, Instant)
 //!                         (controller thread: samples every 1 ms, acts every 10 ms)
 //! ```
 //!
@@ -15,8 +15,9 @@
 //!   the backup needs to execute its backlog, which has no dead time).
 //! - [`pi`]: the PI controller (on the logarithm of the share, with anti-windup and a low-pass
 //!   filter on the lag), pure and unit-tested against a simulated plant.
-//! - [`cgroup`]: the scheduler-level actuator, a cgroup v1 `cpu` group holding the vCPU thread
-//!   (`cpu.cfs_quota_us = share × cpu.cfs_period_us`).
+//! - [`cgroup`]: the scheduler-level actuator, a `cpu` group holding the vCPU thread: a
+//!   threaded sub-cgroup with `cpu.max` on cgroup v2, `cpu.cfs_quota_us` on v1, found from
+//!   `/proc/self/cgroup` and `/proc/self/mountinfo` (also inside a network namespace).
 //! - [`pace`]: the pause-based actuator, a token bucket of CPU time the vCPU thread checks at
 //!   its logged exits ([`Throttle::for_writer`] drives both with the same share).
 //! - [`control`]: a target change agreed through the log (a control entry applied by both
@@ -25,6 +26,15 @@
 //!   a schedule, sampled over time (the scenario tests and the `throttle` benchmark).
 //! - [`Throttle`]: the controller thread tying them together; [`ThrottleStatus`] is its state
 //!   for counters and the periodic status line (`tracing` target `ftvm::throttle`).
+//!
+//! # Which actuators run
+//!
+//! [`Throttle::for_writer`] drives the cgroup *and* the pacer with the same share. When no
+//! cgroup can be used (no `cpu` controller offered to this process, not root, read-only
+//! cgroupfs, or [`CgroupPlace::Off`]) the pacer throttles alone: one warning says so and
+//! [`ThrottleStatus::actuator`] is [`ActuatorKind::Pacer`]. The pacer needs nothing from the
+//! host, so a primary with a backup is never unthrottled because of the host's cgroup setup;
+//! what it loses without the quota is the cap on a guest that runs long between exits.
 //!
 //! A full log buffer is the last line of defence and needs no controller: the vCPU waits in
 //! `LogWriter` for space (nothing is lost or reordered). The throttle keeps the pair away from it.
@@ -86,7 +96,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use cgroup::{cgroup_cpu_unusable, current_tid, thread_cpu_time, CgroupCpu};
+pub use cgroup::{
+    cgroup_cpu_unusable, current_tid, thread_cpu_time, CgroupCpu, CgroupVersion, CpuHierarchy,
+};
 pub use control::{propose_target, AgreedTarget, TargetFollower, CONTROL_TARGET_US};
 pub use lag::{Lag, LagMeter, LagSource, PairLag};
 pub use pace::{Paced, Pacer};
@@ -97,11 +109,29 @@ use crate::ft::primary::LogWriter;
 /// Errors of the throttle.
 #[derive(Debug, thiserror::Error)]
 pub enum ThrottleError {
-    /// No usable cgroup v1 `cpu` hierarchy.
-    #[error("the cgroup v1 cpu controller is not usable: {why}")]
+    /// No usable `cpu` controller (cgroup v1 or v2) for this process.
+    #[error("no usable cgroup cpu controller: {why}")]
     NoCpuController {
         /// Why.
         why: String,
+    },
+    /// A cgroup or `/proc` file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hierarchy could not be mounted in this process's private mount namespace.
+    #[error("cannot mount the cgroup hierarchy at {target}")]
+    Mount {
+        /// The mount point.
+        target: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
     /// The group's directory could not be created (not root? cgroupfs read-only?).
     #[error("cannot create the cgroup {path}")]
@@ -154,11 +184,61 @@ pub trait Actuator: Send + 'static {
     fn set_share(&mut self, share: f64) -> Result<(), ThrottleError>;
     /// A short description for logs.
     fn describe(&self) -> String;
+    /// Which mechanism it is (for reports and metrics).
+    fn kind(&self) -> ActuatorKind {
+        ActuatorKind::Other
+    }
+}
+
+/// The mechanism that holds the primary's vCPU to its share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActuatorKind {
+    /// A cgroup v2 threaded group (`cpu.max`) and the pacer.
+    CgroupV2,
+    /// A cgroup v1 group (`cpu.cfs_quota_us`) and the pacer.
+    CgroupV1,
+    /// The pacer alone (no cgroup could be used).
+    Pacer,
+    /// Something else (a simulation, an experiment's observer).
+    #[default]
+    Other,
+}
+
+impl ActuatorKind {
+    /// `cgroup-v2`, `cgroup-v1`, `pacer`, `other` (the names in reports and metrics).
+    pub fn name(self) -> &'static str {
+        match self {
+            ActuatorKind::CgroupV2 => CgroupVersion::V2.name(),
+            ActuatorKind::CgroupV1 => CgroupVersion::V1.name(),
+            ActuatorKind::Pacer => "pacer",
+            ActuatorKind::Other => "other",
+        }
+    }
+}
+
+/// Where the throttle's cgroup goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CgroupPlace {
+    /// Under this process's own cgroup in the `cpu` controller's hierarchy
+    /// ([`CpuHierarchy::find`]).
+    #[default]
+    Auto,
+    /// Under this cgroup directory (a delegated cgroup, or a hierarchy a test mounted;
+    /// [`CpuHierarchy::at`]).
+    At(PathBuf),
+    /// No cgroup: the pacer alone.
+    Off,
 }
 
 impl Actuator for CgroupCpu {
     fn set_share(&mut self, share: f64) -> Result<(), ThrottleError> {
         CgroupCpu::set_share(self, share)
+    }
+    fn kind(&self) -> ActuatorKind {
+        match self.version() {
+            CgroupVersion::V1 => ActuatorKind::CgroupV1,
+            CgroupVersion::V2 => ActuatorKind::CgroupV2,
+        }
     }
     fn describe(&self) -> String {
         format!(
@@ -193,6 +273,9 @@ pub struct ThrottleConfig {
     /// `cpu.shares` of the cgroup (`None`: the kernel's default, 1024): the vCPU's weight
     /// against the host's other work when the CPUs are contended.
     pub cpu_weight: Option<u64>,
+    /// Where the cgroup goes ([`Throttle::for_writer`] falls back to the pacer alone when it
+    /// cannot be used).
+    pub cgroup: CgroupPlace,
 }
 
 impl Default for ThrottleConfig {
@@ -208,6 +291,7 @@ impl Default for ThrottleConfig {
             samples: 16_384,
             group_name: None,
             cpu_weight: None,
+            cgroup: CgroupPlace::Auto,
         }
     }
 }
@@ -272,6 +356,8 @@ pub struct ThrottleStatus {
     pub updates: u64,
     /// Failed attempts to apply a share.
     pub actuator_errors: u64,
+    /// The mechanism applying the share.
+    pub actuator: ActuatorKind,
 }
 
 #[derive(Debug)]
@@ -297,6 +383,7 @@ pub struct Throttle {
     inner: Arc<Inner>,
     thread: Option<JoinHandle<()>>,
     actuator: String,
+    kind: ActuatorKind,
 }
 
 impl Throttle {
@@ -313,7 +400,8 @@ impl Throttle {
         Self::with_actuator(cfg, source, Box::new(group))
     }
 
-    /// A new cgroup v1 `cpu` group holding thread `vcpu_tid`, as `cfg` says.
+    /// A new `cpu` group holding thread `vcpu_tid`, as `cfg` says (after removing the stale
+    /// groups of dead processes beside it).
     fn vcpu_group(cfg: &ThrottleConfig, vcpu_tid: i32) -> Result<CgroupCpu, ThrottleError> {
         cfg.check()?;
         static GROUPS: AtomicU64 = AtomicU64::new(0);
@@ -321,7 +409,17 @@ impl Throttle {
             let n = GROUPS.fetch_add(1, Ordering::Relaxed);
             format!("ftvm-{}-primary-{n}", std::process::id())
         });
-        let mut group = CgroupCpu::create(&name, cfg.cfs_period)?;
+        let hierarchy = match &cfg.cgroup {
+            CgroupPlace::Auto => CpuHierarchy::find()?,
+            CgroupPlace::At(dir) => CpuHierarchy::at(dir)?,
+            CgroupPlace::Off => {
+                return Err(ThrottleError::NoCpuController {
+                    why: "turned off (pacer only)".into(),
+                })
+            }
+        };
+        hierarchy.remove_stale();
+        let mut group = CgroupCpu::create_in(&hierarchy, &name, cfg.cfs_period)?;
         if let Some(w) = cfg.cpu_weight {
             group.set_weight(w)?;
         }
@@ -332,7 +430,9 @@ impl Throttle {
     /// Starts a throttle for the primary writing through `writer`, acting on thread `vcpu_tid`
     /// (the thread that will call `run_primary`: [`current_tid`] there), and makes it follow
     /// the target changes agreed through the log ([`propose_target`] on `writer.controls()`;
-    /// this sets the queue's handler, see [`TargetFollower`]).
+    /// this sets the queue's handler, see [`TargetFollower`]). It paces the vCPU at its
+    /// exits and sets a cgroup's quota; when no cgroup can be used it warns once and paces
+    /// alone ([module docs](self), "Which actuators run").
     ///
     /// Stop it (or drop it) when the run ends or the primary goes on alone: without acks the
     /// lag only grows, and the throttle would hold the vCPU at its minimum share.
@@ -344,16 +444,48 @@ impl Throttle {
         writer: &LogWriter,
         vcpu_tid: i32,
     ) -> Result<Self, ThrottleError> {
-        let group = Self::vcpu_group(&cfg, vcpu_tid)?;
+        cfg.check()?;
+        let group: Option<Box<dyn Actuator>> = match Self::vcpu_group(&cfg, vcpu_tid) {
+            Ok(g) => Some(Box::new(g)),
+            Err(e) => {
+                if cfg.cgroup != CgroupPlace::Off {
+                    tracing::warn!(
+                        target: "ftvm::throttle",
+                        error = %error_text(&e),
+                        "no writable cgroup for the vCPU thread: the pacer alone throttles it (a guest running long between exits is not capped)"
+                    );
+                }
+                None
+            }
+        };
         // The quota, and pacing at the vCPU's logged exits (module `pace`).
         let pacer = Arc::new(Pacer::default());
         writer.set_pacer(Arc::clone(&pacer));
         let actuator = Paced {
-            inner: Box::new(group),
-            pacer,
+            inner: group,
+            pacer: Arc::clone(&pacer),
         };
         let throttle = Self::with_actuator(cfg, PairLag::for_writer(writer), Box::new(actuator))?;
         throttle.follower().install(writer.controls());
+        let inner = Arc::clone(&throttle.inner);
+        writer.observer().set_throttle(move || {
+            let s = *inner.status.lock().unwrap_or_else(|e| e.into_inner());
+            let (sleeps, slept) = pacer.slept();
+            crate::ft::observe::ThrottleSnapshot {
+                actuator: s.actuator.name().to_string(),
+                share: s.share,
+                min_share: s.min_share,
+                target_ms: s.target_ms,
+                lag_ms: s.lag_ms,
+                max_lag_ms: s.max_lag_ms,
+                lag_bytes: s.lag_bytes,
+                throttled_ms: crate::ft::observe::ms(s.throttled),
+                updates: s.updates,
+                actuator_errors: s.actuator_errors,
+                pacer_sleeps: sleeps,
+                pacer_slept_ms: crate::ft::observe::ms(slept),
+            }
+        });
         Ok(throttle)
     }
 
@@ -369,6 +501,7 @@ impl Throttle {
         cfg.check()?;
         actuator.set_share(1.0)?;
         let describe = actuator.describe();
+        let kind = actuator.kind();
         let inner = Arc::new(Inner {
             stop: AtomicBool::new(false),
             agreed: Arc::default(),
@@ -378,6 +511,7 @@ impl Throttle {
                 min_share: 1.0,
                 target_ms: ms(cfg.target),
                 setpoint_ms: ms(cfg.target) * cfg.setpoint_fraction,
+                actuator: kind,
                 ..Default::default()
             }),
         });
@@ -391,6 +525,7 @@ impl Throttle {
             inner,
             thread: Some(thread),
             actuator: describe,
+            kind,
         })
     }
 
@@ -421,9 +556,14 @@ impl Throttle {
         Duration::from_nanos(self.inner.target_ns.load(Ordering::Acquire))
     }
 
-    /// What the throttle acts on.
+    /// What the throttle acts on (a description for logs).
     pub fn actuator(&self) -> &str {
         &self.actuator
+    }
+
+    /// The mechanism applying the share.
+    pub fn kind(&self) -> ActuatorKind {
+        self.kind
     }
 
     /// Stops the controller, restores full share and removes the cgroup; returns the final

@@ -11,13 +11,14 @@
 //!
 //! At full share `pace` is two atomic loads. The throttle sets the share on both actuators
 //! ([`Paced`]): the quota still bounds a guest that runs long without exits; the pacer
-//! removes the bursts between the scheduler's checks.
+//! removes the bursts between the scheduler's checks. Where no cgroup can be used the pacer
+//! runs alone ([`Paced::inner`] `None`, [`ActuatorKind::Pacer`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Actuator, ThrottleError};
+use super::{Actuator, ActuatorKind, ThrottleError};
 
 /// Most CPU time the bucket holds (a burst at full speed after a quiet spell).
 pub const MAX_BURST: Duration = Duration::from_millis(2);
@@ -137,8 +138,8 @@ impl Pacer {
 
 /// An actuator that sets the same share on an inner actuator (the cgroup) and on a [`Pacer`].
 pub struct Paced {
-    /// The scheduler-level actuator.
-    pub inner: Box<dyn Actuator>,
+    /// The scheduler-level actuator (`None`: the pacer alone).
+    pub inner: Option<Box<dyn Actuator>>,
     /// The pacer the vCPU thread consults at its exits.
     pub pacer: std::sync::Arc<Pacer>,
 }
@@ -146,7 +147,7 @@ pub struct Paced {
 impl std::fmt::Debug for Paced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Paced")
-            .field("inner", &self.inner.describe())
+            .field("inner", &self.inner.as_ref().map(|a| a.describe()))
             .field("pacer", &self.pacer)
             .finish()
     }
@@ -155,10 +156,22 @@ impl std::fmt::Debug for Paced {
 impl Actuator for Paced {
     fn set_share(&mut self, share: f64) -> Result<(), ThrottleError> {
         self.pacer.set_share(share);
-        self.inner.set_share(share)
+        match &mut self.inner {
+            Some(a) => a.set_share(share),
+            None => Ok(()),
+        }
     }
     fn describe(&self) -> String {
-        format!("{} + pacing at exits", self.inner.describe())
+        match &self.inner {
+            Some(a) => format!("{} + pacing at exits", a.describe()),
+            None => "pacing at exits alone (no cgroup)".into(),
+        }
+    }
+    fn kind(&self) -> ActuatorKind {
+        match &self.inner {
+            Some(a) => a.kind(),
+            None => ActuatorKind::Pacer,
+        }
     }
 }
 

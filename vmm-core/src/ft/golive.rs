@@ -2,8 +2,9 @@
 //! alone — both only after winning the next generation on the arbiter.
 //!
 //! ```text
-//! backup:  log stops (link error, or detector: primary failed) ─> stop receiving/acking
-//!          ─> replay every entry received ─> log runs out at exit N
+//! backup:  log stops (link error, or detector: primary failed ─> vCPU interrupted out of
+//!          guest code) ─> stop receiving/acking
+//!          ─> replay every entry received ─> log runs out at exit N (or between exits N-1, N)
 //!          ─> wait: detector says the primary failed ─> take_over (generation g+1; waits while
 //!             the arbiter is unreachable; lost ⇒ stop with PairError::Superseded)
 //!          ─> attach the service TAP, TX direct, console released ─> inputs live from exit N on
@@ -39,6 +40,42 @@
 //!
 //! A primary that goes alone keeps its state (nothing to replay); it releases what it held once
 //! it won, and nothing at all once it learned it lost ([`Fence`] on the output gate).
+//!
+//! # Deciding between two exits: a guest without exits fails over too
+//! The log holds entries only where an exit takes an input, and the replaying vCPU runs the
+//! guest's code between exits on its own. At the end of every exit it waits until it holds an
+//! entry of a later exit, but after the header and after each checkpoint's `Digest` it enters
+//! guest code holding nothing further; a guest that then makes no exit for a long time (a
+//! compute loop) would keep the vCPU inside `KVM_RUN` with no point to decide at, and the
+//! backup would neither go live nor stop after its primary died. So the failure detector,
+//! when it presumes the primary failed, interrupts the backup's vCPU
+//! ([`VmControl::interrupt_replay`]: the kick signal sets `kvm_run.immediate_exit`, `KVM_RUN`
+//! returns `EINTR`). At the next point between two exits — at once, if the vCPU was in guest
+//! code — the replay source is asked
+//! ([`ReplaySource::between_exits`](crate::record::ReplaySource::between_exits)):
+//! - it still holds entries (of later exits: every entry of an exit is consumed by its end):
+//!   the vCPU replays on and reaches them; the request stays set, so the source is asked again
+//!   at every later point between exits (after the next checkpoint, say), besides the usual
+//!   points above;
+//! - it holds nothing, the receiver is stopped and drained: the log ends **here**, and the
+//!   decision runs at this point of the guest's instruction stream, as at an exit.
+//!
+//! Why this point is a valid continuation: `N` exits are complete (all their entries applied)
+//! and exit `N` has not begun, so the backup's state is the primary's after its exit `N − 1`
+//! plus guest instructions that take no input — a prefix of what the primary executed before
+//! its own exit `N`. No entry the backup received belongs to exit `N` or later: whatever the
+//! primary logged from exit `N` on lies beyond `P` and no released output depends on it. An
+//! output of exit `N` that takes no input (a console write) was tagged `≤ P` and may have been
+//! released by the primary; the live backup produces it again, byte for byte, when it
+//! executes exit `N` (a duplicate, which the output rule allows).
+//!
+//! The exit index: the interruption is no exit. The vCPU loop counts only the guest's exits
+//! (`ExitStats::total`); a `KVM_RUN` that returns `EINTR` is counted apart (`interrupts`) and
+//! logs nothing. The same holds on the primary, whose vCPU is interrupted only to be stopped
+//! (the FT monitor's kick when it was superseded) or by a stray signal (the throttle's pacer
+//! pauses it at a log append, outside `KVM_RUN`). So exit `N` of the backup is exit `N` of
+//! the primary however often either side was interrupted, and the first exit the live backup
+//! makes has index `N`.
 //!
 //! # Shared-disk mode: why no acknowledged write is lost
 //! Both sides name the same image; the primary performs a guest write only once the backup has
@@ -218,11 +255,15 @@ pub enum BackupFtReport {
     WentLive(Box<LiveReport>),
 }
 
+/// Starts the failure detector; a presumed failure of the peer sets `failed` and, on a backup
+/// (`replaying`: its VM's control), takes the replaying vCPU out of guest code so that it
+/// decides even if the guest makes no exit ([`VmControl::interrupt_replay`]).
 fn spawn_detector(
     cfg: &FtConfig,
     role: Role,
     fence: &Fence,
     failed: &Arc<AtomicBool>,
+    replaying: Option<VmControl>,
 ) -> Result<Arc<Detector>, PairError> {
     let mut dc = cfg.detector.clone();
     dc.role = role;
@@ -231,6 +272,9 @@ fn spawn_detector(
         DetectorEvent::PeerFailed { detection_time, .. } => {
             tracing::warn!(?detection_time, "peer presumed failed");
             f.store(true, Ordering::Release);
+            if let Some(vm) = &replaying {
+                vm.interrupt_replay();
+            }
         }
         DetectorEvent::PeerRecovered { down_for } => {
             tracing::info!(?down_for, "peer alive again");
@@ -325,7 +369,7 @@ impl PrimaryFt {
         }
         let fence = Fence::new(cfg.generation);
         let failed = Arc::new(AtomicBool::new(false));
-        let detector = spawn_detector(&cfg, Role::Primary, &fence, &failed)?;
+        let detector = spawn_detector(&cfg, Role::Primary, &fence, &failed, None)?;
         Ok(PrimaryFt {
             cfg,
             fence,
@@ -774,7 +818,7 @@ pub fn run_backup_ft(
 ) -> Result<BackupFtReport, PairError> {
     let fence = Fence::new(ft.generation);
     let failed = Arc::new(AtomicBool::new(false));
-    let detector = spawn_detector(&ft, Role::Backup, &fence, &failed)?;
+    let detector = spawn_detector(&ft, Role::Backup, &fence, &failed, Some(vm.control()))?;
     reader.watch(Arc::clone(&failed), detector.traffic());
     let reader = Arc::new(Mutex::new(reader));
     let golive = Arc::new(Mutex::new(BackupGoLive {

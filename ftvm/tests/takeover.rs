@@ -12,7 +12,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use ftvm::scenario::{Scenario, Side};
+use ftvm::client::Reply;
+use ftvm::scenario::{Node, Scenario, Side};
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig};
 
 /// The `cpu` guest without a single exit from its start to its checksum line (`quiet`), for
@@ -119,4 +120,105 @@ fn guest_without_exits_fails_over_mid_computation() {
         s.generations(),
         vec![(1, "primary".to_string()), (2, "backup".to_string())]
     );
+}
+
+/// Waits until `kv` (run by `node`) answers PING (panics after `timeout` or if it exits).
+fn wait_pong(s: &Scenario, node: &mut Node, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Reply::Simple(r)) = s.command(&[b"PING"], Duration::from_secs(1)) {
+            if r == "PONG" {
+                return;
+            }
+        }
+        if let Some(st) = node.try_status() {
+            panic!("kv exited ({st})\n{}", node.stderr_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kv did not answer PING within {timeout:?}\n{}",
+            node.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Own-copy mode (each side writes its own image), the backup's image on a 64 KiB tmpfs: under
+/// client load its copy fills up (ENOSPC) while the primary's writes succeed. The backup stops
+/// at the first disk write whose result differs from the status the primary logged for it,
+/// says so, tells the primary (a GOODBYE frame with reason CannotTakeOver) and exits with
+/// `CANNOT_TAKE_OVER` — it never goes live on a disk it knows to be incomplete. The primary
+/// wins generation 2, goes on alone and keeps serving without a client error; every
+/// acknowledged write reads back, and `kv` booted alone on the primary's image afterwards
+/// recovers every one of them.
+#[test]
+fn backup_whose_disk_copy_fills_stops_and_the_primary_goes_on_alone() {
+    const TEST: &str = "backup_whose_disk_copy_fills_stops_and_the_primary_goes_on_alone";
+    if common::skip(TEST) || common::skip_without(TEST, "mount", "mount") {
+        return;
+    }
+    let _serial = common::serial();
+    // Dropped last: after the scenario's processes, which hold the image open.
+    let small = common::SmallFs::mount("64k").expect("mount a small tmpfs");
+    let mut s = Scenario::prepare(common::config("fullb")).expect("prepare pair");
+    s.place_disk(Side::Backup, small.path())
+        .expect("the backup's image on the small tmpfs");
+    s.backup = Some(s.spawn(Side::Backup, &[]).expect("spawn backup"));
+    s.primary = Some(s.spawn(Side::Primary, &[]).expect("spawn primary"));
+    s.wait_ready(Duration::from_secs(30)).expect("kv answers");
+    let mut load = common::load(&s, 4, "full");
+    // The backup's copy fills up: it must stop, and say why.
+    let backup = s.backup.as_mut().expect("backup");
+    let status = backup.wait_exit(Duration::from_secs(120));
+    let acked_before = load.stats().ops;
+    let text = backup.stderr_text();
+    assert_eq!(
+        status.and_then(|st| st.code()),
+        Some(ftvm::exit::CANNOT_TAKE_OVER),
+        "the backup did not stop as unable to take over ({acked_before} writes acked)\n{}",
+        s.stderr_of_both()
+    );
+    eprintln!("{TEST}: the backup stopped after {acked_before} acknowledged writes");
+    assert!(acked_before > 0, "{text}");
+    assert!(text.contains("CANNOT TAKE OVER"), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(!text.contains("LIVE"), "{text}");
+    // The primary learned why, went on alone, and serves.
+    let primary = s.primary.as_mut().expect("primary");
+    let alone = primary
+        .wait_line("ALONE", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no ALONE line\n{}", primary.stderr_text()));
+    assert!(alone.contains("generation 2"), "{alone}");
+    assert!(
+        primary.find_line("cannot take over").is_some(),
+        "{}",
+        primary.stderr_text()
+    );
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let stats = load.stop();
+    assert_eq!(
+        stats.errors,
+        0,
+        "clients saw errors: {:?}",
+        load.last_error()
+    );
+    let served = common::assert_no_acked_write_lost(&s, load.checker());
+    assert_eq!(
+        s.generations(),
+        vec![(1, "primary".to_string()), (2, "primary".to_string())]
+    );
+    // Every acknowledged write is on the primary's image: kv powered off, then booted alone
+    // on that image, recovers them all from its log.
+    s.shutdown_guest();
+    common::assert_exits_with(s.primary.as_mut().expect("primary"), 0);
+    let mut alone = s
+        .spawn_alone(&s.disk(Side::Primary))
+        .expect("boot kv alone on the primary's image");
+    wait_pong(&s, &mut alone, Duration::from_secs(30));
+    let recovered = common::assert_no_acked_write_lost(&s, load.checker());
+    assert_eq!(recovered.checked, served.checked, "{recovered:?}");
+    s.shutdown_guest();
+    alone.wait_exit(Duration::from_secs(15));
+    drop(s);
+    drop(small);
 }

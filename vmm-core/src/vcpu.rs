@@ -390,7 +390,12 @@ pub fn handle_exit(
             addr,
             source,
         };
-        match apply_logged_writes(src.as_mut(), mem, index) {
+        let logged = apply_logged_writes(src.as_mut(), mem, index);
+        // What a device did itself in this exit (a backup's own disk copy) is compared with
+        // the primary's results the log just put in place — before any go-live decision: a
+        // backup never goes live on a disk copy it knows to differ.
+        devices.check_replayed_exit(mem, index).map_err(dev_err)?;
+        match logged {
             Ok(()) => {}
             // The log ran out at the end of this exit and the run went live: the writes of
             // this exit received so far are applied; the next exit runs live.

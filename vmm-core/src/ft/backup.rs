@@ -15,14 +15,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_channel::{LogReceiver, TransportError};
+use ftvm_channel::{GoodbyeReason, LogReceiver, TransportError};
 use ftvm_ringbuf::IdleKind;
 
 use super::detector::TrafficNote;
 use super::digest::register_digest;
 use super::log::{device_name, AppliedControl, ControlQueue, Entry};
 use super::primary::PairError;
-use crate::devices::virtio::blk::{BlkCounters, DiskMode};
+use crate::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use crate::record::{Inputs, ReplayError, ReplaySource};
 use crate::vm::{RunOutcome, Vm};
 
@@ -262,6 +262,20 @@ impl LogReader {
         Ok(())
     }
 
+    /// Tells the primary that this backup leaves the pair, and why (a GOODBYE frame); if it
+    /// cannot be told (the link is gone already), it will notice the silence.
+    pub(crate) fn goodbye(&mut self, reason: GoodbyeReason, text: &str) {
+        match self.rx.goodbye(reason, text) {
+            Ok(()) => tracing::warn!(%reason, "told the primary that this backup leaves the pair"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                %reason,
+                "could not tell the primary that this backup leaves the pair; its failure \
+                 detector will notice"
+            ),
+        }
+    }
+
     /// After the End entry: keeps the link (and the acks) up until the primary hangs up, at
     /// most `timeout`, so that the primary sees its last entries acknowledged.
     pub fn linger(&mut self, timeout: Duration) {
@@ -474,7 +488,8 @@ fn compare(exit: u64, what: &str, ours: u64, theirs: u64) -> Result<(), PairErro
 ///
 /// # Errors
 /// [`PairError::Diverged`] at the first difference; [`PairError::LogEnded`] when the log
-/// stops before the end.
+/// stops before the end; [`PairError::CannotTakeOver`] when a disk request on the backup's own
+/// copy gave another result than the primary's (it told the primary, GOODBYE).
 pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairError> {
     let reader = Arc::new(Mutex::new(reader));
     match backup_loop(vm, &reader, None)? {
@@ -634,6 +649,9 @@ pub(crate) fn backup_loop(
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
+                if let Some(f) = vm.disk().and_then(BlkHandle::copy_failure) {
+                    break Err(PairError::CannotTakeOver(f));
+                }
                 if let Some(f) = hook().and_then(|mut h| h.take_failure()) {
                     break Err(f);
                 }
@@ -719,6 +737,9 @@ pub(crate) fn backup_loop(
         }
     };
     vm.set_inputs(Inputs::default());
+    if let Err(PairError::CannotTakeOver(f)) = &result {
+        lock().goodbye(GoodbyeReason::CannotTakeOver, &f.to_string());
+    }
     let code = result?;
     let mut r = lock();
     r.linger(Duration::from_secs(30));

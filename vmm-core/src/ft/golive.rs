@@ -12,12 +12,15 @@
 //! primary: detector: backup failed, or link down ─> take_over (g+1)
 //!          ─> won: stop logging, release every held output, TX direct, run alone
 //!          ─> lost: fence the output gate (nothing more is released), stop
+//! backup (own disk copy): a disk result differs from the primary's ─> GOODBYE(CannotTakeOver)
+//!          ─> stop (never live); primary: GOODBYE ─> as "backup failed" above
 //! ```
 //!
 //! # Where the replay stops, and why it is safe under the output rule
 //! The backup goes live at the first point where its log has nothing more: at an external read
 //! (clock, entropy, WAIT) whose entry is missing, at the end of an exit (it waits for an entry
-//! of a later exit before leaving one), or at a checkpoint. There the replay source runs the
+//! of a later exit before leaving one), at a checkpoint, or between two exits inside guest
+//! code (see "Deciding between two exits" below). There the replay source runs the
 //! decision ([`ReplaySource::go_live`](crate::record::ReplaySource::go_live)); on winning, the
 //! VM's inputs become live **at that point**: the missing read is answered by the device, and
 //! every later exit runs live. No exit is replayed in part and then re-executed.
@@ -77,6 +80,29 @@
 //! the primary however often either side was interrupted, and the first exit the live backup
 //! makes has index `N`.
 //!
+//! # Own-copy mode: a backup whose disk copy failed never goes live
+//! With its own image (the default), the replaying backup performs every disk request of the
+//! guest on its copy itself, and the log carries the primary's result of each: the request's
+//! status byte, a `Write` entry of the exit that performed it. A backup whose copy failed a
+//! write the primary's disk took (ENOSPC, EIO, a short write) — or took one the primary's
+//! failed — holds a disk that differs from the one the clients' acknowledged writes are on:
+//! live on it, it would lose them (or bring back writes reported failed). So its virtio-blk
+//! compares the two results at the end of every replayed exit, before any go-live decision
+//! there ([`blk`](crate::devices::virtio::blk) module docs), and at the first difference the
+//! VM stops and the backup
+//! 1. says so: [`PairError::CannotTakeOver`] with the request, both statuses and its I/O error
+//!    (`ftvm backup` prints `CANNOT TAKE OVER` and exits with status 206);
+//! 2. tells the primary: a GOODBYE with reason `CannotTakeOver` on the logging channel;
+//! 3. stops, without asking the arbiter for anything.
+//!
+//! The primary treats that as the failure of its backup, on the same path as a failure its
+//! detector presumes ([`BackupGone`] → `Monitor::go_alone`): it wins the next generation,
+//! releases what it held (its outputs no longer wait for a backup that could not take over)
+//! and runs alone; without the GOODBYE (lost on the wire) the backup's silence leads there
+//! after the failure timeout. Where the log ends inside an exit before the primary's status,
+//! the backup's own result stands and the guest sees it live: the primary's completion of that
+//! request lies beyond `P`, so no client was told anything that depends on it.
+//!
 //! # Shared-disk mode: why no acknowledged write is lost
 //! Both sides name the same image; the primary performs a guest write only once the backup has
 //! acknowledged every entry logged before it ([`DiskBarrier`](super::primary::DiskBarrier)),
@@ -106,6 +132,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use ftvm_channel::Goodbye;
 
 use super::arbiter::{acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, RetryPolicy};
 use super::backup::{backup_loop, BackupEnd, BackupReport, GoLiveHook, LogReader, SharedGoLive};
@@ -469,13 +497,26 @@ struct Monitor {
     control: VmControl,
 }
 
+/// Why a primary's backup is gone: what [`Monitor::go_alone`] reacts to, whatever the policy
+/// for a primary without its backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BackupGone {
+    /// The failure detector presumes it failed.
+    Failed,
+    /// The log link is down (it may live: the arbiter decides).
+    LinkDown,
+    /// It left the pair and said why (a GOODBYE; e.g. `CannotTakeOver`: its disk copy failed,
+    /// so it could never take over: the primary goes on as if it had failed).
+    Left(Goodbye),
+}
+
 impl Monitor {
     fn run(self) {
         let mut last_acked = 0;
         while !self.stop.load(Ordering::Acquire) {
-            let (running, acked) = {
+            let (running, acked, goodbye) = {
                 let s = self.writer.sender();
-                (s.is_running(), s.acked_seq())
+                (s.is_running(), s.acked_seq(), s.peer_goodbye())
             };
             if acked != last_acked {
                 // Acknowledgements moving: the backup is alive.
@@ -488,8 +529,14 @@ impl Monitor {
                 self.lose(g, winner_of(&*self.cfg.arbiter, g));
                 return;
             }
-            if self.failed.load(Ordering::Acquire) || !running {
-                self.go_alone(running);
+            let gone = match goodbye {
+                Some(g) => Some(BackupGone::Left(g)),
+                None if self.failed.load(Ordering::Acquire) => Some(BackupGone::Failed),
+                None if !running => Some(BackupGone::LinkDown),
+                None => None,
+            };
+            if let Some(gone) = gone {
+                self.go_alone(&gone);
                 return;
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -512,7 +559,9 @@ impl Monitor {
         self.control.kick();
     }
 
-    fn go_alone(&self, link_up: bool) {
+    /// The backup is gone (`gone` says how): win the next generation, then go on alone — or
+    /// stop, if it was lost. The one path for every way a backup can be gone.
+    fn go_alone(&self, gone: &BackupGone) {
         let t_failed = Instant::now();
         let detection = if self.detector.peer_state() == PeerState::Failed {
             self.detector.stats().last_detection.unwrap_or_default()
@@ -520,12 +569,21 @@ impl Monitor {
             Duration::ZERO
         };
         let at_exit = self.control.exits();
-        tracing::warn!(
-            link_up,
-            ?detection,
-            at_exit,
-            "the backup is presumed failed: taking over the next generation before going alone"
-        );
+        match gone {
+            BackupGone::Left(goodbye) => tracing::error!(
+                %goodbye,
+                at_exit,
+                "the backup left the pair: taking over the next generation before going alone \
+                 (outputs no longer wait for it)"
+            ),
+            _ => tracing::warn!(
+                ?gone,
+                ?detection,
+                at_exit,
+                "the backup is presumed failed: taking over the next generation before going \
+                 alone"
+            ),
+        }
         let stop = Arc::clone(&self.stop);
         let r = take_over(
             &*self.cfg.arbiter,
@@ -809,7 +867,8 @@ impl GoLiveHook for BackupGoLive {
 /// # Errors
 /// [`PairError`]: a divergence; [`PairError::Superseded`] if the primary took the next
 /// generation instead (the backup stops without going live); [`PairError::LogEnded`] if the log
-/// ended and no decision could be made.
+/// ended and no decision could be made; [`PairError::CannotTakeOver`] if its own disk copy
+/// failed (it stopped without going live and told the primary).
 pub fn run_backup_ft(
     vm: &mut Vm,
     mut reader: LogReader,

@@ -81,6 +81,11 @@ pub enum PairError {
     /// The failure detector could not be started.
     #[error("failure detector")]
     Detector(#[from] super::detector::DetectorError),
+    /// Own-copy mode: a disk request of the backup gave another result than the primary's (its
+    /// copy filled up, failed, or differs): this backup can no longer take over. It stopped
+    /// without going live and told the primary (GOODBYE, `CannotTakeOver`).
+    #[error("this backup can no longer take over: {0}")]
+    CannotTakeOver(crate::devices::virtio::blk::CopyFailure),
 }
 
 /// The messages of `e` and all its sources, joined with `: `.

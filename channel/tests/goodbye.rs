@@ -42,25 +42,6 @@ fn pair<T: Send + 'static>(
     (tx, b)
 }
 
-/// Reads records (checking each) until the link ends; returns how many and the error.
-fn read_until_end(rx: &mut LogReceiver) -> (u64, TransportError) {
-    let mut n = 0;
-    let mut buf = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        assert!(Instant::now() < deadline, "the link did not end");
-        match rx.poll_records(|r| {
-            n += 1;
-            assert_eq!(r.seq(), n);
-            payload(r.seq(), &mut buf);
-            assert_eq!(r.payload(), &buf[..]);
-        }) {
-            Ok(_) => std::thread::yield_now(),
-            Err(e) => return (n, e),
-        }
-    }
-}
-
 /// The backup says it cannot take over: the primary's sender stops with that reason, typed.
 #[test]
 fn backup_that_cannot_take_over_says_goodbye_and_the_primary_learns_why() {
@@ -102,7 +83,7 @@ fn backup_that_cannot_take_over_says_goodbye_and_the_primary_learns_why() {
 #[test]
 fn planned_stop_of_the_primary_reaches_the_backup_after_every_record() {
     let (tx, backup) = pair(|mut rx| {
-        let (n, e) = read_until_end(&mut rx);
+        let (e, n) = receive_until_error(&mut rx, Duration::from_secs(20));
         (n, e, rx.peer_goodbye())
     });
     assert!(tx

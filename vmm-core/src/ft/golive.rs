@@ -96,7 +96,7 @@
 //! 3. stops, without asking the arbiter for anything.
 //!
 //! The primary treats that as the failure of its backup, on the same path as a failure its
-//! detector presumes ([`BackupGone`] → `Monitor::go_alone`): it wins the next generation,
+//! detector presumes (`BackupGone` → `Monitor::go_alone`): it wins the next generation,
 //! releases what it held (its outputs no longer wait for a backup that could not take over)
 //! and runs alone; without the GOODBYE (lost on the wire) the backup's silence leads there
 //! after the failure timeout. Where the log ends inside an exit before the primary's status,

@@ -47,6 +47,11 @@ pub enum TransportError {
         /// The configured timeout.
         after: std::time::Duration,
     },
+    /// The peer left the pair on purpose (it sent GOODBYE): a typed event, not a failure of the
+    /// link; the reason says what the other side should do (e.g. a primary whose backup cannot
+    /// take over goes on as if the backup had failed).
+    #[error("the peer left the pair: {0}")]
+    PeerLeft(crate::reliable::Goodbye),
     /// The local log buffer holds something that is not a valid record (memory scribbled on).
     #[error("log buffer corrupt: {what}")]
     Log {

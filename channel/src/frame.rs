@@ -1,4 +1,4 @@
-//! The wire format: frame header, the five frame types, encoding and checked decoding.
+//! The wire format: frame header, the six frame types, encoding and checked decoding.
 //!
 //! Every frame, whatever the transport (see `PROTOCOL.md` for the full description):
 //!
@@ -26,6 +26,7 @@
 //!  │ u8 │ [3]  │ u32      │ u64      │ u64        │ u64     │ u64      │ [u8; 32]        │ u32       │ (opaque)
 //!  └────┴──────┴──────────┴──────────┴────────────┴─────────┴──────────┴─────────────────┴───────────┴──────── ─ ─
 //!  REFUSE body: reason u32, then a UTF-8 explanation.
+//!  GOODBYE body: reason u32 (GoodbyeReason), then a UTF-8 explanation.
 //! ```
 //!
 //! The CRC32C covers bytes 0..16, 20..24 and the body. All integers are little-endian. The magic
@@ -37,7 +38,7 @@ use ftvm_ringbuf::layout::{split_header, KIND_PADDING, RECORD_HEADER_LEN};
 /// Frame magic number.
 pub const MAGIC: u16 = 0xF7C1;
 /// Protocol version spoken by this code. (3: records carry the log buffer's 8-byte header;
-/// 4: the HELLO carries an opaque, length-delimited settings blob.)
+/// 4: the HELLO carries an opaque, length-delimited settings blob; the GOODBYE frame.)
 pub const VERSION: u8 = 4;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 24;
@@ -95,6 +96,8 @@ pub enum FrameType {
     Ack = 4,
     /// Keep-alive.
     Heartbeat = 5,
+    /// A side leaves the pair on purpose, with a reason (version 4).
+    Goodbye = 6,
 }
 
 impl FrameType {
@@ -105,7 +108,39 @@ impl FrameType {
             3 => Self::Data,
             4 => Self::Ack,
             5 => Self::Heartbeat,
+            6 => Self::Goodbye,
             _ => return None,
+        })
+    }
+}
+
+/// Why a side leaves the pair (the GOODBYE frame's `reason`, PROTOCOL.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum GoodbyeReason {
+    /// A planned stop (an operator's request, e.g. SIGTERM): the side stops, it did not fail.
+    PlannedStop = 1,
+    /// The backup can no longer take over (its own copy of the disk failed: the copy is
+    /// incomplete); the primary goes on as if the backup had failed.
+    CannotTakeOver = 2,
+}
+
+impl GoodbyeReason {
+    /// The reason with this code, if it is one.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::PlannedStop),
+            2 => Some(Self::CannotTakeOver),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for GoodbyeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::PlannedStop => "planned stop",
+            Self::CannotTakeOver => "cannot take over",
         })
     }
 }
@@ -217,6 +252,13 @@ pub enum Frame<'a> {
         /// Opaque value.
         nonce: u64,
     },
+    /// The sender leaves the pair.
+    Goodbye {
+        /// Why.
+        reason: GoodbyeReason,
+        /// Human-readable explanation.
+        text: &'a str,
+    },
 }
 
 /// A frame with its header fields.
@@ -316,15 +358,16 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, FrameError> {
             }
         }
         FrameType::Refuse => {
-            if body.len() < 4 {
-                return Err(FrameError::BadBody("REFUSE length"));
-            }
-            let text = std::str::from_utf8(&body[4..])
-                .map_err(|_| FrameError::BadBody("REFUSE text is not UTF-8"))?;
-            Frame::Refuse {
-                reason: rd_u32(body, 0),
-                text,
-            }
+            let (reason, text) =
+                reason_and_text(body, ("REFUSE length", "REFUSE text is not UTF-8"))?;
+            Frame::Refuse { reason, text }
+        }
+        FrameType::Goodbye => {
+            let (reason, text) =
+                reason_and_text(body, ("GOODBYE length", "GOODBYE text is not UTF-8"))?;
+            let reason = GoodbyeReason::from_u32(reason)
+                .ok_or(FrameError::BadBody("GOODBYE reason unknown"))?;
+            Frame::Goodbye { reason, text }
         }
         FrameType::Data => {
             if body.len() < DATA_HEADER_LEN {
@@ -370,6 +413,19 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, FrameError> {
     Ok(Decoded { generation, frame })
 }
 
+/// The body of a REFUSE or GOODBYE frame: a `u32` reason, then UTF-8 text; `bad`: the
+/// [`FrameError::BadBody`] texts for a body too short and for text that is not UTF-8.
+fn reason_and_text<'a>(
+    body: &'a [u8],
+    bad: (&'static str, &'static str),
+) -> Result<(u32, &'a str), FrameError> {
+    let (Some(reason), Some(text)) = (body.first_chunk::<4>(), body.get(4..)) else {
+        return Err(FrameError::BadBody(bad.0));
+    };
+    let text = std::str::from_utf8(text).map_err(|_| FrameError::BadBody(bad.1))?;
+    Ok((u32::from_le_bytes(*reason), text))
+}
+
 /// Starts a frame of type `ty` in `buf` (cleared first); append the body, then [`finish`].
 pub fn begin(buf: &mut Vec<u8>, ty: FrameType, generation: u64) {
     buf.clear();
@@ -410,7 +466,16 @@ pub fn encode_hello(buf: &mut Vec<u8>, generation: u64, h: &Hello, settings: &[u
 
 /// Encodes a REFUSE.
 pub fn encode_refuse(buf: &mut Vec<u8>, generation: u64, reason: u32, text: &str) {
-    begin(buf, FrameType::Refuse, generation);
+    encode_reason(buf, FrameType::Refuse, generation, reason, text);
+}
+
+/// Encodes a GOODBYE.
+pub fn encode_goodbye(buf: &mut Vec<u8>, generation: u64, reason: GoodbyeReason, text: &str) {
+    encode_reason(buf, FrameType::Goodbye, generation, reason as u32, text);
+}
+
+fn encode_reason(buf: &mut Vec<u8>, ty: FrameType, generation: u64, reason: u32, text: &str) {
+    begin(buf, ty, generation);
     buf.extend_from_slice(&reason.to_le_bytes());
     buf.extend_from_slice(text.as_bytes());
     finish(buf);
@@ -606,6 +671,16 @@ mod tests {
             decode(&b).map(|d| d.frame),
             Ok(Frame::Heartbeat { nonce: 77 })
         );
+        for reason in [GoodbyeReason::PlannedStop, GoodbyeReason::CannotTakeOver] {
+            encode_goodbye(&mut b, 5, reason, "disk full");
+            assert_eq!(
+                decode(&b).map(|d| d.frame),
+                Ok(Frame::Goodbye {
+                    reason,
+                    text: "disk full"
+                })
+            );
+        }
         begin_data(&mut b, 5, 1, (0, 1));
         let mut rec = ftvm_ringbuf::layout::header_word(3, 1, 1)
             .to_le_bytes()
@@ -625,6 +700,27 @@ mod tests {
         assert!(validate_records(payload, 2, 1, 100).is_err());
         // Only the low 32 bits travel: 2^32 + 1 has the same, so it passes too.
         assert_eq!(validate_records(payload, (1 << 32) + 1, 1, 100), Ok(16));
+    }
+
+    #[test]
+    fn a_goodbye_with_an_unknown_reason_or_bad_text_is_malformed() {
+        let mut b = Vec::new();
+        encode_reason(&mut b, FrameType::Goodbye, 1, 9, "?");
+        assert_eq!(
+            decode(&b),
+            Err(FrameError::BadBody("GOODBYE reason unknown"))
+        );
+        encode_reason(&mut b, FrameType::Goodbye, 1, 2, "");
+        b.push(0xFF);
+        finish(&mut b);
+        assert_eq!(
+            decode(&b),
+            Err(FrameError::BadBody("GOODBYE text is not UTF-8"))
+        );
+        begin(&mut b, FrameType::Goodbye, 1);
+        b.extend_from_slice(&[2, 0]);
+        finish(&mut b);
+        assert_eq!(decode(&b), Err(FrameError::BadBody("GOODBYE length")));
     }
 
     #[test]

@@ -60,7 +60,8 @@ pub mod uring;
 pub mod xdp;
 
 pub use error::{Refusal, TransportError};
+pub use frame::GoodbyeReason;
 pub use poller::{LogReceiver, LogSender, PollerConfig};
-pub use reliable::{Config, Receiver, Sender};
+pub use reliable::{Config, Goodbye, Receiver, Sender};
 pub use stats::StatsSnapshot;
 pub use transport::Transport;

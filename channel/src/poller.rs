@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use ftvm_ringbuf::{Consumer, Doorbell, IdleKind, Producer, Record};
 
 use crate::error::TransportError;
+use crate::frame::GoodbyeReason;
 use crate::reliable::{
-    Config, Incoming, ListenReport, Receiver, ReceiverShared, Sender, SenderShared,
+    Config, Goodbye, Incoming, ListenReport, Receiver, ReceiverShared, Sender, SenderShared,
 };
 use crate::stats::StatsSnapshot;
 use crate::transport::Transport;
@@ -37,7 +38,23 @@ struct Control {
     /// Called on the poller thread after every step that received frames (see
     /// [`LogSender::set_ack_hook`]).
     hook: OnceLock<Hook>,
+    /// A GOODBYE to send: the poller sends it and stops ([`Control::goodbye`]).
+    goodbye_due: AtomicBool,
+    goodbye: Mutex<Option<(GoodbyeReason, String)>>,
+    /// The peer's GOODBYE, once one arrived (the poller stopped with
+    /// [`TransportError::PeerLeft`]).
+    peer_left: OnceLock<Goodbye>,
 }
+
+/// Sends a GOODBYE on a poller's state machine ([`Sender::goodbye`], [`Receiver::goodbye`]).
+type SayGoodbye<S> = fn(&mut S, GoodbyeReason, &str) -> Result<(), TransportError>;
+
+/// A poller's two operations on its state machine: one step ([`Sender::poll`],
+/// [`Receiver::poll`]) and saying goodbye.
+type Steps<S> = (fn(&mut S) -> Result<usize, TransportError>, SayGoodbye<S>);
+
+/// How long [`LogSender::goodbye`] / [`LogReceiver::goodbye`] wait for the poller.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
 /// Lets the sender's poller sleep while it has nothing to do: every record the producer
 /// committed is acknowledged. [`LogSender::notify`] (after a commit) wakes it. Enabled with
@@ -96,6 +113,52 @@ impl Control {
             .and_then(|mut g| g.take())
             .unwrap_or(TransportError::Closed { mid_frame: false })
     }
+
+    /// Asks the running poller to send a GOODBYE and stop (`wake`: wakes it if it sleeps);
+    /// waits until it stopped, at most [`GOODBYE_WAIT`].
+    fn goodbye(
+        &self,
+        reason: GoodbyeReason,
+        text: &str,
+        wake: impl Fn(),
+    ) -> Result<(), TransportError> {
+        if !self.running.load(Ordering::Acquire) {
+            return Err(self.take_error());
+        }
+        if let Ok(mut g) = self.goodbye.lock() {
+            *g = Some((reason, text.to_owned()));
+        }
+        self.goodbye_due.store(true, Ordering::Release);
+        wake();
+        let deadline = Instant::now() + GOODBYE_WAIT;
+        while self.running.load(Ordering::Acquire) {
+            if Instant::now() > deadline {
+                return Err(TransportError::Io {
+                    op: "goodbye",
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        match self.error.lock().ok().and_then(|mut g| g.take()) {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// The poller's step for a due GOODBYE: sends it on `state`; true when the loop must stop.
+    fn say_goodbye<S>(&self, state: &mut S, bye: SayGoodbye<S>) -> bool {
+        if !self.goodbye_due.load(Ordering::Acquire) {
+            return false;
+        }
+        if let Some((reason, text)) = self.goodbye.lock().ok().and_then(|mut g| g.take()) {
+            if let Err(e) = bye(state, reason, &text) {
+                tracing::warn!(error = %e, "could not say goodbye to the peer");
+                self.set_error(e);
+            }
+        }
+        true
+    }
 }
 
 fn pin(core: Option<usize>) {
@@ -106,16 +169,18 @@ fn pin(core: Option<usize>) {
     }
 }
 
-/// Runs `step` until it fails or `stop` is set; returns the state machine.
+/// Runs `step` until it fails, `stop` is set or a GOODBYE was sent (with `bye`); returns the
+/// state machine.
 fn spawn_loop<S: Send + 'static>(
     name: &str,
     mut state: S,
     ctl: Arc<Control>,
     pc: PollerConfig,
-    step: fn(&mut S) -> Result<usize, TransportError>,
+    (step, bye): Steps<S>,
     quiet: Option<Quiet<S>>,
 ) -> Result<JoinHandle<S>, TransportError> {
     ctl.stop.store(false, Ordering::Release);
+    ctl.goodbye_due.store(false, Ordering::Release);
     ctl.running.store(true, Ordering::Release);
     std::thread::Builder::new()
         .name(name.into())
@@ -126,6 +191,9 @@ fn spawn_loop<S: Send + 'static>(
             let quiet = quiet.filter(|_| pc.idle == IdleKind::Park);
             let mut empty = 0u32;
             while !ctl.stop.load(Ordering::Acquire) {
+                if ctl.say_goodbye(&mut state, bye) {
+                    break;
+                }
                 match step(&mut state) {
                     Ok(work) => {
                         if work > 0 {
@@ -144,6 +212,12 @@ fn spawn_loop<S: Send + 'static>(
                             }
                         }
                         idle.idle(work);
+                    }
+                    Err(TransportError::PeerLeft(g)) => {
+                        tracing::warn!(goodbye = %g, "the peer left the pair; poller stopped");
+                        let _ = ctl.peer_left.set(g.clone());
+                        ctl.set_error(TransportError::PeerLeft(g));
+                        break;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "poller stopped");
@@ -191,7 +265,7 @@ fn restart_loop<S: Send + 'static>(
     ctl: &Arc<Control>,
     pc: PollerConfig,
     (role, name): (&str, &str),
-    step: fn(&mut S) -> Result<usize, TransportError>,
+    step: Steps<S>,
     quiet: Option<Quiet<S>>,
     handshake: impl FnOnce(&mut S) -> Result<(), TransportError>,
 ) -> Result<(), TransportError> {
@@ -245,7 +319,7 @@ impl LogSender {
             sender,
             Arc::clone(&ctl),
             pc,
-            Sender::poll,
+            (Sender::poll, Sender::goodbye),
             Some((Arc::clone(&wake), sender_acked)),
         )?;
         Ok(Self {
@@ -354,6 +428,23 @@ impl LogSender {
         }
     }
 
+    /// Tells the backup that this primary leaves the pair (a GOODBYE frame with `reason` and
+    /// `text`, PROTOCOL.md) and stops the poller; waits for it at most 2 s.
+    ///
+    /// # Errors
+    /// The link's error if it had already stopped; the transport's if the frame could not be
+    /// sent; a timeout.
+    pub fn goodbye(&self, reason: GoodbyeReason, text: &str) -> Result<(), TransportError> {
+        self.ctl.goodbye(reason, text, || self.wake.bell.ring())
+    }
+
+    /// The backup's GOODBYE, if it left the pair on purpose (the poller then stopped with
+    /// [`TransportError::PeerLeft`]); unlike [`LogSender::error`] it can be read any number of
+    /// times.
+    pub fn peer_goodbye(&self) -> Option<Goodbye> {
+        self.ctl.peer_left.get().cloned()
+    }
+
     fn stop(&mut self) -> Result<Sender, TransportError> {
         stop_loop(&mut self.thread, &self.ctl, "sender")
     }
@@ -369,7 +460,7 @@ impl LogSender {
             &self.ctl,
             self.pc,
             ("sender", "ftvm-log-send"),
-            Sender::poll,
+            (Sender::poll, Sender::goodbye),
             Some((Arc::clone(&self.wake), sender_acked)),
             |sender| sender.reconnect(transport),
         )
@@ -467,7 +558,7 @@ impl LogReceiver {
             receiver,
             Arc::clone(&ctl),
             pc,
-            Receiver::poll,
+            (Receiver::poll, Receiver::goodbye),
             None,
         )?;
         Ok(Self {
@@ -565,6 +656,24 @@ impl LogReceiver {
         self.ctl.running.load(Ordering::Acquire)
     }
 
+    /// Tells the primary that this backup leaves the pair (a GOODBYE frame with `reason` and
+    /// `text`, PROTOCOL.md) and stops the poller; waits for it at most 2 s. The records
+    /// received before can still be read.
+    ///
+    /// # Errors
+    /// The link's error if it had already stopped; the transport's if the frame could not be
+    /// sent; a timeout.
+    pub fn goodbye(&self, reason: GoodbyeReason, text: &str) -> Result<(), TransportError> {
+        self.ctl.goodbye(reason, text, || {})
+    }
+
+    /// The primary's GOODBYE, if it left the pair on purpose (the poller then stopped with
+    /// [`TransportError::PeerLeft`], which [`LogReceiver::poll_records`] returns once every
+    /// record received before it was read).
+    pub fn peer_goodbye(&self) -> Option<Goodbye> {
+        self.ctl.peer_left.get().cloned()
+    }
+
     /// Stops the poller (if still running), handshakes over a new transport and resumes.
     ///
     /// # Errors
@@ -575,7 +684,7 @@ impl LogReceiver {
             &self.ctl,
             self.pc,
             ("receiver", "ftvm-log-recv"),
-            Receiver::poll,
+            (Receiver::poll, Receiver::goodbye),
             None,
             |receiver| receiver.reaccept(transport),
         )

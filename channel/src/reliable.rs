@@ -14,7 +14,9 @@ use ftvm_ringbuf::layout::RECORD_HEADER_LEN;
 use ftvm_ringbuf::{ClaimError, Consumer, Producer};
 
 use crate::error::{Refusal, TransportError};
-use crate::frame::{self, Frame, FrameError, Hello, Role, DATA_OVERHEAD, DIGEST_LEN};
+use crate::frame::{
+    self, Frame, FrameError, GoodbyeReason, Hello, Role, DATA_OVERHEAD, DIGEST_LEN,
+};
 use crate::stats::Stats;
 use crate::transport::Transport;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +38,43 @@ const ACK_EVERY: usize = 256 << 10;
 const HOLD_MAX: usize = 4 << 20;
 /// Upper bound of the retransmit timeout's back-off.
 const MAX_RTO: Duration = Duration::from_millis(500);
+
+/// Copies of a GOODBYE sent (a datagram transport may lose one; the peer acts on the first).
+const GOODBYE_COPIES: usize = 3;
+/// How long sending a GOODBYE may wait for room in the transport.
+const GOODBYE_PATIENCE: Duration = Duration::from_secs(1);
+
+/// A GOODBYE: the peer left the pair on purpose, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Goodbye {
+    /// Why it left.
+    pub reason: GoodbyeReason,
+    /// Its explanation.
+    pub text: String,
+}
+
+impl std::fmt::Display for Goodbye {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.text)
+    }
+}
+
+/// Sends a GOODBYE ([`GOODBYE_COPIES`] copies) over `t` and flushes.
+fn send_goodbye(
+    t: &mut dyn Transport,
+    generation: u64,
+    reason: GoodbyeReason,
+    text: &str,
+) -> Result<(), TransportError> {
+    let mut buf = Vec::with_capacity(frame::HEADER_LEN + 4 + text.len());
+    frame::encode_goodbye(&mut buf, generation, reason, text);
+    let deadline = Instant::now() + GOODBYE_PATIENCE;
+    for _ in 0..GOODBYE_COPIES {
+        send_now(t, &buf, deadline)?;
+    }
+    tracing::info!(%reason, text, "said goodbye to the peer");
+    Ok(())
+}
 
 /// Refusal reason codes carried in REFUSE frames.
 pub mod refuse {
@@ -399,6 +438,15 @@ impl Sender {
         &self.peer_settings
     }
 
+    /// Tells the backup that this primary leaves the pair (GOODBYE with `reason` and `text`);
+    /// the backup's receiver then stops with [`TransportError::PeerLeft`]. Send nothing after.
+    ///
+    /// # Errors
+    /// Transport errors, or no room in the transport for a second.
+    pub fn goodbye(&mut self, reason: GoodbyeReason, text: &str) -> Result<(), TransportError> {
+        send_goodbye(self.transport.as_mut(), self.cfg.generation, reason, text)
+    }
+
     fn handshake(&mut self) -> Result<(), TransportError> {
         check_settings_len(&self.cfg)?;
         if self.max_frame < frame::MIN_FRAME {
@@ -674,6 +722,7 @@ impl Sender {
         // Acknowledgements.
         let mut acks: Option<(u64, u64, u32, u32)> = None;
         let mut refused: Option<String> = None;
+        let mut goodbye: Option<Goodbye> = None;
         let mut heard = false;
         let stats = &self.shared.stats;
         let generation = self.cfg.generation;
@@ -697,6 +746,12 @@ impl Sender {
                             acks = Some((a.max(acked), x.max(executed), g.saturating_add(gap), m));
                         }
                         Frame::Refuse { text, .. } => refused = Some(text.to_owned()),
+                        Frame::Goodbye { reason, text } => {
+                            goodbye.get_or_insert_with(|| Goodbye {
+                                reason,
+                                text: text.to_owned(),
+                            });
+                        }
                         _ => {}
                     }
                 }
@@ -716,6 +771,10 @@ impl Sender {
             }
             if let Some((acked, executed, gap, missing)) = acks {
                 self.on_ack(acked, executed, gap, missing, now)?;
+            }
+            // The backup's last acknowledgements count; then the link ends here.
+            if let Some(g) = goodbye {
+                return Err(TransportError::PeerLeft(g));
             }
             self.timers(now)?;
         }
@@ -1285,6 +1344,8 @@ struct RecvState {
     last_heard: Instant,
     /// The primary's settings blob from its HELLO.
     peer_settings: Vec<u8>,
+    /// The primary said GOODBYE (the poll ends the link once what came before is delivered).
+    goodbye: Option<Goodbye>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -1599,10 +1660,28 @@ impl Receiver {
         }
         // Always: a stream transport may hold bytes the socket did not take last time.
         self.transport.flush()?;
+        // What came before the primary's GOODBYE is delivered and acknowledged; the link ends.
+        if let Some(g) = s.goodbye.take() {
+            return Err(TransportError::PeerLeft(g));
+        }
         if work == 0 {
             self.transport.wait(IDLE_WAIT)?;
         }
         Ok(work)
+    }
+
+    /// Tells the primary that this backup leaves the pair (GOODBYE with `reason` and `text`);
+    /// the primary's sender then stops with [`TransportError::PeerLeft`]. Send nothing after.
+    ///
+    /// # Errors
+    /// Transport errors, or no room in the transport for a second.
+    pub fn goodbye(&mut self, reason: GoodbyeReason, text: &str) -> Result<(), TransportError> {
+        send_goodbye(
+            self.transport.as_mut(),
+            self.state.cfg.generation,
+            reason,
+            text,
+        )
     }
 
     /// Gives back the log buffer's producer.
@@ -1637,6 +1716,7 @@ impl RecvState {
             heard: false,
             last_heard: Instant::now(),
             peer_settings: Vec::new(),
+            goodbye: None,
         }
     }
 
@@ -1678,6 +1758,12 @@ impl RecvState {
             }
             Frame::Hello { hello: h, .. } if h.role == Role::Primary => self.hello_due = true,
             Frame::Heartbeat { .. } => self.ack_due = true,
+            Frame::Goodbye { reason, text } => {
+                self.goodbye.get_or_insert_with(|| Goodbye {
+                    reason,
+                    text: text.to_owned(),
+                });
+            }
             _ => {}
         }
     }

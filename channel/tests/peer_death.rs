@@ -6,7 +6,7 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
@@ -81,31 +81,6 @@ fn child_shm(spec: &ChildSpec) {
     }
 }
 
-/// Receives until the link fails; checks every record; returns the error and the count.
-fn receive_until_error(mut rx: LogReceiver) -> (TransportError, u64) {
-    let mut expect = 1;
-    let mut buf = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(Instant::now() < deadline, "no error after the peer died");
-        match rx.poll_records(|r| {
-            payload(r.seq(), &mut buf);
-            assert_eq!(r.seq(), expect);
-            assert_eq!(
-                r.payload(),
-                &buf[..],
-                "partial or corrupt record {}",
-                r.seq()
-            );
-            expect += 1;
-        }) {
-            Ok(0) => std::thread::yield_now(),
-            Ok(_) => {}
-            Err(e) => return (e, expect - 1),
-        }
-    }
-}
-
 #[test]
 fn tcp_peer_killed_mid_frame() {
     if let Some(spec) = ChildSpec::from_env() {
@@ -125,8 +100,8 @@ fn tcp_peer_killed_mid_frame() {
     let mut child = spawn_child("tcp_peer_killed_mid_frame", &spec);
     let t = TcpTransport::accept(&l, TcpMode::Spin).expect("accept");
     let (p, c) = backup_buffer();
-    let rx = LogReceiver::start(p, c, Box::new(t), cfg(), poller()).expect("handshake");
-    let (err, got) = receive_until_error(rx);
+    let mut rx = LogReceiver::start(p, c, Box::new(t), cfg(), poller()).expect("handshake");
+    let (err, got) = receive_until_error(&mut rx, Duration::from_secs(30));
     let status = child.wait().expect("wait");
     assert!(!status.success(), "child was supposed to die");
     assert_eq!(
@@ -162,8 +137,8 @@ fn shm_peer_killed_detected() {
     };
     let mut child = spawn_child("shm_peer_killed_detected", &spec);
     let (p, c) = backup_buffer();
-    let rx = LogReceiver::start(p, c, t, cfg(), poller()).expect("handshake");
-    let (err, got) = receive_until_error(rx);
+    let mut rx = LogReceiver::start(p, c, t, cfg(), poller()).expect("handshake");
+    let (err, got) = receive_until_error(&mut rx, Duration::from_secs(30));
     let status = child.wait().expect("wait");
     assert!(!status.success());
     assert!(got < RECORDS, "got {got}");

@@ -937,7 +937,9 @@ fn anyhow_pair(e: PairError) -> anyhow::Error {
 /// `ftvm backup`.
 ///
 /// # Errors
-/// Setup failures, a refused pairing; a divergence exits with status 202 ([`crate::exit::DIVERGED`]).
+/// Setup failures, a refused pairing; a divergence exits with status 202
+/// ([`crate::exit::DIVERGED`]); a backup whose own disk copy failed (it can no longer take over)
+/// exits with 206 ([`crate::exit::CANNOT_TAKE_OVER`]).
 pub fn backup(args: PairArgs) -> anyhow::Result<()> {
     let s = merge(args, Role::Backup)?;
     let arbiter =
@@ -1081,6 +1083,17 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                 &serde_json::json!({"role": "backup", "diverged": e.to_string()}),
             )?;
             std::process::exit(crate::exit::DIVERGED);
+        }
+        Err(PairError::CannotTakeOver(f)) => {
+            eprintln!(
+                "backup: CANNOT TAKE OVER: {f}; stopped without going live (the primary was \
+                 told and goes on alone)"
+            );
+            write_report(
+                &s.report,
+                &serde_json::json!({"role": "backup", "cannot_take_over": f.to_string()}),
+            )?;
+            std::process::exit(crate::exit::CANNOT_TAKE_OVER);
         }
         Err(e) => Err(anyhow_pair(e)),
     }

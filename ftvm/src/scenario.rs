@@ -153,6 +153,11 @@ pub struct ScenarioConfig {
     pub no_failover: bool,
     /// Shared-disk mode: both sides name one image ([`SHARED_DISK`]) with `--shared-disk`.
     pub shared_disk: bool,
+    /// The guest both sides run (`--guest`; default `kv`, which [`Scenario::start`] waits
+    /// for: another guest is started with [`Scenario::spawn`]).
+    pub guest: String,
+    /// The guest's command line (`None`: kv's address, gateway and port).
+    pub cmdline: Option<String>,
 }
 
 impl ScenarioConfig {
@@ -167,6 +172,8 @@ impl ScenarioConfig {
             log: "warn".into(),
             no_failover: false,
             shared_disk: false,
+            guest: "kv".into(),
+            cmdline: None,
         }
     }
 }
@@ -308,6 +315,8 @@ pub struct Scenario {
     /// The etcd members started for the arbiter, in the order of the arbiter spec (dropped
     /// before the namespace).
     etcd: Vec<EtcdMember>,
+    /// Images moved out of the temporary directory ([`Scenario::place_disk`]).
+    placed: Vec<(Side, PathBuf)>,
     ns: Netns,
     dir: tempfile::TempDir,
 }
@@ -393,6 +402,7 @@ impl Scenario {
             peer,
             shm,
             etcd,
+            placed: Vec::new(),
             ns,
             dir,
         })
@@ -474,12 +484,30 @@ impl Scenario {
     /// The disk image `side` names: its own copy (`a.img`, `b.img`), or in shared-disk mode
     /// the one image of both ([`SHARED_DISK`]).
     pub fn disk(&self, side: Side) -> PathBuf {
+        if let Some((_, p)) = self.placed.iter().rev().find(|(s, _)| *s == side) {
+            return p.clone();
+        }
         let name = match (self.config.shared_disk, side) {
             (true, _) => SHARED_DISK,
             (false, Side::Primary) => "a.img",
             (false, Side::Backup) => "b.img",
         };
         self.dir.path().join(name)
+    }
+
+    /// Gives `side` a fresh image (sparse, zero, [`DISK_SIZE`] bytes, as the one it replaces)
+    /// in `dir` instead of the temporary directory — e.g. on a small filesystem that fills —
+    /// and returns its path. Call it before the side is spawned.
+    ///
+    /// # Errors
+    /// [`ScenarioError::Io`] when the image cannot be created.
+    pub fn place_disk(&mut self, side: Side, dir: &Path) -> Result<PathBuf, ScenarioError> {
+        let p = dir.join(format!("{}.img", side.tag()));
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(DISK_SIZE))
+            .map_err(io(format!("cannot create {}", p.display())))?;
+        self.placed.push((side, p.clone()));
+        Ok(p)
     }
 
     /// Whether both sides name one image (`--shared-disk`).
@@ -494,7 +522,7 @@ impl Scenario {
         let mut v: Vec<String> = vec![
             side.name().into(),
             "--guest".into(),
-            "kv".into(),
+            self.config.guest.clone(),
             "--mem".into(),
             "64M".into(),
             "--disk".into(),
@@ -502,7 +530,7 @@ impl Scenario {
             "--net".into(),
             format!("tap:{TAP}"),
             "--cmdline".into(),
-            kv_cmdline(),
+            self.config.cmdline.clone().unwrap_or_else(kv_cmdline),
             "--peer".into(),
             match (self.config.transport.as_str(), side) {
                 ("xdp", Side::Primary) => XDP_PRIMARY_IF.into(),

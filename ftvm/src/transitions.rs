@@ -4,6 +4,7 @@
 //! ```text
 //! backup: LIVE as generation 2 after 412 ms (detect 305, wait 0, arbiter 3, drain 2, attach 1) at exit 81234
 //! primary: ALONE as generation 2 after 330 ms (detect 301, arbiter 4, drain 25) at exit 9120
+//! primary: the backup LEFT the pair (cannot take over: …): going on alone
 //! ```
 //! (the same timings go into the `--report` JSON from the run's report).
 
@@ -37,6 +38,7 @@ struct Fields {
     detection_time: Option<String>,
     generation: Option<String>,
     winner: Option<String>,
+    goodbye: Option<String>,
 }
 
 impl Visit for Fields {
@@ -48,6 +50,7 @@ impl Visit for Fields {
             "detection_time" => self.detection_time = Some(text),
             "generation" => self.generation = Some(text),
             "winner" => self.winner = Some(text),
+            "goodbye" => self.goodbye = Some(text),
             _ => {}
         }
     }
@@ -95,6 +98,12 @@ fn render(f: &Fields) -> Option<String> {
             let _ = write!(line, " at exit {x}");
         }
         return Some(line);
+    }
+    if m.starts_with("the backup left the pair") {
+        return Some(format!(
+            "primary: the backup LEFT the pair ({}): going on alone",
+            f.goodbye.as_deref().unwrap_or("?")
+        ));
     }
     if m == "peer presumed failed" {
         return Some(format!(
@@ -190,6 +199,20 @@ mod tests {
         assert_eq!(
             render(&f).unwrap(),
             "backup: LIVE as generation 2 after 1412 ms (detect 305, wait 0, arbiter 3, drain 0, attach 0) at exit 81234"
+        );
+    }
+
+    #[test]
+    fn a_backup_that_left_renders_one_line_with_its_reason() {
+        let f = Fields {
+            message: "the backup left the pair: taking over the next generation".into(),
+            goodbye: Some("cannot take over: the backup's own disk copy failed".into()),
+            ..Fields::default()
+        };
+        assert_eq!(
+            render(&f).unwrap(),
+            "primary: the backup LEFT the pair (cannot take over: the backup's own disk copy \
+             failed): going on alone"
         );
     }
 

@@ -77,11 +77,26 @@ pub trait ReplaySource: Send {
     ///
     /// Where the VMM asks (see [`try_go_live`]): at an external read (the read, and the rest of
     /// the exit, are then answered live: the writes logged for this exit before the missing read
-    /// are discarded), and at the end of an exit (the writes of the exit received so far have
-    /// been applied; the next exit runs live).
+    /// are discarded), at the end of an exit (the writes of the exit received so far have
+    /// been applied; the next exit runs live), and between two exits
+    /// ([`ReplaySource::between_exits`]).
     fn go_live(&mut self, exit: u64) -> Option<Box<dyn Recorder>> {
         let _ = exit;
         None
+    }
+    /// The vCPU was taken out of guest code between two exits (it was asked to:
+    /// [`VcpuKick::interrupt_replay`](crate::vcpu::VcpuKick::interrupt_replay)): `exit` exits
+    /// are complete, the next one has not begun, and this is no exit (the exit index does not
+    /// move). `Err(`[`ReplayError::Exhausted`]`)` if the log has ended and holds nothing for
+    /// exit `exit` or later: the VMM then asks [`ReplaySource::go_live`] right here, and a run
+    /// that goes live continues live from this point of the guest's instruction stream.
+    /// `Ok(())` (the default): replay on.
+    ///
+    /// # Errors
+    /// As above; [`ReplayError::Diverged`] if the log is inconsistent.
+    fn between_exits(&mut self, exit: u64) -> Result<(), ReplayError> {
+        let _ = exit;
+        Ok(())
     }
 }
 
@@ -279,6 +294,8 @@ pub mod memlog {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::memlog::{Event, MemRecorder, MemReplay};
     use super::*;
     use crate::bus::ExitCtx;
@@ -330,6 +347,86 @@ mod tests {
             .load(Reg::Rcx, REG_WAIT as u8)
             .power_off_rbx()
             .elf()
+    }
+
+    /// A replay source with no entries at all: its log ended before the run began; it goes live
+    /// at the first point it is asked, and notes where.
+    #[derive(Debug, Default)]
+    struct EndedLog {
+        asked_between: Arc<Mutex<Vec<u64>>>,
+        went_live: Arc<Mutex<Option<u64>>>,
+    }
+
+    impl ReplaySource for EndedLog {
+        fn external_read(&mut self, exit: u64, _addr: u64) -> Result<u64, ReplayError> {
+            Err(ReplayError::Exhausted { exit })
+        }
+        fn guest_writes(
+            &mut self,
+            _exit: u64,
+            _apply: &mut dyn FnMut(u64, &[u8]),
+        ) -> Result<(), ReplayError> {
+            // No write is missing after the prints (they are outputs, not inputs).
+            Ok(())
+        }
+        fn between_exits(&mut self, exit: u64) -> Result<(), ReplayError> {
+            self.asked_between.lock().unwrap().push(exit);
+            Err(ReplayError::Exhausted { exit })
+        }
+        fn go_live(&mut self, exit: u64) -> Option<Box<dyn Recorder>> {
+            *self.went_live.lock().unwrap() = Some(exit);
+            Some(Box::new(()))
+        }
+    }
+
+    /// A replaying vCPU inside a long loop without exits is interrupted
+    /// ([`VmControl::interrupt_replay`](crate::vm::VmControl::interrupt_replay)): its source is
+    /// asked between exit 1 and exit 2, goes live there, and the run continues live from that
+    /// point of the loop to the power-off. The interruption is no exit: the run makes exactly
+    /// the exits of a plain run.
+    #[test]
+    fn an_interrupt_between_exits_goes_live_without_counting_an_exit() {
+        crate::require_kvm!("an_interrupt_between_exits_goes_live_without_counting_an_exit");
+        // Print (exits 0 and 1), ~4e9 iterations without an exit, power off (exit 2).
+        let elf = Asm::new()
+            .print(0x40000, 8)
+            .repeat(u32::MAX, |a| a)
+            .power_off(7)
+            .elf();
+        let cfg = VmConfig {
+            mem_size: 4 << 20,
+            console: buffer_console().0,
+            ..Default::default()
+        };
+        let plain = {
+            let mut vm = Vm::new(&cfg, &elf).unwrap();
+            assert_eq!(vm.run().unwrap(), RunOutcome::PoweredOff(7));
+            vm.stats().total()
+        };
+        assert_eq!(plain, 3);
+        let src = EndedLog::default();
+        let (asked, live) = (src.asked_between.clone(), src.went_live.clone());
+        let mut vm = Vm::new(&cfg, &elf).unwrap();
+        vm.set_inputs(Inputs::Replay(Box::new(src)));
+        let ctl = vm.control();
+        let interrupter = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            ctl.interrupt_replay();
+        });
+        assert_eq!(vm.run().unwrap(), RunOutcome::PoweredOff(7));
+        interrupter.join().unwrap();
+        assert_eq!(
+            *asked.lock().unwrap(),
+            vec![2],
+            "asked between exits 1 and 2 only"
+        );
+        assert_eq!(*live.lock().unwrap(), Some(2));
+        assert_eq!(
+            vm.stats().total(),
+            plain,
+            "the interruption counted as an exit"
+        );
+        assert!(vm.stats().interrupts >= 1, "KVM_RUN was not interrupted");
     }
 
     #[test]

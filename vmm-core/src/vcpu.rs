@@ -10,6 +10,13 @@
 //! A request is a flag plus a kick: [`VcpuKick::kick`] sets the flag, wakes a blocked WAIT and
 //! sends [`kick_signal`] to the vCPU thread, whose handler sets `kvm_run.immediate_exit` so that
 //! a `KVM_RUN` entered after the flag check returns at once (no lost wake-up).
+//!
+//! [`VcpuKick::interrupt_replay`] is the other request: it takes a replaying vCPU out of guest
+//! code (the same signal) without pausing it, so that its replay source can decide, between
+//! two exits, whether the log ended there
+//! ([`ReplaySource::between_exits`](crate::record::ReplaySource::between_exits)). A `KVM_RUN`
+//! that returns `EINTR` is never an exit: the exit index counts the guest's exits only, on the
+//! primary as on the backup, so an interruption on either side leaves the indices equal.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -69,6 +76,15 @@ pub enum VcpuError {
         exits: u64,
         /// A register dump.
         regs: String,
+    },
+    /// The replay source failed between two exits ([`VcpuKick::interrupt_replay`]).
+    #[error("replay input before exit {exit}")]
+    Replay {
+        /// The exit index (exits handled so far).
+        exit: u64,
+        /// The cause.
+        #[source]
+        source: ReplayError,
     },
     /// A device failed while handling an exit.
     #[error("device error at exit {exit} ({kind:?} at {addr:#x})")]
@@ -211,6 +227,8 @@ fn install_kick_handler() {
 #[derive(Debug, Default)]
 pub struct VcpuKick {
     requested: AtomicBool,
+    /// [`VcpuKick::interrupt_replay`] was asked (sticky while the run replays).
+    replay_check: AtomicBool,
     thread: std::sync::Mutex<Option<libc::pthread_t>>,
     signal: Arc<EventSignal>,
     interrupt: Arc<AtomicBool>,
@@ -220,6 +238,7 @@ impl VcpuKick {
     pub(crate) fn new(signal: Arc<EventSignal>, interrupt: Arc<AtomicBool>) -> Self {
         VcpuKick {
             requested: AtomicBool::new(false),
+            replay_check: AtomicBool::new(false),
             thread: Default::default(),
             signal,
             interrupt,
@@ -232,6 +251,24 @@ impl VcpuKick {
         self.requested.store(true, Ordering::Release);
         self.interrupt.store(true, Ordering::Release);
         self.signal.notify();
+        self.signal_thread();
+    }
+
+    /// Asks a replaying vCPU to ask its replay source, at the next point between two exits,
+    /// whether the log ended there
+    /// ([`ReplaySource::between_exits`](crate::record::ReplaySource::between_exits)), and then
+    /// at every later one while it replays (the request is sticky: a source may have entries
+    /// left at the first point and none at a later one). A vCPU inside guest code leaves
+    /// `KVM_RUN` at once (the kick signal); nothing is paused and no exit is counted. No
+    /// effect on a live run. A backup's failure detector asks this when the primary is
+    /// presumed failed, so that a guest that makes no exit can be taken over too.
+    pub fn interrupt_replay(&self) {
+        self.replay_check.store(true, Ordering::Release);
+        self.signal_thread();
+    }
+
+    /// Sends the kick signal to the vCPU thread if it is in its run loop.
+    fn signal_thread(&self) {
         let t = *self.thread.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = t {
             // SAFETY: `t` is the pthread of the running vCPU loop, registered by it and cleared
@@ -355,7 +392,12 @@ pub fn handle_exit(
             addr,
             source,
         };
-        match apply_logged_writes(src.as_mut(), mem, index) {
+        let logged = apply_logged_writes(src.as_mut(), mem, index);
+        // What a device did itself in this exit (a backup's own disk copy) is compared with
+        // the primary's results the log just put in place — before any go-live decision: a
+        // backup never goes live on a disk copy it knows to differ.
+        devices.check_replayed_exit(mem, index).map_err(dev_err)?;
+        match logged {
             Ok(()) => {}
             // The log ran out at the end of this exit and the run went live: the writes of
             // this exit received so far are applied; the next exit runs live.
@@ -376,6 +418,30 @@ pub fn handle_exit(
     }
     stats.bump(kind);
     Ok(Handled::Action(action))
+}
+
+/// Between two exits of a run asked to check its replay ([`VcpuKick::interrupt_replay`]): `exit`
+/// exits are complete and the next one has not begun. Asks the replay source whether its log
+/// ended here; if so, and it goes live ([`try_go_live`]), the run continues live from this very
+/// point. A live run clears the request.
+///
+/// # Errors
+/// [`VcpuError::Replay`] when the log ended and the run does not go live, or the source
+/// failed.
+fn between_exits(inputs: &mut Inputs, exit: u64, kick: &VcpuKick) -> Result<(), VcpuError> {
+    let Inputs::Replay(src) = inputs else {
+        kick.replay_check.store(false, Ordering::Release);
+        return Ok(());
+    };
+    match src.between_exits(exit) {
+        Ok(()) => Ok(()),
+        Err(ReplayError::Exhausted { .. }) if try_go_live(inputs, exit) => {
+            tracing::info!(exit, "replay ended between two exits: running live");
+            kick.replay_check.store(false, Ordering::Release);
+            Ok(())
+        }
+        Err(source) => Err(VcpuError::Replay { exit, source }),
+    }
 }
 
 /// The outcome of [`handle_exit`].
@@ -500,6 +566,9 @@ impl Vcpu {
             }
             if limit.is_some_and(|l| stats.total() >= l) {
                 return Ok(RunExit::ExitLimit);
+            }
+            if kick.replay_check.load(Ordering::Acquire) {
+                between_exits(inputs, stats.total(), kick)?;
             }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,

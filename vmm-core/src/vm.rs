@@ -121,6 +121,11 @@ impl VmControl {
     pub fn kick(&self) {
         self.kick.kick();
     }
+    /// Makes a replaying vCPU leave guest code and ask its replay source whether the log
+    /// ended there, without pausing ([`VcpuKick::interrupt_replay`]).
+    pub fn interrupt_replay(&self) {
+        self.kick.interrupt_replay();
+    }
     /// Exits handled so far (the exit index).
     pub fn exits(&self) -> u64 {
         self.exits.load(std::sync::atomic::Ordering::Relaxed)

@@ -296,3 +296,32 @@ pub fn run_backup(
 pub fn backup_buffer() -> (ftvm_ringbuf::Producer, ftvm_ringbuf::Consumer) {
     ftvm_ringbuf::with_capacity(BUF_CAP).expect("buffer")
 }
+
+/// Receives until the link ends (at most `limit`), checking that every record is the next one,
+/// whole and uncorrupted; returns the error that ended it and how many records came.
+pub fn receive_until_error(rx: &mut LogReceiver, limit: Duration) -> (TransportError, u64) {
+    let mut expect = 1;
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + limit;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the link did not end within {limit:?}"
+        );
+        match rx.poll_records(|r| {
+            payload(r.seq(), &mut buf);
+            assert_eq!(r.seq(), expect);
+            assert_eq!(
+                r.payload(),
+                &buf[..],
+                "partial or corrupt record {}",
+                r.seq()
+            );
+            expect += 1;
+        }) {
+            Ok(0) => std::thread::yield_now(),
+            Ok(_) => {}
+            Err(e) => return (e, expect - 1),
+        }
+    }
+}

@@ -37,6 +37,7 @@ pub fn skip(test: &str) -> bool {
     }
 }
 
+#[allow(unused_imports)] // not every test file uses it
 pub use ftvm_vmm_core::testing::skip_without;
 
 /// One scenario at a time: two VMs per test already fill this 2-core machine, and a starved
@@ -135,4 +136,51 @@ pub fn assert_exits_with(node: &mut Node, code: i32) {
         "{}",
         node.stderr_text()
     );
+}
+
+/// A small tmpfs mounted for one test (`mount -t tmpfs -o size=<size>` on a fresh temporary
+/// directory): a filesystem that fills up. Unmounted (lazily if still busy) and removed on drop;
+/// drop it after every process that has files open on it.
+#[derive(Debug)]
+pub struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    /// Mounts a tmpfs of `size` bytes (`mount`'s syntax: `64k`, `1m`).
+    pub fn mount(size: &str) -> std::io::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("ftvm-small-").tempdir()?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "ftvm-small"])
+            .arg(dir.path())
+            .output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "mount -t tmpfs -o size={size} on {}: {}",
+                dir.path().display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(SmallFs { dir })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            c.arg(self.dir.path()).status().is_ok_and(|st| st.success())
+        };
+        if !umount(false) && !umount(true) {
+            eprintln!("cannot unmount {}", self.dir.path().display());
+        }
+    }
 }

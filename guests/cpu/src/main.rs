@@ -6,7 +6,9 @@
 //! the entropy register unless `timing` is given, so a run and its replay print the same checksum.
 //!
 //! Command line (all optional): `size=<bytes, k/M/G suffix>` (default 4M), `rounds=<n>` (default
-//! 64), `seed=<u64>` (default 1), `timing` (also print the elapsed time read from CLOCK_NS).
+//! 64), `seed=<u64>` (default 1), `timing` (also print the elapsed time read from CLOCK_NS),
+//! `quiet` (print nothing before the checksum: the guest then makes no VM exit at all from its
+//! start until the checksum line — a guest without exits, which the failover tests use).
 #![no_std]
 #![no_main]
 
@@ -40,8 +42,11 @@ fn main(boot: &BootInfo) -> u64 {
         }
     };
     let timing = cmd.flag("timing");
+    let quiet = cmd.flag("quiet");
     let words = (size / 8) as usize;
-    println!("cpu: size={} rounds={rounds} seed={seed}", words * 8);
+    if !quiet {
+        println!("cpu: size={} rounds={rounds} seed={seed}", words * 8);
+    }
 
     let start = if timing { sys::clock_ns() } else { 0 };
     let mut region = vec![0u64; words];

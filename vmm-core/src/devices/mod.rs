@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{BusDevice, DeviceError, EventSignal, ExitAction, ExitCtx, DEVICE_SIZE};
-use crate::memory::{MMIO_BASE, MMIO_SIZE};
+use crate::memory::{GuestMem, MMIO_BASE, MMIO_SIZE};
 use crate::record::{try_go_live, Inputs, ReplayError};
 use crate::state::{StateError, StateReader, StateWriter, Stateful};
 
@@ -253,6 +253,19 @@ impl Devices {
             self.signal.wait(until);
         }
         ctx.external_read(addr, || events)
+    }
+
+    /// Replay: after the logged writes of exit `exit` were applied to `mem`, and before any
+    /// go-live decision there, lets each device compare what it did itself with the primary's
+    /// results ([`VirtioDevice::check_replayed_exit`](virtio::VirtioDevice::check_replayed_exit)).
+    ///
+    /// # Errors
+    /// The first device's [`DeviceError`].
+    pub fn check_replayed_exit(&mut self, mem: &GuestMem, exit: u64) -> Result<(), DeviceError> {
+        for dev in &mut self.virtio {
+            dev.check_replayed_exit(mem, exit)?;
+        }
+        Ok(())
     }
 
     /// Replay: after the logged writes of an exit were applied, sets every queue's positions

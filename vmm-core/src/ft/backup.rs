@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_channel::LogReceiver;
+use ftvm_channel::{GoodbyeReason, LogReceiver, TransportError};
 use ftvm_ringbuf::IdleKind;
 
 use super::detector::TrafficNote;
@@ -23,7 +23,7 @@ use super::digest::register_digest;
 use super::log::{device_name, AppliedControl, ControlQueue, Entry};
 use super::observe::{LogSnapshot, Observer, SideRole};
 use super::primary::PairError;
-use crate::devices::virtio::blk::{BlkCounters, DiskMode};
+use crate::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use crate::record::{Inputs, ReplayError, ReplaySource};
 use crate::vm::{RunOutcome, Vm};
 
@@ -176,6 +176,64 @@ impl LogReader {
         &self.rx
     }
 
+    /// Moves every record received so far into `pending`, decoded; `Ok(Err(e))` once the link
+    /// ended (`e`) and every record received before was handed out.
+    fn receive(&mut self, exit: u64) -> Result<Result<usize, TransportError>, ReplayError> {
+        let mut bad = None;
+        let pending = &mut self.pending;
+        let tamper = &mut self.tamper;
+        let r = self
+            .rx
+            .poll_records(|rec| match Entry::decode(rec.kind(), rec.payload()) {
+                Ok(mut e) => {
+                    if let Some(t) = tamper.as_mut() {
+                        t(rec.seq(), &mut e);
+                    }
+                    pending.push_back((rec.seq(), e));
+                }
+                Err(e) => {
+                    bad.get_or_insert((rec.seq(), e));
+                }
+            });
+        if let Some((seq, e)) = bad {
+            return Err(self.diverged(exit, format!("log record {seq} is not an entry: {e}")));
+        }
+        if let (Ok(n), Some(w)) = (&r, &self.watch) {
+            if *n > 0 {
+                w.traffic.note();
+            }
+        }
+        Ok(r)
+    }
+
+    /// Between two exits ([`ReplaySource::between_exits`]): `Err(Exhausted)` when the log has
+    /// nothing more for this run — the primary is presumed failed, the receiver is stopped
+    /// (here, if it was not yet), and no entry is left. Entries still pending belong to later
+    /// exits, which the vCPU reaches by replaying on (it then decides at one of them).
+    pub(crate) fn between_exits(&mut self, exit: u64) -> Result<(), ReplayError> {
+        let Some(w) = &self.watch else {
+            return Ok(());
+        };
+        if !self.pending.is_empty() || !w.peer_failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !w.severed {
+            tracing::warn!(
+                exit,
+                "the primary is presumed failed while the vCPU runs between exits: stopping \
+                 the log receiver"
+            );
+            self.sever();
+        }
+        // What the receiver held when it stopped.
+        let _ = self.receive(exit)?;
+        if self.pending.is_empty() {
+            Err(ReplayError::Exhausted { exit })
+        } else {
+            Ok(())
+        }
+    }
+
     /// Waits until at least one entry is pending.
     fn fill(&mut self, exit: u64) -> Result<(), ReplayError> {
         if !self.pending.is_empty() {
@@ -185,32 +243,8 @@ impl LogReader {
         let mut spins = 0u32;
         let started = Instant::now();
         loop {
-            let mut bad = None;
-            let pending = &mut self.pending;
-            let tamper = &mut self.tamper;
-            let r = self
-                .rx
-                .poll_records(|rec| match Entry::decode(rec.kind(), rec.payload()) {
-                    Ok(mut e) => {
-                        if let Some(t) = tamper.as_mut() {
-                            t(rec.seq(), &mut e);
-                        }
-                        pending.push_back((rec.seq(), e));
-                    }
-                    Err(e) => {
-                        bad.get_or_insert((rec.seq(), e));
-                    }
-                });
-            if let Some((seq, e)) = bad {
-                return Err(self.diverged(exit, format!("log record {seq} is not an entry: {e}")));
-            }
-            match r {
-                Ok(n) if n > 0 => {
-                    if let Some(w) = &self.watch {
-                        w.traffic.note();
-                    }
-                    break;
-                }
+            match self.receive(exit)? {
+                Ok(n) if n > 0 => break,
                 Ok(_) => {
                     let failed = self
                         .watch
@@ -247,6 +281,20 @@ impl LogReader {
         }
         self.waited += started.elapsed();
         Ok(())
+    }
+
+    /// Tells the primary that this backup leaves the pair, and why (a GOODBYE frame); if it
+    /// cannot be told (the link is gone already), it will notice the silence.
+    pub(crate) fn goodbye(&mut self, reason: GoodbyeReason, text: &str) {
+        match self.rx.goodbye(reason, text) {
+            Ok(()) => tracing::warn!(%reason, "told the primary that this backup leaves the pair"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                %reason,
+                "could not tell the primary that this backup leaves the pair; its failure \
+                 detector will notice"
+            ),
+        }
     }
 
     /// After the End entry: keeps the link (and the acks) up until the primary hangs up, at
@@ -439,6 +487,12 @@ pub struct BackupReport {
     pub disk: Option<BlkCounters>,
 }
 
+/// The [`ReplayError`] among the sources of `e`, if any (the replay source's error as it came
+/// up through the device, the vCPU and the VM).
+fn replay_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ReplayError> {
+    std::iter::successors(Some(e), |e| e.source()).find_map(|e| e.downcast_ref::<ReplayError>())
+}
+
 fn compare(exit: u64, what: &str, ours: u64, theirs: u64) -> Result<(), PairError> {
     if ours == theirs {
         Ok(())
@@ -455,7 +509,8 @@ fn compare(exit: u64, what: &str, ours: u64, theirs: u64) -> Result<(), PairErro
 ///
 /// # Errors
 /// [`PairError::Diverged`] at the first difference; [`PairError::LogEnded`] when the log
-/// stops before the end.
+/// stops before the end; [`PairError::CannotTakeOver`] when a disk request on the backup's own
+/// copy gave another result than the primary's (it told the primary, GOODBYE).
 pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairError> {
     let reader = Arc::new(Mutex::new(reader));
     match backup_loop(vm, &reader, None)? {
@@ -491,6 +546,14 @@ struct FtReplay {
 impl ReplaySource for FtReplay {
     fn external_read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
         self.log.external_read(exit, addr)
+    }
+
+    fn between_exits(&mut self, exit: u64) -> Result<(), ReplayError> {
+        self.log
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .between_exits(exit)
     }
 
     fn guest_writes(
@@ -608,6 +671,9 @@ pub(crate) fn backup_loop(
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
+                if let Some(f) = vm.disk().and_then(BlkHandle::copy_failure) {
+                    break Err(PairError::CannotTakeOver(f));
+                }
                 if let Some(f) = hook().and_then(|mut h| h.take_failure()) {
                     break Err(f);
                 }
@@ -616,13 +682,13 @@ pub(crate) fn backup_loop(
                     break Err(PairError::Diverged { exit, what });
                 }
                 drop(r);
-                let text = format!("{e}: {}", super::primary::error_chain(&e));
-                if text.contains("log ended") {
+                if matches!(replay_error(&e), Some(ReplayError::Exhausted { .. })) {
                     break Err(PairError::LogEnded {
                         exit,
                         why: "the primary's log stopped".into(),
                     });
                 }
+                let text = format!("{e}: {}", super::primary::error_chain(&e));
                 break Err(PairError::Diverged {
                     exit,
                     what: format!("the backup failed where the primary did not: {text}"),
@@ -693,6 +759,9 @@ pub(crate) fn backup_loop(
         }
     };
     vm.set_inputs(Inputs::default());
+    if let Err(PairError::CannotTakeOver(f)) = &result {
+        lock().goodbye(GoodbyeReason::CannotTakeOver, &f.to_string());
+    }
     let code = result?;
     let mut r = lock();
     r.linger(Duration::from_secs(30));

@@ -2,8 +2,9 @@
 //! alone — both only after winning the next generation on the arbiter.
 //!
 //! ```text
-//! backup:  log stops (link error, or detector: primary failed) ─> stop receiving/acking
-//!          ─> replay every entry received ─> log runs out at exit N
+//! backup:  log stops (link error, or detector: primary failed ─> vCPU interrupted out of
+//!          guest code) ─> stop receiving/acking
+//!          ─> replay every entry received ─> log runs out at exit N (or between exits N-1, N)
 //!          ─> wait: detector says the primary failed (or the log link broke two failure
 //!             timeouts ago) ─> take_over (generation g+1; waits while the arbiter is
 //!             unreachable; lost ⇒ stop with PairError::Superseded)
@@ -14,6 +15,8 @@
 //!          ─> lost: fence the output gate (nothing more is released), stop
 //! either:  a heartbeat claims a newer generation ─> read the arbiter (at most every 100 ms)
 //!          ─> only if it names a newer generation held by another node: as "lost" above
+//! backup (own disk copy): a disk result differs from the primary's ─> GOODBYE(CannotTakeOver)
+//!          ─> stop (never live); primary: GOODBYE ─> as "backup failed" above
 //! ```
 //!
 //! Heartbeats carry liveness only (see the detector's threat model): the fence moves on
@@ -23,7 +26,8 @@
 //! # Where the replay stops, and why it is safe under the output rule
 //! The backup goes live at the first point where its log has nothing more: at an external read
 //! (clock, entropy, WAIT) whose entry is missing, at the end of an exit (it waits for an entry
-//! of a later exit before leaving one), or at a checkpoint. There the replay source runs the
+//! of a later exit before leaving one), at a checkpoint, or between two exits inside guest
+//! code (see "Deciding between two exits" below). There the replay source runs the
 //! decision ([`ReplaySource::go_live`](crate::record::ReplaySource::go_live)); on winning, the
 //! VM's inputs become live **at that point**: the missing read is answered by the device, and
 //! every later exit runs live. No exit is replayed in part and then re-executed.
@@ -46,6 +50,65 @@
 //!
 //! A primary that goes alone keeps its state (nothing to replay); it releases what it held once
 //! it won, and nothing at all once it learned it lost ([`Fence`] on the output gate).
+//!
+//! # Deciding between two exits: a guest without exits fails over too
+//! The log holds entries only where an exit takes an input, and the replaying vCPU runs the
+//! guest's code between exits on its own. At the end of every exit it waits until it holds an
+//! entry of a later exit, but after the header and after each checkpoint's `Digest` it enters
+//! guest code holding nothing further; a guest that then makes no exit for a long time (a
+//! compute loop) would keep the vCPU inside `KVM_RUN` with no point to decide at, and the
+//! backup would neither go live nor stop after its primary died. So the failure detector,
+//! when it presumes the primary failed, interrupts the backup's vCPU
+//! ([`VmControl::interrupt_replay`]: the kick signal sets `kvm_run.immediate_exit`, `KVM_RUN`
+//! returns `EINTR`). At the next point between two exits — at once, if the vCPU was in guest
+//! code — the replay source is asked
+//! ([`ReplaySource::between_exits`](crate::record::ReplaySource::between_exits)):
+//! - it still holds entries (of later exits: every entry of an exit is consumed by its end):
+//!   the vCPU replays on and reaches them; the request stays set, so the source is asked again
+//!   at every later point between exits (after the next checkpoint, say), besides the usual
+//!   points above;
+//! - it holds nothing, the receiver is stopped and drained: the log ends **here**, and the
+//!   decision runs at this point of the guest's instruction stream, as at an exit.
+//!
+//! Why this point is a valid continuation: `N` exits are complete (all their entries applied)
+//! and exit `N` has not begun, so the backup's state is the primary's after its exit `N − 1`
+//! plus guest instructions that take no input — a prefix of what the primary executed before
+//! its own exit `N`. No entry the backup received belongs to exit `N` or later: whatever the
+//! primary logged from exit `N` on lies beyond `P` and no released output depends on it. An
+//! output of exit `N` that takes no input (a console write) was tagged `≤ P` and may have been
+//! released by the primary; the live backup produces it again, byte for byte, when it
+//! executes exit `N` (a duplicate, which the output rule allows).
+//!
+//! The exit index: the interruption is no exit. The vCPU loop counts only the guest's exits
+//! (`ExitStats::total`); a `KVM_RUN` that returns `EINTR` is counted apart (`interrupts`) and
+//! logs nothing. The same holds on the primary, whose vCPU is interrupted only to be stopped
+//! (the FT monitor's kick when it was superseded) or by a stray signal (the throttle's pacer
+//! pauses it at a log append, outside `KVM_RUN`). So exit `N` of the backup is exit `N` of
+//! the primary however often either side was interrupted, and the first exit the live backup
+//! makes has index `N`.
+//!
+//! # Own-copy mode: a backup whose disk copy failed never goes live
+//! With its own image (the default), the replaying backup performs every disk request of the
+//! guest on its copy itself, and the log carries the primary's result of each: the request's
+//! status byte, a `Write` entry of the exit that performed it. A backup whose copy failed a
+//! write the primary's disk took (ENOSPC, EIO, a short write) — or took one the primary's
+//! failed — holds a disk that differs from the one the clients' acknowledged writes are on:
+//! live on it, it would lose them (or bring back writes reported failed). So its virtio-blk
+//! compares the two results at the end of every replayed exit, before any go-live decision
+//! there ([`blk`](crate::devices::virtio::blk) module docs), and at the first difference the
+//! VM stops and the backup
+//! 1. says so: [`PairError::CannotTakeOver`] with the request, both statuses and its I/O error
+//!    (`ftvm backup` prints `CANNOT TAKE OVER` and exits with status 206);
+//! 2. tells the primary: a GOODBYE with reason `CannotTakeOver` on the logging channel;
+//! 3. stops, without asking the arbiter for anything.
+//!
+//! The primary treats that as the failure of its backup, on the same path as a failure its
+//! detector presumes (`BackupGone` → `Monitor::go_alone`): it wins the next generation,
+//! releases what it held (its outputs no longer wait for a backup that could not take over)
+//! and runs alone; without the GOODBYE (lost on the wire) the backup's silence leads there
+//! after the failure timeout. Where the log ends inside an exit before the primary's status,
+//! the backup's own result stands and the guest sees it live: the primary's completion of that
+//! request lies beyond `P`, so no client was told anything that depends on it.
 //!
 //! # Shared-disk mode: why no acknowledged write is lost
 //! Both sides name the same image; the primary performs a guest write only once the backup has
@@ -76,6 +139,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use ftvm_channel::Goodbye;
 
 use super::arbiter::{acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, RetryPolicy};
 use super::backup::{backup_loop, BackupEnd, BackupReport, GoLiveHook, LogReader, SharedGoLive};
@@ -230,12 +295,16 @@ pub enum BackupFtReport {
 /// ours). Only a reason to read the arbiter ([`ArbiterCheck`]); heartbeats are not evidence.
 type Claimed = Arc<std::sync::atomic::AtomicU64>;
 
+/// Starts the failure detector; a presumed failure of the peer sets `failed` and, on a backup
+/// (`replaying`: its VM's control), takes the replaying vCPU out of guest code so that it
+/// decides even if the guest makes no exit ([`VmControl::interrupt_replay`]).
 fn spawn_detector(
     cfg: &FtConfig,
     role: Role,
     fence: &Fence,
     failed: &Arc<AtomicBool>,
     claimed: &Claimed,
+    replaying: Option<VmControl>,
 ) -> Result<Arc<Detector>, PairError> {
     let mut dc = cfg.detector.clone();
     dc.role = role;
@@ -244,6 +313,9 @@ fn spawn_detector(
         DetectorEvent::PeerFailed { detection_time, .. } => {
             tracing::warn!(?detection_time, "peer presumed failed");
             f.store(true, Ordering::Release);
+            if let Some(vm) = &replaying {
+                vm.interrupt_replay();
+            }
         }
         DetectorEvent::PeerRecovered { down_for } => {
             tracing::info!(?down_for, "peer alive again");
@@ -384,7 +456,7 @@ impl PrimaryFt {
         let fence = Fence::new(cfg.generation);
         let failed = Arc::new(AtomicBool::new(false));
         let claimed = Claimed::default();
-        let detector = spawn_detector(&cfg, Role::Primary, &fence, &failed, &claimed)?;
+        let detector = spawn_detector(&cfg, Role::Primary, &fence, &failed, &claimed, None)?;
         Ok(PrimaryFt {
             cfg,
             fence,
@@ -489,13 +561,26 @@ struct Monitor {
     control: VmControl,
 }
 
+/// Why a primary's backup is gone: what [`Monitor::go_alone`] reacts to, whatever the policy
+/// for a primary without its backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BackupGone {
+    /// The failure detector presumes it failed.
+    Failed,
+    /// The log link is down (it may live: the arbiter decides).
+    LinkDown,
+    /// It left the pair and said why (a GOODBYE; e.g. `CannotTakeOver`: its disk copy failed,
+    /// so it could never take over: the primary goes on as if it had failed).
+    Left(Goodbye),
+}
+
 impl Monitor {
     fn run(mut self) {
         let mut last_acked = 0;
         while !self.stop.load(Ordering::Acquire) {
-            let (running, acked) = {
+            let (running, acked, goodbye) = {
                 let s = self.writer.sender();
-                (s.is_running(), s.acked_seq())
+                (s.is_running(), s.acked_seq(), s.peer_goodbye())
             };
             if acked != last_acked {
                 // Acknowledgements moving: the backup is alive.
@@ -508,8 +593,14 @@ impl Monitor {
                 self.lose(g, winner);
                 return;
             }
-            if self.failed.load(Ordering::Acquire) || !running {
-                self.go_alone(running);
+            let gone = match goodbye {
+                Some(g) => Some(BackupGone::Left(g)),
+                None if self.failed.load(Ordering::Acquire) => Some(BackupGone::Failed),
+                None if !running => Some(BackupGone::LinkDown),
+                None => None,
+            };
+            if let Some(gone) = gone {
+                self.go_alone(&gone);
                 return;
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -535,7 +626,9 @@ impl Monitor {
         self.control.kick();
     }
 
-    fn go_alone(&self, link_up: bool) {
+    /// The backup is gone (`gone` says how): win the next generation, then go on alone — or
+    /// stop, if it was lost. The one path for every way a backup can be gone.
+    fn go_alone(&self, gone: &BackupGone) {
         let t_failed = Instant::now();
         let detection = if self.detector.peer_state() == PeerState::Failed {
             self.detector.stats().last_detection.unwrap_or_default()
@@ -543,12 +636,21 @@ impl Monitor {
             Duration::ZERO
         };
         let at_exit = self.control.exits();
-        tracing::warn!(
-            link_up,
-            ?detection,
-            at_exit,
-            "the backup is presumed failed: taking over the next generation before going alone"
-        );
+        match gone {
+            BackupGone::Left(goodbye) => tracing::error!(
+                %goodbye,
+                at_exit,
+                "the backup left the pair: taking over the next generation before going alone \
+                 (outputs no longer wait for it)"
+            ),
+            _ => tracing::warn!(
+                ?gone,
+                ?detection,
+                at_exit,
+                "the backup is presumed failed: taking over the next generation before going \
+                 alone"
+            ),
+        }
         let stop = Arc::clone(&self.stop);
         let r = take_over(
             &*self.cfg.arbiter,
@@ -861,7 +963,8 @@ impl GoLiveHook for BackupGoLive {
 /// # Errors
 /// [`PairError`]: a divergence; [`PairError::Superseded`] if the primary took the next
 /// generation instead (the backup stops without going live); [`PairError::LogEnded`] if the log
-/// ended and no decision could be made.
+/// ended and no decision could be made; [`PairError::CannotTakeOver`] if its own disk copy
+/// failed (it stopped without going live and told the primary).
 pub fn run_backup_ft(
     vm: &mut Vm,
     mut reader: LogReader,
@@ -871,7 +974,14 @@ pub fn run_backup_ft(
     let fence = Fence::new(ft.generation);
     let failed = Arc::new(AtomicBool::new(false));
     // A backup checks the arbiter itself while it decides (below); claims need no reader.
-    let detector = spawn_detector(&ft, Role::Backup, &fence, &failed, &Claimed::default())?;
+    let detector = spawn_detector(
+        &ft,
+        Role::Backup,
+        &fence,
+        &failed,
+        &Claimed::default(),
+        Some(vm.control()),
+    )?;
     reader.watch(Arc::clone(&failed), detector.traffic());
     detector.observe_into(reader.observer());
     reader.observer().set_generation(ft.generation);

@@ -96,6 +96,11 @@ pub enum PairError {
         /// How the failure showed (the link's error).
         why: String,
     },
+    /// Own-copy mode: a disk request of the backup gave another result than the primary's (its
+    /// copy filled up, failed, or differs): this backup can no longer take over. It stopped
+    /// without going live and told the primary (GOODBYE, `CannotTakeOver`).
+    #[error("this backup can no longer take over: {0}")]
+    CannotTakeOver(crate::devices::virtio::blk::CopyFailure),
 }
 
 /// What a primary **without an arbiter** does when its backup fails (its logging link

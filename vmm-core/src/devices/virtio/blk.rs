@@ -23,6 +23,22 @@
 //!   with some completions missing from the log, [`BlkHandle::go_live`] executes the requests
 //!   from the first one whose status is still pending, on the file, in order.
 //!
+//! # Own-copy mode: the backup checks its copy
+//! When each side writes its own image (the default), the replaying backup performs every disk
+//! request on its copy itself (reads, writes, flushes: [`DiskMode::Direct`]) and the primary's
+//! result of the same request reaches it through the log: the status byte is one of the guest
+//! memory writes logged for the exit, at the request's status address, and overwrites the
+//! backup's own status at the end of the exit. Before that happens the backup remembers its own
+//! status of each request; once the exit's logged writes are applied (and before any go-live
+//! decision at that exit), [`VirtioDevice::check_replayed_exit`] compares the two. Any
+//! difference — the backup's write failed with ENOSPC or EIO, or was short, while the
+//! primary's succeeded, or the reverse — means the backup's copy no longer equals the
+//! primary's disk: the device stops the VM with a [`CopyFailure`]
+//! ([`BlkHandle::copy_failure`]), and the backup stops without going live
+//! (`PairError::CannotTakeOver`, [`crate::ft::golive`]). Where the log ends inside the exit
+//! before the primary's status, the byte still holds the backup's own result, which the guest
+//! then sees live: nothing is compared, and nothing a client was told depends on it.
+//!
 //! Storage fencing: once a side took the shared disk for its generation
 //! ([`BlkHandle::take_ownership`], the owner record `<image>.owner` of [`super::owner`]), each
 //! write request holds the record's read lock while it reaches the file, and is refused (the
@@ -83,6 +99,95 @@ pub enum BlkError {
         /// This side's generation.
         ours: u64,
     },
+}
+
+/// A disk request a backup performed on its own copy while replaying whose result differs from
+/// the one the primary logged for it (own-copy mode): the backup's copy no longer equals the
+/// primary's disk, so this backup can no longer take over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyFailure {
+    /// The exit of the request.
+    pub exit: u64,
+    /// `read`, `write` or `flush`.
+    pub request: &'static str,
+    /// Its first sector (0 for a flush).
+    pub sector: u64,
+    /// The backup's status byte (`0` OK, `1` IOERR, `2` UNSUPP).
+    pub ours: u8,
+    /// The primary's status byte, from the log.
+    pub primary: u8,
+    /// The backup's I/O error, if its request failed with one.
+    pub error: Option<CopyIoError>,
+}
+
+/// The I/O error of a backup's own disk request ([`CopyFailure::error`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyIoError {
+    /// Its kind.
+    pub kind: std::io::ErrorKind,
+    /// The OS error number (`ENOSPC`, `EIO`, …), if it came from the OS.
+    pub errno: Option<i32>,
+}
+
+impl From<&std::io::Error> for CopyIoError {
+    fn from(e: &std::io::Error) -> Self {
+        CopyIoError {
+            kind: e.kind(),
+            errno: e.raw_os_error(),
+        }
+    }
+}
+
+impl std::fmt::Display for CopyIoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.errno {
+            Some(n) => write!(f, "{}", std::io::Error::from_raw_os_error(n)),
+            None => write!(f, "{}", std::io::Error::from(self.kind)),
+        }
+    }
+}
+
+/// A virtio-blk status byte in words.
+fn status_name(st: u8) -> String {
+    match st {
+        S_OK => "OK".into(),
+        S_IOERR => "IOERR".into(),
+        S_UNSUPP => "UNSUPP".into(),
+        other => format!("status {other:#04x}"),
+    }
+}
+
+impl std::fmt::Display for CopyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the backup's own disk copy failed: the {} of sector {} at exit {} returned {}",
+            self.request,
+            self.sector,
+            self.exit,
+            status_name(self.ours)
+        )?;
+        if let Some(e) = &self.error {
+            write!(f, " ({e})")?;
+        }
+        write!(
+            f,
+            " on the backup but {} on the primary",
+            status_name(self.primary)
+        )
+    }
+}
+
+/// A request a replaying backup performed on its own copy, to compare with the primary's
+/// result once the exit's logged writes are applied.
+#[derive(Debug)]
+struct CopyCheck {
+    exit: u64,
+    ty: u32,
+    sector: u64,
+    status: u64,
+    ours: u8,
+    error: Option<CopyIoError>,
 }
 
 /// Decides when a write of a primary in shared-disk mode may reach the disk.
@@ -160,6 +265,11 @@ struct BlkShared {
     mode: Mutex<DiskMode>,
     /// `(exit, requests)` of the last exit handled in [`DiskMode::Replay`].
     replayed: Mutex<(u64, Vec<Recorded>)>,
+    /// Own-copy mode, replaying: the requests of the current exit performed on the file, to
+    /// compare with the primary's results ([`VirtioDevice::check_replayed_exit`]).
+    copy_checks: Mutex<Vec<CopyCheck>>,
+    /// The first request whose result differed from the primary's (the VM stopped).
+    copy_failure: Mutex<Option<CopyFailure>>,
     reads: AtomicU64,
     writes: AtomicU64,
     gated: AtomicU64,
@@ -257,6 +367,17 @@ impl BlkHandle {
             0 => None,
             g => Some(g),
         }
+    }
+
+    /// Own-copy mode: the request a replaying backup performed on its copy whose result
+    /// differed from the primary's, if one did (the VM stopped there; this backup can no
+    /// longer take over). `None`: every result matched so far.
+    pub fn copy_failure(&self) -> Option<CopyFailure> {
+        self.0
+            .copy_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The current mode.
@@ -424,6 +545,8 @@ impl Blk {
                 shared: AtomicBool::new(false),
                 mode: Mutex::new(DiskMode::Direct),
                 replayed: Mutex::new((u64::MAX, Vec::new())),
+                copy_checks: Mutex::new(Vec::new()),
+                copy_failure: Mutex::new(None),
                 reads: AtomicU64::new(0),
                 writes: AtomicU64::new(0),
                 gated: AtomicU64::new(0),
@@ -468,6 +591,7 @@ impl Blk {
         }
         let s = &*self.shared;
         let mut written = 0u32;
+        let mut io_error: Option<CopyIoError> = None;
         let st = match ty {
             T_IN | T_OUT => {
                 let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
@@ -503,6 +627,7 @@ impl Blk {
                         if ty == T_IN {
                             if let Err(e) = s.file.read_exact_at(&mut buf, off) {
                                 tracing::warn!(error = %e, "disk read failed");
+                                io_error = Some(CopyIoError::from(&e));
                                 st = S_IOERR;
                                 break;
                             }
@@ -512,6 +637,7 @@ impl Blk {
                             ctx.read_guest(d.addr, &mut buf)?;
                             if let Err(e) = s.write_at(&buf, off) {
                                 tracing::warn!(error = %e, "disk write failed");
+                                io_error = Some(CopyIoError::from(&e));
                                 st = S_IOERR;
                                 break;
                             }
@@ -529,6 +655,7 @@ impl Blk {
                 Ok(()) => S_OK,
                 Err(e) => {
                     tracing::warn!(error = %e, "disk flush failed");
+                    io_error = Some(CopyIoError::from(&e));
                     S_IOERR
                 }
             },
@@ -542,8 +669,65 @@ impl Blk {
             }
             _ => S_UNSUPP,
         };
+        if ctx.is_replay() && matches!(ty, T_IN | T_OUT | T_FLUSH) {
+            // A backup with its own copy: the primary's status overwrites ours at the end of
+            // the exit; compare then.
+            s.copy_checks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(CopyCheck {
+                    exit: ctx.exit,
+                    ty,
+                    sector,
+                    status: status.addr,
+                    ours: st,
+                    error: io_error,
+                });
+        }
         ctx.write_guest(status.addr, &[st])?;
         Ok(written + 1)
+    }
+
+    /// Own-copy mode: compares the backup's results of exit `exit` with the primary's, now in
+    /// `mem` (see the module documentation); the first difference is kept
+    /// ([`BlkHandle::copy_failure`]) and stops the VM.
+    fn check_copy(&mut self, mem: &GuestMem, exit: u64) -> Result<(), DeviceError> {
+        let s = &*self.shared;
+        let checks = std::mem::take(&mut *s.copy_checks.lock().unwrap_or_else(|e| e.into_inner()));
+        for c in checks.into_iter().filter(|c| c.exit == exit) {
+            let mut b = [0u8; 1];
+            mem.read_slice(&mut b, GuestAddress(c.status))
+                .map_err(|_| DeviceError::GuestMemory {
+                    addr: c.status,
+                    len: 1,
+                })?;
+            if b[0] == c.ours {
+                continue;
+            }
+            let failure = CopyFailure {
+                exit,
+                request: match c.ty {
+                    T_IN => "read",
+                    T_OUT => "write",
+                    _ => "flush",
+                },
+                sector: if c.ty == T_FLUSH { 0 } else { c.sector },
+                ours: c.ours,
+                primary: b[0],
+                error: c.error,
+            };
+            tracing::error!(%failure, "this backup can no longer take over");
+            let what = failure.to_string();
+            s.copy_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(failure);
+            return Err(DeviceError::Backend {
+                what,
+                source: std::io::Error::other("the backup's disk copy differs from the primary's"),
+            });
+        }
+        Ok(())
     }
 
     /// A request of a backup replaying in shared-disk mode: the file is not touched; the
@@ -655,6 +839,9 @@ impl VirtioDevice for Blk {
     }
     fn has_input(&self) -> bool {
         false
+    }
+    fn check_replayed_exit(&mut self, mem: &GuestMem, exit: u64) -> Result<(), DeviceError> {
+        self.check_copy(mem, exit)
     }
     fn save_device(&self, w: &mut StateWriter) -> Result<(), StateError> {
         w.u64(self.shared.sectors);
@@ -885,6 +1072,68 @@ mod tests {
         write_then_read(&mut new, &DiskMode::Direct).unwrap();
         assert_eq!(sector3(&old.path), vec![0xAB; SECTOR as usize]);
         assert_eq!(new.blk.handle().counters().writes, 1);
+    }
+
+    /// Own-copy mode, replaying: the backup performs the requests on its copy; the primary's
+    /// statuses (here written into guest memory as the log would) are compared at the end of
+    /// the exit. Equal: nothing happens. The primary's write failed where the backup's
+    /// succeeded: the copy differs, the device stops with a [`CopyFailure`] naming the request.
+    /// (The backup's own write failing — a full disk — is the process-level test
+    /// `ftvm/tests/takeover.rs`.)
+    #[test]
+    fn a_backup_with_its_own_copy_compares_each_result_with_the_primarys() {
+        let mut r = rig();
+        r.inputs = Inputs::Replay(Box::new(crate::record::memlog::MemReplay::new(Vec::new())));
+        let h = r.blk.handle();
+        write_then_read(&mut r, &DiskMode::Direct).unwrap();
+        assert_eq!(sector3(&r.path), vec![0xAB; SECTOR as usize], "not written");
+        // The primary's statuses: OK, OK.
+        r.blk.check_replayed_exit(&r.mem, 7).unwrap();
+        assert_eq!(h.copy_failure(), None);
+        // Checks of another exit are not this exit's.
+        write_then_read(&mut r, &DiskMode::Direct).unwrap();
+        r.blk.check_replayed_exit(&r.mem, 8).unwrap();
+        // The primary's write failed (IOERR), the backup's succeeded.
+        write_then_read(&mut r, &DiskMode::Direct).unwrap();
+        r.mem.write_slice(&[S_IOERR], GuestAddress(STATUS)).unwrap();
+        let e = r.blk.check_replayed_exit(&r.mem, 7).unwrap_err();
+        let f = h.copy_failure().expect("copy failure kept");
+        assert_eq!(
+            f,
+            CopyFailure {
+                exit: 7,
+                request: "write",
+                sector: 3,
+                ours: S_OK,
+                primary: S_IOERR,
+                error: None,
+            }
+        );
+        assert_eq!(e.to_string(), f.to_string());
+        assert_eq!(
+            f.to_string(),
+            "the backup's own disk copy failed: the write of sector 3 at exit 7 returned OK on \
+             the backup but IOERR on the primary"
+        );
+        // A failure with an OS error names it.
+        let full = CopyFailure {
+            ours: S_IOERR,
+            primary: S_OK,
+            error: Some(CopyIoError::from(&std::io::Error::from_raw_os_error(
+                libc::ENOSPC,
+            ))),
+            ..f
+        };
+        assert!(
+            full.to_string()
+                .contains("returned IOERR (No space left on device (os error 28)) on the backup"),
+            "{full}"
+        );
+        // Live (not replaying): nothing is recorded, nothing compared.
+        r.inputs = Inputs::default();
+        write_then_read(&mut r, &DiskMode::Direct).unwrap();
+        r.mem.write_slice(&[S_IOERR], GuestAddress(STATUS)).unwrap();
+        r.blk.check_replayed_exit(&r.mem, 7).unwrap();
     }
 
     struct Barrier(Result<(), String>, std::sync::atomic::AtomicU64);

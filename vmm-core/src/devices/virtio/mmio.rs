@@ -125,6 +125,18 @@ impl VirtioMmio {
         Ok(ev)
     }
 
+    /// Replay: lets the device compare what it did itself in exit `exit` with the primary's
+    /// results, now in `mem` ([`VirtioDevice::check_replayed_exit`]).
+    ///
+    /// # Errors
+    /// The device's [`DeviceError`].
+    pub fn check_replayed_exit(&mut self, mem: &GuestMem, exit: u64) -> Result<(), DeviceError> {
+        match self.device.as_mut() {
+            Some(d) => d.check_replayed_exit(mem, exit),
+            None => Ok(()),
+        }
+    }
+
     /// Sets each ready queue's positions from its used ring (replay).
     ///
     /// # Errors

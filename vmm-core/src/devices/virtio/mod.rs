@@ -58,6 +58,17 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     ) -> Result<u64, DeviceError>;
     /// Whether input can arrive from outside (a WAIT without deadline may then block).
     fn has_input(&self) -> bool;
+    /// Replay: the logged writes of exit `exit` were just applied to `mem` (before any go-live
+    /// decision at that exit). A device that performed part of the exit itself — a backup's
+    /// virtio-blk on its own copy of the disk — compares its results with the primary's, which
+    /// those writes put in place. Default: nothing to compare.
+    ///
+    /// # Errors
+    /// A [`DeviceError`] (a result differs) stops the VM.
+    fn check_replayed_exit(&mut self, mem: &GuestMem, exit: u64) -> Result<(), DeviceError> {
+        let _ = (mem, exit);
+        Ok(())
+    }
     /// Saves the device-specific state (not the transport's).
     ///
     /// # Errors

@@ -17,6 +17,7 @@ mod failover;
 mod ft;
 mod report;
 mod ringbuf;
+mod soak;
 mod throttle;
 mod vmm;
 
@@ -69,6 +70,11 @@ const BENCHMARKS: &[Bench] = &[
         "throttle",
         "backup slowed then released: lag and primary CPU share over time under the throttle",
         throttle::run,
+    ),
+    (
+        "soak",
+        "the demo's load for minutes after filling kv to -OOM: RSS of both sides over time",
+        soak::run,
     ),
 ];
 

@@ -95,8 +95,11 @@ pub struct DemoSummary {
     pub acked_writes_lost: u64,
     /// Examples of lost writes.
     pub lost_examples: Vec<String>,
-    /// Client errors (connection failures, timeouts) during the whole run.
+    /// Client errors (connection failures, timeouts, error replies other than `-OOM`) during
+    /// the whole run.
     pub client_errors: u64,
+    /// Writes answered `-OOM` (the guest's store was full; not acknowledged, not lost).
+    pub oom_replies: u64,
     /// Acknowledged SETs in all.
     pub acked_writes: u64,
     /// What the pair left on the one image (`--shared-disk` only).
@@ -268,6 +271,15 @@ impl Rate {
     }
 }
 
+/// The progress line of the load phases.
+fn status_line(ops_per_s: f64, st: &crate::client::LoadStats) -> String {
+    let mut line = format!("{ops_per_s:>7.0} ops/s  {} acked writes", st.ops);
+    if st.oom > 0 {
+        line.push_str(&format!(", {} refused (OOM: the store is full)", st.oom));
+    }
+    line
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -375,11 +387,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         check_interrupted()?;
         echo.show(&p, [s.primary.as_ref(), s.backup.as_ref()]);
         let st = load.stats();
-        p.status(format!(
-            "{:>7.0} ops/s  {} acked writes",
-            rate.add(st.ops),
-            st.ops
-        ));
+        p.status(status_line(rate.add(st.ops), &st));
         if let Some(primary) = s.primary.as_mut() {
             if let Some(st) = primary.try_status() {
                 bail!("the primary exited early ({st})\n{}", s.stderr_of_both());
@@ -453,11 +461,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
             live_line = Some(t_kill.elapsed());
         }
         let st = load.stats();
-        p.status(format!(
-            "{:>7.0} ops/s  {} acked writes",
-            rate.add(st.ops),
-            st.ops
-        ));
+        p.status(status_line(rate.add(st.ops), &st));
         std::thread::sleep(Duration::from_millis(100));
     }
     let load_errors = load.last_error();
@@ -521,6 +525,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         acked_writes_lost: check.lost,
         lost_examples: check.examples,
         client_errors: end_stats.errors,
+        oom_replies: end_stats.oom,
         acked_writes: end_stats.ops,
         shared_disk,
     })
@@ -669,4 +674,10 @@ fn print_summary(s: &DemoSummary) {
         }
     }
     eprintln!("client errors        {}", s.client_errors);
+    if s.oom_replies > 0 {
+        eprintln!(
+            "oom replies          {} (writes refused by the full store: not acknowledged)",
+            s.oom_replies
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! The `ftvm` command-line tool's library: the primary/backup processes ([`pair`]), the
 //! one-command failover demo ([`demo`]) and the pieces the fault tests share with it
 //! ([`scenario`]: a pair of `ftvm` processes in a network namespace; [`client`]: the built-in
-//! Redis-protocol client and the acknowledged-writes checker).
+//! Redis-protocol client and the acknowledged-writes checker; [`soak`]: the demo's load for
+//! minutes, watching both processes' memory).
 
 #![deny(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod demo;
 pub mod exit;
 pub mod pair;
 pub mod scenario;
+pub mod soak;
 pub mod transitions;
 
 /// Parses a size with an optional K/M/G suffix (`64M`, `2g`, `4096`).

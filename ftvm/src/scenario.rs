@@ -52,7 +52,7 @@ pub const PRIMARY_HEARTBEAT_PORT: u16 = 7102;
 pub const XDP_PRIMARY_IF: &str = "ftvmxp";
 /// The backup's veth end with `--transport xdp`.
 pub const XDP_BACKUP_IF: &str = "ftvmxb";
-/// Size of each disk image.
+/// Size of each disk image by default ([`ScenarioConfig::disk_size`]).
 pub const DISK_SIZE: u64 = 32 << 20;
 /// The image both sides name in shared-disk mode (in the temporary directory).
 pub const SHARED_DISK: &str = "shared.img";
@@ -153,10 +153,15 @@ pub struct ScenarioConfig {
     pub no_failover: bool,
     /// Shared-disk mode: both sides name one image ([`SHARED_DISK`]) with `--shared-disk`.
     pub shared_disk: bool,
+    /// Guest RAM (`--mem`, K/M/G suffix).
+    pub mem: String,
+    /// Bytes of each disk image (sparse files).
+    pub disk_size: u64,
 }
 
 impl ScenarioConfig {
-    /// Defaults: shm transport, file arbiter, children logging warnings.
+    /// Defaults: shm transport, file arbiter, children logging warnings, 64 MiB guests, disks
+    /// of [`DISK_SIZE`].
     pub fn new(ftvm: PathBuf, tag: &str) -> Self {
         ScenarioConfig {
             ftvm,
@@ -167,6 +172,8 @@ impl ScenarioConfig {
             log: "warn".into(),
             no_failover: false,
             shared_disk: false,
+            mem: "64M".into(),
+            disk_size: DISK_SIZE,
         }
     }
 }
@@ -336,7 +343,7 @@ impl Scenario {
         for d in disks {
             let p = dir.path().join(d);
             std::fs::File::create(&p)
-                .and_then(|f| f.set_len(DISK_SIZE))
+                .and_then(|f| f.set_len(config.disk_size))
                 .map_err(io(format!("cannot create {}", p.display())))?;
         }
         let arb = dir.path().join("arbiter");
@@ -496,7 +503,7 @@ impl Scenario {
             "--guest".into(),
             "kv".into(),
             "--mem".into(),
-            "64M".into(),
+            self.config.mem.clone(),
             "--disk".into(),
             self.disk(side).display().to_string(),
             "--net".into(),
@@ -566,7 +573,7 @@ impl Scenario {
             "--guest".into(),
             "kv".into(),
             "--mem".into(),
-            "64M".into(),
+            self.config.mem.clone(),
             "--disk".into(),
             disk.display().to_string(),
             "--net".into(),

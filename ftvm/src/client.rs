@@ -558,9 +558,8 @@ mod tests {
         addr
     }
 
-    #[test]
-    fn load_records_acked_writes_and_check_finds_them() {
-        let addr = fake_server(None, None);
+    /// A load of one client thread on `addr` and its checker.
+    fn one_client(addr: SocketAddr) -> (Load, Arc<Checker>) {
         let checker = Arc::new(Checker::default());
         let cfg = LoadConfig {
             netns: None,
@@ -569,7 +568,13 @@ mod tests {
             timeout: Duration::from_secs(5),
             prefix: "t".into(),
         };
-        let mut load = Load::start(&cfg, checker.clone()).unwrap();
+        (Load::start(&cfg, checker.clone()).unwrap(), checker)
+    }
+
+    #[test]
+    fn load_records_acked_writes_and_check_finds_them() {
+        let addr = fake_server(None, None);
+        let (mut load, checker) = one_client(addr);
         while load.stats().ops < 500 {
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -601,16 +606,7 @@ mod tests {
 
     #[test]
     fn oom_replies_are_answers_counted_apart_not_acks() {
-        let addr = fake_server(None, Some(50));
-        let checker = Arc::new(Checker::default());
-        let cfg = LoadConfig {
-            netns: None,
-            addr,
-            threads: 1,
-            timeout: Duration::from_secs(5),
-            prefix: "t".into(),
-        };
-        let mut load = Load::start(&cfg, checker.clone()).unwrap();
+        let (mut load, checker) = one_client(fake_server(None, Some(50)));
         let deadline = Instant::now() + Duration::from_secs(20);
         while load.stats().oom < 200 {
             assert!(Instant::now() < deadline, "{:?}", load.stats());

@@ -14,6 +14,11 @@
 //! on the image (`ftvm run`) and every acknowledged write is read back a second time, from the
 //! store its log recovered.
 //!
+//! The clients write unique keys, so a long run fills `kv`'s store: it then answers `-OOM`
+//! (Redis's `maxmemory` error), which the clients count apart (`oom_replies`: neither acked nor
+//! lost) and take as an answer, so the failover is timed to the new primary's first reply of
+//! any kind.
+//!
 //! Needs root (network namespace, TAP) and `/dev/kvm`; everything it creates is removed at the
 //! end, on error and on Ctrl-C. Exit status: 0 when no acknowledged write was lost, 1 otherwise
 //! (and on any failure).

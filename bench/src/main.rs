@@ -17,6 +17,7 @@ mod failover;
 mod ft;
 mod report;
 mod ringbuf;
+mod soak;
 mod throttle;
 mod vmm;
 
@@ -74,6 +75,11 @@ const BENCHMARKS: &[Bench] = &[
         "replot",
         "redraw results/<name>.svg from results/<name>.json, no run (channel, ft, vmm; default: all)",
         replot,
+    ),
+    (
+        "soak",
+        "the demo's load for minutes after filling kv to -OOM: RSS of both sides over time",
+        soak::run,
     ),
 ];
 

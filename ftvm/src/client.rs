@@ -5,7 +5,9 @@
 //! ```text
 //! thread t:  SET demo:t:0 v0 ─> +OK ─> acked(demo:t:0 = v0) ─> SET demo:t:1 v1 ─> ...
 //!            (one request at a time per connection; a connection error or timeout drops the
-//!             connection and the write in flight is "unknown": neither acked nor lost)
+//!             connection and the write in flight is "unknown": neither acked nor lost;
+//!             an error reply — `-OOM` from a full store, `-ERR disk full` — is an answer:
+//!             the write is not acked, the thread goes on with the next key)
 //! check:     GET every acked key (pipelined) ─> must equal the acked value
 //! ```
 //! Every key is written once, so "readable" is exact: the value read back must be the value
@@ -284,11 +286,13 @@ struct LoadShared {
     stop: AtomicBool,
     /// Acknowledged SETs.
     ops: AtomicU64,
-    /// Connection failures, timeouts and error replies.
+    /// Connection failures, timeouts and error replies other than `-OOM`.
     errors: AtomicU64,
-    /// Nanoseconds since `base` of the newest reply.
+    /// `-OOM` replies (the store is full; the write was not applied).
+    oom: AtomicU64,
+    /// Nanoseconds since `base` of the newest reply (of any kind).
     last_reply_ns: AtomicU64,
-    /// After this mark (ns since `base`, 0: none), the time of the first reply.
+    /// After this mark (ns since `base`, 0: none), the time of the first reply (of any kind).
     mark_ns: AtomicU64,
     first_after_mark_ns: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -308,10 +312,17 @@ pub struct Load {
 pub struct LoadStats {
     /// Acknowledged SETs so far.
     pub ops: u64,
-    /// Errors so far (connection failures, timeouts, error replies).
+    /// Errors so far (connection failures, timeouts, error replies other than `-OOM`).
     pub errors: u64,
-    /// When the newest reply arrived.
+    /// `-OOM` replies so far: writes the full store refused (not acknowledged, not lost).
+    pub oom: u64,
+    /// When the newest reply (of any kind) arrived.
     pub last_reply: Option<Instant>,
+}
+
+/// Whether an error reply is the store's "out of memory" (`-OOM ...`, as Redis's `maxmemory`).
+pub fn is_oom(error: &str) -> bool {
+    error.starts_with("OOM ")
 }
 
 impl Load {
@@ -345,6 +356,7 @@ impl Load {
         LoadStats {
             ops: self.shared.ops.load(Ordering::Acquire),
             errors: self.shared.errors.load(Ordering::Acquire),
+            oom: self.shared.oom.load(Ordering::Acquire),
             last_reply: (last > 0).then(|| self.base + Duration::from_nanos(last)),
         }
     }
@@ -358,7 +370,8 @@ impl Load {
         self.shared.mark_ns.store(ns, Ordering::Release);
     }
 
-    /// The first reply received after the [mark](Load::mark), if any yet.
+    /// The first reply (of any kind: an error reply is an answer too) received after the
+    /// [mark](Load::mark), if any yet.
     pub fn first_reply_after_mark(&self) -> Option<Instant> {
         let ns = self.shared.first_after_mark_ns.load(Ordering::Acquire);
         (ns > 0).then(|| self.base + Duration::from_nanos(ns))
@@ -401,6 +414,23 @@ impl Drop for Load {
     }
 }
 
+impl LoadShared {
+    /// Notes a reply (of any kind) received now.
+    fn replied(&self, base: Instant) {
+        let now = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_reply_ns.fetch_max(now, Ordering::AcqRel);
+        let mark = self.mark_ns.load(Ordering::Acquire);
+        if mark > 0 && now >= mark {
+            let _ = self.first_after_mark_ns.compare_exchange(
+                0,
+                now,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+}
+
 fn client_thread(
     t: usize,
     config: &LoadConfig,
@@ -439,24 +469,20 @@ fn client_thread(
         let key = format!("{}:{t}:{n}", config.prefix);
         let value = format!("v{n}-{t}");
         n += 1;
-        match c.command(&[b"SET", key.as_bytes(), value.as_bytes()]) {
+        let reply = c.command(&[b"SET", key.as_bytes(), value.as_bytes()]);
+        if reply.is_ok() {
+            shared.replied(base);
+        }
+        match reply {
             Ok(Reply::Simple(s)) if s == "OK" => {
-                let now = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                shared.last_reply_ns.fetch_max(now, Ordering::AcqRel);
-                let mark = shared.mark_ns.load(Ordering::Acquire);
-                if mark > 0 && now >= mark {
-                    let _ = shared.first_after_mark_ns.compare_exchange(
-                        0,
-                        now,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                }
                 acked.push((key, value));
                 if acked.len() >= 256 {
                     checker.record(acked.drain(..));
                 }
                 shared.ops.fetch_add(1, Ordering::AcqRel);
+            }
+            Ok(Reply::Error(e)) if is_oom(&e) => {
+                shared.oom.fetch_add(1, Ordering::AcqRel);
             }
             Ok(other) => fail(format!("client {t}: SET {key} answered {other:?}")),
             Err(e) => {
@@ -476,8 +502,10 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    /// A tiny RESP server: answers SET with +OK and GET from a map, one connection.
-    fn fake_server(lose: Option<&'static str>) -> SocketAddr {
+    /// A tiny RESP server: answers SET with +OK and GET from a map, one connection at a time;
+    /// `lose`: a key it acknowledges without storing; `full_after`: keys it holds before it
+    /// answers SET with `-OOM`.
+    fn fake_server(lose: Option<&'static str>, full_after: Option<usize>) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
@@ -503,6 +531,9 @@ mod tests {
                         args.push(d);
                     }
                     let reply = match args[0].as_slice() {
+                        b"SET" if full_after.is_some_and(|n| map.len() >= n) => {
+                            b"-OOM command not allowed when used memory > 'maxmemory'.\r\n".to_vec()
+                        }
                         b"SET" => {
                             if lose != Some(std::str::from_utf8(&args[1]).unwrap()) {
                                 map.insert(args[1].clone(), args[2].clone());
@@ -527,9 +558,8 @@ mod tests {
         addr
     }
 
-    #[test]
-    fn load_records_acked_writes_and_check_finds_them() {
-        let addr = fake_server(None);
+    /// A load of one client thread on `addr` and its checker.
+    fn one_client(addr: SocketAddr) -> (Load, Arc<Checker>) {
         let checker = Arc::new(Checker::default());
         let cfg = LoadConfig {
             netns: None,
@@ -538,7 +568,13 @@ mod tests {
             timeout: Duration::from_secs(5),
             prefix: "t".into(),
         };
-        let mut load = Load::start(&cfg, checker.clone()).unwrap();
+        (Load::start(&cfg, checker.clone()).unwrap(), checker)
+    }
+
+    #[test]
+    fn load_records_acked_writes_and_check_finds_them() {
+        let addr = fake_server(None, None);
+        let (mut load, checker) = one_client(addr);
         while load.stats().ops < 500 {
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -552,7 +588,7 @@ mod tests {
 
     #[test]
     fn check_reports_a_lost_write() {
-        let addr = fake_server(Some("t:0:3"));
+        let addr = fake_server(Some("t:0:3"), None);
         let checker = Checker::default();
         let mut c = RespConn::connect(addr, Duration::from_secs(5)).unwrap();
         for i in 0..10 {
@@ -566,5 +602,30 @@ mod tests {
         let r = checker.verify(&mut c).unwrap();
         assert_eq!((r.checked, r.lost), (10, 1));
         assert!(r.examples[0].contains("t:0:3"), "{:?}", r.examples);
+    }
+
+    #[test]
+    fn oom_replies_are_answers_counted_apart_not_acks() {
+        let (mut load, checker) = one_client(fake_server(None, Some(50)));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while load.stats().oom < 200 {
+            assert!(Instant::now() < deadline, "{:?}", load.stats());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Only -OOM from now on: a reply after the mark still comes.
+        load.mark(Instant::now());
+        while load.first_reply_after_mark().is_none() {
+            assert!(Instant::now() < deadline, "no reply after the mark");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stats = load.stop();
+        assert_eq!(stats.ops, 50, "{stats:?}");
+        assert_eq!(stats.errors, 0, "{:?}", load.last_error());
+        assert!(stats.last_reply.is_some());
+        assert_eq!(checker.len(), 50);
+        assert!(is_oom(
+            "OOM command not allowed when used memory > 'maxmemory'."
+        ));
+        assert!(!is_oom("ERR disk full: write not applied"));
     }
 }

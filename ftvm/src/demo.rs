@@ -14,6 +14,11 @@
 //! on the image (`ftvm run`) and every acknowledged write is read back a second time, from the
 //! store its log recovered.
 //!
+//! The clients write unique keys, so a long run fills `kv`'s store: it then answers `-OOM`
+//! (Redis's `maxmemory` error), which the clients count apart (`oom_replies`: neither acked nor
+//! lost) and take as an answer, so the failover is timed to the new primary's first reply of
+//! any kind.
+//!
 //! Needs root (network namespace, TAP) and `/dev/kvm`; everything it creates is removed at the
 //! end, on error and on Ctrl-C. Exit status: 0 when no acknowledged write was lost, 1 otherwise
 //! (and on any failure).
@@ -101,8 +106,11 @@ pub struct DemoSummary {
     pub throttle_actuator: Option<String>,
     /// The smallest CPU share the throttle gave the primary's vCPU before the kill.
     pub throttle_min_share: Option<f64>,
-    /// Client errors (connection failures, timeouts) during the whole run.
+    /// Client errors (connection failures, timeouts, error replies other than `-OOM`) during
+    /// the whole run.
     pub client_errors: u64,
+    /// Writes answered `-OOM` (the guest's store was full; not acknowledged, not lost).
+    pub oom_replies: u64,
     /// Acknowledged SETs in all.
     pub acked_writes: u64,
     /// What the pair left on the one image (`--shared-disk` only).
@@ -274,6 +282,15 @@ impl Rate {
     }
 }
 
+/// The progress line of the load phases.
+fn status_line(ops_per_s: f64, st: &crate::client::LoadStats) -> String {
+    let mut line = format!("{ops_per_s:>7.0} ops/s  {} acked writes", st.ops);
+    if st.oom > 0 {
+        line.push_str(&format!(", {} refused (OOM: the store is full)", st.oom));
+    }
+    line
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -377,11 +394,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         check_interrupted()?;
         echo.show(&p, [s.primary.as_ref(), s.backup.as_ref()]);
         let st = load.stats();
-        p.status(format!(
-            "{:>7.0} ops/s  {} acked writes",
-            rate.add(st.ops),
-            st.ops
-        ));
+        p.status(status_line(rate.add(st.ops), &st));
         check_running(&mut s, &[Side::Primary, Side::Backup])?;
         live.tick(&s, &p, true);
         std::thread::sleep(Duration::from_millis(100));
@@ -452,11 +465,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
             live_line = Some(t_kill.elapsed());
         }
         let st = load.stats();
-        p.status(format!(
-            "{:>7.0} ops/s  {} acked writes",
-            rate.add(st.ops),
-            st.ops
-        ));
+        p.status(status_line(rate.add(st.ops), &st));
         check_running(&mut s, &[Side::Backup])?;
         live.tick(&s, &p, false);
         std::thread::sleep(Duration::from_millis(100));
@@ -524,6 +533,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         throttle_actuator: live.actuator.clone(),
         throttle_min_share: live.min_share,
         client_errors: end_stats.errors,
+        oom_replies: end_stats.oom,
         acked_writes: end_stats.ops,
         shared_disk,
     })
@@ -679,6 +689,12 @@ fn print_summary(s: &DemoSummary) {
         _ => eprintln!("throttle             unknown (the primary's metrics never answered)"),
     }
     eprintln!("client errors        {}", s.client_errors);
+    if s.oom_replies > 0 {
+        eprintln!(
+            "oom replies          {} (writes refused by the full store: not acknowledged)",
+            s.oom_replies
+        );
+    }
 }
 
 /// The `--metrics` address of `side` inside the demo's namespace.

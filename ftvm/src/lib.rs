@@ -1,7 +1,8 @@
 //! The `ftvm` command-line tool's library: the primary/backup processes ([`pair`]), the
 //! one-command failover demo ([`demo`]) and the pieces the fault tests share with it
 //! ([`scenario`]: a pair of `ftvm` processes in a network namespace; [`client`]: the built-in
-//! Redis-protocol client and the acknowledged-writes checker).
+//! Redis-protocol client and the acknowledged-writes checker; [`soak`]: the demo's load for
+//! minutes, watching both processes' memory).
 
 #![deny(missing_docs)]
 
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod pair;
 pub mod pairing;
 pub mod scenario;
+pub mod soak;
 pub mod stat;
 pub mod transitions;
 

@@ -52,7 +52,7 @@ pub const PRIMARY_HEARTBEAT_PORT: u16 = 7102;
 pub const XDP_PRIMARY_IF: &str = "ftvmxp";
 /// The backup's veth end with `--transport xdp`.
 pub const XDP_BACKUP_IF: &str = "ftvmxb";
-/// Size of each disk image.
+/// Size of each disk image by default ([`ScenarioConfig::disk_size`]).
 pub const DISK_SIZE: u64 = 32 << 20;
 /// The image both sides name in shared-disk mode (in the temporary directory).
 pub const SHARED_DISK: &str = "shared.img";
@@ -158,10 +158,15 @@ pub struct ScenarioConfig {
     pub guest: String,
     /// The guest's command line (`None`: kv's address, gateway and port).
     pub cmdline: Option<String>,
+    /// Guest RAM (`--mem`, K/M/G suffix).
+    pub mem: String,
+    /// Bytes of each disk image (sparse files).
+    pub disk_size: u64,
 }
 
 impl ScenarioConfig {
-    /// Defaults: shm transport, file arbiter, children logging warnings.
+    /// Defaults: shm transport, file arbiter, children logging warnings, 64 MiB guests, disks
+    /// of [`DISK_SIZE`].
     pub fn new(ftvm: PathBuf, tag: &str) -> Self {
         ScenarioConfig {
             ftvm,
@@ -174,6 +179,8 @@ impl ScenarioConfig {
             shared_disk: false,
             guest: "kv".into(),
             cmdline: None,
+            mem: "64M".into(),
+            disk_size: DISK_SIZE,
         }
     }
 }
@@ -345,7 +352,7 @@ impl Scenario {
         for d in disks {
             let p = dir.path().join(d);
             std::fs::File::create(&p)
-                .and_then(|f| f.set_len(DISK_SIZE))
+                .and_then(|f| f.set_len(config.disk_size))
                 .map_err(io(format!("cannot create {}", p.display())))?;
         }
         let arb = dir.path().join("arbiter");
@@ -524,7 +531,7 @@ impl Scenario {
             "--guest".into(),
             self.config.guest.clone(),
             "--mem".into(),
-            "64M".into(),
+            self.config.mem.clone(),
             "--disk".into(),
             self.disk(side).display().to_string(),
             "--net".into(),
@@ -594,7 +601,7 @@ impl Scenario {
             "--guest".into(),
             "kv".into(),
             "--mem".into(),
-            "64M".into(),
+            self.config.mem.clone(),
             "--disk".into(),
             disk.display().to_string(),
             "--net".into(),

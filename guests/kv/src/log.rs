@@ -180,9 +180,17 @@ pub struct Recovered {
     pub fresh: bool,
 }
 
-/// The log is full: the record was not appended.
+/// Why a record was not appended (nothing was queued).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LogFull;
+pub enum AppendError {
+    /// The disk has no room for it.
+    DiskFull,
+    /// The heap cannot hold it until the next flush.
+    NoMemory,
+}
+
+/// Buffer capacity kept after a flush; a larger one (after a burst of big records) is freed.
+const KEEP_CAPACITY: usize = 64 << 10;
 
 /// The append-only log over a block device.
 #[derive(Debug)]
@@ -190,10 +198,11 @@ pub struct Log<D> {
     disk: D,
     /// Byte offset of the end of the durable log.
     end: u64,
-    /// The bytes of the durable log in the sector that contains `end`.
-    tail: Vec<u8>,
-    /// Appended records not yet written.
-    pending: Vec<u8>,
+    /// The bytes of the durable log in the sector that contains `end` (`tail_len` of them),
+    /// then the appended records not yet written.
+    buf: Vec<u8>,
+    /// Length of the durable part at the start of `buf` (`end % SECTOR`).
+    tail_len: usize,
     generation: u64,
     capacity: u64,
 }
@@ -300,15 +309,16 @@ impl<D: BlockDevice> Log<D> {
         found.generation = last_generation.map_or(1, |g| g + 1);
         found.log_bytes = end;
         disk.write(0, &header_bytes(found.generation))?;
-        let mut tail = vec![0u8; SECTOR];
+        let mut buf = vec![0u8; SECTOR];
         let tail_start = end / SECTOR as u64 * SECTOR as u64;
-        disk.read(tail_start / SECTOR as u64, &mut tail)?;
-        tail.truncate((end - tail_start) as usize);
+        disk.read(tail_start / SECTOR as u64, &mut buf)?;
+        let tail_len = (end - tail_start) as usize;
+        buf.truncate(tail_len);
         let log = Self {
             disk,
             end,
-            tail,
-            pending: Vec::new(),
+            buf,
+            tail_len,
             generation: found.generation,
             capacity,
         };
@@ -318,19 +328,29 @@ impl<D: BlockDevice> Log<D> {
     /// Queues a record for the next [`Log::flush`].
     ///
     /// # Errors
-    /// [`LogFull`] when the disk has no room for it (nothing is queued).
-    pub fn append(&mut self, record: Record<'_>) -> Result<(), LogFull> {
-        let need = self.end + (self.pending.len() + record.encoded_len()) as u64;
+    /// [`AppendError::DiskFull`] when the disk has no room for it, [`AppendError::NoMemory`]
+    /// when the heap cannot hold it until the flush (nothing is queued either way).
+    pub fn append(&mut self, record: Record<'_>) -> Result<(), AppendError> {
+        let len = record.encoded_len();
+        let need = self.end + (self.pending_len() + len) as u64;
         if need > self.capacity {
-            return Err(LogFull);
+            return Err(AppendError::DiskFull);
         }
-        record.encode(self.generation, &mut self.pending);
+        // The record, and the zero padding of the last sector that `flush` adds in place.
+        self.buf
+            .try_reserve(len + SECTOR)
+            .map_err(|_| AppendError::NoMemory)?;
+        record.encode(self.generation, &mut self.buf);
         Ok(())
+    }
+
+    fn pending_len(&self) -> usize {
+        self.buf.len() - self.tail_len
     }
 
     /// Whether records wait for [`Log::flush`].
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        self.pending_len() > 0
     }
 
     /// Writes the queued records (from the start of the sector holding the current end).
@@ -338,25 +358,28 @@ impl<D: BlockDevice> Log<D> {
     /// # Errors
     /// A disk request failed; the records stay queued.
     pub fn flush(&mut self) -> Result<(), DiskError> {
-        if self.pending.is_empty() {
+        let pending = self.pending_len();
+        if pending == 0 {
             return Ok(());
         }
         let first_sector = self.end / SECTOR as u64;
-        let mut buf = Vec::with_capacity(self.tail.len() + self.pending.len() + SECTOR);
-        buf.extend_from_slice(&self.tail);
-        buf.extend_from_slice(&self.pending);
-        let data_len = buf.len();
-        buf.resize(data_len.next_multiple_of(SECTOR), 0);
-        for (i, chunk) in buf.chunks(MAX_IO).enumerate() {
+        let data_len = self.buf.len();
+        // Within the capacity `append` reserved: no allocation.
+        self.buf.resize(data_len.next_multiple_of(SECTOR), 0);
+        for (i, chunk) in self.buf.chunks(MAX_IO).enumerate() {
             let sector = first_sector + (i * MAX_IO / SECTOR) as u64;
-            self.disk.write(sector, chunk)?;
+            if let Err(e) = self.disk.write(sector, chunk) {
+                self.buf.truncate(data_len);
+                return Err(e);
+            }
         }
-        self.end += self.pending.len() as u64;
-        self.pending.clear();
-        let tail_len = data_len % SECTOR;
-        self.tail.clear();
-        self.tail
-            .extend_from_slice(&buf[data_len - tail_len..data_len]);
+        self.end += pending as u64;
+        self.tail_len = data_len % SECTOR;
+        self.buf.truncate(data_len);
+        self.buf.drain(..data_len - self.tail_len);
+        if self.buf.capacity() > KEEP_CAPACITY {
+            self.buf.shrink_to(SECTOR);
+        }
         Ok(())
     }
 
@@ -567,9 +590,10 @@ mod tests {
     fn full_disk_refuses_appends() {
         let mut disk = MemDisk::new(2);
         let (mut log, _) = Log::open(&mut disk, |_| {}).expect("open");
-        assert_eq!(log.append(Record::Set(b"k", &[0u8; 600])), Err(LogFull));
+        let full = Err(AppendError::DiskFull);
+        assert_eq!(log.append(Record::Set(b"k", &[0u8; 600])), full);
         log.append(Record::Set(b"k", &[0u8; 400])).expect("fits");
-        assert_eq!(log.append(Record::Set(b"k", &[0u8; 100])), Err(LogFull));
+        assert_eq!(log.append(Record::Set(b"k", &[0u8; 100])), full);
         log.flush().expect("flush");
     }
 
@@ -585,5 +609,49 @@ mod tests {
         let (seen, rec, _) = recover(&mut disk);
         assert!(rec.fresh);
         assert!(seen.is_empty());
+    }
+
+    /// A disk whose writes fail while `broken`.
+    struct Flaky {
+        disk: MemDisk,
+        broken: bool,
+    }
+
+    impl BlockDevice for Flaky {
+        fn sectors(&self) -> u64 {
+            self.disk.sectors()
+        }
+        fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+            self.disk.read(sector, buf)
+        }
+        fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), DiskError> {
+            if self.broken {
+                return Err(DiskError { sector });
+            }
+            self.disk.write(sector, buf)
+        }
+    }
+
+    #[test]
+    fn a_failed_flush_keeps_the_records_queued() {
+        let mut disk = Flaky {
+            disk: MemDisk::new(64),
+            broken: false,
+        };
+        {
+            let (mut log, _) = Log::open(&mut disk, |_| {}).expect("open");
+            log.append(Record::Set(b"a", b"1")).expect("room");
+            log.flush().expect("flush");
+            log.append(Record::Set(b"b", &[2u8; 700])).expect("room");
+            log.disk_mut().broken = true;
+            assert!(log.flush().is_err());
+            assert!(log.has_pending());
+            log.disk_mut().broken = false;
+            log.flush().expect("flush again");
+            assert!(!log.has_pending());
+        }
+        let (seen, rec, _) = recover(&mut disk.disk);
+        assert_eq!(rec.records, 2);
+        assert_eq!(seen[1], (OP_SET, b"b".to_vec(), vec![2u8; 700]));
     }
 }

@@ -9,6 +9,9 @@ pub const MAX_ARGS: i64 = 1024;
 pub const MAX_BULK: i64 = 1 << 20;
 /// Longest inline request.
 pub const MAX_INLINE: usize = 64 << 10;
+/// Most bytes of requests buffered per connection (Redis's `client-query-buffer-limit`): a
+/// request that does not fit in them is refused and its connection closed.
+pub const MAX_QUERY: usize = 4 << 20;
 
 /// The result of parsing the start of a connection's input.
 #[derive(Debug, PartialEq, Eq)]

@@ -99,10 +99,24 @@ impl Stack {
     /// Adds a TCP socket with `rx`/`tx` byte buffers listening on `port`. A connection whose
     /// peer stops acknowledging for [`PEER_TIMEOUT`] is aborted.
     pub fn add_listener(&mut self, port: u16, rx: usize, tx: usize) -> SocketHandle {
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; rx]),
-            tcp::SocketBuffer::new(vec![0; tx]),
-        );
+        self.add_listener_with(port, vec![0; rx], vec![0; tx])
+    }
+
+    /// [`Stack::add_listener`] for a guest that must outlive a full heap: `None` (and no
+    /// socket) when the heap cannot hold the buffers.
+    pub fn try_add_listener(&mut self, port: u16, rx: usize, tx: usize) -> Option<SocketHandle> {
+        let zeroed = |n: usize| {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).ok()?;
+            v.resize(n, 0);
+            Some(v)
+        };
+        let (rx, tx) = (zeroed(rx)?, zeroed(tx)?);
+        Some(self.add_listener_with(port, rx, tx))
+    }
+
+    fn add_listener_with(&mut self, port: u16, rx: Vec<u8>, tx: Vec<u8>) -> SocketHandle {
+        let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         socket.set_timeout(Some(PEER_TIMEOUT));
         // listen() only fails for port 0 or a socket that is already open.
         let _ = socket.listen(port);

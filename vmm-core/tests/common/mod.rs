@@ -82,11 +82,16 @@ impl Drop for RunningVm {
     }
 }
 
-/// Starts the `kv` guest with `disk` on the TAP of `ns`.
+/// Starts the `kv` guest (64 MiB) with `disk` on the TAP of `ns`.
 pub fn start_kv(ns: &Netns, disk: &Path, extra_cmdline: &str) -> RunningVm {
+    start_kv_with_mem(ns, disk, extra_cmdline, 64 << 20)
+}
+
+/// Starts the `kv` guest with `mem_size` bytes of RAM and `disk` on the TAP of `ns`.
+pub fn start_kv_with_mem(ns: &Netns, disk: &Path, extra_cmdline: &str, mem_size: u64) -> RunningVm {
     let (console, buf) = buffer_console();
     let config = VmConfig {
-        mem_size: 64 << 20,
+        mem_size,
         cmdline: format!("ip={GUEST_IP}/24 gw=10.0.2.1 port=6379 {extra_cmdline}"),
         disk: Some(disk.to_path_buf()),
         tap: Some(TAP.into()),

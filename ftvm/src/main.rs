@@ -1,7 +1,7 @@
 //! `ftvm`: the ftvm command-line tool.
 //!
 //! ```text
-//! ftvm run --guest cpu                       # run an embedded guest (cpu, kv, stream)
+//! ftvm run --guest cpu                       # run an embedded guest (cpu, kv, stream, nondet)
 //! ftvm run --guest ./my.elf --mem 128M       # run a static ELF
 //! ftvm run --guest kv --disk kv.img --net tap:ftvm0 --cmdline "ip=10.0.2.15/24 port=6379"
 //! ftvm backup  --guest cpu --peer 127.0.0.1:7000 --transport tcp   # a fault-tolerant pair
@@ -49,7 +49,7 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Guest to run: an embedded guest name (cpu, kv, stream) or the path of a static x86-64
+    /// Guest to run: an embedded guest name (cpu, kv, stream, nondet) or the path of a static x86-64
     /// ELF executable linked at 0x10000.
     #[arg(long)]
     guest: String,

@@ -52,7 +52,7 @@ pub struct PairArgs {
     /// throttle_min_share).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
+    /// Guest: an embedded guest name (cpu, kv, stream, nondet) or a static ELF path.
     #[arg(long)]
     pub guest: Option<String>,
     /// Guest RAM size (K/M/G suffix).
@@ -853,6 +853,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
         .context("cannot pair with the primary (different initial state? guest, memory, command line, disk contents and --shared-disk must agree)")?;
     eprintln!("backup: paired with the primary, replaying {}", s.guest);
     let reader = LogReader::new(rx, s.opts.idle, None);
+    let checks = reader.output_checks();
     // Records (and logs) the throttle targets agreed through the log.
     TargetFollower::new().install(reader.controls());
     let result = match ft_config(&s, arbiter, Role::Backup)? {
@@ -891,6 +892,8 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                             "golive": timings_json(&live.timings),
                             "detector": detector_json(&live.detector),
                             "console_released": live.console.released,
+                            "outputs_verified": live.outputs_verified,
+                            "output_bytes_verified": live.output_bytes_verified,
                             "tx": live.tx.map(|t| format!("{t:?}")),
                             "shared_disk": disk_json(&vm),
                         }),
@@ -931,15 +934,29 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                     "regs_digest": format!("{:016x}", r.regs_digest),
                     "disk_digest": disk_digest.map(|d| format!("{d:016x}")),
                     "shared_disk": disk_json(&vm),
+                    "outputs_verified": r.outputs_verified,
+                    "output_bytes_verified": r.output_bytes_verified,
                 }),
             )?;
             Ok(())
         }
         Err(e @ PairError::Diverged { .. }) => {
+            // Its state is not the primary's: it must never go live (vmm-core ft::golive, "A
+            // backup that diverged"). The primary sees its backup gone and goes on alone.
             eprintln!("backup: {e}");
+            eprintln!(
+                "backup: this backup can no longer take over (its execution differs from the primary's after {} verified outputs): it stops and will not go live",
+                checks.verified_count()
+            );
             write_report(
                 &s.report,
-                &serde_json::json!({"role": "backup", "diverged": e.to_string()}),
+                &serde_json::json!({
+                    "role": "backup",
+                    "diverged": e.to_string(),
+                    "outputs_verified": checks.verified_count(),
+                    "output_bytes_verified": checks.verified_bytes(),
+                    "output_mismatches": checks.mismatches(),
+                }),
             )?;
             std::process::exit(crate::exit::DIVERGED);
         }

@@ -27,6 +27,7 @@ pub fn skip(test: &str) -> bool {
     }
 }
 
+#[allow(unused_imports)]
 pub use ftvm_vmm_core::testing::skip_without;
 
 /// One scenario at a time: two VMs per test already fill this 2-core machine, and a starved

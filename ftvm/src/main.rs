@@ -74,6 +74,16 @@ struct RunArgs {
     /// No progress spinner (also off when stderr is not a terminal).
     #[arg(long)]
     quiet: bool,
+    /// Run the guest twice with the same inputs — first live, every input recorded, then a
+    /// replay of that recording — and compare at power-off what a fault-tolerant pair
+    /// compares: exit code, exits, registers, memory, every output's digest, the console and
+    /// the disk. Says whether the guest is deterministic given its logged inputs, i.e. whether
+    /// it can be replicated (exit status 208 when it is not; otherwise the guest's code). With
+    /// `--net` the first run serves as usual and the second replays its packets without the
+    /// TAP; with `--disk` the second runs on a copy of the image taken before the first. The
+    /// console output (of the first run) is printed once both runs ended.
+    #[arg(long)]
+    check_determinism: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -121,6 +131,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         net_without_backend: false,
         console,
     };
+    if args.check_determinism {
+        return check_determinism(&args.guest, &config, &elf);
+    }
     let mut vm =
         Vm::new(&config, &elf).with_context(|| format!("cannot start guest {}", args.guest))?;
     let control = vm.control();
@@ -185,6 +198,55 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         other => bail!("VM stopped before powering off: {other:?}"),
     }
+}
+
+/// `ftvm run --check-determinism`.
+fn check_determinism(guest: &str, config: &VmConfig, elf: &[u8]) -> anyhow::Result<()> {
+    use ftvm_vmm_core::determinism::check;
+    eprintln!("checking determinism of {guest}: a live run (inputs recorded), then its replay");
+    let start = Instant::now();
+    let r = check(config, elf).with_context(|| format!("cannot check guest {guest}"))?;
+    config
+        .console
+        .write(&r.console)
+        .context("cannot write the console output")?;
+    eprintln!("--- ftvm run --check-determinism ---");
+    eprintln!("guest      {guest}");
+    eprintln!(
+        "run time   {:.3} s (both runs)",
+        start.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "inputs     {} reads, {} writes into guest memory recorded and replayed",
+        r.inputs.0, r.inputs.1
+    );
+    match &r.second {
+        Err(why) => eprintln!("second run {why}"),
+        Ok(_) => {
+            for c in &r.comparisons {
+                if c.equal {
+                    eprintln!("{:<10} equal ({})", c.what, c.first);
+                } else {
+                    eprintln!("{:<10} DIFFER: {} | {}", c.what, c.first, c.second);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "verified   {} outputs of the replay equal to the first run's, {} differ",
+        r.outputs.verified, r.outputs.mismatches
+    );
+    for (exit, what) in &r.outputs.first {
+        eprintln!("  at exit {exit}: {what}");
+    }
+    if r.is_deterministic() {
+        eprintln!("result     DETERMINISTIC: two runs with the same inputs ended alike");
+        std::process::exit(ftvm::exit::guest_status(r.first.code));
+    }
+    eprintln!(
+        "result     NONDETERMINISTIC: two runs with the same inputs ended differently; this guest uses an input the VMM cannot log (RDRAND, RDTSC, ...: guests/README.md) and cannot be replicated"
+    );
+    std::process::exit(ftvm::exit::NONDETERMINISTIC);
 }
 
 #[cfg(test)]

@@ -234,3 +234,81 @@ fn rdtsc_guest_backup_diverges_on_output_and_never_goes_live() {
         "rdtsc",
     );
 }
+
+/// Runs `ftvm run --check-determinism` with `args`; returns its exit status and stderr.
+fn check_determinism(args: &[String]) -> (Option<i32>, String) {
+    let mut v: Vec<String> = vec!["run".into(), "--check-determinism".into(), "--quiet".into()];
+    v.extend_from_slice(args);
+    let mut node = ftvm(&v);
+    let status = node.wait_exit(Duration::from_secs(60));
+    (status.and_then(|s| s.code()), node.stderr_text())
+}
+
+/// `ftvm run --check-determinism`: the `nondet` guest (RDRAND) is reported nondeterministic
+/// (status 208, the first differing output named), `cpu` (which reads the clock, a logged input)
+/// deterministic (its own status, 0), and `kv` on a disk without a network deterministic too
+/// (its own status, 3: no network device), its disk compared after both runs and the second
+/// run's copy of the image removed.
+#[test]
+fn check_determinism_tells_nondet_from_cpu() {
+    const TEST: &str = "check_determinism_tells_nondet_from_cpu";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let elf = nondet_elf(dir.path());
+    if let Some(r) = skip_reason(&elf, "rdrand") {
+        eprintln!("SKIP {TEST}: {r}");
+        return;
+    }
+    let _serial = common::serial();
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+
+    let (status, err) = check_determinism(&s(&[
+        "--guest",
+        &elf.display().to_string(),
+        "--mem",
+        "16M",
+        "--cmdline",
+        "insn=rdrand count=3 period_ms=5",
+    ]));
+    assert_eq!(status, Some(ftvm::exit::NONDETERMINISTIC), "{err}");
+    assert!(err.contains("result     NONDETERMINISTIC"), "{err}");
+    assert!(
+        err.contains("at exit 1: output of the console differs"),
+        "{err}"
+    );
+    assert!(err.contains("memory     DIFFER"), "{err}");
+
+    let (status, err) = check_determinism(&s(&[
+        "--guest",
+        "cpu",
+        "--mem",
+        "16M",
+        "--cmdline",
+        "size=256k rounds=4 timing",
+    ]));
+    assert_eq!(status, Some(0), "{err}");
+    assert!(err.contains("result     DETERMINISTIC"), "{err}");
+    assert!(err.contains("outputs    equal (3 digests"), "{err}");
+
+    let disk = dir.path().join("kv.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("disk");
+    let (status, err) = check_determinism(&s(&[
+        "--guest",
+        "kv",
+        "--mem",
+        "16M",
+        "--disk",
+        &disk.display().to_string(),
+    ]));
+    assert_eq!(status, Some(3), "{err}");
+    assert!(err.contains("result     DETERMINISTIC"), "{err}");
+    assert!(err.contains("disk       equal (0x"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains(".check-"))
+        .collect();
+    assert!(left.is_empty(), "disk copies left behind: {left:?}");
+}

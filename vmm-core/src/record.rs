@@ -495,7 +495,7 @@ pub mod memlog {
                     Some(Event::Output { digest, .. }) => self.check().mismatch(
                         exit,
                         format!(
-                            "output of {}: the recorded run produced {digest} here, this run none",
+                            "output of {}: the recording has {digest} here, the replay none",
                             digest.source.name()
                         ),
                     ),
@@ -529,14 +529,14 @@ pub mod memlog {
                 Some(d) => check.mismatch(
                     exit,
                     format!(
-                        "output of {} differs: this run {out}, the recorded run {d}",
+                        "output of {} differs: the replay's is {out}, the recording's {d}",
                         out.source.name()
                     ),
                 ),
                 None => check.mismatch(
                     exit,
                     format!(
-                        "output of {}: this run {out}, the recorded run none here",
+                        "output of {}: the replay's is {out}, the recording has none here",
                         out.source.name()
                     ),
                 ),

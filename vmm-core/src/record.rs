@@ -76,7 +76,7 @@ impl OutputSource {
         }
     }
 
-    /// A name for messages (`console`, `virtio-net`, `shared disk`).
+    /// A name for messages (`the console`, `virtio-net`, `the shared disk`).
     pub fn name(self) -> &'static str {
         match self {
             OutputSource::Console => "the console",

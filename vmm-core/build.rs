@@ -20,10 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{self, Command};
 
 /// The guest binaries and the environment variables that carry their paths.
-const GUESTS: [(&str, &str); 3] = [
+const GUESTS: [(&str, &str); 4] = [
     ("cpu", "GUEST_CPU_ELF"),
     ("kv", "GUEST_KV_ELF"),
     ("stream", "GUEST_STREAM_ELF"),
+    ("nondet", "GUEST_NONDET_ELF"),
 ];
 
 /// The target the guests are compiled for (the only one installed everywhere).
@@ -42,7 +43,7 @@ const REMOVED_ENV: [&str; 8] = [
 ];
 
 /// The sources of the guest workspace whose change must rebuild the guests.
-const WATCHED: [&str; 8] = [
+const WATCHED: [&str; 9] = [
     "Cargo.toml",
     "Cargo.lock",
     ".cargo/config.toml",
@@ -51,6 +52,7 @@ const WATCHED: [&str; 8] = [
     "cpu",
     "kv",
     "stream",
+    "nondet",
 ];
 
 fn fail(msg: &str) -> ! {

@@ -16,6 +16,7 @@
 //! | 205 | [`PAIRING_REFUSED`]: the two sides' settings disagree; they never paired |
 //! | 206 | [`CANNOT_TAKE_OVER`]: the backup can no longer take over (its own disk copy failed) and stopped |
 //! | 207 | [`STOPPED`]: stopped by SIGTERM/SIGINT before the guest powered off |
+//! | 208 | [`NONDETERMINISTIC`]: `ftvm run --check-determinism` found that two runs with the same inputs ended differently |
 //!
 //! `ftvm demo` is not a guest runner: it exits 0 when every acknowledged write was read back,
 //! 1 when one was lost and [`ERROR`] when it could not run. Every command prints a failure as
@@ -34,6 +35,7 @@ Exit status (ftvm run, primary, backup):
   205    pairing refused: the two sides' settings disagree
   206    the backup can no longer take over (its own disk copy failed)
   207    stopped by SIGTERM/SIGINT before the guest powered off
+  208    ftvm run --check-determinism: two runs with the same inputs ended differently
 ftvm demo exits 0 when every acknowledged write was read back, 1 when one was lost, 200 on an
 error; ftvm stat exits 200 when an endpoint does not answer (--once).";
 
@@ -56,6 +58,9 @@ pub const PAIRING_REFUSED: i32 = 205;
 pub const CANNOT_TAKE_OVER: i32 = 206;
 /// Stopped by SIGTERM/SIGINT before the guest powered off.
 pub const STOPPED: i32 = 207;
+/// `ftvm run --check-determinism`: two runs of the guest with the same inputs ended
+/// differently (the guest uses an input this VMM cannot log; it cannot be replicated).
+pub const NONDETERMINISTIC: i32 = 208;
 
 /// The exit status for a guest that powered off with `code`.
 pub fn guest_status(code: u64) -> i32 {
@@ -83,6 +88,7 @@ mod tests {
             PAIRING_REFUSED,
             CANNOT_TAKE_OVER,
             STOPPED,
+            NONDETERMINISTIC,
         ] {
             assert!(own > GUEST_MAX as i32 && own < 256, "{own}");
             assert!(

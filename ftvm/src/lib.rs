@@ -39,7 +39,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} overflows"))
 }
 
-/// The ELF of an embedded guest (`cpu`, `kv`, `stream`) or of a file.
+/// The ELF of an embedded guest (`cpu`, `kv`, `stream`, `nondet`) or of a file.
 ///
 /// # Errors
 /// No such embedded guest and no such file, or the file cannot be read.
@@ -49,7 +49,10 @@ pub fn load_guest(name: &str) -> anyhow::Result<Vec<u8>> {
     }
     let path = PathBuf::from(name);
     if !path.exists() && !name.contains('/') {
-        bail!("no embedded guest named {name:?} (embedded: cpu, kv, stream) and no such file");
+        bail!(
+            "no embedded guest named {name:?} (embedded: {}) and no such file",
+            ftvm_vmm_core::guests::NAMES.join(", ")
+        );
     }
     std::fs::read(&path).with_context(|| format!("cannot read guest ELF {}", path.display()))
 }

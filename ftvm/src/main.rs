@@ -1,7 +1,7 @@
 //! `ftvm`: the ftvm command-line tool.
 //!
 //! ```text
-//! ftvm run --guest cpu                       # run an embedded guest (cpu, kv, stream)
+//! ftvm run --guest cpu                       # run an embedded guest (cpu, kv, stream, nondet)
 //! ftvm run --guest ./my.elf --mem 128M       # run a static ELF
 //! ftvm run --guest kv --disk kv.img --net tap:ftvm0 --cmdline "ip=10.0.2.15/24 port=6379"
 //! ftvm backup  --guest cpu --peer 127.0.0.1:7000 --transport tcp   # a fault-tolerant pair
@@ -56,7 +56,7 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Guest to run: an embedded guest name (cpu, kv, stream) or the path of a static x86-64
+    /// Guest to run: an embedded guest name (cpu, kv, stream, nondet) or the path of a static x86-64
     /// ELF executable linked at 0x10000.
     #[arg(long)]
     guest: String,
@@ -84,6 +84,16 @@ struct RunArgs {
     /// Serve the live counters over HTTP at this `HOST:PORT` (`/metrics`, `/status.json`).
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
+    /// Run the guest twice with the same inputs — first live, every input recorded, then a
+    /// replay of that recording — and compare at power-off what a fault-tolerant pair
+    /// compares: exit code, exits, registers, memory, every output's digest, the console and
+    /// the disk. Says whether the guest is deterministic given its logged inputs, i.e. whether
+    /// it can be replicated (exit status 208 when it is not; otherwise the guest's code). With
+    /// `--net` the first run serves as usual and the second replays its packets without the
+    /// TAP; with `--disk` the second runs on a copy of the image taken before the first. The
+    /// console output (of the first run) is printed once both runs ended.
+    #[arg(long)]
+    check_determinism: bool,
 }
 
 fn main() {
@@ -141,6 +151,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         net_without_backend: false,
         console,
     };
+    if args.check_determinism {
+        return check_determinism(&args.guest, &config, &elf);
+    }
     let mut vm =
         Vm::new(&config, &elf).with_context(|| format!("cannot start guest {}", args.guest))?;
     let control = vm.control();
@@ -208,6 +221,55 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         other => bail!("VM stopped before powering off: {other:?}"),
     }
+}
+
+/// `ftvm run --check-determinism`.
+fn check_determinism(guest: &str, config: &VmConfig, elf: &[u8]) -> anyhow::Result<()> {
+    use ftvm_vmm_core::determinism::check;
+    eprintln!("checking determinism of {guest}: a live run (inputs recorded), then its replay");
+    let start = Instant::now();
+    let r = check(config, elf).with_context(|| format!("cannot check guest {guest}"))?;
+    config
+        .console
+        .write(&r.console)
+        .context("cannot write the console output")?;
+    eprintln!("--- ftvm run --check-determinism ---");
+    eprintln!("guest      {guest}");
+    eprintln!(
+        "run time   {:.3} s (both runs)",
+        start.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "inputs     {} reads, {} writes into guest memory recorded and replayed",
+        r.inputs.0, r.inputs.1
+    );
+    match &r.second {
+        Err(why) => eprintln!("second run {why}"),
+        Ok(_) => {
+            for c in &r.comparisons {
+                if c.equal {
+                    eprintln!("{:<10} equal ({})", c.what, c.first);
+                } else {
+                    eprintln!("{:<10} DIFFER: {} | {}", c.what, c.first, c.second);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "verified   {} outputs of the replay equal to the first run's, {} differ",
+        r.outputs.verified, r.outputs.mismatches
+    );
+    for (exit, what) in &r.outputs.first {
+        eprintln!("  at exit {exit}: {what}");
+    }
+    if r.is_deterministic() {
+        eprintln!("result     DETERMINISTIC: two runs with the same inputs ended alike");
+        std::process::exit(ftvm::exit::guest_status(r.first.code));
+    }
+    eprintln!(
+        "result     NONDETERMINISTIC: two runs with the same inputs ended differently; this guest uses an input the VMM cannot log (RDRAND, RDTSC, ...: guests/README.md) and cannot be replicated"
+    );
+    std::process::exit(ftvm::exit::NONDETERMINISTIC);
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ pub struct PairArgs {
     /// throttle_min_share, throttle_cgroup, metrics, go_alone_unprotected).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path.
+    /// Guest: an embedded guest name (cpu, kv, stream, nondet) or a static ELF path.
     #[arg(long)]
     pub guest: Option<String>,
     /// Guest RAM size (K/M/G suffix) [default: 64M].
@@ -982,6 +982,7 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
     let observer = reader.observer().clone();
     observer.set_transport(&s.transport);
     let _metrics = crate::metrics::start_if(s.metrics.as_deref(), &observer)?;
+    let checks = reader.output_checks();
     // Records (and logs) the throttle targets agreed through the log.
     TargetFollower::new().install(reader.controls());
     let result = match ft_config(&s, arbiter, Role::Backup)? {
@@ -1020,6 +1021,8 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                             "golive": timings_json(&live.timings),
                             "detector": detector_json(&live.detector),
                             "console_released": live.console.released,
+                            "outputs_verified": live.outputs_verified,
+                            "output_bytes_verified": live.output_bytes_verified,
                             "tx": live.tx,
                             "shared_disk": disk_json(&vm),
                             "metrics": observer.snapshot(),
@@ -1062,6 +1065,8 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
                     "disk_digest": disk_digest.map(|d| format!("{d:016x}")),
                     "shared_disk": disk_json(&vm),
                     "metrics": observer.snapshot(),
+                    "outputs_verified": r.outputs_verified,
+                    "output_bytes_verified": r.output_bytes_verified,
                 }),
             )?;
             Ok(())
@@ -1077,10 +1082,22 @@ pub fn backup(args: PairArgs) -> anyhow::Result<()> {
             },
         ),
         Err(e @ PairError::Diverged { .. }) => {
+            // Its state is not the primary's: it must never go live (vmm-core ft::golive, "A
+            // backup that diverged"). The primary sees its backup gone and goes on alone.
             eprintln!("backup: {e}");
+            eprintln!(
+                "backup: this backup can no longer take over (its execution differs from the primary's after {} verified outputs): it stops and will not go live",
+                checks.verified_count()
+            );
             write_report(
                 &s.report,
-                &serde_json::json!({"role": "backup", "diverged": e.to_string()}),
+                &serde_json::json!({
+                    "role": "backup",
+                    "diverged": e.to_string(),
+                    "outputs_verified": checks.verified_count(),
+                    "output_bytes_verified": checks.verified_bytes(),
+                    "output_mismatches": checks.mismatches(),
+                }),
             )?;
             std::process::exit(crate::exit::DIVERGED);
         }

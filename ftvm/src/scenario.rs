@@ -198,6 +198,41 @@ pub struct Node {
 }
 
 impl Node {
+    /// Starts `cmd` (stdin and stdout closed, stderr collected line by line, the default
+    /// signal mask) as the node of `side` (`None`: a guest run alone, or any other `ftvm`
+    /// command).
+    ///
+    /// # Errors
+    /// [`ScenarioError::Io`] when the process cannot be started.
+    pub fn start(
+        side: Option<Side>,
+        cmd: &mut std::process::Command,
+    ) -> Result<Node, ScenarioError> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        restore_signals(cmd);
+        let mut child = cmd.spawn().map_err(io(format!("cannot start {cmd:?}")))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let reader = child.stderr.take().map(|err| {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(line) = line else { break };
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            })
+        });
+        Ok(Node {
+            side,
+            child,
+            lines,
+            reader,
+            status: None,
+            started: Instant::now(),
+        })
+    }
+
     /// Which side; `None` for a guest run alone ([`Scenario::spawn_alone`]).
     pub fn side(&self) -> Option<Side> {
         self.side
@@ -628,31 +663,7 @@ impl Scenario {
         let mut cmd = self
             .ns
             .command(&self.config.ftvm.display().to_string(), args);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        restore_signals(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .map_err(io(format!("cannot start {}", self.config.ftvm.display())))?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let reader = child.stderr.take().map(|err| {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(err).lines() {
-                    let Ok(line) = line else { break };
-                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-                }
-            })
-        });
-        Ok(Node {
-            side,
-            child,
-            lines,
-            reader,
-            status: None,
-            started: Instant::now(),
-        })
+        Node::start(side, &mut cmd)
     }
 
     /// Runs `f` on a thread inside the namespace.

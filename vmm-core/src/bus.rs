@@ -18,7 +18,7 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMem;
-use crate::record::{Inputs, ReplayError};
+use crate::record::{Inputs, OutputDigest, OutputSource, ReplayError};
 
 /// Size of each device's MMIO range.
 pub const DEVICE_SIZE: u64 = 0x1000;
@@ -96,6 +96,52 @@ impl ExitCtx<'_> {
             Inputs::Replay(src) => src
                 .external_read(self.exit, addr)
                 .map_err(DeviceError::Replay),
+        }
+    }
+
+    /// Whether outputs are digested in this run: a primary logs their digests, a replay that
+    /// verifies outputs compares them; otherwise (a plain run, a side running alone) devices
+    /// skip hashing.
+    pub fn wants_outputs(&self) -> bool {
+        match &*self.inputs {
+            Inputs::Live(rec) => rec.wants_outputs(),
+            Inputs::Replay(src) => src.verifies_outputs(),
+        }
+    }
+
+    /// Reports the outputs a device is about to emit in this exit: `fill` adds them to an
+    /// [`OutputDigest`] of `source` (it runs only if [`ExitCtx::wants_outputs`]; nothing is
+    /// reported when it adds none). Live, the recorder logs the digest (a primary: before the
+    /// outputs are tagged for the output rule, so the digest's log position is at most their
+    /// tag); replaying, the source compares it with the digest the primary logged here.
+    ///
+    /// # Errors
+    /// [`DeviceError::Replay`] with [`ReplayError::Diverged`] when the replayed output differs
+    /// from the logged one. A log that ended before this output's digest is no error: the
+    /// primary never released that output, and the replay goes live (or ends) at the end of
+    /// the exit, as at any missing entry.
+    pub fn output(
+        &mut self,
+        source: OutputSource,
+        fill: impl FnOnce(&mut OutputDigest),
+    ) -> Result<(), DeviceError> {
+        if !self.wants_outputs() {
+            return Ok(());
+        }
+        let mut d = OutputDigest::new(source);
+        fill(&mut d);
+        if d.is_empty() {
+            return Ok(());
+        }
+        match self.inputs {
+            Inputs::Live(rec) => {
+                rec.output(self.exit, &d);
+                Ok(())
+            }
+            Inputs::Replay(src) => match src.output(self.exit, &d) {
+                Ok(()) | Err(ReplayError::Exhausted { .. }) => Ok(()),
+                Err(e) => Err(DeviceError::Replay(e)),
+            },
         }
     }
 

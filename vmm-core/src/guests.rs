@@ -16,15 +16,21 @@ pub const KV: &[u8] = include_bytes!(env!("GUEST_KV_ELF"));
 /// Command line: `ip=10.0.2.15/24 gw=10.0.2.1`.
 pub const STREAM: &[u8] = include_bytes!(env!("GUEST_STREAM_ELF"));
 
-/// The names of the embedded guests, as accepted by [`by_name`].
-pub const NAMES: [&str; 3] = ["cpu", "kv", "stream"];
+/// `nondet`: a test guest that executes RDRAND or RDTSC once (an input nobody logs) and prints
+/// the value every period: what output-verified replay and `--check-determinism` must catch.
+/// Command line: `insn=rdrand|rdtsc period_ms=100 count=0`.
+pub const NONDET: &[u8] = include_bytes!(env!("GUEST_NONDET_ELF"));
 
-/// The embedded ELF image of a guest by name (`kv`, `cpu`, `stream`), if it was built.
+/// The names of the embedded guests, as accepted by [`by_name`].
+pub const NAMES: [&str; 4] = ["cpu", "kv", "stream", "nondet"];
+
+/// The embedded ELF image of a guest by name (`kv`, `cpu`, `stream`, `nondet`), if it was built.
 pub fn by_name(name: &str) -> Option<&'static [u8]> {
     match name {
         "cpu" => Some(CPU),
         "kv" => Some(KV),
         "stream" => Some(STREAM),
+        "nondet" => Some(NONDET),
         _ => None,
     }
 }

@@ -25,14 +25,148 @@ pub enum KvmError {
 pub struct KvmContext {
     /// The `/dev/kvm` handle.
     pub kvm: Kvm,
-    /// The fixed CPUID (supported CPUID with RDRAND and RDSEED hidden).
+    /// The fixed CPUID: the host's supported CPUID with [`HIDDEN`] cleared and the TSC
+    /// frequency leaves zeroed ([`fix_cpuid`]).
     pub cpuid: CpuId,
 }
 
-/// CPUID.1:ECX bit of RDRAND.
-const CPUID1_ECX_RDRAND: u32 = 1 << 30;
-/// CPUID.7.0:EBX bit of RDSEED.
-const CPUID7_EBX_RDSEED: u32 = 1 << 18;
+/// A CPUID register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuidReg {
+    /// EBX.
+    Ebx,
+    /// ECX.
+    Ecx,
+    /// EDX.
+    Edx,
+}
+
+/// A CPU feature the VMM hides from the guest because an instruction it enables returns
+/// something the VMM cannot log (so a replay would compute something else), and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hidden {
+    /// CPUID leaf (EAX).
+    pub leaf: u32,
+    /// Sub-leaf (ECX) where the leaf has them.
+    pub subleaf: Option<u32>,
+    /// The register holding the bit.
+    pub reg: CpuidReg,
+    /// The bit.
+    pub bit: u32,
+    /// The feature's name.
+    pub name: &'static str,
+    /// Why it cannot be logged.
+    pub why: &'static str,
+}
+
+/// Every feature [`fix_cpuid`] hides (the list of `guests/README.md`, "Instructions a guest
+/// must not use"). Hiding only tells a guest that looks: where the CPU cannot trap the
+/// instruction (RDRAND on AMD hosts and under PVM; RDTSC at CPL3 where CR4.TSD is not
+/// enforced) a guest that executes it anyway gets a value nobody logged, which output-verified
+/// replay then catches (`ft::golive`).
+pub const HIDDEN: &[Hidden] = &[
+    Hidden {
+        leaf: 1,
+        subleaf: None,
+        reg: CpuidReg::Ecx,
+        bit: 30,
+        name: "RDRAND",
+        why: "a random number from the CPU",
+    },
+    Hidden {
+        leaf: 7,
+        subleaf: Some(0),
+        reg: CpuidReg::Ebx,
+        bit: 18,
+        name: "RDSEED",
+        why: "a random seed from the CPU",
+    },
+    Hidden {
+        leaf: 1,
+        subleaf: None,
+        reg: CpuidReg::Edx,
+        bit: 4,
+        name: "TSC",
+        why: "RDTSC reads the host's time-stamp counter (the guest's clock is CLOCK_NS, logged); \
+              CR4.TSD makes it fault at CPL3 where the host enforces it",
+    },
+    Hidden {
+        leaf: 0x8000_0001,
+        subleaf: None,
+        reg: CpuidReg::Edx,
+        bit: 27,
+        name: "RDTSCP",
+        why: "reads the time-stamp counter, like RDTSC (and IA32_TSC_AUX)",
+    },
+    Hidden {
+        leaf: 0x8000_0007,
+        subleaf: None,
+        reg: CpuidReg::Edx,
+        bit: 8,
+        name: "invariant TSC",
+        why: "advertises the time-stamp counter as a clock",
+    },
+    Hidden {
+        leaf: 7,
+        subleaf: Some(0),
+        reg: CpuidReg::Ecx,
+        bit: 22,
+        name: "RDPID",
+        why: "reads IA32_TSC_AUX, a value the host sets",
+    },
+    Hidden {
+        leaf: 7,
+        subleaf: Some(0),
+        reg: CpuidReg::Ecx,
+        bit: 5,
+        name: "WAITPKG",
+        why: "TPAUSE/UMWAIT wait for a time-stamp-counter deadline and report in CF whether it \
+              passed: a time input",
+    },
+    Hidden {
+        leaf: 7,
+        subleaf: Some(0),
+        reg: CpuidReg::Ebx,
+        bit: 11,
+        name: "RTM",
+        why: "a transaction aborts for reasons outside the guest (host interrupts, cache \
+              pressure): the abort status in EAX is an input",
+    },
+    Hidden {
+        leaf: 7,
+        subleaf: Some(0),
+        reg: CpuidReg::Ebx,
+        bit: 4,
+        name: "HLE",
+        why: "hardware lock elision aborts like RTM transactions",
+    },
+];
+
+/// Leaves zeroed by [`fix_cpuid`]: the time-stamp counter's and the core crystal's frequency
+/// (0x15) and the processor's base/max frequency (0x16) describe the host's clocks, which the
+/// guest must not use (and which differ between the hosts of a pair).
+pub const ZEROED_LEAVES: [u32; 2] = [0x15, 0x16];
+
+/// Applies [`HIDDEN`] and [`ZEROED_LEAVES`] to `cpuid` (the VMM's fixed CPUID).
+pub fn fix_cpuid(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if ZEROED_LEAVES.contains(&e.function) {
+            (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
+            continue;
+        }
+        for h in HIDDEN
+            .iter()
+            .filter(|h| h.leaf == e.function && h.subleaf.is_none_or(|s| s == e.index))
+        {
+            let reg = match h.reg {
+                CpuidReg::Ebx => &mut e.ebx,
+                CpuidReg::Ecx => &mut e.ecx,
+                CpuidReg::Edx => &mut e.edx,
+            };
+            *reg &= !(1 << h.bit);
+        }
+    }
+}
 
 impl KvmContext {
     /// Opens `/dev/kvm` and prepares the fixed CPUID.
@@ -57,13 +191,7 @@ impl KvmContext {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::Cpuid)?;
-        for e in cpuid.as_mut_slice() {
-            match (e.function, e.index) {
-                (1, _) => e.ecx &= !CPUID1_ECX_RDRAND,
-                (7, 0) => e.ebx &= !CPUID7_EBX_RDSEED,
-                _ => {}
-            }
-        }
+        fix_cpuid(&mut cpuid);
         Ok(KvmContext { kvm, cpuid })
     }
 }
@@ -71,4 +199,71 @@ impl KvmContext {
 /// Whether `/dev/kvm` can be opened by this process (for tests and tools that skip without it).
 pub fn available() -> bool {
     Kvm::new().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: u32::MAX,
+            ebx: u32::MAX,
+            ecx: u32::MAX,
+            edx: u32::MAX,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_hidden_bit_is_cleared_and_nothing_else() {
+        let leaves = [
+            (1, 0),
+            (7, 0),
+            (7, 1),
+            (0x8000_0001, 0),
+            (0x8000_0007, 0),
+            (0x15, 0),
+            (0x16, 0),
+            (2, 0),
+        ];
+        let mut cpuid = CpuId::from_entries(&leaves.map(|(f, i)| entry(f, i))).unwrap();
+        fix_cpuid(&mut cpuid);
+        let get = |f: u32, i: u32| {
+            *cpuid
+                .as_slice()
+                .iter()
+                .find(|e| e.function == f && e.index == i)
+                .unwrap()
+        };
+        for h in HIDDEN {
+            let e = get(h.leaf, h.subleaf.unwrap_or(0));
+            let reg = match h.reg {
+                CpuidReg::Ebx => e.ebx,
+                CpuidReg::Ecx => e.ecx,
+                CpuidReg::Edx => e.edx,
+            };
+            assert_eq!(reg & (1 << h.bit), 0, "{} still visible", h.name);
+        }
+        // Exactly the listed bits: 1 ECX loses RDRAND, 1 EDX the TSC, and so on.
+        assert_eq!(get(1, 0).ecx, !(1 << 30));
+        assert_eq!(get(1, 0).edx, !(1 << 4));
+        assert_eq!(get(7, 0).ebx, !(1 << 18 | 1 << 11 | 1 << 4));
+        assert_eq!(get(7, 0).ecx, !(1 << 22 | 1 << 5));
+        assert_eq!(
+            get(7, 1).ebx,
+            u32::MAX,
+            "sub-leaf 1 of leaf 7 is not RDSEED's"
+        );
+        assert_eq!(get(0x8000_0001, 0).edx, !(1 << 27));
+        assert_eq!(get(0x8000_0007, 0).edx, !(1 << 8));
+        for f in ZEROED_LEAVES {
+            let e = get(f, 0);
+            assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (0, 0, 0, 0));
+        }
+        assert_eq!(get(2, 0).edx, u32::MAX);
+    }
 }

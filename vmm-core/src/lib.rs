@@ -5,7 +5,8 @@
 //! - [`kvm`], [`vm`], [`vcpu`]: the KVM objects; [`vcpu::handle_exit`] is the one exit handler;
 //! - [`memory`]: guest RAM and the fixed boot layout; [`loader`]: static ELF guests;
 //! - [`bus`] + [`devices`]: the system device and virtio-mmio net/blk/console (DEVICES.md);
-//! - [`record`]: the record/replay seams; [`state`]: save/restore;
+//! - [`record`]: the record/replay seams; [`determinism`]: whether a guest replays to the same
+//!   state (`ftvm run --check-determinism`); [`state`]: save/restore;
 //! - [`guests`]: the embedded guest programs; [`ft`]: fault tolerance.
 //!
 //! # Example
@@ -27,6 +28,7 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod determinism;
 pub mod devices;
 pub mod ft;
 pub mod guests;

@@ -10,7 +10,22 @@
 //!   are handed out by [`ReplaySource::guest_writes`] and applied at the end of that exit, and
 //!   the devices' own sources of outside data (the TAP receive queue) stay silent.
 //!
+//! - every **output** a device produces (console bytes, transmitted frames, shared-disk writes)
+//!   is digested ([`OutputDigest`]) and handed to [`Recorder::output`] when live — *before* the
+//!   output is tagged for the output rule, so that its digest is in the log at a position no
+//!   later than the output's tag — and to [`ReplaySource::output`] when replaying, which
+//!   compares it with the digest the primary logged at the same exit (output-verified replay:
+//!   `vmm-core/LOG_FORMAT.md`, "Output digests"). One digest per device per exit (all the
+//!   frames of one transmit notify together; only a shared-disk write request has its own,
+//!   since each waits for the backup's acknowledgement before the next), not one per frame:
+//!   the exit is the unit both
+//!   sides agree on, and it keeps the cost to one 40-byte log record per exit that produced
+//!   output (about 30 bytes of log per `kv` request) and one XXH3 pass over bytes the device
+//!   has just copied, on the vCPU thread.
+//!
 //! `impl Recorder for ()` is the no-op used by a plain run.
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::memory::GuestMem;
 
@@ -20,6 +35,15 @@ pub trait Recorder: Send {
     fn external_read(&mut self, exit: u64, addr: u64, value: u64);
     /// A device wrote `data` at guest-physical `gpa` during exit `exit`.
     fn guest_write(&mut self, exit: u64, gpa: u64, data: &[u8]);
+    /// A device produced the outputs digested in `out` during exit `exit` (called before the
+    /// outputs leave the device). The default ignores them.
+    fn output(&mut self, exit: u64, out: &OutputDigest) {
+        let _ = (exit, out);
+    }
+    /// Whether [`Recorder::output`] wants the digests (devices skip hashing otherwise).
+    fn wants_outputs(&self) -> bool {
+        false
+    }
 }
 
 impl Recorder for () {
@@ -27,6 +51,135 @@ impl Recorder for () {
     fn external_read(&mut self, _exit: u64, _addr: u64, _value: u64) {}
     #[inline]
     fn guest_write(&mut self, _exit: u64, _gpa: u64, _data: &[u8]) {}
+}
+
+/// The device an output came from (the `source` of a logged output digest, LOG_FORMAT.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum OutputSource {
+    /// Console bytes (the system device's `CONSOLE_LEN`, a virtio-console transmit).
+    Console = 1,
+    /// Frames transmitted by virtio-net.
+    Net = 2,
+    /// A disk write request in shared-disk mode (the data and the sector it goes to).
+    Disk = 3,
+}
+
+impl OutputSource {
+    /// The source with wire code `code`, if any.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(OutputSource::Console),
+            2 => Some(OutputSource::Net),
+            3 => Some(OutputSource::Disk),
+            _ => None,
+        }
+    }
+
+    /// A name for messages (`the console`, `virtio-net`, `the shared disk`).
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputSource::Console => "the console",
+            OutputSource::Net => "virtio-net",
+            OutputSource::Disk => "the shared disk",
+        }
+    }
+}
+
+/// The digest of the outputs one device produced in one exit: how many (`count`: console
+/// writes, frames, disk write requests), their total length, and a hash over each of them in
+/// order.
+///
+/// The hash is XXH3-64 (`xxhash-rust`), chained: each output is hashed with the previous
+/// value as the seed (`h = xxh3_64_with_seed(output, h)`, starting from 0), and values that
+/// belong to an output without being its bytes (a disk write's sector) are chained the same
+/// way ([`OutputDigest::mix`]). Why XXH3: it is a specified, portable algorithm — the same
+/// input gives the same value on every host and every version of the crate, which the two
+/// sides of a pair on different machines need (`ahash`, also fast, is neither: its output
+/// depends on the CPU's AES support and may change between versions) — and one of the fastest
+/// 64-bit hashes (tens of GB/s on long inputs, a few nanoseconds on a short console line),
+/// so digesting every output costs little next to the exit that produced it (~27 µs here).
+/// It detects accidents (a replay that went astray), not adversaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputDigest {
+    /// Which device.
+    pub source: OutputSource,
+    /// Outputs digested.
+    pub count: u32,
+    /// Their total length in bytes.
+    pub bytes: u64,
+    /// The chained XXH3-64 hash.
+    pub hash: u64,
+}
+
+impl OutputDigest {
+    /// An empty digest of `source`.
+    pub fn new(source: OutputSource) -> Self {
+        OutputDigest {
+            source,
+            count: 0,
+            bytes: 0,
+            hash: 0,
+        }
+    }
+
+    /// Adds one output.
+    pub fn add(&mut self, output: &[u8]) {
+        self.hash = xxh3_64_with_seed(output, self.hash);
+        self.count = self.count.saturating_add(1);
+        self.bytes += output.len() as u64;
+    }
+
+    /// Chains a value that belongs to the next output without being part of its bytes (the
+    /// sector of a disk write).
+    pub fn mix(&mut self, value: u64) {
+        self.hash = xxh3_64_with_seed(&value.to_le_bytes(), self.hash);
+    }
+
+    /// Whether no output was added.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+impl std::fmt::Display for OutputDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} output{} of {} bytes, digest {:#018x}",
+            self.count,
+            if self.count == 1 { "" } else { "s" },
+            self.bytes,
+            self.hash
+        )
+    }
+}
+
+/// Running totals over every output digest of a run (for end-of-run comparisons).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputTotals {
+    /// Output digests folded in (one per device per exit that produced output).
+    pub digests: u64,
+    /// Outputs.
+    pub outputs: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// The digests' hashes chained in order (with their source and exit).
+    pub hash: u64,
+}
+
+impl OutputTotals {
+    /// Folds in the digest `out` of exit `exit`.
+    pub fn fold(&mut self, exit: u64, out: &OutputDigest) {
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&exit.to_le_bytes());
+        b[8..16].copy_from_slice(&out.hash.to_le_bytes());
+        b[16..].copy_from_slice(&(out.source as u64).to_le_bytes());
+        self.hash = xxh3_64_with_seed(&b, self.hash);
+        self.digests += 1;
+        self.outputs += u64::from(out.count);
+        self.bytes += out.bytes;
+    }
 }
 
 /// Why a replay source could not supply an input.
@@ -70,6 +223,22 @@ pub trait ReplaySource: Send {
         exit: u64,
         apply: &mut dyn FnMut(u64, &[u8]),
     ) -> Result<(), ReplayError>;
+    /// The replayed VM produced the outputs digested in `out` at exit `exit` (they are
+    /// dropped); a source that verifies outputs compares them with the logged digest of that
+    /// exit. The default accepts them unverified.
+    ///
+    /// # Errors
+    /// [`ReplayError::Diverged`] if the log has another output (or none) here;
+    /// [`ReplayError::Exhausted`] if the log ended before it (the primary never released an
+    /// output whose digest the backup does not hold: its tag follows the digest).
+    fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
+        let _ = (exit, out);
+        Ok(())
+    }
+    /// Whether [`ReplaySource::output`] verifies outputs (devices skip hashing otherwise).
+    fn verifies_outputs(&self) -> bool {
+        false
+    }
     /// The source ran out of entries at exit `exit` (one of its methods just returned
     /// [`ReplayError::Exhausted`]). Returns the recorder of live inputs if the run continues
     /// **live** from this point (a backup that won the take-over after its primary failed), or
@@ -175,14 +344,15 @@ pub(crate) fn apply_logged_writes(
     }
 }
 
-/// A recorder and replay source over an in-memory log, for tests.
+/// A recorder and replay source over an in-memory log, for tests and the determinism check
+/// ([`crate::determinism`]).
 pub mod memlog {
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
 
-    use super::{Recorder, ReplayError, ReplaySource};
+    use super::{OutputDigest, OutputTotals, Recorder, ReplayError, ReplaySource};
 
-    /// One logged input.
+    /// One logged input (or output digest).
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Event {
         /// An MMIO read value from outside.
@@ -203,38 +373,91 @@ pub mod memlog {
             /// Bytes.
             data: Vec<u8>,
         },
+        /// The digest of the outputs a device produced.
+        Output {
+            /// Exit index.
+            exit: u64,
+            /// The digest.
+            digest: OutputDigest,
+        },
     }
 
-    /// Records into a shared `Vec<Event>`.
+    impl Event {
+        /// The exit the event belongs to.
+        pub fn exit(&self) -> u64 {
+            match self {
+                Event::Read { exit, .. }
+                | Event::Write { exit, .. }
+                | Event::Output { exit, .. } => *exit,
+            }
+        }
+    }
+
+    /// Records into a shared `Vec<Event>` (output digests included).
     #[derive(Debug, Clone, Default)]
     pub struct MemRecorder {
         /// The log.
         pub log: Arc<Mutex<Vec<Event>>>,
     }
 
-    impl Recorder for MemRecorder {
-        fn external_read(&mut self, exit: u64, addr: u64, value: u64) {
-            self.log
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Event::Read { exit, addr, value });
-        }
-        fn guest_write(&mut self, exit: u64, gpa: u64, data: &[u8]) {
-            self.log
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Event::Write {
-                    exit,
-                    gpa,
-                    data: data.to_vec(),
-                });
+    impl MemRecorder {
+        fn push(&self, e: Event) {
+            self.log.lock().unwrap_or_else(|e| e.into_inner()).push(e);
         }
     }
 
-    /// Replays a `Vec<Event>` in order.
+    impl Recorder for MemRecorder {
+        fn external_read(&mut self, exit: u64, addr: u64, value: u64) {
+            self.push(Event::Read { exit, addr, value });
+        }
+        fn guest_write(&mut self, exit: u64, gpa: u64, data: &[u8]) {
+            self.push(Event::Write {
+                exit,
+                gpa,
+                data: data.to_vec(),
+            });
+        }
+        fn output(&mut self, exit: u64, out: &OutputDigest) {
+            self.push(Event::Output { exit, digest: *out });
+        }
+        fn wants_outputs(&self) -> bool {
+            true
+        }
+    }
+
+    /// How the outputs of a replay compared with the recorded run's ([`MemReplay::output_check`]).
+    #[derive(Debug, Clone, Default)]
+    pub struct OutputCheck {
+        /// Totals over the replayed run's outputs.
+        pub totals: OutputTotals,
+        /// Output digests equal to the recorded ones.
+        pub verified: u64,
+        /// Output digests that differed (or had no counterpart).
+        pub mismatches: u64,
+        /// The first [`KEPT_MISMATCHES`] of them: (exit, what).
+        pub first: Vec<(u64, String)>,
+    }
+
+    /// How many output mismatches an [`OutputCheck`] describes.
+    pub const KEPT_MISMATCHES: usize = 16;
+
+    impl OutputCheck {
+        fn mismatch(&mut self, exit: u64, what: String) {
+            self.mismatches += 1;
+            if self.first.len() < KEPT_MISMATCHES {
+                self.first.push((exit, what));
+            }
+        }
+    }
+
+    /// Replays a `Vec<Event>` in order. Outputs are verified against the recorded digests;
+    /// unlike a backup, a difference does not stop the replay: it is counted in the
+    /// [`OutputCheck`] (a check of a whole run wants to reach its end and compare the final
+    /// state as well).
     #[derive(Debug, Clone, Default)]
     pub struct MemReplay {
         events: VecDeque<Event>,
+        check: Arc<Mutex<OutputCheck>>,
     }
 
     impl MemReplay {
@@ -242,11 +465,19 @@ pub mod memlog {
         pub fn new(events: Vec<Event>) -> Self {
             MemReplay {
                 events: events.into(),
+                check: Arc::default(),
             }
         }
         /// Events not consumed yet.
         pub fn remaining(&self) -> usize {
             self.events.len()
+        }
+        /// The comparison of the outputs (shared: read it after the run).
+        pub fn output_check(&self) -> Arc<Mutex<OutputCheck>> {
+            Arc::clone(&self.check)
+        }
+        fn check(&self) -> std::sync::MutexGuard<'_, OutputCheck> {
+            self.check.lock().unwrap_or_else(|e| e.into_inner())
         }
     }
 
@@ -279,15 +510,62 @@ pub mod memlog {
             exit: u64,
             apply: &mut dyn FnMut(u64, &[u8]),
         ) -> Result<(), ReplayError> {
-            while let Some(Event::Write { exit: e, .. }) = self.events.front() {
-                if *e != exit {
-                    break;
-                }
-                if let Some(Event::Write { gpa, data, .. }) = self.events.pop_front() {
-                    apply(gpa, &data);
+            while self.events.front().is_some_and(|e| e.exit() == exit) {
+                match self.events.pop_front() {
+                    Some(Event::Write { gpa, data, .. }) => apply(gpa, &data),
+                    Some(Event::Output { digest, .. }) => self.check().mismatch(
+                        exit,
+                        format!(
+                            "output of {}: the recording has {digest} here, the replay none",
+                            digest.source.name()
+                        ),
+                    ),
+                    Some(other) => {
+                        self.events.push_front(other);
+                        break;
+                    }
+                    None => break,
                 }
             }
             Ok(())
+        }
+        fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
+            let pos = self
+                .events
+                .iter()
+                .take_while(|e| e.exit() == exit)
+                .position(|e| !matches!(e, Event::Write { .. }));
+            let logged = match pos.map(|p| (p, &self.events[p])) {
+                Some((p, Event::Output { digest, .. })) => {
+                    let d = *digest;
+                    self.events.remove(p);
+                    Some(d)
+                }
+                _ => None,
+            };
+            let mut check = self.check();
+            check.totals.fold(exit, out);
+            match logged {
+                Some(d) if d == *out => check.verified += 1,
+                Some(d) => check.mismatch(
+                    exit,
+                    format!(
+                        "output of {} differs: the replay's is {out}, the recording's {d}",
+                        out.source.name()
+                    ),
+                ),
+                None => check.mismatch(
+                    exit,
+                    format!(
+                        "output of {}: the replay's is {out}, the recording has none here",
+                        out.source.name()
+                    ),
+                ),
+            }
+            Ok(())
+        }
+        fn verifies_outputs(&self) -> bool {
+            true
         }
     }
 }
@@ -453,7 +731,7 @@ mod tests {
             .iter()
             .filter_map(|e| match e {
                 Event::Read { exit, addr, .. } => Some((*exit, *addr)),
-                Event::Write { .. } => None,
+                Event::Write { .. } | Event::Output { .. } => None,
             })
             .collect();
         assert_eq!(

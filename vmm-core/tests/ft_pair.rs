@@ -198,6 +198,11 @@ fn ft_backup_replays_the_primary_exactly() {
     let text = String::from_utf8_lossy(&released);
     assert!(text.contains("cpu: elapsed_ns="), "{text}");
     assert_eq!(released, o.backup_console, "console output differs");
+    // Every console line was verified against the primary's output digest.
+    let lines = released.iter().filter(|&&b| b == b'\n').count() as u64;
+    assert!(lines >= 3, "{text}");
+    assert_eq!(b.outputs_verified, lines, "one digest per console write");
+    assert_eq!(b.output_bytes_verified, released.len() as u64);
     // The clock reads went through the log: entries beyond header, digests and end.
     assert!(p.entries > 2 + b.checkpoints, "{p:?}");
     assert_eq!(p.outputs.early, 0);
@@ -304,6 +309,35 @@ fn ft_corrupted_entry_is_a_divergence() {
     });
     let text = expect_divergence(o.backup);
     assert!(text.contains("but the primary read"), "{text}");
+}
+
+/// An output digest entry corrupted on the way (one bit of the second console line's hash):
+/// the backup's own console output no longer matches, and it stops at that exit with
+/// `diverged at exit N: output …`, although registers and memory are equal.
+#[test]
+fn ft_corrupted_output_digest_is_a_divergence() {
+    require_kvm!("ft_corrupted_output_digest_is_a_divergence");
+    let mut outputs = 0;
+    let tamper: Tamper = Box::new(move |_, e| {
+        if let Entry::Output { digest, .. } = e {
+            outputs += 1;
+            if outputs == 2 {
+                digest.hash ^= 1 << 17;
+            }
+        }
+    });
+    let o = run_pair(Setup {
+        cmdline: TIMING.into(),
+        opts: opts(1000, 0),
+        tamper: Some(tamper),
+        ..Default::default()
+    });
+    // (Without failover the primary then fails too: its backup closed the link.)
+    let text = expect_divergence(o.backup);
+    assert!(text.contains(": output of the console differs"), "{text}");
+    // The first line was verified and printed; the second differed and was never printed.
+    let lines = o.backup_console.iter().filter(|&&b| b == b'\n').count();
+    assert_eq!(lines, 1, "{}", String::from_utf8_lossy(&o.backup_console));
 }
 
 #[test]

@@ -21,6 +21,9 @@ fn check_equal_runs(dir: &Path, disk: bool) {
     assert_eq!(b["exits"], p["exits"]);
     assert_eq!(b["mem_digest"], p["mem_digest"]);
     assert_eq!(b["regs_digest"], p["regs_digest"]);
+    // Output-verified replay: every output of the primary (console lines, kv's transmitted
+    // frames) was reproduced by the backup with the same digest, at the same exit.
+    assert!(b["outputs_verified"].as_u64().is_some_and(|n| n > 0), "{b}");
     if disk {
         assert!(p["disk_digest"].is_string(), "{p}");
         assert_eq!(b["disk_digest"], p["disk_digest"]);

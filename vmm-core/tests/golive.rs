@@ -8,6 +8,8 @@
 //! - the backup crashes: the primary goes alone in generation 2 and releases what it held;
 //! - the arbiter is unreachable: the backup does not go live until it is back;
 //! - a primary that lost the arbiter never releases an output;
+//! - a backup that finds an output differing from the primary's while it drains its log after
+//!   the primary crashed refuses to go live;
 //! - `kv` on a TAP in a network namespace: the backup takes over the (persistent) TAP when the
 //!   primary crashes, and `redis-cli` finds every acknowledged write afterwards.
 
@@ -23,11 +25,12 @@ use std::time::{Duration, Instant};
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
 use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter};
-use ftvm_vmm_core::ft::backup::LogReader;
+use ftvm_vmm_core::ft::backup::{LogReader, Tamper};
 use ftvm_vmm_core::ft::digest::pairing_digest;
 use ftvm_vmm_core::ft::golive::{
     run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, PrimaryFtReport,
 };
+use ftvm_vmm_core::ft::log::Entry;
 use ftvm_vmm_core::ft::node::NodeId;
 use ftvm_vmm_core::ft::output::Sink;
 use ftvm_vmm_core::ft::primary::{LogWriter, PairError, PairOptions, PrimaryHooks};
@@ -124,6 +127,8 @@ struct PairSpec {
     primary_ft: FtConfig,
     backup_ft: FtConfig,
     stall_acks: bool,
+    /// Alters the entries the backup receives.
+    tamper: Option<Tamper>,
 }
 
 impl PairSpec {
@@ -135,6 +140,7 @@ impl PairSpec {
             backup_ft: common::ft_config(&arbiter, "backup", ba, pa),
             arbiter,
             stall_acks: false,
+            tamper: None,
         }
     }
 }
@@ -157,6 +163,7 @@ fn start(spec: PairSpec) -> Running {
     let backup_console = Collected::default();
     let bc = backup_console.clone();
     let bft = spec.backup_ft;
+    let tamper = spec.tamper;
     let backup = std::thread::spawn(move || {
         let (cfg, buf) = vm_config();
         let mut vm = Vm::new(&cfg, elf).expect("backup vm");
@@ -164,7 +171,7 @@ fn start(spec: PairSpec) -> Running {
         let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
         let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
         let rx = LogReceiver::start(p, c, Box::new(t), channel_config(), PollerConfig::default())?;
-        let reader = LogReader::new(rx, Default::default(), None);
+        let reader = LogReader::new(rx, Default::default(), tamper);
         run_backup_ft(&mut vm, reader, bft, Some((buf, bc.sink())))
     });
     let backup_vm = brx.recv().expect("backup control");
@@ -285,6 +292,55 @@ fn golive_backup_takes_over_when_the_primary_crashes() {
     );
     assert!(checksum_line(&r.primary_console.text()).is_none());
     assert!(live.exits > live.timings.at_exit);
+}
+
+/// The primary crashes while the backup is behind; draining its log, the backup meets an
+/// output whose digest differs from the primary's (the first console line, which the primary
+/// had released: corrupted on the way here, the replay held back until the crash). It stops
+/// with `diverged at exit N: output …` and never goes live: the arbiter stays at generation 1
+/// and nothing is released on its side.
+#[test]
+fn golive_backup_refuses_to_go_live_when_a_drained_output_differs() {
+    require_kvm!("golive_backup_refuses_to_go_live_when_a_drained_output_differs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let arbiter = file_arbiter(dir.path());
+    let crashed = Arc::new(AtomicBool::new(false));
+    let c2 = crashed.clone();
+    let mut spec = PairSpec::new(Arc::clone(&arbiter));
+    spec.tamper = Some(Box::new(move |_, e| {
+        if let Entry::Output { digest, .. } = e {
+            // Hold the replay here until the primary is gone, then hand over a wrong digest.
+            let t = Instant::now();
+            while !c2.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            digest.hash ^= 1;
+        }
+    }));
+    let r = start(spec);
+    wait_started(&r, &arbiter);
+    // The primary released its first line: the backup's receiver acknowledged it.
+    let t = Instant::now();
+    while r.primary_console.first_at().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20), "nothing released");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    r.primary_vm.kick();
+    let p = r.primary.join().expect("primary thread");
+    assert!(p.is_err(), "{}", brief(&p, |r| format!("{:?}", r.alone)));
+    crashed.store(true, Ordering::Release);
+    let b = r.backup.join().expect("backup thread");
+    match &b {
+        Err(e @ PairError::Diverged { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(": output of the console differs"), "{text}");
+        }
+        other => panic!("expected a divergence: {}", brief(other, backup_kind)),
+    }
+    assert_eq!(current(&arbiter), Some((1, "primary".into())), "went live");
+    assert_eq!(r.backup_console.text(), "", "the backup released output");
+    assert!(r.primary_console.text().starts_with("cpu: size="));
 }
 
 #[test]

@@ -260,6 +260,13 @@ fn shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes() {
     // writes the primary performed, and read nothing (read data came from the log).
     assert_eq!(bd.dropped, r.primary_disk.writes, "{bd:?}");
     assert_eq!((bd.reads, bd.writes, bd.redone), (0, 0, 0), "{bd:?}");
+    // Each dropped write was verified against the primary's output digest of it (besides the
+    // transmitted frames and console lines).
+    assert!(
+        b.outputs_verified > bd.dropped,
+        "{} verified",
+        b.outputs_verified
+    );
     for (_, v) in &keys {
         assert!(disk_has(&disk, v), "{v} is not on the disk");
     }
@@ -768,9 +775,7 @@ fn shared_disk_go_live_inside_a_disk_exit_completes_the_request() {
     // inside the disk exit.
     let cut: Vec<Event> = log
         .iter()
-        .filter(|e| match e {
-            Event::Write { exit, .. } | Event::Read { exit, .. } => *exit < read_exit,
-        })
+        .filter(|e| e.exit() < read_exit)
         .cloned()
         .chain(std::iter::once(of_exit[0].clone()))
         .collect();

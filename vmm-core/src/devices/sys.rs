@@ -18,6 +18,7 @@ use std::time::Instant;
 use crate::bus::{le_value, put_le, BusDevice, DeviceError, ExitAction, ExitCtx};
 use crate::devices::ConsoleOutput;
 use crate::memory::MMIO_BASE;
+use crate::record::OutputSource;
 use crate::state::{StateError, StateReader, StateWriter, Stateful};
 
 /// `MAGIC` register.
@@ -142,6 +143,8 @@ impl BusDevice for SysDevice {
                 let len = v.min(MAX_CONSOLE_WRITE) as usize;
                 let mut buf = vec![0u8; len];
                 ctx.read_guest(self.console_addr, &mut buf)?;
+                // Digested (logged by a primary, verified by a replay) before it is printed.
+                ctx.output(OutputSource::Console, |d| d.add(&buf))?;
                 self.console
                     .write(&buf)
                     .map_err(|source| DeviceError::Backend {

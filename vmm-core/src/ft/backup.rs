@@ -5,13 +5,23 @@
 //! it compares its register (and memory) digest with the primary's; any difference stops the
 //! replay with `diverged at exit N: <what differed>`.
 //!
+//! Output-verified replay: every output the backup's devices produce (and drop) is digested
+//! at the exit that produced it and compared with the digest the primary logged there
+//! ([`Entry::Output`]); a difference, an output the primary did not produce, or one the
+//! backup did not, stops the replay with `diverged at exit N: output …` (counted in
+//! [`OutputChecks`]). A guest instruction whose result nobody logged (RDRAND, RDTSC where the
+//! host does not trap them: `guests/README.md`) is caught this way at the first output it
+//! influences, not thousands of exits later at a register checkpoint. A diverged backup can no
+//! longer take over: its state is not the primary's, so it must never go live
+//! (`ft::golive`, "A backup that diverged").
+//!
 //! Shared-disk mode (the primary and the backup name the same image): while it replays, the
 //! backup's virtio-blk device does not touch the disk (read data come from the log, writes are
 //! dropped and counted: [`DiskMode::Replay`]); the disk becomes the backup's when it goes live
 //! ([`super::golive`]).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +34,7 @@ use super::log::{device_name, AppliedControl, ControlQueue, Entry};
 use super::observe::{LogSnapshot, Observer, SideRole};
 use super::primary::PairError;
 use crate::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
-use crate::record::{Inputs, ReplayError, ReplaySource};
+use crate::record::{Inputs, OutputDigest, ReplayError, ReplaySource};
 use crate::vm::{RunOutcome, Vm};
 
 /// With [`IdleKind::Park`], empty polls of the log before the replaying vCPU sleeps until the
@@ -46,6 +56,47 @@ pub struct LogReader {
     controls: ControlQueue,
     watch: Option<Watch>,
     observer: Observer,
+    checks: OutputChecks,
+}
+
+/// The output verification of a backup: how many of the primary's output digests its own
+/// outputs matched, and how many did not (the first mismatch ends the replay with
+/// `diverged at exit N: output …`, so at most one). Cheap to clone (shared): take it from the
+/// [`LogReader`] before the run, read it after, whatever the run's outcome.
+#[derive(Debug, Clone, Default)]
+pub struct OutputChecks(Arc<OutputCounters>);
+
+#[derive(Debug, Default)]
+struct OutputCounters {
+    verified: AtomicU64,
+    bytes: AtomicU64,
+    mismatches: AtomicU64,
+}
+
+impl OutputChecks {
+    fn verified(&self, out: &OutputDigest) {
+        self.0.verified.fetch_add(1, Ordering::Relaxed);
+        self.0.bytes.fetch_add(out.bytes, Ordering::Relaxed);
+    }
+
+    fn mismatch(&self) {
+        self.0.mismatches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Output digests the backup's outputs matched.
+    pub fn verified_count(&self) -> u64 {
+        self.0.verified.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of output those digests covered.
+    pub fn verified_bytes(&self) -> u64 {
+        self.0.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Outputs that differed from the primary's (or had no counterpart).
+    pub fn mismatches(&self) -> u64 {
+        self.0.mismatches.load(Ordering::Relaxed)
+    }
 }
 
 /// What a [`LogReader`] of a fault-tolerant backup watches besides the link.
@@ -120,6 +171,7 @@ impl LogReader {
             controls: ControlQueue::new(),
             watch: None,
             observer,
+            checks: OutputChecks::default(),
         }
     }
 
@@ -127,6 +179,11 @@ impl LogReader {
     /// detector, outputs once live).
     pub fn observer(&self) -> &Observer {
         &self.observer
+    }
+
+    /// The output verification counters (shared).
+    pub fn output_checks(&self) -> OutputChecks {
+        self.checks.clone()
     }
 
     /// Fault tolerance: while waiting for entries, stop waiting once `peer_failed` is set (the
@@ -336,32 +393,48 @@ impl LogReader {
         }
     }
 
-    fn read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
+    /// The index among the pending entries of the first entry of exit `exit` that is not a
+    /// `Write` (the writes of an exit are applied at its end, and the live run logs them as the
+    /// devices make them, so they may come before the exit's read or output digest); waits
+    /// while only writes of this exit are pending. `Err(description)` of the next entry when
+    /// the log goes on with another exit (or a header) instead.
+    fn next_event(&mut self, exit: u64) -> Result<Result<usize, String>, ReplayError> {
         loop {
             self.fill(exit)?;
-            // Entries of this exit: writes (applied at its end) may come before the read.
-            let mut idx = None;
-            let mut all_this_exit = true;
+            let mut found = None;
             for (i, (_, e)) in self.pending.iter().enumerate() {
                 if e.exit() != exit || matches!(e, Entry::Header { .. }) {
-                    all_this_exit = false;
+                    found = Some(Err(format!("{e:?}")));
                     break;
                 }
-                match e {
-                    Entry::Read { .. } => {
-                        idx = Some(i);
-                        break;
-                    }
-                    Entry::Write { .. } => {}
-                    _ => {
-                        all_this_exit = false;
-                        break;
-                    }
+                if !matches!(e, Entry::Write { .. }) {
+                    found = Some(Ok(i));
+                    break;
                 }
             }
-            if let Some(i) = idx {
-                if let Some((seq, Entry::Read { addr: a, value, .. })) = self.pending.get(i) {
-                    let (seq, a, value) = (*seq, *a, *value);
+            match found {
+                Some(r) => return Ok(r),
+                // Only writes of this exit so far: wait for more.
+                None => {
+                    let n = self.pending.len();
+                    self.fetch_more(exit, n)?;
+                }
+            }
+        }
+    }
+
+    /// Removes pending entry `i` and reports it executed.
+    fn take_pending(&mut self, i: usize) {
+        if let Some((seq, _)) = self.pending.remove(i) {
+            self.consume(seq);
+        }
+    }
+
+    fn read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
+        let next = match self.next_event(exit)? {
+            Ok(i) => match self.pending.get(i) {
+                Some((_, Entry::Read { addr: a, value, .. })) => {
+                    let (a, value) = (*a, *value);
                     if a != addr {
                         return Err(self.diverged(
                             exit,
@@ -372,31 +445,59 @@ impl LogReader {
                             ),
                         ));
                     }
-                    self.pending.remove(i);
-                    self.consume(seq);
+                    self.take_pending(i);
                     return Ok(value);
                 }
-            }
-            if all_this_exit {
-                // Only writes of this exit so far: wait for more.
-                let n = self.pending.len();
-                self.fetch_more(exit, n)?;
-                continue;
-            }
-            let next = self
-                .pending
-                .iter()
-                .find(|(_, e)| e.exit() != exit || !matches!(e, Entry::Write { .. }))
-                .map(|(_, e)| format!("{e:?}"))
-                .unwrap_or_default();
-            return Err(self.diverged(
-                exit,
-                format!(
-                    "unexpected exit: the backup read {addr:#x} ({}), the primary logged no read here (next entry: {next})",
-                    device_name(addr)
+                Some((_, e)) => format!("{e:?}"),
+                None => String::new(),
+            },
+            Err(next) => next,
+        };
+        Err(self.diverged(
+            exit,
+            format!(
+                "unexpected exit: the backup read {addr:#x} ({}), the primary logged no read here (next entry: {next})",
+                device_name(addr)
+            ),
+        ))
+    }
+
+    /// The backup produced the outputs digested in `out` at exit `exit`: the primary's log
+    /// must have the same digest here (see [`OutputChecks`]).
+    fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
+        let what = match self.next_event(exit)? {
+            Ok(i) => match self.pending.get(i) {
+                Some((_, Entry::Output { digest, .. })) if digest == out => {
+                    self.take_pending(i);
+                    self.checks.verified(out);
+                    return Ok(());
+                }
+                Some((_, Entry::Output { digest, .. })) => {
+                    let theirs = *digest;
+                    self.take_pending(i);
+                    let of = if theirs.source == out.source {
+                        String::new()
+                    } else {
+                        format!(" (of {})", theirs.source.name())
+                    };
+                    format!(
+                        "output of {} differs: the backup's is {out}, the primary's{of} {theirs}",
+                        out.source.name(),
+                    )
+                }
+                Some((_, e)) => format!(
+                    "output of {} by the backup ({out}), the primary logged no output here (next entry: {e:?})",
+                    out.source.name()
                 ),
-            ));
-        }
+                None => String::new(),
+            },
+            Err(next) => format!(
+                "output of {} by the backup ({out}), the primary logged no output here (next entry: {next})",
+                out.source.name()
+            ),
+        };
+        self.checks.mismatch();
+        Err(self.diverged(exit, what))
     }
 
     /// Waits until more than `have` entries are pending.
@@ -427,6 +528,14 @@ impl LogReader {
                     apply(*gpa, data);
                     self.pending.pop_front();
                     self.consume(seq);
+                }
+                Entry::Output { exit: e, digest } if *e == exit => {
+                    let what = format!(
+                        "output of {}: the primary produced {digest} here, the backup none",
+                        digest.source.name()
+                    );
+                    self.checks.mismatch();
+                    return Err(self.diverged(exit, what));
                 }
                 other => {
                     let what = format!(
@@ -461,6 +570,17 @@ impl ReplaySource for ChannelReplay {
             .unwrap_or_else(|e| e.into_inner())
             .writes(exit, apply)
     }
+
+    fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .output(exit, out)
+    }
+
+    fn verifies_outputs(&self) -> bool {
+        true
+    }
 }
 
 /// What a backup run did.
@@ -485,6 +605,10 @@ pub struct BackupReport {
     /// Shared-disk mode: the disk counters (`dropped`: the guest's writes the backup did not
     /// perform, they were the primary's); `None`: the disk is not shared.
     pub disk: Option<BlkCounters>,
+    /// Output digests of the primary the backup's own outputs matched.
+    pub outputs_verified: u64,
+    /// Bytes of output they covered.
+    pub output_bytes_verified: u64,
 }
 
 /// The [`ReplayError`] among the sources of `e`, if any (the replay source's error as it came
@@ -562,6 +686,14 @@ impl ReplaySource for FtReplay {
         apply: &mut dyn FnMut(u64, &[u8]),
     ) -> Result<(), ReplayError> {
         self.log.guest_writes(exit, apply)
+    }
+
+    fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
+        self.log.output(exit, out)
+    }
+
+    fn verifies_outputs(&self) -> bool {
+        true
     }
 
     fn go_live(&mut self, exit: u64) -> Option<Box<dyn crate::record::Recorder>> {
@@ -775,6 +907,8 @@ pub(crate) fn backup_loop(
         waited: r.waited,
         controls: r.controls.applied(),
         disk: shared_disk.map(|d| d.counters()),
+        outputs_verified: r.checks.verified_count(),
+        output_bytes_verified: r.checks.verified_bytes(),
     }))
 }
 

@@ -48,6 +48,33 @@
 //! may thus never appear or appear twice (the live backup re-sends what it produces after
 //! going live): the network tolerates both, the guest's TCP retransmits.
 //!
+//! # Output-verified replay: the argument above, checked
+//! The argument assumes replay is deterministic given the entries `≤ P`. A guest instruction
+//! whose result nobody logged breaks that silently: RDRAND (not interceptable on AMD hosts
+//! under PVM), RDTSC at CPL3 where the host does not enforce CR4.TSD (`guests/README.md`). So
+//! the primary logs a digest of every output (console bytes, transmitted frames, shared-disk
+//! writes: [`Entry::Output`](super::log::Entry::Output)) at the exit that produced it,
+//! *before* tagging the output, and the backup compares its own (dropped) output at the same
+//! exit. An output released to the world has its tag `≤ P`, and its digest's position is
+//! `≤` its tag, so the backup has compared every released output before it holds no more
+//! entries — which is the only moment it may decide to go live. Hence: **a backup goes live
+//! only if every output any client saw was reproduced byte for byte by its own replay.**
+//! Outputs the primary produced after `P` were never released and are not compared (their
+//! digests are missing: the replay treats that like any missing entry).
+//!
+//! # A backup that diverged
+//! Any difference — an output digest, a register or memory checkpoint, an unexpected exit —
+//! means the backup's state is not a continuation of what the world saw, so it can never take
+//! over. It stops at once with `diverged at exit N: …` (`ftvm backup`: exit status
+//! `DIVERGED`, 202): whether the primary is alive (then the primary's failure detector sees
+//! its backup gone and it goes on alone under the arbiter's rules, like after any backup
+//! failure) or already dead (then the divergence is found while the backup drains its log
+//! before deciding, and it refuses to go live: the service stays down rather than continue
+//! from a state that contradicts what clients were told — the safe default; there is no
+//! option to go live anyway). The decision is never reached:
+//! [`ReplaySource::go_live`](crate::record::ReplaySource::go_live) is
+//! asked only once every held entry was replayed without a difference.
+//!
 //! A primary that goes alone keeps its state (nothing to replay); it releases what it held once
 //! it won, and nothing at all once it learned it lost ([`Fence`] on the output gate).
 //!
@@ -280,6 +307,11 @@ pub struct LiveReport {
     pub disk: Option<BlkCounters>,
     /// Failure detector counters.
     pub detector: DetectorStats,
+    /// Output digests of the primary that the backup's replayed outputs matched before it went
+    /// live (all of them: a mismatch stops the replay first).
+    pub outputs_verified: u64,
+    /// Bytes of output they covered.
+    pub output_bytes_verified: u64,
 }
 
 /// How [`run_backup_ft`] ended.
@@ -1007,9 +1039,9 @@ pub fn run_backup_ft(
         BackupEnd::Finished(r) => return Ok(BackupFtReport::Finished(r)),
         BackupEnd::Live { exit, outcome } => (exit, outcome),
     };
-    let (entries, controls) = {
+    let (entries, controls, checks) = {
         let r = reader.lock().unwrap_or_else(|e| e.into_inner());
-        (r.consumed(), r.controls().applied())
+        (r.consumed(), r.controls().applied(), r.output_checks())
     };
     // The receiver is no longer needed.
     drop(reader);
@@ -1055,6 +1087,8 @@ pub fn run_backup_ft(
         tx: vm.net().map(NetHandle::tx_counters),
         disk: vm.shared_disk().map(BlkHandle::counters),
         detector: detector.stats(),
+        outputs_verified: checks.verified_count(),
+        output_bytes_verified: checks.verified_bytes(),
     })))
 }
 

@@ -9,9 +9,11 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use crate::record::{OutputDigest, OutputSource};
+
 /// Version of the entry format (LOG_FORMAT.md); the [`Entry::Header`] carries it.
-/// Version 2 added [`Entry::Control`].
-pub const LOG_VERSION: u32 = 2;
+/// Version 2 added [`Entry::Control`], version 3 [`Entry::Output`].
+pub const LOG_VERSION: u32 = 3;
 
 /// Record kind of [`Entry::Header`].
 pub const KIND_HEADER: u16 = 1;
@@ -25,6 +27,11 @@ pub const KIND_DIGEST: u16 = 4;
 pub const KIND_END: u16 = 5;
 /// Record kind of [`Entry::Control`].
 pub const KIND_CONTROL: u16 = 6;
+/// Record kind of [`Entry::Output`].
+pub const KIND_OUTPUT: u16 = 7;
+/// Payload length of an [`Entry::Output`]: `exit`, `what` (source | count << 32), `bytes`,
+/// `digest`.
+pub const OUTPUT_LEN: usize = 32;
 
 /// Fixed part of a [`Entry::Write`] payload (exit, gpa).
 pub const WRITE_HEADER_LEN: usize = 16;
@@ -46,6 +53,9 @@ pub enum LogError {
     /// The header has a version this build does not understand.
     #[error("log format version {0}, this build reads version {LOG_VERSION}")]
     Version(u32),
+    /// An output digest names no known source.
+    #[error("output digest with unknown source {0:#x}")]
+    BadOutputSource(u32),
 }
 
 /// One log entry.
@@ -97,6 +107,15 @@ pub enum Entry {
         /// The value.
         value: u64,
     },
+    /// The digest of the outputs one device produced at exit `exit` (console bytes,
+    /// transmitted frames, a shared-disk write), logged before they were tagged for the output
+    /// rule; the backup compares it with its own.
+    Output {
+        /// Exit index.
+        exit: u64,
+        /// The digest.
+        digest: OutputDigest,
+    },
     /// The guest powered off after `exit` exits with `code`.
     End {
         /// Exits handled.
@@ -133,6 +152,9 @@ impl fmt::Debug for Entry {
             },
             Entry::Control { exit, key, value } => {
                 write!(f, "control {key} = {value} at exit {exit}")
+            }
+            Entry::Output { exit, digest } => {
+                write!(f, "output of {} at exit {exit}: {digest}", digest.source.name())
             }
             Entry::End {
                 exit,
@@ -177,6 +199,7 @@ impl Entry {
             Entry::Write { .. } => KIND_WRITE,
             Entry::Digest { .. } => KIND_DIGEST,
             Entry::Control { .. } => KIND_CONTROL,
+            Entry::Output { .. } => KIND_OUTPUT,
             Entry::End { .. } => KIND_END,
         }
     }
@@ -189,6 +212,7 @@ impl Entry {
             | Entry::Write { exit, .. }
             | Entry::Digest { exit, .. }
             | Entry::Control { exit, .. }
+            | Entry::Output { exit, .. }
             | Entry::End { exit, .. } => *exit,
         }
     }
@@ -201,6 +225,7 @@ impl Entry {
             Entry::Write { data, .. } => WRITE_HEADER_LEN + data.len(),
             Entry::Digest { .. } => 32,
             Entry::Control { .. } => 24,
+            Entry::Output { .. } => OUTPUT_LEN,
             Entry::End { .. } => 32,
         }
     }
@@ -234,6 +259,7 @@ impl Entry {
                 put(p, 8, u64::from(*key));
                 put(p, 16, *value);
             }
+            Entry::Output { exit, digest } => encode_output(p, *exit, digest),
             Entry::End {
                 exit,
                 code,
@@ -307,6 +333,22 @@ impl Entry {
                     key: u32::try_from(key)
                         .map_err(|_| LogError::BadLength { kind, len: p.len() })?,
                     value: u64_at(p, 16),
+                }
+            }
+            KIND_OUTPUT => {
+                need(OUTPUT_LEN)?;
+                let what = u64_at(p, 8);
+                let source = OutputSource::from_code(what as u8)
+                    .filter(|_| what & 0xffff_ff00 == 0)
+                    .ok_or(LogError::BadOutputSource(what as u32))?;
+                Entry::Output {
+                    exit: u64_at(p, 0),
+                    digest: OutputDigest {
+                        source,
+                        count: (what >> 32) as u32,
+                        bytes: u64_at(p, 16),
+                        hash: u64_at(p, 24),
+                    },
                 }
             }
             KIND_END => {
@@ -446,6 +488,18 @@ impl ControlQueue {
     }
 }
 
+/// Encodes an output entry in place (`p` is [`OUTPUT_LEN`] bytes).
+pub fn encode_output(p: &mut [u8], exit: u64, digest: &OutputDigest) {
+    put(p, 0, exit);
+    put(
+        p,
+        8,
+        u64::from(digest.source as u8) | u64::from(digest.count) << 32,
+    );
+    put(p, 16, digest.bytes);
+    put(p, 24, digest.hash);
+}
+
 /// Encodes a write entry in place (`p` is `WRITE_HEADER_LEN + data.len()` bytes).
 pub fn encode_write(p: &mut [u8], exit: u64, gpa: u64, data: &[u8]) {
     put(p, 0, exit);
@@ -490,6 +544,15 @@ mod tests {
                 key: 7,
                 value: u64::MAX,
             },
+            Entry::Output {
+                exit: 2001,
+                digest: OutputDigest {
+                    source: OutputSource::Disk,
+                    count: u32::MAX,
+                    bytes: 1 << 40,
+                    hash: 0xdead_beef_0123_4567,
+                },
+            },
             Entry::End {
                 exit: 2001,
                 code: 0,
@@ -520,6 +583,20 @@ mod tests {
         let mut c = [0u8; 24];
         c[12] = 1; // key above u32::MAX
         assert!(Entry::decode(KIND_CONTROL, &c).is_err());
+        let mut o = [0u8; OUTPUT_LEN];
+        assert_eq!(
+            Entry::decode(KIND_OUTPUT, &o),
+            Err(LogError::BadOutputSource(0))
+        );
+        o[8] = 2;
+        o[9] = 1; // bits 8..32 of `what` are reserved
+        assert_eq!(
+            Entry::decode(KIND_OUTPUT, &o),
+            Err(LogError::BadOutputSource(0x102))
+        );
+        o[9] = 0;
+        assert!(Entry::decode(KIND_OUTPUT, &o).is_ok());
+        assert!(Entry::decode(KIND_OUTPUT, &o[..31]).is_err());
     }
 
     #[test]

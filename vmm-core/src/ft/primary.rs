@@ -5,6 +5,7 @@
 //! ```text
 //! vCPU thread:  exit ─> ChannelRecorder ─claim/encode/commit─> log buffer ─> sender poller ─> backup
 //!                  └─ every `digest_interval` exits: Digest entry; at power off: End entry
+//! any output:   device ─> Output entry (its digest) ─> then tagged with the log position
 //! console:      guest write ─(vCPU, same exit) tag = log position─> output gate
 //! sender poller: acks ─> release the gate's outputs with tag ≤ acked ─> TAP / console sink
 //! shared disk:   guest write request ─> vCPU waits until acked ≥ log position ─> pwrite
@@ -25,13 +26,13 @@ use ftvm_ringbuf::{ClaimError, IdleKind, IdleStrategy};
 use super::digest::register_digest;
 use super::golive::PrimaryFt;
 use super::log::{
-    encode_write, AppliedControl, ControlQueue, Entry, KIND_READ, KIND_WRITE, LOG_VERSION,
-    WRITE_HEADER_LEN,
+    encode_output, encode_write, AppliedControl, ControlQueue, Entry, KIND_OUTPUT, KIND_READ,
+    KIND_WRITE, LOG_VERSION, OUTPUT_LEN, WRITE_HEADER_LEN,
 };
 use super::observe::{DiskWaitsSnapshot, LogSnapshot, Observer, SideRole};
 use super::output::{OutputGate, OutputStats, Sink};
 use crate::devices::virtio::blk::{DiskMode, WriteBarrier};
-use crate::record::{Inputs, Recorder};
+use crate::record::{Inputs, OutputDigest, Recorder};
 use crate::vm::{RunOutcome, Vm, VmError};
 
 /// Errors of a primary or backup run.
@@ -427,6 +428,21 @@ impl Recorder for ChannelRecorder {
         if let Err(e) = self.writer.append_with(KIND_READ, 24, |p| entry.encode(p)) {
             self.writer.fail(e);
         }
+    }
+
+    fn output(&mut self, exit: u64, out: &OutputDigest) {
+        // Logged before the device tags the output: the digest's position is at most the
+        // output's tag, so an output is released only once the backup holds its digest.
+        let r = self
+            .writer
+            .append_with(KIND_OUTPUT, OUTPUT_LEN, |p| encode_output(p, exit, out));
+        if let Err(e) = r {
+            self.writer.fail(e);
+        }
+    }
+
+    fn wants_outputs(&self) -> bool {
+        true
     }
 
     fn guest_write(&mut self, exit: u64, gpa: u64, data: &[u8]) {

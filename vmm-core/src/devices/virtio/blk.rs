@@ -57,6 +57,7 @@ use super::owner::{DiskOwner, Taken, WriteGuard, TAKE_PATIENCE};
 use super::{add_used, pop_chain, read_config_space, Desc, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::{DeviceError, ExitCtx};
 use crate::memory::GuestMem;
+use crate::record::{OutputDigest, OutputSource};
 use crate::state::{StateError, StateReader, StateWriter};
 
 /// `VIRTIO_BLK_F_FLUSH`.
@@ -600,7 +601,12 @@ impl Blk {
                 } else {
                     if ty == T_OUT {
                         if let DiskMode::Gated(barrier) = mode {
-                            // An output: wait until the backup holds the log up to here.
+                            // An output: its digest goes into the log (the replaying backup
+                            // compares it with its own dropped write; one extra copy of the
+                            // data, small next to the wait below), then wait until the backup
+                            // holds the log up to here, the digest included.
+                            let out = gather(data, ctx)?;
+                            ctx.output(OutputSource::Disk, |d| digest_write(d, sector, &out))?;
                             if let Err(why) = barrier.before_write() {
                                 s.refused.fetch_add(1, Ordering::Relaxed);
                                 return Err(DeviceError::Backend {
@@ -758,13 +764,9 @@ impl Blk {
                 (STATUS_PENDING, u32::try_from(total).unwrap_or(u32::MAX))
             }
             T_OUT => {
-                let mut out = vec![0u8; total as usize];
-                let mut at = 0usize;
-                for d in data {
-                    let n = d.len as usize;
-                    ctx.read_guest(d.addr, &mut out[at..at + n])?;
-                    at += n;
-                }
+                let out = gather(data, ctx)?;
+                // The primary logged the digest of this write: compare.
+                ctx.output(OutputSource::Disk, |d| digest_write(d, sector, &out))?;
                 rec.out = out;
                 s.dropped.fetch_add(1, Ordering::Relaxed);
                 (STATUS_PENDING, 0)
@@ -791,6 +793,25 @@ impl Blk {
         ctx.write_guest(status, &[st])?;
         Ok(written + 1)
     }
+}
+
+/// The data of a write request's buffers, in order.
+fn gather(data: &[Desc], ctx: &ExitCtx<'_>) -> Result<Vec<u8>, DeviceError> {
+    let total: usize = data.iter().map(|d| d.len as usize).sum();
+    let mut out = vec![0u8; total];
+    let mut at = 0usize;
+    for d in data {
+        let n = d.len as usize;
+        ctx.read_guest(d.addr, &mut out[at..at + n])?;
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Adds a shared-disk write (where it goes and what) to an output digest.
+fn digest_write(d: &mut OutputDigest, sector: u64, data: &[u8]) {
+    d.mix(sector);
+    d.add(data);
 }
 
 impl VirtioDevice for Blk {

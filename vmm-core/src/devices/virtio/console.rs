@@ -5,6 +5,7 @@ use virtio_queue::Queue;
 use super::{add_used, pop_chain, read_from_chain, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::{DeviceError, ExitCtx};
 use crate::devices::ConsoleOutput;
+use crate::record::OutputSource;
 use crate::state::{StateError, StateReader, StateWriter};
 
 const QUEUE_SIZES: &[u16] = &[64, 64];
@@ -45,20 +46,28 @@ impl VirtioDevice for Console {
         if index != 1 {
             return Ok(false);
         }
-        let mut used = false;
+        let mut chunks = Vec::new();
         while let Some((head, descs)) = pop_chain(&mut queues[1], ctx.mem)? {
-            let bytes = read_from_chain(&descs, ctx, 1 << 20)?;
+            chunks.push(read_from_chain(&descs, ctx, 1 << 20)?);
+            add_used(&mut queues[1], ctx, head, 0)?;
+        }
+        // The exit's output is digested (logged by a primary, verified by a replay) before
+        // any of it is printed.
+        ctx.output(OutputSource::Console, |d| {
+            for c in chunks.iter().filter(|c| !c.is_empty()) {
+                d.add(c);
+            }
+        })?;
+        for bytes in &chunks {
             self.out
-                .write(&bytes)
+                .write(bytes)
                 .map_err(|source| DeviceError::Backend {
                     what: "virtio-console write".into(),
                     source,
                 })?;
             self.bytes_out += bytes.len() as u64;
-            add_used(&mut queues[1], ctx, head, 0)?;
-            used = true;
         }
-        Ok(used)
+        Ok(!chunks.is_empty())
     }
     fn deliver_input(
         &mut self,

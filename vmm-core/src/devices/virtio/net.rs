@@ -32,6 +32,7 @@ use super::{
 };
 use crate::bus::{DeviceError, EventSignal, ExitCtx};
 use crate::devices::sys::EVENT_NET_RX;
+use crate::record::OutputSource;
 use crate::state::{StateError, StateReader, StateWriter};
 
 /// `VIRTIO_NET_F_MAC`.
@@ -467,11 +468,29 @@ impl VirtioDevice for Net {
                 self.fill_rx(queues, ctx)
             };
         }
-        let mut used = false;
         let shared = &self.shared.0;
         let mode = shared.mode.lock().unwrap_or_else(|e| e.into_inner());
-        // The output rule's tag: the log position when the guest notified (exact: every entry
-        // of the exits before this one; the guest wrote the frames before notifying).
+        let mut frames = Vec::new();
+        let mut used = false;
+        while let Some((head, descs)) = pop_chain(&mut queues[1], ctx.mem)? {
+            let mut frame = read_from_chain(&descs, ctx, NET_HDR_LEN + 65536)?;
+            if frame.len() > NET_HDR_LEN {
+                frame.drain(..NET_HDR_LEN);
+                frames.push(frame);
+            }
+            self.tx_packets += 1;
+            add_used(&mut queues[1], ctx, head, 0)?;
+            used = true;
+        }
+        // The frames' digest goes into the log first (a replay compares it with the primary's)
+        // ...
+        ctx.output(OutputSource::Net, |d| {
+            for f in &frames {
+                d.add(f);
+            }
+        })?;
+        // ... then the output rule's tag: the log position now, which covers every entry of
+        // this exit, the digest included (the guest wrote the frames before notifying).
         let tag = match &*mode {
             TxMode::Gated(gate) if !ctx.is_replay() => gate.tag(),
             _ => 0,
@@ -480,36 +499,29 @@ impl VirtioDevice for Net {
             TxMode::Direct if !ctx.is_replay() => self.shared.tap(),
             _ => None,
         };
-        while let Some((head, descs)) = pop_chain(&mut queues[1], ctx.mem)? {
-            let frame = read_from_chain(&descs, ctx, NET_HDR_LEN + 65536)?;
-            if frame.len() > NET_HDR_LEN {
-                let payload = &frame[NET_HDR_LEN..];
-                let sent = match (&*mode, &tap) {
-                    _ if ctx.is_replay() => false,
-                    (TxMode::Gated(gate), _) => {
-                        gate.submit(tag, payload.to_vec());
-                        shared.gated.fetch_add(1, Ordering::Relaxed);
+        for payload in frames {
+            let sent = match (&*mode, &tap) {
+                _ if ctx.is_replay() => false,
+                (TxMode::Gated(gate), _) => {
+                    gate.submit(tag, payload);
+                    shared.gated.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                (TxMode::Direct, Some(tap)) => match tap.write_frame(&payload) {
+                    Ok(_) => {
+                        shared.direct.fetch_add(1, Ordering::Relaxed);
                         true
                     }
-                    (TxMode::Direct, Some(tap)) => match tap.write_frame(payload) {
-                        Ok(_) => {
-                            shared.direct.fetch_add(1, Ordering::Relaxed);
-                            true
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "TAP write failed, packet dropped");
-                            false
-                        }
-                    },
-                    _ => false,
-                };
-                if !sent {
-                    shared.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TAP write failed, packet dropped");
+                        false
+                    }
+                },
+                _ => false,
+            };
+            if !sent {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            self.tx_packets += 1;
-            add_used(&mut queues[1], ctx, head, 0)?;
-            used = true;
         }
         Ok(used)
     }

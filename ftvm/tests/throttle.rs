@@ -71,8 +71,7 @@ fn run_pair(dir: &Path, extra: &[&str]) -> serde_json::Value {
 #[test]
 fn primary_report_has_the_throttle_state() {
     const TEST: &str = "primary_report_has_the_throttle_state";
-    if let Some(r) = missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -110,8 +109,7 @@ fn primary_report_has_the_throttle_state() {
 #[test]
 fn throttle_target_zero_turns_it_off() {
     const TEST: &str = "throttle_target_zero_turns_it_off";
-    if let Some(r) = missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

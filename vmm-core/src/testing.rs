@@ -1,8 +1,11 @@
 //! Hand-assembled test programs (x86-64 machine code) for tests and benchmarks that must not
-//! depend on the guest build, plus guards that skip when KVM is missing.
+//! depend on the guest build, plus guards that skip when KVM is missing (through [`skip`], the
+//! one `SKIP <test>: <reason>` line that `scripts/test.sh` counts).
 //!
 //! Every program starts with `movabs rax, 0xD000_0000` (the MMIO base) and addresses the
 //! system device relative to RAX.
+
+pub use ftvm_channel::skip;
 
 use crate::devices::sys::{REG_CONSOLE_ADDR, REG_CONSOLE_LEN, REG_POWER_OFF};
 use crate::memory::MMIO_BASE;
@@ -123,15 +126,17 @@ pub fn kvm_missing() -> Option<String> {
 /// Prints `SKIP <test>: <program> not installed (Debian package <package>)` and returns true
 /// when `program` cannot be run (`<program> --version` fails to start).
 pub fn skip_without(test: &str, program: &str, package: &str) -> bool {
-    if std::process::Command::new(program)
+    skip::if_missing(test, program_missing(program, package))
+}
+
+/// Why `program` cannot be used here (`<program> --version` fails to start), if it cannot:
+/// `<program> not installed (Debian package <package>)`.
+pub fn program_missing(program: &str, package: &str) -> Option<String> {
+    let runs = std::process::Command::new(program)
         .arg("--version")
         .output()
-        .is_ok()
-    {
-        return false;
-    }
-    eprintln!("SKIP {test}: {program} not installed (Debian package {package})");
-    true
+        .is_ok();
+    (!runs).then(|| format!("{program} not installed (Debian package {package})"))
 }
 
 /// The lowest port [`loopback_ports`] hands out.
@@ -210,8 +215,7 @@ pub fn is_root() -> bool {
 #[macro_export]
 macro_rules! require_kvm {
     ($name:expr) => {
-        if let Some(reason) = $crate::testing::kvm_missing() {
-            eprintln!("SKIP {}: {}", $name, reason);
+        if $crate::testing::skip::if_missing($name, $crate::testing::kvm_missing()) {
             return;
         }
     };

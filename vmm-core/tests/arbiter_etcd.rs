@@ -13,7 +13,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use arbiter_support::{child_role, env, have_program, id, unix_nanos, ChildGuard, EtcdCluster};
+use arbiter_support::{env, expect_child_role, id, unix_nanos, ChildGuard, EtcdCluster};
 use ftvm_vmm_core::ft::arbiter::{EtcdArbiter, EtcdConfig};
 use ftvm_vmm_core::ft::{acquire_with_retry, Acquire, Arbiter, RetryPolicy};
 
@@ -23,11 +23,7 @@ const STEP_US: u64 = 20_000;
 
 /// Prints the SKIP line and returns false when etcd is missing.
 fn require_etcd(test: &str) -> bool {
-    if have_program("etcd") {
-        return true;
-    }
-    eprintln!("SKIP {test}: `etcd` not installed (Debian package etcd-server)");
-    false
+    !ftvm_vmm_core::testing::skip_without(test, "etcd", "etcd-server")
 }
 
 fn arbiter(endpoints: Vec<String>, prefix: &str, op_timeout: Duration) -> EtcdArbiter {
@@ -51,14 +47,13 @@ fn wait_ready(arb: &EtcdArbiter, limit: Duration) {
     }
 }
 
-/// Child-process entry point (does nothing in a normal test run): claims generations
+/// Child-process entry point (ignored in a normal test run): claims generations
 /// `1..=FTVM_ARB_ROUNDS` through etcd at `FTVM_ETCD_ENDPOINTS` as `FTVM_ARB_ID`, starting at
 /// wall-clock time `FTVM_ARB_START` plus `FTVM_ARB_STEP_US` per round (lockstep), printing `ARB <generation> won|lost <generation> <winner>`.
 #[test]
+#[ignore = "child process entry point, run by its parent test"]
 fn child_etcd_claimer() {
-    if child_role().as_deref() != Some("etcd-claimer") {
-        return;
-    }
+    expect_child_role("etcd-claimer");
     let endpoints = env("FTVM_ETCD_ENDPOINTS")
         .split(',')
         .map(str::to_string)

@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
-use arbiter_support::{child_role, env, id, unix_nanos, ChildGuard};
+use arbiter_support::{env, expect_child_role, id, unix_nanos, ChildGuard};
 use ftvm_vmm_core::ft::{
     acquire_with_retry, Acquire, Arbiter, ArbiterError, FileArbiter, NodeId, RetryPolicy,
 };
@@ -20,15 +20,14 @@ const ROUNDS: u64 = 200;
 /// Time between two rounds of the lockstep race, in microseconds.
 const STEP_US: u64 = 5_000;
 
-/// Child-process entry point (does nothing in a normal test run): claims generations
+/// Child-process entry point (ignored in a normal test run): claims generations
 /// `1..=FTVM_ARB_ROUNDS` on `FTVM_ARB_DIR` as `FTVM_ARB_ID`, starting at wall-clock time
 /// `FTVM_ARB_START` (ns) plus `FTVM_ARB_STEP_US` per round (lockstep), and prints one `ARB <generation> won|lost <generation> <winner>` line
 /// per claim.
 #[test]
+#[ignore = "child process entry point, run by its parent test"]
 fn child_file_claimer() {
-    if child_role().as_deref() != Some("file-claimer") {
-        return;
-    }
+    expect_child_role("file-claimer");
     let arbiter = FileArbiter::new(env("FTVM_ARB_DIR"));
     let me = id(&env("FTVM_ARB_ID"));
     let rounds: u64 = env("FTVM_ARB_ROUNDS").parse().expect("rounds");
@@ -282,7 +281,7 @@ struct ReadOnlyMount {
 }
 
 impl ReadOnlyMount {
-    /// `None` (after printing why) where bind mounts are not allowed.
+    /// `None` when the mounts fail.
     fn new(path: &Path) -> Option<Self> {
         let run = |args: &[&str]| {
             std::process::Command::new(args[0])
@@ -314,6 +313,11 @@ impl Drop for ReadOnlyMount {
 
 #[test]
 fn file_read_only_directory_waits_then_wins() {
+    const TEST: &str = "file_read_only_directory_waits_then_wins";
+    // Bind mounts need root; as root they must work.
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, ftvm_channel::netns::require_root().err()) {
+        return;
+    }
     let root = tempfile::tempdir().expect("temp dir");
     let share = root.path().join("share");
     fs::create_dir(&share).expect("mkdir");
@@ -324,10 +328,7 @@ fn file_read_only_directory_waits_then_wins() {
         Acquire::Won
     );
 
-    let Some(mount) = ReadOnlyMount::new(&share) else {
-        eprintln!("SKIP file_read_only_directory_waits_then_wins: cannot bind-mount (needs root)");
-        return;
-    };
+    let mount = ReadOnlyMount::new(&share).expect("a read-only bind mount (as root)");
     // Readable but not writable (a storage server exporting read-only after an error).
     assert_eq!(arbiter.current().expect("readable"), Some((1, id("old"))));
     let err = arbiter.try_acquire(2, &me).expect_err("read-only");

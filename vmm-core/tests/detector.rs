@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use arbiter_support::{child_role, env, free_ports, ChildGuard};
+use arbiter_support::{env, expect_child_role, free_ports, ChildGuard};
 use ftvm_vmm_core::ft::{Detector, DetectorConfig, DetectorEvent, Fence, PeerState, Role};
 
 const INTERVAL: Duration = Duration::from_millis(10);
@@ -72,13 +72,12 @@ fn wait_heard(d: &Detector, n: u64) {
     }
 }
 
-/// Child-process entry point (does nothing in a normal test run): a primary's detector on
+/// Child-process entry point (ignored in a normal test run): a primary's detector on
 /// `FTVM_DET_BIND` beating towards `FTVM_DET_PEER` until killed (or 30 s).
 #[test]
+#[ignore = "child process entry point, run by its parent test"]
 fn child_detector_peer() {
-    if child_role().as_deref() != Some("detector-peer") {
-        return;
-    }
+    expect_child_role("detector-peer");
     let bind: u16 = env("FTVM_DET_BIND").parse().expect("port");
     let peer: u16 = env("FTVM_DET_PEER").parse().expect("port");
     let d = Detector::spawn(config(bind, peer, Role::Primary), Fence::new(1), |_| {})

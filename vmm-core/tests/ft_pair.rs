@@ -341,8 +341,7 @@ fn ft_different_initial_state_refuses_to_pair() {
 #[test]
 fn ft_kv_transmits_wait_for_stalled_acks() {
     const TEST: &str = "ft_kv_transmits_wait_for_stalled_acks";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, common::net_missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

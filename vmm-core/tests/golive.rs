@@ -486,8 +486,7 @@ fn golive_stale_primary_is_refused_and_the_backup_runs_the_guest() {
 #[test]
 fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
     const TEST: &str = "golive_kv_keeps_its_data_and_address_after_the_primary_crashes";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, common::net_missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

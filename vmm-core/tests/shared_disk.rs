@@ -49,8 +49,7 @@ use common::{free_port, ftvm_binary, report};
 /// How every test here with a network starts: a SKIP line without KVM or root; else a
 /// temporary directory, a blank shared image in it and a namespace (`tag`) with the TAP.
 fn shared_setup(test: &str, tag: &str) -> Option<(tempfile::TempDir, PathBuf, Netns)> {
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {test}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(test, common::net_missing()) {
         return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -733,8 +732,7 @@ fn step_until(vm: &mut Vm, what: &str, done: impl Fn(&Vm) -> bool) {
 #[test]
 fn shared_disk_go_live_inside_a_disk_exit_completes_the_request() {
     const TEST: &str = "shared_disk_go_live_inside_a_disk_exit_completes_the_request";
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, ftvm_vmm_core::testing::kvm_missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -18,13 +18,7 @@ pub fn ftvm_bin() -> PathBuf {
 
 /// Prints `SKIP <test>: <reason>` and returns true when the scenario cannot run here.
 pub fn skip(test: &str) -> bool {
-    match ftvm::scenario::missing() {
-        Some(r) => {
-            eprintln!("SKIP {test}: {r}");
-            true
-        }
-        None => false,
-    }
+    ftvm_vmm_core::testing::skip::if_missing(test, ftvm::scenario::missing())
 }
 
 pub use ftvm_vmm_core::testing::skip_without;

@@ -495,14 +495,7 @@ mod tests {
     /// Waits (at most 15 s) until `arb` answers a read.
     /// Prints the SKIP line and returns true when the `etcd` binary is missing.
     fn skip_without_etcd(test: &str) -> bool {
-        let missing = std::process::Command::new("etcd")
-            .arg("--version")
-            .output()
-            .is_err();
-        if missing {
-            eprintln!("SKIP {test}: etcd not installed (Debian package etcd-server)");
-        }
-        missing
+        crate::testing::skip_without(test, "etcd", "etcd-server")
     }
 
     fn wait_answers(arb: &EtcdArbiter) {

@@ -346,8 +346,10 @@ mod tests {
 
     #[test]
     fn a_group_limits_a_thread_and_cleans_up() {
-        if let Some(why) = cgroup_cpu_unusable() {
-            eprintln!("SKIP a_group_limits_a_thread_and_cleans_up: {why}");
+        if crate::testing::skip::if_missing(
+            "ft::throttle::cgroup::tests::a_group_limits_a_thread_and_cleans_up",
+            cgroup_cpu_unusable(),
+        ) {
             return;
         }
         let name = format!("ftvm-unit-{}", std::process::id());

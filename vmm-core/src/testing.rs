@@ -7,6 +7,8 @@
 
 pub use ftvm_channel::skip;
 
+use std::time::Duration;
+
 use crate::devices::sys::{REG_CONSOLE_ADDR, REG_CONSOLE_LEN, REG_POWER_OFF};
 use crate::memory::MMIO_BASE;
 
@@ -205,6 +207,37 @@ pub fn loopback_ports<const N: usize>() -> std::io::Result<[u16; N]> {
     Ok(ports)
 }
 
+/// What the scheduler did with a thread so far (`/proc/<tid>/schedstat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SchedStat {
+    /// Time it ran.
+    pub cpu: Duration,
+    /// Time it was ready to run but waited on a run queue: for other threads, for the
+    /// hypervisor, or for its cgroup's quota (a throttled group's threads stay queued).
+    pub run_queue_wait: Duration,
+}
+
+/// The scheduler's accounting of thread `tid` (of any process). Timing tests use the wait to
+/// tell a thread held up by the machine from one that did not want to run (a sleep is not a
+/// wait), and so excuse a timing excursion only on evidence.
+///
+/// # Errors
+/// The file is missing (the thread exited) or malformed.
+pub fn thread_schedstat(tid: i32) -> std::io::Result<SchedStat> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/schedstat"))?;
+    let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+    match (f.next().flatten(), f.next().flatten()) {
+        (Some(cpu), Some(wait)) => Ok(SchedStat {
+            cpu: Duration::from_nanos(cpu),
+            run_queue_wait: Duration::from_nanos(wait),
+        }),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad /proc/{tid}/schedstat: {text:?}"),
+        )),
+    }
+}
+
 /// Whether the process runs as root (needed for TAP devices and network namespaces).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -279,6 +312,21 @@ impl ftvm_channel::Transport for StallAcks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedstat_counts_a_spinning_threads_cpu() {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let a = thread_schedstat(tid).expect("schedstat");
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_millis(20) {
+            std::hint::spin_loop();
+        }
+        let b = thread_schedstat(tid).expect("schedstat");
+        assert!(b.cpu > a.cpu, "{a:?} -> {b:?}");
+        assert!(b.run_queue_wait >= a.run_queue_wait, "{a:?} -> {b:?}");
+        assert!(thread_schedstat(i32::MAX).is_err());
+    }
 
     #[test]
     fn loopback_ports_are_distinct_bindable_and_below_the_ephemeral_range() {

@@ -238,6 +238,16 @@ pub fn thread_schedstat(tid: i32) -> std::io::Result<SchedStat> {
     }
 }
 
+/// Holds the tests of one test binary to one at a time (a process-wide lock; cargo runs the
+/// test binaries one after another). For tests that bound a wall-clock time or run failure
+/// detectors with short timeouts: on a 2-core machine two of them side by side starve each
+/// other's heartbeat threads, and a spurious failover looks like a bug. Take it first thing in
+/// the test (after its SKIP check); a test that panicked while holding it does not poison it.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Whether the process runs as root (needed for TAP devices and network namespaces).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -252,6 +262,67 @@ macro_rules! require_kvm {
             return;
         }
     };
+}
+
+/// An arbiter wrapper that counts the claims ([`Arbiter::try_acquire`]) refused because the
+/// store was unreachable: the event that proves a side is waiting for the arbiter, for tests
+/// that would otherwise sleep and then check that nothing happened.
+///
+/// [`Arbiter::try_acquire`]: crate::ft::arbiter::Arbiter::try_acquire
+#[derive(Debug)]
+pub struct CountingArbiter<A> {
+    inner: A,
+    unreachable: std::sync::atomic::AtomicU64,
+}
+
+impl<A: crate::ft::arbiter::Arbiter> CountingArbiter<A> {
+    /// Counts the unreachable claims made through `inner`.
+    pub fn new(inner: A) -> Self {
+        CountingArbiter {
+            inner,
+            unreachable: Default::default(),
+        }
+    }
+
+    /// Claims refused as unreachable so far.
+    pub fn unreachable(&self) -> u64 {
+        self.unreachable.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until `n` more claims than `since` were refused as unreachable; panics after
+    /// `limit` (nobody is trying the arbiter).
+    pub fn wait_unreachable(&self, since: u64, n: u64, limit: Duration) {
+        let start = std::time::Instant::now();
+        while self.unreachable() < since + n {
+            assert!(
+                start.elapsed() < limit,
+                "{} unreachable claims in {limit:?}, expected {n}",
+                self.unreachable() - since
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl<A: crate::ft::arbiter::Arbiter> crate::ft::arbiter::Arbiter for CountingArbiter<A> {
+    fn try_acquire(
+        &self,
+        generation: u64,
+        who: &crate::ft::node::NodeId,
+    ) -> Result<crate::ft::arbiter::Acquire, crate::ft::arbiter::ArbiterError> {
+        let r = self.inner.try_acquire(generation, who);
+        if matches!(&r, Err(e) if e.is_unreachable()) {
+            self.unreachable
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        r
+    }
+
+    fn current(
+        &self,
+    ) -> Result<Option<(u64, crate::ft::node::NodeId)>, crate::ft::arbiter::ArbiterError> {
+        self.inner.current()
+    }
 }
 
 /// A transport wrapper that withholds the frames its side receives while `stall` is set (on a

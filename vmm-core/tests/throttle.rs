@@ -19,7 +19,6 @@
 //!
 //! The tests take the machine's two cores for themselves: they run one at a time.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use ftvm_vmm_core::ft::primary::PairError;
@@ -27,9 +26,7 @@ use ftvm_vmm_core::ft::throttle::experiment::{
     self, quantile, Event, ExperimentConfig, ExperimentReport, Sabotage, Sample,
 };
 use ftvm_vmm_core::ft::throttle::{cgroup_cpu_unusable, ThrottleConfig};
-use ftvm_vmm_core::testing::{kvm_missing, skip};
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+use ftvm_vmm_core::testing::{kvm_missing, one_at_a_time, skip};
 
 /// Prints `SKIP <test>: <reason>` and returns when KVM or the cgroup cpu controller is missing.
 macro_rules! require_kvm_and_cgroup {
@@ -447,7 +444,7 @@ fn expect_pass(test: &str, verdict: Verdict) {
 fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
     const TEST: &str = "throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns";
     require_kvm_and_cgroup!(TEST);
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let (r, verdict) = run_judged(TEST, &SLOWED.config(), |r| SLOWED.judge(r));
     print_samples(&r);
     assert_replayed(&r);
@@ -472,7 +469,7 @@ fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
 /// Runs the slowed-backup schedule with `sabotage` and asserts that the judgement reports a
 /// failure (a disturbed run is repeated; three end in a loud SKIP, as for a real run).
 fn sabotage_is_caught(test: &str, sabotage: Sabotage) {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let cfg = ExperimentConfig {
         sabotage: Some(sabotage),
         ..SLOWED.config()
@@ -518,7 +515,7 @@ fn throttle_sabotage_backup_starved_to_10_percent_is_caught() {
 fn throttle_backup_that_stops_acking_stalls_the_primary_with_bounded_memory() {
     const TEST: &str = "throttle_backup_that_stops_acking_stalls_the_primary_with_bounded_memory";
     require_kvm_and_cgroup!(TEST);
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     // A small buffer (64 KiB ≈ 1600 entries) fills in well under the 2 s the acks are held.
     let capacity = 64 << 10;
     let (stall_at, release_at) = (1.0, 3.0);
@@ -577,7 +574,7 @@ fn throttle_backup_that_stops_acking_stalls_the_primary_with_bounded_memory() {
 fn throttle_backup_that_never_acks_ends_in_failure_detection() {
     const TEST: &str = "throttle_backup_that_never_acks_ends_in_failure_detection";
     require_kvm_and_cgroup!(TEST);
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     let capacity = 64 << 10;
     let r = experiment::run(&ExperimentConfig {
         run_for: secs(20.0),
@@ -629,7 +626,7 @@ fn throttle_backup_that_never_acks_ends_in_failure_detection() {
 fn throttle_target_change_is_agreed_through_the_log() {
     const TEST: &str = "throttle_target_change_is_agreed_through_the_log";
     require_kvm_and_cgroup!(TEST);
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_at_a_time();
     // Backup limited to 30 % from 0.5 s; at 3.5 s the target drops from 100 ms to 50 ms.
     let (change_at, end) = (3.5, 7.5);
     let (old, new) = (Duration::from_millis(100), Duration::from_millis(50));
@@ -762,8 +759,8 @@ fn lag_spikes_are_excused_only_on_evidence_that_the_host_held_the_backup_up() {
         "{why}"
     );
     // ...but not when the interval is further back than the look-back.
-    for i in 56..=58 {
-        s[i] = steady(i);
+    for (i, x) in s.iter_mut().enumerate().take(59).skip(56) {
+        *x = steady(i);
     }
     s[60 - LOOKBACK - 1].backup_throttled = 0.0;
     assert_eq!(judge(&s).1, None, "too early");

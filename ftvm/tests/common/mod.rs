@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ftvm::client::{CheckReport, Checker, Load, LoadConfig, RespConn};
@@ -26,8 +26,7 @@ pub use ftvm_vmm_core::testing::skip_without;
 /// One scenario at a time: two VMs per test already fill this 2-core machine, and a starved
 /// heartbeat thread would look like a failure.
 pub fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    ftvm_vmm_core::testing::one_at_a_time()
 }
 
 /// A scenario configuration for `tag` (transport shm, file arbiter, children log at info).

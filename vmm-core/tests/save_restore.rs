@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig};
+use ftvm_vmm_core::state::StateError;
+use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmError};
 use ftvm_vmm_core::{guests, require_kvm};
 
 const CMDLINE: &str = "size=4M rounds=480 seed=7";
@@ -113,7 +114,14 @@ fn corrupt_snapshot_is_rejected() {
     std::fs::write(&path, b"FTVMSNAP\x01\0\0\0\x01\0\0\0\xff\xff").unwrap();
     let (cfg, _) = config();
     let e = Vm::restore(&cfg, &path).unwrap_err();
-    assert!(format!("{e:?}").contains("Truncated"), "{e:?}");
+    assert!(
+        matches!(e, VmError::State(StateError::Truncated(_))),
+        "{e:?}"
+    );
     let e = Vm::restore(&cfg, &dir.path().join("missing.snap")).unwrap_err();
-    assert!(format!("{e:?}").contains("NotFound"), "{e:?}");
+    assert!(
+        matches!(&e, VmError::State(StateError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound),
+        "{e:?}"
+    );
 }

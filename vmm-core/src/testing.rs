@@ -117,11 +117,16 @@ impl Asm {
     }
 }
 
-/// Why a hardware-dependent test cannot run here, if it cannot.
+/// Why a hardware-dependent test cannot run here, if it cannot: `/dev/kvm` does not open, or
+/// is not the KVM a VM needs (the checks of [`crate::kvm::KvmContext::new`]: API version,
+/// capabilities, CPUID), so a device node that opens but is not KVM gives a SKIP line too.
 pub fn kvm_missing() -> Option<String> {
-    match kvm_ioctls::Kvm::new() {
+    match crate::kvm::KvmContext::new() {
         Ok(_) => None,
-        Err(e) => Some(format!("/dev/kvm not usable: {e}")),
+        Err(e) => Some(format!(
+            "/dev/kvm not usable: {}",
+            crate::ft::primary::error_chain(&e)
+        )),
     }
 }
 

@@ -31,15 +31,18 @@ fn run_pair(
 ) -> serde_json::Value {
     let [port] = ftvm_vmm_core::testing::loopback_ports().expect("free loopback port");
     let peer = format!("127.0.0.1:{port}");
-    let backup_args = [
-        "backup",
-        "--guest",
-        guest,
-        "--transport",
-        "tcp",
-        "--peer",
-        &peer,
-    ];
+    let side = |role| {
+        [
+            role,
+            "--guest",
+            guest,
+            "--transport",
+            "tcp",
+            "--peer",
+            &peer,
+        ]
+    };
+    let backup_args = side("backup");
     let mut backup = match backup_group {
         Some(g) => {
             let mut c = Command::new("sh");
@@ -66,15 +69,7 @@ fn run_pair(
         .expect("spawn backup");
     let report = dir.join("primary.json");
     let primary = Command::new(BIN)
-        .args([
-            "primary",
-            "--guest",
-            guest,
-            "--transport",
-            "tcp",
-            "--peer",
-            &peer,
-        ])
+        .args(side("primary"))
         .arg("--report")
         .arg(&report)
         .args(extra)

@@ -214,6 +214,26 @@ fn lag_quantile_judged(
     (value, why)
 }
 
+/// Checks that the median lag over `w` sits at the controller's set point (within 0.5–1.5 ×
+/// `setpoint` ms) and returns it: below, the primary was held back for nothing (an
+/// over-throttling or sluggish controller); above, the backup fell behind, which the host
+/// excuses only when it held the backup (limited to `quota`) up.
+fn lag_at_set_point(f: &mut Findings, w: &[&Sample], setpoint: f64, quota: f64) -> f64 {
+    let lags: Vec<f64> = w.iter().map(|x| x.lag_ms).collect();
+    let p50 = quantile(&lags, 0.5);
+    f.check(
+        p50 >= 0.5 * setpoint,
+        || format!("lag p50 {p50:.1} ms, under half the set point {setpoint:.0} ms: held back for nothing"),
+        None,
+    );
+    f.check(
+        p50 <= 1.5 * setpoint,
+        || format!("lag p50 {p50:.1} ms, over 1.5 × the set point {setpoint:.0} ms"),
+        backup_held(w, 0.25 * quota),
+    );
+    p50
+}
+
 /// The schedule of a slowed-backup run and what its judgement expects.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -298,20 +318,7 @@ impl Plan {
             backup_held(&behind, 0.5 * (quota - used)),
         );
 
-        // Settled, the lag sits at the set point: below it the primary is held back for
-        // nothing (an over-throttling, sluggish controller); above it the backup falls behind.
-        let lags: Vec<f64> = settled.iter().map(|x| x.lag_ms).collect();
-        let p50 = quantile(&lags, 0.5);
-        f.check(
-            p50 >= 0.5 * setpoint,
-            || format!("settled lag p50 {p50:.1} ms, under half the set point {setpoint:.0} ms: the primary was held back for nothing"),
-            None,
-        );
-        f.check(
-            p50 <= 1.5 * setpoint,
-            || format!("settled lag p50 {p50:.1} ms, over 1.5 × the set point {setpoint:.0} ms"),
-            backup_held(&settled, 0.25 * quota),
-        );
+        let p50 = lag_at_set_point(&mut f, &settled, setpoint, quota);
 
         // Settled p99 under the tolerance; each sample over it needs its own evidence.
         let bound = self.target_ms() * TOLERANCE;
@@ -651,18 +658,7 @@ fn throttle_target_change_is_agreed_through_the_log() {
         let mut f = Findings::default();
         let setpoint = new.as_secs_f64() * 1e3 * SETPOINT_FRACTION;
         let after = window(s, change_at + 2.0, end - 0.1);
-        let lags: Vec<f64> = after.iter().map(|x| x.lag_ms).collect();
-        let p50 = quantile(&lags, 0.5);
-        f.check(
-            p50 >= 0.5 * setpoint,
-            || format!("median lag {p50:.1} ms after the change: the primary was held back for nothing"),
-            None,
-        );
-        f.check(
-            p50 <= 1.5 * setpoint,
-            || format!("median lag {p50:.1} ms: the lag did not follow the 50 ms target"),
-            backup_held(&after, 0.25 * 0.3),
-        );
+        let p50 = lag_at_set_point(&mut f, &after, setpoint, 0.3);
         let bound = 100.0 * TOLERANCE;
         let (p99, why) =
             lag_quantile_judged(s, (change_at + 2.0, end - 0.1), 0.99, bound, setpoint, 0.3);

@@ -15,14 +15,11 @@ fn cpu_vm(rounds: u32) -> (Vm, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     (Vm::new(&cfg, guests::by_name("cpu").unwrap()).unwrap(), out)
 }
 
-/// Waits (at most 30 s) until the guest printed its first line: it is running, mid-way.
-fn wait_first_line(out: &std::sync::Mutex<Vec<u8>>) {
+/// Waits (at most 30 s) until `done`; panics with `what` otherwise.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
     let t = std::time::Instant::now();
-    while !out.lock().unwrap().contains(&b'\n') {
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(30),
-            "no output"
-        );
+    while !done() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "{what}");
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
 }
@@ -37,7 +34,7 @@ fn pause_save_resume_then_power_off() {
     let (vm, out) = cpu_vm(480);
     let t = VmThread::spawn(vm).unwrap();
     // Paused once the guest is provably mid-run (its first line is out).
-    wait_first_line(&out);
+    wait_until("no output", || out.lock().unwrap().contains(&b'\n'));
     assert_eq!(t.pause(), VmState::Paused, "finished before the pause");
     assert_eq!(t.state(), VmState::Paused);
     let dir = tempfile::tempdir().unwrap();
@@ -56,14 +53,7 @@ fn a_stopped_vm_cannot_be_saved() {
     require_kvm!("a_stopped_vm_cannot_be_saved");
     let (vm, _) = cpu_vm(1);
     let t = VmThread::spawn(vm).unwrap();
-    let start = std::time::Instant::now();
-    while t.state() != VmState::Stopped {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(30),
-            "never stopped"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    wait_until("never stopped", || t.state() == VmState::Stopped);
     let dir = tempfile::tempdir().unwrap();
     let e = t.save(&dir.path().join("snap")).unwrap_err();
     assert!(
@@ -79,14 +69,7 @@ fn stop_ends_a_running_vm() {
     require_kvm!("stop_ends_a_running_vm");
     let (vm, _) = cpu_vm(100_000);
     let t = VmThread::spawn(vm).unwrap();
-    let start = std::time::Instant::now();
-    while t.exits() == 0 {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(30),
-            "never ran"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    wait_until("never ran", || t.exits() > 0);
     let start = std::time::Instant::now();
     let (_, outcome) = t.stop().unwrap();
     assert_eq!(outcome, RunOutcome::Paused);

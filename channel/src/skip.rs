@@ -63,7 +63,7 @@ pub fn line(test: &str, reason: impl Display) -> String {
     format!("{PREFIX}{test}: {reason}")
 }
 
-/// Prints the SKIP line of `test` (see [`line`]) on stderr. The caller then returns without
+/// Prints the SKIP line of `test` (see [`line()`]) on stderr. The caller then returns without
 /// asserting anything.
 pub fn skip(test: &str, reason: impl Display) {
     eprintln!("{}", line(test, reason));

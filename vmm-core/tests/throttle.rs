@@ -11,9 +11,10 @@
 //! the samples that the host did it: the hypervisor's steal, or a vCPU thread waiting on the
 //! run queue for other work (its own quota's throttling does not count). A backup that merely
 //! used less than its quota is no excuse: that is what a throttle that starves the backup, or
-//! a backup that wakes late, looks like. The full-speed check after the lift compares the
-//! primary's measured CPU with what it could have had in the same interval, not with the
-//! controller's own share or with the backup's use (which follows the primary's speed).
+//! a backup that wakes late, looks like. After the lift the primary must run as fast as the
+//! unlimited backup allows in the same run: its measured CPU at least 85 % of what it could
+//! have had (not the controller's own share, nor the backup's use, which follows the primary's
+//! speed), or else the lag at the set point, the backup setting the pace.
 //! Three deliberately broken variants ([`Sabotage`]) show that the judgement reports each as a
 //! failure.
 //!
@@ -149,14 +150,6 @@ fn backup_held(w: &[&Sample], needed: f64) -> Option<String> {
     })
 }
 
-/// Evidence that the host held the primary up over `w` (as [`backup_held`]).
-fn primary_held(w: &[&Sample], needed: f64) -> Option<String> {
-    let held = mean(w, Sample::primary_held);
-    (held >= needed).then(|| {
-        format!("the host held the primary up: {held:.2} of a CPU waited or stolen against {needed:.2} needed")
-    })
-}
-
 /// Intervals before a sample that a lag spike at it can come from: the lag rises while the
 /// backup is held up and falls back over a few hundred milliseconds.
 const LOOKBACK: usize = 6;
@@ -256,8 +249,9 @@ const TOLERANCE: f64 = 1.2;
 /// The largest lag while the controller reacts to the slow-down (its first 3 s), in targets.
 const TRANSIENT: f64 = 5.0;
 
-/// How soon after the lift the primary must be back at full speed.
-const FULL_SPEED_WITHIN: f64 = 6.0;
+/// How long the controller may take to give the share back after the lift (from a 0.3 share
+/// its integral needs about 1.5 s; idle runs reach full share in 0.8-1.8 s).
+const RECOVER_WITHIN: f64 = 2.5;
 
 impl Plan {
     fn config(&self) -> ExperimentConfig {
@@ -352,35 +346,26 @@ impl Plan {
             why,
         );
 
-        // Back at full speed within FULL_SPEED_WITHIN of the lift: the controller's share at 1
-        // and the primary's measured CPU at least 85 % of what it could have had (what it did
-        // not wait for on the run queue and the hypervisor did not steal) over half a second.
-        // A primary held back after the lift is excused only when the host held the backup
-        // (then a correct controller keeps the lag at its set point) or the primary up.
-        let after = window(s, self.lift_at, self.lift_at + FULL_SPEED_WITHIN);
-        let full = after.windows(10).find(|w| {
-            w.iter().all(|x| x.share >= 1.0)
-                && mean(w, |x| x.primary_cpu) >= 0.85 * mean(w, |x| 1.0 - x.primary_held())
-        });
-        let cpu_after = mean(&window(s, self.lift_at + 2.0, self.end - 0.2), |x| {
-            x.primary_cpu
-        });
+        // After the lift, once the controller had RECOVER_WITHIN to give the share back, the
+        // primary runs as fast as the now unlimited backup allows: at full speed (its measured
+        // CPU at least 85 % of what it could have had — what it did not wait for on the run
+        // queue and the hypervisor did not steal; the controller's own share is not trusted),
+        // or, where the machine leaves the backup too little to keep up with that, with the lag
+        // at the set point (the backup sets the pace, as the controller should). Held back
+        // while the backup idles — the lag far below the set point — is a fault whatever the
+        // host did: a slow host raises the lag, it does not lower it.
+        let after = window(s, self.lift_at + RECOVER_WITHIN, self.end - 0.2);
+        let speed = mean(&after, |x| x.primary_cpu) / mean(&after, |x| 1.0 - x.primary_held());
+        let lags: Vec<f64> = after.iter().map(|x| x.lag_ms).collect();
+        let p50_after = quantile(&lags, 0.5);
         f.check(
-            full.is_some(),
+            speed >= 0.85 || p50_after >= 0.5 * setpoint,
             || format!(
-                "not back at full speed within {FULL_SPEED_WITHIN} s of the lift: mean share {:.2}, primary CPU {cpu_after:.2} (it waited {:.2})",
-                mean(&after, |x| x.share),
-                mean(&after, |x| x.primary_wait)
+                "held back after the lift: the primary ran at {speed:.2} of the CPU it could have had (mean share {:.2}) while the backup kept up (lag p50 {p50_after:.1} ms, set point {setpoint:.0})",
+                mean(&after, |x| x.share)
             ),
-            backup_held(&after, 0.15).or_else(|| primary_held(&after, 0.15)),
+            None,
         );
-        if let Some(w) = full {
-            eprintln!(
-                "full speed {:.2} s after the lift (primary CPU {:.2})",
-                w[0].t - self.lift_at,
-                mean(w, |x| x.primary_cpu)
-            );
-        }
         let (fast, slow) = (
             rate(&window(s, self.lift_at + 2.0, self.end - 0.2)),
             rate(&settled),
@@ -391,7 +376,7 @@ impl Plan {
             None,
         );
         eprintln!(
-            "settled lag p50 {p50:.1} ms p99 {p99:.1} ms (set point {setpoint:.0}, target {:.0}); peak after the slow-down {peak:.0} ms; mean share {mean_share:.2}; backup used {used:.2} of {quota:.2} while behind; entries/s slowed {slow:.0}, after {fast:.0}",
+            "settled lag p50 {p50:.1} ms p99 {p99:.1} ms (set point {setpoint:.0}, target {:.0}); peak after the slow-down {peak:.0} ms; mean share {mean_share:.2}; backup used {used:.2} of {quota:.2} while behind; after the lift: speed {speed:.2} of the CPU it could have had, lag p50 {p50_after:.1} ms; entries/s slowed {slow:.0}, after {fast:.0}",
             self.target_ms()
         );
         f.verdict()

@@ -233,6 +233,19 @@ fn current(arbiter: &Arc<dyn Arbiter>) -> Option<(u64, String)> {
         .map(|(g, w)| (g, w.to_string()))
 }
 
+/// Waits (at most 20 s) until the backup replayed the guest's first line: the primary's guest
+/// printed it, and the primary holds it until it is acknowledged.
+fn wait_first_line_replayed(r: &Running) {
+    let t = Instant::now();
+    while !r.backup_replayed.lock().unwrap().contains(&b'\n') {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the guest printed nothing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Waits until the primary holds generation 1 and has run a while.
 fn wait_started(r: &Running, arbiter: &Arc<dyn Arbiter>) {
     let t = Instant::now();
@@ -305,14 +318,7 @@ fn golive_primary_goes_alone_when_the_backup_crashes() {
     let r = start(spec);
     wait_started(&r, &arbiter);
     // The guest printed its first line (the backup replayed it), and the primary holds it.
-    let t = Instant::now();
-    while !r.backup_replayed.lock().unwrap().contains(&b'\n') {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the guest printed nothing"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_first_line_replayed(&r);
     assert_eq!(r.primary_console.text(), "", "released without an ack");
     // Crash the backup.
     r.backup_vm.kick();
@@ -438,7 +444,10 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
         assert!(t.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(1));
     }
-    // The backup wins generation 2 first (as if it had gone live).
+    // The guest printed a line the primary holds (the backup replayed it: a loaded suite run
+    // once fenced the primary before its guest had printed anything)...
+    wait_first_line_replayed(&r);
+    // ...and the backup wins generation 2 first (as if it had gone live).
     let backup = NodeId::new("backup").expect("id");
     assert!(arbiter.try_acquire(2, &backup).expect("acquire").is_won());
     let p = r.primary.join().expect("primary thread");

@@ -346,6 +346,8 @@ mod tests {
 
     #[test]
     fn a_group_limits_a_thread_and_cleans_up() {
+        // Bounds a time or a CPU share: one at a time with the other such tests.
+        let _one = crate::testing::one_at_a_time();
         if crate::testing::skip::if_missing(
             "ft::throttle::cgroup::tests::a_group_limits_a_thread_and_cleans_up",
             cgroup_cpu_unusable(),

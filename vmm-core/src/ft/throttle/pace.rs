@@ -170,6 +170,8 @@ mod tests {
     /// more, and not much less than it could have had (a pacer that sleeps too long fails).
     #[test]
     fn busy_thread_is_held_to_its_share() {
+        // Bounds a time or a CPU share: one at a time with the other such tests.
+        let _one = crate::testing::one_at_a_time();
         let p = Pacer::default();
         p.set_share(0.25);
         let tid = super::super::current_tid();

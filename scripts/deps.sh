@@ -24,6 +24,6 @@ FTVM_FEATURES=""
 if dpkg -s libelf-dev clang m4 libpcap-dev >/dev/null 2>&1; then
   FTVM_FEATURES="--features ftvm-channel/xdp,ftvm/xdp"
 else
-  echo "SKIP AF_XDP transport: build packages (libelf-dev clang m4 libpcap-dev) missing"
+  echo "SKIP AF_XDP: the feature xdp is off, its build packages (libelf-dev clang m4 libpcap-dev) are missing"
 fi
 export FTVM_FEATURES

@@ -20,6 +20,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ftvm_vmm_core::ft::primary::error_chain;
 use ftvm_vmm_core::ft::throttle::experiment::{
     self, quantile, Event, ExperimentConfig, ExperimentReport, Sample,
 };
@@ -284,10 +285,10 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         })
         .with_context(|| format!("run {name}"))?;
         if let Err(e) = &r.primary {
-            bail!("run {name}: primary failed: {e}");
+            bail!("run {name}: primary failed: {}", error_chain(e));
         }
         if let Err(e) = &r.backup {
-            bail!("run {name}: backup failed: {e}");
+            bail!("run {name}: backup failed: {}", error_chain(e));
         }
         rows.push(summarize(name, &plan, &r));
     }

@@ -13,6 +13,8 @@
 //! - Transports: [`shm`] (shared-memory rings, the physical-limit reference), [`tcp`]
 //!   (blocking "tcp" and busy-polled "tcp-spin"), [`uring`] (io_uring over TCP), `xdp`
 //!   (AF_XDP, feature `xdp`); [`faulty`] injects seeded faults under any of them.
+//! - Test support: [`netns`] (two hosts made of network namespaces), [`skip`] (the one
+//!   `SKIP <test>: <reason>` line a test prints when this host lacks what it needs).
 //!
 //! ```
 //! use std::net::TcpListener;
@@ -52,6 +54,7 @@ pub mod netns;
 pub mod poller;
 pub mod reliable;
 pub mod shm;
+pub mod skip;
 pub mod stats;
 pub mod tcp;
 pub mod transport;

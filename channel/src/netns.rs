@@ -34,8 +34,7 @@
 //! ```no_run
 //! use ftvm_channel::netns::{require_root, HostPair, HostPairConfig};
 //!
-//! if let Err(reason) = require_root() {
-//!     eprintln!("SKIP my_test: {reason}");
+//! if ftvm_channel::skip::if_missing("my_test", require_root().err()) {
 //!     return;
 //! }
 //! let hosts = HostPair::create(&HostPairConfig::with_prefix("ftvm-t1").with_ipv4()).unwrap();
@@ -157,8 +156,7 @@ pub fn require_root() -> Result<(), String> {
 #[macro_export]
 macro_rules! require_root {
     ($test:expr) => {
-        if let Err(reason) = $crate::netns::require_root() {
-            eprintln!("SKIP {}: {}", $test, reason);
+        if $crate::skip::if_missing($test, $crate::netns::require_root().err()) {
             return;
         }
     };
@@ -790,8 +788,7 @@ mod tests {
 
     #[test]
     fn host_pair_lifecycle() {
-        if let Err(reason) = require_root() {
-            eprintln!("SKIP netns::tests::host_pair_lifecycle: {reason}");
+        if crate::skip::if_missing("netns::tests::host_pair_lifecycle", require_root().err()) {
             return;
         }
         let cfg = HostPairConfig::with_prefix("ftvm-u1").with_ipv4();

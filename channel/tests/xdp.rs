@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ftvm_channel::faulty::{Faults, FaultyTransport};
-use ftvm_channel::netns::{require_root, HostPair, HostPairConfig};
+use ftvm_channel::netns::{HostPair, HostPairConfig};
 use ftvm_channel::xdp::{eth, XdpConfig, XdpStats, XdpTransport};
 use ftvm_channel::{frame, Config, LogReceiver, LogSender, PollerConfig, Transport};
 use ftvm_ringbuf::{IdleKind, IdleStrategy, SpinThenYield};
@@ -223,10 +223,7 @@ fn transfer(
 
 #[test]
 fn xdp_million_records_in_order() {
-    if let Err(reason) = require_root() {
-        eprintln!("SKIP xdp_million_records_in_order: {reason}");
-        return;
-    }
+    ftvm_channel::require_root!("xdp_million_records_in_order");
     let _serial = serial();
     let Link { hosts, a, b } = link("fx-1m");
     let (sa, sb) = (a.stats(), b.stats());
@@ -247,10 +244,7 @@ fn xdp_million_records_in_order() {
 
 #[test]
 fn xdp_million_records_with_faults() {
-    if let Err(reason) = require_root() {
-        eprintln!("SKIP xdp_million_records_with_faults: {reason}");
-        return;
-    }
+    ftvm_channel::require_root!("xdp_million_records_with_faults");
     let _serial = serial();
     let Link { hosts, a, b } = link("fx-ft");
     let faults = |seed| Faults {
@@ -283,10 +277,7 @@ fn xdp_million_records_with_faults() {
 
 #[test]
 fn xdp_link_down_for_a_second() {
-    if let Err(reason) = require_root() {
-        eprintln!("SKIP xdp_link_down_for_a_second: {reason}");
-        return;
-    }
+    ftvm_channel::require_root!("xdp_link_down_for_a_second");
     let _serial = serial();
     let Link { hosts, a, b } = link("fx-cut");
     let records = 600_000;
@@ -341,10 +332,7 @@ fn xdp_link_down_for_a_second() {
 /// transport, the third by the channel's frame layer; the stream is unharmed.
 #[test]
 fn xdp_bad_frames_dropped_and_counted() {
-    if let Err(reason) = require_root() {
-        eprintln!("SKIP xdp_bad_frames_dropped_and_counted: {reason}");
-        return;
-    }
+    ftvm_channel::require_root!("xdp_bad_frames_dropped_and_counted");
     let _serial = serial();
     let Link { hosts, a, b } = link("fx-bad2");
     let sb: Arc<XdpStats> = b.stats();

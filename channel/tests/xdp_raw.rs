@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use ftvm_channel::netns::{require_root, HostPair, HostPairConfig};
+use ftvm_channel::netns::{HostPair, HostPairConfig};
 use ftvm_channel::xdp::{eth, AttachMode, XdpConfig, XdpTransport};
 use ftvm_channel::Transport;
 
@@ -81,10 +81,7 @@ fn stream(a: &mut XdpTransport, b: &mut XdpTransport, n: u64, window: u64) -> u6
 
 #[test]
 fn xdp_raw_frames_skb_and_drv() {
-    if let Err(reason) = require_root() {
-        eprintln!("SKIP xdp_raw_frames_skb_and_drv: {reason}");
-        return;
-    }
+    ftvm_channel::require_root!("xdp_raw_frames_skb_and_drv");
     let hosts = hosts("fx-raw");
     for attach in [AttachMode::Skb, AttachMode::Drv] {
         let mut a = open(&hosts, 'a', attach);
@@ -125,10 +122,7 @@ fn xdp_raw_frames_skb_and_drv() {
 /// A jumbo MTU gets page-sized UMEM frames and a matching `max_frame`.
 #[test]
 fn xdp_jumbo_mtu() {
-    if let Err(reason) = require_root() {
-        eprintln!("SKIP xdp_jumbo_mtu: {reason}");
-        return;
-    }
+    ftvm_channel::require_root!("xdp_jumbo_mtu");
     let mut cfg = HostPairConfig::with_prefix("fx-jumbo");
     cfg.mtu = Some(ftvm_channel::xdp::veth::VETH_MTU);
     let hosts = HostPair::create(&cfg).expect("create test hosts");
@@ -141,10 +135,7 @@ fn xdp_jumbo_mtu() {
 /// Frames with a wrong EtherType or too short are dropped and counted; ours still arrive.
 #[test]
 fn xdp_drops_foreign_and_short_frames() {
-    if let Err(reason) = require_root() {
-        eprintln!("SKIP xdp_drops_foreign_and_short_frames: {reason}");
-        return;
-    }
+    ftvm_channel::require_root!("xdp_drops_foreign_and_short_frames");
     let hosts = hosts("fx-bad");
     let mut b = open(&hosts, 'b', AttachMode::Skb);
     let cfg = hosts.config().clone();

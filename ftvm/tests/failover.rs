@@ -284,8 +284,18 @@ fn unreachable_arbiter_keeps_both_sides_from_going_live_until_it_returns() {
     std::fs::rename(&dir, &away).expect("move the arbiter directory away");
     s.primary.take().expect("primary").kill();
     load.mark(Instant::now());
-    std::thread::sleep(Duration::from_secs(2));
+    // The backup presumed the primary failed and is claiming the next generation: waiting.
     let backup = s.backup.as_mut().expect("backup");
+    assert!(
+        backup
+            .wait_line(
+                "arbiter unreachable: waiting, not going live",
+                Duration::from_secs(20)
+            )
+            .is_some(),
+        "the backup never tried the arbiter: {}",
+        backup.stderr_text()
+    );
     assert!(
         backup.try_status().is_none(),
         "the backup gave up: {}",

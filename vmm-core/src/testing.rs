@@ -1,8 +1,13 @@
 //! Hand-assembled test programs (x86-64 machine code) for tests and benchmarks that must not
-//! depend on the guest build, plus guards that skip when KVM is missing.
+//! depend on the guest build, plus guards that skip when KVM is missing (through [`skip`], the
+//! one `SKIP <test>: <reason>` line that `scripts/test.sh` counts).
 //!
 //! Every program starts with `movabs rax, 0xD000_0000` (the MMIO base) and addresses the
 //! system device relative to RAX.
+
+pub use ftvm_channel::skip;
+
+use std::time::Duration;
 
 use crate::devices::sys::{REG_CONSOLE_ADDR, REG_CONSOLE_LEN, REG_POWER_OFF};
 use crate::memory::MMIO_BASE;
@@ -112,26 +117,33 @@ impl Asm {
     }
 }
 
-/// Why a hardware-dependent test cannot run here, if it cannot.
+/// Why a hardware-dependent test cannot run here, if it cannot: `/dev/kvm` does not open, or
+/// is not the KVM a VM needs (the checks of [`crate::kvm::KvmContext::new`]: API version,
+/// capabilities, CPUID), so a device node that opens but is not KVM gives a SKIP line too.
 pub fn kvm_missing() -> Option<String> {
-    match kvm_ioctls::Kvm::new() {
+    match crate::kvm::KvmContext::new() {
         Ok(_) => None,
-        Err(e) => Some(format!("/dev/kvm not usable: {e}")),
+        Err(e) => Some(format!(
+            "/dev/kvm not usable: {}",
+            crate::ft::primary::error_chain(&e)
+        )),
     }
 }
 
 /// Prints `SKIP <test>: <program> not installed (Debian package <package>)` and returns true
 /// when `program` cannot be run (`<program> --version` fails to start).
 pub fn skip_without(test: &str, program: &str, package: &str) -> bool {
-    if std::process::Command::new(program)
+    skip::if_missing(test, program_missing(program, package))
+}
+
+/// Why `program` cannot be used here (`<program> --version` fails to start), if it cannot:
+/// `<program> not installed (Debian package <package>)`.
+pub fn program_missing(program: &str, package: &str) -> Option<String> {
+    let runs = std::process::Command::new(program)
         .arg("--version")
         .output()
-        .is_ok()
-    {
-        return false;
-    }
-    eprintln!("SKIP {test}: {program} not installed (Debian package {package})");
-    true
+        .is_ok();
+    (!runs).then(|| format!("{program} not installed (Debian package {package})"))
 }
 
 /// The lowest port [`loopback_ports`] hands out.
@@ -200,6 +212,47 @@ pub fn loopback_ports<const N: usize>() -> std::io::Result<[u16; N]> {
     Ok(ports)
 }
 
+/// What the scheduler did with a thread so far (`/proc/<tid>/schedstat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SchedStat {
+    /// Time it ran.
+    pub cpu: Duration,
+    /// Time it was ready to run but waited on a run queue: for other threads, for the
+    /// hypervisor, or for its cgroup's quota (a throttled group's threads stay queued).
+    pub run_queue_wait: Duration,
+}
+
+/// The scheduler's accounting of thread `tid` (of any process). Timing tests use the wait to
+/// tell a thread held up by the machine from one that did not want to run (a sleep is not a
+/// wait), and so excuse a timing excursion only on evidence.
+///
+/// # Errors
+/// The file is missing (the thread exited) or malformed.
+pub fn thread_schedstat(tid: i32) -> std::io::Result<SchedStat> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/schedstat"))?;
+    let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+    match (f.next().flatten(), f.next().flatten()) {
+        (Some(cpu), Some(wait)) => Ok(SchedStat {
+            cpu: Duration::from_nanos(cpu),
+            run_queue_wait: Duration::from_nanos(wait),
+        }),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad /proc/{tid}/schedstat: {text:?}"),
+        )),
+    }
+}
+
+/// Holds the tests of one test binary to one at a time (a process-wide lock; cargo runs the
+/// test binaries one after another). For tests that bound a wall-clock time or run failure
+/// detectors with short timeouts: on a 2-core machine two of them side by side starve each
+/// other's heartbeat threads, and a spurious failover looks like a bug. Take it first thing in
+/// the test (after its SKIP check); a test that panicked while holding it does not poison it.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Whether the process runs as root (needed for TAP devices and network namespaces).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -210,11 +263,71 @@ pub fn is_root() -> bool {
 #[macro_export]
 macro_rules! require_kvm {
     ($name:expr) => {
-        if let Some(reason) = $crate::testing::kvm_missing() {
-            eprintln!("SKIP {}: {}", $name, reason);
+        if $crate::testing::skip::if_missing($name, $crate::testing::kvm_missing()) {
             return;
         }
     };
+}
+
+/// An arbiter wrapper that counts the claims ([`Arbiter::try_acquire`]) refused because the
+/// store was unreachable: the event that proves a side is waiting for the arbiter, for tests
+/// that would otherwise sleep and then check that nothing happened.
+///
+/// [`Arbiter::try_acquire`]: crate::ft::arbiter::Arbiter::try_acquire
+#[derive(Debug)]
+pub struct CountingArbiter<A> {
+    inner: A,
+    unreachable: std::sync::atomic::AtomicU64,
+}
+
+impl<A: crate::ft::arbiter::Arbiter> CountingArbiter<A> {
+    /// Counts the unreachable claims made through `inner`.
+    pub fn new(inner: A) -> Self {
+        CountingArbiter {
+            inner,
+            unreachable: Default::default(),
+        }
+    }
+
+    /// Claims refused as unreachable so far.
+    pub fn unreachable(&self) -> u64 {
+        self.unreachable.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until `n` more claims than `since` were refused as unreachable; panics after
+    /// `limit` (nobody is trying the arbiter).
+    pub fn wait_unreachable(&self, since: u64, n: u64, limit: Duration) {
+        let start = std::time::Instant::now();
+        while self.unreachable() < since + n {
+            assert!(
+                start.elapsed() < limit,
+                "{} unreachable claims in {limit:?}, expected {n}",
+                self.unreachable() - since
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl<A: crate::ft::arbiter::Arbiter> crate::ft::arbiter::Arbiter for CountingArbiter<A> {
+    fn try_acquire(
+        &self,
+        generation: u64,
+        who: &crate::ft::node::NodeId,
+    ) -> Result<crate::ft::arbiter::Acquire, crate::ft::arbiter::ArbiterError> {
+        let r = self.inner.try_acquire(generation, who);
+        if matches!(&r, Err(e) if e.is_unreachable()) {
+            self.unreachable
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        r
+    }
+
+    fn current(
+        &self,
+    ) -> Result<Option<(u64, crate::ft::node::NodeId)>, crate::ft::arbiter::ArbiterError> {
+        self.inner.current()
+    }
 }
 
 /// A transport wrapper that withholds the frames its side receives while `stall` is set (on a
@@ -275,6 +388,21 @@ impl ftvm_channel::Transport for StallAcks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedstat_counts_a_spinning_threads_cpu() {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let a = thread_schedstat(tid).expect("schedstat");
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_millis(20) {
+            std::hint::spin_loop();
+        }
+        let b = thread_schedstat(tid).expect("schedstat");
+        assert!(b.cpu > a.cpu, "{a:?} -> {b:?}");
+        assert!(b.run_queue_wait >= a.run_queue_wait, "{a:?} -> {b:?}");
+        assert!(thread_schedstat(i32::MAX).is_err());
+    }
 
     #[test]
     fn loopback_ports_are_distinct_bindable_and_below_the_ephemeral_range() {

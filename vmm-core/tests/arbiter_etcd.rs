@@ -13,9 +13,10 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use arbiter_support::{child_role, env, have_program, id, unix_nanos, ChildGuard, EtcdCluster};
+use arbiter_support::{env, expect_child_role, id, unix_nanos, ChildGuard, EtcdCluster};
 use ftvm_vmm_core::ft::arbiter::{EtcdArbiter, EtcdConfig};
 use ftvm_vmm_core::ft::{acquire_with_retry, Acquire, Arbiter, RetryPolicy};
+use ftvm_vmm_core::testing::CountingArbiter;
 
 const ROUNDS: u64 = 30;
 /// Time between two rounds of the lockstep race, in microseconds.
@@ -23,11 +24,7 @@ const STEP_US: u64 = 20_000;
 
 /// Prints the SKIP line and returns false when etcd is missing.
 fn require_etcd(test: &str) -> bool {
-    if have_program("etcd") {
-        return true;
-    }
-    eprintln!("SKIP {test}: `etcd` not installed (Debian package etcd-server)");
-    false
+    !ftvm_vmm_core::testing::skip_without(test, "etcd", "etcd-server")
 }
 
 fn arbiter(endpoints: Vec<String>, prefix: &str, op_timeout: Duration) -> EtcdArbiter {
@@ -51,14 +48,13 @@ fn wait_ready(arb: &EtcdArbiter, limit: Duration) {
     }
 }
 
-/// Child-process entry point (does nothing in a normal test run): claims generations
+/// Child-process entry point (ignored in a normal test run): claims generations
 /// `1..=FTVM_ARB_ROUNDS` through etcd at `FTVM_ETCD_ENDPOINTS` as `FTVM_ARB_ID`, starting at
 /// wall-clock time `FTVM_ARB_START` plus `FTVM_ARB_STEP_US` per round (lockstep), printing `ARB <generation> won|lost <generation> <winner>`.
 #[test]
+#[ignore = "child process entry point, run by its parent test"]
 fn child_etcd_claimer() {
-    if child_role().as_deref() != Some("etcd-claimer") {
-        return;
-    }
+    expect_child_role("etcd-claimer");
     let endpoints = env("FTVM_ETCD_ENDPOINTS")
         .split(',')
         .map(str::to_string)
@@ -87,6 +83,7 @@ fn child_etcd_claimer() {
 
 #[test]
 fn etcd_two_processes_race_exactly_one_wins_and_stale_loses() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     if !require_etcd("etcd_two_processes_race_exactly_one_wins_and_stale_loses") {
         return;
     }
@@ -171,6 +168,7 @@ fn etcd_two_processes_race_exactly_one_wins_and_stale_loses() {
 
 #[test]
 fn etcd_down_waits_never_wins_then_wins_after_restart() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     if !require_etcd("etcd_down_waits_never_wins_then_wins_after_restart") {
         return;
     }
@@ -190,19 +188,22 @@ fn etcd_down_waits_never_wins_then_wins_after_restart() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
+    let counting = Arc::new(CountingArbiter::new(arb.clone()));
     {
-        let (arb, me, stop) = (arb.clone(), me.clone(), stop.clone());
+        let (counting, me, stop) = (counting.clone(), me.clone(), stop.clone());
         thread::spawn(move || {
             let policy = RetryPolicy {
                 initial: Duration::from_millis(20),
                 max: Duration::from_millis(200),
             };
-            let r = acquire_with_retry(&*arb, 2, &me, policy, || stop.load(Ordering::Relaxed));
+            let r = acquire_with_retry(&*counting, 2, &me, policy, || stop.load(Ordering::Relaxed));
             let _ = tx.send(r);
         });
     }
+    // It keeps trying (claims refused as unreachable) and does not return.
+    counting.wait_unreachable(0, 3, Duration::from_secs(20));
     assert!(
-        rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+        matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty)),
         "returned while etcd was down"
     );
 
@@ -222,6 +223,7 @@ fn etcd_down_waits_never_wins_then_wins_after_restart() {
 
 #[test]
 fn etcd_three_members_one_down_still_decides_two_down_waits() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     if !require_etcd("etcd_three_members_one_down_still_decides_two_down_waits") {
         return;
     }

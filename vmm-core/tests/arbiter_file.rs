@@ -11,24 +11,24 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
-use arbiter_support::{child_role, env, id, unix_nanos, ChildGuard};
+use arbiter_support::{env, expect_child_role, id, unix_nanos, ChildGuard};
 use ftvm_vmm_core::ft::{
     acquire_with_retry, Acquire, Arbiter, ArbiterError, FileArbiter, NodeId, RetryPolicy,
 };
+use ftvm_vmm_core::testing::CountingArbiter;
 
 const ROUNDS: u64 = 200;
 /// Time between two rounds of the lockstep race, in microseconds.
 const STEP_US: u64 = 5_000;
 
-/// Child-process entry point (does nothing in a normal test run): claims generations
+/// Child-process entry point (ignored in a normal test run): claims generations
 /// `1..=FTVM_ARB_ROUNDS` on `FTVM_ARB_DIR` as `FTVM_ARB_ID`, starting at wall-clock time
 /// `FTVM_ARB_START` (ns) plus `FTVM_ARB_STEP_US` per round (lockstep), and prints one `ARB <generation> won|lost <generation> <winner>` line
 /// per claim.
 #[test]
+#[ignore = "child process entry point, run by its parent test"]
 fn child_file_claimer() {
-    if child_role().as_deref() != Some("file-claimer") {
-        return;
-    }
+    expect_child_role("file-claimer");
     let arbiter = FileArbiter::new(env("FTVM_ARB_DIR"));
     let me = id(&env("FTVM_ARB_ID"));
     let rounds: u64 = env("FTVM_ARB_ROUNDS").parse().expect("rounds");
@@ -93,6 +93,7 @@ fn parse_outcomes(lines: &[String]) -> BTreeMap<u64, Seen> {
 
 #[test]
 fn file_two_processes_race_exactly_one_wins_each_generation() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let dir = tempfile::tempdir().expect("temp dir");
     let start = unix_nanos() + 300_000_000; // both start together, 300 ms from now
     let a = spawn_claimer(dir.path(), "proc-a", 1, ROUNDS, start);
@@ -141,6 +142,7 @@ fn file_two_processes_race_exactly_one_wins_each_generation() {
 
 #[test]
 fn file_stale_generation_loses() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let dir = tempfile::tempdir().expect("temp dir");
     // Another process takes generations 5..=7.
     let other = spawn_claimer(dir.path(), "proc-new", 5, 3, 0);
@@ -163,15 +165,29 @@ fn file_stale_generation_loses() {
     assert_eq!(arbiter.current().expect("current"), Some((8, me)));
 }
 
-/// Runs `acquire_with_retry` for generation 1 on a thread; returns the stop flag and a receiver
-/// of the outcome.
-fn retry_in_background(
-    arbiter: FileArbiter,
-    who: NodeId,
-) -> (
-    Arc<AtomicBool>,
-    mpsc::Receiver<Result<Acquire, ArbiterError>>,
-) {
+/// A claim retried in the background ([`retry_in_background`]).
+struct Retrying {
+    stop: Arc<AtomicBool>,
+    outcome: mpsc::Receiver<Result<Acquire, ArbiterError>>,
+    arbiter: Arc<CountingArbiter<FileArbiter>>,
+}
+
+impl Retrying {
+    /// Asserts that the claim is still waiting: `n` more of its attempts were refused as
+    /// unreachable (the event that shows it tried, rather than a sleep), and it has not
+    /// returned.
+    fn assert_waiting(&self, n: u64, what: &str) {
+        self.arbiter
+            .wait_unreachable(self.arbiter.unreachable(), n, Duration::from_secs(10));
+        assert!(
+            matches!(self.outcome.try_recv(), Err(mpsc::TryRecvError::Empty)),
+            "returned {what}"
+        );
+    }
+}
+
+/// Runs `acquire_with_retry` for `generation` on a thread.
+fn retry_in_background(arbiter: FileArbiter, generation: u64, who: NodeId) -> Retrying {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
     let flag = stop.clone();
@@ -179,15 +195,24 @@ fn retry_in_background(
         initial: Duration::from_millis(5),
         max: Duration::from_millis(50),
     };
+    let counting = Arc::new(CountingArbiter::new(arbiter));
+    let a = counting.clone();
     thread::spawn(move || {
-        let r = acquire_with_retry(&arbiter, 1, &who, policy, || flag.load(Ordering::Relaxed));
+        let r = acquire_with_retry(&*a, generation, &who, policy, || {
+            flag.load(Ordering::Relaxed)
+        });
         let _ = tx.send(r);
     });
-    (stop, rx)
+    Retrying {
+        stop,
+        outcome: rx,
+        arbiter: counting,
+    }
 }
 
 #[test]
 fn file_unreachable_directory_waits_then_wins() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let root = tempfile::tempdir().expect("temp dir");
     let share = root.path().join("share");
     let away = root.path().join("away");
@@ -199,11 +224,8 @@ fn file_unreachable_directory_waits_then_wins() {
     fs::rename(&share, &away).expect("rename away");
     let err = arbiter.try_acquire(1, &me).expect_err("gone");
     assert!(err.is_unreachable(), "{err:?}");
-    let (stop, outcome) = retry_in_background(arbiter.clone(), me.clone());
-    assert!(
-        outcome.recv_timeout(Duration::from_millis(400)).is_err(),
-        "returned while the directory was gone"
-    );
+    let retrying = retry_in_background(arbiter.clone(), 1, me.clone());
+    retrying.assert_waiting(5, "while the directory was gone");
     assert!(!share.exists(), "the arbiter created the missing directory");
 
     // A regular file where the directory was (a stale mount point gone wrong): still waiting.
@@ -212,24 +234,23 @@ fn file_unreachable_directory_waits_then_wins() {
         .try_acquire(1, &me)
         .expect_err("file")
         .is_unreachable());
-    assert!(
-        outcome.recv_timeout(Duration::from_millis(300)).is_err(),
-        "returned while the path was a file"
-    );
+    retrying.assert_waiting(3, "while the path was a file");
 
     // The directory comes back: the waiting claim completes and wins.
     fs::remove_file(&share).expect("rm file");
     fs::rename(&away, &share).expect("rename back");
-    let r = outcome
+    let r = retrying
+        .outcome
         .recv_timeout(Duration::from_secs(5))
         .expect("claim completed after the directory returned");
     assert_eq!(r.expect("claim"), Acquire::Won);
     assert_eq!(arbiter.current().expect("current"), Some((1, me)));
-    stop.store(true, Ordering::Relaxed);
+    retrying.stop.store(true, Ordering::Relaxed);
 }
 
 #[test]
 fn file_unreachable_side_loses_to_the_side_that_could_reach_it() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let root = tempfile::tempdir().expect("temp dir");
     let share = root.path().join("share");
     let away = root.path().join("away");
@@ -239,18 +260,16 @@ fn file_unreachable_side_loses_to_the_side_that_could_reach_it() {
     // We lose access; meanwhile another process, which still reaches the storage (at its
     // other path), wins generation 1.
     fs::rename(&share, &away).expect("rename away");
-    let (stop, outcome) = retry_in_background(arbiter.clone(), id("cut-off"));
+    let retrying = retry_in_background(arbiter.clone(), 1, id("cut-off"));
     let other = spawn_claimer(&away, "reached-it", 1, 1, 0);
     let seen = parse_outcomes(&other.collect("ARB ", Duration::from_secs(30)));
     assert_eq!(seen[&1], Seen::Won);
-    assert!(
-        outcome.recv_timeout(Duration::from_millis(300)).is_err(),
-        "returned while the directory was gone"
-    );
+    retrying.assert_waiting(3, "while the directory was gone");
 
     // Access returns: our waiting claim must lose, never win.
     fs::rename(&away, &share).expect("rename back");
-    let r = outcome
+    let r = retrying
+        .outcome
         .recv_timeout(Duration::from_secs(5))
         .expect("claim completed");
     assert_eq!(
@@ -260,17 +279,19 @@ fn file_unreachable_side_loses_to_the_side_that_could_reach_it() {
             winner: id("reached-it")
         }
     );
-    stop.store(true, Ordering::Relaxed);
+    retrying.stop.store(true, Ordering::Relaxed);
 }
 
 #[test]
 fn file_retry_can_be_stopped_while_unreachable() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let root = tempfile::tempdir().expect("temp dir");
     let arbiter = FileArbiter::new(root.path().join("never-mounted"));
-    let (stop, outcome) = retry_in_background(arbiter, id("a"));
-    assert!(outcome.recv_timeout(Duration::from_millis(200)).is_err());
-    stop.store(true, Ordering::Relaxed);
-    let r = outcome
+    let retrying = retry_in_background(arbiter, 1, id("a"));
+    retrying.assert_waiting(3, "while the directory was never there");
+    retrying.stop.store(true, Ordering::Relaxed);
+    let r = retrying
+        .outcome
         .recv_timeout(Duration::from_secs(2))
         .expect("stopped");
     assert!(matches!(r, Err(ArbiterError::Stopped)), "{r:?}");
@@ -282,7 +303,7 @@ struct ReadOnlyMount {
 }
 
 impl ReadOnlyMount {
-    /// `None` (after printing why) where bind mounts are not allowed.
+    /// `None` when the mounts fail.
     fn new(path: &Path) -> Option<Self> {
         let run = |args: &[&str]| {
             std::process::Command::new(args[0])
@@ -314,6 +335,12 @@ impl Drop for ReadOnlyMount {
 
 #[test]
 fn file_read_only_directory_waits_then_wins() {
+    const TEST: &str = "file_read_only_directory_waits_then_wins";
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    // Bind mounts need root; as root they must work.
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, ftvm_channel::netns::require_root().err()) {
+        return;
+    }
     let root = tempfile::tempdir().expect("temp dir");
     let share = root.path().join("share");
     fs::create_dir(&share).expect("mkdir");
@@ -324,38 +351,19 @@ fn file_read_only_directory_waits_then_wins() {
         Acquire::Won
     );
 
-    let Some(mount) = ReadOnlyMount::new(&share) else {
-        eprintln!("SKIP file_read_only_directory_waits_then_wins: cannot bind-mount (needs root)");
-        return;
-    };
+    let mount = ReadOnlyMount::new(&share).expect("a read-only bind mount (as root)");
     // Readable but not writable (a storage server exporting read-only after an error).
     assert_eq!(arbiter.current().expect("readable"), Some((1, id("old"))));
     let err = arbiter.try_acquire(2, &me).expect_err("read-only");
     assert!(err.is_unreachable(), "{err:?}");
-    let (stop, outcome) = {
-        // Generation 2 this time: the retry helper in this file claims generation 1.
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
-        let (arbiter, me, flag) = (arbiter.clone(), me.clone(), stop.clone());
-        thread::spawn(move || {
-            let policy = RetryPolicy {
-                initial: Duration::from_millis(5),
-                max: Duration::from_millis(50),
-            };
-            let r = acquire_with_retry(&arbiter, 2, &me, policy, || flag.load(Ordering::Relaxed));
-            let _ = tx.send(r);
-        });
-        (stop, rx)
-    };
-    assert!(
-        outcome.recv_timeout(Duration::from_millis(400)).is_err(),
-        "returned while the directory was read-only"
-    );
+    let retrying = retry_in_background(arbiter.clone(), 2, me.clone());
+    retrying.assert_waiting(5, "while the directory was read-only");
     drop(mount);
-    let r = outcome
+    let r = retrying
+        .outcome
         .recv_timeout(Duration::from_secs(5))
         .expect("claim completed after the directory became writable");
     assert_eq!(r.expect("claim"), Acquire::Won);
     assert_eq!(arbiter.current().expect("current"), Some((2, me)));
-    stop.store(true, Ordering::Relaxed);
+    retrying.stop.store(true, Ordering::Relaxed);
 }

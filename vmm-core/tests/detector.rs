@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use arbiter_support::{child_role, env, free_ports, ChildGuard};
+use arbiter_support::{env, expect_child_role, free_ports, ChildGuard};
 use ftvm_vmm_core::ft::{Detector, DetectorConfig, DetectorEvent, Fence, PeerState, Role};
 
 const INTERVAL: Duration = Duration::from_millis(10);
@@ -72,13 +72,12 @@ fn wait_heard(d: &Detector, n: u64) {
     }
 }
 
-/// Child-process entry point (does nothing in a normal test run): a primary's detector on
+/// Child-process entry point (ignored in a normal test run): a primary's detector on
 /// `FTVM_DET_BIND` beating towards `FTVM_DET_PEER` until killed (or 30 s).
 #[test]
+#[ignore = "child process entry point, run by its parent test"]
 fn child_detector_peer() {
-    if child_role().as_deref() != Some("detector-peer") {
-        return;
-    }
+    expect_child_role("detector-peer");
     let bind: u16 = env("FTVM_DET_BIND").parse().expect("port");
     let peer: u16 = env("FTVM_DET_PEER").parse().expect("port");
     let d = Detector::spawn(config(bind, peer, Role::Primary), Fence::new(1), |_| {})
@@ -89,6 +88,7 @@ fn child_detector_peer() {
 
 #[test]
 fn detector_declares_sigkilled_peer_process_failed_within_timeout() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     // The ports come from below the ephemeral range, so a test running in parallel cannot take
     // one before the detector binds it, as a port found by binding port 0 could (CI,
     // 2026-12-02, `Bind { .., AddrInUse }`).
@@ -150,6 +150,7 @@ fn detector_declares_sigkilled_peer_process_failed_within_timeout() {
 
 #[test]
 fn detector_detection_time_over_repeated_stops() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     // Five in-process trials: stop one side, measure the other's detection time.
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -184,6 +185,7 @@ fn detector_detection_time_over_repeated_stops() {
 
 #[test]
 fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     // The peer's heartbeat port is bound but never sends: only traffic notes show life.
     let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let silent_port = silent.local_addr().expect("addr").port();
@@ -228,6 +230,7 @@ fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
 
 #[test]
 fn detector_ignores_old_generation_heartbeats() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     // We are in generation 2; the peer still beats in generation 1 (a superseded primary).
     let stale_fence = Fence::new(1);
     let [a, b] = free_ports();
@@ -278,6 +281,7 @@ fn detector_ignores_old_generation_heartbeats() {
 
 #[test]
 fn detector_reports_two_live_roles_and_drops_foreign_datagrams() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let [a, b] = free_ports();
     let (d, rx) = detector(a, b, Role::Primary, Fence::new(1));
     // Garbage and a heartbeat-sized datagram from a stranger are dropped.

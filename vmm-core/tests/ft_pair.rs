@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, TransportError};
 use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader, Tamper};
 use ftvm_vmm_core::ft::digest::pairing_digest;
 use ftvm_vmm_core::ft::log::Entry;
@@ -364,19 +364,24 @@ fn ft_different_initial_state_refuses_to_pair() {
         backup_cmdline: Some("size=256k rounds=4 seed=4 timing".into()),
         ..Default::default()
     });
-    assert!(
-        matches!(o.primary, Err(PairError::Channel(_))),
-        "{:?}",
-        o.primary.err()
-    );
-    assert!(matches!(o.backup, Err(PairError::Channel(_))));
+    // Both sides refuse at the handshake, for the digest (the channel's setup errors carry
+    // their reason as text).
+    for (side, r) in [
+        ("primary", o.primary.map(|_| ())),
+        ("backup", o.backup.map(|_| ())),
+    ] {
+        match r {
+            Err(PairError::Channel(TransportError::Setup { what }))
+                if what.contains("pairing digest mismatch") => {}
+            other => panic!("{side}: expected a pairing digest mismatch, got {other:?}"),
+        }
+    }
 }
 
 #[test]
 fn ft_kv_transmits_wait_for_stalled_acks() {
     const TEST: &str = "ft_kv_transmits_wait_for_stalled_acks";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, common::net_missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -411,6 +416,7 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
     };
     let (console, pbuf) = buffer_console();
     let pconsole = pbuf.clone();
+    let (net_tx, net_rx) = std::sync::mpsc::channel();
     let primary = ns
         .spawn("ft-primary", move || {
             let cfg = VmConfig {
@@ -422,6 +428,7 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
                 ..Default::default()
             };
             let mut vm = Vm::new(&cfg, elf).expect("primary vm");
+            net_tx.send(vm.net().cloned()).expect("net handle");
             let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
             let sender = LogSender::start(p, c, Box::new(t), pcfg, PollerConfig::default())?;
             let writer = LogWriter::new(sender, Default::default());
@@ -434,9 +441,11 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
             Ok::<_, PairError>((r, tx))
         })
         .expect("spawn primary");
+    let net = net_rx.recv().expect("net handle").expect("net device");
     common::wait_ready_with(&ns, &pconsole);
     // Withhold the acks: the reply to PING (any frame of it: SYN-ACK, data) must wait.
     stall.store(true, Ordering::Release);
+    let (stalled_at, gated0) = (Instant::now(), net.tx_counters().gated);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let ns_name = ns.name().to_string();
     let client = std::thread::spawn(move || {
@@ -449,10 +458,26 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
             String::from_utf8_lossy(&out.stdout).trim().to_string(),
         )
     });
-    std::thread::sleep(Duration::from_millis(700));
-    assert!(
-        done_rx.try_recv().is_err(),
-        "the guest's reply reached the client while the acks were withheld"
+    // The guest answered (a frame went to the output gate), and the client has nothing...
+    while net.tx_counters().gated == gated0 {
+        assert!(
+            stalled_at.elapsed() < Duration::from_secs(10),
+            "the guest never answered the client"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let answered = Instant::now();
+    // ...nor after the acks were held 700 ms more.
+    for _ in 0..2 {
+        assert!(
+            done_rx.try_recv().is_err(),
+            "the guest's reply reached the client while the acks were withheld"
+        );
+        std::thread::sleep(Duration::from_millis(700).saturating_sub(answered.elapsed()));
+    }
+    eprintln!(
+        "ft_kv_transmits_wait_for_stalled_acks: the guest answered {:?} into the stall",
+        answered - stalled_at
     );
     stall.store(false, Ordering::Release);
     let (elapsed, reply) = client.join().expect("client");

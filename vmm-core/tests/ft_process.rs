@@ -145,8 +145,7 @@ fn ft_processes_kv_under_redis_benchmark() {
     let Some(bin) = ftvm_binary(TEST) else {
         return;
     };
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, common::net_missing()) {
         return;
     }
     if ftvm_vmm_core::testing::skip_without(TEST, "redis-benchmark", "redis-tools") {

@@ -34,7 +34,7 @@ use ftvm_vmm_core::ft::log::Entry;
 use ftvm_vmm_core::ft::node::NodeId;
 use ftvm_vmm_core::ft::output::Sink;
 use ftvm_vmm_core::ft::primary::{LogWriter, PairError, PairOptions, PrimaryHooks};
-use ftvm_vmm_core::testing::StallAcks;
+use ftvm_vmm_core::testing::{CountingArbiter, StallAcks};
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 use ftvm_vmm_core::{guests, require_kvm};
 
@@ -152,6 +152,8 @@ struct Running {
     backup_vm: VmControl,
     primary_console: Collected,
     backup_console: Collected,
+    /// What the backup's guest printed while replaying (the primary's guest printed it too).
+    backup_replayed: Arc<Mutex<Vec<u8>>>,
     stall: Arc<AtomicBool>,
 }
 
@@ -164,8 +166,9 @@ fn start(spec: PairSpec) -> Running {
     let bc = backup_console.clone();
     let bft = spec.backup_ft;
     let tamper = spec.tamper;
+    let (cfg, backup_replayed) = vm_config();
+    let buf = Arc::clone(&backup_replayed);
     let backup = std::thread::spawn(move || {
-        let (cfg, buf) = vm_config();
         let mut vm = Vm::new(&cfg, elf).expect("backup vm");
         btx.send(vm.control()).expect("report control");
         let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
@@ -221,6 +224,7 @@ fn start(spec: PairSpec) -> Running {
         backup_vm,
         primary_console,
         backup_console,
+        backup_replayed,
         stall,
     }
 }
@@ -234,6 +238,19 @@ fn current(arbiter: &Arc<dyn Arbiter>) -> Option<(u64, String)> {
         .current()
         .expect("arbiter reachable")
         .map(|(g, w)| (g, w.to_string()))
+}
+
+/// Waits (at most 20 s) until the backup replayed the guest's first line: the primary's guest
+/// printed it, and the primary holds it until it is acknowledged.
+fn wait_first_line_replayed(r: &Running) {
+    let t = Instant::now();
+    while !r.backup_replayed.lock().unwrap().contains(&b'\n') {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the guest printed nothing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Waits until the primary holds generation 1 and has run a while.
@@ -250,6 +267,7 @@ fn wait_started(r: &Running, arbiter: &Arc<dyn Arbiter>) {
 
 #[test]
 fn golive_backup_takes_over_when_the_primary_crashes() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     require_kvm!("golive_backup_takes_over_when_the_primary_crashes");
     let expected = expected_checksum();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -345,6 +363,7 @@ fn golive_backup_refuses_to_go_live_when_a_drained_output_differs() {
 
 #[test]
 fn golive_primary_goes_alone_when_the_backup_crashes() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     require_kvm!("golive_primary_goes_alone_when_the_backup_crashes");
     let expected = expected_checksum();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -354,12 +373,17 @@ fn golive_primary_goes_alone_when_the_backup_crashes() {
     spec.stall_acks = true;
     let r = start(spec);
     wait_started(&r, &arbiter);
-    std::thread::sleep(Duration::from_millis(300));
+    // The guest printed its first line (the backup replayed it), and the primary holds it.
+    wait_first_line_replayed(&r);
     assert_eq!(r.primary_console.text(), "", "released without an ack");
     // Crash the backup.
     r.backup_vm.kick();
     let b = r.backup.join().expect("backup thread");
-    assert!(b.is_err(), "{}", brief(&b, backup_kind));
+    assert!(
+        matches!(b, Err(PairError::Paused(_))),
+        "{}",
+        brief(&b, backup_kind)
+    );
     let p = r.primary.join().expect("primary thread").expect("primary");
     let alone = p.alone.expect("the primary went alone");
     assert_eq!((alone.generation, p.generation), (2, 2));
@@ -406,24 +430,33 @@ impl Drop for Outage {
 
 #[test]
 fn golive_backup_waits_for_an_unreachable_arbiter() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     require_kvm!("golive_backup_waits_for_an_unreachable_arbiter");
     let expected = expected_checksum();
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path().join("arbiter");
     std::fs::create_dir(&dir).expect("arbiter dir");
-    let arbiter = file_arbiter(&dir);
+    let counting = Arc::new(CountingArbiter::new(file_arbiter(&dir)));
+    let arbiter: Arc<dyn Arbiter> = counting.clone();
     let r = start(PairSpec::new(Arc::clone(&arbiter)));
     wait_started(&r, &arbiter);
     std::thread::sleep(Duration::from_millis(200));
     let outage = Outage::start(&dir);
     assert!(
-        arbiter.current().is_err(),
+        arbiter.current().is_err_and(|e| e.is_unreachable()),
         "the outage must make it unreachable"
     );
+    let since = counting.unreachable();
     r.primary_vm.kick();
-    assert!(r.primary.join().expect("primary thread").is_err());
-    // Well past detection: the backup must still be waiting.
-    std::thread::sleep(Duration::from_millis(1000));
+    let p = r.primary.join().expect("primary thread");
+    assert!(
+        matches!(p, Err(PairError::Paused(_))),
+        "{}",
+        brief(&p, |r| format!("alone {:?}", r.alone))
+    );
+    // The backup detected the failure and is claiming the next generation: its claims fail
+    // (unreachable) and it keeps waiting.
+    counting.wait_unreachable(since, 5, Duration::from_secs(10));
     assert!(
         r.backup_console.first_at().is_none(),
         "live without the arbiter"
@@ -450,6 +483,7 @@ fn golive_backup_waits_for_an_unreachable_arbiter() {
 
 #[test]
 fn golive_primary_that_lost_the_arbiter_releases_nothing() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     require_kvm!("golive_primary_that_lost_the_arbiter_releases_nothing");
     let dir = tempfile::tempdir().expect("tempdir");
     let arbiter = file_arbiter(dir.path());
@@ -466,7 +500,10 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
         assert!(t.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(1));
     }
-    // The backup wins generation 2 first (as if it had gone live).
+    // The guest printed a line the primary holds (the backup replayed it: a loaded suite run
+    // once fenced the primary before its guest had printed anything)...
+    wait_first_line_replayed(&r);
+    // ...and the backup wins generation 2 first (as if it had gone live).
     let backup = NodeId::new("backup").expect("id");
     assert!(arbiter.try_acquire(2, &backup).expect("acquire").is_won());
     let p = r.primary.join().expect("primary thread");
@@ -479,9 +516,8 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
             brief(other, |r| format!("alone {:?}", r.alone))
         ),
     }
-    // Acknowledgements flow again: still nothing may come out of the fenced primary.
-    r.stall.store(false, Ordering::Release);
-    std::thread::sleep(Duration::from_millis(100));
+    // The primary has returned (its output releaser with it) holding every line: nothing came
+    // out of the fenced primary.
     assert_eq!(
         r.primary_console.text(),
         "",
@@ -501,6 +537,7 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
 
 #[test]
 fn golive_stale_primary_is_refused_and_the_backup_runs_the_guest() {
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     require_kvm!("golive_stale_primary_is_refused_and_the_backup_runs_the_guest");
     let expected = expected_checksum();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -542,8 +579,8 @@ fn golive_stale_primary_is_refused_and_the_backup_runs_the_guest() {
 #[test]
 fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
     const TEST: &str = "golive_kv_keeps_its_data_and_address_after_the_primary_crashes";
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, common::net_missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

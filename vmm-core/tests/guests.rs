@@ -65,8 +65,10 @@ fn cpu_guest_bad_cmdline_exits_2() {
 
 #[test]
 fn stream_guest_sinks_sources_and_reports() {
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP stream_guest_sinks_sources_and_reports: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(
+        "stream_guest_sinks_sources_and_reports",
+        common::net_missing(),
+    ) {
         return;
     }
     let ns = common::namespace("stream");

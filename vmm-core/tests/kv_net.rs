@@ -19,8 +19,7 @@ fn disk(dir: &tempfile::TempDir) -> std::path::PathBuf {
 
 #[test]
 fn redis_cli_set_get_incr() {
-    if let Some(r) = net_missing() {
-        eprintln!("SKIP redis_cli_set_get_incr: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing("redis_cli_set_get_incr", net_missing()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -39,8 +38,10 @@ fn redis_cli_set_get_incr() {
 
 #[test]
 fn kv_data_survives_a_restart_from_the_same_disk() {
-    if let Some(r) = net_missing() {
-        eprintln!("SKIP kv_data_survives_a_restart_from_the_same_disk: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(
+        "kv_data_survives_a_restart_from_the_same_disk",
+        net_missing(),
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

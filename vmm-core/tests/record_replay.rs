@@ -9,8 +9,10 @@ use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig};
 
 #[test]
 fn kv_session_replays_to_the_same_state() {
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP kv_session_replays_to_the_same_state: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(
+        "kv_session_replays_to_the_same_state",
+        common::net_missing(),
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -49,8 +49,7 @@ use common::{free_port, ftvm_binary, report};
 /// How every test here with a network starts: a SKIP line without KVM or root; else a
 /// temporary directory, a blank shared image in it and a namespace (`tag`) with the TAP.
 fn shared_setup(test: &str, tag: &str) -> Option<(tempfile::TempDir, PathBuf, Netns)> {
-    if let Some(r) = common::net_missing() {
-        eprintln!("SKIP {test}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(test, common::net_missing()) {
         return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -212,6 +211,7 @@ fn kv_pair(
 #[test]
 fn shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes() {
     const TEST: &str = "shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes";
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdpair") else {
         return;
     };
@@ -282,6 +282,7 @@ fn shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes() {
 #[test]
 fn shared_disk_write_waits_for_stalled_acks() {
     const TEST: &str = "shared_disk_write_waits_for_stalled_acks";
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let Some((_dir, disk, ns)) = shared_setup(TEST, "sdstall") else {
         return;
     };
@@ -430,6 +431,7 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
 fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes() {
     const TEST: &str =
         "shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes";
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdlive") else {
         return;
     };
@@ -557,6 +559,7 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
 #[test]
 fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
     const TEST: &str = "shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes";
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdalone") else {
         return;
     };
@@ -619,6 +622,7 @@ fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
 fn shared_disk_write_fenced_off_by_a_newer_owner_stops_both_sides_as_superseded() {
     const TEST: &str =
         "shared_disk_write_fenced_off_by_a_newer_owner_stops_both_sides_as_superseded";
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdfence") else {
         return;
     };
@@ -740,8 +744,8 @@ fn step_until(vm: &mut Vm, what: &str, done: impl Fn(&Vm) -> bool) {
 #[test]
 fn shared_disk_go_live_inside_a_disk_exit_completes_the_request() {
     const TEST: &str = "shared_disk_go_live_inside_a_disk_exit_completes_the_request";
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, ftvm_vmm_core::testing::kvm_missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -823,6 +827,7 @@ fn shared_disk_go_live_inside_a_disk_exit_completes_the_request() {
 #[test]
 fn shared_disk_processes_refuse_a_mode_mismatch() {
     const TEST: &str = "shared_disk_processes_refuse_a_mode_mismatch";
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let Some(bin) = ftvm_binary(TEST) else {
         return;
     };
@@ -884,6 +889,7 @@ fn shared_disk_processes_refuse_a_mode_mismatch() {
 #[test]
 fn shared_disk_processes_kv_under_redis_benchmark() {
     const TEST: &str = "shared_disk_processes_kv_under_redis_benchmark";
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let Some(bin) = ftvm_binary(TEST) else {
         return;
     };

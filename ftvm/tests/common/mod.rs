@@ -5,7 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ftvm::client::{CheckReport, Checker, Load, LoadConfig, RespConn};
@@ -28,13 +28,7 @@ pub fn ftvm_bin() -> PathBuf {
 
 /// Prints `SKIP <test>: <reason>` and returns true when the scenario cannot run here.
 pub fn skip(test: &str) -> bool {
-    match ftvm::scenario::missing() {
-        Some(r) => {
-            eprintln!("SKIP {test}: {r}");
-            true
-        }
-        None => false,
-    }
+    ftvm_vmm_core::testing::skip::if_missing(test, ftvm::scenario::missing())
 }
 
 #[allow(unused_imports)] // not every test file uses it
@@ -43,8 +37,7 @@ pub use ftvm_vmm_core::testing::skip_without;
 /// One scenario at a time: two VMs per test already fill this 2-core machine, and a starved
 /// heartbeat thread would look like a failure.
 pub fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    ftvm_vmm_core::testing::one_at_a_time()
 }
 
 /// A scenario configuration for `tag` (transport shm, file arbiter, children log at info).

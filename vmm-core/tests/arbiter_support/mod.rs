@@ -17,6 +17,18 @@ pub fn child_role() -> Option<String> {
     std::env::var(CHILD_ENV).ok()
 }
 
+/// In a child entry point (`#[ignore]`d: not a test of its own, in the normal run it would
+/// pass without checking anything; its parent runs it with [`ChildGuard::spawn_test`]): panics unless this process was started in child role `role`
+/// (a child entry run by hand, e.g. with `--ignored`, fails instead of passing).
+pub fn expect_child_role(role: &str) {
+    let got = child_role();
+    assert_eq!(
+        got.as_deref(),
+        Some(role),
+        "a child entry point: its parent test starts it with {CHILD_ENV}={role}"
+    );
+}
+
 /// Reads a required environment variable of a child.
 pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("child needs {name}"))
@@ -30,16 +42,23 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
-    /// Re-runs this test binary with only `test` (an exact test name) selected, in child role
-    /// `role`, with extra environment `envs`. Its stdout is piped.
+    /// Re-runs this test binary with only `test` (the exact name of an `#[ignore]`d child entry
+    /// point) selected, in child role `role`, with extra environment `envs`. Its stdout is
+    /// piped.
     pub fn spawn_test(test: &str, role: &str, envs: &[(&str, String)]) -> Self {
         let exe = std::env::current_exe().expect("current exe");
         let mut cmd = Command::new(exe);
-        cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, role)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, role)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -109,12 +128,6 @@ impl Drop for ChildGuard {
 /// [`ftvm_vmm_core::testing::loopback_ports`].
 pub fn free_ports<const N: usize>() -> [u16; N] {
     ftvm_vmm_core::testing::loopback_ports().expect("free loopback ports")
-}
-
-/// Whether `program` is on the PATH.
-pub fn have_program(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// One local etcd member (loopback only), killed on drop. Its data directory lives in a temp

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_channel::netns::Netns;
 use ftvm_vmm_core::devices::ConsoleOutput;
+use ftvm_vmm_core::testing::skip;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 
 /// A blank 8 MiB disk image `name` in `dir`.
@@ -199,8 +200,7 @@ pub fn wait_ready_with(ns: &Netns, console: &std::sync::Arc<std::sync::Mutex<Vec
 /// The `ftvm` binary of this test's target directory (`cargo build -p ftvm`; `cargo test
 /// --workspace` builds it); prints SKIP and returns `None` without KVM or the binary.
 pub fn ftvm_binary(test: &str) -> Option<PathBuf> {
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
-        eprintln!("SKIP {test}: {r}");
+    if skip::if_missing(test, ftvm_vmm_core::testing::kvm_missing()) {
         return None;
     }
     let exe = std::env::current_exe().ok()?;
@@ -208,9 +208,9 @@ pub fn ftvm_binary(test: &str) -> Option<PathBuf> {
     if bin.exists() {
         Some(bin)
     } else {
-        eprintln!(
-            "SKIP {test}: {} not built (cargo build -p ftvm)",
-            bin.display()
+        skip::skip(
+            test,
+            format_args!("{} not built (cargo build -p ftvm)", bin.display()),
         );
         None
     }

@@ -495,14 +495,7 @@ mod tests {
     /// Waits (at most 15 s) until `arb` answers a read.
     /// Prints the SKIP line and returns true when the `etcd` binary is missing.
     fn skip_without_etcd(test: &str) -> bool {
-        let missing = std::process::Command::new("etcd")
-            .arg("--version")
-            .output()
-            .is_err();
-        if missing {
-            eprintln!("SKIP {test}: etcd not installed (Debian package etcd-server)");
-        }
-        missing
+        crate::testing::skip_without(test, "etcd", "etcd-server")
     }
 
     fn wait_answers(arb: &EtcdArbiter) {
@@ -519,6 +512,8 @@ mod tests {
     /// is the client's move between endpoints.)
     #[test]
     fn crashed_endpoint_with_a_cached_connection_is_skipped_at_once() {
+        // Bounds a time or a CPU share: one at a time with the other such tests.
+        let _one = crate::testing::one_at_a_time();
         const TEST: &str = "crashed_endpoint_with_a_cached_connection_is_skipped_at_once";
         if skip_without_etcd(TEST) {
             return;
@@ -529,11 +524,13 @@ mod tests {
         // No hedging: a slow first answer (a loaded machine) must not make the second endpoint
         // the preferred one before the crash; what is tested is the move after a failure.
         config.hedge_after = config.op_timeout;
+        // Both members answer before the arbiter under test connects: were the first still
+        // starting (a loaded machine), its first request would move to the second endpoint.
+        for url in [first.url(), second.url()] {
+            wait_answers(&EtcdArbiter::new(EtcdConfig::new(vec![url], "/t")).expect("arbiter"));
+        }
         let arb = EtcdArbiter::new(config).expect("arbiter");
         wait_answers(&arb);
-        wait_answers(
-            &EtcdArbiter::new(EtcdConfig::new(vec![second.url()], "/t")).expect("arbiter"),
-        );
         let preferred = |arb: &EtcdArbiter| {
             let c = arb.connections.lock().unwrap_or_else(|e| e.into_inner());
             (
@@ -558,6 +555,8 @@ mod tests {
     /// next endpoint, which answers; the silent one's timeout (10 s here) is not waited for.
     #[test]
     fn silent_endpoint_is_hedged_after_a_quarter_second() {
+        // Bounds a time or a CPU share: one at a time with the other such tests.
+        let _one = crate::testing::one_at_a_time();
         const TEST: &str = "silent_endpoint_is_hedged_after_a_quarter_second";
         if skip_without_etcd(TEST) {
             return;

@@ -6,6 +6,13 @@
 //! The guest ([`logging_guest`]) logs at a steady rate: it does a fixed amount of arithmetic,
 //! reads `CLOCK_NS` (one exit, one log entry), and repeats until its clock passes the run time,
 //! so a run lasts the same wall time whatever the throttle does to its speed.
+//!
+//! Each [`Sample`] records, beside the pair's positions and shares, what the machine did to the
+//! run: the hypervisor's steal and the time each vCPU thread waited on the run queue (and how
+//! much of the backup's wait its own quota explains). The scenario tests excuse a timing
+//! excursion only on that evidence: a backup that merely got less than its quota looks exactly
+//! like a throttle that starves it. [`Sabotage`] breaks the controller or the backup on purpose,
+//! so that the tests can show that their judgement catches each fault as a failure.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -17,14 +24,16 @@ use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, TransportError}
 use ftvm_ringbuf::IdleKind;
 
 use super::{
-    current_tid, error_text, propose_target, thread_cpu_time, Actuator, AgreedTarget, CgroupCpu,
-    PairLag, TargetFollower, Throttle, ThrottleConfig, ThrottleError, ThrottleStatus,
+    current_tid, error_text, propose_target, Actuator, AgreedTarget, CgroupCpu, Pacer, PairLag,
+    TargetFollower, Throttle, ThrottleConfig, ThrottleError, ThrottleStatus,
 };
 use crate::devices::sys::{REG_CLOCK_NS, REG_POWER_OFF};
 use crate::ft::backup::{run_backup, BackupReport, LogReader};
 use crate::ft::digest::pairing_digest;
-use crate::ft::primary::{error_chain, run_primary, LogWriter, PairOptions, PrimaryReport};
-use crate::testing::{Asm, StallAcks};
+use crate::ft::primary::{
+    error_chain, run_primary, LogWriter, PairError, PairOptions, PrimaryReport,
+};
+use crate::testing::{thread_schedstat, Asm, StallAcks};
 use crate::vm::{buffer_console, Vm, VmConfig};
 
 /// Guest RAM of the experiment's VMs.
@@ -99,6 +108,24 @@ pub enum Event {
     ProposeTarget(Duration),
 }
 
+/// A fault put into a run on purpose (for tests only): the scenario tests run each and check
+/// that their judgement of the run reports a failure, not a disturbance of the machine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sabotage {
+    /// The controller's gains (`pi.kp`, `pi.ki`) multiplied by this factor (0.2: a sluggish
+    /// controller).
+    Gain(f64),
+    /// The primary never runs faster than this share, whatever the controller sets (0.6: a
+    /// throttle that never gives full speed back). A pacer of its own, installed before the
+    /// throttle's, holds the vCPU to `min(controller's share, ceiling)`; the samples still
+    /// show the controller's share, so only the measured speed gives it away.
+    ShareCeiling(f64),
+    /// The backup's cgroup gets this fraction of the share the schedule gives it, while the
+    /// samples report the scheduled share (1/3 of 0.3: a backup starved to 10 %, as one that
+    /// wakes late or is throttled by mistake would be).
+    StarveBackup(f64),
+}
+
 /// Parameters of a run.
 #[derive(Debug, Clone)]
 pub struct ExperimentConfig {
@@ -129,6 +156,8 @@ pub struct ExperimentConfig {
     pub peer_timeout: Duration,
     /// How long the end of the primary's run waits for acknowledgements.
     pub ack_timeout: Duration,
+    /// A fault put in on purpose (tests only; `None` in every real run).
+    pub sabotage: Option<Sabotage>,
 }
 
 impl Default for ExperimentConfig {
@@ -146,6 +175,7 @@ impl Default for ExperimentConfig {
             digest_interval: 2000,
             peer_timeout: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(20),
+            sabotage: None,
         }
     }
 }
@@ -187,6 +217,43 @@ pub struct Sample {
     /// machine's CPUs (fraction of a CPU; `steal` of `/proc/stat`): on a virtual machine, the
     /// time none of this run's threads could run however the controller set the shares.
     pub host_steal: f64,
+    /// Time the primary's vCPU thread waited on a run queue since the previous sample
+    /// (fraction of the interval; `/proc/<tid>/schedstat`), waiting out its own quota
+    /// included: ready to run, not running.
+    pub primary_wait: f64,
+    /// The same for the backup's vCPU thread.
+    pub backup_wait: f64,
+    /// Time the backup's cgroup spent throttled by its quota since the previous sample
+    /// (fraction of the interval; `throttled_time` of its `cpu.stat`): the part of
+    /// `backup_wait` its own quota explains. The rest was other work on the machine.
+    pub backup_throttled: f64,
+}
+
+impl Sample {
+    /// Fraction of the interval the backup waited for a CPU that other work on this machine
+    /// (or the hypervisor) had, not its own quota: run-queue wait beyond its throttled time,
+    /// plus its part of the host's steal.
+    pub fn backup_held(&self) -> f64 {
+        (self.backup_wait - self.backup_throttled).max(0.0) + self.steal_per_cpu()
+    }
+
+    /// Fraction of the interval the primary waited for a CPU while it had no quota (share 1),
+    /// plus its part of the host's steal; with a quota its wait is mostly its own doing and
+    /// only the steal counts.
+    pub fn primary_held(&self) -> f64 {
+        let wait = if self.share >= 1.0 {
+            self.primary_wait
+        } else {
+            0.0
+        };
+        wait + self.steal_per_cpu()
+    }
+
+    /// The host's steal spread over this machine's CPUs (one vCPU thread runs on one of them).
+    fn steal_per_cpu(&self) -> f64 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.host_steal / cpus as f64
+    }
 }
 
 /// What a run did.
@@ -195,9 +262,9 @@ pub struct ExperimentReport {
     /// Samples, every `sample_every`.
     pub samples: Vec<Sample>,
     /// The primary's run.
-    pub primary: Result<PrimaryReport, String>,
+    pub primary: Result<PrimaryReport, PairError>,
     /// The backup's run.
-    pub backup: Result<BackupReport, String>,
+    pub backup: Result<BackupReport, PairError>,
     /// The throttle's final state (without a throttle: the measuring controller's, whose
     /// `share` was never applied).
     pub throttle: Option<ThrottleStatus>,
@@ -209,11 +276,14 @@ pub struct ExperimentReport {
     pub backup_target: Option<AgreedTarget>,
 }
 
-fn cpu_of(tid: i32) -> f64 {
+/// CPU time and run-queue wait of thread `tid` so far, in seconds (zeros before it exists).
+fn sched_of(tid: i32) -> (f64, f64) {
     if tid <= 0 {
-        return 0.0;
+        return (0.0, 0.0);
     }
-    thread_cpu_time(tid).map_or(0.0, |d| d.as_secs_f64())
+    thread_schedstat(tid).map_or((0.0, 0.0), |s| {
+        (s.cpu.as_secs_f64(), s.run_queue_wait.as_secs_f64())
+    })
 }
 
 /// Seconds of CPU time the hypervisor gave to others since boot, summed over this machine's
@@ -260,9 +330,15 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
         .local_addr()
         .map_err(|e| ExperimentError::Setup(format!("bind: {e}")))?;
 
-    // The backup's cgroup exists from the start; its share follows the events.
+    // The backup's cgroup exists from the start; its share follows the events (a starved
+    // backup gets a fraction of it).
+    let starve = match cfg.sabotage {
+        Some(Sabotage::StarveBackup(f)) => f,
+        _ => 1.0,
+    };
+    let backup_quota = |share: f64| if share >= 1.0 { share } else { share * starve };
     let mut limit = CgroupCpu::create(&group_name("backup"), cfg.backup_period)?;
-    limit.set_share(cfg.backup_share)?;
+    limit.set_share(backup_quota(cfg.backup_share))?;
     limit.set_weight(cfg.backup_weight)?;
     let limit = Arc::new(Mutex::new(limit));
     let backup_tid = Arc::new(AtomicI32::new(0));
@@ -284,24 +360,23 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
         let cfg_vm = vm_config();
         std::thread::Builder::new()
             .name("ftvm-exp-backup".into())
-            .spawn(move || -> Result<BackupReport, String> {
-                let mut vm = Vm::new(&cfg_vm, &elf).map_err(|e| error_chain(&e))?;
+            .spawn(move || -> Result<BackupReport, PairError> {
+                let mut vm = Vm::new(&cfg_vm, &elf)?;
                 let tid = current_tid();
                 limit
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .add_thread(tid)
-                    .map_err(|e| error_text(&e))?;
+                    .map_err(|e| PairError::Setup(error_text(&e)))?;
                 backup_tid.store(tid, Ordering::Release);
-                let (p, c) = ftvm_ringbuf::with_capacity(ring).map_err(|e| e.to_string())?;
-                let t = TcpTransport::accept(&listener, TcpMode::Blocking)
-                    .map_err(|e| error_chain(&e))?;
-                let rx =
-                    LogReceiver::start(p, c, Box::new(t), chan, pc).map_err(|e| error_chain(&e))?;
+                let (p, c) = ftvm_ringbuf::with_capacity(ring)
+                    .map_err(|e| PairError::Setup(format!("log buffer: {e}")))?;
+                let t = TcpTransport::accept(&listener, TcpMode::Blocking)?;
+                let rx = LogReceiver::start(p, c, Box::new(t), chan, pc)?;
                 // Park when caught up: a spinning backup would take the primary's CPU.
                 let reader = LogReader::new(rx, IdleKind::Park, None);
                 follower.install(reader.controls());
-                run_backup(&mut vm, reader).map_err(|e| error_chain(&e))
+                run_backup(&mut vm, reader)
             })
             .map_err(|e| ExperimentError::Setup(format!("backup thread: {e}")))?
     };
@@ -322,9 +397,29 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
     let primary_tid = current_tid();
     let mut primary_group = None;
     let throttling = cfg.throttle.is_some();
+    // A ceiling on the primary's speed: the writer consults only the first pacer set, so this
+    // one, set before the throttle's, is the one that paces the vCPU.
+    let ceiling = match cfg.sabotage {
+        Some(Sabotage::ShareCeiling(c)) => {
+            let pacer = Arc::new(Pacer::default());
+            pacer.set_share(c);
+            writer.set_pacer(Arc::clone(&pacer));
+            Some((pacer, c))
+        }
+        _ => None,
+    };
+    let gain = match cfg.sabotage {
+        Some(Sabotage::Gain(g)) => g,
+        _ => 1.0,
+    };
     let throttle = match &cfg.throttle {
         Some(tc) => Throttle::for_writer(
             ThrottleConfig {
+                pi: super::PiConfig {
+                    kp: tc.pi.kp * gain,
+                    ki: tc.pi.ki * gain,
+                    ..tc.pi
+                },
                 group_name: Some(
                     tc.group_name
                         .clone()
@@ -378,8 +473,12 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                 let mut next_event = 0;
                 let mut samples = Vec::new();
                 let mut backup_share = cfg.backup_share;
-                let (mut pc0, mut bc0, mut t0) = (cpu_of(primary_tid), 0.0, 0.0);
-                let mut steal0 = host_steal_s().unwrap_or(0.0);
+                let throttled_s = || {
+                    let g = limit.lock().unwrap_or_else(|e| e.into_inner());
+                    g.stat().map_or(0.0, |(_, _, t)| t.as_secs_f64())
+                };
+                let (mut p0, mut b0, mut t0) = (sched_of(primary_tid), (0.0, 0.0), 0.0);
+                let (mut steal0, mut thr0) = (host_steal_s().unwrap_or(0.0), throttled_s());
                 while !done.load(Ordering::Acquire) {
                     std::thread::sleep(cfg.sample_every);
                     let t = start.elapsed();
@@ -393,7 +492,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                                 let r = limit
                                     .lock()
                                     .unwrap_or_else(|e| e.into_inner())
-                                    .set_share(share);
+                                    .set_share(backup_quota(share));
                                 if let Err(e) = r {
                                     tracing::warn!(error = %error_text(&e), "backup share");
                                 }
@@ -404,12 +503,20 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                         next_event += 1;
                     }
                     let ts = t.as_secs_f64();
-                    let (pc, bc) = (
-                        cpu_of(primary_tid),
-                        cpu_of(backup_tid.load(Ordering::Acquire)),
+                    let (p1, b1) = (
+                        sched_of(primary_tid),
+                        sched_of(backup_tid.load(Ordering::Acquire)),
                     );
                     let dt = (ts - t0).max(1e-6);
-                    let steal = host_steal_s().unwrap_or(0.0);
+                    let (steal, thr) = (host_steal_s().unwrap_or(0.0), throttled_s());
+                    // The backup's thread exists from its first sample on.
+                    let since = |now: f64, then: f64| {
+                        if b0.0 > 0.0 {
+                            (now - then).max(0.0) / dt
+                        } else {
+                            0.0
+                        }
+                    };
                     let st = throttle.status();
                     let stalls = writer.stalls();
                     // The backup's positions first, the log's after: read the other way round,
@@ -421,8 +528,8 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                     samples.push(Sample {
                         t: ts,
                         share: if throttling { st.share } else { 1.0 },
-                        primary_cpu: (pc - pc0) / dt,
-                        backup_cpu: if bc0 > 0.0 { (bc - bc0) / dt } else { 0.0 },
+                        primary_cpu: (p1.0 - p0.0) / dt,
+                        backup_cpu: since(b1.0, b0.0),
                         backup_share,
                         lag_ms: st.lag_ms,
                         predicted_ms: st.lag_predicted_ms,
@@ -435,11 +542,23 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                         acks_stalled: stall.load(Ordering::Acquire),
                         target_ms: st.target_ms,
                         host_steal: (steal - steal0).max(0.0) / dt,
+                        primary_wait: (p1.1 - p0.1).max(0.0) / dt,
+                        backup_wait: since(b1.1, b0.1),
+                        backup_throttled: since(thr, thr0),
                     });
-                    (pc0, bc0, t0, steal0) = (pc, bc, ts, steal);
+                    (p0, b0, t0, steal0, thr0) = (p1, b1, ts, steal, thr);
                 }
                 samples
             });
+        if let Some((pacer, c)) = &ceiling {
+            // The sabotaged pacer follows the controller, never above the ceiling.
+            s.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    pacer.set_share(throttle.status().share.min(*c));
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
         let primary = run_primary(&mut vm, &writer, &opts, None, &Default::default());
         done.store(true, Ordering::Release);
         stall.store(false, Ordering::Release);
@@ -460,7 +579,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
         .map_err(|_| ExperimentError::Panicked("backup"))?;
     Ok(ExperimentReport {
         samples,
-        primary: primary.map_err(|e| error_chain(&e)),
+        primary,
         backup,
         throttle,
         ring_capacity: cfg.ring_capacity,

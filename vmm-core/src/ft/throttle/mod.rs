@@ -722,6 +722,8 @@ mod tests {
 
     #[test]
     fn the_controller_thread_throttles_a_simulated_pair() {
+        // Bounds a time or a CPU share: one at a time with the other such tests.
+        let _one = crate::testing::one_at_a_time();
         const RATE: f64 = 20_000.0;
         let logged = Arc::new(AtomicU64::new(0));
         let executed = Arc::new(AtomicU64::new(0));

@@ -179,11 +179,16 @@ impl Actuator for Paced {
 mod tests {
     use super::*;
 
-    /// A busy thread paced at 25 % for 0.4 s uses about a quarter of the wall time.
+    /// A busy thread paced at 25 % for 0.4 s uses about a quarter of the wall time: not much
+    /// more, and not much less than it could have had (a pacer that sleeps too long fails).
     #[test]
     fn busy_thread_is_held_to_its_share() {
+        // Bounds a time or a CPU share: one at a time with the other such tests.
+        let _one = crate::testing::one_at_a_time();
         let p = Pacer::default();
         p.set_share(0.25);
+        let tid = super::super::current_tid();
+        let wait0 = crate::testing::thread_schedstat(tid).expect("schedstat");
         let start = Instant::now();
         let cpu0 = thread_cpu();
         while start.elapsed() < Duration::from_millis(400) {
@@ -200,6 +205,18 @@ mod tests {
         let (sleeps, _) = p.slept();
         assert!(sleeps > 10, "never slept");
         assert!(ratio < 0.45, "used {ratio:.2} of a CPU at share 0.25");
+        // At least 60 % of the share, or of what the machine left it (time not spent waiting
+        // on a run queue), whichever is less: the bound follows evidence of load only.
+        let waited = (crate::testing::thread_schedstat(tid)
+            .expect("schedstat")
+            .run_queue_wait
+            - wait0.run_queue_wait)
+            .as_secs_f64();
+        let could = (1.0 - waited / wall).clamp(0.0, 1.0);
+        assert!(
+            ratio >= 0.6 * could.min(0.25),
+            "used {ratio:.2} of a CPU at share 0.25 (it could have had {could:.2}): paced too hard"
+        );
         // Full share: no sleeps added.
         p.set_share(1.0);
         let before = p.slept().0;

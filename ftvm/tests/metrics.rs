@@ -64,8 +64,7 @@ fn scrape_until_exit(child: &mut Child, addr: &str, path: &str) -> (Option<Strin
 #[test]
 fn metrics_scraped_over_http_match_the_report() {
     const TEST: &str = "metrics_scraped_over_http_match_the_report";
-    if let Some(r) = ftvm::scenario::missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, ftvm::scenario::missing()) {
         return;
     }
     let [log, pm, bm] = ftvm_vmm_core::testing::loopback_ports().expect("free ports");

@@ -79,8 +79,7 @@ fn printed(path: &Path, insn: &str) -> Vec<String> {
 fn pair_never_goes_live_with_another_value(test: &str, insn: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let elf = nondet_elf(dir.path());
-    if let Some(r) = skip_reason(&elf, insn) {
-        eprintln!("SKIP {test}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(test, skip_reason(&elf, insn)) {
         return;
     }
     let _serial = common::serial();
@@ -254,8 +253,7 @@ fn check_determinism_tells_nondet_from_cpu() {
     const TEST: &str = "check_determinism_tells_nondet_from_cpu";
     let dir = tempfile::tempdir().expect("tempdir");
     let elf = nondet_elf(dir.path());
-    if let Some(r) = skip_reason(&elf, "rdrand") {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, skip_reason(&elf, "rdrand")) {
         return;
     }
     let _serial = common::serial();

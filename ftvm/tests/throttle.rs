@@ -106,6 +106,8 @@ fn primary_report_has_the_throttle_state() {
     if skip::if_missing(TEST, missing()) {
         return;
     }
+    // Pairs that measure CPU shares: one at a time in this binary.
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     // A guest that logs a clock read every ~20 µs of arithmetic for 3 s (its own clock).
     let guest = dir.path().join("logging.elf");
@@ -161,6 +163,8 @@ fn throttle_cgroup_none_paces_alone() {
     if skip::if_missing(TEST, missing()) {
         return;
     }
+    // Pairs that measure CPU shares: one at a time in this binary.
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let r = run_pair(dir.path(), "cpu", &["--throttle-cgroup", "none"]);
     assert_eq!(r["throttle"]["enabled"], true, "{r}");
@@ -177,6 +181,8 @@ fn primary_under_ip_netns_exec_uses_a_cgroup() {
     if skip::if_missing(TEST, missing().or_else(cgroup_cpu_unusable)) {
         return;
     }
+    // Pairs that measure CPU shares: one at a time in this binary.
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let ns = ftvm_channel::netns::Netns::create(&format!("ftvm-thr-{}", std::process::id()))
         .expect("netns");
     let mounts = || std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -197,10 +203,19 @@ fn primary_under_ip_netns_exec_uses_a_cgroup() {
     );
     assert_eq!(mounts(), before, "the host's mounts changed");
     let h = ftvm_vmm_core::ft::throttle::CpuHierarchy::find().expect("hierarchy");
+    // A primary's group is `ftvm-<pid>-primary-<n>`: one whose process is gone was left
+    // behind (groups of live primaries, e.g. another suite's, are theirs to remove).
     let left: Vec<_> = std::fs::read_dir(&h.parent)
         .expect("cgroup dir")
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains("-primary-"))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            let pid = name
+                .strip_prefix("ftvm-")
+                .and_then(|rest| rest.split_once("-primary-"))
+                .map(|(pid, _)| pid);
+            pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists())
+        })
         .collect();
     assert!(left.is_empty(), "groups left behind: {left:?}");
 }
@@ -212,6 +227,8 @@ fn throttle_target_zero_turns_it_off() {
     if skip::if_missing(TEST, missing()) {
         return;
     }
+    // Pairs that measure CPU shares: one at a time in this binary.
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let r = run_pair(dir.path(), "cpu", &["--throttle-target-ms", "0"]);
     assert_eq!(r["throttle"]["enabled"], false, "{r}");

@@ -303,7 +303,10 @@ mod tests {
         let r = match check(&config("insn=rdrand count=3 period_ms=1"), nondet) {
             Err(DeterminismError::FirstRun(e)) => {
                 let e = crate::ft::primary::error_chain(&e);
-                eprintln!("SKIP cpu_is_deterministic_and_rdrand_is_not (rdrand): the host traps RDRAND: {e}");
+                crate::testing::skip::skip(
+                    "cpu_is_deterministic_and_rdrand_is_not",
+                    format_args!("(rdrand) the host traps RDRAND: {e}"),
+                );
                 return;
             }
             r => r.expect("check nondet"),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, TransportError};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Refusal, TransportError};
 use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader, Tamper};
 use ftvm_vmm_core::ft::digest::pairing_digest;
 use ftvm_vmm_core::ft::log::Entry;
@@ -364,15 +364,17 @@ fn ft_different_initial_state_refuses_to_pair() {
         backup_cmdline: Some("size=256k rounds=4 seed=4 timing".into()),
         ..Default::default()
     });
-    // Both sides refuse at the handshake, for the digest (the channel's setup errors carry
-    // their reason as text).
+    // Both sides refuse at the handshake, for the digest, with the same typed reason (the
+    // backup by its own check, the primary from the backup's REFUSE frame).
     for (side, r) in [
         ("primary", o.primary.map(|_| ())),
         ("backup", o.backup.map(|_| ())),
     ] {
         match r {
-            Err(PairError::Channel(TransportError::Setup { what }))
-                if what.contains("pairing digest mismatch") => {}
+            Err(PairError::Channel(TransportError::Refused {
+                reason: Refusal::Digest,
+                text,
+            })) if text.contains("pairing digest mismatch") => {}
             other => panic!("{side}: expected a pairing digest mismatch, got {other:?}"),
         }
     }

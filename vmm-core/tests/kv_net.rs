@@ -118,8 +118,7 @@ fn info_memory(ns: &Netns) -> (u64, u64) {
 #[test]
 fn a_full_kv_answers_oom_and_keeps_serving() {
     const TEST: &str = "a_full_kv_answers_oom_and_keeps_serving";
-    if let Some(r) = net_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, net_missing()) {
         return;
     }
     if ftvm_vmm_core::testing::skip_without(TEST, "redis-benchmark", "redis-tools") {

@@ -136,8 +136,7 @@ fn children(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn cgroup_v2_threaded_group_on_a_mounted_hierarchy() {
     const TEST: &str = "cgroup_v2_threaded_group_on_a_mounted_hierarchy";
-    if let Some(r) = root_missing() {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, root_missing()) {
         return;
     }
     let mount = V2Mount::new().expect("mount cgroup2");
@@ -199,8 +198,7 @@ fn cgroup_v2_threaded_group_on_a_mounted_hierarchy() {
 #[test]
 fn stale_groups_of_dead_processes_are_removed() {
     const TEST: &str = "stale_groups_of_dead_processes_are_removed";
-    if let Some(r) = root_missing().or_else(cgroup_cpu_unusable) {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, root_missing().or_else(cgroup_cpu_unusable)) {
         return;
     }
     let h = CpuHierarchy::find().expect("hierarchy");
@@ -233,8 +231,7 @@ fn stale_groups_of_dead_processes_are_removed() {
 fn pacer_alone_throttles_a_pair() {
     const TEST: &str = "pacer_alone_throttles_a_pair";
     // The backup's 30 % limit is a cgroup (of the experiment, not of the throttle).
-    if let Some(r) = kvm_missing().or_else(cgroup_cpu_unusable) {
-        eprintln!("SKIP {TEST}: {r}");
+    if ftvm_vmm_core::testing::skip::if_missing(TEST, kvm_missing().or_else(cgroup_cpu_unusable)) {
         return;
     }
     let (slow_at, end) = (1.0, 7.0);

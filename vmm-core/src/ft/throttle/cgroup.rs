@@ -899,7 +899,10 @@ mod tests {
     #[test]
     fn the_v2_file_protocol() {
         if !fs::read_to_string("/proc/self/cgroup").is_ok_and(|t| t.contains("0::")) {
-            eprintln!("SKIP the_v2_file_protocol: no cgroup v2 line in /proc/self/cgroup");
+            crate::testing::skip::skip(
+                "the_v2_file_protocol",
+                "no cgroup v2 line in /proc/self/cgroup",
+            );
             return;
         }
         let d = tempfile::tempdir().expect("tempdir");

@@ -401,6 +401,11 @@ pub struct CommonConfig {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Print the configuration this side would run with (the flags merged over `--config`,
+    /// defaults filled in) as TOML, and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
     /// Guest: an embedded guest name (cpu, kv, stream) or a static ELF path (required).
     #[arg(long)]
     pub guest: Option<String>,
@@ -790,12 +795,21 @@ impl RoleConfig for BackupConfig {
 // Loading
 // ---------------------------------------------------------------------------------------------
 
+/// `cfg` as the TOML file that would configure it (`--print-config`).
+///
+/// # Errors
+/// [`ConfigError::Invalid`] if it cannot be serialized.
+pub fn to_toml<T: RoleConfig>(cfg: &T) -> Result<String, ConfigError> {
+    toml::to_string(cfg)
+        .map_err(|e| ConfigError::Invalid(format!("cannot print the configuration: {e}")))
+}
+
 /// The flag ids of a role's command (its TOML keys), without `config` and `help`.
 fn keys<T: clap::Args>() -> Vec<String> {
     T::augment_args(clap::Command::new("keys"))
         .get_arguments()
         .map(|a| a.get_id().as_str().to_string())
-        .filter(|k| k != "config" && k != "help")
+        .filter(|k| !matches!(k.as_str(), "config" | "print_config" | "help"))
         .collect()
 }
 
@@ -835,6 +849,7 @@ fn merge<T: RoleConfig>(
     text: &str,
 ) -> Result<T, ConfigError> {
     let config = args.common().config.clone();
+    let args_print = args.common().print_config;
     let file: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax {
@@ -887,8 +902,9 @@ fn merge<T: RoleConfig>(
     let mut merged: T = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().trim().to_string()))?;
-    // `config` is no key of the file's form: put the path back.
+    // `config` and `print_config` are no keys of the file's form: put them back.
     merged.common_mut().config = config;
+    merged.common_mut().print_config = args_print;
     Ok(merged)
 }
 

@@ -201,7 +201,10 @@ impl Lifecycle {
 /// `STATUS=` text of a side: its role and generation, exits, and the lag.
 fn status_line(who: &str, observer: &Observer) -> String {
     let s = observer.snapshot();
-    let mut line = format!("{who}: {} in generation {}", s.role.name(), s.generation);
+    let mut line = match s.role.name() {
+        role if role == who => format!("{who}, generation {}", s.generation),
+        role => format!("{who}, now {role}, generation {}", s.generation),
+    };
     if let Some(e) = &s.exits {
         line.push_str(&format!(", {} exits", e.total));
     }

@@ -165,6 +165,10 @@ fn pair_side<T: config::RoleConfig>(
 ) -> anyhow::Result<()> {
     let empty = clap::ArgMatches::default();
     let cfg = config::load(args, matches.unwrap_or(&empty))?;
+    if cfg.common().print_config {
+        print!("{}", config::to_toml(&cfg)?);
+        return Ok(());
+    }
     let mut lifecycle = Lifecycle::install(who)?;
     side(cfg, &mut lifecycle)
 }

@@ -211,6 +211,18 @@ impl NotifySocket {
         }
     }
 
+    /// Receives whatever arrives during `d`.
+    fn drain(&mut self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                self.got
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    }
+
     fn count(&self, line: &str) -> usize {
         self.got
             .iter()
@@ -230,7 +242,7 @@ fn spawn_side(role: &str, peer: &str, notify: &NotifySocket) -> Child {
             "16M",
             // Minutes of work: stopped by the test.
             "--cmdline",
-            "size=16M rounds=100000",
+            "size=1M rounds=100000",
             "--transport",
             "tcp",
             "--peer",
@@ -274,7 +286,7 @@ fn sd_notify_ready_status_watchdog_stopping_of_a_pair() {
     assert!(ps.contains("generation 1"), "{ps}");
     assert!(bs.contains("generation 1"), "{bs}");
     // 200 ms watchdog: a ping every 100 ms.
-    std::thread::sleep(Duration::from_millis(600));
+    pn.drain(Duration::from_millis(600));
     pn.wait("WATCHDOG=1", limit);
     bn.wait("WATCHDOG=1", limit);
     assert!(pn.count("WATCHDOG=1") >= 3, "{:?}", pn.got);
@@ -322,7 +334,7 @@ fn sigterm_of_ftvm_run_prints_the_summary_and_exits_207() {
             "--mem",
             "16M",
             "--cmdline",
-            "size=16M rounds=100000",
+            "size=1M rounds=100000",
             "--quiet",
         ])
         .env("NOTIFY_SOCKET", &n.path)

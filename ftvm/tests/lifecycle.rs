@@ -4,8 +4,10 @@
 //!   1 only); both exit with status 207; every acknowledged write is on both disks afterwards
 //!   (read back by `kv` booted alone on each);
 //! - the backup SIGTERMed under load: the primary goes on alone (the default
-//!   `--on-backup-stop alone`) and keeps serving; with `--on-backup-stop stop` (no arbiter)
-//!   it stops with 207 instead of 204 (peer failed);
+//!   `--on-backup-stop alone`, with or without an arbiter) and keeps serving; with
+//!   `--on-backup-stop stop` (no arbiter) it stops with 207 instead of 204 (peer failed);
+//! - a handover (`--on-primary-stop take-over`): the SIGTERMed primary's backup goes live at
+//!   once;
 //! - `ftvm run` SIGTERMed: the summary and status 207;
 //! - `sd_notify`: READY=1 after pairing, STATUS= with role and generation, WATCHDOG=1 at half
 //!   `WATCHDOG_USEC`, STOPPING=1 on SIGTERM, received on a datagram socket the test binds.
@@ -112,21 +114,15 @@ fn sigterm_of_the_primary_stops_the_pair_without_failover_and_loses_no_write() {
     read_back_from_disk(&s, Side::Backup, &load);
 }
 
-/// SIGTERM of the backup under load: it exits 207, the primary goes on alone (the default
-/// policy) and keeps serving without a failover; every acknowledged write stays readable.
-#[test]
-fn sigterm_of_the_backup_leaves_the_primary_serving_alone() {
-    const TEST: &str = "sigterm_of_the_backup_leaves_the_primary_serving_alone";
-    if common::skip(TEST) {
-        return;
-    }
-    let _serial = common::serial();
-    let mut s = pair("lc-b", false, (&[], &[]));
-    let mut load = common::load(&s, 2, "b");
+/// SIGTERMs the backup of `s` under load and checks that it stops as planned while the
+/// primary serves on alone (no client error, new writes acknowledged, none lost), then powers
+/// the guest off through the primary (status 0).
+fn backup_stops_and_primary_serves_alone(test: &str, mut s: Scenario, tag: &str) {
+    let mut load = common::load(&s, 2, tag);
     common::wait_ops(&s, &load, 200, Duration::from_secs(20));
     sigterm(s.backup.as_ref().expect("backup").pid());
     let b = assert_planned_stop(s.backup.as_mut().expect("backup"));
-    eprintln!("{TEST}: {b}");
+    eprintln!("{test}: {b}");
     assert!(b.contains("the peer was told"), "{b}");
     load.mark(Instant::now());
     common::wait_first_reply(&s, &load, Duration::from_secs(10));
@@ -143,6 +139,67 @@ fn sigterm_of_the_backup_leaves_the_primary_serving_alone() {
     );
     s.shutdown_guest();
     common::assert_exits_with(s.primary.as_mut().expect("primary"), 0);
+}
+
+/// SIGTERM of the backup under load: it exits 207, the primary goes on alone (the default
+/// policy, after winning generation 2) and keeps serving; every acknowledged write stays
+/// readable.
+#[test]
+fn sigterm_of_the_backup_leaves_the_primary_serving_alone() {
+    const TEST: &str = "sigterm_of_the_backup_leaves_the_primary_serving_alone";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let s = pair("lc-b", false, (&[], &[]));
+    backup_stops_and_primary_serves_alone(TEST, s, "b");
+}
+
+/// The same without an arbiter: the backup promised not to go live, so the primary goes on
+/// alone (it used to stop with 204, the peer failed, under the default
+/// `--on-backup-failure stop`).
+#[test]
+fn sigterm_of_the_backup_without_arbiter_leaves_the_primary_serving_alone() {
+    const TEST: &str = "sigterm_of_the_backup_without_arbiter_leaves_the_primary_serving_alone";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let s = pair("lc-n", true, (&[], &[]));
+    backup_stops_and_primary_serves_alone(TEST, s, "n");
+}
+
+/// A handover: with `--on-primary-stop take-over` the backup of a SIGTERMed primary goes live
+/// at once (generation 2) and serves on; no acknowledged write is lost.
+#[test]
+fn sigterm_of_the_primary_hands_over_with_on_primary_stop_take_over() {
+    const TEST: &str = "sigterm_of_the_primary_hands_over_with_on_primary_stop_take_over";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let extra = ["--on-primary-stop".to_string(), "take-over".to_string()];
+    let mut s = pair("lc-h", false, (&[], &extra));
+    let mut load = common::load(&s, 2, "h");
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    sigterm(s.primary.as_ref().expect("primary").pid());
+    assert_planned_stop(s.primary.as_mut().expect("primary"));
+    let backup = s.backup.as_mut().expect("backup");
+    let live = backup
+        .wait_line("LIVE", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the backup did not take over\n{}", backup.stderr_text()));
+    eprintln!("{TEST}: {live}");
+    load.mark(Instant::now());
+    common::wait_first_reply(&s, &load, Duration::from_secs(10));
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    load.stop();
+    common::assert_no_acked_write_lost(&s, load.checker());
+    assert_eq!(
+        s.generations().last().map(|(g, w)| (*g, w.clone())),
+        Some((2, "backup".to_string()))
+    );
+    s.shutdown_guest();
+    common::assert_exits_with(s.backup.as_mut().expect("backup"), 0);
 }
 
 /// Without an arbiter and with `--on-backup-stop stop`, a primary whose backup is SIGTERMed

@@ -140,7 +140,7 @@ pub fn is_planned(g: &Goodbye) -> bool {
 pub(crate) fn primary_stop(
     writer: &LogWriter,
     gate: &OutputGate,
-    mut ft: Option<&mut PrimaryFt>,
+    ft: Option<&mut PrimaryFt>,
     exit: u64,
     timeout: Duration,
 ) -> PairError {
@@ -169,7 +169,7 @@ pub(crate) fn primary_stop(
         gate.flush(deadline.saturating_duration_since(Instant::now()));
     }
     let held = gate.pending();
-    if let Some(f) = ft.as_deref_mut() {
+    if let Some(f) = ft {
         // Before the GOODBYE: the link going down is no failure now.
         f.stop_monitor();
         if let Some(e) = f.superseded() {

@@ -31,6 +31,21 @@ fn sigterm(pid: u32) {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill");
 }
 
+/// For a test that needs the kv pair: `None` (after a SKIP line) where it cannot run, else
+/// this test's turn ([`common::serial`]) and the pair ([`pair`]).
+fn setup(
+    test: &str,
+    tag: &str,
+    no_failover: bool,
+    extra: (&[String], &[String]),
+) -> Option<(std::sync::MutexGuard<'static, ()>, Scenario)> {
+    if common::skip(test) {
+        return None;
+    }
+    let turn = common::serial();
+    Some((turn, pair(tag, no_failover, extra)))
+}
+
 /// A kv pair over tcp (with the file arbiter unless `no_failover`), under client load.
 fn pair(tag: &str, no_failover: bool, extra: (&[String], &[String])) -> Scenario {
     let mut config = common::config(tag);
@@ -79,11 +94,9 @@ fn read_back_from_disk(s: &Scenario, side: Side, load: &ftvm::client::Load) {
 #[test]
 fn sigterm_of_the_primary_stops_the_pair_without_failover_and_loses_no_write() {
     const TEST: &str = "sigterm_of_the_primary_stops_the_pair_without_failover_and_loses_no_write";
-    if common::skip(TEST) {
+    let Some((_turn, mut s)) = setup(TEST, "lc-p", false, (&[], &[])) else {
         return;
-    }
-    let _serial = common::serial();
-    let mut s = pair("lc-p", false, (&[], &[]));
+    };
     let mut load = common::load(&s, 2, "p");
     common::wait_ops(&s, &load, 200, Duration::from_secs(20));
     sigterm(s.primary.as_ref().expect("primary").pid());
@@ -124,14 +137,8 @@ fn backup_stops_and_primary_serves_alone(test: &str, mut s: Scenario, tag: &str)
     let b = assert_planned_stop(s.backup.as_mut().expect("backup"));
     eprintln!("{test}: {b}");
     assert!(b.contains("the peer was told"), "{b}");
-    load.mark(Instant::now());
-    common::wait_first_reply(&s, &load, Duration::from_secs(10));
-    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
-    let stats = load.stop();
-    assert_eq!(stats.errors, 0, "client errors: {:?}", load.last_error());
-    common::assert_no_acked_write_lost(&s, load.checker());
+    common::assert_primary_serves_on(&mut s, &mut load);
     let primary = s.primary.as_mut().expect("primary");
-    assert_eq!(primary.try_status(), None, "{}", primary.stderr_text());
     assert!(
         primary.find_line("stopped as planned").is_some(),
         "{}",
@@ -147,11 +154,9 @@ fn backup_stops_and_primary_serves_alone(test: &str, mut s: Scenario, tag: &str)
 #[test]
 fn sigterm_of_the_backup_leaves_the_primary_serving_alone() {
     const TEST: &str = "sigterm_of_the_backup_leaves_the_primary_serving_alone";
-    if common::skip(TEST) {
+    let Some((_turn, s)) = setup(TEST, "lc-b", false, (&[], &[])) else {
         return;
-    }
-    let _serial = common::serial();
-    let s = pair("lc-b", false, (&[], &[]));
+    };
     backup_stops_and_primary_serves_alone(TEST, s, "b");
 }
 
@@ -161,11 +166,9 @@ fn sigterm_of_the_backup_leaves_the_primary_serving_alone() {
 #[test]
 fn sigterm_of_the_backup_without_arbiter_leaves_the_primary_serving_alone() {
     const TEST: &str = "sigterm_of_the_backup_without_arbiter_leaves_the_primary_serving_alone";
-    if common::skip(TEST) {
+    let Some((_turn, s)) = setup(TEST, "lc-n", true, (&[], &[])) else {
         return;
-    }
-    let _serial = common::serial();
-    let s = pair("lc-n", true, (&[], &[]));
+    };
     backup_stops_and_primary_serves_alone(TEST, s, "n");
 }
 
@@ -174,12 +177,10 @@ fn sigterm_of_the_backup_without_arbiter_leaves_the_primary_serving_alone() {
 #[test]
 fn sigterm_of_the_primary_hands_over_with_on_primary_stop_take_over() {
     const TEST: &str = "sigterm_of_the_primary_hands_over_with_on_primary_stop_take_over";
-    if common::skip(TEST) {
-        return;
-    }
-    let _serial = common::serial();
     let extra = ["--on-primary-stop".to_string(), "take-over".to_string()];
-    let mut s = pair("lc-h", false, (&[], &extra));
+    let Some((_turn, mut s)) = setup(TEST, "lc-h", false, (&[], &extra)) else {
+        return;
+    };
     let mut load = common::load(&s, 2, "h");
     common::wait_ops(&s, &load, 200, Duration::from_secs(20));
     sigterm(s.primary.as_ref().expect("primary").pid());
@@ -207,12 +208,10 @@ fn sigterm_of_the_primary_hands_over_with_on_primary_stop_take_over() {
 #[test]
 fn primary_with_on_backup_stop_stop_stops_too() {
     const TEST: &str = "primary_with_on_backup_stop_stop_stops_too";
-    if common::skip(TEST) {
-        return;
-    }
-    let _serial = common::serial();
     let extra = ["--on-backup-stop".to_string(), "stop".to_string()];
-    let mut s = pair("lc-s", true, (&extra, &[]));
+    let Some((_turn, mut s)) = setup(TEST, "lc-s", true, (&extra, &[])) else {
+        return;
+    };
     let mut load = common::load(&s, 2, "s");
     common::wait_ops(&s, &load, 100, Duration::from_secs(20));
     sigterm(s.backup.as_ref().expect("backup").pid());

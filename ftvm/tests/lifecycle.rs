@@ -173,7 +173,8 @@ fn sigterm_of_the_backup_without_arbiter_leaves_the_primary_serving_alone() {
 }
 
 /// A handover: with `--on-primary-stop take-over` the backup of a SIGTERMed primary goes live
-/// at once (generation 2) and serves on; no acknowledged write is lost.
+/// at once (generation 2) and serves on; no acknowledged write is lost. SIGTERMed in turn, the
+/// live backup stops as planned (207).
 #[test]
 fn sigterm_of_the_primary_hands_over_with_on_primary_stop_take_over() {
     const TEST: &str = "sigterm_of_the_primary_hands_over_with_on_primary_stop_take_over";
@@ -199,8 +200,10 @@ fn sigterm_of_the_primary_hands_over_with_on_primary_stop_take_over() {
         s.generations().last().map(|(g, w)| (*g, w.clone())),
         Some((2, "backup".to_string()))
     );
-    s.shutdown_guest();
-    common::assert_exits_with(s.backup.as_mut().expect("backup"), 0);
+    // The survivor, now the lone primary, stopped as planned too.
+    let backup = s.backup.as_mut().expect("backup");
+    sigterm(backup.pid());
+    assert_planned_stop(backup);
 }
 
 /// Without an arbiter and with `--on-backup-stop stop`, a primary whose backup is SIGTERMed

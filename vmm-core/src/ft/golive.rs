@@ -17,6 +17,7 @@
 //!          ─> only if it names a newer generation held by another node: as "lost" above
 //! backup (own disk copy): a disk result differs from the primary's ─> GOODBYE(CannotTakeOver)
 //!          ─> stop (never live); primary: GOODBYE ─> as "backup failed" above
+//! planned stops (SIGTERM; GOODBYE(PlannedStop)) are no failure: `super::stop`
 //! ```
 //!
 //! Heartbeats carry liveness only (see the detector's threat model): the fence moves on
@@ -1078,7 +1079,7 @@ pub fn run_backup_ft(
     tracing::info!(exit, "running as a lone primary");
     let code = match outcome {
         Some(RunOutcome::PoweredOff(code)) => code,
-        Some(RunOutcome::Paused) => return Err(PairError::Paused(vm.stats().total())),
+        Some(RunOutcome::Paused) => return Err(paused_or_stopped(vm)),
         _ => loop {
             let r = vm.run();
             if r.is_err() {
@@ -1088,7 +1089,7 @@ pub fn run_backup_ft(
             }
             match r? {
                 RunOutcome::PoweredOff(code) => break code,
-                RunOutcome::Paused => return Err(PairError::Paused(vm.stats().total())),
+                RunOutcome::Paused => return Err(paused_or_stopped(vm)),
                 RunOutcome::ExitLimit => {}
             }
         },
@@ -1118,6 +1119,22 @@ pub fn run_backup_ft(
         disk: vm.shared_disk().map(BlkHandle::counters),
         detector: detector.stats(),
     })))
+}
+
+/// Why a live backup's run returned `Paused`: a planned stop ([`super::stop`]: its operator
+/// stopped the lone survivor; nobody is left to tell) or a pause from outside.
+fn paused_or_stopped(vm: &Vm) -> PairError {
+    let exit = vm.stats().total();
+    if vm.stop_requested() {
+        PairError::Stopped(Stopped {
+            exit,
+            cause: StopCause::Requested,
+            held: 0,
+            told_peer: false,
+        })
+    } else {
+        PairError::Paused(exit)
+    }
 }
 
 /// How long go-live waits for the service TAP to become free.

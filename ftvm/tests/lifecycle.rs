@@ -23,8 +23,6 @@ use std::time::{Duration, Instant};
 use ftvm::exit::STOPPED;
 use ftvm::scenario::{Node, Scenario, Side};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ftvm");
-
 fn sigterm(pid: u32) {
     let pid = libc::pid_t::try_from(pid).expect("pid");
     // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
@@ -292,7 +290,7 @@ impl NotifySocket {
 }
 
 fn spawn_side(role: &str, peer: &str, notify: &NotifySocket) -> Child {
-    Command::new(BIN)
+    Command::new(common::ftvm_bin())
         .args([
             role,
             "--guest",
@@ -385,7 +383,7 @@ fn sigterm_of_ftvm_run_prints_the_summary_and_exits_207() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let mut n = NotifySocket::bind(dir.path(), "run.sock");
-    let child = Command::new(BIN)
+    let child = Command::new(common::ftvm_bin())
         .args([
             "run",
             "--guest",

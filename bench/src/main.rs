@@ -42,7 +42,7 @@ pub struct Opts {
     pub rest: Vec<String>,
 }
 
-/// ftvm benchmarks: each writes results/<name>.json and a plot beside it, our figures beside
+/// ftvm benchmarks: each writes results/NAME.json and a plot beside it, our figures beside
 /// the peers' measured in the same run.
 #[derive(Debug, Parser)]
 #[command(name = "ftvm-bench", version)]
@@ -50,7 +50,7 @@ struct Cli {
     /// Short run (for CI and a first look): each benchmark finishes in under ~30 s.
     #[arg(long, global = true)]
     quick: bool,
-    /// Directory for <name>.json and the plot [default: <workspace>/results].
+    /// Directory for NAME.json and the plot [default: WORKSPACE/results].
     #[arg(long, global = true, value_name = "DIR")]
     out: Option<PathBuf>,
     #[command(subcommand)]
@@ -74,7 +74,7 @@ enum Bench {
     Failover(failover::Args),
     /// Backup slowed then released: lag and primary CPU share over time under the throttle.
     Throttle(throttle::Args),
-    /// Redraw results/<name>.svg from results/<name>.json, no run (channel, ft, vmm).
+    /// Redraw results/NAME.svg from results/NAME.json, no run (channel, ft, vmm).
     Replot(ReplotArgs),
 }
 

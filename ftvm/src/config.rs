@@ -168,7 +168,7 @@ impl From<Idle> for IdleKind {
 }
 
 /// A primary **without an arbiter** whose backup fails: see
-/// [`PeerFailurePolicy`](ftvm_vmm_core::ft::primary::PeerFailurePolicy).
+/// [`PeerFailurePolicy`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnBackupFailure {
@@ -179,7 +179,7 @@ pub enum OnBackupFailure {
 }
 
 /// A primary whose backup stops as planned (its GOODBYE `PlannedStop`): see
-/// [`BackupStopPolicy`](ftvm_vmm_core::ft::primary::BackupStopPolicy).
+/// [`BackupStopPolicy`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnBackupStop {

@@ -282,8 +282,32 @@ fn measure_stream(kind: &str, stream_records: u64, cfg: &Config) -> anyhow::Resu
     Ok((stream_records as f64 / secs / 1e6, timeouts))
 }
 
+/// Which half of the benchmark to run (`--only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// 64 B round trips to the acknowledgement.
+    Rtt,
+    /// 1 KiB streaming throughput.
+    Stream,
+}
+
+/// Options of `ftvm-bench channel`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Transports to measure, comma-separated [default: every one this build and host can run:
+    /// shm, tcp-spin, tcp, uring, and as root the veth/xdp rows].
+    #[arg(long, value_delimiter = ',')]
+    pub transports: Option<Vec<String>>,
+    /// Runs; each row reports the medians over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(usize))]
+    pub runs: usize,
+    /// Only the round trips or only the streaming.
+    #[arg(long, value_enum)]
+    pub only: Option<Only>,
+}
+
 /// Entry point.
-pub fn run(opts: &Opts) -> anyhow::Result<()> {
+pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     let (mut rtt_samples, mut stream_records) = if opts.quick {
         (20_000u64, 300_000u64)
     } else {
@@ -296,35 +320,14 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
         Ok(()) => only.extend(VETH_TRANSPORTS.iter().map(|s| s.to_string())),
         Err(reason) => eprintln!("channel: no veth/xdp rows: {reason}"),
     }
-    let mut runs = 1usize;
-    let mut it = opts.rest.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--transports" => {
-                let list = it
-                    .next()
-                    .context("--transports needs a comma-separated list")?;
-                only = list.split(',').map(str::to_owned).collect();
-            }
-            "--runs" => {
-                runs = it
-                    .next()
-                    .context("--runs needs a number")?
-                    .parse()
-                    .context("--runs needs a number")?;
-                runs = runs.max(1);
-            }
-            "--only" => match it.next().map(String::as_str) {
-                Some("rtt") => stream_records = 0,
-                Some("stream") => rtt_samples = 0,
-                _ => return Err(anyhow!("--only needs rtt or stream")),
-            },
-            other => {
-                return Err(anyhow!(
-                    "unknown option {other} (--transports shm,tcp,... --runs N --only rtt|stream)"
-                ))
-            }
-        }
+    if let Some(list) = &args.transports {
+        only = list.clone();
+    }
+    let runs = args.runs.max(1);
+    match args.only {
+        Some(Only::Rtt) => stream_records = 0,
+        Some(Only::Stream) => rtt_samples = 0,
+        None => {}
     }
     // Every run measures each transport in turn (so that a change in the machine's load hits
     // all of them alike); each row reports the medians over the runs.

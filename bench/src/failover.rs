@@ -36,36 +36,41 @@ struct Row {
     client_errors: u64,
 }
 
-struct Args {
+/// Options of `ftvm-bench failover`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Failovers to measure [default: 10, 3 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(usize))]
+    pub runs: Option<usize>,
+    /// The pair's log transport (`ftvm demo --transport`).
+    #[arg(long, default_value = "shm")]
+    pub transport: String,
+    /// The pair's failure timeout in ms (`ftvm demo --fail-timeout`) [default: ftvm's].
+    #[arg(long)]
+    pub fail_timeout: Option<u64>,
+}
+
+/// The resolved options.
+struct Plan {
     runs: usize,
     transport: String,
     fail_timeout: Option<u64>,
 }
 
-fn parse_args(opts: &Opts) -> anyhow::Result<Args> {
-    let mut a = Args {
-        runs: if opts.quick { 3 } else { 10 },
-        transport: "shm".into(),
-        fail_timeout: None,
-    };
-    let mut it = opts.rest.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--runs" => a.runs = value()?.parse().context("--runs")?,
-            "--transport" => a.transport = value()?.clone(),
-            "--fail-timeout" => a.fail_timeout = Some(value()?.parse().context("--fail-timeout")?),
-            other => bail!("unknown option {other:?} (--runs N, --transport T, --fail-timeout MS)"),
-        }
-    }
-    if a.runs == 0 {
+fn plan(opts: &Opts, args: &Args) -> anyhow::Result<Plan> {
+    let runs = args.runs.unwrap_or(if opts.quick { 3 } else { 10 });
+    if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    Ok(a)
+    Ok(Plan {
+        runs,
+        transport: args.transport.clone(),
+        fail_timeout: args.fail_timeout,
+    })
 }
 
 /// One `ftvm demo --report` run; its summary.
-fn one_run(bin: &Path, a: &Args, report: &Path) -> anyhow::Result<serde_json::Value> {
+fn one_run(bin: &Path, a: &Plan, report: &Path) -> anyhow::Result<serde_json::Value> {
     let mut cmd = Command::new(bin);
     cmd.args(["demo", "--quiet", "--transport", &a.transport, "--report"])
         .arg(report);
@@ -85,8 +90,8 @@ fn one_run(bin: &Path, a: &Args, report: &Path) -> anyhow::Result<serde_json::Va
 }
 
 /// Runs the benchmark.
-pub fn run(opts: &Opts) -> anyhow::Result<()> {
-    let a = parse_args(opts)?;
+pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
+    let a = plan(opts, args)?;
     let bin = crate::ft::ftvm_binary()?;
     let dir = std::env::temp_dir().join(format!("ftvm-bench-failover-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -95,7 +100,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
     result
 }
 
-fn runs_of(opts: &Opts, a: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
+fn runs_of(opts: &Opts, a: &Plan, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     let bar = report::progress(a.runs as u64, "failover");
     let mut runs = Vec::new();
     for i in 0..a.runs {

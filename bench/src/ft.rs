@@ -357,39 +357,46 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Options of `ftvm-bench ft`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// FT transports to measure against FT off (`none`, always measured), comma-separated
+    /// [default: tcp,tcp-spin,uring,shm].
+    #[arg(long, value_delimiter = ',')]
+    pub transports: Option<Vec<String>>,
+    /// Runs; each row reports the medians over them.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// redis-benchmark requests per test [default: 50000, 5000 with --quick].
+    #[arg(long)]
+    pub requests: Option<u64>,
+}
+
 /// Entry point.
 ///
 /// # Errors
 /// Not root, redis-benchmark or the ftvm binary missing, a run failing.
-pub fn run(opts: &Opts) -> anyhow::Result<()> {
+pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     ftvm_channel::netns::require_root().map_err(|r| anyhow!(r))?;
     let bin = ftvm_binary()?;
-    let mut requests: u64 = if opts.quick { 5_000 } else { 50_000 };
-    let mut transports: Vec<String> = ["none", "tcp", "tcp-spin", "uring", "shm"]
-        .map(String::from)
-        .to_vec();
-    let mut runs = 1usize;
-    let mut it = opts.rest.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--transports" => {
-                transports = std::iter::once("none".to_string())
-                    .chain(
-                        value()?
-                            .split(',')
-                            .filter(|t| *t != "none" && !t.is_empty())
-                            .map(str::to_owned),
-                    )
-                    .collect();
-            }
-            "--runs" => runs = value()?.parse::<usize>().context("--runs")?.max(1),
-            "--requests" => requests = value()?.parse::<u64>().context("--requests")?.max(1),
-            other => {
-                bail!("unknown option {other} (--transports tcp,uring,... --runs N --requests N)")
-            }
-        }
-    }
+    let requests: u64 = args
+        .requests
+        .unwrap_or(if opts.quick { 5_000 } else { 50_000 })
+        .max(1);
+    let transports: Vec<String> = std::iter::once("none".to_string())
+        .chain(
+            args.transports
+                .clone()
+                .unwrap_or_else(|| {
+                    ["tcp", "tcp-spin", "uring", "shm"]
+                        .map(String::from)
+                        .to_vec()
+                })
+                .into_iter()
+                .filter(|t| t != "none" && !t.is_empty()),
+        )
+        .collect();
+    let runs = args.runs.max(1);
     let dir = std::env::temp_dir().join(format!("ftvm-bench-ft-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let ns = Netns::create(&format!("ftvm-bench-ft-{}", std::process::id()))?;

@@ -8,9 +8,15 @@
 //! its rows, our figures beside the peers' in the same run) and a plot `results/<name>.svg`
 //! through [`report`].
 //!
-//! Adding a benchmark: put it in `src/<name>.rs` with
-//! `pub fn run(opts: &Opts) -> anyhow::Result<()>`, add `mod <name>;` below and one line in
-//! [`BENCHMARKS`].
+//! `ftvm-bench <name> --help` lists a benchmark's options (`ftvm-bench --help`: the list).
+//!
+//! Adding a benchmark: put it in `src/<name>.rs` with its options as
+//! `#[derive(clap::Args)] pub struct Args` (doc comments are the help; defaults that depend on
+//! `--quick` say so in the text) and `pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()>`,
+//! add `mod <name>;` below, one variant to [`Bench`] (its doc comment is the one-line
+//! description) and one arm in `main`. A benchmark that still parses its own arguments from
+//! [`Opts::rest`] registers as `Name(RawArgs)` with
+//! `Bench::Name(a) => ("name", name::run(&Opts { rest: a.rest.clone(), ..opts.clone() }))`.
 
 mod channel;
 mod failover;
@@ -24,64 +30,76 @@ mod vmm;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
 
-/// Options common to every benchmark, plus the arguments it parses itself.
+/// Options common to every benchmark (given before or after its name).
 #[derive(Debug, Clone)]
 pub struct Opts {
     /// Short run (for CI and a first look): each benchmark finishes in under ~30 s.
     pub quick: bool,
     /// Directory for `<name>.json` and the plot (default: `<workspace>/results`).
     pub out: PathBuf,
-    /// Arguments not understood by the driver, for the benchmark to parse.
+    /// The arguments of a benchmark that parses its own ([`RawArgs`]); empty otherwise.
     pub rest: Vec<String>,
 }
 
-/// A benchmark: its subcommand name, a one-line description, its entry point.
-type Bench = (&'static str, &'static str, fn(&Opts) -> anyhow::Result<()>);
+/// ftvm benchmarks: each writes results/NAME.json and a plot beside it, our figures beside
+/// the peers' measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "ftvm-bench", version)]
+struct Cli {
+    /// Short run (for CI and a first look): each benchmark finishes in under ~30 s.
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Directory for NAME.json and the plot [default: WORKSPACE/results].
+    #[arg(long, global = true, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[command(subcommand)]
+    bench: Bench,
+}
 
-/// The subcommands. One line per benchmark.
-const BENCHMARKS: &[Bench] = &[
-    (
-        "ringbuf",
-        "log buffer vs rtrb vs crossbeam ArrayQueue: throughput and RTT",
-        ringbuf::run,
-    ),
-    (
-        "vmm",
-        "VM exit cost by kind; kv guest under redis-benchmark through a TAP",
-        vmm::run,
-    ),
-    (
-        "channel",
-        "every transport side by side: 64 B RTT to ack, 1 KiB streaming",
-        channel::run,
-    ),
-    (
-        "ft",
-        "kv under redis-benchmark, FT off vs on per transport (Table 1 ratio, log Mbit/s, output delay)",
-        ft::run,
-    ),
-    (
-        "failover",
-        "kill the primary under client load, repeatedly: failover time p50/max, acked writes lost",
-        failover::run,
-    ),
-    (
-        "throttle",
-        "backup slowed then released: lag and primary CPU share over time under the throttle",
-        throttle::run,
-    ),
-    (
-        "replot",
-        "redraw results/<name>.svg from results/<name>.json, no run (channel, ft, vmm; default: all)",
-        replot,
-    ),
-    (
-        "soak",
-        "the demo's load for minutes after filling kv to -OOM: RSS of both sides over time",
-        soak::run,
-    ),
-];
+/// The benchmarks: one variant each, its options a `clap::Args` struct in its module.
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Log buffer vs rtrb vs crossbeam ArrayQueue: throughput and RTT.
+    Ringbuf(ringbuf::Args),
+    /// VM exit cost by kind; kv guest under redis-benchmark through a TAP.
+    Vmm(NoArgs),
+    /// Every transport side by side: 64 B RTT to ack, 1 KiB streaming.
+    Channel(channel::Args),
+    /// kv under redis-benchmark, FT off vs on per transport (Table 1 ratio, log Mbit/s, output
+    /// delay).
+    Ft(ft::Args),
+    /// Kill the primary under client load, repeatedly: failover time p50/max, acked writes
+    /// lost.
+    Failover(failover::Args),
+    /// Backup slowed then released: lag and primary CPU share over time under the throttle.
+    Throttle(throttle::Args),
+    /// Redraw results/NAME.svg from results/NAME.json, no run (channel, ft, vmm).
+    Replot(ReplotArgs),
+    /// The demo's load for minutes after filling kv to -OOM: RSS of both sides over time.
+    Soak(soak::Args),
+}
+
+/// A benchmark without options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NoArgs {}
+
+/// The options of a benchmark that parses its own arguments from [`Opts::rest`] (register it
+/// as `Name(RawArgs)`; prefer a `clap::Args` struct, which gives it a `--help`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RawArgs {
+    /// The benchmark's own options.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub rest: Vec<String>,
+}
+
+/// Options of `ftvm-bench replot`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplotArgs {
+    /// The plots to redraw [default: all of channel, ft, vmm].
+    pub names: Vec<String>,
+}
 
 /// A benchmark's plot drawn from its results' rows, stamped with the file's revision and date.
 type Replot = fn(&Opts, &serde_json::Value, Option<&str>) -> anyhow::Result<PathBuf>;
@@ -94,11 +112,11 @@ const REPLOTS: &[(&str, Replot)] = &[
 ];
 
 /// `ftvm-bench replot [NAME...]`: each named plot drawn again from `<out>/<name>.json`.
-fn replot(opts: &Opts) -> anyhow::Result<()> {
-    let names: Vec<&str> = if opts.rest.is_empty() {
+fn replot(opts: &Opts, args: &ReplotArgs) -> anyhow::Result<()> {
+    let names: Vec<&str> = if args.names.is_empty() {
         REPLOTS.iter().map(|(n, _)| *n).collect()
     } else {
-        opts.rest.iter().map(String::as_str).collect()
+        args.names.iter().map(String::as_str).collect()
     };
     for name in names {
         let Some((_, plot)) = REPLOTS.iter().find(|(n, _)| *n == name) else {
@@ -124,45 +142,58 @@ fn replot(opts: &Opts) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn usage() -> String {
-    let mut s =
-        String::from("usage: ftvm-bench <name> [--quick] [--out DIR] [options]\n\nbenchmarks:\n");
-    for (name, what, _) in BENCHMARKS {
-        s.push_str(&format!("  {name:<12} {what}\n"));
-    }
-    s
-}
-
-fn parse(args: Vec<String>) -> anyhow::Result<(String, Opts)> {
-    let mut name = None;
-    let mut opts = Opts {
-        quick: false,
-        out: report::default_results_dir(),
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let opts = Opts {
+        quick: cli.quick,
+        out: cli.out.unwrap_or_else(report::default_results_dir),
         rest: Vec::new(),
     };
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--quick" => opts.quick = true,
-            "--out" => opts.out = PathBuf::from(it.next().context("--out needs a directory")?),
-            "-h" | "--help" => {
-                print!("{}", usage());
-                std::process::exit(0);
-            }
-            _ if name.is_none() && !a.starts_with('-') => name = Some(a),
-            _ => opts.rest.push(a),
-        }
-    }
-    let Some(name) = name else {
-        bail!("no benchmark named\n{}", usage())
+    let (name, result) = match &cli.bench {
+        Bench::Ringbuf(a) => ("ringbuf", ringbuf::run(&opts, a)),
+        Bench::Vmm(_) => ("vmm", vmm::run(&opts)),
+        Bench::Channel(a) => ("channel", channel::run(&opts, a)),
+        Bench::Ft(a) => ("ft", ft::run(&opts, a)),
+        Bench::Failover(a) => ("failover", failover::run(&opts, a)),
+        Bench::Throttle(a) => ("throttle", throttle::run(&opts, a)),
+        Bench::Replot(a) => ("replot", replot(&opts, a)),
+        Bench::Soak(a) => ("soak", soak::run(&opts, a)),
     };
-    Ok((name, opts))
+    result.with_context(|| format!("benchmark {name}"))
 }
 
-fn main() -> anyhow::Result<()> {
-    let (name, opts) = parse(std::env::args().skip(1).collect())?;
-    let Some((_, _, run)) = BENCHMARKS.iter().find(|(n, _, _)| *n == name) else {
-        bail!("unknown benchmark {name:?}\n{}", usage());
-    };
-    run(&opts).with_context(|| format!("benchmark {name}"))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent_and_every_benchmark_has_its_help() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        cmd.build();
+        cmd.clone().debug_assert();
+        for (bench, flag) in [
+            ("ringbuf", "--rtt-samples"),
+            ("channel", "--only"),
+            ("ft", "--requests"),
+            ("failover", "--fail-timeout"),
+            ("throttle", "--tau-ms"),
+        ] {
+            let help = cmd
+                .find_subcommand_mut(bench)
+                .expect(bench)
+                .render_long_help()
+                .to_string();
+            assert!(help.contains(flag), "{bench}: {flag} missing\n{help}");
+            assert!(help.contains("--quick"), "{bench}: --quick missing");
+        }
+        let parsed =
+            Cli::try_parse_from(["ftvm-bench", "ringbuf", "--quick", "--publish-every", "7"])
+                .expect("alias");
+        match parsed.bench {
+            Bench::Ringbuf(a) => assert_eq!(a.batch, 7),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["ftvm-bench", "channel", "--only", "both"]).is_err());
+    }
 }

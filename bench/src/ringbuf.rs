@@ -910,40 +910,53 @@ fn measure<const N: usize, const M: usize>(
     })
 }
 
-fn parse_rest(opts: &Opts, p: &mut Params) -> anyhow::Result<()> {
-    let mut it = opts.rest.iter();
-    while let Some(a) = it.next() {
-        let mut val = |what: &str| -> anyhow::Result<u64> {
-            it.next()
-                .with_context(|| format!("{what} needs a number"))?
-                .parse::<u64>()
-                .with_context(|| format!("{what} needs a number"))
+/// Options of `ftvm-bench ringbuf`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Repetitions of each measurement (medians reported) [default: 7, 3 with --quick].
+    #[arg(long)]
+    pub reps: Option<u64>,
+    /// Records per throughput measurement [default: 20000000, 1000000 with --quick].
+    #[arg(long)]
+    pub records: Option<u64>,
+    /// Round trips per latency measurement [default: 200000, 10000 with --quick].
+    #[arg(long)]
+    pub rtt_samples: Option<u64>,
+    /// Records the producer commits before it publishes them.
+    #[arg(long, alias = "publish-every", default_value_t = 128)]
+    pub batch: u64,
+    /// Measure one record size only: 64, 256 or 1024 [default: all three].
+    #[arg(long)]
+    pub size: Option<u64>,
+    /// Instead of measuring, run the single-threaded instruction-count driver for this many
+    /// rounds (for callgrind).
+    #[arg(long, value_name = "ROUNDS")]
+    pub icount: Option<u64>,
+}
+
+fn apply(args: &Args, p: &mut Params) -> anyhow::Result<()> {
+    if let Some(r) = args.reps {
+        p.reps = usize::try_from(r.max(1))?;
+    }
+    if let Some(r) = args.records {
+        p.records = r.max(1);
+    }
+    if let Some(r) = args.rtt_samples {
+        p.rtt_samples = r.max(1);
+    }
+    p.batch = args.batch.max(1);
+    p.icount = args.icount.map(|r| r.max(1));
+    if let Some(size) = args.size {
+        p.sizes = match SIZES.iter().position(|&s| s as u64 == size) {
+            Some(i) => &SIZES[i..=i],
+            None => bail!("--size must be one of {SIZES:?}"),
         };
-        match a.as_str() {
-            "--reps" => p.reps = usize::try_from(val("--reps")?.max(1))?,
-            "--records" => p.records = val("--records")?.max(1),
-            "--rtt-samples" => p.rtt_samples = val("--rtt-samples")?.max(1),
-            "--batch" | "--publish-every" => p.batch = val("--batch")?.max(1),
-            "--icount" => p.icount = Some(val("--icount")?.max(1)),
-            "--size" => {
-                let size = val("--size")?;
-                p.sizes = match SIZES.iter().position(|&s| s as u64 == size) {
-                    Some(i) => &SIZES[i..=i],
-                    None => bail!("--size must be one of {SIZES:?}"),
-                };
-            }
-            other => bail!(
-                "unknown ringbuf option {other:?} \
-                 (--reps N, --records N, --rtt-samples N, --batch N, --size 64|256|1024, \
-                 --icount ROUNDS)"
-            ),
-        }
     }
     Ok(())
 }
 
 /// The `ringbuf` benchmark.
-pub fn run(opts: &Opts) -> anyhow::Result<()> {
+pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     let mut p = if opts.quick {
         Params {
             records: 1_000_000,
@@ -963,7 +976,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<()> {
             icount: None,
         }
     };
-    parse_rest(opts, &mut p)?;
+    apply(args, &mut p)?;
     if let Some(rounds) = p.icount {
         for &size in p.sizes {
             match size {

@@ -24,23 +24,35 @@ use crate::Opts;
 /// The smallest leak the run must be able to show, KiB per minute.
 const LEAK_KIB_PER_MIN: f64 = 1024.0;
 
-fn config(opts: &Opts) -> anyhow::Result<SoakConfig> {
+/// Options of `ftvm-bench soak`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Seconds of client load after kv is full [default: 300, 60 with --quick].
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Guest RAM of the pair (K/M/G suffix) [default: the demo's].
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// Client connections [default: the demo's].
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Logging transport of the pair [default: the demo's].
+    #[arg(long)]
+    pub transport: Option<String>,
+}
+
+fn config(opts: &Opts, args: &Args) -> anyhow::Result<SoakConfig> {
     let mut cfg = SoakConfig::new(crate::ft::ftvm_binary()?, "bsoak");
-    cfg.load_for = Duration::from_secs(if opts.quick { 60 } else { 300 });
-    let mut it = opts.rest.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--seconds" => {
-                cfg.load_for = Duration::from_secs(value()?.parse().context("--seconds")?)
-            }
-            "--mem" => cfg.scenario.mem = value()?.clone(),
-            "--clients" => cfg.clients = value()?.parse().context("--clients")?,
-            "--transport" => cfg.scenario.transport = value()?.clone(),
-            other => bail!(
-                "unknown option {other:?} (--seconds S, --mem SIZE, --clients N, --transport T)"
-            ),
-        }
+    let quick = if opts.quick { 60 } else { 300 };
+    cfg.load_for = Duration::from_secs(args.seconds.unwrap_or(quick));
+    if let Some(mem) = &args.mem {
+        cfg.scenario.mem = mem.clone();
+    }
+    if let Some(clients) = args.clients {
+        cfg.clients = clients;
+    }
+    if let Some(transport) = &args.transport {
+        cfg.scenario.transport = transport.clone();
     }
     Ok(cfg)
 }
@@ -50,8 +62,8 @@ fn mib(kib: f64) -> String {
 }
 
 /// Runs the benchmark.
-pub fn run(opts: &Opts) -> anyhow::Result<()> {
-    let cfg = config(opts)?;
+pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
+    let cfg = config(opts, args)?;
     let total = cfg.load_for.as_secs();
     let bar = report::progress(total, "soak");
     let r = soak::run(&cfg, &mut |x| {

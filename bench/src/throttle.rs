@@ -100,7 +100,27 @@ struct Plan {
     end: f64,
 }
 
-fn parse(opts: &Opts) -> anyhow::Result<Plan> {
+/// Options of `ftvm-bench throttle`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The throttle's lag target, ms.
+    #[arg(long, default_value_t = 100)]
+    pub target_ms: u64,
+    /// The backup's CPU share while slowed, in (0, 1].
+    #[arg(long, default_value_t = 0.3)]
+    pub backup_share: f64,
+    /// The PI controller's proportional gain [default: the throttle's].
+    #[arg(long)]
+    pub kp: Option<f64>,
+    /// The PI controller's integral gain, per second [default: the throttle's].
+    #[arg(long)]
+    pub ki: Option<f64>,
+    /// The lag filter's time constant, ms [default: the throttle's].
+    #[arg(long)]
+    pub tau_ms: Option<f64>,
+}
+
+fn parse(opts: &Opts, args: &Args) -> anyhow::Result<Plan> {
     let slowed = if opts.quick { 5.0 } else { 12.0 };
     let mut plan = Plan {
         target: Duration::from_millis(100),
@@ -110,28 +130,19 @@ fn parse(opts: &Opts) -> anyhow::Result<Plan> {
         lift_at: 1.0 + slowed,
         end: 1.0 + slowed + if opts.quick { 3.0 } else { 5.0 },
     };
-    let mut it = opts.rest.iter();
-    while let Some(a) = it.next() {
-        let mut val = |what: &str| it.next().with_context(|| format!("{what} needs a value"));
-        match a.as_str() {
-            "--target-ms" => {
-                plan.target = Duration::from_millis(val(a)?.parse().context("--target-ms")?)
-            }
-            "--backup-share" => {
-                plan.share = val(a)?.parse().context("--backup-share")?;
-                if !(plan.share > 0.0 && plan.share <= 1.0) {
-                    bail!("--backup-share must be in (0, 1]");
-                }
-            }
-            "--kp" => plan.pi.kp = val(a)?.parse().context("--kp")?,
-            "--ki" => plan.pi.ki = val(a)?.parse().context("--ki")?,
-            "--tau-ms" => {
-                plan.pi.filter_tau = val(a)?.parse::<f64>().context("--tau-ms")? / 1e3;
-            }
-            other => bail!(
-                "unknown option {other:?} (--target-ms N, --backup-share S, --kp K, --ki K, --tau-ms T)"
-            ),
-        }
+    plan.target = Duration::from_millis(args.target_ms);
+    plan.share = args.backup_share;
+    if !(plan.share > 0.0 && plan.share <= 1.0) {
+        bail!("--backup-share must be in (0, 1]");
+    }
+    if let Some(kp) = args.kp {
+        plan.pi.kp = kp;
+    }
+    if let Some(ki) = args.ki {
+        plan.pi.ki = ki;
+    }
+    if let Some(tau) = args.tau_ms {
+        plan.pi.filter_tau = tau / 1e3;
     }
     Ok(plan)
 }
@@ -248,11 +259,11 @@ fn summarize(run: &'static str, plan: &Plan, r: &ExperimentReport) -> Row {
 }
 
 /// Runs the benchmark.
-pub fn run(opts: &Opts) -> anyhow::Result<()> {
+pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     if let Some(r) = ftvm_vmm_core::testing::kvm_missing().or_else(cgroup_cpu_unusable) {
         bail!("needs /dev/kvm and a writable cgroup v1 cpu controller (root): {r}");
     }
-    let plan = parse(opts)?;
+    let plan = parse(opts, args)?;
     let events = vec![
         (
             Duration::from_secs_f64(plan.slow_at),

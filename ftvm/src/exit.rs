@@ -15,7 +15,7 @@
 //! | 204 | [`PEER_FAILED`]: the peer failed and this side has no arbiter to take over with, so the pair stopped |
 //! | 205 | [`PAIRING_REFUSED`]: the two sides' settings disagree; they never paired |
 //! | 206 | [`CANNOT_TAKE_OVER`]: the backup can no longer take over (its own disk copy failed) and stopped |
-//! | 207 | [`STOPPED`]: stopped by SIGTERM/SIGINT before the guest powered off |
+//! | 207 | [`STOPPED`]: a planned stop before the guest powered off: SIGTERM/SIGINT, or the peer's planned stop (a backup whose primary stopped; a primary with `--on-backup-stop stop`) — no failover happened |
 //! | 208 | [`NONDETERMINISTIC`]: `ftvm run --check-determinism` found that two runs with the same inputs ended differently |
 //!
 //! `ftvm demo` is not a guest runner: it exits 0 when every acknowledged write was read back,
@@ -34,7 +34,7 @@ Exit status (ftvm run, primary, backup):
   204    the peer failed and there is no arbiter to take over with
   205    pairing refused: the two sides' settings disagree
   206    the backup can no longer take over (its own disk copy failed)
-  207    stopped by SIGTERM/SIGINT before the guest powered off
+  207    a planned stop: SIGTERM/SIGINT, or the peer stopped as planned (no failover)
   208    ftvm run --check-determinism: two runs with the same inputs ended differently
 ftvm demo exits 0 when every acknowledged write was read back, 1 when one was lost, 200 on an
 error; ftvm stat exits 200 when an endpoint does not answer (--once).";
@@ -56,7 +56,8 @@ pub const PEER_FAILED: i32 = 204;
 pub const PAIRING_REFUSED: i32 = 205;
 /// The backup can no longer take over (its own disk copy failed) and stopped.
 pub const CANNOT_TAKE_OVER: i32 = 206;
-/// Stopped by SIGTERM/SIGINT before the guest powered off.
+/// A planned stop before the guest powered off: SIGTERM/SIGINT, or the peer's planned stop
+/// (`ftvm_vmm_core::ft::stop`); no failover happened.
 pub const STOPPED: i32 = 207;
 /// `ftvm run --check-determinism`: two runs of the guest with the same inputs ended
 /// differently (the guest uses an input this VMM cannot log; it cannot be replicated).

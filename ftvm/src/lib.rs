@@ -12,8 +12,10 @@ use anyhow::{bail, Context};
 
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod demo;
 pub mod exit;
+pub mod lifecycle;
 pub mod metrics;
 pub mod pair;
 pub mod pairing;

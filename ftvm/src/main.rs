@@ -14,12 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ftvm_vmm_core::devices::ConsoleOutput;
 use ftvm_vmm_core::ft::observe::{Observer, SideRole};
 use ftvm_vmm_core::vm::{RunOutcome, Vm, VmConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use ftvm::config::{self, BackupConfig, PrimaryConfig};
+use ftvm::lifecycle::Lifecycle;
 use ftvm::{demo, load_guest, pair, parse_size, stat};
 
 /// ftvm: a fault-tolerant KVM virtual machine system.
@@ -35,16 +37,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run one VM standalone until the guest powers off.
+    /// Run one VM standalone until the guest powers off (SIGTERM/SIGINT: stop it, print the
+    /// summary, exit status 207).
     #[command(after_long_help = ftvm::exit::HELP)]
     Run(RunArgs),
     /// Run the primary of a fault-tolerant pair (records its inputs, ships the log).
+    /// SIGTERM/SIGINT: a planned stop (the held outputs are released once acknowledged, the
+    /// backup is told and does not fail over); exit status 207.
     #[command(after_long_help = ftvm::exit::HELP)]
-    Primary(pair::PairArgs),
+    Primary(PrimaryConfig),
     /// Run the backup of a fault-tolerant pair (replays the primary's log; with `--arbiter`,
-    /// goes live when the primary fails).
+    /// goes live when the primary fails). SIGTERM/SIGINT: a planned stop (the primary is told
+    /// and does not fail over); exit status 207.
     #[command(after_long_help = ftvm::exit::HELP)]
-    Backup(pair::PairArgs),
+    Backup(BackupConfig),
     /// The failover demo: a kv pair under client load on this machine, the primary killed
     /// mid-load, the backup going live, every acknowledged write checked (needs root and KVM).
     /// `--shared-disk`: both sides on one disk image, read back again from `kv` booted alone on it.
@@ -96,14 +102,39 @@ struct RunArgs {
     check_determinism: bool,
 }
 
+/// Prints a clap error: help and version as clap renders them (status 0), a usage error as
+/// one line (status [`ftvm::exit::USAGE`]); a flag's value that its type refuses (a bad
+/// transport, arbiter, cgroup directory …) is a bad configuration, as the same value in the
+/// `--config` file is: one line, status [`ftvm::exit::ERROR`].
+fn usage_error(e: &clap::Error) -> ! {
+    if !e.use_stderr() {
+        let _ = e.print();
+        std::process::exit(0);
+    }
+    let text = e.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .collect();
+    let line = parts.join(" ");
+    let line = line.strip_prefix("error: ").unwrap_or(&line);
+    if matches!(
+        e.kind(),
+        clap::error::ErrorKind::ValueValidation | clap::error::ErrorKind::InvalidValue
+    ) {
+        eprintln!("ftvm: error: {line}");
+        std::process::exit(ftvm::exit::ERROR);
+    }
+    eprintln!("ftvm: usage error: {line} (see --help)");
+    std::process::exit(ftvm::exit::USAGE);
+}
+
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            std::process::exit(if e.use_stderr() { ftvm::exit::USAGE } else { 0 });
-        }
-    };
+    let matches = Cli::command()
+        .try_get_matches()
+        .unwrap_or_else(|e| usage_error(&e));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| usage_error(&e));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     use tracing_subscriber::prelude::*;
@@ -118,14 +149,38 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Primary(args) => pair::primary(args),
-        Command::Backup(args) => pair::backup(args),
+        Command::Primary(args) => {
+            let sub = matches.subcommand_matches("primary");
+            pair_side(args, sub, "primary", pair::primary)
+        }
+        Command::Backup(args) => {
+            let sub = matches.subcommand_matches("backup");
+            pair_side(args, sub, "backup", pair::backup)
+        }
         Command::Demo(args) => demo::demo(args),
         Command::Stat(args) => stat::stat(&args),
     };
     if let Err(e) = result {
         std::process::exit(ftvm::cli::report_error(&e));
     }
+}
+
+/// `ftvm primary` / `ftvm backup`: the configuration (flags over `--config`), the signal
+/// handling, then the side.
+fn pair_side<T: config::RoleConfig>(
+    args: T,
+    matches: Option<&clap::ArgMatches>,
+    who: &'static str,
+    side: fn(T, &mut Lifecycle) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let empty = clap::ArgMatches::default();
+    let cfg = config::load(args, matches.unwrap_or(&empty))?;
+    if cfg.common().print_config {
+        print!("{}", config::to_toml(&cfg)?);
+        return Ok(());
+    }
+    let mut lifecycle = Lifecycle::install(who)?;
+    side(cfg, &mut lifecycle)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -160,6 +215,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let observer = Observer::new(SideRole::Run);
     observer.watch_exits(vm.stats());
     let _metrics = ftvm::metrics::start_if(args.metrics.as_deref(), &observer)?;
+    let mut lifecycle = Lifecycle::install("run")?;
+    lifecycle.attach(control.clone(), &format!("run: running {}", args.guest));
+    lifecycle.watch(&observer);
 
     let show = !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -218,6 +276,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         RunOutcome::PoweredOff(code) => {
             eprintln!("exit code  {code}");
             std::process::exit(ftvm::exit::guest_status(code));
+        }
+        RunOutcome::Paused if lifecycle.stop_requested() => {
+            eprintln!("stopped    by SIGTERM/SIGINT before the guest powered off");
+            std::process::exit(ftvm::exit::STOPPED);
         }
         other => bail!("VM stopped before powering off: {other:?}"),
     }

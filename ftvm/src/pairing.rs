@@ -24,7 +24,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ftvm_channel::reliable::SettingsCheck;
+use ftvm_vmm_core::ft::Role;
 use serde::{Deserialize, Serialize};
+
+use crate::config::CommonConfig;
 
 /// One side's settings, as sent in the handshake (see the [module docs](self)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +56,22 @@ fn show<T: std::fmt::Display>(v: &Option<T>) -> String {
 }
 
 impl PairingSettings {
+    /// `role`'s settings, derived from its configuration.
+    pub fn new(role: Role, config: &CommonConfig) -> Self {
+        let ft = config.failover(role);
+        let ft = ft.as_ref();
+        PairingSettings {
+            role: crate::config::role_name(role).into(),
+            arbiter: ft.map(|f| f.arbiter.to_string()),
+            node: ft.map(|f| f.node.clone()),
+            shared_disk: config.shared_disk,
+            heartbeat: ft.map(|f| f.heartbeat),
+            peer_heartbeat: ft.map(|f| f.peer_heartbeat),
+            fail_timeout_ms: ft.map(|f| f.fail_timeout.as_millis() as u64),
+            generation: ft.map_or(1, |f| f.generation),
+        }
+    }
+
     /// Every field on which `self` (this side) and `theirs` (the peer) disagree, each naming
     /// both values; empty when they agree.
     pub fn differences(&self, theirs: &Self) -> Vec<String> {

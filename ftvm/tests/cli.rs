@@ -117,3 +117,119 @@ fn help_shows_the_exit_table_and_the_defaults() {
         assert!(text.contains(d), "{d} missing:\n{text}");
     }
 }
+
+/// The example configurations under `contrib/` load (`--print-config` prints what each side
+/// would run with), and a flag given beside `--config` overrides the file's key.
+#[test]
+fn contrib_configs_load_and_flags_override_them() {
+    let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/config");
+    for (role, node, peer_hb) in [
+        ("primary", "host-a", "192.0.2.11:7101"),
+        ("backup", "host-b", "192.0.2.10:7102"),
+    ] {
+        let file = contrib.join(format!("{role}.toml"));
+        let out = ftvm(&[
+            role,
+            "--config",
+            &file.display().to_string(),
+            "--print-config",
+            "--fail-timeout",
+            "300",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{role}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in [
+            format!("node = \"{node}\""),
+            format!("peer_heartbeat = \"{peer_hb}\""),
+            "fail_timeout = 300".to_string(),
+            "transport = \"tcp\"".to_string(),
+            "arbiter = \"etcd:http://192.0.2.20:2379,http://192.0.2.21:2379,http://192.0.2.22:2379#/ftvm/pair1\"".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{role}: {line} missing:\n{text}");
+        }
+    }
+}
+
+/// A config file's unknown key, another role's key and a bad typed value are each refused with
+/// one line naming the key (status 200).
+#[test]
+fn bad_config_files_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (role, body, needle) in [
+        (
+            "primary",
+            "guest = \"cpu\"\nfrobnicate = 1\n",
+            "unknown key `frobnicate`",
+        ),
+        (
+            "backup",
+            "throttle_target_ms = 5\n",
+            "a setting of ftvm primary only",
+        ),
+        (
+            "primary",
+            "on_primary_stop = \"stop\"\n",
+            "a setting of ftvm backup only",
+        ),
+        (
+            "primary",
+            "transport = \"carrier-pigeon\"\n",
+            "`transport` = \"carrier-pigeon\"",
+        ),
+        (
+            "backup",
+            "on_primary_stop = \"maybe\"\n",
+            "`on_primary_stop` = \"maybe\"",
+        ),
+        ("primary", "idle = \"nap\"\n", "`idle` = \"nap\""),
+    ] {
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, body).expect("write");
+        let out = ftvm(&[role, "--config", &file.display().to_string()]);
+        assert_one_line_error(&out, needle);
+    }
+}
+
+/// `ftvm primary --help` lists only the primary's flags, `ftvm backup --help` only the
+/// backup's; a primary-only flag given to the backup is a usage error.
+#[test]
+fn each_role_lists_only_its_own_flags() {
+    let help = |role: &str| String::from_utf8_lossy(&ftvm(&[role, "--help"]).stdout).into_owned();
+    let (p, b) = (help("primary"), help("backup"));
+    for own in [
+        "--throttle-target-ms",
+        "--throttle-cgroup",
+        "--go-alone-unprotected",
+        "--on-backup-failure",
+        "--on-backup-stop",
+        "--digest-interval",
+        "--stop-timeout-ms",
+    ] {
+        assert!(p.contains(own), "{own} not in primary --help");
+        assert!(!b.contains(own), "{own} in backup --help");
+    }
+    assert!(b.contains("--on-primary-stop") && !p.contains("--on-primary-stop"));
+    for both in [
+        "--arbiter",
+        "--heartbeat",
+        "--net",
+        "--config",
+        "--print-config",
+    ] {
+        assert!(p.contains(both) && b.contains(both), "{both}");
+    }
+    let out = ftvm(&[
+        "backup",
+        "--guest",
+        "cpu",
+        "--peer",
+        "h:1",
+        "--throttle-target-ms",
+        "5",
+    ]);
+    assert_eq!(out.status.code(), Some(ftvm::exit::USAGE));
+}

@@ -227,6 +227,8 @@ fn install_kick_handler() {
 #[derive(Debug, Default)]
 pub struct VcpuKick {
     requested: AtomicBool,
+    /// [`VcpuKick::request_stop`] was asked (sticky: the run is to end, not just pause).
+    stop: AtomicBool,
     /// [`VcpuKick::interrupt_replay`] was asked (sticky while the run replays).
     replay_check: AtomicBool,
     thread: std::sync::Mutex<Option<libc::pthread_t>>,
@@ -238,6 +240,7 @@ impl VcpuKick {
     pub(crate) fn new(signal: Arc<EventSignal>, interrupt: Arc<AtomicBool>) -> Self {
         VcpuKick {
             requested: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
             replay_check: AtomicBool::new(false),
             thread: Default::default(),
             signal,
@@ -252,6 +255,20 @@ impl VcpuKick {
         self.interrupt.store(true, Ordering::Release);
         self.signal.notify();
         self.signal_thread();
+    }
+
+    /// Asks the run to end (a planned stop: the operator's SIGTERM, or a peer that left the
+    /// pair as planned): marks the request, which [`VcpuKick::stop_requested`] reports from
+    /// then on, and kicks the vCPU ([`VcpuKick::kick`]). Whoever drives the run decides what
+    /// stopping means (a primary first waits until its held outputs are released).
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    /// Whether [`VcpuKick::request_stop`] was asked.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
     }
 
     /// Asks a replaying vCPU to ask its replay source, at the next point between two exits,

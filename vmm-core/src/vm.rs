@@ -126,6 +126,16 @@ impl VmControl {
     pub fn interrupt_replay(&self) {
         self.kick.interrupt_replay();
     }
+    /// Asks the VM's run to end: [`Vm::run`] returns [`RunOutcome::Paused`] promptly and
+    /// [`VmControl::stop_requested`] is true from then on (a planned stop, see
+    /// [`VcpuKick::request_stop`]).
+    pub fn request_stop(&self) {
+        self.kick.request_stop();
+    }
+    /// Whether [`VmControl::request_stop`] was asked.
+    pub fn stop_requested(&self) -> bool {
+        self.kick.stop_requested()
+    }
     /// Exits handled so far (the exit index).
     pub fn exits(&self) -> u64 {
         self.exits.load(std::sync::atomic::Ordering::Relaxed)
@@ -332,6 +342,11 @@ impl Vm {
     pub fn set_console_hook(&mut self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {
         self.devices
             .set_console_hook(hook.map(crate::devices::ConsoleHook));
+    }
+
+    /// Whether a stop was requested ([`VmControl::request_stop`]).
+    pub fn stop_requested(&self) -> bool {
+        self.kick.stop_requested()
     }
 
     /// A handle to pause the VM from another thread and watch its exit count.

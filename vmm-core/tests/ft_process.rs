@@ -45,9 +45,19 @@ fn check_equal_runs(dir: &Path, disk: bool) {
     assert_eq!(p["backup_finished"], true, "{p}");
 }
 
-fn pair_args<'a>(role: &'a str, dir: &'a Path, common: &[&'a str]) -> Vec<String> {
+/// The arguments of `role`: `common`, and `primary_only` (flags `ftvm backup` does not take)
+/// on the primary.
+fn pair_args<'a>(
+    role: &'a str,
+    dir: &'a Path,
+    common: &[&'a str],
+    primary_only: &[&'a str],
+) -> Vec<String> {
     let mut v: Vec<String> = vec![role.into()];
     v.extend(common.iter().map(|s| s.to_string()));
+    if role == "primary" {
+        v.extend(primary_only.iter().map(|s| s.to_string()));
+    }
     let tag = if role == "primary" { "p" } else { "b" };
     v.extend([
         "--console".into(),
@@ -78,18 +88,15 @@ fn ft_processes_replay_cpu_over_tcp() {
         &peer,
         "--transport",
         "tcp",
-        "--digest-interval",
-        "2",
-        "--mem-digest-every",
-        "1",
     ];
+    let primary_only = ["--digest-interval", "2", "--mem-digest-every", "1"];
     let backup = Command::new(&bin)
-        .args(pair_args("backup", dir.path(), &common))
+        .args(pair_args("backup", dir.path(), &common, &primary_only))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn backup");
     let primary = Command::new(&bin)
-        .args(pair_args("primary", dir.path(), &common))
+        .args(pair_args("primary", dir.path(), &common, &primary_only))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn primary");
@@ -179,14 +186,11 @@ fn ft_processes_kv_under_redis_benchmark() {
             &shm,
             "--transport",
             "shm",
-            "--digest-interval",
-            "5000",
-            "--mem-digest-every",
-            "20",
         ];
+        let primary_only = ["--digest-interval", "5000", "--mem-digest-every", "20"];
         ns.command(
             &bin.display().to_string(),
-            &pair_args(role, dir.path(), &common_args),
+            &pair_args(role, dir.path(), &common_args, &primary_only),
         )
         .stderr(Stdio::piped())
         .spawn()

@@ -849,8 +849,6 @@ fn shared_disk_processes_refuse_a_mode_mismatch() {
             &peer,
             "--transport",
             "tcp",
-            "--throttle-target-ms",
-            "0",
             "--log",
             "error",
         ]
@@ -859,6 +857,10 @@ fn shared_disk_processes_refuse_a_mode_mismatch() {
         .collect();
         if shared {
             v.push("--shared-disk".into());
+        }
+        if role == "primary" {
+            // A primary-only flag (`ftvm backup` refuses it).
+            v.extend(["--throttle-target-ms".into(), "0".into()]);
         }
         v
     };
@@ -923,13 +925,16 @@ fn shared_disk_processes_kv_under_redis_benchmark() {
             &peer,
             "--transport",
             "tcp",
-            "--throttle-target-ms",
-            "0",
             "--report",
             &rep,
             "--log",
             "warn",
         ];
+        let mut args: Vec<&str> = args.to_vec();
+        if role == "primary" {
+            // A primary-only flag (`ftvm backup` refuses it).
+            args.extend(["--throttle-target-ms", "0"]);
+        }
         ns.command(&bin.display().to_string(), &args)
             .env("RUST_BACKTRACE", "0")
             .stderr(Stdio::piped())

@@ -96,6 +96,20 @@ pub fn wait_first_reply(s: &Scenario, load: &Load, timeout: Duration) -> Instant
     }
 }
 
+/// After the peer of `s`'s primary left (killed or stopped): the clients are answered again
+/// within 10 s, 200 more writes are acknowledged, no client saw an error, every acknowledged
+/// write is readable, and the primary still runs. Stops `load`.
+pub fn assert_primary_serves_on(s: &mut Scenario, load: &mut Load) {
+    load.mark(Instant::now());
+    wait_first_reply(s, load, Duration::from_secs(10));
+    wait_ops(s, load, 200, Duration::from_secs(20));
+    let stats = load.stop();
+    assert_eq!(stats.errors, 0, "client errors: {:?}", load.last_error());
+    assert_no_acked_write_lost(s, load.checker());
+    let primary = s.primary.as_mut().expect("primary");
+    assert_eq!(primary.try_status(), None, "{}", primary.stderr_text());
+}
+
 /// Reads back every write acknowledged to `checker` (from inside the namespace).
 pub fn verify(s: &Scenario, checker: &Checker) -> CheckReport {
     s.in_netns(|| {

@@ -33,6 +33,7 @@ use super::digest::register_digest;
 use super::log::{device_name, AppliedControl, ControlQueue, Entry};
 use super::observe::{LogSnapshot, Observer, SideRole};
 use super::primary::PairError;
+use super::stop::{is_planned, StopCause, Stopped};
 use crate::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use crate::record::{Inputs, OutputDigest, ReplayError, ReplaySource};
 use crate::vm::{RunOutcome, Vm};
@@ -57,6 +58,9 @@ pub struct LogReader {
     watch: Option<Watch>,
     observer: Observer,
     checks: OutputChecks,
+    /// The replaying VM's control: a stop requested there ends the wait for entries
+    /// ([`super::stop`]).
+    stop: Option<crate::vm::VmControl>,
 }
 
 /// The output verification of a backup: how many of the primary's output digests its own
@@ -172,6 +176,7 @@ impl LogReader {
             watch: None,
             observer,
             checks: OutputChecks::default(),
+            stop: None,
         }
     }
 
@@ -313,6 +318,10 @@ impl LogReader {
                             "the primary is presumed failed: stopping the log receiver"
                         );
                         self.sever();
+                    } else if self.stop.as_ref().is_some_and(|c| c.stop_requested()) {
+                        // A planned stop of this backup: the replay ends here (the run's
+                        // driver sees the request and does not go live).
+                        return Err(ReplayError::Exhausted { exit });
                     } else if self.idle == IdleKind::Park {
                         // Spin a little (the next entry is often microseconds away), then
                         // sleep until the receiver delivers: a spinning backup vCPU takes the
@@ -342,16 +351,38 @@ impl LogReader {
 
     /// Tells the primary that this backup leaves the pair, and why (a GOODBYE frame); if it
     /// cannot be told (the link is gone already), it will notice the silence.
-    pub(crate) fn goodbye(&mut self, reason: GoodbyeReason, text: &str) {
+    pub(crate) fn goodbye(&mut self, reason: GoodbyeReason, text: &str) -> bool {
         match self.rx.goodbye(reason, text) {
-            Ok(()) => tracing::warn!(%reason, "told the primary that this backup leaves the pair"),
-            Err(e) => tracing::warn!(
-                error = %e,
-                %reason,
-                "could not tell the primary that this backup leaves the pair; its failure \
-                 detector will notice"
-            ),
+            Ok(()) => {
+                tracing::warn!(%reason, "told the primary that this backup leaves the pair");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    %reason,
+                    "could not tell the primary that this backup leaves the pair; its failure \
+                     detector will notice"
+                );
+                false
+            }
         }
+    }
+
+    /// A planned stop that ends this backup's replay at `exit`, if one applies
+    /// ([`super::stop`]): its VM was asked to stop, or the primary said GOODBYE `PlannedStop`.
+    fn planned_stop(&self, exit: u64) -> Option<PairError> {
+        let cause = if self.stop.as_ref().is_some_and(|c| c.stop_requested()) {
+            StopCause::Requested
+        } else {
+            StopCause::PeerStopped(self.rx.peer_goodbye().filter(is_planned)?.text)
+        };
+        Some(PairError::Stopped(Stopped {
+            exit,
+            cause,
+            held: 0,
+            told_peer: false,
+        }))
     }
 
     /// After the End entry: keeps the link (and the acks) up until the primary hangs up, at
@@ -727,6 +758,7 @@ pub(crate) fn backup_loop(
 ) -> Result<BackupEnd, PairError> {
     let lock = || reader.lock().unwrap_or_else(|e| e.into_inner());
     lock().observer().watch_exits(vm.stats());
+    lock().stop = Some(vm.control());
     let hook = || golive.map(|g| g.lock().unwrap_or_else(|e| e.into_inner()));
     let ended = |exit: u64, e: ReplayError| match e {
         ReplayError::Diverged { exit, what } => PairError::Diverged { exit, what },
@@ -749,6 +781,8 @@ pub(crate) fn backup_loop(
                 if let Some(f) = h.take_failure() {
                     return Err(f);
                 }
+            } else if let Some(s) = lock().planned_stop(exit) {
+                return Err(s);
             }
         }
         Err(ended(exit, e))
@@ -786,7 +820,7 @@ pub(crate) fn backup_loop(
     }));
     let interval = digest_interval.max(1);
     let mut checkpoints = 0u64;
-    let result = loop {
+    let mut result = loop {
         let target = (vm.stats().total() / interval + 1) * interval;
         let outcome = vm.run_until(Some(target));
         let exit = vm.stats().total();
@@ -815,6 +849,9 @@ pub(crate) fn backup_loop(
                 }
                 drop(r);
                 if matches!(replay_error(&e), Some(ReplayError::Exhausted { .. })) {
+                    if let Some(s) = lock().planned_stop(exit) {
+                        break Err(s);
+                    }
                     break Err(PairError::LogEnded {
                         exit,
                         why: "the primary's log stopped".into(),
@@ -828,7 +865,7 @@ pub(crate) fn backup_loop(
             }
         };
         if outcome == RunOutcome::Paused {
-            break Err(PairError::Paused(exit));
+            break Err(lock().planned_stop(exit).unwrap_or(PairError::Paused(exit)));
         }
         let next = lock().next_entry(exit);
         let entry = match next {
@@ -891,8 +928,15 @@ pub(crate) fn backup_loop(
         }
     };
     vm.set_inputs(Inputs::default());
-    if let Err(PairError::CannotTakeOver(f)) = &result {
-        lock().goodbye(GoodbyeReason::CannotTakeOver, &f.to_string());
+    match &mut result {
+        Err(PairError::CannotTakeOver(f)) => {
+            lock().goodbye(GoodbyeReason::CannotTakeOver, &f.to_string());
+        }
+        Err(PairError::Stopped(s)) if s.cause == StopCause::Requested => {
+            // From here on this backup never goes live: the primary may go on alone.
+            s.told_peer = lock().goodbye(GoodbyeReason::PlannedStop, "the backup stops as planned");
+        }
+        _ => {}
     }
     let code = result?;
     let mut r = lock();

@@ -17,6 +17,7 @@
 //!          ─> only if it names a newer generation held by another node: as "lost" above
 //! backup (own disk copy): a disk result differs from the primary's ─> GOODBYE(CannotTakeOver)
 //!          ─> stop (never live); primary: GOODBYE ─> as "backup failed" above
+//! planned stops (SIGTERM; GOODBYE(PlannedStop)) are no failure: `super::stop`
 //! ```
 //!
 //! Heartbeats carry liveness only (see the detector's threat model): the fence moves on
@@ -181,6 +182,7 @@ use super::output::{OutputGate, OutputStats, Sink};
 use super::primary::{
     primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
+use super::stop::{is_planned, BackupStopPolicy, PrimaryStopPolicy, StopCause, Stopped};
 use crate::devices::virtio::blk::{BlkCounters, BlkError, BlkHandle};
 use crate::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMode};
 use crate::memory::GuestMem;
@@ -209,6 +211,9 @@ pub struct FtConfig {
     /// created persistent by the operator, `ip tuntap add NAME mode tap`, so that it survives
     /// the primary). `None`: no network after go-live.
     pub service_tap: Option<String>,
+    /// Backup: what to do when the primary stops as planned (GOODBYE `PlannedStop`,
+    /// [`super::stop`]): stop too (the default), or take over at once (a handover).
+    pub on_primary_stop: PrimaryStopPolicy,
 }
 
 impl std::fmt::Debug for FtConfig {
@@ -219,6 +224,7 @@ impl std::fmt::Debug for FtConfig {
             .field("detector", &self.detector)
             .field("retry", &self.retry)
             .field("service_tap", &self.service_tap)
+            .field("on_primary_stop", &self.on_primary_stop)
             .finish_non_exhaustive()
     }
 }
@@ -238,6 +244,7 @@ impl FtConfig {
             detector,
             retry: RetryPolicy::default(),
             service_tap: None,
+            on_primary_stop: PrimaryStopPolicy::Stop,
         }
     }
 }
@@ -507,6 +514,7 @@ impl PrimaryFt {
         gate: Arc<OutputGate>,
         writer: &LogWriter,
         vm: &Vm,
+        on_backup_stop: BackupStopPolicy,
     ) -> Result<(), PairError> {
         if let Some(d) = vm.shared_disk() {
             // Storage fencing: the shared disk is this primary's in its generation.
@@ -529,6 +537,7 @@ impl PrimaryFt {
             net: vm.net().cloned(),
             disk: vm.shared_disk().cloned(),
             control: vm.control(),
+            on_backup_stop,
         };
         self.monitor = Some(
             std::thread::Builder::new()
@@ -591,6 +600,8 @@ struct Monitor {
     net: Option<NetHandle>,
     disk: Option<BlkHandle>,
     control: VmControl,
+    /// What a backup's planned stop means here.
+    on_backup_stop: BackupStopPolicy,
 }
 
 /// Why a primary's backup is gone: what [`Monitor::go_alone`] reacts to, whatever the policy
@@ -631,6 +642,13 @@ impl Monitor {
                 None if !running => Some(BackupGone::LinkDown),
                 None => None,
             };
+            if let Some(BackupGone::Left(g)) = &gone {
+                if is_planned(g) && self.on_backup_stop == BackupStopPolicy::Stop {
+                    tracing::warn!(goodbye = %g, "the backup stopped as planned: this primary stops too");
+                    self.control.request_stop();
+                    return;
+                }
+            }
             if let Some(gone) = gone {
                 self.go_alone(&gone);
                 return;
@@ -669,6 +687,12 @@ impl Monitor {
         };
         let at_exit = self.control.exits();
         match gone {
+            BackupGone::Left(goodbye) if is_planned(goodbye) => tracing::warn!(
+                %goodbye,
+                at_exit,
+                "UNPROTECTED: the backup stopped as planned; taking over the next generation \
+                 and going on ALONE (no backup, no failover until a new pair is started)"
+            ),
             BackupGone::Left(goodbye) => tracing::error!(
                 %goodbye,
                 at_exit,
@@ -809,6 +833,8 @@ pub fn run_primary_ft(
 /// The backup's go-live decision (runs on the vCPU thread, inside the replay source).
 struct BackupGoLive {
     cfg: FtConfig,
+    /// The VM's control: a stop requested here means no go-live ([`super::stop`]).
+    control: VmControl,
     fence: Fence,
     detector: Arc<Detector>,
     failed: Arc<AtomicBool>,
@@ -836,7 +862,42 @@ impl BackupGoLive {
         false
     }
 
+    /// A planned stop instead of a decision, if one applies: this side was asked to stop, or
+    /// the primary stopped as planned and this backup is not to take over. `handover`: the
+    /// primary stopped as planned and this backup takes over at once.
+    fn planned_stop(&mut self, exit: u64, handover: &mut bool) -> bool {
+        let cause = if self.control.stop_requested() {
+            StopCause::Requested
+        } else {
+            let r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+            match r.receiver().peer_goodbye().filter(is_planned) {
+                None => return false,
+                Some(_) if self.cfg.on_primary_stop == PrimaryStopPolicy::TakeOver => {
+                    tracing::warn!(
+                        exit,
+                        "the primary stopped as planned: taking over (handover)"
+                    );
+                    *handover = true;
+                    return false;
+                }
+                Some(g) => StopCause::PeerStopped(g.text),
+            }
+        };
+        tracing::warn!(exit, ?cause, "planned stop: the backup does not go live");
+        self.failure = Some(PairError::Stopped(Stopped {
+            exit,
+            cause,
+            held: 0,
+            told_peer: false,
+        }));
+        true
+    }
+
     fn decide_inner(&mut self, exit: u64) -> bool {
+        let mut handover = false;
+        if self.planned_stop(exit, &mut handover) {
+            return false;
+        }
         let t_out = Instant::now();
         let lost_at = {
             let mut r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
@@ -856,9 +917,10 @@ impl BackupGoLive {
         //    once (its link broke too) — so after two failure timeouts without a decision,
         //    the backup contests the next generation whatever the heartbeats say (forged ones
         //    included; the arbiter keeps that safe: see the detector's threat model).
+        //    A handover (the primary stopped as planned and said so) needs no detector.
         let contest_after = 2 * self.cfg.detector.timeout;
         let mut last_check = Instant::now();
-        while !self.failed.load(Ordering::Acquire) {
+        while !handover && !self.failed.load(Ordering::Acquire) {
             if lost_at.elapsed() >= contest_after {
                 tracing::warn!(
                     since_log_lost_ms = lost_at.elapsed().as_millis() as u64,
@@ -1020,6 +1082,7 @@ pub fn run_backup_ft(
     let reader = Arc::new(Mutex::new(reader));
     let golive = Arc::new(Mutex::new(BackupGoLive {
         cfg: ft,
+        control: vm.control(),
         fence,
         detector: Arc::clone(&detector),
         failed,
@@ -1048,7 +1111,7 @@ pub fn run_backup_ft(
     tracing::info!(exit, "running as a lone primary");
     let code = match outcome {
         Some(RunOutcome::PoweredOff(code)) => code,
-        Some(RunOutcome::Paused) => return Err(PairError::Paused(vm.stats().total())),
+        Some(RunOutcome::Paused) => return Err(paused_or_stopped(vm)),
         _ => loop {
             let r = vm.run();
             if r.is_err() {
@@ -1058,7 +1121,7 @@ pub fn run_backup_ft(
             }
             match r? {
                 RunOutcome::PoweredOff(code) => break code,
-                RunOutcome::Paused => return Err(PairError::Paused(vm.stats().total())),
+                RunOutcome::Paused => return Err(paused_or_stopped(vm)),
                 RunOutcome::ExitLimit => {}
             }
         },
@@ -1090,6 +1153,22 @@ pub fn run_backup_ft(
         outputs_verified: checks.verified_count(),
         output_bytes_verified: checks.verified_bytes(),
     })))
+}
+
+/// Why a live backup's run returned `Paused`: a planned stop ([`super::stop`]: its operator
+/// stopped the lone survivor; nobody is left to tell) or a pause from outside.
+fn paused_or_stopped(vm: &Vm) -> PairError {
+    let exit = vm.stats().total();
+    if vm.stop_requested() {
+        PairError::Stopped(Stopped {
+            exit,
+            cause: StopCause::Requested,
+            held: 0,
+            told_peer: false,
+        })
+    } else {
+        PairError::Paused(exit)
+    }
 }
 
 /// How long go-live waits for the service TAP to become free.

@@ -10,6 +10,7 @@
 //!   with the output rule and divergence detection.
 //! - [`golive`]: the backup going live and the primary continuing alone ([`run_primary_ft`],
 //!   [`run_backup_ft`]).
+//! - [`stop`]: planned stops (SIGTERM): the peer is told (GOODBYE) and does not fail over.
 //! - [`throttle`]: lag measurement and the CPU throttle that keeps the primary in step.
 //! - [`observe`]: the live counters of a side (metrics endpoint, `ftvm stat`, reports).
 //!
@@ -52,6 +53,7 @@ pub mod node;
 pub mod observe;
 pub mod output;
 pub mod primary;
+pub mod stop;
 pub mod throttle;
 
 pub use arbiter::{

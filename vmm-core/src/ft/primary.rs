@@ -31,6 +31,8 @@ use super::log::{
 };
 use super::observe::{DiskWaitsSnapshot, LogSnapshot, Observer, SideRole};
 use super::output::{OutputGate, OutputStats, Sink};
+use super::stop::is_planned;
+pub use super::stop::BackupStopPolicy;
 use crate::devices::virtio::blk::{DiskMode, WriteBarrier};
 use crate::record::{Inputs, OutputDigest, Recorder};
 use crate::vm::{RunOutcome, Vm, VmError};
@@ -102,6 +104,10 @@ pub enum PairError {
     /// without going live and told the primary (GOODBYE, `CannotTakeOver`).
     #[error("this backup can no longer take over: {0}")]
     CannotTakeOver(crate::devices::virtio::blk::CopyFailure),
+    /// A planned stop ([`super::stop`]): this side was asked to stop, or its peer left the
+    /// pair as planned; no failover happened.
+    #[error("{0}")]
+    Stopped(super::stop::Stopped),
 }
 
 /// What a primary **without an arbiter** does when its backup fails (its logging link
@@ -149,6 +155,11 @@ pub struct PairOptions {
     pub ack_timeout: Duration,
     /// Primary without an arbiter ([`run_primary`]): what to do when the backup fails.
     pub on_peer_failure: PeerFailurePolicy,
+    /// Primary: what to do when the backup stops as planned ([`super::stop`]).
+    pub on_backup_stop: BackupStopPolicy,
+    /// Primary asked to stop: how long it waits for the backup to acknowledge the log before
+    /// it says GOODBYE ([`super::stop`]).
+    pub stop_timeout: Duration,
 }
 
 impl Default for PairOptions {
@@ -159,6 +170,8 @@ impl Default for PairOptions {
             idle: IdleKind::Yield,
             ack_timeout: Duration::from_secs(30),
             on_peer_failure: PeerFailurePolicy::Stop,
+            on_backup_stop: BackupStopPolicy::GoAlone,
+            stop_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -515,6 +528,9 @@ pub struct DiskBarrier {
     writer: LogWriter,
     acks: Arc<ftvm_channel::reliable::SenderShared>,
     waits: Mutex<DiskWaits>,
+    /// The VM's control: a write waiting while a stop is requested and the link is down
+    /// gives up (nobody will acknowledge it).
+    control: std::sync::OnceLock<crate::vm::VmControl>,
 }
 
 impl std::fmt::Debug for DiskBarrier {
@@ -537,6 +553,7 @@ impl DiskBarrier {
             writer: writer.clone(),
             acks,
             waits: Mutex::new(DiskWaits::default()),
+            control: std::sync::OnceLock::new(),
         }
     }
 
@@ -589,7 +606,8 @@ impl WriteBarrier for DiskBarrier {
             polls += 1;
             if polls > BARRIER_SPINS + BARRIER_YIELDS
                 && polls % 64 == 0
-                && self.writer.mode.load(Ordering::Acquire) == MODE_LOGGING
+                && (self.writer.mode.load(Ordering::Acquire) == MODE_LOGGING
+                    || self.control.get().is_some_and(|c| c.stop_requested()))
                 && !self.writer.sender().is_running()
             {
                 return Err(format!(
@@ -618,7 +636,7 @@ impl LinkWatch {
         writer: &LogWriter,
         gate: &Arc<OutputGate>,
         vm: &Vm,
-        policy: PeerFailurePolicy,
+        (policy, on_stop): (PeerFailurePolicy, BackupStopPolicy),
     ) -> Result<Self, PairError> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let failed = Arc::new(Mutex::new(None));
@@ -648,6 +666,28 @@ impl LinkWatch {
                         std::thread::sleep(LINK_WATCH_EVERY);
                         continue;
                     };
+                    if let Some(g) = writer.sender().peer_goodbye().filter(is_planned) {
+                        // A planned stop, not a failure: the backup will not go live.
+                        match on_stop {
+                            BackupStopPolicy::GoAlone => {
+                                tracing::warn!(
+                                    goodbye = %g,
+                                    "UNPROTECTED: the backup stopped as planned; this primary \
+                                     goes on ALONE (no backup, no failover), held outputs \
+                                     released now"
+                                );
+                                super::golive::release_alone(&writer, &gate, net.as_ref(), 1);
+                            }
+                            BackupStopPolicy::Stop => {
+                                tracing::warn!(
+                                    goodbye = %g,
+                                    "the backup stopped as planned: this primary stops too"
+                                );
+                                control.request_stop();
+                            }
+                        }
+                        return;
+                    }
                     match policy {
                         PeerFailurePolicy::Stop => {
                             tracing::error!(
@@ -754,6 +794,7 @@ pub(crate) fn primary_loop(
     let disk = vm.shared_disk().cloned();
     let barrier = disk.as_ref().map(|d| {
         let b = Arc::new(DiskBarrier::new(writer));
+        let _ = b.control.set(vm.control());
         d.set_mode(DiskMode::Gated(b.clone()));
         b
     });
@@ -779,11 +820,16 @@ pub(crate) fn primary_loop(
         mem_digest_every: opts.mem_digest_every,
     })?;
     if let Some(f) = ft.as_deref_mut() {
-        f.start(Arc::clone(&gate), writer, vm)?;
+        f.start(Arc::clone(&gate), writer, vm, opts.on_backup_stop)?;
     }
     // Without an arbiter, the link breaking is the backup's failure: the policy decides.
     let mut watch = match ft {
-        None => Some(LinkWatch::start(writer, &gate, vm, opts.on_peer_failure)?),
+        None => Some(LinkWatch::start(
+            writer,
+            &gate,
+            vm,
+            (opts.on_peer_failure, opts.on_backup_stop),
+        )?),
         Some(_) => None,
     };
     let peer_failed = |watch: &Option<LinkWatch>, exit: u64| {
@@ -827,6 +873,10 @@ pub(crate) fn primary_loop(
             if let Some(e) = super::golive::disk_superseded(vm) {
                 break Err(e);
             }
+            // A write given up while stopping (the backup stopped too).
+            if vm.stop_requested() {
+                break Ok((None, vm.stats().total()));
+            }
             // A shared-disk write refused because the link broke: the backup failed.
             if let Some(e) = peer_failed(&watch, vm.stats().total()) {
                 break Err(e);
@@ -867,11 +917,12 @@ pub(crate) fn primary_loop(
                     }
                 }
             }
-            RunOutcome::PoweredOff(code) => break Ok((code, exit)),
+            RunOutcome::PoweredOff(code) => break Ok((Some(code), exit)),
             // The FT monitor kicks the vCPU when this primary was superseded, the link watch
-            // when the backup failed.
+            // when the backup failed; a planned stop ([`super::stop`]) was asked for.
             RunOutcome::Paused => match ft.as_deref().and_then(PrimaryFt::superseded) {
                 Some(e) => break Err(e),
+                None if vm.stop_requested() => break Ok((None, exit)),
                 None => break Err(peer_failed(&watch, exit).unwrap_or(PairError::Paused(exit))),
             },
         }
@@ -885,6 +936,15 @@ pub(crate) fn primary_loop(
         d.set_mode(DiskMode::Direct);
     }
     let (code, exits) = result?;
+    let Some(code) = code else {
+        return Err(super::stop::primary_stop(
+            writer,
+            &gate,
+            ft,
+            exits,
+            opts.stop_timeout,
+        ));
+    };
     let mem_digest = vm.memory_digest();
     let regs_digest = register_digest(vm);
     let end = writer.append(&Entry::End {

@@ -542,7 +542,7 @@ impl Collector for SnapshotCollector {
         if let Some(d) = &s.detector {
             o.family(
                 "ftvm_detector_heartbeats",
-                "Heartbeats sent, received from the peer, and ignored as stale",
+                "Heartbeats sent, received from the peer, ignored as stale, and missed (gaps in the peer's sequence)",
                 None,
                 MetricType::Counter,
                 "direction",
@@ -550,6 +550,7 @@ impl Collector for SnapshotCollector {
                     ("sent", d.heartbeats_sent as f64),
                     ("received", d.heartbeats_received as f64),
                     ("stale", d.stale_heartbeats as f64),
+                    ("missed", d.heartbeats_missed as f64),
                 ],
             )?;
             o.counter(

@@ -572,6 +572,7 @@ fn detector_json(d: &DetectorStats) -> serde_json::Value {
         "heartbeats_sent": d.heartbeats_sent,
         "heartbeats_received": d.heartbeats_received,
         "stale_heartbeats": d.stale_heartbeats,
+        "heartbeats_missed": d.heartbeats_missed,
         "failures_declared": d.failures_declared,
         "last_detection_ms": d.last_detection.map(ms),
     })

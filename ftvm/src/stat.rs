@@ -267,8 +267,11 @@ fn table(
         col(&|s, _| {
             opt(s.detector.as_ref().map(|d| {
                 format!(
-                    "{} / {}, {} peer failures",
-                    d.heartbeats_sent, d.heartbeats_received, d.failures_declared
+                    "{} / {} ({} missed), {} peer failures",
+                    d.heartbeats_sent,
+                    d.heartbeats_received,
+                    d.heartbeats_missed,
+                    d.failures_declared
                 )
             }))
         }),

@@ -308,3 +308,41 @@ fn detector_reports_two_live_roles_and_drops_foreign_datagrams() {
     peer.stop().expect("clean stop");
     d.stop().expect("clean stop");
 }
+
+/// Gaps in the peer's heartbeat sequence are counted as missed heartbeats (per incarnation:
+/// a restarted peer starts a new sequence without a gap); reordered and duplicated ones
+/// are not counted twice.
+#[test]
+fn gaps_in_the_peers_sequence_are_missed_heartbeats() {
+    use ftvm_vmm_core::ft::detector::Heartbeat;
+    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let [mine, theirs] = free_ports();
+    let (d, _rx) = detector(mine, theirs, Role::Backup, Fence::new(1));
+    let peer = UdpSocket::bind(loopback(theirs)).expect("bind the peer's port");
+    let send = |incarnation: u64, sequence: u64| {
+        let hb = Heartbeat {
+            role: Role::Primary,
+            generation: 1,
+            sequence,
+            incarnation,
+        };
+        peer.send_to(&hb.encode(), loopback(mine)).expect("send");
+    };
+    // 1, 2, 3, 7 (4..6 lost), 5 (late), 7 (duplicate), 8: three missed.
+    for seq in [1, 2, 3, 7, 5, 7, 8] {
+        send(11, seq);
+    }
+    // A restarted peer: a new incarnation whose sequence starts over, then skips one.
+    for seq in [1, 2, 4] {
+        send(12, seq);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut s = d.stats();
+    while s.heartbeats_received < 10 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+        s = d.stats();
+    }
+    assert_eq!(s.heartbeats_received, 10, "{s:?}");
+    assert_eq!(s.heartbeats_missed, 3 + 1, "{s:?}");
+    d.stop().expect("clean stop");
+}

@@ -248,6 +248,9 @@ pub struct DetectorStats {
     pub heartbeats_received: u64,
     /// Heartbeats ignored because their generation was older than ours.
     pub stale_heartbeats: u64,
+    /// The peer's heartbeats that never arrived: gaps in its sequence numbers (within one
+    /// incarnation of its detector; a reordered late one is not un-counted).
+    pub heartbeats_missed: u64,
     /// Heartbeats that claimed a generation newer than ours (reported as
     /// [`DetectorEvent::Superseded`] once per claimed generation; no sign of life).
     pub newer_claims: u64,
@@ -380,6 +383,7 @@ impl Detector {
             ever_heard: false,
             traffic_seen: 0,
             peer_incarnation: None,
+            peer_sequence: None,
             superseded_reported: 0,
             conflict_reported: false,
             send_errors_logged: 0,
@@ -449,6 +453,7 @@ impl Detector {
                 send_errors: d.send_errors,
                 heartbeats_received: d.heartbeats_received,
                 stale_heartbeats: d.stale_heartbeats,
+                heartbeats_missed: d.heartbeats_missed,
                 dropped: d.dropped,
                 failures_declared: d.failures_declared,
                 last_detection_ms: d.last_detection.map(super::observe::ms),
@@ -513,6 +518,8 @@ struct Worker {
     ever_heard: bool,
     traffic_seen: u64,
     peer_incarnation: Option<u64>,
+    /// The highest sequence heard from the peer's current incarnation.
+    peer_sequence: Option<u64>,
     superseded_reported: u64,
     conflict_reported: bool,
     send_errors_logged: u64,
@@ -602,7 +609,18 @@ impl Worker {
             return;
         };
         let ours = self.fence.current();
-        self.shared.update(|s| s.heartbeats_received += 1);
+        let same_incarnation = self.peer_incarnation == Some(hb.incarnation);
+        let missed = match self.peer_sequence {
+            Some(last) if same_incarnation => hb.sequence.saturating_sub(last.saturating_add(1)),
+            _ => 0,
+        };
+        if !same_incarnation || self.peer_sequence.is_none_or(|last| hb.sequence > last) {
+            self.peer_sequence = Some(hb.sequence);
+        }
+        self.shared.update(|s| {
+            s.heartbeats_received += 1;
+            s.heartbeats_missed += missed;
+        });
         if hb.generation < ours {
             self.shared.update(|s| s.stale_heartbeats += 1);
             tracing::trace!(

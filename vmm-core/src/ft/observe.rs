@@ -212,6 +212,9 @@ pub struct DetectorSnapshot {
     pub heartbeats_received: u64,
     /// Heartbeats ignored for an older generation.
     pub stale_heartbeats: u64,
+    /// The peer's heartbeats that never arrived (gaps in its sequence numbers).
+    #[serde(default)]
+    pub heartbeats_missed: u64,
     /// Datagrams dropped (not a heartbeat, not from the peer).
     pub dropped: u64,
     /// Times the peer was presumed failed (its heartbeats and traffic missed for the timeout).

@@ -196,6 +196,19 @@ impl KvmContext {
     }
 }
 
+impl KvmContext {
+    /// An XXH3-64 digest of the fixed CPUID (every entry's bytes, in KVM's order): two hosts
+    /// with the same digest show a guest the same vCPU model.
+    pub fn cpuid_digest(&self) -> u64 {
+        use zerocopy::IntoBytes;
+        let mut h = 0u64;
+        for e in self.cpuid.as_slice() {
+            h = xxhash_rust::xxh3::xxh3_64_with_seed(e.as_bytes(), h);
+        }
+        h
+    }
+}
+
 /// Whether `/dev/kvm` can be opened by this process (for tests and tools that skip without it).
 pub fn available() -> bool {
     Kvm::new().is_ok()

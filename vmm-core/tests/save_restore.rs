@@ -103,7 +103,8 @@ fn corrupt_snapshot_is_rejected() {
     require_kvm!("corrupt_snapshot_is_rejected");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.snap");
-    std::fs::write(&path, b"FTVMSNAP\x01\0\0\0\x01\0\0\0\xff\xff").unwrap();
+    // Format version 2 (the typed sections), then 6 bytes: less than one section header.
+    std::fs::write(&path, b"FTVMSNAP\x02\0\0\0\x01\0\0\0\xff\xff").unwrap();
     let (cfg, _) = config();
     let e = Vm::restore(&cfg, &path).unwrap_err();
     assert!(format!("{e:?}").contains("Truncated"), "{e:?}");

@@ -2,7 +2,11 @@
 //! and a VM transferred while its guest runs continues on a second VM from exactly the exit of
 //! the cut, to the same end as a VM that was never transferred.
 
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ftvm_vmm_core::dirty::PAGE_SIZE;
 use ftvm_vmm_core::memory::{digest, IMAGE_BASE};
@@ -192,6 +196,9 @@ fn a_guest_that_dirties_memory_fast_continues_exactly_after_a_live_transfer() {
     let vm = Vm::new(&cfg, &elf).unwrap();
     let handle = TransferHandle::of(&vm);
     let t = VmThread::spawn(vm).unwrap();
+    while t.exits() < 10 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let cfg_src = SourceConfig {
         // Pre-copy until nothing is left dirty at the end of a round, or 4 rounds.
         convergence: Convergence {
@@ -277,4 +284,132 @@ fn a_computing_guest_finishes_its_computation_on_the_receiver() {
     assert_eq!(end_of(&mut dest, outcome), reference);
     let after = String::from_utf8_lossy(&dest_out.lock().unwrap()).into_owned();
     assert_eq!(format!("{before}{after}"), ref_text);
+}
+
+/// The `kv` guest on a TAP in a network namespace, with its own disk, is migrated while a
+/// client keeps writing: memory **and the disk image** are copied live (the disk's dirty blocks
+/// tracked in virtio-blk), the source stops at the cut, the receiver takes over the TAP and
+/// serves every write a client was told succeeded — before, during and after the transfer —
+/// from its copy of the disk and memory. Right after the cut the receiver's memory and image
+/// equal the source's.
+#[test]
+fn kv_with_its_disk_is_migrated_live_under_writes() {
+    if let Some(r) = common::net_missing() {
+        eprintln!("SKIP kv_with_its_disk_is_migrated_live_under_writes: {r}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src_disk = common::blank_disk(dir.path(), "src.img");
+    let dest_disk = dir.path().join("dest.img");
+    let ns = Arc::new(common::namespace("xfer"));
+    let (console, src_out) = buffer_console();
+    let cfg = VmConfig {
+        mem_size: 64 * MIB,
+        cmdline: format!("ip={}/24 gw=10.0.2.1 port=6379", common::GUEST_IP),
+        disk: Some(src_disk.clone()),
+        tap: Some(common::TAP.into()),
+        console,
+        ..Default::default()
+    };
+    let vm = ns
+        .run(move || Vm::new(&cfg, guests::by_name("kv").unwrap()))
+        .unwrap()
+        .unwrap();
+    let handle = TransferHandle::of(&vm);
+    let t = VmThread::spawn(vm).unwrap();
+    common::wait_ready_with(&ns, &src_out);
+    for i in 0..20 {
+        assert_eq!(
+            common::redis_reply(&ns, &["SET", &format!("before{i}"), &format!("v{i}")]),
+            "OK"
+        );
+    }
+    // A client writing all along; it keeps the keys it was told OK. (`stop` is set when the
+    // test ends, even by a panic, so that the namespace is deleted.)
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_exit = StopOnDrop(stop.clone());
+    let writer = {
+        let (ns, stop) = (ns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Acquire) {
+                let key = format!("during{i}");
+                let out = common::redis(&ns, &["SET", &key, &format!("w{i}")]);
+                if String::from_utf8_lossy(&out.stdout).trim() == "OK" {
+                    acked.push((key, format!("w{i}")));
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (dest_console, dest_out) = buffer_console();
+    let backends = VmConfig {
+        disk: Some(dest_disk.clone()),
+        net_without_backend: true,
+        console: dest_console,
+        ..Default::default()
+    };
+    let tr = transfer(&t, handle, &backends, SourceConfig::default());
+    assert!(tr.rounds.len() >= 2, "{:?}", tr.rounds);
+    assert!(
+        tr.rounds[0].disk_blocks > 0,
+        "the image is copied: {:?}",
+        tr.rounds
+    );
+    // The source stops for good at the cut (a migration): its TAP is released.
+    let (src_vm, outcome) = t.stop().unwrap();
+    assert_eq!(outcome, RunOutcome::Paused);
+    assert_eq!(src_vm.stats().total(), tr.cut.exit_index());
+    drop(src_vm);
+    let dest = tr.vm;
+    assert_eq!(dest.memory_digest(), tr.source_memory_at_cut);
+    assert_eq!(
+        std::fs::read(&dest_disk).unwrap(),
+        std::fs::read(&src_disk).unwrap(),
+        "the receiver's image equals the source's at the cut"
+    );
+    let net = dest.net().unwrap().clone();
+    ns.run(move || net.attach_tap(common::TAP))
+        .unwrap()
+        .unwrap();
+    let dt = VmThread::spawn(dest).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Release);
+    let acked = writer.join().unwrap();
+    assert!(
+        !acked.is_empty(),
+        "no write was acknowledged during the transfer"
+    );
+    for i in 0..20 {
+        assert_eq!(
+            common::redis_reply(&ns, &["GET", &format!("before{i}")]),
+            format!("v{i}")
+        );
+    }
+    for (k, v) in &acked {
+        assert_eq!(
+            &common::redis_reply(&ns, &["GET", k]),
+            v,
+            "acknowledged write lost"
+        );
+    }
+    assert_eq!(common::redis_reply(&ns, &["SET", "after", "x"]), "OK");
+    common::redis_shutdown(&ns);
+    let (dest, outcome) = dt.join().unwrap();
+    assert_eq!(outcome, RunOutcome::PoweredOff(0));
+    assert!(dest.stats().total() > tr.cut.exit_index());
+    let text = String::from_utf8_lossy(&dest_out.lock().unwrap()).into_owned();
+    assert!(text.contains("kv: shutdown"), "{text}");
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }

@@ -1246,6 +1246,53 @@ mod tests {
         r.blk.check_replayed_exit(&r.mem, 7).unwrap();
     }
 
+    /// The pages of the VMM's dirty bitmap of `mem` (cleared).
+    fn vmm_dirty(mem: &GuestMem) -> Vec<u64> {
+        use vm_memory::GuestMemoryBackend;
+        let r = mem.iter().next().unwrap();
+        let n = vm_memory::GuestMemoryRegion::len(r) / crate::dirty::PAGE_SIZE;
+        let set = DirtySet::from_bits(vm_memory::mmap::MmapRegion::bitmap(r).get_and_reset(), n);
+        set.runs()
+            .flat_map(|r| r.first..r.first + r.count)
+            .collect()
+    }
+
+    /// Only the device writes guest memory here (a disk read, its status byte): the pages it
+    /// wrote are dirty in the VMM's bitmap, which KVM's dirty log never sees; and the blocks the
+    /// guest's write request touched are dirty for a live copy of the image.
+    #[test]
+    fn a_disk_read_dirties_the_pages_it_fills_and_a_write_the_blocks_it_touches() {
+        let mut r = rig();
+        let h = r.blk.handle();
+        assert!(matches!(
+            h.start_dirty_tracking(1000),
+            Err(BlkError::BlockSize(1000))
+        ));
+        h.start_dirty_tracking(1024).unwrap();
+        set_sector3(&r.path, 0x5A);
+        vmm_dirty(&r.mem);
+        write_then_read(&mut r, &DiskMode::Direct).unwrap();
+        // Status bytes (0x10_0100, 0x12_0100) and the read buffer (0x13_0000); the write's data
+        // page (0x11_0000) was only read by the device.
+        assert_eq!(vmm_dirty(&r.mem), vec![0x100, 0x120, 0x130]);
+        assert_eq!(read_data(&r.mem), vec![0xAB; SECTOR as usize]);
+        // Sector 3 = bytes 1536..2048: block 1 of 1024 bytes.
+        let blocks = h.take_dirty_blocks().unwrap();
+        assert_eq!(
+            blocks
+                .runs()
+                .map(|r| (r.first, r.count))
+                .collect::<Vec<_>>(),
+            vec![(1, 1)]
+        );
+        assert!(h.take_dirty_blocks().unwrap().is_empty(), "taking clears");
+        let mut buf = [0u8; 512];
+        h.read_at(&mut buf, 3 * SECTOR).unwrap();
+        assert_eq!(buf, [0xAB; 512]);
+        h.stop_dirty_tracking();
+        assert!(h.take_dirty_blocks().is_none());
+    }
+
     struct Barrier(Result<(), String>, std::sync::atomic::AtomicU64);
 
     impl WriteBarrier for Barrier {

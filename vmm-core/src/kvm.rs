@@ -147,9 +147,19 @@ pub const HIDDEN: &[Hidden] = &[
 /// guest must not use (and which differ between the hosts of a pair).
 pub const ZEROED_LEAVES: [u32; 2] = [0x15, 0x16];
 
-/// Applies [`HIDDEN`] and [`ZEROED_LEAVES`] to `cpuid` (the VMM's fixed CPUID).
+/// Applies [`HIDDEN`] and [`ZEROED_LEAVES`] to `cpuid` (the VMM's fixed CPUID), and gives the
+/// vCPU APIC ID 0: KVM_GET_SUPPORTED_CPUID reports the APIC ID of the host CPU the calling
+/// thread runs on (leaf 1 EBX[31:24], the x2APIC ID in EDX of leaves 0xB and 0x1F), so without
+/// this a guest would see a value that depends on where its VMM happened to run (measured
+/// here: 0 on host CPU 0, 1 on CPU 1) — another input nobody logs, and a CPUID that differs
+/// between the two sides of a transfer.
 pub fn fix_cpuid(cpuid: &mut CpuId) {
     for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => e.ebx &= 0x00ff_ffff,
+            0xb | 0x1f => e.edx = 0,
+            _ => {}
+        }
         if ZEROED_LEAVES.contains(&e.function) {
             (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
             continue;
@@ -193,6 +203,19 @@ impl KvmContext {
             .map_err(KvmError::Cpuid)?;
         fix_cpuid(&mut cpuid);
         Ok(KvmContext { kvm, cpuid })
+    }
+}
+
+impl KvmContext {
+    /// An XXH3-64 digest of the fixed CPUID (every entry's bytes, in KVM's order): two hosts
+    /// with the same digest show a guest the same vCPU model.
+    pub fn cpuid_digest(&self) -> u64 {
+        use zerocopy::IntoBytes;
+        let mut h = 0u64;
+        for e in self.cpuid.as_slice() {
+            h = xxhash_rust::xxh3::xxh3_64_with_seed(e.as_bytes(), h);
+        }
+        h
     }
 }
 
@@ -265,5 +288,33 @@ mod tests {
             assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (0, 0, 0, 0));
         }
         assert_eq!(get(2, 0).edx, u32::MAX);
+        assert_eq!(get(1, 0).ebx, 0x00ff_ffff, "APIC ID 0, the rest kept");
+    }
+
+    /// The fixed CPUID is the same whichever host CPU the VMM asks KVM from (before the APIC ID
+    /// was fixed, leaves 1, 0xB and 0x1F differed between host CPUs 0 and 1).
+    #[test]
+    fn the_fixed_cpuid_does_not_depend_on_the_host_cpu() {
+        crate::require_kvm!("the_fixed_cpuid_does_not_depend_on_the_host_cpu");
+        let on = |cpu: usize| {
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity
+                // read and write only that set, and pin the calling thread.
+                let pinned = unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0
+                };
+                pinned.then(|| KvmContext::new().expect("KVM").cpuid_digest())
+            })
+            .join()
+            .expect("thread")
+        };
+        match (on(0), on(1)) {
+            (Some(a), Some(b)) => assert_eq!(a, b),
+            _ => {
+                eprintln!("SKIP the_fixed_cpuid_does_not_depend_on_the_host_cpu: fewer than 2 CPUs")
+            }
+        }
     }
 }

@@ -6,7 +6,9 @@
 //! - [`memory`]: guest RAM and the fixed boot layout; [`loader`]: static ELF guests;
 //! - [`bus`] + [`devices`]: the system device and virtio-mmio net/blk/console (DEVICES.md);
 //! - [`record`]: the record/replay seams; [`determinism`]: whether a guest replays to the same
-//!   state (`ftvm run --check-determinism`); [`state`]: save/restore;
+//!   state (`ftvm run --check-determinism`); [`state`]: typed, versioned save/restore;
+//! - [`dirty`]: dirty-page tracking; [`transfer`]: live state transfer (pre-copy, stop-and-copy,
+//!   continuation on another VM at the same exit);
 //! - [`guests`]: the embedded guest programs; [`ft`]: fault tolerance.
 //!
 //! # Example
@@ -30,6 +32,7 @@
 pub mod bus;
 pub mod determinism;
 pub mod devices;
+pub mod dirty;
 pub mod ft;
 pub mod guests;
 pub mod kvm;
@@ -38,6 +41,7 @@ pub mod memory;
 pub mod record;
 pub mod state;
 pub mod testing;
+pub mod transfer;
 pub mod vcpu;
 pub mod vm;
 

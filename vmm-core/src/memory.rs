@@ -16,8 +16,10 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-/// The guest's memory: one anonymous mapping starting at guest-physical 0.
-pub type GuestMem = GuestMemoryMmap<()>;
+/// The guest's memory: one anonymous mapping starting at guest-physical 0, with vm-memory's
+/// dirty bitmap (one bit per 4 KiB page, set by every write the VMM makes through it:
+/// [`crate::dirty`]).
+pub type GuestMem = GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Address of the PML4 table.
 pub const PML4_ADDR: u64 = 0x1000;

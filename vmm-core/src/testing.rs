@@ -82,15 +82,7 @@ impl Asm {
         let inner = body(Asm::default());
         self.code.extend_from_slice(&inner.code);
         self.code.extend_from_slice(&[0xFF, 0xC9]);
-        let rel = start as i64 - (self.code.len() as i64 + 2);
-        if let Ok(r) = i8::try_from(rel) {
-            self.code.extend_from_slice(&[0x75, r as u8]);
-        } else {
-            self.code.extend_from_slice(&[0x0F, 0x85]);
-            self.code
-                .extend_from_slice(&((rel - 4) as i32).to_le_bytes());
-        }
-        self
+        self.jump_back(0x75, start)
     }
     /// Prints `len` bytes at `addr` (two exits).
     pub fn print(self, addr: u32, len: u32) -> Self {
@@ -105,6 +97,41 @@ impl Asm {
     /// Powers off with RBX as the exit code.
     pub fn power_off_rbx(self) -> Self {
         self.store(Reg::Rbx, REG_POWER_OFF as u8)
+    }
+    /// A memory dirtier with a known write pattern: `rounds` times, writes the round number
+    /// (1, 2, ...) into the first 8 bytes of each of `pages` 4 KiB pages from `base`, then makes
+    /// one exit (a DEBUG write of the round number); after the last round powers off with exit
+    /// code `rounds`. Deterministic: its exits, registers and memory at power-off depend on
+    /// nothing else. Clobbers RBX, RCX, RDX.
+    pub fn dirty_pages(mut self, base: u32, pages: u32, rounds: u32) -> Self {
+        use crate::devices::sys::REG_DEBUG;
+        self.code.extend_from_slice(&[0x31, 0xDB]); // xor ebx, ebx
+        let outer = self.code.len();
+        self = self.mov_imm(Reg::Rdx, base).mov_imm(Reg::Rcx, pages);
+        let inner = self.code.len();
+        self.code.extend_from_slice(&[0x48, 0x89, 0x1A]); // mov [rdx], rbx
+        self.code
+            .extend_from_slice(&[0x48, 0x81, 0xC2, 0x00, 0x10, 0x00, 0x00]); // add rdx, 4096
+        self.code.extend_from_slice(&[0xFF, 0xC9]); // dec ecx
+        self = self.jump_back(0x75, inner); // jnz inner
+        self.code.extend_from_slice(&[0x48, 0xFF, 0xC3]); // inc rbx
+        self = self.store(Reg::Rbx, REG_DEBUG as u8);
+        self.code.extend_from_slice(&[0x48, 0x81, 0xFB]); // cmp rbx, imm32
+        self.code.extend_from_slice(&rounds.to_le_bytes());
+        self = self.jump_back(0x75, outer); // jne outer
+        self.power_off_rbx()
+    }
+    /// A conditional jump (`cc`: the short opcode, 0x75 = jnz) back to offset `target`.
+    fn jump_back(mut self, cc: u8, target: usize) -> Self {
+        let rel = target as i64 - (self.code.len() as i64 + 2);
+        if let Ok(r) = i8::try_from(rel) {
+            self.code.extend_from_slice(&[cc, r as u8]);
+        } else {
+            self.code.extend_from_slice(&[0x0F, cc + 0x10]);
+            self.code
+                .extend_from_slice(&((rel - 4) as i32).to_le_bytes());
+        }
+        self
     }
     /// Raw bytes.
     pub fn raw(mut self, bytes: &[u8]) -> Self {

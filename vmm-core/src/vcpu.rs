@@ -22,7 +22,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::{DeviceError, EventSignal, ExitAction, ExitCtx};
@@ -32,7 +32,7 @@ use crate::memory::{
     GuestMem, Layout, BOOT_INFO_ADDR, GDT, GDT_ADDR, GDT_CODE, GDT_DATA, PML4_ADDR,
 };
 use crate::record::{apply_logged_writes, try_go_live, Inputs, ReplayError};
-use crate::state::{StateError, StateReader, StateWriter};
+use crate::state::{Persist, Raw, StateError, VcpuState};
 
 /// CR0 at entry: PE | MP | ET | NE | WP | AM | PG (EM clear).
 pub const CR0: u64 = 0x8005_0033;
@@ -318,6 +318,8 @@ pub enum RunExit {
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
+    /// Digest of the CPUID it was given ([`KvmContext::cpuid_digest`]).
+    cpuid_digest: u64,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -480,7 +482,10 @@ impl Vcpu {
         fd.set_cpuid2(&kvm.cpuid)
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         install_kick_handler();
-        Ok(Vcpu { fd })
+        Ok(Vcpu {
+            fd,
+            cpuid_digest: kvm.cpuid_digest(),
+        })
     }
 
     /// Puts the vCPU in 64-bit mode at CPL3 at `entry` (DEVICES.md).
@@ -614,24 +619,14 @@ impl Vcpu {
             }
         }
     }
+}
 
-    /// Saves registers, special registers, XSAVE (x87/SSE/AVX), XCRs, events and MSRs.
-    ///
-    /// # Errors
-    /// [`StateError::Kvm`].
-    pub fn save(&self, w: &mut StateWriter) -> Result<(), StateError> {
-        use zerocopy::IntoBytes;
+impl Persist for Vcpu {
+    type State = VcpuState;
+
+    /// Registers, special registers, XSAVE (x87/SSE/AVX), XCRs, events and MSRs.
+    fn save(&self) -> Result<VcpuState, StateError> {
         let k = |what| move |source| StateError::Kvm { what, source };
-        w.bytes(self.fd.get_regs().map_err(k("KVM_GET_REGS"))?.as_bytes());
-        w.bytes(self.fd.get_sregs().map_err(k("KVM_GET_SREGS"))?.as_bytes());
-        w.bytes(self.fd.get_xsave().map_err(k("KVM_GET_XSAVE"))?.as_bytes());
-        w.bytes(self.fd.get_xcrs().map_err(k("KVM_GET_XCRS"))?.as_bytes());
-        w.bytes(
-            self.fd
-                .get_vcpu_events()
-                .map_err(k("KVM_GET_VCPU_EVENTS"))?
-                .as_bytes(),
-        );
         let entries: Vec<kvm_msr_entry> = SAVED_MSRS
             .iter()
             .map(|&index| kvm_msr_entry {
@@ -642,54 +637,53 @@ impl Vcpu {
         let mut msrs = Msrs::from_entries(&entries)
             .map_err(|e| StateError::Mismatch(format!("MSR list: {e:?}")))?;
         let n = self.fd.get_msrs(&mut msrs).map_err(k("KVM_GET_MSRS"))?;
-        w.u32(n as u32);
-        for e in &msrs.as_slice()[..n] {
-            w.u32(e.index);
-            w.u64(e.data);
-        }
-        Ok(())
+        Ok(VcpuState {
+            regs: Raw(self.fd.get_regs().map_err(k("KVM_GET_REGS"))?),
+            sregs: Raw(self.fd.get_sregs().map_err(k("KVM_GET_SREGS"))?),
+            xsave: Raw(self.fd.get_xsave().map_err(k("KVM_GET_XSAVE"))?),
+            xcrs: Raw(self.fd.get_xcrs().map_err(k("KVM_GET_XCRS"))?),
+            events: Raw(self
+                .fd
+                .get_vcpu_events()
+                .map_err(k("KVM_GET_VCPU_EVENTS"))?),
+            msrs: msrs.as_slice()[..n]
+                .iter()
+                .map(|e| (e.index, e.data))
+                .collect(),
+            cpuid_digest: self.cpuid_digest,
+        })
     }
 
-    /// Restores what [`Vcpu::save`] wrote.
-    ///
-    /// # Errors
-    /// [`StateError`] if the bytes are malformed or KVM refuses them.
-    pub fn restore(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
-        use zerocopy::FromBytes;
+    fn restore(&mut self, state: &VcpuState) -> Result<(), StateError> {
         let k = |what| move |source| StateError::Kvm { what, source };
-        fn bad<E>(what: &'static str) -> impl FnOnce(E) -> StateError {
-            move |_| StateError::Mismatch(format!("{what} has the wrong size"))
+        if state.cpuid_digest != self.cpuid_digest {
+            return Err(StateError::Cpuid {
+                saved: state.cpuid_digest,
+                here: self.cpuid_digest,
+            });
         }
-        let regs = kvm_regs::read_from_bytes(r.bytes("regs")?).map_err(bad("regs"))?;
-        let sregs = kvm_sregs::read_from_bytes(r.bytes("sregs")?).map_err(bad("sregs"))?;
-        let xsave =
-            kvm_bindings::kvm_xsave::read_from_bytes(r.bytes("xsave")?).map_err(bad("xsave"))?;
-        let xcrs =
-            kvm_bindings::kvm_xcrs::read_from_bytes(r.bytes("xcrs")?).map_err(bad("xcrs"))?;
-        let events = kvm_bindings::kvm_vcpu_events::read_from_bytes(r.bytes("events")?)
-            .map_err(bad("vcpu events"))?;
-        let n = r.u32("msr count")? as usize;
-        let mut entries = Vec::with_capacity(n);
-        for _ in 0..n {
-            let index = r.u32("msr")?;
-            let data = r.u64("msr")?;
-            entries.push(kvm_msr_entry {
+        let entries: Vec<kvm_msr_entry> = state
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
                 index,
                 data,
                 ..Default::default()
-            });
-        }
-        self.fd.set_sregs(&sregs).map_err(k("KVM_SET_SREGS"))?;
-        self.fd.set_regs(&regs).map_err(k("KVM_SET_REGS"))?;
-        // SAFETY: `xsave` is a plain `kvm_xsave` (4 KiB region, no trailing FAM data), as
-        // returned by KVM_GET_XSAVE on this kind of host; KVM reads exactly that size.
-        unsafe { self.fd.set_xsave(&xsave) }.map_err(k("KVM_SET_XSAVE"))?;
-        self.fd.set_xcrs(&xcrs).map_err(k("KVM_SET_XCRS"))?;
-        self.fd
-            .set_vcpu_events(&events)
-            .map_err(k("KVM_SET_VCPU_EVENTS"))?;
+            })
+            .collect();
         let msrs = Msrs::from_entries(&entries)
             .map_err(|e| StateError::Mismatch(format!("MSR list: {e:?}")))?;
+        self.fd
+            .set_sregs(&state.sregs.0)
+            .map_err(k("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&state.regs.0).map_err(k("KVM_SET_REGS"))?;
+        // SAFETY: `xsave` is a plain `kvm_xsave` (4 KiB region, no trailing FAM data), as
+        // returned by KVM_GET_XSAVE on this kind of host; KVM reads exactly that size.
+        unsafe { self.fd.set_xsave(&state.xsave.0) }.map_err(k("KVM_SET_XSAVE"))?;
+        self.fd.set_xcrs(&state.xcrs.0).map_err(k("KVM_SET_XCRS"))?;
+        self.fd
+            .set_vcpu_events(&state.events.0)
+            .map_err(k("KVM_SET_VCPU_EVENTS"))?;
         self.fd.set_msrs(&msrs).map_err(k("KVM_SET_MSRS"))?;
         Ok(())
     }

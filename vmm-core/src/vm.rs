@@ -17,11 +17,12 @@ use crate::devices::virtio::mmio::VirtioMmio;
 use crate::devices::virtio::net::{Net, NetHandle, Tap, TapError, DEFAULT_MAC};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{ConsoleOutput, Devices};
+use crate::dirty::DirtyLog;
 use crate::kvm::{KvmContext, KvmError};
 use crate::loader::{load_elf, LoaderError};
 use crate::memory::{allocate, write_boot_structures, GuestMem, Layout, MemoryError, MAX_CMDLINE};
 use crate::record::Inputs;
-use crate::state::{tag, Snapshot, StateError, StateReader, StateWriter, Stateful};
+use crate::state::{ConfigState, ExitState, MachineState, Persist, Snapshot, StateError};
 use crate::vcpu::{ExitKind, ExitStats, RunExit, Vcpu, VcpuError, VcpuKick};
 
 /// Default RAM size (64 MiB).
@@ -96,6 +97,9 @@ pub enum VmError {
     /// Save or restore failed.
     #[error("snapshot")]
     State(#[from] StateError),
+    /// The vCPU thread is gone or not paused ([`VmThread`]).
+    #[error("the VM thread cannot do this now: {0}")]
+    Thread(&'static str),
 }
 
 /// Why [`Vm::run`] returned.
@@ -146,7 +150,8 @@ impl VmControl {
 #[derive(Debug)]
 pub struct Vm {
     _kvm: KvmContext,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
+    dirty: DirtyLog,
     mem: GuestMem,
     vcpu: Vcpu,
     devices: Devices,
@@ -224,16 +229,18 @@ impl Vm {
         };
         // SAFETY: the region describes the live anonymous mapping owned by `mem`, which the Vm
         // keeps alive as long as `vm_fd` (both are fields of the same Vm, and `mem` is never
-        // replaced).
+        // replaced; the dirty log's clones of both keep them alive together too).
         unsafe { vm_fd.set_user_memory_region(region) }.map_err(|source| VmError::VmIoctl {
             what: "KVM_SET_USER_MEMORY_REGION",
             source,
         })?;
         let vcpu = Vcpu::new(&vm_fd, &kvm)?;
         let (devices, kick, net, disk) = build_devices(config)?;
+        let vm_fd = Arc::new(vm_fd);
         Ok((
             Vm {
                 _kvm: kvm,
+                dirty: DirtyLog::new(vm_fd.clone(), mem.clone(), region),
                 _vm_fd: vm_fd,
                 mem,
                 vcpu,
@@ -270,34 +277,85 @@ impl Vm {
     /// for [`Vm::new`].
     pub fn restore(config: &VmConfig, path: &Path) -> Result<Self, VmError> {
         let snap = Snapshot::read_from(path)?;
-        let mut r = StateReader::new(snap.section(0, tag::CONFIG)?);
-        let mem_size = r.u64("mem size")?;
-        let cmdline = String::from_utf8_lossy(r.bytes("cmdline")?).into_owned();
-        let config = VmConfig {
-            mem_size,
-            cmdline,
-            ..config.clone()
-        };
-        let (mut vm, _layout) = Self::create(&config)?;
-        let memory = snap.section(3, tag::MEMORY)?;
-        if memory.len() as u64 != mem_size {
-            return Err(StateError::Mismatch("memory section size".into()).into());
-        }
+        let mut vm = Self::for_state(config, &snap.machine.config)?;
         vm.mem
-            .write_slice(memory, GuestAddress(0))
+            .write_slice(&snap.memory, GuestAddress(0))
             .map_err(|_| StateError::Mismatch("memory".into()))?;
-        vm.vcpu
-            .restore(&mut StateReader::new(snap.section(1, tag::VCPU)?))?;
-        vm.devices
-            .restore(&mut StateReader::new(snap.section(2, tag::DEVICES)?))?;
-        let mut r = StateReader::new(snap.section(4, tag::EXITS)?);
-        vm.stats
-            .total
-            .store(r.u64("exit total")?, std::sync::atomic::Ordering::Relaxed);
-        for k in vm.stats.by_kind.iter() {
-            k.store(r.u64("exit kind")?, std::sync::atomic::Ordering::Relaxed);
-        }
+        vm.apply_state(&snap.machine)?;
         Ok(vm)
+    }
+
+    /// Builds a VM with zeroed memory and no guest loaded, to receive a state: the memory size
+    /// and command line come from `state`, the backends (disk, TAP, console) from `backends`.
+    /// Fill its memory ([`Vm::memory`]), then [`Vm::apply_state`]; it then continues from the
+    /// exit the state was captured at ([`crate::transfer::Sink`] does this).
+    ///
+    /// # Errors
+    /// As [`Vm::new`], without the ELF errors.
+    pub fn for_state(backends: &VmConfig, state: &ConfigState) -> Result<Self, VmError> {
+        let config = VmConfig {
+            mem_size: state.mem_size,
+            cmdline: state.cmdline.clone(),
+            ..backends.clone()
+        };
+        Ok(Self::create(&config)?.0)
+    }
+
+    /// Captures everything but memory (vCPU, devices, exit counters) at the current exit
+    /// boundary: the VM is not running (`&mut self`).
+    ///
+    /// # Errors
+    /// [`VmError::State`] if KVM refuses to give the vCPU state.
+    pub fn capture(&mut self) -> Result<MachineState, VmError> {
+        let by_kind = std::array::from_fn(|i| {
+            self.stats.by_kind[i].load(std::sync::atomic::Ordering::Relaxed)
+        });
+        let devices = self.devices.save()?;
+        Ok(MachineState {
+            config: self.config_state(),
+            vcpu: self.vcpu.save()?,
+            devices,
+            exits: ExitState {
+                total: self.stats.total(),
+                by_kind,
+            },
+        })
+    }
+
+    /// The configuration part of this VM's state: memory size, command line, devices present.
+    pub fn config_state(&self) -> ConfigState {
+        ConfigState {
+            mem_size: self.config.mem_size,
+            cmdline: self.config.cmdline.clone(),
+            devices: self.devices.virtio.each_ref().map(|d| d.device_type() != 0),
+        }
+    }
+
+    /// Puts a captured state back (memory is the caller's): vCPU, devices and exit counters;
+    /// the next exit of this VM is exit `state.exit_index()`.
+    ///
+    /// # Errors
+    /// [`VmError::State`]: another memory size or device set than this VM's, a device or vCPU
+    /// state that does not fit, another CPUID.
+    pub fn apply_state(&mut self, state: &MachineState) -> Result<(), VmError> {
+        let here = self.config_state().devices;
+        if state.config.mem_size != self.config.mem_size || state.config.devices != here {
+            return Err(StateError::Mismatch(format!(
+                "the state is of a VM with {} bytes and devices (net, blk, console) {:?}; this \
+                 one has {} bytes and {here:?}",
+                state.config.mem_size, state.config.devices, self.config.mem_size
+            ))
+            .into());
+        }
+        self.vcpu.restore(&state.vcpu)?;
+        self.devices.restore(&state.devices)?;
+        self.stats
+            .total
+            .store(state.exits.total, std::sync::atomic::Ordering::Relaxed);
+        for (k, v) in self.stats.by_kind.iter().zip(state.exits.by_kind) {
+            k.store(v, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Saves the whole VM (vCPU, devices, memory, exit counters) to `path`. The VM must not be
@@ -306,30 +364,18 @@ impl Vm {
     /// # Errors
     /// [`VmError::State`].
     pub fn save(&mut self, path: &Path) -> Result<(), VmError> {
-        let mut snap = Snapshot::default();
-        let mut w = StateWriter::new();
-        w.u64(self.config.mem_size);
-        w.bytes(self.config.cmdline.as_bytes());
-        snap.sections.push((tag::CONFIG, w.into_inner()));
-        let mut w = StateWriter::new();
-        self.vcpu.save(&mut w)?;
-        snap.sections.push((tag::VCPU, w.into_inner()));
-        let mut w = StateWriter::new();
-        self.devices.save(&mut w)?;
-        snap.sections.push((tag::DEVICES, w.into_inner()));
+        let machine = self.capture()?;
         let mut memory = vec![0u8; self.config.mem_size as usize];
         self.mem
             .read_slice(&mut memory, GuestAddress(0))
             .map_err(|_| StateError::Mismatch("memory read".into()))?;
-        snap.sections.push((tag::MEMORY, memory));
-        let mut w = StateWriter::new();
-        w.u64(self.stats.total());
-        for k in self.stats.by_kind.iter() {
-            w.u64(k.load(std::sync::atomic::Ordering::Relaxed));
-        }
-        snap.sections.push((tag::EXITS, w.into_inner()));
-        snap.write_to(path)?;
+        Snapshot { machine, memory }.write_to(path)?;
         Ok(())
+    }
+
+    /// The dirty-page tracker of this VM's memory, usable from any thread while the VM runs.
+    pub fn dirty_log(&self) -> DirtyLog {
+        self.dirty.clone()
     }
 
     /// Sets where nondeterministic inputs come from (default: live, no recorder).
@@ -465,6 +511,7 @@ pub enum VmState {
 enum Command {
     Resume,
     Save(PathBuf, std::sync::mpsc::Sender<Result<(), VmError>>),
+    Capture(std::sync::mpsc::Sender<Result<MachineState, VmError>>),
     Stop,
 }
 
@@ -520,6 +567,7 @@ impl std::fmt::Debug for Command {
         f.write_str(match self {
             Command::Resume => "Resume",
             Command::Save(..) => "Save",
+            Command::Capture(..) => "Capture",
             Command::Stop => "Stop",
         })
     }
@@ -554,6 +602,9 @@ impl VmThread {
                             Ok(Command::Save(path, reply)) => {
                                 let _ = reply.send(vm.save(&path));
                             }
+                            Ok(Command::Capture(reply)) => {
+                                let _ = reply.send(vm.capture());
+                            }
                             Ok(Command::Stop) | Err(_) => return Ok(RunOutcome::Paused),
                         }
                     }
@@ -580,7 +631,11 @@ impl VmThread {
     }
 
     /// Pauses the VM (kicks the vCPU out of KVM_RUN or WAIT) and waits until it is paused or
-    /// stopped; returns the state reached.
+    /// stopped; returns the state reached. A pause always falls **between two exits**: a kick
+    /// that finds the vCPU in guest code makes `KVM_RUN` return `EINTR` (no exit is counted),
+    /// one that finds it blocked in a WAIT completes that WAIT (0 events) first, and the run
+    /// loop checks for the kick only between exits. While paused, [`VmThread::exits`] is the
+    /// exit index the VM continues from (the next exit has that index).
     pub fn pause(&self) -> VmState {
         if self.shared.get() == VmState::Running {
             self.control.kick();
@@ -601,17 +656,34 @@ impl VmThread {
     /// Saves the paused VM to `path` (see [`Vm::save`]).
     ///
     /// # Errors
-    /// [`VmError::State`] if the VM is not paused or the save fails.
+    /// [`VmError::Thread`] if the VM is not paused; [`VmError::State`] if the save fails.
     pub fn save(&self, path: &Path) -> Result<(), VmError> {
+        self.ask(|tx| Command::Save(path.to_path_buf(), tx))?
+    }
+
+    /// Captures the paused VM's state without its memory ([`Vm::capture`]): the final state of
+    /// a transfer. The VM stays paused at the same exit ([`VmThread::exits`]).
+    ///
+    /// # Errors
+    /// [`VmError::Thread`] if the VM is not paused; [`VmError::State`] if KVM fails.
+    pub fn capture(&self) -> Result<MachineState, VmError> {
+        self.ask(Command::Capture)?
+    }
+
+    /// Sends a command to the paused vCPU thread and waits for its reply.
+    fn ask<T>(
+        &self,
+        command: impl FnOnce(std::sync::mpsc::Sender<T>) -> Command,
+    ) -> Result<T, VmError> {
         if self.shared.get() != VmState::Paused {
-            return Err(StateError::Mismatch("the VM must be paused to be saved".into()).into());
+            return Err(VmError::Thread("the VM must be paused"));
         }
         let (tx, rx) = std::sync::mpsc::channel();
         self.commands
-            .send(Command::Save(path.to_path_buf(), tx))
-            .map_err(|_| StateError::Mismatch("the vCPU thread has ended".into()))?;
+            .send(command(tx))
+            .map_err(|_| VmError::Thread("the vCPU thread has ended"))?;
         rx.recv()
-            .map_err(|_| StateError::Mismatch("the vCPU thread has ended".into()))?
+            .map_err(|_| VmError::Thread("the vCPU thread has ended"))
     }
 
     /// Waits for the guest to power off (or the VM to fail) and returns the VM and outcome.
@@ -636,8 +708,8 @@ impl VmThread {
     fn join_inner(&mut self) -> Result<(Vm, RunOutcome), VmError> {
         match self.handle.take().map(std::thread::JoinHandle::join) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err(StateError::Mismatch("the vCPU thread panicked".into()).into()),
-            None => Err(StateError::Mismatch("the vCPU thread was already joined".into()).into()),
+            Some(Err(_)) => Err(VmError::Thread("the vCPU thread panicked")),
+            None => Err(VmError::Thread("the vCPU thread was already joined")),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use crate::bus::{BusDevice, DeviceError, EventSignal, ExitAction, ExitCtx, DEVICE_SIZE};
 use crate::memory::{GuestMem, MMIO_BASE, MMIO_SIZE};
 use crate::record::{try_go_live, Inputs, ReplayError};
-use crate::state::{StateError, StateReader, StateWriter, Stateful};
+use crate::state::{DeviceState, DevicesState, Persist, StateError, VirtioState};
 
 use self::sys::{SysDevice, EVENT_BLK, EVENT_TIMER, REG_CONSOLE_LEN, REG_WAIT};
 use self::virtio::mmio::VirtioMmio;
@@ -282,19 +282,54 @@ impl Devices {
     }
 }
 
-impl Stateful for Devices {
-    fn save(&self, w: &mut StateWriter) -> Result<(), StateError> {
-        self.sys.save(w)?;
+/// The system device, each virtio slot (transport, queues, device) and the WAIT events pending
+/// on the bus. The slots' states are typed by device: a snapshot's NET section can only meet a
+/// virtio-net slot.
+impl Persist for Devices {
+    type State = DevicesState;
+
+    fn save(&self) -> Result<DevicesState, StateError> {
+        let pending = if self.blk_completed { EVENT_BLK } else { 0 };
+        let mut st = DevicesState {
+            sys: self.sys.save_state(pending),
+            net: None,
+            blk: None,
+            console: None,
+        };
         for dev in &self.virtio {
-            dev.save(w)?;
+            match dev.save_state()? {
+                None => {}
+                Some((transport, DeviceState::Net(device))) => {
+                    st.net = Some(VirtioState { transport, device })
+                }
+                Some((transport, DeviceState::Blk(device))) => {
+                    st.blk = Some(VirtioState { transport, device })
+                }
+                Some((transport, DeviceState::Console(device))) => {
+                    st.console = Some(VirtioState { transport, device })
+                }
+            }
         }
-        Ok(())
+        Ok(st)
     }
 
-    fn restore(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
-        self.sys.restore(r)?;
-        for dev in &mut self.virtio {
-            dev.restore(r)?;
+    fn restore(&mut self, st: &DevicesState) -> Result<(), StateError> {
+        let pending = self.sys.restore_state(&st.sys);
+        self.blk_completed = pending & EVENT_BLK != 0;
+        let net = st
+            .net
+            .as_ref()
+            .map(|s| (&s.transport, DeviceState::Net(s.device)));
+        let blk = st
+            .blk
+            .as_ref()
+            .map(|s| (&s.transport, DeviceState::Blk(s.device)));
+        let console = st
+            .console
+            .as_ref()
+            .map(|s| (&s.transport, DeviceState::Console(s.device)));
+        for (slot, s) in self.virtio.iter_mut().zip([net, blk, console]) {
+            slot.restore_state(s.as_ref().map(|(t, d)| (*t, d)))?;
         }
         Ok(())
     }

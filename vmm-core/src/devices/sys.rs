@@ -19,7 +19,7 @@ use crate::bus::{le_value, put_le, BusDevice, DeviceError, ExitAction, ExitCtx};
 use crate::devices::ConsoleOutput;
 use crate::memory::MMIO_BASE;
 use crate::record::OutputSource;
-use crate::state::{StateError, StateReader, StateWriter, Stateful};
+use crate::state::SysState;
 
 /// `MAGIC` register.
 pub const REG_MAGIC: u64 = 0x00;
@@ -159,19 +159,25 @@ impl BusDevice for SysDevice {
     }
 }
 
-impl Stateful for SysDevice {
-    fn save(&self, w: &mut StateWriter) -> Result<(), StateError> {
-        w.u64(self.clock_now());
-        w.u64(self.wait_deadline);
-        w.u64(self.console_addr);
-        Ok(())
+impl SysDevice {
+    /// The device's state; `pending_events` are the WAIT events due on the bus
+    /// ([`crate::devices::Devices`] owns them).
+    pub fn save_state(&self, pending_events: u64) -> SysState {
+        SysState {
+            clock_ns: self.clock_now(),
+            wait_deadline: self.wait_deadline,
+            console_addr: self.console_addr,
+            pending_events,
+        }
     }
 
-    fn restore(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
-        self.clock_base = r.u64("sys clock")?;
+    /// Restores what [`SysDevice::save_state`] captured (the clock continues from the saved
+    /// value); returns the pending WAIT events for the bus.
+    pub fn restore_state(&mut self, s: &SysState) -> u64 {
+        self.clock_base = s.clock_ns;
         self.start = Instant::now();
-        self.wait_deadline = r.u64("sys wait deadline")?;
-        self.console_addr = r.u64("sys console addr")?;
-        Ok(())
+        self.wait_deadline = s.wait_deadline;
+        self.console_addr = s.console_addr;
+        s.pending_events
     }
 }

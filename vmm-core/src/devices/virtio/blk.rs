@@ -56,9 +56,10 @@ use vm_memory::{Bytes, GuestAddress};
 use super::owner::{DiskOwner, Taken, WriteGuard, TAKE_PATIENCE};
 use super::{add_used, pop_chain, read_config_space, Desc, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::{DeviceError, ExitCtx};
+use crate::dirty::DirtySet;
 use crate::memory::GuestMem;
 use crate::record::{OutputDigest, OutputSource};
-use crate::state::{StateError, StateReader, StateWriter};
+use crate::state::{BlkState, DeviceState, Persist, StateError};
 
 /// `VIRTIO_BLK_F_FLUSH`.
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
@@ -86,6 +87,9 @@ pub enum BlkError {
     /// The image size is not a multiple of 512 bytes.
     #[error("disk image {0} is {1} bytes, not a multiple of 512")]
     Size(PathBuf, u64),
+    /// A dirty-tracking block size that is not a positive multiple of 512.
+    #[error("disk block size {0} is not a positive multiple of 512")]
+    BlockSize(u64),
     /// The owner record of a shared image cannot be opened, locked, read or written.
     #[error("disk owner record {0}")]
     Owner(PathBuf, #[source] std::io::Error),
@@ -271,6 +275,8 @@ struct BlkShared {
     copy_checks: Mutex<Vec<CopyCheck>>,
     /// The first request whose result differed from the primary's (the VM stopped).
     copy_failure: Mutex<Option<CopyFailure>>,
+    /// Dirty-block tracking for a live copy of the image ([`BlkHandle::start_dirty_tracking`]).
+    dirty: Mutex<Option<DirtyBlocks>>,
     reads: AtomicU64,
     writes: AtomicU64,
     gated: AtomicU64,
@@ -279,10 +285,32 @@ struct BlkShared {
     redone: AtomicU64,
 }
 
+/// The blocks written since the tracker last looked.
+#[derive(Debug)]
+struct DirtyBlocks {
+    /// Bytes per block.
+    block: u64,
+    set: DirtySet,
+}
+
 impl BlkShared {
-    /// Writes `data` at byte offset `off`.
+    /// Writes `data` at byte offset `off`; the blocks it touches are marked dirty **after** the
+    /// write (even a failed one, which may have written part): a copier that read a block
+    /// before the write completed sees it dirty again.
     fn write_at(&self, data: &[u8], off: u64) -> std::io::Result<()> {
-        self.file.write_all_at(data, off)
+        let r = self.file.write_all_at(data, off);
+        if let Some(d) = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let end = off + data.len() as u64;
+            for b in off / d.block..end.div_ceil(d.block) {
+                d.set.insert(b);
+            }
+        }
+        r
     }
 
     /// The owner record and this side's generation, if this side took the disk.
@@ -379,6 +407,52 @@ impl BlkHandle {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The image's size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.0.sectors * SECTOR
+    }
+
+    /// Starts tracking which `block_bytes`-sized blocks of the image the guest writes (own-copy
+    /// mode: the image is copied live, [`crate::transfer`]). Starting again clears the set.
+    ///
+    /// # Errors
+    /// [`BlkError::BlockSize`] if `block_bytes` is not a positive multiple of 512.
+    pub fn start_dirty_tracking(&self, block_bytes: u64) -> Result<(), BlkError> {
+        if block_bytes == 0 || block_bytes % SECTOR != 0 {
+            return Err(BlkError::BlockSize(block_bytes));
+        }
+        let blocks = self.size_bytes().div_ceil(block_bytes);
+        *self.0.dirty.lock().unwrap_or_else(|e| e.into_inner()) = Some(DirtyBlocks {
+            block: block_bytes,
+            set: DirtySet::empty(blocks),
+        });
+        Ok(())
+    }
+
+    /// The blocks written since tracking started or the previous call, cleared; `None` when
+    /// not tracking.
+    pub fn take_dirty_blocks(&self) -> Option<DirtySet> {
+        let mut d = self.0.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        d.as_mut().map(|d| {
+            let n = d.set.capacity();
+            std::mem::replace(&mut d.set, DirtySet::empty(n))
+        })
+    }
+
+    /// Stops dirty-block tracking.
+    pub fn stop_dirty_tracking(&self) {
+        *self.0.dirty.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Reads `buf.len()` bytes of the image at byte offset `offset` (the copier's read, while the
+    /// guest runs: take the dirty set first, then read).
+    ///
+    /// # Errors
+    /// The I/O error (reading past the end included).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.file.read_exact_at(buf, offset)
     }
 
     /// The current mode.
@@ -548,6 +622,7 @@ impl Blk {
                 replayed: Mutex::new((u64::MAX, Vec::new())),
                 copy_checks: Mutex::new(Vec::new()),
                 copy_failure: Mutex::new(None),
+                dirty: Mutex::new(None),
                 reads: AtomicU64::new(0),
                 writes: AtomicU64::new(0),
                 gated: AtomicU64::new(0),
@@ -864,22 +939,36 @@ impl VirtioDevice for Blk {
     fn check_replayed_exit(&mut self, mem: &GuestMem, exit: u64) -> Result<(), DeviceError> {
         self.check_copy(mem, exit)
     }
-    fn save_device(&self, w: &mut StateWriter) -> Result<(), StateError> {
-        w.u64(self.shared.sectors);
-        Ok(())
+    fn save_device(&self) -> Result<DeviceState, StateError> {
+        self.save().map(DeviceState::Blk)
     }
-    fn restore_device(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
-        let s = r.u64("blk sectors")?;
-        if s != self.shared.sectors {
+    fn restore_device(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        match state {
+            DeviceState::Blk(s) => self.restore(s),
+            other => Err(super::wrong_device("virtio-blk", other)),
+        }
+    }
+}
+
+/// The device's guest-visible state is its capacity (requests complete within their exit);
+/// the image's contents are the disk's, copied apart ([`BlkHandle::start_dirty_tracking`]).
+impl Persist for Blk {
+    type State = BlkState;
+    fn save(&self) -> Result<BlkState, StateError> {
+        Ok(BlkState {
+            sectors: self.shared.sectors,
+        })
+    }
+    fn restore(&mut self, s: &BlkState) -> Result<(), StateError> {
+        if s.sectors != self.shared.sectors {
             return Err(StateError::Mismatch(format!(
-                "disk has {} sectors, snapshot was taken with {s}",
-                self.shared.sectors
+                "disk has {} sectors, the state was saved with {}",
+                self.shared.sectors, s.sectors
             )));
         }
         Ok(())
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1155,6 +1244,78 @@ mod tests {
         write_then_read(&mut r, &DiskMode::Direct).unwrap();
         r.mem.write_slice(&[S_IOERR], GuestAddress(STATUS)).unwrap();
         r.blk.check_replayed_exit(&r.mem, 7).unwrap();
+    }
+
+    /// The pages of the VMM's dirty bitmap of `mem` (cleared).
+    fn vmm_dirty(mem: &GuestMem) -> Vec<u64> {
+        use vm_memory::GuestMemoryBackend;
+        let r = mem.iter().next().unwrap();
+        let n = vm_memory::GuestMemoryRegion::len(r) / crate::dirty::PAGE_SIZE;
+        let set = DirtySet::from_bits(vm_memory::mmap::MmapRegion::bitmap(r).get_and_reset(), n);
+        set.runs()
+            .flat_map(|r| r.first..r.first + r.count)
+            .collect()
+    }
+
+    /// Only the device writes guest memory here (a disk read, its status byte): the pages it
+    /// wrote are dirty in the VMM's bitmap, which KVM's dirty log never sees; and the blocks the
+    /// guest's write request touched are dirty for a live copy of the image.
+    #[test]
+    fn a_disk_read_dirties_the_pages_it_fills_and_a_write_the_blocks_it_touches() {
+        let mut r = rig();
+        let h = r.blk.handle();
+        assert!(matches!(
+            h.start_dirty_tracking(1000),
+            Err(BlkError::BlockSize(1000))
+        ));
+        h.start_dirty_tracking(1024).unwrap();
+        write_then_read(&mut r, &DiskMode::Direct).unwrap();
+        // A read request alone, set up by the "guest" before the bitmap is cleared.
+        set_sector3(&r.path, 0x5A);
+        header(&r.mem, HDR2, T_IN, 3);
+        vmm_dirty(&r.mem);
+        let rd = [
+            Desc {
+                addr: HDR2,
+                len: 16,
+                write: false,
+            },
+            Desc {
+                addr: READ_BUF,
+                len: SECTOR as u32,
+                write: true,
+            },
+            Desc {
+                addr: STATUS2,
+                len: 1,
+                write: true,
+            },
+        ];
+        let mut ctx = ExitCtx {
+            mem: &r.mem,
+            exit: 8,
+            inputs: &mut r.inputs,
+        };
+        r.blk.execute(&rd, &mut ctx, &DiskMode::Direct).unwrap();
+        // The read buffer (0x13_0000) and the status byte (0x12_0100): nothing else.
+        assert_eq!(vmm_dirty(&r.mem), vec![0x120, 0x130]);
+        assert_eq!(read_data(&r.mem), vec![0x5A; SECTOR as usize]);
+        // The guest's write of sector 3 = bytes 1536..2048: block 1 of 1024 bytes (the
+        // test's own write of the file beside the device is not the guest's).
+        let blocks = h.take_dirty_blocks().unwrap();
+        assert_eq!(
+            blocks
+                .runs()
+                .map(|r| (r.first, r.count))
+                .collect::<Vec<_>>(),
+            vec![(1, 1)]
+        );
+        assert!(h.take_dirty_blocks().unwrap().is_empty(), "taking clears");
+        let mut buf = [0u8; 512];
+        h.read_at(&mut buf, 3 * SECTOR).unwrap();
+        assert_eq!(buf, [0x5A; 512]);
+        h.stop_dirty_tracking();
+        assert!(h.take_dirty_blocks().is_none());
     }
 
     struct Barrier(Result<(), String>, std::sync::atomic::AtomicU64);

@@ -6,7 +6,7 @@ use super::{add_used, pop_chain, read_from_chain, VirtioDevice, VIRTIO_F_VERSION
 use crate::bus::{DeviceError, ExitCtx};
 use crate::devices::ConsoleOutput;
 use crate::record::OutputSource;
-use crate::state::{StateError, StateReader, StateWriter};
+use crate::state::{ConsoleState, DeviceState, Persist, StateError};
 
 const QUEUE_SIZES: &[u16] = &[64, 64];
 
@@ -79,12 +79,26 @@ impl VirtioDevice for Console {
     fn has_input(&self) -> bool {
         false
     }
-    fn save_device(&self, w: &mut StateWriter) -> Result<(), StateError> {
-        w.u64(self.bytes_out);
-        Ok(())
+    fn save_device(&self) -> Result<DeviceState, StateError> {
+        self.save().map(DeviceState::Console)
     }
-    fn restore_device(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
-        self.bytes_out = r.u64("console bytes out")?;
+    fn restore_device(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        match state {
+            DeviceState::Console(s) => self.restore(s),
+            other => Err(super::wrong_device("virtio-console", other)),
+        }
+    }
+}
+
+impl Persist for Console {
+    type State = ConsoleState;
+    fn save(&self) -> Result<ConsoleState, StateError> {
+        Ok(ConsoleState {
+            bytes_out: self.bytes_out,
+        })
+    }
+    fn restore(&mut self, s: &ConsoleState) -> Result<(), StateError> {
+        self.bytes_out = s.bytes_out;
         Ok(())
     }
 }

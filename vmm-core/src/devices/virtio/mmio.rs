@@ -19,7 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use crate::bus::{le_value, put_le, BusDevice, DeviceError, ExitAction, ExitCtx};
 use crate::devices::virtio::VirtioDevice;
 use crate::memory::GuestMem;
-use crate::state::{StateError, StateReader, StateWriter, Stateful};
+use crate::state::{DeviceState, QueueState, StateError, TransportState};
 
 /// `MagicValue` ("virt").
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -306,73 +306,98 @@ impl BusDevice for VirtioMmio {
     }
 }
 
-impl Stateful for VirtioMmio {
-    fn save(&self, w: &mut StateWriter) -> Result<(), StateError> {
-        w.u32(self.device_type());
-        w.u32(self.device_features_sel);
-        w.u32(self.driver_features_sel);
-        w.u64(self.driver_features);
-        w.u32(self.queue_sel);
-        w.u32(self.status);
-        w.u32(self.interrupt_status);
-        w.u32(self.queues.len() as u32);
-        for q in &self.queues {
-            let s = q.state();
-            w.u16(s.max_size);
-            w.u16(s.next_avail);
-            w.u16(s.next_used);
-            w.u8(s.event_idx_enabled.into());
-            w.u16(s.size);
-            w.u8(s.ready.into());
-            w.u64(s.desc_table);
-            w.u64(s.avail_ring);
-            w.u64(s.used_ring);
-        }
-        if let Some(d) = &self.device {
-            d.save_device(w)?;
-        }
-        Ok(())
+impl VirtioMmio {
+    /// The transport's and the device's state; `None` for an empty slot.
+    ///
+    /// # Errors
+    /// The device's [`StateError`].
+    pub fn save_state(&self) -> Result<Option<(TransportState, DeviceState)>, StateError> {
+        let Some(dev) = &self.device else {
+            return Ok(None);
+        };
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| {
+                let s = q.state();
+                QueueState {
+                    max_size: s.max_size,
+                    next_avail: s.next_avail,
+                    next_used: s.next_used,
+                    event_idx_enabled: s.event_idx_enabled,
+                    size: s.size,
+                    ready: s.ready,
+                    desc_table: s.desc_table,
+                    avail_ring: s.avail_ring,
+                    used_ring: s.used_ring,
+                }
+            })
+            .collect();
+        let transport = TransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            completed: self.completed,
+            queues,
+        };
+        Ok(Some((transport, dev.save_device()?)))
     }
 
-    fn restore(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
-        let ty = r.u32("virtio device type")?;
-        if ty != self.device_type() {
+    /// Restores what [`VirtioMmio::save_state`] captured; `None` must meet an empty slot.
+    ///
+    /// # Errors
+    /// [`StateError::Mismatch`] if the slot holds another device (or none), another number of
+    /// queues, or an invalid queue.
+    pub fn restore_state(
+        &mut self,
+        state: Option<(&TransportState, &DeviceState)>,
+    ) -> Result<(), StateError> {
+        let (t, d) = match (state, &mut self.device) {
+            (None, None) => return Ok(()),
+            (Some((t, d)), Some(dev)) => {
+                dev.restore_device(d)?;
+                (t, d)
+            }
+            (s, dev) => {
+                return Err(StateError::Mismatch(format!(
+                    "the state has {:?} in a slot where this VM has device type {}",
+                    s.map(|(_, d)| d),
+                    dev.as_ref().map_or(0, |d| d.device_type())
+                )))
+            }
+        };
+        if t.queues.len() != self.queues.len() {
             return Err(StateError::Mismatch(format!(
-                "virtio slot holds device type {} but the snapshot has {ty}",
-                self.device_type()
-            )));
-        }
-        self.device_features_sel = r.u32("features sel")?;
-        self.driver_features_sel = r.u32("driver features sel")?;
-        self.driver_features = r.u64("driver features")?;
-        self.queue_sel = r.u32("queue sel")?;
-        self.status = r.u32("status")?;
-        self.interrupt_status = r.u32("interrupt status")?;
-        let n = r.u32("queue count")? as usize;
-        if n != self.queues.len() {
-            return Err(StateError::Mismatch(format!(
-                "{n} queues in snapshot, device has {}",
+                "{} queues in the state of {d:?}, the device has {}",
+                t.queues.len(),
                 self.queues.len()
             )));
         }
-        for q in &mut self.queues {
+        for (q, s) in self.queues.iter_mut().zip(&t.queues) {
             let state = virtio_queue::QueueState {
-                max_size: r.u16("queue")?,
-                next_avail: r.u16("queue")?,
-                next_used: r.u16("queue")?,
-                event_idx_enabled: r.u8("queue")? != 0,
-                size: r.u16("queue")?,
-                ready: r.u8("queue")? != 0,
-                desc_table: r.u64("queue")?,
-                avail_ring: r.u64("queue")?,
-                used_ring: r.u64("queue")?,
+                max_size: s.max_size,
+                next_avail: s.next_avail,
+                next_used: s.next_used,
+                event_idx_enabled: s.event_idx_enabled,
+                size: s.size,
+                ready: s.ready,
+                desc_table: s.desc_table,
+                avail_ring: s.avail_ring,
+                used_ring: s.used_ring,
             };
             *q = Queue::try_from(state)
                 .map_err(|e| StateError::Mismatch(format!("invalid queue state: {e}")))?;
         }
-        if let Some(d) = &mut self.device {
-            d.restore_device(r)?;
-        }
+        self.device_features_sel = t.device_features_sel;
+        self.driver_features_sel = t.driver_features_sel;
+        self.driver_features = t.driver_features;
+        self.queue_sel = t.queue_sel;
+        self.status = t.status;
+        self.interrupt_status = t.interrupt_status;
+        self.completed = t.completed;
         Ok(())
     }
 }

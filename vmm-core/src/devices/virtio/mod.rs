@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueT};
 
 use crate::bus::{DeviceError, ExitCtx};
 use crate::memory::GuestMem;
-use crate::state::{StateError, StateReader, StateWriter};
+use crate::state::{DeviceState, StateError};
 
 /// `VIRTIO_F_VERSION_1`: the modern interface.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -69,16 +69,17 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
         let _ = (mem, exit);
         Ok(())
     }
-    /// Saves the device-specific state (not the transport's).
+    /// The device-specific state (not the transport's): each device implements
+    /// [`Persist`](crate::state::Persist) with its own state struct and wraps it here.
     ///
     /// # Errors
     /// [`StateError`].
-    fn save_device(&self, w: &mut StateWriter) -> Result<(), StateError>;
-    /// Restores what [`VirtioDevice::save_device`] wrote.
+    fn save_device(&self) -> Result<DeviceState, StateError>;
+    /// Restores what [`VirtioDevice::save_device`] returned.
     ///
     /// # Errors
-    /// [`StateError`] if it does not match this device.
-    fn restore_device(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError>;
+    /// [`StateError::Mismatch`] if it is another kind of device's state, or does not fit.
+    fn restore_device(&mut self, state: &DeviceState) -> Result<(), StateError>;
 }
 
 /// Answers a driver's read of `data.len()` bytes (at most 8) at `offset` in a device's
@@ -189,4 +190,9 @@ pub fn read_from_chain(
         }
     }
     Ok(out)
+}
+
+/// The error of restoring `found` into a device of another kind (`what`).
+pub(crate) fn wrong_device(what: &str, found: &DeviceState) -> StateError {
+    StateError::Mismatch(format!("{what} cannot take the state {found:?}"))
 }

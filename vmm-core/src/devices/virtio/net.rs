@@ -33,7 +33,7 @@ use super::{
 use crate::bus::{DeviceError, EventSignal, ExitCtx};
 use crate::devices::sys::EVENT_NET_RX;
 use crate::record::OutputSource;
-use crate::state::{StateError, StateReader, StateWriter};
+use crate::state::{DeviceState, NetState, Persist, StateError};
 
 /// `VIRTIO_NET_F_MAC`.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -544,19 +544,34 @@ impl VirtioDevice for Net {
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
     }
-    fn save_device(&self, w: &mut StateWriter) -> Result<(), StateError> {
-        w.bytes(&self.mac);
-        w.u64(self.rx_packets);
-        w.u64(self.tx_packets);
-        Ok(())
+    fn save_device(&self) -> Result<DeviceState, StateError> {
+        self.save().map(DeviceState::Net)
     }
-    fn restore_device(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
-        let mac = r.bytes("net mac")?;
-        self.mac = mac
-            .try_into()
-            .map_err(|_| StateError::Mismatch("net MAC length".into()))?;
-        self.rx_packets = r.u64("net rx")?;
-        self.tx_packets = r.u64("net tx")?;
+    fn restore_device(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        match state {
+            DeviceState::Net(s) => self.restore(s),
+            other => Err(super::wrong_device("virtio-net", other)),
+        }
+    }
+}
+
+/// The guest-visible state only: frames the TAP received that the guest has not been given
+/// yet stay with the backend they arrived on (like frames on a wire). The side that goes on
+/// recording after a transfer delivers (and logs) them; a migrated VM loses them, as a network
+/// may, and TCP sends them again.
+impl Persist for Net {
+    type State = NetState;
+    fn save(&self) -> Result<NetState, StateError> {
+        Ok(NetState {
+            mac: self.mac,
+            rx_packets: self.rx_packets,
+            tx_packets: self.tx_packets,
+        })
+    }
+    fn restore(&mut self, s: &NetState) -> Result<(), StateError> {
+        self.mac = s.mac;
+        self.rx_packets = s.rx_packets;
+        self.tx_packets = s.tx_packets;
         Ok(())
     }
 }

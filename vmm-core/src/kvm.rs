@@ -149,7 +149,7 @@ pub const ZEROED_LEAVES: [u32; 2] = [0x15, 0x16];
 
 /// Applies [`HIDDEN`] and [`ZEROED_LEAVES`] to `cpuid` (the VMM's fixed CPUID), and gives the
 /// vCPU APIC ID 0: KVM_GET_SUPPORTED_CPUID reports the APIC ID of the host CPU the calling
-/// thread runs on (leaf 1 EBX[31:24], the x2APIC ID in EDX of leaves 0xB and 0x1F), so without
+/// thread runs on (leaf 1 EBX bits 31:24, the x2APIC ID in EDX of leaves 0xB and 0x1F), so without
 /// this a guest would see a value that depends on where its VMM happened to run (measured
 /// here: 0 on host CPU 0, 1 on CPU 1) — another input nobody logs, and a CPUID that differs
 /// between the two sides of a transfer.

@@ -815,8 +815,10 @@ pub(crate) mod tests {
                 used_ring: 0x10_2000,
             }],
         };
-        let mut regs = kvm_bindings::kvm_regs::default();
-        regs.rip = 0x10_0042;
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x10_0042,
+            ..Default::default()
+        };
         MachineState {
             config: ConfigState {
                 mem_size: 4 << 20,

@@ -14,7 +14,7 @@
 //!                                                                   │ stop_and_copy(state)
 //!          last dirty pages + last dirty blocks ──> Final(state) ──> Step::Done
 //! ```
-//! 1. **Pre-copy.** [`Source::next`] starts dirty tracking ([`DirtyLog`] for memory,
+//! 1. **Pre-copy.** [`Source::next_step`] starts dirty tracking ([`DirtyLog`] for memory,
 //!    [`BlkHandle::start_dirty_tracking`] for an image copied live) and yields the
 //!    [`Chunk::Header`] (configuration, disk size), then every page of round 0 and every disk
 //!    block, while the guest runs on. At the end of each round it takes the dirty set (pages
@@ -30,7 +30,7 @@
 //!    replication layer's auto-converge lever — or accepts the longer pause). Each round's
 //!    figures ([`RoundStats`]: pages, bytes, duration, dirty rate) are there for that decision
 //!    and for progress lines.
-//! 3. **Stop-and-copy.** [`Source::next`] returns [`Step::Pause`]; the caller pauses the VM
+//! 3. **Stop-and-copy.** [`Source::next_step`] returns [`Step::Pause`]; the caller pauses the VM
 //!    (`VmThread::pause`, or its own run loop's kick: the vCPU stops *between two exits*),
 //!    captures its [`MachineState`] (`VmThread::capture` / [`Vm::capture`]) and hands it to
 //!    [`Source::stop_and_copy`], which takes the dirty sets one last time (nothing writes any
@@ -404,7 +404,7 @@ impl RoundStats {
     }
 }
 
-/// What [`Source::next`] asks of its caller.
+/// What [`Source::next_step`] asks of its caller.
 #[derive(Debug)]
 pub enum Step {
     /// Send this chunk.
@@ -476,7 +476,7 @@ pub struct Source {
 }
 
 impl Source {
-    /// A source over the VM of `handle`. Nothing happens until [`Source::next`].
+    /// A source over the VM of `handle`. Nothing happens until [`Source::next_step`].
     pub fn new(handle: TransferHandle, cfg: SourceConfig) -> Self {
         let chunk_bytes =
             (cfg.chunk_bytes.max(PAGE_SIZE as usize) / PAGE_SIZE as usize) * PAGE_SIZE as usize;
@@ -532,7 +532,7 @@ impl Source {
     /// # Errors
     /// [`TransferError`]: tracking or reading failed (tracking is then stopped on drop; the VM
     /// is not affected), or the source is waiting for [`Source::stop_and_copy`].
-    pub fn next(&mut self) -> Result<Step, TransferError> {
+    pub fn next_step(&mut self) -> Result<Step, TransferError> {
         loop {
             match self.phase {
                 Phase::Start => {
@@ -601,7 +601,7 @@ impl Source {
 
     /// The stop-and-copy: `state` was captured with the VM paused at an exit boundary after
     /// [`Step::Pause`] (or earlier: the caller may cut pre-copy short). Then call
-    /// [`Source::next`] for the last pages and blocks, [`Chunk::Final`] and [`Step::Done`].
+    /// [`Source::next_step`] for the last pages and blocks, [`Chunk::Final`] and [`Step::Done`].
     ///
     /// # Errors
     /// [`TransferError::Phase`] before the header was sent or after the final state;

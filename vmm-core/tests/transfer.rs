@@ -82,7 +82,7 @@ fn transfer(
     let mut cut = None;
     let mut at_cut = 0;
     loop {
-        match src.next().expect("source") {
+        match src.next_step().expect("source") {
             Step::Chunk(c) => {
                 let bytes = c.encode().expect("encode");
                 sink.apply(Chunk::decode(&bytes).expect("decode"))

@@ -182,7 +182,7 @@ fn xdp_transport(s: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {
 
 #[cfg(not(feature = "xdp"))]
 fn xdp_transport(_: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {
-    bail!("--transport xdp: this ftvm was built without the `xdp` feature (cargo build --release -p ftvm --features xdp)")
+    anyhow::bail!("--transport xdp: this ftvm was built without the `xdp` feature (cargo build --release -p ftvm --features xdp)")
 }
 
 fn primary_transport(s: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {

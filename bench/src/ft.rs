@@ -13,6 +13,14 @@
 //! mode: one image, `--shared-disk`, and a file arbiter, so every disk write waits for the
 //! backup's ack and passes the disk owner record's fence (`vmm-core/DEVICES.md`); the row's
 //! `disk_mode` says which.
+//!
+//! Loads (`--loads 8x1,50x16`, the default: `CxP` is `redis-benchmark -c C -P P`): every
+//! configuration is measured under each load in turn, in one run of its processes; rows carry
+//! `clients` and `pipeline`, and the ratio is against FT off under the same load. `8x1` is a
+//! light, latency-bound load; `50x16` (50 clients, 16 requests in flight each, `-n` four times
+//! `--requests`) the analog of the paper's loaded workloads, where the pair's cost per request
+//! and not its round trips bounds throughput. The log bandwidth and output delay come from the
+//! primary's report, which covers the whole run (every load).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +41,10 @@ const TAP: &str = "ftvmtap0";
 #[derive(Debug, Serialize)]
 struct Row {
     transport: String,
+    /// `redis-benchmark -c`.
+    clients: u32,
+    /// `redis-benchmark -P` (1: no pipelining).
+    pipeline: u32,
     /// `own-copy` (each side its own image; FT off: the one image) or `shared` (`T+shared`).
     disk_mode: &'static str,
     test: String,
@@ -109,9 +121,38 @@ fn per_request(
 type Measured = (String, f64, f64, f64);
 /// CPU of one process: cores over the run, and µs per request by thread name.
 type Cpu = (f64, BTreeMap<String, f64>);
-/// What one configuration measured: per test (SET, GET) ops/s, p50, p99; the primary's
-/// report; the CPU of the primary and of the backup.
-type One = (Vec<Measured>, serde_json::Value, Cpu, Cpu);
+/// What one load measured: per test (SET, GET) ops/s, p50, p99; the CPU of the primary and
+/// of the backup.
+type Loaded = (Vec<Measured>, Cpu, Cpu);
+/// What one configuration measured: each load's figures, in the order of the loads; the
+/// primary's report.
+type One = (Vec<Loaded>, serde_json::Value);
+
+/// One `redis-benchmark` load: (clients, pipeline).
+type Load = (u32, u32);
+
+/// `CxP` → (C, P).
+fn parse_load(s: &str) -> Result<Load, String> {
+    let (c, p) = s
+        .split_once('x')
+        .ok_or_else(|| format!("{s:?}: expected CLIENTSxPIPELINE, e.g. 50x16"))?;
+    let n = |v: &str| {
+        v.parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{s:?}: {v:?} is not a positive number"))
+    };
+    Ok((n(c)?, n(p)?))
+}
+
+/// Requests per test under `load`: pipelined loads get four times as many (they run faster).
+fn load_requests((_, pipeline): Load, requests: u64) -> u64 {
+    if pipeline > 1 {
+        4 * requests
+    } else {
+        requests
+    }
+}
 
 /// The `ftvm` binary beside this one (`cargo build --release -p ftvm`).
 pub(crate) fn ftvm_binary() -> anyhow::Result<PathBuf> {
@@ -161,7 +202,13 @@ fn redis(ns: &Netns, args: &[&str]) -> anyhow::Result<std::process::Output> {
 }
 
 /// One configuration: `transport` = "none" (FT off) or a transport name.
-fn one(ns: &Netns, bin: &Path, dir: &Path, config: &str, requests: u64) -> anyhow::Result<One> {
+fn one(
+    ns: &Netns,
+    bin: &Path,
+    dir: &Path,
+    config: &str,
+    (loads, requests): (&[Load], u64),
+) -> anyhow::Result<One> {
     let (transport, shared) = split_config(config);
     for d in ["a.img", "b.img"] {
         std::fs::File::create(dir.join(d))?.set_len(32 << 20)?;
@@ -266,47 +313,21 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, config: &str, requests: u64) -> anyho
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let n = requests.to_string();
     let pids: Vec<u32> = children.iter().map(Child::id).collect();
-    let threads0: Vec<BTreeMap<String, Duration>> = pids.iter().map(|&p| thread_cpu(p)).collect();
-    let cpu0: Vec<Duration> = pids.iter().map(|&p| process_cpu(p)).collect();
-    let t0 = Instant::now();
-    let out = ns.exec(
-        "timeout",
-        &[
-            "300",
-            "redis-benchmark",
-            "-h",
-            GUEST_IP,
-            "-n",
-            &n,
-            "-c",
-            "8",
-            "-t",
-            "set,get",
-            "--csv",
-        ],
-    )?;
-    let wall = t0.elapsed().as_secs_f64().max(1e-6);
-    let threads: Vec<BTreeMap<String, f64>> = pids
+    let measured: anyhow::Result<Vec<Loaded>> = loads
         .iter()
-        .zip(&threads0)
-        // SET and GET: two runs of `requests` each.
-        .map(|(&p, t0)| per_request(t0, &thread_cpu(p), 2 * requests))
+        .map(|&load| one_load(ns, &pids, load, load_requests(load, requests)))
         .collect();
-    let cores: Vec<f64> = pids
-        .iter()
-        .zip(&cpu0)
-        .map(|(&p, c0)| process_cpu(p).saturating_sub(*c0).as_secs_f64() / wall)
-        .collect();
-    // children: [run] or [backup, primary].
-    let cpu: Vec<Cpu> = cores.into_iter().zip(threads).collect();
-    let (primary_cpu, backup_cpu) = match cpu.as_slice() {
-        [run] => (run.clone(), Cpu::default()),
-        [backup, primary] => (primary.clone(), backup.clone()),
-        _ => Default::default(),
+    let measured = match measured {
+        Ok(m) => m,
+        Err(e) => {
+            for mut c in children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            return Err(e);
+        }
     };
-    let csv = String::from_utf8_lossy(&out.stdout).to_string();
     let _ = ns.exec("timeout", &["1", "redis-cli", "-h", GUEST_IP, "SHUTDOWN"]);
     let mut outs = Vec::new();
     for c in children.into_iter().rev() {
@@ -324,12 +345,6 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, config: &str, requests: u64) -> anyho
             }
         }
     }
-    let mut rows = Vec::new();
-    for test in ["SET", "GET"] {
-        let (rps, p50, p99) =
-            parse_csv(&csv, test).ok_or_else(|| anyhow!("no {test} row in: {csv}"))?;
-        rows.push((test.to_string(), rps, p50, p99));
-    }
     let primary = if transport == "none" {
         serde_json::Value::Null
     } else {
@@ -337,7 +352,60 @@ fn one(ns: &Netns, bin: &Path, dir: &Path, config: &str, requests: u64) -> anyho
             .with_context(|| format!("primary report ({transport})"))?;
         serde_json::from_str(&text)?
     };
-    Ok((rows, primary, primary_cpu, backup_cpu))
+    Ok((measured, primary))
+}
+
+/// One `redis-benchmark` SET/GET run under `load` against the running configuration whose
+/// processes are `pids` (`[run]` or `[backup, primary]`).
+fn one_load(ns: &Netns, pids: &[u32], load: Load, requests: u64) -> anyhow::Result<Loaded> {
+    let (n, c, p) = (requests.to_string(), load.0.to_string(), load.1.to_string());
+    let threads0: Vec<BTreeMap<String, Duration>> = pids.iter().map(|&p| thread_cpu(p)).collect();
+    let cpu0: Vec<Duration> = pids.iter().map(|&p| process_cpu(p)).collect();
+    let t0 = Instant::now();
+    let out = ns.exec(
+        "timeout",
+        &[
+            "300",
+            "redis-benchmark",
+            "-h",
+            GUEST_IP,
+            "-n",
+            &n,
+            "-c",
+            &c,
+            "-P",
+            &p,
+            "-t",
+            "set,get",
+            "--csv",
+        ],
+    )?;
+    let wall = t0.elapsed().as_secs_f64().max(1e-6);
+    let threads: Vec<BTreeMap<String, f64>> = pids
+        .iter()
+        .zip(&threads0)
+        // SET and GET: two runs of `requests` each.
+        .map(|(&p, t0)| per_request(t0, &thread_cpu(p), 2 * requests))
+        .collect();
+    let cores: Vec<f64> = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(&p, c0)| process_cpu(p).saturating_sub(*c0).as_secs_f64() / wall)
+        .collect();
+    let cpu: Vec<Cpu> = cores.into_iter().zip(threads).collect();
+    let (primary_cpu, backup_cpu) = match cpu.as_slice() {
+        [run] => (run.clone(), Cpu::default()),
+        [backup, primary] => (primary.clone(), backup.clone()),
+        _ => Default::default(),
+    };
+    let csv = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut rows = Vec::new();
+    for test in ["SET", "GET"] {
+        let (rps, p50, p99) =
+            parse_csv(&csv, test).ok_or_else(|| anyhow!("no {test} row in: {csv}"))?;
+        rows.push((test.to_string(), rps, p50, p99));
+    }
+    Ok((rows, primary_cpu, backup_cpu))
 }
 
 /// `T+shared` → (`T`, shared-disk mode); `T` → (`T`, own copies).
@@ -367,9 +435,14 @@ pub struct Args {
     /// Runs; each row reports the medians over them.
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
-    /// redis-benchmark requests per test [default: 50000, 5000 with --quick].
+    /// redis-benchmark requests per test [default: 50000, 5000 with --quick] (pipelined loads:
+    /// four times as many).
     #[arg(long)]
     pub requests: Option<u64>,
+    /// redis-benchmark loads, `CLIENTSxPIPELINE` (`-c`, `-P`), comma-separated: each
+    /// configuration runs each load in turn.
+    #[arg(long, value_delimiter = ',', value_parser = parse_load, default_value = "8x1,50x16")]
+    pub loads: Vec<Load>,
 }
 
 /// Entry point.
@@ -401,52 +474,61 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let ns = Netns::create(&format!("ftvm-bench-ft-{}", std::process::id()))?;
     ns.add_tap(TAP, Some((std::net::Ipv4Addr::new(10, 0, 2, 1), 24)))?;
-    // samples[transport][test] = one value vector per column, over the runs.
+    let loads = args.loads.clone();
+    // A cell is one (transport, load): cell `ti * loads.len() + li`.
+    let cells = transports.len() * loads.len();
+    // samples[cell][test] = one value vector per column, over the runs.
     type Samples = [Vec<f64>; 10];
-    let mut samples: Vec<[Samples; 2]> =
-        (0..transports.len()).map(|_| Default::default()).collect();
-    // threads[transport][role] = per thread name, µs per request over the runs.
+    let mut samples: Vec<[Samples; 2]> = (0..cells).map(|_| Default::default()).collect();
+    // threads[cell][role] = per thread name, µs per request over the runs.
     type ThreadSamples = BTreeMap<String, Vec<f64>>;
-    let mut threads: Vec<[ThreadSamples; 2]> =
-        (0..transports.len()).map(|_| Default::default()).collect();
+    let mut threads: Vec<[ThreadSamples; 2]> = (0..cells).map(|_| Default::default()).collect();
     let mut tests = [String::new(), String::new()];
     for run in 0..runs {
         for (ti, t) in transports.iter().enumerate() {
             eprintln!("ft: run {}/{runs}: kv with FT {t} ...", run + 1);
-            let (r, primary, (pc, pt), (bc, bt)) = one(&ns, &bin, &dir, t, requests)?;
+            let (measured, primary) = one(&ns, &bin, &dir, t, (&loads, requests))?;
             let f = |k: &str| primary.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-            // (A float sum of nothing is -0.0.)
-            let total = |m: &BTreeMap<String, f64>| m.values().fold(0.0, |a, b| a + b);
-            let (pu, bu) = (total(&pt), total(&bt));
-            for (role, per_thread) in [pt, bt].into_iter().enumerate() {
-                for (name, us) in per_thread {
-                    threads[ti][role].entry(name).or_default().push(us);
+            for (li, (r, (pc, pt), (bc, bt))) in measured.into_iter().enumerate() {
+                let cell = ti * loads.len() + li;
+                // (A float sum of nothing is -0.0.)
+                let total = |m: &BTreeMap<String, f64>| m.values().fold(0.0, |a, b| a + b);
+                let (pu, bu) = (total(&pt), total(&bt));
+                for (role, per_thread) in [pt, bt].into_iter().enumerate() {
+                    for (name, us) in per_thread {
+                        threads[cell][role].entry(name).or_default().push(us);
+                    }
                 }
-            }
-            for (i, (test, rps, p50, p99)) in r.into_iter().enumerate().take(2) {
-                tests[i] = test;
-                let values = [
-                    rps,
-                    p50,
-                    p99,
-                    f("log_mbit_s"),
-                    f("output_delay_p50_us"),
-                    f("output_delay_p99_us"),
-                    pc,
-                    bc,
-                    pu,
-                    bu,
-                ];
-                for (k, v) in values.into_iter().enumerate() {
-                    samples[ti][i][k].push(v);
+                for (i, (test, rps, p50, p99)) in r.into_iter().enumerate().take(2) {
+                    tests[i] = test;
+                    let values = [
+                        rps,
+                        p50,
+                        p99,
+                        f("log_mbit_s"),
+                        f("output_delay_p50_us"),
+                        f("output_delay_p99_us"),
+                        pc,
+                        bc,
+                        pu,
+                        bu,
+                    ];
+                    for (k, v) in values.into_iter().enumerate() {
+                        samples[cell][i][k].push(v);
+                    }
                 }
             }
         }
     }
     let mut rows: Vec<Row> = Vec::new();
-    let mut base = [0.0f64; 2];
-    for (ti, t) in transports.iter().enumerate() {
-        let [pt, bt] = threads[ti].clone().map(|by_name| {
+    // base[load][test]: FT off's ops/s.
+    let mut base = vec![[0.0f64; 2]; loads.len()];
+    for (cell, (t, (li, &(clients, pipeline)))) in transports
+        .iter()
+        .flat_map(|t| std::iter::repeat(t).zip(loads.iter().enumerate()))
+        .enumerate()
+    {
+        let [pt, bt] = threads[cell].clone().map(|by_name| {
             by_name
                 .into_iter()
                 // Threads seen in only some runs (a short-lived helper) count 0 in the others.
@@ -457,14 +539,16 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
                 .collect::<BTreeMap<String, f64>>()
         });
         for i in 0..2 {
-            let mut m = samples[ti][i].clone().map(|mut v| median(&mut v));
+            let mut m = samples[cell][i].clone().map(|mut v| median(&mut v));
             if t == "none" {
-                base[i] = m[0];
+                base[li][i] = m[0];
                 m[4] = 0.0;
                 m[5] = 0.0;
             }
             rows.push(Row {
                 transport: t.clone(),
+                clients,
+                pipeline,
                 disk_mode: if split_config(t).1 {
                     "shared"
                 } else {
@@ -472,10 +556,14 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
                 },
                 test: tests[i].clone(),
                 ops_per_s: m[0],
-                ops_per_s_runs: samples[ti][i][0].clone(),
+                ops_per_s_runs: samples[cell][i][0].clone(),
                 p50_us: m[1],
                 p99_us: m[2],
-                ratio: if base[i] > 0.0 { m[0] / base[i] } else { 0.0 },
+                ratio: if base[li][i] > 0.0 {
+                    m[0] / base[li][i]
+                } else {
+                    0.0
+                },
                 log_mbit_s: m[3],
                 output_delay_p50_us: m[4],
                 output_delay_p99_us: m[5],
@@ -495,6 +583,7 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
         .map(|r| {
             vec![
                 r.transport.clone(),
+                format!("{}x{}", r.clients, r.pipeline),
                 r.test.clone(),
                 format!("{:.0}", r.ops_per_s),
                 format!("{:.0}", r.p50_us),
@@ -511,10 +600,12 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
         .collect();
     report::print_table(
         &format!(
-            "kv under redis-benchmark -c 8 -n {requests}, FT off vs on (medians of {runs} runs)"
+            "kv under redis-benchmark -n {requests} (×4 pipelined), load = clients x pipeline, \
+             FT off vs on (medians of {runs} runs)"
         ),
         &[
             "transport",
+            "load",
             "test",
             "ops/s",
             "p50 µs",
@@ -540,8 +631,9 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
                 .join(", ")
         };
         eprintln!(
-            "{:>9} µs/request by thread: primary [{}]{}",
+            "{:>9} {:>5} µs/request by thread: primary [{}]{}",
             r.transport,
+            format!("{}x{}", r.clients, r.pipeline),
             show(&r.primary_threads_us_per_req),
             if r.transport == "none" {
                 String::new()
@@ -570,10 +662,15 @@ pub fn plot(
     let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
     let config = |r: &serde_json::Value| {
         let t = r["transport"].as_str().unwrap_or("?");
-        match (t, r["disk_mode"].as_str()) {
+        let c = match (t, r["disk_mode"].as_str()) {
             ("none", _) => "FT off".to_string(),
             (t, Some("shared")) => format!("{t}+shared"),
             (t, _) => t.to_string(),
+        };
+        // Rows before loads were measured (no `pipeline`) are the unpipelined load.
+        match (r["clients"].as_u64(), r["pipeline"].as_u64()) {
+            (Some(n), Some(p)) if p > 1 => format!("{c} {n}x{p}"),
+            _ => c,
         }
     };
     let mut configs: Vec<String> = Vec::new();
@@ -624,6 +721,15 @@ mod tests {
         assert_eq!(split_config("tcp+shared"), ("tcp", true));
         assert_eq!(split_config("shm"), ("shm", false));
         assert_eq!(split_config("none"), ("none", false));
+    }
+
+    #[test]
+    fn parses_loads() {
+        assert_eq!(parse_load("50x16"), Ok((50, 16)));
+        assert!(parse_load("50").is_err());
+        assert!(parse_load("0x16").is_err());
+        assert_eq!(load_requests((50, 16), 1000), 4000);
+        assert_eq!(load_requests((8, 1), 1000), 1000);
     }
 
     #[test]

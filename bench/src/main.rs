@@ -21,6 +21,7 @@
 mod channel;
 mod failover;
 mod ft;
+mod logpath;
 mod report;
 mod ringbuf;
 mod soak;
@@ -70,6 +71,9 @@ enum Bench {
     /// kv under redis-benchmark, FT off vs on per transport (Table 1 ratio, log Mbit/s, output
     /// delay).
     Ft(ft::Args),
+    /// Per-entry cost of the log path: the primary's recorder appending, the backup's replay
+    /// source taking (ns and CPU per entry).
+    Logpath(logpath::Args),
     /// Kill the primary under client load, repeatedly: failover time p50/max, acked writes
     /// lost.
     Failover(failover::Args),
@@ -154,6 +158,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Vmm(_) => ("vmm", vmm::run(&opts)),
         Bench::Channel(a) => ("channel", channel::run(&opts, a)),
         Bench::Ft(a) => ("ft", ft::run(&opts, a)),
+        Bench::Logpath(a) => ("logpath", logpath::run(&opts, a)),
         Bench::Failover(a) => ("failover", failover::run(&opts, a)),
         Bench::Throttle(a) => ("throttle", throttle::run(&opts, a)),
         Bench::Replot(a) => ("replot", replot(&opts, a)),
@@ -176,6 +181,7 @@ mod tests {
             ("ringbuf", "--rtt-samples"),
             ("channel", "--only"),
             ("ft", "--requests"),
+            ("logpath", "--exits"),
             ("failover", "--fail-timeout"),
             ("throttle", "--tau-ms"),
         ] {

@@ -76,18 +76,18 @@ struct Primary {
 }
 
 /// The recorder a primary run installs in its VM, over `sender`.
-fn primary(sender: LogSender) -> Primary {
+fn primary(sender: LogSender) -> anyhow::Result<Primary> {
     let writer = LogWriter::new(sender, IdleKind::Yield);
     let w = writer.clone();
-    Primary {
-        recorder: Box::new(ChannelRecorder::new(writer)),
+    Ok(Primary {
+        recorder: Box::new(ChannelRecorder::new(writer.take_appender()?)),
         positions: Box::new(move || {
             (
                 w.position().load(std::sync::atomic::Ordering::Acquire),
                 w.sender().acked_seq(),
             )
         }),
-    }
+    })
 }
 
 /// The replay source a backup run installs in its VM, over `rx`.
@@ -127,7 +127,7 @@ fn pair() -> anyhow::Result<(Primary, Box<dyn ReplaySource>)> {
     let rx = rx
         .join()
         .map_err(|_| anyhow!("receiver thread panicked"))??;
-    Ok((primary(tx), backup(rx)))
+    Ok((primary(tx)?, backup(rx)))
 }
 
 /// Per-entry figures of one side over one run.

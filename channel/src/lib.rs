@@ -64,7 +64,7 @@ pub mod xdp;
 
 pub use error::{Refusal, TransportError};
 pub use frame::GoodbyeReason;
-pub use poller::{LogReceiver, LogSender, PollerConfig};
+pub use poller::{LogReceiver, LogSender, PollerConfig, SenderHandle};
 pub use reliable::{Config, Goodbye, Receiver, Sender};
 pub use stats::StatsSnapshot;
 pub use transport::Transport;

@@ -36,7 +36,7 @@ struct Control {
     running: AtomicBool,
     error: Mutex<Option<TransportError>>,
     /// Called on the poller thread after every step that received frames (see
-    /// [`LogSender::set_ack_hook`]).
+    /// [`SenderHandle::set_ack_hook`]).
     hook: OnceLock<Hook>,
     /// A GOODBYE to send: the poller sends it and stops ([`Control::goodbye`]).
     goodbye_due: AtomicBool,
@@ -53,11 +53,11 @@ type SayGoodbye<S> = fn(&mut S, GoodbyeReason, &str) -> Result<(), TransportErro
 /// [`Receiver::poll`]) and saying goodbye.
 type Steps<S> = (fn(&mut S) -> Result<usize, TransportError>, SayGoodbye<S>);
 
-/// How long [`LogSender::goodbye`] / [`LogReceiver::goodbye`] wait for the poller.
+/// How long [`SenderHandle::goodbye`] / [`LogReceiver::goodbye`] wait for the poller.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
 /// Lets the sender's poller sleep while it has nothing to do: every record the producer
-/// committed is acknowledged. [`LogSender::notify`] (after a commit) wakes it. Enabled with
+/// committed is acknowledged. [`SenderHandle::notify`] (after a commit) wakes it. Enabled with
 /// [`IdleKind::Park`] once the producer called `notify` at least once (a producer that never
 /// notifies would otherwise find its records sent up to a sleep period late).
 #[derive(Debug, Default)]
@@ -82,7 +82,7 @@ impl SenderWake {
         self.notified.load(Ordering::Acquire) && acked >= self.committed.load(Ordering::Acquire)
     }
 
-    /// On the poller thread: sleeps while quiet, at most [`QUIET_SLEEP`]; [`LogSender::notify`]
+    /// On the poller thread: sleeps while quiet, at most [`QUIET_SLEEP`]; [`SenderHandle::notify`]
     /// rings the bell.
     fn sleep(&self, acked: u64) {
         if self.bell.sleep(QUIET_SLEEP, || !self.quiet(acked)) {
@@ -284,15 +284,36 @@ fn restart_loop<S: Send + 'static>(
 
 /// The primary's side: the log buffer's producer for the VMM, and a poller thread shipping the
 /// log to the backup.
+///
+/// One owner: the `LogSender` (with its [`Producer`]) belongs to whoever appends, the vCPU
+/// thread's recorder; every other thread (acknowledgement waiters, failure monitors, the
+/// output gate, counters) holds a [`SenderHandle`] ([`LogSender::handle`]), which carries the
+/// acknowledgements, counters, the poller's state and its error, and can say GOODBYE. The
+/// sender dereferences to its handle, so those calls read the same on both.
 #[derive(Debug)]
 pub struct LogSender {
     peer_settings: Vec<u8>,
-    wake: Arc<SenderWake>,
     producer: Producer,
-    shared: Arc<SenderShared>,
-    ctl: Arc<Control>,
+    handle: SenderHandle,
     thread: Option<JoinHandle<Sender>>,
     pc: PollerConfig,
+}
+
+/// The cloneable side of a [`LogSender`] for threads other than the appender's: positions,
+/// counters, the poller's state and error, GOODBYE. Never touches the log buffer.
+#[derive(Debug, Clone)]
+pub struct SenderHandle {
+    wake: Arc<SenderWake>,
+    shared: Arc<SenderShared>,
+    ctl: Arc<Control>,
+}
+
+impl std::ops::Deref for LogSender {
+    type Target = SenderHandle;
+
+    fn deref(&self) -> &SenderHandle {
+        &self.handle
+    }
 }
 
 impl LogSender {
@@ -324,10 +345,8 @@ impl LogSender {
         )?;
         Ok(Self {
             peer_settings,
-            wake,
             producer,
-            shared,
-            ctl,
+            handle: SenderHandle { wake, shared, ctl },
             thread: Some(thread),
             pc,
         })
@@ -343,6 +362,44 @@ impl LogSender {
         &mut self.producer
     }
 
+    /// A handle for other threads (acks, counters, errors, GOODBYE).
+    pub fn handle(&self) -> &SenderHandle {
+        &self.handle
+    }
+
+    fn stop(&mut self) -> Result<Sender, TransportError> {
+        stop_loop(&mut self.thread, &self.handle.ctl, "sender")
+    }
+
+    /// Stops the poller (if still running), handshakes over a new transport, and resumes from
+    /// the first record the backup does not hold.
+    ///
+    /// # Errors
+    /// As [`Sender::reconnect`]. After an error the sender can be given another transport.
+    pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
+        restart_loop(
+            &mut self.thread,
+            &self.handle.ctl,
+            self.pc,
+            ("sender", "ftvm-log-send"),
+            (Sender::poll, Sender::goodbye),
+            Some((Arc::clone(&self.handle.wake), sender_acked)),
+            |sender| sender.reconnect(transport),
+        )
+    }
+
+    /// Stops the poller and returns the producer and the log buffer's consumer.
+    ///
+    /// # Errors
+    /// When the poller thread cannot be joined.
+    pub fn shutdown(mut self) -> Result<(Producer, Consumer), TransportError> {
+        let s = self.stop()?;
+        let producer = std::mem::replace(&mut self.producer, placeholder_producer()?);
+        Ok((producer, s.into_consumer()))
+    }
+}
+
+impl SenderHandle {
     /// Tells the poller that records up to `seq` are committed (call after a commit): with
     /// [`IdleKind::Park`] the poller sleeps while every committed record is acknowledged, and
     /// this wakes it (a `SeqCst` fence and a load when it is awake; an unpark when asleep).
@@ -352,7 +409,7 @@ impl LogSender {
         self.wake.bell.ring();
     }
 
-    /// Times the poller slept because it had nothing to do ([`LogSender::notify`]).
+    /// Times the poller slept because it had nothing to do ([`SenderHandle::notify`]).
     pub fn quiet_sleeps(&self) -> u64 {
         self.wake.sleeps.load(Ordering::Relaxed)
     }
@@ -363,7 +420,7 @@ impl LogSender {
     }
 
     /// Highest sequence number the backup reported executed (the lag is
-    /// `producer().next_seq() - 1 - backup_executed_seq()`).
+    /// `LogSender::producer().next_seq() - 1 - backup_executed_seq()`).
     pub fn backup_executed_seq(&self) -> u64 {
         self.shared.executed_seq()
     }
@@ -376,7 +433,7 @@ impl LogSender {
     /// Runs `hook` on the poller thread after every poll step that received frames (an
     /// acknowledgement among them), also after a reconnect: the primary's output gate releases
     /// what the new acknowledged position allows right there, instead of a thread of its own
-    /// polling [`LogSender::acked_seq`] (which on a host with fewer cores than busy threads
+    /// polling [`SenderHandle::acked_seq`] (which on a host with fewer cores than busy threads
     /// takes CPU time from the vCPU). The hook must be short and must not block. Returns
     /// `false` (and drops `hook`) if one was set before.
     pub fn set_ack_hook(&self, hook: impl Fn() + Send + Sync + 'static) -> bool {
@@ -439,41 +496,10 @@ impl LogSender {
     }
 
     /// The backup's GOODBYE, if it left the pair on purpose (the poller then stopped with
-    /// [`TransportError::PeerLeft`]); unlike [`LogSender::error`] it can be read any number of
+    /// [`TransportError::PeerLeft`]); unlike [`SenderHandle::error`] it can be read any number of
     /// times.
     pub fn peer_goodbye(&self) -> Option<Goodbye> {
         self.ctl.peer_left.get().cloned()
-    }
-
-    fn stop(&mut self) -> Result<Sender, TransportError> {
-        stop_loop(&mut self.thread, &self.ctl, "sender")
-    }
-
-    /// Stops the poller (if still running), handshakes over a new transport, and resumes from
-    /// the first record the backup does not hold.
-    ///
-    /// # Errors
-    /// As [`Sender::reconnect`]. After an error the sender can be given another transport.
-    pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
-        restart_loop(
-            &mut self.thread,
-            &self.ctl,
-            self.pc,
-            ("sender", "ftvm-log-send"),
-            (Sender::poll, Sender::goodbye),
-            Some((Arc::clone(&self.wake), sender_acked)),
-            |sender| sender.reconnect(transport),
-        )
-    }
-
-    /// Stops the poller and returns the producer and the log buffer's consumer.
-    ///
-    /// # Errors
-    /// When the poller thread cannot be joined.
-    pub fn shutdown(mut self) -> Result<(Producer, Consumer), TransportError> {
-        let s = self.stop()?;
-        let producer = std::mem::replace(&mut self.producer, placeholder_producer()?);
-        Ok((producer, s.into_consumer()))
     }
 }
 
@@ -488,7 +514,7 @@ fn placeholder_producer() -> Result<Producer, TransportError> {
 
 impl Drop for LogSender {
     fn drop(&mut self) {
-        self.ctl.stop.store(true, Ordering::Release);
+        self.handle.ctl.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

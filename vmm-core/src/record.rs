@@ -44,6 +44,16 @@ pub trait Recorder: Send {
     fn wants_outputs(&self) -> bool {
         false
     }
+    /// This recorder as [`Any`](std::any::Any), so that the run that installed it can reach it
+    /// between two runs of the VM ([`Vm::recorder_mut`](crate::vm::Vm::recorder_mut)); `None`
+    /// (the default): it cannot be reached.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
+    /// The same, to take it back ([`Vm::take_recorder`](crate::vm::Vm::take_recorder)).
+    fn into_any(self: Box<Self>) -> Option<Box<dyn std::any::Any>> {
+        None
+    }
 }
 
 impl Recorder for () {

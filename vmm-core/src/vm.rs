@@ -383,6 +383,26 @@ impl Vm {
         self.inputs = inputs;
     }
 
+    /// The live recorder installed with [`Vm::set_inputs`], if it is an `R` (and says so:
+    /// [`Recorder::as_any_mut`](crate::record::Recorder::as_any_mut)): the run that lent it
+    /// reaches it between two runs of the VM.
+    pub fn recorder_mut<R: std::any::Any>(&mut self) -> Option<&mut R> {
+        match &mut self.inputs {
+            Inputs::Live(r) => r.as_any_mut()?.downcast_mut::<R>(),
+            Inputs::Replay(_) => None,
+        }
+    }
+
+    /// Takes back the live recorder if it is an `R`; the inputs are then live without a
+    /// recorder. `None` (and the inputs unchanged) otherwise.
+    pub fn take_recorder<R: std::any::Any>(&mut self) -> Option<Box<R>> {
+        self.recorder_mut::<R>()?;
+        match std::mem::take(&mut self.inputs) {
+            Inputs::Live(r) => r.into_any()?.downcast::<R>().ok(),
+            Inputs::Replay(_) => None,
+        }
+    }
+
     /// Sets (or clears, `None`) a function called on the vCPU thread after every exit in which
     /// the guest wrote console output ([`Devices::set_console_hook`]).
     pub fn set_console_hook(&mut self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {

@@ -468,10 +468,10 @@ impl OutputGate {
     }
 
     /// Hooks the gate into the channel's sender poller
-    /// ([`ftvm_channel::poller::LogSender::set_ack_hook`]): newly arrived acknowledgements
+    /// ([`ftvm_channel::SenderHandle::set_ack_hook`]): newly arrived acknowledgements
     /// release what they allow on the poller's thread, and the releaser thread no longer polls
     /// for them. Returns `false` (the gate keeps polling) if the sender has a hook already.
-    pub fn hook_into(&self, sender: &ftvm_channel::poller::LogSender) -> bool {
+    pub fn hook_into(&self, sender: &ftvm_channel::SenderHandle) -> bool {
         let inner = Arc::clone(&self.inner);
         let ok = sender.set_ack_hook(move || {
             if !inner.stop.load(Ordering::Acquire) {
@@ -675,8 +675,8 @@ mod tests {
         .unwrap();
         let position = Arc::new(AtomicU64::new(0));
         let gate = OutputGate::start(sender.shared().clone(), position.clone()).unwrap();
-        assert!(gate.hook_into(&sender));
-        assert!(!gate.hook_into(&sender), "a second hook is refused");
+        assert!(gate.hook_into(sender.handle()));
+        assert!(!gate.hook_into(sender.handle()), "a second hook is refused");
         let out = Arc::new(Mutex::new(Vec::<(u8, String)>::new()));
         let o = out.clone();
         let sink = gate.add_sink(Box::new(move |d| {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_channel::{LogSender, TransportError};
+use ftvm_channel::{LogSender, SenderHandle, TransportError};
 use ftvm_ringbuf::{ClaimError, IdleKind, IdleStrategy};
 
 use super::digest::register_digest;
@@ -176,23 +176,46 @@ impl Default for PairOptions {
     }
 }
 
-/// Writes log entries into the sender's log buffer in place.
+/// The primary's log, seen from any thread: the position written, counters, the mode (logging,
+/// alone, fenced), controls, the observer, and the link's [`SenderHandle`] (acknowledgements,
+/// the poller's state and error, GOODBYE). Cheap to clone.
+///
+/// One owner at each end of the ring: the log buffer's producer is not here but in the
+/// [`LogAppender`], which the run takes once ([`LogWriter::take_appender`]) and lends to the
+/// VM's recorder ([`ChannelRecorder`]) while the vCPU runs; the per-entry path (claim, encode,
+/// commit, notify) touches only the appender and the atomics below, never a lock. Other threads
+/// read positions and counters through this handle.
 #[derive(Debug, Clone)]
 pub struct LogWriter {
-    sender: Arc<Mutex<LogSender>>,
+    shared: Arc<WriterShared>,
+    /// The appender while no run holds it ([`LogWriter::take_appender`]); touched at the start
+    /// and the end of a run, never per entry. (Not in [`WriterShared`], which the appender
+    /// holds: that would be a cycle.)
+    slot: Arc<Mutex<Option<LogAppender>>>,
+    /// The link, for every thread (the appender holds the [`LogSender`] itself).
+    link: SenderHandle,
+    /// Last sequence number written (shared with the output gate and the throttle's lag).
     position: Arc<AtomicU64>,
+    /// Payload bytes logged (shared with the throttle's lag in bytes).
     bytes: Arc<AtomicU64>,
-    entries: Arc<AtomicU64>,
-    error: Arc<Mutex<Option<String>>>,
-    idle: IdleKind,
     controls: ControlQueue,
-    stalls: Arc<AtomicU64>,
-    stall_ns: Arc<AtomicU64>,
-    mode: Arc<AtomicU8>,
-    /// The throttle's pacer, consulted after each append (on the vCPU thread).
-    pacer: Arc<std::sync::OnceLock<Arc<super::throttle::Pacer>>>,
     /// The side's live counters ([`super::observe`]).
     observer: Observer,
+}
+
+/// What the clones of a [`LogWriter`] and its [`LogAppender`] share.
+#[derive(Debug)]
+struct WriterShared {
+    entries: AtomicU64,
+    stalls: AtomicU64,
+    stall_ns: AtomicU64,
+    mode: AtomicU8,
+    idle: IdleKind,
+    /// The first error met by an append through the [`Recorder`] interface (which cannot
+    /// fail); written once, on the failure path only.
+    error: Mutex<Option<String>>,
+    /// The throttle's pacer, consulted after each append (on the vCPU thread).
+    pacer: std::sync::OnceLock<Arc<super::throttle::Pacer>>,
 }
 
 /// [`LogWriter`] modes.
@@ -215,43 +238,76 @@ pub struct LogStalls {
 }
 
 impl LogWriter {
-    /// A writer over `sender`'s buffer.
+    /// A writer over `sender`'s buffer; its appender waits for log space with `idle`.
     pub fn new(mut sender: LogSender, idle: IdleKind) -> Self {
         let position = Arc::new(AtomicU64::new(
             sender.producer().next_seq().saturating_sub(1),
         ));
-        let shared = Arc::clone(sender.shared());
+        let link = sender.handle().clone();
+        let shared = Arc::new(WriterShared {
+            entries: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
+            stall_ns: AtomicU64::new(0),
+            mode: AtomicU8::new(MODE_LOGGING),
+            idle,
+            error: Mutex::new(None),
+            pacer: std::sync::OnceLock::new(),
+        });
         let writer = LogWriter {
-            sender: Arc::new(Mutex::new(sender)),
+            shared,
+            slot: Arc::default(),
+            link,
             position,
             bytes: Arc::default(),
-            entries: Arc::default(),
-            error: Arc::default(),
-            idle,
             controls: ControlQueue::new(),
-            stalls: Arc::default(),
-            stall_ns: Arc::default(),
-            mode: Arc::new(AtomicU8::new(MODE_LOGGING)),
-            pacer: Arc::default(),
             observer: Observer::new(SideRole::Primary),
         };
-        let w = writer.clone();
-        let acks = Arc::clone(&shared);
+        let appender = LogAppender::new(sender, &writer);
+        *writer.lock_appender() = Some(appender);
+        // The observer's closures hold what they read, not the writer (which holds the
+        // appender while no run does: a cycle through the observer would keep it alive).
+        let (shared, position, bytes) = (
+            Arc::clone(&writer.shared),
+            Arc::clone(&writer.position),
+            Arc::clone(&writer.bytes),
+        );
+        let acks = Arc::clone(writer.link.shared());
         writer.observer.set_log(move || {
-            let stalls = w.stalls();
+            let stalls = shared.stalls();
             LogSnapshot {
-                written: w.position.load(Ordering::Acquire),
+                written: position.load(Ordering::Acquire),
                 sent: Some(acks.sent_seq()),
                 acked: acks.acked_seq(),
                 executed: acks.executed_seq(),
-                entries: w.entries(),
-                bytes: Some(w.bytes()),
+                entries: shared.entries.load(Ordering::Relaxed),
+                bytes: Some(bytes.load(Ordering::Relaxed)),
                 stalls: stalls.count,
                 stall_ms: super::observe::ms(stalls.time),
             }
         });
-        writer.observer.set_channel(move || shared.stats.snapshot());
+        let chan = Arc::clone(writer.link.shared());
+        writer.observer.set_channel(move || chan.stats.snapshot());
         writer
+    }
+
+    fn lock_appender(&self) -> std::sync::MutexGuard<'_, Option<LogAppender>> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the appender (the log buffer's producer) for a run: one run at a time appends.
+    ///
+    /// # Errors
+    /// [`PairError::Setup`] if a run holds it already.
+    pub fn take_appender(&self) -> Result<LogAppender, PairError> {
+        self.lock_appender()
+            .take()
+            .ok_or_else(|| PairError::Setup("the log is being appended to by another run".into()))
+    }
+
+    /// Gives the appender back at the end of a run (the link stays up as long as a clone of
+    /// this writer holds it).
+    pub fn return_appender(&self, appender: LogAppender) {
+        *self.lock_appender() = Some(appender);
     }
 
     /// The side's live counters: the log, the channel, and what the run registers (exits,
@@ -262,17 +318,24 @@ impl LogWriter {
 
     /// Sleeps the pacer made the vCPU take and their total (zero without a throttle).
     pub fn pacer_sleeps(&self) -> (u64, Duration) {
-        self.pacer.get().map_or((0, Duration::ZERO), |p| p.slept())
+        self.shared
+            .pacer
+            .get()
+            .map_or((0, Duration::ZERO), |p| p.slept())
     }
 
     /// Paces the vCPU thread at its appends with `pacer` (the throttle's pause actuator,
     /// [`super::throttle::pace`]). Only the first pacer set is used.
     pub fn set_pacer(&self, pacer: Arc<super::throttle::Pacer>) {
-        let _ = self.pacer.set(pacer);
+        let _ = self.shared.pacer.set(pacer);
+    }
+
+    fn mode(&self) -> u8 {
+        self.shared.mode.load(Ordering::Acquire)
     }
 
     pub(crate) fn set_mode(&self, mode: u8) {
-        self.mode.store(mode, Ordering::Release);
+        self.shared.mode.store(mode, Ordering::Release);
     }
 
     pub(crate) fn set_managed(&self) {
@@ -296,7 +359,7 @@ impl LogWriter {
 
     /// Whether logging stopped because the primary runs alone.
     pub fn is_alone(&self) -> bool {
-        self.mode.load(Ordering::Acquire) == MODE_ALONE
+        self.mode() == MODE_ALONE
     }
 
     /// The queue of controls logged and applied at the next checkpoint of [`run_primary`]
@@ -307,15 +370,12 @@ impl LogWriter {
 
     /// How often and how long appends waited for log space so far.
     pub fn stalls(&self) -> LogStalls {
-        LogStalls {
-            count: self.stalls.load(Ordering::Relaxed),
-            time: Duration::from_nanos(self.stall_ns.load(Ordering::Relaxed)),
-        }
+        self.shared.stalls()
     }
 
-    /// The sender (acks, counters).
-    pub fn sender(&self) -> std::sync::MutexGuard<'_, LogSender> {
-        self.sender.lock().unwrap_or_else(|e| e.into_inner())
+    /// The link (acks, counters, the poller's state, GOODBYE).
+    pub fn sender(&self) -> &SenderHandle {
+        &self.link
     }
 
     /// Last sequence number written (the log position outputs are tagged with).
@@ -330,18 +390,63 @@ impl LogWriter {
 
     /// Entries logged so far.
     pub fn entries(&self) -> u64 {
-        self.entries.load(Ordering::Relaxed)
+        self.shared.entries.load(Ordering::Relaxed)
     }
 
     /// The first error met by a write through the [`Recorder`] interface (which cannot fail).
     pub fn take_error(&self) -> Option<String> {
-        self.error.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.shared
+            .error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
+impl WriterShared {
+    fn stalls(&self) -> LogStalls {
+        LogStalls {
+            count: self.stalls.load(Ordering::Relaxed),
+            time: Duration::from_nanos(self.stall_ns.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// The primary's end of the log buffer: the one owner of the [`LogSender`] and its producer.
+/// Taken from the [`LogWriter`] by the run, lent to the VM's [`ChannelRecorder`] while the
+/// vCPU runs and taken back between runs for the checkpoint entries.
+#[derive(Debug)]
+pub struct LogAppender {
+    sender: LogSender,
+    /// The writer's counters and mode.
+    shared: Arc<WriterShared>,
+    /// The writer's position and bytes logged.
+    position: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    /// Largest data chunk of one `Write` entry.
+    chunk: usize,
+}
+
+impl LogAppender {
+    fn new(mut sender: LogSender, writer: &LogWriter) -> Self {
+        let max = sender.producer().ring().max_payload();
+        LogAppender {
+            sender,
+            shared: Arc::clone(&writer.shared),
+            position: Arc::clone(&writer.position),
+            bytes: Arc::clone(&writer.bytes),
+            chunk: max.saturating_sub(WRITE_HEADER_LEN).clamp(1, 64 << 10),
+        }
+    }
+
+    fn mode(&self) -> u8 {
+        self.shared.mode.load(Ordering::Acquire)
     }
 
     /// Claims `len` bytes of `kind`, lets `fill` encode in place, commits; waits (with the idle
     /// strategy) while the buffer is full and the link is up. Returns the sequence number.
     fn append_with(
-        &self,
+        &mut self,
         kind: u16,
         len: usize,
         fill: impl Fn(&mut [u8]),
@@ -349,7 +454,7 @@ impl LogWriter {
         let mut idle = None;
         let mut stalled: Option<Instant> = None;
         loop {
-            match self.mode.load(Ordering::Acquire) {
+            match self.mode() {
                 MODE_ALONE => return Ok(self.position.load(Ordering::Acquire)),
                 MODE_FENCED => {
                     return Err(PairError::Log(
@@ -358,22 +463,25 @@ impl LogWriter {
                 }
                 _ => {}
             }
-            let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-            match sender.producer().claim(kind, len) {
+            match self.sender.producer().claim(kind, len) {
                 Ok(mut claim) => {
                     fill(&mut claim);
                     let seq = claim.commit();
-                    sender.notify(seq);
+                    self.sender.notify(seq);
+                    debug_assert!(
+                        seq > self.position.load(Ordering::Relaxed),
+                        "log positions only increase"
+                    );
                     self.position.store(seq, Ordering::Release);
                     self.bytes.fetch_add(len as u64, Ordering::Relaxed);
-                    self.entries.fetch_add(1, Ordering::Relaxed);
+                    let s = &self.shared;
+                    s.entries.fetch_add(1, Ordering::Relaxed);
                     if let Some(t) = stalled {
-                        self.stalls.fetch_add(1, Ordering::Relaxed);
-                        self.stall_ns
+                        s.stalls.fetch_add(1, Ordering::Relaxed);
+                        s.stall_ns
                             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     }
-                    drop(sender);
-                    if let Some(p) = self.pacer.get() {
+                    if let Some(p) = s.pacer.get() {
                         p.pace();
                     }
                     return Ok(seq);
@@ -383,17 +491,16 @@ impl LogWriter {
                 }
                 Err(e) => return Err(PairError::Log(e.to_string())),
             }
-            if !sender.is_running() && self.mode.load(Ordering::Acquire) == MODE_LOGGING {
-                let e = sender
+            if !self.sender.is_running() && self.mode() == MODE_LOGGING {
+                let e = self
+                    .sender
                     .error()
                     .map_or_else(|| "link down".to_string(), |e| e.to_string());
                 return Err(PairError::Log(format!(
                     "log buffer full and the link is down: {e}"
                 )));
             }
-            // Wait without the lock: the FT monitor reads the sender meanwhile.
-            drop(sender);
-            idle.get_or_insert_with(|| self.idle.build()).idle(0);
+            idle.get_or_insert_with(|| self.shared.idle.build()).idle(0);
         }
     }
 
@@ -401,45 +508,47 @@ impl LogWriter {
     ///
     /// # Errors
     /// [`PairError::Log`].
-    pub fn append(&self, entry: &Entry) -> Result<u64, PairError> {
+    pub fn append(&mut self, entry: &Entry) -> Result<u64, PairError> {
         self.append_with(entry.kind(), entry.encoded_len(), |p| entry.encode(p))
-    }
-
-    fn max_write_chunk(&self) -> usize {
-        let mut sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-        let max = sender.producer().ring().max_payload();
-        max.saturating_sub(WRITE_HEADER_LEN).clamp(1, 64 << 10)
     }
 
     fn fail(&self, e: PairError) {
         tracing::error!(error = %e, "cannot log an input");
-        self.error
+        self.shared
+            .error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert(e.to_string());
     }
 }
 
-/// The [`Recorder`] of a primary: every input becomes an entry of the log.
+/// The [`Recorder`] of a primary: every input becomes an entry of the log, appended by the
+/// [`LogAppender`] the recorder owns while it is installed in the VM.
 #[derive(Debug)]
 pub struct ChannelRecorder {
-    writer: LogWriter,
-    chunk: usize,
+    appender: LogAppender,
 }
 
 impl ChannelRecorder {
-    /// A recorder writing through `writer`.
-    pub fn new(writer: LogWriter) -> Self {
-        let chunk = writer.max_write_chunk();
-        ChannelRecorder { writer, chunk }
+    /// A recorder appending with `appender`.
+    pub fn new(appender: LogAppender) -> Self {
+        ChannelRecorder { appender }
+    }
+
+    /// The appender, back to the run (the recorder is done).
+    pub fn into_appender(self) -> LogAppender {
+        self.appender
     }
 }
 
 impl Recorder for ChannelRecorder {
     fn external_read(&mut self, exit: u64, addr: u64, value: u64) {
         let entry = Entry::Read { exit, addr, value };
-        if let Err(e) = self.writer.append_with(KIND_READ, 24, |p| entry.encode(p)) {
-            self.writer.fail(e);
+        let r = self
+            .appender
+            .append_with(KIND_READ, entry.encoded_len(), |p| entry.encode(p));
+        if let Err(e) = r {
+            self.appender.fail(e);
         }
     }
 
@@ -447,10 +556,10 @@ impl Recorder for ChannelRecorder {
         // Logged before the device tags the output: the digest's position is at most the
         // output's tag, so an output is released only once the backup holds its digest.
         let r = self
-            .writer
+            .appender
             .append_with(KIND_OUTPUT, OUTPUT_LEN, |p| encode_output(p, exit, out));
         if let Err(e) = r {
-            self.writer.fail(e);
+            self.appender.fail(e);
         }
     }
 
@@ -459,18 +568,27 @@ impl Recorder for ChannelRecorder {
     }
 
     fn guest_write(&mut self, exit: u64, gpa: u64, data: &[u8]) {
-        for (i, chunk) in data.chunks(self.chunk).enumerate() {
-            let at = gpa + (i * self.chunk) as u64;
+        let chunk = self.appender.chunk;
+        for (i, piece) in data.chunks(chunk).enumerate() {
+            let at = gpa + (i * chunk) as u64;
             let r = self
-                .writer
-                .append_with(KIND_WRITE, WRITE_HEADER_LEN + chunk.len(), |p| {
-                    encode_write(p, exit, at, chunk)
+                .appender
+                .append_with(KIND_WRITE, WRITE_HEADER_LEN + piece.len(), |p| {
+                    encode_write(p, exit, at, piece)
                 });
             if let Err(e) = r {
-                self.writer.fail(e);
+                self.appender.fail(e);
                 return;
             }
         }
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
+    fn into_any(self: Box<Self>) -> Option<Box<dyn std::any::Any>> {
+        Some(self)
     }
 }
 
@@ -590,7 +708,7 @@ impl WriteBarrier for DiskBarrier {
             Duration::from_micros(50),
         );
         loop {
-            match self.writer.mode.load(Ordering::Acquire) {
+            match self.writer.mode() {
                 MODE_ALONE => {
                     self.count(started, true);
                     return Ok(());
@@ -606,7 +724,7 @@ impl WriteBarrier for DiskBarrier {
             polls += 1;
             if polls > BARRIER_SPINS + BARRIER_YIELDS
                 && polls % 64 == 0
-                && (self.writer.mode.load(Ordering::Acquire) == MODE_LOGGING
+                && (self.writer.mode() == MODE_LOGGING
                     || self.control.get().is_some_and(|c| c.stop_requested()))
                 && !self.writer.sender().is_running()
             {
@@ -781,7 +899,7 @@ pub(crate) fn primary_loop(
         OutputGate::start(acks, Arc::clone(writer.position()))
             .map_err(|e| PairError::Setup(format!("output thread: {e}")))?,
     );
-    if !gate.hook_into(&writer.sender()) {
+    if !gate.hook_into(writer.sender()) {
         tracing::debug!("the log sender has an ack hook already; outputs are polled for");
     }
     let console_hooked = console.is_some();
@@ -814,7 +932,8 @@ pub(crate) fn primary_loop(
             }
         });
     }
-    writer.append(&Entry::Header {
+    let mut log = Lent::take(writer)?;
+    log.get(vm)?.append(&Entry::Header {
         version: LOG_VERSION,
         digest_interval: opts.digest_interval,
         mem_digest_every: opts.mem_digest_every,
@@ -846,7 +965,7 @@ pub(crate) fn primary_loop(
         // The console bytes go to the gate at the exit that wrote them.
         vm.set_console_hook(Some(Arc::new(gate.source_drainer())));
     }
-    vm.set_inputs(Inputs::Live(Box::new(ChannelRecorder::new(writer.clone()))));
+    log.lend(vm);
     let interval = opts.digest_interval.max(1);
     let mut checkpoint = 0u64;
     let mut logging = true;
@@ -858,8 +977,9 @@ pub(crate) fn primary_loop(
             break Err(e);
         }
         if logging && writer.is_alone() {
-            // Running alone: no more log entries, inputs straight from the devices.
-            vm.set_inputs(Inputs::default());
+            // Running alone: no more log entries, inputs straight from the devices (the
+            // appender is kept: the link stays as it is).
+            log.take_back(vm);
             logging = false;
         }
         let target = (vm.stats().total() / interval + 1) * interval;
@@ -902,14 +1022,11 @@ pub(crate) fn primary_loop(
                     }
                     continue;
                 }
-                log_controls(writer, exit)?;
+                log_controls(writer, log.get(vm)?, exit)?;
                 let mem = (opts.mem_digest_every > 0 && checkpoint % opts.mem_digest_every == 0)
                     .then(|| vm.memory_digest());
-                writer.append(&Entry::Digest {
-                    exit,
-                    regs: register_digest(vm),
-                    mem,
-                })?;
+                let regs = register_digest(vm);
+                log.get(vm)?.append(&Entry::Digest { exit, regs, mem })?;
                 if let Some((at, gpa, data)) = &hooks.unlogged_write {
                     if *at == checkpoint {
                         use vm_memory::Bytes;
@@ -930,7 +1047,7 @@ pub(crate) fn primary_loop(
     if let Some(w) = watch.as_mut() {
         w.stop();
     }
-    vm.set_inputs(Inputs::default());
+    log.take_back(vm);
     vm.set_console_hook(None);
     if let Some(d) = &disk {
         d.set_mode(DiskMode::Direct);
@@ -947,7 +1064,7 @@ pub(crate) fn primary_loop(
     };
     let mem_digest = vm.memory_digest();
     let regs_digest = register_digest(vm);
-    let end = writer.append(&Entry::End {
+    let end = log.get(vm)?.append(&Entry::End {
         exit: exits,
         code,
         regs: regs_digest,
@@ -1002,7 +1119,6 @@ pub(crate) fn primary_loop(
             if !s.is_running() {
                 break;
             }
-            drop(s);
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -1023,10 +1139,61 @@ pub(crate) fn primary_loop(
 }
 
 /// Logs every pending control at exit `exit` and applies it (a checkpoint of the primary).
-fn log_controls(writer: &LogWriter, exit: u64) -> Result<(), PairError> {
+fn log_controls(writer: &LogWriter, log: &mut LogAppender, exit: u64) -> Result<(), PairError> {
     for (key, value) in writer.controls().take_pending() {
-        writer.append(&Entry::Control { exit, key, value })?;
+        log.append(&Entry::Control { exit, key, value })?;
         writer.controls().apply(AppliedControl { exit, key, value });
     }
     Ok(())
+}
+
+/// The appender of a primary run: in the run loop's hands (`parked`), or lent to the VM's
+/// [`ChannelRecorder`] while the vCPU runs (taken back through the VM between two runs). Given
+/// back to the writer when the run ends.
+struct Lent {
+    writer: LogWriter,
+    parked: Option<LogAppender>,
+}
+
+impl Lent {
+    fn take(writer: &LogWriter) -> Result<Self, PairError> {
+        Ok(Lent {
+            writer: writer.clone(),
+            parked: Some(writer.take_appender()?),
+        })
+    }
+
+    /// Installs the appender in `vm`'s recorder: the vCPU logs every input from now on.
+    fn lend(&mut self, vm: &mut Vm) {
+        if let Some(a) = self.parked.take() {
+            vm.set_inputs(Inputs::Live(Box::new(ChannelRecorder::new(a))));
+        }
+    }
+
+    /// Takes the appender back from `vm`, whose inputs become live without a recorder.
+    fn take_back(&mut self, vm: &mut Vm) {
+        if let Some(r) = vm.take_recorder::<ChannelRecorder>() {
+            self.parked = Some(r.into_appender());
+        }
+        vm.set_inputs(Inputs::default());
+    }
+
+    /// The appender, wherever it is.
+    fn get<'a>(&'a mut self, vm: &'a mut Vm) -> Result<&'a mut LogAppender, PairError> {
+        match self.parked.as_mut() {
+            Some(a) => Ok(a),
+            None => vm
+                .recorder_mut::<ChannelRecorder>()
+                .map(|r| &mut r.appender)
+                .ok_or_else(|| PairError::Setup("the VM's recorder is no longer the log".into())),
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(a) = self.parked.take() {
+            self.writer.return_appender(a);
+        }
+    }
 }

@@ -162,7 +162,6 @@ pub(crate) fn primary_stop(
         if !s.is_running() || Instant::now() >= deadline {
             break false;
         }
-        drop(s);
         std::thread::sleep(Duration::from_micros(200));
     };
     if acked_all {

@@ -93,9 +93,7 @@ fn primary(sender: LogSender) -> anyhow::Result<Primary> {
 /// The replay source a backup run installs in its VM, over `rx`.
 fn backup(rx: LogReceiver) -> Box<dyn ReplaySource> {
     let reader = LogReader::new(rx, IdleKind::Yield, None);
-    Box::new(ChannelReplay(std::sync::Arc::new(std::sync::Mutex::new(
-        reader,
-    ))))
+    Box::new(ChannelReplay::new(reader))
 }
 
 /// A connected primary and backup over TCP loopback.

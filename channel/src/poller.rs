@@ -649,12 +649,28 @@ impl LogReceiver {
     /// sleeping consumer leaves the CPU to others (waking takes ~60 µs here, so spin a little
     /// first when entries are expected soon).
     pub fn wait_for_records(&mut self, timeout: Duration) {
+        let head = self.consumer.position();
+        self.wait_beyond(head, timeout);
+    }
+
+    /// Like [`LogReceiver::wait_for_records`], for a consumer that reads ahead of its head
+    /// without releasing: returns once records end beyond `position`.
+    pub fn wait_beyond(&mut self, position: u64, timeout: Duration) {
         let consumer = &mut self.consumer;
         let ctl = &self.ctl;
         self.doorbell.sleep(timeout, || {
-            consumer.committed_position() != consumer.position()
-                || !ctl.running.load(Ordering::Acquire)
+            consumer.committed_position() > position || !ctl.running.load(Ordering::Acquire)
         });
+    }
+
+    /// Takes the error that stopped the poller, if it stopped (for a consumer that reads the
+    /// log buffer itself instead of through [`LogReceiver::poll_records`]).
+    pub fn error(&self) -> Option<TransportError> {
+        if self.is_running() {
+            None
+        } else {
+            Some(self.ctl.take_error())
+        }
     }
 
     /// Reports the last record the backup executed (sent to the primary with the next ack).

@@ -277,6 +277,16 @@ pub trait ReplaySource: Send {
         let _ = exit;
         Ok(())
     }
+    /// This source as [`Any`](std::any::Any), so that the run that installed it can reach it
+    /// between two runs of the VM ([`Vm::replay_mut`](crate::vm::Vm::replay_mut)); `None` (the
+    /// default): it cannot be reached.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
+    /// The same, to take it back ([`Vm::take_replay`](crate::vm::Vm::take_replay)).
+    fn into_any(self: Box<Self>) -> Option<Box<dyn std::any::Any>> {
+        None
+    }
 }
 
 /// After the replay source of `inputs` returned [`ReplayError::Exhausted`] at exit `exit`: asks

@@ -403,6 +403,25 @@ impl Vm {
         }
     }
 
+    /// The replay source installed with [`Vm::set_inputs`], if it is an `S` (and says so:
+    /// [`ReplaySource::as_any_mut`](crate::record::ReplaySource::as_any_mut)).
+    pub fn replay_mut<S: std::any::Any>(&mut self) -> Option<&mut S> {
+        match &mut self.inputs {
+            Inputs::Replay(r) => r.as_any_mut()?.downcast_mut::<S>(),
+            Inputs::Live(_) => None,
+        }
+    }
+
+    /// Takes back the replay source if it is an `S`; the inputs are then live without a
+    /// recorder. `None` (and the inputs unchanged) otherwise.
+    pub fn take_replay<S: std::any::Any>(&mut self) -> Option<Box<S>> {
+        self.replay_mut::<S>()?;
+        match std::mem::take(&mut self.inputs) {
+            Inputs::Replay(r) => r.into_any()?.downcast::<S>().ok(),
+            Inputs::Live(_) => None,
+        }
+    }
+
     /// Sets (or clears, `None`) a function called on the vCPU thread after every exit in which
     /// the guest wrote console output ([`Devices::set_console_hook`]).
     pub fn set_console_hook(&mut self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {

@@ -15,12 +15,21 @@
 //! longer take over: its state is not the primary's, so it must never go live
 //! (`ft::golive`, "A backup that diverged").
 //!
+//! One owner at each end of the ring: the run loop ([`run_backup`]) owns the [`LogReader`]
+//! and lends it to the VM's replay source ([`ChannelReplay`]) while the vCPU runs, taking it
+//! back between runs (no lock on the replay's path). Entries are read in place from the log
+//! buffer: a `Write`'s data go from the ring straight to guest memory, and a record is
+//! released to the receiver once consumed. An exit's read or output digest may be taken
+//! before the writes the primary logged ahead of it (the writes are applied at the end of the
+//! exit): such a record is remembered as taken, and released with the records before it.
+//!
 //! Shared-disk mode (the primary and the backup name the same image): while it replays, the
 //! backup's virtio-blk device does not touch the disk (read data come from the log, writes are
 //! dropped and counted: [`DiskMode::Replay`]); the disk becomes the backup's when it goes live
 //! ([`super::golive`]).
 
-use std::collections::VecDeque;
+use std::borrow::Cow;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +39,7 @@ use ftvm_ringbuf::IdleKind;
 
 use super::detector::TrafficNote;
 use super::digest::register_digest;
-use super::log::{device_name, AppliedControl, ControlQueue, Entry};
+use super::log::{decode_write, device_name, AppliedControl, ControlQueue, Entry, KIND_WRITE};
 use super::observe::{LogSnapshot, Observer, SideRole};
 use super::primary::PairError;
 use super::stop::{is_planned, StopCause, Stopped};
@@ -48,7 +57,16 @@ pub type Tamper = Box<dyn FnMut(u64, &mut Entry) + Send>;
 /// Reads entries from the receiver's log buffer, blocking with an idle strategy.
 pub struct LogReader {
     rx: LogReceiver,
-    pending: VecDeque<(u64, Entry)>,
+    /// Records after the consumer's head consumed out of order (an exit's read or output,
+    /// taken before the writes logged ahead of it): released with the records before them.
+    /// At most a few, within one exit.
+    taken: Vec<At>,
+    /// The committed position last seen (new records are traffic from the primary).
+    seen: u64,
+    /// With a [`Tamper`] hook (tests): the entries it altered and the replay has not consumed
+    /// yet, and the last sequence number it saw (each record is altered once, as received).
+    tampered: Vec<(u64, Entry)>,
+    tamper_upto: u64,
     idle: IdleKind,
     tamper: Option<Tamper>,
     divergence: Option<(u64, String)>,
@@ -143,7 +161,7 @@ impl ftvm_channel::Transport for Severed {
 impl std::fmt::Debug for LogReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogReader")
-            .field("pending", &self.pending.len())
+            .field("taken", &self.taken.len())
             .field("consumed", &self.consumed)
             .finish_non_exhaustive()
     }
@@ -166,7 +184,10 @@ impl LogReader {
         observer.set_channel(move || shared.stats.snapshot());
         LogReader {
             rx,
-            pending: VecDeque::new(),
+            taken: Vec::new(),
+            seen: 0,
+            tampered: Vec::new(),
+            tamper_upto: 0,
             idle,
             tamper,
             divergence: None,
@@ -238,34 +259,84 @@ impl LogReader {
         &self.rx
     }
 
-    /// Moves every record received so far into `pending`, decoded; `Ok(Err(e))` once the link
-    /// ended (`e`) and every record received before was handed out.
-    fn receive(&mut self, exit: u64) -> Result<Result<usize, TransportError>, ReplayError> {
+    /// Walks the records not yet consumed, from the consumer's head, decoding each in place
+    /// ([`View`]), until `f` breaks: `Ok(Some(_))` with what it broke with, `Ok(None)` when
+    /// the walk reached the records received so far (`end`: the position after the last
+    /// record walked).
+    fn scan<R>(
+        &mut self,
+        exit: u64,
+        end: &mut u64,
+        mut f: impl FnMut(At, View<'_>) -> ControlFlow<R>,
+    ) -> Result<Option<R>, ReplayError> {
+        let mut pos = self.rx.consumer().position();
         let mut bad = None;
-        let pending = &mut self.pending;
-        let tamper = &mut self.tamper;
-        let r = self
-            .rx
-            .poll_records(|rec| match Entry::decode(rec.kind(), rec.payload()) {
-                Ok(mut e) => {
-                    if let Some(t) = tamper.as_mut() {
-                        t(rec.seq(), &mut e);
+        let found = 'walk: loop {
+            let batch = self.rx.consumer().read_from(pos);
+            if batch.is_empty() {
+                break None;
+            }
+            let batch_end = batch.end_position();
+            for r in batch.records() {
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        bad = Some(format!("the log buffer is corrupt: {e}"));
+                        break 'walk None;
                     }
-                    pending.push_back((rec.seq(), e));
+                };
+                pos = r.next_position();
+                let at = At {
+                    pos: r.position(),
+                    next: r.next_position(),
+                    seq: r.seq(),
+                };
+                if self.taken.iter().any(|t| t.pos == at.pos) {
+                    continue;
                 }
-                Err(e) => {
-                    bad.get_or_insert((rec.seq(), e));
+                let tamper = self.tamper.as_mut().map(|t| Tampering {
+                    hook: t,
+                    done: &mut self.tampered,
+                    upto: &mut self.tamper_upto,
+                });
+                match View::decode(r.kind(), r.payload(), at.seq, tamper) {
+                    Ok(v) => {
+                        if let ControlFlow::Break(x) = f(at, v) {
+                            break 'walk Some(x);
+                        }
+                    }
+                    Err(e) => {
+                        bad = Some(format!("log record {} is not an entry: {e}", at.seq));
+                        break 'walk None;
+                    }
                 }
-            });
-        if let Some((seq, e)) = bad {
-            return Err(self.diverged(exit, format!("log record {seq} is not an entry: {e}")));
+            }
+            // Past the batch's end (padding at the wrap point holds no record).
+            pos = pos.max(batch_end);
+        };
+        *end = pos;
+        self.note_traffic(pos);
+        match bad {
+            Some(what) => Err(self.diverged(exit, what)),
+            None => Ok(found),
         }
-        if let (Ok(n), Some(w)) = (&r, &self.watch) {
-            if *n > 0 {
+    }
+
+    /// Records end at `committed` now: if that is new, traffic from the primary (for the
+    /// failure detector, once per look at the log, as records are read).
+    fn note_traffic(&mut self, committed: u64) {
+        if committed > self.seen {
+            self.seen = committed;
+            if let Some(w) = &self.watch {
                 w.traffic.note();
             }
         }
-        Ok(r)
+    }
+
+    /// Whether a record is waiting that was not consumed.
+    fn has_entries(&mut self) -> bool {
+        let c = self.rx.consumer();
+        c.committed_position() > c.position()
     }
 
     /// Between two exits ([`ReplaySource::between_exits`]): `Err(Exhausted)` when the log has
@@ -276,10 +347,11 @@ impl LogReader {
         let Some(w) = &self.watch else {
             return Ok(());
         };
-        if !self.pending.is_empty() || !w.peer_failed.load(Ordering::Acquire) {
+        let severed = w.severed;
+        if !w.peer_failed.load(Ordering::Acquire) || self.has_entries() {
             return Ok(());
         }
-        if !w.severed {
+        if !severed {
             tracing::warn!(
                 exit,
                 "the primary is presumed failed while the vCPU runs between exits: stopping \
@@ -288,61 +360,73 @@ impl LogReader {
             self.sever();
         }
         // What the receiver held when it stopped.
-        let _ = self.receive(exit)?;
-        if self.pending.is_empty() {
-            Err(ReplayError::Exhausted { exit })
-        } else {
+        if self.has_entries() {
             Ok(())
+        } else {
+            Err(ReplayError::Exhausted { exit })
         }
     }
 
     /// Waits until at least one entry is pending.
     fn fill(&mut self, exit: u64) -> Result<(), ReplayError> {
-        if !self.pending.is_empty() {
+        let head = self.rx.consumer().position();
+        self.fill_beyond(exit, head)
+    }
+
+    /// Waits until records end beyond log position `pos` (the replay has looked at everything
+    /// before it and needs more).
+    fn fill_beyond(&mut self, exit: u64, pos: u64) -> Result<(), ReplayError> {
+        if self.rx.consumer().committed_position() > pos {
             return Ok(());
         }
         let mut idle = self.idle.build();
         let mut spins = 0u32;
         let started = Instant::now();
         loop {
-            match self.receive(exit)? {
-                Ok(n) if n > 0 => break,
-                Ok(_) => {
-                    let failed = self
-                        .watch
-                        .as_ref()
-                        .is_some_and(|w| !w.severed && w.peer_failed.load(Ordering::Acquire));
-                    if failed {
-                        tracing::warn!(
-                            exit,
-                            "the primary is presumed failed: stopping the log receiver"
-                        );
-                        self.sever();
-                    } else if self.stop.as_ref().is_some_and(|c| c.stop_requested()) {
-                        // A planned stop of this backup: the replay ends here (the run's
-                        // driver sees the request and does not go live).
-                        return Err(ReplayError::Exhausted { exit });
-                    } else if self.idle == IdleKind::Park {
-                        // Spin a little (the next entry is often microseconds away), then
-                        // sleep until the receiver delivers: a spinning backup vCPU takes the
-                        // CPU from the pollers and the primary when they share cores.
-                        spins += 1;
-                        if spins < PARK_AFTER_POLLS {
-                            std::hint::spin_loop();
-                        } else {
-                            self.rx.wait_for_records(Duration::from_millis(1));
-                        }
-                    } else {
-                        idle.idle(0);
-                    }
+            let running = self.rx.is_running();
+            let committed = self.rx.consumer().committed_position();
+            self.note_traffic(committed);
+            if committed > pos {
+                break;
+            }
+            if !running {
+                // Every record received before the link ended was handed out.
+                let e = self
+                    .rx
+                    .error()
+                    .unwrap_or(TransportError::Closed { mid_frame: false });
+                if let Some(w) = self.watch.as_mut() {
+                    w.lost_at.get_or_insert_with(Instant::now);
                 }
-                Err(e) => {
-                    if let Some(w) = self.watch.as_mut() {
-                        w.lost_at.get_or_insert_with(Instant::now);
-                    }
-                    tracing::warn!(error = %e, exit, "log ended");
-                    return Err(ReplayError::Exhausted { exit });
+                tracing::warn!(error = %e, exit, "log ended");
+                return Err(ReplayError::Exhausted { exit });
+            }
+            let failed = self
+                .watch
+                .as_ref()
+                .is_some_and(|w| !w.severed && w.peer_failed.load(Ordering::Acquire));
+            if failed {
+                tracing::warn!(
+                    exit,
+                    "the primary is presumed failed: stopping the log receiver"
+                );
+                self.sever();
+            } else if self.stop.as_ref().is_some_and(|c| c.stop_requested()) {
+                // A planned stop of this backup: the replay ends here (the run's driver sees
+                // the request and does not go live).
+                return Err(ReplayError::Exhausted { exit });
+            } else if self.idle == IdleKind::Park {
+                // Spin a little (the next entry is often microseconds away), then sleep until
+                // the receiver delivers: a spinning backup vCPU takes the CPU from the pollers
+                // and the primary when they share cores.
+                spins += 1;
+                if spins < PARK_AFTER_POLLS {
+                    std::hint::spin_loop();
+                } else {
+                    self.rx.wait_beyond(pos, Duration::from_millis(1));
                 }
+            } else {
+                idle.idle(0);
             }
         }
         self.waited += started.elapsed();
@@ -404,9 +488,52 @@ impl LogReader {
         ReplayError::Diverged { exit, what }
     }
 
-    fn consume(&mut self, seq: u64) {
+    /// Consumes the record `at`: reports it executed, and releases it to the receiver with the
+    /// records after it consumed before (or keeps it as taken, while records before it are
+    /// still to be replayed: an exit's read or output, taken before the exit's writes).
+    fn consume(&mut self, at: At) {
         self.consumed += 1;
-        self.rx.report_executed(seq);
+        if !self.tampered.is_empty() {
+            self.tampered.retain(|(seq, _)| *seq != at.seq);
+        }
+        self.rx.report_executed(at.seq);
+        let head = self.rx.consumer().position();
+        debug_assert!(at.pos >= head, "a record is consumed once");
+        if at.pos != head {
+            self.taken.push(at);
+            return;
+        }
+        self.release_from(at.next);
+    }
+
+    /// Releases the log buffer up to the first record from `pos` on that was not consumed
+    /// (past the taken records and the padding at the wrap point in between).
+    fn release_from(&mut self, mut pos: u64) {
+        'walk: loop {
+            let batch = self.rx.consumer().read_from(pos);
+            if batch.is_empty() {
+                break;
+            }
+            let end = batch.end_position();
+            for r in batch.records() {
+                let Ok(r) = r else {
+                    break 'walk;
+                };
+                match self.taken.iter().position(|t| t.pos == r.position()) {
+                    Some(i) => {
+                        self.taken.swap_remove(i);
+                        pos = r.next_position();
+                    }
+                    None => {
+                        pos = r.position();
+                        break 'walk;
+                    }
+                }
+            }
+            // Only taken records (or padding) to the end of this batch.
+            pos = end;
+        }
+        self.rx.consumer().release_to(pos);
     }
 
     /// Takes the next entry (blocking).
@@ -415,73 +542,62 @@ impl LogReader {
     /// [`ReplayError::Exhausted`] when the log ended.
     pub fn next_entry(&mut self, exit: u64) -> Result<Entry, ReplayError> {
         self.fill(exit)?;
-        match self.pending.pop_front() {
-            Some((seq, e)) => {
-                self.consume(seq);
+        let mut end = 0;
+        match self.scan(exit, &mut end, |at, v| {
+            ControlFlow::Break((at, v.to_entry()))
+        })? {
+            Some((at, e)) => {
+                self.consume(at);
                 Ok(e)
             }
             None => Err(ReplayError::Exhausted { exit }),
         }
     }
 
-    /// The index among the pending entries of the first entry of exit `exit` that is not a
-    /// `Write` (the writes of an exit are applied at its end, and the live run logs them as the
-    /// devices make them, so they may come before the exit's read or output digest); waits
-    /// while only writes of this exit are pending. `Err(description)` of the next entry when
-    /// the log goes on with another exit (or a header) instead.
-    fn next_event(&mut self, exit: u64) -> Result<Result<usize, String>, ReplayError> {
+    /// The first entry of exit `exit` not yet consumed that is not a `Write` (the writes of an
+    /// exit are applied at its end, and the live run logs them as the devices make them, so
+    /// they may come before the exit's read or output digest); waits while only writes of this
+    /// exit are pending. `Err(description)` of the next entry when the log goes on with
+    /// another exit (or a header) instead.
+    fn next_event(&mut self, exit: u64) -> Result<Result<(At, Entry), String>, ReplayError> {
+        self.fill(exit)?;
         loop {
-            self.fill(exit)?;
-            let mut found = None;
-            for (i, (_, e)) in self.pending.iter().enumerate() {
-                if e.exit() != exit || matches!(e, Entry::Header { .. }) {
-                    found = Some(Err(format!("{e:?}")));
-                    break;
+            let mut end = 0;
+            let found = self.scan(exit, &mut end, |at, v| match v {
+                View::Entry(e) if e.exit() != exit || matches!(e, Entry::Header { .. }) => {
+                    ControlFlow::Break(Err(format!("{e:?}")))
                 }
-                if !matches!(e, Entry::Write { .. }) {
-                    found = Some(Ok(i));
-                    break;
+                View::Entry(e) => ControlFlow::Break(Ok((at, e))),
+                View::Write { exit: x, .. } if x != exit => {
+                    ControlFlow::Break(Err(format!("{:?}", v.to_entry())))
                 }
-            }
+                View::Write { .. } => ControlFlow::Continue(()),
+            })?;
             match found {
                 Some(r) => return Ok(r),
                 // Only writes of this exit so far: wait for more.
-                None => {
-                    let n = self.pending.len();
-                    self.fetch_more(exit, n)?;
-                }
+                None => self.fill_beyond(exit, end)?,
             }
-        }
-    }
-
-    /// Removes pending entry `i` and reports it executed.
-    fn take_pending(&mut self, i: usize) {
-        if let Some((seq, _)) = self.pending.remove(i) {
-            self.consume(seq);
         }
     }
 
     fn read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
         let next = match self.next_event(exit)? {
-            Ok(i) => match self.pending.get(i) {
-                Some((_, Entry::Read { addr: a, value, .. })) => {
-                    let (a, value) = (*a, *value);
-                    if a != addr {
-                        return Err(self.diverged(
-                            exit,
-                            format!(
-                                "the backup read {addr:#x} ({}) but the primary read {a:#x} ({})",
-                                device_name(addr),
-                                device_name(a)
-                            ),
-                        ));
-                    }
-                    self.take_pending(i);
-                    return Ok(value);
+            Ok((at, Entry::Read { addr: a, value, .. })) => {
+                if a != addr {
+                    return Err(self.diverged(
+                        exit,
+                        format!(
+                            "the backup read {addr:#x} ({}) but the primary read {a:#x} ({})",
+                            device_name(addr),
+                            device_name(a)
+                        ),
+                    ));
                 }
-                Some((_, e)) => format!("{e:?}"),
-                None => String::new(),
-            },
+                self.consume(at);
+                return Ok(value);
+            }
+            Ok((_, e)) => format!("{e:?}"),
             Err(next) => next,
         };
         Err(self.diverged(
@@ -497,31 +613,27 @@ impl LogReader {
     /// must have the same digest here (see [`OutputChecks`]).
     fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
         let what = match self.next_event(exit)? {
-            Ok(i) => match self.pending.get(i) {
-                Some((_, Entry::Output { digest, .. })) if digest == out => {
-                    self.take_pending(i);
-                    self.checks.verified(out);
-                    return Ok(());
-                }
-                Some((_, Entry::Output { digest, .. })) => {
-                    let theirs = *digest;
-                    self.take_pending(i);
-                    let of = if theirs.source == out.source {
-                        String::new()
-                    } else {
-                        format!(" (of {})", theirs.source.name())
-                    };
-                    format!(
-                        "output of {} differs: the backup's is {out}, the primary's{of} {theirs}",
-                        out.source.name(),
-                    )
-                }
-                Some((_, e)) => format!(
-                    "output of {} by the backup ({out}), the primary logged no output here (next entry: {e:?})",
-                    out.source.name()
-                ),
-                None => String::new(),
-            },
+            Ok((at, Entry::Output { digest, .. })) if digest == *out => {
+                self.consume(at);
+                self.checks.verified(out);
+                return Ok(());
+            }
+            Ok((at, Entry::Output { digest: theirs, .. })) => {
+                self.consume(at);
+                let of = if theirs.source == out.source {
+                    String::new()
+                } else {
+                    format!(" (of {})", theirs.source.name())
+                };
+                format!(
+                    "output of {} differs: the backup's is {out}, the primary's{of} {theirs}",
+                    out.source.name(),
+                )
+            }
+            Ok((_, e)) => format!(
+                "output of {} by the backup ({out}), the primary logged no output here (next entry: {e:?})",
+                out.source.name()
+            ),
             Err(next) => format!(
                 "output of {} by the backup ({out}), the primary logged no output here (next entry: {next})",
                 out.source.name()
@@ -531,64 +643,201 @@ impl LogReader {
         Err(self.diverged(exit, what))
     }
 
-    /// Waits until more than `have` entries are pending.
-    fn fetch_more(&mut self, exit: u64, have: usize) -> Result<(), ReplayError> {
-        let saved: VecDeque<_> = std::mem::take(&mut self.pending);
-        let r = self.fill(exit);
-        let mut fresh = std::mem::replace(&mut self.pending, saved);
-        self.pending.append(&mut fresh);
-        r?;
-        debug_assert!(self.pending.len() > have);
-        Ok(())
-    }
-
     fn writes(&mut self, exit: u64, apply: &mut dyn FnMut(u64, &[u8])) -> Result<(), ReplayError> {
         loop {
             self.fill(exit)?;
-            let Some((seq, front)) = self.pending.front() else {
-                continue;
-            };
-            let seq = *seq;
-            if front.exit() > exit {
-                return Ok(());
-            }
-            match front {
-                Entry::Write {
-                    exit: e, gpa, data, ..
-                } if *e == exit => {
-                    apply(*gpa, data);
-                    self.pending.pop_front();
-                    self.consume(seq);
-                }
-                Entry::Output { exit: e, digest } if *e == exit => {
-                    let what = format!(
-                        "output of {}: the primary produced {digest} here, the backup none",
-                        digest.source.name()
-                    );
+            let mut end = 0;
+            // The data go from the log buffer to guest memory: no copy in between.
+            let step = self.scan(exit, &mut end, |at, v| {
+                ControlFlow::Break(match v {
+                    _ if v.exit() > exit => WriteStep::Done,
+                    View::Write {
+                        exit: e, gpa, data, ..
+                    } if e == exit => {
+                        apply(gpa, &data);
+                        WriteStep::Applied(at)
+                    }
+                    View::Entry(Entry::Output { exit: e, digest }) if e == exit => {
+                        WriteStep::Missing(format!(
+                            "output of {}: the primary produced {digest} here, the backup none",
+                            digest.source.name()
+                        ))
+                    }
+                    other => WriteStep::Unexpected(format!(
+                        "unexpected exit: the backup finished exit {exit}, but the log still has {:?}",
+                        other.to_entry()
+                    )),
+                })
+            })?;
+            match step {
+                None => {}
+                Some(WriteStep::Done) => return Ok(()),
+                Some(WriteStep::Applied(at)) => self.consume(at),
+                Some(WriteStep::Missing(what)) => {
                     self.checks.mismatch();
                     return Err(self.diverged(exit, what));
                 }
-                other => {
-                    let what = format!(
-                        "unexpected exit: the backup finished exit {exit}, but the log still has {other:?}"
-                    );
-                    return Err(self.diverged(exit, what));
-                }
+                Some(WriteStep::Unexpected(what)) => return Err(self.diverged(exit, what)),
             }
         }
     }
 }
 
-/// The [`ReplaySource`] of a backup (shares the [`LogReader`] with the run loop).
-#[derive(Debug, Clone)]
-pub struct ChannelReplay(pub Arc<Mutex<LogReader>>);
+/// Where a record of the log buffer is: its position, the next record's, its sequence number.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    pos: u64,
+    next: u64,
+    seq: u64,
+}
+
+/// A log record as the replay reads it, decoded in place: a `Write`'s data are borrowed from
+/// the log buffer (every other entry is a few words).
+#[derive(Debug)]
+enum View<'a> {
+    /// A guest write: applied to guest memory straight from the log buffer.
+    Write {
+        exit: u64,
+        gpa: u64,
+        /// Owned only when a test's [`Tamper`] hook altered the entry.
+        data: Cow<'a, [u8]>,
+    },
+    /// Any other entry.
+    Entry(Entry),
+}
+
+impl<'a> View<'a> {
+    fn decode(
+        kind: u16,
+        payload: &'a [u8],
+        seq: u64,
+        tamper: Option<Tampering<'_>>,
+    ) -> Result<Self, super::log::LogError> {
+        let Some(t) = tamper else {
+            if kind == KIND_WRITE {
+                let (exit, gpa, data) = decode_write(payload)?;
+                return Ok(View::Write {
+                    exit,
+                    gpa,
+                    data: Cow::Borrowed(data),
+                });
+            }
+            return Ok(View::Entry(Entry::decode(kind, payload)?));
+        };
+        let e = t.entry(seq, || Entry::decode(kind, payload))?;
+        Ok(match e {
+            Entry::Write { exit, gpa, data } => View::Write {
+                exit,
+                gpa,
+                data: Cow::Owned(data),
+            },
+            e => View::Entry(e),
+        })
+    }
+
+    fn exit(&self) -> u64 {
+        match self {
+            View::Write { exit, .. } => *exit,
+            View::Entry(e) => e.exit(),
+        }
+    }
+
+    /// The entry, owned (a `Write`'s data copied: for the run loop's rare entries and for
+    /// error messages, never on the replay's path).
+    fn to_entry(&self) -> Entry {
+        match self {
+            View::Write { exit, gpa, data } => Entry::Write {
+                exit: *exit,
+                gpa: *gpa,
+                data: data.to_vec(),
+            },
+            View::Entry(e) => e.clone(),
+        }
+    }
+}
+
+/// A test's [`Tamper`] hook and what it altered so far: the production path decodes in
+/// place; with a hook, each record is decoded once into an owned entry, altered, and kept
+/// until consumed (the hook sees every record once, as received, whatever the replay looks
+/// at twice).
+struct Tampering<'r> {
+    hook: &'r mut Tamper,
+    done: &'r mut Vec<(u64, Entry)>,
+    upto: &'r mut u64,
+}
+
+impl Tampering<'_> {
+    /// The altered entry of record `seq` (decoded with `decode` the first time).
+    fn entry(
+        self,
+        seq: u64,
+        decode: impl FnOnce() -> Result<Entry, super::log::LogError>,
+    ) -> Result<Entry, super::log::LogError> {
+        if seq <= *self.upto {
+            if let Some((_, e)) = self.done.iter().find(|(s, _)| *s == seq) {
+                return Ok(e.clone());
+            }
+        }
+        let mut e = decode()?;
+        (self.hook)(seq, &mut e);
+        *self.upto = (*self.upto).max(seq);
+        self.done.push((seq, e.clone()));
+        Ok(e)
+    }
+}
+
+/// What [`LogReader::writes`] found at the head of the log.
+enum WriteStep {
+    /// An entry of a later exit: this exit's writes are all applied.
+    Done,
+    /// A write of this exit, applied.
+    Applied(At),
+    /// An output of this exit the backup did not produce.
+    Missing(String),
+    /// Anything else.
+    Unexpected(String),
+}
+
+/// The [`ReplaySource`] of a backup: the one owner of the [`LogReader`] while the vCPU runs
+/// (the run loop lends it the reader and takes it back between runs: no lock on the replay's
+/// path). With a go-live hook ([`super::golive`]), the log running out is a go-live decision
+/// ([`ReplaySource::go_live`]).
+pub struct ChannelReplay {
+    reader: LogReader,
+    golive: Option<SharedGoLive>,
+}
+
+impl std::fmt::Debug for ChannelReplay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelReplay")
+            .field("reader", &self.reader)
+            .field("golive", &self.golive.is_some())
+            .finish()
+    }
+}
+
+impl ChannelReplay {
+    /// A replay source reading `reader` (the log running out ends the replay).
+    pub fn new(reader: LogReader) -> Self {
+        ChannelReplay {
+            reader,
+            golive: None,
+        }
+    }
+
+    /// The reader, back.
+    pub fn into_reader(self) -> LogReader {
+        self.reader
+    }
+}
 
 impl ReplaySource for ChannelReplay {
     fn external_read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(exit, addr)
+        self.reader.read(exit, addr)
+    }
+
+    fn between_exits(&mut self, exit: u64) -> Result<(), ReplayError> {
+        self.reader.between_exits(exit)
     }
 
     fn guest_writes(
@@ -596,21 +845,33 @@ impl ReplaySource for ChannelReplay {
         exit: u64,
         apply: &mut dyn FnMut(u64, &[u8]),
     ) -> Result<(), ReplayError> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .writes(exit, apply)
+        self.reader.writes(exit, apply)
     }
 
     fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .output(exit, out)
+        self.reader.output(exit, out)
     }
 
     fn verifies_outputs(&self) -> bool {
         true
+    }
+
+    fn go_live(&mut self, exit: u64) -> Option<Box<dyn crate::record::Recorder>> {
+        let won = self
+            .golive
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .decide(exit, &mut self.reader);
+        won.then(|| Box::new(()) as Box<dyn crate::record::Recorder>)
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
+    fn into_any(self: Box<Self>) -> Option<Box<dyn std::any::Any>> {
+        Some(self)
     }
 }
 
@@ -667,8 +928,7 @@ fn compare(exit: u64, what: &str, ours: u64, theirs: u64) -> Result<(), PairErro
 /// stops before the end; [`PairError::CannotTakeOver`] when a disk request on the backup's own
 /// copy gave another result than the primary's (it told the primary, GOODBYE).
 pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairError> {
-    let reader = Arc::new(Mutex::new(reader));
-    match backup_loop(vm, &reader, None)? {
+    match backup_loop(vm, reader, None)? {
         BackupEnd::Finished(report) => Ok(report),
         BackupEnd::Live { exit, .. } => Err(PairError::LogEnded {
             exit,
@@ -679,9 +939,10 @@ pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairEr
 
 /// What decides, when the log runs out, whether a backup goes live ([`super::golive`]).
 pub(crate) trait GoLiveHook: Send {
-    /// The log ran out at exit `exit`: waits for the failure detector and the arbiter; returns
-    /// whether this side won and is now live (outputs enabled, service address taken).
-    fn decide(&mut self, exit: u64) -> bool;
+    /// The log ran out at exit `exit` (`reader` is the log, stopped or to be stopped): waits
+    /// for the failure detector and the arbiter; returns whether this side won and is now
+    /// live (outputs enabled, service address taken).
+    fn decide(&mut self, exit: u64, reader: &mut LogReader) -> bool;
     /// Whether the decision was made and won.
     fn is_live(&self) -> bool;
     /// The error that ended the decision, if it was lost or failed.
@@ -690,52 +951,6 @@ pub(crate) trait GoLiveHook: Send {
 
 /// A shared [`GoLiveHook`].
 pub(crate) type SharedGoLive = Arc<Mutex<dyn GoLiveHook>>;
-
-/// The [`ReplaySource`] of a fault-tolerant backup: the log, and on its exhaustion the go-live
-/// decision ([`ReplaySource::go_live`]).
-struct FtReplay {
-    log: ChannelReplay,
-    golive: SharedGoLive,
-}
-
-impl ReplaySource for FtReplay {
-    fn external_read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
-        self.log.external_read(exit, addr)
-    }
-
-    fn between_exits(&mut self, exit: u64) -> Result<(), ReplayError> {
-        self.log
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .between_exits(exit)
-    }
-
-    fn guest_writes(
-        &mut self,
-        exit: u64,
-        apply: &mut dyn FnMut(u64, &[u8]),
-    ) -> Result<(), ReplayError> {
-        self.log.guest_writes(exit, apply)
-    }
-
-    fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
-        self.log.output(exit, out)
-    }
-
-    fn verifies_outputs(&self) -> bool {
-        true
-    }
-
-    fn go_live(&mut self, exit: u64) -> Option<Box<dyn crate::record::Recorder>> {
-        let won = self
-            .golive
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .decide(exit);
-        won.then(|| Box::new(()) as Box<dyn crate::record::Recorder>)
-    }
-}
 
 /// How a backup's replay ended.
 pub(crate) enum BackupEnd {
@@ -750,48 +965,95 @@ pub(crate) enum BackupEnd {
     },
 }
 
-/// The replay of a backup; with `golive`, the log running out is a go-live decision.
-pub(crate) fn backup_loop(
-    vm: &mut Vm,
-    reader: &Arc<Mutex<LogReader>>,
-    golive: Option<&SharedGoLive>,
-) -> Result<BackupEnd, PairError> {
-    let lock = || reader.lock().unwrap_or_else(|e| e.into_inner());
-    lock().observer().watch_exits(vm.stats());
-    lock().stop = Some(vm.control());
-    let hook = || golive.map(|g| g.lock().unwrap_or_else(|e| e.into_inner()));
-    let ended = |exit: u64, e: ReplayError| match e {
+/// The reader of a backup run: in the run loop's hands (`parked`), or lent to the VM's
+/// [`ChannelReplay`] while the vCPU runs (gone once the VM went live).
+struct Held {
+    parked: Option<LogReader>,
+}
+
+impl Held {
+    /// Lends the reader to `vm`'s replay source.
+    fn lend(&mut self, vm: &mut Vm, golive: Option<&SharedGoLive>) {
+        if let Some(reader) = self.parked.take() {
+            vm.set_inputs(Inputs::Replay(Box::new(ChannelReplay {
+                reader,
+                golive: golive.cloned(),
+            })));
+        }
+    }
+
+    /// Takes the reader back from `vm`, whose inputs become live without a recorder.
+    fn take_back(&mut self, vm: &mut Vm) {
+        if let Some(c) = vm.take_replay::<ChannelReplay>() {
+            self.parked = Some(c.into_reader());
+        }
+        vm.set_inputs(Inputs::default());
+    }
+
+    /// The reader, wherever it is.
+    fn get<'a>(&'a mut self, vm: &'a mut Vm) -> Result<&'a mut LogReader, PairError> {
+        match self.parked.as_mut() {
+            Some(r) => Ok(r),
+            None => vm
+                .replay_mut::<ChannelReplay>()
+                .map(|c| &mut c.reader)
+                .ok_or_else(|| PairError::Setup("the VM no longer replays the log".into())),
+        }
+    }
+}
+
+fn ended(exit: u64, e: ReplayError) -> PairError {
+    match e {
         ReplayError::Diverged { exit, what } => PairError::Diverged { exit, what },
         ReplayError::Exhausted { .. } => PairError::LogEnded {
             exit,
             why: "the primary's log stopped".into(),
         },
-    };
-    // The log ran out between exits: go live here if the decision is won.
-    let run_out = |vm: &mut Vm, exit: u64, e: ReplayError| -> Result<BackupEnd, PairError> {
-        if matches!(e, ReplayError::Exhausted { .. }) {
-            if let Some(mut h) = hook() {
-                if h.decide(exit) {
-                    vm.set_inputs(Inputs::default());
-                    return Ok(BackupEnd::Live {
-                        exit,
-                        outcome: None,
-                    });
-                }
-                if let Some(f) = h.take_failure() {
-                    return Err(f);
-                }
-            } else if let Some(s) = lock().planned_stop(exit) {
-                return Err(s);
+    }
+}
+
+/// The log ran out between exits (`e`; the reader is back in the run loop's hands): go live
+/// here if the decision is won.
+fn run_out(
+    vm: &mut Vm,
+    reader: Option<&mut LogReader>,
+    golive: Option<&SharedGoLive>,
+    exit: u64,
+    e: ReplayError,
+) -> Result<BackupEnd, PairError> {
+    if let (ReplayError::Exhausted { .. }, Some(reader)) = (&e, reader) {
+        if let Some(g) = golive {
+            let mut h = g.lock().unwrap_or_else(|e| e.into_inner());
+            if h.decide(exit, reader) {
+                vm.set_inputs(Inputs::default());
+                return Ok(BackupEnd::Live {
+                    exit,
+                    outcome: None,
+                });
             }
+            if let Some(f) = h.take_failure() {
+                return Err(f);
+            }
+        } else if let Some(s) = reader.planned_stop(exit) {
+            return Err(s);
         }
-        Err(ended(exit, e))
-    };
-    // (The reader's lock must be released before `run_out`: the decision takes it.)
-    let first = lock().next_entry(0);
+    }
+    Err(ended(exit, e))
+}
+
+/// The replay of a backup; with `golive`, the log running out is a go-live decision.
+pub(crate) fn backup_loop(
+    vm: &mut Vm,
+    mut reader: LogReader,
+    golive: Option<&SharedGoLive>,
+) -> Result<BackupEnd, PairError> {
+    reader.observer().watch_exits(vm.stats());
+    reader.stop = Some(vm.control());
+    let hook = || golive.map(|g| g.lock().unwrap_or_else(|e| e.into_inner()));
+    let first = reader.next_entry(0);
     let header = match first {
         Ok(h) => h,
-        Err(e) => return run_out(vm, 0, e),
+        Err(e) => return run_out(vm, Some(&mut reader), golive, 0, e),
     };
     let Entry::Header {
         digest_interval,
@@ -810,14 +1072,10 @@ pub(crate) fn backup_loop(
         // The primary owns the disk while this side replays.
         d.set_mode(DiskMode::Replay);
     }
-    let log = ChannelReplay(Arc::clone(reader));
-    vm.set_inputs(Inputs::Replay(match golive {
-        Some(g) => Box::new(FtReplay {
-            log,
-            golive: Arc::clone(g),
-        }),
-        None => Box::new(log),
-    }));
+    let mut held = Held {
+        parked: Some(reader),
+    };
+    held.lend(vm, golive);
     let interval = digest_interval.max(1);
     let mut checkpoints = 0u64;
     let mut result = loop {
@@ -843,13 +1101,11 @@ pub(crate) fn backup_loop(
                 if let Some(f) = hook().and_then(|mut h| h.take_failure()) {
                     break Err(f);
                 }
-                let mut r = lock();
-                if let Some((exit, what)) = r.divergence.take() {
+                if let Some((exit, what)) = held.get(vm)?.divergence.take() {
                     break Err(PairError::Diverged { exit, what });
                 }
-                drop(r);
                 if matches!(replay_error(&e), Some(ReplayError::Exhausted { .. })) {
-                    if let Some(s) = lock().planned_stop(exit) {
+                    if let Some(s) = held.get(vm)?.planned_stop(exit) {
                         break Err(s);
                     }
                     break Err(PairError::LogEnded {
@@ -865,23 +1121,27 @@ pub(crate) fn backup_loop(
             }
         };
         if outcome == RunOutcome::Paused {
-            break Err(lock().planned_stop(exit).unwrap_or(PairError::Paused(exit)));
+            break Err(held
+                .get(vm)?
+                .planned_stop(exit)
+                .unwrap_or(PairError::Paused(exit)));
         }
-        let next = lock().next_entry(exit);
+        let next = held.get(vm)?.next_entry(exit);
         let entry = match next {
             Ok(e) => e,
             Err(e) => {
-                vm.set_inputs(Inputs::default());
-                return run_out(vm, exit, e);
+                held.take_back(vm);
+                return run_out(vm, held.parked.as_mut(), golive, exit, e);
             }
         };
         let entry = match entry {
             Entry::Control { .. } if outcome == RunOutcome::ExitLimit => {
-                match apply_controls(reader, exit, entry) {
+                match apply_controls(held.get(vm)?, exit, entry) {
                     Ok(next) => next,
                     Err(PairError::LogEnded { .. }) => {
-                        vm.set_inputs(Inputs::default());
-                        return run_out(vm, exit, ReplayError::Exhausted { exit });
+                        held.take_back(vm);
+                        let e = ReplayError::Exhausted { exit };
+                        return run_out(vm, held.parked.as_mut(), golive, exit, e);
                     }
                     Err(e) => break Err(e),
                 }
@@ -927,19 +1187,21 @@ pub(crate) fn backup_loop(
             }
         }
     };
-    vm.set_inputs(Inputs::default());
+    held.take_back(vm);
+    let Some(r) = held.parked.as_mut() else {
+        return Err(PairError::Setup("the replay's log reader is gone".into()));
+    };
     match &mut result {
         Err(PairError::CannotTakeOver(f)) => {
-            lock().goodbye(GoodbyeReason::CannotTakeOver, &f.to_string());
+            r.goodbye(GoodbyeReason::CannotTakeOver, &f.to_string());
         }
         Err(PairError::Stopped(s)) if s.cause == StopCause::Requested => {
             // From here on this backup never goes live: the primary may go on alone.
-            s.told_peer = lock().goodbye(GoodbyeReason::PlannedStop, "the backup stops as planned");
+            s.told_peer = r.goodbye(GoodbyeReason::PlannedStop, "the backup stops as planned");
         }
         _ => {}
     }
     let code = result?;
-    let mut r = lock();
     r.linger(Duration::from_secs(30));
     Ok(BackupEnd::Finished(BackupReport {
         code,
@@ -958,11 +1220,7 @@ pub(crate) fn backup_loop(
 
 /// Applies the Control entries logged at checkpoint `exit` (`first` is the first of them);
 /// returns the entry that follows them (the checkpoint's Digest).
-fn apply_controls(
-    reader: &Arc<Mutex<LogReader>>,
-    exit: u64,
-    first: Entry,
-) -> Result<Entry, PairError> {
+fn apply_controls(reader: &mut LogReader, exit: u64, first: Entry) -> Result<Entry, PairError> {
     let mut entry = first;
     loop {
         let Entry::Control {
@@ -979,14 +1237,7 @@ fn apply_controls(
                 what: format!("the log has a control for exit {e} at checkpoint {exit}"),
             });
         }
-        let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
-        r.controls.apply(AppliedControl { exit, key, value });
-        entry = r.next_entry(exit).map_err(|e| match e {
-            ReplayError::Diverged { exit, what } => PairError::Diverged { exit, what },
-            ReplayError::Exhausted { .. } => PairError::LogEnded {
-                exit,
-                why: "the primary's log stopped".into(),
-            },
-        })?;
+        reader.controls.apply(AppliedControl { exit, key, value });
+        entry = reader.next_entry(exit).map_err(|e| ended(exit, e))?;
     }
 }

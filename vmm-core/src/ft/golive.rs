@@ -838,7 +838,8 @@ struct BackupGoLive {
     fence: Fence,
     detector: Arc<Detector>,
     failed: Arc<AtomicBool>,
-    reader: Arc<Mutex<LogReader>>,
+    /// Entries the replay consumed when the log ran out (the reader is gone once live).
+    consumed: u64,
     net: Option<NetHandle>,
     /// Shared-disk mode: the disk this side takes over when it goes live, and guest memory
     /// (for the requests of the last exit whose completion the log lacked).
@@ -865,12 +866,11 @@ impl BackupGoLive {
     /// A planned stop instead of a decision, if one applies: this side was asked to stop, or
     /// the primary stopped as planned and this backup is not to take over. `handover`: the
     /// primary stopped as planned and this backup takes over at once.
-    fn planned_stop(&mut self, exit: u64, handover: &mut bool) -> bool {
+    fn planned_stop(&mut self, exit: u64, handover: &mut bool, reader: &LogReader) -> bool {
         let cause = if self.control.stop_requested() {
             StopCause::Requested
         } else {
-            let r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-            match r.receiver().peer_goodbye().filter(is_planned) {
+            match reader.receiver().peer_goodbye().filter(is_planned) {
                 None => return false,
                 Some(_) if self.cfg.on_primary_stop == PrimaryStopPolicy::TakeOver => {
                     tracing::warn!(
@@ -893,18 +893,16 @@ impl BackupGoLive {
         true
     }
 
-    fn decide_inner(&mut self, exit: u64) -> bool {
+    fn decide_inner(&mut self, exit: u64, reader: &mut LogReader) -> bool {
+        self.consumed = reader.consumed();
         let mut handover = false;
-        if self.planned_stop(exit, &mut handover) {
+        if self.planned_stop(exit, &mut handover, reader) {
             return false;
         }
         let t_out = Instant::now();
-        let lost_at = {
-            let mut r = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-            // Nothing more may be received or acknowledged from here on.
-            r.sever();
-            r.lost_at().unwrap_or(t_out)
-        };
+        // Nothing more may be received or acknowledged from here on.
+        reader.sever();
+        let lost_at = reader.lost_at().unwrap_or(t_out);
         tracing::warn!(
             exit,
             drained_ms = (t_out - lost_at).as_millis() as u64,
@@ -1018,24 +1016,22 @@ impl BackupGoLive {
             total: t_live.saturating_duration_since(first_sign),
         };
         tracing::info!(?timings, "the backup is live");
-        let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
         reader.observer().set_role(SideRole::Alone, generation);
         if let Some(g) = &self.console_gate {
             g.observe_into(reader.observer());
         }
-        drop(reader);
         self.timings = Some(timings);
         true
     }
 }
 
 impl GoLiveHook for BackupGoLive {
-    fn decide(&mut self, exit: u64) -> bool {
+    fn decide(&mut self, exit: u64, reader: &mut LogReader) -> bool {
         if self.decided {
             return self.timings.is_some();
         }
         self.decided = true;
-        self.decide_inner(exit)
+        self.decide_inner(exit, reader)
     }
 
     fn is_live(&self) -> bool {
@@ -1079,14 +1075,15 @@ pub fn run_backup_ft(
     reader.watch(Arc::clone(&failed), detector.traffic());
     detector.observe_into(reader.observer());
     reader.observer().set_generation(ft.generation);
-    let reader = Arc::new(Mutex::new(reader));
+    // Shared counters: read after the run, whatever became of the reader.
+    let (controls, checks) = (reader.controls().clone(), reader.output_checks());
     let golive = Arc::new(Mutex::new(BackupGoLive {
         cfg: ft,
         control: vm.control(),
         fence,
         detector: Arc::clone(&detector),
         failed,
-        reader: Arc::clone(&reader),
+        consumed: 0,
         net: vm.net().cloned(),
         disk: vm.shared_disk().map(|d| (d.clone(), vm.memory().clone())),
         console,
@@ -1097,17 +1094,14 @@ pub fn run_backup_ft(
         failure: None,
     }));
     let hook: SharedGoLive = golive.clone();
-    let end = backup_loop(vm, &reader, Some(&hook))?;
+    let end = backup_loop(vm, reader, Some(&hook))?;
     let (exit, outcome) = match end {
         BackupEnd::Finished(r) => return Ok(BackupFtReport::Finished(r)),
         BackupEnd::Live { exit, outcome } => (exit, outcome),
     };
-    let (entries, controls, checks) = {
-        let r = reader.lock().unwrap_or_else(|e| e.into_inner());
-        (r.consumed(), r.controls().applied(), r.output_checks())
-    };
-    // The receiver is no longer needed.
-    drop(reader);
+    // The replay source, and with it the reader (the receiver), went with the go-live.
+    let entries = golive.lock().unwrap_or_else(|e| e.into_inner()).consumed;
+    let controls = controls.applied();
     tracing::info!(exit, "running as a lone primary");
     let code = match outcome {
         Some(RunOutcome::PoweredOff(code)) => code,

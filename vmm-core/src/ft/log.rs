@@ -308,13 +308,11 @@ impl Entry {
                 }
             }
             KIND_WRITE => {
-                if p.len() < WRITE_HEADER_LEN {
-                    return Err(LogError::BadLength { kind, len: p.len() });
-                }
+                let (exit, gpa, data) = decode_write(p)?;
                 Entry::Write {
-                    exit: u64_at(p, 0),
-                    gpa: u64_at(p, 8),
-                    data: p[WRITE_HEADER_LEN..].to_vec(),
+                    exit,
+                    gpa,
+                    data: data.to_vec(),
                 }
             }
             KIND_DIGEST => {
@@ -498,6 +496,20 @@ pub fn encode_output(p: &mut [u8], exit: u64, digest: &OutputDigest) {
     );
     put(p, 16, digest.bytes);
     put(p, 24, digest.hash);
+}
+
+/// Decodes a `Write` entry's payload in place: (exit, gpa, the data, borrowed from `p`).
+///
+/// # Errors
+/// [`LogError::BadLength`] if `p` is shorter than the entry's header.
+pub fn decode_write(p: &[u8]) -> Result<(u64, u64, &[u8]), LogError> {
+    if p.len() < WRITE_HEADER_LEN {
+        return Err(LogError::BadLength {
+            kind: KIND_WRITE,
+            len: p.len(),
+        });
+    }
+    Ok((u64_at(p, 0), u64_at(p, 8), &p[WRITE_HEADER_LEN..]))
 }
 
 /// Encodes a write entry in place (`p` is `WRITE_HEADER_LEN + data.len()` bytes).

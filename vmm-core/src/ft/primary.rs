@@ -11,6 +11,11 @@
 //! shared disk:   guest write request ─> vCPU waits until acked ≥ log position ─> pwrite
 //! ```
 //!
+//! One owner at each end of the ring: the [`LogAppender`] (the log buffer's producer) is taken
+//! once by the run and lent to the VM's [`ChannelRecorder`] while the vCPU runs; every other
+//! thread reads the [`LogWriter`], a cloneable handle (positions, counters, mode, the link's
+//! [`SenderHandle`]). No lock on the per-entry path.
+//!
 //! Shared-disk mode (the backup names the same image, [`set_shared`](crate::devices::virtio::blk::BlkHandle::set_shared)): a disk write
 //! is an output. [`DiskBarrier`] holds the vCPU before each write request until the backup has
 //! acknowledged every entry logged so far; alone it passes at once, superseded it refuses

@@ -235,20 +235,25 @@ impl LogWriter {
             pacer: Arc::default(),
             observer: Observer::new(SideRole::Primary),
         };
-        let w = writer.clone();
+        // The counters only, never a clone of the writer: the observer lives in the writer, and
+        // a writer in its closure would keep the LogSender (and so the link) alive after the
+        // last user dropped the writer — the backup then waited 30 s for the hang-up.
+        let (position, entries, bytes) = (
+            Arc::clone(&writer.position),
+            Arc::clone(&writer.entries),
+            Arc::clone(&writer.bytes),
+        );
+        let (stalls, stall_ns) = (Arc::clone(&writer.stalls), Arc::clone(&writer.stall_ns));
         let acks = Arc::clone(&shared);
-        writer.observer.set_log(move || {
-            let stalls = w.stalls();
-            LogSnapshot {
-                written: w.position.load(Ordering::Acquire),
-                sent: Some(acks.sent_seq()),
-                acked: acks.acked_seq(),
-                executed: acks.executed_seq(),
-                entries: w.entries(),
-                bytes: Some(w.bytes()),
-                stalls: stalls.count,
-                stall_ms: super::observe::ms(stalls.time),
-            }
+        writer.observer.set_log(move || LogSnapshot {
+            written: position.load(Ordering::Acquire),
+            sent: Some(acks.sent_seq()),
+            acked: acks.acked_seq(),
+            executed: acks.executed_seq(),
+            entries: entries.load(Ordering::Relaxed),
+            bytes: Some(bytes.load(Ordering::Relaxed)),
+            stalls: stalls.load(Ordering::Relaxed),
+            stall_ms: super::observe::ms(Duration::from_nanos(stall_ns.load(Ordering::Relaxed))),
         });
         writer.observer.set_channel(move || shared.stats.snapshot());
         writer

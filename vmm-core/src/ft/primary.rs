@@ -532,7 +532,9 @@ pub struct DiskWaits {
 pub struct DiskBarrier {
     writer: LogWriter,
     acks: Arc<ftvm_channel::reliable::SenderShared>,
-    waits: Mutex<DiskWaits>,
+    /// Shared with the observer's closure, which must not hold the barrier (the barrier holds
+    /// the writer, the writer the observer: a cycle that would keep the link open).
+    waits: Arc<Mutex<DiskWaits>>,
     /// The VM's control: a write waiting while a stop is requested and the link is down
     /// gives up (nobody will acknowledge it).
     control: std::sync::OnceLock<crate::vm::VmControl>,
@@ -557,7 +559,7 @@ impl DiskBarrier {
         DiskBarrier {
             writer: writer.clone(),
             acks,
-            waits: Mutex::new(DiskWaits::default()),
+            waits: Arc::default(),
             control: std::sync::OnceLock::new(),
         }
     }
@@ -807,9 +809,9 @@ pub(crate) fn primary_loop(
     observer.watch_exits(vm.stats());
     gate.observe_into(observer);
     if let Some(b) = &barrier {
-        let b = Arc::clone(b);
+        let waits = Arc::clone(&b.waits);
         observer.set_disk_waits(move || {
-            let w = b.waits();
+            let w = *waits.lock().unwrap_or_else(|e| e.into_inner());
             DiskWaitsSnapshot {
                 writes: w.writes,
                 waited: w.waited,

@@ -522,6 +522,16 @@ impl Sender {
                     ),
                 ));
             }
+            let sent = self.shared.sent_seq();
+            if peer.seq - 1 > sent {
+                return Err(refused(
+                    Refusal::Gap,
+                    format!(
+                        "the backup claims to hold records up to {} but only {sent} were sent",
+                        peer.seq - 1
+                    ),
+                ));
+            }
             self.on_ack(peer.seq - 1, peer.executed, 0, 0, Instant::now())?;
         }
         let now = Instant::now();
@@ -644,6 +654,9 @@ impl Sender {
             }
         }
         self.acked = acked;
+        // Invariant: the backup acknowledges only what it holds, so never past what was sent
+        // (checked on every ack from the wire; a HELLO's resume point is below it too).
+        debug_assert!(acked <= self.shared.sent_seq(), "acked {acked} past sent");
         self.shared.acked.store(acked, Ordering::Release);
         let head = self.consumer.position();
         if self.send_pos < head || self.next_seq <= acked {
@@ -770,6 +783,13 @@ impl Sender {
                 self.last_heard = now;
             }
             if let Some((acked, executed, gap, missing)) = acks {
+                // An ack beyond what was sent would release outputs the backup cannot hold.
+                let sent = self.shared.sent_seq();
+                if acked > sent {
+                    return Err(TransportError::Protocol {
+                        what: format!("acknowledgement of record {acked}, only {sent} were sent"),
+                    });
+                }
                 self.on_ack(acked, executed, gap, missing, now)?;
             }
             // The backup's last acknowledgements count; then the link ends here.

@@ -95,7 +95,10 @@ fn channel_config(s: &CommonConfig, elf: &[u8], role: Role) -> anyhow::Result<Co
     let cmdline = format!("{}\0net={}", s.cmdline, s.net.is_some());
     let digest = pairing_digest(elf, &cmdline, s.mem.0, s.disk.as_deref())
         .context("cannot read the disk image for the pairing digest")?;
-    let settings = PairingSettings::new(role, s);
+    let cpuid = ftvm_vmm_core::kvm::KvmContext::new()
+        .ok()
+        .map(|k| k.cpuid_digest());
+    let settings = PairingSettings::new(role, s).with_cpuid(cpuid);
     Ok(Config {
         digest,
         generation: settings.generation,

@@ -200,6 +200,14 @@ pub enum ReplayError {
         /// The exit index.
         exit: u64,
     },
+    /// The run was kicked (asked to pause) while the source waited for the log's next entry:
+    /// the exit is left incomplete and the run ends (a replaying VM cannot pause inside an
+    /// exit whose input has not arrived; nothing says it ever will).
+    #[error("replay interrupted at exit {exit} while waiting for the log")]
+    Interrupted {
+        /// The exit index.
+        exit: u64,
+    },
 }
 
 /// Supplies logged inputs to a replaying VM instead of the device backends.

@@ -146,6 +146,10 @@ impl VmControl {
     pub fn stop_requested(&self) -> bool {
         self.kick.stop_requested()
     }
+    /// Whether a kick ([`VmControl::kick`]) is pending ([`VcpuKick::kick_pending`]).
+    pub fn kick_pending(&self) -> bool {
+        self.kick.kick_pending()
+    }
     /// Exits handled so far (the exit index).
     pub fn exits(&self) -> u64 {
         self.exits.load(std::sync::atomic::Ordering::Relaxed)

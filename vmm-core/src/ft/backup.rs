@@ -322,6 +322,10 @@ impl LogReader {
                         // A planned stop of this backup: the replay ends here (the run's
                         // driver sees the request and does not go live).
                         return Err(ReplayError::Exhausted { exit });
+                    } else if self.stop.as_ref().is_some_and(|c| c.kick_pending()) {
+                        // Asked to pause while no entry comes: the run ends here (unless
+                        // the entry arrives first, a kick lands between exits).
+                        return Err(ReplayError::Interrupted { exit });
                     } else if self.idle == IdleKind::Park {
                         // Spin a little (the next entry is often microseconds away), then
                         // sleep until the receiver delivers: a spinning backup vCPU takes the
@@ -766,6 +770,7 @@ pub(crate) fn backup_loop(
             exit,
             why: "the primary's log stopped".into(),
         },
+        ReplayError::Interrupted { exit } => PairError::Paused(exit),
     };
     // The log ran out between exits: go live here if the decision is won.
     let run_out = |vm: &mut Vm, exit: u64, e: ReplayError| -> Result<BackupEnd, PairError> {
@@ -848,6 +853,9 @@ pub(crate) fn backup_loop(
                     break Err(PairError::Diverged { exit, what });
                 }
                 drop(r);
+                if matches!(replay_error(&e), Some(ReplayError::Interrupted { .. })) {
+                    break Err(lock().planned_stop(exit).unwrap_or(PairError::Paused(exit)));
+                }
                 if matches!(replay_error(&e), Some(ReplayError::Exhausted { .. })) {
                     if let Some(s) = lock().planned_stop(exit) {
                         break Err(s);
@@ -987,6 +995,7 @@ fn apply_controls(
                 exit,
                 why: "the primary's log stopped".into(),
             },
+            ReplayError::Interrupted { exit } => PairError::Paused(exit),
         })?;
     }
 }

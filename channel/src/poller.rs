@@ -466,6 +466,28 @@ impl LogSender {
         )
     }
 
+    /// Like [`LogSender::reconnect`], to a new backup under new parameters (its generation
+    /// and settings, `cfg`): a backup that joined a running primary by state transfer
+    /// ([`Sender::reconnect_with`]).
+    ///
+    /// # Errors
+    /// As [`Sender::reconnect_with`].
+    pub fn reconnect_with(
+        &mut self,
+        transport: Box<dyn Transport>,
+        cfg: Config,
+    ) -> Result<(), TransportError> {
+        restart_loop(
+            &mut self.thread,
+            &self.ctl,
+            self.pc,
+            ("sender", "ftvm-log-send"),
+            (Sender::poll, Sender::goodbye),
+            Some((Arc::clone(&self.wake), sender_acked)),
+            |sender| sender.reconnect_with(transport, cfg),
+        )
+    }
+
     /// Stops the poller and returns the producer and the log buffer's consumer.
     ///
     /// # Errors

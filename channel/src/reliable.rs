@@ -135,6 +135,11 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Most log bytes in flight (sent, not acknowledged).
     pub max_inflight_bytes: usize,
+    /// Backup: the first record it expects (0: a fresh backup adopts the primary's first
+    /// record). A backup that joined a running primary by state transfer starts at the record
+    /// after the cut (`PROTOCOL.md` §5): the primary releases everything before it. The
+    /// caller sets its producer's next sequence number to the same value.
+    pub start_seq: u64,
 }
 
 impl Default for Config {
@@ -149,6 +154,7 @@ impl Default for Config {
             peer_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_inflight_bytes: 4 << 20,
+            start_seq: 0,
         }
     }
 }
@@ -416,6 +422,24 @@ impl Sender {
         self.pending = None;
         self.go_back();
         self.handshake()
+    }
+
+    /// Like [`Self::reconnect`], to a new backup under new parameters (`cfg`: its generation,
+    /// settings): a backup that joined by state transfer (`PROTOCOL.md` §5). Frames from now
+    /// on carry `cfg.generation`.
+    ///
+    /// # Errors
+    /// As [`Self::connect`].
+    pub fn reconnect_with(
+        &mut self,
+        transport: Box<dyn Transport>,
+        cfg: Config,
+    ) -> Result<(), TransportError> {
+        let (inflight, rto) = (self.cfg.max_inflight_bytes, self.cfg.rto);
+        self.cfg = cfg;
+        self.cfg.max_inflight_bytes = inflight;
+        self.cfg.rto = rto;
+        self.reconnect(transport)
     }
 
     /// The positions other threads read.
@@ -1693,11 +1717,12 @@ impl Receiver {
 impl RecvState {
     fn new(producer: Producer, cfg: Config) -> Self {
         let max_payload = producer.ring().max_payload();
+        let expected = cfg.start_seq;
         RecvState {
             producer,
             cfg,
             shared: Arc::new(ReceiverShared::default()),
-            expected: 0,
+            expected,
             reasm: Reassembly::default(),
             ack_due: false,
             hello_due: false,

@@ -546,6 +546,12 @@ pub struct PrimaryConfig {
     /// (outputs still held then are dropped, never released).
     #[arg(long, default_value_t = 10_000, help_heading = "Lifecycle")]
     pub stop_timeout_ms: u64,
+    /// Accept a new backup (`ftvm backup --join`) on HOST:PORT once this primary runs alone
+    /// (its backup failed): the backup is cloned from the running VM by live state transfer,
+    /// and the pair goes on in a new generation. Needs --arbiter and a tcp or tcp-spin
+    /// logging transport.
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Re-protection")]
+    pub accept_join: Option<String>,
 }
 
 /// `ftvm backup`: the common settings and the backup's own.
@@ -570,6 +576,16 @@ pub struct BackupConfig {
     /// next generation, go live at once; needs `--arbiter`).
     #[arg(long, value_enum, default_value = "stop", help_heading = "Lifecycle")]
     pub on_primary_stop: OnPrimaryStop,
+    /// Join a primary that runs alone (its `--accept-join` address) instead of starting from
+    /// a guest image: the VM is cloned from the running one by live state transfer, then
+    /// replays its log (no --guest or --peer; --disk names this side's copy, filled by the
+    /// transfer, or the shared image with --shared-disk). Needs --arbiter.
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Re-protection")]
+    pub join: Option<String>,
+    /// With --join: ask the primary for its memory digest at the cut and refuse to pair if
+    /// the cloned VM's differs (costs a digest of guest memory inside the pause).
+    #[arg(long, help_heading = "Re-protection")]
+    pub verify_cut: bool,
 }
 
 /// The failover settings of one side (with an arbiter), resolved.
@@ -670,8 +686,16 @@ impl CommonConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        self.guest()?;
-        self.peer()?;
+        self.validate_with(true)
+    }
+
+    /// As `validate`; `image`: whether this side starts from a guest image and a peer (a
+    /// joining backup has neither).
+    fn validate_with(&self, image: bool) -> Result<(), ConfigError> {
+        if image {
+            self.guest()?;
+            self.peer()?;
+        }
         let bad = |s: String| Err(ConfigError::Invalid(s));
         if self.generation == 0 {
             return bad("--generation 0: generations start at 1".into());
@@ -747,6 +771,11 @@ impl RoleConfig for PrimaryConfig {
                 "--throttle-min-share {m}: must be in (0, 1]"
             )));
         }
+        if self.accept_join.is_some() && self.common.arbiter.is_none() {
+            return Err(ConfigError::Invalid(
+                "--accept-join needs --arbiter (a join wins a new generation)".into(),
+            ));
+        }
         if self.on_backup_failure() == PeerFailurePolicy::GoAloneUnprotected
             && self.common.arbiter.is_some()
         {
@@ -779,7 +808,12 @@ impl RoleConfig for BackupConfig {
         &mut self.common
     }
     fn validate(&self) -> Result<(), ConfigError> {
-        self.common.validate()?;
+        self.common.validate_with(self.join.is_none())?;
+        if self.join.is_some() && self.common.arbiter.is_none() {
+            return Err(ConfigError::Invalid(
+                "--join needs --arbiter (the joined pair runs in a new generation)".into(),
+            ));
+        }
         if self.on_primary_stop == OnPrimaryStop::TakeOver && self.common.arbiter.is_none() {
             return Err(ConfigError::Invalid(
                 "--on-primary-stop take-over needs --arbiter (a backup never goes live without \

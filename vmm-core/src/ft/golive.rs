@@ -214,6 +214,9 @@ pub struct FtConfig {
     /// Backup: what to do when the primary stops as planned (GOODBYE `PlannedStop`,
     /// [`super::stop`]): stop too (the default), or take over at once (a handover).
     pub on_primary_stop: PrimaryStopPolicy,
+    /// Primary: where a join asks for the cut while this primary runs alone
+    /// ([`super::join`]); `None`: no join is accepted.
+    pub join: Option<super::join::JoinPoint>,
 }
 
 impl std::fmt::Debug for FtConfig {
@@ -245,6 +248,7 @@ impl FtConfig {
             retry: RetryPolicy::default(),
             service_tap: None,
             on_primary_stop: PrimaryStopPolicy::Stop,
+            join: None,
         }
     }
 }
@@ -481,7 +485,8 @@ pub(crate) struct PrimaryFt {
 }
 
 impl PrimaryFt {
-    fn new(cfg: FtConfig) -> Result<Self, PairError> {
+    /// Acquires `cfg.generation` (idempotent for its holder) and starts the failure detector.
+    pub(crate) fn new(cfg: FtConfig) -> Result<Self, PairError> {
         let outcome =
             acquire_with_retry(&*cfg.arbiter, cfg.generation, &cfg.node, cfg.retry, || {
                 false
@@ -524,6 +529,59 @@ impl PrimaryFt {
         writer.set_managed();
         self.detector.observe_into(writer.observer());
         writer.observer().set_generation(self.cfg.generation);
+        self.spawn_monitor(gate, writer, vm, on_backup_stop, None)
+    }
+
+    /// This primary's settings (the join point, the arbiter, the detector's addresses).
+    pub(crate) fn config(&self) -> &FtConfig {
+        &self.cfg
+    }
+
+    /// The heartbeat address of this side's failure detector.
+    pub(crate) fn heartbeat_addr(&self) -> std::net::SocketAddr {
+        self.detector.local_addr()
+    }
+
+    /// A joined backup replaces the one that failed ([`super::join`]): `next` (the new
+    /// generation, won on the arbiter, and a detector aimed at the new backup) takes this one's
+    /// place; the shared disk is taken for it, outputs wait for acknowledgements again (and
+    /// the net device's transmits with them), appends go to the log again, and the monitor
+    /// starts once `armed` says whether the new backup's link came up (`false`, or the sender
+    /// dropped: the backup is gone, and this primary goes alone again by the usual path).
+    /// Returns the replaced side (to be dropped off the vCPU thread: its detector's thread is
+    /// joined on drop).
+    pub(crate) fn rejoin(
+        &mut self,
+        next: PrimaryFt,
+        (gate, writer, vm): (Arc<OutputGate>, &LogWriter, &Vm),
+        on_backup_stop: BackupStopPolicy,
+        armed: std::sync::mpsc::Receiver<bool>,
+    ) -> Result<PrimaryFt, PairError> {
+        let old = std::mem::replace(self, next);
+        let generation = self.cfg.generation;
+        if let Some(d) = vm.shared_disk() {
+            take_disk(d, generation)?;
+        }
+        gate.set_fence(self.fence.clone(), generation);
+        gate.gate_again();
+        if let Some(net) = vm.net() {
+            gate.gate_net(net);
+        }
+        writer.set_managed();
+        self.detector.observe_into(writer.observer());
+        writer.observer().set_role(SideRole::Primary, generation);
+        self.spawn_monitor(gate, writer, vm, on_backup_stop, Some(armed))?;
+        Ok(old)
+    }
+
+    fn spawn_monitor(
+        &mut self,
+        gate: Arc<OutputGate>,
+        writer: &LogWriter,
+        vm: &Vm,
+        on_backup_stop: BackupStopPolicy,
+        armed: Option<std::sync::mpsc::Receiver<bool>>,
+    ) -> Result<(), PairError> {
         let m = Monitor {
             cfg: self.cfg.clone(),
             fence: self.fence.clone(),
@@ -538,6 +596,7 @@ impl PrimaryFt {
             disk: vm.shared_disk().cloned(),
             control: vm.control(),
             on_backup_stop,
+            armed,
         };
         self.monitor = Some(
             std::thread::Builder::new()
@@ -602,6 +661,9 @@ struct Monitor {
     control: VmControl,
     /// What a backup's planned stop means here.
     on_backup_stop: BackupStopPolicy,
+    /// After a join: whether the new backup's link came up ([`PrimaryFt::rejoin`]); the
+    /// monitor watches only from then on.
+    armed: Option<std::sync::mpsc::Receiver<bool>>,
 }
 
 /// Why a primary's backup is gone: what [`Monitor::go_alone`] reacts to, whatever the policy
@@ -618,7 +680,38 @@ pub(crate) enum BackupGone {
 }
 
 impl Monitor {
+    /// After a join, waits until the new backup's link is up (`true`) or failed.
+    fn wait_armed(&mut self) -> bool {
+        let Some(armed) = self.armed.take() else {
+            return true;
+        };
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            match armed.recv_timeout(Duration::from_millis(10)) {
+                Ok(up) => {
+                    // The detector ran while the new backup was still being built: only
+                    // silence from now on counts.
+                    self.failed.store(false, Ordering::Release);
+                    if !up {
+                        self.go_alone(&BackupGone::LinkDown);
+                    }
+                    return up;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    self.go_alone(&BackupGone::LinkDown);
+                    return false;
+                }
+            }
+        }
+    }
+
     fn run(mut self) {
+        if !self.wait_armed() {
+            return;
+        }
         let mut last_acked = 0;
         while !self.stop.load(Ordering::Acquire) {
             let (running, acked, goodbye) = {

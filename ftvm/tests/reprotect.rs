@@ -1,0 +1,244 @@
+//! Re-protection with real processes: a kv pair (`ftvm primary --accept-join`, `ftvm backup`)
+//! over the tcp transport in a network namespace, a file arbiter, client load recording every
+//! acknowledged SET. The backup is SIGKILLed, the primary goes on alone, and a new
+//! `ftvm backup --join` (no guest image) is cloned from the running VM by live state transfer;
+//! then the faults: the primary SIGKILLed (the joined backup goes live), the joiner SIGKILLed
+//! in the middle of its transfer (the primary serves on, a retry joins), the old backup of an
+//! older generation woken up after the join (it can never go live). Every test ends by reading
+//! back every acknowledged write. Needs root and /dev/kvm (prints SKIP otherwise).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use ftvm::client::Load;
+use ftvm::scenario::{Node, Scenario, Side, EXIT_FENCED};
+
+/// Sends SIG`name` to `node` (kill(1): the child is ours).
+fn signal(node: &Node, name: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([format!("-{name}"), node.pid().to_string()])
+        .status()
+        .expect("kill(1)");
+    assert!(ok.success(), "kill -{name} {}", node.pid());
+}
+
+/// The primary accepts joins; both sides up, kv answering.
+fn start(tag: &str) -> Scenario {
+    let mut c = common::config(tag);
+    c.transport = "tcp".into();
+    let mut s = Scenario::prepare(c).expect("prepare");
+    s.backup = Some(s.spawn(Side::Backup, &[]).expect("backup"));
+    let mut extra = Scenario::accept_join_args();
+    // Memory digests at every 4th checkpoint too: a joined backup whose memory differed from
+    // the primary's would stop as diverged.
+    extra.extend(["--mem-digest-every".into(), "4".into()]);
+    s.primary = Some(s.spawn(Side::Primary, &extra).expect("primary"));
+    s.wait_ready(Duration::from_secs(30)).expect("kv ready");
+    s
+}
+
+/// Kills the backup under load and waits until the primary runs alone in `generation`.
+fn kill_backup(s: &mut Scenario, load: &Load, generation: u64) {
+    common::wait_ops(s, load, 200, Duration::from_secs(20));
+    s.backup.take().expect("backup").kill();
+    let primary = s.primary.as_mut().expect("primary");
+    let alone = primary
+        .wait_line("ALONE", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no ALONE line: {}", primary.stderr_text()));
+    assert!(
+        alone.contains(&format!("generation {generation}")),
+        "{alone}"
+    );
+    common::wait_ops(s, load, 100, Duration::from_secs(20));
+}
+
+/// Starts joiner `name` and waits until it replays (its "joined the primary" line) and the
+/// primary reports the join done in `generation`; returns the joiner and the primary's line.
+fn join(s: &mut Scenario, name: &str, heartbeat: u16, generation: u64) -> (Node, String) {
+    let mut joiner = s
+        .spawn_joiner(name, heartbeat, &["--verify-cut".into()])
+        .expect("joiner");
+    let joined = joiner.wait_line("replaying from exit", Duration::from_secs(60));
+    let primary = s.primary.as_mut().expect("primary");
+    let done = primary.wait_line("REPROTECTED", Duration::from_secs(10));
+    let (Some(joined), Some(done)) = (joined, done) else {
+        panic!(
+            "the join did not complete\n--- joiner ---\n{}\n{}",
+            joiner.stderr_text(),
+            s.stderr_of_both()
+        );
+    };
+    assert!(
+        done.contains(&format!("as generation {generation}")),
+        "{done}"
+    );
+    // The cloned VM's memory equals the primary's at the cut (--verify-cut: the joiner
+    // refuses to pair otherwise).
+    assert!(joined.contains("equal to the primary's"), "{joined}");
+    eprintln!("{done}\n{joined}");
+    (joiner, done)
+}
+
+/// kv under load, the backup killed, a new backup joins the lone primary (memory digest equal
+/// to the primary's at the cut), the pair runs on (the new backup's digest checks stay quiet),
+/// then the primary is killed: the joined backup goes live as generation 4 with every
+/// acknowledged write, and the guest powers off cleanly through it.
+#[test]
+fn a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed() {
+    const TEST: &str =
+        "a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let mut s = start("rp-live");
+    let mut load = common::load(&s, 4, "a");
+    kill_backup(&mut s, &load, 2);
+    let (joiner, _) = join(&mut s, "c", 7111, 3);
+    s.backup = Some(joiner);
+    // Under the joined pair, outputs wait for the new backup's acknowledgements.
+    common::wait_ops(&s, &load, 300, Duration::from_secs(30));
+    let backup = s.backup.as_mut().expect("joiner");
+    assert_eq!(
+        backup.try_status(),
+        None,
+        "the joined backup stopped (diverged?): {}",
+        backup.stderr_text()
+    );
+    let t_kill = Instant::now();
+    s.primary.take().expect("primary").kill();
+    load.mark(Instant::now());
+    let first = common::wait_first_reply(&s, &load, Duration::from_secs(20));
+    let backup = s.backup.as_mut().expect("joiner");
+    let live = backup
+        .wait_line("LIVE", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no LIVE line: {}", backup.stderr_text()));
+    assert!(live.contains("generation 4"), "{live}");
+    eprintln!(
+        "{TEST}: first reply {:?} after the kill; {live}",
+        first - t_kill
+    );
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let stats = load.stop();
+    let report = common::assert_no_acked_write_lost(&s, load.checker());
+    assert!(report.checked >= stats.ops.min(800), "{report:?}");
+    assert_eq!(
+        s.generations(),
+        vec![
+            (1, "primary".to_string()),
+            (2, "primary".to_string()),
+            (3, "primary".to_string()),
+            (4, "c".to_string()),
+        ]
+    );
+    s.shutdown_guest();
+    common::assert_exits_with(s.backup.as_mut().expect("joiner"), 0);
+    let r = s.report_of("c").expect("joiner report");
+    assert!(r["golive"].is_object(), "{r}");
+}
+
+/// The joiner is stopped (SIGSTOP) as soon as the primary accepted it, then SIGKILLed, in the
+/// middle of its transfer: the primary keeps serving without a client error, and a second
+/// joiner then joins.
+#[test]
+fn a_joiner_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_joins() {
+    const TEST: &str = "a_joiner_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_joins";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let mut s = start("rp-kill");
+    let mut load = common::load(&s, 4, "k");
+    kill_backup(&mut s, &load, 2);
+    let mut joiner = s.spawn_joiner("c", 7111, &[]).expect("joiner");
+    let primary = s.primary.as_mut().expect("primary");
+    primary
+        .wait_line("join from c", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no join: {}", joiner.stderr_text()));
+    signal(&joiner, "STOP");
+    std::thread::sleep(Duration::from_millis(300));
+    joiner.kill();
+    let primary = s.primary.as_mut().expect("primary");
+    let failed = primary
+        .wait_line("JOIN FAILED", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("no JOIN FAILED line: {}", primary.stderr_text()));
+    eprintln!("{TEST}: {failed}");
+    assert!(
+        primary.find_line("REPROTECTED").is_none(),
+        "{}",
+        primary.stderr_text()
+    );
+    load.mark(Instant::now());
+    common::wait_first_reply(&s, &load, Duration::from_secs(10));
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    // The retry: a new generation again (the failed join's is spent).
+    let (joiner, done) = join(
+        &mut s,
+        "d",
+        7112,
+        if failed.contains("after the cut") {
+            5
+        } else {
+            4
+        },
+    );
+    eprintln!("{TEST}: {done}");
+    s.backup = Some(joiner);
+    common::wait_ops(&s, &load, 200, Duration::from_secs(30));
+    let stats = load.stop();
+    assert_eq!(stats.errors, 0, "client errors: {:?}", load.last_error());
+    common::assert_no_acked_write_lost(&s, load.checker());
+    s.shutdown_guest();
+    common::assert_exits_with(s.primary.as_mut().expect("primary"), 0);
+    common::assert_exits_with(s.backup.as_mut().expect("joiner"), 0);
+}
+
+/// The first backup is stopped (SIGSTOP) instead of killed: the primary presumes it failed
+/// and goes on alone in generation 2, a new backup joins in generation 3; the old backup,
+/// woken up (SIGCONT), finds its log link gone and contests generation 2 — held by the
+/// primary: it stops fenced and never goes live, while the joined pair serves on.
+#[test]
+fn a_stale_backup_of_an_older_generation_never_goes_live_after_a_join() {
+    const TEST: &str = "a_stale_backup_of_an_older_generation_never_goes_live_after_a_join";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let mut s = start("rp-stale");
+    let mut load = common::load(&s, 4, "s");
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let mut stale = s.backup.take().expect("backup");
+    signal(&stale, "STOP");
+    let primary = s.primary.as_mut().expect("primary");
+    let alone = primary
+        .wait_line("ALONE", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no ALONE line: {}", primary.stderr_text()));
+    assert!(alone.contains("generation 2"), "{alone}");
+    let (joiner, _) = join(&mut s, "c", 7111, 3);
+    s.backup = Some(joiner);
+    common::wait_ops(&s, &load, 200, Duration::from_secs(30));
+    signal(&stale, "CONT");
+    let status = stale.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|st| st.code()),
+        Some(EXIT_FENCED),
+        "{}",
+        stale.stderr_text()
+    );
+    assert!(stale.find_line("LIVE").is_none(), "{}", stale.stderr_text());
+    common::wait_ops(&s, &load, 200, Duration::from_secs(30));
+    let stats = load.stop();
+    assert_eq!(stats.errors, 0, "client errors: {:?}", load.last_error());
+    common::assert_no_acked_write_lost(&s, load.checker());
+    assert_eq!(
+        s.generations(),
+        vec![
+            (1, "primary".to_string()),
+            (2, "primary".to_string()),
+            (3, "primary".to_string()),
+        ]
+    );
+    let backup = s.backup.as_mut().expect("joiner");
+    assert_eq!(backup.try_status(), None, "{}", backup.stderr_text());
+}

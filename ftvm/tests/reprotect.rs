@@ -55,10 +55,20 @@ fn kill_backup(s: &mut Scenario, load: &Load, generation: u64) {
 
 /// Starts joiner `name` and waits until it replays (its "joined the primary" line) and the
 /// primary reports the join done in `generation`; returns the joiner and the primary's line.
-fn join(s: &mut Scenario, name: &str, heartbeat: u16, generation: u64) -> (Node, String) {
-    let mut joiner = s
-        .spawn_joiner(name, heartbeat, &["--verify-cut".into()])
-        .expect("joiner");
+/// `verify`: with `--verify-cut` (the memory digests at the cut compared; costs the pause a
+/// digest of guest memory).
+fn join(
+    s: &mut Scenario,
+    (name, heartbeat): (&str, u16),
+    generation: u64,
+    verify: bool,
+) -> (Node, String) {
+    let extra: Vec<String> = if verify {
+        vec!["--verify-cut".into()]
+    } else {
+        Vec::new()
+    };
+    let mut joiner = s.spawn_joiner(name, heartbeat, &extra).expect("joiner");
     let joined = joiner.wait_line("replaying from exit", Duration::from_secs(60));
     let primary = s.primary.as_mut().expect("primary");
     let done = primary.wait_line("REPROTECTED", Duration::from_secs(10));
@@ -75,7 +85,11 @@ fn join(s: &mut Scenario, name: &str, heartbeat: u16, generation: u64) -> (Node,
     );
     // The cloned VM's memory equals the primary's at the cut (--verify-cut: the joiner
     // refuses to pair otherwise).
-    assert!(joined.contains("equal to the primary's"), "{joined}");
+    assert_eq!(
+        joined.contains("equal to the primary's"),
+        verify,
+        "{joined}"
+    );
     eprintln!("{done}\n{joined}");
     (joiner, done)
 }
@@ -95,7 +109,7 @@ fn a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed()
     let mut s = start("rp-live");
     let mut load = common::load(&s, 4, "a");
     kill_backup(&mut s, &load, 2);
-    let (joiner, _) = join(&mut s, "c", 7111, 3);
+    let (joiner, _) = join(&mut s, ("c", 7111), 3, true);
     s.backup = Some(joiner);
     // Under the joined pair, outputs wait for the new backup's acknowledgements.
     common::wait_ops(&s, &load, 300, Duration::from_secs(30));
@@ -173,16 +187,12 @@ fn a_joiner_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_joins() {
     common::wait_first_reply(&s, &load, Duration::from_secs(10));
     common::wait_ops(&s, &load, 200, Duration::from_secs(20));
     // The retry: a new generation again (the failed join's is spent).
-    let (joiner, done) = join(
-        &mut s,
-        "d",
-        7112,
-        if failed.contains("after the cut") {
-            5
-        } else {
-            4
-        },
-    );
+    let generation = if failed.contains("after the cut") {
+        5
+    } else {
+        4
+    };
+    let (joiner, done) = join(&mut s, ("d", 7112), generation, false);
     eprintln!("{TEST}: {done}");
     s.backup = Some(joiner);
     common::wait_ops(&s, &load, 200, Duration::from_secs(30));
@@ -215,7 +225,7 @@ fn a_stale_backup_of_an_older_generation_never_goes_live_after_a_join() {
         .wait_line("ALONE", Duration::from_secs(10))
         .unwrap_or_else(|| panic!("no ALONE line: {}", primary.stderr_text()));
     assert!(alone.contains("generation 2"), "{alone}");
-    let (joiner, _) = join(&mut s, "c", 7111, 3);
+    let (joiner, _) = join(&mut s, ("c", 7111), 3, true);
     s.backup = Some(joiner);
     common::wait_ops(&s, &load, 200, Duration::from_secs(30));
     signal(&stale, "CONT");

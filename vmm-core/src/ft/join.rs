@@ -62,6 +62,9 @@
 //!   refused), and a backup of an older generation that tries to go live contests a
 //!   generation this primary already holds, and loses. The new backup starts in `g+1`, so when
 //!   this primary fails it takes over `g+2`.
+//! - **The old link is closed** when the join is accepted: a backup presumed failed may still
+//!   be alive (stopped, partitioned) with its connection open, and must neither receive a
+//!   record of the new pair nor acknowledge one.
 //! - **Failure midway.** The joiner killed or the link cut before the cut: the source stops
 //!   dirty tracking, the guest was never paused, nothing changes. After the cut: the monitor
 //!   goes alone (above). A retry is a new join.
@@ -84,6 +87,7 @@ use ftvm_channel::TransportError;
 use serde::{Deserialize, Serialize};
 
 use super::arbiter::ArbiterError;
+use super::backup::Severed;
 use super::golive::{FtConfig, PrimaryFt};
 use super::log::{Entry, LOG_VERSION};
 use super::node::Role;
@@ -676,6 +680,10 @@ impl Primary {
             }
         };
         let generation = g + 1;
+        // The link to the backup that failed is closed now if it was still open (a backup
+        // presumed failed may live on, stopped or partitioned): nothing this primary logs
+        // from the cut on may reach it, and no acknowledgement of it may release an output.
+        let _ = self.writer.sender().reconnect(Box::new(Severed));
         send_value(
             stream,
             msg::ACCEPT,

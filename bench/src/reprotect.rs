@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ftvm::client::{Checker, Load, LoadConfig, RespConn};
-use ftvm::scenario::{Node, Scenario, ScenarioConfig, Side};
+use ftvm::scenario::{Node, Scenario, ScenarioConfig, Side, JOIN_PORT};
 use serde::Serialize;
 
 use crate::report::{self, Panel, Series};
@@ -271,7 +271,8 @@ fn measure(args: &Args, transport: &str, runs: usize) -> anyhow::Result<Row> {
             for i in 0..runs {
                 std::thread::sleep(Duration::from_millis(500));
                 let t0 = Instant::now();
-                let mut joiner = s.spawn_joiner(&format!("j{i}"), 7120 + i as u16, &[])?;
+                let mut joiner =
+                    s.spawn_joiner(&format!("j{i}"), (7120 + i as u16, JOIN_PORT), &[])?;
                 let done = wait_count(
                     s.primary.as_ref().context("primary")?,
                     "REPROTECTED",

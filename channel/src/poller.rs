@@ -333,6 +333,46 @@ impl LogSender {
         })
     }
 
+    /// A sender with no backup yet ([`Sender::detached`]): the poller is stopped (not
+    /// running, its error `Closed`) until [`LogSender::reconnect_with`] pairs it.
+    ///
+    /// # Errors
+    /// As [`Sender::detached`]; [`TransportError::Io`] if the thread cannot be spawned.
+    pub fn detached(
+        producer: Producer,
+        consumer: Consumer,
+        cfg: Config,
+        pc: PollerConfig,
+    ) -> Result<Self, TransportError> {
+        let base = producer.next_seq();
+        let sender = Sender::detached(consumer, base, cfg)?;
+        let shared = Arc::clone(sender.shared());
+        let ctl = Arc::new(Control::default());
+        let wake = Arc::new(SenderWake::default());
+        let thread = Some(spawn_loop(
+            "ftvm-log-send",
+            sender,
+            Arc::clone(&ctl),
+            pc,
+            (Sender::poll, Sender::goodbye),
+            Some((Arc::clone(&wake), sender_acked)),
+        )?);
+        // Its first poll fails on the closed link (the thread ends, keeping the state for a
+        // reconnect); wait for that, so that `is_running` is false from the start.
+        while ctl.running.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        Ok(Self {
+            peer_settings: Vec::new(),
+            wake,
+            producer,
+            shared,
+            ctl,
+            thread,
+            pc,
+        })
+    }
+
     /// The backup's settings blob (from its HELLO at the first handshake).
     pub fn peer_settings(&self) -> &[u8] {
         &self.peer_settings

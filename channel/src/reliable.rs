@@ -352,6 +352,31 @@ impl Sender {
         base_seq: u64,
         cfg: Config,
     ) -> Result<Self, TransportError> {
+        let mut s = Self::unconnected(transport, consumer, base_seq, cfg)?;
+        s.handshake()?;
+        Ok(s)
+    }
+
+    /// A sender with no backup yet (its link is [`crate::transport::Closed`]): it holds the
+    /// log until [`Self::reconnect_with`] pairs it (a primary that runs alone and may take a
+    /// backup that joins, `PROTOCOL.md` §6).
+    ///
+    /// # Errors
+    /// [`TransportError::Log`] if the buffer's head record cannot be read.
+    pub fn detached(
+        consumer: Consumer,
+        base_seq: u64,
+        cfg: Config,
+    ) -> Result<Self, TransportError> {
+        Self::unconnected(Box::new(crate::transport::Closed), consumer, base_seq, cfg)
+    }
+
+    fn unconnected(
+        transport: Box<dyn Transport>,
+        consumer: Consumer,
+        base_seq: u64,
+        cfg: Config,
+    ) -> Result<Self, TransportError> {
         let mut consumer = consumer;
         // The record at the head, if any, tells the first sequence number on offer.
         let base_seq = loop {
@@ -407,7 +432,6 @@ impl Sender {
         };
         s.shared.acked.store(s.acked, Ordering::Release);
         s.window = s.cfg.max_inflight_bytes;
-        s.handshake()?;
         Ok(s)
     }
 

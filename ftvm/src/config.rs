@@ -484,6 +484,12 @@ pub struct CommonConfig {
     /// JSON at `/status.json` (read by `ftvm stat`); from pairing on.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    /// Accept a new backup (`ftvm backup --join`) on HOST:PORT whenever this side runs alone
+    /// as a primary (a primary whose backup failed, a backup that went live): the backup is
+    /// cloned from the running VM by live state transfer, and the pair goes on in a new
+    /// generation. Needs --arbiter and a tcp or tcp-spin logging transport.
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Re-protection")]
+    pub accept_join: Option<String>,
 }
 
 /// `ftvm primary`: the common settings and the primary's own.
@@ -546,12 +552,6 @@ pub struct PrimaryConfig {
     /// (outputs still held then are dropped, never released).
     #[arg(long, default_value_t = 10_000, help_heading = "Lifecycle")]
     pub stop_timeout_ms: u64,
-    /// Accept a new backup (`ftvm backup --join`) on HOST:PORT once this primary runs alone
-    /// (its backup failed): the backup is cloned from the running VM by live state transfer,
-    /// and the pair goes on in a new generation. Needs --arbiter and a tcp or tcp-spin
-    /// logging transport.
-    #[arg(long, value_name = "HOST:PORT", help_heading = "Re-protection")]
-    pub accept_join: Option<String>,
 }
 
 /// `ftvm backup`: the common settings and the backup's own.
@@ -697,6 +697,9 @@ impl CommonConfig {
             self.peer()?;
         }
         let bad = |s: String| Err(ConfigError::Invalid(s));
+        if self.accept_join.is_some() && self.arbiter.is_none() {
+            return bad("--accept-join needs --arbiter (a join wins a new generation)".into());
+        }
         if self.generation == 0 {
             return bad("--generation 0: generations start at 1".into());
         }
@@ -770,11 +773,6 @@ impl RoleConfig for PrimaryConfig {
             return Err(ConfigError::Invalid(format!(
                 "--throttle-min-share {m}: must be in (0, 1]"
             )));
-        }
-        if self.accept_join.is_some() && self.common.arbiter.is_none() {
-            return Err(ConfigError::Invalid(
-                "--accept-join needs --arbiter (a join wins a new generation)".into(),
-            ));
         }
         if self.on_backup_failure() == PeerFailurePolicy::GoAloneUnprotected
             && self.common.arbiter.is_some()

@@ -19,15 +19,18 @@ use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, PollerConfig};
 use ftvm_vmm_core::ft::golive::FtConfig;
 use ftvm_vmm_core::ft::join::{
-    join, JoinAcceptor, JoinEvent, JoinOptions, JoinPoint, JoinRequest, JoinSummary, JOIN_VERSION,
+    join, JoinAcceptor, JoinError, JoinEvent, JoinOptions, JoinPoint, JoinRequest, JoinSummary,
+    RefuseReason, JOIN_VERSION,
 };
-use ftvm_vmm_core::ft::primary::LogWriter;
 use ftvm_vmm_core::ft::{Arbiter, Role};
 use ftvm_vmm_core::transfer::TransferHandle;
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 
-use crate::config::{BackupConfig, PrimaryConfig, Transport};
+use crate::config::{BackupConfig, CommonConfig, Transport};
 use crate::lifecycle::Lifecycle;
+
+/// How long a joiner refused as "not alone" tries again.
+const JOIN_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The joins a primary completed (for its report).
 pub type Joins = Arc<Mutex<Vec<JoinSummary>>>;
@@ -52,9 +55,10 @@ fn tcp_mode(t: Transport) -> anyhow::Result<TcpMode> {
     }
 }
 
-/// The join point to put in the primary's failover settings, if it accepts joins.
-pub fn join_point(pc: &PrimaryConfig) -> Option<JoinPoint> {
-    pc.accept_join.as_ref().map(|_| JoinPoint::new())
+/// The join point to put in a side's failover settings, if it accepts joins.
+pub fn join_point(s: &CommonConfig) -> Option<JoinPoint> {
+    let capacity = usize::try_from(s.log_capacity.0).ok()?;
+    s.accept_join.as_ref().map(|_| JoinPoint::new(capacity))
 }
 
 fn mb(b: u64) -> f64 {
@@ -119,23 +123,22 @@ fn print_event(joins: &Joins, e: &JoinEvent) {
     }
 }
 
-/// `--accept-join`: starts accepting joins for the primary running `vm`, logging through
-/// `writer`, with failover settings `ft` (which must carry the [`join_point`]) and the logging
-/// channel's parameters `channel`. `None` without `--accept-join`.
+/// `--accept-join`: starts accepting joins for the side running `vm` (served once it runs as
+/// a lone primary), with failover settings `ft` (which must carry the [`join_point`]) and the
+/// logging channel's parameters `channel`. `None` without `--accept-join`.
 ///
 /// # Errors
 /// The address cannot be bound, a transport other than tcp/tcp-spin, no arbiter.
 pub fn accept(
-    pc: &PrimaryConfig,
+    s: &CommonConfig,
     ft: Option<&FtConfig>,
-    (writer, vm): (&LogWriter, &Vm),
+    vm: &Vm,
     channel: Config,
 ) -> anyhow::Result<Option<(JoinAcceptor, Joins)>> {
-    let Some(addr) = pc.accept_join.as_deref() else {
+    let Some(addr) = s.accept_join.as_deref() else {
         return Ok(None);
     };
     let ft = ft.context("--accept-join needs --arbiter")?;
-    let s = &pc.common;
     let mut opts = JoinOptions::new(channel, s.log_capacity.0);
     opts.tcp_mode = tcp_mode(s.transport)?;
     opts.copy_disk = !s.shared_disk;
@@ -146,13 +149,13 @@ pub fn accept(
     let acceptor = JoinAcceptor::spawn(
         listener,
         ft.clone(),
-        (writer.clone(), TransferHandle::of(vm), vm.control()),
+        (TransferHandle::of(vm), vm.control()),
         opts,
         Box::new(move |e| print_event(&j, e)),
     )
     .context("--accept-join")?;
     eprintln!(
-        "primary: accepting joins on {} once alone",
+        "accepting joins on {} whenever this side runs alone as a primary",
         acceptor.local_addr()
     );
     Ok(Some((acceptor, joins)))
@@ -214,14 +217,28 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
         verify_cut: bc.verify_cut,
     };
     eprintln!("backup: joining the primary at {primary}");
-    let joined = join(primary, &req, &backends, |r| {
-        eprintln!(
-            "backup: join: {:.1} MB of memory, {:.1} MB of disk received",
-            mb(r.pages * 4096),
-            mb(r.disk_bytes)
-        );
-    })
-    .with_context(|| format!("cannot join the primary at {primary}"))?;
+    // A side that just went live becomes a primary a moment later, and one with a backup
+    // may lose it: refused as "not alone", the join is tried again for a while.
+    let deadline = std::time::Instant::now() + JOIN_PATIENCE;
+    let joined = loop {
+        let r = join(primary, &req, &backends, |r| {
+            eprintln!(
+                "backup: join: {:.1} MB of memory, {:.1} MB of disk received",
+                mb(r.pages * 4096),
+                mb(r.disk_bytes)
+            );
+        });
+        match r {
+            Err(JoinError::Refused {
+                reason: RefuseReason::NotAlone,
+                text,
+            }) if std::time::Instant::now() < deadline => {
+                eprintln!("backup: join refused ({text}); trying again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            r => break r.with_context(|| format!("cannot join the primary at {primary}"))?,
+        }
+    };
     let a = &joined.accept;
     eprintln!(
         "backup: joined the primary {} at {primary} as generation {}: {:.1} MB of memory, {:.1} MB of disk in {:.2} s, replaying from exit {} (log record {}){}",
@@ -274,7 +291,7 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
         core: None,
         idle: s.poll_idle.into(),
     };
-    let rx = LogReceiver::start(p, c, Box::new(t), cfg, poller)
+    let rx = LogReceiver::start(p, c, Box::new(t), cfg.clone(), poller)
         .context("cannot pair with the primary after the join")?;
     let paired = format!(
         "backup: joined the primary {} as generation {}, replaying from exit {}",
@@ -283,7 +300,7 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
     crate::pair::replay(
         &bc,
         (Some(failover), Some(arbiter)),
-        vm,
+        (vm, cfg),
         rx,
         buf,
         &paired,

@@ -309,10 +309,10 @@ pub fn primary(pc: PrimaryConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<(
     });
     let hooks = PrimaryHooks::default();
     let ft = ft_config(failover.as_ref(), arbiter, None)?.map(|mut f| {
-        f.join = crate::join::join_point(&pc);
+        f.join = crate::join::join_point(s);
         f
     });
-    let acceptor = crate::join::accept(&pc, ft.as_ref(), (&writer, &vm), join_channel)?;
+    let acceptor = crate::join::accept(s, ft.as_ref(), &vm, join_channel)?;
     // The throttle acts on this thread: `run_primary` / `run_primary_ft` run the vCPU here.
     // Once the primary goes on alone its lag source stops replicating and the controller
     // gives the vCPU its full share back.
@@ -664,7 +664,7 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
         core: None,
         idle: s.poll_idle.into(),
     };
-    let (rx, listened) = LogReceiver::listen(p, c, incoming.as_mut(), cfg, poller)
+    let (rx, listened) = LogReceiver::listen(p, c, incoming.as_mut(), cfg.clone(), poller)
         .map_err(|e| refused_or("backup", e))
         .context("cannot pair with the primary")?;
     drop(incoming);
@@ -681,7 +681,15 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
         listened.paired_with,
         failover.as_ref().map_or(1, |f| f.generation)
     );
-    replay(&bc, (failover, arbiter), vm, rx, buf, &paired, lifecycle)
+    replay(
+        &bc,
+        (failover, arbiter),
+        (vm, cfg),
+        rx,
+        buf,
+        &paired,
+        lifecycle,
+    )
 }
 
 /// The backup's replay, once paired (`ftvm backup`, and `ftvm backup --join` once the VM was
@@ -693,7 +701,7 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
 pub(crate) fn replay(
     bc: &BackupConfig,
     (failover, arbiter): (Option<Failover>, Option<Arc<dyn Arbiter>>),
-    mut vm: Vm,
+    (mut vm, channel): (Vm, Config),
     rx: LogReceiver,
     buf: Arc<std::sync::Mutex<Vec<u8>>>,
     paired: &str,
@@ -709,11 +717,18 @@ pub(crate) fn replay(
     lifecycle.watch(&observer);
     // Records (and logs) the throttle targets agreed through the log.
     TargetFollower::new().install(reader.controls());
-    let result = match ft_config(
+    let ft = ft_config(
         failover.as_ref(),
         arbiter,
         Some((s.tap(), bc.primary_stop_policy())),
-    )? {
+    )?
+    .map(|mut f| {
+        f.join = crate::join::join_point(s);
+        f
+    });
+    // Joins are served once this backup went live (and runs as a lone primary).
+    let _acceptor = crate::join::accept(s, ft.as_ref(), &vm, channel)?;
+    let result = match ft {
         None => run_backup(&mut vm, reader),
         Some(ft) => {
             // After going live, the console output is this node's to release: to --console.

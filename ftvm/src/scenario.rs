@@ -659,18 +659,19 @@ impl Scenario {
         vec!["--accept-join".into(), format!("127.0.0.1:{JOIN_PORT}")]
     }
 
-    /// Starts `ftvm backup --join` inside the namespace, named `name` on the arbiter, with its
-    /// own image `<name>.img` (own-copy mode; filled by the transfer) or the shared one, the
-    /// pair's TAP as its service TAP, heartbeats on port `heartbeat`, its console and report
-    /// at `<name>.console` / `<name>.json` ([`Scenario::report_of`]), plus `extra`. It shows
-    /// as the backup in [`Scenario::stderr_of_both`] once put in [`Scenario::backup`].
+    /// Starts `ftvm backup --join 127.0.0.1:<join_port>` inside the namespace, named `name` on
+    /// the arbiter, with its own image `<name>.img` (own-copy mode; filled by the transfer) or
+    /// the shared one, the pair's TAP as its service TAP, heartbeats on port `heartbeat`, its
+    /// console and report at `<name>.console` / `<name>.json` ([`Scenario::report_of`]), plus
+    /// `extra`. It shows as the backup in [`Scenario::stderr_of_both`] once put in
+    /// [`Scenario::backup`].
     ///
     /// # Errors
     /// [`ScenarioError::Io`] when the image or the process cannot be created.
     pub fn spawn_joiner(
         &self,
         name: &str,
-        heartbeat: u16,
+        (heartbeat, join_port): (u16, u16),
         extra: &[String],
     ) -> Result<Node, ScenarioError> {
         let d = self.dir.path();
@@ -682,7 +683,7 @@ impl Scenario {
         let mut args: Vec<String> = vec![
             "backup".into(),
             "--join".into(),
-            format!("127.0.0.1:{JOIN_PORT}"),
+            format!("127.0.0.1:{join_port}"),
             "--disk".into(),
             disk.display().to_string(),
             "--net".into(),

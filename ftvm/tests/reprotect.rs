@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use ftvm::client::Load;
-use ftvm::scenario::{Node, Scenario, Side, EXIT_FENCED};
+use ftvm::scenario::{Node, Scenario, Side, EXIT_FENCED, JOIN_PORT};
 
 /// Sends SIG`name` to `node` (kill(1): the child is ours).
 fn signal(node: &Node, name: &str) {
@@ -68,7 +68,20 @@ fn join(
     } else {
         Vec::new()
     };
-    let mut joiner = s.spawn_joiner(name, heartbeat, &extra).expect("joiner");
+    join_with(s, (name, heartbeat, JOIN_PORT), generation, &extra)
+}
+
+/// As [`join`], to the side accepting joins on `join_port`, with `extra` flags.
+fn join_with(
+    s: &mut Scenario,
+    (name, heartbeat, join_port): (&str, u16, u16),
+    generation: u64,
+    extra: &[String],
+) -> (Node, String) {
+    let verify = extra.iter().any(|a| a == "--verify-cut");
+    let mut joiner = s
+        .spawn_joiner(name, (heartbeat, join_port), extra)
+        .expect("joiner");
     let joined = joiner.wait_line("replaying from exit", Duration::from_secs(60));
     let primary = s.primary.as_mut().expect("primary");
     let done = primary.wait_line("REPROTECTED", Duration::from_secs(10));
@@ -165,7 +178,7 @@ fn a_joiner_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_joins() {
     let mut s = start("rp-kill");
     let mut load = common::load(&s, 4, "k");
     kill_backup(&mut s, &load, 2);
-    let mut joiner = s.spawn_joiner("c", 7111, &[]).expect("joiner");
+    let mut joiner = s.spawn_joiner("c", (7111, JOIN_PORT), &[]).expect("joiner");
     let primary = s.primary.as_mut().expect("primary");
     primary
         .wait_line("join from c", Duration::from_secs(20))
@@ -251,4 +264,80 @@ fn a_stale_backup_of_an_older_generation_never_goes_live_after_a_join() {
     );
     let backup = s.backup.as_mut().expect("joiner");
     assert_eq!(backup.try_status(), None, "{}", backup.stderr_text());
+}
+
+/// `--accept-join` on `port` (for a joiner that will accept joins once it went live).
+fn accepting(port: u16) -> Vec<String> {
+    vec!["--accept-join".into(), format!("127.0.0.1:{port}")]
+}
+
+/// Three cycles of failure and re-protection under load: the backup killed, a new backup
+/// joins the lone primary; then three times the primary is killed, the joined backup goes live
+/// and a new backup joins it (a backup that went live accepts joins without a restart). Every
+/// acknowledged write is read back at the end, and the arbiter's generations tell the story.
+#[test]
+fn three_cycles_of_kill_and_reprotect_lose_no_acked_write() {
+    const TEST: &str = "three_cycles_of_kill_and_reprotect_lose_no_acked_write";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let mut s = start("rp-cycle");
+    let mut load = common::load(&s, 4, "y");
+    kill_backup(&mut s, &load, 2);
+    let (joiner, _) = join_with(&mut s, ("c0", 7130, JOIN_PORT), 3, &accepting(7301));
+    s.backup = Some(joiner);
+    let mut generation = 3;
+    for cycle in 0..3u16 {
+        common::wait_ops(&s, &load, 200, Duration::from_secs(30));
+        let t_kill = Instant::now();
+        s.primary.take().expect("primary").kill();
+        load.mark(Instant::now());
+        let first = common::wait_first_reply(&s, &load, Duration::from_secs(20));
+        let live = {
+            let b = s.backup.as_mut().expect("backup");
+            b.wait_line("LIVE", Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("no LIVE line: {}", b.stderr_text()))
+        };
+        generation += 1;
+        assert!(live.contains(&format!("generation {generation}")), "{live}");
+        eprintln!(
+            "{TEST}: cycle {cycle}: first reply {:?} after the kill; {live}",
+            first - t_kill
+        );
+        s.primary = s.backup.take();
+        common::wait_ops(&s, &load, 100, Duration::from_secs(20));
+        if cycle < 2 {
+            generation += 1;
+            let name = format!("c{}", cycle + 1);
+            let (joiner, done) = join_with(
+                &mut s,
+                (&name, 7131 + cycle, 7301 + cycle),
+                generation,
+                &accepting(7302 + cycle),
+            );
+            eprintln!("{TEST}: cycle {cycle}: {done}");
+            s.backup = Some(joiner);
+        }
+    }
+    common::wait_ops(&s, &load, 200, Duration::from_secs(30));
+    let stats = load.stop();
+    let report = common::assert_no_acked_write_lost(&s, load.checker());
+    assert!(report.checked >= stats.ops.min(1000), "{report:?}");
+    let who = |w: &str| w.to_string();
+    assert_eq!(
+        s.generations(),
+        vec![
+            (1, who("primary")),
+            (2, who("primary")),
+            (3, who("primary")),
+            (4, who("c0")),
+            (5, who("c0")),
+            (6, who("c1")),
+            (7, who("c1")),
+            (8, who("c2")),
+        ]
+    );
+    s.shutdown_guest();
+    common::assert_exits_with(s.primary.as_mut().expect("last live side"), 0);
 }

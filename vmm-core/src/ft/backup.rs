@@ -117,7 +117,7 @@ struct Watch {
 
 /// A transport that is closed: handing it to [`LogReceiver::reconnect`] stops the receiver's
 /// poller (its handshake fails at once), so that nothing more is received or acknowledged.
-pub(crate) struct Severed;
+struct Severed;
 
 impl ftvm_channel::Transport for Severed {
     fn name(&self) -> &'static str {

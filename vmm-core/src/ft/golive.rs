@@ -526,9 +526,21 @@ impl PrimaryFt {
             take_disk(d, self.cfg.generation)?;
         }
         gate.set_fence(self.fence.clone(), self.cfg.generation);
-        writer.set_managed();
         self.detector.observe_into(writer.observer());
         writer.observer().set_generation(self.cfg.generation);
+        if let Some(j) = &self.cfg.join {
+            j.set_writer(writer);
+        }
+        if writer.is_alone() {
+            // A backup that went live runs as a lone primary (to take a backup that joins):
+            // outputs flow, and there is no backup to watch until one joins.
+            gate.release_all(self.cfg.generation);
+            writer
+                .observer()
+                .set_role(SideRole::Alone, self.cfg.generation);
+            return Ok(());
+        }
+        writer.set_managed();
         self.spawn_monitor(gate, writer, vm, on_backup_stop, None)
     }
 
@@ -1033,7 +1045,6 @@ impl BackupGoLive {
             std::thread::sleep(Duration::from_millis(1));
         }
         let t_failed = Instant::now();
-        let detection = self.detector.stats().last_detection.unwrap_or_default();
         // 2. The test-and-set (waits while the arbiter is unreachable; never live without it).
         let (generation, outcome) = match take_over(
             &*self.cfg.arbiter,
@@ -1088,6 +1099,12 @@ impl BackupGoLive {
             // What was replayed was the primary's to release; from here on the output is ours.
             self.console_replayed =
                 std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()));
+            if self.cfg.join.is_some() {
+                // It goes through the output gate of the primary this side becomes
+                // (`live_as_primary`), to wait for a backup that joins.
+                self.console = Some((buf, sink));
+                return self.went_live(exit, generation, (lost_at, t_out, t_failed, t_won));
+            }
             let acks: Arc<dyn super::output::AckSource> =
                 Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
             match OutputGate::start(acks, Arc::default()) {
@@ -1098,6 +1115,18 @@ impl BackupGoLive {
                 Err(e) => tracing::error!(error = %e, "console output thread"),
             }
         }
+        self.went_live(exit, generation, (lost_at, t_out, t_failed, t_won))
+    }
+
+    /// Records the timings of going live (`lost_at`: the log stopped, `t_out`: the replay ran
+    /// out, `t_failed`: the primary presumed failed, `t_won`: the arbiter won).
+    fn went_live(
+        &mut self,
+        exit: u64,
+        generation: u64,
+        (lost_at, t_out, t_failed, t_won): (Instant, Instant, Instant, Instant),
+    ) -> bool {
+        let detection = self.detector.stats().last_detection.unwrap_or_default();
         let t_live = Instant::now();
         let first_sign = lost_at.min(t_failed.checked_sub(detection).unwrap_or(t_failed));
         let timings = GoLiveTimings {
@@ -1111,6 +1140,11 @@ impl BackupGoLive {
             total: t_live.saturating_duration_since(first_sign),
         };
         tracing::info!(?timings, "the backup is live");
+        if self.cfg.join.is_some() {
+            // Out of the replay's run at the next exit: it becomes a lone primary that
+            // accepts joins (`live_as_primary`) at once rather than at the next checkpoint.
+            self.control.kick();
+        }
         let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
         reader.observer().set_role(SideRole::Alone, generation);
         if let Some(g) = &self.console_gate {
@@ -1202,6 +1236,21 @@ pub fn run_backup_ft(
     // The receiver is no longer needed.
     drop(reader);
     tracing::info!(exit, "running as a lone primary");
+    let join = golive
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .cfg
+        .join
+        .clone();
+    // Paused by the kick of `went_live` (not by a stop): runs on as a primary too.
+    let runs_on = match outcome {
+        None | Some(RunOutcome::ExitLimit) => true,
+        Some(RunOutcome::Paused) => !vm.stop_requested(),
+        Some(RunOutcome::PoweredOff(_)) => false,
+    };
+    if let Some(point) = join.filter(|_| runs_on) {
+        return live_as_primary(vm, &golive, &point, (entries, controls, checks), &detector);
+    }
     let code = match outcome {
         Some(RunOutcome::PoweredOff(code)) => code,
         Some(RunOutcome::Paused) => return Err(paused_or_stopped(vm)),
@@ -1239,6 +1288,70 @@ pub fn run_backup_ft(
         mem_digest: vm.memory_digest(),
         regs_digest: register_digest(vm),
         console,
+        console_replayed,
+        tx: vm.net().map(NetHandle::tx_counters),
+        disk: vm.shared_disk().map(BlkHandle::counters),
+        detector: detector.stats(),
+        outputs_verified: checks.verified_count(),
+        output_bytes_verified: checks.verified_bytes(),
+    })))
+}
+
+/// A backup that went live and accepts joins ([`super::join`]) runs as a lone primary: a log
+/// writer with no backup yet (alone: nothing is logged, outputs flow), the output gate of a
+/// primary (console and transmits), and the join point, until the guest powers off.
+fn live_as_primary(
+    vm: &mut Vm,
+    golive: &Arc<Mutex<BackupGoLive>>,
+    point: &super::join::JoinPoint,
+    (entries, controls, checks): (u64, Vec<AppliedControl>, super::backup::OutputChecks),
+    detector: &Detector,
+) -> Result<BackupFtReport, PairError> {
+    let mut g = golive.lock().unwrap_or_else(|e| e.into_inner());
+    let timings = g.timings.unwrap_or_default();
+    let console = g.console.take();
+    let console_replayed = std::mem::take(&mut g.console_replayed);
+    let mut cfg = g.cfg.clone();
+    drop(g);
+    cfg.generation = timings.generation;
+    // The backup's detector keeps its address; this side's, for a backup that joins, takes
+    // another (the join tells the joiner).
+    cfg.detector.bind = std::net::SocketAddr::new(cfg.detector.bind.ip(), 0);
+    cfg.detector.role = Role::Alone;
+    let (p, c) = ftvm_ringbuf::with_capacity(point.log_capacity())
+        .map_err(|e| PairError::Setup(format!("log buffer: {e}")))?;
+    let sender = ftvm_channel::LogSender::detached(
+        p,
+        c,
+        ftvm_channel::Config::default(),
+        ftvm_channel::PollerConfig::default(),
+    )?;
+    let opts = PairOptions::default();
+    let writer = LogWriter::new(sender, opts.idle);
+    writer.set_alone();
+    let mut pft = PrimaryFt::new(cfg)?;
+    let r = primary_loop(
+        vm,
+        &writer,
+        &opts,
+        console,
+        &PrimaryHooks::default(),
+        Some(&mut pft),
+    );
+    pft.stop_monitor();
+    if let Some(e) = pft.superseded() {
+        return Err(e);
+    }
+    let r = r?;
+    Ok(BackupFtReport::WentLive(Box::new(LiveReport {
+        timings,
+        code: r.code,
+        exits: r.exits,
+        entries,
+        controls,
+        mem_digest: r.mem_digest,
+        regs_digest: r.regs_digest,
+        console: r.outputs,
         console_replayed,
         tx: vm.net().map(NetHandle::tx_counters),
         disk: vm.shared_disk().map(BlkHandle::counters),

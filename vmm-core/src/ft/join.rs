@@ -87,7 +87,6 @@ use ftvm_channel::TransportError;
 use serde::{Deserialize, Serialize};
 
 use super::arbiter::ArbiterError;
-use super::backup::Severed;
 use super::golive::{FtConfig, PrimaryFt};
 use super::log::{Entry, LOG_VERSION};
 use super::node::Role;
@@ -312,10 +311,14 @@ struct CutRequest {
 
 /// Where a join thread and the primary's vCPU thread meet for the cut; part of the primary's
 /// [`FtConfig::join`]. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct JoinPoint {
     due: Arc<AtomicBool>,
     request: Arc<Mutex<Option<CutRequest>>>,
+    /// The primary's log writer, once it runs as a primary (set by its run).
+    writer: Arc<std::sync::OnceLock<LogWriter>>,
+    /// The log buffer of a backup that goes live and becomes a primary.
+    log_capacity: usize,
 }
 
 impl std::fmt::Debug for JoinPoint {
@@ -327,9 +330,25 @@ impl std::fmt::Debug for JoinPoint {
 }
 
 impl JoinPoint {
-    /// A join point with nothing due.
-    pub fn new() -> Self {
-        Self::default()
+    /// A join point with nothing due; `log_capacity`: the log buffer a backup that goes live
+    /// gives itself, to log for a backup that joins it (a power of two).
+    pub fn new(log_capacity: usize) -> Self {
+        JoinPoint {
+            due: Arc::default(),
+            request: Arc::default(),
+            writer: Arc::default(),
+            log_capacity,
+        }
+    }
+
+    /// The capacity of the log buffer a live backup gives itself.
+    pub(crate) fn log_capacity(&self) -> usize {
+        self.log_capacity
+    }
+
+    /// The run of a primary registers its writer: joins are served from then on.
+    pub(crate) fn set_writer(&self, writer: &LogWriter) {
+        let _ = self.writer.set(writer.clone());
     }
 
     fn post(&self, r: CutRequest) {
@@ -540,7 +559,6 @@ impl std::fmt::Debug for JoinAcceptor {
 /// What the join thread works with.
 struct Primary {
     ft: FtConfig,
-    writer: LogWriter,
     handle: TransferHandle,
     control: VmControl,
     opts: JoinOptions,
@@ -548,16 +566,18 @@ struct Primary {
 }
 
 impl JoinAcceptor {
-    /// Starts accepting joins on `listener` for the primary whose VM `handle` and `control`
-    /// belong to, logging through `writer`, with `ft` (its failover settings: the arbiter, its
-    /// node id, its detector's settings, and the join point its run loop checks).
+    /// Starts accepting joins on `listener` for the VM `handle` and `control` belong to, with
+    /// `ft` (its failover settings: the arbiter, its node id, its detector's settings, and the
+    /// join point its run loop checks). Joins are refused until the VM runs as a primary (the
+    /// run registers its log writer with the join point: `ftvm primary` at once, a backup
+    /// once it went live).
     ///
     /// # Errors
     /// The I/O error if the listener cannot be made non-blocking or the thread not started.
     pub fn spawn(
         listener: TcpListener,
         ft: FtConfig,
-        (writer, handle, control): (LogWriter, TransferHandle, VmControl),
+        (handle, control): (TransferHandle, VmControl),
         opts: JoinOptions,
         events: JoinEvents,
     ) -> std::io::Result<Self> {
@@ -566,7 +586,6 @@ impl JoinAcceptor {
         let stop = Arc::new(AtomicBool::new(false));
         let p = Primary {
             ft,
-            writer,
             handle,
             control,
             opts,
@@ -644,7 +663,14 @@ impl Primary {
                 ),
             ));
         }
-        if !self.writer.is_alone() {
+        let Some(writer) = self.ft.join.as_ref().and_then(|p| p.writer.get()) else {
+            return Err(refuse(
+                stream,
+                RefuseReason::NotAlone,
+                "this node does not run as a primary (yet)".into(),
+            ));
+        };
+        if !writer.is_alone() {
             return Err(refuse(
                 stream,
                 RefuseReason::NotAlone,
@@ -683,7 +709,9 @@ impl Primary {
         // The link to the backup that failed is closed now if it was still open (a backup
         // presumed failed may live on, stopped or partitioned): nothing this primary logs
         // from the cut on may reach it, and no acknowledgement of it may release an output.
-        let _ = self.writer.sender().reconnect(Box::new(Severed));
+        let _ = writer
+            .sender()
+            .reconnect(Box::new(ftvm_channel::transport::Closed));
         send_value(
             stream,
             msg::ACCEPT,
@@ -784,7 +812,7 @@ impl Primary {
                 check_settings: None,
                 ..self.opts.channel.clone()
             };
-            self.writer.sender().reconnect_with(Box::new(t), cfg)?;
+            writer.sender().reconnect_with(Box::new(t), cfg)?;
             Ok(())
         })();
         let _ = armed_tx.send(paired.is_ok());

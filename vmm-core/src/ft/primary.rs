@@ -933,6 +933,9 @@ pub(crate) fn primary_loop(
                     }
                     continue;
                 }
+                // A kick meant for a join that was given up, or for going live: a lone
+                // primary with failover runs on.
+                None if ft.is_some() && writer.is_alone() => continue,
                 None => break Err(peer_failed(&watch, exit).unwrap_or(PairError::Paused(exit))),
             },
         }

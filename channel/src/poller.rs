@@ -310,6 +310,11 @@ impl LogSender {
     ) -> Result<Self, TransportError> {
         let base = producer.next_seq();
         let sender = Sender::connect(transport, consumer, base, cfg)?;
+        Self::spawn(producer, sender, pc)
+    }
+
+    /// Starts the poller on `sender`.
+    fn spawn(producer: Producer, sender: Sender, pc: PollerConfig) -> Result<Self, TransportError> {
         let peer_settings = sender.peer_settings().to_vec();
         let shared = Arc::clone(sender.shared());
         let ctl = Arc::new(Control::default());
@@ -346,31 +351,13 @@ impl LogSender {
     ) -> Result<Self, TransportError> {
         let base = producer.next_seq();
         let sender = Sender::detached(consumer, base, cfg)?;
-        let shared = Arc::clone(sender.shared());
-        let ctl = Arc::new(Control::default());
-        let wake = Arc::new(SenderWake::default());
-        let thread = Some(spawn_loop(
-            "ftvm-log-send",
-            sender,
-            Arc::clone(&ctl),
-            pc,
-            (Sender::poll, Sender::goodbye),
-            Some((Arc::clone(&wake), sender_acked)),
-        )?);
+        let s = Self::spawn(producer, sender, pc)?;
         // Its first poll fails on the closed link (the thread ends, keeping the state for a
         // reconnect); wait for that, so that `is_running` is false from the start.
-        while ctl.running.load(Ordering::Acquire) {
+        while s.ctl.running.load(Ordering::Acquire) {
             std::thread::yield_now();
         }
-        Ok(Self {
-            peer_settings: Vec::new(),
-            wake,
-            producer,
-            shared,
-            ctl,
-            thread,
-            pc,
-        })
+        Ok(s)
     }
 
     /// The backup's settings blob (from its HELLO at the first handshake).
@@ -495,6 +482,14 @@ impl LogSender {
     /// # Errors
     /// As [`Sender::reconnect`]. After an error the sender can be given another transport.
     pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
+        self.restart(|sender| sender.reconnect(transport))
+    }
+
+    /// Stops the poller, runs `handshake` on the sender, starts the poller again.
+    fn restart(
+        &mut self,
+        handshake: impl FnOnce(&mut Sender) -> Result<(), TransportError>,
+    ) -> Result<(), TransportError> {
         restart_loop(
             &mut self.thread,
             &self.ctl,
@@ -502,7 +497,7 @@ impl LogSender {
             ("sender", "ftvm-log-send"),
             (Sender::poll, Sender::goodbye),
             Some((Arc::clone(&self.wake), sender_acked)),
-            |sender| sender.reconnect(transport),
+            handshake,
         )
     }
 
@@ -517,15 +512,7 @@ impl LogSender {
         transport: Box<dyn Transport>,
         cfg: Config,
     ) -> Result<(), TransportError> {
-        restart_loop(
-            &mut self.thread,
-            &self.ctl,
-            self.pc,
-            ("sender", "ftvm-log-send"),
-            (Sender::poll, Sender::goodbye),
-            Some((Arc::clone(&self.wake), sender_acked)),
-            |sender| sender.reconnect_with(transport, cfg),
-        )
+        self.restart(|sender| sender.reconnect_with(transport, cfg))
     }
 
     /// Stops the poller and returns the producer and the log buffer's consumer.

@@ -14,6 +14,12 @@ use std::time::{Duration, Instant};
 use ftvm::client::Load;
 use ftvm::scenario::{Node, Scenario, Side, EXIT_FENCED, JOIN_PORT};
 
+/// The arbiter's generations 1, 2, … are held by `holders`, in order.
+fn assert_generations(s: &Scenario, holders: &[&str]) {
+    let want: Vec<(u64, String)> = (1..).zip(holders.iter().map(|h| h.to_string())).collect();
+    assert_eq!(s.generations(), want);
+}
+
 /// Sends SIG`name` to `node` (kill(1): the child is ours).
 fn signal(node: &Node, name: &str) {
     let ok = std::process::Command::new("kill")
@@ -36,6 +42,23 @@ fn start(tag: &str) -> Scenario {
     s.primary = Some(s.spawn(Side::Primary, &extra).expect("primary"));
     s.wait_ready(Duration::from_secs(30)).expect("kv ready");
     s
+}
+
+/// The start of most tests: SKIP check, one scenario at a time, the pair (tag `tag`), client
+/// load (key prefix `prefix`), the backup killed and the primary alone in generation 2.
+fn lone_primary_under_load(
+    test: &str,
+    tag: &str,
+    prefix: &str,
+) -> Option<(std::sync::MutexGuard<'static, ()>, Scenario, Load)> {
+    if common::skip(test) {
+        return None;
+    }
+    let serial = common::serial();
+    let mut s = start(tag);
+    let load = common::load(&s, 4, prefix);
+    kill_backup(&mut s, &load, 2);
+    Some((serial, s, load))
 }
 
 /// Kills the backup under load and waits until the primary runs alone in `generation`.
@@ -115,13 +138,9 @@ fn join_with(
 fn a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed() {
     const TEST: &str =
         "a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed";
-    if common::skip(TEST) {
+    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, "rp-live", "a") else {
         return;
-    }
-    let _serial = common::serial();
-    let mut s = start("rp-live");
-    let mut load = common::load(&s, 4, "a");
-    kill_backup(&mut s, &load, 2);
+    };
     let (joiner, _) = join(&mut s, ("c", 7111), 3, true);
     s.backup = Some(joiner);
     // Under the joined pair, outputs wait for the new backup's acknowledgements.
@@ -150,15 +169,7 @@ fn a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed()
     let stats = load.stop();
     let report = common::assert_no_acked_write_lost(&s, load.checker());
     assert!(report.checked >= stats.ops.min(800), "{report:?}");
-    assert_eq!(
-        s.generations(),
-        vec![
-            (1, "primary".to_string()),
-            (2, "primary".to_string()),
-            (3, "primary".to_string()),
-            (4, "c".to_string()),
-        ]
-    );
+    assert_generations(&s, &["primary", "primary", "primary", "c"]);
     s.shutdown_guest();
     common::assert_exits_with(s.backup.as_mut().expect("joiner"), 0);
     let r = s.report_of("c").expect("joiner report");
@@ -171,13 +182,9 @@ fn a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed()
 #[test]
 fn a_joiner_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_joins() {
     const TEST: &str = "a_joiner_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_joins";
-    if common::skip(TEST) {
+    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, "rp-kill", "k") else {
         return;
-    }
-    let _serial = common::serial();
-    let mut s = start("rp-kill");
-    let mut load = common::load(&s, 4, "k");
-    kill_backup(&mut s, &load, 2);
+    };
     let mut joiner = s.spawn_joiner("c", (7111, JOIN_PORT), &[]).expect("joiner");
     let primary = s.primary.as_mut().expect("primary");
     primary
@@ -254,14 +261,7 @@ fn a_stale_backup_of_an_older_generation_never_goes_live_after_a_join() {
     let stats = load.stop();
     assert_eq!(stats.errors, 0, "client errors: {:?}", load.last_error());
     common::assert_no_acked_write_lost(&s, load.checker());
-    assert_eq!(
-        s.generations(),
-        vec![
-            (1, "primary".to_string()),
-            (2, "primary".to_string()),
-            (3, "primary".to_string()),
-        ]
-    );
+    assert_generations(&s, &["primary", "primary", "primary"]);
     let backup = s.backup.as_mut().expect("joiner");
     assert_eq!(backup.try_status(), None, "{}", backup.stderr_text());
 }
@@ -278,13 +278,9 @@ fn accepting(port: u16) -> Vec<String> {
 #[test]
 fn three_cycles_of_kill_and_reprotect_lose_no_acked_write() {
     const TEST: &str = "three_cycles_of_kill_and_reprotect_lose_no_acked_write";
-    if common::skip(TEST) {
+    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, "rp-cycle", "y") else {
         return;
-    }
-    let _serial = common::serial();
-    let mut s = start("rp-cycle");
-    let mut load = common::load(&s, 4, "y");
-    kill_backup(&mut s, &load, 2);
+    };
     let (joiner, _) = join_with(&mut s, ("c0", 7130, JOIN_PORT), 3, &accepting(7301));
     s.backup = Some(joiner);
     let mut generation = 3;
@@ -324,19 +320,11 @@ fn three_cycles_of_kill_and_reprotect_lose_no_acked_write() {
     let stats = load.stop();
     let report = common::assert_no_acked_write_lost(&s, load.checker());
     assert!(report.checked >= stats.ops.min(1000), "{report:?}");
-    let who = |w: &str| w.to_string();
-    assert_eq!(
-        s.generations(),
-        vec![
-            (1, who("primary")),
-            (2, who("primary")),
-            (3, who("primary")),
-            (4, who("c0")),
-            (5, who("c0")),
-            (6, who("c1")),
-            (7, who("c1")),
-            (8, who("c2")),
-        ]
+    assert_generations(
+        &s,
+        &[
+            "primary", "primary", "primary", "c0", "c0", "c1", "c1", "c2",
+        ],
     );
     s.shutdown_guest();
     common::assert_exits_with(s.primary.as_mut().expect("last live side"), 0);

@@ -1279,7 +1279,24 @@ pub fn run_backup_ft(
         None => OutputStats::default(),
     };
     drop(g);
-    Ok(BackupFtReport::WentLive(Box::new(LiveReport {
+    Ok(went_live_report(
+        vm,
+        (timings, code),
+        (entries, controls, &checks),
+        (console, console_replayed),
+        &detector,
+    ))
+}
+
+/// The report of a backup that went live and ran until the guest powered off with `code`.
+fn went_live_report(
+    vm: &mut Vm,
+    (timings, code): (GoLiveTimings, u64),
+    (entries, controls, checks): (u64, Vec<AppliedControl>, &super::backup::OutputChecks),
+    (console, console_replayed): (OutputStats, Vec<u8>),
+    detector: &Detector,
+) -> BackupFtReport {
+    BackupFtReport::WentLive(Box::new(LiveReport {
         timings,
         code,
         exits: vm.stats().total(),
@@ -1294,7 +1311,7 @@ pub fn run_backup_ft(
         detector: detector.stats(),
         outputs_verified: checks.verified_count(),
         output_bytes_verified: checks.verified_bytes(),
-    })))
+    }))
 }
 
 /// A backup that went live and accepts joins ([`super::join`]) runs as a lone primary: a log
@@ -1343,22 +1360,13 @@ fn live_as_primary(
         return Err(e);
     }
     let r = r?;
-    Ok(BackupFtReport::WentLive(Box::new(LiveReport {
-        timings,
-        code: r.code,
-        exits: r.exits,
-        entries,
-        controls,
-        mem_digest: r.mem_digest,
-        regs_digest: r.regs_digest,
-        console: r.outputs,
-        console_replayed,
-        tx: vm.net().map(NetHandle::tx_counters),
-        disk: vm.shared_disk().map(BlkHandle::counters),
-        detector: detector.stats(),
-        outputs_verified: checks.verified_count(),
-        output_bytes_verified: checks.verified_bytes(),
-    })))
+    Ok(went_live_report(
+        vm,
+        (timings, r.code),
+        (entries, controls, &checks),
+        (r.outputs, console_replayed),
+        detector,
+    ))
 }
 
 /// Why a live backup's run returned `Paused`: a planned stop ([`super::stop`]: its operator

@@ -2,7 +2,7 @@
 //! the pair goes on — so that it survives failure after failure (VMware's FT VMotion).
 //!
 //! A primary runs alone after its backup failed ([`super::golive`]: it won the next
-//! generation, stopped logging, released what it held). With a join point
+//! generation, stopped logging, released what it held), and so does a backup that went live. With a join point
 //! ([`FtConfig::join`](super::golive::FtConfig::join)) and a [`JoinAcceptor`] listening, a new
 //! backup process (`ftvm backup --join HOST:PORT`, no guest image of its own) connects and is
 //! cloned from the running VM: memory (and, in own-copy mode, the disk) pre-copied while the
@@ -69,8 +69,14 @@
 //!   dirty tracking, the guest was never paused, nothing changes. After the cut: the monitor
 //!   goes alone (above). A retry is a new join.
 //!
-//! What is not (yet) done: a backup that went live does not accept joins (it would have to
-//! become a recording primary); the auto-converge lever (throttling the vCPU when it dirties
+//! # A backup that went live accepts joins too
+//! With a join point, a backup that goes live leaves its replay run at the next exit (a kick)
+//! and runs as a lone primary ([`super::golive`], `live_as_primary`): a log writer in alone
+//! mode over a sender with no backup yet (`LogSender::detached`), the output gate of a primary
+//! for its console and transmits (releasing at once while alone), the same run loop as a
+//! primary. A join then proceeds exactly as above; the pair's log starts at record 1.
+//!
+//! What is not (yet) done: the auto-converge lever (throttling the vCPU when it dirties
 //! faster than the link sends) is not applied — pre-copy stops after `max_rounds` and accepts
 //! the longer pause; the joiner does not check the digest of a shared disk image.
 

@@ -329,3 +329,44 @@ fn three_cycles_of_kill_and_reprotect_lose_no_acked_write() {
     s.shutdown_guest();
     common::assert_exits_with(s.primary.as_mut().expect("last live side"), 0);
 }
+
+/// `ftvm demo --cycles 3` as a process: three failovers in a row, a new backup joining the
+/// survivor after each of the first two, the clients running throughout; 0 acked writes lost,
+/// and the summary has each cycle's failover time and re-protection pause.
+#[test]
+fn demo_with_three_cycles_reprotects_after_each_failover() {
+    const TEST: &str = "demo_with_three_cycles_reprotects_after_each_failover";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("demo.json");
+    let out = std::process::Command::new(common::ftvm_bin())
+        .args(["demo", "--quiet", "--cycles", "3", "--transport", "tcp"])
+        .args(["--kill-after", "1.5", "--run-after", "1", "--report"])
+        .arg(&report)
+        .output()
+        .expect("run ftvm demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
+    assert_eq!(r["acked_writes_lost"], 0, "{r}");
+    assert!(r["acked_writes_checked"].as_u64().unwrap_or(0) > 0, "{r}");
+    let cycles = r["cycles"].as_array().expect("cycles");
+    assert_eq!(cycles.len(), 3, "{r}");
+    for c in &cycles[..2] {
+        assert!(
+            c["reprotect_pause_ms"].as_f64().unwrap_or(-1.0) >= 0.0,
+            "{r}"
+        );
+    }
+    assert!(cycles[2]["reprotect_pause_ms"].is_null(), "{r}");
+    // Three failovers and two joins: the last live side holds generation 2 + 2 × 2.
+    assert_eq!(r["backup_golive"]["generation"], 6, "{r}");
+    eprintln!(
+        "{TEST}: {}",
+        serde_json::to_string(&r["cycles"]).unwrap_or_default()
+    );
+}

@@ -439,7 +439,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
 
     let mut cycles = Vec::new();
     let (mut failover, mut live_line, mut at_first, mut first_reply) =
-        (Duration::ZERO, None, before.clone(), Instant::now());
+        (Duration::ZERO, None, before, Instant::now());
     for cycle in 0..args.cycles {
         // The fault.
         p.phase("failover");
@@ -510,7 +510,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
             std::thread::sleep(Duration::from_millis(100));
         }
         if cycle == 0 {
-            (failover, at_first) = (failover_now, at_first_now.clone());
+            (failover, at_first) = (failover_now, at_first_now);
         }
         (live_line, first_reply) = (live_line_now, first_reply_now);
         let mut c = CycleSummary {

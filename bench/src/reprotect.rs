@@ -32,7 +32,7 @@ pub struct Args {
     pub runs: Option<usize>,
     /// The pair's log transports, one pair each (tcp, tcp-spin: the join's connection carries
     /// the log).
-    #[arg(long, value_delimiter = ',', default_value = "tcp,tcp-spin")]
+    #[arg(long, value_delimiter = ',', default_value = "tcp,tcp-spin,uring")]
     pub transport: Vec<String>,
     /// Client load threads (besides the latency probe).
     #[arg(long, default_value_t = 4)]

@@ -487,7 +487,7 @@ pub struct CommonConfig {
     /// Accept a new backup (`ftvm backup --join`) on HOST:PORT whenever this side runs alone
     /// as a primary (a primary whose backup failed, a backup that went live): the backup is
     /// cloned from the running VM by live state transfer, and the pair goes on in a new
-    /// generation. Needs --arbiter and a tcp or tcp-spin logging transport.
+    /// generation. Needs --arbiter and a tcp, tcp-spin or uring logging transport.
     #[arg(long, value_name = "HOST:PORT", help_heading = "Re-protection")]
     pub accept_join: Option<String>,
 }

@@ -80,7 +80,7 @@ pub struct DemoArgs {
     pub shared_disk: bool,
     /// Failovers in a row: after each one (but the last) a new backup joins the survivor by
     /// live state transfer (`ftvm backup --join`), then the new primary is killed again. Needs
-    /// --transport tcp or tcp-spin (the join's connection carries the log).
+    /// --transport tcp, tcp-spin or uring (the join's connection carries the log).
     #[arg(long, default_value_t = 1)]
     pub cycles: u16,
 }
@@ -371,9 +371,9 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     if args.cycles == 0 {
         bail!("--cycles must be at least 1");
     }
-    if args.cycles > 1 && !matches!(args.transport.as_str(), "tcp" | "tcp-spin") {
+    if args.cycles > 1 && !matches!(args.transport.as_str(), "tcp" | "tcp-spin" | "uring") {
         bail!(
-            "--cycles {}: re-protection needs --transport tcp or tcp-spin (the join's connection carries the log)",
+            "--cycles {}: re-protection needs --transport tcp, tcp-spin or uring (the join's connection carries the log)",
             args.cycles
         );
     }

@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use ftvm_channel::tcp::{TcpMode, TcpTransport};
+use ftvm_channel::tcp::TcpMode;
 use ftvm_channel::{Config, LogReceiver, PollerConfig};
 use ftvm_vmm_core::ft::golive::FtConfig;
 use ftvm_vmm_core::ft::join::{
-    join, JoinAcceptor, JoinError, JoinEvent, JoinOptions, JoinPoint, JoinRequest, JoinSummary,
-    RefuseReason, JOIN_VERSION,
+    join, JoinAcceptor, JoinError, JoinEvent, JoinLink, JoinOptions, JoinPoint, JoinRequest,
+    JoinSummary, RefuseReason, JOIN_VERSION,
 };
 use ftvm_vmm_core::ft::{Arbiter, Role};
 use ftvm_vmm_core::transfer::TransferHandle;
@@ -42,14 +42,15 @@ fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("no address for {addr}"))
 }
 
-/// The logging channel over the join connection: tcp or tcp-spin.
-fn tcp_mode(t: Transport) -> anyhow::Result<TcpMode> {
+/// The logging channel over the join connection: tcp, tcp-spin or uring.
+fn link(t: Transport) -> anyhow::Result<JoinLink> {
     match t {
-        Transport::Tcp => Ok(TcpMode::Blocking),
-        Transport::TcpSpin => Ok(TcpMode::Spin),
+        Transport::Tcp => Ok(JoinLink::Tcp(TcpMode::Blocking)),
+        Transport::TcpSpin => Ok(JoinLink::Tcp(TcpMode::Spin)),
+        Transport::Uring => Ok(JoinLink::Uring),
         other => anyhow::bail!(
             "re-protection runs the logging channel over the join's TCP connection: \
-             --transport {} is not supported with --accept-join/--join (use tcp or tcp-spin)",
+             --transport {} is not supported with --accept-join/--join (use tcp, tcp-spin or uring)",
             other.name()
         ),
     }
@@ -140,7 +141,7 @@ pub fn accept(
     };
     let ft = ft.context("--accept-join needs --arbiter")?;
     let mut opts = JoinOptions::new(channel, s.log_capacity.0);
-    opts.tcp_mode = tcp_mode(s.transport)?;
+    opts.link = link(s.transport)?;
     opts.copy_disk = !s.shared_disk;
     let listener = TcpListener::bind(resolve(addr)?)
         .with_context(|| format!("--accept-join: cannot listen on {addr}"))?;
@@ -193,7 +194,7 @@ pub fn joins_json(joins: Option<&Joins>) -> serde_json::Value {
 pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()> {
     let s = &bc.common;
     let peer = bc.join.as_deref().context("--join")?;
-    let mode = tcp_mode(s.transport)?;
+    let link = link(s.transport)?;
     let mut failover = s.failover(Role::Backup).context("--join needs --arbiter")?;
     // The generation comes from the primary (checked on the arbiter below), not from
     // --generation: no stale-generation check at the start.
@@ -286,12 +287,12 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
         start_seq: joined.cut.seq,
         ..Config::default()
     };
-    let t = TcpTransport::from_stream(joined.stream, mode)?;
+    let t = link.transport(joined.stream)?;
     let poller = PollerConfig {
         core: None,
         idle: s.poll_idle.into(),
     };
-    let rx = LogReceiver::start(p, c, Box::new(t), cfg.clone(), poller)
+    let rx = LogReceiver::start(p, c, t, cfg.clone(), poller)
         .context("cannot pair with the primary after the join")?;
     let paired = format!(
         "backup: joined the primary {} as generation {}, replaying from exit {}",

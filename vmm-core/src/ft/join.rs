@@ -459,6 +459,34 @@ pub(crate) fn cut(
     Ok(true)
 }
 
+/// The transport the logging channel uses over a join's TCP connection, on both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinLink {
+    /// `tcp` (blocking) or `tcp-spin`.
+    Tcp(TcpMode),
+    /// `uring`: io_uring over the same connection.
+    Uring,
+}
+
+impl JoinLink {
+    /// The transport over `stream`.
+    ///
+    /// # Errors
+    /// The transport's setup error.
+    pub fn transport(
+        self,
+        stream: TcpStream,
+    ) -> Result<Box<dyn ftvm_channel::Transport>, TransportError> {
+        Ok(match self {
+            JoinLink::Tcp(mode) => Box::new(TcpTransport::from_stream(stream, mode)?),
+            JoinLink::Uring => Box::new(ftvm_channel::uring::UringTransport::from_stream(
+                stream,
+                ftvm_channel::uring::UringConfig::default(),
+            )?),
+        })
+    }
+}
+
 /// How a primary accepts joins.
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
@@ -472,7 +500,7 @@ pub struct JoinOptions {
     /// The primary's log buffer capacity.
     pub log_capacity: u64,
     /// How the logging channel runs over the join connection afterwards.
-    pub tcp_mode: TcpMode,
+    pub link: JoinLink,
 }
 
 impl JoinOptions {
@@ -484,7 +512,7 @@ impl JoinOptions {
             copy_disk: true,
             channel,
             log_capacity,
-            tcp_mode: TcpMode::Blocking,
+            link: JoinLink::Tcp(TcpMode::Blocking),
         }
     }
 }
@@ -808,17 +836,17 @@ impl Primary {
         send_value(stream, msg::CUT, &done.cut)?;
         let paired = (|| -> Result<(), JoinError> {
             expect(stream, msg::READY)?;
-            let t = TcpTransport::from_stream(
-                stream.try_clone().map_err(io("clone the connection"))?,
-                self.opts.tcp_mode,
-            )?;
+            let t = self
+                .opts
+                .link
+                .transport(stream.try_clone().map_err(io("clone the connection"))?)?;
             let cfg = ftvm_channel::Config {
                 generation,
                 settings: Vec::new(),
                 check_settings: None,
                 ..self.opts.channel.clone()
             };
-            writer.sender().reconnect_with(Box::new(t), cfg)?;
+            writer.sender().reconnect_with(t, cfg)?;
             Ok(())
         })();
         let _ = armed_tx.send(paired.is_ok());

@@ -187,7 +187,7 @@ pub fn joins_json(joins: Option<&Joins>) -> serde_json::Value {
 }
 
 /// `ftvm backup --join`: clones the VM from the primary, pairs over the join connection in the
-/// new generation, then replays as any backup ([`crate::pair::replay`]).
+/// new generation, then replays as any backup (`pair::replay`).
 ///
 /// # Errors
 /// As `ftvm backup`; a refused or failed join.

@@ -39,7 +39,7 @@
 //! ```
 //! Before the cut a failed join changes nothing but the arbiter (generation `g+1` is held by
 //! this primary, which goes on alone in `g`; a retry wins `g+2`). After the cut the primary
-//! is paired as far as its outputs are concerned: the new monitor ([`PrimaryFt::rejoin`])
+//! is paired as far as its outputs are concerned: the new monitor (`PrimaryFt::rejoin`)
 //! waits for the outcome of the handshake and, if the new backup never came up, goes alone by
 //! the usual path (wins the next generation, releases every output held since the cut).
 //!

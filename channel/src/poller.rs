@@ -310,6 +310,11 @@ impl LogSender {
     ) -> Result<Self, TransportError> {
         let base = producer.next_seq();
         let sender = Sender::connect(transport, consumer, base, cfg)?;
+        Self::spawn(producer, sender, pc)
+    }
+
+    /// Starts the poller on `sender`.
+    fn spawn(producer: Producer, sender: Sender, pc: PollerConfig) -> Result<Self, TransportError> {
         let peer_settings = sender.peer_settings().to_vec();
         let shared = Arc::clone(sender.shared());
         let ctl = Arc::new(Control::default());
@@ -331,6 +336,28 @@ impl LogSender {
             thread: Some(thread),
             pc,
         })
+    }
+
+    /// A sender with no backup yet ([`Sender::detached`]): the poller is stopped (not
+    /// running, its error `Closed`) until [`LogSender::reconnect_with`] pairs it.
+    ///
+    /// # Errors
+    /// As [`Sender::detached`]; [`TransportError::Io`] if the thread cannot be spawned.
+    pub fn detached(
+        producer: Producer,
+        consumer: Consumer,
+        cfg: Config,
+        pc: PollerConfig,
+    ) -> Result<Self, TransportError> {
+        let base = producer.next_seq();
+        let sender = Sender::detached(consumer, base, cfg)?;
+        let s = Self::spawn(producer, sender, pc)?;
+        // Its first poll fails on the closed link (the thread ends, keeping the state for a
+        // reconnect); wait for that, so that `is_running` is false from the start.
+        while s.ctl.running.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        Ok(s)
     }
 
     /// The backup's settings blob (from its HELLO at the first handshake).
@@ -455,6 +482,14 @@ impl LogSender {
     /// # Errors
     /// As [`Sender::reconnect`]. After an error the sender can be given another transport.
     pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
+        self.restart(|sender| sender.reconnect(transport))
+    }
+
+    /// Stops the poller, runs `handshake` on the sender, starts the poller again.
+    fn restart(
+        &mut self,
+        handshake: impl FnOnce(&mut Sender) -> Result<(), TransportError>,
+    ) -> Result<(), TransportError> {
         restart_loop(
             &mut self.thread,
             &self.ctl,
@@ -462,8 +497,22 @@ impl LogSender {
             ("sender", "ftvm-log-send"),
             (Sender::poll, Sender::goodbye),
             Some((Arc::clone(&self.wake), sender_acked)),
-            |sender| sender.reconnect(transport),
+            handshake,
         )
+    }
+
+    /// Like [`LogSender::reconnect`], to a new backup under new parameters (its generation
+    /// and settings, `cfg`): a backup that joined a running primary by state transfer
+    /// ([`Sender::reconnect_with`]).
+    ///
+    /// # Errors
+    /// As [`Sender::reconnect_with`].
+    pub fn reconnect_with(
+        &mut self,
+        transport: Box<dyn Transport>,
+        cfg: Config,
+    ) -> Result<(), TransportError> {
+        self.restart(|sender| sender.reconnect_with(transport, cfg))
     }
 
     /// Stops the poller and returns the producer and the log buffer's consumer.

@@ -930,6 +930,19 @@ pub(crate) fn primary_loop(
             RunOutcome::Paused => match ft.as_deref().and_then(PrimaryFt::superseded) {
                 Some(e) => break Err(e),
                 None if vm.stop_requested() => break Ok((None, exit)),
+                // A joining backup asked for the cut ([`super::join`]): here, between exits.
+                None if super::join::cut_due(ft.as_deref()) => {
+                    if let Some(f) = ft.as_deref_mut() {
+                        match super::join::cut(f, vm, writer, &gate, opts) {
+                            Ok(joined) => logging |= joined,
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    continue;
+                }
+                // A kick meant for a join that was given up, or for going live: a lone
+                // primary with failover runs on.
+                None if ft.is_some() && writer.is_alone() => continue,
                 None => break Err(peer_failed(&watch, exit).unwrap_or(PairError::Paused(exit))),
             },
         }

@@ -197,19 +197,26 @@ fn matching_handshake_accepted() {
     assert_eq!(tx.acked_seq(), 0);
 }
 
-/// Makes a HELLO of another protocol version (valid checksum).
-fn hello_next_version(role: Role) -> Vec<u8> {
+/// A HELLO of `role` expecting record `seq` next, for a log buffer of `capacity` bytes taking
+/// records of up to `max_payload` bytes (digest `[1; 32]`, generation 1 as [`cfg`] makes).
+fn hello_frame(role: Role, seq: u64, capacity: u64, max_payload: u64) -> Vec<u8> {
     let mut b = Vec::new();
     let h = Hello {
         role,
         max_frame: 65536,
-        capacity: 1 << 16,
-        max_payload: 1000,
-        seq: 1,
-        executed: 0,
+        capacity,
+        max_payload,
+        seq,
+        executed: seq.saturating_sub(1),
         digest: [1; 32],
     };
     frame::encode_hello(&mut b, 1, &h, &[]);
+    b
+}
+
+/// Makes a HELLO of another protocol version (valid checksum).
+fn hello_next_version(role: Role) -> Vec<u8> {
+    let mut b = hello_frame(role, 1, 1 << 16, 1000);
     b[frame::VERSION_OFFSET] = frame::VERSION + 1;
     frame::finish(&mut b);
     b
@@ -284,20 +291,10 @@ fn version_mismatch_refused_by_primary() {
     assert!(err.contains(&next), "{err}");
 }
 
-/// A fake backup's HELLO, as the real receiver would send it, expecting record `seq` next.
+/// A fake backup's HELLO, as the real receiver would send it, expecting record `seq` next
+/// (a buffer large enough for the primary's records).
 fn backup_hello(seq: u64) -> Vec<u8> {
-    let mut b = Vec::new();
-    let h = Hello {
-        role: Role::Backup,
-        max_frame: 65536,
-        capacity: 1 << 20,
-        max_payload: 1 << 19,
-        seq,
-        executed: seq.saturating_sub(1),
-        digest: [1; 32],
-    };
-    frame::encode_hello(&mut b, 1, &h, &[]);
-    b
+    hello_frame(Role::Backup, seq, 1 << 20, 1 << 19)
 }
 
 /// A real sender (holding records 1..=3) against a forged backup: `script` answers the

@@ -214,6 +214,16 @@ pub struct LogStalls {
     pub time: Duration,
 }
 
+impl LogStalls {
+    /// The stalls from the writer's counters (a count and nanoseconds).
+    fn read(count: &AtomicU64, ns: &AtomicU64) -> Self {
+        LogStalls {
+            count: count.load(Ordering::Relaxed),
+            time: Duration::from_nanos(ns.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 impl LogWriter {
     /// A writer over `sender`'s buffer.
     pub fn new(mut sender: LogSender, idle: IdleKind) -> Self {
@@ -245,15 +255,18 @@ impl LogWriter {
         );
         let (stalls, stall_ns) = (Arc::clone(&writer.stalls), Arc::clone(&writer.stall_ns));
         let acks = Arc::clone(&shared);
-        writer.observer.set_log(move || LogSnapshot {
-            written: position.load(Ordering::Acquire),
-            sent: Some(acks.sent_seq()),
-            acked: acks.acked_seq(),
-            executed: acks.executed_seq(),
-            entries: entries.load(Ordering::Relaxed),
-            bytes: Some(bytes.load(Ordering::Relaxed)),
-            stalls: stalls.load(Ordering::Relaxed),
-            stall_ms: super::observe::ms(Duration::from_nanos(stall_ns.load(Ordering::Relaxed))),
+        writer.observer.set_log(move || {
+            let s = LogStalls::read(&stalls, &stall_ns);
+            LogSnapshot {
+                written: position.load(Ordering::Acquire),
+                sent: Some(acks.sent_seq()),
+                acked: acks.acked_seq(),
+                executed: acks.executed_seq(),
+                entries: entries.load(Ordering::Relaxed),
+                bytes: Some(bytes.load(Ordering::Relaxed)),
+                stalls: s.count,
+                stall_ms: super::observe::ms(s.time),
+            }
         });
         writer.observer.set_channel(move || shared.stats.snapshot());
         writer
@@ -312,10 +325,7 @@ impl LogWriter {
 
     /// How often and how long appends waited for log space so far.
     pub fn stalls(&self) -> LogStalls {
-        LogStalls {
-            count: self.stalls.load(Ordering::Relaxed),
-            time: Duration::from_nanos(self.stall_ns.load(Ordering::Relaxed)),
-        }
+        LogStalls::read(&self.stalls, &self.stall_ns)
     }
 
     /// The sender (acks, counters).

@@ -118,8 +118,13 @@ done
 echo "== SKIP accounting (full output: $log)"
 if [ "$status" -ne 0 ]; then
   echo "TESTS FAILED (exit status $status)"
+elif [ "${#lacks[@]}" -gt 0 ] && [ "${FTVM_REQUIRE_ALL:-0}" = 1 ]; then
+  echo "FAILED: this host lacks ${lacks[*]}, and FTVM_REQUIRE_ALL=1 (set by .ci/run: CI hosts have"
+  echo "root, /dev/kvm and the packages) requires every test to run: ${#skips[@]} SKIP line(s)"
+  status=1
 elif [ "${#lacks[@]}" -gt 0 ]; then
   echo "this host lacks ${lacks[*]}: SKIPs are expected here and do not fail the run"
+  echo "(FTVM_REQUIRE_ALL=1, as .ci/run sets it, makes this a failure)"
 elif [ "$unexpected" -gt 0 ]; then
   echo "FAILED: $unexpected SKIP line(s) on a host that has root, /dev/kvm and every package the"
   echo "tests need: a test that should have run did not (allow one with FTVM_ALLOWED_SKIPS='<test>=<why>')"

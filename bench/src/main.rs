@@ -23,6 +23,7 @@ mod failover;
 mod ft;
 mod logpath;
 mod report;
+mod reprotect;
 mod ringbuf;
 mod soak;
 mod throttle;
@@ -77,6 +78,9 @@ enum Bench {
     /// Kill the primary under client load, repeatedly: failover time p50/max, acked writes
     /// lost.
     Failover(failover::Args),
+    /// A new backup joins the lone kv primary under load, repeatedly: pause at the cut
+    /// p50/p99/max, transfer time and bytes, client latency during the joins.
+    Reprotect(reprotect::Args),
     /// Backup slowed then released: lag and primary CPU share over time under the throttle.
     Throttle(throttle::Args),
     /// Redraw results/NAME.svg from results/NAME.json, no run (channel, ft, vmm).
@@ -161,6 +165,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Logpath(a) => ("logpath", logpath::run(&opts, a)),
         Bench::Failover(a) => ("failover", failover::run(&opts, a)),
         Bench::Throttle(a) => ("throttle", throttle::run(&opts, a)),
+        Bench::Reprotect(a) => ("reprotect", reprotect::run(&opts, a)),
         Bench::Replot(a) => ("replot", replot(&opts, a)),
         Bench::Soak(a) => ("soak", soak::run(&opts, a)),
     };
@@ -184,6 +189,7 @@ mod tests {
             ("logpath", "--exits"),
             ("failover", "--fail-timeout"),
             ("throttle", "--tau-ms"),
+            ("reprotect", "--runs"),
         ] {
             let help = cmd
                 .find_subcommand_mut(bench)

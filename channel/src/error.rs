@@ -52,6 +52,13 @@ pub enum TransportError {
     /// take over goes on as if the backup had failed).
     #[error("the peer left the pair: {0}")]
     PeerLeft(crate::reliable::Goodbye),
+    /// The peer sent something the protocol rules out (e.g. an acknowledgement of a record
+    /// that was never sent): a broken or forged peer; the link is dropped, nothing is released.
+    #[error("protocol violation by the peer: {what}")]
+    Protocol {
+        /// What the peer did.
+        what: String,
+    },
     /// The local log buffer holds something that is not a valid record (memory scribbled on).
     #[error("log buffer corrupt: {what}")]
     Log {

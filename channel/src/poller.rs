@@ -3,7 +3,7 @@
 //!
 //! Each side runs one poller thread, pinned to a configurable core, that drives a
 //! [`Sender`]/[`Receiver`] in a loop and idles with one of the log buffer's idle strategies.
-//! When the link breaks the poller stops and keeps the error; [`LogSender::reconnect`] /
+//! When the link breaks the poller stops and keeps the error; [`SenderHandle::reconnect`] /
 //! [`LogReceiver::reconnect`] hand it a new transport and it resumes where it was.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -295,17 +295,43 @@ pub struct LogSender {
     peer_settings: Vec<u8>,
     producer: Producer,
     handle: SenderHandle,
-    thread: Option<JoinHandle<Sender>>,
-    pc: PollerConfig,
 }
 
 /// The cloneable side of a [`LogSender`] for threads other than the appender's: positions,
-/// counters, the poller's state and error, GOODBYE. Never touches the log buffer.
+/// counters, the poller's state and error, GOODBYE, and a new link for the poller
+/// ([`SenderHandle::reconnect`], [`SenderHandle::reconnect_with`]). Never touches the log
+/// buffer's producer.
 #[derive(Debug, Clone)]
 pub struct SenderHandle {
     wake: Arc<SenderWake>,
     shared: Arc<SenderShared>,
     ctl: Arc<Control>,
+    poller: Arc<SenderPoller>,
+}
+
+/// The sender's poller thread, reachable from every [`SenderHandle`]: a backup that joins a
+/// running primary is paired from the join's thread while the vCPU thread appends
+/// (`reconnect_with`), so the thread that restarts the poller is not the appender's. Locked only
+/// to stop or restart the poller (and for as long as a restart's handshake takes), never per
+/// entry.
+#[derive(Debug)]
+struct SenderPoller {
+    thread: Mutex<PollerThread>,
+    pc: PollerConfig,
+}
+
+#[derive(Debug)]
+struct PollerThread {
+    /// The running (or stopped, state kept) poller; `None` after a failed spawn.
+    thread: Option<JoinHandle<Sender>>,
+    /// The [`LogSender`] was dropped or shut down: no handle may start its poller again.
+    ended: bool,
+}
+
+impl SenderPoller {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PollerThread> {
+        self.thread.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl std::ops::Deref for LogSender {
@@ -331,6 +357,11 @@ impl LogSender {
     ) -> Result<Self, TransportError> {
         let base = producer.next_seq();
         let sender = Sender::connect(transport, consumer, base, cfg)?;
+        Self::spawn(producer, sender, pc)
+    }
+
+    /// Starts the poller on `sender`.
+    fn spawn(producer: Producer, sender: Sender, pc: PollerConfig) -> Result<Self, TransportError> {
         let peer_settings = sender.peer_settings().to_vec();
         let shared = Arc::clone(sender.shared());
         let ctl = Arc::new(Control::default());
@@ -343,13 +374,45 @@ impl LogSender {
             (Sender::poll, Sender::goodbye),
             Some((Arc::clone(&wake), sender_acked)),
         )?;
+        let poller = Arc::new(SenderPoller {
+            thread: Mutex::new(PollerThread {
+                thread: Some(thread),
+                ended: false,
+            }),
+            pc,
+        });
         Ok(Self {
             peer_settings,
             producer,
-            handle: SenderHandle { wake, shared, ctl },
-            thread: Some(thread),
-            pc,
+            handle: SenderHandle {
+                wake,
+                shared,
+                ctl,
+                poller,
+            },
         })
+    }
+
+    /// A sender with no backup yet ([`Sender::detached`]): the poller is stopped (not
+    /// running, its error `Closed`) until [`SenderHandle::reconnect_with`] pairs it.
+    ///
+    /// # Errors
+    /// As [`Sender::detached`]; [`TransportError::Io`] if the thread cannot be spawned.
+    pub fn detached(
+        producer: Producer,
+        consumer: Consumer,
+        cfg: Config,
+        pc: PollerConfig,
+    ) -> Result<Self, TransportError> {
+        let base = producer.next_seq();
+        let sender = Sender::detached(consumer, base, cfg)?;
+        let s = Self::spawn(producer, sender, pc)?;
+        // Its first poll fails on the closed link (the thread ends, keeping the state for a
+        // reconnect); wait for that, so that `is_running` is false from the start.
+        while s.handle.ctl.running.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        Ok(s)
     }
 
     /// The backup's settings blob (from its HELLO at the first handshake).
@@ -367,33 +430,17 @@ impl LogSender {
         &self.handle
     }
 
-    fn stop(&mut self) -> Result<Sender, TransportError> {
-        stop_loop(&mut self.thread, &self.handle.ctl, "sender")
-    }
-
-    /// Stops the poller (if still running), handshakes over a new transport, and resumes from
-    /// the first record the backup does not hold.
-    ///
-    /// # Errors
-    /// As [`Sender::reconnect`]. After an error the sender can be given another transport.
-    pub fn reconnect(&mut self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
-        restart_loop(
-            &mut self.thread,
-            &self.handle.ctl,
-            self.pc,
-            ("sender", "ftvm-log-send"),
-            (Sender::poll, Sender::goodbye),
-            Some((Arc::clone(&self.handle.wake), sender_acked)),
-            |sender| sender.reconnect(transport),
-        )
-    }
-
-    /// Stops the poller and returns the producer and the log buffer's consumer.
+    /// Stops the poller and returns the producer and the log buffer's consumer (no handle can
+    /// start the poller again).
     ///
     /// # Errors
     /// When the poller thread cannot be joined.
     pub fn shutdown(mut self) -> Result<(Producer, Consumer), TransportError> {
-        let s = self.stop()?;
+        let s = {
+            let mut p = self.handle.poller.lock();
+            p.ended = true;
+            stop_loop(&mut p.thread, &self.handle.ctl, "sender")?
+        };
         let producer = std::mem::replace(&mut self.producer, placeholder_producer()?);
         Ok((producer, s.into_consumer()))
     }
@@ -501,6 +548,51 @@ impl SenderHandle {
     pub fn peer_goodbye(&self) -> Option<Goodbye> {
         self.ctl.peer_left.get().cloned()
     }
+
+    /// Stops the poller (if still running), handshakes over a new transport, and resumes from
+    /// the first record the backup does not hold.
+    ///
+    /// # Errors
+    /// As [`Sender::reconnect`]; [`TransportError::Closed`] once the [`LogSender`] is gone.
+    /// After an error the sender can be given another transport.
+    pub fn reconnect(&self, transport: Box<dyn Transport>) -> Result<(), TransportError> {
+        self.restart(|sender| sender.reconnect(transport))
+    }
+
+    /// Like [`SenderHandle::reconnect`], to a new backup under new parameters (its generation
+    /// and settings, `cfg`): a backup that joined a running primary by state transfer
+    /// ([`Sender::reconnect_with`]).
+    ///
+    /// # Errors
+    /// As [`Sender::reconnect_with`]; [`TransportError::Closed`] once the [`LogSender`] is
+    /// gone.
+    pub fn reconnect_with(
+        &self,
+        transport: Box<dyn Transport>,
+        cfg: Config,
+    ) -> Result<(), TransportError> {
+        self.restart(|sender| sender.reconnect_with(transport, cfg))
+    }
+
+    /// Stops the poller, runs `handshake` on the sender, starts the poller again.
+    fn restart(
+        &self,
+        handshake: impl FnOnce(&mut Sender) -> Result<(), TransportError>,
+    ) -> Result<(), TransportError> {
+        let mut p = self.poller.lock();
+        if p.ended {
+            return Err(TransportError::Closed { mid_frame: false });
+        }
+        restart_loop(
+            &mut p.thread,
+            &self.ctl,
+            self.poller.pc,
+            ("sender", "ftvm-log-send"),
+            (Sender::poll, Sender::goodbye),
+            Some((Arc::clone(&self.wake), sender_acked)),
+            handshake,
+        )
+    }
 }
 
 fn placeholder_producer() -> Result<Producer, TransportError> {
@@ -514,8 +606,10 @@ fn placeholder_producer() -> Result<Producer, TransportError> {
 
 impl Drop for LogSender {
     fn drop(&mut self) {
+        let mut p = self.handle.poller.lock();
+        p.ended = true;
         self.handle.ctl.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = p.thread.take() {
             let _ = t.join();
         }
     }

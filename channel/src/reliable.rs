@@ -135,6 +135,11 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Most log bytes in flight (sent, not acknowledged).
     pub max_inflight_bytes: usize,
+    /// Backup: the first record it expects (0: a fresh backup adopts the primary's first
+    /// record). A backup that joined a running primary by state transfer starts at the record
+    /// after the cut (`PROTOCOL.md` §5): the primary releases everything before it. The
+    /// caller sets its producer's next sequence number to the same value.
+    pub start_seq: u64,
 }
 
 impl Default for Config {
@@ -149,6 +154,7 @@ impl Default for Config {
             peer_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
             max_inflight_bytes: 4 << 20,
+            start_seq: 0,
         }
     }
 }
@@ -236,6 +242,9 @@ fn send_now(t: &mut dyn Transport, frame: &[u8], deadline: Instant) -> Result<()
 
 /// The primary's end: drains a log buffer into a transport and processes acknowledgements.
 pub struct Sender {
+    /// The next handshake is with a backup that joined by state transfer: its HELLO may
+    /// claim records that were never sent over the wire (it got them with the state).
+    resume_by_transfer: bool,
     transport: Box<dyn Transport>,
     consumer: Consumer,
     cfg: Config,
@@ -346,6 +355,31 @@ impl Sender {
         base_seq: u64,
         cfg: Config,
     ) -> Result<Self, TransportError> {
+        let mut s = Self::unconnected(transport, consumer, base_seq, cfg)?;
+        s.handshake()?;
+        Ok(s)
+    }
+
+    /// A sender with no backup yet (its link is [`crate::transport::Closed`]): it holds the
+    /// log until [`Self::reconnect_with`] pairs it (a primary that runs alone and may take a
+    /// backup that joins, `PROTOCOL.md` §6).
+    ///
+    /// # Errors
+    /// [`TransportError::Log`] if the buffer's head record cannot be read.
+    pub fn detached(
+        consumer: Consumer,
+        base_seq: u64,
+        cfg: Config,
+    ) -> Result<Self, TransportError> {
+        Self::unconnected(Box::new(crate::transport::Closed), consumer, base_seq, cfg)
+    }
+
+    fn unconnected(
+        transport: Box<dyn Transport>,
+        consumer: Consumer,
+        base_seq: u64,
+        cfg: Config,
+    ) -> Result<Self, TransportError> {
         let mut consumer = consumer;
         // The record at the head, if any, tells the first sequence number on offer.
         let base_seq = loop {
@@ -398,10 +432,12 @@ impl Sender {
             last_heard: now,
             heartbeat_nonce: 0,
             peer_settings: Vec::new(),
+            resume_by_transfer: false,
         };
         s.shared.acked.store(s.acked, Ordering::Release);
+        // Everything before the first record on offer counts as delivered (acked <= sent).
+        s.shared.note_sent(s.acked);
         s.window = s.cfg.max_inflight_bytes;
-        s.handshake()?;
         Ok(s)
     }
 
@@ -416,6 +452,27 @@ impl Sender {
         self.pending = None;
         self.go_back();
         self.handshake()
+    }
+
+    /// Like [`Self::reconnect`], to a new backup under new parameters (`cfg`: its generation,
+    /// settings): a backup that joined by state transfer (`PROTOCOL.md` §5). Frames from now
+    /// on carry `cfg.generation`.
+    ///
+    /// # Errors
+    /// As [`Self::connect`].
+    pub fn reconnect_with(
+        &mut self,
+        transport: Box<dyn Transport>,
+        cfg: Config,
+    ) -> Result<(), TransportError> {
+        let (inflight, rto) = (self.cfg.max_inflight_bytes, self.cfg.rto);
+        self.cfg = cfg;
+        self.cfg.max_inflight_bytes = inflight;
+        self.cfg.rto = rto;
+        self.resume_by_transfer = true;
+        let r = self.reconnect(transport);
+        self.resume_by_transfer = false;
+        r
     }
 
     /// The positions other threads read.
@@ -519,6 +576,19 @@ impl Sender {
                          {} on",
                         peer.seq,
                         self.acked + 1
+                    ),
+                ));
+            }
+            let sent = self.shared.sent_seq();
+            if peer.seq - 1 > sent && self.resume_by_transfer {
+                // A joined backup holds the records before its first one with the state.
+                self.shared.note_sent(peer.seq - 1);
+            } else if peer.seq - 1 > sent {
+                return Err(refused(
+                    Refusal::Gap,
+                    format!(
+                        "the backup claims to hold records up to {} but only {sent} were sent",
+                        peer.seq - 1
                     ),
                 ));
             }
@@ -644,6 +714,9 @@ impl Sender {
             }
         }
         self.acked = acked;
+        // Invariant: the backup acknowledges only what it holds, so never past what was sent
+        // (checked on every ack from the wire; a HELLO's resume point is below it too).
+        debug_assert!(acked <= self.shared.sent_seq(), "acked {acked} past sent");
         self.shared.acked.store(acked, Ordering::Release);
         let head = self.consumer.position();
         if self.send_pos < head || self.next_seq <= acked {
@@ -770,6 +843,13 @@ impl Sender {
                 self.last_heard = now;
             }
             if let Some((acked, executed, gap, missing)) = acks {
+                // An ack beyond what was sent would release outputs the backup cannot hold.
+                let sent = self.shared.sent_seq();
+                if acked > sent {
+                    return Err(TransportError::Protocol {
+                        what: format!("acknowledgement of record {acked}, only {sent} were sent"),
+                    });
+                }
                 self.on_ack(acked, executed, gap, missing, now)?;
             }
             // The backup's last acknowledgements count; then the link ends here.
@@ -1693,11 +1773,12 @@ impl Receiver {
 impl RecvState {
     fn new(producer: Producer, cfg: Config) -> Self {
         let max_payload = producer.ring().max_payload();
+        let expected = cfg.start_seq;
         RecvState {
             producer,
             cfg,
             shared: Arc::new(ReceiverShared::default()),
-            expected: 0,
+            expected,
             reasm: Reassembly::default(),
             ack_due: false,
             hello_due: false,

@@ -92,3 +92,27 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
         (**self).wait(timeout)
     }
 }
+
+/// A link that is closed: every operation fails with [`TransportError::Closed`]. Handing it to
+/// a reconnect closes the previous link (dropped) and leaves the poller stopped; a sender
+/// created without a link ([`crate::LogSender::detached`]) starts on it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Closed;
+
+impl Transport for Closed {
+    fn name(&self) -> &'static str {
+        "closed"
+    }
+    fn max_frame(&self) -> usize {
+        1 << 16
+    }
+    fn send(&mut self, _frame: &[u8]) -> Result<bool, TransportError> {
+        Err(TransportError::Closed { mid_frame: false })
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
+    fn poll_recv(&mut self, _on_frame: &mut dyn FnMut(&[u8])) -> Result<usize, TransportError> {
+        Err(TransportError::Closed { mid_frame: false })
+    }
+}

@@ -197,19 +197,26 @@ fn matching_handshake_accepted() {
     assert_eq!(tx.acked_seq(), 0);
 }
 
-/// Makes a HELLO of another protocol version (valid checksum).
-fn hello_next_version(role: Role) -> Vec<u8> {
+/// A HELLO of `role` expecting record `seq` next, for a log buffer of `capacity` bytes taking
+/// records of up to `max_payload` bytes (digest `[1; 32]`, generation 1 as [`cfg`] makes).
+fn hello_frame(role: Role, seq: u64, capacity: u64, max_payload: u64) -> Vec<u8> {
     let mut b = Vec::new();
     let h = Hello {
         role,
         max_frame: 65536,
-        capacity: 1 << 16,
-        max_payload: 1000,
-        seq: 1,
-        executed: 0,
+        capacity,
+        max_payload,
+        seq,
+        executed: seq.saturating_sub(1),
         digest: [1; 32],
     };
     frame::encode_hello(&mut b, 1, &h, &[]);
+    b
+}
+
+/// Makes a HELLO of another protocol version (valid checksum).
+fn hello_next_version(role: Role) -> Vec<u8> {
+    let mut b = hello_frame(role, 1, 1 << 16, 1000);
     b[frame::VERSION_OFFSET] = frame::VERSION + 1;
     frame::finish(&mut b);
     b
@@ -282,4 +289,68 @@ fn version_mismatch_refused_by_primary() {
         .to_string();
     let next = format!("protocol version {}", frame::VERSION + 1);
     assert!(err.contains(&next), "{err}");
+}
+
+/// A fake backup's HELLO, as the real receiver would send it, expecting record `seq` next
+/// (a buffer large enough for the primary's records).
+fn backup_hello(seq: u64) -> Vec<u8> {
+    hello_frame(Role::Backup, seq, 1 << 20, 1 << 19)
+}
+
+/// A real sender (holding records 1..=3) against a forged backup: `script` answers the
+/// primary's HELLO; returns the sender's error, or `Ok(acked)` when it was still paired after
+/// two seconds of polling.
+fn forged_backup(script: Vec<Vec<u8>>) -> Result<u64, TransportError> {
+    let (a, mut b) = pair();
+    let fake = std::thread::spawn(move || {
+        let _hello = recv_one(&mut b);
+        // One frame at a time, after the sender had time to act on the previous one.
+        for f in &script {
+            assert!(b.send(f).expect("send"));
+            b.flush().expect("flush");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let (mut p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("buffer");
+    for i in 0..3u8 {
+        p.push(1, &[i; 8]).expect("room");
+    }
+    let result = Sender::connect(Box::new(a), c, 1, cfg(1, 1)).and_then(|mut tx| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            tx.poll()?;
+            assert!(tx.shared().acked_seq() <= 3, "acked past the records held");
+        }
+        Ok(tx.shared().acked_seq())
+    });
+    fake.join().expect("fake backup");
+    result
+}
+
+/// A backup that acknowledges records the primary never sent (a forged or broken peer) is a
+/// protocol violation: the sender stops with that error instead of releasing outputs on it.
+#[test]
+fn an_ack_beyond_what_was_sent_is_a_protocol_violation() {
+    let mut ack = Vec::new();
+    frame::encode_ack(&mut ack, 1, 1_000, 0, 0, 0);
+    match forged_backup(vec![backup_hello(1), ack]) {
+        Err(TransportError::Protocol { what }) => {
+            assert!(what.contains("1000"), "{what}")
+        }
+        other => panic!("expected a protocol violation, got {other:?}"),
+    }
+}
+
+/// A backup whose HELLO claims to hold records the primary never sent is refused (a gap), not
+/// taken at its word.
+#[test]
+fn a_backup_claiming_unsent_records_is_refused() {
+    match forged_backup(vec![backup_hello(50)]) {
+        Err(TransportError::Refused {
+            reason: Refusal::Gap,
+            text,
+        }) => assert!(text.contains("49"), "{text}"),
+        other => panic!("expected a gap refusal, got {other:?}"),
+    }
 }

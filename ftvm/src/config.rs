@@ -484,6 +484,12 @@ pub struct CommonConfig {
     /// JSON at `/status.json` (read by `ftvm stat`); from pairing on.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    /// Accept a new backup (`ftvm backup --join`) on HOST:PORT whenever this side runs alone
+    /// as a primary (a primary whose backup failed, a backup that went live): the backup is
+    /// cloned from the running VM by live state transfer, and the pair goes on in a new
+    /// generation. Needs --arbiter and a tcp, tcp-spin or uring logging transport.
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Re-protection")]
+    pub accept_join: Option<String>,
 }
 
 /// `ftvm primary`: the common settings and the primary's own.
@@ -570,6 +576,16 @@ pub struct BackupConfig {
     /// next generation, go live at once; needs `--arbiter`).
     #[arg(long, value_enum, default_value = "stop", help_heading = "Lifecycle")]
     pub on_primary_stop: OnPrimaryStop,
+    /// Join a primary that runs alone (its `--accept-join` address) instead of starting from
+    /// a guest image: the VM is cloned from the running one by live state transfer, then
+    /// replays its log (no --guest or --peer; --disk names this side's copy, filled by the
+    /// transfer, or the shared image with --shared-disk). Needs --arbiter.
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Re-protection")]
+    pub join: Option<String>,
+    /// With --join: ask the primary for its memory digest at the cut and refuse to pair if
+    /// the cloned VM's differs (costs a digest of guest memory inside the pause).
+    #[arg(long, help_heading = "Re-protection")]
+    pub verify_cut: bool,
 }
 
 /// The failover settings of one side (with an arbiter), resolved.
@@ -670,9 +686,20 @@ impl CommonConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        self.guest()?;
-        self.peer()?;
+        self.validate_with(true)
+    }
+
+    /// As `validate`; `image`: whether this side starts from a guest image and a peer (a
+    /// joining backup has neither).
+    fn validate_with(&self, image: bool) -> Result<(), ConfigError> {
+        if image {
+            self.guest()?;
+            self.peer()?;
+        }
         let bad = |s: String| Err(ConfigError::Invalid(s));
+        if self.accept_join.is_some() && self.arbiter.is_none() {
+            return bad("--accept-join needs --arbiter (a join wins a new generation)".into());
+        }
         if self.generation == 0 {
             return bad("--generation 0: generations start at 1".into());
         }
@@ -779,7 +806,12 @@ impl RoleConfig for BackupConfig {
         &mut self.common
     }
     fn validate(&self) -> Result<(), ConfigError> {
-        self.common.validate()?;
+        self.common.validate_with(self.join.is_none())?;
+        if self.join.is_some() && self.common.arbiter.is_none() {
+            return Err(ConfigError::Invalid(
+                "--join needs --arbiter (the joined pair runs in a new generation)".into(),
+            ));
+        }
         if self.on_primary_stop == OnPrimaryStop::TakeOver && self.common.arbiter.is_none() {
             return Err(ConfigError::Invalid(
                 "--on-primary-stop take-over needs --arbiter (a backup never goes live without \

@@ -7,6 +7,10 @@
 //! primary    records, ships the log   ✗ SIGKILL
 //! backup     replays                       detects, wins generation 2, attaches the TAP, runs
 //! ```
+//! With `--cycles N` the failover repeats N times: after each one (but the last) a new backup
+//! joins the survivor by live state transfer (`ftvm backup --join`, vmm-core `ft::join`), the
+//! pair runs replicated again, and its primary is killed; the summary gives each cycle's
+//! failover time and re-protection pause and duration.
 //! With `--shared-disk` both sides name one disk image (`ftvm primary/backup --shared-disk`,
 //! `vmm-core/DEVICES.md`): `kv` appends every write to its log on that image before replying,
 //! the primary's disk writes wait for the backup's acknowledgement, the replaying backup drops
@@ -33,7 +37,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::client::{Checker, Load, LoadConfig, Reply, RespConn};
-use crate::scenario::{Node, Scenario, ScenarioConfig, Side};
+use crate::scenario::{Node, Scenario, ScenarioConfig, Side, JOIN_PORT};
 use ftvm_vmm_core::ft::observe::Snapshot;
 
 /// Flags of `ftvm demo`.
@@ -74,6 +78,22 @@ pub struct DemoArgs {
     /// read back from it too.
     #[arg(long)]
     pub shared_disk: bool,
+    /// Failovers in a row: after each one (but the last) a new backup joins the survivor by
+    /// live state transfer (`ftvm backup --join`), then the new primary is killed again. Needs
+    /// --transport tcp, tcp-spin or uring (the join's connection carries the log).
+    #[arg(long, default_value_t = 1)]
+    pub cycles: u16,
+}
+
+/// One failover of `ftvm demo --cycles`, and the re-protection after it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CycleSummary {
+    /// SIGKILL of the primary → first client reply from the new primary, in ms.
+    pub failover_ms: f64,
+    /// The guest's pause at the cut of the join that followed (none after the last cycle).
+    pub reprotect_pause_ms: Option<f64>,
+    /// From starting the new backup to its replaying, in seconds.
+    pub reprotect_s: Option<f64>,
 }
 
 /// The summary of a demo run (`--report`).
@@ -115,6 +135,8 @@ pub struct DemoSummary {
     pub acked_writes: u64,
     /// What the pair left on the one image (`--shared-disk` only).
     pub shared_disk: Option<SharedDiskSummary>,
+    /// Every failover and re-protection (`--cycles`; one entry by default).
+    pub cycles: Vec<CycleSummary>,
 }
 
 /// The shared image after the run (`ftvm demo --shared-disk`).
@@ -346,6 +368,15 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         },
         args.clients
     ));
+    if args.cycles == 0 {
+        bail!("--cycles must be at least 1");
+    }
+    if args.cycles > 1 && !matches!(args.transport.as_str(), "tcp" | "tcp-spin" | "uring") {
+        bail!(
+            "--cycles {}: re-protection needs --transport tcp, tcp-spin or uring (the join's connection carries the log)",
+            args.cycles
+        );
+    }
     let mut s = Scenario::prepare(config)?;
     p.line(format!(
         "  namespace {}, TAP {} at 10.0.2.1/24, files in {}, arbiter {}",
@@ -356,7 +387,11 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     ));
     let mut echo = Echo { seen: [0, 0] };
     let metrics = |side: Side| vec!["--metrics".to_string(), metrics_addr(side)];
-    s.backup = Some(s.spawn(Side::Backup, &metrics(Side::Backup))?);
+    let mut backup_args = metrics(Side::Backup);
+    if args.cycles > 1 {
+        backup_args.extend(accept_join(0));
+    }
+    s.backup = Some(s.spawn(Side::Backup, &backup_args)?);
     s.primary = Some(s.spawn(Side::Primary, &metrics(Side::Primary))?);
     p.phase("boot");
     p.status("waiting for kv to answer PING".into());
@@ -402,73 +437,104 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     let before = load.stats();
     let before_secs = t_load.elapsed().as_secs_f64();
 
-    // The fault.
-    p.phase("failover");
-    let t_kill = Instant::now();
-    let mut primary = s.primary.take().context("no primary")?;
-    echo.show(&p, [Some(&primary), s.backup.as_ref()]);
-    primary.kill();
-    let t_gone = Instant::now();
-    load.mark(t_gone);
-    p.line(format!(
-        "  SIGKILL primary (pid {}) after {:.1} s of load ({} acked writes); gone after {:.1} ms",
-        primary.pid(),
-        before_secs,
-        before.ops,
-        ms(t_gone - t_kill)
-    ));
-    drop(primary);
-    let mut live_line = None;
-    let first_reply = loop {
-        check_interrupted()?;
-        let backup = s.backup.as_mut().context("no backup")?;
-        echo.show(&p, [None, Some(backup)]);
-        if live_line.is_none() && backup.find_line("LIVE").is_some() {
-            live_line = Some(t_kill.elapsed());
-        }
-        if let Some(t) = load.first_reply_after_mark() {
-            break t;
-        }
-        if let Some(st) = backup.try_status() {
-            bail!(
-                "the backup exited instead of going live ({st})\n{}",
-                s.stderr_of_both()
-            );
-        }
-        if t_kill.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "no client reply within 30 s of killing the primary (the backup did not go live)\n{}",
-                s.stderr_of_both()
-            );
-        }
-        p.status(format!(
-            "{:>7.0} ops/s  waiting for the backup to go live ({:.0} ms)",
-            rate.add(load.stats().ops),
-            ms(t_kill.elapsed())
+    let mut cycles = Vec::new();
+    let (mut failover, mut live_line, mut at_first, mut first_reply) =
+        (Duration::ZERO, None, before, Instant::now());
+    for cycle in 0..args.cycles {
+        // The fault.
+        p.phase("failover");
+        let t_kill = Instant::now();
+        let mut primary = s.primary.take().context("no primary")?;
+        echo.show(&p, [Some(&primary), s.backup.as_ref()]);
+        primary.kill();
+        let t_gone = Instant::now();
+        load.mark(t_gone);
+        p.line(format!(
+            "  SIGKILL primary (pid {}) after {:.1} s of load ({} acked writes); gone after {:.1} ms",
+            primary.pid(),
+            before_secs,
+            before.ops,
+            ms(t_gone - t_kill)
         ));
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let failover = first_reply - t_kill;
-    let at_first = load.stats();
-    p.line(format!(
-        "  first client reply from the new primary {:.0} ms after the kill",
-        ms(failover)
-    ));
+        drop(primary);
+        let mut live_line_now = None;
+        let first_reply_now = loop {
+            check_interrupted()?;
+            let backup = s.backup.as_mut().context("no backup")?;
+            echo.show(&p, [None, Some(backup)]);
+            if live_line_now.is_none() && backup.find_line("LIVE").is_some() {
+                live_line_now = Some(t_kill.elapsed());
+            }
+            if let Some(t) = load.first_reply_after_mark() {
+                break t;
+            }
+            if let Some(st) = backup.try_status() {
+                bail!(
+                    "the backup exited instead of going live ({st})\n{}",
+                    s.stderr_of_both()
+                );
+            }
+            if t_kill.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "no client reply within 30 s of killing the primary (the backup did not go live)\n{}",
+                    s.stderr_of_both()
+                );
+            }
+            p.status(format!(
+                "{:>7.0} ops/s  waiting for the backup to go live ({:.0} ms)",
+                rate.add(load.stats().ops),
+                ms(t_kill.elapsed())
+            ));
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let failover_now = first_reply_now - t_kill;
+        let at_first_now = load.stats();
+        p.line(format!(
+            "  first client reply from the new primary {:.0} ms after the kill",
+            ms(failover_now)
+        ));
 
-    p.phase("live");
-    let end = first_reply + Duration::from_secs_f64(args.run_after.max(0.5));
-    while Instant::now() < end {
-        check_interrupted()?;
-        let backup = s.backup.as_mut().context("no backup")?;
-        echo.show(&p, [None, Some(backup)]);
-        if live_line.is_none() && backup.find_line("LIVE").is_some() {
-            live_line = Some(t_kill.elapsed());
+        p.phase("live");
+        let end = first_reply_now + Duration::from_secs_f64(args.run_after.max(0.5));
+        while Instant::now() < end {
+            check_interrupted()?;
+            let backup = s.backup.as_mut().context("no backup")?;
+            echo.show(&p, [None, Some(backup)]);
+            if live_line_now.is_none() && backup.find_line("LIVE").is_some() {
+                live_line_now = Some(t_kill.elapsed());
+            }
+            let st = load.stats();
+            p.status(status_line(rate.add(st.ops), &st));
+            check_running(&mut s, &[Side::Backup])?;
+            live.tick(&s, &p, false);
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let st = load.stats();
-        p.status(status_line(rate.add(st.ops), &st));
-        check_running(&mut s, &[Side::Backup])?;
-        live.tick(&s, &p, false);
-        std::thread::sleep(Duration::from_millis(100));
+        if cycle == 0 {
+            (failover, at_first) = (failover_now, at_first_now);
+        }
+        (live_line, first_reply) = (live_line_now, first_reply_now);
+        let mut c = CycleSummary {
+            failover_ms: ms(failover_now),
+            reprotect_pause_ms: None,
+            reprotect_s: None,
+        };
+        if cycle + 1 < args.cycles {
+            p.phase("reprotect");
+            let (pause, took) = reprotect(&mut s, &p, cycle)?;
+            c.reprotect_pause_ms = Some(pause);
+            c.reprotect_s = Some(took.as_secs_f64());
+            // Replicated again: load on the new pair before its primary is killed.
+            p.phase("replicated");
+            let until = Instant::now() + Duration::from_secs_f64(args.kill_after.max(0.5));
+            while Instant::now() < until {
+                check_interrupted()?;
+                let st = load.stats();
+                p.status(status_line(rate.add(st.ops), &st));
+                check_running(&mut s, &[Side::Primary, Side::Backup])?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        cycles.push(c);
     }
     let load_errors = load.last_error();
     let after_secs = first_reply.elapsed().as_secs_f64();
@@ -499,7 +565,11 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         }
         p.line("  the new primary did not power off within 15 s (killed)");
     }
-    let backup_report = s.report(Side::Backup);
+    // The side live at the end: the first backup, or the last joiner (`--cycles`).
+    let backup_report = match args.cycles {
+        0 | 1 => s.report(Side::Backup),
+        n => s.report_of(&format!("j{}", n - 2)),
+    };
     let backup_golive = backup_report
         .as_ref()
         .and_then(|r| r.get("golive").cloned());
@@ -536,6 +606,7 @@ fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         oom_replies: end_stats.oom,
         acked_writes: end_stats.ops,
         shared_disk,
+        cycles,
     })
 }
 
@@ -651,6 +722,20 @@ fn print_summary(s: &DemoSummary) {
         "failover             {:.0} ms (SIGKILL → first client reply from the new primary)",
         s.failover_ms
     );
+    if s.cycles.len() > 1 {
+        for (i, c) in s.cycles.iter().enumerate() {
+            eprintln!(
+                "cycle {:<2}             failover {:.0} ms{}",
+                i + 1,
+                c.failover_ms,
+                match (c.reprotect_pause_ms, c.reprotect_s) {
+                    (Some(p), Some(t)) =>
+                        format!("; re-protected in {t:.2} s, paused {p:.1} ms at the cut"),
+                    _ => String::new(),
+                }
+            );
+        }
+    }
     if let Some(g) = &s.backup_golive {
         eprintln!("backup go-live       {g}");
     }
@@ -695,6 +780,73 @@ fn print_summary(s: &DemoSummary) {
             s.oom_replies
         );
     }
+}
+
+/// `--accept-join` for the side that goes live in cycle `cycle` (a port of its own each).
+fn accept_join(cycle: u16) -> Vec<String> {
+    vec![
+        "--accept-join".into(),
+        format!("127.0.0.1:{}", JOIN_PORT + 1 + cycle),
+    ]
+}
+
+/// After failover `cycle`: a new backup (`j<cycle>`) joins the side that went live (which
+/// accepts joins since `accept_join(cycle)`), accepting joins itself for the next cycle; it
+/// becomes the backup, the live side the primary. Returns the pause at the cut (ms, from the
+/// live side's `REPROTECTED` line) and how long the join took.
+fn reprotect(s: &mut Scenario, p: &Progress, cycle: u16) -> anyhow::Result<(f64, Duration)> {
+    let name = format!("j{cycle}");
+    let t0 = Instant::now();
+    let mut joiner = s.spawn_joiner(
+        &name,
+        (7140 + cycle, JOIN_PORT + 1 + cycle),
+        &accept_join(cycle + 1),
+    )?;
+    let live = s.backup.as_mut().context("no live side")?;
+    let done = loop {
+        check_interrupted()?;
+        if let (Some(d), Some(_)) = (
+            live.find_line("REPROTECTED"),
+            joiner.find_line("replaying from exit"),
+        ) {
+            break d;
+        }
+        if let Some(st) = joiner.try_status() {
+            bail!(
+                "the new backup {name} exited ({st})
+{}",
+                joiner.stderr_text()
+            );
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "{name} did not join within 60 s
+{}
+{}",
+                joiner.stderr_text(),
+                live.stderr_text()
+            );
+        }
+        p.status(format!(
+            "{name} joining the live side ({:.1} s)",
+            t0.elapsed().as_secs_f64()
+        ));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t0.elapsed();
+    let pause = done
+        .split("pause ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    p.line(format!(
+        "  re-protected: {name} joined in {:.2} s, the guest paused {pause:.1} ms at the cut",
+        took.as_secs_f64()
+    ));
+    s.primary = s.backup.take();
+    s.backup = Some(joiner);
+    Ok((pause, took))
 }
 
 /// The `--metrics` address of `side` inside the demo's namespace.

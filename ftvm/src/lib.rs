@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod exit;
+pub mod join;
 pub mod lifecycle;
 pub mod metrics;
 pub mod pair;

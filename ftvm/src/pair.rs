@@ -95,7 +95,10 @@ fn channel_config(s: &CommonConfig, elf: &[u8], role: Role) -> anyhow::Result<Co
     let cmdline = format!("{}\0net={}", s.cmdline, s.net.is_some());
     let digest = pairing_digest(elf, &cmdline, s.mem.0, s.disk.as_deref())
         .context("cannot read the disk image for the pairing digest")?;
-    let settings = PairingSettings::new(role, s);
+    let cpuid = ftvm_vmm_core::kvm::KvmContext::new()
+        .ok()
+        .map(|k| k.cpuid_digest());
+    let settings = PairingSettings::new(role, s).with_cpuid(cpuid);
     Ok(Config {
         digest,
         generation: settings.generation,
@@ -272,6 +275,7 @@ pub fn primary(pc: PrimaryConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<(
         core: None,
         idle: s.poll_idle.into(),
     };
+    let join_channel = cfg.clone();
     let sender = LogSender::start(p, c, transport, cfg, poller)
         .map_err(|e| refused_or("primary", e))
         .context("cannot pair with the backup (is it running and reachable?)")?;
@@ -307,7 +311,11 @@ pub fn primary(pc: PrimaryConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<(
         }
     });
     let hooks = PrimaryHooks::default();
-    let ft = ft_config(failover.as_ref(), arbiter, None)?;
+    let ft = ft_config(failover.as_ref(), arbiter, None)?.map(|mut f| {
+        f.join = crate::join::join_point(s);
+        f
+    });
+    let acceptor = crate::join::accept(s, ft.as_ref(), &vm, join_channel)?;
     // The throttle acts on this thread: `run_primary` / `run_primary_ft` run the vCPU here.
     // Once the primary goes on alone its lag source stops replicating and the controller
     // gives the vCPU its full share back.
@@ -406,6 +414,7 @@ pub fn primary(pc: PrimaryConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<(
             "channel": stats,
             "metrics": observed,
             "failover": ft_json,
+            "joins": crate::join::joins_json(acceptor.as_ref().map(|(_, j)| j)),
             "throttle": throttle_json,
             "shared_disk": disk_json(&vm),
             "disk_waits": report.disk_waits.map(|w| serde_json::json!({
@@ -629,6 +638,9 @@ fn anyhow_pair(e: PairError) -> anyhow::Error {
 /// ([`crate::exit::DIVERGED`]); a backup whose own disk copy failed (it can no longer take over)
 /// exits with 206 ([`crate::exit::CANNOT_TAKE_OVER`]).
 pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()> {
+    if bc.join.is_some() {
+        return crate::join::backup(bc, lifecycle);
+    }
     let s = &bc.common;
     let failover = s.failover(Role::Backup);
     let arbiter = failover
@@ -647,7 +659,7 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
         net_without_backend: s.net.is_some(),
         console,
     };
-    let mut vm = Vm::new(&config, &elf).with_context(|| format!("cannot start {guest}"))?;
+    let vm = Vm::new(&config, &elf).with_context(|| format!("cannot start {guest}"))?;
     share_disk(s, &vm)?;
     let (p, c) = ftvm_ringbuf::with_capacity(s.log_capacity()?).context("log buffer")?;
     let mut incoming = backup_incoming(s)?;
@@ -655,7 +667,7 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
         core: None,
         idle: s.poll_idle.into(),
     };
-    let (rx, listened) = LogReceiver::listen(p, c, incoming.as_mut(), cfg, poller)
+    let (rx, listened) = LogReceiver::listen(p, c, incoming.as_mut(), cfg.clone(), poller)
         .map_err(|e| refused_or("backup", e))
         .context("cannot pair with the primary")?;
     drop(incoming);
@@ -667,27 +679,59 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
             n => format!(" ({n} stray connection(s) on the logging port dropped before)"),
         }
     );
+    let paired = format!(
+        "backup: paired with the primary {}, generation {}, replaying {guest}",
+        listened.paired_with,
+        failover.as_ref().map_or(1, |f| f.generation)
+    );
+    replay(
+        &bc,
+        (failover, arbiter),
+        (vm, cfg),
+        rx,
+        buf,
+        &paired,
+        lifecycle,
+    )
+}
+
+/// The backup's replay, once paired (`ftvm backup`, and `ftvm backup --join` once the VM was
+/// cloned): failover settings, the VM, its log receiver and console buffer; `paired`: the
+/// status line.
+///
+/// # Errors
+/// As [`backup`].
+pub(crate) fn replay(
+    bc: &BackupConfig,
+    (failover, arbiter): (Option<Failover>, Option<Arc<dyn Arbiter>>),
+    (mut vm, channel): (Vm, Config),
+    rx: LogReceiver,
+    buf: Arc<std::sync::Mutex<Vec<u8>>>,
+    paired: &str,
+    lifecycle: &mut Lifecycle,
+) -> anyhow::Result<()> {
+    let s = &bc.common;
     let reader = LogReader::new(rx, s.idle.into(), None);
     let observer = reader.observer().clone();
     observer.set_transport(s.transport.name());
     let _metrics = crate::metrics::start_if(s.metrics.as_deref(), &observer)?;
     let checks = reader.output_checks();
-    lifecycle.attach(
-        vm.control(),
-        &format!(
-            "backup: paired with the primary {}, generation {}, replaying {guest}",
-            listened.paired_with,
-            failover.as_ref().map_or(1, |f| f.generation)
-        ),
-    );
+    lifecycle.attach(vm.control(), paired);
     lifecycle.watch(&observer);
     // Records (and logs) the throttle targets agreed through the log.
     TargetFollower::new().install(reader.controls());
-    let result = match ft_config(
+    let ft = ft_config(
         failover.as_ref(),
         arbiter,
         Some((s.tap(), bc.primary_stop_policy())),
-    )? {
+    )?
+    .map(|mut f| {
+        f.join = crate::join::join_point(s);
+        f
+    });
+    // Joins are served once this backup went live (and runs as a lone primary).
+    let _acceptor = crate::join::accept(s, ft.as_ref(), &vm, channel)?;
+    let result = match ft {
         None => run_backup(&mut vm, reader),
         Some(ft) => {
             // After going live, the console output is this node's to release: to --console.

@@ -48,6 +48,11 @@ pub struct PairingSettings {
     pub fail_timeout_ms: Option<u64>,
     /// The generation the pair starts in.
     pub generation: u64,
+    /// Digest of the CPUID this host shows the guest (`KvmContext::cpuid_digest`, hex;
+    /// `None` where KVM could not be opened to compute it): a guest that reads CPUID on a
+    /// primary and a backup of different CPU models would diverge, so the pair is refused.
+    #[serde(default)]
+    pub cpuid: Option<String>,
 }
 
 fn show<T: std::fmt::Display>(v: &Option<T>) -> String {
@@ -69,7 +74,14 @@ impl PairingSettings {
             peer_heartbeat: ft.map(|f| f.peer_heartbeat),
             fail_timeout_ms: ft.map(|f| f.fail_timeout.as_millis() as u64),
             generation: ft.map_or(1, |f| f.generation),
+            cpuid: None,
         }
+    }
+
+    /// These settings with this host's CPUID digest (see [`PairingSettings::cpuid`]).
+    pub fn with_cpuid(mut self, digest: Option<u64>) -> Self {
+        self.cpuid = digest.map(|d| format!("{d:016x}"));
+        self
     }
 
     /// Every field on which `self` (this side) and `theirs` (the peer) disagree, each naming
@@ -98,6 +110,14 @@ impl PairingSettings {
             self.generation.to_string(),
             theirs.generation.to_string(),
         );
+        if let (Some(mine), Some(other)) = (&self.cpuid, &theirs.cpuid) {
+            if mine != other {
+                d.push(format!(
+                    "cpuid: this {me} shows the guest CPU model {mine}, the {them} {other} \
+                     (different host CPUs: a guest that reads CPUID would diverge)"
+                ));
+            }
+        }
         if self.arbiter.is_some() && self.node.is_some() && self.node == theirs.node {
             d.push(format!(
                 "node: both sides are node {} on the arbiter (they must differ)",
@@ -165,6 +185,7 @@ mod tests {
             peer_heartbeat: Some(SocketAddr::from(([127, 0, 0, 1], peer))),
             fail_timeout_ms: Some(200),
             generation: 1,
+            cpuid: Some("00000000000000aa".into()),
         }
     }
 
@@ -192,5 +213,20 @@ mod tests {
         y.node = Some("primary".into());
         assert!(p.differences(&y)[0].starts_with("node: both sides are node primary"));
         assert!(p.check(b"{not json").is_err());
+    }
+
+    #[test]
+    fn different_cpu_models_are_refused_and_an_unknown_one_is_not_compared() {
+        let p = side("primary", 7102, 7101).with_cpuid(Some(0xaa));
+        let b = side("backup", 7101, 7102).with_cpuid(Some(0xbb));
+        let err = p.check(&b.to_blob().expect("blob")).expect_err("differs");
+        assert!(err.contains("cpuid: this primary shows the guest CPU model 00000000000000aa, the backup 00000000000000bb"), "{err}");
+        let unknown = side("backup", 7101, 7102).with_cpuid(None);
+        assert!(p.differences(&unknown).is_empty());
+        // An older peer's blob without the field parses (as unknown).
+        let mut v = serde_json::to_value(side("backup", 7101, 7102)).expect("json");
+        v.as_object_mut().expect("object").remove("cpuid");
+        let old = serde_json::to_vec(&v).expect("blob");
+        assert!(p.check(&old).is_ok());
     }
 }

@@ -54,6 +54,8 @@ pub const XDP_PRIMARY_IF: &str = "ftvmxp";
 pub const XDP_BACKUP_IF: &str = "ftvmxb";
 /// Size of each disk image by default ([`ScenarioConfig::disk_size`]).
 pub const DISK_SIZE: u64 = 32 << 20;
+/// Where a primary started with [`Scenario::accept_join_args`] accepts joins.
+pub const JOIN_PORT: u16 = 7300;
 /// The image both sides name in shared-disk mode (in the temporary directory).
 pub const SHARED_DISK: &str = "shared.img";
 
@@ -650,6 +652,68 @@ impl Scenario {
             self.config.log.clone(),
         ];
         self.spawn_ftvm(None, &args)
+    }
+
+    /// The flags that make the primary accept joins on [`JOIN_PORT`] once alone.
+    pub fn accept_join_args() -> Vec<String> {
+        vec!["--accept-join".into(), format!("127.0.0.1:{JOIN_PORT}")]
+    }
+
+    /// Starts `ftvm backup --join 127.0.0.1:<join_port>` inside the namespace, named `name` on
+    /// the arbiter, with its own image `<name>.img` (own-copy mode; filled by the transfer) or
+    /// the shared one, the pair's TAP as its service TAP, heartbeats on port `heartbeat`, its
+    /// console and report at `<name>.console` / `<name>.json` ([`Scenario::report_of`]), plus
+    /// `extra`. It shows as the backup in [`Scenario::stderr_of_both`] once put in
+    /// [`Scenario::backup`].
+    ///
+    /// # Errors
+    /// [`ScenarioError::Io`] when the image or the process cannot be created.
+    pub fn spawn_joiner(
+        &self,
+        name: &str,
+        (heartbeat, join_port): (u16, u16),
+        extra: &[String],
+    ) -> Result<Node, ScenarioError> {
+        let d = self.dir.path();
+        let disk = if self.config.shared_disk {
+            self.disk(Side::Backup)
+        } else {
+            d.join(format!("{name}.img"))
+        };
+        let mut args: Vec<String> = vec![
+            "backup".into(),
+            "--join".into(),
+            format!("127.0.0.1:{join_port}"),
+            "--disk".into(),
+            disk.display().to_string(),
+            "--net".into(),
+            format!("tap:{TAP}"),
+            "--transport".into(),
+            self.config.transport.clone(),
+            "--console".into(),
+            d.join(format!("{name}.console")).display().to_string(),
+            "--report".into(),
+            d.join(format!("{name}.json")).display().to_string(),
+            "--log".into(),
+            self.config.log.clone(),
+            "--arbiter".into(),
+            self.arbiter.clone(),
+            "--node".into(),
+            name.into(),
+            "--heartbeat".into(),
+            format!("127.0.0.1:{heartbeat}"),
+        ];
+        if self.config.shared_disk {
+            args.push("--shared-disk".into());
+        }
+        args.extend_from_slice(extra);
+        self.spawn_ftvm(Some(Side::Backup), &args)
+    }
+
+    /// The JSON report of a joiner started with [`Scenario::spawn_joiner`] as `name`.
+    pub fn report_of(&self, name: &str) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.json"))).ok()?;
+        serde_json::from_str(&text).ok()
     }
 
     /// The console output so far of `side` (`p.console` / `b.console`; `None`: of the guest run

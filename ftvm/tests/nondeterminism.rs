@@ -108,8 +108,6 @@ fn pair_never_goes_live_with_another_value(test: &str, insn: &str) {
             &format!("127.0.0.1:{me}"),
             "--peer-heartbeat",
             &format!("127.0.0.1:{peer}"),
-            "--throttle-target-ms",
-            "0",
             "--console",
             &dir.path()
                 .join(format!("{tag}.console"))
@@ -124,7 +122,10 @@ fn pair_never_goes_live_with_another_value(test: &str, insn: &str) {
         .to_vec()
     };
     let mut backup = ftvm(&side("backup", hb_b, hb_p));
-    let mut primary = ftvm(&side("primary", hb_p, hb_b));
+    // The throttle is the primary's (a backup refuses the flag).
+    let mut primary_args = side("primary", hb_p, hb_b);
+    primary_args.extend(["--throttle-target-ms".to_string(), "0".to_string()]);
+    let mut primary = ftvm(&primary_args);
     let p_console = dir.path().join("p.console");
     let b_console = dir.path().join("b.console");
 

@@ -27,7 +27,7 @@
 //! it loads together with `tail` ([`seq_from_low`]): every record it can see lies fewer than
 //! `capacity / RECORD_ALIGN` ≤ 2^29 records before that bound, so the low bits name exactly one
 //! candidate. An 8-byte header instead of a 16-byte one makes a 64-byte record take 72 bytes of
-//! buffer instead of 80 (`DESIGN.md`, "Why an 8-byte header").
+//! buffer instead of 80 (`ringbuf/DESIGN.md`, "Why an 8-byte header").
 //!
 //! Positions are byte counts since the buffer was created; `position & (capacity - 1)` is the
 //! offset in the data area. A record never straddles the end of the data area: when it would,

@@ -1377,7 +1377,7 @@ impl<'a> Batch<'a> {
 /// record is one add, and its position is computed only when asked for. The next offset is
 /// guessed from the record before (`expect`, `stride`) and checked against each header, so the
 /// next header's load does not wait for this one's (`ringbuf/DESIGN.md`, "What the hot path
-/// does now").
+/// does").
 #[derive(Debug)]
 pub struct Records<'a> {
     /// The batch's bytes.

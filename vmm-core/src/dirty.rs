@@ -32,14 +32,13 @@
 //!   thread and is switched on and off on a live slot;
 //! - the ring's advantage is a harvest cost proportional to the pages dirtied rather than to
 //!   the memory size, which matters with many vCPUs and hundreds of GiB. With one vCPU and
-//!   guests of 64 MiB to 1 GiB the bitmap's harvest is small next to copying the pages it
-//!   names: measured with `ftvm-bench dirty` (below and `results/dirty.json`);
+//!   guests of 64 MiB to 1 GiB the bitmap's harvest should be small next to copying the pages
+//!   it names (not measured yet: see below);
 //! - `kvm-ioctls` wraps the bitmap (`VmFd::get_dirty_log`) and not the ring, which would need
 //!   our own mmap of a kernel ring with acquire/release on its entries' flags.
 //!
-//! Measured here (`cargo run --release -p ftvm-bench -- dirty`, nested KVM under PVM, one noisy
-//! run; the module docs of [`crate::transfer`] draw the conclusions):
-//! the figures are in `results/dirty.json` and `README.md`.
+//! Not measured yet: there is no `dirty` benchmark in `ftvm-bench` and no `results/dirty.json`
+//! (these docs named both before they existed); `BENCHMARKS.md`, "Not measured yet".
 //!
 //! # Use
 //! [`DirtyLog`] is a cloneable handle ([`Vm::dirty_log`](crate::vm::Vm::dirty_log)) usable from

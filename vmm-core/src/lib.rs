@@ -1,5 +1,6 @@
 //! `ftvm-vmm-core`: a small KVM virtual machine monitor whose every nondeterministic input
-//! passes through one place, so that a backup VM can replay a primary (DESIGN.md §3).
+//! passes through one place, so that a backup VM can replay a primary (`DESIGN.md`, "Where
+//! nondeterminism is captured").
 //!
 //! Layout (modelled on Firecracker's `vstate/`):
 //! - [`kvm`], [`vm`], [`vcpu`]: the KVM objects; [`vcpu::handle_exit`] is the one exit handler;

@@ -1,7 +1,8 @@
 //! The record/replay seams: every nondeterministic input of the VM passes through here.
 //!
 //! [`handle_exit`](crate::vcpu::handle_exit) is the only place that calls these hooks, with the
-//! index of the current exit (the clock of record/replay, DESIGN.md §3):
+//! index of the current exit (the clock of record/replay: `DESIGN.md`, "Where nondeterminism is
+//! captured"):
 //! - an MMIO read whose value comes from outside the guest (the system device's `CLOCK_NS`,
 //!   `ENTROPY` and `WAIT`) goes to [`Recorder::external_read`] when live, and comes from
 //!   [`ReplaySource::external_read`] instead of the device backend when replaying;
@@ -206,6 +207,14 @@ pub enum ReplayError {
     /// The log has no more entries.
     #[error("replay log ended at exit {exit}")]
     Exhausted {
+        /// The exit index.
+        exit: u64,
+    },
+    /// The run was kicked (asked to pause) while the source waited for the log's next entry:
+    /// the exit is left incomplete and the run ends (a replaying VM cannot pause inside an
+    /// exit whose input has not arrived; nothing says it ever will).
+    #[error("replay interrupted at exit {exit} while waiting for the log")]
+    Interrupted {
         /// The exit index.
         exit: u64,
     },

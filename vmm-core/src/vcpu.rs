@@ -271,6 +271,12 @@ impl VcpuKick {
         self.stop.load(Ordering::Acquire)
     }
 
+    /// Whether a kick is waiting to be taken by the run loop: code that blocks inside an exit
+    /// (a replay waiting for the log's next entry) gives up its wait when it sees one.
+    pub fn kick_pending(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
     /// Asks a replaying vCPU to ask its replay source, at the next point between two exits,
     /// whether the log ended there
     /// ([`ReplaySource::between_exits`](crate::record::ReplaySource::between_exits)), and then

@@ -97,9 +97,15 @@ pub enum VmError {
     /// Save or restore failed.
     #[error("snapshot")]
     State(#[from] StateError),
-    /// The vCPU thread is gone or not paused ([`VmThread`]).
+    /// The vCPU thread is gone ([`VmThread`]).
     #[error("the VM thread cannot do this now: {0}")]
     Thread(&'static str),
+    /// The operation needs a paused VM ([`VmThread::pause`] first); it is in `state`.
+    #[error("the VM must be paused for this (it is {state:?})")]
+    NotPaused {
+        /// The state it is in.
+        state: VmState,
+    },
 }
 
 /// Why [`Vm::run`] returned.
@@ -139,6 +145,10 @@ impl VmControl {
     /// Whether [`VmControl::request_stop`] was asked.
     pub fn stop_requested(&self) -> bool {
         self.kick.stop_requested()
+    }
+    /// Whether a kick ([`VmControl::kick`]) is pending ([`VcpuKick::kick_pending`]).
+    pub fn kick_pending(&self) -> bool {
+        self.kick.kick_pending()
     }
     /// Exits handled so far (the exit index).
     pub fn exits(&self) -> u64 {
@@ -714,8 +724,9 @@ impl VmThread {
         &self,
         command: impl FnOnce(std::sync::mpsc::Sender<T>) -> Command,
     ) -> Result<T, VmError> {
-        if self.shared.get() != VmState::Paused {
-            return Err(VmError::Thread("the VM must be paused"));
+        let state = self.shared.get();
+        if state != VmState::Paused {
+            return Err(VmError::NotPaused { state });
         }
         let (tx, rx) = std::sync::mpsc::channel();
         self.commands

@@ -1,6 +1,5 @@
 //! The vCPU thread state machine: pause, save while paused, resume, stop.
 
-use ftvm_vmm_core::state::StateError;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmError, VmState, VmThread};
 use ftvm_vmm_core::{guests, require_kvm};
 
@@ -57,7 +56,12 @@ fn a_stopped_vm_cannot_be_saved() {
     let dir = tempfile::tempdir().unwrap();
     let e = t.save(&dir.path().join("snap")).unwrap_err();
     assert!(
-        matches!(e, VmError::State(StateError::Mismatch(_))),
+        matches!(
+            e,
+            VmError::NotPaused {
+                state: VmState::Stopped
+            }
+        ),
         "{e:?}"
     );
     assert!(!dir.path().join("snap").exists());

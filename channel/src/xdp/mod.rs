@@ -16,7 +16,7 @@
 //! the 2-byte length of the envelope ([`eth`]); frames whose EtherType is not ours or that are
 //! truncated are dropped and counted ([`XdpCounters`]).
 //!
-//! Pitfalls handled (measured on these machines, see RECIPES.md "AF_XDP"):
+//! Pitfalls handled (measured on these machines, the project's measurement notes, `shared/RECIPES.md` "AF_XDP", kept outside this repository):
 //! - the fill ring is twice the number of receive frames, so it never looks full (the kernel
 //!   publishes its consumer position late), and frames it did not take are kept in a list and
 //!   handed back on the next call rather than lost;
@@ -48,7 +48,7 @@ use crate::netns::NetnsError;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttachMode {
     /// Generic XDP (`XDP_FLAGS_SKB_MODE`): works on every interface, copy mode only. The
-    /// fastest mode on veth on these machines (RECIPES.md: 2.6 µs RTT vs 3.3 µs for DRV).
+    /// fastest mode on veth on these machines (measured here: 2.6 µs RTT vs 3.3 µs for DRV).
     #[default]
     Skb,
     /// Native XDP in the driver (`XDP_FLAGS_DRV_MODE`); zero-copy where the driver supports it.

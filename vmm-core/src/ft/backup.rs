@@ -415,6 +415,10 @@ impl LogReader {
                 // A planned stop of this backup: the replay ends here (the run's driver sees
                 // the request and does not go live).
                 return Err(ReplayError::Exhausted { exit });
+            } else if self.stop.as_ref().is_some_and(|c| c.kick_pending()) {
+                // Asked to pause while no entry comes: the run ends here (unless the entry
+                // arrives first, a kick lands between exits).
+                return Err(ReplayError::Interrupted { exit });
             } else if self.idle == IdleKind::Park {
                 // Spin a little (the next entry is often microseconds away), then sleep until
                 // the receiver delivers: a spinning backup vCPU takes the CPU from the pollers
@@ -1009,6 +1013,7 @@ fn ended(exit: u64, e: ReplayError) -> PairError {
             exit,
             why: "the primary's log stopped".into(),
         },
+        ReplayError::Interrupted { exit } => PairError::Paused(exit),
     }
 }
 
@@ -1103,6 +1108,10 @@ pub(crate) fn backup_loop(
                 }
                 if let Some((exit, what)) = held.get(vm)?.divergence.take() {
                     break Err(PairError::Diverged { exit, what });
+                }
+                if matches!(replay_error(&e), Some(ReplayError::Interrupted { .. })) {
+                    let r = held.get(vm)?;
+                    break Err(r.planned_stop(exit).unwrap_or(PairError::Paused(exit)));
                 }
                 if matches!(replay_error(&e), Some(ReplayError::Exhausted { .. })) {
                     if let Some(s) = held.get(vm)?.planned_stop(exit) {

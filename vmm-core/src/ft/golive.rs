@@ -214,6 +214,9 @@ pub struct FtConfig {
     /// Backup: what to do when the primary stops as planned (GOODBYE `PlannedStop`,
     /// [`super::stop`]): stop too (the default), or take over at once (a handover).
     pub on_primary_stop: PrimaryStopPolicy,
+    /// Primary: where a join asks for the cut while this primary runs alone
+    /// ([`super::join`]); `None`: no join is accepted.
+    pub join: Option<super::join::JoinPoint>,
 }
 
 impl std::fmt::Debug for FtConfig {
@@ -245,6 +248,7 @@ impl FtConfig {
             retry: RetryPolicy::default(),
             service_tap: None,
             on_primary_stop: PrimaryStopPolicy::Stop,
+            join: None,
         }
     }
 }
@@ -481,7 +485,8 @@ pub(crate) struct PrimaryFt {
 }
 
 impl PrimaryFt {
-    fn new(cfg: FtConfig) -> Result<Self, PairError> {
+    /// Acquires `cfg.generation` (idempotent for its holder) and starts the failure detector.
+    pub(crate) fn new(cfg: FtConfig) -> Result<Self, PairError> {
         let outcome =
             acquire_with_retry(&*cfg.arbiter, cfg.generation, &cfg.node, cfg.retry, || {
                 false
@@ -521,9 +526,74 @@ impl PrimaryFt {
             take_disk(d, self.cfg.generation)?;
         }
         gate.set_fence(self.fence.clone(), self.cfg.generation);
-        writer.set_managed();
         self.detector.observe_into(writer.observer());
         writer.observer().set_generation(self.cfg.generation);
+        if let Some(j) = &self.cfg.join {
+            j.set_writer(writer);
+        }
+        if writer.is_alone() {
+            // A backup that went live runs as a lone primary (to take a backup that joins):
+            // outputs flow, and there is no backup to watch until one joins.
+            gate.release_all(self.cfg.generation);
+            writer
+                .observer()
+                .set_role(SideRole::Alone, self.cfg.generation);
+            return Ok(());
+        }
+        writer.set_managed();
+        self.spawn_monitor(gate, writer, vm, on_backup_stop, None)
+    }
+
+    /// This primary's settings (the join point, the arbiter, the detector's addresses).
+    pub(crate) fn config(&self) -> &FtConfig {
+        &self.cfg
+    }
+
+    /// The heartbeat address of this side's failure detector.
+    pub(crate) fn heartbeat_addr(&self) -> std::net::SocketAddr {
+        self.detector.local_addr()
+    }
+
+    /// A joined backup replaces the one that failed ([`super::join`]): `next` (the new
+    /// generation, won on the arbiter, and a detector aimed at the new backup) takes this one's
+    /// place; the shared disk is taken for it, outputs wait for acknowledgements again (and
+    /// the net device's transmits with them), appends go to the log again, and the monitor
+    /// starts once `armed` says whether the new backup's link came up (`false`, or the sender
+    /// dropped: the backup is gone, and this primary goes alone again by the usual path).
+    /// Returns the replaced side (to be dropped off the vCPU thread: its detector's thread is
+    /// joined on drop).
+    pub(crate) fn rejoin(
+        &mut self,
+        next: PrimaryFt,
+        (gate, writer, vm): (Arc<OutputGate>, &LogWriter, &Vm),
+        on_backup_stop: BackupStopPolicy,
+        armed: std::sync::mpsc::Receiver<bool>,
+    ) -> Result<PrimaryFt, PairError> {
+        let old = std::mem::replace(self, next);
+        let generation = self.cfg.generation;
+        if let Some(d) = vm.shared_disk() {
+            take_disk(d, generation)?;
+        }
+        gate.set_fence(self.fence.clone(), generation);
+        gate.gate_again();
+        if let Some(net) = vm.net() {
+            gate.gate_net(net);
+        }
+        writer.set_managed();
+        self.detector.observe_into(writer.observer());
+        writer.observer().set_role(SideRole::Primary, generation);
+        self.spawn_monitor(gate, writer, vm, on_backup_stop, Some(armed))?;
+        Ok(old)
+    }
+
+    fn spawn_monitor(
+        &mut self,
+        gate: Arc<OutputGate>,
+        writer: &LogWriter,
+        vm: &Vm,
+        on_backup_stop: BackupStopPolicy,
+        armed: Option<std::sync::mpsc::Receiver<bool>>,
+    ) -> Result<(), PairError> {
         let m = Monitor {
             cfg: self.cfg.clone(),
             fence: self.fence.clone(),
@@ -538,6 +608,7 @@ impl PrimaryFt {
             disk: vm.shared_disk().cloned(),
             control: vm.control(),
             on_backup_stop,
+            armed,
         };
         self.monitor = Some(
             std::thread::Builder::new()
@@ -602,6 +673,9 @@ struct Monitor {
     control: VmControl,
     /// What a backup's planned stop means here.
     on_backup_stop: BackupStopPolicy,
+    /// After a join: whether the new backup's link came up ([`PrimaryFt::rejoin`]); the
+    /// monitor watches only from then on.
+    armed: Option<std::sync::mpsc::Receiver<bool>>,
 }
 
 /// Why a primary's backup is gone: what [`Monitor::go_alone`] reacts to, whatever the policy
@@ -618,7 +692,38 @@ pub(crate) enum BackupGone {
 }
 
 impl Monitor {
+    /// After a join, waits until the new backup's link is up (`true`) or failed.
+    fn wait_armed(&mut self) -> bool {
+        let Some(armed) = self.armed.take() else {
+            return true;
+        };
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            match armed.recv_timeout(Duration::from_millis(10)) {
+                Ok(up) => {
+                    // The detector ran while the new backup was still being built: only
+                    // silence from now on counts.
+                    self.failed.store(false, Ordering::Release);
+                    if !up {
+                        self.go_alone(&BackupGone::LinkDown);
+                    }
+                    return up;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    self.go_alone(&BackupGone::LinkDown);
+                    return false;
+                }
+            }
+        }
+    }
+
     fn run(mut self) {
+        if !self.wait_armed() {
+            return;
+        }
         let mut last_acked = 0;
         while !self.stop.load(Ordering::Acquire) {
             let (running, acked, goodbye) = {
@@ -938,7 +1043,6 @@ impl BackupGoLive {
             std::thread::sleep(Duration::from_millis(1));
         }
         let t_failed = Instant::now();
-        let detection = self.detector.stats().last_detection.unwrap_or_default();
         // 2. The test-and-set (waits while the arbiter is unreachable; never live without it).
         let (generation, outcome) = match take_over(
             &*self.cfg.arbiter,
@@ -993,6 +1097,16 @@ impl BackupGoLive {
             // What was replayed was the primary's to release; from here on the output is ours.
             self.console_replayed =
                 std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()));
+            if self.cfg.join.is_some() {
+                // It goes through the output gate of the primary this side becomes
+                // (`live_as_primary`), to wait for a backup that joins.
+                self.console = Some((buf, sink));
+                return self.went_live(
+                    (exit, generation),
+                    (lost_at, t_out, t_failed, t_won),
+                    reader,
+                );
+            }
             let acks: Arc<dyn super::output::AckSource> =
                 Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
             match OutputGate::start(acks, Arc::default()) {
@@ -1003,6 +1117,22 @@ impl BackupGoLive {
                 Err(e) => tracing::error!(error = %e, "console output thread"),
             }
         }
+        self.went_live(
+            (exit, generation),
+            (lost_at, t_out, t_failed, t_won),
+            reader,
+        )
+    }
+
+    /// Records the timings of going live (`lost_at`: the log stopped, `t_out`: the replay ran
+    /// out, `t_failed`: the primary presumed failed, `t_won`: the arbiter won).
+    fn went_live(
+        &mut self,
+        (exit, generation): (u64, u64),
+        (lost_at, t_out, t_failed, t_won): (Instant, Instant, Instant, Instant),
+        reader: &LogReader,
+    ) -> bool {
+        let detection = self.detector.stats().last_detection.unwrap_or_default();
         let t_live = Instant::now();
         let first_sign = lost_at.min(t_failed.checked_sub(detection).unwrap_or(t_failed));
         let timings = GoLiveTimings {
@@ -1016,6 +1146,11 @@ impl BackupGoLive {
             total: t_live.saturating_duration_since(first_sign),
         };
         tracing::info!(?timings, "the backup is live");
+        if self.cfg.join.is_some() {
+            // Out of the replay's run at the next exit: it becomes a lone primary that
+            // accepts joins (`live_as_primary`) at once rather than at the next checkpoint.
+            self.control.kick();
+        }
         reader.observer().set_role(SideRole::Alone, generation);
         if let Some(g) = &self.console_gate {
             g.observe_into(reader.observer());
@@ -1103,6 +1238,21 @@ pub fn run_backup_ft(
     let entries = golive.lock().unwrap_or_else(|e| e.into_inner()).consumed;
     let controls = controls.applied();
     tracing::info!(exit, "running as a lone primary");
+    let join = golive
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .cfg
+        .join
+        .clone();
+    // Paused by the kick of `went_live` (not by a stop): runs on as a primary too.
+    let runs_on = match outcome {
+        None | Some(RunOutcome::ExitLimit) => true,
+        Some(RunOutcome::Paused) => !vm.stop_requested(),
+        Some(RunOutcome::PoweredOff(_)) => false,
+    };
+    if let Some(point) = join.filter(|_| runs_on) {
+        return live_as_primary(vm, &golive, &point, (entries, controls, checks), &detector);
+    }
     let code = match outcome {
         Some(RunOutcome::PoweredOff(code)) => code,
         Some(RunOutcome::Paused) => return Err(paused_or_stopped(vm)),
@@ -1131,7 +1281,24 @@ pub fn run_backup_ft(
         None => OutputStats::default(),
     };
     drop(g);
-    Ok(BackupFtReport::WentLive(Box::new(LiveReport {
+    Ok(went_live_report(
+        vm,
+        (timings, code),
+        (entries, controls, &checks),
+        (console, console_replayed),
+        &detector,
+    ))
+}
+
+/// The report of a backup that went live and ran until the guest powered off with `code`.
+fn went_live_report(
+    vm: &mut Vm,
+    (timings, code): (GoLiveTimings, u64),
+    (entries, controls, checks): (u64, Vec<AppliedControl>, &super::backup::OutputChecks),
+    (console, console_replayed): (OutputStats, Vec<u8>),
+    detector: &Detector,
+) -> BackupFtReport {
+    BackupFtReport::WentLive(Box::new(LiveReport {
         timings,
         code,
         exits: vm.stats().total(),
@@ -1146,7 +1313,62 @@ pub fn run_backup_ft(
         detector: detector.stats(),
         outputs_verified: checks.verified_count(),
         output_bytes_verified: checks.verified_bytes(),
-    })))
+    }))
+}
+
+/// A backup that went live and accepts joins ([`super::join`]) runs as a lone primary: a log
+/// writer with no backup yet (alone: nothing is logged, outputs flow), the output gate of a
+/// primary (console and transmits), and the join point, until the guest powers off.
+fn live_as_primary(
+    vm: &mut Vm,
+    golive: &Arc<Mutex<BackupGoLive>>,
+    point: &super::join::JoinPoint,
+    (entries, controls, checks): (u64, Vec<AppliedControl>, super::backup::OutputChecks),
+    detector: &Detector,
+) -> Result<BackupFtReport, PairError> {
+    let mut g = golive.lock().unwrap_or_else(|e| e.into_inner());
+    let timings = g.timings.unwrap_or_default();
+    let console = g.console.take();
+    let console_replayed = std::mem::take(&mut g.console_replayed);
+    let mut cfg = g.cfg.clone();
+    drop(g);
+    cfg.generation = timings.generation;
+    // The backup's detector keeps its address; this side's, for a backup that joins, takes
+    // another (the join tells the joiner).
+    cfg.detector.bind = std::net::SocketAddr::new(cfg.detector.bind.ip(), 0);
+    cfg.detector.role = Role::Alone;
+    let (p, c) = ftvm_ringbuf::with_capacity(point.log_capacity())
+        .map_err(|e| PairError::Setup(format!("log buffer: {e}")))?;
+    let sender = ftvm_channel::LogSender::detached(
+        p,
+        c,
+        ftvm_channel::Config::default(),
+        ftvm_channel::PollerConfig::default(),
+    )?;
+    let opts = PairOptions::default();
+    let writer = LogWriter::new(sender, opts.idle);
+    writer.set_alone();
+    let mut pft = PrimaryFt::new(cfg)?;
+    let r = primary_loop(
+        vm,
+        &writer,
+        &opts,
+        console,
+        &PrimaryHooks::default(),
+        Some(&mut pft),
+    );
+    pft.stop_monitor();
+    if let Some(e) = pft.superseded() {
+        return Err(e);
+    }
+    let r = r?;
+    Ok(went_live_report(
+        vm,
+        (timings, r.code),
+        (entries, controls, &checks),
+        (r.outputs, console_replayed),
+        detector,
+    ))
 }
 
 /// Why a live backup's run returned `Paused`: a planned stop ([`super::stop`]: its operator

@@ -48,6 +48,7 @@ pub mod detector;
 pub mod digest;
 pub mod fence;
 pub mod golive;
+pub mod join;
 pub mod log;
 pub mod node;
 pub mod observe;

@@ -467,6 +467,13 @@ impl OutputGate {
         }
     }
 
+    /// A new backup joined this lone primary ([`super::join`]): from now on outputs wait for
+    /// acknowledgements again (the tag of every output produced after the join's cut is beyond
+    /// anything the new backup was asked to acknowledge before it held the state).
+    pub fn gate_again(&self) {
+        self.inner.alone.store(false, Ordering::Release);
+    }
+
     /// Hooks the gate into the channel's sender poller
     /// ([`ftvm_channel::SenderHandle::set_ack_hook`]): newly arrived acknowledgements
     /// release what they allow on the poller's thread, and the releaser thread no longer polls

@@ -242,6 +242,16 @@ pub struct LogStalls {
     pub time: Duration,
 }
 
+impl LogStalls {
+    /// The stalls from the writer's counters (a count and nanoseconds).
+    fn read(count: &AtomicU64, ns: &AtomicU64) -> Self {
+        LogStalls {
+            count: count.load(Ordering::Relaxed),
+            time: Duration::from_nanos(ns.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 impl LogWriter {
     /// A writer over `sender`'s buffer; its appender waits for log space with `idle`.
     pub fn new(mut sender: LogSender, idle: IdleKind) -> Self {
@@ -269,8 +279,9 @@ impl LogWriter {
         };
         let appender = LogAppender::new(sender, &writer);
         *writer.lock_appender() = Some(appender);
-        // The observer's closures hold what they read, not the writer (which holds the
-        // appender while no run does: a cycle through the observer would keep it alive).
+        // The counters only, never a clone of the writer: the observer lives in the writer, and
+        // a writer in its closure would keep the appender's LogSender (and so the link) alive
+        // after the last user dropped the writer — the backup then waited 30 s for the hang-up.
         let (shared, position, bytes) = (
             Arc::clone(&writer.shared),
             Arc::clone(&writer.position),
@@ -278,7 +289,7 @@ impl LogWriter {
         );
         let acks = Arc::clone(writer.link.shared());
         writer.observer.set_log(move || {
-            let stalls = shared.stalls();
+            let s = LogStalls::read(&shared.stalls, &shared.stall_ns);
             LogSnapshot {
                 written: position.load(Ordering::Acquire),
                 sent: Some(acks.sent_seq()),
@@ -286,8 +297,8 @@ impl LogWriter {
                 executed: acks.executed_seq(),
                 entries: shared.entries.load(Ordering::Relaxed),
                 bytes: Some(bytes.load(Ordering::Relaxed)),
-                stalls: stalls.count,
-                stall_ms: super::observe::ms(stalls.time),
+                stalls: s.count,
+                stall_ms: super::observe::ms(s.time),
             }
         });
         let chan = Arc::clone(writer.link.shared());
@@ -375,7 +386,7 @@ impl LogWriter {
 
     /// How often and how long appends waited for log space so far.
     pub fn stalls(&self) -> LogStalls {
-        self.shared.stalls()
+        LogStalls::read(&self.shared.stalls, &self.shared.stall_ns)
     }
 
     /// The link (acks, counters, the poller's state, GOODBYE).
@@ -408,15 +419,6 @@ impl LogWriter {
     }
 }
 
-impl WriterShared {
-    fn stalls(&self) -> LogStalls {
-        LogStalls {
-            count: self.stalls.load(Ordering::Relaxed),
-            time: Duration::from_nanos(self.stall_ns.load(Ordering::Relaxed)),
-        }
-    }
-}
-
 /// The primary's end of the log buffer: the one owner of the [`LogSender`] and its producer.
 /// Taken from the [`LogWriter`] by the run, lent to the VM's [`ChannelRecorder`] while the
 /// vCPU runs and taken back between runs for the checkpoint entries.
@@ -446,6 +448,11 @@ impl LogAppender {
 
     fn mode(&self) -> u8 {
         self.shared.mode.load(Ordering::Acquire)
+    }
+
+    /// The sequence number the next entry gets.
+    pub(crate) fn next_seq(&mut self) -> u64 {
+        self.sender.producer().next_seq()
     }
 
     /// Claims `len` bytes of `kind`, lets `fill` encode in place, commits; waits (with the idle
@@ -650,7 +657,9 @@ pub struct DiskWaits {
 pub struct DiskBarrier {
     writer: LogWriter,
     acks: Arc<ftvm_channel::reliable::SenderShared>,
-    waits: Mutex<DiskWaits>,
+    /// Shared with the observer's closure, which must not hold the barrier (the barrier holds
+    /// the writer, the writer the observer: a cycle that would keep the link open).
+    waits: Arc<Mutex<DiskWaits>>,
     /// The VM's control: a write waiting while a stop is requested and the link is down
     /// gives up (nobody will acknowledge it).
     control: std::sync::OnceLock<crate::vm::VmControl>,
@@ -675,7 +684,7 @@ impl DiskBarrier {
         DiskBarrier {
             writer: writer.clone(),
             acks,
-            waits: Mutex::new(DiskWaits::default()),
+            waits: Arc::default(),
             control: std::sync::OnceLock::new(),
         }
     }
@@ -925,9 +934,9 @@ pub(crate) fn primary_loop(
     observer.watch_exits(vm.stats());
     gate.observe_into(observer);
     if let Some(b) = &barrier {
-        let b = Arc::clone(b);
+        let waits = Arc::clone(&b.waits);
         observer.set_disk_waits(move || {
-            let w = b.waits();
+            let w = *waits.lock().unwrap_or_else(|e| e.into_inner());
             DiskWaitsSnapshot {
                 writes: w.writes,
                 waited: w.waited,
@@ -1045,6 +1054,19 @@ pub(crate) fn primary_loop(
             RunOutcome::Paused => match ft.as_deref().and_then(PrimaryFt::superseded) {
                 Some(e) => break Err(e),
                 None if vm.stop_requested() => break Ok((None, exit)),
+                // A joining backup asked for the cut ([`super::join`]): here, between exits.
+                None if super::join::cut_due(ft.as_deref()) => {
+                    if let Some(f) = ft.as_deref_mut() {
+                        match super::join::cut(f, vm, (writer, &mut log), &gate, opts) {
+                            Ok(joined) => logging |= joined,
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    continue;
+                }
+                // A kick meant for a join that was given up, or for going live: a lone
+                // primary with failover runs on.
+                None if ft.is_some() && writer.is_alone() => continue,
                 None => break Err(peer_failed(&watch, exit).unwrap_or(PairError::Paused(exit))),
             },
         }
@@ -1155,7 +1177,7 @@ fn log_controls(writer: &LogWriter, log: &mut LogAppender, exit: u64) -> Result<
 /// The appender of a primary run: in the run loop's hands (`parked`), or lent to the VM's
 /// [`ChannelRecorder`] while the vCPU runs (taken back through the VM between two runs). Given
 /// back to the writer when the run ends.
-struct Lent {
+pub(crate) struct Lent {
     writer: LogWriter,
     parked: Option<LogAppender>,
 }
@@ -1169,7 +1191,7 @@ impl Lent {
     }
 
     /// Installs the appender in `vm`'s recorder: the vCPU logs every input from now on.
-    fn lend(&mut self, vm: &mut Vm) {
+    pub(crate) fn lend(&mut self, vm: &mut Vm) {
         if let Some(a) = self.parked.take() {
             vm.set_inputs(Inputs::Live(Box::new(ChannelRecorder::new(a))));
         }
@@ -1184,7 +1206,7 @@ impl Lent {
     }
 
     /// The appender, wherever it is.
-    fn get<'a>(&'a mut self, vm: &'a mut Vm) -> Result<&'a mut LogAppender, PairError> {
+    pub(crate) fn get<'a>(&'a mut self, vm: &'a mut Vm) -> Result<&'a mut LogAppender, PairError> {
         match self.parked.as_mut() {
             Some(a) => Ok(a),
             None => vm

@@ -1020,6 +1020,28 @@ mod tests {
     }
 
     /// A write of one sector at sector 3 (`0xAB` bytes), then a read of it, in exit 7.
+    /// The read request's descriptor chain: header at `HDR2`, one sector into `READ_BUF`,
+    /// status at `STATUS2`.
+    fn read_chain() -> [Desc; 3] {
+        [
+            Desc {
+                addr: HDR2,
+                len: 16,
+                write: false,
+            },
+            Desc {
+                addr: READ_BUF,
+                len: SECTOR as u32,
+                write: true,
+            },
+            Desc {
+                addr: STATUS2,
+                len: 1,
+                write: true,
+            },
+        ]
+    }
+
     fn write_then_read(r: &mut Rig, mode: &DiskMode) -> Result<(u32, u32), DeviceError> {
         header(&r.mem, HDR, T_OUT, 3);
         r.mem
@@ -1043,23 +1065,7 @@ mod tests {
                 write: true,
             },
         ];
-        let rd = [
-            Desc {
-                addr: HDR2,
-                len: 16,
-                write: false,
-            },
-            Desc {
-                addr: READ_BUF,
-                len: SECTOR as u32,
-                write: true,
-            },
-            Desc {
-                addr: STATUS2,
-                len: 1,
-                write: true,
-            },
-        ];
+        let rd = read_chain();
         let mut ctx = ExitCtx {
             mem: &r.mem,
             exit: 7,
@@ -1274,23 +1280,7 @@ mod tests {
         set_sector3(&r.path, 0x5A);
         header(&r.mem, HDR2, T_IN, 3);
         vmm_dirty(&r.mem);
-        let rd = [
-            Desc {
-                addr: HDR2,
-                len: 16,
-                write: false,
-            },
-            Desc {
-                addr: READ_BUF,
-                len: SECTOR as u32,
-                write: true,
-            },
-            Desc {
-                addr: STATUS2,
-                len: 1,
-                write: true,
-            },
-        ];
+        let rd = read_chain();
         let mut ctx = ExitCtx {
             mem: &r.mem,
             exit: 8,

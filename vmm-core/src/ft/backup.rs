@@ -367,12 +367,6 @@ impl LogReader {
         }
     }
 
-    /// Waits until at least one entry is pending.
-    fn fill(&mut self, exit: u64) -> Result<(), ReplayError> {
-        let head = self.rx.consumer().position();
-        self.fill_beyond(exit, head)
-    }
-
     /// Waits until records end beyond log position `pos` (the replay has looked at everything
     /// before it and needs more).
     fn fill_beyond(&mut self, exit: u64, pos: u64) -> Result<(), ReplayError> {
@@ -507,7 +501,13 @@ impl LogReader {
             self.taken.push(at);
             return;
         }
-        self.release_from(at.next);
+        if self.taken.is_empty() {
+            // Nothing consumed ahead: the head moves past this record alone (no walk; padding
+            // at the wrap point after it goes with the next record released).
+            self.rx.consumer().release_to(at.next);
+        } else {
+            self.release_from(at.next);
+        }
     }
 
     /// Releases the log buffer up to the first record from `pos` on that was not consumed
@@ -545,16 +545,18 @@ impl LogReader {
     /// # Errors
     /// [`ReplayError::Exhausted`] when the log ended.
     pub fn next_entry(&mut self, exit: u64) -> Result<Entry, ReplayError> {
-        self.fill(exit)?;
-        let mut end = 0;
-        match self.scan(exit, &mut end, |at, v| {
-            ControlFlow::Break((at, v.to_entry()))
-        })? {
-            Some((at, e)) => {
-                self.consume(at);
-                Ok(e)
+        loop {
+            let mut end = 0;
+            let found = self.scan(exit, &mut end, |at, v| {
+                ControlFlow::Break((at, v.to_entry()))
+            })?;
+            match found {
+                Some((at, e)) => {
+                    self.consume(at);
+                    return Ok(e);
+                }
+                None => self.fill_beyond(exit, end)?,
             }
-            None => Err(ReplayError::Exhausted { exit }),
         }
     }
 
@@ -564,7 +566,8 @@ impl LogReader {
     /// exit are pending. `Err(description)` of the next entry when the log goes on with
     /// another exit (or a header) instead.
     fn next_event(&mut self, exit: u64) -> Result<Result<(At, Entry), String>, ReplayError> {
-        self.fill(exit)?;
+        // Look first, wait only when nothing is there (each look re-reads the receiver's
+        // tail: one per exit on the common path).
         loop {
             let mut end = 0;
             let found = self.scan(exit, &mut end, |at, v| match v {
@@ -649,7 +652,6 @@ impl LogReader {
 
     fn writes(&mut self, exit: u64, apply: &mut dyn FnMut(u64, &[u8])) -> Result<(), ReplayError> {
         loop {
-            self.fill(exit)?;
             let mut end = 0;
             // The data go from the log buffer to guest memory: no copy in between.
             let step = self.scan(exit, &mut end, |at, v| {
@@ -674,7 +676,8 @@ impl LogReader {
                 })
             })?;
             match step {
-                None => {}
+                // Nothing after the exit's entries yet: wait for more.
+                None => self.fill_beyond(exit, end)?,
                 Some(WriteStep::Done) => return Ok(()),
                 Some(WriteStep::Applied(at)) => self.consume(at),
                 Some(WriteStep::Missing(what)) => {

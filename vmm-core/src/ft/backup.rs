@@ -501,13 +501,10 @@ impl LogReader {
             self.taken.push(at);
             return;
         }
-        if self.taken.is_empty() {
-            // Nothing consumed ahead: the head moves past this record alone (no walk; padding
-            // at the wrap point after it goes with the next record released).
-            self.rx.consumer().release_to(at.next);
-        } else {
-            self.release_from(at.next);
-        }
+        // The walk also moves the head past padding at the wrap point: left at the padding,
+        // the head would make the next record look consumed out of order (taken, never
+        // released), and the replay would wait for ever on a full buffer.
+        self.release_from(at.next);
     }
 
     /// Releases the log buffer up to the first record from `pos` on that was not consumed

@@ -34,8 +34,9 @@ use super::output::{OutputGate, OutputStats, Sink};
 use super::stop::is_planned;
 pub use super::stop::BackupStopPolicy;
 use crate::devices::virtio::blk::{DiskMode, WriteBarrier};
+use crate::devices::virtio::net::NetHandle;
 use crate::record::{Inputs, OutputDigest, Recorder};
-use crate::vm::{RunOutcome, Vm, VmError};
+use crate::vm::{RunOutcome, Vm, VmControl, VmError};
 
 /// Errors of a primary or backup run.
 #[derive(Debug, thiserror::Error)]
@@ -329,6 +330,11 @@ impl LogWriter {
     }
 
     /// The sender (acks, counters).
+    ///
+    /// Lock order: the vCPU takes this lock inside the net device's transmit lock (a transmit
+    /// logs its frames' digest), so never hold the guard while switching the transmit mode
+    /// ([`NetHandle::switch_tx`](crate::devices::virtio::net::NetHandle::switch_tx), as
+    /// going alone does); bind what you read to a local first, not as an `if let` temporary.
     pub fn sender(&self) -> std::sync::MutexGuard<'_, LogSender> {
         self.sender.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -649,41 +655,45 @@ struct LinkWatch {
 const LINK_WATCH_EVERY: Duration = Duration::from_millis(5);
 
 impl LinkWatch {
+    /// Watches `writer`'s link; going alone releases `gate` and switches `net` to direct
+    /// transmits, stopping kicks the VM through `control`.
     fn start(
         writer: &LogWriter,
         gate: &Arc<OutputGate>,
-        vm: &Vm,
+        (net, control): (Option<NetHandle>, VmControl),
         (policy, on_stop): (PeerFailurePolicy, BackupStopPolicy),
     ) -> Result<Self, PairError> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let failed = Arc::new(Mutex::new(None));
-        let (writer, gate, net, control) = (
-            writer.clone(),
-            Arc::clone(gate),
-            vm.net().cloned(),
-            vm.control(),
-        );
+        let (writer, gate) = (writer.clone(), Arc::clone(gate));
         let (stop2, failed2) = (Arc::clone(&stop), Arc::clone(&failed));
         let thread = std::thread::Builder::new()
             .name("ft-link-watch".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
-                    let why = {
+                    // The sender's lock is released at the end of this block, before anything
+                    // below takes the net device's transmit lock (`release_alone`): a vCPU
+                    // transmitting holds that lock and then takes the sender's to log the
+                    // frames' digest. Holding both here in the other order deadlocked the
+                    // primary (a `writer.sender()` temporary in an `if let` lives through its
+                    // body): it stayed up, alone, and answered no client.
+                    let (why, goodbye) = {
                         let s = writer.sender();
                         if s.is_running() {
-                            None
+                            (None, None)
                         } else {
-                            Some(s.error().map_or_else(
+                            let why = s.error().map_or_else(
                                 || "the logging link is down".to_string(),
                                 |e| format!("logging link: {e}"),
-                            ))
+                            );
+                            (Some(why), s.peer_goodbye())
                         }
                     };
                     let Some(why) = why else {
                         std::thread::sleep(LINK_WATCH_EVERY);
                         continue;
                     };
-                    if let Some(g) = writer.sender().peer_goodbye().filter(is_planned) {
+                    if let Some(g) = goodbye.filter(is_planned) {
                         // A planned stop, not a failure: the backup will not go live.
                         match on_stop {
                             BackupStopPolicy::GoAlone => {
@@ -844,7 +854,7 @@ pub(crate) fn primary_loop(
         None => Some(LinkWatch::start(
             writer,
             &gate,
-            vm,
+            (vm.net().cloned(), vm.control()),
             (opts.on_peer_failure, opts.on_backup_stop),
         )?),
         Some(_) => None,
@@ -1059,4 +1069,101 @@ fn log_controls(writer: &LogWriter, exit: u64) -> Result<(), PairError> {
         writer.controls().apply(AppliedControl { exit, key, value });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    use ftvm_channel::tcp::{TcpMode, TcpTransport};
+    use ftvm_channel::{Config, GoodbyeReason, LogReceiver, PollerConfig};
+
+    use super::*;
+    use crate::bus::EventSignal;
+    use crate::devices::virtio::net::{Net, TxMode};
+
+    fn pc() -> PollerConfig {
+        PollerConfig {
+            core: None,
+            idle: IdleKind::Park,
+        }
+    }
+
+    /// A writer over a real TCP link to a receiver (returned with it).
+    fn linked_writer() -> (LogWriter, LogReceiver) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let backup = std::thread::spawn(move || {
+            let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
+            let t = TcpTransport::accept(&listener, TcpMode::Blocking).expect("accept");
+            LogReceiver::start(p, c, Box::new(t), Config::default(), pc()).expect("receiver")
+        });
+        let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
+        let t = TcpTransport::connect(addr, TcpMode::Blocking, Duration::from_secs(5))
+            .expect("connect");
+        let sender = LogSender::start(p, c, Box::new(t), Config::default(), pc()).expect("sender");
+        let rx = backup.join().expect("backup thread");
+        (LogWriter::new(sender, IdleKind::Yield), rx)
+    }
+
+    /// The backup stops as planned while the vCPU is inside a transmit (it holds the net
+    /// device's transmit lock and is about to take the sender's lock to log the frames'
+    /// digest). The link watch must go alone without holding the sender's lock: it once held
+    /// it through `release_alone` (an `if let` temporary), waited for the transmit lock, and
+    /// the primary hung — up, alone, answering no client (a lifecycle test failed 1 run in 8).
+    #[test]
+    fn going_alone_on_a_planned_stop_does_not_deadlock_a_transmitting_vcpu() {
+        let (writer, rx) = linked_writer();
+        let acks: Arc<dyn super::super::output::AckSource> = writer.sender().shared().clone();
+        let gate = Arc::new(OutputGate::start(acks, Arc::clone(writer.position())).expect("gate"));
+        let net = Net::new(None, [2, 0, 0, 0, 0, 1], Arc::new(EventSignal::default())).handle();
+        gate.gate_net(&net);
+        let control = VmControl::detached();
+        let mut watch = LinkWatch::start(
+            &writer,
+            &gate,
+            (Some(net.clone()), control),
+            (PeerFailurePolicy::Stop, BackupStopPolicy::GoAlone),
+        )
+        .expect("link watch");
+        // The "vCPU": inside the transmit lock, the backup leaves; once the watch decided to go
+        // alone, take the sender's lock as a transmit that passed the mode check does.
+        let (done_tx, done) = mpsc::channel();
+        let (vcpu_writer, vcpu_net) = (writer.clone(), net.clone());
+        std::thread::spawn(move || {
+            let mode = vcpu_net.tx_mode();
+            vcpu_net.switch_tx(mode, || {
+                rx.goodbye(GoodbyeReason::PlannedStop, "the backup stops as planned")
+                    .expect("goodbye");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !vcpu_writer.is_alone() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // Give the watch time to reach the transmit lock.
+                std::thread::sleep(Duration::from_millis(50));
+                let _logging = vcpu_writer.sender();
+            });
+            let _ = done_tx.send(());
+        });
+        if done.recv_timeout(Duration::from_secs(20)).is_err() {
+            // Its thread is deadlocked: joining it (the watch's drop) would hang the test.
+            std::mem::forget(watch);
+            panic!(
+                "deadlock: the transmitting vCPU never got the sender's lock (the link watch \
+                 held it while waiting for the transmit lock)"
+            );
+        }
+        assert!(writer.is_alone(), "the primary did not go alone");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(net.tx_mode(), TxMode::Direct) {
+            assert!(
+                Instant::now() < deadline,
+                "transmits never switched to the TAP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(watch.failure(), None, "a planned stop is no failure");
+        watch.stop();
+    }
 }

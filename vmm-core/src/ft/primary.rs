@@ -26,8 +26,8 @@ use ftvm_ringbuf::{ClaimError, IdleKind, IdleStrategy};
 use super::digest::register_digest;
 use super::golive::PrimaryFt;
 use super::log::{
-    encode_output, encode_write, AppliedControl, ControlQueue, Entry, KIND_OUTPUT, KIND_READ,
-    KIND_WRITE, LOG_VERSION, OUTPUT_LEN, WRITE_HEADER_LEN,
+    encode_output, encode_read, encode_write, AppliedControl, ControlQueue, Entry, KIND_OUTPUT,
+    KIND_READ, KIND_WRITE, LOG_VERSION, OUTPUT_LEN, READ_LEN, WRITE_HEADER_LEN,
 };
 use super::observe::{DiskWaitsSnapshot, LogSnapshot, Observer, SideRole};
 use super::output::{OutputGate, OutputStats, Sink};
@@ -458,8 +458,10 @@ impl ChannelRecorder {
 
 impl Recorder for ChannelRecorder {
     fn external_read(&mut self, exit: u64, addr: u64, value: u64) {
-        let entry = Entry::Read { exit, addr, value };
-        if let Err(e) = self.writer.append_with(KIND_READ, 24, |p| entry.encode(p)) {
+        let r = self
+            .writer
+            .append_with(KIND_READ, READ_LEN, |p| encode_read(p, exit, addr, value));
+        if let Err(e) = r {
             self.writer.fail(e);
         }
     }

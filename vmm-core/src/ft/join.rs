@@ -194,6 +194,19 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> JoinError {
     move |source| JoinError::Io { op, source }
 }
 
+/// A join connection gives up on a peer that sends nothing for [`PATIENCE`] (a read), or
+/// does not take a message within it ([`send`]): a link cut in the middle of the transfer
+/// (packets dropped, no FIN, no RST) must fail the join on the primary's side, whose writes
+/// would otherwise block until TCP gives up (`tcp_retries2`: about 15 minutes) — with the
+/// join thread stuck, no retry could be served. The logging channel that runs over the
+/// connection afterwards sets its own (non-blocking) mode.
+fn patient(stream: &TcpStream) -> Result<(), JoinError> {
+    stream.set_nodelay(true).map_err(io("configure"))?;
+    stream
+        .set_read_timeout(Some(PATIENCE))
+        .map_err(io("configure"))
+}
+
 /// JOIN: what the joining backup says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinRequest {
@@ -245,7 +258,25 @@ fn send(w: &mut TcpStream, ty: u8, body: &[u8]) -> Result<(), JoinError> {
     b.extend_from_slice(&[ty, 0]);
     b.extend_from_slice(&(body.len() as u32).to_le_bytes());
     b.extend_from_slice(body);
-    w.write_all(&b).map_err(io("send"))
+    // Within PATIENCE for the whole message, not per write(2) call: with the link cut, a
+    // write still made progress now and then (the send buffer grows), so the socket's own
+    // timeout, which restarts with each call, let a dead join linger for minutes.
+    let deadline = Instant::now() + PATIENCE;
+    let mut off = 0;
+    while off < b.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io("send")(std::io::ErrorKind::TimedOut.into()));
+        }
+        w.set_write_timeout(Some(left)).map_err(io("configure"))?;
+        match w.write(&b[off..]) {
+            Ok(0) => return Err(io("send")(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io("send")(e)),
+        }
+    }
+    Ok(())
 }
 
 fn send_value<T: Serialize>(w: &mut TcpStream, ty: u8, v: &T) -> Result<(), JoinError> {
@@ -682,10 +713,7 @@ impl Primary {
     ) -> Result<(), JoinError> {
         let t0 = Instant::now();
         stream.set_nonblocking(false).map_err(io("configure"))?;
-        stream.set_nodelay(true).map_err(io("configure"))?;
-        stream
-            .set_read_timeout(Some(PATIENCE))
-            .map_err(io("configure"))?;
+        patient(stream)?;
         let req: JoinRequest = decode(&expect(stream, msg::JOIN)?)?;
         if req.version != JOIN_VERSION {
             return Err(refuse(
@@ -921,10 +949,7 @@ pub fn join(
     let t0 = Instant::now();
     let mut stream =
         TcpStream::connect_timeout(&primary, PATIENCE).map_err(io("connect to the primary"))?;
-    stream.set_nodelay(true).map_err(io("configure"))?;
-    stream
-        .set_read_timeout(Some(PATIENCE))
-        .map_err(io("configure"))?;
+    patient(&stream)?;
     send_value(&mut stream, msg::JOIN, req)?;
     let accept: JoinAccept = decode(&expect(&mut stream, msg::ACCEPT)?)?;
     if accept.version != JOIN_VERSION {
@@ -963,8 +988,9 @@ pub fn join(
             return Err(JoinError::Digest { primary, joiner });
         }
     }
-    stream.set_read_timeout(None).map_err(io("configure"))?;
     send(&mut stream, msg::READY, &[])?;
+    stream.set_read_timeout(None).map_err(io("configure"))?;
+    stream.set_write_timeout(None).map_err(io("configure"))?;
     Ok(Joined {
         vm,
         accept,

@@ -568,3 +568,138 @@ fn a_join_in_shared_disk_mode_copies_no_disk_and_the_primary_keeps_writing_it() 
     );
     assert_eq!(b["shared_disk"]["writes"].as_u64(), Some(0), "{b}");
 }
+
+/// What a join of the `stream` guest dirtying 24 MiB without pause cost (from the primary's
+/// REPROTECTED line): pre-copy rounds, pages copied at the cut, the lowest vCPU share, the
+/// pause.
+#[derive(Debug)]
+struct DirtyJoin {
+    rounds: u32,
+    final_pages: u64,
+    min_share: f64,
+    pause_ms: f64,
+    line: String,
+}
+
+/// The number after `key` in `line`.
+fn number_after(line: &str, key: &str) -> f64 {
+    let rest = &line[line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?}: {line}"))
+        + key.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {key:?}: {line}"))
+}
+
+/// Most pre-copy rounds in [`join_dirtying_guest`].
+const DIRTY_MAX_ROUNDS: u32 = 8;
+
+/// A pair running `stream dirty=24M` (its vCPU rewrites 6144 pages as fast as it runs), the
+/// primary accepting joins with at most [`DIRTY_MAX_ROUNDS`] pre-copy rounds and
+/// `--join-auto-converge lever`; the backup killed, a new backup joins the lone primary.
+fn join_dirtying_guest(tag: &str, lever: bool) -> DirtyJoin {
+    let mut c = tcp_config(tag);
+    c.guest = "stream".into();
+    c.cmdline = Some("ip=10.0.2.15/24 gw=10.0.2.1 dirty=24M".into());
+    let mut s = Scenario::prepare(c).expect("prepare");
+    s.backup = Some(s.spawn(Side::Backup, &[]).expect("backup"));
+    let mut extra = Scenario::accept_join_args();
+    extra.extend([
+        "--join-max-rounds".into(),
+        DIRTY_MAX_ROUNDS.to_string(),
+        "--join-auto-converge".into(),
+        lever.to_string(),
+    ]);
+    s.primary = Some(s.spawn(Side::Primary, &extra).expect("primary"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s.console(Some(Side::Primary)).contains("stream: sink on") {
+        assert!(
+            Instant::now() < deadline,
+            "no stream guest\n{}",
+            s.stderr_of_both()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.backup.take().expect("backup").kill();
+    let primary = s.primary.as_mut().expect("primary");
+    primary
+        .wait_line("ALONE", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no ALONE line: {}", primary.stderr_text()));
+    // A 400 Mbit/s link (a token bucket on the namespace's loopback, which carries the
+    // join): slower than the guest dirties its region (~100 MB/s under nested paging here).
+    let tc = s
+        .netns()
+        .exec(
+            "tc",
+            &[
+                "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "400mbit", "burst", "1mb",
+                "latency", "100ms",
+            ],
+        )
+        .expect("run tc");
+    assert!(tc.status.success(), "tc: {tc:?}");
+    let (mut joiner, line) = join(&mut s, ("c", 7111), 3, false);
+    // The joined backup replays the dirtying guest without diverging.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(joiner.try_status(), None, "{}", joiner.stderr_text());
+    let primary = s.primary.as_ref().expect("primary");
+    let rounds: Vec<String> = primary
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("join round") || l.contains("throttle started"))
+        .collect();
+    eprintln!("{}", rounds.join("\n"));
+    DirtyJoin {
+        rounds: number_after(&line, "generation 3: ") as u32,
+        final_pages: number_after(&line, "ms (") as u64,
+        min_share: number_after(&line, "lowest vCPU share "),
+        pause_ms: number_after(&line, "pause "),
+        line,
+    }
+}
+
+/// Auto-converge: the `stream` guest dirties 24 MiB faster than a 400 Mbit/s link copies it, so
+/// pre-copy never converges by itself. Without the lever the join runs all
+/// [`DIRTY_MAX_ROUNDS`] rounds and copies the whole region at the cut; with it the primary
+/// lowers the vCPU's CPU share round by round (the throttle's cgroup quota), pre-copy
+/// converges in fewer rounds, and far fewer pages are left for the cut. (The pause itself
+/// is printed, not asserted: `ftvm-bench reprotect` measures it.)
+#[test]
+fn auto_converge_lowers_the_cpu_share_until_precopy_of_a_dirtying_guest_converges() {
+    const TEST: &str =
+        "auto_converge_lowers_the_cpu_share_until_precopy_of_a_dirtying_guest_converges";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let without = join_dirtying_guest("rp-nolev", false);
+    eprintln!("{TEST}: without the lever: {without:?}");
+    assert_eq!(without.rounds, DIRTY_MAX_ROUNDS, "{}", without.line);
+    assert_eq!(without.min_share, 1.0, "{}", without.line);
+    let with = join_dirtying_guest("rp-lever", true);
+    eprintln!("{TEST}: with the lever: {with:?}");
+    assert!(
+        with.min_share < 1.0,
+        "the share was never lowered: {}",
+        with.line
+    );
+    assert!(
+        with.rounds < DIRTY_MAX_ROUNDS,
+        "no convergence: {}",
+        with.line
+    );
+    assert!(
+        with.final_pages * 2 < without.final_pages,
+        "{} pages at the cut with the lever, {} without",
+        with.final_pages,
+        without.final_pages
+    );
+    eprintln!(
+        "{TEST}: pause {:.1} ms with the lever, {:.1} ms without",
+        with.pause_ms, without.pause_ms
+    );
+}

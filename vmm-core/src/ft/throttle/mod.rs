@@ -393,12 +393,8 @@ impl ShareCap {
 
     /// Sets the bound (clamped to `[0.001, 1]`; not finite: 1).
     pub fn set(&self, share: f64) {
-        let share = if share.is_finite() {
-            share.clamp(1e-3, 1.0)
-        } else {
-            1.0
-        };
-        self.bits.store(share.to_bits(), Ordering::Relaxed);
+        self.bits
+            .store(pace::clamp_share(share).to_bits(), Ordering::Relaxed);
     }
 
     /// The share the throttle applied last (1 without a throttle).

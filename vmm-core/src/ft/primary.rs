@@ -192,6 +192,8 @@ pub struct LogWriter {
     mode: Arc<AtomicU8>,
     /// The throttle's pacer, consulted after each append (on the vCPU thread).
     pacer: Arc<std::sync::OnceLock<Arc<super::throttle::Pacer>>>,
+    /// An upper bound on the throttle's share (the join's auto-converge lever).
+    cap: super::throttle::ShareCap,
     /// The side's live counters ([`super::observe`]).
     observer: Observer,
 }
@@ -244,6 +246,7 @@ impl LogWriter {
             stall_ns: Arc::default(),
             mode: Arc::new(AtomicU8::new(MODE_LOGGING)),
             pacer: Arc::default(),
+            cap: super::throttle::ShareCap::default(),
             observer: Observer::new(SideRole::Primary),
         };
         // The counters only, never a clone of the writer: the observer lives in the writer, and
@@ -282,6 +285,13 @@ impl LogWriter {
     /// Sleeps the pacer made the vCPU take and their total (zero without a throttle).
     pub fn pacer_sleeps(&self) -> (u64, Duration) {
         self.pacer.get().map_or((0, Duration::ZERO), |p| p.slept())
+    }
+
+    /// The bound on the vCPU's CPU share that a throttle started for this writer
+    /// ([`super::throttle::Throttle::for_writer`]) obeys; a join lowers it to make pre-copy
+    /// converge ([`super::join`], auto-converge).
+    pub fn share_cap(&self) -> &super::throttle::ShareCap {
+        &self.cap
     }
 
     /// Paces the vCPU thread at its appends with `pacer` (the throttle's pause actuator,

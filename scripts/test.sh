@@ -60,7 +60,9 @@ run_tests() {
   fi
   if [ $# -eq 0 ]; then
     echo "== loom model tests (ringbuf)"
-    RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
+    # With debug assertions: the ring's index invariants (head <= tail) are debug_assert!s on
+    # its hot paths, checked here in every interleaving the models explore.
+    RUSTFLAGS="--cfg loom -C debug-assertions=on" LOOM_MAX_PREEMPTIONS=3 \
       cargo test -p ftvm-ringbuf --release --target-dir target/loom --test loom -- --test-threads=2
     echo "== guest library unit tests (guests/ workspace, host target)"
     (cd guests && cargo test --target x86_64-unknown-linux-gnu --target-dir ../target/guests --workspace)

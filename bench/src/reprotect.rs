@@ -5,10 +5,13 @@
 //! the transfer's duration, bytes and pre-copy rounds (from the primary's `REPROTECTED`
 //! line); and the latency of a probe client (one `SET` at a time) during the joins against
 //! the rest of the run — the peer measured in the same run. Every acknowledged write of the
-//! load is read back at the end.
+//! load is read back at the end. The same for the `stream` guest rewriting 24 MiB of its
+//! memory page by page without pause (`dirty=24M`, no client: a guest that dirties memory as
+//! fast as its vCPU runs, where auto-converge may lower its CPU share; the lowest share is in
+//! each join's figures).
 //!
 //! ```text
-//! cargo run --release -p ftvm-bench -- reprotect [--quick] [--runs N] [--transport tcp|tcp-spin]
+//! cargo run --release -p ftvm-bench -- reprotect [--quick] [--runs N] [--transport tcp,..] [--guest kv,stream]
 //! ```
 //! `--quick`: 3 joins; full: 10. Root and /dev/kvm (a network namespace and a TAP).
 
@@ -37,7 +40,13 @@ pub struct Args {
     /// Client load threads (besides the latency probe).
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// The guests: `kv` (under client load) and `stream` (dirtying 24 MiB without pause).
+    #[arg(long, value_delimiter = ',', default_value = "kv,stream")]
+    pub guest: Vec<String>,
 }
+
+/// The `stream` guest's command line in this benchmark.
+const STREAM_DIRTY: &str = "ip=10.0.2.15/24 gw=10.0.2.1 dirty=24M";
 
 /// One join, from the primary's `REPROTECTED` line.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -47,6 +56,8 @@ struct Join {
     mbytes: f64,
     transfer_s: f64,
     pause_ms: f64,
+    /// The lowest vCPU share auto-converge set (1: none).
+    min_share: f64,
 }
 
 /// One row of results/reprotect.json.
@@ -61,6 +72,8 @@ struct Row {
     transfer_s_p50: f64,
     mbytes_sent_p50: f64,
     rounds_p50: f64,
+    /// The lowest vCPU share auto-converge set in any join (1: never throttled).
+    min_share: f64,
     /// The probe's SET latency p99 while a join ran (JOIN sent → the joiner replays).
     client_p99_us_during: f64,
     /// The same outside the joins (the peer, same run).
@@ -90,6 +103,7 @@ fn parse_join(line: &str) -> Option<Join> {
         mbytes: number_after(line, "rounds, ")?,
         transfer_s: number_after(line, " MB in ")?,
         pause_ms: number_after(line, "pause ")?,
+        min_share: number_after(line, "lowest vCPU share ").unwrap_or(1.0),
     })
 }
 
@@ -162,12 +176,17 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
         bail!("--runs must be at least 1");
     }
     let mut rows = Vec::new();
-    for t in &args.transport {
-        rows.push(measure(args, t, runs).with_context(|| format!("transport {t}"))?);
+    for g in &args.guest {
+        for t in &args.transport {
+            rows.push(
+                measure(args, (t, g), runs).with_context(|| format!("guest {g}, transport {t}"))?,
+            );
+        }
     }
     report::print_table(
-        "reprotect (a new backup joins the lone kv primary under load)",
+        "reprotect (a new backup joins the lone primary: kv under load, stream dirtying 24 MiB)",
         &[
+            "guest",
             "transport",
             "joins",
             "pause p50 ms",
@@ -175,6 +194,8 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
             "max ms",
             "transfer p50 s",
             "MB p50",
+            "rounds p50",
+            "min share",
             "client p99 µs during / outside",
             "lost",
         ],
@@ -182,6 +203,7 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
             .iter()
             .map(|row| {
                 vec![
+                    row.guest.clone(),
                     row.transport.clone(),
                     row.runs.to_string(),
                     format!("{:.1}", row.pause_ms_p50),
@@ -189,6 +211,8 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
                     format!("{:.1}", row.pause_ms_max),
                     format!("{:.2}", row.transfer_s_p50),
                     format!("{:.1}", row.mbytes_sent_p50),
+                    format!("{:.0}", row.rounds_p50),
+                    format!("{:.2}", row.min_share),
                     format!(
                         "{:.0} / {:.0}",
                         row.client_p99_us_during, row.client_p99_us_outside
@@ -203,13 +227,15 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
         opts,
         "reprotect",
         &[Panel {
-            title: format!("re-protection pause per join (kv under load, {runs} joins each)"),
+            title: format!(
+                "re-protection pause per join ({runs} joins each; kv under load, stream dirtying)"
+            ),
             x_label: "join".into(),
             y_label: "ms (guest paused at the cut)".into(),
             series: rows
                 .iter()
                 .map(|row| Series {
-                    label: row.transport.clone(),
+                    label: format!("{} {}", row.guest, row.transport),
                     points: row
                         .joins
                         .iter()
@@ -229,14 +255,66 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One pair over `transport`, `runs` joins.
-fn measure(args: &Args, transport: &str, runs: usize) -> anyhow::Result<Row> {
-    let mut cfg = ScenarioConfig::new(crate::ft::ftvm_binary()?, "bench-rp");
-    cfg.transport = transport.to_string();
-    cfg.log = "info".into();
-    let mut s = Scenario::prepare(cfg)?;
-    s.backup = Some(s.spawn(Side::Backup, &[])?);
-    s.primary = Some(s.spawn(Side::Primary, &Scenario::accept_join_args())?);
+/// Kills the backup, then `runs` times: a new backup joins the lone primary, is killed once
+/// it replays. Pushes each join's (start, end) to `windows` and its figures to `joins`.
+fn join_loop(
+    s: &mut Scenario,
+    runs: usize,
+    windows: &mut Vec<(Instant, Instant)>,
+    joins: &mut Vec<Join>,
+) -> anyhow::Result<()> {
+    s.backup.take().context("backup")?.kill();
+    let primary = s.primary.as_ref().context("primary")?;
+    wait_count(primary, "ALONE", 1, Duration::from_secs(10))?;
+    let bar = report::progress(runs as u64, "reprotect");
+    for i in 0..runs {
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let mut joiner = s.spawn_joiner(&format!("j{i}"), (7120 + i as u16, JOIN_PORT), &[])?;
+        let done = wait_count(
+            s.primary.as_ref().context("primary")?,
+            "REPROTECTED",
+            i + 1,
+            Duration::from_secs(60),
+        )
+        .with_context(|| format!("join {i}: {}", joiner.stderr_text()))?;
+        joiner
+            .wait_line("replaying from exit", Duration::from_secs(10))
+            .with_context(|| format!("join {i}: {}", joiner.stderr_text()))?;
+        windows.push((t0, Instant::now()));
+        let j = parse_join(&done).with_context(|| format!("cannot parse {done:?}"))?;
+        bar.set_message(format!("pause {:.1} ms", j.pause_ms));
+        bar.inc(1);
+        joins.push(j);
+        std::thread::sleep(Duration::from_millis(500));
+        joiner.kill();
+        wait_count(
+            s.primary.as_ref().context("primary")?,
+            "ALONE",
+            i + 2,
+            Duration::from_secs(10),
+        )?;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// What the kv guest's clients saw: the probe's samples, the load's errors, the read-back.
+#[derive(Default)]
+struct Clients {
+    samples: Vec<(Instant, f64)>,
+    errors: u64,
+    checked: u64,
+    lost: u64,
+}
+
+/// kv: the joins under client load and a latency probe; every acknowledged write read back.
+fn joins_under_load(
+    args: &Args,
+    s: &mut Scenario,
+    runs: usize,
+    (windows, joins): (&mut Vec<(Instant, Instant)>, &mut Vec<Join>),
+) -> anyhow::Result<Clients> {
     s.wait_ready(Duration::from_secs(30))?;
     let checker = Arc::new(Checker::default());
     let mut load = Load::start(
@@ -251,8 +329,6 @@ fn measure(args: &Args, transport: &str, runs: usize) -> anyhow::Result<Row> {
     )?;
     let stop = AtomicBool::new(false);
     let samples = Mutex::new(Vec::new());
-    let mut windows = Vec::new();
-    let mut joins = Vec::new();
     let ns = s.netns().name().to_string();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let (stop, samples) = (&stop, &samples);
@@ -262,44 +338,8 @@ fn measure(args: &Args, transport: &str, runs: usize) -> anyhow::Result<Row> {
                 probe(stop, samples);
             }
         });
-        let result = (|| -> anyhow::Result<()> {
-            std::thread::sleep(Duration::from_secs(1));
-            s.backup.take().context("backup")?.kill();
-            let primary = s.primary.as_ref().context("primary")?;
-            wait_count(primary, "ALONE", 1, Duration::from_secs(10))?;
-            let bar = report::progress(runs as u64, "reprotect");
-            for i in 0..runs {
-                std::thread::sleep(Duration::from_millis(500));
-                let t0 = Instant::now();
-                let mut joiner =
-                    s.spawn_joiner(&format!("j{i}"), (7120 + i as u16, JOIN_PORT), &[])?;
-                let done = wait_count(
-                    s.primary.as_ref().context("primary")?,
-                    "REPROTECTED",
-                    i + 1,
-                    Duration::from_secs(60),
-                )
-                .with_context(|| format!("join {i}: {}", joiner.stderr_text()))?;
-                joiner
-                    .wait_line("replaying from exit", Duration::from_secs(10))
-                    .with_context(|| format!("join {i}: {}", joiner.stderr_text()))?;
-                windows.push((t0, Instant::now()));
-                let j = parse_join(&done).with_context(|| format!("cannot parse {done:?}"))?;
-                bar.set_message(format!("pause {:.1} ms", j.pause_ms));
-                bar.inc(1);
-                joins.push(j);
-                std::thread::sleep(Duration::from_millis(500));
-                joiner.kill();
-                wait_count(
-                    s.primary.as_ref().context("primary")?,
-                    "ALONE",
-                    i + 2,
-                    Duration::from_secs(10),
-                )?;
-            }
-            bar.finish_and_clear();
-            Ok(())
-        })();
+        std::thread::sleep(Duration::from_secs(1));
+        let result = join_loop(s, runs, windows, joins);
         stop.store(true, Ordering::Release);
         result
     })?;
@@ -310,14 +350,55 @@ fn measure(args: &Args, transport: &str, runs: usize) -> anyhow::Result<Row> {
             checker.verify(&mut c)
         })?
         .context("read back the acknowledged writes")?;
-    let samples = samples.into_inner().unwrap_or_else(|e| e.into_inner());
+    Ok(Clients {
+        samples: samples.into_inner().unwrap_or_else(|e| e.into_inner()),
+        errors: stats.errors,
+        checked: check.checked,
+        lost: check.lost,
+    })
+}
+
+/// One pair of `guest` over `transport`, `runs` joins.
+fn measure(args: &Args, (transport, guest): (&str, &str), runs: usize) -> anyhow::Result<Row> {
+    let mut cfg = ScenarioConfig::new(crate::ft::ftvm_binary()?, "bench-rp");
+    cfg.transport = transport.to_string();
+    cfg.log = "info".into();
+    match guest {
+        "kv" => {}
+        "stream" => {
+            cfg.guest = guest.into();
+            cfg.cmdline = Some(STREAM_DIRTY.into());
+        }
+        other => bail!("--guest {other}: kv or stream"),
+    }
+    let mut s = Scenario::prepare(cfg)?;
+    s.backup = Some(s.spawn(Side::Backup, &[])?);
+    s.primary = Some(s.spawn(Side::Primary, &Scenario::accept_join_args())?);
+    let mut windows = Vec::new();
+    let mut joins = Vec::new();
+    let clients = if guest == "kv" {
+        joins_under_load(args, &mut s, runs, (&mut windows, &mut joins))?
+    } else {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !s.console(Some(Side::Primary)).contains("stream: sink on") {
+            if Instant::now() > deadline {
+                bail!("the stream guest did not start:\n{}", s.stderr_of_both());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        join_loop(&mut s, runs, &mut windows, &mut joins)?;
+        Clients::default()
+    };
     let inside = |t: &Instant| windows.iter().any(|(a, b)| t >= a && t <= b);
-    let mut during: Vec<f64> = samples
+    let mut during: Vec<f64> = clients
+        .samples
         .iter()
         .filter(|(t, _)| inside(t))
         .map(|(_, us)| *us)
         .collect();
-    let mut outside: Vec<f64> = samples
+    let mut outside: Vec<f64> = clients
+        .samples
         .iter()
         .filter(|(t, _)| !inside(t))
         .map(|(_, us)| *us)
@@ -326,7 +407,7 @@ fn measure(args: &Args, transport: &str, runs: usize) -> anyhow::Result<Row> {
     let mut pauses = col(|j| j.pause_ms);
     Ok(Row {
         transport: transport.to_string(),
-        guest: "kv".into(),
+        guest: guest.into(),
         runs: joins.len(),
         pause_ms_p50: report::median(&mut pauses.clone()),
         pause_ms_p99: p99(&mut pauses),
@@ -334,12 +415,13 @@ fn measure(args: &Args, transport: &str, runs: usize) -> anyhow::Result<Row> {
         transfer_s_p50: report::median(&mut col(|j| j.transfer_s)),
         mbytes_sent_p50: report::median(&mut col(|j| j.mbytes)),
         rounds_p50: report::median(&mut col(|j| j.rounds)),
+        min_share: col(|j| j.min_share).into_iter().fold(1.0, f64::min),
         client_samples_during: during.len(),
         client_p99_us_during: p99(&mut during),
         client_p99_us_outside: p99(&mut outside),
-        acked_writes_checked: check.checked,
-        acked_writes_lost: check.lost,
-        client_errors: stats.errors,
+        acked_writes_checked: clients.checked,
+        acked_writes_lost: clients.lost,
+        client_errors: clients.errors,
         joins,
     })
 }
@@ -352,13 +434,13 @@ mod tests {
     fn the_primary_s_line_parses() {
         let j = parse_join(
             "primary: REPROTECTED as generation 4: 2 rounds, 101.7 MB in 0.92 s, pause 3.7 ms \
-             (208 pages at the cut, exit 23924, log record 1709)",
+             (208 pages at the cut, exit 23924, log record 1709; lowest vCPU share 0.25)",
         )
         .expect("parses");
         assert_eq!(j.generation, 4);
         assert_eq!(
-            (j.rounds, j.mbytes, j.transfer_s, j.pause_ms),
-            (2.0, 101.7, 0.92, 3.7)
+            (j.rounds, j.mbytes, j.transfer_s, j.pause_ms, j.min_share),
+            (2.0, 101.7, 0.92, 3.7, 0.25)
         );
     }
 }

@@ -490,6 +490,30 @@ pub struct CommonConfig {
     /// generation. Needs --arbiter and a tcp, tcp-spin or uring logging transport.
     #[arg(long, value_name = "HOST:PORT", help_heading = "Re-protection")]
     pub accept_join: Option<String>,
+    /// The stop-and-copy pause a join aims for: pre-copy ends when the pages left dirty would
+    /// be sent within it at 1 GB/s.
+    #[arg(
+        long,
+        default_value_t = 5,
+        value_name = "MS",
+        help_heading = "Re-protection"
+    )]
+    pub join_pause_ms: u64,
+    /// Most pre-copy rounds of a join (the full copy included); then the cut comes whatever
+    /// is left dirty.
+    #[arg(
+        long,
+        default_value_t = 30,
+        value_name = "N",
+        help_heading = "Re-protection"
+    )]
+    pub join_max_rounds: u32,
+    /// Auto-converge: while pre-copy does not converge (the guest dirties memory faster than
+    /// the link sends it), lower the vCPU's CPU share round by round through the CPU throttle
+    /// (needs the primary's throttle running); the share is given back at the cut. `false`: accept
+    /// the longer pause after --join-max-rounds.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", help_heading = "Re-protection")]
+    pub join_auto_converge: bool,
 }
 
 /// `ftvm primary`: the common settings and the primary's own.

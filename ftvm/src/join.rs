@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! primary: join from joiner (127.0.0.1:41234): generation 3
-//! primary: join round 0: 16384 pages (64.0 MB) in 212 ms, 301 MB/s; 310 pages dirtied (1462/s), estimated pause 4.2 ms
-//! primary: REPROTECTED as generation 3: 2 rounds, 65.3 MB in 0.41 s, pause 2.1 ms (cut at exit 81234)
+//! primary: join round 0: 16384 pages (64.0 MB) in 212 ms, 301 MB/s; 310 pages dirtied (1462/s), estimated pause 4.2 ms; 64.0 MB sent; vCPU share 1.00
+//! primary: REPROTECTED as generation 3: 2 rounds, 65.3 MB in 0.41 s, pause 2.1 ms (310 pages at the cut, exit 81234, log record 1801; lowest vCPU share 1.00)
 //! backup: joined the primary at 127.0.0.1:7100 as generation 3: 64.0 MB in 0.43 s, replaying from exit 81234
 //! ```
 
@@ -82,8 +82,9 @@ fn print_event(joins: &Joins, e: &JoinEvent) {
             stats,
             sent,
             estimated_pause,
+            share,
         } => eprintln!(
-            "primary: join round {}: {} pages ({:.1} MB) in {:.0} ms, {:.0} MB/s; {} pages dirtied ({:.0}/s), estimated pause {:.1} ms; {:.1} MB sent",
+            "primary: join round {}: {} pages ({:.1} MB) in {:.0} ms, {:.0} MB/s; {} pages dirtied ({:.0}/s), estimated pause {:.1} ms; {:.1} MB sent; vCPU share {share:.2}",
             stats.round,
             stats.pages,
             mb(stats.bytes),
@@ -96,7 +97,7 @@ fn print_event(joins: &Joins, e: &JoinEvent) {
         ),
         JoinEvent::Done(s) => {
             eprintln!(
-                "primary: REPROTECTED as generation {}: {} rounds, {:.1} MB in {:.2} s, pause {:.1} ms ({} pages at the cut, exit {}, log record {})",
+                "primary: REPROTECTED as generation {}: {} rounds, {:.1} MB in {:.2} s, pause {:.1} ms ({} pages at the cut, exit {}, log record {}; lowest vCPU share {:.2})",
                 s.generation,
                 s.rounds,
                 mb(s.bytes),
@@ -104,7 +105,8 @@ fn print_event(joins: &Joins, e: &JoinEvent) {
                 ms(s.pause),
                 s.final_pages,
                 s.cut_exit,
-                s.cut_seq
+                s.cut_seq,
+                s.min_share
             );
             joins.lock().unwrap_or_else(|e| e.into_inner()).push(*s);
         }
@@ -143,6 +145,12 @@ pub fn accept(
     let mut opts = JoinOptions::new(channel, s.log_capacity.0);
     opts.link = link(s.transport)?;
     opts.copy_disk = !s.shared_disk;
+    opts.convergence = ftvm_vmm_core::transfer::Convergence::for_link(
+        1e9,
+        Duration::from_millis(s.join_pause_ms),
+        s.join_max_rounds.max(1),
+    );
+    opts.auto_converge = s.join_auto_converge;
     let listener = TcpListener::bind(resolve(addr)?)
         .with_context(|| format!("--accept-join: cannot listen on {addr}"))?;
     let joins = Joins::default();
@@ -180,6 +188,7 @@ pub fn joins_json(joins: Option<&Joins>) -> serde_json::Value {
                     "final_pages": s.final_pages,
                     "cut_exit": s.cut_exit,
                     "cut_seq": s.cut_seq,
+                    "min_share": s.min_share,
                 })
             })
             .collect(),

@@ -23,7 +23,6 @@ pub mod pairing;
 pub mod scenario;
 pub mod soak;
 pub mod stat;
-pub mod transitions;
 
 /// Parses a size with an optional K/M/G suffix (`64M`, `2g`, `4096`).
 ///

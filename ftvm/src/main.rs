@@ -145,7 +145,6 @@ fn main() {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_filter(filter),
         )
-        .with(ftvm::transitions::layer())
         .init();
     let result = match cli.command {
         Command::Run(args) => run(args),

@@ -556,6 +556,9 @@ fn ft_config(
         cfg.service_tap = tap;
         cfg.on_primary_stop = on_primary_stop;
     }
+    // One stderr line per failover transition, whatever the log level (the same timings go
+    // into the `--report` JSON from the run's report).
+    cfg.on_transition = Some(Arc::new(|t| eprintln!("{t}")));
     Ok(Some(cfg))
 }
 

@@ -19,7 +19,7 @@
 //! With `arbiter: Some("etcd")` a single etcd member, with `Some("etcd3")` a three-member etcd
 //! cluster, runs on the namespace's loopback instead of the file arbiter (data and logs in the
 //! temporary directory, `etcd-m<i>/` and `etcd-m<i>.log`); [`Scenario::kill_etcd_member`]
-//! crashes one member.
+//! crashes one member, [`Scenario::restart_etcd_member`] starts it again on its data.
 //! Everything is torn down on drop, in order: children (SIGKILL, reaped), namespace (with its
 //! TAP), shared-memory rings, temporary directory.
 
@@ -506,6 +506,26 @@ impl Scenario {
         member.kill()
     }
 
+    /// Starts etcd member `i` (index into [`Scenario::etcd_endpoints`]) again after
+    /// [`Scenario::kill_etcd_member`], on its data directory, and waits (at most 15 s) until it
+    /// accepts connections. A member that runs is left alone.
+    ///
+    /// # Errors
+    /// [`ScenarioError::Missing`] when there is no member `i`; [`ScenarioError::Io`] or
+    /// [`ScenarioError::Timeout`] when it does not start.
+    pub fn restart_etcd_member(&mut self, i: usize) -> Result<(), ScenarioError> {
+        let n = self.etcd.len();
+        let member = self
+            .etcd
+            .get_mut(i)
+            .ok_or_else(|| ScenarioError::Missing(format!("no etcd member {i} (of {n})")))?;
+        if member.child.is_some() {
+            return Ok(());
+        }
+        member.spawn(&self.ns)?;
+        member.wait_up(&self.ns, Instant::now() + Duration::from_secs(15))
+    }
+
     /// The index (into [`Scenario::etcd_endpoints`]) of the member the running members name
     /// as their leader; `None` while there is none (an election) or no member answers.
     pub fn etcd_leader(&self) -> Option<usize> {
@@ -854,6 +874,11 @@ pub const ETCD_PEER_PORTS: [u16; 3] = [2380, 12380, 22380];
 #[derive(Debug)]
 struct EtcdMember {
     client_port: u16,
+    /// Its command line (a restart runs it again: with its data directory in place, etcd
+    /// rejoins its cluster and ignores the `--initial-*` flags).
+    args: Vec<String>,
+    /// Its stdout and stderr.
+    log: PathBuf,
     /// `None` once killed.
     child: Option<Child>,
 }
@@ -873,6 +898,49 @@ impl EtcdMember {
         killed.map_err(io(format!("cannot kill etcd (pid {pid})")))?;
         Ok(Some(pid))
     }
+
+    /// Starts the member's process (its log appended to).
+    fn spawn(&mut self, ns: &Netns) -> Result<(), ScenarioError> {
+        let log = &self.log;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io(format!("cannot create {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(io(format!("cannot create {}", log.display())))?;
+        let mut cmd = ns.command("etcd", &self.args);
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        restore_signals(&mut cmd);
+        // `ip netns exec` execs etcd: the child's pid is etcd's.
+        let child = cmd
+            .spawn()
+            .map_err(io("cannot start etcd (Debian package etcd-server)"))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the member accepts connections (at most until `deadline`).
+    fn wait_up(&mut self, ns: &Netns, deadline: Instant) -> Result<(), ScenarioError> {
+        loop {
+            let port = self.client_port;
+            if ns.run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())? {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            if exited || Instant::now() >= deadline {
+                return Err(ScenarioError::Timeout(format!(
+                    "etcd did not start; its log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for EtcdMember {
@@ -888,10 +956,9 @@ fn start_etcd(ns: &Netns, dir: &Path, n: usize) -> Result<Vec<EtcdMember>, Scena
     let initial_cluster: Vec<String> = (0..n).map(|i| format!("m{i}={}", peer_url(i))).collect();
     let initial_cluster = initial_cluster.join(",");
     let mut members = Vec::with_capacity(n);
-    let mut logs = Vec::with_capacity(n);
     for (i, &client_port) in ETCD_CLIENT_PORTS.iter().enumerate().take(n) {
         let client = format!("http://127.0.0.1:{client_port}");
-        let args = [
+        let args = vec![
             "--name".to_string(),
             format!("m{i}"),
             "--data-dir".into(),
@@ -911,45 +978,18 @@ fn start_etcd(ns: &Netns, dir: &Path, n: usize) -> Result<Vec<EtcdMember>, Scena
             "--initial-cluster-token".into(),
             format!("ftvm-{}", ns.name()),
         ];
-        let log = dir.join(format!("etcd-m{i}.log"));
-        let out =
-            std::fs::File::create(&log).map_err(io(format!("cannot create {}", log.display())))?;
-        let err = out
-            .try_clone()
-            .map_err(io(format!("cannot create {}", log.display())))?;
-        let mut cmd = ns.command("etcd", &args);
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        restore_signals(&mut cmd);
-        // `ip netns exec` execs etcd: the child's pid is etcd's.
-        let child = cmd
-            .spawn()
-            .map_err(io("cannot start etcd (Debian package etcd-server)"))?;
-        members.push(EtcdMember {
+        let mut m = EtcdMember {
             client_port,
-            child: Some(child),
-        });
-        logs.push(log);
+            args,
+            log: dir.join(format!("etcd-m{i}.log")),
+            child: None,
+        };
+        m.spawn(ns)?;
+        members.push(m);
     }
     let deadline = Instant::now() + Duration::from_secs(15);
-    for (m, log) in members.iter_mut().zip(&logs) {
-        loop {
-            let port = m.client_port;
-            let up = ns.run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())?;
-            if up {
-                break;
-            }
-            let exited = m
-                .child
-                .as_mut()
-                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
-            if exited || Instant::now() >= deadline {
-                return Err(ScenarioError::Timeout(format!(
-                    "etcd did not start; its log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    for m in &mut members {
+        m.wait_up(ns, deadline)?;
     }
     Ok(members)
 }

@@ -147,10 +147,7 @@ fn cut_link(test: &str, backup_extra: &[String]) {
             "add", "rule", "inet", "ftvmcut", "input", "udp", "dport", &hb, "drop",
         ],
     ];
-    for args in nft {
-        let out = s.netns().exec("nft", args).expect("run nft");
-        assert!(out.status.success(), "nft {args:?}: {out:?}");
-    }
+    common::nft(&s, &nft);
     let t_cut = Instant::now();
     load.mark(t_cut);
     // One side stops (lost the arbiter), the other goes live.

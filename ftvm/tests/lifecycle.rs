@@ -49,6 +49,10 @@ fn pair(tag: &str, no_failover: bool, extra: (&[String], &[String])) -> Scenario
     let mut config = common::config(tag);
     config.transport = "tcp".into();
     config.no_failover = no_failover;
+    // These tests are about planned stops, which need no failure detection: a 200 ms timeout
+    // (the default) saw a side starved of CPU by a parallel build for 200 ms, and a correct
+    // but unwanted take-over raced the planned one (the test then failed).
+    config.fail_timeout_ms = Some(1000);
     let mut s = Scenario::prepare(config).expect("prepare pair");
     s.backup = Some(s.spawn(Side::Backup, extra.1).expect("spawn backup"));
     s.primary = Some(s.spawn(Side::Primary, extra.0).expect("spawn primary"));

@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use ftvm::client::Load;
-use ftvm::scenario::{Node, Scenario, Side, EXIT_FENCED, JOIN_PORT};
+use ftvm::scenario::{Node, Scenario, ScenarioConfig, Side, EXIT_FENCED, JOIN_PORT};
 
 /// The arbiter's generations 1, 2, … are held by `holders`, in order.
 fn assert_generations(s: &Scenario, holders: &[&str]) {
@@ -29,33 +29,38 @@ fn signal(node: &Node, name: &str) {
     assert!(ok.success(), "kill -{name} {}", node.pid());
 }
 
-/// The primary accepts joins; both sides up, kv answering.
-fn start(tag: &str) -> Scenario {
+/// The pair of these tests (tag `tag`): kv over the tcp transport, a file arbiter.
+fn tcp_config(tag: &str) -> ScenarioConfig {
     let mut c = common::config(tag);
     c.transport = "tcp".into();
+    c
+}
+
+/// The primary accepts joins; both sides up, kv answering.
+fn start(c: ScenarioConfig) -> Scenario {
     let mut s = Scenario::prepare(c).expect("prepare");
     s.backup = Some(s.spawn(Side::Backup, &[]).expect("backup"));
     let mut extra = Scenario::accept_join_args();
-    // Memory digests at every 4th checkpoint too: a joined backup whose memory differed from
-    // the primary's would stop as diverged.
-    extra.extend(["--mem-digest-every".into(), "4".into()]);
+    // A register digest every 250 exits, memory digests at every 8th checkpoint too: a
+    // joined backup whose state differed from the primary's would stop as diverged.
+    extra.extend(["--digest-interval", "250", "--mem-digest-every", "8"].map(String::from));
     s.primary = Some(s.spawn(Side::Primary, &extra).expect("primary"));
     s.wait_ready(Duration::from_secs(30)).expect("kv ready");
     s
 }
 
-/// The start of most tests: SKIP check, one scenario at a time, the pair (tag `tag`), client
+/// The start of most tests: SKIP check, one scenario at a time, the pair (`c`), client
 /// load (key prefix `prefix`), the backup killed and the primary alone in generation 2.
 fn lone_primary_under_load(
     test: &str,
-    tag: &str,
+    c: ScenarioConfig,
     prefix: &str,
 ) -> Option<(std::sync::MutexGuard<'static, ()>, Scenario, Load)> {
     if common::skip(test) {
         return None;
     }
     let serial = common::serial();
-    let mut s = start(tag);
+    let mut s = start(c);
     let load = common::load(&s, 4, prefix);
     kill_backup(&mut s, &load, 2);
     Some((serial, s, load))
@@ -130,6 +135,55 @@ fn join_with(
     (joiner, done)
 }
 
+/// Waits (at most `within`) for the primary's JOIN FAILED line and returns it; panics
+/// without one, or if the primary re-protected meanwhile.
+fn join_failed(s: &mut Scenario, within: Duration) -> String {
+    let primary = s.primary.as_mut().expect("primary");
+    let failed = primary
+        .wait_line("JOIN FAILED", within)
+        .unwrap_or_else(|| panic!("no JOIN FAILED line: {}", primary.stderr_text()));
+    assert!(
+        primary.find_line("REPROTECTED").is_none(),
+        "{}",
+        primary.stderr_text()
+    );
+    failed
+}
+
+/// A joiner whose join failed exits with an error (within 60 s) and prints `needle`.
+fn assert_join_fails(joiner: &mut Node, needle: &str) {
+    let status = joiner.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|st| !st.success()),
+        "the joiner did not fail ({status:?}): {}",
+        joiner.stderr_text()
+    );
+    assert!(
+        joiner.stderr_text().contains(needle),
+        "no {needle:?}: {}",
+        joiner.stderr_text()
+    );
+}
+
+/// Ends a run in which joiner `name` is the backup: no client error, every acknowledged
+/// write read back, the guest powered off through both sides (exit 0); the joined backup
+/// compared its register and memory digests at every checkpoint of the run without a
+/// divergence (it would have stopped), and powered off with the primary's memory digest.
+fn power_off_as_one(s: &mut Scenario, load: &mut Load, name: &str) {
+    common::wait_ops(s, load, 400, Duration::from_secs(30));
+    let stats = load.stop();
+    assert_eq!(stats.errors, 0, "client errors: {:?}", load.last_error());
+    common::assert_no_acked_write_lost(s, load.checker());
+    s.shutdown_guest();
+    common::assert_exits_with(s.primary.as_mut().expect("primary"), 0);
+    common::assert_exits_with(s.backup.as_mut().expect("joiner"), 0);
+    let p = s.report(Side::Primary).expect("primary report");
+    let b = s.report_of(name).expect("joiner report");
+    assert!(b["checkpoints"].as_u64().unwrap_or(0) > 0, "{b}");
+    assert_eq!(p["mem_digest"], b["mem_digest"], "{p}\n{b}");
+    assert_eq!(p["regs_digest"], b["regs_digest"], "{p}\n{b}");
+}
+
 /// kv under load, the backup killed, a new backup joins the lone primary (memory digest equal
 /// to the primary's at the cut), the pair runs on (the new backup's digest checks stay quiet),
 /// then the primary is killed: the joined backup goes live as generation 4 with every
@@ -138,7 +192,9 @@ fn join_with(
 fn a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed() {
     const TEST: &str =
         "a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed";
-    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, "rp-live", "a") else {
+    let Some((_serial, mut s, mut load)) =
+        lone_primary_under_load(TEST, tcp_config("rp-live"), "a")
+    else {
         return;
     };
     let (joiner, _) = join(&mut s, ("c", 7111), 3, true);
@@ -182,7 +238,9 @@ fn a_joined_backup_goes_live_with_every_acked_write_when_the_primary_is_killed()
 #[test]
 fn a_joiner_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_joins() {
     const TEST: &str = "a_joiner_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_joins";
-    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, "rp-kill", "k") else {
+    let Some((_serial, mut s, mut load)) =
+        lone_primary_under_load(TEST, tcp_config("rp-kill"), "k")
+    else {
         return;
     };
     let mut joiner = s.spawn_joiner("c", (7111, JOIN_PORT), &[]).expect("joiner");
@@ -193,16 +251,8 @@ fn a_joiner_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_joins() {
     signal(&joiner, "STOP");
     std::thread::sleep(Duration::from_millis(300));
     joiner.kill();
-    let primary = s.primary.as_mut().expect("primary");
-    let failed = primary
-        .wait_line("JOIN FAILED", Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("no JOIN FAILED line: {}", primary.stderr_text()));
+    let failed = join_failed(&mut s, Duration::from_secs(30));
     eprintln!("{TEST}: {failed}");
-    assert!(
-        primary.find_line("REPROTECTED").is_none(),
-        "{}",
-        primary.stderr_text()
-    );
     load.mark(Instant::now());
     common::wait_first_reply(&s, &load, Duration::from_secs(10));
     common::wait_ops(&s, &load, 200, Duration::from_secs(20));
@@ -235,7 +285,7 @@ fn a_stale_backup_of_an_older_generation_never_goes_live_after_a_join() {
         return;
     }
     let _serial = common::serial();
-    let mut s = start("rp-stale");
+    let mut s = start(tcp_config("rp-stale"));
     let mut load = common::load(&s, 4, "s");
     common::wait_ops(&s, &load, 200, Duration::from_secs(20));
     let mut stale = s.backup.take().expect("backup");
@@ -278,7 +328,9 @@ fn accepting(port: u16) -> Vec<String> {
 #[test]
 fn three_cycles_of_kill_and_reprotect_lose_no_acked_write() {
     const TEST: &str = "three_cycles_of_kill_and_reprotect_lose_no_acked_write";
-    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, "rp-cycle", "y") else {
+    let Some((_serial, mut s, mut load)) =
+        lone_primary_under_load(TEST, tcp_config("rp-cycle"), "y")
+    else {
         return;
     };
     let (joiner, _) = join_with(&mut s, ("c0", 7130, JOIN_PORT), 3, &accepting(7301));
@@ -368,5 +420,286 @@ fn demo_with_three_cycles_reprotects_after_each_failover() {
     eprintln!(
         "{TEST}: {}",
         serde_json::to_string(&r["cycles"]).unwrap_or_default()
+    );
+}
+
+/// The link between the primary and a joiner dies in the middle of the transfer: an nftables
+/// rule in the namespace drops every packet of the join's TCP connection, both ways, once 4 MB
+/// of it went through (a named quota: the cut is real and always falls in the pre-copy of the
+/// 64 MiB guest). No FIN, no RST: the primary's join gives up after its patience (its writes
+/// time out; before the fix they blocked until TCP gave up, ~15 minutes, and no retry could be
+/// served), the joiner too; the primary serves the clients throughout. The link comes back, a
+/// second joiner joins in a new generation, and the pair powers off as one.
+#[test]
+fn a_link_cut_mid_transfer_leaves_the_primary_serving_and_a_retry_joins() {
+    const TEST: &str = "a_link_cut_mid_transfer_leaves_the_primary_serving_and_a_retry_joins";
+    if common::skip_without(TEST, "nft", "nftables") {
+        return;
+    }
+    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, tcp_config("rp-cut"), "l")
+    else {
+        return;
+    };
+    let port = JOIN_PORT.to_string();
+    common::nft(
+        &s,
+        &[
+            &["add", "table", "inet", "ftvmjoin"],
+            &[
+                "add",
+                "quota",
+                "inet",
+                "ftvmjoin",
+                "link",
+                "{ over 4 mbytes }",
+            ],
+            &[
+                "add",
+                "chain",
+                "inet",
+                "ftvmjoin",
+                "output",
+                "{ type filter hook output priority 0 ; }",
+            ],
+            &[
+                "add", "rule", "inet", "ftvmjoin", "output", "tcp", "sport", &port, "quota",
+                "name", "link", "drop",
+            ],
+            &[
+                "add", "rule", "inet", "ftvmjoin", "output", "tcp", "dport", &port, "quota",
+                "name", "link", "drop",
+            ],
+        ],
+    );
+    let mut joiner = s.spawn_joiner("c", (7111, JOIN_PORT), &[]).expect("joiner");
+    let primary = s.primary.as_mut().expect("primary");
+    primary
+        .wait_line("join from c", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no join: {}", joiner.stderr_text()));
+    // The primary serves on while its join hangs on the dead link.
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let t_cut = Instant::now();
+    let failed = join_failed(&mut s, Duration::from_secs(45));
+    eprintln!("{TEST}: {:?} after the join: {failed}", t_cut.elapsed());
+    assert!(failed.contains("before the cut"), "{failed}");
+    assert_join_fails(&mut joiner, "cannot join the primary");
+    load.mark(Instant::now());
+    common::wait_first_reply(&s, &load, Duration::from_secs(10));
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    // The link comes back; the failed join spent generation 3.
+    common::nft(&s, &[&["delete", "table", "inet", "ftvmjoin"]]);
+    let (joiner, _) = join(&mut s, ("d", 7112), 4, true);
+    s.backup = Some(joiner);
+    assert_generations(&s, &["primary"; 4]);
+    power_off_as_one(&mut s, &mut load, "d");
+}
+
+/// The arbiter (a single etcd member) is down when a backup asks to join: the primary cannot
+/// win the next generation, refuses the join (the joiner says why and exits) and serves on
+/// alone — it needs no arbiter while it runs. etcd is started again on its data, a second
+/// joiner joins in generation 3 (the refused join spent none), etcd names the primary as its
+/// holder, and the pair powers off as one.
+#[test]
+fn an_unreachable_arbiter_refuses_the_join_and_a_retry_joins_once_it_is_back() {
+    const TEST: &str = "an_unreachable_arbiter_refuses_the_join_and_a_retry_joins_once_it_is_back";
+    if common::skip_without(TEST, "etcd", "etcd-server") {
+        return;
+    }
+    let mut c = tcp_config("rp-etcd");
+    c.arbiter = Some("etcd".into());
+    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, c, "e") else {
+        return;
+    };
+    s.kill_etcd_member(0)
+        .expect("kill etcd")
+        .expect("etcd was running");
+    let mut joiner = s.spawn_joiner("c", (7111, JOIN_PORT), &[]).expect("joiner");
+    let failed = join_failed(&mut s, Duration::from_secs(30));
+    eprintln!("{TEST}: {failed}");
+    assert!(failed.contains("before the cut"), "{failed}");
+    assert_join_fails(&mut joiner, "refused the join (Arbiter)");
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    s.restart_etcd_member(0).expect("restart etcd");
+    let (joiner, _) = join(&mut s, ("d", 7112), 3, true);
+    s.backup = Some(joiner);
+    let spec = s.arbiter_spec().to_string();
+    let current = s
+        .in_netns(move || ftvm_vmm_core::ft::arbiter::open(&spec).and_then(|a| a.current()))
+        .expect("enter namespace")
+        .expect("read the claim from etcd");
+    assert_eq!(
+        current.map(|(g, n)| (g, n.to_string())),
+        Some((3, "primary".to_string()))
+    );
+    power_off_as_one(&mut s, &mut load, "d");
+}
+
+/// Shared-disk mode: both sides name one image. A join copies memory only (no disk byte), the
+/// disk's owner record goes to the new pair's generation with the primary as its only
+/// writer: the joined backup replays the guest's disk writes without making them, with every
+/// digest check quiet, and powers off with the primary's memory.
+#[test]
+fn a_join_in_shared_disk_mode_copies_no_disk_and_the_primary_keeps_writing_it() {
+    const TEST: &str = "a_join_in_shared_disk_mode_copies_no_disk_and_the_primary_keeps_writing_it";
+    let mut c = tcp_config("rp-share");
+    c.shared_disk = true;
+    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, c, "d") else {
+        return;
+    };
+    let image = s.disk(Side::Primary);
+    let owner = || {
+        let b = std::fs::read(format!("{}.owner", image.display())).expect("owner record");
+        u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+    };
+    assert_eq!(owner(), 2, "the lone primary owns the disk");
+    let (joiner, _) = join(&mut s, ("c", 7111), 3, true);
+    let joined = joiner
+        .find_line("replaying from exit")
+        .expect("joined line");
+    assert!(joined.contains(", 0.0 MB of disk"), "{joined}");
+    s.backup = Some(joiner);
+    common::wait_ops(&s, &load, 300, Duration::from_secs(30));
+    assert_eq!(owner(), 3, "the pair's generation, taken by the primary");
+    power_off_as_one(&mut s, &mut load, "c");
+    let b = s.report_of("c").expect("joiner report");
+    assert!(
+        b["shared_disk"]["dropped"].as_u64().unwrap_or(0) > 0,
+        "the joined backup replayed no disk write: {b}"
+    );
+    assert_eq!(b["shared_disk"]["writes"].as_u64(), Some(0), "{b}");
+}
+
+/// What a join of the `stream` guest dirtying 24 MiB without pause cost (from the primary's
+/// REPROTECTED line): pre-copy rounds, pages copied at the cut, the lowest vCPU share, the
+/// pause.
+#[derive(Debug)]
+struct DirtyJoin {
+    rounds: u32,
+    final_pages: u64,
+    min_share: f64,
+    pause_ms: f64,
+    line: String,
+}
+
+/// The number after `key` in `line`.
+fn number_after(line: &str, key: &str) -> f64 {
+    let rest = &line[line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?}: {line}"))
+        + key.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {key:?}: {line}"))
+}
+
+/// Most pre-copy rounds in [`join_dirtying_guest`].
+const DIRTY_MAX_ROUNDS: u32 = 8;
+
+/// A pair running `stream dirty=24M` (its vCPU rewrites 6144 pages as fast as it runs), the
+/// primary accepting joins with at most [`DIRTY_MAX_ROUNDS`] pre-copy rounds and
+/// `--join-auto-converge lever`; the backup killed, a new backup joins the lone primary.
+fn join_dirtying_guest(tag: &str, lever: bool) -> DirtyJoin {
+    let mut c = tcp_config(tag);
+    c.guest = "stream".into();
+    c.cmdline = Some("ip=10.0.2.15/24 gw=10.0.2.1 dirty=24M".into());
+    let mut s = Scenario::prepare(c).expect("prepare");
+    s.backup = Some(s.spawn(Side::Backup, &[]).expect("backup"));
+    let mut extra = Scenario::accept_join_args();
+    extra.extend([
+        "--join-max-rounds".into(),
+        DIRTY_MAX_ROUNDS.to_string(),
+        "--join-auto-converge".into(),
+        lever.to_string(),
+    ]);
+    s.primary = Some(s.spawn(Side::Primary, &extra).expect("primary"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s.console(Some(Side::Primary)).contains("stream: sink on") {
+        assert!(
+            Instant::now() < deadline,
+            "no stream guest\n{}",
+            s.stderr_of_both()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.backup.take().expect("backup").kill();
+    let primary = s.primary.as_mut().expect("primary");
+    primary
+        .wait_line("ALONE", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no ALONE line: {}", primary.stderr_text()));
+    // A 400 Mbit/s link (a token bucket on the namespace's loopback, which carries the
+    // join): slower than the guest dirties its region (~100 MB/s under nested paging here).
+    let tc = s
+        .netns()
+        .exec(
+            "tc",
+            &[
+                "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "400mbit", "burst", "1mb",
+                "latency", "100ms",
+            ],
+        )
+        .expect("run tc");
+    assert!(tc.status.success(), "tc: {tc:?}");
+    let (mut joiner, line) = join(&mut s, ("c", 7111), 3, false);
+    // The joined backup replays the dirtying guest without diverging.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(joiner.try_status(), None, "{}", joiner.stderr_text());
+    let primary = s.primary.as_ref().expect("primary");
+    let rounds: Vec<String> = primary
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("join round") || l.contains("throttle started"))
+        .collect();
+    eprintln!("{}", rounds.join("\n"));
+    DirtyJoin {
+        rounds: number_after(&line, "generation 3: ") as u32,
+        final_pages: number_after(&line, "ms (") as u64,
+        min_share: number_after(&line, "lowest vCPU share "),
+        pause_ms: number_after(&line, "pause "),
+        line,
+    }
+}
+
+/// Auto-converge: the `stream` guest dirties 24 MiB faster than a 400 Mbit/s link copies it, so
+/// pre-copy never converges by itself. Without the lever the join runs all
+/// [`DIRTY_MAX_ROUNDS`] rounds and copies the whole region at the cut; with it the primary
+/// lowers the vCPU's CPU share round by round (the throttle's cgroup quota), pre-copy
+/// converges in fewer rounds, and far fewer pages are left for the cut. (The pause itself
+/// is printed, not asserted: `ftvm-bench reprotect` measures it.)
+#[test]
+fn auto_converge_lowers_the_cpu_share_until_precopy_of_a_dirtying_guest_converges() {
+    const TEST: &str =
+        "auto_converge_lowers_the_cpu_share_until_precopy_of_a_dirtying_guest_converges";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let without = join_dirtying_guest("rp-nolev", false);
+    eprintln!("{TEST}: without the lever: {without:?}");
+    assert_eq!(without.rounds, DIRTY_MAX_ROUNDS, "{}", without.line);
+    assert_eq!(without.min_share, 1.0, "{}", without.line);
+    let with = join_dirtying_guest("rp-lever", true);
+    eprintln!("{TEST}: with the lever: {with:?}");
+    assert!(
+        with.min_share < 1.0,
+        "the share was never lowered: {}",
+        with.line
+    );
+    assert!(
+        with.rounds < DIRTY_MAX_ROUNDS,
+        "no convergence: {}",
+        with.line
+    );
+    assert!(
+        with.final_pages * 2 < without.final_pages,
+        "{} pages at the cut with the lever, {} without",
+        with.final_pages,
+        without.final_pages
+    );
+    eprintln!(
+        "{TEST}: pause {:.1} ms with the lever, {:.1} ms without",
+        with.pause_ms, without.pause_ms
     );
 }

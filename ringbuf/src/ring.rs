@@ -698,7 +698,9 @@ impl Producer {
 
     /// Free bytes, re-reading the consumer's position.
     pub fn free(&mut self) -> usize {
-        self.limit = self.ring.head().load(Ordering::Acquire) + self.geo.capacity as u64;
+        let head = self.ring.head().load(Ordering::Acquire);
+        debug_assert!(head <= self.tail, "head {head} beyond tail {}", self.tail);
+        self.limit = head + self.geo.capacity as u64;
         self.fast_limit = fast_limit(self.limit, self.tail, self.geo.mask);
         (self.limit - self.tail) as usize
     }
@@ -914,7 +916,9 @@ extern "C" fn plan_slow(ring: &Ring, tail: u64, limit: u64, span: usize) -> Slow
     let advance = (pad + span) as u64;
     let mut limit = limit;
     if tail + advance > limit {
-        limit = ring.head().load(Ordering::Acquire) + ring.capacity as u64;
+        let head = ring.head().load(Ordering::Acquire);
+        debug_assert!(head <= tail, "head {head} beyond tail {tail}");
+        limit = head + ring.capacity as u64;
         if tail + advance > limit {
             return SlowPlan {
                 at,
@@ -1247,6 +1251,12 @@ impl Consumer {
     #[inline]
     fn load_tail(&mut self) {
         self.cached_tail = self.ring.tail().load(Ordering::Acquire);
+        debug_assert!(
+            self.cached_tail >= self.head,
+            "tail {} behind head {}",
+            self.cached_tail,
+            self.head
+        );
         self.seq_bound = self.ring.next_seq().load(Ordering::Relaxed);
     }
 

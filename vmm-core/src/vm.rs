@@ -127,6 +127,15 @@ pub struct VmControl {
 }
 
 impl VmControl {
+    /// A control of no VM (unit tests of what kicks or stops a VM).
+    #[cfg(test)]
+    pub(crate) fn detached() -> Self {
+        VmControl {
+            kick: Arc::default(),
+            exits: Arc::default(),
+        }
+    }
+
     /// Makes a running [`Vm::run`] return [`RunOutcome::Paused`] promptly (even from a WAIT).
     pub fn kick(&self) {
         self.kick.kick();

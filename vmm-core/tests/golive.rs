@@ -34,6 +34,8 @@ use ftvm_vmm_core::ft::log::Entry;
 use ftvm_vmm_core::ft::node::NodeId;
 use ftvm_vmm_core::ft::output::Sink;
 use ftvm_vmm_core::ft::primary::{LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_vmm_core::ft::transition::Transition;
+use ftvm_vmm_core::ft::Role;
 use ftvm_vmm_core::testing::{CountingArbiter, StallAcks};
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 use ftvm_vmm_core::{guests, require_kvm};
@@ -143,6 +145,14 @@ impl PairSpec {
             tamper: None,
         }
     }
+}
+
+/// Records the transitions `cfg`'s side reports.
+fn record_transitions(cfg: &mut FtConfig) -> Arc<Mutex<Vec<Transition>>> {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = Arc::clone(&got);
+    cfg.on_transition = Some(Arc::new(move |t| g.lock().unwrap().push(t.clone())));
+    got
 }
 
 struct Running {
@@ -272,7 +282,9 @@ fn golive_backup_takes_over_when_the_primary_crashes() {
     let expected = expected_checksum();
     let dir = tempfile::tempdir().expect("tempdir");
     let arbiter = file_arbiter(dir.path());
-    let r = start(PairSpec::new(Arc::clone(&arbiter)));
+    let mut spec = PairSpec::new(Arc::clone(&arbiter));
+    let transitions = record_transitions(&mut spec.backup_ft);
+    let r = start(spec);
     wait_started(&r, &arbiter);
     std::thread::sleep(Duration::from_millis(300));
     // Crash the primary mid-run.
@@ -290,6 +302,13 @@ fn golive_backup_takes_over_when_the_primary_crashes() {
     assert_eq!(live.code, 0);
     assert_eq!(live.timings.generation, 2);
     assert_eq!(current(&arbiter), Some((2, "backup".into())));
+    // The typed events: the primary presumed failed, then live with the report's timings.
+    let t = transitions.lock().unwrap().clone();
+    assert!(
+        matches!(t.first(), Some(Transition::PeerPresumedFailed { silent_for }) if *silent_for >= Duration::from_millis(200)),
+        "{t:?}"
+    );
+    assert_eq!(t.last(), Some(&Transition::Live(live.timings)), "{t:?}");
     assert!(
         live.timings.detection >= Duration::from_millis(200),
         "{:?}",
@@ -371,6 +390,7 @@ fn golive_primary_goes_alone_when_the_backup_crashes() {
     let mut spec = PairSpec::new(Arc::clone(&arbiter));
     // Nothing is acknowledged: the first line the guest prints is held.
     spec.stall_acks = true;
+    let transitions = record_transitions(&mut spec.primary_ft);
     let r = start(spec);
     wait_started(&r, &arbiter);
     // The guest printed its first line (the backup replayed it), and the primary holds it.
@@ -387,6 +407,9 @@ fn golive_primary_goes_alone_when_the_backup_crashes() {
     let p = r.primary.join().expect("primary thread").expect("primary");
     let alone = p.alone.expect("the primary went alone");
     assert_eq!((alone.generation, p.generation), (2, 2));
+    let t = transitions.lock().unwrap().clone();
+    // (The detector may still presume the backup failed after the link said so.)
+    assert!(t.contains(&Transition::Alone(alone)), "{t:?}");
     assert_eq!(current(&arbiter), Some((2, "primary".into())));
     assert_eq!(p.report.code, 0);
     let o = &p.report.outputs;
@@ -494,6 +517,7 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
     spec.primary_ft = common::ft_config(&arbiter, "primary", pa, ba);
     spec.backup_ft = common::ft_config(&arbiter, "backup", ba, nowhere);
     spec.stall_acks = true;
+    let transitions = record_transitions(&mut spec.primary_ft);
     let r = start(spec);
     let t = Instant::now();
     while current(&arbiter).is_none() {
@@ -510,6 +534,13 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
     match &p {
         Err(PairError::Superseded { generation, winner }) => {
             assert_eq!((*generation, winner.as_str()), (2, "backup"));
+            let lost = Transition::LostTakeOver {
+                role: Role::Primary,
+                generation: 2,
+                winner: "backup".into(),
+            };
+            let t = transitions.lock().unwrap().clone();
+            assert!(t.contains(&lost), "{t:?}");
         }
         other => panic!(
             "expected Superseded, got {}",

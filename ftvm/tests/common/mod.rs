@@ -191,3 +191,11 @@ impl Drop for SmallFs {
         }
     }
 }
+
+/// Runs `nft` with each of `commands` inside the scenario's namespace (panics on a failure).
+pub fn nft(s: &Scenario, commands: &[&[&str]]) {
+    for args in commands {
+        let out = s.netns().exec("nft", args).expect("run nft");
+        assert!(out.status.success(), "nft {args:?}: {out:?}");
+    }
+}

@@ -6,8 +6,13 @@
 //! - port `control` (default 5000): line commands `stats` (reply with the totals) and `quit`
 //!   (print the totals and power off with 0).
 //!
+//! - `dirty=<bytes>` (k/M/G suffix; default 0): a region of that size rewritten page by page
+//!   without pause between polls of the network — a guest that dirties memory as fast as its
+//!   vCPU runs (the re-protection tests and benchmark: pre-copy that does not converge by
+//!   itself).
+//!
 //! Command line: `ip=10.0.2.15/24 gw=10.0.2.1 sink=5001 source=5002 control=5000 conns=4
-//! bufsize=65536`. Prints `stream: sink on <ip>:5001, source on <ip>:5002, control on <ip>:5000`
+//! bufsize=65536 dirty=0`. Prints `stream: sink on <ip>:5001, source on <ip>:5002, control on <ip>:5000`
 //! when ready, a line per closed connection, and `stream: totals: ...` on `quit`.
 #![no_std]
 #![no_main]
@@ -18,6 +23,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use ftvm_guest_net::{NetConfig, Stack};
+use ftvm_guest_rt::cmdline::parse_size;
 use ftvm_guest_rt::{entry, println, sys, BootInfo};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -30,6 +36,44 @@ const EXIT_USAGE: u64 = 2;
 const EXIT_NET: u64 = 3;
 /// The pattern period (prime, so it does not line up with segment sizes).
 const PATTERN_PERIOD: u64 = 251;
+/// Guest page size (the unit of dirty tracking).
+const PAGE: usize = 4096;
+/// Pages of the `dirty=` region written between two polls of the network.
+const DIRTY_STEP: usize = 256;
+
+/// The `dirty=` region: one byte per page is rewritten, `DIRTY_STEP` pages at a time, round
+/// and round (each write dirties its page again after the VMM harvested it).
+struct Dirtier {
+    region: Vec<u8>,
+    next: usize,
+    pass: u8,
+}
+
+impl Dirtier {
+    fn new(bytes: usize) -> Option<Self> {
+        let mut region = Vec::new();
+        region.try_reserve_exact(bytes).ok()?;
+        region.resize(bytes, 0);
+        Some(Dirtier {
+            region,
+            next: 0,
+            pass: 0,
+        })
+    }
+
+    /// Writes the next `DIRTY_STEP` pages.
+    fn step(&mut self) {
+        for _ in 0..DIRTY_STEP {
+            if self.next >= self.region.len() {
+                self.next = 0;
+                self.pass = self.pass.wrapping_add(1);
+            }
+            // Through `black_box`, so that the optimiser keeps writes nobody reads.
+            *core::hint::black_box(&mut self.region[self.next]) = self.pass;
+            self.next += PAGE;
+        }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -76,6 +120,24 @@ fn main(boot: &BootInfo) -> u64 {
             println!("stream: {e}");
             return EXIT_USAGE;
         }
+    };
+    let dirty = match cmd.get("dirty").map(parse_size) {
+        None => 0,
+        Some(Some(b)) => b as usize,
+        Some(None) => {
+            println!("stream: bad dirty= (want bytes, optional k/M/G suffix)");
+            return EXIT_USAGE;
+        }
+    };
+    let mut dirtier = match dirty {
+        0 => None,
+        b => match Dirtier::new(b) {
+            Some(d) => Some(d),
+            None => {
+                println!("stream: dirty={b}: not enough memory");
+                return EXIT_USAGE;
+            }
+        },
     };
     let net_cfg = match NetConfig::from_cmdline(&cmd) {
         Ok(c) => c,
@@ -230,7 +292,9 @@ fn main(boot: &BootInfo) -> u64 {
             return 0;
         }
         stack.poll(now);
-        if !progress {
+        if let Some(d) = dirtier.as_mut() {
+            d.step();
+        } else if !progress {
             stack.wait(now);
         }
     }

@@ -183,6 +183,7 @@ use super::primary::{
     primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
 use super::stop::{is_planned, BackupStopPolicy, PrimaryStopPolicy, StopCause, Stopped};
+use super::transition::{emit, Transition, TransitionSink};
 use crate::devices::virtio::blk::{BlkCounters, BlkError, BlkHandle};
 use crate::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMode};
 use crate::memory::GuestMem;
@@ -217,6 +218,9 @@ pub struct FtConfig {
     /// Primary: where a join asks for the cut while this primary runs alone
     /// ([`super::join`]); `None`: no join is accepted.
     pub join: Option<super::join::JoinPoint>,
+    /// Called with each failover decision of this side ([`super::transition`]); `None`: the
+    /// decisions are only logged.
+    pub on_transition: Option<TransitionSink>,
 }
 
 impl std::fmt::Debug for FtConfig {
@@ -249,6 +253,7 @@ impl FtConfig {
             service_tap: None,
             on_primary_stop: PrimaryStopPolicy::Stop,
             join: None,
+            on_transition: None,
         }
     }
 }
@@ -352,9 +357,16 @@ fn spawn_detector(
     let mut dc = cfg.detector.clone();
     dc.role = role;
     let (f, claimed) = (Arc::clone(failed), Arc::clone(claimed));
+    let sink = cfg.on_transition.clone();
     let detector = Detector::spawn(dc, fence.clone(), move |event| match event {
         DetectorEvent::PeerFailed { detection_time, .. } => {
             tracing::warn!(?detection_time, "peer presumed failed");
+            emit(
+                sink.as_ref(),
+                Transition::PeerPresumedFailed {
+                    silent_for: detection_time,
+                },
+            );
             f.store(true, Ordering::Release);
             if let Some(vm) = &replaying {
                 vm.interrupt_replay();
@@ -773,6 +785,14 @@ impl Monitor {
             %winner,
             "this primary lost the take-over: no output is released any more; stopping"
         );
+        emit(
+            self.cfg.on_transition.as_ref(),
+            Transition::LostTakeOver {
+                role: Role::Primary,
+                generation,
+                winner: winner.clone(),
+            },
+        );
         *self
             .shared
             .superseded
@@ -798,12 +818,20 @@ impl Monitor {
                 "UNPROTECTED: the backup stopped as planned; taking over the next generation \
                  and going on ALONE (no backup, no failover until a new pair is started)"
             ),
-            BackupGone::Left(goodbye) => tracing::error!(
-                %goodbye,
-                at_exit,
-                "the backup left the pair: taking over the next generation before going alone \
-                 (outputs no longer wait for it)"
-            ),
+            BackupGone::Left(goodbye) => {
+                tracing::error!(
+                    %goodbye,
+                    at_exit,
+                    "the backup left the pair: taking over the next generation before going \
+                     alone (outputs no longer wait for it)"
+                );
+                emit(
+                    self.cfg.on_transition.as_ref(),
+                    Transition::BackupLeft {
+                        goodbye: goodbye.clone(),
+                    },
+                );
+            }
             _ => tracing::warn!(
                 ?gone,
                 ?detection,
@@ -849,6 +877,7 @@ impl Monitor {
                     total: t_drained - t_failed + detection,
                 };
                 tracing::info!(?timings, "primary goes on alone");
+                emit(self.cfg.on_transition.as_ref(), Transition::Alone(timings));
                 self.writer.observer().set_role(SideRole::Alone, generation);
                 *self.shared.alone.lock().unwrap_or_else(|e| e.into_inner()) = Some(timings);
             }
@@ -963,6 +992,14 @@ impl BackupGoLive {
             generation,
             %winner,
             "the backup lost the take-over: it does not go live"
+        );
+        emit(
+            self.cfg.on_transition.as_ref(),
+            Transition::LostTakeOver {
+                role: Role::Backup,
+                generation,
+                winner: winner.clone(),
+            },
         );
         self.failure = Some(PairError::Superseded { generation, winner });
         false
@@ -1146,6 +1183,7 @@ impl BackupGoLive {
             total: t_live.saturating_duration_since(first_sign),
         };
         tracing::info!(?timings, "the backup is live");
+        emit(self.cfg.on_transition.as_ref(), Transition::Live(timings));
         if self.cfg.join.is_some() {
             // Out of the replay's run at the next exit: it becomes a lone primary that
             // accepts joins (`live_as_primary`) at once rather than at the next checkpoint.

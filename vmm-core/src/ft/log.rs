@@ -1,15 +1,116 @@
 //! The replication log's entry format (vmm-core/LOG_FORMAT.md, version [`LOG_VERSION`]).
 //!
 //! Every entry is one record of the log buffer: the record's `kind` says which entry it is and
-//! its payload holds little-endian fields. Entries are encoded **in place** into a claimed
-//! record ([`Entry::encode`], [`encode_write`]) and decoded from a received record
-//! ([`Entry::decode`]).
+//! its payload is the entry's wire struct — `#[repr(C)]`, little-endian `u64` fields, no padding
+//! ([`wire`]); payload lengths are the structs' sizes. Entries are encoded **in place** into a
+//! claimed record ([`Entry::encode`], [`encode_write`], [`encode_output`]) and decoded from a
+//! received record ([`Entry::decode`], [`decode_write`]).
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
+use zerocopy::{FromBytes, IntoBytes};
+
 use crate::record::{OutputDigest, OutputSource};
+
+/// The entries' payloads as they are on the wire (LOG_FORMAT.md). `zerocopy` checks at compile
+/// time that each is plain bytes without padding, so encoding is a copy of the struct and
+/// decoding a length check and a copy back (the fields are `U64`: little-endian, alignment 1,
+/// so a payload at any offset of the ring reads in place).
+pub mod wire {
+    use zerocopy::little_endian::U64;
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+    /// [`Entry::Header`](super::Entry::Header).
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C)]
+    pub struct Header {
+        /// The format version ([`LOG_VERSION`](super::LOG_VERSION)).
+        pub version: U64,
+        /// Exits between two digests.
+        pub digest_interval: U64,
+        /// Every how many digests memory is included.
+        pub mem_digest_every: U64,
+    }
+
+    /// [`Entry::Read`](super::Entry::Read).
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C)]
+    pub struct Read {
+        /// Exit index.
+        pub exit: U64,
+        /// MMIO address.
+        pub addr: U64,
+        /// The value read.
+        pub value: U64,
+    }
+
+    /// The fixed part of [`Entry::Write`](super::Entry::Write); the bytes follow.
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C)]
+    pub struct WriteHeader {
+        /// Exit index.
+        pub exit: U64,
+        /// Guest-physical address.
+        pub gpa: U64,
+    }
+
+    /// [`Entry::Digest`](super::Entry::Digest).
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C)]
+    pub struct Digest {
+        /// Exits handled.
+        pub exit: U64,
+        /// Register digest.
+        pub regs: U64,
+        /// 1 if `mem` holds a memory digest, else 0.
+        pub has_mem: U64,
+        /// Memory digest (0 without one).
+        pub mem: U64,
+    }
+
+    /// [`Entry::Control`](super::Entry::Control).
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C)]
+    pub struct Control {
+        /// Exits handled.
+        pub exit: U64,
+        /// The key (at most `u32::MAX`).
+        pub key: U64,
+        /// The value.
+        pub value: U64,
+    }
+
+    /// [`Entry::Output`](super::Entry::Output).
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C)]
+    pub struct Output {
+        /// Exit index.
+        pub exit: U64,
+        /// The source's code in bits 0..8 (bits 8..32 zero), the output count in bits 32..64.
+        pub what: U64,
+        /// Bytes digested.
+        pub bytes: U64,
+        /// XXH3-64 of the outputs.
+        pub hash: U64,
+    }
+
+    /// [`Entry::End`](super::Entry::End).
+    #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+    #[repr(C)]
+    pub struct End {
+        /// Exits handled.
+        pub exit: U64,
+        /// Power-off code.
+        pub code: U64,
+        /// Register digest.
+        pub regs: U64,
+        /// Memory digest.
+        pub mem: U64,
+    }
+}
 
 /// Version of the entry format (LOG_FORMAT.md); the [`Entry::Header`] carries it.
 /// Version 2 added [`Entry::Control`], version 3 [`Entry::Output`].
@@ -29,12 +130,14 @@ pub const KIND_END: u16 = 5;
 pub const KIND_CONTROL: u16 = 6;
 /// Record kind of [`Entry::Output`].
 pub const KIND_OUTPUT: u16 = 7;
-/// Payload length of an [`Entry::Output`]: `exit`, `what` (source | count << 32), `bytes`,
-/// `digest`.
-pub const OUTPUT_LEN: usize = 32;
+/// Payload length of an [`Entry::Output`] ([`wire::Output`]).
+pub const OUTPUT_LEN: usize = size_of::<wire::Output>();
 
-/// Fixed part of a [`Entry::Write`] payload (exit, gpa).
-pub const WRITE_HEADER_LEN: usize = 16;
+/// Payload length of an [`Entry::Read`] ([`wire::Read`]).
+pub const READ_LEN: usize = size_of::<wire::Read>();
+
+/// Fixed part of a [`Entry::Write`] payload ([`wire::WriteHeader`]: exit, gpa).
+pub const WRITE_HEADER_LEN: usize = size_of::<wire::WriteHeader>();
 
 /// Errors decoding an entry.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -180,14 +283,16 @@ pub fn device_name(addr: u64) -> &'static str {
     }
 }
 
-fn u64_at(p: &[u8], off: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&p[off..off + 8]);
-    u64::from_le_bytes(b)
+/// Writes `v`'s bytes at the start of `p` (an encoder's buffer is exactly the entry's length:
+/// a shorter one is a bug of the caller).
+fn put_struct<T: IntoBytes + zerocopy::Immutable>(p: &mut [u8], v: &T) {
+    let n = size_of::<T>();
+    p[..n].copy_from_slice(v.as_bytes());
 }
 
-fn put(p: &mut [u8], off: usize, v: u64) {
-    p[off..off + 8].copy_from_slice(&v.to_le_bytes());
+/// Reads a `T` that must fill `p` exactly.
+fn read_exact<T: FromBytes>(kind: u16, p: &[u8]) -> Result<T, LogError> {
+    T::read_from_bytes(p).map_err(|_| LogError::BadLength { kind, len: p.len() })
 }
 
 impl Entry {
@@ -220,13 +325,13 @@ impl Entry {
     /// Payload length of the encoded entry.
     pub fn encoded_len(&self) -> usize {
         match self {
-            Entry::Header { .. } => 24,
-            Entry::Read { .. } => 24,
+            Entry::Header { .. } => size_of::<wire::Header>(),
+            Entry::Read { .. } => READ_LEN,
             Entry::Write { data, .. } => WRITE_HEADER_LEN + data.len(),
-            Entry::Digest { .. } => 32,
-            Entry::Control { .. } => 24,
+            Entry::Digest { .. } => size_of::<wire::Digest>(),
+            Entry::Control { .. } => size_of::<wire::Control>(),
             Entry::Output { .. } => OUTPUT_LEN,
-            Entry::End { .. } => 32,
+            Entry::End { .. } => size_of::<wire::End>(),
         }
     }
 
@@ -237,40 +342,48 @@ impl Entry {
                 version,
                 digest_interval,
                 mem_digest_every,
-            } => {
-                put(p, 0, u64::from(*version));
-                put(p, 8, *digest_interval);
-                put(p, 16, *mem_digest_every);
-            }
-            Entry::Read { exit, addr, value } => {
-                put(p, 0, *exit);
-                put(p, 8, *addr);
-                put(p, 16, *value);
-            }
+            } => put_struct(
+                p,
+                &wire::Header {
+                    version: u64::from(*version).into(),
+                    digest_interval: (*digest_interval).into(),
+                    mem_digest_every: (*mem_digest_every).into(),
+                },
+            ),
+            Entry::Read { exit, addr, value } => encode_read(p, *exit, *addr, *value),
             Entry::Write { exit, gpa, data } => encode_write(p, *exit, *gpa, data),
-            Entry::Digest { exit, regs, mem } => {
-                put(p, 0, *exit);
-                put(p, 8, *regs);
-                put(p, 16, u64::from(mem.is_some()));
-                put(p, 24, mem.unwrap_or(0));
-            }
-            Entry::Control { exit, key, value } => {
-                put(p, 0, *exit);
-                put(p, 8, u64::from(*key));
-                put(p, 16, *value);
-            }
+            Entry::Digest { exit, regs, mem } => put_struct(
+                p,
+                &wire::Digest {
+                    exit: (*exit).into(),
+                    regs: (*regs).into(),
+                    has_mem: u64::from(mem.is_some()).into(),
+                    mem: mem.unwrap_or(0).into(),
+                },
+            ),
+            Entry::Control { exit, key, value } => put_struct(
+                p,
+                &wire::Control {
+                    exit: (*exit).into(),
+                    key: u64::from(*key).into(),
+                    value: (*value).into(),
+                },
+            ),
             Entry::Output { exit, digest } => encode_output(p, *exit, digest),
             Entry::End {
                 exit,
                 code,
                 regs,
                 mem,
-            } => {
-                put(p, 0, *exit);
-                put(p, 8, *code);
-                put(p, 16, *regs);
-                put(p, 24, *mem);
-            }
+            } => put_struct(
+                p,
+                &wire::End {
+                    exit: (*exit).into(),
+                    code: (*code).into(),
+                    regs: (*regs).into(),
+                    mem: (*mem).into(),
+                },
+            ),
         }
     }
 
@@ -279,32 +392,25 @@ impl Entry {
     /// # Errors
     /// [`LogError`] for an unknown kind, a bad length or an unsupported version.
     pub fn decode(kind: u16, p: &[u8]) -> Result<Entry, LogError> {
-        let need = |n: usize| {
-            if p.len() == n {
-                Ok(())
-            } else {
-                Err(LogError::BadLength { kind, len: p.len() })
-            }
-        };
         Ok(match kind {
             KIND_HEADER => {
-                need(24)?;
-                let version = u64_at(p, 0);
+                let h: wire::Header = read_exact(kind, p)?;
+                let version = h.version.get();
                 if version != u64::from(LOG_VERSION) {
                     return Err(LogError::Version(version as u32));
                 }
                 Entry::Header {
                     version: LOG_VERSION,
-                    digest_interval: u64_at(p, 8),
-                    mem_digest_every: u64_at(p, 16),
+                    digest_interval: h.digest_interval.get(),
+                    mem_digest_every: h.mem_digest_every.get(),
                 }
             }
             KIND_READ => {
-                need(24)?;
+                let r: wire::Read = read_exact(kind, p)?;
                 Entry::Read {
-                    exit: u64_at(p, 0),
-                    addr: u64_at(p, 8),
-                    value: u64_at(p, 16),
+                    exit: r.exit.get(),
+                    addr: r.addr.get(),
+                    value: r.value.get(),
                 }
             }
             KIND_WRITE => {
@@ -316,46 +422,45 @@ impl Entry {
                 }
             }
             KIND_DIGEST => {
-                need(32)?;
+                let d: wire::Digest = read_exact(kind, p)?;
                 Entry::Digest {
-                    exit: u64_at(p, 0),
-                    regs: u64_at(p, 8),
-                    mem: (u64_at(p, 16) != 0).then(|| u64_at(p, 24)),
+                    exit: d.exit.get(),
+                    regs: d.regs.get(),
+                    mem: (d.has_mem.get() != 0).then(|| d.mem.get()),
                 }
             }
             KIND_CONTROL => {
-                need(24)?;
-                let key = u64_at(p, 8);
+                let c: wire::Control = read_exact(kind, p)?;
                 Entry::Control {
-                    exit: u64_at(p, 0),
-                    key: u32::try_from(key)
+                    exit: c.exit.get(),
+                    key: u32::try_from(c.key.get())
                         .map_err(|_| LogError::BadLength { kind, len: p.len() })?,
-                    value: u64_at(p, 16),
+                    value: c.value.get(),
                 }
             }
             KIND_OUTPUT => {
-                need(OUTPUT_LEN)?;
-                let what = u64_at(p, 8);
+                let o: wire::Output = read_exact(kind, p)?;
+                let what = o.what.get();
                 let source = OutputSource::from_code(what as u8)
                     .filter(|_| what & 0xffff_ff00 == 0)
                     .ok_or(LogError::BadOutputSource(what as u32))?;
                 Entry::Output {
-                    exit: u64_at(p, 0),
+                    exit: o.exit.get(),
                     digest: OutputDigest {
                         source,
                         count: (what >> 32) as u32,
-                        bytes: u64_at(p, 16),
-                        hash: u64_at(p, 24),
+                        bytes: o.bytes.get(),
+                        hash: o.hash.get(),
                     },
                 }
             }
             KIND_END => {
-                need(32)?;
+                let e: wire::End = read_exact(kind, p)?;
                 Entry::End {
-                    exit: u64_at(p, 0),
-                    code: u64_at(p, 8),
-                    regs: u64_at(p, 16),
-                    mem: u64_at(p, 24),
+                    exit: e.exit.get(),
+                    code: e.code.get(),
+                    regs: e.regs.get(),
+                    mem: e.mem.get(),
                 }
             }
             other => return Err(LogError::UnknownKind(other)),
@@ -486,16 +591,41 @@ impl ControlQueue {
     }
 }
 
+/// Encodes a read entry in place (`p` is [`READ_LEN`] bytes).
+pub fn encode_read(p: &mut [u8], exit: u64, addr: u64, value: u64) {
+    put_struct(
+        p,
+        &wire::Read {
+            exit: exit.into(),
+            addr: addr.into(),
+            value: value.into(),
+        },
+    );
+}
+
 /// Encodes an output entry in place (`p` is [`OUTPUT_LEN`] bytes).
 pub fn encode_output(p: &mut [u8], exit: u64, digest: &OutputDigest) {
-    put(p, 0, exit);
-    put(
+    put_struct(
         p,
-        8,
-        u64::from(digest.source as u8) | u64::from(digest.count) << 32,
+        &wire::Output {
+            exit: exit.into(),
+            what: (u64::from(digest.source as u8) | u64::from(digest.count) << 32).into(),
+            bytes: digest.bytes.into(),
+            hash: digest.hash.into(),
+        },
     );
-    put(p, 16, digest.bytes);
-    put(p, 24, digest.hash);
+}
+
+/// Encodes a write entry in place (`p` is `WRITE_HEADER_LEN + data.len()` bytes).
+pub fn encode_write(p: &mut [u8], exit: u64, gpa: u64, data: &[u8]) {
+    put_struct(
+        p,
+        &wire::WriteHeader {
+            exit: exit.into(),
+            gpa: gpa.into(),
+        },
+    );
+    p[WRITE_HEADER_LEN..WRITE_HEADER_LEN + data.len()].copy_from_slice(data);
 }
 
 /// Decodes a `Write` entry's payload in place: (exit, gpa, the data, borrowed from `p`).
@@ -503,20 +633,11 @@ pub fn encode_output(p: &mut [u8], exit: u64, digest: &OutputDigest) {
 /// # Errors
 /// [`LogError::BadLength`] if `p` is shorter than the entry's header.
 pub fn decode_write(p: &[u8]) -> Result<(u64, u64, &[u8]), LogError> {
-    if p.len() < WRITE_HEADER_LEN {
-        return Err(LogError::BadLength {
-            kind: KIND_WRITE,
-            len: p.len(),
-        });
-    }
-    Ok((u64_at(p, 0), u64_at(p, 8), &p[WRITE_HEADER_LEN..]))
-}
-
-/// Encodes a write entry in place (`p` is `WRITE_HEADER_LEN + data.len()` bytes).
-pub fn encode_write(p: &mut [u8], exit: u64, gpa: u64, data: &[u8]) {
-    put(p, 0, exit);
-    put(p, 8, gpa);
-    p[WRITE_HEADER_LEN..WRITE_HEADER_LEN + data.len()].copy_from_slice(data);
+    let (h, data) = wire::WriteHeader::read_from_prefix(p).map_err(|_| LogError::BadLength {
+        kind: KIND_WRITE,
+        len: p.len(),
+    })?;
+    Ok((h.exit.get(), h.gpa.get(), data))
 }
 
 #[cfg(test)]
@@ -609,6 +730,28 @@ mod tests {
         o[9] = 0;
         assert!(Entry::decode(KIND_OUTPUT, &o).is_ok());
         assert!(Entry::decode(KIND_OUTPUT, &o[..31]).is_err());
+    }
+
+    /// The wire structs are the layout LOG_FORMAT.md documents: little-endian fields at the
+    /// documented offsets, no padding (the sizes are the payload lengths of version 3).
+    #[test]
+    fn wire_layout_is_the_documented_one() {
+        assert_eq!(size_of::<wire::Header>(), 24);
+        assert_eq!(READ_LEN, 24);
+        assert_eq!(WRITE_HEADER_LEN, 16);
+        assert_eq!(size_of::<wire::Digest>(), 32);
+        assert_eq!(size_of::<wire::Control>(), 24);
+        assert_eq!(OUTPUT_LEN, 32);
+        assert_eq!(size_of::<wire::End>(), 32);
+        let mut p = [0u8; READ_LEN];
+        encode_read(&mut p, 0x0102, 0xD000_0008, u64::MAX - 1);
+        assert_eq!(p[..8], 0x0102u64.to_le_bytes());
+        assert_eq!(p[8..16], 0xD000_0008u64.to_le_bytes());
+        assert_eq!(p[16..], (u64::MAX - 1).to_le_bytes());
+        let mut w = [0u8; WRITE_HEADER_LEN + 3];
+        encode_write(&mut w, 9, 0x5000, b"abc");
+        assert_eq!(decode_write(&w), Ok((9, 0x5000, &b"abc"[..])));
+        assert!(decode_write(&w[..15]).is_err());
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub mod output;
 pub mod primary;
 pub mod stop;
 pub mod throttle;
+pub mod transition;
 
 pub use arbiter::{
     acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, FileArbiter, RetryPolicy,

@@ -293,6 +293,12 @@ impl Inner {
         }
         let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         for p in &ready {
+            // The output rule: released only once the backup holds its position (or alone).
+            assert!(
+                alone || p.tag <= acked,
+                "output tagged {} released at ack {acked}",
+                p.tag
+            );
             let now_acked = self.acks.acked();
             if alone {
                 s.released_alone += 1;

@@ -31,16 +31,17 @@ use ftvm_ringbuf::{ClaimError, IdleKind, IdleStrategy};
 use super::digest::register_digest;
 use super::golive::PrimaryFt;
 use super::log::{
-    encode_output, encode_write, AppliedControl, ControlQueue, Entry, KIND_OUTPUT, KIND_READ,
-    KIND_WRITE, LOG_VERSION, OUTPUT_LEN, WRITE_HEADER_LEN,
+    encode_output, encode_read, encode_write, AppliedControl, ControlQueue, Entry, KIND_OUTPUT,
+    KIND_READ, KIND_WRITE, LOG_VERSION, OUTPUT_LEN, READ_LEN, WRITE_HEADER_LEN,
 };
 use super::observe::{DiskWaitsSnapshot, LogSnapshot, Observer, SideRole};
 use super::output::{OutputGate, OutputStats, Sink};
 use super::stop::is_planned;
 pub use super::stop::BackupStopPolicy;
 use crate::devices::virtio::blk::{DiskMode, WriteBarrier};
+use crate::devices::virtio::net::NetHandle;
 use crate::record::{Inputs, OutputDigest, Recorder};
-use crate::vm::{RunOutcome, Vm, VmError};
+use crate::vm::{RunOutcome, Vm, VmControl, VmError};
 
 /// Errors of a primary or backup run.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +205,8 @@ pub struct LogWriter {
     /// Payload bytes logged (shared with the throttle's lag in bytes).
     bytes: Arc<AtomicU64>,
     controls: ControlQueue,
+    /// An upper bound on the throttle's share (the join's auto-converge lever).
+    cap: super::throttle::ShareCap,
     /// The side's live counters ([`super::observe`]).
     observer: Observer,
 }
@@ -275,6 +278,7 @@ impl LogWriter {
             position,
             bytes: Arc::default(),
             controls: ControlQueue::new(),
+            cap: super::throttle::ShareCap::default(),
             observer: Observer::new(SideRole::Primary),
         };
         let appender = LogAppender::new(sender, &writer);
@@ -338,6 +342,13 @@ impl LogWriter {
             .pacer
             .get()
             .map_or((0, Duration::ZERO), |p| p.slept())
+    }
+
+    /// The bound on the vCPU's CPU share that a throttle started for this writer
+    /// ([`super::throttle::Throttle::for_writer`]) obeys; a join lowers it to make pre-copy
+    /// converge ([`super::join`], auto-converge).
+    pub fn share_cap(&self) -> &super::throttle::ShareCap {
+        &self.cap
     }
 
     /// Paces the vCPU thread at its appends with `pacer` (the throttle's pause actuator,
@@ -555,10 +566,9 @@ impl ChannelRecorder {
 
 impl Recorder for ChannelRecorder {
     fn external_read(&mut self, exit: u64, addr: u64, value: u64) {
-        let entry = Entry::Read { exit, addr, value };
         let r = self
             .appender
-            .append_with(KIND_READ, entry.encoded_len(), |p| entry.encode(p));
+            .append_with(KIND_READ, READ_LEN, |p| encode_read(p, exit, addr, value));
         if let Err(e) = r {
             self.appender.fail(e);
         }
@@ -764,41 +774,44 @@ struct LinkWatch {
 const LINK_WATCH_EVERY: Duration = Duration::from_millis(5);
 
 impl LinkWatch {
+    /// Watches `writer`'s link; going alone releases `gate` and switches `net` to direct
+    /// transmits, stopping kicks the VM through `control`.
     fn start(
         writer: &LogWriter,
         gate: &Arc<OutputGate>,
-        vm: &Vm,
+        (net, control): (Option<NetHandle>, VmControl),
         (policy, on_stop): (PeerFailurePolicy, BackupStopPolicy),
     ) -> Result<Self, PairError> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let failed = Arc::new(Mutex::new(None));
-        let (writer, gate, net, control) = (
-            writer.clone(),
-            Arc::clone(gate),
-            vm.net().cloned(),
-            vm.control(),
-        );
+        let (writer, gate) = (writer.clone(), Arc::clone(gate));
         let (stop2, failed2) = (Arc::clone(&stop), Arc::clone(&failed));
         let thread = std::thread::Builder::new()
             .name("ft-link-watch".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
-                    let why = {
+                    // Read into locals before anything below takes the net device's transmit
+                    // lock (`release_alone`). The link handle takes no lock that a vCPU holds;
+                    // when the sender was a `Mutex` (before the appender had one owner), an
+                    // `if let` temporary held its lock through `release_alone` while a
+                    // transmitting vCPU waited for it: the primary deadlocked, alone.
+                    let (why, goodbye) = {
                         let s = writer.sender();
                         if s.is_running() {
-                            None
+                            (None, None)
                         } else {
-                            Some(s.error().map_or_else(
+                            let why = s.error().map_or_else(
                                 || "the logging link is down".to_string(),
                                 |e| format!("logging link: {e}"),
-                            ))
+                            );
+                            (Some(why), s.peer_goodbye())
                         }
                     };
                     let Some(why) = why else {
                         std::thread::sleep(LINK_WATCH_EVERY);
                         continue;
                     };
-                    if let Some(g) = writer.sender().peer_goodbye().filter(is_planned) {
+                    if let Some(g) = goodbye.filter(is_planned) {
                         // A planned stop, not a failure: the backup will not go live.
                         match on_stop {
                             BackupStopPolicy::GoAlone => {
@@ -960,7 +973,7 @@ pub(crate) fn primary_loop(
         None => Some(LinkWatch::start(
             writer,
             &gate,
-            vm,
+            (vm.net().cloned(), vm.control()),
             (opts.on_peer_failure, opts.on_backup_stop),
         )?),
         Some(_) => None,
@@ -1222,5 +1235,102 @@ impl Drop for Lent {
         if let Some(a) = self.parked.take() {
             self.writer.return_appender(a);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    use ftvm_channel::tcp::{TcpMode, TcpTransport};
+    use ftvm_channel::{Config, GoodbyeReason, LogReceiver, PollerConfig};
+
+    use super::*;
+    use crate::bus::EventSignal;
+    use crate::devices::virtio::net::{Net, TxMode};
+
+    fn pc() -> PollerConfig {
+        PollerConfig {
+            core: None,
+            idle: IdleKind::Park,
+        }
+    }
+
+    /// A writer over a real TCP link to a receiver (returned with it).
+    fn linked_writer() -> (LogWriter, LogReceiver) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let backup = std::thread::spawn(move || {
+            let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
+            let t = TcpTransport::accept(&listener, TcpMode::Blocking).expect("accept");
+            LogReceiver::start(p, c, Box::new(t), Config::default(), pc()).expect("receiver")
+        });
+        let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
+        let t = TcpTransport::connect(addr, TcpMode::Blocking, Duration::from_secs(5))
+            .expect("connect");
+        let sender = LogSender::start(p, c, Box::new(t), Config::default(), pc()).expect("sender");
+        let rx = backup.join().expect("backup thread");
+        (LogWriter::new(sender, IdleKind::Yield), rx)
+    }
+
+    /// The backup stops as planned while the vCPU is inside a transmit (it holds the net
+    /// device's transmit lock and is about to take the sender's lock to log the frames'
+    /// digest). The link watch must go alone without holding the sender's lock: it once held
+    /// it through `release_alone` (an `if let` temporary), waited for the transmit lock, and
+    /// the primary hung — up, alone, answering no client (a lifecycle test failed 1 run in 8).
+    #[test]
+    fn going_alone_on_a_planned_stop_does_not_deadlock_a_transmitting_vcpu() {
+        let (writer, rx) = linked_writer();
+        let acks: Arc<dyn super::super::output::AckSource> = writer.sender().shared().clone();
+        let gate = Arc::new(OutputGate::start(acks, Arc::clone(writer.position())).expect("gate"));
+        let net = Net::new(None, [2, 0, 0, 0, 0, 1], Arc::new(EventSignal::default())).handle();
+        gate.gate_net(&net);
+        let control = VmControl::detached();
+        let mut watch = LinkWatch::start(
+            &writer,
+            &gate,
+            (Some(net.clone()), control),
+            (PeerFailurePolicy::Stop, BackupStopPolicy::GoAlone),
+        )
+        .expect("link watch");
+        // The "vCPU": inside the transmit lock, the backup leaves; once the watch decided to go
+        // alone, take the sender's lock as a transmit that passed the mode check does.
+        let (done_tx, done) = mpsc::channel();
+        let (vcpu_writer, vcpu_net) = (writer.clone(), net.clone());
+        std::thread::spawn(move || {
+            let mode = vcpu_net.tx_mode();
+            vcpu_net.switch_tx(mode, || {
+                rx.goodbye(GoodbyeReason::PlannedStop, "the backup stops as planned")
+                    .expect("goodbye");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !vcpu_writer.is_alone() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // Give the watch time to reach the transmit lock.
+                std::thread::sleep(Duration::from_millis(50));
+                let _logging = vcpu_writer.sender();
+            });
+            let _ = done_tx.send(());
+        });
+        if done.recv_timeout(Duration::from_secs(20)).is_err() {
+            // Its thread is deadlocked: joining it (the watch's drop) would hang the test.
+            std::mem::forget(watch);
+            panic!(
+                "deadlock: the transmitting vCPU never got the sender's lock (the link watch \
+                 held it while waiting for the transmit lock)"
+            );
+        }
+        assert!(writer.is_alone(), "the primary did not go alone");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(net.tx_mode(), TxMode::Direct) {
+            assert!(
+                Instant::now() < deadline,
+                "transmits never switched to the TAP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(watch.failure(), None, "a planned stop is no failure");
+        watch.stop();
     }
 }

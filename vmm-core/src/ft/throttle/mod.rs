@@ -360,9 +360,74 @@ pub struct ThrottleStatus {
     pub actuator: ActuatorKind,
 }
 
+/// An upper bound on a [`Throttle`]'s share, set from outside the controller: the join's
+/// auto-converge lever ([`crate::ft::join`]) lowers it while pre-copy does not converge and
+/// gives it back after the cut. The controller applies `min(its own share, cap)` at each
+/// update, with the same actuators (cgroup quota and pacer), so the lever needs no second
+/// cgroup holding the vCPU thread (a thread is in one group of a hierarchy: a second group
+/// would take it out of the throttle's). Cheap to clone; 1.0 = no bound.
+#[derive(Debug, Clone)]
+pub struct ShareCap {
+    bits: Arc<AtomicU64>,
+    /// The share the obeying throttle applied last.
+    applied_bits: Arc<AtomicU64>,
+    /// How many running throttles obey this cap.
+    obeyed: Arc<AtomicU64>,
+}
+
+impl Default for ShareCap {
+    fn default() -> Self {
+        ShareCap {
+            bits: Arc::new(AtomicU64::new(1.0f64.to_bits())),
+            applied_bits: Arc::new(AtomicU64::new(1.0f64.to_bits())),
+            obeyed: Arc::default(),
+        }
+    }
+}
+
+impl ShareCap {
+    /// The bound now.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.bits.load(Ordering::Relaxed))
+    }
+
+    /// Sets the bound (clamped to `[0.001, 1]`; not finite: 1).
+    pub fn set(&self, share: f64) {
+        self.bits
+            .store(pace::clamp_share(share).to_bits(), Ordering::Relaxed);
+    }
+
+    /// The share the throttle applied last (1 without a throttle).
+    pub fn applied(&self) -> f64 {
+        f64::from_bits(self.applied_bits.load(Ordering::Acquire))
+    }
+
+    /// Sets the bound to 1 and waits (at most `patience`) until the throttle applied a full
+    /// share again — within a millisecond: a change of the bound is applied at the next
+    /// sample, not at the next update. Returns whether it did.
+    pub fn lift(&self, patience: Duration) -> bool {
+        self.set(1.0);
+        let deadline = Instant::now() + patience;
+        while self.obeyed() && self.applied() < 1.0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    /// Whether a running throttle applies this bound (else setting it changes nothing).
+    pub fn obeyed(&self) -> bool {
+        self.obeyed.load(Ordering::Acquire) > 0
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     stop: AtomicBool,
+    /// The bound on the share set from outside ([`ShareCap`]).
+    cap: ShareCap,
     target_ns: AtomicU64,
     status: Mutex<ThrottleStatus>,
     /// The last target agreed through the log (shared by every follower of this throttle).
@@ -465,7 +530,12 @@ impl Throttle {
             inner: group,
             pacer: Arc::clone(&pacer),
         };
-        let throttle = Self::with_actuator(cfg, PairLag::for_writer(writer), Box::new(actuator))?;
+        let throttle = Self::capped(
+            cfg,
+            PairLag::for_writer(writer),
+            Box::new(actuator),
+            writer.share_cap().clone(),
+        )?;
         throttle.follower().install(writer.controls());
         let inner = Arc::clone(&throttle.inner);
         writer.observer().set_throttle(move || {
@@ -496,14 +566,26 @@ impl Throttle {
     pub fn with_actuator(
         cfg: ThrottleConfig,
         source: impl LagSource,
+        actuator: Box<dyn Actuator>,
+    ) -> Result<Self, ThrottleError> {
+        Self::capped(cfg, source, actuator, ShareCap::default())
+    }
+
+    /// As [`Throttle::with_actuator`], obeying `cap`.
+    fn capped(
+        cfg: ThrottleConfig,
+        source: impl LagSource,
         mut actuator: Box<dyn Actuator>,
+        cap: ShareCap,
     ) -> Result<Self, ThrottleError> {
         cfg.check()?;
         actuator.set_share(1.0)?;
         let describe = actuator.describe();
         let kind = actuator.kind();
+        cap.obeyed.fetch_add(1, Ordering::AcqRel);
         let inner = Arc::new(Inner {
             stop: AtomicBool::new(false),
+            cap,
             agreed: Arc::default(),
             target_ns: AtomicU64::new(cfg.target.as_nanos() as u64),
             status: Mutex::new(ThrottleStatus {
@@ -518,8 +600,14 @@ impl Throttle {
         let i2 = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
             .name("ftvm-throttle".into())
-            .spawn(move || control_loop(&cfg, &source, actuator.as_mut(), &i2))
-            .map_err(ThrottleError::Spawn)?;
+            .spawn(move || control_loop(&cfg, &source, actuator.as_mut(), &i2));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                inner.cap.obeyed.fetch_sub(1, Ordering::AcqRel);
+                return Err(ThrottleError::Spawn(e));
+            }
+        };
         tracing::info!(target: "ftvm::throttle", actuator = %describe, "throttle started");
         Ok(Throttle {
             inner,
@@ -576,6 +664,7 @@ impl Throttle {
     fn halt(&mut self) {
         self.inner.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            self.inner.cap.obeyed.fetch_sub(1, Ordering::AcqRel);
             if t.join().is_err() {
                 tracing::error!(target: "ftvm::throttle", "the throttle thread panicked");
             }
@@ -606,21 +695,27 @@ fn control_loop(
     let mut last_update = start;
     let mut last_status = start;
     let mut errors_logged = 0u64;
+    let mut cap = inner.cap.get();
     while !inner.stop.load(Ordering::Acquire) {
         let now = Instant::now();
         meter.sample(source.logged_seq(), source.logged_bytes(), now);
         let dt = now.saturating_duration_since(last_update);
-        if dt >= cfg.update_interval {
+        // A new bound is applied at once (a join waits for it before its cut).
+        let cap_moved = inner.cap.get() != cap;
+        if dt >= cfg.update_interval || cap_moved {
+            cap = inner.cap.get();
             last_update = now;
             let target = Duration::from_nanos(inner.target_ns.load(Ordering::Acquire));
             let setpoint = target.as_secs_f64() * cfg.setpoint_fraction;
             let lag = meter.measure(source, now);
-            // Alone (the backup failed): nothing to keep in step with, full speed.
+            // Alone (the backup failed): nothing to keep in step with, full speed — up to
+            // the bound set from outside (a join's auto-converge).
             let share = if source.replicating() {
                 pi.update(setpoint, lag.predicted.as_secs_f64(), dt.as_secs_f64())
             } else {
                 1.0
-            };
+            }
+            .min(cap);
             // Writes to cgroupfs only when the quota would move by a visible amount.
             let changed = (share - applied).abs() > 0.005 || (share >= 1.0) != (applied >= 1.0);
             let mut failed = false;
@@ -636,6 +731,10 @@ fn control_loop(
                     }
                 }
             }
+            inner
+                .cap
+                .applied_bits
+                .store(applied.to_bits(), Ordering::Release);
             let mut s = inner.status.lock().unwrap_or_else(|e| e.into_inner());
             if s.share < 1.0 {
                 s.throttled += dt;
@@ -678,6 +777,10 @@ fn control_loop(
     if let Err(e) = actuator.set_share(1.0) {
         tracing::warn!(target: "ftvm::throttle", error = %error_text(&e), "cannot restore full share");
     }
+    inner
+        .cap
+        .applied_bits
+        .store(1.0f64.to_bits(), Ordering::Release);
     let mut s = inner.status.lock().unwrap_or_else(|e| e.into_inner());
     s.share = 1.0;
 }

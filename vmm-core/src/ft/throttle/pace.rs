@@ -56,6 +56,15 @@ impl Default for Pacer {
     }
 }
 
+/// A share as the actuators take it: clamped to `[0.001, 1]`, 1 when not finite.
+pub(crate) fn clamp_share(share: f64) -> f64 {
+    if share.is_finite() {
+        share.clamp(1e-3, 1.0)
+    } else {
+        1.0
+    }
+}
+
 /// CPU time of the calling thread.
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -82,12 +91,8 @@ impl Pacer {
 
     /// Sets the share (clamped to `(0, 1]`).
     pub fn set_share(&self, share: f64) {
-        let share = if share.is_finite() {
-            share.clamp(1e-3, 1.0)
-        } else {
-            1.0
-        };
-        self.share_bits.store(share.to_bits(), Ordering::Relaxed);
+        self.share_bits
+            .store(clamp_share(share).to_bits(), Ordering::Relaxed);
     }
 
     /// Sleeps taken so far and their total length.

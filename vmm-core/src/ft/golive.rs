@@ -256,6 +256,11 @@ impl FtConfig {
             on_transition: None,
         }
     }
+
+    /// Reports `t` to [`FtConfig::on_transition`], if set.
+    fn emit(&self, t: Transition) {
+        emit(self.on_transition.as_ref(), t);
+    }
 }
 
 /// How long each step of going live (backup) or alone (primary) took.
@@ -785,14 +790,11 @@ impl Monitor {
             %winner,
             "this primary lost the take-over: no output is released any more; stopping"
         );
-        emit(
-            self.cfg.on_transition.as_ref(),
-            Transition::LostTakeOver {
-                role: Role::Primary,
-                generation,
-                winner: winner.clone(),
-            },
-        );
+        self.cfg.emit(Transition::LostTakeOver {
+            role: Role::Primary,
+            generation,
+            winner: winner.clone(),
+        });
         *self
             .shared
             .superseded
@@ -825,12 +827,9 @@ impl Monitor {
                     "the backup left the pair: taking over the next generation before going \
                      alone (outputs no longer wait for it)"
                 );
-                emit(
-                    self.cfg.on_transition.as_ref(),
-                    Transition::BackupLeft {
-                        goodbye: goodbye.clone(),
-                    },
-                );
+                self.cfg.emit(Transition::BackupLeft {
+                    goodbye: goodbye.clone(),
+                });
             }
             _ => tracing::warn!(
                 ?gone,
@@ -877,7 +876,7 @@ impl Monitor {
                     total: t_drained - t_failed + detection,
                 };
                 tracing::info!(?timings, "primary goes on alone");
-                emit(self.cfg.on_transition.as_ref(), Transition::Alone(timings));
+                self.cfg.emit(Transition::Alone(timings));
                 self.writer.observer().set_role(SideRole::Alone, generation);
                 *self.shared.alone.lock().unwrap_or_else(|e| e.into_inner()) = Some(timings);
             }
@@ -993,14 +992,11 @@ impl BackupGoLive {
             %winner,
             "the backup lost the take-over: it does not go live"
         );
-        emit(
-            self.cfg.on_transition.as_ref(),
-            Transition::LostTakeOver {
-                role: Role::Backup,
-                generation,
-                winner: winner.clone(),
-            },
-        );
+        self.cfg.emit(Transition::LostTakeOver {
+            role: Role::Backup,
+            generation,
+            winner: winner.clone(),
+        });
         self.failure = Some(PairError::Superseded { generation, winner });
         false
     }
@@ -1183,7 +1179,7 @@ impl BackupGoLive {
             total: t_live.saturating_duration_since(first_sign),
         };
         tracing::info!(?timings, "the backup is live");
-        emit(self.cfg.on_transition.as_ref(), Transition::Live(timings));
+        self.cfg.emit(Transition::Live(timings));
         if self.cfg.join.is_some() {
             // Out of the replay's run at the next exit: it becomes a lone primary that
             // accepts joins (`live_as_primary`) at once rather than at the next checkpoint.

@@ -286,8 +286,8 @@ pub fn device_name(addr: u64) -> &'static str {
 /// Writes `v`'s bytes at the start of `p` (an encoder's buffer is exactly the entry's length:
 /// a shorter one is a bug of the caller).
 fn put_struct<T: IntoBytes + zerocopy::Immutable>(p: &mut [u8], v: &T) {
-    let n = size_of::<T>();
-    p[..n].copy_from_slice(v.as_bytes());
+    v.write_to_prefix(p)
+        .expect("an entry's buffer holds at least its wire struct");
 }
 
 /// Reads a `T` that must fill `p` exactly.

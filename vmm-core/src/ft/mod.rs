@@ -58,6 +58,28 @@ pub mod stop;
 pub mod throttle;
 pub mod transition;
 
+/// A logging link over TCP on loopback, for the unit tests of this module: the primary's
+/// sender and the backup's receiver, each over a 64 KiB log buffer, pollers set up with `pc`.
+#[cfg(test)]
+pub(crate) fn tcp_log_link(
+    pc: ftvm_channel::PollerConfig,
+) -> (ftvm_channel::LogSender, ftvm_channel::LogReceiver) {
+    use ftvm_channel::tcp::{TcpMode, TcpTransport};
+    use ftvm_channel::{Config, LogReceiver, LogSender};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let backup = std::thread::spawn(move || {
+        let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
+        let t = TcpTransport::accept(&listener, TcpMode::Blocking).expect("accept");
+        LogReceiver::start(p, c, Box::new(t), Config::default(), pc).expect("receiver")
+    });
+    let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
+    let t = TcpTransport::connect(addr, TcpMode::Blocking, std::time::Duration::from_secs(10))
+        .expect("connect");
+    let sender = LogSender::start(p, c, Box::new(t), Config::default(), pc).expect("sender");
+    (sender, backup.join().expect("backup thread"))
+}
+
 pub use arbiter::{
     acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, FileArbiter, RetryPolicy,
 };

@@ -650,25 +650,11 @@ mod tests {
     /// released by the acknowledgements on the sender's poller thread, in order, never early.
     #[test]
     fn acknowledgements_release_outputs_on_the_poller_thread() {
-        use ftvm_channel::poller::{LogReceiver, LogSender, PollerConfig};
-        use ftvm_channel::reliable::Config;
-        use ftvm_channel::tcp::{TcpMode, TcpTransport};
         const N: u8 = 50;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (mut sender, mut rx) = super::super::tcp_log_link(Default::default());
         let done = Arc::new(AtomicBool::new(false));
         let d = done.clone();
         let backup = std::thread::spawn(move || {
-            let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).unwrap();
-            let t = TcpTransport::accept(&listener, TcpMode::Blocking).unwrap();
-            let mut rx = LogReceiver::start(
-                p,
-                c,
-                Box::new(t),
-                Config::default(),
-                PollerConfig::default(),
-            )
-            .unwrap();
             let mut got = 0;
             while !d.load(Ordering::Acquire) {
                 got += rx.poll_records(|_| {}).unwrap_or(0);
@@ -676,16 +662,6 @@ mod tests {
             }
             got
         });
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).unwrap();
-        let t = TcpTransport::connect(addr, TcpMode::Blocking, Duration::from_secs(10)).unwrap();
-        let mut sender = LogSender::start(
-            p,
-            c,
-            Box::new(t),
-            Config::default(),
-            PollerConfig::default(),
-        )
-        .unwrap();
         let position = Arc::new(AtomicU64::new(0));
         let gate = OutputGate::start(sender.shared().clone(), position.clone()).unwrap();
         assert!(gate.hook_into(sender.handle()));

@@ -1240,37 +1240,20 @@ impl Drop for Lent {
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
     use std::sync::mpsc;
 
-    use ftvm_channel::tcp::{TcpMode, TcpTransport};
-    use ftvm_channel::{Config, GoodbyeReason, LogReceiver, PollerConfig};
+    use ftvm_channel::{GoodbyeReason, LogReceiver, PollerConfig};
 
     use super::*;
     use crate::bus::EventSignal;
     use crate::devices::virtio::net::{Net, TxMode};
 
-    fn pc() -> PollerConfig {
-        PollerConfig {
-            core: None,
-            idle: IdleKind::Park,
-        }
-    }
-
     /// A writer over a real TCP link to a receiver (returned with it).
     fn linked_writer() -> (LogWriter, LogReceiver) {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let backup = std::thread::spawn(move || {
-            let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
-            let t = TcpTransport::accept(&listener, TcpMode::Blocking).expect("accept");
-            LogReceiver::start(p, c, Box::new(t), Config::default(), pc()).expect("receiver")
+        let (sender, rx) = super::super::tcp_log_link(PollerConfig {
+            core: None,
+            idle: IdleKind::Park,
         });
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
-        let t = TcpTransport::connect(addr, TcpMode::Blocking, Duration::from_secs(5))
-            .expect("connect");
-        let sender = LogSender::start(p, c, Box::new(t), Config::default(), pc()).expect("sender");
-        let rx = backup.join().expect("backup thread");
         (LogWriter::new(sender, IdleKind::Yield), rx)
     }
 

@@ -56,6 +56,14 @@ struct Join {
     mbytes: f64,
     transfer_s: f64,
     pause_ms: f64,
+    /// Pages copied inside the pause.
+    pages_at_cut: f64,
+    /// Where the pause went (ms): state capture, last dirty harvest, copy of the last pages,
+    /// re-gating and the new monitor (the primary's `pause:` breakdown).
+    capture_ms: f64,
+    harvest_ms: f64,
+    copy_ms: f64,
+    rejoin_ms: f64,
     /// The lowest vCPU share auto-converge set (1: none).
     min_share: f64,
 }
@@ -103,6 +111,11 @@ fn parse_join(line: &str) -> Option<Join> {
         mbytes: number_after(line, "rounds, ")?,
         transfer_s: number_after(line, " MB in ")?,
         pause_ms: number_after(line, "pause ")?,
+        pages_at_cut: number_after(line, "(")?,
+        capture_ms: number_after(line, "capture ").unwrap_or(f64::NAN),
+        harvest_ms: number_after(line, "harvest ").unwrap_or(f64::NAN),
+        copy_ms: number_after(line, "copy ").unwrap_or(f64::NAN),
+        rejoin_ms: number_after(line, "rejoin ").unwrap_or(f64::NAN),
         min_share: number_after(line, "lowest vCPU share ").unwrap_or(1.0),
     })
 }
@@ -434,13 +447,24 @@ mod tests {
     fn the_primary_s_line_parses() {
         let j = parse_join(
             "primary: REPROTECTED as generation 4: 2 rounds, 101.7 MB in 0.92 s, pause 3.7 ms \
-             (208 pages at the cut, exit 23924, log record 1709; lowest vCPU share 0.25)",
+             (208 pages at the cut, exit 23924, log record 1709; lowest vCPU share 0.25; \
+             pause: capture 0.4 ms, harvest 1.5 ms, copy 1.1 ms, rejoin 0.2 ms)",
         )
         .expect("parses");
         assert_eq!(j.generation, 4);
         assert_eq!(
             (j.rounds, j.mbytes, j.transfer_s, j.pause_ms, j.min_share),
             (2.0, 101.7, 0.92, 3.7, 0.25)
+        );
+        assert_eq!(
+            (
+                j.pages_at_cut,
+                j.capture_ms,
+                j.harvest_ms,
+                j.copy_ms,
+                j.rejoin_ms
+            ),
+            (208.0, 0.4, 1.5, 1.1, 0.2)
         );
     }
 }

@@ -356,6 +356,7 @@ struct CutDone {
     chunks: Vec<Vec<u8>>,
     cut: CutInfo,
     pause: Duration,
+    parts: PauseParts,
     source: Source,
     /// The primary's side of the pair that failed (dropped here, off the vCPU thread).
     _old: PrimaryFt,
@@ -455,10 +456,13 @@ pub(crate) fn cut(
         return Ok(false);
     };
     let t0 = Instant::now();
+    let mut parts = PauseParts::default();
     let last = (|| -> Result<(Vec<Vec<u8>>, u64), JoinError> {
         let state = vm.capture()?;
         let exit = state.exit_index();
+        parts.capture = t0.elapsed();
         req.source.stop_and_copy(state)?;
+        parts.harvest = t0.elapsed() - parts.capture;
         let mut chunks = Vec::new();
         loop {
             match req.source.next_step()? {
@@ -467,6 +471,7 @@ pub(crate) fn cut(
                 Step::Pause => return Err(JoinError::Protocol("pause after the cut")),
             }
         }
+        parts.copy = t0.elapsed() - parts.capture - parts.harvest;
         Ok((chunks, exit))
     })();
     let (chunks, exit) = match last {
@@ -486,12 +491,14 @@ pub(crate) fn cut(
         reply,
         ..
     } = req;
+    let t1 = Instant::now();
     let old = ft.rejoin(
         next,
         (Arc::clone(gate), writer, &*vm),
         opts.on_backup_stop,
         armed,
     )?;
+    parts.rejoin = t1.elapsed();
     let header = log.get(vm)?.append(&Entry::Header {
         version: LOG_VERSION,
         digest_interval: opts.digest_interval,
@@ -504,11 +511,12 @@ pub(crate) fn cut(
         "the log header is the first record after the cut"
     );
     let pause = t0.elapsed();
-    tracing::info!(exit, seq, ?pause, "join: cut");
+    tracing::info!(exit, seq, ?pause, ?parts, "join: cut");
     let _ = reply.send(Ok(CutDone {
         chunks,
         cut: CutInfo { seq, exit, memory },
         pause,
+        parts,
         source,
         _old: old,
     }));
@@ -626,6 +634,8 @@ pub struct JoinSummary {
     pub bytes: u64,
     /// How long the guest was paused.
     pub pause: Duration,
+    /// Where the pause went.
+    pub parts: PauseParts,
     /// From the JOIN to the paired logging channel.
     pub duration: Duration,
     /// Pages sent in the stop-and-copy.
@@ -636,6 +646,21 @@ pub struct JoinSummary {
     pub cut_seq: u64,
     /// The lowest CPU share auto-converge gave the vCPU (1: none needed, or no lever).
     pub min_share: f64,
+}
+
+/// Where a join's pause went, measured on the vCPU thread (the rest of
+/// [`JoinSummary::pause`] is the memory digest of [`JoinRequest::verify_cut`] and the log
+/// header).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PauseParts {
+    /// Capturing the vCPU and device state ([`Vm::capture`]).
+    pub capture: Duration,
+    /// The last dirty-page harvest ([`Source::stop_and_copy`]).
+    pub harvest: Duration,
+    /// Copying the last pages and blocks out of guest memory, and ending dirty tracking.
+    pub copy: Duration,
+    /// Gating outputs again and starting the new pair's monitor (`PrimaryFt::rejoin`).
+    pub rejoin: Duration,
 }
 
 /// Handler of [`JoinEvent`]s.
@@ -926,6 +951,7 @@ impl Primary {
             rounds: rounds.iter().filter(|r| !r.final_round).count() as u32,
             bytes: sent + cut_bytes,
             pause: done.pause,
+            parts: done.parts,
             duration: t0.elapsed(),
             final_pages,
             cut_exit: done.cut.exit,

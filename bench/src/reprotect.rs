@@ -27,15 +27,25 @@ use serde::Serialize;
 use crate::report::{self, Panel, Series};
 use crate::Opts;
 
+/// The transports measured by default (xdp with the `xdp` feature: the ftvm binary must be
+/// built with it too).
+fn transports() -> Vec<String> {
+    let mut t = vec!["tcp", "tcp-spin", "uring", "shm"];
+    if cfg!(feature = "xdp") {
+        t.push("xdp");
+    }
+    t.into_iter().map(String::from).collect()
+}
+
 /// Options of `ftvm-bench reprotect`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Joins to measure [default: 10, 3 with --quick].
     #[arg(long, value_parser = clap::value_parser!(usize))]
     pub runs: Option<usize>,
-    /// The pair's log transports, one pair each (tcp, tcp-spin: the join's connection carries
-    /// the log).
-    #[arg(long, value_delimiter = ',', default_value = "tcp,tcp-spin,uring")]
+    /// The pair's log transports, one pair each (tcp, tcp-spin, uring: the join's connection
+    /// carries the log; shm, xdp: a link of its own, opened after the transfer).
+    #[arg(long, value_delimiter = ',', default_values_t = transports())]
     pub transport: Vec<String>,
     /// Client load threads (besides the latency probe).
     #[arg(long, default_value_t = 4)]
@@ -376,6 +386,10 @@ fn measure(args: &Args, (transport, guest): (&str, &str), runs: usize) -> anyhow
     let mut cfg = ScenarioConfig::new(crate::ft::ftvm_binary()?, "bench-rp");
     cfg.transport = transport.to_string();
     cfg.log = "info".into();
+    // What is measured is the join, not failure detection: a detector that a busy host starves
+    // for 200 ms would let the backup take over before the benchmark kills it (seen with the
+    // stream guest while builds ran).
+    cfg.fail_timeout_ms = Some(1000);
     match guest {
         "kv" => {}
         "stream" => {

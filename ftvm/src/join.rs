@@ -11,16 +11,20 @@
 //! ```
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use ftvm_channel::shm::ShmTransport;
 use ftvm_channel::tcp::TcpMode;
-use ftvm_channel::{Config, LogReceiver, PollerConfig};
+use ftvm_channel::{
+    Config, LogReceiver, PollerConfig, Transport as ChannelTransport, TransportError,
+};
 use ftvm_vmm_core::ft::golive::FtConfig;
 use ftvm_vmm_core::ft::join::{
     join, JoinAcceptor, JoinError, JoinEvent, JoinLink, JoinOptions, JoinPoint, JoinRequest,
-    JoinSummary, RefuseReason, JOIN_VERSION,
+    JoinSummary, OwnLink, RefuseReason, JOIN_VERSION,
 };
 use ftvm_vmm_core::ft::{Arbiter, Role};
 use ftvm_vmm_core::transfer::TransferHandle;
@@ -42,17 +46,63 @@ fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("no address for {addr}"))
 }
 
-/// The logging channel over the join connection: tcp, tcp-spin or uring.
-fn link(t: Transport) -> anyhow::Result<JoinLink> {
-    match t {
-        Transport::Tcp => Ok(JoinLink::Tcp(TcpMode::Blocking)),
-        Transport::TcpSpin => Ok(JoinLink::Tcp(TcpMode::Spin)),
-        Transport::Uring => Ok(JoinLink::Uring),
-        other => anyhow::bail!(
-            "re-protection runs the logging channel over the join's TCP connection: \
-             --transport {} is not supported with --accept-join/--join (use tcp, tcp-spin or uring)",
-            other.name()
-        ),
+/// Which end of a join this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JoinSide {
+    /// The side that accepts joins (`--accept-join`).
+    Primary,
+    /// `ftvm backup --join`.
+    Joiner,
+}
+
+/// The logging channel of a joined pair on `side`: over the join connection (tcp,
+/// tcp-spin, uring) or a link of its own (shm, xdp: [`OwnLink`] below).
+fn link(s: &CommonConfig, side: JoinSide) -> anyhow::Result<JoinLink> {
+    Ok(match s.transport {
+        Transport::Tcp => JoinLink::Tcp(TcpMode::Blocking),
+        Transport::TcpSpin => JoinLink::Tcp(TcpMode::Spin),
+        Transport::Uring => JoinLink::Uring,
+        Transport::Shm => JoinLink::Own(Arc::new(ShmJoinLink {
+            prefix: PathBuf::from(s.peer().context("--transport shm with joins")?),
+            side,
+        })),
+        Transport::Xdp => JoinLink::Own(Arc::new(XdpJoinLink {
+            interface: s.peer().context("--transport xdp with joins")?.to_string(),
+        })),
+    })
+}
+
+/// `shm` for a joined pair: rings under `<--peer>.g<generation>` (a per-generation name: the
+/// rings a killed backup left under the pair's own prefix are never attached to). The joiner
+/// creates them (as a backup does), the primary opens them.
+#[derive(Debug)]
+struct ShmJoinLink {
+    prefix: PathBuf,
+    side: JoinSide,
+}
+
+impl OwnLink for ShmJoinLink {
+    fn open(&self, generation: u64) -> Result<Box<dyn ChannelTransport>, TransportError> {
+        let mut prefix = self.prefix.clone().into_os_string();
+        prefix.push(format!(".g{generation}"));
+        let prefix = PathBuf::from(prefix);
+        Ok(match self.side {
+            JoinSide::Joiner => Box::new(ShmTransport::create(&prefix, crate::pair::SHM_CAPACITY)?),
+            JoinSide::Primary => Box::new(ShmTransport::open(&prefix, Duration::from_secs(10))?),
+        })
+    }
+}
+
+/// `xdp` for a joined pair: each side opens AF_XDP on its own interface (`--peer`), as at a
+/// pair's start (the channel's handshake pairs them).
+#[derive(Debug)]
+struct XdpJoinLink {
+    interface: String,
+}
+
+impl OwnLink for XdpJoinLink {
+    fn open(&self, _generation: u64) -> Result<Box<dyn ChannelTransport>, TransportError> {
+        crate::pair::open_xdp(&self.interface)
     }
 }
 
@@ -135,7 +185,7 @@ fn print_event(joins: &Joins, e: &JoinEvent) {
 /// logging channel's parameters `channel`. `None` without `--accept-join`.
 ///
 /// # Errors
-/// The address cannot be bound, a transport other than tcp/tcp-spin, no arbiter.
+/// The address cannot be bound, no arbiter, shm/xdp without `--peer`.
 pub fn accept(
     s: &CommonConfig,
     ft: Option<&FtConfig>,
@@ -147,7 +197,7 @@ pub fn accept(
     };
     let ft = ft.context("--accept-join needs --arbiter")?;
     let mut opts = JoinOptions::new(channel, s.log_capacity.0);
-    opts.link = link(s.transport)?;
+    opts.link = link(s, JoinSide::Primary)?;
     opts.copy_disk = !s.shared_disk;
     opts.convergence = ftvm_vmm_core::transfer::Convergence::for_link(
         1e9,
@@ -207,7 +257,7 @@ pub fn joins_json(joins: Option<&Joins>) -> serde_json::Value {
 pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()> {
     let s = &bc.common;
     let peer = bc.join.as_deref().context("--join")?;
-    let link = link(s.transport)?;
+    let link = link(s, JoinSide::Joiner)?;
     let mut failover = s.failover(Role::Backup).context("--join needs --arbiter")?;
     // The generation comes from the primary (checked on the arbiter below), not from
     // --generation: no stale-generation check at the start.
@@ -235,7 +285,7 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
     // may lose it: refused as "not alone", the join is tried again for a while.
     let deadline = std::time::Instant::now() + JOIN_PATIENCE;
     let joined = loop {
-        let r = join(primary, &req, &backends, |r| {
+        let r = join(primary, &req, (&backends, &link), |r| {
             eprintln!(
                 "backup: join: {:.1} MB of memory, {:.1} MB of disk received",
                 mb(r.pages * 4096),
@@ -300,7 +350,7 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
         start_seq: joined.cut.seq,
         ..Config::default()
     };
-    let t = link.transport(joined.stream)?;
+    let t = joined.transport;
     let poller = PollerConfig {
         core: None,
         idle: s.poll_idle.into(),

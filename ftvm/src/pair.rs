@@ -122,7 +122,7 @@ fn refused_or(who: &str, e: TransportError) -> anyhow::Error {
     anyhow::Error::new(e)
 }
 
-const SHM_CAPACITY: usize = 1 << 22;
+pub(crate) const SHM_CAPACITY: usize = 1 << 22;
 
 /// Where the backup waits for its primary: the logging port (tcp, tcp-spin, uring: every
 /// connection is a candidate, strays are dropped and the port keeps listening), or the one
@@ -173,19 +173,28 @@ fn backup_incoming(s: &CommonConfig) -> anyhow::Result<Box<dyn Incoming>> {
 
 /// AF_XDP: `--peer` names this side's interface (a veth end or a NIC facing the peer); the
 /// channel handshake then pairs the two sides as over any other transport.
-#[cfg(feature = "xdp")]
 fn xdp_transport(s: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {
-    use ftvm_channel::xdp::{XdpConfig, XdpTransport};
     let peer = s.peer()?;
-    let t = XdpTransport::open(&XdpConfig::new(peer))
-        .with_context(|| format!("cannot open AF_XDP on {peer}"))?;
-    eprintln!("AF_XDP on {peer} ({})", t.mode());
+    open_xdp(peer).with_context(|| format!("cannot open AF_XDP on {peer}"))
+}
+
+/// AF_XDP on `interface` (also a joined pair's link, `join.rs`).
+#[cfg(feature = "xdp")]
+pub(crate) fn open_xdp(interface: &str) -> Result<Box<dyn Transport>, TransportError> {
+    use ftvm_channel::xdp::{XdpConfig, XdpTransport};
+    let t = XdpTransport::open(&XdpConfig::new(interface))?;
+    eprintln!("AF_XDP on {interface} ({})", t.mode());
     Ok(Box::new(t))
 }
 
+/// Without the `xdp` feature: a setup error that says how to build it.
 #[cfg(not(feature = "xdp"))]
-fn xdp_transport(_: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {
-    anyhow::bail!("--transport xdp: this ftvm was built without the `xdp` feature (cargo build --release -p ftvm --features xdp)")
+pub(crate) fn open_xdp(_: &str) -> Result<Box<dyn Transport>, TransportError> {
+    Err(TransportError::Setup {
+        what: "--transport xdp: this ftvm was built without the `xdp` feature (cargo build \
+               --release -p ftvm --features xdp)"
+            .into(),
+    })
 }
 
 fn primary_transport(s: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {

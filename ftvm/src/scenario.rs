@@ -726,6 +726,13 @@ impl Scenario {
         if self.config.shared_disk {
             args.push("--shared-disk".into());
         }
+        // shm: the joined pair's rings under the pair's prefix; xdp: the backup's veth end
+        // (the joiner replaces the backup).
+        match self.config.transport.as_str() {
+            "shm" => args.extend(["--peer".into(), self.peer.clone()]),
+            "xdp" => args.extend(["--peer".into(), XDP_BACKUP_IF.into()]),
+            _ => {}
+        }
         args.extend_from_slice(extra);
         self.spawn_ftvm(Some(Side::Backup), &args)
     }
@@ -844,11 +851,21 @@ impl Drop for Scenario {
         self.primary.take();
         self.backup.take();
         self.etcd.clear();
+        // The pair's rings, and those of joined pairs (`<prefix>.g<generation>.*`), which a
+        // SIGKILLed side leaves behind.
         if let Some(p) = &self.shm {
-            for ext in ["a2b", "b2a", "bell"] {
-                let mut f = p.as_os_str().to_owned();
-                f.push(format!(".{ext}"));
-                let _ = std::fs::remove_file(PathBuf::from(f));
+            let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
+                return;
+            };
+            let name = name.to_string_lossy();
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let f = e.file_name();
+                let f = f.to_string_lossy();
+                if f.strip_prefix(&*name)
+                    .is_some_and(|rest| rest.starts_with('.'))
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
     }

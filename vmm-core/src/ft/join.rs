@@ -102,8 +102,18 @@
 //! transfer (no FIN, no RST) fails the join on the primary within that time, and the next
 //! join can be served.
 //!
-//! What is not (yet) done: the joiner does not check the digest of a shared disk image; the
-//! join link is TCP (tcp, tcp-spin, uring), not shm or xdp.
+//! # Transports
+//! The join itself (JOIN … READY: the pre-copy stream, the cut) always runs over its TCP
+//! connection; the new pair's logging channel then runs over that connection (`tcp`,
+//! `tcp-spin`, `uring`: [`JoinLink::Tcp`], [`JoinLink::Uring`]) or over a link of its own
+//! (`shm`, `xdp`: [`JoinLink::Own`]), opened per generation: the joiner creates its end before
+//! READY, the primary attaches after it. Why not the pre-copy over shm/xdp too: it is a bulk,
+//! flow-controlled stream of ~100 MB, which TCP carries at ~1–3 GB/s here; the shm and AF_XDP
+//! transports are built for small latency-bound frames (a reliable-delivery layer over 4 KiB
+//! frames for AF_XDP), and the pause, the figure that matters, does not depend on the pre-copy's
+//! bandwidth once it converged.
+//!
+//! What is not (yet) done: the joiner does not check the digest of a shared disk image.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -523,30 +533,54 @@ pub(crate) fn cut(
     Ok(true)
 }
 
-/// The transport the logging channel uses over a join's TCP connection, on both sides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A logging link of its own (shared-memory rings, an AF_XDP socket): not the join's TCP
+/// connection. Each side opens its end for the new pair once the transfer is over: the joiner
+/// *before* it sends READY (it creates what the primary attaches to, as a backup does at its
+/// start), the primary right after READY.
+pub trait OwnLink: Send + Sync + std::fmt::Debug {
+    /// This side's end of the link for the pair of `generation` (a per-generation name, so
+    /// that what a failed backup left behind is never attached to).
+    ///
+    /// # Errors
+    /// The transport's setup error.
+    fn open(&self, generation: u64) -> Result<Box<dyn ftvm_channel::Transport>, TransportError>;
+}
+
+/// The transport the logging channel of a joined pair uses, on both sides: over the join's
+/// TCP connection, or a link of its own.
+#[derive(Debug, Clone)]
 pub enum JoinLink {
     /// `tcp` (blocking) or `tcp-spin`.
     Tcp(TcpMode),
     /// `uring`: io_uring over the same connection.
     Uring,
+    /// `shm`, `xdp`: a link of its own; the join's connection closes after READY.
+    Own(Arc<dyn OwnLink>),
 }
 
 impl JoinLink {
-    /// The transport over `stream`.
+    /// The transport of the pair of `generation`, over `stream` or its own.
     ///
     /// # Errors
     /// The transport's setup error.
     pub fn transport(
-        self,
-        stream: TcpStream,
+        &self,
+        stream: &TcpStream,
+        generation: u64,
     ) -> Result<Box<dyn ftvm_channel::Transport>, TransportError> {
+        let stream = || {
+            stream.try_clone().map_err(|source| TransportError::Io {
+                op: "clone the join connection",
+                source,
+            })
+        };
         Ok(match self {
-            JoinLink::Tcp(mode) => Box::new(TcpTransport::from_stream(stream, mode)?),
+            JoinLink::Tcp(mode) => Box::new(TcpTransport::from_stream(stream()?, *mode)?),
             JoinLink::Uring => Box::new(ftvm_channel::uring::UringTransport::from_stream(
-                stream,
+                stream()?,
                 ftvm_channel::uring::UringConfig::default(),
             )?),
+            JoinLink::Own(link) => link.open(generation)?,
         })
     }
 }
@@ -929,10 +963,7 @@ impl Primary {
         send_value(stream, msg::CUT, &done.cut)?;
         let paired = (|| -> Result<(), JoinError> {
             expect(stream, msg::READY)?;
-            let t = self
-                .opts
-                .link
-                .transport(stream.try_clone().map_err(io("clone the connection"))?)?;
+            let t = self.opts.link.transport(stream, generation)?;
             let cfg = ftvm_channel::Config {
                 generation,
                 settings: Vec::new(),
@@ -1045,7 +1076,6 @@ fn estimate_pause(r: &RoundStats, sent: u64, elapsed: Duration) -> Duration {
 // ---------------------------------------------------------------------------------------------
 
 /// What the joining side received: its VM at the cut, and how to pair.
-#[derive(Debug)]
 pub struct Joined {
     /// The VM, at exit [`CutInfo::exit`].
     pub vm: Vm,
@@ -1053,13 +1083,26 @@ pub struct Joined {
     pub accept: JoinAccept,
     /// Where the replay starts.
     pub cut: CutInfo,
-    /// The connection, READY sent: the logging channel runs over it next
-    /// (`ftvm_channel::Config::start_seq` = [`CutInfo::seq`]).
-    pub stream: TcpStream,
+    /// The logging channel's transport, READY sent (over the join's connection, or a link of
+    /// its own): the receiver starts over it with `ftvm_channel::Config::start_seq` =
+    /// [`CutInfo::seq`].
+    pub transport: Box<dyn ftvm_channel::Transport>,
     /// Pages and disk bytes received.
     pub received: (u64, u64),
     /// From connecting to READY.
     pub elapsed: Duration,
+}
+
+impl std::fmt::Debug for Joined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joined")
+            .field("vm", &self.vm)
+            .field("accept", &self.accept)
+            .field("cut", &self.cut)
+            .field("received", &self.received)
+            .field("elapsed", &self.elapsed)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the joining side reports as it receives.
@@ -1072,8 +1115,8 @@ pub struct Received {
 }
 
 /// Joins the primary at `primary`: sends `req`, builds the VM from the transfer with
-/// `backends` (disk path, console; its net device has no backend while it replays), and sends
-/// READY once the VM holds the state at the cut. `progress` is called about every 16 MiB.
+/// `backends` (disk path, console; its net device has no backend while it replays), opens the
+/// logging channel's `link` and sends READY once the VM holds the state at the cut. `progress` is called about every 16 MiB.
 ///
 /// # Errors
 /// [`JoinError`]: refused, connection lost (nothing is left behind but the disk image being
@@ -1081,7 +1124,7 @@ pub struct Received {
 pub fn join(
     primary: SocketAddr,
     req: &JoinRequest,
-    backends: &VmConfig,
+    (backends, link): (&VmConfig, &JoinLink),
     mut progress: impl FnMut(Received),
 ) -> Result<Joined, JoinError> {
     let t0 = Instant::now();
@@ -1126,14 +1169,23 @@ pub fn join(
             return Err(JoinError::Digest { primary, joiner });
         }
     }
+    // A link of its own is opened (created) before READY: the primary attaches to it next.
+    let own = match link {
+        JoinLink::Own(l) => Some(l.open(accept.generation)?),
+        _ => None,
+    };
     send(&mut stream, msg::READY, &[])?;
     stream.set_read_timeout(None).map_err(io("configure"))?;
     stream.set_write_timeout(None).map_err(io("configure"))?;
+    let transport = match own {
+        Some(t) => t,
+        None => link.transport(&stream, accept.generation)?,
+    };
     Ok(Joined {
         vm,
         accept,
         cut,
-        stream,
+        transport,
         received,
         elapsed: t0.elapsed(),
     })

@@ -704,8 +704,6 @@ impl Scenario {
             "backup".into(),
             "--join".into(),
             format!("127.0.0.1:{join_port}"),
-            "--disk".into(),
-            disk.display().to_string(),
             "--net".into(),
             format!("tap:{TAP}"),
             "--transport".into(),
@@ -732,6 +730,10 @@ impl Scenario {
             "shm" => args.extend(["--peer".into(), self.peer.clone()]),
             "xdp" => args.extend(["--peer".into(), XDP_BACKUP_IF.into()]),
             _ => {}
+        }
+        // `--disk` in `extra` names another image (a test of a careless joiner).
+        if !extra.iter().any(|a| a == "--disk") {
+            args.extend(["--disk".into(), disk.display().to_string()]);
         }
         args.extend_from_slice(extra);
         self.spawn_ftvm(Some(Side::Backup), &args)

@@ -600,6 +600,47 @@ fn a_join_in_shared_disk_mode_copies_no_disk_and_the_primary_keeps_writing_it() 
     assert_eq!(b["shared_disk"]["writes"].as_u64(), Some(0), "{b}");
 }
 
+/// Shared-disk mode, a careless joiner: it names a copy of the image (taken with its owner
+/// record while the primary ran alone in generation 2) instead of the image. The CUT names the
+/// image the primary owns in generation 3; the joiner finds generation 2 in its copy's record,
+/// refuses to pair and exits; the primary's join fails after the cut, it goes alone again
+/// (generation 4) and serves on; a joiner naming the image then joins (generation 5).
+#[test]
+fn a_joiner_naming_a_copy_of_the_shared_image_refuses_to_pair() {
+    const TEST: &str = "a_joiner_naming_a_copy_of_the_shared_image_refuses_to_pair";
+    let mut c = tcp_config("rp-copy");
+    c.shared_disk = true;
+    let Some((_serial, mut s, mut load)) = lone_primary_under_load(TEST, c, "w") else {
+        return;
+    };
+    let image = s.disk(Side::Primary);
+    let copy = image.with_extension("copy.img");
+    std::fs::copy(&image, &copy).expect("copy the image");
+    std::fs::copy(
+        format!("{}.owner", image.display()),
+        format!("{}.owner", copy.display()),
+    )
+    .expect("copy the owner record");
+    let extra = ["--disk".to_string(), copy.display().to_string()];
+    let mut joiner = s
+        .spawn_joiner("c", (7111, JOIN_PORT), &extra)
+        .expect("joiner");
+    let failed = join_failed(&mut s, Duration::from_secs(45));
+    assert!(failed.contains("after the cut"), "{failed}");
+    assert_join_fails(&mut joiner, "owner record holds generation 2");
+    let primary = s.primary.as_mut().expect("primary");
+    primary
+        .wait_line("generation 4", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("not alone again: {}", primary.stderr_text()));
+    load.mark(Instant::now());
+    common::wait_first_reply(&s, &load, Duration::from_secs(10));
+    common::wait_ops(&s, &load, 200, Duration::from_secs(20));
+    let (joiner, _) = join(&mut s, ("d", 7112), 5, true);
+    s.backup = Some(joiner);
+    assert_generations(&s, &["primary"; 5]);
+    power_off_as_one(&mut s, &mut load, "d");
+}
+
 /// What a join of the `stream` guest dirtying 24 MiB without pause cost (from the primary's
 /// REPROTECTED line): pre-copy rounds, pages copied at the cut, the lowest vCPU share, the
 /// pause.

@@ -23,11 +23,13 @@
 //!                                                capture, last dirty pages into memory,
 //!                                                log position C = next record, outputs gated
 //!                                                again, log HEADER as record C, resume  ← pause
-//!                                   <─────────   CHUNK × m (last pages, FINAL state), CUT {C, E}
-//!  apply FINAL: VM at exit E
+//!                                   <─────────   CHUNK × m (last pages, FINAL state),
+//!                                                CUT {C, E, shared disk id}
+//!  apply FINAL: VM at exit E; shared disk: the image named is the primary's
 //!  READY                            ─────────>
-//!  log receiver expects record C    <═════════>  log sender reconnected over this connection,
-//!  replay from exit E                            generation g+1: records ≥ C, acks, outputs
+//!  log receiver expects record C    <═════════>  log sender reconnected over this connection
+//!  replay from exit E                            (or a link of its own: shm, xdp),
+//!                                                generation g+1: records ≥ C, acks, outputs
 //! ```
 //!
 //! # The primary's state machine
@@ -113,7 +115,12 @@
 //! frames for AF_XDP), and the pause, the figure that matters, does not depend on the pre-copy's
 //! bandwidth once it converged.
 //!
-//! What is not (yet) done: the joiner does not check the digest of a shared disk image.
+//! # Shared-disk mode
+//! Nothing of the disk is copied; the joiner names the image itself (`--disk`). The CUT
+//! carries the image's identity ([`SharedDiskId`]: its size and the generation its owner record
+//! holds, the new pair's, taken by the primary at the cut), which the joiner checks on the
+//! image it names before READY: a joiner given another image or a copy refuses to pair, and the
+//! primary goes alone again (a failed join after the cut, above).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -139,7 +146,8 @@ use crate::transfer::{
 use crate::vm::{Vm, VmConfig, VmControl, VmError};
 
 /// Version of the join messages (the framing and the JOIN/ACCEPT/CUT bodies).
-pub const JOIN_VERSION: u32 = 1;
+/// Version 2: the CUT names the shared disk ([`CutInfo::shared_disk`]).
+pub const JOIN_VERSION: u32 = 2;
 
 /// Magic of every join message (distinct from the logging channel's `0xF7C1`).
 const MAGIC: u16 = 0xF7D1;
@@ -222,6 +230,9 @@ pub enum JoinError {
         /// The joiner's.
         joiner: u64,
     },
+    /// Shared-disk mode: the joiner's image is not the primary's ([`SharedDiskId::check`]).
+    #[error("shared disk: {0}")]
+    SharedDisk(String),
 }
 
 fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> JoinError {
@@ -283,6 +294,60 @@ pub struct CutInfo {
     pub exit: u64,
     /// The primary's memory digest at the cut, when asked ([`JoinRequest::verify_cut`]).
     pub memory: Option<u64>,
+    /// Shared-disk mode: the image the joiner must name ([`SharedDiskId`]).
+    pub shared_disk: Option<SharedDiskId>,
+}
+
+/// What identifies a shared disk image to a joiner, sent with the CUT: its size, and the
+/// generation its owner record (`<image>.owner`) holds — the new pair's, which the primary
+/// took at the cut. The joiner checks both on the image it names (`--disk`) before READY and
+/// refuses to pair when they differ: another image, a copy (its owner record is missing or
+/// older) or a resized one would let the backup replay reads of other data than the primary's.
+/// Why not a digest of the contents: the primary writes the image on after the cut, so no
+/// content digest the joiner computes later can match one taken at the cut (only stalling the
+/// guest's writes for a whole read of the image could), while the owner record changes only
+/// when a side takes the disk over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedDiskId {
+    /// The image's size in bytes.
+    pub size: u64,
+    /// The generation in its owner record.
+    pub owner_generation: u64,
+}
+
+impl SharedDiskId {
+    /// Checks that `image` is the disk this identifies.
+    ///
+    /// # Errors
+    /// [`JoinError::SharedDisk`] naming what differs.
+    pub fn check(&self, image: Option<&std::path::Path>) -> Result<(), JoinError> {
+        let bad = |what: String| Err(JoinError::SharedDisk(what));
+        let Some(image) = image else {
+            return bad("the primary runs with a shared disk; name it with --disk".into());
+        };
+        let size = std::fs::metadata(image)
+            .map_err(io("read the shared disk's size"))?
+            .len();
+        if size != self.size {
+            return bad(format!(
+                "{}: {size} bytes, the primary's image has {}",
+                image.display(),
+                self.size
+            ));
+        }
+        let owner = crate::devices::virtio::owner::read_generation(image)
+            .map_err(io("read the shared disk's owner record"))?;
+        if owner != Some(self.owner_generation) {
+            return bad(format!(
+                "{}: its owner record holds generation {}, the primary's image generation {} \
+                 (another image, or a copy)",
+                image.display(),
+                owner.map_or_else(|| "none".into(), |g| g.to_string()),
+                self.owner_generation
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Writes one join message: `magic u16, type u8, 0 u8, len u32`, then the body.
@@ -509,6 +574,11 @@ pub(crate) fn cut(
         armed,
     )?;
     parts.rejoin = t1.elapsed();
+    // After the rejoin, which took the shared disk's owner record for the new generation.
+    let shared_disk = vm.shared_disk().map(|d| SharedDiskId {
+        size: d.size_bytes(),
+        owner_generation: ft.config().generation,
+    });
     let header = log.get(vm)?.append(&Entry::Header {
         version: LOG_VERSION,
         digest_interval: opts.digest_interval,
@@ -524,7 +594,12 @@ pub(crate) fn cut(
     tracing::info!(exit, seq, ?pause, ?parts, "join: cut");
     let _ = reply.send(Ok(CutDone {
         chunks,
-        cut: CutInfo { seq, exit, memory },
+        cut: CutInfo {
+            seq,
+            exit,
+            memory,
+            shared_disk,
+        },
         pause,
         parts,
         source,
@@ -1168,6 +1243,9 @@ pub fn join(
         if joiner != primary {
             return Err(JoinError::Digest { primary, joiner });
         }
+    }
+    if let Some(d) = &cut.shared_disk {
+        d.check(backends.disk.as_deref())?;
     }
     // A link of its own is opened (created) before READY: the primary attaches to it next.
     let own = match link {

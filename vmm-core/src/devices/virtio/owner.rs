@@ -67,6 +67,24 @@ impl Drop for WriteGuard<'_> {
     }
 }
 
+/// The generation in the owner record of `image`, read without creating or locking it
+/// (`None`: no record): how a joining backup checks that it names the primary's image (the
+/// replication code's `SharedDiskId`).
+///
+/// # Errors
+/// Reading the record failed.
+pub fn read_generation(image: &Path) -> std::io::Result<Option<u64>> {
+    match std::fs::read(owner_path(image)) {
+        Ok(b) => Ok(Some(
+            b.get(..RECORD)
+                .and_then(|r| r.try_into().ok())
+                .map_or(0, u64::from_le_bytes),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The path of the owner record of `image`: `<image>.owner`.
 pub fn owner_path(image: &Path) -> PathBuf {
     let mut p = image.as_os_str().to_os_string();

@@ -660,7 +660,9 @@ mod tests {
                 got += rx.poll_records(|_| {}).unwrap_or(0);
                 rx.wait_for_records(Duration::from_millis(1));
             }
-            got
+            // A record is acknowledged once it is in the backup's buffer, maybe not yet
+            // consumed by the loop above.
+            got + rx.poll_records(|_| {}).unwrap_or(0)
         });
         let position = Arc::new(AtomicU64::new(0));
         let gate = OutputGate::start(sender.shared().clone(), position.clone()).unwrap();
@@ -672,10 +674,15 @@ mod tests {
             let name = std::thread::current().name().unwrap_or("").to_string();
             o.lock().unwrap().push((d[0], name));
         }));
+        // Each output is queued before its record exists, so no acknowledgement can precede
+        // it (an output acknowledged before it was queued is the releaser thread's to release:
+        // a descheduled test thread once made that the fate of all 50).
         for i in 0..N {
+            let tag = sender.producer().next_seq();
+            gate.submit(sink, tag, vec![i]);
             let seq = sender.producer().push(1, &[i; 32]).unwrap();
+            assert_eq!(seq, tag);
             position.store(seq, Ordering::Release);
-            gate.submit(sink, seq, vec![i]);
             std::thread::sleep(Duration::from_micros(200));
         }
         assert!(gate.flush(Duration::from_secs(10)), "outputs not released");

@@ -550,12 +550,28 @@ impl LogAppender {
 #[derive(Debug)]
 pub struct ChannelRecorder {
     appender: LogAppender,
+    /// The exit index of the last entry: indices never go back (the backup replays entries in
+    /// log order against its own exit count). Checked with `assert!`: one compare per entry.
+    last_exit: u64,
 }
 
 impl ChannelRecorder {
     /// A recorder appending with `appender`.
     pub fn new(appender: LogAppender) -> Self {
-        ChannelRecorder { appender }
+        ChannelRecorder {
+            appender,
+            last_exit: 0,
+        }
+    }
+
+    /// Notes an entry of exit `exit`.
+    fn at(&mut self, exit: u64) {
+        assert!(
+            exit >= self.last_exit,
+            "exit indices only increase: {exit} after {}",
+            self.last_exit
+        );
+        self.last_exit = exit;
     }
 
     /// The appender, back to the run (the recorder is done).
@@ -566,6 +582,7 @@ impl ChannelRecorder {
 
 impl Recorder for ChannelRecorder {
     fn external_read(&mut self, exit: u64, addr: u64, value: u64) {
+        self.at(exit);
         let r = self
             .appender
             .append_with(KIND_READ, READ_LEN, |p| encode_read(p, exit, addr, value));
@@ -577,6 +594,7 @@ impl Recorder for ChannelRecorder {
     fn output(&mut self, exit: u64, out: &OutputDigest) {
         // Logged before the device tags the output: the digest's position is at most the
         // output's tag, so an output is released only once the backup holds its digest.
+        self.at(exit);
         let r = self
             .appender
             .append_with(KIND_OUTPUT, OUTPUT_LEN, |p| encode_output(p, exit, out));
@@ -590,6 +608,7 @@ impl Recorder for ChannelRecorder {
     }
 
     fn guest_write(&mut self, exit: u64, gpa: u64, data: &[u8]) {
+        self.at(exit);
         let chunk = self.appender.chunk;
         for (i, piece) in data.chunks(chunk).enumerate() {
             let at = gpa + (i * chunk) as u64;

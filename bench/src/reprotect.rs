@@ -69,11 +69,12 @@ struct Join {
     /// Pages copied inside the pause.
     pages_at_cut: f64,
     /// Where the pause went (ms): state capture, last dirty harvest, copy of the last pages,
-    /// re-gating and the new monitor (the primary's `pause:` breakdown).
+    /// re-gating and the new monitor, the log header (the primary's `pause:` breakdown).
     capture_ms: f64,
     harvest_ms: f64,
     copy_ms: f64,
     rejoin_ms: f64,
+    header_ms: f64,
     /// The lowest vCPU share auto-converge set (1: none).
     min_share: f64,
 }
@@ -126,6 +127,7 @@ fn parse_join(line: &str) -> Option<Join> {
         harvest_ms: number_after(line, "harvest ").unwrap_or(f64::NAN),
         copy_ms: number_after(line, "copy ").unwrap_or(f64::NAN),
         rejoin_ms: number_after(line, "rejoin ").unwrap_or(f64::NAN),
+        header_ms: number_after(line, "header ").unwrap_or(f64::NAN),
         min_share: number_after(line, "lowest vCPU share ").unwrap_or(1.0),
     })
 }
@@ -462,7 +464,7 @@ mod tests {
         let j = parse_join(
             "primary: REPROTECTED as generation 4: 2 rounds, 101.7 MB in 0.92 s, pause 3.7 ms \
              (208 pages at the cut, exit 23924, log record 1709; lowest vCPU share 0.25; \
-             pause: capture 0.4 ms, harvest 1.5 ms, copy 1.1 ms, rejoin 0.2 ms)",
+             pause: capture 0.4 ms, harvest 1.5 ms, copy 1.1 ms, rejoin 0.2 ms, header 0.1 ms)",
         )
         .expect("parses");
         assert_eq!(j.generation, 4);
@@ -476,9 +478,10 @@ mod tests {
                 j.capture_ms,
                 j.harvest_ms,
                 j.copy_ms,
-                j.rejoin_ms
+                j.rejoin_ms,
+                j.header_ms
             ),
-            (208.0, 0.4, 1.5, 1.1, 0.2)
+            (208.0, 0.4, 1.5, 1.1, 0.2, 0.1)
         );
     }
 }

@@ -6,7 +6,7 @@
 //! ```text
 //! primary: join from joiner (127.0.0.1:41234): generation 3
 //! primary: join round 0: 16384 pages (64.0 MB) in 212 ms, 301 MB/s; 310 pages dirtied (1462/s), estimated pause 4.2 ms; 64.0 MB sent; vCPU share 1.00
-//! primary: REPROTECTED as generation 3: 2 rounds, 65.3 MB in 0.41 s, pause 2.1 ms (310 pages at the cut, exit 81234, log record 1801; lowest vCPU share 1.00; pause: capture 0.3 ms, harvest 0.4 ms, copy 1.2 ms, rejoin 0.1 ms)
+//! primary: REPROTECTED as generation 3: 2 rounds, 65.3 MB in 0.41 s, pause 2.1 ms (310 pages at the cut, exit 81234, log record 1801; lowest vCPU share 1.00; pause: capture 0.3 ms, harvest 0.4 ms, copy 1.2 ms, rejoin 0.1 ms, header 0.0 ms)
 //! backup: joined the primary at 127.0.0.1:7100 as generation 3: 64.0 MB in 0.43 s, replaying from exit 81234
 //! ```
 
@@ -147,7 +147,7 @@ fn print_event(joins: &Joins, e: &JoinEvent) {
         ),
         JoinEvent::Done(s) => {
             eprintln!(
-                "primary: REPROTECTED as generation {}: {} rounds, {:.1} MB in {:.2} s, pause {:.1} ms ({} pages at the cut, exit {}, log record {}; lowest vCPU share {:.2}; pause: capture {:.1} ms, harvest {:.1} ms, copy {:.1} ms, rejoin {:.1} ms)",
+                "primary: REPROTECTED as generation {}: {} rounds, {:.1} MB in {:.2} s, pause {:.1} ms ({} pages at the cut, exit {}, log record {}; lowest vCPU share {:.2}; pause: capture {:.1} ms, harvest {:.1} ms, copy {:.1} ms, rejoin {:.1} ms, header {:.1} ms)",
                 s.generation,
                 s.rounds,
                 mb(s.bytes),
@@ -161,6 +161,7 @@ fn print_event(joins: &Joins, e: &JoinEvent) {
                 ms(s.parts.harvest),
                 ms(s.parts.copy),
                 ms(s.parts.rejoin),
+                ms(s.parts.header),
             );
             joins.lock().unwrap_or_else(|e| e.into_inner()).push(*s);
         }

@@ -579,6 +579,7 @@ pub(crate) fn cut(
         size: d.size_bytes(),
         owner_generation: ft.config().generation,
     });
+    let t2 = Instant::now();
     let header = log.get(vm)?.append(&Entry::Header {
         version: LOG_VERSION,
         digest_interval: opts.digest_interval,
@@ -590,6 +591,7 @@ pub(crate) fn cut(
         header, seq,
         "the log header is the first record after the cut"
     );
+    parts.header = t2.elapsed();
     let pause = t0.elapsed();
     tracing::info!(exit, seq, ?pause, ?parts, "join: cut");
     let _ = reply.send(Ok(CutDone {
@@ -758,8 +760,7 @@ pub struct JoinSummary {
 }
 
 /// Where a join's pause went, measured on the vCPU thread (the rest of
-/// [`JoinSummary::pause`] is the memory digest of [`JoinRequest::verify_cut`] and the log
-/// header).
+/// [`JoinSummary::pause`] is the memory digest of [`JoinRequest::verify_cut`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct PauseParts {
     /// Capturing the vCPU and device state ([`Vm::capture`]).
@@ -770,6 +771,8 @@ pub struct PauseParts {
     pub copy: Duration,
     /// Gating outputs again and starting the new pair's monitor (`PrimaryFt::rejoin`).
     pub rejoin: Duration,
+    /// Appending the new pair's log header (waits while the log buffer is full).
+    pub header: Duration,
 }
 
 /// Handler of [`JoinEvent`]s.

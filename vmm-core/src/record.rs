@@ -715,6 +715,77 @@ mod tests {
         assert!(vm.stats().interrupts >= 1, "KVM_RUN was not interrupted");
     }
 
+    /// The log ends before the guest's ENTROPY read (exit 1): the exit handler does not decide,
+    /// the run returns with that read pending ([`RunOutcome::ReplayExhausted`], nothing counted,
+    /// no state can be captured), and the driver's next run — with live inputs — answers it at
+    /// the same exit index: the guest computes with the replayed clock and the live entropy, and
+    /// makes exactly the exits of a plain run.
+    #[test]
+    fn a_read_the_replay_lacks_stays_pending_and_the_next_run_answers_it_live() {
+        crate::require_kvm!(
+            "a_read_the_replay_lacks_stays_pending_and_the_next_run_answers_it_live"
+        );
+        let elf = nondeterministic_guest();
+        let cfg = VmConfig {
+            mem_size: 4 << 20,
+            ..Default::default()
+        };
+        let rec = MemRecorder::default();
+        let mut vm = Vm::new(&cfg, &elf).unwrap();
+        vm.set_inputs(Inputs::Live(Box::new(rec.clone())));
+        assert!(matches!(vm.run().unwrap(), RunOutcome::PoweredOff(_)));
+        let plain = vm.stats().total();
+        let log = rec.log.lock().unwrap().clone();
+        let Some(Event::Read { value: clock, .. }) = log.first().cloned() else {
+            panic!("the first event is not the clock read: {log:?}");
+        };
+        // The backup holds the clock read only.
+        let mut vm = Vm::new(&cfg, &elf).unwrap();
+        vm.set_inputs(Inputs::Replay(Box::new(MemReplay::new(log[..1].to_vec()))));
+        assert_eq!(
+            vm.run().unwrap(),
+            RunOutcome::ReplayExhausted {
+                exit: 1,
+                at: crate::vcpu::ExhaustedAt::Read
+            }
+        );
+        assert_eq!(vm.stats().total(), 1, "the pending read was counted");
+        assert!(
+            matches!(
+                vm.capture(),
+                Err(crate::vm::VmError::ExitPending { exit: 1 })
+            ),
+            "a VM with a pending read was captured"
+        );
+        // Live from here: the pending ENTROPY read is answered by the device, at exit 1.
+        let live = MemRecorder::default();
+        vm.set_inputs(Inputs::Live(Box::new(live.clone())));
+        let RunOutcome::PoweredOff(code) = vm.run().unwrap() else {
+            panic!("the live run did not power off");
+        };
+        let live_log = live.log.lock().unwrap().clone();
+        let Some(Event::Read {
+            exit: 1,
+            addr,
+            value: entropy,
+        }) = live_log.first().cloned()
+        else {
+            panic!("the pending read was not answered live at exit 1: {live_log:?}");
+        };
+        assert_eq!(addr, MMIO_BASE + REG_ENTROPY);
+        assert_eq!(
+            code,
+            clock ^ entropy,
+            "the guest did not get the live value"
+        );
+        assert_eq!(
+            vm.stats().total(),
+            plain,
+            "an exit was counted twice or lost"
+        );
+        assert!(vm.capture().is_ok());
+    }
+
     #[test]
     fn replay_reproduces_a_recorded_run() {
         crate::require_kvm!("replay_reproduces_a_recorded_run");

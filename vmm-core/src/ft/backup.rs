@@ -23,6 +23,14 @@
 //! before the writes the primary logged ahead of it (the writes are applied at the end of the
 //! exit): such a record is remembered as taken, and released with the records before it.
 //!
+//! When the log runs out (the primary is gone), the replay source only says so
+//! ([`ReplayError::Exhausted`]): the vCPU returns to the run loop with the exit pending
+//! ([`RunOutcome::ReplayExhausted`]), the run loop takes the reader back and hands it to the
+//! go-live decision ([`GoLiveHook`], [`super::golive`]) — never from inside an exit handler.
+//! Won, it installs live inputs and the VM's next run completes that exit live; otherwise the
+//! decision's error ends the run. The backup's role meanwhile (REPLAYING → DRAINING when the
+//! log stops, then DECIDING → LIVE, SUPERSEDED …) is the state machine of [`super::role`].
+//!
 //! Shared-disk mode (the primary and the backup name the same image): while it replays, the
 //! backup's virtio-blk device does not touch the disk (read data come from the log, writes are
 //! dropped and counted: [`DiskMode::Replay`]); the disk becomes the backup's when it goes live
@@ -581,20 +589,20 @@ impl LogReader {
     /// The first entry of exit `exit` not yet consumed that is not a `Write` (the writes of an
     /// exit are applied at its end, and the live run logs them as the devices make them, so
     /// they may come before the exit's read or output digest); waits while only writes of this
-    /// exit are pending. `Err(description)` of the next entry when the log goes on with
+    /// exit are pending. [`NextEvent::Other`] with the next entry when the log goes on with
     /// another exit (or a header) instead.
-    fn next_event(&mut self, exit: u64) -> Result<Result<(At, Entry), String>, ReplayError> {
+    fn next_event(&mut self, exit: u64) -> Result<NextEvent, ReplayError> {
         // Look first, wait only when nothing is there (each look re-reads the receiver's
         // tail: one per exit on the common path).
         loop {
             let mut end = 0;
             let found = self.scan(exit, &mut end, |at, v| match v {
                 View::Entry(e) if e.exit() != exit || matches!(e, Entry::Header { .. }) => {
-                    ControlFlow::Break(Err(format!("{e:?}")))
+                    ControlFlow::Break(NextEvent::Other(e))
                 }
-                View::Entry(e) => ControlFlow::Break(Ok((at, e))),
+                View::Entry(e) => ControlFlow::Break(NextEvent::Found(at, e)),
                 View::Write { exit: x, .. } if x != exit => {
-                    ControlFlow::Break(Err(format!("{:?}", v.to_entry())))
+                    ControlFlow::Break(NextEvent::Other(v.to_entry()))
                 }
                 View::Write { .. } => ControlFlow::Continue(()),
             })?;
@@ -608,7 +616,7 @@ impl LogReader {
 
     fn read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
         let next = match self.next_event(exit)? {
-            Ok((at, Entry::Read { addr: a, value, .. })) => {
+            NextEvent::Found(at, Entry::Read { addr: a, value, .. }) => {
                 if a != addr {
                     return Err(self.diverged(
                         exit,
@@ -622,13 +630,12 @@ impl LogReader {
                 self.consume(at);
                 return Ok(value);
             }
-            Ok((_, e)) => format!("{e:?}"),
-            Err(next) => next,
+            NextEvent::Found(_, e) | NextEvent::Other(e) => e,
         };
         Err(self.diverged(
             exit,
             format!(
-                "unexpected exit: the backup read {addr:#x} ({}), the primary logged no read here (next entry: {next})",
+                "unexpected exit: the backup read {addr:#x} ({}), the primary logged no read here (next entry: {next:?})",
                 device_name(addr)
             ),
         ))
@@ -638,12 +645,12 @@ impl LogReader {
     /// must have the same digest here (see [`OutputChecks`]).
     fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
         let what = match self.next_event(exit)? {
-            Ok((at, Entry::Output { digest, .. })) if digest == *out => {
+            NextEvent::Found(at, Entry::Output { digest, .. }) if digest == *out => {
                 self.consume(at);
                 self.checks.verified(out);
                 return Ok(());
             }
-            Ok((at, Entry::Output { digest: theirs, .. })) => {
+            NextEvent::Found(at, Entry::Output { digest: theirs, .. }) => {
                 self.consume(at);
                 let of = if theirs.source == out.source {
                     String::new()
@@ -655,12 +662,8 @@ impl LogReader {
                     out.source.name(),
                 )
             }
-            Ok((_, e)) => format!(
+            NextEvent::Found(_, e) | NextEvent::Other(e) => format!(
                 "output of {} by the backup ({out}), the primary logged no output here (next entry: {e:?})",
-                out.source.name()
-            ),
-            Err(next) => format!(
-                "output of {} by the backup ({out}), the primary logged no output here (next entry: {next})",
                 out.source.name()
             ),
         };
@@ -809,6 +812,14 @@ impl Tampering<'_> {
         self.done.push((seq, e.clone()));
         Ok(e)
     }
+}
+
+/// What [`LogReader::next_event`] found.
+enum NextEvent {
+    /// The first entry of the exit that is not a `Write`.
+    Found(At, Entry),
+    /// The log goes on with this entry of another exit (or a header) instead.
+    Other(Entry),
 }
 
 /// What [`LogReader::writes`] found at the head of the log.

@@ -1,18 +1,22 @@
 //! Go-live: a backup whose primary failed takes over, and a primary whose backup failed goes on
-//! alone — both only after winning the next generation on the arbiter.
+//! alone — both only after winning the next generation on the arbiter. The roles each side
+//! passes through, and which transitions are allowed, are the state machines of
+//! [`super::role`]; this module takes the decisions that step them.
 //!
 //! ```text
 //! backup:  log stops (link error, or detector: primary failed ─> vCPU interrupted out of
-//!          guest code) ─> stop receiving/acking
-//!          ─> replay every entry received ─> log runs out at exit N (or between exits N-1, N)
+//!          guest code) ─> stop receiving/acking                           REPLAYING ─> DRAINING
+//!          ─> replay every entry received ─> log runs out at exit N (or between exits N-1, N):
+//!             the vCPU returns to the run loop with exit N pending              ─> DECIDING
 //!          ─> wait: detector says the primary failed (or the log link broke two failure
 //!             timeouts ago) ─> take_over (generation g+1; waits while the arbiter is
-//!             unreachable; lost ⇒ stop with PairError::Superseded)
-//!          ─> attach the service TAP, TX direct, console released ─> inputs live from exit N on
+//!             unreachable; lost ⇒ stop with PairError::Superseded)            ─> SUPERSEDED
+//!          ─> attach the service TAP, TX direct, console released             ─> LIVE
+//!          ─> inputs live; the run loop resumes the vCPU, which completes exit N live
 //!          ─> runs as a lone primary until power off
-//! primary: detector: backup failed, or link down ─> take_over (g+1)
-//!          ─> won: stop logging, release every held output, TX direct, run alone
-//!          ─> lost: fence the output gate (nothing more is released), stop
+//! primary: detector: backup failed, or link down ─> take_over (g+1)  WATCHED ─> GOING ALONE
+//!          ─> won: stop logging, release every held output, TX direct, run alone  ─> ALONE
+//!          ─> lost: fence the output gate (nothing more is released), stop        ─> FENCED
 //! either:  a heartbeat claims a newer generation ─> read the arbiter (at most every 100 ms)
 //!          ─> only if it names a newer generation held by another node: as "lost" above
 //! backup (own disk copy): a disk result differs from the primary's ─> GOODBYE(CannotTakeOver)
@@ -28,10 +32,14 @@
 //! The backup goes live at the first point where its log has nothing more: at an external read
 //! (clock, entropy, WAIT) whose entry is missing, at the end of an exit (it waits for an entry
 //! of a later exit before leaving one), at a checkpoint, or between two exits inside guest
-//! code (see "Deciding between two exits" below). There the replay source runs the
-//! decision ([`ReplaySource::go_live`](crate::record::ReplaySource::go_live)); on winning, the
-//! VM's inputs become live **at that point**: the missing read is answered by the device, and
-//! every later exit runs live. No exit is replayed in part and then re-executed.
+//! code (see "Deciding between two exits" below). There the replay source only reports that
+//! it ran out, and the vCPU returns to the backup's run loop with that exit **pending**
+//! ([`RunOutcome::ReplayExhausted`]; [`crate::vcpu`], "A replay that runs out pauses the run"):
+//! the decision — which sleeps, polls the detector and calls the arbiter — runs in the run
+//! loop, on the vCPU's thread but outside the exit handler. On winning, the VM's inputs become
+//! live **at that point**: the run loop runs the vCPU on, the missing read is answered by the
+//! device at the same exit index, and every later exit runs live. No exit is replayed in part
+//! and then re-executed.
 //!
 //! Let `P` be the last log position the backup received (it stops its receiver first, so `P`
 //! cannot move any more and nothing after `P` is acknowledged). Every output the primary
@@ -72,9 +80,8 @@
 //! failure) or already dead (then the divergence is found while the backup drains its log
 //! before deciding, and it refuses to go live: the service stays down rather than continue
 //! from a state that contradicts what clients were told — the safe default; there is no
-//! option to go live anyway). The decision is never reached:
-//! [`ReplaySource::go_live`](crate::record::ReplaySource::go_live) is
-//! asked only once every held entry was replayed without a difference.
+//! option to go live anyway). The decision is never reached: the replay runs out (and the run
+//! loop decides) only once every held entry was replayed without a difference.
 //!
 //! A primary that goes alone keeps its state (nothing to replay); it releases what it held once
 //! it won, and nothing at all once it learned it lost ([`Fence`] on the output gate).
@@ -95,7 +102,9 @@
 //!   the vCPU replays on and reaches them; the request stays set, so the source is asked again
 //!   at every later point between exits (after the next checkpoint, say), besides the usual
 //!   points above;
-//! - it holds nothing, the receiver is stopped and drained: the log ends **here**, and the
+//! - it holds nothing, the receiver is stopped and drained: the log ends **here**; the vCPU
+//!   returns to the run loop (nothing pending:
+//!   [`ExhaustedAt::BetweenExits`](crate::vm::ExhaustedAt::BetweenExits)), and the
 //!   decision runs at this point of the guest's instruction stream, as at an exit.
 //!
 //! Why this point is a valid continuation: `N` exits are complete (all their entries applied)

@@ -16,6 +16,15 @@
 //! thread reads the [`LogWriter`], a cloneable handle (positions, counters, mode, the link's
 //! [`SenderHandle`]). No lock on the per-entry path.
 //!
+//! What an append does depends on the primary's role ([`super::role`], "The primary"), read
+//! with one atomic load per append: LOGGING appends (a full buffer on a dead link fails: no
+//! arbiter decides anything else), WATCHED and GOING ALONE append and wait for space while the
+//! FT monitor decides, ALONE drops the entry, FENCED and the ended roles fail it. The role
+//! lives in the [`LogWriter`] ([`LogWriter::role`]); the `LinkWatch` of a primary without an
+//! arbiter steps it to PEER FAILED or ALONE, the FT monitor ([`super::golive`]) to GOING ALONE,
+//! ALONE or FENCED. Errors are typed: [`LogWriteError`] (why the log could not be written),
+//! [`LinkDown`] (how the link was seen to end), [`SetupError`].
+//!
 //! Shared-disk mode (the backup names the same image, [`set_shared`](crate::devices::virtio::blk::BlkHandle::set_shared)): a disk write
 //! is an output. [`DiskBarrier`] holds the vCPU before each write request until the backup has
 //! acknowledged every entry logged so far; alone it passes at once, superseded it refuses

@@ -1091,7 +1091,11 @@ pub(crate) fn backup_loop(
                 tracing::info!(exit, ?at, "the replay ran out");
                 held.take_back(vm);
                 let e = ReplayError::Exhausted { exit };
-                return run_out(vm, held.parked.as_mut(), golive, exit, e);
+                // Not live: the end of this loop still tells the primary (a planned stop).
+                match run_out(vm, held.parked.as_mut(), golive, exit, e) {
+                    Ok(end) => return Ok(end),
+                    Err(e) => break Err(e),
+                }
             }
             Ok(o) => o,
             Err(e) => {
@@ -1132,7 +1136,10 @@ pub(crate) fn backup_loop(
             Ok(e) => e,
             Err(e) => {
                 held.take_back(vm);
-                return run_out(vm, held.parked.as_mut(), golive, exit, e);
+                match run_out(vm, held.parked.as_mut(), golive, exit, e) {
+                    Ok(end) => return Ok(end),
+                    Err(e) => break Err(e),
+                }
             }
         };
         let entry = match entry {
@@ -1142,7 +1149,10 @@ pub(crate) fn backup_loop(
                     Err(PairError::LogEnded { .. }) => {
                         held.take_back(vm);
                         let e = ReplayError::Exhausted { exit };
-                        return run_out(vm, held.parked.as_mut(), golive, exit, e);
+                        match run_out(vm, held.parked.as_mut(), golive, exit, e) {
+                            Ok(end) => return Ok(end),
+                            Err(e) => break Err(e),
+                        }
                     }
                     Err(e) => break Err(e),
                 }

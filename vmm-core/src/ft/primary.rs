@@ -874,8 +874,10 @@ impl WriteBarrier for DiskBarrier {
                     self.count(started, true);
                     return Ok(());
                 }
-                PrimaryRole::Fenced | PrimaryRole::PeerFailed | PrimaryRole::Stopped => {
-                    return Err(BarrierError::Superseded)
+                PrimaryRole::Fenced => return Err(BarrierError::Superseded),
+                // Nobody will acknowledge anything any more.
+                PrimaryRole::PeerFailed | PrimaryRole::Stopped => {
+                    return Err(BarrierError::NeverAcknowledged { position: target })
                 }
                 PrimaryRole::Logging | PrimaryRole::Watched | PrimaryRole::GoingAlone => {}
             }

@@ -26,7 +26,7 @@
 //! When the log runs out (the primary is gone), the replay source only says so
 //! ([`ReplayError::Exhausted`]): the vCPU returns to the run loop with the exit pending
 //! ([`RunOutcome::ReplayExhausted`]), the run loop takes the reader back and hands it to the
-//! go-live decision ([`GoLiveHook`], [`super::golive`]) — never from inside an exit handler.
+//! go-live decision (`GoLiveHook`, [`super::golive`]) — never from inside an exit handler.
 //! Won, it installs live inputs and the VM's next run completes that exit live; otherwise the
 //! decision's error ends the run. The backup's role meanwhile (REPLAYING → DRAINING when the
 //! log stops, then DECIDING → LIVE, SUPERSEDED …) is the state machine of [`super::role`].
@@ -837,7 +837,7 @@ enum WriteStep {
 /// The [`ReplaySource`] of a backup: the one owner of the [`LogReader`] while the vCPU runs
 /// (the run loop lends it the reader and takes it back between runs: no lock on the replay's
 /// path). When the log runs out it only says so ([`ReplayError::Exhausted`]): the run returns
-/// to the run loop ([`RunOutcome::ReplayExhausted`]), which decides ([`GoLiveHook`]).
+/// to the run loop ([`RunOutcome::ReplayExhausted`]), which decides (`GoLiveHook`).
 #[derive(Debug)]
 pub struct ChannelReplay {
     reader: LogReader,

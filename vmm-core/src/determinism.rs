@@ -219,6 +219,10 @@ pub fn check(config: &VmConfig, elf: &[u8]) -> Result<DeterminismReport, Determi
             &take(&buf),
             copy.as_ref().map(|c| c.0.as_path()),
         )?),
+        Ok(RunOutcome::ReplayExhausted { exit, .. }) => Err(format!(
+            "stopped at exit {exit}: the first run's log has no more inputs (the second run \
+             took an input the first did not)"
+        )),
         Ok(other) => Err(format!("stopped without powering off ({other:?})")),
         Err(e) => Err(format!(
             "stopped at exit {}: {}",

@@ -258,26 +258,13 @@ pub trait ReplaySource: Send {
     fn verifies_outputs(&self) -> bool {
         false
     }
-    /// The source ran out of entries at exit `exit` (one of its methods just returned
-    /// [`ReplayError::Exhausted`]). Returns the recorder of live inputs if the run continues
-    /// **live** from this point (a backup that won the take-over after its primary failed), or
-    /// `None` to end the replay with the error (the default).
-    ///
-    /// Where the VMM asks (see [`try_go_live`]): at an external read (the read, and the rest of
-    /// the exit, are then answered live: the writes logged for this exit before the missing read
-    /// are discarded), at the end of an exit (the writes of the exit received so far have
-    /// been applied; the next exit runs live), and between two exits
-    /// ([`ReplaySource::between_exits`]).
-    fn go_live(&mut self, exit: u64) -> Option<Box<dyn Recorder>> {
-        let _ = exit;
-        None
-    }
     /// The vCPU was taken out of guest code between two exits (it was asked to:
     /// [`VcpuKick::interrupt_replay`](crate::vcpu::VcpuKick::interrupt_replay)): `exit` exits
     /// are complete, the next one has not begun, and this is no exit (the exit index does not
     /// move). `Err(`[`ReplayError::Exhausted`]`)` if the log has ended and holds nothing for
-    /// exit `exit` or later: the VMM then asks [`ReplaySource::go_live`] right here, and a run
-    /// that goes live continues live from this point of the guest's instruction stream.
+    /// exit `exit` or later: the run then returns to its driver right here
+    /// ([`RunExit::ReplayExhausted`](crate::vcpu::RunExit::ReplayExhausted)), and a run that
+    /// continues live does so from this point of the guest's instruction stream.
     /// `Ok(())` (the default): replay on.
     ///
     /// # Errors
@@ -295,22 +282,6 @@ pub trait ReplaySource: Send {
     /// The same, to take it back ([`Vm::take_replay`](crate::vm::Vm::take_replay)).
     fn into_any(self: Box<Self>) -> Option<Box<dyn std::any::Any>> {
         None
-    }
-}
-
-/// After the replay source of `inputs` returned [`ReplayError::Exhausted`] at exit `exit`: asks
-/// it whether the run goes live ([`ReplaySource::go_live`]); if so, `inputs` becomes
-/// [`Inputs::Live`] with the recorder it returned, and this returns `true`.
-pub fn try_go_live(inputs: &mut Inputs, exit: u64) -> bool {
-    let Inputs::Replay(src) = inputs else {
-        return false;
-    };
-    match src.go_live(exit) {
-        Some(rec) => {
-            *inputs = Inputs::Live(rec);
-            true
-        }
-        None => false,
     }
 }
 
@@ -656,12 +627,11 @@ mod tests {
             .elf()
     }
 
-    /// A replay source with no entries at all: its log ended before the run began; it goes live
-    /// at the first point it is asked, and notes where.
+    /// A replay source with no entries at all: its log ended before the run began; it notes
+    /// where it is asked between exits.
     #[derive(Debug, Default)]
     struct EndedLog {
         asked_between: Arc<Mutex<Vec<u64>>>,
-        went_live: Arc<Mutex<Option<u64>>>,
     }
 
     impl ReplaySource for EndedLog {
@@ -680,15 +650,12 @@ mod tests {
             self.asked_between.lock().unwrap().push(exit);
             Err(ReplayError::Exhausted { exit })
         }
-        fn go_live(&mut self, exit: u64) -> Option<Box<dyn Recorder>> {
-            *self.went_live.lock().unwrap() = Some(exit);
-            Some(Box::new(()))
-        }
     }
 
     /// A replaying vCPU inside a long loop without exits is interrupted
     /// ([`VmControl::interrupt_replay`](crate::vm::VmControl::interrupt_replay)): its source is
-    /// asked between exit 1 and exit 2, goes live there, and the run continues live from that
+    /// asked between exit 1 and exit 2, the run returns to its driver there
+    /// ([`RunOutcome::ReplayExhausted`]), which goes live, and the run continues live from that
     /// point of the loop to the power-off. The interruption is no exit: the run makes exactly
     /// the exits of a plain run.
     #[test]
@@ -712,7 +679,7 @@ mod tests {
         };
         assert_eq!(plain, 3);
         let src = EndedLog::default();
-        let (asked, live) = (src.asked_between.clone(), src.went_live.clone());
+        let asked = src.asked_between.clone();
         let mut vm = Vm::new(&cfg, &elf).unwrap();
         vm.set_inputs(Inputs::Replay(Box::new(src)));
         let ctl = vm.control();
@@ -720,20 +687,103 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(100));
             ctl.interrupt_replay();
         });
-        assert_eq!(vm.run().unwrap(), RunOutcome::PoweredOff(7));
+        // The driver (here: the test) goes live where the replay ran out, and runs on.
+        let mut live = None;
+        let outcome = loop {
+            match vm.run().unwrap() {
+                RunOutcome::ReplayExhausted { exit, at } => {
+                    assert_eq!(live, None, "the replay ran out twice");
+                    live = Some((exit, at));
+                    vm.set_inputs(Inputs::default());
+                }
+                o => break o,
+            }
+        };
+        assert_eq!(outcome, RunOutcome::PoweredOff(7));
         interrupter.join().unwrap();
         assert_eq!(
             *asked.lock().unwrap(),
             vec![2],
             "asked between exits 1 and 2 only"
         );
-        assert_eq!(*live.lock().unwrap(), Some(2));
+        assert_eq!(live, Some((2, crate::vcpu::ExhaustedAt::BetweenExits)));
         assert_eq!(
             vm.stats().total(),
             plain,
             "the interruption counted as an exit"
         );
         assert!(vm.stats().interrupts >= 1, "KVM_RUN was not interrupted");
+    }
+
+    /// The log ends before the guest's ENTROPY read (exit 1): the exit handler does not decide,
+    /// the run returns with that read pending ([`RunOutcome::ReplayExhausted`], nothing counted,
+    /// no state can be captured), and the driver's next run — with live inputs — answers it at
+    /// the same exit index: the guest computes with the replayed clock and the live entropy, and
+    /// makes exactly the exits of a plain run.
+    #[test]
+    fn a_read_the_replay_lacks_stays_pending_and_the_next_run_answers_it_live() {
+        crate::require_kvm!(
+            "a_read_the_replay_lacks_stays_pending_and_the_next_run_answers_it_live"
+        );
+        let elf = nondeterministic_guest();
+        let cfg = VmConfig {
+            mem_size: 4 << 20,
+            ..Default::default()
+        };
+        let rec = MemRecorder::default();
+        let mut vm = Vm::new(&cfg, &elf).unwrap();
+        vm.set_inputs(Inputs::Live(Box::new(rec.clone())));
+        assert!(matches!(vm.run().unwrap(), RunOutcome::PoweredOff(_)));
+        let plain = vm.stats().total();
+        let log = rec.log.lock().unwrap().clone();
+        let Some(Event::Read { value: clock, .. }) = log.first().cloned() else {
+            panic!("the first event is not the clock read: {log:?}");
+        };
+        // The backup holds the clock read only.
+        let mut vm = Vm::new(&cfg, &elf).unwrap();
+        vm.set_inputs(Inputs::Replay(Box::new(MemReplay::new(log[..1].to_vec()))));
+        assert_eq!(
+            vm.run().unwrap(),
+            RunOutcome::ReplayExhausted {
+                exit: 1,
+                at: crate::vcpu::ExhaustedAt::Read
+            }
+        );
+        assert_eq!(vm.stats().total(), 1, "the pending read was counted");
+        assert!(
+            matches!(
+                vm.capture(),
+                Err(crate::vm::VmError::ExitPending { exit: 1 })
+            ),
+            "a VM with a pending read was captured"
+        );
+        // Live from here: the pending ENTROPY read is answered by the device, at exit 1.
+        let live = MemRecorder::default();
+        vm.set_inputs(Inputs::Live(Box::new(live.clone())));
+        let RunOutcome::PoweredOff(code) = vm.run().unwrap() else {
+            panic!("the live run did not power off");
+        };
+        let live_log = live.log.lock().unwrap().clone();
+        let Some(Event::Read {
+            exit: 1,
+            addr,
+            value: entropy,
+        }) = live_log.first().cloned()
+        else {
+            panic!("the pending read was not answered live at exit 1: {live_log:?}");
+        };
+        assert_eq!(addr, MMIO_BASE + REG_ENTROPY);
+        assert_eq!(
+            code,
+            clock ^ entropy,
+            "the guest did not get the live value"
+        );
+        assert_eq!(
+            vm.stats().total(),
+            plain,
+            "an exit was counted twice or lost"
+        );
+        assert!(vm.capture().is_ok());
     }
 
     #[test]

@@ -17,12 +17,32 @@
 //! ([`ReplaySource::between_exits`](crate::record::ReplaySource::between_exits)). A `KVM_RUN`
 //! that returns `EINTR` is never an exit: the exit index counts the guest's exits only, on the
 //! primary as on the backup, so an interruption on either side leaves the indices equal.
+//!
+//! # A replay that runs out pauses the run; its driver decides
+//! When the replay source has no entry for the point the vCPU reached (`ReplayError::Exhausted`:
+//! the primary's log stopped), the exit handler does not decide what happens next — that
+//! decision (wait for the failure detector, ask the arbiter, take the disk and the TAP) can take
+//! seconds and belongs to the run's driver (`ft::backup`, `ft::golive`). It only reports where
+//! the replay ran out ([`Handled::ReplayExhausted`]) and the run returns
+//! [`RunExit::ReplayExhausted`] with the exit left **pending**:
+//! ```text
+//!   at an external read (CLOCK_NS, ENTROPY, WAIT) ─> PendingExit::Read: KVM still waits for
+//!        the read's value; nothing of the failed replayed attempt took effect
+//!   at the end of an exit (its logged writes ran out) ─> PendingExit::EndOfExit: the writes
+//!        received were applied and checked; queues not yet resynced, exit not yet counted
+//!   between two exits (interrupt_replay) ─> nothing pending
+//! ```
+//! The driver installs the inputs the run continues with (live, after a won take-over) and runs
+//! the vCPU again: the pending exit is completed first — the read answered by the device from
+//! the new inputs, at the same exit index, or the exit finished — and the guest goes on. No exit
+//! is replayed in part and executed again, and nothing is counted twice. While an exit is
+//! pending the vCPU state is not saved ([`Vcpu::pending_exit`]): the read has no value yet.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, Msrs};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, Msrs, KVM_EXIT_MMIO};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::{DeviceError, EventSignal, ExitAction, ExitCtx};
@@ -31,7 +51,7 @@ use crate::kvm::KvmContext;
 use crate::memory::{
     GuestMem, Layout, BOOT_INFO_ADDR, GDT, GDT_ADDR, GDT_CODE, GDT_DATA, PML4_ADDR,
 };
-use crate::record::{apply_logged_writes, try_go_live, Inputs, ReplayError};
+use crate::record::{apply_logged_writes, Inputs, ReplayError};
 use crate::state::{Persist, Raw, StateError, VcpuState};
 
 /// CR0 at entry: PE | MP | ET | NE | WP | AM | PG (EM clear).
@@ -85,6 +105,15 @@ pub enum VcpuError {
         /// The cause.
         #[source]
         source: ReplayError,
+    },
+    /// The MMIO read left pending when the replay ran out ([`PendingExit::Read`]) is no longer
+    /// the exit `kvm_run` holds: it cannot be answered.
+    #[error("the MMIO read of {addr:#x} left pending at exit {exit} is gone from kvm_run")]
+    PendingReadLost {
+        /// The exit index.
+        exit: u64,
+        /// The MMIO address of the pending read.
+        addr: u64,
     },
     /// A device failed while handling an exit.
     #[error("device error at exit {exit} ({kind:?} at {addr:#x})")]
@@ -318,6 +347,60 @@ pub enum RunExit {
     Kicked,
     /// The exit limit given to the run was reached.
     ExitLimit,
+    /// The replay source ran out at exit `exit` (module docs): the run is paused there, with
+    /// the exit pending if `at` is inside one; running again completes it from the inputs then
+    /// installed.
+    ReplayExhausted {
+        /// The exit index where the replay ran out (the pending exit's, or the number of exits
+        /// completed when it ran out between two exits).
+        exit: u64,
+        /// Where.
+        at: ExhaustedAt,
+    },
+}
+
+/// Where a replay ran out ([`RunExit::ReplayExhausted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExhaustedAt {
+    /// At an external MMIO read (`CLOCK_NS`, `ENTROPY`, `WAIT`) whose value the log lacks:
+    /// the read is pending, and answered by the device when the run resumes.
+    Read,
+    /// At the end of an exit: its writes were applied as far as the log went; the exit is
+    /// finished when the run resumes, and the next exit runs with the new inputs.
+    EndOfExit,
+    /// Between two exits ([`VcpuKick::interrupt_replay`]): nothing is pending.
+    BetweenExits,
+}
+
+/// An exit left incomplete because the replay ran out there ([`Handled::ReplayExhausted`]);
+/// the next run completes it (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingExit {
+    /// An MMIO read whose logged value is missing: KVM waits for its value in `kvm_run`.
+    Read {
+        /// The MMIO address.
+        addr: u64,
+    },
+    /// The end of an exit whose logged writes ran out (those received were applied): the
+    /// virtqueues are resynced and the exit counted when it resumes, then `action` is taken.
+    EndOfExit {
+        /// The MMIO address of the exit.
+        addr: u64,
+        /// Its kind.
+        kind: ExitKind,
+        /// What the exit asked the run loop to do.
+        action: ExitAction,
+    },
+}
+
+impl PendingExit {
+    /// Where the replay ran out.
+    pub fn at(&self) -> ExhaustedAt {
+        match self {
+            PendingExit::Read { .. } => ExhaustedAt::Read,
+            PendingExit::EndOfExit { .. } => ExhaustedAt::EndOfExit,
+        }
+    }
 }
 
 /// A vCPU.
@@ -326,6 +409,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     /// Digest of the CPUID it was given ([`KvmContext::cpuid_digest`]).
     cpuid_digest: u64,
+    /// The exit the last run left pending (its replay ran out there), completed by the next.
+    pending: Option<PendingExit>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -351,7 +436,8 @@ fn seg(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
 }
 
 /// The one exit handler: dispatches an exit to the bus, counts it, and applies the logged
-/// writes when replaying. Returns what the run loop does next.
+/// writes when replaying. Returns what the run loop does next; where the replay ran out, it
+/// only reports so ([`Handled::ReplayExhausted`], module docs).
 ///
 /// # Errors
 /// [`VcpuError::Device`] if a device fails; a guest fault is reported by the caller, which has
@@ -364,22 +450,8 @@ pub fn handle_exit(
     stats: &mut ExitStats,
 ) -> Result<Handled, VcpuError> {
     let index = stats.total();
-    let (kind, addr, result) = match exit {
-        VcpuExit::MmioRead(addr, data) => {
-            let kind = ExitKind::classify(addr, false);
-            let mut ctx = ExitCtx {
-                mem,
-                exit: index,
-                inputs,
-            };
-            (
-                kind,
-                addr,
-                devices
-                    .read(&mut ctx, addr, data)
-                    .map(|()| ExitAction::Continue),
-            )
-        }
+    match exit {
+        VcpuExit::MmioRead(addr, data) => read_exit(devices, mem, inputs, stats, addr, data),
         VcpuExit::MmioWrite(addr, data) => {
             let kind = ExitKind::classify(addr, true);
             let mut ctx = ExitCtx {
@@ -387,84 +459,133 @@ pub fn handle_exit(
                 exit: index,
                 inputs,
             };
-            (kind, addr, devices.write(&mut ctx, addr, data))
+            let action = devices
+                .write(&mut ctx, addr, data)
+                .map_err(device_error(index, kind, addr))?;
+            finish_exit(devices, mem, inputs, stats, (kind, addr, action))
         }
-        VcpuExit::Shutdown => return Ok(Handled::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into())),
-        VcpuExit::Hlt => return Ok(Handled::Fault("HLT".into())),
-        VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => {
-            return Ok(Handled::Fault(format!(
-                "port I/O to {port:#x} (only MMIO is supported)"
-            )))
-        }
-        VcpuExit::FailEntry(reason, cpu) => {
-            return Ok(Handled::Fault(format!(
-                "KVM entry failure {reason:#x} on cpu {cpu}"
-            )))
-        }
-        VcpuExit::InternalError => return Ok(Handled::Fault("KVM internal error".into())),
-        other => return Ok(Handled::Fault(format!("unexpected exit {other:?}"))),
-    };
-    let action = result.map_err(|source| VcpuError::Device {
-        exit: index,
+        VcpuExit::Shutdown => Ok(Handled::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into())),
+        VcpuExit::Hlt => Ok(Handled::Fault("HLT".into())),
+        VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => Ok(Handled::Fault(format!(
+            "port I/O to {port:#x} (only MMIO is supported)"
+        ))),
+        VcpuExit::FailEntry(reason, cpu) => Ok(Handled::Fault(format!(
+            "KVM entry failure {reason:#x} on cpu {cpu}"
+        ))),
+        VcpuExit::InternalError => Ok(Handled::Fault("KVM internal error".into())),
+        other => Ok(Handled::Fault(format!("unexpected exit {other:?}"))),
+    }
+}
+
+fn device_error(exit: u64, kind: ExitKind, addr: u64) -> impl Fn(DeviceError) -> VcpuError {
+    move |source| VcpuError::Device {
+        exit,
         kind,
         addr,
         source,
-    })?;
-    if let Inputs::Replay(src) = inputs {
-        let dev_err = |source| VcpuError::Device {
-            exit: index,
-            kind,
-            addr,
-            source,
-        };
-        let logged = apply_logged_writes(src.as_mut(), mem, index);
-        // What a device did itself in this exit (a backup's own disk copy) is compared with
-        // the primary's results the log just put in place — before any go-live decision: a
-        // backup never goes live on a disk copy it knows to differ.
-        devices.check_replayed_exit(mem, index).map_err(dev_err)?;
-        match logged {
-            Ok(()) => {}
-            // The log ran out at the end of this exit and the run went live: the writes of
-            // this exit received so far are applied; the next exit runs live.
-            Err(ReplayError::Exhausted { .. }) if try_go_live(inputs, index) => {
-                tracing::info!(
-                    exit = index,
-                    "replay ended at the end of an exit: running live"
-                );
-            }
-            Err(e) => return Err(dev_err(DeviceError::Replay(e))),
-        }
-        let ctx = ExitCtx {
-            mem,
-            exit: index,
-            inputs,
-        };
-        devices.resync_queues(&ctx).map_err(dev_err)?;
     }
+}
+
+/// An MMIO read (a new exit, or the one a run left pending): the device answers `data`, then
+/// the exit is finished. A read whose replayed value is missing stays pending: a device read
+/// that fails with [`ReplayError::Exhausted`] has had no effect (only the system device's
+/// external reads consult the log), so it can be answered again from other inputs.
+fn read_exit(
+    devices: &mut Devices,
+    mem: &GuestMem,
+    inputs: &mut Inputs,
+    stats: &mut ExitStats,
+    addr: u64,
+    data: &mut [u8],
+) -> Result<Handled, VcpuError> {
+    let index = stats.total();
+    let kind = ExitKind::classify(addr, false);
+    let mut ctx = ExitCtx {
+        mem,
+        exit: index,
+        inputs,
+    };
+    match devices.read(&mut ctx, addr, data) {
+        Ok(()) => finish_exit(
+            devices,
+            mem,
+            inputs,
+            stats,
+            (kind, addr, ExitAction::Continue),
+        ),
+        Err(DeviceError::Replay(ReplayError::Exhausted { .. })) => {
+            Ok(Handled::ReplayExhausted(PendingExit::Read { addr }))
+        }
+        Err(source) => Err(device_error(index, kind, addr)(source)),
+    }
+}
+
+/// The end of an exit: when replaying, the writes logged for it are applied and the devices'
+/// own results checked against the log; then the exit is completed ([`complete_exit`]) — or,
+/// if the log ran out before the exit's end, left pending.
+fn finish_exit(
+    devices: &mut Devices,
+    mem: &GuestMem,
+    inputs: &mut Inputs,
+    stats: &mut ExitStats,
+    (kind, addr, action): (ExitKind, u64, ExitAction),
+) -> Result<Handled, VcpuError> {
+    let Inputs::Replay(src) = inputs else {
+        stats.bump(kind);
+        return Ok(Handled::Action(action));
+    };
+    let index = stats.total();
+    let dev_err = device_error(index, kind, addr);
+    let logged = apply_logged_writes(src.as_mut(), mem, index);
+    // What a device did itself in this exit (a backup's own disk copy) is compared with the
+    // primary's results the log just put in place — before anything is reported: a backup
+    // never goes live on a disk copy it knows to differ.
+    devices.check_replayed_exit(mem, index).map_err(&dev_err)?;
+    match logged {
+        Ok(()) => complete_exit(devices, mem, stats, (kind, addr, action)),
+        // The log ran out at the end of this exit: the writes of this exit received so far
+        // are applied; the driver decides, and the next run completes the exit.
+        Err(ReplayError::Exhausted { .. }) => {
+            Ok(Handled::ReplayExhausted(PendingExit::EndOfExit {
+                addr,
+                kind,
+                action,
+            }))
+        }
+        Err(e) => Err(dev_err(DeviceError::Replay(e))),
+    }
+}
+
+/// Completes a replayed exit (its logged writes applied): every queue's positions from its
+/// used ring, then the exit is counted.
+fn complete_exit(
+    devices: &mut Devices,
+    mem: &GuestMem,
+    stats: &mut ExitStats,
+    (kind, addr, action): (ExitKind, u64, ExitAction),
+) -> Result<Handled, VcpuError> {
+    devices
+        .resync_queues(mem)
+        .map_err(device_error(stats.total(), kind, addr))?;
     stats.bump(kind);
     Ok(Handled::Action(action))
 }
 
 /// Between two exits of a run asked to check its replay ([`VcpuKick::interrupt_replay`]): `exit`
 /// exits are complete and the next one has not begun. Asks the replay source whether its log
-/// ended here; if so, and it goes live ([`try_go_live`]), the run continues live from this very
-/// point. A live run clears the request.
+/// ended here: `Ok(true)` if so (the run returns to its driver, nothing pending). A live run
+/// clears the request.
 ///
 /// # Errors
-/// [`VcpuError::Replay`] when the log ended and the run does not go live, or the source
-/// failed.
-fn between_exits(inputs: &mut Inputs, exit: u64, kick: &VcpuKick) -> Result<(), VcpuError> {
+/// [`VcpuError::Replay`] if the source failed.
+fn between_exits(inputs: &mut Inputs, exit: u64, kick: &VcpuKick) -> Result<bool, VcpuError> {
     let Inputs::Replay(src) = inputs else {
         kick.replay_check.store(false, Ordering::Release);
-        return Ok(());
+        return Ok(false);
     };
     match src.between_exits(exit) {
-        Ok(()) => Ok(()),
-        Err(ReplayError::Exhausted { .. }) if try_go_live(inputs, exit) => {
-            tracing::info!(exit, "replay ended between two exits: running live");
-            kick.replay_check.store(false, Ordering::Release);
-            Ok(())
-        }
+        Ok(()) => Ok(false),
+        Err(ReplayError::Exhausted { .. }) => Ok(true),
         Err(source) => Err(VcpuError::Replay { exit, source }),
     }
 }
@@ -476,6 +597,9 @@ pub enum Handled {
     Action(ExitAction),
     /// The guest cannot continue (the string says why).
     Fault(String),
+    /// The replay ran out in this exit, which is left pending for the run's driver (module
+    /// docs).
+    ReplayExhausted(PendingExit),
 }
 
 impl Vcpu {
@@ -491,6 +615,7 @@ impl Vcpu {
         Ok(Vcpu {
             fd,
             cpuid_digest: kvm.cpuid_digest(),
+            pending: None,
         })
     }
 
@@ -551,7 +676,14 @@ impl Vcpu {
         )
     }
 
-    /// Runs the guest until POWER_OFF, a kick, a fault, or `limit` exits in total.
+    /// The exit the last run left pending because its replay ran out there (module docs);
+    /// the next run completes it first.
+    pub fn pending_exit(&self) -> Option<PendingExit> {
+        self.pending
+    }
+
+    /// Runs the guest until POWER_OFF, a kick, a fault, `limit` exits in total, or the replay
+    /// running out (module docs). An exit the last run left pending is completed first.
     ///
     /// # Errors
     /// [`VcpuError`] on a guest fault (with a register dump), a device error or a KVM failure.
@@ -569,12 +701,23 @@ impl Vcpu {
         // SAFETY: pthread_self has no preconditions.
         *kick.thread.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(unsafe { libc::pthread_self() });
-        let result = self.run_inner(devices, mem, inputs, stats, kick, limit);
+        let result = match self.pending.take() {
+            Some(p) => self
+                .resume(p, devices, mem, inputs, stats)
+                .and_then(|done| match done {
+                    Some(r) => Ok(r),
+                    None => self.run_inner(devices, mem, inputs, stats, kick, limit),
+                }),
+            None => self.run_inner(devices, mem, inputs, stats, kick, limit),
+        };
         *kick.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        // Complete a pending MMIO read so that saved registers include its value.
-        self.fd.set_kvm_immediate_exit(1);
-        let _ = self.fd.run();
-        self.fd.set_kvm_immediate_exit(0);
+        if !matches!(self.pending, Some(PendingExit::Read { .. })) {
+            // Complete an answered MMIO read so that saved registers include its value (a read
+            // left pending has no value yet: the next run answers it).
+            self.fd.set_kvm_immediate_exit(1);
+            let _ = self.fd.run();
+            self.fd.set_kvm_immediate_exit(0);
+        }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         result
     }
@@ -595,8 +738,13 @@ impl Vcpu {
             if limit.is_some_and(|l| stats.total() >= l) {
                 return Ok(RunExit::ExitLimit);
             }
-            if kick.replay_check.load(Ordering::Acquire) {
-                between_exits(inputs, stats.total(), kick)?;
+            if kick.replay_check.load(Ordering::Acquire)
+                && between_exits(inputs, stats.total(), kick)?
+            {
+                return Ok(RunExit::ReplayExhausted {
+                    exit: stats.total(),
+                    at: ExhaustedAt::BetweenExits,
+                });
             }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
@@ -612,18 +760,73 @@ impl Vcpu {
                     })
                 }
             };
-            match handle_exit(exit, devices, mem, inputs, stats)? {
-                Handled::Action(ExitAction::Continue) => {}
-                Handled::Action(ExitAction::PowerOff(code)) => return Ok(RunExit::PowerOff(code)),
-                Handled::Fault(reason) => {
-                    return Err(VcpuError::GuestFault {
-                        reason,
-                        exits: stats.total(),
-                        regs: self.dump_registers(),
-                    })
-                }
+            let handled = handle_exit(exit, devices, mem, inputs, stats)?;
+            if let Some(r) = self.after(handled, stats)? {
+                return Ok(r);
             }
         }
+    }
+
+    /// What the run loop does after an exit was handled: `None` to go on.
+    fn after(&mut self, handled: Handled, stats: &ExitStats) -> Result<Option<RunExit>, VcpuError> {
+        match handled {
+            Handled::Action(ExitAction::Continue) => Ok(None),
+            Handled::Action(ExitAction::PowerOff(code)) => Ok(Some(RunExit::PowerOff(code))),
+            Handled::ReplayExhausted(p) => {
+                self.pending = Some(p);
+                Ok(Some(RunExit::ReplayExhausted {
+                    exit: stats.total(),
+                    at: p.at(),
+                }))
+            }
+            Handled::Fault(reason) => Err(VcpuError::GuestFault {
+                reason,
+                exits: stats.total(),
+                regs: self.dump_registers(),
+            }),
+        }
+    }
+
+    /// Completes the exit the last run left pending, from the inputs installed now: `Some`
+    /// if the run ends there (the exit powered off, or the replay ran out again).
+    fn resume(
+        &mut self,
+        pending: PendingExit,
+        devices: &mut Devices,
+        mem: &GuestMem,
+        inputs: &mut Inputs,
+        stats: &mut ExitStats,
+    ) -> Result<Option<RunExit>, VcpuError> {
+        let handled = match pending {
+            PendingExit::Read { addr } => {
+                let exit = stats.total();
+                let data = self
+                    .pending_read(addr)
+                    .ok_or(VcpuError::PendingReadLost { exit, addr })?;
+                tracing::debug!(exit, addr, "completing the read the replay left pending");
+                read_exit(devices, mem, inputs, stats, addr, data)?
+            }
+            PendingExit::EndOfExit { addr, kind, action } => {
+                complete_exit(devices, mem, stats, (kind, addr, action))?
+            }
+        };
+        self.after(handled, stats)
+    }
+
+    /// The data buffer of the MMIO read of `addr` that `kvm_run` holds (the exit a run left
+    /// pending), where KVM takes its value from at the next `KVM_RUN`.
+    fn pending_read(&mut self, addr: u64) -> Option<&mut [u8]> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != KVM_EXIT_MMIO {
+            return None;
+        }
+        // SAFETY: the exit reason is KVM_EXIT_MMIO, so `mmio` is the union member the kernel
+        // filled (kvm-ioctls' `VcpuFd::run` reads it the same way), and nothing ran the vCPU
+        // since: it still describes the pending read.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let len = mmio.len as usize;
+        (mmio.is_write == 0 && mmio.phys_addr == addr && len <= mmio.data.len())
+            .then(|| &mut mmio.data[..len])
     }
 }
 

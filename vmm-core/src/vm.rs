@@ -23,6 +23,7 @@ use crate::loader::{load_elf, LoaderError};
 use crate::memory::{allocate, write_boot_structures, GuestMem, Layout, MemoryError, MAX_CMDLINE};
 use crate::record::Inputs;
 use crate::state::{ConfigState, ExitState, MachineState, Persist, Snapshot, StateError};
+pub use crate::vcpu::ExhaustedAt;
 use crate::vcpu::{ExitKind, ExitStats, RunExit, Vcpu, VcpuError, VcpuKick};
 
 /// Default RAM size (64 MiB).
@@ -100,6 +101,14 @@ pub enum VmError {
     /// The vCPU thread is gone ([`VmThread`]).
     #[error("the VM thread cannot do this now: {0}")]
     Thread(&'static str),
+    /// The VM is paused inside exit `exit`, whose replay ran out there
+    /// ([`RunOutcome::ReplayExhausted`]): its state cannot be captured until a run completes
+    /// that exit.
+    #[error("the VM is paused inside exit {exit} (its replay ran out there): run it before capturing its state")]
+    ExitPending {
+        /// The exit index.
+        exit: u64,
+    },
     /// The operation needs a paused VM ([`VmThread::pause`] first); it is in `state`.
     #[error("the VM must be paused for this (it is {state:?})")]
     NotPaused {
@@ -117,6 +126,17 @@ pub enum RunOutcome {
     Paused,
     /// The exit limit was reached; the VM can run again or be saved.
     ExitLimit,
+    /// The replay source ran out at exit `exit` (it holds nothing more: the primary's log
+    /// stopped). The run is paused right there, inside the exit if `at` says so: the driver
+    /// decides what follows — install live inputs ([`Vm::set_inputs`]) and run again, and the
+    /// pending exit is completed live at the same exit index; or give up. See
+    /// [`crate::vcpu`], "A replay that runs out pauses the run".
+    ReplayExhausted {
+        /// The exit index where the replay ran out.
+        exit: u64,
+        /// Where: at an external read, at the end of an exit, or between two exits.
+        at: ExhaustedAt,
+    },
 }
 
 /// Controls a VM from another thread.
@@ -324,8 +344,14 @@ impl Vm {
     /// boundary: the VM is not running (`&mut self`).
     ///
     /// # Errors
-    /// [`VmError::State`] if KVM refuses to give the vCPU state.
+    /// [`VmError::State`] if KVM refuses to give the vCPU state; [`VmError::ExitPending`] if
+    /// the last run left an exit pending ([`RunOutcome::ReplayExhausted`]).
     pub fn capture(&mut self) -> Result<MachineState, VmError> {
+        if self.vcpu.pending_exit().is_some() {
+            return Err(VmError::ExitPending {
+                exit: self.stats.total(),
+            });
+        }
         let by_kind = std::array::from_fn(|i| {
             self.stats.by_kind[i].load(std::sync::atomic::Ordering::Relaxed)
         });
@@ -489,6 +515,7 @@ impl Vm {
             RunExit::PowerOff(code) => RunOutcome::PoweredOff(code),
             RunExit::Kicked => RunOutcome::Paused,
             RunExit::ExitLimit => RunOutcome::ExitLimit,
+            RunExit::ReplayExhausted { exit, at } => RunOutcome::ReplayExhausted { exit, at },
         })
     }
 
@@ -652,6 +679,8 @@ impl VmThread {
                     match vm.run()? {
                         RunOutcome::PoweredOff(code) => return Ok(RunOutcome::PoweredOff(code)),
                         RunOutcome::Paused | RunOutcome::ExitLimit => {}
+                        // Nobody here decides what a replay that ran out continues with.
+                        o @ RunOutcome::ReplayExhausted { .. } => return Ok(o),
                     }
                     sh.set(VmState::Paused);
                     loop {

@@ -40,7 +40,7 @@ use ftvm_vmm_core::ft::primary::{
 use ftvm_vmm_core::guests;
 use ftvm_vmm_core::memory::GuestMem;
 use ftvm_vmm_core::record::memlog::{Event, MemRecorder, MemReplay};
-use ftvm_vmm_core::record::{Inputs, Recorder, ReplayError, ReplaySource};
+use ftvm_vmm_core::record::{Inputs, ReplayError, ReplaySource};
 use ftvm_vmm_core::testing::StallAcks;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 
@@ -693,14 +693,11 @@ fn shared_disk_write_fenced_off_by_a_newer_owner_stops_both_sides_as_superseded(
 
 /// The log of a primary that died in the middle of a disk exit, for a replaying VM: the events
 /// of [`MemReplay`]; once they run out (at an external read, or at the end of an exit with no
-/// event of a later exit left, as the backup's log reader decides) the VM goes live, and the
-/// disk is taken over with [`BlkHandle::go_live`](ftvm_vmm_core::devices::virtio::blk::BlkHandle::go_live)
-/// as the backup's go-live does.
+/// event of a later exit left, as the backup's log reader decides) the replay reports it and
+/// the run returns to its driver ([`RunOutcome::ReplayExhausted`]), which goes live
+/// ([`go_live_where_the_log_ends`]).
 struct CutLog {
     events: MemReplay,
-    disk: BlkHandle,
-    mem: GuestMem,
-    live_at: Arc<Mutex<Option<(u64, usize)>>>,
 }
 
 impl ReplaySource for CutLog {
@@ -721,10 +718,32 @@ impl ReplaySource for CutLog {
         }
         Ok(())
     }
-    fn go_live(&mut self, exit: u64) -> Option<Box<dyn Recorder>> {
-        let redone = self.disk.go_live(exit, &self.mem);
-        *self.live_at.lock().unwrap() = Some((exit, redone));
-        Some(Box::new(()))
+}
+
+/// Runs the replaying `vm` one exit at a time until `done` holds (or 20 s pass); where its log
+/// runs out, goes live as the backup's go-live does: the disk is taken over with
+/// [`BlkHandle::go_live`](ftvm_vmm_core::devices::virtio::blk::BlkHandle::go_live) (noted in
+/// `live_at`: the exit and the requests redone), the inputs become live, and the run that
+/// follows completes the exit left pending.
+fn go_live_where_the_log_ends(
+    vm: &mut Vm,
+    (disk, mem): (&BlkHandle, &GuestMem),
+    live_at: &mut Option<(u64, usize)>,
+    done: impl Fn(&Vm) -> bool,
+) {
+    let t0 = Instant::now();
+    while !done(vm) {
+        let next = vm.stats().total() + 1;
+        match vm.run_until(Some(next)) {
+            Ok(RunOutcome::ExitLimit) => {}
+            Ok(RunOutcome::ReplayExhausted { exit, .. }) => {
+                assert_eq!(*live_at, None, "the replay ran out twice");
+                *live_at = Some((exit, disk.go_live(exit, mem)));
+                vm.set_inputs(Inputs::default());
+            }
+            other => panic!("backup: the VM stopped: {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "backup: too slow");
     }
 }
 
@@ -792,22 +811,19 @@ fn shared_disk_go_live_inside_a_disk_exit_completes_the_request() {
     let disk = backup.disk().expect("disk").clone();
     disk.set_shared(true);
     disk.set_mode(DiskMode::Replay);
-    let live_at = Arc::new(Mutex::new(None));
+    let mut live_at = None;
     backup.set_inputs(Inputs::Replay(Box::new(CutLog {
         events: MemReplay::new(cut),
-        disk: disk.clone(),
-        mem: backup.memory().clone(),
-        live_at: live_at.clone(),
     })));
     // Without the go-live completion the guest would find the status byte at 0xFF (an I/O
     // error) and power off with its disk-failure code instead of writing the fresh header.
-    step_until(&mut backup, "backup", |_| disk.counters().writes >= 1);
+    let mem = backup.memory().clone();
+    go_live_where_the_log_ends(&mut backup, (&disk, &mem), &mut live_at, |_| {
+        disk.counters().writes >= 1
+    });
     let c = disk.counters();
-    eprintln!(
-        "{TEST}: read at exit {read_exit}, live at {:?}, {c:?}",
-        live_at.lock().unwrap()
-    );
-    assert_eq!(*live_at.lock().unwrap(), Some((read_exit, 1)));
+    eprintln!("{TEST}: read at exit {read_exit}, live at {live_at:?}, {c:?}");
+    assert_eq!(live_at, Some((read_exit, 1)));
     // The read executed at go-live (the only disk access of the replay), then kv's own write.
     assert_eq!(
         (c.redone, c.reads, c.writes, c.dropped),

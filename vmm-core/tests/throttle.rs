@@ -579,17 +579,19 @@ fn throttle_backup_that_never_acks_ends_in_failure_detection() {
     .expect("experiment");
     // The primary stops with an error: its log is full and the link is declared down.
     match &r.primary {
-        // (A `PairError::Log` carries its cause as text: the sender's peer timeout.)
+        // (A `PairError::Log` carries its cause, typed: the sender's peer timeout.)
         Err(PairError::Log(why))
-            if why.contains("log buffer full and the link is down")
-                && why.contains("nothing heard from the peer") =>
+            if why
+                .to_string()
+                .contains("log buffer full and the link is down")
+                && why.to_string().contains("nothing heard from the peer") =>
         {
             eprintln!("{TEST}: primary: {why}");
         }
         // A pair without an arbiter: the primary's link watch may stop it first, on the same
         // dead link (PairError::PeerFailed, the backup named as the failed peer).
         Err(e @ PairError::PeerFailed { peer, why, .. })
-            if *peer == "backup" && why.contains("nothing heard from the peer") =>
+            if *peer == "backup" && why.to_string().contains("nothing heard from the peer") =>
         {
             eprintln!("{TEST}: primary: {e}");
         }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::bus::{BusDevice, DeviceError, EventSignal, ExitAction, ExitCtx, DEVICE_SIZE};
 use crate::memory::{GuestMem, MMIO_BASE, MMIO_SIZE};
-use crate::record::{try_go_live, Inputs, ReplayError};
+use crate::record::Inputs;
 use crate::state::{DeviceState, DevicesState, Persist, StateError, VirtioState};
 
 use self::sys::{SysDevice, EVENT_BLK, EVENT_TIMER, REG_CONSOLE_LEN, REG_WAIT};
@@ -153,16 +153,10 @@ impl Devices {
                 crate::bus::put_le(data, v);
                 Ok(())
             }
-            Target::Sys(reg) => match self.sys.read(ctx, reg, data) {
-                // The log ran out at this read and the run went live: read live instead (the
-                // replayed attempt had no effect besides the failed read).
-                Err(DeviceError::Replay(ReplayError::Exhausted { .. }))
-                    if try_go_live(ctx.inputs, ctx.exit) =>
-                {
-                    self.sys.read(ctx, reg, data)
-                }
-                r => r,
-            },
+            // A log that ran out at this read fails it with `Replay(Exhausted)`, and the replayed
+            // attempt had no effect besides the failed read: the exit handler leaves it pending
+            // and the run's driver decides (`crate::vcpu`, module docs).
+            Target::Sys(reg) => self.sys.read(ctx, reg, data),
             Target::Virtio(i, reg) => self.virtio[i].read(ctx, reg, data),
             Target::None => {
                 tracing::debug!(addr, "MMIO read outside any device");
@@ -211,18 +205,14 @@ impl Devices {
     /// WAIT: delivers pending input, else blocks until input, the deadline, or an interrupt.
     fn wait(&mut self, ctx: &mut ExitCtx<'_>, addr: u64) -> Result<u64, DeviceError> {
         if let Inputs::Replay(src) = ctx.inputs {
-            match src.external_read(ctx.exit, addr) {
-                Ok(v) => {
-                    self.blk_completed = false;
-                    return Ok(v);
-                }
-                // The log ran out at this WAIT and the run went live: the WAIT is answered
-                // live (below); the writes logged for it before its missing read are dropped.
-                Err(ReplayError::Exhausted { .. }) if try_go_live(ctx.inputs, ctx.exit) => {
-                    tracing::info!(exit = ctx.exit, "replay ended at a WAIT: answering it live");
-                }
-                Err(e) => return Err(DeviceError::Replay(e)),
-            }
+            // A log that ran out at this WAIT fails it (nothing else happened here): the exit
+            // stays pending, and a run that continues live answers it below; the writes
+            // logged for it before its missing read are then dropped.
+            let v = src
+                .external_read(ctx.exit, addr)
+                .map_err(DeviceError::Replay)?;
+            self.blk_completed = false;
+            return Ok(v);
         }
         let mut events = 0;
         loop {
@@ -274,9 +264,9 @@ impl Devices {
     ///
     /// # Errors
     /// [`DeviceError::Queue`] if a used ring cannot be read.
-    pub fn resync_queues(&mut self, ctx: &ExitCtx<'_>) -> Result<(), DeviceError> {
+    pub fn resync_queues(&mut self, mem: &GuestMem) -> Result<(), DeviceError> {
         for dev in &mut self.virtio {
-            dev.resync_queues(ctx.mem)?;
+            dev.resync_queues(mem)?;
         }
         Ok(())
     }

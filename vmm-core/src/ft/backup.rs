@@ -23,6 +23,14 @@
 //! before the writes the primary logged ahead of it (the writes are applied at the end of the
 //! exit): such a record is remembered as taken, and released with the records before it.
 //!
+//! When the log runs out (the primary is gone), the replay source only says so
+//! ([`ReplayError::Exhausted`]): the vCPU returns to the run loop with the exit pending
+//! ([`RunOutcome::ReplayExhausted`]), the run loop takes the reader back and hands it to the
+//! go-live decision (`GoLiveHook`, [`super::golive`]) — never from inside an exit handler.
+//! Won, it installs live inputs and the VM's next run completes that exit live; otherwise the
+//! decision's error ends the run. The backup's role meanwhile (REPLAYING → DRAINING when the
+//! log stops, then DECIDING → LIVE, SUPERSEDED …) is the state machine of [`super::role`].
+//!
 //! Shared-disk mode (the primary and the backup name the same image): while it replays, the
 //! backup's virtio-blk device does not touch the disk (read data come from the log, writes are
 //! dropped and counted: [`DiskMode::Replay`]); the disk becomes the backup's when it goes live
@@ -31,7 +39,7 @@
 use std::borrow::Cow;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftvm_channel::{GoodbyeReason, LogReceiver, TransportError};
@@ -41,7 +49,8 @@ use super::detector::TrafficNote;
 use super::digest::register_digest;
 use super::log::{decode_write, device_name, AppliedControl, ControlQueue, Entry, KIND_WRITE};
 use super::observe::{LogSnapshot, Observer, SideRole};
-use super::primary::PairError;
+use super::primary::{LinkDown, PairError, SetupError};
+use super::role::{BackupEvent, BackupRoleCell};
 use super::stop::{is_planned, StopCause, Stopped};
 use crate::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use crate::record::{Inputs, OutputDigest, ReplayError, ReplaySource};
@@ -123,6 +132,8 @@ impl OutputChecks {
 
 /// What a [`LogReader`] of a fault-tolerant backup watches besides the link.
 struct Watch {
+    /// The backup's role: DRAINING once the log stopped ([`super::role`]).
+    role: BackupRoleCell,
     /// The failure detector presumes the primary failed.
     peer_failed: Arc<AtomicBool>,
     /// Reports log traffic to the failure detector.
@@ -131,6 +142,18 @@ struct Watch {
     severed: bool,
     /// When the log was first seen to stop (link error, or the primary presumed failed).
     lost_at: Option<Instant>,
+}
+
+impl Watch {
+    /// The log was seen to stop (now, if not before): REPLAYING → DRAINING.
+    fn log_stopped(&mut self) {
+        if self.lost_at.is_none() {
+            self.lost_at = Some(Instant::now());
+            if let Err(e) = self.role.step(BackupEvent::LogStopped) {
+                tracing::warn!(error = %e, "backup role: transition refused");
+            }
+        }
+    }
 }
 
 /// A transport that is closed: handing it to [`LogReceiver::reconnect`] stops the receiver's
@@ -216,8 +239,14 @@ impl LogReader {
     /// failure detector presumes the primary failed): the receiver is then stopped (nothing more
     /// is received or acknowledged), the entries it holds are handed out, and the log ends
     /// ([`ReplayError::Exhausted`]). Each batch of records received is noted on `traffic`.
-    pub(crate) fn watch(&mut self, peer_failed: Arc<AtomicBool>, traffic: TrafficNote) {
+    pub(crate) fn watch(
+        &mut self,
+        peer_failed: Arc<AtomicBool>,
+        traffic: TrafficNote,
+        role: BackupRoleCell,
+    ) {
         self.watch = Some(Watch {
+            role,
             peer_failed,
             traffic,
             severed: false,
@@ -238,7 +267,7 @@ impl LogReader {
         let _ = self.rx.reconnect(Box::new(Severed));
         if let Some(w) = self.watch.as_mut() {
             w.severed = true;
-            w.lost_at.get_or_insert_with(Instant::now);
+            w.log_stopped();
         }
         was
     }
@@ -390,7 +419,7 @@ impl LogReader {
                     .error()
                     .unwrap_or(TransportError::Closed { mid_frame: false });
                 if let Some(w) = self.watch.as_mut() {
-                    w.lost_at.get_or_insert_with(Instant::now);
+                    w.log_stopped();
                 }
                 tracing::warn!(error = %e, exit, "log ended");
                 return Err(ReplayError::Exhausted { exit });
@@ -560,20 +589,20 @@ impl LogReader {
     /// The first entry of exit `exit` not yet consumed that is not a `Write` (the writes of an
     /// exit are applied at its end, and the live run logs them as the devices make them, so
     /// they may come before the exit's read or output digest); waits while only writes of this
-    /// exit are pending. `Err(description)` of the next entry when the log goes on with
+    /// exit are pending. [`NextEvent::Other`] with the next entry when the log goes on with
     /// another exit (or a header) instead.
-    fn next_event(&mut self, exit: u64) -> Result<Result<(At, Entry), String>, ReplayError> {
+    fn next_event(&mut self, exit: u64) -> Result<NextEvent, ReplayError> {
         // Look first, wait only when nothing is there (each look re-reads the receiver's
         // tail: one per exit on the common path).
         loop {
             let mut end = 0;
             let found = self.scan(exit, &mut end, |at, v| match v {
                 View::Entry(e) if e.exit() != exit || matches!(e, Entry::Header { .. }) => {
-                    ControlFlow::Break(Err(format!("{e:?}")))
+                    ControlFlow::Break(NextEvent::Other(e))
                 }
-                View::Entry(e) => ControlFlow::Break(Ok((at, e))),
+                View::Entry(e) => ControlFlow::Break(NextEvent::Found(at, e)),
                 View::Write { exit: x, .. } if x != exit => {
-                    ControlFlow::Break(Err(format!("{:?}", v.to_entry())))
+                    ControlFlow::Break(NextEvent::Other(v.to_entry()))
                 }
                 View::Write { .. } => ControlFlow::Continue(()),
             })?;
@@ -587,7 +616,7 @@ impl LogReader {
 
     fn read(&mut self, exit: u64, addr: u64) -> Result<u64, ReplayError> {
         let next = match self.next_event(exit)? {
-            Ok((at, Entry::Read { addr: a, value, .. })) => {
+            NextEvent::Found(at, Entry::Read { addr: a, value, .. }) => {
                 if a != addr {
                     return Err(self.diverged(
                         exit,
@@ -601,13 +630,12 @@ impl LogReader {
                 self.consume(at);
                 return Ok(value);
             }
-            Ok((_, e)) => format!("{e:?}"),
-            Err(next) => next,
+            NextEvent::Found(_, e) | NextEvent::Other(e) => e,
         };
         Err(self.diverged(
             exit,
             format!(
-                "unexpected exit: the backup read {addr:#x} ({}), the primary logged no read here (next entry: {next})",
+                "unexpected exit: the backup read {addr:#x} ({}), the primary logged no read here (next entry: {next:?})",
                 device_name(addr)
             ),
         ))
@@ -617,12 +645,12 @@ impl LogReader {
     /// must have the same digest here (see [`OutputChecks`]).
     fn output(&mut self, exit: u64, out: &OutputDigest) -> Result<(), ReplayError> {
         let what = match self.next_event(exit)? {
-            Ok((at, Entry::Output { digest, .. })) if digest == *out => {
+            NextEvent::Found(at, Entry::Output { digest, .. }) if digest == *out => {
                 self.consume(at);
                 self.checks.verified(out);
                 return Ok(());
             }
-            Ok((at, Entry::Output { digest: theirs, .. })) => {
+            NextEvent::Found(at, Entry::Output { digest: theirs, .. }) => {
                 self.consume(at);
                 let of = if theirs.source == out.source {
                     String::new()
@@ -634,12 +662,8 @@ impl LogReader {
                     out.source.name(),
                 )
             }
-            Ok((_, e)) => format!(
+            NextEvent::Found(_, e) | NextEvent::Other(e) => format!(
                 "output of {} by the backup ({out}), the primary logged no output here (next entry: {e:?})",
-                out.source.name()
-            ),
-            Err(next) => format!(
-                "output of {} by the backup ({out}), the primary logged no output here (next entry: {next})",
                 out.source.name()
             ),
         };
@@ -790,6 +814,14 @@ impl Tampering<'_> {
     }
 }
 
+/// What [`LogReader::next_event`] found.
+enum NextEvent {
+    /// The first entry of the exit that is not a `Write`.
+    Found(At, Entry),
+    /// The log goes on with this entry of another exit (or a header) instead.
+    Other(Entry),
+}
+
 /// What [`LogReader::writes`] found at the head of the log.
 enum WriteStep {
     /// An entry of a later exit: this exit's writes are all applied.
@@ -804,29 +836,17 @@ enum WriteStep {
 
 /// The [`ReplaySource`] of a backup: the one owner of the [`LogReader`] while the vCPU runs
 /// (the run loop lends it the reader and takes it back between runs: no lock on the replay's
-/// path). With a go-live hook ([`super::golive`]), the log running out is a go-live decision
-/// ([`ReplaySource::go_live`]).
+/// path). When the log runs out it only says so ([`ReplayError::Exhausted`]): the run returns
+/// to the run loop ([`RunOutcome::ReplayExhausted`]), which decides (`GoLiveHook`).
+#[derive(Debug)]
 pub struct ChannelReplay {
     reader: LogReader,
-    golive: Option<SharedGoLive>,
-}
-
-impl std::fmt::Debug for ChannelReplay {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChannelReplay")
-            .field("reader", &self.reader)
-            .field("golive", &self.golive.is_some())
-            .finish()
-    }
 }
 
 impl ChannelReplay {
     /// A replay source reading `reader` (the log running out ends the replay).
     pub fn new(reader: LogReader) -> Self {
-        ChannelReplay {
-            reader,
-            golive: None,
-        }
+        ChannelReplay { reader }
     }
 
     /// The reader, back.
@@ -858,16 +878,6 @@ impl ReplaySource for ChannelReplay {
 
     fn verifies_outputs(&self) -> bool {
         true
-    }
-
-    fn go_live(&mut self, exit: u64) -> Option<Box<dyn crate::record::Recorder>> {
-        let won = self
-            .golive
-            .as_ref()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .decide(exit, &mut self.reader);
-        won.then(|| Box::new(()) as Box<dyn crate::record::Recorder>)
     }
 
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
@@ -934,38 +944,36 @@ fn compare(exit: u64, what: &str, ours: u64, theirs: u64) -> Result<(), PairErro
 pub fn run_backup(vm: &mut Vm, reader: LogReader) -> Result<BackupReport, PairError> {
     match backup_loop(vm, reader, None)? {
         BackupEnd::Finished(report) => Ok(report),
-        BackupEnd::Live { exit, .. } => Err(PairError::LogEnded {
+        BackupEnd::Live { exit } => Err(PairError::LogEnded {
             exit,
-            why: "the replay went live without a go-live controller".into(),
+            why: LinkDown::LogStopped,
         }),
     }
 }
 
-/// What decides, when the log runs out, whether a backup goes live ([`super::golive`]).
-pub(crate) trait GoLiveHook: Send {
-    /// The log ran out at exit `exit` (`reader` is the log, stopped or to be stopped): waits
-    /// for the failure detector and the arbiter; returns whether this side won and is now
-    /// live (outputs enabled, service address taken).
-    fn decide(&mut self, exit: u64, reader: &mut LogReader) -> bool;
-    /// Whether the decision was made and won.
-    fn is_live(&self) -> bool;
-    /// The error that ended the decision, if it was lost or failed.
-    fn take_failure(&mut self) -> Option<PairError>;
+/// What decides, when the log runs out, whether a backup goes live ([`super::golive`]): the
+/// backup's run loop, with the VM paused where the replay ran out.
+pub(crate) trait GoLiveHook {
+    /// The log ran out at exit `exit` (`reader` is the log, stopped or to be stopped; the VM
+    /// is paused there): waits for the failure detector and the arbiter. `Ok` if this side
+    /// won and is now live (outputs enabled, service address taken: the run loop resumes the
+    /// VM with live inputs); the error says why not (lost, a planned stop, the arbiter
+    /// failed).
+    ///
+    /// # Errors
+    /// As above.
+    fn decide(&mut self, exit: u64, reader: &mut LogReader) -> Result<(), PairError>;
 }
-
-/// A shared [`GoLiveHook`].
-pub(crate) type SharedGoLive = Arc<Mutex<dyn GoLiveHook>>;
 
 /// How a backup's replay ended.
 pub(crate) enum BackupEnd {
     /// The End entry was replayed.
     Finished(BackupReport),
-    /// The log ran out and the backup went live (the VM's inputs are live).
+    /// The log ran out at exit `exit` and the backup went live: the VM is paused there with
+    /// live inputs (its next run completes the exit left pending, live).
     Live {
-        /// The exit index when the replay loop noticed.
+        /// The exit index where the replay ran out.
         exit: u64,
-        /// How the VM's run that went live ended, if it ran on live.
-        outcome: Option<RunOutcome>,
     },
 }
 
@@ -977,12 +985,9 @@ struct Held {
 
 impl Held {
     /// Lends the reader to `vm`'s replay source.
-    fn lend(&mut self, vm: &mut Vm, golive: Option<&SharedGoLive>) {
+    fn lend(&mut self, vm: &mut Vm) {
         if let Some(reader) = self.parked.take() {
-            vm.set_inputs(Inputs::Replay(Box::new(ChannelReplay {
-                reader,
-                golive: golive.cloned(),
-            })));
+            vm.set_inputs(Inputs::Replay(Box::new(ChannelReplay { reader })));
         }
     }
 
@@ -1001,7 +1006,7 @@ impl Held {
             None => vm
                 .replay_mut::<ChannelReplay>()
                 .map(|c| &mut c.reader)
-                .ok_or_else(|| PairError::Setup("the VM no longer replays the log".into())),
+                .ok_or(PairError::Setup(SetupError::ReplayGone)),
         }
     }
 }
@@ -1011,35 +1016,28 @@ fn ended(exit: u64, e: ReplayError) -> PairError {
         ReplayError::Diverged { exit, what } => PairError::Diverged { exit, what },
         ReplayError::Exhausted { .. } => PairError::LogEnded {
             exit,
-            why: "the primary's log stopped".into(),
+            why: LinkDown::LogStopped,
         },
         ReplayError::Interrupted { exit } => PairError::Paused(exit),
     }
 }
 
-/// The log ran out between exits (`e`; the reader is back in the run loop's hands): go live
-/// here if the decision is won.
+/// The log ran out at exit `exit` (`e`; the reader is back in the run loop's hands, the VM
+/// paused there): with a go-live hook, this side goes live here if it wins the decision.
 fn run_out(
     vm: &mut Vm,
     reader: Option<&mut LogReader>,
-    golive: Option<&SharedGoLive>,
+    golive: Option<&mut (dyn GoLiveHook + '_)>,
     exit: u64,
     e: ReplayError,
 ) -> Result<BackupEnd, PairError> {
     if let (ReplayError::Exhausted { .. }, Some(reader)) = (&e, reader) {
         if let Some(g) = golive {
-            let mut h = g.lock().unwrap_or_else(|e| e.into_inner());
-            if h.decide(exit, reader) {
-                vm.set_inputs(Inputs::default());
-                return Ok(BackupEnd::Live {
-                    exit,
-                    outcome: None,
-                });
-            }
-            if let Some(f) = h.take_failure() {
-                return Err(f);
-            }
-        } else if let Some(s) = reader.planned_stop(exit) {
+            g.decide(exit, reader)?;
+            vm.set_inputs(Inputs::default());
+            return Ok(BackupEnd::Live { exit });
+        }
+        if let Some(s) = reader.planned_stop(exit) {
             return Err(s);
         }
     }
@@ -1050,11 +1048,10 @@ fn run_out(
 pub(crate) fn backup_loop(
     vm: &mut Vm,
     mut reader: LogReader,
-    golive: Option<&SharedGoLive>,
+    golive: Option<&mut (dyn GoLiveHook + '_)>,
 ) -> Result<BackupEnd, PairError> {
     reader.observer().watch_exits(vm.stats());
     reader.stop = Some(vm.control());
-    let hook = || golive.map(|g| g.lock().unwrap_or_else(|e| e.into_inner()));
     let first = reader.next_entry(0);
     let header = match first {
         Ok(h) => h,
@@ -1080,31 +1077,30 @@ pub(crate) fn backup_loop(
     let mut held = Held {
         parked: Some(reader),
     };
-    held.lend(vm, golive);
+    held.lend(vm);
     let interval = digest_interval.max(1);
     let mut checkpoints = 0u64;
     let mut result = loop {
         let target = (vm.stats().total() / interval + 1) * interval;
         let outcome = vm.run_until(Some(target));
         let exit = vm.stats().total();
-        if hook().is_some_and(|h| h.is_live()) {
-            // The log ran out during that run and the VM went live.
-            return match outcome {
-                Ok(o) => Ok(BackupEnd::Live {
-                    exit,
-                    outcome: Some(o),
-                }),
-                Err(e) => Err(e.into()),
-            };
-        }
         let outcome = match outcome {
+            // The log ran out during that run: the VM is paused where it did (inside the exit
+            // if at a read or at the end of one), and this loop decides.
+            Ok(RunOutcome::ReplayExhausted { exit, at }) => {
+                tracing::info!(exit, ?at, "the replay ran out");
+                held.take_back(vm);
+                let e = ReplayError::Exhausted { exit };
+                // Not live: the end of this loop still tells the primary (a planned stop).
+                match run_out(vm, held.parked.as_mut(), golive, exit, e) {
+                    Ok(end) => return Ok(end),
+                    Err(e) => break Err(e),
+                }
+            }
             Ok(o) => o,
             Err(e) => {
                 if let Some(f) = vm.disk().and_then(BlkHandle::copy_failure) {
                     break Err(PairError::CannotTakeOver(f));
-                }
-                if let Some(f) = hook().and_then(|mut h| h.take_failure()) {
-                    break Err(f);
                 }
                 if let Some((exit, what)) = held.get(vm)?.divergence.take() {
                     break Err(PairError::Diverged { exit, what });
@@ -1119,7 +1115,7 @@ pub(crate) fn backup_loop(
                     }
                     break Err(PairError::LogEnded {
                         exit,
-                        why: "the primary's log stopped".into(),
+                        why: LinkDown::LogStopped,
                     });
                 }
                 let text = format!("{e}: {}", super::primary::error_chain(&e));
@@ -1140,7 +1136,10 @@ pub(crate) fn backup_loop(
             Ok(e) => e,
             Err(e) => {
                 held.take_back(vm);
-                return run_out(vm, held.parked.as_mut(), golive, exit, e);
+                match run_out(vm, held.parked.as_mut(), golive, exit, e) {
+                    Ok(end) => return Ok(end),
+                    Err(e) => break Err(e),
+                }
             }
         };
         let entry = match entry {
@@ -1150,7 +1149,10 @@ pub(crate) fn backup_loop(
                     Err(PairError::LogEnded { .. }) => {
                         held.take_back(vm);
                         let e = ReplayError::Exhausted { exit };
-                        return run_out(vm, held.parked.as_mut(), golive, exit, e);
+                        match run_out(vm, held.parked.as_mut(), golive, exit, e) {
+                            Ok(end) => return Ok(end),
+                            Err(e) => break Err(e),
+                        }
                     }
                     Err(e) => break Err(e),
                 }
@@ -1198,7 +1200,7 @@ pub(crate) fn backup_loop(
     };
     held.take_back(vm);
     let Some(r) = held.parked.as_mut() else {
-        return Err(PairError::Setup("the replay's log reader is gone".into()));
+        return Err(PairError::Setup(SetupError::ReaderGone));
     };
     match &mut result {
         Err(PairError::CannotTakeOver(f)) => {

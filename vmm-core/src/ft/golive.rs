@@ -1,18 +1,22 @@
 //! Go-live: a backup whose primary failed takes over, and a primary whose backup failed goes on
-//! alone — both only after winning the next generation on the arbiter.
+//! alone — both only after winning the next generation on the arbiter. The roles each side
+//! passes through, and which transitions are allowed, are the state machines of
+//! [`super::role`]; this module takes the decisions that step them.
 //!
 //! ```text
 //! backup:  log stops (link error, or detector: primary failed ─> vCPU interrupted out of
-//!          guest code) ─> stop receiving/acking
-//!          ─> replay every entry received ─> log runs out at exit N (or between exits N-1, N)
+//!          guest code) ─> stop receiving/acking                           REPLAYING ─> DRAINING
+//!          ─> replay every entry received ─> log runs out at exit N (or between exits N-1, N):
+//!             the vCPU returns to the run loop with exit N pending              ─> DECIDING
 //!          ─> wait: detector says the primary failed (or the log link broke two failure
 //!             timeouts ago) ─> take_over (generation g+1; waits while the arbiter is
-//!             unreachable; lost ⇒ stop with PairError::Superseded)
-//!          ─> attach the service TAP, TX direct, console released ─> inputs live from exit N on
+//!             unreachable; lost ⇒ stop with PairError::Superseded)            ─> SUPERSEDED
+//!          ─> attach the service TAP, TX direct, console released             ─> LIVE
+//!          ─> inputs live; the run loop resumes the vCPU, which completes exit N live
 //!          ─> runs as a lone primary until power off
-//! primary: detector: backup failed, or link down ─> take_over (g+1)
-//!          ─> won: stop logging, release every held output, TX direct, run alone
-//!          ─> lost: fence the output gate (nothing more is released), stop
+//! primary: detector: backup failed, or link down ─> take_over (g+1)  WATCHED ─> GOING ALONE
+//!          ─> won: stop logging, release every held output, TX direct, run alone  ─> ALONE
+//!          ─> lost: fence the output gate (nothing more is released), stop        ─> FENCED
 //! either:  a heartbeat claims a newer generation ─> read the arbiter (at most every 100 ms)
 //!          ─> only if it names a newer generation held by another node: as "lost" above
 //! backup (own disk copy): a disk result differs from the primary's ─> GOODBYE(CannotTakeOver)
@@ -28,10 +32,14 @@
 //! The backup goes live at the first point where its log has nothing more: at an external read
 //! (clock, entropy, WAIT) whose entry is missing, at the end of an exit (it waits for an entry
 //! of a later exit before leaving one), at a checkpoint, or between two exits inside guest
-//! code (see "Deciding between two exits" below). There the replay source runs the
-//! decision ([`ReplaySource::go_live`](crate::record::ReplaySource::go_live)); on winning, the
-//! VM's inputs become live **at that point**: the missing read is answered by the device, and
-//! every later exit runs live. No exit is replayed in part and then re-executed.
+//! code (see "Deciding between two exits" below). There the replay source only reports that
+//! it ran out, and the vCPU returns to the backup's run loop with that exit **pending**
+//! ([`RunOutcome::ReplayExhausted`]; [`crate::vcpu`], "A replay that runs out pauses the run"):
+//! the decision — which sleeps, polls the detector and calls the arbiter — runs in the run
+//! loop, on the vCPU's thread but outside the exit handler. On winning, the VM's inputs become
+//! live **at that point**: the run loop runs the vCPU on, the missing read is answered by the
+//! device at the same exit index, and every later exit runs live. No exit is replayed in part
+//! and then re-executed.
 //!
 //! Let `P` be the last log position the backup received (it stops its receiver first, so `P`
 //! cannot move any more and nothing after `P` is acknowledged). Every output the primary
@@ -72,9 +80,8 @@
 //! failure) or already dead (then the divergence is found while the backup drains its log
 //! before deciding, and it refuses to go live: the service stays down rather than continue
 //! from a state that contradicts what clients were told — the safe default; there is no
-//! option to go live anyway). The decision is never reached:
-//! [`ReplaySource::go_live`](crate::record::ReplaySource::go_live) is
-//! asked only once every held entry was replayed without a difference.
+//! option to go live anyway). The decision is never reached: the replay runs out (and the run
+//! loop decides) only once every held entry was replayed without a difference.
 //!
 //! A primary that goes alone keeps its state (nothing to replay); it releases what it held once
 //! it won, and nothing at all once it learned it lost ([`Fence`] on the output gate).
@@ -95,7 +102,9 @@
 //!   the vCPU replays on and reaches them; the request stays set, so the source is asked again
 //!   at every later point between exits (after the next checkpoint, say), besides the usual
 //!   points above;
-//! - it holds nothing, the receiver is stopped and drained: the log ends **here**, and the
+//! - it holds nothing, the receiver is stopped and drained: the log ends **here**; the vCPU
+//!   returns to the run loop (nothing pending:
+//!   [`ExhaustedAt::BetweenExits`](crate::vm::ExhaustedAt::BetweenExits)), and the
 //!   decision runs at this point of the guest's instruction stream, as at an exit.
 //!
 //! Why this point is a valid continuation: `N` exits are complete (all their entries applied)
@@ -168,10 +177,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ftvm_channel::Goodbye;
-
 use super::arbiter::{acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, RetryPolicy};
-use super::backup::{backup_loop, BackupEnd, BackupReport, GoLiveHook, LogReader, SharedGoLive};
+use super::backup::{backup_loop, BackupEnd, BackupReport, GoLiveHook, LogReader};
 use super::detector::{Detector, DetectorConfig, DetectorEvent, DetectorStats, PeerState};
 use super::digest::register_digest;
 use super::fence::Fence;
@@ -180,7 +187,11 @@ use super::node::{NodeId, Role};
 use super::observe::SideRole;
 use super::output::{OutputGate, OutputStats, Sink};
 use super::primary::{
-    primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
+    primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport, SetupError,
+};
+use super::role::{
+    BackupEvent, BackupGone, BackupRoleCell, BackupState, Fenced, PrimaryEvent, PrimaryRole,
+    PrimaryRoleCell, PrimaryState,
 };
 use super::stop::{is_planned, BackupStopPolicy, PrimaryStopPolicy, StopCause, Stopped};
 use super::transition::{emit, Transition, TransitionSink};
@@ -255,11 +266,6 @@ impl FtConfig {
             join: None,
             on_transition: None,
         }
-    }
-
-    /// Reports `t` to [`FtConfig::on_transition`], if set.
-    fn emit(&self, t: Transition) {
-        emit(self.on_transition.as_ref(), t);
     }
 }
 
@@ -460,10 +466,7 @@ fn take_disk(disk: &BlkHandle, generation: u64) -> Result<(), PairError> {
             generation: owner,
             winner: DISK_OWNER.into(),
         }),
-        Err(e) => Err(PairError::Setup(format!(
-            "shared disk: {}",
-            super::primary::error_chain(&e)
-        ))),
+        Err(e) => Err(PairError::Setup(SetupError::Disk(e))),
     }
 }
 
@@ -482,21 +485,19 @@ pub(crate) fn disk_superseded(vm: &Vm) -> Option<PairError> {
 // Primary
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Default)]
-struct PrimaryShared {
-    alone: Mutex<Option<GoLiveTimings>>,
-    superseded: Mutex<Option<(u64, String)>>,
-    arbiter_error: Mutex<Option<ArbiterError>>,
-}
-
-/// The fault-tolerance side of a primary's run (used by [`primary_loop`]).
+/// The fault-tolerance side of a primary's run (used by [`primary_loop`]). What it decides
+/// goes into the primary's role ([`LogWriter::role`], [`super::role`]).
 pub(crate) struct PrimaryFt {
     cfg: FtConfig,
     fence: Fence,
     detector: Arc<Detector>,
+    /// The detector's verdict on the backup (an input of the monitor, not a role).
     failed: Arc<AtomicBool>,
     claimed: Claimed,
-    shared: Arc<PrimaryShared>,
+    /// The primary's role, once [`PrimaryFt::start`] was given the writer.
+    role: Option<PrimaryRoleCell>,
+    /// Ends the monitor thread (the run ended, or this side was replaced by a join); not a
+    /// role.
     stop: Arc<AtomicBool>,
     monitor: Option<JoinHandle<()>>,
 }
@@ -524,7 +525,7 @@ impl PrimaryFt {
             detector,
             failed,
             claimed,
-            shared: Arc::default(),
+            role: None,
             stop: Arc::new(AtomicBool::new(false)),
             monitor: None,
         })
@@ -545,6 +546,8 @@ impl PrimaryFt {
         gate.set_fence(self.fence.clone(), self.cfg.generation);
         self.detector.observe_into(writer.observer());
         writer.observer().set_generation(self.cfg.generation);
+        writer.role().set_sink(self.cfg.on_transition.clone());
+        self.role = Some(writer.role().clone());
         if let Some(j) = &self.cfg.join {
             j.set_writer(writer);
         }
@@ -557,7 +560,7 @@ impl PrimaryFt {
                 .set_role(SideRole::Alone, self.cfg.generation);
             return Ok(());
         }
-        writer.set_managed();
+        writer.role().step(PrimaryEvent::Watch)?;
         self.spawn_monitor(gate, writer, vm, on_backup_stop, None)
     }
 
@@ -596,7 +599,8 @@ impl PrimaryFt {
         if let Some(net) = vm.net() {
             gate.gate_net(net);
         }
-        writer.set_managed();
+        writer.role().step(PrimaryEvent::Rejoined)?;
+        self.role = Some(writer.role().clone());
         self.detector.observe_into(writer.observer());
         writer.observer().set_role(SideRole::Primary, generation);
         self.spawn_monitor(gate, writer, vm, on_backup_stop, Some(armed))?;
@@ -617,7 +621,6 @@ impl PrimaryFt {
             detector: Arc::clone(&self.detector),
             failed: Arc::clone(&self.failed),
             claims: ArbiterCheck::new(Arc::clone(&self.claimed)),
-            shared: Arc::clone(&self.shared),
             stop: Arc::clone(&self.stop),
             writer: writer.clone(),
             gate,
@@ -631,32 +634,26 @@ impl PrimaryFt {
             std::thread::Builder::new()
                 .name("ft-primary-monitor".into())
                 .spawn(move || m.run())
-                .map_err(|e| PairError::Setup(format!("FT monitor thread: {e}")))?,
+                .map_err(SetupError::thread("FT monitor"))?,
         );
         Ok(())
     }
 
-    /// The error to stop with if this primary was superseded (lost the take-over, or saw a
-    /// newer generation) or the arbiter failed.
+    /// The error to stop with if this primary was fenced: superseded (lost the take-over, or
+    /// saw a newer generation) or the arbiter failed. (A newer generation seen after going
+    /// alone needs no role: the gate's fence already refuses every output.)
     pub(crate) fn superseded(&self) -> Option<PairError> {
-        if let Some(e) = self
-            .shared
-            .arbiter_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            return Some(PairError::Arbiter(e));
+        let role = self.role.as_ref()?;
+        if !role.is(PrimaryRole::Fenced) {
+            return None;
         }
-        let s = self
-            .shared
-            .superseded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        // (A newer generation seen after going alone needs no flag: the gate's fence already
-        // refuses every output.)
-        s.map(|(generation, winner)| PairError::Superseded { generation, winner })
+        match role.state() {
+            PrimaryState::Fenced(Fenced::Superseded { generation, winner }) => {
+                Some(PairError::Superseded { generation, winner })
+            }
+            PrimaryState::Fenced(Fenced::Arbiter(e)) => Some(PairError::Arbiter(e)),
+            _ => None,
+        }
     }
 
     /// Stops the monitor (the pair ended normally; the link going down is no failure now).
@@ -681,7 +678,6 @@ struct Monitor {
     detector: Arc<Detector>,
     failed: Arc<AtomicBool>,
     claims: ArbiterCheck,
-    shared: Arc<PrimaryShared>,
     stop: Arc<AtomicBool>,
     writer: LogWriter,
     gate: Arc<OutputGate>,
@@ -693,19 +689,6 @@ struct Monitor {
     /// After a join: whether the new backup's link came up ([`PrimaryFt::rejoin`]); the
     /// monitor watches only from then on.
     armed: Option<std::sync::mpsc::Receiver<bool>>,
-}
-
-/// Why a primary's backup is gone: what [`Monitor::go_alone`] reacts to, whatever the policy
-/// for a primary without its backup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum BackupGone {
-    /// The failure detector presumes it failed.
-    Failed,
-    /// The log link is down (it may live: the arbiter decides).
-    LinkDown,
-    /// It left the pair and said why (a GOODBYE; e.g. `CannotTakeOver`: its disk copy failed,
-    /// so it could never take over: the primary goes on as if it had failed).
-    Left(Goodbye),
 }
 
 impl Monitor {
@@ -781,30 +764,22 @@ impl Monitor {
 
     fn lose(&self, generation: u64, winner: String) {
         self.fence.advance(generation);
-        self.writer.set_fenced();
-        self.writer
-            .observer()
-            .set_role(SideRole::Fenced, generation);
         tracing::error!(
             generation,
             %winner,
             "this primary lost the take-over: no output is released any more; stopping"
         );
-        self.cfg.emit(Transition::LostTakeOver {
-            role: Role::Primary,
-            generation,
-            winner: winner.clone(),
-        });
-        *self
-            .shared
-            .superseded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some((generation, winner));
+        // FENCED (appends fail from here on); the role emits LostTakeOver.
+        self.writer.step(PrimaryEvent::Lost { generation, winner });
+        self.writer
+            .observer()
+            .set_role(SideRole::Fenced, generation);
         self.control.kick();
     }
 
     /// The backup is gone (`gone` says how): win the next generation, then go on alone — or
-    /// stop, if it was lost. The one path for every way a backup can be gone.
+    /// stop, if it was lost. The one path for every way a backup can be gone: WATCHED →
+    /// GOING ALONE → ALONE or FENCED ([`super::role`]).
     fn go_alone(&self, gone: &BackupGone) {
         let t_failed = Instant::now();
         let detection = if self.detector.peer_state() == PeerState::Failed {
@@ -820,17 +795,12 @@ impl Monitor {
                 "UNPROTECTED: the backup stopped as planned; taking over the next generation \
                  and going on ALONE (no backup, no failover until a new pair is started)"
             ),
-            BackupGone::Left(goodbye) => {
-                tracing::error!(
-                    %goodbye,
-                    at_exit,
-                    "the backup left the pair: taking over the next generation before going \
-                     alone (outputs no longer wait for it)"
-                );
-                self.cfg.emit(Transition::BackupLeft {
-                    goodbye: goodbye.clone(),
-                });
-            }
+            BackupGone::Left(goodbye) => tracing::error!(
+                %goodbye,
+                at_exit,
+                "the backup left the pair: taking over the next generation before going \
+                 alone (outputs no longer wait for it)"
+            ),
             _ => tracing::warn!(
                 ?gone,
                 ?detection,
@@ -838,6 +808,10 @@ impl Monitor {
                 "the backup is presumed failed: taking over the next generation before going \
                  alone"
             ),
+        }
+        // GOING ALONE (a backup that left unplanned: the role emits BackupLeft).
+        if !self.writer.step(PrimaryEvent::BackupGone(gone.clone())) {
+            return;
         }
         let stop = Arc::clone(&self.stop);
         let r = take_over(
@@ -862,7 +836,10 @@ impl Monitor {
                         return;
                     }
                 }
-                release_alone(&self.writer, &self.gate, self.net.as_ref(), generation);
+                // ALONE before the release: a vCPU waiting for log space (or inside a transmit)
+                // must see that nothing is logged any more.
+                self.writer.step(PrimaryEvent::Won);
+                release_alone(&self.gate, self.net.as_ref(), generation);
                 let t_drained = Instant::now();
                 self.detector.set_role(Role::Alone);
                 let timings = GoLiveTimings {
@@ -876,9 +853,9 @@ impl Monitor {
                     total: t_drained - t_failed + detection,
                 };
                 tracing::info!(?timings, "primary goes on alone");
-                self.cfg.emit(Transition::Alone(timings));
+                // The role keeps the timings and emits Alone.
+                self.writer.step(PrimaryEvent::Released(timings));
                 self.writer.observer().set_role(SideRole::Alone, generation);
-                *self.shared.alone.lock().unwrap_or_else(|e| e.into_inner()) = Some(timings);
             }
             Ok((_, Acquire::Lost { generation, winner })) => {
                 self.lose(generation, winner.to_string());
@@ -886,28 +863,18 @@ impl Monitor {
             Err(ArbiterError::Stopped) => {}
             Err(e) => {
                 tracing::error!(error = %e, "arbiter failed: this primary stops");
-                self.writer.set_fenced();
-                *self
-                    .shared
-                    .arbiter_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(e);
+                self.writer.step(PrimaryEvent::ArbiterFailed(Arc::new(e)));
                 self.control.kick();
             }
         }
     }
 }
 
-/// A primary goes on alone in `generation`: logging stops, every held output is released (the
-/// frames held before transmits switch to the TAP leave first, in order), transmits go
-/// straight to the TAP. Returns whether everything held was released in time.
-pub(crate) fn release_alone(
-    writer: &LogWriter,
-    gate: &OutputGate,
-    net: Option<&NetHandle>,
-    generation: u64,
-) -> bool {
-    writer.set_alone();
+/// A primary that went ALONE (its role says so already: nothing is logged) in `generation`:
+/// every held output is released (the frames held before transmits switch to the TAP leave
+/// first, in order), transmits go straight to the TAP. Returns whether everything held was
+/// released in time.
+pub(crate) fn release_alone(gate: &OutputGate, net: Option<&NetHandle>, generation: u64) -> bool {
     gate.release_all(generation);
     let mut released = false;
     match net {
@@ -946,11 +913,16 @@ pub fn run_primary_ft(
     let mut pft = PrimaryFt::new(ft)?;
     let report = primary_loop(vm, writer, opts, console, hooks, Some(&mut pft));
     pft.stop_monitor();
-    if let Some(e) = pft.superseded() {
+    let ended = pft.superseded();
+    let alone = match writer.role().state() {
+        PrimaryState::Alone(t) => t,
+        _ => None,
+    };
+    writer.end_run();
+    if let Some(e) = ended {
         return Err(e);
     }
     let report = report?;
-    let alone = *pft.shared.alone.lock().unwrap_or_else(|e| e.into_inner());
     Ok(PrimaryFtReport {
         report,
         alone,
@@ -963,14 +935,19 @@ pub fn run_primary_ft(
 // Backup
 // ---------------------------------------------------------------------------------------------
 
-/// The backup's go-live decision (runs on the vCPU thread, inside the replay source).
+/// The backup's go-live decision: taken by the backup's run loop, on the vCPU thread, while
+/// the VM is paused where its replay ran out ([`crate::vcpu`], "A replay that runs out pauses
+/// the run"). Its outcome is the backup's role ([`super::role`], "The backup").
 struct BackupGoLive {
     cfg: FtConfig,
     /// The VM's control: a stop requested here means no go-live ([`super::stop`]).
     control: VmControl,
     fence: Fence,
     detector: Arc<Detector>,
+    /// The detector's verdict on the primary (an input of the decision, not a role).
     failed: Arc<AtomicBool>,
+    /// The backup's role.
+    role: BackupRoleCell,
     /// Entries the replay consumed when the log ran out (the reader is gone once live).
     consumed: u64,
     net: Option<NetHandle>,
@@ -980,63 +957,95 @@ struct BackupGoLive {
     console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
     console_gate: Option<OutputGate>,
     console_replayed: Vec<u8>,
-    decided: bool,
-    timings: Option<GoLiveTimings>,
-    failure: Option<PairError>,
 }
 
 impl BackupGoLive {
-    fn lost(&mut self, generation: u64, winner: String) -> bool {
+    /// SUPERSEDED (the role emits LostTakeOver).
+    fn lost(&mut self, generation: u64, winner: String) -> Result<(), PairError> {
         tracing::error!(
             generation,
             %winner,
             "the backup lost the take-over: it does not go live"
         );
-        self.cfg.emit(Transition::LostTakeOver {
-            role: Role::Backup,
+        self.role.step(BackupEvent::Lost {
             generation,
             winner: winner.clone(),
-        });
-        self.failure = Some(PairError::Superseded { generation, winner });
-        false
+        })?;
+        Err(PairError::Superseded { generation, winner })
+    }
+
+    /// FAILED, with `e`.
+    fn fail(&mut self, e: PairError) -> Result<(), PairError> {
+        self.role.step(BackupEvent::Fail)?;
+        Err(e)
+    }
+
+    /// After the replay ended with `e` (not through the decision, which steps its own
+    /// outcome): STOPPED for a planned stop, FAILED otherwise.
+    fn settle(&self, e: &PairError) {
+        use super::role::BackupRole as R;
+        if matches!(self.role.role(), R::Replaying | R::Draining | R::Deciding) {
+            let event = match e {
+                PairError::Stopped(_) => BackupEvent::Stop,
+                _ => BackupEvent::Fail,
+            };
+            if let Err(e) = self.role.step(event) {
+                tracing::warn!(error = %e, "backup role: transition refused");
+            }
+        }
+    }
+
+    /// The timings of going live (default before).
+    fn timings(&self) -> GoLiveTimings {
+        match self.role.state() {
+            BackupState::Live(t) => t,
+            _ => GoLiveTimings::default(),
+        }
     }
 
     /// A planned stop instead of a decision, if one applies: this side was asked to stop, or
     /// the primary stopped as planned and this backup is not to take over. `handover`: the
     /// primary stopped as planned and this backup takes over at once.
-    fn planned_stop(&mut self, exit: u64, handover: &mut bool, reader: &LogReader) -> bool {
+    fn planned_stop(
+        &mut self,
+        exit: u64,
+        handover: &mut bool,
+        reader: &LogReader,
+    ) -> Option<PairError> {
         let cause = if self.control.stop_requested() {
             StopCause::Requested
         } else {
             match reader.receiver().peer_goodbye().filter(is_planned) {
-                None => return false,
+                None => return None,
                 Some(_) if self.cfg.on_primary_stop == PrimaryStopPolicy::TakeOver => {
                     tracing::warn!(
                         exit,
                         "the primary stopped as planned: taking over (handover)"
                     );
                     *handover = true;
-                    return false;
+                    return None;
                 }
                 Some(g) => StopCause::PeerStopped(g.text),
             }
         };
         tracing::warn!(exit, ?cause, "planned stop: the backup does not go live");
-        self.failure = Some(PairError::Stopped(Stopped {
+        Some(PairError::Stopped(Stopped {
             exit,
             cause,
             held: 0,
             told_peer: false,
-        }));
-        true
+        }))
     }
 
-    fn decide_inner(&mut self, exit: u64, reader: &mut LogReader) -> bool {
+    /// DECIDING at `exit`, then LIVE — or why not.
+    fn decide_at(&mut self, exit: u64, reader: &mut LogReader) -> Result<(), PairError> {
         self.consumed = reader.consumed();
         let mut handover = false;
-        if self.planned_stop(exit, &mut handover, reader) {
-            return false;
+        if let Some(stop) = self.planned_stop(exit, &mut handover, reader) {
+            self.role.step(BackupEvent::Stop)?;
+            return Err(stop);
         }
+        self.role.step(BackupEvent::RanOut { exit })?;
         let t_out = Instant::now();
         // Nothing more may be received or acknowledged from here on.
         reader.sever();
@@ -1087,8 +1096,7 @@ impl BackupGoLive {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "arbiter failed: the backup does not go live");
-                self.failure = Some(PairError::Arbiter(e));
-                return false;
+                return self.fail(e.into());
             }
         };
         if let Acquire::Lost { generation, winner } = outcome {
@@ -1104,10 +1112,7 @@ impl BackupGoLive {
                 Err(PairError::Superseded { generation, winner }) => {
                     return self.lost(generation, winner);
                 }
-                Err(e) => {
-                    self.failure = Some(e);
-                    return false;
-                }
+                Err(e) => return self.fail(e),
             }
             disk.go_live(exit, mem);
         }
@@ -1115,13 +1120,13 @@ impl BackupGoLive {
         self.detector.set_role(Role::Alone);
         if let Some(net) = &self.net {
             if let Some(tap) = &self.cfg.service_tap {
-                if let Err(e) = attach_when_free(net, tap) {
-                    tracing::error!(error = %e, tap = %tap, "cannot attach the service TAP");
-                    self.failure = Some(PairError::Setup(format!(
-                        "went live in generation {generation} but cannot attach TAP {tap}: {}",
-                        super::primary::error_chain(&e)
-                    )));
-                    return false;
+                if let Err(source) = attach_when_free(net, tap) {
+                    tracing::error!(error = %source, tap = %tap, "cannot attach the service TAP");
+                    return self.fail(PairError::Setup(SetupError::Tap {
+                        generation,
+                        tap: tap.clone(),
+                        source,
+                    }));
                 }
             }
             net.set_tx(TxMode::Direct);
@@ -1157,14 +1162,15 @@ impl BackupGoLive {
         )
     }
 
-    /// Records the timings of going live (`lost_at`: the log stopped, `t_out`: the replay ran
-    /// out, `t_failed`: the primary presumed failed, `t_won`: the arbiter won).
+    /// LIVE, with the timings of going live (`lost_at`: the log stopped, `t_out`: the replay
+    /// ran out, `t_failed`: the primary presumed failed, `t_won`: the arbiter won); the role
+    /// emits Live.
     fn went_live(
         &mut self,
         (exit, generation): (u64, u64),
         (lost_at, t_out, t_failed, t_won): (Instant, Instant, Instant, Instant),
         reader: &LogReader,
-    ) -> bool {
+    ) -> Result<(), PairError> {
         let detection = self.detector.stats().last_detection.unwrap_or_default();
         let t_live = Instant::now();
         let first_sign = lost_at.min(t_failed.checked_sub(detection).unwrap_or(t_failed));
@@ -1179,36 +1185,18 @@ impl BackupGoLive {
             total: t_live.saturating_duration_since(first_sign),
         };
         tracing::info!(?timings, "the backup is live");
-        self.cfg.emit(Transition::Live(timings));
-        if self.cfg.join.is_some() {
-            // Out of the replay's run at the next exit: it becomes a lone primary that
-            // accepts joins (`live_as_primary`) at once rather than at the next checkpoint.
-            self.control.kick();
-        }
+        self.role.step(BackupEvent::Won(timings))?;
         reader.observer().set_role(SideRole::Alone, generation);
         if let Some(g) = &self.console_gate {
             g.observe_into(reader.observer());
         }
-        self.timings = Some(timings);
-        true
+        Ok(())
     }
 }
 
 impl GoLiveHook for BackupGoLive {
-    fn decide(&mut self, exit: u64, reader: &mut LogReader) -> bool {
-        if self.decided {
-            return self.timings.is_some();
-        }
-        self.decided = true;
-        self.decide_inner(exit, reader)
-    }
-
-    fn is_live(&self) -> bool {
-        self.timings.is_some()
-    }
-
-    fn take_failure(&mut self) -> Option<PairError> {
-        self.failure.take()
+    fn decide(&mut self, exit: u64, reader: &mut LogReader) -> Result<(), PairError> {
+        self.decide_at(exit, reader)
     }
 }
 
@@ -1241,80 +1229,75 @@ pub fn run_backup_ft(
         &Claimed::default(),
         Some(vm.control()),
     )?;
-    reader.watch(Arc::clone(&failed), detector.traffic());
+    let role = BackupRoleCell::new(BackupState::Replaying);
+    role.set_sink(ft.on_transition.clone());
+    reader.watch(Arc::clone(&failed), detector.traffic(), role.clone());
     detector.observe_into(reader.observer());
     reader.observer().set_generation(ft.generation);
     // Shared counters: read after the run, whatever became of the reader.
     let (controls, checks) = (reader.controls().clone(), reader.output_checks());
-    let golive = Arc::new(Mutex::new(BackupGoLive {
+    let mut golive = BackupGoLive {
         cfg: ft,
         control: vm.control(),
         fence,
         detector: Arc::clone(&detector),
         failed,
+        role,
         consumed: 0,
         net: vm.net().cloned(),
         disk: vm.shared_disk().map(|d| (d.clone(), vm.memory().clone())),
         console,
         console_gate: None,
         console_replayed: Vec::new(),
-        decided: false,
-        timings: None,
-        failure: None,
-    }));
-    let hook: SharedGoLive = golive.clone();
-    let end = backup_loop(vm, reader, Some(&hook))?;
-    let (exit, outcome) = match end {
-        BackupEnd::Finished(r) => return Ok(BackupFtReport::Finished(r)),
-        BackupEnd::Live { exit, outcome } => (exit, outcome),
     };
-    // The replay source, and with it the reader (the receiver), went with the go-live.
-    let entries = golive.lock().unwrap_or_else(|e| e.into_inner()).consumed;
+    let exit = match backup_loop(vm, reader, Some(&mut golive)) {
+        Ok(BackupEnd::Finished(r)) => {
+            golive.role.step(BackupEvent::Finish)?;
+            return Ok(BackupFtReport::Finished(r));
+        }
+        Ok(BackupEnd::Live { exit }) => exit,
+        Err(e) => {
+            golive.settle(&e);
+            return Err(e);
+        }
+    };
+    // LIVE: the VM is paused where the replay ran out, its inputs live; the replay source, and
+    // with it the reader (the receiver), went with the go-live.
+    let entries = golive.consumed;
     let controls = controls.applied();
     tracing::info!(exit, "running as a lone primary");
-    let join = golive
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .cfg
-        .join
-        .clone();
-    // Paused by the kick of `went_live` (not by a stop): runs on as a primary too.
-    let runs_on = match outcome {
-        None | Some(RunOutcome::ExitLimit) => true,
-        Some(RunOutcome::Paused) => !vm.stop_requested(),
-        Some(RunOutcome::PoweredOff(_)) => false,
-    };
-    if let Some(point) = join.filter(|_| runs_on) {
-        return live_as_primary(vm, &golive, &point, (entries, controls, checks), &detector);
+    if let Some(point) = golive.cfg.join.clone() {
+        return live_as_primary(
+            vm,
+            &mut golive,
+            &point,
+            (entries, controls, checks),
+            &detector,
+        );
     }
-    let code = match outcome {
-        Some(RunOutcome::PoweredOff(code)) => code,
-        Some(RunOutcome::Paused) => return Err(paused_or_stopped(vm)),
-        _ => loop {
-            let r = vm.run();
-            if r.is_err() {
-                if let Some(e) = disk_superseded(vm) {
-                    return Err(e);
-                }
+    // The first run completes the exit left pending, live.
+    let code = loop {
+        let r = vm.run();
+        if r.is_err() {
+            if let Some(e) = disk_superseded(vm) {
+                return Err(e);
             }
-            match r? {
-                RunOutcome::PoweredOff(code) => break code,
-                RunOutcome::Paused => return Err(paused_or_stopped(vm)),
-                RunOutcome::ExitLimit => {}
-            }
-        },
+        }
+        match r? {
+            RunOutcome::PoweredOff(code) => break code,
+            RunOutcome::Paused => return Err(paused_or_stopped(vm)),
+            RunOutcome::ExitLimit | RunOutcome::ReplayExhausted { .. } => {}
+        }
     };
-    let mut g = golive.lock().unwrap_or_else(|e| e.into_inner());
-    let timings = g.timings.unwrap_or_default();
-    let console_replayed = std::mem::take(&mut g.console_replayed);
-    let console = match g.console_gate.take() {
+    let timings = golive.timings();
+    let console_replayed = std::mem::take(&mut golive.console_replayed);
+    let console = match golive.console_gate.take() {
         Some(gate) => {
             gate.flush(RELEASE_TIMEOUT);
             gate.stats()
         }
         None => OutputStats::default(),
     };
-    drop(g);
     Ok(went_live_report(
         vm,
         (timings, code),
@@ -1355,24 +1338,22 @@ fn went_live_report(
 /// primary (console and transmits), and the join point, until the guest powers off.
 fn live_as_primary(
     vm: &mut Vm,
-    golive: &Arc<Mutex<BackupGoLive>>,
+    golive: &mut BackupGoLive,
     point: &super::join::JoinPoint,
     (entries, controls, checks): (u64, Vec<AppliedControl>, super::backup::OutputChecks),
     detector: &Detector,
 ) -> Result<BackupFtReport, PairError> {
-    let mut g = golive.lock().unwrap_or_else(|e| e.into_inner());
-    let timings = g.timings.unwrap_or_default();
-    let console = g.console.take();
-    let console_replayed = std::mem::take(&mut g.console_replayed);
-    let mut cfg = g.cfg.clone();
-    drop(g);
+    let timings = golive.timings();
+    let console = golive.console.take();
+    let console_replayed = std::mem::take(&mut golive.console_replayed);
+    let mut cfg = golive.cfg.clone();
     cfg.generation = timings.generation;
     // The backup's detector keeps its address; this side's, for a backup that joins, takes
     // another (the join tells the joiner).
     cfg.detector.bind = std::net::SocketAddr::new(cfg.detector.bind.ip(), 0);
     cfg.detector.role = Role::Alone;
-    let (p, c) = ftvm_ringbuf::with_capacity(point.log_capacity())
-        .map_err(|e| PairError::Setup(format!("log buffer: {e}")))?;
+    let (p, c) =
+        ftvm_ringbuf::with_capacity(point.log_capacity()).map_err(SetupError::LogBuffer)?;
     let sender = ftvm_channel::LogSender::detached(
         p,
         c,
@@ -1381,8 +1362,9 @@ fn live_as_primary(
     )?;
     let opts = PairOptions::default();
     let writer = LogWriter::new(sender, opts.idle);
-    writer.set_alone();
+    writer.role().step(PrimaryEvent::RunAlone)?;
     let mut pft = PrimaryFt::new(cfg)?;
+    // The first run completes the exit left pending where the replay ran out, live.
     let r = primary_loop(
         vm,
         &writer,
@@ -1392,7 +1374,9 @@ fn live_as_primary(
         Some(&mut pft),
     );
     pft.stop_monitor();
-    if let Some(e) = pft.superseded() {
+    let ended = pft.superseded();
+    writer.end_run();
+    if let Some(e) = ended {
         return Err(e);
     }
     let r = r?;

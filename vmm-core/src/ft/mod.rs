@@ -10,6 +10,9 @@
 //!   with the output rule and divergence detection.
 //! - [`golive`]: the backup going live and the primary continuing alone ([`run_primary_ft`],
 //!   [`run_backup_ft`]).
+//! - [`role`]: the roles of the primary and the backup as two state machines (logging,
+//!   watched, going alone, alone, fenced …; replaying, draining, deciding, live, superseded …),
+//!   each transition one `step`, the typed [`transition::Transition`] it stands for emitted.
 //! - [`stop`]: planned stops (SIGTERM): the peer is told (GOODBYE) and does not fail over.
 //! - [`throttle`]: lag measurement and the CPU throttle that keeps the primary in step.
 //! - [`observe`]: the live counters of a side (metrics endpoint, `ftvm stat`, reports).
@@ -54,6 +57,7 @@ pub mod node;
 pub mod observe;
 pub mod output;
 pub mod primary;
+pub mod role;
 pub mod stop;
 pub mod throttle;
 pub mod transition;

@@ -16,12 +16,21 @@
 //! thread reads the [`LogWriter`], a cloneable handle (positions, counters, mode, the link's
 //! [`SenderHandle`]). No lock on the per-entry path.
 //!
+//! What an append does depends on the primary's role ([`super::role`], "The primary"), read
+//! with one atomic load per append: LOGGING appends (a full buffer on a dead link fails: no
+//! arbiter decides anything else), WATCHED and GOING ALONE append and wait for space while the
+//! FT monitor decides, ALONE drops the entry, FENCED and the ended roles fail it. The role
+//! lives in the [`LogWriter`] ([`LogWriter::role`]); the `LinkWatch` of a primary without an
+//! arbiter steps it to PEER FAILED or ALONE, the FT monitor ([`super::golive`]) to GOING ALONE,
+//! ALONE or FENCED. Errors are typed: [`LogWriteError`] (why the log could not be written),
+//! [`LinkDown`] (how the link was seen to end), [`SetupError`].
+//!
 //! Shared-disk mode (the backup names the same image, [`set_shared`](crate::devices::virtio::blk::BlkHandle::set_shared)): a disk write
 //! is an output. [`DiskBarrier`] holds the vCPU before each write request until the backup has
 //! acknowledged every entry logged so far; alone it passes at once, superseded it refuses
 //! (the write never reaches the disk and the VM stops).
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,9 +45,10 @@ use super::log::{
 };
 use super::observe::{DiskWaitsSnapshot, LogSnapshot, Observer, SideRole};
 use super::output::{OutputGate, OutputStats, Sink};
+use super::role::{PrimaryEvent, PrimaryRole, PrimaryRoleCell, PrimaryState};
 use super::stop::is_planned;
 pub use super::stop::BackupStopPolicy;
-use crate::devices::virtio::blk::{DiskMode, WriteBarrier};
+use crate::devices::virtio::blk::{BarrierError, DiskMode, WriteBarrier};
 use crate::devices::virtio::net::NetHandle;
 use crate::record::{Inputs, OutputDigest, Recorder};
 use crate::vm::{RunOutcome, Vm, VmControl, VmError};
@@ -54,16 +64,16 @@ pub enum PairError {
         /// What differed.
         what: String,
     },
-    /// The log could not be written (link down while the buffer was full, entry too large).
+    /// The log could not be written, or its end was not acknowledged.
     #[error("log: {0}")]
-    Log(String),
+    Log(LogWriteError),
     /// The log ended before the guest powered off (the primary is gone).
     #[error("log ended at exit {exit}: {why}")]
     LogEnded {
         /// The exit index.
         exit: u64,
-        /// Why.
-        why: String,
+        /// How the log was seen to end.
+        why: LinkDown,
     },
     /// The channel failed.
     #[error("channel")]
@@ -75,8 +85,8 @@ pub enum PairError {
     #[error("the VM was paused from outside at exit {0}")]
     Paused(u64),
     /// Setup failed.
-    #[error("{0}")]
-    Setup(String),
+    #[error(transparent)]
+    Setup(#[from] SetupError),
     /// Another node holds a newer generation: this node must not go live or release outputs.
     #[error("superseded: generation {generation} is held by {winner}; this node stops")]
     Superseded {
@@ -87,7 +97,7 @@ pub enum PairError {
     },
     /// The arbiter failed (other than by being unreachable, which is waited out).
     #[error("arbiter")]
-    Arbiter(#[from] super::arbiter::ArbiterError),
+    Arbiter(#[source] Arc<super::arbiter::ArbiterError>),
     /// The failure detector could not be started.
     #[error("failure detector")]
     Detector(#[from] super::detector::DetectorError),
@@ -102,8 +112,8 @@ pub enum PairError {
         peer: &'static str,
         /// The exit index where this side stopped.
         exit: u64,
-        /// How the failure showed (the link's error).
-        why: String,
+        /// How the failure showed.
+        why: LinkDown,
     },
     /// Own-copy mode: a disk request of the backup gave another result than the primary's (its
     /// copy filled up, failed, or differs): this backup can no longer take over. It stopped
@@ -114,6 +124,121 @@ pub enum PairError {
     /// pair as planned; no failover happened.
     #[error("{0}")]
     Stopped(super::stop::Stopped),
+    /// A role transition was refused ([`super::role`]): the failover machinery met a case
+    /// its state machine does not draw.
+    #[error("failover role")]
+    Role(#[from] super::role::RoleError),
+}
+
+impl From<super::arbiter::ArbiterError> for PairError {
+    fn from(e: super::arbiter::ArbiterError) -> Self {
+        PairError::Arbiter(Arc::new(e))
+    }
+}
+
+/// How a side saw its logging link (and so its peer's log) end. Shown inside the sentence of
+/// [`PairError::LogEnded`], [`PairError::PeerFailed`] and [`LogWriteError::FullAndLinkDown`],
+/// so the link's own error is part of its message.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkDown {
+    /// The link's poller stopped, and no error is left to say why.
+    #[error("the logging link is down")]
+    Down,
+    /// The link failed.
+    #[error("logging link: {0}")]
+    Failed(Arc<TransportError>),
+    /// The backup's log stopped before its End entry (the receiver ended or was severed).
+    #[error("the primary's log stopped")]
+    LogStopped,
+}
+
+impl LinkDown {
+    /// The error a stopped link left (`None`: it left none, or another reader took it).
+    pub fn from_error(e: Option<TransportError>) -> Self {
+        e.map_or(LinkDown::Down, |e| LinkDown::Failed(Arc::new(e)))
+    }
+}
+
+/// Why the primary could not write its log (or see its end acknowledged).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogWriteError {
+    /// This primary was superseded: appends fail.
+    #[error("this primary was superseded: it no longer logs")]
+    Fenced,
+    /// The run ended (or the pair stopped): appends fail.
+    #[error("this primary's run has ended: it no longer logs")]
+    Ended,
+    /// An entry cannot be claimed in the log buffer (larger than the buffer allows).
+    #[error("{0}")]
+    Claim(ClaimError),
+    /// The buffer is full and the link that would drain it is down (no arbiter decides).
+    #[error("log buffer full and the link is down: {0}")]
+    FullAndLinkDown(LinkDown),
+    /// The backup did not acknowledge the End entry in time.
+    #[error("the backup did not acknowledge the end of the log within {0:?}")]
+    EndNotAcknowledged(Duration),
+    /// Held outputs were still waiting for acknowledgements at the end.
+    #[error("outputs still waiting at the end")]
+    OutputsHeld,
+}
+
+/// A run could not be set up (or the parts it lent out are gone).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// [`LogWriter::take_appender`] while another run holds it.
+    #[error("the log is being appended to by another run")]
+    AppenderTaken,
+    /// The VM's recorder is no longer the log's appender.
+    #[error("the VM's recorder is no longer the log")]
+    RecorderGone,
+    /// The VM no longer replays the log.
+    #[error("the VM no longer replays the log")]
+    ReplayGone,
+    /// The replay's log reader is gone.
+    #[error("the replay's log reader is gone")]
+    ReaderGone,
+    /// A primary's VM replays a log (and it ran out at exit `exit`): it must run live.
+    #[error("the primary's VM replays a log, which ran out at exit {exit}")]
+    PrimaryReplays {
+        /// Where the log ran out.
+        exit: u64,
+    },
+    /// A thread could not be started.
+    #[error("{what} thread")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A log buffer could not be created.
+    #[error("log buffer")]
+    LogBuffer(#[source] ftvm_ringbuf::RingError),
+    /// The shared disk's owner record could not be taken.
+    #[error("shared disk")]
+    Disk(#[source] crate::devices::virtio::blk::BlkError),
+    /// A backup went live but could not attach the service TAP.
+    #[error("went live in generation {generation} but cannot attach TAP {tap}")]
+    Tap {
+        /// The generation won.
+        generation: u64,
+        /// The TAP's name.
+        tap: String,
+        /// The cause.
+        #[source]
+        source: crate::devices::virtio::net::TapError,
+    },
+    /// The throttle experiment's cgroup (test tooling).
+    #[error("throttle")]
+    Throttle(#[source] super::throttle::ThrottleError),
+}
+
+impl SetupError {
+    /// A `what` thread could not be spawned.
+    pub(crate) fn thread(what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| SetupError::Thread { what, source }
+    }
 }
 
 /// What a primary **without an arbiter** does when its backup fails (its logging link
@@ -182,9 +307,10 @@ impl Default for PairOptions {
     }
 }
 
-/// The primary's log, seen from any thread: the position written, counters, the mode (logging,
-/// alone, fenced), controls, the observer, and the link's [`SenderHandle`] (acknowledgements,
-/// the poller's state and error, GOODBYE). Cheap to clone.
+/// The primary's log, seen from any thread: the position written, counters, the primary's
+/// role ([`super::role`]: logging, watched, alone, fenced …), controls, the observer, and the
+/// link's [`SenderHandle`] (acknowledgements, the poller's state and error, GOODBYE). Cheap to
+/// clone.
 ///
 /// One owner at each end of the ring: the log buffer's producer is not here but in the
 /// [`LogAppender`], which the run takes once ([`LogWriter::take_appender`]) and lends to the
@@ -217,24 +343,42 @@ struct WriterShared {
     entries: AtomicU64,
     stalls: AtomicU64,
     stall_ns: AtomicU64,
-    mode: AtomicU8,
+    /// The primary's role: what an append does (read with one atomic load per append).
+    role: PrimaryRoleCell,
     idle: IdleKind,
     /// The first error met by an append through the [`Recorder`] interface (which cannot
     /// fail); written once, on the failure path only.
-    error: Mutex<Option<String>>,
+    error: std::sync::OnceLock<LogWriteError>,
     /// The throttle's pacer, consulted after each append (on the vCPU thread).
     pacer: std::sync::OnceLock<Arc<super::throttle::Pacer>>,
 }
 
-/// [`LogWriter`] modes.
-const MODE_LOGGING: u8 = 0;
-/// Logging, and a failure detector decides what a dead link means: appends wait for log space
-/// even when the link is down (until the mode changes).
-const MODE_MANAGED: u8 = 1;
-/// The primary runs alone: appends are dropped.
-const MODE_ALONE: u8 = 2;
-/// The primary lost the take-over: appends fail.
-const MODE_FENCED: u8 = 3;
+/// What an append does in each role of the primary ([`super::role`], "The primary").
+#[derive(Debug)]
+enum AppendMode {
+    /// Append; a full buffer on a link that is down fails (nobody decides anything else).
+    Log,
+    /// Append; a full buffer waits even while the link is down (a monitor decides).
+    LogWatched,
+    /// Nothing is logged: the append is dropped.
+    Drop,
+    /// The append fails.
+    Fail(LogWriteError),
+}
+
+impl AppendMode {
+    fn of(role: PrimaryRole) -> Self {
+        match role {
+            PrimaryRole::Logging => AppendMode::Log,
+            PrimaryRole::Watched | PrimaryRole::GoingAlone => AppendMode::LogWatched,
+            PrimaryRole::Alone => AppendMode::Drop,
+            PrimaryRole::Fenced => AppendMode::Fail(LogWriteError::Fenced),
+            PrimaryRole::PeerFailed | PrimaryRole::Stopped => {
+                AppendMode::Fail(LogWriteError::Ended)
+            }
+        }
+    }
+}
 
 /// How often and how long the vCPU waited for log space.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -266,9 +410,9 @@ impl LogWriter {
             entries: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
             stall_ns: AtomicU64::new(0),
-            mode: AtomicU8::new(MODE_LOGGING),
+            role: PrimaryRoleCell::new(PrimaryState::Logging),
             idle,
-            error: Mutex::new(None),
+            error: std::sync::OnceLock::new(),
             pacer: std::sync::OnceLock::new(),
         });
         let writer = LogWriter {
@@ -321,7 +465,7 @@ impl LogWriter {
     pub fn take_appender(&self) -> Result<LogAppender, PairError> {
         self.lock_appender()
             .take()
-            .ok_or_else(|| PairError::Setup("the log is being appended to by another run".into()))
+            .ok_or(PairError::Setup(SetupError::AppenderTaken))
     }
 
     /// Gives the appender back at the end of a run (the link stays up as long as a clone of
@@ -357,26 +501,34 @@ impl LogWriter {
         let _ = self.shared.pacer.set(pacer);
     }
 
-    fn mode(&self) -> u8 {
-        self.shared.mode.load(Ordering::Acquire)
+    /// The primary's role ([`super::role`]): every change of it goes through
+    /// [`RoleCell::step`](super::role::RoleCell::step).
+    pub fn role(&self) -> &PrimaryRoleCell {
+        &self.shared.role
     }
 
-    pub(crate) fn set_mode(&self, mode: u8) {
-        self.shared.mode.store(mode, Ordering::Release);
+    /// Applies `event` to the primary's role, logging a refused transition (a caller that may
+    /// meet one on purpose uses [`LogWriter::role`]).
+    pub(crate) fn step(&self, event: PrimaryEvent) -> bool {
+        match self.shared.role.step(event) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "primary role: transition refused");
+                false
+            }
+        }
     }
 
-    pub(crate) fn set_managed(&self) {
-        self.set_mode(MODE_MANAGED);
-    }
-
-    /// Stops logging: appends are dropped from now on (the primary runs alone).
-    pub(crate) fn set_alone(&self) {
-        self.set_mode(MODE_ALONE);
-    }
-
-    /// Appends fail from now on (this primary was superseded).
-    pub(crate) fn set_fenced(&self) {
-        self.set_mode(MODE_FENCED);
+    /// The run ended: the primary's role becomes STOPPED, unless it ended FENCED or PEER
+    /// FAILED (which say why). A writer serves one run.
+    pub(crate) fn end_run(&self) {
+        let role = self.shared.role.role();
+        if !matches!(
+            role,
+            PrimaryRole::Fenced | PrimaryRole::PeerFailed | PrimaryRole::Stopped
+        ) {
+            self.step(PrimaryEvent::Stop);
+        }
     }
 
     /// The counter of log payload bytes written (for the lag in bytes).
@@ -386,7 +538,7 @@ impl LogWriter {
 
     /// Whether logging stopped because the primary runs alone.
     pub fn is_alone(&self) -> bool {
-        self.mode() == MODE_ALONE
+        self.shared.role.is(PrimaryRole::Alone)
     }
 
     /// The queue of controls logged and applied at the next checkpoint of [`run_primary`]
@@ -421,12 +573,8 @@ impl LogWriter {
     }
 
     /// The first error met by a write through the [`Recorder`] interface (which cannot fail).
-    pub fn take_error(&self) -> Option<String> {
-        self.shared
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+    pub fn error(&self) -> Option<LogWriteError> {
+        self.shared.error.get().cloned()
     }
 }
 
@@ -457,8 +605,8 @@ impl LogAppender {
         }
     }
 
-    fn mode(&self) -> u8 {
-        self.shared.mode.load(Ordering::Acquire)
+    fn mode(&self) -> AppendMode {
+        AppendMode::of(self.shared.role.role())
     }
 
     /// The sequence number the next entry gets.
@@ -473,18 +621,14 @@ impl LogAppender {
         kind: u16,
         len: usize,
         fill: impl Fn(&mut [u8]),
-    ) -> Result<u64, PairError> {
+    ) -> Result<u64, LogWriteError> {
         let mut idle = None;
         let mut stalled: Option<Instant> = None;
         loop {
             match self.mode() {
-                MODE_ALONE => return Ok(self.position.load(Ordering::Acquire)),
-                MODE_FENCED => {
-                    return Err(PairError::Log(
-                        "this primary was superseded: it no longer logs".into(),
-                    ))
-                }
-                _ => {}
+                AppendMode::Drop => return Ok(self.position.load(Ordering::Acquire)),
+                AppendMode::Fail(e) => return Err(e),
+                AppendMode::Log | AppendMode::LogWatched => {}
             }
             match self.sender.producer().claim(kind, len) {
                 Ok(mut claim) => {
@@ -512,16 +656,11 @@ impl LogAppender {
                 Err(ClaimError::Full { .. }) => {
                     stalled.get_or_insert_with(Instant::now);
                 }
-                Err(e) => return Err(PairError::Log(e.to_string())),
+                Err(e) => return Err(LogWriteError::Claim(e)),
             }
-            if !self.sender.is_running() && self.mode() == MODE_LOGGING {
-                let e = self
-                    .sender
-                    .error()
-                    .map_or_else(|| "link down".to_string(), |e| e.to_string());
-                return Err(PairError::Log(format!(
-                    "log buffer full and the link is down: {e}"
-                )));
+            if !self.sender.is_running() && matches!(self.mode(), AppendMode::Log) {
+                let why = LinkDown::from_error(self.sender.error());
+                return Err(LogWriteError::FullAndLinkDown(why));
             }
             idle.get_or_insert_with(|| self.shared.idle.build()).idle(0);
         }
@@ -533,15 +672,12 @@ impl LogAppender {
     /// [`PairError::Log`].
     pub fn append(&mut self, entry: &Entry) -> Result<u64, PairError> {
         self.append_with(entry.kind(), entry.encoded_len(), |p| entry.encode(p))
+            .map_err(PairError::Log)
     }
 
-    fn fail(&self, e: PairError) {
+    fn fail(&self, e: LogWriteError) {
         tracing::error!(error = %e, "cannot log an input");
-        self.shared
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(e.to_string());
+        let _ = self.shared.error.set(e);
     }
 }
 
@@ -739,7 +875,7 @@ impl DiskBarrier {
 }
 
 impl WriteBarrier for DiskBarrier {
-    fn before_write(&self) -> Result<(), String> {
+    fn before_write(&self) -> Result<(), BarrierError> {
         let target = self.writer.position().load(Ordering::Acquire);
         let mut started: Option<Instant> = None;
         let mut polls = 0u32;
@@ -751,13 +887,18 @@ impl WriteBarrier for DiskBarrier {
             Duration::from_micros(50),
         );
         loop {
-            match self.writer.mode() {
-                MODE_ALONE => {
+            let role = self.writer.role().role();
+            match role {
+                PrimaryRole::Alone => {
                     self.count(started, true);
                     return Ok(());
                 }
-                MODE_FENCED => return Err("this primary was superseded".into()),
-                _ => {}
+                PrimaryRole::Fenced => return Err(BarrierError::Superseded),
+                // Nobody will acknowledge anything any more.
+                PrimaryRole::PeerFailed | PrimaryRole::Stopped => {
+                    return Err(BarrierError::NeverAcknowledged { position: target })
+                }
+                PrimaryRole::Logging | PrimaryRole::Watched | PrimaryRole::GoingAlone => {}
             }
             if self.acks.acked_seq() >= target {
                 self.count(started, false);
@@ -767,13 +908,11 @@ impl WriteBarrier for DiskBarrier {
             polls += 1;
             if polls > BARRIER_SPINS + BARRIER_YIELDS
                 && polls % 64 == 0
-                && (self.writer.mode() == MODE_LOGGING
+                && (role == PrimaryRole::Logging
                     || self.control.get().is_some_and(|c| c.stop_requested()))
                 && !self.writer.sender().is_running()
             {
-                return Err(format!(
-                    "the link is down and the backup never acknowledged log position {target}"
-                ));
+                return Err(BarrierError::NeverAcknowledged { position: target });
             }
             idle.idle(0);
         }
@@ -781,11 +920,13 @@ impl WriteBarrier for DiskBarrier {
 }
 
 /// Watches the logging link of a primary **without an arbiter** and applies its
-/// [`PeerFailurePolicy`] when the link breaks (the backup failed). A thread that looks every
+/// [`PeerFailurePolicy`] when the link breaks (the backup failed): the primary's role goes
+/// from LOGGING to PEER FAILED or ALONE ([`super::role`]). A thread that looks every
 /// [`LINK_WATCH_EVERY`] and sleeps in between (no spinning); stopped when the run ends.
 struct LinkWatch {
+    /// Ends the watching thread (the run ended); not a role.
     stop: Arc<std::sync::atomic::AtomicBool>,
-    failed: Arc<Mutex<Option<String>>>,
+    role: PrimaryRoleCell,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -802,9 +943,9 @@ impl LinkWatch {
         (policy, on_stop): (PeerFailurePolicy, BackupStopPolicy),
     ) -> Result<Self, PairError> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let failed = Arc::new(Mutex::new(None));
+        let role = writer.role().clone();
         let (writer, gate) = (writer.clone(), Arc::clone(gate));
-        let (stop2, failed2) = (Arc::clone(&stop), Arc::clone(&failed));
+        let stop2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("ft-link-watch".into())
             .spawn(move || {
@@ -819,11 +960,7 @@ impl LinkWatch {
                         if s.is_running() {
                             (None, None)
                         } else {
-                            let why = s.error().map_or_else(
-                                || "the logging link is down".to_string(),
-                                |e| format!("logging link: {e}"),
-                            );
-                            (Some(why), s.peer_goodbye())
+                            (Some(LinkDown::from_error(s.error())), s.peer_goodbye())
                         }
                     };
                     let Some(why) = why else {
@@ -840,7 +977,8 @@ impl LinkWatch {
                                      goes on ALONE (no backup, no failover), held outputs \
                                      released now"
                                 );
-                                super::golive::release_alone(&writer, &gate, net.as_ref(), 1);
+                                writer.step(PrimaryEvent::RunAlone);
+                                super::golive::release_alone(&gate, net.as_ref(), 1);
                             }
                             BackupStopPolicy::Stop => {
                                 tracing::warn!(
@@ -859,7 +997,7 @@ impl LinkWatch {
                                 "the backup failed and there is no arbiter: the pair stops \
                                  (held outputs are not released)"
                             );
-                            *failed2.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                            writer.step(PrimaryEvent::PeerFailed(why));
                             control.kick();
                         }
                         PeerFailurePolicy::GoAloneUnprotected => {
@@ -869,26 +1007,27 @@ impl LinkWatch {
                                  primary goes on ALONE as asked (--go-alone-unprotected): no \
                                  backup, no failover, held outputs released now"
                             );
-                            super::golive::release_alone(&writer, &gate, net.as_ref(), 1);
+                            writer.step(PrimaryEvent::RunAlone);
+                            super::golive::release_alone(&gate, net.as_ref(), 1);
                         }
                     }
                     return;
                 }
             })
-            .map_err(|e| PairError::Setup(format!("link watch thread: {e}")))?;
+            .map_err(SetupError::thread("link watch"))?;
         Ok(LinkWatch {
             stop,
-            failed,
+            role,
             thread: Some(thread),
         })
     }
 
     /// Why the backup is taken for failed, once the link broke under [`PeerFailurePolicy::Stop`].
-    fn failure(&self) -> Option<String> {
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn failure(&self) -> Option<LinkDown> {
+        match self.role.state() {
+            PrimaryState::PeerFailed(why) => Some(why),
+            _ => None,
+        }
     }
 
     /// Stops watching (the run ended: the link going down now is no failure).
@@ -927,7 +1066,9 @@ pub fn run_primary(
     console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
     hooks: &PrimaryHooks,
 ) -> Result<PrimaryReport, PairError> {
-    primary_loop(vm, writer, opts, console, hooks, None)
+    let r = primary_loop(vm, writer, opts, console, hooks, None);
+    writer.end_run();
+    r
 }
 
 /// The primary's run; with `ft`, failure detection and going alone ([`super::golive`]).
@@ -943,7 +1084,7 @@ pub(crate) fn primary_loop(
     let acks = Arc::clone(writer.sender().shared());
     let gate = Arc::new(
         OutputGate::start(acks, Arc::clone(writer.position()))
-            .map_err(|e| PairError::Setup(format!("output thread: {e}")))?,
+            .map_err(SetupError::thread("output"))?,
     );
     if !gate.hook_into(writer.sender()) {
         tracing::debug!("the log sender has an ack hook already; outputs are polled for");
@@ -1048,7 +1189,7 @@ pub(crate) fn primary_loop(
                 break Err(e);
             }
         }
-        if let Some(e) = writer.take_error() {
+        if let Some(e) = writer.error() {
             if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
                 break Err(e);
             }
@@ -1081,6 +1222,9 @@ pub(crate) fn primary_loop(
                 }
             }
             RunOutcome::PoweredOff(code) => break Ok((Some(code), exit)),
+            RunOutcome::ReplayExhausted { exit, .. } => {
+                break Err(PairError::Setup(SetupError::PrimaryReplays { exit }))
+            }
             // The FT monitor kicks the vCPU when this primary was superseded, the link watch
             // when the backup failed; a planned stop ([`super::stop`]) was asked for.
             RunOutcome::Paused => match ft.as_deref().and_then(PrimaryFt::superseded) {
@@ -1135,9 +1279,8 @@ pub(crate) fn primary_loop(
         None if writer.is_alone() => {}
         None => {
             if !writer.sender().wait_acked(end, opts.ack_timeout)? {
-                return Err(PairError::Log(format!(
-                    "the backup did not acknowledge the end of the log within {:?}",
-                    opts.ack_timeout
+                return Err(PairError::Log(LogWriteError::EndNotAcknowledged(
+                    opts.ack_timeout,
                 )));
             }
         }
@@ -1152,9 +1295,8 @@ pub(crate) fn primary_loop(
                     break;
                 }
                 if Instant::now() > deadline {
-                    return Err(PairError::Log(format!(
-                        "the backup did not acknowledge the end of the log within {:?}",
-                        opts.ack_timeout
+                    return Err(PairError::Log(LogWriteError::EndNotAcknowledged(
+                        opts.ack_timeout,
                     )));
                 }
                 std::thread::sleep(Duration::from_micros(200));
@@ -1164,7 +1306,7 @@ pub(crate) fn primary_loop(
         }
     }
     if !gate.flush(opts.ack_timeout) {
-        return Err(PairError::Log("outputs still waiting at the end".into()));
+        return Err(PairError::Log(LogWriteError::OutputsHeld));
     }
     if !writer.is_alone() {
         // Give the backup a moment to report that it replayed everything (not required).
@@ -1244,7 +1386,7 @@ impl Lent {
             None => vm
                 .recorder_mut::<ChannelRecorder>()
                 .map(|r| &mut r.appender)
-                .ok_or_else(|| PairError::Setup("the VM's recorder is no longer the log".into())),
+                .ok_or(PairError::Setup(SetupError::RecorderGone)),
         }
     }
 }
@@ -1332,7 +1474,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(watch.failure(), None, "a planned stop is no failure");
+        assert!(watch.failure().is_none(), "a planned stop is no failure");
         watch.stop();
     }
 }

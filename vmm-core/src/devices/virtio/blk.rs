@@ -197,12 +197,26 @@ struct CopyCheck {
 
 /// Decides when a write of a primary in shared-disk mode may reach the disk.
 pub trait WriteBarrier: Send + Sync {
-    /// Blocks the vCPU until a write issued now may reach the shared disk. `Err(why)`: it must
-    /// never be written (this side was superseded, or the link broke with nobody to decide).
+    /// Blocks the vCPU until a write issued now may reach the shared disk.
     ///
     /// # Errors
-    /// As above.
-    fn before_write(&self) -> Result<(), String>;
+    /// [`BarrierError`]: it must never be written.
+    fn before_write(&self) -> Result<(), BarrierError>;
+}
+
+/// Why a [`WriteBarrier`] withholds a write for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BarrierError {
+    /// This side was superseded (or its run ended): the disk is not its to write.
+    #[error("this primary was superseded")]
+    Superseded,
+    /// The link broke with nobody to decide, and the log position the write waits for was
+    /// never acknowledged.
+    #[error("the link is down and the backup never acknowledged log position {position}")]
+    NeverAcknowledged {
+        /// The log position the write waited for.
+        position: u64,
+    },
 }
 
 /// What the device does with its image (see the module documentation).
@@ -1308,12 +1322,12 @@ mod tests {
         assert!(h.take_dirty_blocks().is_none());
     }
 
-    struct Barrier(Result<(), String>, std::sync::atomic::AtomicU64);
+    struct Barrier(Result<(), BarrierError>, std::sync::atomic::AtomicU64);
 
     impl WriteBarrier for Barrier {
-        fn before_write(&self) -> Result<(), String> {
+        fn before_write(&self) -> Result<(), BarrierError> {
             self.1.fetch_add(1, Ordering::Relaxed);
-            self.0.clone()
+            self.0
         }
     }
 
@@ -1321,9 +1335,13 @@ mod tests {
     fn gated_writes_pass_the_barrier_or_never_reach_the_file() {
         let mut r = rig();
         let h = r.blk.handle();
-        let refuse = Arc::new(Barrier(Err("superseded".into()), AtomicU64::new(0)));
+        let refuse = Arc::new(Barrier(Err(BarrierError::Superseded), AtomicU64::new(0)));
         let e = write_then_read(&mut r, &DiskMode::Gated(refuse.clone())).unwrap_err();
-        assert!(e.to_string().contains("withheld: superseded"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("withheld: this primary was superseded"),
+            "{e}"
+        );
         assert_eq!(sector3(&r.path), vec![0; SECTOR as usize]);
         assert_eq!(refuse.1.load(Ordering::Relaxed), 1);
         let pass = Arc::new(Barrier(Ok(()), AtomicU64::new(0)));

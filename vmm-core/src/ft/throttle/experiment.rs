@@ -367,10 +367,10 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .add_thread(tid)
-                    .map_err(|e| PairError::Setup(error_text(&e)))?;
+                    .map_err(|e| PairError::Setup(crate::ft::primary::SetupError::Throttle(e)))?;
                 backup_tid.store(tid, Ordering::Release);
                 let (p, c) = ftvm_ringbuf::with_capacity(ring)
-                    .map_err(|e| PairError::Setup(format!("log buffer: {e}")))?;
+                    .map_err(|e| PairError::Setup(crate::ft::primary::SetupError::LogBuffer(e)))?;
                 let t = TcpTransport::accept(&listener, TcpMode::Blocking)?;
                 let rx = LogReceiver::start(p, c, Box::new(t), chan, pc)?;
                 // Park when caught up: a spinning backup would take the primary's CPU.

@@ -526,14 +526,38 @@ impl LogReader {
         self.rx.report_executed(at.seq);
         let head = self.rx.consumer().position();
         debug_assert!(at.pos >= head, "a record is consumed once");
-        if at.pos != head {
+        // A record after the head is consumed out of order (kept as taken), unless only the
+        // padding at the wrap point lies between: left at the padding, the head would make
+        // this record look consumed out of order (taken, never released), and the replay would
+        // wait for ever on a full buffer.
+        if at.pos != head && !self.first_record_is(head, at.pos) {
             self.taken.push(at);
             return;
         }
-        // The walk also moves the head past padding at the wrap point: left at the padding,
-        // the head would make the next record look consumed out of order (taken, never
-        // released), and the replay would wait for ever on a full buffer.
-        self.release_from(at.next);
+        if self.taken.is_empty() {
+            // In order, nothing taken after it: the common case, one store.
+            self.rx.consumer().release_to(at.next);
+        } else {
+            self.release_from(at.next);
+        }
+    }
+
+    /// Whether the first record from log position `from` on is at `pos` (only padding, if
+    /// anything, between the two).
+    fn first_record_is(&mut self, mut from: u64, pos: u64) -> bool {
+        loop {
+            let batch = self.rx.consumer().read_from(from);
+            if batch.is_empty() {
+                return false;
+            }
+            let end = batch.end_position();
+            if let Some(first) = batch.records().next() {
+                return first.is_ok_and(|r| r.position() == pos);
+            }
+            // A batch of padding only (it runs to the end of the data area): the next
+            // record is at the start.
+            from = end;
+        }
     }
 
     /// Releases the log buffer up to the first record from `pos` on that was not consumed

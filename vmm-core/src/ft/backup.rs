@@ -70,6 +70,11 @@ pub struct LogReader {
     /// taken before the writes logged ahead of it): released with the records before them.
     /// At most a few, within one exit.
     taken: Vec<At>,
+    /// The first record not yet consumed, decoded by [`LogReader::writes`] when it ended an
+    /// exit (an entry of the next exit, not a write), with the head it was found from: the
+    /// next exit's read or output takes it from here instead of decoding it again. Dropped at
+    /// every consume, and never kept with a [`Tamper`] hook.
+    peeked: Option<(u64, At, Entry)>,
     /// The committed position last seen (new records are traffic from the primary).
     seen: u64,
     /// With a [`Tamper`] hook (tests): the entries it altered and the replay has not consumed
@@ -208,6 +213,7 @@ impl LogReader {
         LogReader {
             rx,
             taken: Vec::new(),
+            peeked: None,
             seen: 0,
             tampered: Vec::new(),
             tamper_upto: 0,
@@ -520,6 +526,7 @@ impl LogReader {
     /// still to be replayed: an exit's read or output, taken before the exit's writes).
     fn consume(&mut self, at: At) {
         self.consumed += 1;
+        self.peeked = None;
         if !self.tampered.is_empty() {
             self.tampered.retain(|(seq, _)| *seq != at.seq);
         }
@@ -616,15 +623,25 @@ impl LogReader {
     /// exit are pending. [`NextEvent::Other`] with the next entry when the log goes on with
     /// another exit (or a header) instead.
     fn next_event(&mut self, exit: u64) -> Result<NextEvent, ReplayError> {
+        let classify = |at: At, e: Entry| {
+            if e.exit() != exit || matches!(e, Entry::Header { .. }) {
+                NextEvent::Other(e)
+            } else {
+                NextEvent::Found(at, e)
+            }
+        };
+        // The record that ended the last exit's writes: the first one from the head.
+        if let Some((head, at, e)) = self.peeked.take() {
+            if head == self.rx.consumer().position() {
+                return Ok(classify(at, e));
+            }
+        }
         // Look first, wait only when nothing is there (each look re-reads the receiver's
         // tail: one per exit on the common path).
         loop {
             let mut end = 0;
             let found = self.scan(exit, &mut end, |at, v| match v {
-                View::Entry(e) if e.exit() != exit || matches!(e, Entry::Header { .. }) => {
-                    ControlFlow::Break(NextEvent::Other(e))
-                }
-                View::Entry(e) => ControlFlow::Break(NextEvent::Found(at, e)),
+                View::Entry(e) => ControlFlow::Break(classify(at, e)),
                 View::Write { exit: x, .. } if x != exit => {
                     ControlFlow::Break(NextEvent::Other(v.to_entry()))
                 }
@@ -699,8 +716,10 @@ impl LogReader {
         loop {
             let mut end = 0;
             // The data go from the log buffer to guest memory: no copy in between.
+            let keep = self.tamper.is_none();
             let step = self.scan(exit, &mut end, |at, v| {
                 ControlFlow::Break(match v {
+                    View::Entry(e) if keep && e.exit() > exit => WriteStep::Next(at, e),
                     _ if v.exit() > exit => WriteStep::Done,
                     View::Write {
                         exit: e, gpa, data, ..
@@ -724,6 +743,12 @@ impl LogReader {
                 // Nothing after the exit's entries yet: wait for more.
                 None => self.fill_beyond(exit, end)?,
                 Some(WriteStep::Done) => return Ok(()),
+                Some(WriteStep::Next(at, e)) => {
+                    // Nothing was consumed since the scan began at the head: it is the first
+                    // record from there.
+                    self.peeked = Some((self.rx.consumer().position(), at, e));
+                    return Ok(());
+                }
                 Some(WriteStep::Applied(at)) => self.consume(at),
                 Some(WriteStep::Missing(what)) => {
                     self.checks.mismatch();
@@ -850,6 +875,8 @@ enum NextEvent {
 enum WriteStep {
     /// An entry of a later exit: this exit's writes are all applied.
     Done,
+    /// The same, the entry kept for the next exit ([`LogReader::peeked`]).
+    Next(At, Entry),
     /// A write of this exit, applied.
     Applied(At),
     /// An output of this exit the backup did not produce.

@@ -38,14 +38,14 @@ use ftvm_channel::{GoodbyeReason, LogReceiver, TransportError};
 use ftvm_ringbuf::IdleKind;
 
 use super::detector::TrafficNote;
-use super::digest::register_digest;
 use super::log::{decode_write, device_name, AppliedControl, ControlQueue, Entry, KIND_WRITE};
 use super::observe::{LogSnapshot, Observer, SideRole};
 use super::primary::PairError;
 use super::stop::{is_planned, StopCause, Stopped};
-use crate::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
-use crate::record::{Inputs, OutputDigest, ReplayError, ReplaySource};
-use crate::vm::{RunOutcome, Vm};
+use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
+use ftvm_vmm_core::digest::register_digest;
+use ftvm_vmm_core::record::{Inputs, OutputDigest, ReplayError, ReplaySource};
+use ftvm_vmm_core::vm::{RunOutcome, Vm};
 
 /// With [`IdleKind::Park`], empty polls of the log before the replaying vCPU sleeps until the
 /// receiver delivers (a poll is ~50 ns: a few tens of microseconds of spinning).
@@ -78,7 +78,7 @@ pub struct LogReader {
     checks: OutputChecks,
     /// The replaying VM's control: a stop requested there ends the wait for entries
     /// ([`super::stop`]).
-    stop: Option<crate::vm::VmControl>,
+    stop: Option<ftvm_vmm_core::vm::VmControl>,
 }
 
 /// The output verification of a backup: how many of the primary's output digests its own
@@ -860,14 +860,14 @@ impl ReplaySource for ChannelReplay {
         true
     }
 
-    fn go_live(&mut self, exit: u64) -> Option<Box<dyn crate::record::Recorder>> {
+    fn go_live(&mut self, exit: u64) -> Option<Box<dyn ftvm_vmm_core::record::Recorder>> {
         let won = self
             .golive
             .as_ref()?
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .decide(exit, &mut self.reader);
-        won.then(|| Box::new(()) as Box<dyn crate::record::Recorder>)
+        won.then(|| Box::new(()) as Box<dyn ftvm_vmm_core::record::Recorder>)
     }
 
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
@@ -1122,7 +1122,7 @@ pub(crate) fn backup_loop(
                         why: "the primary's log stopped".into(),
                     });
                 }
-                let text = format!("{e}: {}", super::primary::error_chain(&e));
+                let text = format!("{e}: {}", ftvm_vmm_core::error_chain(&e));
                 break Err(PairError::Diverged {
                     exit,
                     what: format!("the backup failed where the primary did not: {text}"),

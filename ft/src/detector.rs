@@ -18,12 +18,12 @@
 //! [`DetectorStats`].
 //!
 //! Presuming a failure is not going live: the caller must then win the next generation on the
-//! [arbiter](crate::ft::arbiter) ("never go live blind").
+//! [arbiter](crate::arbiter) ("never go live blind").
 //!
 //! # Heartbeats carry liveness only
 //! Heartbeats carry the sender's generation and role, but a heartbeat is an unauthenticated
 //! UDP datagram: nothing it says is evidence about the pair's generation. The fence
-//! ([`Fence`]) advances only on evidence from the [arbiter](crate::ft::arbiter) (a generation
+//! ([`Fence`]) advances only on evidence from the [arbiter](crate::arbiter) (a generation
 //! read from it, or a lost test-and-set) or from an authenticated frame of the logging channel
 //! (its generation check after the handshake) — never on a heartbeat. So:
 //! - a heartbeat of this node's generation is a sign of life;
@@ -59,7 +59,7 @@
 //! after the channel's peer timeout when its host vanishes), and then the primary goes alone
 //! whatever the heartbeats say, and the backup, once its log ran out, contests the next
 //! generation on the arbiter after at most two failure timeouts even while heartbeats still
-//! arrive ([`golive`](crate::ft::golive)). The arbiter keeps that safe: a peer that was in fact
+//! arrive ([`golive`](crate::golive)). The arbiter keeps that safe: a peer that was in fact
 //! alive either holds the next generation already (the contest is lost) or loses it.
 //! Authenticating heartbeats (a keyed MAC with a key exchanged in the channel handshake) would
 //! also stop forged signs of life; it is not built.
@@ -89,8 +89,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::ft::fence::Fence;
-use crate::ft::node::Role;
+use crate::fence::Fence;
+use crate::node::Role;
 
 /// Heartbeat magic, `"FTHB"`.
 pub const HEARTBEAT_MAGIC: [u8; 4] = *b"FTHB";

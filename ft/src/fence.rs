@@ -1,6 +1,6 @@
 //! Generation fencing: the check every frame, heartbeat and output goes through.
 //!
-//! Each successful test-and-set on the [arbiter](crate::ft::arbiter) starts a new *generation*.
+//! Each successful test-and-set on the [arbiter](crate::arbiter) starts a new *generation*.
 //! The node that won generation `g` is the only one allowed to act for the pair in `g`; anything
 //! stamped with another generation comes from a node that has been superseded (a stale primary
 //! that was partitioned away and does not know it yet) or from a newer one (in which case *this*

@@ -29,7 +29,7 @@
 //! (clock, entropy, WAIT) whose entry is missing, at the end of an exit (it waits for an entry
 //! of a later exit before leaving one), at a checkpoint, or between two exits inside guest
 //! code (see "Deciding between two exits" below). There the replay source runs the
-//! decision ([`ReplaySource::go_live`](crate::record::ReplaySource::go_live)); on winning, the
+//! decision ([`ReplaySource::go_live`](ftvm_vmm_core::record::ReplaySource::go_live)); on winning, the
 //! VM's inputs become live **at that point**: the missing read is answered by the device, and
 //! every later exit runs live. No exit is replayed in part and then re-executed.
 //!
@@ -73,7 +73,7 @@
 //! before deciding, and it refuses to go live: the service stays down rather than continue
 //! from a state that contradicts what clients were told — the safe default; there is no
 //! option to go live anyway). The decision is never reached:
-//! [`ReplaySource::go_live`](crate::record::ReplaySource::go_live) is
+//! [`ReplaySource::go_live`](ftvm_vmm_core::record::ReplaySource::go_live) is
 //! asked only once every held entry was replayed without a difference.
 //!
 //! A primary that goes alone keeps its state (nothing to replay); it releases what it held once
@@ -90,7 +90,7 @@
 //! ([`VmControl::interrupt_replay`]: the kick signal sets `kvm_run.immediate_exit`, `KVM_RUN`
 //! returns `EINTR`). At the next point between two exits — at once, if the vCPU was in guest
 //! code — the replay source is asked
-//! ([`ReplaySource::between_exits`](crate::record::ReplaySource::between_exits)):
+//! ([`ReplaySource::between_exits`](ftvm_vmm_core::record::ReplaySource::between_exits)):
 //! - it still holds entries (of later exits: every entry of an exit is consumed by its end):
 //!   the vCPU replays on and reaches them; the request stays set, so the source is asked again
 //!   at every later point between exits (after the next checkpoint, say), besides the usual
@@ -123,7 +123,7 @@
 //! failed — holds a disk that differs from the one the clients' acknowledged writes are on:
 //! live on it, it would lose them (or bring back writes reported failed). So its virtio-blk
 //! compares the two results at the end of every replayed exit, before any go-live decision
-//! there ([`blk`](crate::devices::virtio::blk) module docs), and at the first difference the
+//! there ([`blk`](ftvm_vmm_core::devices::virtio::blk) module docs), and at the first difference the
 //! VM stops and the backup
 //! 1. says so: [`PairError::CannotTakeOver`] with the request, both statuses and its I/O error
 //!    (`ftvm backup` prints `CANNOT TAKE OVER` and exits with status 206);
@@ -156,7 +156,7 @@
 //! So the disk holds every write whose completion the guest saw (and any client was told
 //! about), in order. The classic zombie write (a primary that passed the barrier, stalled for
 //! longer than the failure timeout, then writes after the backup went live) is fenced off by
-//! the image's owner record ([`owner`](crate::devices::virtio::owner)): each side takes it for
+//! the image's owner record ([`owner`](ftvm_vmm_core::devices::virtio::owner)): each side takes it for
 //! its generation ([`BlkHandle::take_ownership`]: the primary at its start and when it goes
 //! alone, the backup before [`BlkHandle::go_live`]), and every write request holds its read
 //! lock and is refused if a newer generation owns the disk. Its limit: a writer stopped while
@@ -173,7 +173,6 @@ use ftvm_channel::Goodbye;
 use super::arbiter::{acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, RetryPolicy};
 use super::backup::{backup_loop, BackupEnd, BackupReport, GoLiveHook, LogReader, SharedGoLive};
 use super::detector::{Detector, DetectorConfig, DetectorEvent, DetectorStats, PeerState};
-use super::digest::register_digest;
 use super::fence::Fence;
 use super::log::AppliedControl;
 use super::node::{NodeId, Role};
@@ -184,10 +183,11 @@ use super::primary::{
 };
 use super::stop::{is_planned, BackupStopPolicy, PrimaryStopPolicy, StopCause, Stopped};
 use super::transition::{emit, Transition, TransitionSink};
-use crate::devices::virtio::blk::{BlkCounters, BlkError, BlkHandle};
-use crate::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMode};
-use crate::memory::GuestMem;
-use crate::vm::{RunOutcome, Vm, VmControl};
+use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkError, BlkHandle};
+use ftvm_vmm_core::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMode};
+use ftvm_vmm_core::digest::register_digest;
+use ftvm_vmm_core::memory::GuestMem;
+use ftvm_vmm_core::vm::{RunOutcome, Vm, VmControl};
 
 /// How long going alone waits for the held outputs to be released.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -462,7 +462,7 @@ fn take_disk(disk: &BlkHandle, generation: u64) -> Result<(), PairError> {
         }),
         Err(e) => Err(PairError::Setup(format!(
             "shared disk: {}",
-            super::primary::error_chain(&e)
+            ftvm_vmm_core::error_chain(&e)
         ))),
     }
 }
@@ -1119,7 +1119,7 @@ impl BackupGoLive {
                     tracing::error!(error = %e, tap = %tap, "cannot attach the service TAP");
                     self.failure = Some(PairError::Setup(format!(
                         "went live in generation {generation} but cannot attach TAP {tap}: {}",
-                        super::primary::error_chain(&e)
+                        ftvm_vmm_core::error_chain(&e)
                     )));
                     return false;
                 }

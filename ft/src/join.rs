@@ -6,7 +6,7 @@
 //! ([`FtConfig::join`](super::golive::FtConfig::join)) and a [`JoinAcceptor`] listening, a new
 //! backup process (`ftvm backup --join HOST:PORT`, no guest image of its own) connects and is
 //! cloned from the running VM: memory (and, in own-copy mode, the disk) pre-copied while the
-//! guest runs, then a short stop-and-copy at an exit boundary ([`crate::transfer`]); from that
+//! guest runs, then a short stop-and-copy at an exit boundary ([`ftvm_vmm_core::transfer`]); from that
 //! exit on the primary records again and the new backup replays.
 //!
 //! # The join, step by step (one TCP connection, then the logging channel over it)
@@ -53,7 +53,7 @@
 //!   [`super::golive`] holds again from the cut.
 //! - **The cut is exact.** The vCPU is between two exits, no device writes memory outside an
 //!   exit, so the memory read after the final harvest and the captured state are one
-//!   consistent cut ([`crate::transfer`]); the new backup's next exit has index `E`, and the
+//!   consistent cut ([`ftvm_vmm_core::transfer`]); the new backup's next exit has index `E`, and the
 //!   primary's first record after the cut is the log header at position `C`, which the
 //!   receiver expects first (`Config::start_seq`: the primary's older, unacknowledged records
 //!   are released, never sent).
@@ -123,10 +123,10 @@ use super::log::{Entry, LOG_VERSION};
 use super::node::Role;
 use super::output::OutputGate;
 use super::primary::{Lent, LogWriter, PairError, PairOptions};
-use crate::transfer::{
+use ftvm_vmm_core::transfer::{
     Chunk, Convergence, RoundStats, Sink, Source, SourceConfig, Step, TransferError, TransferHandle,
 };
-use crate::vm::{Vm, VmConfig, VmControl, VmError};
+use ftvm_vmm_core::vm::{Vm, VmConfig, VmControl, VmError};
 
 /// Version of the join messages (the framing and the JOIN/ACCEPT/CUT bodies).
 pub const JOIN_VERSION: u32 = 1;
@@ -735,7 +735,7 @@ impl Primary {
     fn serve(&self, mut stream: TcpStream, from: SocketAddr) {
         let mut after_cut = false;
         if let Err(e) = self.join(&mut stream, from, &mut after_cut) {
-            let error = super::primary::error_chain(&e);
+            let error = ftvm_vmm_core::error_chain(&e);
             tracing::warn!(%error, after_cut, "join failed");
             (self.events)(&JoinEvent::Failed { error, after_cut });
         }
@@ -800,7 +800,7 @@ impl Primary {
                     PairError::Superseded { .. } => RefuseReason::Superseded,
                     _ => RefuseReason::Arbiter,
                 };
-                return Err(refuse(stream, reason, super::primary::error_chain(&e)));
+                return Err(refuse(stream, reason, ftvm_vmm_core::error_chain(&e)));
             }
         };
         let generation = g + 1;
@@ -851,7 +851,7 @@ impl Primary {
                 let share = if matches!(step, Step::Pause) {
                     lever.share
                 } else {
-                    lever.after_round(stats.dirty_after * crate::dirty::PAGE_SIZE, fit)
+                    lever.after_round(stats.dirty_after * ftvm_vmm_core::dirty::PAGE_SIZE, fit)
                 };
                 (self.events)(&JoinEvent::Round {
                     stats,
@@ -1011,7 +1011,7 @@ impl Drop for Lever {
 /// The pause the pages left dirty after `r` would cost at the bandwidth measured so far.
 fn estimate_pause(r: &RoundStats, sent: u64, elapsed: Duration) -> Duration {
     let bw = sent as f64 / elapsed.as_secs_f64().max(1e-6);
-    Duration::from_secs_f64((r.dirty_after * crate::dirty::PAGE_SIZE) as f64 / bw.max(1.0))
+    Duration::from_secs_f64((r.dirty_after * ftvm_vmm_core::dirty::PAGE_SIZE) as f64 / bw.max(1.0))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1087,7 +1087,7 @@ pub fn join(
             }
         }
         let (pages, disk_bytes) = sink.received();
-        if pages * crate::dirty::PAGE_SIZE + disk_bytes >= next_report {
+        if pages * ftvm_vmm_core::dirty::PAGE_SIZE + disk_bytes >= next_report {
             next_report += 16 << 20;
             progress(Received { pages, disk_bytes });
         }

@@ -1,4 +1,10 @@
-//! Fault tolerance: failure detection, split-brain protection and generation fencing.
+//! `ftvm-ft`: fault tolerance for the VMs of `ftvm-vmm-core`, VMware FT style. The primary
+//! records every nondeterministic input of its VM (through the VMM's [`record`] seams) into a
+//! log that `ftvm-channel` ships to the backup, which replays it; outputs wait for the backup's
+//! acknowledgement (the output rule); when one side fails, the other goes live after winning
+//! the arbiter. Failure detection, split-brain protection and generation fencing:
+//!
+//! [`record`]: ftvm_vmm_core::record
 //!
 //! - [`node`]: who a node is ([`NodeId`]) and which role it plays ([`Role`]).
 //! - [`arbiter`]: the atomic test-and-set a node must win before it goes live, on a shared
@@ -6,8 +12,10 @@
 //! - [`detector`]: presumes the peer failed after a timeout without heartbeats or traffic
 //!   ([`Detector`]).
 //! - [`fence`]: generation fencing of frames, heartbeats and outputs ([`Fence`]).
-//! - [`primary`], [`backup`], [`log`], [`output`], [`digest`]: record/replay over the log channel
-//!   with the output rule and divergence detection.
+//! - [`primary`], [`backup`], [`log`] (the entry format: `LOG_FORMAT.md`), [`output`]:
+//!   record/replay over the log channel with the output rule and divergence detection (the
+//!   digests are the VMM's: `ftvm_vmm_core::digest`).
+//! - [`join`]: a new backup joining a running primary (live state transfer, then logging).
 //! - [`golive`]: the backup going live and the primary continuing alone ([`run_primary_ft`],
 //!   [`run_backup_ft`]).
 //! - [`stop`]: planned stops (SIGTERM): the peer is told (GOODBYE) and does not fail over.
@@ -20,7 +28,7 @@
 //! arbiter is unreachable it waits; it does not guess.
 //!
 //! ```
-//! use ftvm_vmm_core::ft::{take_over, Acquire, Arbiter, Fence, FileArbiter, NodeId, RetryPolicy};
+//! use ftvm_ft::{take_over, Acquire, Arbiter, Fence, FileArbiter, NodeId, RetryPolicy};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let shared = tempfile::tempdir()?; // in production: a directory on shared storage
@@ -42,10 +50,11 @@
 //! # }
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod arbiter;
 pub mod backup;
 pub mod detector;
-pub mod digest;
 pub mod fence;
 pub mod golive;
 pub mod join;
@@ -57,28 +66,6 @@ pub mod primary;
 pub mod stop;
 pub mod throttle;
 pub mod transition;
-
-/// A logging link over TCP on loopback, for the unit tests of this module: the primary's
-/// sender and the backup's receiver, each over a 64 KiB log buffer, pollers set up with `pc`.
-#[cfg(test)]
-pub(crate) fn tcp_log_link(
-    pc: ftvm_channel::PollerConfig,
-) -> (ftvm_channel::LogSender, ftvm_channel::LogReceiver) {
-    use ftvm_channel::tcp::{TcpMode, TcpTransport};
-    use ftvm_channel::{Config, LogReceiver, LogSender};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let backup = std::thread::spawn(move || {
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
-        let t = TcpTransport::accept(&listener, TcpMode::Blocking).expect("accept");
-        LogReceiver::start(p, c, Box::new(t), Config::default(), pc).expect("receiver")
-    });
-    let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
-    let t = TcpTransport::connect(addr, TcpMode::Blocking, std::time::Duration::from_secs(10))
-        .expect("connect");
-    let sender = LogSender::start(p, c, Box::new(t), Config::default(), pc).expect("sender");
-    (sender, backup.join().expect("backup thread"))
-}
 
 pub use arbiter::{
     acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, FileArbiter, RetryPolicy,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::record::{OutputDigest, OutputSource};
+use ftvm_vmm_core::record::{OutputDigest, OutputSource};
 
 /// The entries' payloads as they are on the wire (LOG_FORMAT.md). `zerocopy` checks at compile
 /// time that each is plain bytes without padding, so encoding is a copy of the struct and
@@ -274,7 +274,7 @@ impl fmt::Debug for Entry {
 
 /// The device an MMIO address belongs to (for messages).
 pub fn device_name(addr: u64) -> &'static str {
-    match addr.wrapping_sub(crate::memory::MMIO_BASE) / crate::bus::DEVICE_SIZE {
+    match addr.wrapping_sub(ftvm_vmm_core::memory::MMIO_BASE) / ftvm_vmm_core::bus::DEVICE_SIZE {
         0 => "sys",
         1 => "virtio-net",
         2 => "virtio-blk",

@@ -10,7 +10,7 @@ pub const MAX_NODE_ID_LEN: usize = 128;
 /// A node id is what the arbiter records as the winner of a generation, so it must be unique
 /// among the nodes that share an arbiter: two processes with the same id are one node as far as
 /// the arbiter is concerned (re-acquiring a generation already held under the same id returns
-/// [`Acquire::Won`](crate::ft::arbiter::Acquire::Won), which is what makes a retried claim
+/// [`Acquire::Won`](crate::arbiter::Acquire::Won), which is what makes a retried claim
 /// idempotent).
 ///
 /// Valid ids are 1 to [`MAX_NODE_ID_LEN`] bytes of ASCII letters, digits, `-`, `_`, `.` and `:`,

@@ -27,7 +27,7 @@ use std::time::Instant;
 use ftvm_channel::StatsSnapshot;
 use serde::{Deserialize, Serialize};
 
-use crate::vcpu::{ExitKind, ExitStats};
+use ftvm_vmm_core::vcpu::{ExitKind, ExitStats};
 
 /// What a side is doing now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

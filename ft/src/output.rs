@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::fence::Fence;
-use crate::devices::virtio::net::{NetHandle, TxGate};
+use ftvm_vmm_core::devices::virtio::net::{NetHandle, TxGate};
 
 /// Where the acknowledged log position comes from.
 pub trait AckSource: Send + Sync {
@@ -421,7 +421,7 @@ impl OutputGate {
 
     /// A function that drains the buffer sources now, on the calling thread, tagging their
     /// bytes with the log position current then: the VM calls it at the end of every exit that
-    /// wrote console output ([`Vm::set_console_hook`](crate::vm::Vm::set_console_hook)), so
+    /// wrote console output ([`Vm::set_console_hook`](ftvm_vmm_core::vm::Vm::set_console_hook)), so
     /// the bytes are tagged with exactly the position of the exit that produced them and are
     /// released by the acknowledgement that covers it. From then on the releaser thread drains
     /// the buffers only as a safety net (every 50 ms), instead of waking every millisecond.
@@ -450,7 +450,7 @@ impl OutputGate {
     /// acknowledged.
     pub fn gate_net(&self, net: &NetHandle) {
         let gate = self.tx_gate(net.frame_writer());
-        net.set_tx(crate::devices::virtio::net::TxMode::Gated(gate));
+        net.set_tx(ftvm_vmm_core::devices::virtio::net::TxMode::Gated(gate));
     }
 
     /// Fences the releaser: from now on outputs are released only while `fence`'s current
@@ -651,7 +651,10 @@ mod tests {
     #[test]
     fn acknowledgements_release_outputs_on_the_poller_thread() {
         const N: u8 = 50;
-        let (mut sender, mut rx) = super::super::tcp_log_link(Default::default());
+        let (mut sender, mut rx) = ftvm_testkit::link::TcpLink::new()
+            .ring(1 << 16)
+            .mode(ftvm_channel::tcp::TcpMode::Blocking)
+            .start(Default::default());
         let done = Arc::new(AtomicBool::new(false));
         let d = done.clone();
         let backup = std::thread::spawn(move || {

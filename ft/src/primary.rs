@@ -16,7 +16,7 @@
 //! thread reads the [`LogWriter`], a cloneable handle (positions, counters, mode, the link's
 //! [`SenderHandle`]). No lock on the per-entry path.
 //!
-//! Shared-disk mode (the backup names the same image, [`set_shared`](crate::devices::virtio::blk::BlkHandle::set_shared)): a disk write
+//! Shared-disk mode (the backup names the same image, [`set_shared`](ftvm_vmm_core::devices::virtio::blk::BlkHandle::set_shared)): a disk write
 //! is an output. [`DiskBarrier`] holds the vCPU before each write request until the backup has
 //! acknowledged every entry logged so far; alone it passes at once, superseded it refuses
 //! (the write never reaches the disk and the VM stops).
@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use ftvm_channel::{LogSender, SenderHandle, TransportError};
 use ftvm_ringbuf::{ClaimError, IdleKind, IdleStrategy};
 
-use super::digest::register_digest;
 use super::golive::PrimaryFt;
 use super::log::{
     encode_output, encode_read, encode_write, AppliedControl, ControlQueue, Entry, KIND_OUTPUT,
@@ -38,10 +37,11 @@ use super::observe::{DiskWaitsSnapshot, LogSnapshot, Observer, SideRole};
 use super::output::{OutputGate, OutputStats, Sink};
 use super::stop::is_planned;
 pub use super::stop::BackupStopPolicy;
-use crate::devices::virtio::blk::{DiskMode, WriteBarrier};
-use crate::devices::virtio::net::NetHandle;
-use crate::record::{Inputs, OutputDigest, Recorder};
-use crate::vm::{RunOutcome, Vm, VmControl, VmError};
+use ftvm_vmm_core::devices::virtio::blk::{DiskMode, WriteBarrier};
+use ftvm_vmm_core::devices::virtio::net::NetHandle;
+use ftvm_vmm_core::digest::register_digest;
+use ftvm_vmm_core::record::{Inputs, OutputDigest, Recorder};
+use ftvm_vmm_core::vm::{RunOutcome, Vm, VmControl, VmError};
 
 /// Errors of a primary or backup run.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +109,7 @@ pub enum PairError {
     /// copy filled up, failed, or differs): this backup can no longer take over. It stopped
     /// without going live and told the primary (GOODBYE, `CannotTakeOver`).
     #[error("this backup can no longer take over: {0}")]
-    CannotTakeOver(crate::devices::virtio::blk::CopyFailure),
+    CannotTakeOver(ftvm_vmm_core::devices::virtio::blk::CopyFailure),
     /// A planned stop ([`super::stop`]): this side was asked to stop, or its peer left the
     /// pair as planned; no failover happened.
     #[error("{0}")]
@@ -134,18 +134,6 @@ pub enum PeerFailurePolicy {
     /// Warn loudly, stop logging, release every held output and run on as a lone primary
     /// without protection.
     GoAloneUnprotected,
-}
-
-/// The messages of `e` and all its sources, joined with `: `.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Replication parameters (the primary sends them to the backup in the log header).
@@ -672,7 +660,7 @@ pub struct DiskBarrier {
     waits: Arc<Mutex<DiskWaits>>,
     /// The VM's control: a write waiting while a stop is requested and the link is down
     /// gives up (nobody will acknowledge it).
-    control: std::sync::OnceLock<crate::vm::VmControl>,
+    control: std::sync::OnceLock<ftvm_vmm_core::vm::VmControl>,
 }
 
 impl std::fmt::Debug for DiskBarrier {
@@ -1245,15 +1233,19 @@ mod tests {
     use ftvm_channel::{GoodbyeReason, LogReceiver, PollerConfig};
 
     use super::*;
-    use crate::bus::EventSignal;
-    use crate::devices::virtio::net::{Net, TxMode};
+    use ftvm_vmm_core::bus::EventSignal;
+    use ftvm_vmm_core::devices::virtio::net::{Net, TxMode};
 
     /// A writer over a real TCP link to a receiver (returned with it).
     fn linked_writer() -> (LogWriter, LogReceiver) {
-        let (sender, rx) = super::super::tcp_log_link(PollerConfig {
-            core: None,
-            idle: IdleKind::Park,
-        });
+        let (sender, rx) = ftvm_testkit::link::TcpLink::new()
+            .ring(1 << 16)
+            .mode(ftvm_channel::tcp::TcpMode::Blocking)
+            .poller(PollerConfig {
+                core: None,
+                idle: IdleKind::Park,
+            })
+            .start(Default::default());
         (LogWriter::new(sender, IdleKind::Yield), rx)
     }
 

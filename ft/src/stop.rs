@@ -82,7 +82,7 @@ pub enum PrimaryStopPolicy {
 /// Why a side stopped as planned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopCause {
-    /// This side was asked to ([`VmControl::request_stop`](crate::vm::VmControl::request_stop)).
+    /// This side was asked to ([`VmControl::request_stop`](ftvm_vmm_core::vm::VmControl::request_stop)).
     Requested,
     /// The peer left the pair as planned (its GOODBYE's explanation).
     PeerStopped(String),

@@ -14,9 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use arbiter_support::{env, expect_child_role, id, unix_nanos, ChildGuard, EtcdCluster};
-use ftvm_vmm_core::ft::arbiter::{EtcdArbiter, EtcdConfig};
-use ftvm_vmm_core::ft::{acquire_with_retry, Acquire, Arbiter, RetryPolicy};
-use ftvm_vmm_core::testing::CountingArbiter;
+use ftvm_ft::arbiter::{EtcdArbiter, EtcdConfig};
+use ftvm_ft::{acquire_with_retry, Acquire, Arbiter, RetryPolicy};
+use ftvm_testkit::CountingArbiter;
 
 const ROUNDS: u64 = 30;
 /// Time between two rounds of the lockstep race, in microseconds.
@@ -24,7 +24,7 @@ const STEP_US: u64 = 20_000;
 
 /// Prints the SKIP line and returns false when etcd is missing.
 fn require_etcd(test: &str) -> bool {
-    !ftvm_vmm_core::testing::skip_without(test, "etcd", "etcd-server")
+    !ftvm_testkit::skip_without(test, "etcd", "etcd-server")
 }
 
 fn arbiter(endpoints: Vec<String>, prefix: &str, op_timeout: Duration) -> EtcdArbiter {
@@ -83,7 +83,7 @@ fn child_etcd_claimer() {
 
 #[test]
 fn etcd_two_processes_race_exactly_one_wins_and_stale_loses() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     if !require_etcd("etcd_two_processes_race_exactly_one_wins_and_stale_loses") {
         return;
     }
@@ -168,7 +168,7 @@ fn etcd_two_processes_race_exactly_one_wins_and_stale_loses() {
 
 #[test]
 fn etcd_down_waits_never_wins_then_wins_after_restart() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     if !require_etcd("etcd_down_waits_never_wins_then_wins_after_restart") {
         return;
     }
@@ -223,7 +223,7 @@ fn etcd_down_waits_never_wins_then_wins_after_restart() {
 
 #[test]
 fn etcd_three_members_one_down_still_decides_two_down_waits() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     if !require_etcd("etcd_three_members_one_down_still_decides_two_down_waits") {
         return;
     }

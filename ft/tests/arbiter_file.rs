@@ -12,10 +12,10 @@ use std::thread;
 use std::time::Duration;
 
 use arbiter_support::{env, expect_child_role, id, unix_nanos, ChildGuard};
-use ftvm_vmm_core::ft::{
+use ftvm_ft::{
     acquire_with_retry, Acquire, Arbiter, ArbiterError, FileArbiter, NodeId, RetryPolicy,
 };
-use ftvm_vmm_core::testing::CountingArbiter;
+use ftvm_testkit::CountingArbiter;
 
 const ROUNDS: u64 = 200;
 /// Time between two rounds of the lockstep race, in microseconds.
@@ -93,7 +93,7 @@ fn parse_outcomes(lines: &[String]) -> BTreeMap<u64, Seen> {
 
 #[test]
 fn file_two_processes_race_exactly_one_wins_each_generation() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let dir = tempfile::tempdir().expect("temp dir");
     let start = unix_nanos() + 300_000_000; // both start together, 300 ms from now
     let a = spawn_claimer(dir.path(), "proc-a", 1, ROUNDS, start);
@@ -142,7 +142,7 @@ fn file_two_processes_race_exactly_one_wins_each_generation() {
 
 #[test]
 fn file_stale_generation_loses() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let dir = tempfile::tempdir().expect("temp dir");
     // Another process takes generations 5..=7.
     let other = spawn_claimer(dir.path(), "proc-new", 5, 3, 0);
@@ -212,7 +212,7 @@ fn retry_in_background(arbiter: FileArbiter, generation: u64, who: NodeId) -> Re
 
 #[test]
 fn file_unreachable_directory_waits_then_wins() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let root = tempfile::tempdir().expect("temp dir");
     let share = root.path().join("share");
     let away = root.path().join("away");
@@ -250,7 +250,7 @@ fn file_unreachable_directory_waits_then_wins() {
 
 #[test]
 fn file_unreachable_side_loses_to_the_side_that_could_reach_it() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let root = tempfile::tempdir().expect("temp dir");
     let share = root.path().join("share");
     let away = root.path().join("away");
@@ -284,7 +284,7 @@ fn file_unreachable_side_loses_to_the_side_that_could_reach_it() {
 
 #[test]
 fn file_retry_can_be_stopped_while_unreachable() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let root = tempfile::tempdir().expect("temp dir");
     let arbiter = FileArbiter::new(root.path().join("never-mounted"));
     let retrying = retry_in_background(arbiter, 1, id("a"));
@@ -336,9 +336,9 @@ impl Drop for ReadOnlyMount {
 #[test]
 fn file_read_only_directory_waits_then_wins() {
     const TEST: &str = "file_read_only_directory_waits_then_wins";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     // Bind mounts need root; as root they must work.
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, ftvm_channel::netns::require_root().err()) {
+    if ftvm_testkit::skip::if_missing(TEST, ftvm_channel::netns::require_root().err()) {
         return;
     }
     let root = tempfile::tempdir().expect("temp dir");

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use arbiter_support::{env, expect_child_role, free_ports, ChildGuard};
-use ftvm_vmm_core::ft::{Detector, DetectorConfig, DetectorEvent, Fence, PeerState, Role};
+use ftvm_ft::{Detector, DetectorConfig, DetectorEvent, Fence, PeerState, Role};
 
 const INTERVAL: Duration = Duration::from_millis(10);
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -88,7 +88,7 @@ fn child_detector_peer() {
 
 #[test]
 fn detector_declares_sigkilled_peer_process_failed_within_timeout() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     // The ports come from below the ephemeral range, so a test running in parallel cannot take
     // one before the detector binds it, as a port found by binding port 0 could (CI,
     // 2026-12-02, `Bind { .., AddrInUse }`).
@@ -150,7 +150,7 @@ fn detector_declares_sigkilled_peer_process_failed_within_timeout() {
 
 #[test]
 fn detector_detection_time_over_repeated_stops() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     // Five in-process trials: stop one side, measure the other's detection time.
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -185,7 +185,7 @@ fn detector_detection_time_over_repeated_stops() {
 
 #[test]
 fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     // The peer's heartbeat port is bound but never sends: only traffic notes show life.
     let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let silent_port = silent.local_addr().expect("addr").port();
@@ -230,7 +230,7 @@ fn detector_traffic_notes_alone_keep_a_silent_peer_alive() {
 
 #[test]
 fn detector_ignores_old_generation_heartbeats() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     // We are in generation 2; the peer still beats in generation 1 (a superseded primary).
     let stale_fence = Fence::new(1);
     let [a, b] = free_ports();
@@ -281,7 +281,7 @@ fn detector_ignores_old_generation_heartbeats() {
 
 #[test]
 fn detector_reports_two_live_roles_and_drops_foreign_datagrams() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let [a, b] = free_ports();
     let (d, rx) = detector(a, b, Role::Primary, Fence::new(1));
     // Garbage and a heartbeat-sized datagram from a stranger are dropped.
@@ -314,8 +314,8 @@ fn detector_reports_two_live_roles_and_drops_foreign_datagrams() {
 /// are not counted twice.
 #[test]
 fn gaps_in_the_peers_sequence_are_missed_heartbeats() {
-    use ftvm_vmm_core::ft::detector::Heartbeat;
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    use ftvm_ft::detector::Heartbeat;
+    let _one = ftvm_testkit::one_at_a_time();
     let [mine, theirs] = free_ports();
     let (d, _rx) = detector(mine, theirs, Role::Backup, Fence::new(1));
     let peer = UdpSocket::bind(loopback(theirs)).expect("bind the peer's port");

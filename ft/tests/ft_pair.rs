@@ -2,7 +2,7 @@
 //! equality, the output rule with stalled acknowledgements (console, and network transmits of
 //! `kv` on a TAP in a network namespace), and divergence detection.
 
-mod common;
+use ftvm_testkit::kv as common;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,15 +11,16 @@ use std::time::{Duration, Instant};
 
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Refusal, TransportError};
-use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader, Tamper};
-use ftvm_vmm_core::ft::digest::pairing_digest;
-use ftvm_vmm_core::ft::log::Entry;
-use ftvm_vmm_core::ft::primary::{
+use ftvm_ft::backup::{run_backup, BackupReport, LogReader, Tamper};
+use ftvm_ft::log::Entry;
+use ftvm_ft::primary::{
     run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
 };
-use ftvm_vmm_core::testing::StallAcks;
+use ftvm_testkit::require_kvm;
+use ftvm_testkit::StallAcks;
+use ftvm_vmm_core::digest::pairing_digest;
+use ftvm_vmm_core::guests;
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
-use ftvm_vmm_core::{guests, require_kvm};
 
 #[derive(Default)]
 struct Setup {
@@ -383,7 +384,7 @@ fn ft_different_initial_state_refuses_to_pair() {
 #[test]
 fn ft_kv_transmits_wait_for_stalled_acks() {
     const TEST: &str = "ft_kv_transmits_wait_for_stalled_acks";
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, common::net_missing()) {
+    if ftvm_testkit::skip::if_missing(TEST, common::net_missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

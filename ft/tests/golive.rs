@@ -13,7 +13,7 @@
 //! - `kv` on a TAP in a network namespace: the backup takes over the (persistent) TAP when the
 //!   primary crashes, and `redis-cli` finds every acknowledged write afterwards.
 
-mod common;
+use ftvm_testkit::kv as common;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -24,21 +24,20 @@ use std::time::{Duration, Instant};
 
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
-use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter};
-use ftvm_vmm_core::ft::backup::{LogReader, Tamper};
-use ftvm_vmm_core::ft::digest::pairing_digest;
-use ftvm_vmm_core::ft::golive::{
-    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, PrimaryFtReport,
-};
-use ftvm_vmm_core::ft::log::Entry;
-use ftvm_vmm_core::ft::node::NodeId;
-use ftvm_vmm_core::ft::output::Sink;
-use ftvm_vmm_core::ft::primary::{LogWriter, PairError, PairOptions, PrimaryHooks};
-use ftvm_vmm_core::ft::transition::Transition;
-use ftvm_vmm_core::ft::Role;
-use ftvm_vmm_core::testing::{CountingArbiter, StallAcks};
+use ftvm_ft::arbiter::{Arbiter, FileArbiter};
+use ftvm_ft::backup::{LogReader, Tamper};
+use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, PrimaryFtReport};
+use ftvm_ft::log::Entry;
+use ftvm_ft::node::NodeId;
+use ftvm_ft::output::Sink;
+use ftvm_ft::primary::{LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_ft::transition::Transition;
+use ftvm_ft::Role;
+use ftvm_testkit::require_kvm;
+use ftvm_testkit::{CountingArbiter, StallAcks};
+use ftvm_vmm_core::digest::pairing_digest;
+use ftvm_vmm_core::guests;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
-use ftvm_vmm_core::{guests, require_kvm};
 
 /// Long enough to stop a side mid-run (the tests stop a side about 0.3 s after the start): 600
 /// rounds took ~3 s on an idle core once, but on a faster host the guest finished before the
@@ -92,7 +91,7 @@ impl Collected {
 fn brief<T>(r: &Result<T, PairError>, what: impl Fn(&T) -> String) -> String {
     match r {
         Ok(v) => format!("Ok({})", what(v)),
-        Err(e) => format!("Err({})", ftvm_vmm_core::ft::primary::error_chain(e)),
+        Err(e) => format!("Err({})", ftvm_vmm_core::error_chain(e)),
     }
 }
 
@@ -277,7 +276,7 @@ fn wait_started(r: &Running, arbiter: &Arc<dyn Arbiter>) {
 
 #[test]
 fn golive_backup_takes_over_when_the_primary_crashes() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     require_kvm!("golive_backup_takes_over_when_the_primary_crashes");
     let expected = expected_checksum();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -382,7 +381,7 @@ fn golive_backup_refuses_to_go_live_when_a_drained_output_differs() {
 
 #[test]
 fn golive_primary_goes_alone_when_the_backup_crashes() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     require_kvm!("golive_primary_goes_alone_when_the_backup_crashes");
     let expected = expected_checksum();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -453,7 +452,7 @@ impl Drop for Outage {
 
 #[test]
 fn golive_backup_waits_for_an_unreachable_arbiter() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     require_kvm!("golive_backup_waits_for_an_unreachable_arbiter");
     let expected = expected_checksum();
     let root = tempfile::tempdir().expect("tempdir");
@@ -506,7 +505,7 @@ fn golive_backup_waits_for_an_unreachable_arbiter() {
 
 #[test]
 fn golive_primary_that_lost_the_arbiter_releases_nothing() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     require_kvm!("golive_primary_that_lost_the_arbiter_releases_nothing");
     let dir = tempfile::tempdir().expect("tempdir");
     let arbiter = file_arbiter(dir.path());
@@ -568,7 +567,7 @@ fn golive_primary_that_lost_the_arbiter_releases_nothing() {
 
 #[test]
 fn golive_stale_primary_is_refused_and_the_backup_runs_the_guest() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     require_kvm!("golive_stale_primary_is_refused_and_the_backup_runs_the_guest");
     let expected = expected_checksum();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -610,8 +609,8 @@ fn golive_stale_primary_is_refused_and_the_backup_runs_the_guest() {
 #[test]
 fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
     const TEST: &str = "golive_kv_keeps_its_data_and_address_after_the_primary_crashes";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, common::net_missing()) {
+    let _one = ftvm_testkit::one_at_a_time();
+    if ftvm_testkit::skip::if_missing(TEST, common::net_missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
+use ftvm_ft::primary::LogWriter;
 use ftvm_ringbuf::IdleKind;
-use ftvm_vmm_core::ft::primary::LogWriter;
 
 #[test]
 fn dropping_the_last_writer_hangs_up_the_link() {

@@ -22,12 +22,12 @@
 
 use std::time::Duration;
 
-use ftvm_vmm_core::ft::primary::PairError;
-use ftvm_vmm_core::ft::throttle::experiment::{
+use ftvm_ft::primary::PairError;
+use ftvm_ft::throttle::{cgroup_cpu_unusable, ThrottleConfig};
+use ftvm_testkit::experiment::{
     self, quantile, Event, ExperimentConfig, ExperimentReport, Sabotage, Sample,
 };
-use ftvm_vmm_core::ft::throttle::{cgroup_cpu_unusable, ThrottleConfig};
-use ftvm_vmm_core::testing::{kvm_missing, one_at_a_time, skip};
+use ftvm_testkit::{kvm_missing, one_at_a_time, skip};
 
 /// Prints `SKIP <test>: <reason>` and returns when KVM or the cgroup cpu controller is missing.
 macro_rules! require_kvm_and_cgroup {

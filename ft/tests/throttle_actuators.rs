@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ftvm_vmm_core::ft::throttle::experiment::{self, quantile, Event, ExperimentConfig};
-use ftvm_vmm_core::ft::throttle::{
+use ftvm_ft::throttle::{
     cgroup_cpu_unusable, current_tid, thread_cpu_time, ActuatorKind, CgroupCpu, CgroupPlace,
     CgroupVersion, CpuHierarchy, ThrottleConfig, ThrottleError,
 };
-use ftvm_vmm_core::testing::kvm_missing;
+use ftvm_testkit::experiment::{self, quantile, Event, ExperimentConfig};
+use ftvm_testkit::kvm_missing;
 
 fn root_missing() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
@@ -136,7 +136,7 @@ fn children(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn cgroup_v2_threaded_group_on_a_mounted_hierarchy() {
     const TEST: &str = "cgroup_v2_threaded_group_on_a_mounted_hierarchy";
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, root_missing()) {
+    if ftvm_testkit::skip::if_missing(TEST, root_missing()) {
         return;
     }
     let mount = V2Mount::new().expect("mount cgroup2");
@@ -198,7 +198,7 @@ fn cgroup_v2_threaded_group_on_a_mounted_hierarchy() {
 #[test]
 fn stale_groups_of_dead_processes_are_removed() {
     const TEST: &str = "stale_groups_of_dead_processes_are_removed";
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, root_missing().or_else(cgroup_cpu_unusable)) {
+    if ftvm_testkit::skip::if_missing(TEST, root_missing().or_else(cgroup_cpu_unusable)) {
         return;
     }
     let h = CpuHierarchy::find().expect("hierarchy");
@@ -231,7 +231,7 @@ fn stale_groups_of_dead_processes_are_removed() {
 fn pacer_alone_throttles_a_pair() {
     const TEST: &str = "pacer_alone_throttles_a_pair";
     // The backup's 30 % limit is a cgroup (of the experiment, not of the throttle).
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, kvm_missing().or_else(cgroup_cpu_unusable)) {
+    if ftvm_testkit::skip::if_missing(TEST, kvm_missing().or_else(cgroup_cpu_unusable)) {
         return;
     }
     let (slow_at, end) = (1.0, 7.0);

@@ -38,7 +38,7 @@ use serde::Serialize;
 
 use crate::client::{Checker, Load, LoadConfig, Reply, RespConn};
 use crate::scenario::{Node, Scenario, ScenarioConfig, Side, JOIN_PORT};
-use ftvm_vmm_core::ft::observe::Snapshot;
+use ftvm_ft::observe::Snapshot;
 
 /// Flags of `ftvm demo`.
 #[derive(Debug, Clone, clap::Args)]

@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ftvm_vmm_core::ft::observe::Observer;
+use ftvm_ft::observe::Observer;
 use ftvm_vmm_core::vm::VmControl;
 
 /// The service manager's notification socket (`NOTIFY_SOCKET`), if one was given.

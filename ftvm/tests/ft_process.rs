@@ -6,7 +6,7 @@
 //! The `ftvm` binary is taken from the target directory of this test (`cargo test --workspace`
 //! builds it); the tests print SKIP when it is missing.
 
-mod common;
+use ftvm_testkit::kv as common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -152,10 +152,10 @@ fn ft_processes_kv_under_redis_benchmark() {
     let Some(bin) = ftvm_binary(TEST) else {
         return;
     };
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, common::net_missing()) {
+    if ftvm_testkit::skip::if_missing(TEST, common::net_missing()) {
         return;
     }
-    if ftvm_vmm_core::testing::skip_without(TEST, "redis-benchmark", "redis-tools") {
+    if ftvm_testkit::skip_without(TEST, "redis-benchmark", "redis-tools") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@
 //!   mode mismatch refused at pairing (the `ftvm` binary comes from this test's target
 //!   directory; SKIP when it is not built).
 
-mod common;
+use ftvm_testkit::kv as common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -28,20 +28,21 @@ use std::time::{Duration, Instant};
 use ftvm_channel::netns::{Netns, NetnsError};
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
+use ftvm_ft::arbiter::{Arbiter, FileArbiter};
+use ftvm_ft::backup::{run_backup, BackupReport, LogReader};
+use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, PrimaryFtReport};
+use ftvm_ft::primary::{
+    run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
+};
+use ftvm_testkit::StallAcks;
 use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use ftvm_vmm_core::devices::virtio::owner::DiskOwner;
-use ftvm_vmm_core::ft::arbiter::{Arbiter, FileArbiter};
-use ftvm_vmm_core::ft::backup::{run_backup, BackupReport, LogReader};
-use ftvm_vmm_core::ft::digest::pairing_digest;
-use ftvm_vmm_core::ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, PrimaryFtReport};
-use ftvm_vmm_core::ft::primary::{
-    error_chain, run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
-};
+use ftvm_vmm_core::digest::pairing_digest;
+use ftvm_vmm_core::error_chain;
 use ftvm_vmm_core::guests;
 use ftvm_vmm_core::memory::GuestMem;
 use ftvm_vmm_core::record::memlog::{Event, MemRecorder, MemReplay};
 use ftvm_vmm_core::record::{Inputs, Recorder, ReplayError, ReplaySource};
-use ftvm_vmm_core::testing::StallAcks;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 
 use common::{free_port, ftvm_binary, report};
@@ -49,7 +50,7 @@ use common::{free_port, ftvm_binary, report};
 /// How every test here with a network starts: a SKIP line without KVM or root; else a
 /// temporary directory, a blank shared image in it and a namespace (`tag`) with the TAP.
 fn shared_setup(test: &str, tag: &str) -> Option<(tempfile::TempDir, PathBuf, Netns)> {
-    if ftvm_vmm_core::testing::skip::if_missing(test, common::net_missing()) {
+    if ftvm_testkit::skip::if_missing(test, common::net_missing()) {
         return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -211,7 +212,7 @@ fn kv_pair(
 #[test]
 fn shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes() {
     const TEST: &str = "shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdpair") else {
         return;
     };
@@ -282,7 +283,7 @@ fn shared_disk_kv_pair_equals_a_plain_run_and_the_backup_never_writes() {
 #[test]
 fn shared_disk_write_waits_for_stalled_acks() {
     const TEST: &str = "shared_disk_write_waits_for_stalled_acks";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let Some((_dir, disk, ns)) = shared_setup(TEST, "sdstall") else {
         return;
     };
@@ -389,7 +390,7 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
             let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
             let rx = LogReceiver::start(p, c, Box::new(t), chan(&bdisk), PollerConfig::default())?;
             let reader = LogReader::new(rx, Default::default(), None);
-            let sink: ftvm_vmm_core::ft::output::Sink = Box::new(|_| {});
+            let sink: ftvm_ft::output::Sink = Box::new(|_| {});
             run_backup_ft(&mut vm, reader, bft, Some((buf, sink)))
         })
         .expect("spawn backup");
@@ -431,7 +432,7 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
 fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes() {
     const TEST: &str =
         "shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdlive") else {
         return;
     };
@@ -559,7 +560,7 @@ fn shared_disk_golive_keeps_every_acknowledged_write_after_the_primary_crashes()
 #[test]
 fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
     const TEST: &str = "shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdalone") else {
         return;
     };
@@ -622,7 +623,7 @@ fn shared_disk_primary_goes_alone_and_writes_unheld_when_the_backup_crashes() {
 fn shared_disk_write_fenced_off_by_a_newer_owner_stops_both_sides_as_superseded() {
     const TEST: &str =
         "shared_disk_write_fenced_off_by_a_newer_owner_stops_both_sides_as_superseded";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdfence") else {
         return;
     };
@@ -744,8 +745,8 @@ fn step_until(vm: &mut Vm, what: &str, done: impl Fn(&Vm) -> bool) {
 #[test]
 fn shared_disk_go_live_inside_a_disk_exit_completes_the_request() {
     const TEST: &str = "shared_disk_go_live_inside_a_disk_exit_completes_the_request";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, ftvm_vmm_core::testing::kvm_missing()) {
+    let _one = ftvm_testkit::one_at_a_time();
+    if ftvm_testkit::skip::if_missing(TEST, ftvm_testkit::kvm_missing()) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -827,7 +828,7 @@ fn shared_disk_go_live_inside_a_disk_exit_completes_the_request() {
 #[test]
 fn shared_disk_processes_refuse_a_mode_mismatch() {
     const TEST: &str = "shared_disk_processes_refuse_a_mode_mismatch";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let Some(bin) = ftvm_binary(TEST) else {
         return;
     };
@@ -891,11 +892,11 @@ fn shared_disk_processes_refuse_a_mode_mismatch() {
 #[test]
 fn shared_disk_processes_kv_under_redis_benchmark() {
     const TEST: &str = "shared_disk_processes_kv_under_redis_benchmark";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let Some(bin) = ftvm_binary(TEST) else {
         return;
     };
-    if ftvm_vmm_core::testing::skip_without(TEST, "redis-benchmark", "redis-tools") {
+    if ftvm_testkit::skip_without(TEST, "redis-benchmark", "redis-tools") {
         return;
     }
     let Some((dir, disk, ns)) = shared_setup(TEST, "sdproc") else {

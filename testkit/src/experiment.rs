@@ -1,6 +1,6 @@
 //! The throttle experiment: a primary and a backup in one process over TCP loopback, the
 //! backup's vCPU thread limited by a cgroup on a schedule, the primary throttled, both sampled
-//! over time. The scenario tests (`vmm-core/tests/throttle.rs`) assert on its report; the
+//! over time. The scenario tests (`ft/tests/throttle.rs`) assert on its report; the
 //! `throttle` benchmark plots it.
 //!
 //! The guest ([`logging_guest`]) logs at a steady rate: it does a fixed amount of arithmetic,
@@ -14,27 +14,27 @@
 //! like a throttle that starves it. [`Sabotage`] breaks the controller or the backup on purpose,
 //! so that the tests can show that their judgement catches each fault as a failure.
 
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, TransportError};
+use ftvm_channel::tcp::TcpMode;
+use ftvm_channel::{Config, PollerConfig, TransportError};
 use ftvm_ringbuf::IdleKind;
 
-use super::{
-    current_tid, error_text, propose_target, Actuator, AgreedTarget, CgroupCpu, Pacer, PairLag,
+use crate::link::TcpLink;
+use crate::{thread_schedstat, Asm};
+use ftvm_ft::backup::{run_backup, BackupReport, LogReader};
+use ftvm_ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryReport};
+use ftvm_ft::throttle::{
+    current_tid, propose_target, Actuator, AgreedTarget, CgroupCpu, Pacer, PairLag, PiConfig,
     TargetFollower, Throttle, ThrottleConfig, ThrottleError, ThrottleStatus,
 };
-use crate::devices::sys::{REG_CLOCK_NS, REG_POWER_OFF};
-use crate::ft::backup::{run_backup, BackupReport, LogReader};
-use crate::ft::digest::pairing_digest;
-use crate::ft::primary::{
-    error_chain, run_primary, LogWriter, PairError, PairOptions, PrimaryReport,
-};
-use crate::testing::{thread_schedstat, Asm, StallAcks};
-use crate::vm::{buffer_console, Vm, VmConfig};
+use ftvm_vmm_core::devices::sys::{REG_CLOCK_NS, REG_POWER_OFF};
+use ftvm_vmm_core::digest::pairing_digest;
+use ftvm_vmm_core::error_chain as error_text;
+use ftvm_vmm_core::error_chain;
+use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 
 /// Guest RAM of the experiment's VMs.
 pub const MEM_SIZE: u64 = 16 << 20;
@@ -324,11 +324,11 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
         core: None,
         idle: IdleKind::Park,
     };
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| ExperimentError::Setup(format!("bind: {e}")))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ExperimentError::Setup(format!("bind: {e}")))?;
+    let (backup_end, primary_end) = TcpLink::new()
+        .ring(cfg.ring_capacity)
+        .mode(TcpMode::Blocking)
+        .poller(pc)
+        .connect()?;
 
     // The backup's cgroup exists from the start; its share follows the events (a starved
     // backup gets a fraction of it).
@@ -356,7 +356,6 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
             Arc::clone(&backup_tid),
             backup_follower.clone(),
         );
-        let ring = cfg.ring_capacity;
         let cfg_vm = vm_config();
         std::thread::Builder::new()
             .name("ftvm-exp-backup".into())
@@ -369,10 +368,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
                     .add_thread(tid)
                     .map_err(|e| PairError::Setup(error_text(&e)))?;
                 backup_tid.store(tid, Ordering::Release);
-                let (p, c) = ftvm_ringbuf::with_capacity(ring)
-                    .map_err(|e| PairError::Setup(format!("log buffer: {e}")))?;
-                let t = TcpTransport::accept(&listener, TcpMode::Blocking)?;
-                let rx = LogReceiver::start(p, c, Box::new(t), chan, pc)?;
+                let rx = backup_end.start(chan)?;
                 // Park when caught up: a spinning backup would take the primary's CPU.
                 let reader = LogReader::new(rx, IdleKind::Park, None);
                 follower.install(reader.controls());
@@ -383,15 +379,8 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
 
     let mut vm = Vm::new(&vm_config(), &elf)
         .map_err(|e| ExperimentError::Setup(format!("primary VM: {}", error_chain(&e))))?;
-    let (p, c) = ftvm_ringbuf::with_capacity(cfg.ring_capacity)
-        .map_err(|e| ExperimentError::Setup(format!("log buffer: {e}")))?;
     let stall = Arc::new(AtomicBool::new(false));
-    let t = TcpTransport::connect(addr, TcpMode::Blocking, Duration::from_secs(10))?;
-    let t = StallAcks {
-        inner: Box::new(t),
-        stall: Arc::clone(&stall),
-    };
-    let sender = LogSender::start(p, c, Box::new(t), chan, pc)?;
+    let sender = primary_end.stall_acks(Arc::clone(&stall)).start(chan)?;
     let writer = LogWriter::new(sender, IdleKind::Yield);
     let shared = Arc::clone(writer.sender().shared());
     let primary_tid = current_tid();
@@ -415,7 +404,7 @@ pub fn run(cfg: &ExperimentConfig) -> Result<ExperimentReport, ExperimentError> 
     let throttle = match &cfg.throttle {
         Some(tc) => Throttle::for_writer(
             ThrottleConfig {
-                pi: super::PiConfig {
+                pi: PiConfig {
                     kp: tc.pi.kp * gain,
                     ki: tc.pi.ki * gain,
                     ..tc.pi

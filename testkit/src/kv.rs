@@ -1,6 +1,5 @@
-//! Shared helpers of the integration tests: the `kv` guest in a network namespace.
-
-#![allow(dead_code)]
+//! Shared helpers of the integration tests: the `kv` guest in a network namespace, the `ftvm`
+//! binary of the test's target directory, and the settings of in-process pairs.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -9,9 +8,9 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::skip;
 use ftvm_channel::netns::Netns;
 use ftvm_vmm_core::devices::ConsoleOutput;
-use ftvm_vmm_core::testing::skip;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
 
 /// A blank 8 MiB disk image `name` in `dir`.
@@ -30,7 +29,7 @@ pub const TAP: &str = "ftvmtap0";
 
 /// Why a networked test cannot run here, if it cannot.
 pub fn net_missing() -> Option<String> {
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
+    if let Some(r) = crate::kvm_missing() {
         return Some(r);
     }
     if let Err(r) = ftvm_channel::netns::require_root() {
@@ -56,8 +55,11 @@ pub fn namespace(tag: &str) -> Netns {
 }
 
 /// A VM running on its own thread; kicked (stopped) and joined on drop.
+#[derive(Debug)]
 pub struct RunningVm {
+    /// Stops (kicks) the VM.
     pub control: VmControl,
+    /// What the guest printed so far.
     pub console: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     handle: Option<JoinHandle<Result<RunOutcome, String>>>,
 }
@@ -200,7 +202,7 @@ pub fn wait_ready_with(ns: &Netns, console: &std::sync::Arc<std::sync::Mutex<Vec
 /// The `ftvm` binary of this test's target directory (`cargo build -p ftvm`; `cargo test
 /// --workspace` builds it); prints SKIP and returns `None` without KVM or the binary.
 pub fn ftvm_binary(test: &str) -> Option<PathBuf> {
-    if skip::if_missing(test, ftvm_vmm_core::testing::kvm_missing()) {
+    if skip::if_missing(test, crate::kvm_missing()) {
         return None;
     }
     let exe = std::env::current_exe().ok()?;
@@ -262,15 +264,15 @@ pub fn report(path: &Path) -> serde_json::Value {
 }
 
 /// A loopback port for this test and its children (see
-/// [`ftvm_vmm_core::testing::loopback_ports`]).
+/// [`crate::loopback_ports`]).
 pub fn free_port() -> u16 {
-    let [port] = ftvm_vmm_core::testing::loopback_ports().expect("free loopback port");
+    let [port] = crate::loopback_ports().expect("free loopback port");
     port
 }
 
 /// `N` distinct loopback addresses (for detectors' UDP heartbeats).
 pub fn free_udp<const N: usize>() -> [std::net::SocketAddr; N] {
-    let ports: [u16; N] = ftvm_vmm_core::testing::loopback_ports().expect("free loopback ports");
+    let ports: [u16; N] = crate::loopback_ports().expect("free loopback ports");
     ports.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
 }
 
@@ -313,15 +315,15 @@ pub fn redis_benchmark(ns: &Netns, requests: &str, clients: &str, tests: &str) -
 /// Failover settings of one side for the in-process pairs: heartbeats every 10 ms, failure
 /// presumed after 250 ms, arbiter retries from 5 ms to 50 ms, generation 1.
 pub fn ft_config(
-    arbiter: &std::sync::Arc<dyn ftvm_vmm_core::ft::arbiter::Arbiter>,
+    arbiter: &std::sync::Arc<dyn ftvm_ft::arbiter::Arbiter>,
     node: &str,
     bind: std::net::SocketAddr,
     peer: std::net::SocketAddr,
-) -> ftvm_vmm_core::ft::golive::FtConfig {
-    use ftvm_vmm_core::ft::arbiter::RetryPolicy;
-    use ftvm_vmm_core::ft::detector::DetectorConfig;
-    use ftvm_vmm_core::ft::golive::FtConfig;
-    use ftvm_vmm_core::ft::node::{NodeId, Role};
+) -> ftvm_ft::golive::FtConfig {
+    use ftvm_ft::arbiter::RetryPolicy;
+    use ftvm_ft::detector::DetectorConfig;
+    use ftvm_ft::golive::FtConfig;
+    use ftvm_ft::node::{NodeId, Role};
     let mut detector = DetectorConfig::new(bind, peer, Role::Primary);
     detector.interval = Duration::from_millis(10);
     detector.timeout = Duration::from_millis(250);

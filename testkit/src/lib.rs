@@ -1,16 +1,35 @@
-//! Hand-assembled test programs (x86-64 machine code) for tests and benchmarks that must not
-//! depend on the guest build, plus guards that skip when KVM is missing (through [`skip`], the
-//! one `SKIP <test>: <reason>` line that `scripts/test.sh` counts).
+//! `ftvm-testkit`: what the tests (and the benchmarks) of ftvm share, and production code
+//! never depends on (only `[dev-dependencies]` and the bench name it).
 //!
-//! Every program starts with `movabs rax, 0xD000_0000` (the MMIO base) and addresses the
-//! system device relative to RAX.
+//! - Hand-assembled test programs (x86-64 machine code, [`Asm`]) for tests and benchmarks that
+//!   must not depend on the guest build. Every program starts with `movabs rax, 0xD000_0000`
+//!   (the MMIO base) and addresses the system device relative to RAX.
+//! - Guards that skip when KVM or a program is missing (through [`skip`], the one
+//!   `SKIP <test>: <reason>` line that `scripts/test.sh` counts; [`require_kvm!`]).
+//! - Loopback ports ([`loopback_ports`]), scheduler accounting ([`thread_schedstat`]), one test
+//!   at a time ([`one_at_a_time`]), wrappers that count arbiter claims ([`CountingArbiter`]) or
+//!   withhold acks ([`StallAcks`]).
+//! - [`link`]: the logging link of an in-process pair (sender and receiver over TCP loopback).
+//! - [`kv`]: the `kv` guest in a network namespace, and the settings of in-process pairs.
+//! - [`experiment`]: the throttle experiment (the throttle scenario tests and benchmark).
+//!
+//! Where things stayed in production crates, and why: [`netns`] (network namespaces, TAPs) is
+//! `ftvm-channel`'s, because `ftvm demo` and the AF_XDP transport use it; [`skip`] stays beside
+//! it (netns's `require_root!` prints through it); `ftvm::scenario` (a pair of `ftvm` processes
+//! in a namespace) is what `ftvm demo` and `ftvm soak` run.
+#![deny(missing_docs)]
 
+pub mod experiment;
+pub mod kv;
+pub mod link;
+
+pub use ftvm_channel::netns;
 pub use ftvm_channel::skip;
 
 use std::time::Duration;
 
-use crate::devices::sys::{REG_CONSOLE_ADDR, REG_CONSOLE_LEN, REG_POWER_OFF};
-use crate::memory::MMIO_BASE;
+use ftvm_vmm_core::devices::sys::{REG_CONSOLE_ADDR, REG_CONSOLE_LEN, REG_POWER_OFF};
+use ftvm_vmm_core::memory::MMIO_BASE;
 
 /// x86-64 register numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +123,7 @@ impl Asm {
     /// code `rounds`. Deterministic: its exits, registers and memory at power-off depend on
     /// nothing else. Clobbers RBX, RCX, RDX.
     pub fn dirty_pages(mut self, base: u32, pages: u32, rounds: u32) -> Self {
-        use crate::devices::sys::REG_DEBUG;
+        use ftvm_vmm_core::devices::sys::REG_DEBUG;
         self.code.extend_from_slice(&[0x31, 0xDB]); // xor ebx, ebx
         let outer = self.code.len();
         self = self.mov_imm(Reg::Rdx, base).mov_imm(Reg::Rcx, pages);
@@ -140,22 +159,13 @@ impl Asm {
     }
     /// The program as a loadable ELF.
     pub fn elf(&self) -> Vec<u8> {
-        crate::loader::flat_elf(&self.code)
+        ftvm_vmm_core::loader::flat_elf(&self.code)
     }
 }
 
-/// Why a hardware-dependent test cannot run here, if it cannot: `/dev/kvm` does not open, or
-/// is not the KVM a VM needs (the checks of [`crate::kvm::KvmContext::new`]: API version,
-/// capabilities, CPUID), so a device node that opens but is not KVM gives a SKIP line too.
-pub fn kvm_missing() -> Option<String> {
-    match crate::kvm::KvmContext::new() {
-        Ok(_) => None,
-        Err(e) => Some(format!(
-            "/dev/kvm not usable: {}",
-            crate::ft::primary::error_chain(&e)
-        )),
-    }
-}
+/// Why a hardware-dependent test cannot run here, if it cannot (`/dev/kvm` missing or not the
+/// KVM a VM needs): [`ftvm_vmm_core::kvm::missing`].
+pub use ftvm_vmm_core::kvm::missing as kvm_missing;
 
 /// Prints `SKIP <test>: <program> not installed (Debian package <package>)` and returns true
 /// when `program` cannot be run (`<program> --version` fails to start).
@@ -290,7 +300,7 @@ pub fn is_root() -> bool {
 #[macro_export]
 macro_rules! require_kvm {
     ($name:expr) => {
-        if $crate::testing::skip::if_missing($name, $crate::testing::kvm_missing()) {
+        if $crate::skip::if_missing($name, $crate::kvm_missing()) {
             return;
         }
     };
@@ -300,14 +310,14 @@ macro_rules! require_kvm {
 /// store was unreachable: the event that proves a side is waiting for the arbiter, for tests
 /// that would otherwise sleep and then check that nothing happened.
 ///
-/// [`Arbiter::try_acquire`]: crate::ft::arbiter::Arbiter::try_acquire
+/// [`Arbiter::try_acquire`]: ftvm_ft::arbiter::Arbiter::try_acquire
 #[derive(Debug)]
 pub struct CountingArbiter<A> {
     inner: A,
     unreachable: std::sync::atomic::AtomicU64,
 }
 
-impl<A: crate::ft::arbiter::Arbiter> CountingArbiter<A> {
+impl<A: ftvm_ft::arbiter::Arbiter> CountingArbiter<A> {
     /// Counts the unreachable claims made through `inner`.
     pub fn new(inner: A) -> Self {
         CountingArbiter {
@@ -336,12 +346,12 @@ impl<A: crate::ft::arbiter::Arbiter> CountingArbiter<A> {
     }
 }
 
-impl<A: crate::ft::arbiter::Arbiter> crate::ft::arbiter::Arbiter for CountingArbiter<A> {
+impl<A: ftvm_ft::arbiter::Arbiter> ftvm_ft::arbiter::Arbiter for CountingArbiter<A> {
     fn try_acquire(
         &self,
         generation: u64,
-        who: &crate::ft::node::NodeId,
-    ) -> Result<crate::ft::arbiter::Acquire, crate::ft::arbiter::ArbiterError> {
+        who: &ftvm_ft::node::NodeId,
+    ) -> Result<ftvm_ft::arbiter::Acquire, ftvm_ft::arbiter::ArbiterError> {
         let r = self.inner.try_acquire(generation, who);
         if matches!(&r, Err(e) if e.is_unreachable()) {
             self.unreachable
@@ -352,7 +362,7 @@ impl<A: crate::ft::arbiter::Arbiter> crate::ft::arbiter::Arbiter for CountingArb
 
     fn current(
         &self,
-    ) -> Result<Option<(u64, crate::ft::node::NodeId)>, crate::ft::arbiter::ArbiterError> {
+    ) -> Result<Option<(u64, ftvm_ft::node::NodeId)>, ftvm_ft::arbiter::ArbiterError> {
         self.inner.current()
     }
 }

@@ -608,8 +608,8 @@ mod tests {
     use crate::bus::ExitCtx;
     use crate::devices::sys::{REG_CLOCK_NS, REG_ENTROPY, REG_WAIT};
     use crate::memory::MMIO_BASE;
-    use crate::testing::{Asm, Reg};
     use crate::vm::{buffer_console, RunOutcome, Vm, VmConfig};
+    use ftvm_testkit::{Asm, Reg};
 
     #[test]
     fn device_writes_reach_the_recorder() {
@@ -693,7 +693,7 @@ mod tests {
     /// the exits of a plain run.
     #[test]
     fn an_interrupt_between_exits_goes_live_without_counting_an_exit() {
-        crate::require_kvm!("an_interrupt_between_exits_goes_live_without_counting_an_exit");
+        ftvm_testkit::require_kvm!("an_interrupt_between_exits_goes_live_without_counting_an_exit");
         // Print (exits 0 and 1), ~4e9 iterations without an exit, power off (exit 2).
         let elf = Asm::new()
             .print(0x40000, 8)
@@ -738,7 +738,7 @@ mod tests {
 
     #[test]
     fn replay_reproduces_a_recorded_run() {
-        crate::require_kvm!("replay_reproduces_a_recorded_run");
+        ftvm_testkit::require_kvm!("replay_reproduces_a_recorded_run");
         let elf = nondeterministic_guest();
         let run = |inputs: Inputs| {
             let (console, out) = buffer_console();

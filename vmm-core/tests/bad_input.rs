@@ -1,10 +1,11 @@
 //! Bad guests and bad configurations each give a clear error.
 
+use ftvm_testkit::require_kvm;
+use ftvm_testkit::Asm;
+use ftvm_vmm_core::guests;
 use ftvm_vmm_core::loader::LoaderError;
-use ftvm_vmm_core::testing::Asm;
 use ftvm_vmm_core::vcpu::VcpuError;
 use ftvm_vmm_core::vm::{Vm, VmConfig, VmError};
-use ftvm_vmm_core::{guests, require_kvm};
 
 fn config() -> VmConfig {
     VmConfig {

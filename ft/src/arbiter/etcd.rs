@@ -52,7 +52,7 @@ use etcdv3client::pb::{self, compare, request_op, response_op};
 use etcdv3client::EtcdClient;
 
 use super::{Acquire, Arbiter, ArbiterError};
-use crate::ft::node::NodeId;
+use crate::node::NodeId;
 
 /// Digits of a zero-padded generation (`u64::MAX` has 20).
 const GEN_DIGITS: usize = 20;
@@ -447,7 +447,7 @@ mod tests {
     impl LocalEtcd {
         fn start(name: &str) -> Self {
             let [client_port, peer_port] =
-                crate::testing::loopback_ports().expect("free loopback ports");
+                ftvm_testkit::loopback_ports().expect("free loopback ports");
             let dir = tempfile::tempdir().expect("temp dir");
             let client = format!("http://127.0.0.1:{client_port}");
             let peer = format!("http://127.0.0.1:{peer_port}");
@@ -495,7 +495,7 @@ mod tests {
     /// Waits (at most 15 s) until `arb` answers a read.
     /// Prints the SKIP line and returns true when the `etcd` binary is missing.
     fn skip_without_etcd(test: &str) -> bool {
-        crate::testing::skip_without(test, "etcd", "etcd-server")
+        ftvm_testkit::skip_without(test, "etcd", "etcd-server")
     }
 
     fn wait_answers(arb: &EtcdArbiter) {
@@ -513,7 +513,7 @@ mod tests {
     #[test]
     fn crashed_endpoint_with_a_cached_connection_is_skipped_at_once() {
         // Bounds a time or a CPU share: one at a time with the other such tests.
-        let _one = crate::testing::one_at_a_time();
+        let _one = ftvm_testkit::one_at_a_time();
         const TEST: &str = "crashed_endpoint_with_a_cached_connection_is_skipped_at_once";
         if skip_without_etcd(TEST) {
             return;
@@ -556,7 +556,7 @@ mod tests {
     #[test]
     fn silent_endpoint_is_hedged_after_a_quarter_second() {
         // Bounds a time or a CPU share: one at a time with the other such tests.
-        let _one = crate::testing::one_at_a_time();
+        let _one = ftvm_testkit::one_at_a_time();
         const TEST: &str = "silent_endpoint_is_hedged_after_a_quarter_second";
         if skip_without_etcd(TEST) {
             return;

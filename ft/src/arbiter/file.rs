@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{Acquire, Arbiter, ArbiterError};
-use crate::ft::node::NodeId;
+use crate::node::NodeId;
 
 /// Prefix of a claim file's name (`gen-<N>`, `N` in decimal).
 const CLAIM_PREFIX: &str = "gen-";

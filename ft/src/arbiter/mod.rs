@@ -44,8 +44,8 @@ pub use file::FileArbiter;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::ft::fence::Fence;
-use crate::ft::node::NodeId;
+use crate::fence::Fence;
+use crate::node::NodeId;
 
 /// The outcome of a test-and-set.
 #[derive(Debug, Clone, PartialEq, Eq)]

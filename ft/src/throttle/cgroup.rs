@@ -899,7 +899,7 @@ mod tests {
     #[test]
     fn the_v2_file_protocol() {
         if !fs::read_to_string("/proc/self/cgroup").is_ok_and(|t| t.contains("0::")) {
-            crate::testing::skip::skip(
+            ftvm_testkit::skip::skip(
                 "the_v2_file_protocol",
                 "no cgroup v2 line in /proc/self/cgroup",
             );
@@ -993,8 +993,8 @@ mod tests {
     #[test]
     fn a_group_limits_a_thread_and_cleans_up() {
         // Bounds a time or a CPU share: one at a time with the other such tests.
-        let _one = crate::testing::one_at_a_time();
-        if crate::testing::skip::if_missing(
+        let _one = ftvm_testkit::one_at_a_time();
+        if ftvm_testkit::skip::if_missing(
             "ft::throttle::cgroup::tests::a_group_limits_a_thread_and_cleans_up",
             cgroup_cpu_unusable(),
         ) {
@@ -1024,7 +1024,7 @@ mod tests {
         // The thread gets about 20 % of a CPU: not much more, and not much less than the
         // machine left it (its run-queue wait beyond the quota's throttling is the evidence of
         // other work; generous bounds: a loaded 2-core machine).
-        let sched = || crate::testing::thread_schedstat(tid).expect("schedstat");
+        let sched = || ftvm_testkit::thread_schedstat(tid).expect("schedstat");
         let throttled = || g.stat().expect("stat").2;
         let (s0, th0) = (sched(), throttled());
         let t0 = std::time::Instant::now();

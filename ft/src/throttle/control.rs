@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::Inner;
-use crate::ft::log::{AppliedControl, ControlQueue};
+use crate::log::{AppliedControl, ControlQueue};
 
 /// Key of the control entry that sets the throttle target; the value is in microseconds.
 pub const CONTROL_TARGET_US: u32 = 0x5448_0001;

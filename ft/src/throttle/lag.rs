@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_channel::reliable::SenderShared;
 
-use crate::ft::primary::LogWriter;
+use crate::primary::LogWriter;
 
 /// Where the lag comes from: the primary's logged position and the backup's reported ones.
 pub trait LagSource: Send + 'static {

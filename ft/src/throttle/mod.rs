@@ -22,8 +22,9 @@
 //!   its logged exits ([`Throttle::for_writer`] drives both with the same share).
 //! - [`control`]: a target change agreed through the log (a control entry applied by both
 //!   sides at the same exit index).
-//! - [`experiment`]: a primary/backup pair in one process with the backup slowed by a cgroup on
-//!   a schedule, sampled over time (the scenario tests and the `throttle` benchmark).
+//! - The throttle experiment (a primary/backup pair in one process with the backup slowed by a
+//!   cgroup on a schedule, sampled over time, for the scenario tests and the `throttle`
+//!   benchmark) is test tooling: `ftvm_testkit::experiment`.
 //! - [`Throttle`]: the controller thread tying them together; [`ThrottleStatus`] is its state
 //!   for counters and the periodic status line (`tracing` target `ftvm::throttle`).
 //!
@@ -62,7 +63,7 @@
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //! use ftvm_channel::reliable::SenderShared;
-//! use ftvm_vmm_core::ft::throttle::{current_tid, PairLag, Throttle, ThrottleConfig};
+//! use ftvm_ft::throttle::{current_tid, PairLag, Throttle, ThrottleConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // In a primary: `writer.sender().shared()` and `writer.position()` of its `LogWriter`,
@@ -85,7 +86,6 @@
 
 pub mod cgroup;
 pub mod control;
-pub mod experiment;
 pub mod lag;
 pub mod pace;
 pub mod pi;
@@ -104,7 +104,7 @@ pub use lag::{Lag, LagMeter, LagSource, PairLag};
 pub use pace::{Paced, Pacer};
 pub use pi::{PiConfig, PiController};
 
-use crate::ft::primary::LogWriter;
+use crate::primary::LogWriter;
 
 /// Errors of the throttle.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,7 @@ pub enum ThrottleError {
 }
 
 /// The messages of an error and its sources, joined with `: `.
-pub(crate) use crate::ft::primary::error_chain as error_text;
+pub(crate) use ftvm_vmm_core::error_chain as error_text;
 
 /// Something that sets the primary vCPU's CPU share.
 pub trait Actuator: Send + 'static {
@@ -361,7 +361,7 @@ pub struct ThrottleStatus {
 }
 
 /// An upper bound on a [`Throttle`]'s share, set from outside the controller: the join's
-/// auto-converge lever ([`crate::ft::join`]) lowers it while pre-copy does not converge and
+/// auto-converge lever ([`crate::join`]) lowers it while pre-copy does not converge and
 /// gives it back after the cut. The controller applies `min(its own share, cap)` at each
 /// update, with the same actuators (cgroup quota and pacer), so the lever needs no second
 /// cgroup holding the vCPU thread (a thread is in one group of a hierarchy: a second group
@@ -541,7 +541,7 @@ impl Throttle {
         writer.observer().set_throttle(move || {
             let s = *inner.status.lock().unwrap_or_else(|e| e.into_inner());
             let (sleeps, slept) = pacer.slept();
-            crate::ft::observe::ThrottleSnapshot {
+            crate::observe::ThrottleSnapshot {
                 actuator: s.actuator.name().to_string(),
                 share: s.share,
                 min_share: s.min_share,
@@ -549,11 +549,11 @@ impl Throttle {
                 lag_ms: s.lag_ms,
                 max_lag_ms: s.max_lag_ms,
                 lag_bytes: s.lag_bytes,
-                throttled_ms: crate::ft::observe::ms(s.throttled),
+                throttled_ms: crate::observe::ms(s.throttled),
                 updates: s.updates,
                 actuator_errors: s.actuator_errors,
                 pacer_sleeps: sleeps,
-                pacer_slept_ms: crate::ft::observe::ms(slept),
+                pacer_slept_ms: crate::observe::ms(slept),
             }
         });
         Ok(throttle)
@@ -826,7 +826,7 @@ mod tests {
     #[test]
     fn the_controller_thread_throttles_a_simulated_pair() {
         // Bounds a time or a CPU share: one at a time with the other such tests.
-        let _one = crate::testing::one_at_a_time();
+        let _one = ftvm_testkit::one_at_a_time();
         const RATE: f64 = 20_000.0;
         let logged = Arc::new(AtomicU64::new(0));
         let executed = Arc::new(AtomicU64::new(0));

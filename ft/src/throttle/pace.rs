@@ -189,11 +189,11 @@ mod tests {
     #[test]
     fn busy_thread_is_held_to_its_share() {
         // Bounds a time or a CPU share: one at a time with the other such tests.
-        let _one = crate::testing::one_at_a_time();
+        let _one = ftvm_testkit::one_at_a_time();
         let p = Pacer::default();
         p.set_share(0.25);
         let tid = super::super::current_tid();
-        let wait0 = crate::testing::thread_schedstat(tid).expect("schedstat");
+        let wait0 = ftvm_testkit::thread_schedstat(tid).expect("schedstat");
         let start = Instant::now();
         let cpu0 = thread_cpu();
         while start.elapsed() < Duration::from_millis(400) {
@@ -212,7 +212,7 @@ mod tests {
         assert!(ratio < 0.45, "used {ratio:.2} of a CPU at share 0.25");
         // At least 60 % of the share, or of what the machine left it (time not spent waiting
         // on a run queue), whichever is less: the bound follows evidence of load only.
-        let waited = (crate::testing::thread_schedstat(tid)
+        let waited = (ftvm_testkit::thread_schedstat(tid)
             .expect("schedstat")
             .run_queue_wait
             - wait0.run_queue_wait)

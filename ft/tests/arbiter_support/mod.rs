@@ -125,9 +125,9 @@ impl Drop for ChildGuard {
 }
 
 /// `N` distinct loopback ports (TCP or UDP) for this test and its children; see
-/// [`ftvm_vmm_core::testing::loopback_ports`].
+/// [`ftvm_testkit::loopback_ports`].
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    ftvm_vmm_core::testing::loopback_ports().expect("free loopback ports")
+    ftvm_testkit::loopback_ports().expect("free loopback ports")
 }
 
 /// One local etcd member (loopback only), killed on drop. Its data directory lives in a temp
@@ -257,8 +257,8 @@ impl EtcdCluster {
 }
 
 /// A node id (test names are always valid).
-pub fn id(s: &str) -> ftvm_vmm_core::ft::NodeId {
-    ftvm_vmm_core::ft::NodeId::new(s).expect("valid node id")
+pub fn id(s: &str) -> ftvm_ft::NodeId {
+    ftvm_ft::NodeId::new(s).expect("valid node id")
 }
 
 /// Wall-clock nanoseconds since the epoch (the lockstep start time shared with children).

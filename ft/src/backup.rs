@@ -38,9 +38,9 @@ use ftvm_channel::{GoodbyeReason, LogReceiver, TransportError};
 use ftvm_ringbuf::IdleKind;
 
 use super::detector::TrafficNote;
+use super::error::PairError;
 use super::log::{decode_write, device_name, AppliedControl, ControlQueue, Entry, KIND_WRITE};
 use super::observe::{LogSnapshot, Observer, SideRole};
-use super::primary::PairError;
 use super::stop::{is_planned, StopCause, Stopped};
 use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use ftvm_vmm_core::digest::register_digest;

@@ -173,16 +173,15 @@ use ftvm_channel::Goodbye;
 use super::arbiter::{acquire_with_retry, take_over, Acquire, Arbiter, ArbiterError, RetryPolicy};
 use super::backup::{backup_loop, BackupEnd, BackupReport, GoLiveHook, LogReader, SharedGoLive};
 use super::detector::{Detector, DetectorConfig, DetectorEvent, DetectorStats, PeerState};
+use super::error::PairError;
 use super::fence::Fence;
 use super::log::AppliedControl;
 use super::node::{NodeId, Role};
 use super::observe::SideRole;
 use super::output::{OutputGate, OutputStats, Sink};
-use super::primary::{
-    primary_loop, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
-};
+use super::primary::{primary_loop, LogWriter, PairOptions, PrimaryHooks, PrimaryReport};
 use super::stop::{is_planned, BackupStopPolicy, PrimaryStopPolicy, StopCause, Stopped};
-use super::transition::{emit, Transition, TransitionSink};
+use super::transition::{emit, GoLiveTimings, Transition, TransitionSink};
 use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkError, BlkHandle};
 use ftvm_vmm_core::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMode};
 use ftvm_vmm_core::digest::register_digest;
@@ -261,29 +260,6 @@ impl FtConfig {
     fn emit(&self, t: Transition) {
         emit(self.on_transition.as_ref(), t);
     }
-}
-
-/// How long each step of going live (backup) or alone (primary) took.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GoLiveTimings {
-    /// The generation won.
-    pub generation: u64,
-    /// The exit index where the VM went live (backup) or the decision was taken (primary).
-    pub at_exit: u64,
-    /// Detection: the peer's last sign of life → presumed failed (the detector's measure; zero
-    /// when the link went down first).
-    pub detection: Duration,
-    /// Backup: the log stopped → every received entry replayed. Primary: releasing the outputs
-    /// held when it won.
-    pub drain: Duration,
-    /// Waiting for the detector after the replay ran out (backup; zero on the primary).
-    pub wait_detector: Duration,
-    /// The test-and-set (including waits while the arbiter was unreachable).
-    pub arbiter: Duration,
-    /// Attaching the service TAP and enabling outputs.
-    pub attach: Duration,
-    /// From the first sign of the failure (log stopped, or the last sign of life) to live.
-    pub total: Duration,
 }
 
 /// What [`run_primary_ft`] did.

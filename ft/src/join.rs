@@ -86,7 +86,7 @@
 //! every round re-sends its working set. After each such round the join lowers the vCPU's CPU
 //! share (`Lever`: by the fraction of the dirty set that would fit in the final pause,
 //! bounded to ×0.25…×0.7 per round, down to [`JoinOptions::min_share`]) through the primary's
-//! throttle ([`ShareCap`](super::throttle::ShareCap): its cgroup quota), so that the next
+//! throttle ([`ShareCap`](crate::share::ShareCap): its cgroup quota), so that the next
 //! round dirties less; the progress lines carry the share. Before the cut the full share is
 //! given back (and waited for: the cut's copy runs on the vCPU thread). Measured by
 //! `reprotect.rs` (`auto_converge_...`): the `stream` guest rewriting 24 MiB over a 400 Mbit/s
@@ -118,11 +118,12 @@ use ftvm_channel::TransportError;
 use serde::{Deserialize, Serialize};
 
 use super::arbiter::ArbiterError;
+use super::error::PairError;
 use super::golive::{FtConfig, PrimaryFt};
 use super::log::{Entry, LOG_VERSION};
 use super::node::Role;
 use super::output::OutputGate;
-use super::primary::{Lent, LogWriter, PairError, PairOptions};
+use super::primary::{Lent, LogWriter, PairOptions};
 use ftvm_vmm_core::transfer::{
     Chunk, Convergence, RoundStats, Sink, Source, SourceConfig, Step, TransferError, TransferHandle,
 };
@@ -948,13 +949,13 @@ impl Primary {
 /// [`JoinOptions::min_share`]. The dirty rate of a CPU-bound guest follows its CPU time, so a
 /// few rounds bring the rest under the bound; QEMU's auto-converge does the same with fixed
 /// steps (20 %, then +10 % per round). The share is applied by the primary's throttle
-/// ([`ShareCap`](super::throttle::ShareCap): its cgroup quota, which also bounds a guest
+/// ([`ShareCap`](crate::share::ShareCap): its cgroup quota, which also bounds a guest
 /// running long between exits); without a running throttle there is no lever, and pre-copy
 /// ends at [`Convergence::max_rounds`] with the longer pause, as before. The bound is lifted
 /// before the cut (the cut's copy runs on the vCPU thread, which must not wait for its
 /// quota), or when the join fails (on drop).
 struct Lever {
-    cap: Option<super::throttle::ShareCap>,
+    cap: Option<crate::share::ShareCap>,
     share: f64,
     min_share: f64,
     lowest: f64,

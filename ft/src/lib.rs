@@ -6,6 +6,7 @@
 //!
 //! [`record`]: ftvm_vmm_core::record
 //!
+//! - [`error`]: the error of a primary's or backup's run ([`PairError`]).
 //! - [`node`]: who a node is ([`NodeId`]) and which role it plays ([`Role`]).
 //! - [`arbiter`]: the atomic test-and-set a node must win before it goes live, on a shared
 //!   directory ([`FileArbiter`]) or etcd (`EtcdArbiter`, feature `etcd`).
@@ -19,7 +20,8 @@
 //! - [`golive`]: the backup going live and the primary continuing alone ([`run_primary_ft`],
 //!   [`run_backup_ft`]).
 //! - [`stop`]: planned stops (SIGTERM): the peer is told (GOODBYE) and does not fail over.
-//! - [`throttle`]: lag measurement and the CPU throttle that keeps the primary in step.
+//! - [`throttle`]: lag measurement and the CPU throttle that keeps the primary in step;
+//!   [`share`]: the pacer and share cap its log writer obeys.
 //! - [`observe`]: the live counters of a side (metrics endpoint, `ftvm stat`, reports).
 //!
 //! The rule these pieces implement together: **never go live blind**. A node goes live (the
@@ -55,6 +57,7 @@
 pub mod arbiter;
 pub mod backup;
 pub mod detector;
+pub mod error;
 pub mod fence;
 pub mod golive;
 pub mod join;
@@ -63,6 +66,7 @@ pub mod node;
 pub mod observe;
 pub mod output;
 pub mod primary;
+pub mod share;
 pub mod stop;
 pub mod throttle;
 pub mod transition;
@@ -73,10 +77,11 @@ pub use arbiter::{
 pub use detector::{
     Detector, DetectorConfig, DetectorError, DetectorEvent, DetectorStats, PeerState, TrafficNote,
 };
+pub use error::PairError;
 pub use fence::{Fence, FenceError};
 pub use golive::{
-    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, GoLiveTimings, LiveReport,
-    PrimaryFtReport,
+    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, LiveReport, PrimaryFtReport,
 };
 pub use log::{AppliedControl, ControlQueue};
 pub use node::{NodeId, NodeIdError, Role};
+pub use transition::GoLiveTimings;

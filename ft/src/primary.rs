@@ -25,9 +25,10 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_channel::{LogSender, SenderHandle, TransportError};
+use ftvm_channel::{GoodbyeReason, LogSender, SenderHandle};
 use ftvm_ringbuf::{ClaimError, IdleKind, IdleStrategy};
 
+use super::error::PairError;
 use super::golive::PrimaryFt;
 use super::log::{
     encode_output, encode_read, encode_write, AppliedControl, ControlQueue, Entry, KIND_OUTPUT,
@@ -35,86 +36,13 @@ use super::log::{
 };
 use super::observe::{DiskWaitsSnapshot, LogSnapshot, Observer, SideRole};
 use super::output::{OutputGate, OutputStats, Sink};
-use super::stop::is_planned;
 pub use super::stop::BackupStopPolicy;
+use super::stop::{is_planned, StopCause, Stopped};
 use ftvm_vmm_core::devices::virtio::blk::{DiskMode, WriteBarrier};
 use ftvm_vmm_core::devices::virtio::net::NetHandle;
 use ftvm_vmm_core::digest::register_digest;
 use ftvm_vmm_core::record::{Inputs, OutputDigest, Recorder};
-use ftvm_vmm_core::vm::{RunOutcome, Vm, VmControl, VmError};
-
-/// Errors of a primary or backup run.
-#[derive(Debug, thiserror::Error)]
-pub enum PairError {
-    /// The backup's execution differed from the primary's.
-    #[error("diverged at exit {exit}: {what}")]
-    Diverged {
-        /// The exit index.
-        exit: u64,
-        /// What differed.
-        what: String,
-    },
-    /// The log could not be written (link down while the buffer was full, entry too large).
-    #[error("log: {0}")]
-    Log(String),
-    /// The log ended before the guest powered off (the primary is gone).
-    #[error("log ended at exit {exit}: {why}")]
-    LogEnded {
-        /// The exit index.
-        exit: u64,
-        /// Why.
-        why: String,
-    },
-    /// The channel failed.
-    #[error("channel")]
-    Channel(#[from] TransportError),
-    /// The VM failed.
-    #[error("VM")]
-    Vm(#[from] VmError),
-    /// The guest was paused from outside.
-    #[error("the VM was paused from outside at exit {0}")]
-    Paused(u64),
-    /// Setup failed.
-    #[error("{0}")]
-    Setup(String),
-    /// Another node holds a newer generation: this node must not go live or release outputs.
-    #[error("superseded: generation {generation} is held by {winner}; this node stops")]
-    Superseded {
-        /// The newest generation.
-        generation: u64,
-        /// Its holder.
-        winner: String,
-    },
-    /// The arbiter failed (other than by being unreachable, which is waited out).
-    #[error("arbiter")]
-    Arbiter(#[from] super::arbiter::ArbiterError),
-    /// The failure detector could not be started.
-    #[error("failure detector")]
-    Detector(#[from] super::detector::DetectorError),
-    /// The peer failed (its logging link broke) and this side has no arbiter to take over
-    /// with: the pair stops ([`PeerFailurePolicy::Stop`]).
-    #[error(
-        "the {peer} failed at exit {exit} ({why}); without an arbiter this side cannot take \
-         over safely: the pair stops"
-    )]
-    PeerFailed {
-        /// `"backup"` or `"primary"`.
-        peer: &'static str,
-        /// The exit index where this side stopped.
-        exit: u64,
-        /// How the failure showed (the link's error).
-        why: String,
-    },
-    /// Own-copy mode: a disk request of the backup gave another result than the primary's (its
-    /// copy filled up, failed, or differs): this backup can no longer take over. It stopped
-    /// without going live and told the primary (GOODBYE, `CannotTakeOver`).
-    #[error("this backup can no longer take over: {0}")]
-    CannotTakeOver(ftvm_vmm_core::devices::virtio::blk::CopyFailure),
-    /// A planned stop ([`super::stop`]): this side was asked to stop, or its peer left the
-    /// pair as planned; no failover happened.
-    #[error("{0}")]
-    Stopped(super::stop::Stopped),
-}
+use ftvm_vmm_core::vm::{RunOutcome, Vm, VmControl};
 
 /// What a primary **without an arbiter** does when its backup fails (its logging link
 /// breaks). With an arbiter the primary always goes on alone after winning the next
@@ -194,7 +122,7 @@ pub struct LogWriter {
     bytes: Arc<AtomicU64>,
     controls: ControlQueue,
     /// An upper bound on the throttle's share (the join's auto-converge lever).
-    cap: super::throttle::ShareCap,
+    cap: crate::share::ShareCap,
     /// The side's live counters ([`super::observe`]).
     observer: Observer,
 }
@@ -211,7 +139,7 @@ struct WriterShared {
     /// fail); written once, on the failure path only.
     error: Mutex<Option<String>>,
     /// The throttle's pacer, consulted after each append (on the vCPU thread).
-    pacer: std::sync::OnceLock<Arc<super::throttle::Pacer>>,
+    pacer: std::sync::OnceLock<Arc<crate::share::Pacer>>,
 }
 
 /// [`LogWriter`] modes.
@@ -266,7 +194,7 @@ impl LogWriter {
             position,
             bytes: Arc::default(),
             controls: ControlQueue::new(),
-            cap: super::throttle::ShareCap::default(),
+            cap: crate::share::ShareCap::default(),
             observer: Observer::new(SideRole::Primary),
         };
         let appender = LogAppender::new(sender, &writer);
@@ -335,13 +263,13 @@ impl LogWriter {
     /// The bound on the vCPU's CPU share that a throttle started for this writer
     /// ([`super::throttle::Throttle::for_writer`]) obeys; a join lowers it to make pre-copy
     /// converge ([`super::join`], auto-converge).
-    pub fn share_cap(&self) -> &super::throttle::ShareCap {
+    pub fn share_cap(&self) -> &crate::share::ShareCap {
         &self.cap
     }
 
     /// Paces the vCPU thread at its appends with `pacer` (the throttle's pause actuator,
     /// [`super::throttle::pace`]). Only the first pacer set is used.
-    pub fn set_pacer(&self, pacer: Arc<super::throttle::Pacer>) {
+    pub fn set_pacer(&self, pacer: Arc<crate::share::Pacer>) {
         let _ = self.shared.pacer.set(pacer);
     }
 
@@ -1082,13 +1010,7 @@ pub(crate) fn primary_loop(
     }
     let (code, exits) = result?;
     let Some(code) = code else {
-        return Err(super::stop::primary_stop(
-            writer,
-            &gate,
-            ft,
-            exits,
-            opts.stop_timeout,
-        ));
+        return Err(primary_stop(writer, &gate, ft, exits, opts.stop_timeout));
     };
     let mem_digest = vm.memory_digest();
     let regs_digest = register_digest(vm);
@@ -1224,6 +1146,70 @@ impl Drop for Lent {
             self.writer.return_appender(a);
         }
     }
+}
+
+/// The primary's side of a planned stop, once its vCPU stopped at exit `exit` (see the
+/// [`stop`](crate::stop) module docs): waits (until `timeout`) for every logged entry to be acknowledged,
+/// releases the held outputs, stops the FT monitor and says GOODBYE. Returns the error the
+/// run ends with: [`PairError::Stopped`], or [`PairError::Superseded`] if this primary learned
+/// meanwhile that it lost its generation.
+pub(crate) fn primary_stop(
+    writer: &LogWriter,
+    gate: &OutputGate,
+    ft: Option<&mut PrimaryFt>,
+    exit: u64,
+    timeout: Duration,
+) -> PairError {
+    let peer_left = writer.sender().peer_goodbye();
+    let cause = match &peer_left {
+        Some(g) if is_planned(g) => StopCause::PeerStopped(g.text.clone()),
+        _ => StopCause::Requested,
+    };
+    let deadline = Instant::now() + timeout;
+    let target = writer.position().load(std::sync::atomic::Ordering::Acquire);
+    let acked_all = loop {
+        if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
+            return e;
+        }
+        let s = writer.sender();
+        if writer.is_alone() || s.acked_seq() >= target {
+            break true;
+        }
+        if !s.is_running() || Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    if acked_all {
+        gate.flush(deadline.saturating_duration_since(Instant::now()));
+    }
+    let held = gate.pending();
+    if let Some(f) = ft {
+        // Before the GOODBYE: the link going down is no failure now.
+        f.stop_monitor();
+        if let Some(e) = f.superseded() {
+            return e;
+        }
+    }
+    let told_peer = !writer.is_alone()
+        && peer_left.is_none()
+        && match writer
+            .sender()
+            .goodbye(GoodbyeReason::PlannedStop, "the primary stops as planned")
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not tell the backup that this primary stops");
+                false
+            }
+        };
+    tracing::info!(exit, held, told_peer, ?cause, "primary: planned stop");
+    PairError::Stopped(Stopped {
+        exit,
+        cause,
+        held,
+        told_peer,
+    })
 }
 
 #[cfg(test)]

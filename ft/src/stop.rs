@@ -46,13 +46,7 @@
 //! arbiter the primary still wins the next generation before it releases anything unheld,
 //! which fences the stopped backup if it is restarted with its old generation.
 
-use std::time::{Duration, Instant};
-
 use ftvm_channel::{Goodbye, GoodbyeReason};
-
-use super::golive::PrimaryFt;
-use super::output::OutputGate;
-use super::primary::{LogWriter, PairError};
 
 /// What a primary does when its backup stops as planned (it said GOODBYE `PlannedStop`). A
 /// backup that *fails* is [`PeerFailurePolicy`](super::primary::PeerFailurePolicy)'s business
@@ -130,68 +124,4 @@ impl std::fmt::Display for Stopped {
 /// Whether `g` is a planned stop's GOODBYE.
 pub fn is_planned(g: &Goodbye) -> bool {
     g.reason == GoodbyeReason::PlannedStop
-}
-
-/// The primary's side of a planned stop, once its vCPU stopped at exit `exit` (see the
-/// [module docs](self)): waits (until `timeout`) for every logged entry to be acknowledged,
-/// releases the held outputs, stops the FT monitor and says GOODBYE. Returns the error the
-/// run ends with: [`PairError::Stopped`], or [`PairError::Superseded`] if this primary learned
-/// meanwhile that it lost its generation.
-pub(crate) fn primary_stop(
-    writer: &LogWriter,
-    gate: &OutputGate,
-    ft: Option<&mut PrimaryFt>,
-    exit: u64,
-    timeout: Duration,
-) -> PairError {
-    let peer_left = writer.sender().peer_goodbye();
-    let cause = match &peer_left {
-        Some(g) if is_planned(g) => StopCause::PeerStopped(g.text.clone()),
-        _ => StopCause::Requested,
-    };
-    let deadline = Instant::now() + timeout;
-    let target = writer.position().load(std::sync::atomic::Ordering::Acquire);
-    let acked_all = loop {
-        if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
-            return e;
-        }
-        let s = writer.sender();
-        if writer.is_alone() || s.acked_seq() >= target {
-            break true;
-        }
-        if !s.is_running() || Instant::now() >= deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    if acked_all {
-        gate.flush(deadline.saturating_duration_since(Instant::now()));
-    }
-    let held = gate.pending();
-    if let Some(f) = ft {
-        // Before the GOODBYE: the link going down is no failure now.
-        f.stop_monitor();
-        if let Some(e) = f.superseded() {
-            return e;
-        }
-    }
-    let told_peer = !writer.is_alone()
-        && peer_left.is_none()
-        && match writer
-            .sender()
-            .goodbye(GoodbyeReason::PlannedStop, "the primary stops as planned")
-        {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not tell the backup that this primary stops");
-                false
-            }
-        };
-    tracing::info!(exit, held, told_peer, ?cause, "primary: planned stop");
-    PairError::Stopped(Stopped {
-        exit,
-        cause,
-        held,
-        told_peer,
-    })
 }

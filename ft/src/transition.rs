@@ -20,8 +20,30 @@ use std::time::Duration;
 
 use ftvm_channel::Goodbye;
 
-use super::golive::GoLiveTimings;
 use super::node::Role;
+
+/// How long each step of going live (backup) or alone (primary) took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GoLiveTimings {
+    /// The generation won.
+    pub generation: u64,
+    /// The exit index where the VM went live (backup) or the decision was taken (primary).
+    pub at_exit: u64,
+    /// Detection: the peer's last sign of life → presumed failed (the detector's measure; zero
+    /// when the link went down first).
+    pub detection: Duration,
+    /// Backup: the log stopped → every received entry replayed. Primary: releasing the outputs
+    /// held when it won.
+    pub drain: Duration,
+    /// Waiting for the detector after the replay ran out (backup; zero on the primary).
+    pub wait_detector: Duration,
+    /// The test-and-set (including waits while the arbiter was unreachable).
+    pub arbiter: Duration,
+    /// Attaching the service TAP and enabling outputs.
+    pub attach: Duration,
+    /// From the first sign of the failure (log stopped, or the last sign of life) to live.
+    pub total: Duration,
+}
 
 /// One failover decision of a side.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Refusal, TransportError};
 use ftvm_ft::backup::{run_backup, BackupReport, LogReader, Tamper};
+use ftvm_ft::error::PairError;
 use ftvm_ft::log::Entry;
-use ftvm_ft::primary::{
-    run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
-};
+use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryHooks, PrimaryReport};
 use ftvm_testkit::require_kvm;
 use ftvm_testkit::StallAcks;
 use ftvm_vmm_core::digest::pairing_digest;

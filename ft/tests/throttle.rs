@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use ftvm_ft::primary::PairError;
+use ftvm_ft::error::PairError;
 use ftvm_ft::throttle::{cgroup_cpu_unusable, ThrottleConfig};
 use ftvm_testkit::experiment::{
     self, quantile, Event, ExperimentConfig, ExperimentReport, Sabotage, Sample,

@@ -33,10 +33,12 @@ use ftvm_channel::{
 };
 use ftvm_ft::backup::{run_backup, LogReader};
 use ftvm_ft::detector::DetectorStats;
-use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, GoLiveTimings};
-use ftvm_ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryHooks};
+use ftvm_ft::error::PairError;
+use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, FtConfig};
+use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryHooks};
 use ftvm_ft::stop::{PrimaryStopPolicy, StopCause, Stopped};
 use ftvm_ft::throttle::{current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus};
+use ftvm_ft::transition::GoLiveTimings;
 use ftvm_ft::{acquire_with_retry, Acquire, Arbiter, DetectorConfig, NodeId, RetryPolicy, Role};
 use ftvm_vmm_core::devices::ConsoleOutput;
 use ftvm_vmm_core::digest::{file_digest, pairing_digest};

@@ -30,10 +30,9 @@ use ftvm_channel::tcp::{TcpMode, TcpTransport};
 use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
 use ftvm_ft::arbiter::{Arbiter, FileArbiter};
 use ftvm_ft::backup::{run_backup, BackupReport, LogReader};
+use ftvm_ft::error::PairError;
 use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, PrimaryFtReport};
-use ftvm_ft::primary::{
-    run_primary, LogWriter, PairError, PairOptions, PrimaryHooks, PrimaryReport,
-};
+use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryHooks, PrimaryReport};
 use ftvm_testkit::StallAcks;
 use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use ftvm_vmm_core::devices::virtio::owner::DiskOwner;

@@ -25,9 +25,11 @@ use ftvm_ringbuf::IdleKind;
 use crate::link::TcpLink;
 use crate::{thread_schedstat, Asm};
 use ftvm_ft::backup::{run_backup, BackupReport, LogReader};
-use ftvm_ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryReport};
+use ftvm_ft::error::PairError;
+use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryReport};
+use ftvm_ft::share::Pacer;
 use ftvm_ft::throttle::{
-    current_tid, propose_target, Actuator, AgreedTarget, CgroupCpu, Pacer, PairLag, PiConfig,
+    current_tid, propose_target, Actuator, AgreedTarget, CgroupCpu, PairLag, PiConfig,
     TargetFollower, Throttle, ThrottleConfig, ThrottleError, ThrottleStatus,
 };
 use ftvm_vmm_core::devices::sys::{REG_CLOCK_NS, REG_POWER_OFF};

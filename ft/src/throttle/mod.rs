@@ -96,12 +96,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::share::{Pacer, ShareCap};
 pub use cgroup::{
     cgroup_cpu_unusable, current_tid, thread_cpu_time, CgroupCpu, CgroupVersion, CpuHierarchy,
 };
 pub use control::{propose_target, AgreedTarget, TargetFollower, CONTROL_TARGET_US};
 pub use lag::{Lag, LagMeter, LagSource, PairLag};
-pub use pace::{Paced, Pacer};
+pub use pace::Paced;
 pub use pi::{PiConfig, PiController};
 
 use crate::primary::LogWriter;
@@ -358,69 +359,6 @@ pub struct ThrottleStatus {
     pub actuator_errors: u64,
     /// The mechanism applying the share.
     pub actuator: ActuatorKind,
-}
-
-/// An upper bound on a [`Throttle`]'s share, set from outside the controller: the join's
-/// auto-converge lever ([`crate::join`]) lowers it while pre-copy does not converge and
-/// gives it back after the cut. The controller applies `min(its own share, cap)` at each
-/// update, with the same actuators (cgroup quota and pacer), so the lever needs no second
-/// cgroup holding the vCPU thread (a thread is in one group of a hierarchy: a second group
-/// would take it out of the throttle's). Cheap to clone; 1.0 = no bound.
-#[derive(Debug, Clone)]
-pub struct ShareCap {
-    bits: Arc<AtomicU64>,
-    /// The share the obeying throttle applied last.
-    applied_bits: Arc<AtomicU64>,
-    /// How many running throttles obey this cap.
-    obeyed: Arc<AtomicU64>,
-}
-
-impl Default for ShareCap {
-    fn default() -> Self {
-        ShareCap {
-            bits: Arc::new(AtomicU64::new(1.0f64.to_bits())),
-            applied_bits: Arc::new(AtomicU64::new(1.0f64.to_bits())),
-            obeyed: Arc::default(),
-        }
-    }
-}
-
-impl ShareCap {
-    /// The bound now.
-    pub fn get(&self) -> f64 {
-        f64::from_bits(self.bits.load(Ordering::Relaxed))
-    }
-
-    /// Sets the bound (clamped to `[0.001, 1]`; not finite: 1).
-    pub fn set(&self, share: f64) {
-        self.bits
-            .store(pace::clamp_share(share).to_bits(), Ordering::Relaxed);
-    }
-
-    /// The share the throttle applied last (1 without a throttle).
-    pub fn applied(&self) -> f64 {
-        f64::from_bits(self.applied_bits.load(Ordering::Acquire))
-    }
-
-    /// Sets the bound to 1 and waits (at most `patience`) until the throttle applied a full
-    /// share again — within a millisecond: a change of the bound is applied at the next
-    /// sample, not at the next update. Returns whether it did.
-    pub fn lift(&self, patience: Duration) -> bool {
-        self.set(1.0);
-        let deadline = Instant::now() + patience;
-        while self.obeyed() && self.applied() < 1.0 {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        true
-    }
-
-    /// Whether a running throttle applies this bound (else setting it changes nothing).
-    pub fn obeyed(&self) -> bool {
-        self.obeyed.load(Ordering::Acquire) > 0
-    }
 }
 
 #[derive(Debug)]

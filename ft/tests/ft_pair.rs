@@ -4,19 +4,17 @@
 
 use ftvm_testkit::kv as common;
 
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Refusal, TransportError};
+use ftvm_channel::{Config, Refusal, TransportError};
 use ftvm_ft::backup::{run_backup, BackupReport, LogReader, Tamper};
 use ftvm_ft::error::PairError;
 use ftvm_ft::log::Entry;
 use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryHooks, PrimaryReport};
+use ftvm_testkit::link::TcpLink;
 use ftvm_testkit::require_kvm;
-use ftvm_testkit::StallAcks;
 use ftvm_vmm_core::digest::pairing_digest;
 use ftvm_vmm_core::guests;
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
@@ -63,8 +61,7 @@ fn channel_config(cmdline: &str) -> Config {
 
 fn run_pair(setup: Setup) -> Outcome {
     let elf = guests::by_name("cpu").expect("cpu guest");
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (backup_end, primary_end) = TcpLink::new().connect().expect("link");
     let backup_cmdline = setup
         .backup_cmdline
         .clone()
@@ -73,15 +70,7 @@ fn run_pair(setup: Setup) -> Outcome {
     let backup = std::thread::spawn(move || -> (Result<BackupReport, PairError>, Vec<u8>) {
         let (cfg, buf) = config(&backup_cmdline);
         let mut vm = Vm::new(&cfg, elf).expect("backup vm");
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
-        let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
-        let rx = match LogReceiver::start(
-            p,
-            c,
-            Box::new(t),
-            channel_config(&backup_cmdline),
-            PollerConfig::default(),
-        ) {
+        let rx = match backup_end.start(channel_config(&backup_cmdline)) {
             Ok(rx) => rx,
             Err(e) => return (Err(PairError::Channel(e)), Vec::new()),
         };
@@ -104,21 +93,12 @@ fn run_pair(setup: Setup) -> Outcome {
     });
     let (cfg, buf) = config(&setup.cmdline);
     let mut vm = Vm::new(&cfg, elf).expect("primary vm");
-    let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
-    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
     let stall = setup.stall.clone().unwrap_or_default();
-    let t = StallAcks {
-        inner: Box::new(t),
-        stall: stall.clone(),
-    };
     let released = Arc::new(Mutex::new(Vec::new()));
-    let primary = match LogSender::start(
-        p,
-        c,
-        Box::new(t),
-        channel_config(&setup.cmdline),
-        PollerConfig::default(),
-    ) {
+    let primary = match primary_end
+        .stall_acks(stall.clone())
+        .start(channel_config(&setup.cmdline))
+    {
         Ok(sender) => {
             if setup.stall.is_some() {
                 stall.store(true, Ordering::Release);
@@ -399,23 +379,17 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
         ..Config::default()
     };
     let (pcfg, bcfg) = (chan(&pdisk), chan(&bdisk));
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let stall = Arc::new(AtomicBool::new(false));
+    // Connected from the host's namespace (loopback is per namespace), used inside `ns`.
+    let (backup_end, primary_end) = TcpLink::new().ring(1 << 22).connect().expect("link");
+    let primary_end = primary_end.stall_acks(stall.clone());
     let bcmd = cmdline.clone();
     let backup = std::thread::spawn(move || -> Result<BackupReport, PairError> {
         let (cfg, _buf) = common::backup_vm_config(64 << 20, bcmd, bdisk);
         let mut vm = Vm::new(&cfg, elf).expect("backup vm");
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
-        let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
-        let rx = LogReceiver::start(p, c, Box::new(t), bcfg, PollerConfig::default())?;
+        let rx = backup_end.start(bcfg)?;
         run_backup(&mut vm, LogReader::new(rx, Default::default(), None))
     });
-    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
-    let stall = Arc::new(AtomicBool::new(false));
-    let t = StallAcks {
-        inner: Box::new(t),
-        stall: stall.clone(),
-    };
     let (console, pbuf) = buffer_console();
     let pconsole = pbuf.clone();
     let (net_tx, net_rx) = std::sync::mpsc::channel();
@@ -431,8 +405,7 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
             };
             let mut vm = Vm::new(&cfg, elf).expect("primary vm");
             net_tx.send(vm.net().cloned()).expect("net handle");
-            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
-            let sender = LogSender::start(p, c, Box::new(t), pcfg, PollerConfig::default())?;
+            let sender = primary_end.start(pcfg)?;
             let writer = LogWriter::new(sender, Default::default());
             let opts = PairOptions {
                 ack_timeout: Duration::from_secs(10),

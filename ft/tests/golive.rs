@@ -15,15 +15,13 @@
 
 use ftvm_testkit::kv as common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
+use ftvm_channel::Config;
 use ftvm_ft::arbiter::{Arbiter, FileArbiter};
 use ftvm_ft::backup::{LogReader, Tamper};
 use ftvm_ft::error::PairError;
@@ -34,8 +32,9 @@ use ftvm_ft::output::Sink;
 use ftvm_ft::primary::{LogWriter, PairOptions, PrimaryHooks};
 use ftvm_ft::transition::Transition;
 use ftvm_ft::Role;
+use ftvm_testkit::link::TcpLink;
 use ftvm_testkit::require_kvm;
-use ftvm_testkit::{CountingArbiter, StallAcks};
+use ftvm_testkit::CountingArbiter;
 use ftvm_vmm_core::digest::pairing_digest;
 use ftvm_vmm_core::guests;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
@@ -169,8 +168,7 @@ struct Running {
 
 fn start(spec: PairSpec) -> Running {
     let elf = guests::by_name("cpu").expect("cpu guest");
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (backup_end, primary_end) = TcpLink::new().connect().expect("link");
     let (btx, brx) = mpsc::channel();
     let backup_console = Collected::default();
     let bc = backup_console.clone();
@@ -181,9 +179,7 @@ fn start(spec: PairSpec) -> Running {
     let backup = std::thread::spawn(move || {
         let mut vm = Vm::new(&cfg, elf).expect("backup vm");
         btx.send(vm.control()).expect("report control");
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
-        let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
-        let rx = LogReceiver::start(p, c, Box::new(t), channel_config(), PollerConfig::default())?;
+        let rx = backup_end.start(channel_config())?;
         let reader = LogReader::new(rx, Default::default(), tamper);
         run_backup_ft(&mut vm, reader, bft, Some((buf, bc.sink())))
     });
@@ -198,15 +194,7 @@ fn start(spec: PairSpec) -> Running {
         let (cfg, buf) = vm_config();
         let mut vm = Vm::new(&cfg, elf).expect("primary vm");
         ptx.send(vm.control()).expect("report control");
-        let t =
-            TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
-        let t = StallAcks {
-            inner: Box::new(t),
-            stall: s2.clone(),
-        };
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 20).expect("ring");
-        let sender =
-            LogSender::start(p, c, Box::new(t), channel_config(), PollerConfig::default())?;
+        let sender = primary_end.stall_acks(s2.clone()).start(channel_config())?;
         // After the handshake (its answer is a frame the primary receives).
         s2.store(stall_acks, Ordering::Release);
         let writer = LogWriter::new(sender, Default::default());
@@ -634,8 +622,8 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
     let mut bft = spec.backup_ft;
     bft.service_tap = Some(common::TAP.into());
     let pft = spec.primary_ft;
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    // Connected from the host's namespace (loopback is per namespace), used inside `ns`.
+    let (backup_end, primary_end) = TcpLink::new().ring(1 << 22).connect().expect("link");
     let backup_console = Collected::default();
     let bc = backup_console.clone();
     let bcmd = cmdline.clone();
@@ -643,14 +631,11 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
         .spawn("ft-backup", move || {
             let (cfg, buf) = common::backup_vm_config(64 << 20, bcmd, bdisk);
             let mut vm = Vm::new(&cfg, elf).expect("backup vm");
-            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
-            let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
-            let rx = LogReceiver::start(p, c, Box::new(t), bcfg, PollerConfig::default())?;
+            let rx = backup_end.start(bcfg)?;
             let reader = LogReader::new(rx, Default::default(), None);
             run_backup_ft(&mut vm, reader, bft, Some((buf, bc.sink())))
         })
         .expect("spawn backup");
-    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
     let (console, pbuf) = buffer_console();
     let pconsole = pbuf.clone();
     let (ptx, prx) = mpsc::channel();
@@ -666,8 +651,7 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
             };
             let mut vm = Vm::new(&cfg, elf).expect("primary vm");
             ptx.send(vm.control()).expect("control");
-            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
-            let sender = LogSender::start(p, c, Box::new(t), pcfg, PollerConfig::default())?;
+            let sender = primary_end.start(pcfg)?;
             let writer = LogWriter::new(sender, Default::default());
             let opts = PairOptions {
                 ack_timeout: Duration::from_secs(10),

@@ -3,26 +3,27 @@
 //! cycle through the writer's observer once kept the link open until the backup gave up
 //! waiting for the hang-up, 30 s later).
 
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
+use ftvm_channel::tcp::TcpMode;
+use ftvm_channel::{Config, PollerConfig};
 use ftvm_ft::primary::LogWriter;
 use ftvm_ringbuf::IdleKind;
+use ftvm_testkit::link::TcpLink;
 
 #[test]
 fn dropping_the_last_writer_hangs_up_the_link() {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let pc = PollerConfig {
-        core: None,
-        idle: IdleKind::Park,
-    };
+    let (backup_end, primary_end) = TcpLink::new()
+        .ring(1 << 16)
+        .mode(TcpMode::Blocking)
+        .poller(PollerConfig {
+            core: None,
+            idle: IdleKind::Park,
+        })
+        .connect()
+        .expect("link");
     let backup = std::thread::spawn(move || {
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
-        let t = TcpTransport::accept(&listener, TcpMode::Blocking).expect("accept");
-        let mut rx = LogReceiver::start(p, c, Box::new(t), Config::default(), pc).expect("rx");
+        let mut rx = backup_end.start(Config::default()).expect("rx");
         // Wait for the hang-up: the poller's error once everything received is consumed.
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
@@ -33,9 +34,7 @@ fn dropping_the_last_writer_hangs_up_the_link() {
         }
         None
     });
-    let (p, c) = ftvm_ringbuf::with_capacity(1 << 16).expect("ring");
-    let t = TcpTransport::connect(addr, TcpMode::Blocking, Duration::from_secs(5)).expect("tcp");
-    let sender = LogSender::start(p, c, Box::new(t), Config::default(), pc).expect("sender");
+    let sender = primary_end.start(Config::default()).expect("sender");
     let writer = LogWriter::new(sender, IdleKind::Yield);
     let clone = writer.clone();
     let observer = writer.observer().clone();

@@ -17,7 +17,7 @@
 use ftvm_testkit::kv as common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,14 +26,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_channel::netns::{Netns, NetnsError};
-use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
+use ftvm_channel::Config;
 use ftvm_ft::arbiter::{Arbiter, FileArbiter};
 use ftvm_ft::backup::{run_backup, BackupReport, LogReader};
 use ftvm_ft::error::PairError;
 use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, PrimaryFtReport};
 use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryHooks, PrimaryReport};
-use ftvm_testkit::StallAcks;
+use ftvm_testkit::link::TcpLink;
 use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use ftvm_vmm_core::devices::virtio::owner::DiskOwner;
 use ftvm_vmm_core::digest::pairing_digest;
@@ -152,24 +151,18 @@ fn kv_pair(
     stall: Arc<AtomicBool>,
     drive: impl FnOnce(&Arc<Mutex<Vec<u8>>>),
 ) -> PairResult {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    // Connected from the host's namespace (loopback is per namespace), used inside `ns`.
+    let (backup_end, primary_end) = TcpLink::new().ring(1 << 22).connect().expect("link");
+    let primary_end = primary_end.stall_acks(stall);
     let elf = guests::by_name("kv").expect("kv guest");
     let bdisk = disk.to_path_buf();
     let backup = std::thread::spawn(move || -> Result<BackupReport, PairError> {
         let (cfg, _buf) = backup_config(&bdisk);
         let mut vm = Vm::new(&cfg, elf).expect("backup vm");
         vm.disk().expect("disk").set_shared(true);
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
-        let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
-        let rx = LogReceiver::start(p, c, Box::new(t), chan(&bdisk), PollerConfig::default())?;
+        let rx = backup_end.start(chan(&bdisk))?;
         run_backup(&mut vm, LogReader::new(rx, Default::default(), None))
     });
-    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
-    let t = StallAcks {
-        inner: Box::new(t),
-        stall,
-    };
     let (cfg, pbuf) = primary_config(disk);
     let pconsole = pbuf.clone();
     let pdisk = disk.to_path_buf();
@@ -177,9 +170,7 @@ fn kv_pair(
         .spawn("sd-primary", move || {
             let mut vm = Vm::new(&cfg, elf).expect("primary vm");
             vm.disk().expect("disk").set_shared(true);
-            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
-            let sender =
-                LogSender::start(p, c, Box::new(t), chan(&pdisk), PollerConfig::default())?;
+            let sender = primary_end.start(chan(&pdisk))?;
             let writer = LogWriter::new(sender, Default::default());
             let opts = PairOptions {
                 ack_timeout: Duration::from_secs(10),
@@ -375,8 +366,8 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
     let pft = common::ft_config(&arbiter, "primary", pa, ba);
     let mut bft = common::ft_config(&arbiter, "backup", ba, pa);
     bft.service_tap = Some(common::TAP.into());
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    // Connected from the host's namespace (loopback is per namespace), used inside `ns`.
+    let (backup_end, primary_end) = TcpLink::new().ring(1 << 22).connect().expect("link");
     let bdisk = disk.to_path_buf();
     let (btx, brx) = mpsc::channel();
     let backup = ns
@@ -385,15 +376,12 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
             let mut vm = Vm::new(&cfg, elf).expect("backup vm");
             vm.disk().expect("disk").set_shared(true);
             btx.send(vm.control()).expect("control");
-            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
-            let t = TcpTransport::accept(&listener, TcpMode::Spin).expect("accept");
-            let rx = LogReceiver::start(p, c, Box::new(t), chan(&bdisk), PollerConfig::default())?;
+            let rx = backup_end.start(chan(&bdisk))?;
             let reader = LogReader::new(rx, Default::default(), None);
             let sink: ftvm_ft::output::Sink = Box::new(|_| {});
             run_backup_ft(&mut vm, reader, bft, Some((buf, sink)))
         })
         .expect("spawn backup");
-    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5)).expect("connect");
     let (cfg, pbuf) = primary_config(disk);
     let pconsole = pbuf.clone();
     let (ptx, prx) = mpsc::channel();
@@ -403,9 +391,7 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
             let mut vm = Vm::new(&cfg, elf).expect("primary vm");
             vm.disk().expect("disk").set_shared(true);
             ptx.send(vm.control()).expect("control");
-            let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("ring");
-            let sender =
-                LogSender::start(p, c, Box::new(t), chan(&pdisk), PollerConfig::default())?;
+            let sender = primary_end.start(chan(&pdisk))?;
             let writer = LogWriter::new(sender, Default::default());
             let opts = PairOptions {
                 ack_timeout: Duration::from_secs(10),

@@ -22,16 +22,7 @@ fn err(r: Result<Vm, VmError>) -> VmError {
 }
 
 /// The full error chain, as `ftvm` prints it.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use ftvm_vmm_core::error_chain as chain;
 
 #[test]
 fn not_an_elf_is_rejected() {

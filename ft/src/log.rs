@@ -1,4 +1,4 @@
-//! The replication log's entry format (vmm-core/LOG_FORMAT.md, version [`LOG_VERSION`]).
+//! The replication log's entry format (ft/LOG_FORMAT.md, version [`LOG_VERSION`]).
 //!
 //! Every entry is one record of the log buffer: the record's `kind` says which entry it is and
 //! its payload is the entry's wire struct — `#[repr(C)]`, little-endian `u64` fields, no padding

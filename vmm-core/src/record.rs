@@ -16,7 +16,7 @@
 //!   output is tagged for the output rule, so that its digest is in the log at a position no
 //!   later than the output's tag — and to [`ReplaySource::output`] when replaying, which
 //!   compares it with the digest the primary logged at the same exit (output-verified replay:
-//!   `vmm-core/LOG_FORMAT.md`, "Output digests"). One digest per device per exit (all the
+//!   `ft/LOG_FORMAT.md`, "Output digests"). One digest per device per exit (all the
 //!   frames of one transmit notify together; only a shared-disk write request has its own,
 //!   since each waits for the backup's acknowledgement before the next), not one per frame:
 //!   the exit is the unit both

@@ -57,7 +57,7 @@ pub enum BackupStopPolicy {
     /// Safe without an arbiter: the backup promised not to go live.
     #[default]
     GoAlone,
-    /// Stop too: a planned stop of this primary ([`PairError::Stopped`], cause
+    /// Stop too: a planned stop of this primary ([`PairError::Stopped`](crate::error::PairError::Stopped), cause
     /// [`StopCause::PeerStopped`]).
     Stop,
 }
@@ -82,7 +82,7 @@ pub enum StopCause {
     PeerStopped(String),
 }
 
-/// How a planned stop went ([`PairError::Stopped`]).
+/// How a planned stop went ([`PairError::Stopped`](crate::error::PairError::Stopped)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stopped {
     /// The exit index where the VM stopped.

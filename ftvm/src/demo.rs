@@ -8,7 +8,7 @@
 //! backup     replays                       detects, wins generation 2, attaches the TAP, runs
 //! ```
 //! With `--cycles N` the failover repeats N times: after each one (but the last) a new backup
-//! joins the survivor by live state transfer (`ftvm backup --join`, vmm-core `ft::join`), the
+//! joins the survivor by live state transfer (`ftvm backup --join`, `ftvm_ft::join`), the
 //! pair runs replicated again, and its primary is killed; the summary gives each cycle's
 //! failover time and re-protection pause and duration.
 //! With `--shared-disk` both sides name one disk image (`ftvm primary/backup --shared-disk`,

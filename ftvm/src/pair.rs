@@ -15,7 +15,7 @@
 //! Settings come from the flags and a TOML file (`--config`), merged into one typed
 //! configuration per role ([`crate::config`]); what both sides must agree on is compared at the
 //! handshake ([`crate::pairing`]). SIGTERM/SIGINT are a planned stop ([`crate::lifecycle`],
-//! `vmm-core` `ft::stop`): the peer is told and does not fail over; the process exits with
+//! `ftvm_ft::stop`): the peer is told and does not fail over; the process exits with
 //! status 207.
 
 use std::net::{TcpListener, TcpStream};
@@ -824,7 +824,7 @@ pub(crate) fn replay(
             },
         ),
         Err(e @ PairError::Diverged { .. }) => {
-            // Its state is not the primary's: it must never go live (vmm-core ft::golive, "A
+            // Its state is not the primary's: it must never go live (ftvm_ft::golive, "A
             // backup that diverged"). The primary sees its backup gone and goes on alone.
             eprintln!("backup: {e}");
             eprintln!(

@@ -390,19 +390,11 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
         let rx = backup_end.start(bcfg)?;
         run_backup(&mut vm, LogReader::new(rx, Default::default(), None))
     });
-    let (console, pbuf) = buffer_console();
+    let (cfg, pbuf) = common::primary_vm_config(64 << 20, cmdline, pdisk);
     let pconsole = pbuf.clone();
     let (net_tx, net_rx) = std::sync::mpsc::channel();
     let primary = ns
         .spawn("ft-primary", move || {
-            let cfg = VmConfig {
-                mem_size: 64 << 20,
-                cmdline,
-                disk: Some(pdisk),
-                tap: Some(common::TAP.into()),
-                console,
-                ..Default::default()
-            };
             let mut vm = Vm::new(&cfg, elf).expect("primary vm");
             net_tx.send(vm.net().cloned()).expect("net handle");
             let sender = primary_end.start(pcfg)?;

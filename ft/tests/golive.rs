@@ -636,19 +636,11 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
             run_backup_ft(&mut vm, reader, bft, Some((buf, bc.sink())))
         })
         .expect("spawn backup");
-    let (console, pbuf) = buffer_console();
+    let (cfg, pbuf) = common::primary_vm_config(64 << 20, cmdline, pdisk);
     let pconsole = pbuf.clone();
     let (ptx, prx) = mpsc::channel();
     let primary = ns
         .spawn("ft-primary", move || {
-            let cfg = VmConfig {
-                mem_size: 64 << 20,
-                cmdline,
-                disk: Some(pdisk),
-                tap: Some(common::TAP.into()),
-                console,
-                ..Default::default()
-            };
             let mut vm = Vm::new(&cfg, elf).expect("primary vm");
             ptx.send(vm.control()).expect("control");
             let sender = primary_end.start(pcfg)?;

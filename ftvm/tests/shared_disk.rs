@@ -41,7 +41,7 @@ use ftvm_vmm_core::guests;
 use ftvm_vmm_core::memory::GuestMem;
 use ftvm_vmm_core::record::memlog::{Event, MemRecorder, MemReplay};
 use ftvm_vmm_core::record::{Inputs, Recorder, ReplayError, ReplaySource};
-use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmControl};
+use ftvm_vmm_core::vm::{RunOutcome, Vm, VmConfig, VmControl};
 
 use common::{free_port, ftvm_binary, report};
 
@@ -78,18 +78,7 @@ fn backup_config(disk: &Path) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
 }
 
 fn primary_config(disk: &Path) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
-    let (console, buf) = buffer_console();
-    (
-        VmConfig {
-            mem_size: MEM,
-            cmdline: kv_cmdline(),
-            disk: Some(disk.to_path_buf()),
-            tap: Some(common::TAP.into()),
-            console,
-            ..Default::default()
-        },
-        buf,
-    )
+    common::primary_vm_config(MEM, kv_cmdline(), disk.to_path_buf())
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

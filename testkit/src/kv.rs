@@ -341,9 +341,38 @@ pub fn ft_config(
     }
 }
 
+/// A primary VM's configuration: `mem` bytes, `cmdline`, `disk`, the network device on
+/// [`TAP`] (in the namespace the VM runs in), and a console buffer (returned).
+pub fn primary_vm_config(
+    mem: u64,
+    cmdline: String,
+    disk: PathBuf,
+) -> (VmConfig, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let (cfg, buf) = vm_config(mem, cmdline, disk);
+    let tap = Some(TAP.into());
+    (VmConfig { tap, ..cfg }, buf)
+}
+
 /// A backup VM's configuration: `mem` bytes, `cmdline`, `disk`, the network device without a
 /// backend (it replays), and a console buffer (returned).
 pub fn backup_vm_config(
+    mem: u64,
+    cmdline: String,
+    disk: PathBuf,
+) -> (VmConfig, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let (cfg, buf) = vm_config(mem, cmdline, disk);
+    let net_without_backend = true;
+    (
+        VmConfig {
+            net_without_backend,
+            ..cfg
+        },
+        buf,
+    )
+}
+
+/// `mem` bytes, `cmdline`, `disk` and a console buffer (returned); no network device.
+fn vm_config(
     mem: u64,
     cmdline: String,
     disk: PathBuf,
@@ -353,7 +382,6 @@ pub fn backup_vm_config(
         mem_size: mem,
         cmdline,
         disk: Some(disk),
-        net_without_backend: true,
         console,
         ..Default::default()
     };

@@ -5,7 +5,7 @@
 #     1. loom model tests of the log buffer's index protocol (own target dir: --cfg loom);
 #     2. the guests' library unit tests (their own workspace, host target);
 #     3. every workspace test in release mode (stress tests move tens of millions of records).
-#   scripts/test.sh -p ftvm-vmm-core --test golive [-- FILTER]   one group: only step 3, with
+#   scripts/test.sh -p ftvm-ft --test golive [-- FILTER]   one group: only step 3, with
 #                                            these `cargo test` arguments (after `--`: the test
 #                                            binaries' own, e.g. a name filter).
 #
@@ -77,8 +77,9 @@ run_tests() {
   [ $# -gt 0 ] && shift
   test_args=("$@")
   echo "== workspace tests: cargo test --release ${cargo_args[*]} -- --show-output ${test_args[*]}"
-  # The process-level FT tests run the real `ftvm` binary from the same target directory;
-  # `cargo test` alone does not build a binary that has no tests of its own.
+  # The tests that run the real `ftvm` binary live in ftvm/tests, for which cargo builds it;
+  # building it first as well costs nothing when it is up to date and keeps a group run of
+  # another package (which does not build it) from finding none.
   # shellcheck disable=SC2086
   cargo build --release -p ftvm $FTVM_FEATURES
   # shellcheck disable=SC2086

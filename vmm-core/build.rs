@@ -75,6 +75,8 @@ fn main() {
     for w in WATCHED {
         println!("cargo:rerun-if-changed={}", guests_dir.join(w).display());
     }
+    // The guest ABI crate the guests depend on by path (outside guests/).
+    println!("cargo:rerun-if-changed={}", ws_root.join("abi").display());
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);

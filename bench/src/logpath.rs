@@ -19,11 +19,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, TransportError};
+use ftvm_channel::{Config, LogReceiver, LogSender};
+use ftvm_ft::backup::{ChannelReplay, LogReader};
+use ftvm_ft::primary::{ChannelRecorder, LogWriter};
 use ftvm_ringbuf::IdleKind;
-use ftvm_vmm_core::ft::backup::{ChannelReplay, LogReader};
-use ftvm_vmm_core::ft::primary::{ChannelRecorder, LogWriter};
+use ftvm_testkit::link::TcpLink;
 use ftvm_vmm_core::record::{Recorder, ReplaySource};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -98,30 +98,9 @@ fn backup(rx: LogReceiver) -> Box<dyn ReplaySource> {
 
 /// A connected primary and backup over TCP loopback.
 fn pair() -> anyhow::Result<(Primary, Box<dyn ReplaySource>)> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let rx = std::thread::spawn(move || -> Result<LogReceiver, TransportError> {
-        let (p, c) = ftvm_ringbuf::with_capacity(4 << 20).map_err(|e| TransportError::Setup {
-            what: e.to_string(),
-        })?;
-        let t = TcpTransport::accept(&listener, TcpMode::Spin)?;
-        LogReceiver::start(
-            p,
-            c,
-            Box::new(t),
-            Config::default(),
-            PollerConfig::default(),
-        )
-    });
-    let (p, c) = ftvm_ringbuf::with_capacity(4 << 20)?;
-    let t = TcpTransport::connect(addr, TcpMode::Spin, Duration::from_secs(5))?;
-    let tx = LogSender::start(
-        p,
-        c,
-        Box::new(t),
-        Config::default(),
-        PollerConfig::default(),
-    )?;
+    let (backup_end, primary_end) = TcpLink::new().ring(4 << 20).connect()?;
+    let rx = std::thread::spawn(move || backup_end.start(Config::default()));
+    let tx = primary_end.start(Config::default())?;
     let rx = rx
         .join()
         .map_err(|_| anyhow!("receiver thread panicked"))??;

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p ftvm-bench -- throttle [--quick] [--target-ms N] [--backup-share S]
-//!     [--kp K] [--ki K] [--tau-ms T]     (controller gains, see ftvm_vmm_core::ft::throttle)
+//!     [--kp K] [--ki K] [--tau-ms T]     (controller gains, see ftvm_ft::throttle)
 //! ```
 //!
 //! An in-process primary/backup pair over TCP loopback runs a guest that logs a clock read
@@ -20,11 +20,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ftvm_vmm_core::ft::primary::error_chain;
-use ftvm_vmm_core::ft::throttle::experiment::{
-    self, quantile, Event, ExperimentConfig, ExperimentReport, Sample,
-};
-use ftvm_vmm_core::ft::throttle::{cgroup_cpu_unusable, PiConfig, ThrottleConfig};
+use ftvm_ft::throttle::{cgroup_cpu_unusable, PiConfig, ThrottleConfig};
+use ftvm_testkit::experiment::{self, quantile, Event, ExperimentConfig, ExperimentReport, Sample};
+use ftvm_vmm_core::error_chain;
 use serde::Serialize;
 
 use crate::report::{self, Panel, Series};
@@ -260,7 +258,7 @@ fn summarize(run: &'static str, plan: &Plan, r: &ExperimentReport) -> Row {
 
 /// Runs the benchmark.
 pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing().or_else(cgroup_cpu_unusable) {
+    if let Some(r) = ftvm_vmm_core::kvm::missing().or_else(cgroup_cpu_unusable) {
         bail!("needs /dev/kvm and a writable cgroup v1 cpu controller (root): {r}");
     }
     let plan = parse(opts, args)?;

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use ftvm_channel::netns::Netns;
+use ftvm_testkit::{Asm, Reg};
 use ftvm_vmm_core::devices::sys::{REG_CLOCK_NS, REG_DEBUG, REG_MAGIC, REG_WAIT};
 use ftvm_vmm_core::devices::ConsoleOutput;
-use ftvm_vmm_core::testing::{Asm, Reg};
 use ftvm_vmm_core::vm::{RunOutcome, Vm, VmConfig};
 use serde::Serialize;
 

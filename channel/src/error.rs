@@ -51,7 +51,7 @@ pub enum TransportError {
     /// link; the reason says what the other side should do (e.g. a primary whose backup cannot
     /// take over goes on as if the backup had failed).
     #[error("the peer left the pair: {0}")]
-    PeerLeft(crate::reliable::Goodbye),
+    PeerLeft(crate::frame::Goodbye),
     /// The peer sent something the protocol rules out (e.g. an acknowledgement of a record
     /// that was never sent): a broken or forged peer; the link is dropped, nothing is released.
     #[error("protocol violation by the peer: {what}")]

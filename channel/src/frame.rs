@@ -114,6 +114,21 @@ impl FrameType {
     }
 }
 
+/// A GOODBYE: the peer left the pair on purpose, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Goodbye {
+    /// Why it left.
+    pub reason: GoodbyeReason,
+    /// Its explanation.
+    pub text: String,
+}
+
+impl std::fmt::Display for Goodbye {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.text)
+    }
+}
+
 /// Why a side leaves the pair (the GOODBYE frame's `reason`, PROTOCOL.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]

@@ -63,8 +63,8 @@ pub mod uring;
 pub mod xdp;
 
 pub use error::{Refusal, TransportError};
-pub use frame::GoodbyeReason;
+pub use frame::{Goodbye, GoodbyeReason};
 pub use poller::{LogReceiver, LogSender, PollerConfig, SenderHandle};
-pub use reliable::{Config, Goodbye, Receiver, Sender};
+pub use reliable::{Config, Receiver, Sender};
 pub use stats::StatsSnapshot;
 pub use transport::Transport;

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use ftvm_ringbuf::{Consumer, Doorbell, IdleKind, Producer, Record};
 
 use crate::error::TransportError;
-use crate::frame::GoodbyeReason;
+use crate::frame::{Goodbye, GoodbyeReason};
 use crate::reliable::{
-    Config, Goodbye, Incoming, ListenReport, Receiver, ReceiverShared, Sender, SenderShared,
+    Config, Incoming, ListenReport, Receiver, ReceiverShared, Sender, SenderShared,
 };
 use crate::stats::StatsSnapshot;
 use crate::transport::Transport;

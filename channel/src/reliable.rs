@@ -15,7 +15,7 @@ use ftvm_ringbuf::{ClaimError, Consumer, Producer};
 
 use crate::error::{Refusal, TransportError};
 use crate::frame::{
-    self, Frame, FrameError, GoodbyeReason, Hello, Role, DATA_OVERHEAD, DIGEST_LEN,
+    self, Frame, FrameError, Goodbye, GoodbyeReason, Hello, Role, DATA_OVERHEAD, DIGEST_LEN,
 };
 use crate::stats::Stats;
 use crate::transport::Transport;
@@ -43,21 +43,6 @@ const MAX_RTO: Duration = Duration::from_millis(500);
 const GOODBYE_COPIES: usize = 3;
 /// How long sending a GOODBYE may wait for room in the transport.
 const GOODBYE_PATIENCE: Duration = Duration::from_secs(1);
-
-/// A GOODBYE: the peer left the pair on purpose, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Goodbye {
-    /// Why it left.
-    pub reason: GoodbyeReason,
-    /// Its explanation.
-    pub text: String,
-}
-
-impl std::fmt::Display for Goodbye {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.reason, self.text)
-    }
-}
 
 /// Sends a GOODBYE ([`GOODBYE_COPIES`] copies) over `t` and flushes.
 fn send_goodbye(

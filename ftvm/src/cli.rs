@@ -38,7 +38,7 @@ fn host_port(hp: &str) -> bool {
     }
 }
 
-/// Checks an `--arbiter` value and returns the form `ftvm_vmm_core::ft::arbiter::open` takes:
+/// Checks an `--arbiter` value and returns the form `ftvm_ft::arbiter::open` takes:
 /// `file:DIR` (DIR must exist now: a missing directory is a mistake to report at start, not an
 /// outage to wait out), `etcd://HOST:PORT[,HOST:PORT...][#PREFIX]` (turned into
 /// `etcd:http://…`), or `etcd:http(s)://HOST:PORT[,...][#PREFIX]`.

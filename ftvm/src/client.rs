@@ -495,7 +495,7 @@ fn client_thread(
 }
 
 /// The messages of an error and its sources, joined with `: `.
-pub use ftvm_vmm_core::ft::primary::error_chain;
+pub use ftvm_vmm_core::error_chain;
 
 #[cfg(test)]
 mod tests {

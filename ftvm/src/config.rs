@@ -30,11 +30,11 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, ValueEnum};
+use ftvm_ft::primary::PeerFailurePolicy;
+use ftvm_ft::stop::{BackupStopPolicy, PrimaryStopPolicy};
+use ftvm_ft::throttle::{CgroupPlace, ThrottleConfig};
+use ftvm_ft::Role;
 use ftvm_ringbuf::IdleKind;
-use ftvm_vmm_core::ft::primary::PeerFailurePolicy;
-use ftvm_vmm_core::ft::stop::{BackupStopPolicy, PrimaryStopPolicy};
-use ftvm_vmm_core::ft::throttle::{CgroupPlace, ThrottleConfig};
-use ftvm_vmm_core::ft::Role;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -219,7 +219,7 @@ macro_rules! text_value {
 }
 
 /// The arbiter: `file:DIR` (an existing shared directory) or etcd (the form
-/// `ftvm_vmm_core::ft::arbiter::open` takes, `etcd:http://HOST:PORT[,...][#PREFIX]`).
+/// `ftvm_ft::arbiter::open` takes, `etcd:http://HOST:PORT[,...][#PREFIX]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArbiterSpec {
     /// A shared directory (atomic create of one file per generation).

@@ -8,7 +8,7 @@
 //! backup     replays                       detects, wins generation 2, attaches the TAP, runs
 //! ```
 //! With `--cycles N` the failover repeats N times: after each one (but the last) a new backup
-//! joins the survivor by live state transfer (`ftvm backup --join`, vmm-core `ft::join`), the
+//! joins the survivor by live state transfer (`ftvm backup --join`, `ftvm_ft::join`), the
 //! pair runs replicated again, and its primary is killed; the summary gives each cycle's
 //! failover time and re-protection pause and duration.
 //! With `--shared-disk` both sides name one disk image (`ftvm primary/backup --shared-disk`,
@@ -38,7 +38,7 @@ use serde::Serialize;
 
 use crate::client::{Checker, Load, LoadConfig, Reply, RespConn};
 use crate::scenario::{Node, Scenario, ScenarioConfig, Side, JOIN_PORT};
-use ftvm_vmm_core::ft::observe::Snapshot;
+use ftvm_ft::observe::Snapshot;
 
 /// Flags of `ftvm demo`.
 #[derive(Debug, Clone, clap::Args)]

@@ -57,7 +57,7 @@ pub const PAIRING_REFUSED: i32 = 205;
 /// The backup can no longer take over (its own disk copy failed) and stopped.
 pub const CANNOT_TAKE_OVER: i32 = 206;
 /// A planned stop before the guest powered off: SIGTERM/SIGINT, or the peer's planned stop
-/// (`ftvm_vmm_core::ft::stop`); no failover happened.
+/// (`ftvm_ft::stop`); no failover happened.
 pub const STOPPED: i32 = 207;
 /// `ftvm run --check-determinism`: two runs of the guest with the same inputs ended
 /// differently (the guest uses an input this VMM cannot log; it cannot be replicated).

@@ -1,7 +1,7 @@
 //! Re-protection from the command line: `ftvm primary --accept-join HOST:PORT` accepts a new
 //! backup once it runs alone, `ftvm backup --join HOST:PORT` is that backup (no guest image:
 //! its VM is cloned from the running primary). The protocol and its safety argument are in
-//! `vmm-core` [`ft::join`](ftvm_vmm_core::ft::join).
+//! `vmm-core` [`ft::join`](ftvm_ft::join).
 //!
 //! ```text
 //! primary: join from joiner (127.0.0.1:41234): generation 3
@@ -21,12 +21,12 @@ use ftvm_channel::tcp::TcpMode;
 use ftvm_channel::{
     Config, LogReceiver, PollerConfig, Transport as ChannelTransport, TransportError,
 };
-use ftvm_vmm_core::ft::golive::FtConfig;
-use ftvm_vmm_core::ft::join::{
+use ftvm_ft::golive::FtConfig;
+use ftvm_ft::join::{
     join, JoinAcceptor, JoinError, JoinEvent, JoinLink, JoinOptions, JoinPoint, JoinRequest,
     JoinSummary, OwnLink, RefuseReason, JOIN_VERSION,
 };
-use ftvm_vmm_core::ft::{Arbiter, Role};
+use ftvm_ft::{Arbiter, Role};
 use ftvm_vmm_core::transfer::TransferHandle;
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 
@@ -263,7 +263,7 @@ pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()>
     // The generation comes from the primary (checked on the arbiter below), not from
     // --generation: no stale-generation check at the start.
     let arbiter: Arc<dyn Arbiter> = Arc::from(
-        ftvm_vmm_core::ft::arbiter::open(&failover.arbiter.to_string())
+        ftvm_ft::arbiter::open(&failover.arbiter.to_string())
             .with_context(|| format!("--arbiter {}", failover.arbiter))?,
     );
     let primary = resolve(peer)?;

@@ -9,7 +9,7 @@
 //!    ▼                                                              │
 //!  running ── STATUS=… every second while it changes, WATCHDOG=1 every WATCHDOG_USEC/2
 //!    │ SIGTERM/SIGINT ─> STOPPING=1, VmControl::request_stop ─> the run ends as planned
-//!    │                   (vmm-core ft::stop: the primary releases what it held, says GOODBYE)
+//!    │                   (ftvm_ft::stop: the primary releases what it held, says GOODBYE)
 //!    │ a second signal ─> exit 207 at once
 //!    ▼
 //!  summary, report, exit status 207 (ftvm::exit::STOPPED)
@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ftvm_vmm_core::ft::observe::Observer;
+use ftvm_ft::observe::Observer;
 use ftvm_vmm_core::vm::VmControl;
 
 /// The service manager's notification socket (`NOTIFY_SOCKET`), if one was given.

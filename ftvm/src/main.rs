@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use ftvm_ft::observe::{Observer, SideRole};
 use ftvm_vmm_core::devices::ConsoleOutput;
-use ftvm_vmm_core::ft::observe::{Observer, SideRole};
 use ftvm_vmm_core::vm::{RunOutcome, Vm, VmConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 

@@ -1,5 +1,5 @@
 //! `--metrics ADDR` on `ftvm primary`, `ftvm backup` and `ftvm run`: the side's live counters
-//! ([`ftvm_vmm_core::ft::observe`]) over HTTP.
+//! ([`ftvm_ft::observe`]) over HTTP.
 //!
 //! | path | body |
 //! |---|---|
@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ftvm_vmm_core::ft::observe::{Observer, Snapshot};
+use ftvm_ft::observe::{Observer, Snapshot};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -161,9 +161,8 @@ impl Drop for MetricsServer {
 pub fn start_if(addr: Option<&str>, observer: &Observer) -> anyhow::Result<Option<MetricsServer>> {
     addr.map(|a| {
         let sa = parse_addr(a).map_err(|e| anyhow::anyhow!("--metrics: {e}"))?;
-        MetricsServer::start(sa, observer.clone()).map_err(|e| {
-            anyhow::anyhow!("--metrics: {}", ftvm_vmm_core::ft::primary::error_chain(&e))
-        })
+        MetricsServer::start(sa, observer.clone())
+            .map_err(|e| anyhow::anyhow!("--metrics: {}", ftvm_vmm_core::error_chain(&e)))
     })
     .transpose()
 }
@@ -604,9 +603,7 @@ pub fn prometheus_text(s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ftvm_vmm_core::ft::observe::{
-        Bucket, DelaySnapshot, LogSnapshot, OutputsSnapshot, SideRole,
-    };
+    use ftvm_ft::observe::{Bucket, DelaySnapshot, LogSnapshot, OutputsSnapshot, SideRole};
 
     #[test]
     fn the_text_names_every_part() {

@@ -15,7 +15,7 @@
 //! Settings come from the flags and a TOML file (`--config`), merged into one typed
 //! configuration per role ([`crate::config`]); what both sides must agree on is compared at the
 //! handshake ([`crate::pairing`]). SIGTERM/SIGINT are a planned stop ([`crate::lifecycle`],
-//! `vmm-core` `ft::stop`): the peer is told and does not fail over; the process exits with
+//! `ftvm_ft::stop`): the peer is told and does not fail over; the process exits with
 //! status 207.
 
 use std::net::{TcpListener, TcpStream};
@@ -31,21 +31,17 @@ use ftvm_channel::uring::{UringConfig, UringTransport};
 use ftvm_channel::{
     Config, LogReceiver, LogSender, PollerConfig, Refusal, Transport, TransportError,
 };
+use ftvm_ft::backup::{run_backup, LogReader};
+use ftvm_ft::detector::DetectorStats;
+use ftvm_ft::error::PairError;
+use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, FtConfig};
+use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryHooks};
+use ftvm_ft::stop::{PrimaryStopPolicy, StopCause, Stopped};
+use ftvm_ft::throttle::{current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus};
+use ftvm_ft::transition::GoLiveTimings;
+use ftvm_ft::{acquire_with_retry, Acquire, Arbiter, DetectorConfig, NodeId, RetryPolicy, Role};
 use ftvm_vmm_core::devices::ConsoleOutput;
-use ftvm_vmm_core::ft::backup::{run_backup, LogReader};
-use ftvm_vmm_core::ft::detector::DetectorStats;
-use ftvm_vmm_core::ft::digest::{file_digest, pairing_digest};
-use ftvm_vmm_core::ft::golive::{
-    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, GoLiveTimings,
-};
-use ftvm_vmm_core::ft::primary::{run_primary, LogWriter, PairError, PairOptions, PrimaryHooks};
-use ftvm_vmm_core::ft::stop::{PrimaryStopPolicy, StopCause, Stopped};
-use ftvm_vmm_core::ft::throttle::{
-    current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus,
-};
-use ftvm_vmm_core::ft::{
-    acquire_with_retry, Acquire, Arbiter, DetectorConfig, NodeId, RetryPolicy, Role,
-};
+use ftvm_vmm_core::digest::{file_digest, pairing_digest};
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 
 use crate::config::role_name;
@@ -310,7 +306,7 @@ pub fn primary(pc: PrimaryConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<(
     );
     lifecycle.watch(writer.observer());
     let mut file = console_file(&s.console)?;
-    let sink: ftvm_vmm_core::ft::output::Sink = Box::new(move |d: &[u8]| {
+    let sink: ftvm_ft::output::Sink = Box::new(move |d: &[u8]| {
         let r = match file.as_mut() {
             Some(f) => std::io::Write::write_all(f, d),
             None => ConsoleOutput::Stdout.write(d),
@@ -480,7 +476,7 @@ fn throttle_json(status: Result<ThrottleStatus, &str>) -> serde_json::Value {
     }
 }
 
-use ftvm_vmm_core::ft::primary::error_chain as error_text;
+use ftvm_vmm_core::error_chain as error_text;
 
 /// Before anything is opened (the TAP above all): a node whose generation is older than the
 /// arbiter's newest is a stale survivor of an earlier failover (for instance a killed primary
@@ -488,7 +484,7 @@ use ftvm_vmm_core::ft::primary::error_chain as error_text;
 /// generation. While the arbiter is unreachable, waits ("never go live blind").
 fn start_check(ft: &Failover, role: Role) -> anyhow::Result<Arc<dyn Arbiter>> {
     let arbiter: Arc<dyn Arbiter> = Arc::from(
-        ftvm_vmm_core::ft::arbiter::open(&ft.arbiter.to_string())
+        ftvm_ft::arbiter::open(&ft.arbiter.to_string())
             .with_context(|| format!("--arbiter {}", ft.arbiter))?,
     );
     let node = NodeId::new(ft.node.clone()).context("--node")?;
@@ -602,10 +598,7 @@ fn detector_json(d: &DetectorStats) -> serde_json::Value {
 /// Exits with [`crate::exit::PEER_FAILED`] after saying why: the peer failed and this side,
 /// without an arbiter, does not take over.
 fn peer_failed(who: &str, e: &PairError) -> ! {
-    eprintln!(
-        "{who}: PEER FAILED: {}",
-        ftvm_vmm_core::ft::primary::error_chain(e)
-    );
+    eprintln!("{who}: PEER FAILED: {}", ftvm_vmm_core::error_chain(e));
     std::process::exit(crate::exit::PEER_FAILED);
 }
 
@@ -640,7 +633,7 @@ fn fenced(msg: &str) -> ! {
 }
 
 fn anyhow_pair(e: PairError) -> anyhow::Error {
-    anyhow::anyhow!("{}", ftvm_vmm_core::ft::primary::error_chain(&e))
+    anyhow::anyhow!("{}", ftvm_vmm_core::error_chain(&e))
 }
 
 /// `ftvm backup`.
@@ -748,7 +741,7 @@ pub(crate) fn replay(
         Some(ft) => {
             // After going live, the console output is this node's to release: to --console.
             let mut file = console_file(&s.console)?;
-            let sink: ftvm_vmm_core::ft::output::Sink = Box::new(move |d: &[u8]| {
+            let sink: ftvm_ft::output::Sink = Box::new(move |d: &[u8]| {
                 let r = match file.as_mut() {
                     Some(f) => std::io::Write::write_all(f, d),
                     None => ConsoleOutput::Stdout.write(d),
@@ -840,7 +833,7 @@ pub(crate) fn replay(
             },
         ),
         Err(e @ PairError::Diverged { .. }) => {
-            // Its state is not the primary's: it must never go live (vmm-core ft::golive, "A
+            // Its state is not the primary's: it must never go live (ftvm_ft::golive, "A
             // backup that diverged"). The primary sees its backup gone and goes on alone.
             eprintln!("backup: {e}");
             eprintln!(

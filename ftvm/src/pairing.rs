@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ftvm_channel::reliable::SettingsCheck;
-use ftvm_vmm_core::ft::Role;
+use ftvm_ft::Role;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CommonConfig;

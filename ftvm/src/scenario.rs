@@ -101,7 +101,7 @@ pub fn missing() -> Option<String> {
             "{r}: the demo creates a network namespace and a TAP device"
         ));
     }
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
+    if let Some(r) = ftvm_vmm_core::kvm::missing() {
         return Some(r);
     }
     None

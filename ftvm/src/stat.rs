@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use ftvm_vmm_core::ft::observe::{SideRole, Snapshot};
+use ftvm_ft::observe::{SideRole, Snapshot};
 
 use crate::metrics::{http_get, parse_addr};
 
@@ -42,7 +42,7 @@ fn read_all(addrs: &[String]) -> Vec<Reading> {
         .iter()
         .map(|a| {
             let r = http_get(a, "/status.json", Duration::from_secs(1))
-                .map_err(|e| ftvm_vmm_core::ft::primary::error_chain(&e))
+                .map_err(|e| ftvm_vmm_core::error_chain(&e))
                 .and_then(|body| {
                     serde_json::from_str::<Snapshot>(&body).map_err(|e| e.to_string())
                 });
@@ -358,7 +358,7 @@ pub fn one_line(primary: Option<&Snapshot>, backup: Option<&Snapshot>) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ftvm_vmm_core::ft::observe::LagSnapshot;
+    use ftvm_ft::observe::LagSnapshot;
 
     #[test]
     fn the_table_and_the_line_show_both_sides() {

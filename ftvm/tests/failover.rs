@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use ftvm::scenario::{Scenario, Side, EXIT_FENCED};
-use ftvm_vmm_core::ft::{Acquire, Arbiter, ArbiterError, FileArbiter, NodeId};
+use ftvm_ft::{Acquire, Arbiter, ArbiterError, FileArbiter, NodeId};
 
 /// Kills the primary under load: the backup wins generation 2, attaches the TAP and serves;
 /// every SET acknowledged before or after the failover is readable; the guest powers off
@@ -479,7 +479,7 @@ fn etcd_member_down_sigkill_primary_backup_goes_live_without_losing_acked_writes
     // have a leader other than the dead member.
     let spec = s.arbiter_spec().to_string();
     let current = s
-        .in_netns(move || ftvm_vmm_core::ft::arbiter::open(&spec).and_then(|a| a.current()))
+        .in_netns(move || ftvm_ft::arbiter::open(&spec).and_then(|a| a.current()))
         .expect("enter namespace")
         .unwrap_or_else(|e: ArbiterError| panic!("read the claim from etcd: {e}"));
     assert_eq!(

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftvm::scenario::{Scenario, Side, BACKUP_HEARTBEAT_PORT, PRIMARY_HEARTBEAT_PORT};
-use ftvm_vmm_core::ft::detector::{Heartbeat, HEARTBEAT_LEN, OFF_MAGIC, OFF_RESERVED, OFF_VERSION};
-use ftvm_vmm_core::ft::Role;
+use ftvm_ft::detector::{Heartbeat, HEARTBEAT_LEN, OFF_MAGIC, OFF_RESERVED, OFF_VERSION};
+use ftvm_ft::Role;
 
 /// Sends UDP datagrams with any source address: a raw IPv4 socket (`IP_HDRINCL`), created
 /// inside the scenario's namespace (the socket stays there whichever thread uses it).
@@ -120,7 +120,7 @@ fn forged_datagrams() -> Vec<Vec<u8>> {
                         incarnation,
                     }
                     .encode();
-                    b[ftvm_vmm_core::ft::detector::OFF_ROLE] = role;
+                    b[ftvm_ft::detector::OFF_ROLE] = role;
                     out.push(b.to_vec());
                 }
             }

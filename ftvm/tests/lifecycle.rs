@@ -331,7 +331,7 @@ fn sd_notify_ready_status_watchdog_stopping_of_a_pair() {
     }
     let _serial = common::serial();
     let dir = tempfile::tempdir().expect("tempdir");
-    let [port] = ftvm_vmm_core::testing::loopback_ports().expect("port");
+    let [port] = ftvm_testkit::loopback_ports().expect("port");
     let peer = format!("127.0.0.1:{port}");
     let (mut pn, mut bn) = (
         NotifySocket::bind(dir.path(), "p.sock"),
@@ -381,7 +381,7 @@ fn sd_notify_ready_status_watchdog_stopping_of_a_pair() {
 #[test]
 fn sigterm_of_ftvm_run_prints_the_summary_and_exits_207() {
     const TEST: &str = "sigterm_of_ftvm_run_prints_the_summary_and_exits_207";
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
+    if let Some(r) = ftvm_testkit::kvm_missing() {
         eprintln!("SKIP {TEST}: {r}");
         return;
     }

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ftvm::metrics::http_get;
-use ftvm_vmm_core::ft::observe::{SideRole, Snapshot};
+use ftvm_ft::observe::{SideRole, Snapshot};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ftvm");
 
@@ -64,10 +64,10 @@ fn scrape_until_exit(child: &mut Child, addr: &str, path: &str) -> (Option<Strin
 #[test]
 fn metrics_scraped_over_http_match_the_report() {
     const TEST: &str = "metrics_scraped_over_http_match_the_report";
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, ftvm::scenario::missing()) {
+    if ftvm_testkit::skip::if_missing(TEST, ftvm::scenario::missing()) {
         return;
     }
-    let [log, pm, bm] = ftvm_vmm_core::testing::loopback_ports().expect("free ports");
+    let [log, pm, bm] = ftvm_testkit::loopback_ports().expect("free ports");
     let (peer, pm, bm) = (
         format!("127.0.0.1:{log}"),
         format!("127.0.0.1:{pm}"),

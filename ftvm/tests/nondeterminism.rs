@@ -42,7 +42,7 @@ fn ftvm(args: &[String]) -> Node {
 /// `Some(reason)` when this test cannot run here: no KVM, or the host traps `insn` (the guest
 /// faults instead of getting a value nobody logged).
 fn skip_reason(elf: &Path, insn: &str) -> Option<String> {
-    if let Some(r) = ftvm_vmm_core::testing::kvm_missing() {
+    if let Some(r) = ftvm_testkit::kvm_missing() {
         return Some(r);
     }
     let mut probe = ftvm(&[
@@ -79,11 +79,11 @@ fn printed(path: &Path, insn: &str) -> Vec<String> {
 fn pair_never_goes_live_with_another_value(test: &str, insn: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let elf = nondet_elf(dir.path());
-    if ftvm_vmm_core::testing::skip::if_missing(test, skip_reason(&elf, insn)) {
+    if ftvm_testkit::skip::if_missing(test, skip_reason(&elf, insn)) {
         return;
     }
     let _serial = common::serial();
-    let [log, hb_p, hb_b] = ftvm_vmm_core::testing::loopback_ports::<3>().expect("ports");
+    let [log, hb_p, hb_b] = ftvm_testkit::loopback_ports::<3>().expect("ports");
     let arbiter = dir.path().join("arbiter");
     std::fs::create_dir(&arbiter).expect("arbiter dir");
     let side = |role: &str, me: u16, peer: u16| -> Vec<String> {
@@ -254,7 +254,7 @@ fn check_determinism_tells_nondet_from_cpu() {
     const TEST: &str = "check_determinism_tells_nondet_from_cpu";
     let dir = tempfile::tempdir().expect("tempdir");
     let elf = nondet_elf(dir.path());
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, skip_reason(&elf, "rdrand")) {
+    if ftvm_testkit::skip::if_missing(TEST, skip_reason(&elf, "rdrand")) {
         return;
     }
     let _serial = common::serial();

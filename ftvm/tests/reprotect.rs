@@ -555,7 +555,7 @@ fn an_unreachable_arbiter_refuses_the_join_and_a_retry_joins_once_it_is_back() {
     s.backup = Some(joiner);
     let spec = s.arbiter_spec().to_string();
     let current = s
-        .in_netns(move || ftvm_vmm_core::ft::arbiter::open(&spec).and_then(|a| a.current()))
+        .in_netns(move || ftvm_ft::arbiter::open(&spec).and_then(|a| a.current()))
         .expect("enter namespace")
         .expect("read the claim from etcd");
     assert_eq!(

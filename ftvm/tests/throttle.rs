@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ftvm_vmm_core::ft::throttle::experiment::logging_guest;
-use ftvm_vmm_core::ft::throttle::{cgroup_cpu_unusable, CgroupCpu};
-use ftvm_vmm_core::testing::skip;
+use ftvm_ft::throttle::{cgroup_cpu_unusable, CgroupCpu};
+use ftvm_testkit::experiment::logging_guest;
+use ftvm_testkit::skip;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ftvm");
 
@@ -24,7 +24,7 @@ fn missing() -> Option<String> {
 /// Runs a pair of `guest` (an embedded name or an ELF path) on a free loopback port with
 /// `extra` primary flags; returns the primary's report.
 fn run_pair(dir: &Path, guest: &str, extra: &[&str]) -> serde_json::Value {
-    let [port] = ftvm_vmm_core::testing::loopback_ports().expect("free loopback port");
+    let [port] = ftvm_testkit::loopback_ports().expect("free loopback port");
     run_pair_with(
         dir,
         guest,
@@ -107,7 +107,7 @@ fn primary_report_has_the_throttle_state() {
         return;
     }
     // Pairs that measure CPU shares: one at a time in this binary.
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     // A guest that logs a clock read every ~20 µs of arithmetic for 3 s (its own clock).
     let guest = dir.path().join("logging.elf");
@@ -119,7 +119,7 @@ fn primary_report_has_the_throttle_state() {
             let name = format!("ftvm-test-slow-backup-{}", std::process::id());
             let mut slow = CgroupCpu::create(&name, Duration::from_millis(10)).expect("cgroup");
             slow.set_share(0.2).expect("quota");
-            let [port] = ftvm_vmm_core::testing::loopback_ports().expect("free loopback port");
+            let [port] = ftvm_testkit::loopback_ports().expect("free loopback port");
             let peer = format!("127.0.0.1:{port}");
             let r = run_pair_with(dir.path(), guest, &flags, &peer, Some(&slow), |_| {});
             let t = &r["throttle"];
@@ -164,7 +164,7 @@ fn throttle_cgroup_none_paces_alone() {
         return;
     }
     // Pairs that measure CPU shares: one at a time in this binary.
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let r = run_pair(dir.path(), "cpu", &["--throttle-cgroup", "none"]);
     assert_eq!(r["throttle"]["enabled"], true, "{r}");
@@ -182,7 +182,7 @@ fn primary_under_ip_netns_exec_uses_a_cgroup() {
         return;
     }
     // Pairs that measure CPU shares: one at a time in this binary.
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let ns = ftvm_channel::netns::Netns::create(&format!("ftvm-thr-{}", std::process::id()))
         .expect("netns");
     let mounts = || std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -202,7 +202,7 @@ fn primary_under_ip_netns_exec_uses_a_cgroup() {
         "not throttled through a cgroup under ip netns exec: {t}"
     );
     assert_eq!(mounts(), before, "the host's mounts changed");
-    let h = ftvm_vmm_core::ft::throttle::CpuHierarchy::find().expect("hierarchy");
+    let h = ftvm_ft::throttle::CpuHierarchy::find().expect("hierarchy");
     // A primary's group is `ftvm-<pid>-primary-<n>`: one whose process is gone was left
     // behind (groups of live primaries, e.g. another suite's, are theirs to remove).
     let left: Vec<_> = std::fs::read_dir(&h.parent)
@@ -228,7 +228,7 @@ fn throttle_target_zero_turns_it_off() {
         return;
     }
     // Pairs that measure CPU shares: one at a time in this binary.
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let r = run_pair(dir.path(), "cpu", &["--throttle-target-ms", "0"]);
     assert_eq!(r["throttle"]["enabled"], false, "{r}");

@@ -21,7 +21,7 @@ use crate::memory::GuestMem;
 use crate::record::{Inputs, OutputDigest, OutputSource, ReplayError};
 
 /// Size of each device's MMIO range.
-pub const DEVICE_SIZE: u64 = 0x1000;
+pub const DEVICE_SIZE: u64 = ftvm_abi::MMIO_SLOT_SIZE;
 
 /// Errors of device emulation during an exit.
 #[derive(Debug, thiserror::Error)]

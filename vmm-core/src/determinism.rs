@@ -4,7 +4,7 @@
 //! ([`crate::record`]), the guest's execution is determined. A guest that executes an
 //! instruction whose result the VMM cannot log (RDRAND, RDTSC where the host does not trap it:
 //! `guests/README.md`) breaks it, and a primary/backup pair of it fails over to a different
-//! state (output-verified replay then stops the backup: `ft::golive`). [`check`] finds out
+//! state (output-verified replay then stops the backup: `ftvm_ft::golive`). [`check`] finds out
 //! before: it runs the guest twice with the same inputs — the first run live, every input
 //! recorded in memory ([`MemRecorder`]), the second a replay of that recording ([`MemReplay`],
 //! which verifies every output digest against the first run's and goes on after a difference)
@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::ft::digest::{file_digest, register_digest};
+use crate::digest::{file_digest, register_digest};
 use crate::record::memlog::{Event, MemRecorder, MemReplay, OutputCheck};
 use crate::record::{Inputs, OutputTotals};
 use crate::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmError};
@@ -227,7 +227,7 @@ pub fn check(config: &VmConfig, elf: &[u8]) -> Result<DeterminismReport, Determi
         Err(e) => Err(format!(
             "stopped at exit {}: {}",
             vm.stats().total(),
-            crate::ft::primary::error_chain(&e)
+            crate::error_chain(&e)
         )),
     };
     let comparisons = second
@@ -291,7 +291,7 @@ mod tests {
     /// differ.
     #[test]
     fn cpu_is_deterministic_and_rdrand_is_not() {
-        crate::require_kvm!("cpu_is_deterministic_and_rdrand_is_not");
+        ftvm_testkit::require_kvm!("cpu_is_deterministic_and_rdrand_is_not");
         let cpu = crate::guests::by_name("cpu").expect("cpu guest");
         let r = check(&config("size=256k rounds=4 timing"), cpu).expect("check cpu");
         assert!(r.is_deterministic(), "{r:#?}");
@@ -306,8 +306,8 @@ mod tests {
         let nondet = crate::guests::by_name("nondet").expect("nondet guest");
         let r = match check(&config("insn=rdrand count=3 period_ms=1"), nondet) {
             Err(DeterminismError::FirstRun(e)) => {
-                let e = crate::ft::primary::error_chain(&e);
-                crate::testing::skip::skip(
+                let e = crate::error_chain(&e);
+                ftvm_testkit::skip::skip(
                     "cpu_is_deterministic_and_rdrand_is_not",
                     format_args!("(rdrand) the host traps RDRAND: {e}"),
                 );

@@ -63,7 +63,7 @@ pub struct Hidden {
 /// must not use"). Hiding only tells a guest that looks: where the CPU cannot trap the
 /// instruction (RDRAND on AMD hosts and under PVM; RDTSC at CPL3 where CR4.TSD is not
 /// enforced) a guest that executes it anyway gets a value nobody logged, which output-verified
-/// replay then catches (`ft::golive`).
+/// replay then catches (`ftvm_ft::golive`).
 pub const HIDDEN: &[Hidden] = &[
     Hidden {
         leaf: 1,
@@ -206,6 +206,16 @@ impl KvmContext {
     }
 }
 
+/// Why no VM can run here, if none can: `/dev/kvm` does not open, or is not the KVM a VM needs
+/// (the checks of [`KvmContext::new`]: API version, capabilities, CPUID). `ftvm demo` and the
+/// benchmarks say so instead of failing half-way; tests print it as their SKIP reason.
+pub fn missing() -> Option<String> {
+    match KvmContext::new() {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm not usable: {}", crate::error_chain(&e))),
+    }
+}
+
 impl KvmContext {
     /// An XXH3-64 digest of the fixed CPUID (every entry's bytes, in KVM's order): two hosts
     /// with the same digest show a guest the same vCPU model.
@@ -295,7 +305,7 @@ mod tests {
     /// was fixed, leaves 1, 0xB and 0x1F differed between host CPUs 0 and 1).
     #[test]
     fn the_fixed_cpuid_does_not_depend_on_the_host_cpu() {
-        crate::require_kvm!("the_fixed_cpuid_does_not_depend_on_the_host_cpu");
+        ftvm_testkit::require_kvm!("the_fixed_cpuid_does_not_depend_on_the_host_cpu");
         let on = |cpu: usize| {
             std::thread::spawn(move || {
                 // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity

@@ -10,7 +10,12 @@
 //!   state (`ftvm run --check-determinism`); [`state`]: typed, versioned save/restore;
 //! - [`dirty`]: dirty-page tracking; [`transfer`]: live state transfer (pre-copy, stop-and-copy,
 //!   continuation on another VM at the same exit);
-//! - [`guests`]: the embedded guest programs; [`ft`]: fault tolerance.
+//! - [`guests`]: the embedded guest programs; [`digest`]: digests of a VM's initial state and
+//!   registers (pairing, divergence checks).
+//!
+//! The VMM alone: fault tolerance (the log channel, primary, backup, failover) is the
+//! `ftvm-ft` crate, which drives this one through the [`record`] seams; the guest ABI is the
+//! `ftvm-abi` crate, shared with the guest programs.
 //!
 //! # Example
 //!
@@ -33,17 +38,29 @@
 pub mod bus;
 pub mod determinism;
 pub mod devices;
+pub mod digest;
 pub mod dirty;
-pub mod ft;
 pub mod guests;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
 pub mod record;
 pub mod state;
-pub mod testing;
 pub mod transfer;
 pub mod vcpu;
 pub mod vm;
 
 pub use vm::{RunOutcome, Vm, VmConfig, VmError, VmState, VmThread};
+
+/// `e` and its chain of sources on one line, `: `-separated (for logs, reports and SKIP
+/// reasons, where `{e}` alone would drop the cause).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

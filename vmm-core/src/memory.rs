@@ -27,48 +27,17 @@ pub const PML4_ADDR: u64 = 0x1000;
 pub const PDPT_ADDR: u64 = 0x2000;
 /// Address of the first of the four page directories.
 pub const PD_ADDR: u64 = 0x3000;
-/// Address of the boot info page.
-pub const BOOT_INFO_ADDR: u64 = 0x8000;
+// The layout the guests rely on is the ABI crate's (one definition for the VMM and guests/).
+/// Boot info field offsets (all u64), the magic and the ABI version.
+pub use ftvm_abi::boot;
+pub use ftvm_abi::boot::{ABI_VERSION, BOOT_MAGIC};
+pub use ftvm_abi::{BOOT_INFO_ADDR, IMAGE_BASE, MMIO_BASE, MMIO_SIZE, STACK_AREA, STACK_GUARD};
+/// Largest command line.
+pub const MAX_CMDLINE: usize = ftvm_abi::boot::MAX_CMDLINE as usize;
 /// Address of the GDT.
 pub const GDT_ADDR: u64 = 0x9000;
-/// Where guest images are linked (lowest address a PT_LOAD segment may use).
-pub const IMAGE_BASE: u64 = 0x1_0000;
-/// Base of the MMIO window.
-pub const MMIO_BASE: u64 = 0xD000_0000;
-/// Size of the MMIO window.
-pub const MMIO_SIZE: u64 = 0x1_0000;
-/// Size of the stack area below `mem_size`.
-pub const STACK_AREA: u64 = 1 << 20;
-/// Gap between the top of the stack and the end of RAM.
-pub const STACK_GUARD: u64 = 0x1000;
 /// Largest RAM size: RAM must end below the MMIO window.
 pub const MAX_MEM_SIZE: u64 = MMIO_BASE;
-/// Boot info magic.
-pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"FTVMBOOT");
-/// ABI version of DEVICES.md.
-pub const ABI_VERSION: u64 = 1;
-/// Largest command line.
-pub const MAX_CMDLINE: usize = 4000;
-
-/// Boot info field offsets (all u64).
-pub mod boot {
-    /// `"FTVMBOOT"`.
-    pub const MAGIC: u64 = 0x00;
-    /// ABI version.
-    pub const VERSION: u64 = 0x08;
-    /// RAM size.
-    pub const MEM_SIZE: u64 = 0x10;
-    /// First free byte after the image.
-    pub const IMAGE_END: u64 = 0x18;
-    /// Top of the stack.
-    pub const STACK_TOP: u64 = 0x20;
-    /// Base of the MMIO window.
-    pub const MMIO_BASE: u64 = 0x28;
-    /// Length of the command line.
-    pub const CMDLINE_LEN: u64 = 0x30;
-    /// Command line bytes.
-    pub const CMDLINE: u64 = 0x38;
-}
 
 /// GDT selector of the 64-bit code segment (RPL 0; the VMM loads it with RPL 3).
 pub const GDT_CODE: u16 = 0x08;

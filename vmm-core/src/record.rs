@@ -16,7 +16,7 @@
 //!   output is tagged for the output rule, so that its digest is in the log at a position no
 //!   later than the output's tag — and to [`ReplaySource::output`] when replaying, which
 //!   compares it with the digest the primary logged at the same exit (output-verified replay:
-//!   `vmm-core/LOG_FORMAT.md`, "Output digests"). One digest per device per exit (all the
+//!   `ft/LOG_FORMAT.md`, "Output digests"). One digest per device per exit (all the
 //!   frames of one transmit notify together; only a shared-disk write request has its own,
 //!   since each waits for the backup's acknowledgement before the next), not one per frame:
 //!   the exit is the unit both
@@ -579,8 +579,8 @@ mod tests {
     use crate::bus::ExitCtx;
     use crate::devices::sys::{REG_CLOCK_NS, REG_ENTROPY, REG_WAIT};
     use crate::memory::MMIO_BASE;
-    use crate::testing::{Asm, Reg};
     use crate::vm::{buffer_console, RunOutcome, Vm, VmConfig};
+    use ftvm_testkit::{Asm, Reg};
 
     #[test]
     fn device_writes_reach_the_recorder() {
@@ -660,7 +660,7 @@ mod tests {
     /// the exits of a plain run.
     #[test]
     fn an_interrupt_between_exits_goes_live_without_counting_an_exit() {
-        crate::require_kvm!("an_interrupt_between_exits_goes_live_without_counting_an_exit");
+        ftvm_testkit::require_kvm!("an_interrupt_between_exits_goes_live_without_counting_an_exit");
         // Print (exits 0 and 1), ~4e9 iterations without an exit, power off (exit 2).
         let elf = Asm::new()
             .print(0x40000, 8)
@@ -722,7 +722,7 @@ mod tests {
     /// makes exactly the exits of a plain run.
     #[test]
     fn a_read_the_replay_lacks_stays_pending_and_the_next_run_answers_it_live() {
-        crate::require_kvm!(
+        ftvm_testkit::require_kvm!(
             "a_read_the_replay_lacks_stays_pending_and_the_next_run_answers_it_live"
         );
         let elf = nondeterministic_guest();
@@ -788,7 +788,7 @@ mod tests {
 
     #[test]
     fn replay_reproduces_a_recorded_run() {
-        crate::require_kvm!("replay_reproduces_a_recorded_run");
+        ftvm_testkit::require_kvm!("replay_reproduces_a_recorded_run");
         let elf = nondeterministic_guest();
         let run = |inputs: Inputs| {
             let (console, out) = buffer_console();

@@ -1,10 +1,11 @@
 //! Bad guests and bad configurations each give a clear error.
 
+use ftvm_testkit::require_kvm;
+use ftvm_testkit::Asm;
+use ftvm_vmm_core::guests;
 use ftvm_vmm_core::loader::LoaderError;
-use ftvm_vmm_core::testing::Asm;
 use ftvm_vmm_core::vcpu::VcpuError;
 use ftvm_vmm_core::vm::{Vm, VmConfig, VmError};
-use ftvm_vmm_core::{guests, require_kvm};
 
 fn config() -> VmConfig {
     VmConfig {
@@ -21,16 +22,7 @@ fn err(r: Result<Vm, VmError>) -> VmError {
 }
 
 /// The full error chain, as `ftvm` prints it.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use ftvm_vmm_core::error_chain as chain;
 
 #[test]
 fn not_an_elf_is_rejected() {

@@ -1,8 +1,8 @@
 //! Booting guests: hand-assembled programs and the real guests of guests/.
 
+use ftvm_testkit::require_kvm;
+use ftvm_testkit::{Asm, Reg};
 use ftvm_vmm_core::devices::sys::{REG_CLOCK_NS, REG_ENTROPY, REG_MAGIC};
-use ftvm_vmm_core::require_kvm;
-use ftvm_vmm_core::testing::{Asm, Reg};
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig};
 
 #[test]

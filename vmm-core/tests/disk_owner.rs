@@ -39,7 +39,7 @@ fn head(img: &Path) -> Vec<u8> {
 
 #[test]
 fn a_superseded_writer_is_refused_and_the_new_owner_writes() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let img = image(dir.path());
     let old = DiskOwner::open(&img).expect("open");
@@ -78,7 +78,7 @@ fn a_superseded_writer_is_refused_and_the_new_owner_writes() {
 
 #[test]
 fn taking_ownership_waits_for_a_writer_in_its_request() {
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     let dir = tempfile::tempdir().expect("tempdir");
     let img = image(dir.path());
     let writer = DiskOwner::open(&img).expect("open");
@@ -128,7 +128,7 @@ fn signal(child: &Child, sig: libc::c_int) {
 #[test]
 fn takeover_waits_its_bound_for_a_stopped_writer_and_not_for_a_killed_one() {
     const TEST: &str = "takeover_waits_its_bound_for_a_stopped_writer_and_not_for_a_killed_one";
-    let _one = ftvm_vmm_core::testing::one_at_a_time();
+    let _one = ftvm_testkit::one_at_a_time();
     if let Ok(img) = std::env::var(CHILD_ENV) {
         // The child: a writer of generation 1 inside its request, holding the read lock.
         let owner = DiskOwner::open(Path::new(&img)).expect("child: open");

@@ -1,13 +1,14 @@
 //! Each real guest boots and gives its expected output.
 
-mod common;
+use ftvm_testkit::kv as common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use ftvm_testkit::require_kvm;
+use ftvm_vmm_core::guests;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig};
-use ftvm_vmm_core::{guests, require_kvm};
 
 fn run_cpu(cmdline: &str) -> (RunOutcome, String) {
     let (console, out) = buffer_console();
@@ -65,7 +66,7 @@ fn cpu_guest_bad_cmdline_exits_2() {
 
 #[test]
 fn stream_guest_sinks_sources_and_reports() {
-    if ftvm_vmm_core::testing::skip::if_missing(
+    if ftvm_testkit::skip::if_missing(
         "stream_guest_sinks_sources_and_reports",
         common::net_missing(),
     ) {

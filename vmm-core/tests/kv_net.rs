@@ -1,13 +1,13 @@
 //! The `kv` guest through a TAP device in a network namespace, driven by `redis-cli`,
 //! `redis-benchmark` and a few raw RESP requests.
 
-mod common;
+use ftvm_testkit::kv as common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::time::Duration;
 
 use common::{namespace, net_missing, redis_reply, start_kv, start_kv_with_mem, wait_ready};
-use ftvm_channel::netns::Netns;
+use ftvm_testkit::netns::Netns;
 use ftvm_vmm_core::vm::RunOutcome;
 
 fn disk(dir: &tempfile::TempDir) -> std::path::PathBuf {
@@ -19,7 +19,7 @@ fn disk(dir: &tempfile::TempDir) -> std::path::PathBuf {
 
 #[test]
 fn redis_cli_set_get_incr() {
-    if ftvm_vmm_core::testing::skip::if_missing("redis_cli_set_get_incr", net_missing()) {
+    if ftvm_testkit::skip::if_missing("redis_cli_set_get_incr", net_missing()) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -38,7 +38,7 @@ fn redis_cli_set_get_incr() {
 
 #[test]
 fn kv_data_survives_a_restart_from_the_same_disk() {
-    if ftvm_vmm_core::testing::skip::if_missing(
+    if ftvm_testkit::skip::if_missing(
         "kv_data_survives_a_restart_from_the_same_disk",
         net_missing(),
     ) {
@@ -118,10 +118,10 @@ fn info_memory(ns: &Netns) -> (u64, u64) {
 #[test]
 fn a_full_kv_answers_oom_and_keeps_serving() {
     const TEST: &str = "a_full_kv_answers_oom_and_keeps_serving";
-    if ftvm_vmm_core::testing::skip::if_missing(TEST, net_missing()) {
+    if ftvm_testkit::skip::if_missing(TEST, net_missing()) {
         return;
     }
-    if ftvm_vmm_core::testing::skip_without(TEST, "redis-benchmark", "redis-tools") {
+    if ftvm_testkit::skip_without(TEST, "redis-benchmark", "redis-tools") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

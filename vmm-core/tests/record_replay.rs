@@ -1,7 +1,7 @@
 //! A recorded `kv` run (network input through a TAP, clock reads, disk I/O) replayed on a
 //! second VM that has no network backend: the replay ends in the same state.
 
-mod common;
+use ftvm_testkit::kv as common;
 
 use ftvm_vmm_core::record::memlog::{Event, MemRecorder, MemReplay};
 use ftvm_vmm_core::record::Inputs;
@@ -9,7 +9,7 @@ use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig};
 
 #[test]
 fn kv_session_replays_to_the_same_state() {
-    if ftvm_vmm_core::testing::skip::if_missing(
+    if ftvm_testkit::skip::if_missing(
         "kv_session_replays_to_the_same_state",
         common::net_missing(),
     ) {

@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
+use ftvm_testkit::require_kvm;
+use ftvm_vmm_core::guests;
 use ftvm_vmm_core::state::StateError;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmError};
-use ftvm_vmm_core::{guests, require_kvm};
 
 const CMDLINE: &str = "size=4M rounds=480 seed=7";
 

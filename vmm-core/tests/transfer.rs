@@ -2,21 +2,22 @@
 //! and a VM transferred while its guest runs continues on a second VM from exactly the exit of
 //! the cut, to the same end as a VM that was never transferred.
 
-mod common;
+use ftvm_testkit::kv as common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ftvm_testkit::require_kvm;
+use ftvm_testkit::Asm;
 use ftvm_vmm_core::dirty::PAGE_SIZE;
+use ftvm_vmm_core::guests;
 use ftvm_vmm_core::memory::{digest, IMAGE_BASE};
 use ftvm_vmm_core::state::MachineState;
-use ftvm_vmm_core::testing::Asm;
 use ftvm_vmm_core::transfer::{
     Chunk, Convergence, Sink, Source, SourceConfig, Step, TransferHandle,
 };
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmState, VmThread};
-use ftvm_vmm_core::{guests, require_kvm};
 use vm_memory::{Bytes, GuestAddress};
 
 const MIB: u64 = 1 << 20;

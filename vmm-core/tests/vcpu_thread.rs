@@ -1,7 +1,8 @@
 //! The vCPU thread state machine: pause, save while paused, resume, stop.
 
+use ftvm_testkit::require_kvm;
+use ftvm_vmm_core::guests;
 use ftvm_vmm_core::vm::{buffer_console, RunOutcome, Vm, VmConfig, VmError, VmState, VmThread};
-use ftvm_vmm_core::{guests, require_kvm};
 
 fn cpu_vm(rounds: u32) -> (Vm, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     let (console, out) = buffer_console();

@@ -28,16 +28,16 @@ pub fn ftvm_bin() -> PathBuf {
 
 /// Prints `SKIP <test>: <reason>` and returns true when the scenario cannot run here.
 pub fn skip(test: &str) -> bool {
-    ftvm_vmm_core::testing::skip::if_missing(test, ftvm::scenario::missing())
+    ftvm_testkit::skip::if_missing(test, ftvm::scenario::missing())
 }
 
 #[allow(unused_imports)] // not every test file uses it
-pub use ftvm_vmm_core::testing::skip_without;
+pub use ftvm_testkit::skip_without;
 
 /// One scenario at a time: two VMs per test already fill this 2-core machine, and a starved
 /// heartbeat thread would look like a failure.
 pub fn serial() -> MutexGuard<'static, ()> {
-    ftvm_vmm_core::testing::one_at_a_time()
+    ftvm_testkit::one_at_a_time()
 }
 
 /// A scenario configuration for `tag` (transport shm, file arbiter, children log at info).

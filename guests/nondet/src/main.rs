@@ -5,7 +5,7 @@
 //! `period_ms` milliseconds (`nondet: rdrand=<16 hex digits>`), `count` times (0: forever), and
 //! powers off with 0. A primary and a replaying backup each get their own value, so the line the
 //! backup would print differs from the one clients saw: exactly what output-verified replay must
-//! catch (`vmm-core/LOG_FORMAT.md`, "Output digests"). It ignores CPUID on purpose (a real guest
+//! catch (`ft/LOG_FORMAT.md`, "Output digests"). It ignores CPUID on purpose (a real guest
 //! that looks first would not use RDRAND: the VMM hides it). Where the host traps the instruction
 //! (RDRAND with VMX RDRAND exiting, RDTSC with CR4.TSD enforced) the guest faults instead, and the
 //! VMM stops it with a register dump.

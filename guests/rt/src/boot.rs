@@ -16,30 +16,33 @@ use core::fmt;
 
 use crate::cmdline::Cmdline;
 
+// The field offsets and values are the guest ABI's (`ftvm-abi`, shared with the VMM).
+use ftvm_abi::boot as abi;
+
 /// Offset of the magic.
-pub const OFF_MAGIC: usize = 0x00;
+pub const OFF_MAGIC: usize = abi::MAGIC as usize;
 /// Offset of the ABI version.
-pub const OFF_VERSION: usize = 0x08;
+pub const OFF_VERSION: usize = abi::VERSION as usize;
 /// Offset of the guest memory size.
-pub const OFF_MEM_SIZE: usize = 0x10;
+pub const OFF_MEM_SIZE: usize = abi::MEM_SIZE as usize;
 /// Offset of the end of the loaded image.
-pub const OFF_IMAGE_END: usize = 0x18;
+pub const OFF_IMAGE_END: usize = abi::IMAGE_END as usize;
 /// Offset of the initial stack top.
-pub const OFF_STACK_TOP: usize = 0x20;
+pub const OFF_STACK_TOP: usize = abi::STACK_TOP as usize;
 /// Offset of the MMIO window base.
-pub const OFF_MMIO_BASE: usize = 0x28;
+pub const OFF_MMIO_BASE: usize = abi::MMIO_BASE as usize;
 /// Offset of the command-line length.
-pub const OFF_CMDLINE_LEN: usize = 0x30;
+pub const OFF_CMDLINE_LEN: usize = abi::CMDLINE_LEN as usize;
 /// Offset of the command-line bytes.
-pub const OFF_CMDLINE: usize = 0x38;
+pub const OFF_CMDLINE: usize = abi::CMDLINE as usize;
 /// The largest command line the ABI allows.
-pub const CMDLINE_MAX: usize = 4000;
+pub const CMDLINE_MAX: usize = abi::MAX_CMDLINE as usize;
 /// The boot info magic.
-pub const MAGIC: u64 = u64::from_le_bytes(*b"FTVMBOOT");
+pub const MAGIC: u64 = abi::BOOT_MAGIC;
 /// The ABI version these guests are written against.
-pub const ABI_VERSION: u64 = 1;
+pub const ABI_VERSION: u64 = abi::ABI_VERSION;
 /// The stack the VMM provides: `[stack_top - STACK_SIZE + 4 KiB, stack_top)`; the heap ends below.
-pub const STACK_SIZE: u64 = 1 << 20;
+pub const STACK_SIZE: u64 = ftvm_abi::STACK_AREA;
 /// The size of the boot info page.
 pub const BOOT_INFO_SIZE: usize = 0x1000;
 

@@ -10,14 +10,14 @@ use core::ptr::NonNull;
 use virtio_drivers::transport::mmio::{MmioError, MmioTransport, VirtIOHeader};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
-/// Base of the virtio-net device.
-pub const VIRTIO_NET_BASE: usize = 0xD000_1000;
+/// Base of the virtio-net device (the guest ABI, `ftvm-abi`).
+pub const VIRTIO_NET_BASE: usize = ftvm_abi::virtio::NET_BASE as usize;
 /// Base of the virtio-blk device.
-pub const VIRTIO_BLK_BASE: usize = 0xD000_2000;
+pub const VIRTIO_BLK_BASE: usize = ftvm_abi::virtio::BLK_BASE as usize;
 /// Base of the virtio-console device.
-pub const VIRTIO_CONSOLE_BASE: usize = 0xD000_3000;
+pub const VIRTIO_CONSOLE_BASE: usize = ftvm_abi::virtio::CONSOLE_BASE as usize;
 /// Size of each device's register window.
-pub const VIRTIO_MMIO_SIZE: usize = 0x1000;
+pub const VIRTIO_MMIO_SIZE: usize = ftvm_abi::MMIO_SLOT_SIZE as usize;
 
 /// The identity-mapped HAL.
 #[derive(Debug)]

@@ -21,48 +21,26 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// first write: an unchanged deadline costs no exit.
 static LAST_DEADLINE: AtomicU64 = AtomicU64::new(u64::MAX);
 
-/// Base address of the MMIO window and of the system device.
-pub const MMIO_BASE: usize = 0xD000_0000;
-/// `MAGIC` register.
-pub const REG_MAGIC: usize = 0x00;
-/// `CLOCK_NS` register.
-pub const REG_CLOCK_NS: usize = 0x08;
-/// `ENTROPY` register.
-pub const REG_ENTROPY: usize = 0x10;
-/// `POWER_OFF` register.
-pub const REG_POWER_OFF: usize = 0x18;
-/// `WAIT_DEADLINE` register.
-pub const REG_WAIT_DEADLINE: usize = 0x20;
-/// `WAIT` register.
-pub const REG_WAIT: usize = 0x28;
-/// `CONSOLE_ADDR` register.
-pub const REG_CONSOLE_ADDR: usize = 0x30;
-/// `CONSOLE_LEN` register.
-pub const REG_CONSOLE_LEN: usize = 0x38;
-/// `DEBUG` register.
-pub const REG_DEBUG: usize = 0x40;
-/// The value of the `MAGIC` register.
-pub const SYS_MAGIC: u64 = u64::from_le_bytes(*b"FTVMSYS1");
+/// Base address of the MMIO window and of the system device (the guest ABI, `ftvm-abi`).
+pub const MMIO_BASE: usize = ftvm_abi::MMIO_BASE as usize;
+// Register offsets, magic and WAIT event bits: the guest ABI, defined once for the VMM and the
+// guests (`ftvm-abi`).
+pub use ftvm_abi::sys::{
+    EVENT_BLK, EVENT_CONSOLE_RX, EVENT_NET_RX, EVENT_TIMER, REG_CLOCK_NS, REG_CONSOLE_ADDR,
+    REG_CONSOLE_LEN, REG_DEBUG, REG_ENTROPY, REG_MAGIC, REG_POWER_OFF, REG_WAIT, REG_WAIT_DEADLINE,
+    SYS_MAGIC,
+};
 
-/// WAIT event: received packets were placed in the net device's RX queue.
-pub const EVENT_NET_RX: u64 = 1 << 0;
-/// WAIT event: a block request completed.
-pub const EVENT_BLK: u64 = 1 << 1;
-/// WAIT event: the deadline passed.
-pub const EVENT_TIMER: u64 = 1 << 2;
-/// WAIT event: console input arrived.
-pub const EVENT_CONSOLE_RX: u64 = 1 << 3;
-
-fn read(reg: usize) -> u64 {
+fn read(reg: u64) -> u64 {
     // SAFETY: the system device registers are 8-byte aligned MMIO addresses in the identity-mapped
     // MMIO window (DEVICES.md); a read has no effect on Rust-visible memory.
-    unsafe { ptr::read_volatile((MMIO_BASE + reg) as *const u64) }
+    unsafe { ptr::read_volatile((MMIO_BASE + reg as usize) as *const u64) }
 }
 
-fn write(reg: usize, value: u64) {
+fn write(reg: u64, value: u64) {
     // SAFETY: as in `read`; the VMM handles the write in the exit, and the only guest memory it
     // touches on a write is the console buffer, which `console_write` keeps borrowed.
-    unsafe { ptr::write_volatile((MMIO_BASE + reg) as *mut u64, value) }
+    unsafe { ptr::write_volatile((MMIO_BASE + reg as usize) as *mut u64, value) }
 }
 
 /// Whether the system device answers with its magic.

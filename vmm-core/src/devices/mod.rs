@@ -55,7 +55,7 @@ impl ConsoleOutput {
 }
 
 /// Number of virtio-mmio slots (net, blk, console).
-pub const VIRTIO_SLOTS: usize = 3;
+pub const VIRTIO_SLOTS: usize = ftvm_abi::virtio::SLOTS;
 
 /// All devices of a VM, by address.
 #[derive(Debug)]

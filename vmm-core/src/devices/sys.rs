@@ -21,37 +21,14 @@ use crate::memory::MMIO_BASE;
 use crate::record::OutputSource;
 use crate::state::SysState;
 
-/// `MAGIC` register.
-pub const REG_MAGIC: u64 = 0x00;
-/// `CLOCK_NS` register.
-pub const REG_CLOCK_NS: u64 = 0x08;
-/// `ENTROPY` register.
-pub const REG_ENTROPY: u64 = 0x10;
-/// `POWER_OFF` register.
-pub const REG_POWER_OFF: u64 = 0x18;
-/// `WAIT_DEADLINE` register.
-pub const REG_WAIT_DEADLINE: u64 = 0x20;
-/// `WAIT` register.
-pub const REG_WAIT: u64 = 0x28;
-/// `CONSOLE_ADDR` register.
-pub const REG_CONSOLE_ADDR: u64 = 0x30;
-/// `CONSOLE_LEN` register.
-pub const REG_CONSOLE_LEN: u64 = 0x38;
-/// `DEBUG` register.
-pub const REG_DEBUG: u64 = 0x40;
-/// Value of `MAGIC`.
-pub const SYS_MAGIC: u64 = u64::from_le_bytes(*b"FTVMSYS1");
+// Register offsets, magic and event bits: the guest ABI, defined once for the VMM and guests/.
+pub use ftvm_abi::sys::{
+    EVENT_BLK, EVENT_CONSOLE_RX, EVENT_NET_RX, EVENT_TIMER, REG_CLOCK_NS, REG_CONSOLE_ADDR,
+    REG_CONSOLE_LEN, REG_DEBUG, REG_ENTROPY, REG_MAGIC, REG_POWER_OFF, REG_WAIT, REG_WAIT_DEADLINE,
+    SYS_MAGIC,
+};
 /// Largest single console write (longer writes are truncated).
 pub const MAX_CONSOLE_WRITE: u64 = 1 << 20;
-
-/// WAIT event: packets were placed in the net RX queue.
-pub const EVENT_NET_RX: u64 = 1 << 0;
-/// WAIT event: a block request completed.
-pub const EVENT_BLK: u64 = 1 << 1;
-/// WAIT event: the deadline passed.
-pub const EVENT_TIMER: u64 = 1 << 2;
-/// WAIT event: console input arrived.
-pub const EVENT_CONSOLE_RX: u64 = 1 << 3;
 
 /// The system device.
 #[derive(Debug)]

@@ -35,7 +35,7 @@
 //! primary's succeeded, or the reverse — means the backup's copy no longer equals the
 //! primary's disk: the device stops the VM with a [`CopyFailure`]
 //! ([`BlkHandle::copy_failure`]), and the backup stops without going live
-//! (`PairError::CannotTakeOver`, [`crate::ft::golive`]). Where the log ends inside the exit
+//! (`PairError::CannotTakeOver`, `ftvm_ft::golive`). Where the log ends inside the exit
 //! before the primary's status, the byte still holds the backup's own result, which the guest
 //! then sees live: nothing is compared, and nothing a client was told depends on it.
 //!

@@ -197,7 +197,7 @@ impl Drop for Tap {
 }
 
 /// Holds transmitted frames back until the log position they are tagged with is acknowledged
-/// (the primary's output rule, implemented by `ft::output::OutputGate`).
+/// (the primary's output rule, implemented by `ftvm_ft::output::OutputGate`).
 pub trait TxGate: Send + Sync {
     /// The tag of an output produced now: the current log position.
     fn tag(&self) -> u64;

@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::kind;
+use common::{stream_records, Stream};
 use ftvm_channel::faulty::{Faults, FaultyTransport};
 use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, StatsSnapshot};
+use ftvm_channel::StatsSnapshot;
 use ftvm_ringbuf::IdleKind;
 
 const RECORDS: u64 = 60_000;
@@ -28,55 +27,22 @@ fn payload(seq: u64, out: &mut Vec<u8>) {
 /// Moves RECORDS records with `faults` on the primary's frames; returns (primary, backup)
 /// counters.
 fn run(faults: Faults) -> (StatsSnapshot, StatsSnapshot) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-    let (b, _) = l.accept().expect("accept");
-    let pc = PollerConfig {
-        core: None,
+    let stream = Stream {
+        records: RECORDS,
+        ring: 1 << 24,
         idle: IdleKind::Yield,
+        within: Duration::from_secs(90),
+        payload,
     };
-    let backup = std::thread::spawn(move || {
-        let t = TcpTransport::from_stream(b, TcpMode::Spin).expect("backup transport");
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 24).expect("buffer");
-        let mut rx = LogReceiver::start(p, c, Box::new(t), Config::default(), pc).expect("accept");
-        let mut expect = 1;
-        let mut buf = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while expect <= RECORDS {
-            assert!(Instant::now() < deadline, "stuck at {expect}");
-            let n = rx
-                .poll_records(|r| {
-                    payload(r.seq(), &mut buf);
-                    assert_eq!(r.seq(), expect, "out of order");
-                    assert_eq!(r.kind(), kind(r.seq()));
-                    assert_eq!(r.payload(), &buf[..], "content of {}", r.seq());
-                    expect += 1;
-                })
-                .expect("receive");
-            if n == 0 {
-                std::thread::yield_now();
-            }
-        }
-        rx
-    });
-    let inner = TcpTransport::from_stream(a, TcpMode::Spin).expect("primary transport");
-    let t = FaultyTransport::new(inner, faults);
-    let (p, c) = ftvm_ringbuf::with_capacity(1 << 24).expect("buffer");
-    let mut tx = LogSender::start(p, c, Box::new(t), Config::default(), pc).expect("connect");
-    let mut buf = Vec::new();
-    for seq in 1..=RECORDS {
-        payload(seq, &mut buf);
-        while tx.producer().push(kind(seq), &buf).is_err() {
-            std::thread::yield_now();
-        }
-    }
-    assert!(tx
-        .wait_acked(RECORDS, Duration::from_secs(90))
-        .expect("acks"));
-    let rx = backup.join().expect("backup");
-    let (ps, bs) = (tx.snapshot(), rx.snapshot());
-    assert_eq!(bs.records_delivered, RECORDS);
-    (ps, bs)
+    let (tx, rx) = stream_records(
+        &stream,
+        |a| {
+            let inner = TcpTransport::from_stream(a, TcpMode::Spin).expect("primary transport");
+            Box::new(FaultyTransport::new(inner, faults))
+        },
+        |b| Box::new(TcpTransport::from_stream(b, TcpMode::Spin).expect("backup transport")),
+    );
+    (tx.snapshot(), rx.snapshot())
 }
 
 /// Frames resent must stay near the number lost: go-back-N would resend whole windows.

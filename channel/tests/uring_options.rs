@@ -5,64 +5,28 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{kind, payload};
+use common::{payload, stream_records, Stream};
 use ftvm_channel::uring::{UringConfig, UringTransport};
-use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig};
 use ftvm_ringbuf::IdleKind;
 
 const RECORDS: u64 = 20_000;
 
 fn run(cfg: UringConfig) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-    let (b, _) = l.accept().expect("accept");
     // Parked when idle: with SQPOLL a kernel thread already takes a core.
-    let pc = PollerConfig {
-        core: None,
+    let stream = Stream {
+        records: RECORDS,
+        ring: 1 << 22,
         idle: IdleKind::Park,
+        within: Duration::from_secs(60),
+        payload,
     };
-    let backup = std::thread::spawn(move || {
-        let t = UringTransport::from_stream(b, cfg).expect("uring backup");
-        let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("buffer");
-        let mut rx = LogReceiver::start(p, c, Box::new(t), Config::default(), pc).expect("accept");
-        let mut expect = 1;
-        let mut buf = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while expect <= RECORDS {
-            assert!(Instant::now() < deadline, "stuck at {expect}");
-            let n = rx
-                .poll_records(|r| {
-                    payload(r.seq(), &mut buf);
-                    assert_eq!(r.seq(), expect);
-                    assert_eq!(r.payload(), &buf[..]);
-                    expect += 1;
-                })
-                .expect("receive");
-            if n == 0 {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        }
-        // Handed back, so that it outlives the primary's wait for the last ack.
-        rx
-    });
-    let t = UringTransport::from_stream(a, cfg).expect("uring primary");
-    let (p, c) = ftvm_ringbuf::with_capacity(1 << 22).expect("buffer");
-    let mut tx = LogSender::start(p, c, Box::new(t), Config::default(), pc).expect("connect");
-    let mut buf = Vec::new();
-    for seq in 1..=RECORDS {
-        payload(seq, &mut buf);
-        while tx.producer().push(kind(seq), &buf).is_err() {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-    assert!(tx
-        .wait_acked(RECORDS, Duration::from_secs(60))
-        .expect("acks"));
-    let rx = backup.join().expect("backup");
-    assert_eq!(rx.snapshot().records_delivered, RECORDS);
+    stream_records(
+        &stream,
+        |a| Box::new(UringTransport::from_stream(a, cfg).expect("uring primary")),
+        move |b| Box::new(UringTransport::from_stream(b, cfg).expect("uring backup")),
+    );
 }
 
 #[test]

@@ -325,3 +325,80 @@ pub fn receive_until_error(rx: &mut LogReceiver, limit: Duration) -> (TransportE
         }
     }
 }
+
+/// How [`stream_records`] runs: records `1..=records`, each end's log buffer `ring` bytes, the
+/// pollers' idle strategy `idle` (with `Park` the test threads sleep 200 µs between looks
+/// too), the backup's deadline `within`, record contents from `payload`.
+#[derive(Clone, Copy)]
+pub struct Stream {
+    pub records: u64,
+    pub ring: usize,
+    pub idle: IdleKind,
+    pub within: Duration,
+    pub payload: fn(u64, &mut Vec<u8>),
+}
+
+impl Stream {
+    fn pause(&self) {
+        if matches!(self.idle, IdleKind::Park) {
+            std::thread::sleep(Duration::from_micros(200));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// A primary streams `s.records` records to a backup over a loopback TCP connection, each
+/// end's transport made from its stream by `primary` / `backup` (the backup's on its own
+/// thread, as the handshake needs); the backup checks every record's order, kind and content.
+/// Returns both ends once every record was acknowledged and delivered.
+pub fn stream_records(
+    s: &Stream,
+    primary: impl FnOnce(TcpStream) -> Box<dyn Transport>,
+    backup: impl FnOnce(TcpStream) -> Box<dyn Transport> + Send + 'static,
+) -> (LogSender, LogReceiver) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (b, _) = l.accept().expect("accept");
+    let pc = PollerConfig {
+        core: None,
+        idle: s.idle,
+    };
+    let bs = *s;
+    let backup = std::thread::spawn(move || {
+        let (p, c) = ftvm_ringbuf::with_capacity(bs.ring).expect("buffer");
+        let mut rx = LogReceiver::start(p, c, backup(b), Config::default(), pc).expect("accept");
+        let (mut expect, mut buf) = (1, Vec::new());
+        let deadline = Instant::now() + bs.within;
+        while expect <= bs.records {
+            assert!(Instant::now() < deadline, "stuck at {expect}");
+            let n = rx
+                .poll_records(|r| {
+                    (bs.payload)(r.seq(), &mut buf);
+                    assert_eq!(r.seq(), expect, "out of order");
+                    assert_eq!(r.kind(), kind(r.seq()));
+                    assert_eq!(r.payload(), &buf[..], "content of {}", r.seq());
+                    expect += 1;
+                })
+                .expect("receive");
+            if n == 0 {
+                bs.pause();
+            }
+        }
+        // Handed back, so that it outlives the primary's wait for the last ack.
+        rx
+    });
+    let (p, c) = ftvm_ringbuf::with_capacity(s.ring).expect("buffer");
+    let mut tx = LogSender::start(p, c, primary(a), Config::default(), pc).expect("connect");
+    let mut buf = Vec::new();
+    for seq in 1..=s.records {
+        (s.payload)(seq, &mut buf);
+        while tx.producer().push(kind(seq), &buf).is_err() {
+            s.pause();
+        }
+    }
+    assert!(tx.wait_acked(s.records, s.within).expect("acks"));
+    let rx = backup.join().expect("backup");
+    assert_eq!(rx.snapshot().records_delivered, s.records);
+    (tx, rx)
+}

@@ -62,7 +62,7 @@ pub enum PairError {
     #[error("failure detector")]
     Detector(#[from] crate::detector::DetectorError),
     /// The peer failed (its logging link broke) and this side has no arbiter to take over
-    /// with: the pair stops ([`PeerFailurePolicy::Stop`]).
+    /// with: the pair stops ([`PeerFailurePolicy::Stop`](crate::primary::PeerFailurePolicy::Stop)).
     #[error(
         "the {peer} failed at exit {exit} ({why}); without an arbiter this side cannot take \
          over safely: the pair stops"
@@ -122,7 +122,7 @@ pub enum LogWriteError {
 /// A run could not be set up (or the parts it lent out are gone).
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    /// [`LogWriter::take_appender`] while another run holds it.
+    /// [`LogWriter::take_appender`](crate::primary::LogWriter::take_appender) while another run holds it.
     #[error("the log is being appended to by another run")]
     AppenderTaken,
     /// The VM's recorder is no longer the log's appender.

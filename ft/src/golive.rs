@@ -34,7 +34,7 @@
 //! of a later exit before leaving one), at a checkpoint, or between two exits inside guest
 //! code (see "Deciding between two exits" below). There the replay source only reports that
 //! it ran out, and the vCPU returns to the backup's run loop with that exit **pending**
-//! ([`RunOutcome::ReplayExhausted`](ftvm_vmm_core::vm::RunOutcome::ReplayExhausted); [`ftvm_vmm_core::vcpu`], "A replay that runs out pauses the run"):
+//! ([`RunOutcome::ReplayExhausted`]; [`ftvm_vmm_core::vcpu`], "A replay that runs out pauses the run"):
 //! the decision — which sleeps, polls the detector and calls the arbiter — runs in the run
 //! loop, on the vCPU's thread but outside the exit handler. On winning, the VM's inputs become
 //! live **at that point**: the run loop runs the vCPU on, the missing read is answered by the
@@ -104,7 +104,7 @@
 //!   points above;
 //! - it holds nothing, the receiver is stopped and drained: the log ends **here**; the vCPU
 //!   returns to the run loop (nothing pending:
-//!   [`ExhaustedAt::BetweenExits`](crate::vm::ExhaustedAt::BetweenExits)), and the
+//!   [`ExhaustedAt::BetweenExits`](ftvm_vmm_core::vcpu::ExhaustedAt::BetweenExits)), and the
 //!   decision runs at this point of the guest's instruction stream, as at an exit.
 //!
 //! Why this point is a valid continuation: `N` exits are complete (all their entries applied)
@@ -912,7 +912,7 @@ pub fn run_primary_ft(
 // ---------------------------------------------------------------------------------------------
 
 /// The backup's go-live decision: taken by the backup's run loop, on the vCPU thread, while
-/// the VM is paused where its replay ran out ([`crate::vcpu`], "A replay that runs out pauses
+/// the VM is paused where its replay ran out ([`ftvm_vmm_core::vcpu`], "A replay that runs out pauses
 /// the run"). Its outcome is the backup's role ([`super::role`], "The backup").
 struct BackupGoLive {
     cfg: FtConfig,

@@ -44,7 +44,7 @@
 //!                                                        failed, log ended without an arbiter)
 //! ```
 //! The log runs out where the vCPU needs an entry it does not have; the vCPU then returns to
-//! the backup's run loop with that exit pending ([`crate::vcpu`], "A replay that runs out
+//! the backup's run loop with that exit pending ([`ftvm_vmm_core::vcpu`], "A replay that runs out
 //! pauses the run"), and the loop — not the exit handler — steps DECIDING and decides
 //! ([`super::golive`]).
 

@@ -532,13 +532,13 @@ pub(crate) fn cut(
         return Ok(false);
     };
     let t0 = Instant::now();
-    let mut parts = PauseParts::default();
+    let (mut at, mut parts) = (t0, PauseParts::default());
     let last = (|| -> Result<(Vec<Vec<u8>>, u64), JoinError> {
         let state = vm.capture()?;
         let exit = state.exit_index();
-        parts.capture = t0.elapsed();
+        parts.capture = lap(&mut at);
         req.source.stop_and_copy(state)?;
-        parts.harvest = t0.elapsed() - parts.capture;
+        parts.harvest = lap(&mut at);
         let mut chunks = Vec::new();
         loop {
             match req.source.next_step()? {
@@ -547,7 +547,7 @@ pub(crate) fn cut(
                 Step::Pause => return Err(JoinError::Protocol("pause after the cut")),
             }
         }
-        parts.copy = t0.elapsed() - parts.capture - parts.harvest;
+        parts.copy = lap(&mut at);
         Ok((chunks, exit))
     })();
     let (chunks, exit) = match last {
@@ -567,20 +567,15 @@ pub(crate) fn cut(
         reply,
         ..
     } = req;
-    let t1 = Instant::now();
+    // The memory digest of `verify_cut`, if any, is none of the parts.
+    lap(&mut at);
     let old = ft.rejoin(
         next,
         (Arc::clone(gate), writer, &*vm),
         opts.on_backup_stop,
         armed,
     )?;
-    parts.rejoin = t1.elapsed();
-    // After the rejoin, which took the shared disk's owner record for the new generation.
-    let shared_disk = vm.shared_disk().map(|d| SharedDiskId {
-        size: d.size_bytes(),
-        owner_generation: ft.config().generation,
-    });
-    let t2 = Instant::now();
+    parts.rejoin = lap(&mut at);
     let header = log.get(vm)?.append(&Entry::Header {
         version: LOG_VERSION,
         digest_interval: opts.digest_interval,
@@ -592,8 +587,13 @@ pub(crate) fn cut(
         header, seq,
         "the log header is the first record after the cut"
     );
-    parts.header = t2.elapsed();
+    parts.header = lap(&mut at);
     let pause = t0.elapsed();
+    // After the rejoin, which took the shared disk's owner record for the new generation.
+    let shared_disk = vm.shared_disk().map(|d| SharedDiskId {
+        size: d.size_bytes(),
+        owner_generation: ft.config().generation,
+    });
     tracing::info!(exit, seq, ?pause, ?parts, "join: cut");
     let _ = reply.send(Ok(CutDone {
         chunks,
@@ -609,6 +609,12 @@ pub(crate) fn cut(
         _old: old,
     }));
     Ok(true)
+}
+
+/// The time since `*since`, which moves on to now: one part of the pause after another.
+fn lap(since: &mut Instant) -> Duration {
+    let now = Instant::now();
+    now - std::mem::replace(since, now)
 }
 
 /// A logging link of its own (shared-memory rings, an AF_XDP socket): not the join's TCP

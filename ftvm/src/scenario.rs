@@ -596,11 +596,7 @@ impl Scenario {
             "--cmdline".into(),
             self.config.cmdline.clone().unwrap_or_else(kv_cmdline),
             "--peer".into(),
-            match (self.config.transport.as_str(), side) {
-                ("xdp", Side::Primary) => XDP_PRIMARY_IF.into(),
-                ("xdp", Side::Backup) => XDP_BACKUP_IF.into(),
-                _ => self.peer.clone(),
-            },
+            self.peer_of(side),
             "--transport".into(),
             self.config.transport.clone(),
             "--console".into(),
@@ -679,6 +675,15 @@ impl Scenario {
         vec!["--accept-join".into(), format!("127.0.0.1:{JOIN_PORT}")]
     }
 
+    /// `--peer` of `side`: its own veth end (xdp), the rings' prefix (shm) or the log address.
+    fn peer_of(&self, side: Side) -> String {
+        match (self.config.transport.as_str(), side) {
+            ("xdp", Side::Primary) => XDP_PRIMARY_IF.into(),
+            ("xdp", Side::Backup) => XDP_BACKUP_IF.into(),
+            _ => self.peer.clone(),
+        }
+    }
+
     /// Starts `ftvm backup --join 127.0.0.1:<join_port>` inside the namespace, named `name` on
     /// the arbiter, with its own image `<name>.img` (own-copy mode; filled by the transfer) or
     /// the shared one, the pair's TAP as its service TAP, heartbeats on port `heartbeat`, its
@@ -724,12 +729,11 @@ impl Scenario {
         if self.config.shared_disk {
             args.push("--shared-disk".into());
         }
-        // shm: the joined pair's rings under the pair's prefix; xdp: the backup's veth end
-        // (the joiner replaces the backup).
-        match self.config.transport.as_str() {
-            "shm" => args.extend(["--peer".into(), self.peer.clone()]),
-            "xdp" => args.extend(["--peer".into(), XDP_BACKUP_IF.into()]),
-            _ => {}
+        // shm, xdp: the joined pair's log runs on a link of its own, at the backup's `--peer`
+        // (the joiner replaces the backup); the tcp transports run it over the join's
+        // connection and need none.
+        if matches!(self.config.transport.as_str(), "shm" | "xdp") {
+            args.extend(["--peer".into(), self.peer_of(Side::Backup)]);
         }
         // `--disk` in `extra` names another image (a test of a careless joiner).
         if !extra.iter().any(|a| a == "--disk") {

@@ -28,16 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Circles known and not yet broken, each with the reason: the check fails on any other circle,
 # on a known one that grew, and on an entry here that no longer matches (remove it then).
-KNOWN = {
-    # primary_loop (primary.rs) calls up into the primary's failover state (golive::PrimaryFt,
-    # release_alone, disk_superseded) and the join's cut (join::cut); golive::run_primary_ft
-    # and join call down into it. Breaking it moves primary_loop/run_primary_ft above golive
-    # and join::JoinPoint below it (issue 19 item 1: not done yet; the failover state machines
-    # of item 3 have landed, so nothing else is in the way).
-    ("ft", ("golive", "join", "primary")): "primary_loop <-> golive/join (issue 19 item 1, left)",
-    # join.rs (ftvm backup --join) ends in pair::replay, which serves joins in turn.
-    ("ftvm", ("join", "pair")): "ftvm backup --join reuses pair::replay",
-}
+KNOWN: dict = {}
 
 # `#[cfg(test)]` followed by an item: `mod name { ... }`, `mod name;` or `use ...;`.
 CFG_TEST = re.compile(r"#\[cfg\(test\)\]\s*(?:pub(?:\([^)]*\))?\s+)?(mod\s+\w+\s*[{;]|use\s[^;]*;|fn\s)")
@@ -224,7 +215,8 @@ def main(argv: list) -> int:
     if found:
         print(f"{found} import circle(s) not known (or known ones gone)")
         return 1
-    print(f"no import circles between the top-level modules of {len(crates)} crate(s) but the known ones")
+    but = " but the known ones" if KNOWN else ""
+    print(f"no import circles between the top-level modules of {len(crates)} crate(s){but}")
     return 0
 
 

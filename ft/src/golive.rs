@@ -186,7 +186,7 @@ use super::log::AppliedControl;
 use super::node::{NodeId, Role};
 use super::observe::SideRole;
 use super::output::{OutputGate, OutputStats, Sink};
-use super::primary::{primary_loop, LogWriter, PairOptions, PrimaryHooks, PrimaryReport};
+use super::primary::{release_alone, LogWriter, RELEASE_TIMEOUT};
 use super::role::{
     BackupEvent, BackupGone, BackupRoleCell, BackupState, Fenced, PrimaryEvent, PrimaryRole,
     PrimaryRoleCell, PrimaryState,
@@ -198,9 +198,6 @@ use ftvm_vmm_core::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMod
 use ftvm_vmm_core::digest::register_digest;
 use ftvm_vmm_core::memory::GuestMem;
 use ftvm_vmm_core::vm::{RunOutcome, Vm, VmControl};
-
-/// How long going alone waits for the held outputs to be released.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The fault-tolerance settings of one side of a pair.
 #[derive(Clone)]
@@ -225,9 +222,6 @@ pub struct FtConfig {
     /// Backup: what to do when the primary stops as planned (GOODBYE `PlannedStop`,
     /// [`super::stop`]): stop too (the default), or take over at once (a handover).
     pub on_primary_stop: PrimaryStopPolicy,
-    /// Primary: where a join asks for the cut while this primary runs alone
-    /// ([`super::join`]); `None`: no join is accepted.
-    pub join: Option<super::join::JoinPoint>,
     /// Called with each failover decision of this side ([`super::transition`]); `None`: the
     /// decisions are only logged.
     pub on_transition: Option<TransitionSink>,
@@ -262,24 +256,9 @@ impl FtConfig {
             retry: RetryPolicy::default(),
             service_tap: None,
             on_primary_stop: PrimaryStopPolicy::Stop,
-            join: None,
             on_transition: None,
         }
     }
-}
-
-/// What [`run_primary_ft`] did.
-#[derive(Debug, Clone)]
-pub struct PrimaryFtReport {
-    /// The primary's run (`backup_finished` is false and the log stops early if it went
-    /// alone).
-    pub report: PrimaryReport,
-    /// `Some` if the backup failed and this primary went on alone.
-    pub alone: Option<GoLiveTimings>,
-    /// The generation this primary ended in.
-    pub generation: u64,
-    /// Failure detector counters.
-    pub detector: DetectorStats,
 }
 
 /// What a backup that went live did.
@@ -524,9 +503,6 @@ impl PrimaryFt {
         writer.observer().set_generation(self.cfg.generation);
         writer.role().set_sink(self.cfg.on_transition.clone());
         self.role = Some(writer.role().clone());
-        if let Some(j) = &self.cfg.join {
-            j.set_writer(writer);
-        }
         if writer.is_alone() {
             // A backup that went live runs as a lone primary (to take a backup that joins):
             // outputs flow, and there is no backup to watch until one joins.
@@ -540,9 +516,20 @@ impl PrimaryFt {
         self.spawn_monitor(gate, writer, vm, on_backup_stop, None)
     }
 
-    /// This primary's settings (the join point, the arbiter, the detector's addresses).
+    /// This primary's settings (the arbiter, the detector's addresses, its generation at the
+    /// start).
     pub(crate) fn config(&self) -> &FtConfig {
         &self.cfg
+    }
+
+    /// The generation this primary is in now (its fence's: it moves on when it goes alone).
+    pub(crate) fn generation(&self) -> u64 {
+        self.fence.current()
+    }
+
+    /// The failure detector's counters.
+    pub(crate) fn detector_stats(&self) -> DetectorStats {
+        self.detector.stats()
     }
 
     /// The heartbeat address of this side's failure detector.
@@ -846,67 +833,6 @@ impl Monitor {
     }
 }
 
-/// A primary that went ALONE (its role says so already: nothing is logged) in `generation`:
-/// every held output is released (the frames held before transmits switch to the TAP leave
-/// first, in order), transmits go straight to the TAP. Returns whether everything held was
-/// released in time.
-pub(crate) fn release_alone(gate: &OutputGate, net: Option<&NetHandle>, generation: u64) -> bool {
-    gate.release_all(generation);
-    let mut released = false;
-    match net {
-        Some(net) => net.switch_tx(TxMode::Direct, || {
-            released = gate.flush(RELEASE_TIMEOUT);
-        }),
-        None => released = gate.flush(RELEASE_TIMEOUT),
-    }
-    if !released {
-        tracing::error!("held outputs could not all be released");
-    }
-    released
-}
-
-/// Runs `vm` as the primary of a fault-tolerant pair: as [`run_primary`](super::primary::run_primary),
-/// plus failure detection (UDP heartbeats to the backup, acknowledgements as traffic) and, when
-/// the backup is presumed failed or the link is down, going alone after winning the next
-/// generation: logging stops, held outputs are released, transmits go straight to the TAP, and
-/// the VM runs on until it powers off. A primary that loses the take-over (or sees the backup
-/// live in a newer generation) releases nothing more and stops with
-/// [`PairError::Superseded`].
-///
-/// It first acquires `ft.generation` (idempotent for the node holding it): a stale primary
-/// restarted after its backup took over is refused here.
-///
-/// # Errors
-/// [`PairError`]; [`PairError::Superseded`] as above.
-pub fn run_primary_ft(
-    vm: &mut Vm,
-    writer: &LogWriter,
-    opts: &PairOptions,
-    console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
-    hooks: &PrimaryHooks,
-    ft: FtConfig,
-) -> Result<PrimaryFtReport, PairError> {
-    let mut pft = PrimaryFt::new(ft)?;
-    let report = primary_loop(vm, writer, opts, console, hooks, Some(&mut pft));
-    pft.stop_monitor();
-    let ended = pft.superseded();
-    let alone = match writer.role().state() {
-        PrimaryState::Alone(t) => t,
-        _ => None,
-    };
-    writer.end_run();
-    if let Some(e) = ended {
-        return Err(e);
-    }
-    let report = report?;
-    Ok(PrimaryFtReport {
-        report,
-        alone,
-        generation: pft.fence.current(),
-        detector: pft.detector.stats(),
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Backup
 // ---------------------------------------------------------------------------------------------
@@ -916,6 +842,8 @@ pub fn run_primary_ft(
 /// the run"). Its outcome is the backup's role ([`super::role`], "The backup").
 struct BackupGoLive {
     cfg: FtConfig,
+    /// Once live, this side becomes a primary that accepts joins ([`crate::run`]).
+    serves_joins: bool,
     /// The VM's control: a stop requested here means no go-live ([`super::stop`]).
     control: VmControl,
     fence: Fence,
@@ -1111,9 +1039,9 @@ impl BackupGoLive {
             // What was replayed was the primary's to release; from here on the output is ours.
             self.console_replayed =
                 std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()));
-            if self.cfg.join.is_some() {
+            if self.serves_joins {
                 // It goes through the output gate of the primary this side becomes
-                // (`live_as_primary`), to wait for a backup that joins.
+                // ([`crate::run`]), to wait for a backup that joins.
                 self.console = Some((buf, sink));
                 return self.went_live(
                     (exit, generation),
@@ -1176,24 +1104,29 @@ impl GoLiveHook for BackupGoLive {
     }
 }
 
-/// Runs `vm` as the backup of a fault-tolerant pair: replays the log read by `reader` (as
-/// [`run_backup`](super::backup::run_backup)) while a failure detector watches the primary.
-/// When the log stops and the primary is presumed failed, it replays every entry received,
-/// wins the next generation on the arbiter (waiting while it is unreachable), attaches
-/// `ft.service_tap`, enables its outputs (`console`: bytes the guest prints from then on go to
-/// the sink; transmits go to the TAP) and runs on as a lone primary until the guest powers off.
+/// How the replay of a backup with failover ended ([`replay_ft`]).
+pub(crate) enum Replayed {
+    /// The primary ran to power off; the backup replayed the whole log.
+    Finished(BackupReport),
+    /// The primary failed and the backup went live: its VM is paused where the replay ran
+    /// out, its inputs live, the exit left pending there still to complete.
+    Live(Box<WentLive>),
+}
+
+/// Replays the log read by `reader` into `vm` as the backup of a fault-tolerant pair, while a
+/// failure detector watches the primary, up to its end or to going live (the decision:
+/// [`BackupGoLive`]). `serves_joins`: the side becomes a primary that accepts joins once live
+/// (its console then goes through that primary's output gate).
 ///
 /// # Errors
-/// [`PairError`]: a divergence; [`PairError::Superseded`] if the primary took the next
-/// generation instead (the backup stops without going live); [`PairError::LogEnded`] if the log
-/// ended and no decision could be made; [`PairError::CannotTakeOver`] if its own disk copy
-/// failed (it stopped without going live and told the primary).
-pub fn run_backup_ft(
+/// As [`run_backup_ft`](crate::run::run_backup_ft) before going live.
+pub(crate) fn replay_ft(
     vm: &mut Vm,
     mut reader: LogReader,
     ft: FtConfig,
     console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
-) -> Result<BackupFtReport, PairError> {
+    serves_joins: bool,
+) -> Result<Replayed, PairError> {
     let fence = Fence::new(ft.generation);
     let failed = Arc::new(AtomicBool::new(false));
     // A backup checks the arbiter itself while it decides (below); claims need no reader.
@@ -1214,6 +1147,7 @@ pub fn run_backup_ft(
     let (controls, checks) = (reader.controls().clone(), reader.output_checks());
     let mut golive = BackupGoLive {
         cfg: ft,
+        serves_joins,
         control: vm.control(),
         fence,
         detector: Arc::clone(&detector),
@@ -1229,7 +1163,7 @@ pub fn run_backup_ft(
     let exit = match backup_loop(vm, reader, Some(&mut golive)) {
         Ok(BackupEnd::Finished(r)) => {
             golive.role.step(BackupEvent::Finish)?;
-            return Ok(BackupFtReport::Finished(r));
+            return Ok(Replayed::Finished(r));
         }
         Ok(BackupEnd::Live { exit }) => exit,
         Err(e) => {
@@ -1239,130 +1173,98 @@ pub fn run_backup_ft(
     };
     // LIVE: the VM is paused where the replay ran out, its inputs live; the replay source, and
     // with it the reader (the receiver), went with the go-live.
-    let entries = golive.consumed;
-    let controls = controls.applied();
     tracing::info!(exit, "running as a lone primary");
-    if let Some(point) = golive.cfg.join.clone() {
-        return live_as_primary(
-            vm,
-            &mut golive,
-            &point,
-            (entries, controls, checks),
-            &detector,
-        );
-    }
-    // The first run completes the exit left pending, live.
-    let code = loop {
-        let r = vm.run();
-        if r.is_err() {
-            if let Some(e) = disk_superseded(vm) {
-                return Err(e);
-            }
-        }
-        match r? {
-            RunOutcome::PoweredOff(code) => break code,
-            RunOutcome::Paused => return Err(paused_or_stopped(vm)),
-            RunOutcome::ExitLimit | RunOutcome::ReplayExhausted { .. } => {}
-        }
-    };
-    let timings = golive.timings();
-    let console_replayed = std::mem::take(&mut golive.console_replayed);
-    let console = match golive.console_gate.take() {
-        Some(gate) => {
-            gate.flush(RELEASE_TIMEOUT);
-            gate.stats()
-        }
-        None => OutputStats::default(),
-    };
-    Ok(went_live_report(
-        vm,
-        (timings, code),
-        (entries, controls, &checks),
-        (console, console_replayed),
-        &detector,
-    ))
-}
-
-/// The report of a backup that went live and ran until the guest powered off with `code`.
-fn went_live_report(
-    vm: &mut Vm,
-    (timings, code): (GoLiveTimings, u64),
-    (entries, controls, checks): (u64, Vec<AppliedControl>, &super::backup::OutputChecks),
-    (console, console_replayed): (OutputStats, Vec<u8>),
-    detector: &Detector,
-) -> BackupFtReport {
-    BackupFtReport::WentLive(Box::new(LiveReport {
-        timings,
-        code,
-        exits: vm.stats().total(),
-        entries,
-        controls,
-        mem_digest: vm.memory_digest(),
-        regs_digest: register_digest(vm),
-        console,
-        console_replayed,
-        tx: vm.net().map(NetHandle::tx_counters),
-        disk: vm.shared_disk().map(BlkHandle::counters),
-        detector: detector.stats(),
-        outputs_verified: checks.verified_count(),
-        output_bytes_verified: checks.verified_bytes(),
-    }))
-}
-
-/// A backup that went live and accepts joins ([`super::join`]) runs as a lone primary: a log
-/// writer with no backup yet (alone: nothing is logged, outputs flow), the output gate of a
-/// primary (console and transmits), and the join point, until the guest powers off.
-fn live_as_primary(
-    vm: &mut Vm,
-    golive: &mut BackupGoLive,
-    point: &super::join::JoinPoint,
-    (entries, controls, checks): (u64, Vec<AppliedControl>, super::backup::OutputChecks),
-    detector: &Detector,
-) -> Result<BackupFtReport, PairError> {
-    let timings = golive.timings();
-    let console = golive.console.take();
-    let console_replayed = std::mem::take(&mut golive.console_replayed);
-    let mut cfg = golive.cfg.clone();
-    cfg.generation = timings.generation;
-    // The backup's detector keeps its address; this side's, for a backup that joins, takes
-    // another (the join tells the joiner).
-    cfg.detector.bind = std::net::SocketAddr::new(cfg.detector.bind.ip(), 0);
-    cfg.detector.role = Role::Alone;
-    let (p, c) =
-        ftvm_ringbuf::with_capacity(point.log_capacity()).map_err(SetupError::LogBuffer)?;
-    let sender = ftvm_channel::LogSender::detached(
-        p,
-        c,
-        ftvm_channel::Config::default(),
-        ftvm_channel::PollerConfig::default(),
-    )?;
-    let opts = PairOptions::default();
-    let writer = LogWriter::new(sender, opts.idle);
-    writer.role().step(PrimaryEvent::RunAlone)?;
-    let mut pft = PrimaryFt::new(cfg)?;
-    // The first run completes the exit left pending where the replay ran out, live.
-    let r = primary_loop(
-        vm,
-        &writer,
-        &opts,
-        console,
-        &PrimaryHooks::default(),
-        Some(&mut pft),
-    );
-    pft.stop_monitor();
-    let ended = pft.superseded();
-    writer.end_run();
-    if let Some(e) = ended {
-        return Err(e);
-    }
-    let r = r?;
-    Ok(went_live_report(
-        vm,
-        (timings, r.code),
-        (entries, controls, &checks),
-        (r.outputs, console_replayed),
+    Ok(Replayed::Live(Box::new(WentLive {
+        entries: golive.consumed,
+        controls: controls.applied(),
+        checks,
+        golive,
         detector,
-    ))
+    })))
+}
+
+/// A backup that went live ([`Replayed::Live`]), before it runs on: alone until the guest
+/// powers off ([`WentLive::run_alone`]), or as a primary that accepts joins
+/// ([`crate::run`]).
+pub(crate) struct WentLive {
+    golive: BackupGoLive,
+    detector: Arc<Detector>,
+    /// Log entries replayed.
+    entries: u64,
+    /// Controls applied while replaying.
+    controls: Vec<AppliedControl>,
+    checks: super::backup::OutputChecks,
+}
+
+impl WentLive {
+    /// Runs the live VM until the guest powers off; the first run completes the exit left
+    /// pending, live.
+    ///
+    /// # Errors
+    /// [`PairError`]: the VM failed, was stopped, or its shared disk was superseded.
+    pub(crate) fn run_alone(mut self, vm: &mut Vm) -> Result<BackupFtReport, PairError> {
+        let code = loop {
+            let r = vm.run();
+            if r.is_err() {
+                if let Some(e) = disk_superseded(vm) {
+                    return Err(e);
+                }
+            }
+            match r? {
+                RunOutcome::PoweredOff(code) => break code,
+                RunOutcome::Paused => return Err(paused_or_stopped(vm)),
+                RunOutcome::ExitLimit | RunOutcome::ReplayExhausted { .. } => {}
+            }
+        };
+        let console = match self.golive.console_gate.take() {
+            Some(gate) => {
+                gate.flush(RELEASE_TIMEOUT);
+                gate.stats()
+            }
+            None => OutputStats::default(),
+        };
+        Ok(self.report(vm, code, console))
+    }
+
+    /// The console of the VM (its buffer and the sink for what it prints from now on), for
+    /// the output gate of the primary this side becomes.
+    pub(crate) fn take_console(&mut self) -> Option<(Arc<Mutex<Vec<u8>>>, Sink)> {
+        self.golive.console.take()
+    }
+
+    /// The failover settings of the lone primary this side becomes: the generation it won,
+    /// and a failure detector of its own for a backup that joins.
+    pub(crate) fn primary_config(&self) -> FtConfig {
+        let mut cfg = self.golive.cfg.clone();
+        cfg.generation = self.golive.timings().generation;
+        // The backup's detector keeps its address; this side's, for a backup that joins, takes
+        // another (the join tells the joiner).
+        cfg.detector.bind = std::net::SocketAddr::new(cfg.detector.bind.ip(), 0);
+        cfg.detector.role = Role::Alone;
+        cfg
+    }
+
+    /// The report once the guest powered off with `code`, `console`: the console output
+    /// released after going live.
+    pub(crate) fn report(mut self, vm: &mut Vm, code: u64, console: OutputStats) -> BackupFtReport {
+        let checks = &self.checks;
+        BackupFtReport::WentLive(Box::new(LiveReport {
+            timings: self.golive.timings(),
+            code,
+            exits: vm.stats().total(),
+            entries: self.entries,
+            controls: std::mem::take(&mut self.controls),
+            mem_digest: vm.memory_digest(),
+            regs_digest: register_digest(vm),
+            console,
+            console_replayed: std::mem::take(&mut self.golive.console_replayed),
+            tx: vm.net().map(NetHandle::tx_counters),
+            disk: vm.shared_disk().map(BlkHandle::counters),
+            detector: self.detector.stats(),
+            outputs_verified: checks.verified_count(),
+            output_bytes_verified: checks.verified_bytes(),
+        }))
+    }
 }
 
 /// Why a live backup's run returned `Paused`: a planned stop ([`super::stop`]: its operator

@@ -3,7 +3,9 @@
 //!
 //! A primary runs alone after its backup failed ([`super::golive`]: it won the next
 //! generation, stopped logging, released what it held), and so does a backup that went live. With a join point
-//! ([`FtConfig::join`](super::golive::FtConfig::join)) and a [`JoinAcceptor`] listening, a new
+//! ([`JoinPoint`], given to the side's run beside its failover settings:
+//! [`run_primary_ft`](crate::run::run_primary_ft), [`run_backup_ft`](crate::run::run_backup_ft))
+//! and a [`JoinAcceptor`] listening, a new
 //! backup process (`ftvm backup --join HOST:PORT`, no guest image of its own) connects and is
 //! cloned from the running VM: memory (and, in own-copy mode, the disk) pre-copied while the
 //! guest runs, then a short stop-and-copy at an exit boundary ([`ftvm_vmm_core::transfer`]); from that
@@ -78,7 +80,7 @@
 //!
 //! # A backup that went live accepts joins too
 //! With a join point, a backup that goes live leaves its replay run at the next exit (a kick)
-//! and runs as a lone primary ([`super::golive`], `live_as_primary`): a log writer in alone
+//! and runs as a lone primary ([`crate::run`], `live_as_primary`): a log writer in alone
 //! mode over a sender with no backup yet (`LogSender::detached`), the output gate of a primary
 //! for its console and transmits (releasing at once while alone), the same run loop as a
 //! primary. A join then proceeds exactly as above; the pair's log starts at record 1.
@@ -447,8 +449,9 @@ struct CutRequest {
     reply: mpsc::Sender<Result<CutDone, JoinError>>,
 }
 
-/// Where a join thread and the primary's vCPU thread meet for the cut; part of the primary's
-/// [`FtConfig::join`]. Cheap to clone.
+/// Where a join thread and the primary's vCPU thread meet for the cut: given to the primary's
+/// run (its loop takes the cut between two exits) and to its [`JoinAcceptor`]. Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct JoinPoint {
     due: Arc<AtomicBool>,
@@ -489,6 +492,12 @@ impl JoinPoint {
         let _ = self.writer.set(writer.clone());
     }
 
+    /// Whether a join waits for the cut (checked by the primary's run loop when its vCPU was
+    /// kicked).
+    pub(crate) fn due(&self) -> bool {
+        self.due.load(Ordering::Acquire)
+    }
+
     fn post(&self, r: CutRequest) {
         *self.request.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         self.due.store(true, Ordering::Release);
@@ -503,15 +512,8 @@ impl JoinPoint {
     }
 }
 
-/// Whether a join waits for the cut (checked by the primary's run loop when its vCPU was
-/// kicked).
-pub(crate) fn cut_due(ft: Option<&PrimaryFt>) -> bool {
-    ft.and_then(|f| f.config().join.as_ref())
-        .is_some_and(|p| p.due.load(Ordering::Acquire))
-}
-
-/// The cut, on the vCPU thread, between two exits: captures the state, reads the last dirty
-/// pages, makes `next` this primary's side of the pair (outputs gated again, logging on, the
+/// The cut a join asked for at `point`, on the vCPU thread, between two exits: captures the
+/// state, reads the last dirty pages, makes `next` this primary's side of the pair (outputs gated again, logging on, the
 /// log header as the first record of the new backup), and hands the rest to the join thread.
 /// Returns whether the primary now logs; a failure before any change leaves it alone.
 ///
@@ -519,15 +521,13 @@ pub(crate) fn cut_due(ft: Option<&PrimaryFt>) -> bool {
 /// [`PairError`] only where the primary itself cannot go on (the shared disk's owner record
 /// names a newer generation, the log cannot be written).
 pub(crate) fn cut(
+    point: &JoinPoint,
     ft: &mut PrimaryFt,
     vm: &mut Vm,
     (writer, log): (&LogWriter, &mut Lent),
     gate: &Arc<OutputGate>,
     opts: &PairOptions,
 ) -> Result<bool, PairError> {
-    let Some(point) = ft.config().join.clone() else {
-        return Ok(false);
-    };
     let Some(mut req) = point.take() else {
         return Ok(false);
     };
@@ -804,6 +804,7 @@ impl std::fmt::Debug for JoinAcceptor {
 /// What the join thread works with.
 struct Primary {
     ft: FtConfig,
+    point: JoinPoint,
     handle: TransferHandle,
     control: VmControl,
     opts: JoinOptions,
@@ -812,16 +813,17 @@ struct Primary {
 
 impl JoinAcceptor {
     /// Starts accepting joins on `listener` for the VM `handle` and `control` belong to, with
-    /// `ft` (its failover settings: the arbiter, its node id, its detector's settings, and the
-    /// join point its run loop checks). Joins are refused until the VM runs as a primary (the
-    /// run registers its log writer with the join point: `ftvm primary` at once, a backup
+    /// `ft` (its failover settings: the arbiter, its node id, its detector's settings) and
+    /// `point`, the join point its run loop checks (the one given to its run:
+    /// `run_primary_ft`, `run_backup_ft`). Joins are refused until the VM runs as a primary
+    /// (the run registers its log writer with the join point: `ftvm primary` at once, a backup
     /// once it went live).
     ///
     /// # Errors
     /// The I/O error if the listener cannot be made non-blocking or the thread not started.
     pub fn spawn(
         listener: TcpListener,
-        ft: FtConfig,
+        (ft, point): (FtConfig, JoinPoint),
         (handle, control): (TransferHandle, VmControl),
         opts: JoinOptions,
         events: JoinEvents,
@@ -831,6 +833,7 @@ impl JoinAcceptor {
         let stop = Arc::new(AtomicBool::new(false));
         let p = Primary {
             ft,
+            point,
             handle,
             control,
             opts,
@@ -905,7 +908,7 @@ impl Primary {
                 ),
             ));
         }
-        let Some(writer) = self.ft.join.as_ref().and_then(|p| p.writer.get()) else {
+        let Some(writer) = self.point.writer.get() else {
             return Err(refuse(
                 stream,
                 RefuseReason::NotAlone,
@@ -1018,11 +1021,7 @@ impl Primary {
         // The cut, on the vCPU thread.
         let (armed_tx, armed) = mpsc::channel();
         let (reply, done) = mpsc::channel();
-        let point = self
-            .ft
-            .join
-            .clone()
-            .ok_or(JoinError::Protocol("no join point"))?;
+        let point = &self.point;
         point.post(CutRequest {
             source,
             next,

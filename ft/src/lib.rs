@@ -71,6 +71,7 @@ pub mod observe;
 pub mod output;
 pub mod primary;
 pub mod role;
+pub mod run;
 pub mod share;
 pub mod stop;
 pub mod throttle;
@@ -84,9 +85,8 @@ pub use detector::{
 };
 pub use error::PairError;
 pub use fence::{Fence, FenceError};
-pub use golive::{
-    run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, LiveReport, PrimaryFtReport,
-};
+pub use golive::{BackupFtReport, FtConfig, LiveReport};
 pub use log::{AppliedControl, ControlQueue};
 pub use node::{NodeId, NodeIdError, Role};
+pub use run::{run_backup_ft, run_primary, run_primary_ft, PrimaryFtReport};
 pub use transition::GoLiveTimings;

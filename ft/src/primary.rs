@@ -34,26 +34,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_channel::{GoodbyeReason, LogSender, SenderHandle};
+use ftvm_channel::{LogSender, SenderHandle};
 use ftvm_ringbuf::{ClaimError, IdleKind, IdleStrategy};
 
 use super::error::PairError;
-use super::golive::PrimaryFt;
 use super::log::{
     encode_output, encode_read, encode_write, AppliedControl, ControlQueue, Entry, KIND_OUTPUT,
-    KIND_READ, KIND_WRITE, LOG_VERSION, OUTPUT_LEN, READ_LEN, WRITE_HEADER_LEN,
+    KIND_READ, KIND_WRITE, OUTPUT_LEN, READ_LEN, WRITE_HEADER_LEN,
 };
 use super::observe::{DiskWaitsSnapshot, LogSnapshot, Observer, SideRole};
-use super::output::{OutputGate, OutputStats, Sink};
+use super::output::{OutputGate, OutputStats};
 use super::role::{PrimaryEvent, PrimaryRole, PrimaryRoleCell, PrimaryState};
+use super::stop::is_planned;
 pub use super::stop::BackupStopPolicy;
-use super::stop::{is_planned, StopCause, Stopped};
 pub use crate::error::{LinkDown, LogWriteError, SetupError};
-use ftvm_vmm_core::devices::virtio::blk::{BarrierError, DiskMode, WriteBarrier};
-use ftvm_vmm_core::devices::virtio::net::NetHandle;
-use ftvm_vmm_core::digest::register_digest;
+use ftvm_vmm_core::devices::virtio::blk::{BarrierError, BlkHandle, DiskMode, WriteBarrier};
+use ftvm_vmm_core::devices::virtio::net::{NetHandle, TxMode};
 use ftvm_vmm_core::record::{Inputs, OutputDigest, Recorder};
-use ftvm_vmm_core::vm::{RunOutcome, Vm, VmControl};
+use ftvm_vmm_core::vm::{Vm, VmControl};
 
 /// What a primary **without an arbiter** does when its backup fails (its logging link
 /// breaks). With an arbiter the primary always goes on alone after winning the next
@@ -656,6 +654,27 @@ impl DiskBarrier {
         }
     }
 
+    /// Gates the writes of `vm`'s shared disk `disk` on `writer`'s acknowledgements (a write
+    /// waiting while `vm` is asked to stop on a dead link gives up) and shows the waits in
+    /// `writer`'s observer.
+    pub(crate) fn install(writer: &LogWriter, vm: &Vm, disk: &BlkHandle) -> Arc<Self> {
+        let b = Arc::new(DiskBarrier::new(writer));
+        let _ = b.control.set(vm.control());
+        disk.set_mode(DiskMode::Gated(b.clone()));
+        let waits = Arc::clone(&b.waits);
+        writer.observer().set_disk_waits(move || {
+            let w = *waits.lock().unwrap_or_else(|e| e.into_inner());
+            DiskWaitsSnapshot {
+                writes: w.writes,
+                waited: w.waited,
+                time_ms: super::observe::ms(w.time),
+                max_ms: super::observe::ms(w.max),
+                alone: w.alone,
+            }
+        });
+        b
+    }
+
     /// The counters so far.
     pub fn waits(&self) -> DiskWaits {
         *self.waits.lock().unwrap_or_else(|e| e.into_inner())
@@ -725,7 +744,7 @@ impl WriteBarrier for DiskBarrier {
 /// [`PeerFailurePolicy`] when the link breaks (the backup failed): the primary's role goes
 /// from LOGGING to PEER FAILED or ALONE ([`super::role`]). A thread that looks every
 /// [`LINK_WATCH_EVERY`] and sleeps in between (no spinning); stopped when the run ends.
-struct LinkWatch {
+pub(crate) struct LinkWatch {
     /// Ends the watching thread (the run ended); not a role.
     stop: Arc<std::sync::atomic::AtomicBool>,
     role: PrimaryRoleCell,
@@ -738,7 +757,7 @@ const LINK_WATCH_EVERY: Duration = Duration::from_millis(5);
 impl LinkWatch {
     /// Watches `writer`'s link; going alone releases `gate` and switches `net` to direct
     /// transmits, stopping kicks the VM through `control`.
-    fn start(
+    pub(crate) fn start(
         writer: &LogWriter,
         gate: &Arc<OutputGate>,
         (net, control): (Option<NetHandle>, VmControl),
@@ -780,7 +799,7 @@ impl LinkWatch {
                                      released now"
                                 );
                                 writer.step(PrimaryEvent::RunAlone);
-                                super::golive::release_alone(&gate, net.as_ref(), 1);
+                                release_alone(&gate, net.as_ref(), 1);
                             }
                             BackupStopPolicy::Stop => {
                                 tracing::warn!(
@@ -810,7 +829,7 @@ impl LinkWatch {
                                  backup, no failover, held outputs released now"
                             );
                             writer.step(PrimaryEvent::RunAlone);
-                            super::golive::release_alone(&gate, net.as_ref(), 1);
+                            release_alone(&gate, net.as_ref(), 1);
                         }
                     }
                     return;
@@ -825,7 +844,7 @@ impl LinkWatch {
     }
 
     /// Why the backup is taken for failed, once the link broke under [`PeerFailurePolicy::Stop`].
-    fn failure(&self) -> Option<LinkDown> {
+    pub(crate) fn failure(&self) -> Option<LinkDown> {
         match self.role.state() {
             PrimaryState::PeerFailed(why) => Some(why),
             _ => None,
@@ -833,7 +852,7 @@ impl LinkWatch {
     }
 
     /// Stops watching (the run ended: the link going down now is no failure).
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -847,301 +866,35 @@ impl Drop for LinkWatch {
     }
 }
 
+/// How long going alone waits for the held outputs to be released.
+pub(crate) const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A primary that went ALONE (its role says so already: nothing is logged) in `generation`:
+/// every held output is released (the frames held before transmits switch to the TAP leave
+/// first, in order), transmits go straight to the TAP. Returns whether everything held was
+/// released in time. (With an arbiter the FT monitor goes alone, [`super::golive`]; without
+/// one the [`LinkWatch`].)
+pub(crate) fn release_alone(gate: &OutputGate, net: Option<&NetHandle>, generation: u64) -> bool {
+    gate.release_all(generation);
+    let mut released = false;
+    match net {
+        Some(net) => net.switch_tx(TxMode::Direct, || {
+            released = gate.flush(RELEASE_TIMEOUT);
+        }),
+        None => released = gate.flush(RELEASE_TIMEOUT),
+    }
+    if !released {
+        tracing::error!("held outputs could not all be released");
+    }
+    released
+}
+
 /// Test hooks of a primary run (deliberate nondeterminism).
 #[derive(Debug, Default, Clone)]
 pub struct PrimaryHooks {
     /// At this checkpoint number, write bytes into guest memory at this address without logging
     /// them (as if the VMM had handed the guest uninitialised host data).
     pub unlogged_write: Option<(u64, u64, Vec<u8>)>,
-}
-
-/// Runs `vm` as the primary until it powers off: logs through `writer`, releases the console
-/// bytes collected in `console` to `console_sink` under the output rule, and the frames the
-/// guest transmits on its net device (if any) to its TAP under the same rule.
-///
-/// # Errors
-/// [`PairError`].
-pub fn run_primary(
-    vm: &mut Vm,
-    writer: &LogWriter,
-    opts: &PairOptions,
-    console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
-    hooks: &PrimaryHooks,
-) -> Result<PrimaryReport, PairError> {
-    let r = primary_loop(vm, writer, opts, console, hooks, None);
-    writer.end_run();
-    r
-}
-
-/// The primary's run; with `ft`, failure detection and going alone ([`super::golive`]).
-pub(crate) fn primary_loop(
-    vm: &mut Vm,
-    writer: &LogWriter,
-    opts: &PairOptions,
-    console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
-    hooks: &PrimaryHooks,
-    mut ft: Option<&mut PrimaryFt>,
-) -> Result<PrimaryReport, PairError> {
-    let start = Instant::now();
-    let acks = Arc::clone(writer.sender().shared());
-    let gate = Arc::new(
-        OutputGate::start(acks, Arc::clone(writer.position()))
-            .map_err(SetupError::thread("output"))?,
-    );
-    if !gate.hook_into(writer.sender()) {
-        tracing::debug!("the log sender has an ack hook already; outputs are polled for");
-    }
-    let console_hooked = console.is_some();
-    if let Some((buf, sink)) = console {
-        gate.add_buffer_source(buf, sink);
-    }
-    if let Some(net) = vm.net() {
-        gate.gate_net(net);
-    }
-    let disk = vm.shared_disk().cloned();
-    let barrier = disk.as_ref().map(|d| {
-        let b = Arc::new(DiskBarrier::new(writer));
-        let _ = b.control.set(vm.control());
-        d.set_mode(DiskMode::Gated(b.clone()));
-        b
-    });
-    let observer = writer.observer();
-    observer.watch_exits(vm.stats());
-    gate.observe_into(observer);
-    if let Some(b) = &barrier {
-        let waits = Arc::clone(&b.waits);
-        observer.set_disk_waits(move || {
-            let w = *waits.lock().unwrap_or_else(|e| e.into_inner());
-            DiskWaitsSnapshot {
-                writes: w.writes,
-                waited: w.waited,
-                time_ms: super::observe::ms(w.time),
-                max_ms: super::observe::ms(w.max),
-                alone: w.alone,
-            }
-        });
-    }
-    let mut log = Lent::take(writer)?;
-    log.get(vm)?.append(&Entry::Header {
-        version: LOG_VERSION,
-        digest_interval: opts.digest_interval,
-        mem_digest_every: opts.mem_digest_every,
-    })?;
-    if let Some(f) = ft.as_deref_mut() {
-        f.start(Arc::clone(&gate), writer, vm, opts.on_backup_stop)?;
-    }
-    // Without an arbiter, the link breaking is the backup's failure: the policy decides.
-    let mut watch = match ft {
-        None => Some(LinkWatch::start(
-            writer,
-            &gate,
-            (vm.net().cloned(), vm.control()),
-            (opts.on_peer_failure, opts.on_backup_stop),
-        )?),
-        Some(_) => None,
-    };
-    let peer_failed = |watch: &Option<LinkWatch>, exit: u64| {
-        watch
-            .as_ref()
-            .and_then(LinkWatch::failure)
-            .map(|why| PairError::PeerFailed {
-                peer: "backup",
-                exit,
-                why,
-            })
-    };
-    if console_hooked {
-        // The console bytes go to the gate at the exit that wrote them.
-        vm.set_console_hook(Some(Arc::new(gate.source_drainer())));
-    }
-    log.lend(vm);
-    let interval = opts.digest_interval.max(1);
-    let mut checkpoint = 0u64;
-    let mut logging = true;
-    let result = loop {
-        if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
-            break Err(e);
-        }
-        if let Some(e) = peer_failed(&watch, vm.stats().total()) {
-            break Err(e);
-        }
-        if logging && writer.is_alone() {
-            // Running alone: no more log entries, inputs straight from the devices (the
-            // appender is kept: the link stays as it is).
-            log.take_back(vm);
-            logging = false;
-        }
-        let target = (vm.stats().total() / interval + 1) * interval;
-        let outcome = vm.run_until(Some(target));
-        if outcome.is_err() {
-            // A superseded primary's shared-disk write is refused with a device error.
-            if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
-                break Err(e);
-            }
-            // So is a write the disk's owner record fenced off (a newer generation owns it).
-            if let Some(e) = super::golive::disk_superseded(vm) {
-                break Err(e);
-            }
-            // A write given up while stopping (the backup stopped too).
-            if vm.stop_requested() {
-                break Ok((None, vm.stats().total()));
-            }
-            // A shared-disk write refused because the link broke: the backup failed.
-            if let Some(e) = peer_failed(&watch, vm.stats().total()) {
-                break Err(e);
-            }
-        }
-        if let Some(e) = writer.error() {
-            if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
-                break Err(e);
-            }
-            if let Some(e) = peer_failed(&watch, vm.stats().total()) {
-                break Err(e);
-            }
-            break Err(PairError::Log(e));
-        }
-        let exit = vm.stats().total();
-        match outcome? {
-            RunOutcome::ExitLimit => {
-                checkpoint += 1;
-                if writer.is_alone() {
-                    // Controls still take effect; there is no backup to tell.
-                    for (key, value) in writer.controls().take_pending() {
-                        writer.controls().apply(AppliedControl { exit, key, value });
-                    }
-                    continue;
-                }
-                log_controls(writer, log.get(vm)?, exit)?;
-                let mem = (opts.mem_digest_every > 0 && checkpoint % opts.mem_digest_every == 0)
-                    .then(|| vm.memory_digest());
-                let regs = register_digest(vm);
-                log.get(vm)?.append(&Entry::Digest { exit, regs, mem })?;
-                if let Some((at, gpa, data)) = &hooks.unlogged_write {
-                    if *at == checkpoint {
-                        use vm_memory::Bytes;
-                        let _ = vm.memory().write_slice(data, vm_memory::GuestAddress(*gpa));
-                    }
-                }
-            }
-            RunOutcome::PoweredOff(code) => break Ok((Some(code), exit)),
-            RunOutcome::ReplayExhausted { exit, .. } => {
-                break Err(PairError::Setup(SetupError::PrimaryReplays { exit }))
-            }
-            // The FT monitor kicks the vCPU when this primary was superseded, the link watch
-            // when the backup failed; a planned stop ([`super::stop`]) was asked for.
-            RunOutcome::Paused => match ft.as_deref().and_then(PrimaryFt::superseded) {
-                Some(e) => break Err(e),
-                None if vm.stop_requested() => break Ok((None, exit)),
-                // A joining backup asked for the cut ([`super::join`]): here, between exits.
-                None if super::join::cut_due(ft.as_deref()) => {
-                    if let Some(f) = ft.as_deref_mut() {
-                        match super::join::cut(f, vm, (writer, &mut log), &gate, opts) {
-                            Ok(joined) => logging |= joined,
-                            Err(e) => break Err(e),
-                        }
-                    }
-                    continue;
-                }
-                // A kick meant for a join that was given up, or for going live: a lone
-                // primary with failover runs on.
-                None if ft.is_some() && writer.is_alone() => continue,
-                None => break Err(peer_failed(&watch, exit).unwrap_or(PairError::Paused(exit))),
-            },
-        }
-    };
-    if let Some(w) = watch.as_mut() {
-        w.stop();
-    }
-    log.take_back(vm);
-    vm.set_console_hook(None);
-    if let Some(d) = &disk {
-        d.set_mode(DiskMode::Direct);
-    }
-    let (code, exits) = result?;
-    let Some(code) = code else {
-        return Err(primary_stop(writer, &gate, ft, exits, opts.stop_timeout));
-    };
-    let mem_digest = vm.memory_digest();
-    let regs_digest = register_digest(vm);
-    let end = log.get(vm)?.append(&Entry::End {
-        exit: exits,
-        code,
-        regs: regs_digest,
-        mem: mem_digest,
-    })?;
-    let mut backup_finished = false;
-    match ft {
-        // Alone (unprotected): nobody acknowledges any more.
-        None if writer.is_alone() => {}
-        None => {
-            if !writer.sender().wait_acked(end, opts.ack_timeout)? {
-                return Err(PairError::Log(LogWriteError::EndNotAcknowledged(
-                    opts.ack_timeout,
-                )));
-            }
-        }
-        Some(f) => {
-            // Acknowledged, or the backup failed meanwhile and this primary went alone.
-            let deadline = Instant::now() + opts.ack_timeout;
-            loop {
-                if let Some(e) = f.superseded() {
-                    return Err(e);
-                }
-                if writer.is_alone() || writer.sender().acked_seq() >= end {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(PairError::Log(LogWriteError::EndNotAcknowledged(
-                        opts.ack_timeout,
-                    )));
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            // The pair ended normally (or alone): the link going down now is no failure.
-            f.stop_monitor();
-        }
-    }
-    if !gate.flush(opts.ack_timeout) {
-        return Err(PairError::Log(LogWriteError::OutputsHeld));
-    }
-    if !writer.is_alone() {
-        // Give the backup a moment to report that it replayed everything (not required).
-        let deadline = Instant::now() + opts.ack_timeout.min(Duration::from_secs(10));
-        while Instant::now() < deadline {
-            let s = writer.sender();
-            if s.backup_executed_seq() >= end {
-                backup_finished = true;
-                break;
-            }
-            if !s.is_running() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-    Ok(PrimaryReport {
-        code,
-        exits,
-        entries: writer.entries(),
-        log_bytes: writer.bytes(),
-        mem_digest,
-        regs_digest,
-        elapsed: start.elapsed(),
-        outputs: gate.stats(),
-        backup_finished,
-        log_stalls: writer.stalls(),
-        controls: writer.controls().applied(),
-        disk_waits: barrier.map(|b| b.waits()),
-    })
-}
-
-/// Logs every pending control at exit `exit` and applies it (a checkpoint of the primary).
-fn log_controls(writer: &LogWriter, log: &mut LogAppender, exit: u64) -> Result<(), PairError> {
-    for (key, value) in writer.controls().take_pending() {
-        log.append(&Entry::Control { exit, key, value })?;
-        writer.controls().apply(AppliedControl { exit, key, value });
-    }
-    Ok(())
 }
 
 /// The appender of a primary run: in the run loop's hands (`parked`), or lent to the VM's
@@ -1153,7 +906,8 @@ pub(crate) struct Lent {
 }
 
 impl Lent {
-    fn take(writer: &LogWriter) -> Result<Self, PairError> {
+    /// Takes `writer`'s appender for a run.
+    pub(crate) fn take(writer: &LogWriter) -> Result<Self, PairError> {
         Ok(Lent {
             writer: writer.clone(),
             parked: Some(writer.take_appender()?),
@@ -1168,7 +922,7 @@ impl Lent {
     }
 
     /// Takes the appender back from `vm`, whose inputs become live without a recorder.
-    fn take_back(&mut self, vm: &mut Vm) {
+    pub(crate) fn take_back(&mut self, vm: &mut Vm) {
         if let Some(r) = vm.take_recorder::<ChannelRecorder>() {
             self.parked = Some(r.into_appender());
         }
@@ -1193,70 +947,6 @@ impl Drop for Lent {
             self.writer.return_appender(a);
         }
     }
-}
-
-/// The primary's side of a planned stop, once its vCPU stopped at exit `exit` (see the
-/// [`stop`](crate::stop) module docs): waits (until `timeout`) for every logged entry to be acknowledged,
-/// releases the held outputs, stops the FT monitor and says GOODBYE. Returns the error the
-/// run ends with: [`PairError::Stopped`], or [`PairError::Superseded`] if this primary learned
-/// meanwhile that it lost its generation.
-pub(crate) fn primary_stop(
-    writer: &LogWriter,
-    gate: &OutputGate,
-    ft: Option<&mut PrimaryFt>,
-    exit: u64,
-    timeout: Duration,
-) -> PairError {
-    let peer_left = writer.sender().peer_goodbye();
-    let cause = match &peer_left {
-        Some(g) if is_planned(g) => StopCause::PeerStopped(g.text.clone()),
-        _ => StopCause::Requested,
-    };
-    let deadline = Instant::now() + timeout;
-    let target = writer.position().load(std::sync::atomic::Ordering::Acquire);
-    let acked_all = loop {
-        if let Some(e) = ft.as_deref().and_then(PrimaryFt::superseded) {
-            return e;
-        }
-        let s = writer.sender();
-        if writer.is_alone() || s.acked_seq() >= target {
-            break true;
-        }
-        if !s.is_running() || Instant::now() >= deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    if acked_all {
-        gate.flush(deadline.saturating_duration_since(Instant::now()));
-    }
-    let held = gate.pending();
-    if let Some(f) = ft {
-        // Before the GOODBYE: the link going down is no failure now.
-        f.stop_monitor();
-        if let Some(e) = f.superseded() {
-            return e;
-        }
-    }
-    let told_peer = !writer.is_alone()
-        && peer_left.is_none()
-        && match writer
-            .sender()
-            .goodbye(GoodbyeReason::PlannedStop, "the primary stops as planned")
-        {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not tell the backup that this primary stops");
-                false
-            }
-        };
-    tracing::info!(exit, held, told_peer, ?cause, "primary: planned stop");
-    PairError::Stopped(Stopped {
-        exit,
-        cause,
-        held,
-        told_peer,
-    })
 }
 
 #[cfg(test)]

@@ -25,11 +25,12 @@ use ftvm_channel::Config;
 use ftvm_ft::arbiter::{Arbiter, FileArbiter};
 use ftvm_ft::backup::{LogReader, Tamper};
 use ftvm_ft::error::PairError;
-use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, FtConfig, PrimaryFtReport};
+use ftvm_ft::golive::{BackupFtReport, FtConfig};
 use ftvm_ft::log::Entry;
 use ftvm_ft::node::NodeId;
 use ftvm_ft::output::Sink;
 use ftvm_ft::primary::{LogWriter, PairOptions, PrimaryHooks};
+use ftvm_ft::run::{run_backup_ft, run_primary_ft, PrimaryFtReport};
 use ftvm_ft::transition::Transition;
 use ftvm_ft::Role;
 use ftvm_testkit::link::TcpLink;
@@ -181,7 +182,7 @@ fn start(spec: PairSpec) -> Running {
         btx.send(vm.control()).expect("report control");
         let rx = backup_end.start(channel_config())?;
         let reader = LogReader::new(rx, Default::default(), tamper);
-        run_backup_ft(&mut vm, reader, bft, Some((buf, bc.sink())))
+        run_backup_ft(&mut vm, reader, (bft, None), Some((buf, bc.sink())))
     });
     let backup_vm = brx.recv().expect("backup control");
     let stall = Arc::new(AtomicBool::new(false));
@@ -210,7 +211,7 @@ fn start(spec: PairSpec) -> Running {
             &opts,
             Some((buf, pc.sink())),
             &PrimaryHooks::default(),
-            pft,
+            (pft, None),
         )
     });
     let primary_vm = prx.recv().expect("primary control");
@@ -633,7 +634,7 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
             let mut vm = Vm::new(&cfg, elf).expect("backup vm");
             let rx = backup_end.start(bcfg)?;
             let reader = LogReader::new(rx, Default::default(), None);
-            run_backup_ft(&mut vm, reader, bft, Some((buf, bc.sink())))
+            run_backup_ft(&mut vm, reader, (bft, None), Some((buf, bc.sink())))
         })
         .expect("spawn backup");
     let (cfg, pbuf) = common::primary_vm_config(64 << 20, cmdline, pdisk);
@@ -650,7 +651,14 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
                 ..Default::default()
             };
             // Returning drops the VM (its TAP file), the channel and the detector: a crash.
-            run_primary_ft(&mut vm, &writer, &opts, None, &PrimaryHooks::default(), pft)
+            run_primary_ft(
+                &mut vm,
+                &writer,
+                &opts,
+                None,
+                &PrimaryHooks::default(),
+                (pft, None),
+            )
         })
         .expect("spawn primary");
     let primary_vm = prx.recv().expect("primary control");

@@ -1,7 +1,9 @@
-//! Re-protection from the command line: `ftvm primary --accept-join HOST:PORT` accepts a new
-//! backup once it runs alone, `ftvm backup --join HOST:PORT` is that backup (no guest image:
-//! its VM is cloned from the running primary). The protocol and its safety argument are in
-//! `vmm-core` [`ft::join`](ftvm_ft::join).
+//! Re-protection from the command line: `ftvm primary --accept-join HOST:PORT` (or `ftvm
+//! backup --accept-join`, once it went live) accepts a new backup whenever it runs alone: this
+//! module, used by [`crate::pair`]; `ftvm backup --join HOST:PORT` is that backup (no guest
+//! image: its VM is cloned from the running primary): [`crate::joiner`], which then replays as
+//! any backup ([`crate::pair`]). The logging links of a joined pair are here, for both ends.
+//! The protocol and its safety argument are in [`ftvm_ft::join`].
 //!
 //! ```text
 //! primary: join from joiner (127.0.0.1:41234): generation 3
@@ -18,28 +20,21 @@ use std::time::Duration;
 use anyhow::Context;
 use ftvm_channel::shm::ShmTransport;
 use ftvm_channel::tcp::TcpMode;
-use ftvm_channel::{
-    Config, LogReceiver, PollerConfig, Transport as ChannelTransport, TransportError,
-};
+use ftvm_channel::{Config, Transport as ChannelTransport, TransportError};
 use ftvm_ft::golive::FtConfig;
 use ftvm_ft::join::{
-    join, JoinAcceptor, JoinError, JoinEvent, JoinLink, JoinOptions, JoinPoint, JoinRequest,
-    JoinSummary, OwnLink, RefuseReason, JOIN_VERSION,
+    JoinAcceptor, JoinEvent, JoinLink, JoinOptions, JoinPoint, JoinSummary, OwnLink,
 };
-use ftvm_ft::{Arbiter, Role};
 use ftvm_vmm_core::transfer::TransferHandle;
-use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
+use ftvm_vmm_core::vm::Vm;
 
-use crate::config::{BackupConfig, CommonConfig, Transport};
-use crate::lifecycle::Lifecycle;
-
-/// How long a joiner refused as "not alone" tries again.
-const JOIN_PATIENCE: Duration = Duration::from_secs(10);
+use crate::config::{CommonConfig, Transport};
 
 /// The joins a primary completed (for its report).
 pub type Joins = Arc<Mutex<Vec<JoinSummary>>>;
 
-fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+/// The address `addr` names (its first).
+pub(crate) fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     addr.to_socket_addrs()
         .with_context(|| format!("bad address {addr}"))?
         .next()
@@ -48,7 +43,7 @@ fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 
 /// Which end of a join this process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum JoinSide {
+pub(crate) enum JoinSide {
     /// The side that accepts joins (`--accept-join`).
     Primary,
     /// `ftvm backup --join`.
@@ -57,7 +52,7 @@ enum JoinSide {
 
 /// The logging channel of a joined pair on `side`: over the join connection (tcp,
 /// tcp-spin, uring) or a link of its own (shm, xdp: [`OwnLink`] below).
-fn link(s: &CommonConfig, side: JoinSide) -> anyhow::Result<JoinLink> {
+pub(crate) fn link(s: &CommonConfig, side: JoinSide) -> anyhow::Result<JoinLink> {
     Ok(match s.transport {
         Transport::Tcp => JoinLink::Tcp(TcpMode::Blocking),
         Transport::TcpSpin => JoinLink::Tcp(TcpMode::Spin),
@@ -87,7 +82,10 @@ impl OwnLink for ShmJoinLink {
         prefix.push(format!(".g{generation}"));
         let prefix = PathBuf::from(prefix);
         Ok(match self.side {
-            JoinSide::Joiner => Box::new(ShmTransport::create(&prefix, crate::pair::SHM_CAPACITY)?),
+            JoinSide::Joiner => Box::new(ShmTransport::create(
+                &prefix,
+                crate::transport::SHM_CAPACITY,
+            )?),
             JoinSide::Primary => Box::new(ShmTransport::open(&prefix, Duration::from_secs(10))?),
         })
     }
@@ -102,7 +100,7 @@ struct XdpJoinLink {
 
 impl OwnLink for XdpJoinLink {
     fn open(&self, _generation: u64) -> Result<Box<dyn ChannelTransport>, TransportError> {
-        crate::pair::open_xdp(&self.interface)
+        crate::transport::open_xdp(&self.interface)
     }
 }
 
@@ -112,7 +110,8 @@ pub fn join_point(s: &CommonConfig) -> Option<JoinPoint> {
     s.accept_join.as_ref().map(|_| JoinPoint::new(capacity))
 }
 
-fn mb(b: u64) -> f64 {
+/// Bytes in MB (10^6), for the progress lines.
+pub(crate) fn mb(b: u64) -> f64 {
     b as f64 / 1e6
 }
 
@@ -182,14 +181,14 @@ fn print_event(joins: &Joins, e: &JoinEvent) {
 }
 
 /// `--accept-join`: starts accepting joins for the side running `vm` (served once it runs as
-/// a lone primary), with failover settings `ft` (which must carry the [`join_point`]) and the
-/// logging channel's parameters `channel`. `None` without `--accept-join`.
+/// a lone primary), with failover settings `ft`, the [`join_point`] `point` its run is given,
+/// and the logging channel's parameters `channel`. `None` without `--accept-join`.
 ///
 /// # Errors
-/// The address cannot be bound, no arbiter, shm/xdp without `--peer`.
+/// The address cannot be bound, no arbiter, no join point, shm/xdp without `--peer`.
 pub fn accept(
     s: &CommonConfig,
-    ft: Option<&FtConfig>,
+    (ft, point): (Option<&FtConfig>, Option<&JoinPoint>),
     vm: &Vm,
     channel: Config,
 ) -> anyhow::Result<Option<(JoinAcceptor, Joins)>> {
@@ -197,6 +196,7 @@ pub fn accept(
         return Ok(None);
     };
     let ft = ft.context("--accept-join needs --arbiter")?;
+    let point = point.context("--accept-join: no join point (log capacity too large?)")?;
     let mut opts = JoinOptions::new(channel, s.log_capacity.0);
     opts.link = link(s, JoinSide::Primary)?;
     opts.copy_disk = !s.shared_disk;
@@ -212,7 +212,7 @@ pub fn accept(
     let j = Arc::clone(&joins);
     let acceptor = JoinAcceptor::spawn(
         listener,
-        ft.clone(),
+        (ft.clone(), point.clone()),
         (TransferHandle::of(vm), vm.control()),
         opts,
         Box::new(move |e| print_event(&j, e)),
@@ -247,128 +247,5 @@ pub fn joins_json(joins: Option<&Joins>) -> serde_json::Value {
                 })
             })
             .collect(),
-    )
-}
-
-/// `ftvm backup --join`: clones the VM from the primary, pairs over the join connection in the
-/// new generation, then replays as any backup (`pair::replay`).
-///
-/// # Errors
-/// As `ftvm backup`; a refused or failed join.
-pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()> {
-    let s = &bc.common;
-    let peer = bc.join.as_deref().context("--join")?;
-    let link = link(s, JoinSide::Joiner)?;
-    let mut failover = s.failover(Role::Backup).context("--join needs --arbiter")?;
-    // The generation comes from the primary (checked on the arbiter below), not from
-    // --generation: no stale-generation check at the start.
-    let arbiter: Arc<dyn Arbiter> = Arc::from(
-        ftvm_ft::arbiter::open(&failover.arbiter.to_string())
-            .with_context(|| format!("--arbiter {}", failover.arbiter))?,
-    );
-    let primary = resolve(peer)?;
-    let (console, buf) = buffer_console();
-    let backends = VmConfig {
-        disk: s.disk.clone(),
-        tap: None,
-        net_without_backend: s.net.is_some(),
-        console,
-        ..VmConfig::default()
-    };
-    let req = JoinRequest {
-        version: JOIN_VERSION,
-        node: failover.node.clone(),
-        heartbeat: failover.heartbeat,
-        verify_cut: bc.verify_cut,
-    };
-    eprintln!("backup: joining the primary at {primary}");
-    // A side that just went live becomes a primary a moment later, and one with a backup
-    // may lose it: refused as "not alone", the join is tried again for a while.
-    let deadline = std::time::Instant::now() + JOIN_PATIENCE;
-    let joined = loop {
-        let r = join(primary, &req, (&backends, &link), |r| {
-            eprintln!(
-                "backup: join: {:.1} MB of memory, {:.1} MB of disk received",
-                mb(r.pages * 4096),
-                mb(r.disk_bytes)
-            );
-        });
-        match r {
-            Err(JoinError::Refused {
-                reason: RefuseReason::NotAlone,
-                text,
-            }) if std::time::Instant::now() < deadline => {
-                eprintln!("backup: join refused ({text}); trying again");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            r => break r.with_context(|| format!("cannot join the primary at {primary}"))?,
-        }
-    };
-    let a = &joined.accept;
-    eprintln!(
-        "backup: joined the primary {} at {primary} as generation {}: {:.1} MB of memory, {:.1} MB of disk in {:.2} s, replaying from exit {} (log record {}){}",
-        a.node,
-        a.generation,
-        mb(joined.received.0 * 4096),
-        mb(joined.received.1),
-        joined.elapsed.as_secs_f64(),
-        joined.cut.exit,
-        joined.cut.seq,
-        match joined.cut.memory {
-            Some(d) => format!("; memory digest at the cut {d:016x}, equal to the primary's"),
-            None => String::new(),
-        }
-    );
-    // The primary must hold the generation it gave this join (a primary of an older
-    // generation, superseded meanwhile, cannot pair a backup).
-    match arbiter.current().context("arbiter")? {
-        Some((g, holder)) if g == a.generation && holder.to_string() == a.node => {}
-        other => anyhow::bail!(
-            "the primary {} offered generation {}, but the arbiter names {:?}: refusing to pair",
-            a.node,
-            a.generation,
-            other.map(|(g, h)| (g, h.to_string()))
-        ),
-    }
-    failover.generation = a.generation;
-    failover.peer_heartbeat = a.heartbeat;
-    failover.fail_timeout = Duration::from_millis(a.fail_timeout_ms);
-    let vm = joined.vm;
-    if s.shared_disk {
-        vm.disk()
-            .context("--shared-disk: the VM has no disk")?
-            .set_shared(true);
-    }
-    let capacity = usize::try_from(a.log_capacity.max(s.log_capacity.0))
-        .context("log capacity")?
-        .next_power_of_two();
-    let (mut p, c) = ftvm_ringbuf::with_capacity(capacity).context("log buffer")?;
-    p.set_next_seq(joined.cut.seq)
-        .context("log buffer: the cut's record")?;
-    let cfg = Config {
-        generation: a.generation,
-        digest: a.digest,
-        start_seq: joined.cut.seq,
-        ..Config::default()
-    };
-    let t = joined.transport;
-    let poller = PollerConfig {
-        core: None,
-        idle: s.poll_idle.into(),
-    };
-    let rx = LogReceiver::start(p, c, t, cfg.clone(), poller)
-        .context("cannot pair with the primary after the join")?;
-    let paired = format!(
-        "backup: joined the primary {} as generation {}, replaying from exit {}",
-        a.node, a.generation, joined.cut.exit
-    );
-    crate::pair::replay(
-        &bc,
-        (Some(failover), Some(arbiter)),
-        (vm, cfg),
-        rx,
-        buf,
-        &paired,
-        lifecycle,
     )
 }

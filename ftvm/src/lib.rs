@@ -1,4 +1,5 @@
-//! The `ftvm` command-line tool's library: the primary/backup processes ([`pair`]), the
+//! The `ftvm` command-line tool's library: the primary/backup processes ([`pair`]; a backup
+//! that joins a running primary: [`joiner`]), the
 //! one-command failover demo ([`demo`]) and the pieces the fault tests share with it
 //! ([`scenario`]: a pair of `ftvm` processes in a network namespace; [`client`]: the built-in
 //! Redis-protocol client and the acknowledged-writes checker; [`soak`]: the demo's load for
@@ -16,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod exit;
 pub mod join;
+pub mod joiner;
 pub mod lifecycle;
 pub mod metrics;
 pub mod pair;
@@ -23,6 +25,7 @@ pub mod pairing;
 pub mod scenario;
 pub mod soak;
 pub mod stat;
+pub mod transport;
 
 /// Parses a size with an optional K/M/G suffix (`64M`, `2g`, `4096`).
 ///

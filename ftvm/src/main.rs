@@ -22,7 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use ftvm::config::{self, BackupConfig, PrimaryConfig};
 use ftvm::lifecycle::Lifecycle;
-use ftvm::{demo, load_guest, pair, parse_size, stat};
+use ftvm::{demo, joiner, load_guest, pair, parse_size, stat};
 
 /// ftvm: a fault-tolerant KVM virtual machine system.
 #[derive(Debug, Parser)]
@@ -154,13 +154,23 @@ fn main() {
         }
         Command::Backup(args) => {
             let sub = matches.subcommand_matches("backup");
-            pair_side(args, sub, "backup", pair::backup)
+            pair_side(args, sub, "backup", backup)
         }
         Command::Demo(args) => demo::demo(args),
         Command::Stat(args) => stat::stat(&args),
     };
     if let Err(e) = result {
         std::process::exit(ftvm::cli::report_error(&e));
+    }
+}
+
+/// `ftvm backup`: paired with its primary at the start ([`pair::backup`]), or joining a primary
+/// that runs alone (`--join`: [`joiner::backup`]).
+fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()> {
+    if bc.join.is_some() {
+        joiner::backup(bc, lifecycle)
+    } else {
+        pair::backup(bc, lifecycle)
     }
 }
 

@@ -18,24 +18,18 @@
 //! `ftvm_ft::stop`): the peer is told and does not fail over; the process exits with
 //! status 207.
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
-use ftvm_channel::reliable::{Accepted, Incoming, OneLink, TcpIncoming, TransportMaker};
-use ftvm_channel::shm::ShmTransport;
-use ftvm_channel::tcp::{TcpMode, TcpTransport};
-use ftvm_channel::uring::{UringConfig, UringTransport};
-use ftvm_channel::{
-    Config, LogReceiver, LogSender, PollerConfig, Refusal, Transport, TransportError,
-};
+use ftvm_channel::{Config, LogReceiver, LogSender, PollerConfig, Refusal, TransportError};
 use ftvm_ft::backup::{run_backup, LogReader};
 use ftvm_ft::detector::DetectorStats;
 use ftvm_ft::error::PairError;
-use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, FtConfig};
-use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryHooks};
+use ftvm_ft::golive::{BackupFtReport, FtConfig};
+use ftvm_ft::primary::{LogWriter, PairOptions, PrimaryHooks};
+use ftvm_ft::run::{run_backup_ft, run_primary, run_primary_ft};
 use ftvm_ft::stop::{PrimaryStopPolicy, StopCause, Stopped};
 use ftvm_ft::throttle::{current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus};
 use ftvm_ft::transition::GoLiveTimings;
@@ -45,11 +39,10 @@ use ftvm_vmm_core::digest::{file_digest, pairing_digest};
 use ftvm_vmm_core::vm::{buffer_console, Vm, VmConfig};
 
 use crate::config::role_name;
-use crate::config::{
-    BackupConfig, CommonConfig, Failover, PrimaryConfig, Transport as LogTransport,
-};
+use crate::config::{BackupConfig, CommonConfig, Failover, PrimaryConfig};
 use crate::lifecycle::Lifecycle;
 use crate::pairing::PairingSettings;
+use crate::transport::{backup_incoming, primary_transport};
 
 pub use crate::config::{DEFAULT_FAIL_TIMEOUT_MS, DEFAULT_THROTTLE_TARGET_MS};
 
@@ -116,123 +109,6 @@ fn refused_or(who: &str, e: TransportError) -> anyhow::Error {
         std::process::exit(crate::exit::PAIRING_REFUSED);
     }
     anyhow::Error::new(e)
-}
-
-pub(crate) const SHM_CAPACITY: usize = 1 << 22;
-
-/// Where the backup waits for its primary: the logging port (tcp, tcp-spin, uring: every
-/// connection is a candidate, strays are dropped and the port keeps listening), or the one
-/// link there is (shm: the rings, which it creates afresh; xdp: the interface).
-fn backup_incoming(s: &CommonConfig) -> anyhow::Result<Box<dyn Incoming>> {
-    let peer = s.peer()?;
-    let tcp = |make: TransportMaker| -> anyhow::Result<Box<dyn Incoming>> {
-        let listener =
-            TcpListener::bind(peer).with_context(|| format!("cannot listen on {peer}"))?;
-        eprintln!("backup: listening on {}", listener.local_addr()?);
-        Ok(Box::new(TcpIncoming::new(listener, make)?))
-    };
-    let one = |transport: Box<dyn Transport>| -> Box<dyn Incoming> {
-        Box::new(OneLink(Some(Accepted {
-            transport,
-            peer: peer.to_string(),
-            source: peer.to_string(),
-            persistent: true,
-        })))
-    };
-    match s.transport {
-        LogTransport::Tcp | LogTransport::TcpSpin => {
-            let mode = if s.transport == LogTransport::Tcp {
-                TcpMode::Blocking
-            } else {
-                TcpMode::Spin
-            };
-            tcp(Box::new(move |stream| {
-                Ok(Box::new(TcpTransport::from_stream(stream, mode)?) as Box<dyn Transport>)
-            }))
-        }
-        LogTransport::Uring => tcp(Box::new(|stream| {
-            Ok(
-                Box::new(UringTransport::from_stream(stream, UringConfig::default())?)
-                    as Box<dyn Transport>,
-            )
-        })),
-        LogTransport::Shm => {
-            eprintln!("backup: shm rings at {peer}");
-            Ok(one(Box::new(ShmTransport::create(
-                Path::new(peer),
-                SHM_CAPACITY,
-            )?)))
-        }
-        LogTransport::Xdp => Ok(one(xdp_transport(s)?)),
-    }
-}
-
-/// AF_XDP: `--peer` names this side's interface (a veth end or a NIC facing the peer); the
-/// channel handshake then pairs the two sides as over any other transport.
-fn xdp_transport(s: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {
-    let peer = s.peer()?;
-    open_xdp(peer).with_context(|| format!("cannot open AF_XDP on {peer}"))
-}
-
-/// AF_XDP on `interface` (also a joined pair's link, `join.rs`).
-#[cfg(feature = "xdp")]
-pub(crate) fn open_xdp(interface: &str) -> Result<Box<dyn Transport>, TransportError> {
-    use ftvm_channel::xdp::{XdpConfig, XdpTransport};
-    let t = XdpTransport::open(&XdpConfig::new(interface))?;
-    eprintln!("AF_XDP on {interface} ({})", t.mode());
-    Ok(Box::new(t))
-}
-
-/// Without the `xdp` feature: a setup error that says how to build it.
-#[cfg(not(feature = "xdp"))]
-pub(crate) fn open_xdp(_: &str) -> Result<Box<dyn Transport>, TransportError> {
-    Err(TransportError::Setup {
-        what: "--transport xdp: this ftvm was built without the `xdp` feature (cargo build \
-               --release -p ftvm --features xdp)"
-            .into(),
-    })
-}
-
-fn primary_transport(s: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {
-    let timeout = Duration::from_secs(30);
-    let peer = s.peer()?;
-    let addr = || -> anyhow::Result<std::net::SocketAddr> {
-        std::net::ToSocketAddrs::to_socket_addrs(peer)
-            .with_context(|| format!("bad peer address {peer}"))?
-            .next()
-            .with_context(|| format!("no address for {peer}"))
-    };
-    match s.transport {
-        LogTransport::Tcp => Ok(Box::new(TcpTransport::connect(
-            addr()?,
-            TcpMode::Blocking,
-            timeout,
-        )?)),
-        LogTransport::TcpSpin => Ok(Box::new(TcpTransport::connect(
-            addr()?,
-            TcpMode::Spin,
-            timeout,
-        )?)),
-        LogTransport::Uring => {
-            let a = addr()?;
-            let deadline = Instant::now() + timeout;
-            let stream = loop {
-                match TcpStream::connect(a) {
-                    Ok(st) => break st,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("cannot connect to {a}")),
-                }
-            };
-            Ok(Box::new(UringTransport::from_stream(
-                stream,
-                UringConfig::default(),
-            )?))
-        }
-        LogTransport::Shm => Ok(Box::new(ShmTransport::open(Path::new(peer), timeout)?)),
-        LogTransport::Xdp => xdp_transport(s),
-    }
 }
 
 fn write_report(path: &Option<PathBuf>, value: &serde_json::Value) -> anyhow::Result<()> {
@@ -316,11 +192,9 @@ pub fn primary(pc: PrimaryConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<(
         }
     });
     let hooks = PrimaryHooks::default();
-    let ft = ft_config(failover.as_ref(), arbiter, None)?.map(|mut f| {
-        f.join = crate::join::join_point(s);
-        f
-    });
-    let acceptor = crate::join::accept(s, ft.as_ref(), &vm, join_channel)?;
+    let ft = ft_config(failover.as_ref(), arbiter, None)?;
+    let join = crate::join::join_point(s);
+    let acceptor = crate::join::accept(s, (ft.as_ref(), join.as_ref()), &vm, join_channel)?;
     // The throttle acts on this thread: `run_primary` / `run_primary_ft` run the vCPU here.
     // Once the primary goes on alone its lag source stops replicating and the controller
     // gives the vCPU its full share back.
@@ -329,6 +203,7 @@ pub fn primary(pc: PrimaryConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<(
         None => run_primary(&mut vm, &writer, &opts, Some((buf, sink)), &hooks)
             .map(|r| (r, serde_json::Value::Null)),
         Some(ft) => {
+            let ft = (ft, join);
             run_primary_ft(&mut vm, &writer, &opts, Some((buf, sink)), &hooks, ft).map(|r| {
                 let json = serde_json::json!({
                     "generation": r.generation,
@@ -643,9 +518,10 @@ fn anyhow_pair(e: PairError) -> anyhow::Error {
 /// ([`crate::exit::DIVERGED`]); a backup whose own disk copy failed (it can no longer take over)
 /// exits with 206 ([`crate::exit::CANNOT_TAKE_OVER`]).
 pub fn backup(bc: BackupConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<()> {
-    if bc.join.is_some() {
-        return crate::join::backup(bc, lifecycle);
-    }
+    anyhow::ensure!(
+        bc.join.is_none(),
+        "ftvm backup --join is a joining backup (ftvm::joiner::backup), not one paired at its start"
+    );
     let s = &bc.common;
     let failover = s.failover(Role::Backup);
     let arbiter = failover
@@ -729,13 +605,10 @@ pub(crate) fn replay(
         failover.as_ref(),
         arbiter,
         Some((s.tap(), bc.primary_stop_policy())),
-    )?
-    .map(|mut f| {
-        f.join = crate::join::join_point(s);
-        f
-    });
+    )?;
+    let join = crate::join::join_point(s);
     // Joins are served once this backup went live (and runs as a lone primary).
-    let _acceptor = crate::join::accept(s, ft.as_ref(), &vm, channel)?;
+    let _acceptor = crate::join::accept(s, (ft.as_ref(), join.as_ref()), &vm, channel)?;
     let result = match ft {
         None => run_backup(&mut vm, reader),
         Some(ft) => {
@@ -750,7 +623,7 @@ pub(crate) fn replay(
                     tracing::warn!(error = %e, "console write failed");
                 }
             });
-            match run_backup_ft(&mut vm, reader, ft, Some((buf.clone(), sink))) {
+            match run_backup_ft(&mut vm, reader, (ft, join), Some((buf.clone(), sink))) {
                 Ok(BackupFtReport::Finished(r)) => Ok(r),
                 Ok(BackupFtReport::WentLive(live)) => {
                     let disk_digest = s.disk.as_deref().map(file_digest).transpose()?;

@@ -30,8 +30,9 @@ use ftvm_channel::Config;
 use ftvm_ft::arbiter::{Arbiter, FileArbiter};
 use ftvm_ft::backup::{run_backup, BackupReport, LogReader};
 use ftvm_ft::error::PairError;
-use ftvm_ft::golive::{run_backup_ft, run_primary_ft, BackupFtReport, PrimaryFtReport};
-use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryHooks, PrimaryReport};
+use ftvm_ft::golive::BackupFtReport;
+use ftvm_ft::primary::{LogWriter, PairOptions, PrimaryHooks, PrimaryReport};
+use ftvm_ft::run::{run_backup_ft, run_primary, run_primary_ft, PrimaryFtReport};
 use ftvm_testkit::link::TcpLink;
 use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkHandle, DiskMode};
 use ftvm_vmm_core::devices::virtio::owner::DiskOwner;
@@ -368,7 +369,7 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
             let rx = backup_end.start(chan(&bdisk))?;
             let reader = LogReader::new(rx, Default::default(), None);
             let sink: ftvm_ft::output::Sink = Box::new(|_| {});
-            run_backup_ft(&mut vm, reader, bft, Some((buf, sink)))
+            run_backup_ft(&mut vm, reader, (bft, None), Some((buf, sink)))
         })
         .expect("spawn backup");
     let (cfg, pbuf) = primary_config(disk);
@@ -386,7 +387,14 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
                 ack_timeout: Duration::from_secs(10),
                 ..Default::default()
             };
-            let r = run_primary_ft(&mut vm, &writer, &opts, None, &PrimaryHooks::default(), pft);
+            let r = run_primary_ft(
+                &mut vm,
+                &writer,
+                &opts,
+                None,
+                &PrimaryHooks::default(),
+                (pft, None),
+            );
             Ok::<_, PairError>((r, vm.disk().expect("disk").counters()))
         })
         .expect("spawn primary");

@@ -26,7 +26,8 @@ use crate::link::TcpLink;
 use crate::{thread_schedstat, Asm};
 use ftvm_ft::backup::{run_backup, BackupReport, LogReader};
 use ftvm_ft::error::PairError;
-use ftvm_ft::primary::{run_primary, LogWriter, PairOptions, PrimaryReport};
+use ftvm_ft::primary::{LogWriter, PairOptions, PrimaryReport};
+use ftvm_ft::run::run_primary;
 use ftvm_ft::share::Pacer;
 use ftvm_ft::throttle::{
     current_tid, propose_target, Actuator, AgreedTarget, CgroupCpu, PairLag, PiConfig,

@@ -206,9 +206,10 @@ pub struct FtConfig {
     pub arbiter: Arc<dyn Arbiter>,
     /// This node's id on the arbiter.
     pub node: NodeId,
-    /// The generation the pair starts in (held by the primary: [`run_primary_ft`] acquires it,
-    /// and refuses to run if another node holds it or a newer one). The channel's
-    /// `Config::generation` must be the same.
+    /// The generation the pair starts in (held by the primary:
+    /// [`run_primary_ft`](crate::run::run_primary_ft) acquires it, and refuses to run if
+    /// another node holds it or a newer one). The channel's `Config::generation` must be the
+    /// same.
     pub generation: u64,
     /// UDP heartbeats: local address, the peer's, interval and failure timeout (the role is set
     /// by the run function).
@@ -296,7 +297,7 @@ pub struct LiveReport {
     pub output_bytes_verified: u64,
 }
 
-/// How [`run_backup_ft`] ended.
+/// How [`run_backup_ft`](crate::run::run_backup_ft) ended.
 #[derive(Debug, Clone)]
 pub enum BackupFtReport {
     /// The primary ran to power off; the backup replayed the whole log.
@@ -440,7 +441,7 @@ pub(crate) fn disk_superseded(vm: &Vm) -> Option<PairError> {
 // Primary
 // ---------------------------------------------------------------------------------------------
 
-/// The fault-tolerance side of a primary's run (used by [`primary_loop`]). What it decides
+/// The fault-tolerance side of a primary's run (used by its loop, [`crate::run`]). What it decides
 /// goes into the primary's role ([`LogWriter::role`], [`super::role`]).
 pub(crate) struct PrimaryFt {
     cfg: FtConfig,

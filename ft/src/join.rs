@@ -2,12 +2,11 @@
 //! the pair goes on — so that it survives failure after failure (VMware's FT VMotion).
 //!
 //! A primary runs alone after its backup failed ([`super::golive`]: it won the next
-//! generation, stopped logging, released what it held), and so does a backup that went live. With a join point
-//! ([`JoinPoint`], given to the side's run beside its failover settings:
+//! generation, stopped logging, released what it held), and so does a backup that went live.
+//! With a join point ([`JoinPoint`], given to the side's run beside its failover settings:
 //! [`run_primary_ft`](crate::run::run_primary_ft), [`run_backup_ft`](crate::run::run_backup_ft))
-//! and a [`JoinAcceptor`] listening, a new
-//! backup process (`ftvm backup --join HOST:PORT`, no guest image of its own) connects and is
-//! cloned from the running VM: memory (and, in own-copy mode, the disk) pre-copied while the
+//! and a [`JoinAcceptor`] listening, a new backup process (`ftvm backup --join HOST:PORT`, no
+//! guest image of its own) connects and is cloned from the running VM: memory (and, in own-copy mode, the disk) pre-copied while the
 //! guest runs, then a short stop-and-copy at an exit boundary ([`ftvm_vmm_core::transfer`]); from that
 //! exit on the primary records again and the new backup replays.
 //!
@@ -513,9 +512,10 @@ impl JoinPoint {
 }
 
 /// The cut a join asked for at `point`, on the vCPU thread, between two exits: captures the
-/// state, reads the last dirty pages, makes `next` this primary's side of the pair (outputs gated again, logging on, the
-/// log header as the first record of the new backup), and hands the rest to the join thread.
-/// Returns whether the primary now logs; a failure before any change leaves it alone.
+/// state, reads the last dirty pages, makes `next` this primary's side of the pair (outputs
+/// gated again, logging on, the log header as the first record of the new backup), and hands
+/// the rest to the join thread. Returns whether the primary now logs; a failure before any
+/// change leaves it alone.
 ///
 /// # Errors
 /// [`PairError`] only where the primary itself cannot go on (the shared disk's owner record

@@ -16,9 +16,11 @@
 //! - [`primary`], [`backup`], [`log`] (the entry format: `LOG_FORMAT.md`), [`output`]:
 //!   record/replay over the log channel with the output rule and divergence detection (the
 //!   digests are the VMM's: `ftvm_vmm_core::digest`).
+//! - [`golive`]: the backup going live and the primary continuing alone (the failover side of
+//!   either role).
 //! - [`join`]: a new backup joining a running primary (live state transfer, then logging).
-//! - [`golive`]: the backup going live and the primary continuing alone ([`run_primary_ft`],
-//!   [`run_backup_ft`]).
+//! - [`run`]: the runs of a side ([`run_primary`], [`run_primary_ft`], [`run_backup_ft`]) and
+//!   the primary's run loop, which ties logging, the failover side and the join point together.
 //! - [`role`]: the roles of the primary and the backup as two state machines (logging,
 //!   watched, going alone, alone, fenced …; replaying, draining, deciding, live, superseded …),
 //!   each transition one `step`, the typed [`transition::Transition`] it stands for emitted.
@@ -26,6 +28,23 @@
 //! - [`throttle`]: lag measurement and the CPU throttle that keeps the primary in step;
 //!   [`share`]: the pacer and share cap its log writer obeys.
 //! - [`observe`]: the live counters of a side (metrics endpoint, `ftvm stat`, reports).
+//!
+//! # Layers
+//! Each module uses only modules of the layers below it, and none of its own layer that uses
+//! it (`scripts/modcycles.py` checks that no two modules import each other, even through
+//! others):
+//! 1. the parts: [`node`], [`fence`], [`link`], [`log`], [`stop`], [`observe`], [`share`];
+//!    [`arbiter`], [`detector`], [`transition`], [`output`] on those; [`role`] (the state
+//!    machines) and [`error`] on top of them;
+//! 2. record and replay: [`primary`] (the log writer, the recorder, the shared-disk barrier,
+//!    the link watch of a primary without an arbiter), [`backup`] (the log reader, the replay
+//!    loop); [`throttle`] on the primary's log writer;
+//! 3. failover: [`golive`] (the primary's failover side and its monitor, the backup's go-live
+//!    decision);
+//! 4. re-protection: [`join`] (the join point, the cut, the acceptor, the joiner), on the
+//!    primary's failover side it replaces at the cut;
+//! 5. the runs: [`run`], whose loop calls into all of the above (a join's cut, going alone,
+//!    the link watch) — which is why it sits on top rather than in [`primary`].
 //!
 //! The rule these pieces implement together: **never go live blind**. A node goes live (the
 //! backup taking over, or the primary continuing alone) only after (1) the failure detector has

@@ -16,6 +16,10 @@
 //! thread reads the [`LogWriter`], a cloneable handle (positions, counters, mode, the link's
 //! [`SenderHandle`]). No lock on the per-entry path.
 //!
+//! This module holds the pieces of a primary's logging; the run loop that drives them (and
+//! calls into the failover side and a join's cut, which build on them) is
+//! [`run`](crate::run)'s.
+//!
 //! What an append does depends on the primary's role ([`super::role`], "The primary"), read
 //! with one atomic load per append: LOGGING appends (a full buffer on a dead link fails: no
 //! arbiter decides anything else), WATCHED and GOING ALONE append and wait for space while the
@@ -84,7 +88,8 @@ pub struct PairOptions {
     pub idle: IdleKind,
     /// How long the end of the run waits for acknowledgements.
     pub ack_timeout: Duration,
-    /// Primary without an arbiter ([`run_primary`]): what to do when the backup fails.
+    /// Primary without an arbiter ([`run_primary`](crate::run::run_primary)): what to do when
+    /// the backup fails.
     pub on_peer_failure: PeerFailurePolicy,
     /// Primary: what to do when the backup stops as planned ([`super::stop`]).
     pub on_backup_stop: BackupStopPolicy,
@@ -341,8 +346,8 @@ impl LogWriter {
         self.shared.role.is(PrimaryRole::Alone)
     }
 
-    /// The queue of controls logged and applied at the next checkpoint of [`run_primary`]
-    /// (see [`ControlQueue`]).
+    /// The queue of controls logged and applied at the next checkpoint of the primary's run
+    /// ([`run_primary`](crate::run::run_primary); see [`ControlQueue`]).
     pub fn controls(&self) -> &ControlQueue {
         &self.controls
     }

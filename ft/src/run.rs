@@ -92,6 +92,10 @@ pub fn run_primary(
 /// It first acquires `ft.generation` (idempotent for the node holding it): a stale primary
 /// restarted after its backup took over is refused here.
 ///
+/// With `join`, a backup may join whenever it runs alone ([`super::join`]: the cut is taken
+/// between two exits, in this run's loop); the same point goes to its
+/// [`JoinAcceptor`](super::join::JoinAcceptor).
+///
 /// # Errors
 /// [`PairError`]; [`PairError::Superseded`] as above.
 pub fn run_primary_ft(
@@ -102,40 +106,33 @@ pub fn run_primary_ft(
     hooks: &PrimaryHooks,
     (ft, join): (FtConfig, Option<JoinPoint>),
 ) -> Result<PrimaryFtReport, PairError> {
-    let (report, pft) = run_with_ft(vm, writer, opts, console, hooks, ft, join.as_ref())?;
+    let mut pft = PrimaryFt::new(ft)?;
+    let report = primary_loop(
+        vm,
+        writer,
+        opts,
+        console,
+        hooks,
+        Some(&mut pft),
+        join.as_ref(),
+    );
+    pft.stop_monitor();
+    let ended = pft.superseded();
+    // Before the run ends (ALONE becomes STOPPED).
     let alone = match writer.role().state() {
         PrimaryState::Alone(t) => t,
         _ => None,
     };
-    Ok(PrimaryFtReport {
-        report,
-        alone,
-        generation: pft.generation(),
-        detector: pft.detector_stats(),
-    })
-}
-
-/// The failover side of a primary's run: acquires `ft.generation`, runs the loop with it (and
-/// with `join`, if joins are served), stops its monitor and ends the run. Returns the loop's
-/// report and the failover side, whose generation and detector counters are the run's.
-fn run_with_ft(
-    vm: &mut Vm,
-    writer: &LogWriter,
-    opts: &PairOptions,
-    console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
-    hooks: &PrimaryHooks,
-    ft: FtConfig,
-    join: Option<&JoinPoint>,
-) -> Result<(PrimaryReport, PrimaryFt), PairError> {
-    let mut pft = PrimaryFt::new(ft)?;
-    let report = primary_loop(vm, writer, opts, console, hooks, Some(&mut pft), join);
-    pft.stop_monitor();
-    let ended = pft.superseded();
     writer.end_run();
     if let Some(e) = ended {
         return Err(e);
     }
-    Ok((report?, pft))
+    Ok(PrimaryFtReport {
+        report: report?,
+        alone,
+        generation: pft.generation(),
+        detector: pft.detector_stats(),
+    })
 }
 
 /// Runs `vm` as the backup of a fault-tolerant pair: replays the log read by `reader` (as
@@ -144,6 +141,8 @@ fn run_with_ft(
 /// wins the next generation on the arbiter (waiting while it is unreachable), attaches
 /// `ft.service_tap`, enables its outputs (`console`: bytes the guest prints from then on go to
 /// the sink; transmits go to the TAP) and runs on as a lone primary until the guest powers off.
+/// The replay and the decision are [`super::golive`]'s; what runs after it is here: alone, or,
+/// with `join`, as a lone primary that a new backup may join (`live_as_primary` below).
 ///
 /// # Errors
 /// [`PairError`]: a divergence; [`PairError::Superseded`] if the primary took the next
@@ -188,8 +187,8 @@ fn live_as_primary(
     writer.role().step(PrimaryEvent::RunAlone)?;
     // The first run completes the exit left pending where the replay ran out, live.
     let hooks = PrimaryHooks::default();
-    let cfg = live.primary_config();
-    let (r, _) = run_with_ft(vm, &writer, &opts, console, &hooks, cfg, Some(point))?;
+    let ft = (live.primary_config(), Some(point.clone()));
+    let r = run_primary_ft(vm, &writer, &opts, console, &hooks, ft)?.report;
     Ok(live.report(vm, r.code, r.outputs))
 }
 
@@ -232,11 +231,11 @@ fn primary_loop(
         mem_digest_every: opts.mem_digest_every,
     })?;
     if let Some(f) = ft.as_deref_mut() {
+        f.start(Arc::clone(&gate), writer, vm, opts.on_backup_stop)?;
         if let Some(point) = join {
-            // Joins are served from now on.
+            // Joins are served from now on (the join thread checks that this side is alone).
             point.set_writer(writer);
         }
-        f.start(Arc::clone(&gate), writer, vm, opts.on_backup_stop)?;
     }
     // Without an arbiter, the link breaking is the backup's failure: the policy decides.
     let mut watch = match ft {

@@ -651,14 +651,8 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
                 ..Default::default()
             };
             // Returning drops the VM (its TAP file), the channel and the detector: a crash.
-            run_primary_ft(
-                &mut vm,
-                &writer,
-                &opts,
-                None,
-                &PrimaryHooks::default(),
-                (pft, None),
-            )
+            let ft = (pft, None);
+            run_primary_ft(&mut vm, &writer, &opts, None, &PrimaryHooks::default(), ft)
         })
         .expect("spawn primary");
     let primary_vm = prx.recv().expect("primary control");

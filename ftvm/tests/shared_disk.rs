@@ -387,14 +387,8 @@ fn ft_pair(ns: &Netns, disk: &Path, adir: &Path) -> FtPair {
                 ack_timeout: Duration::from_secs(10),
                 ..Default::default()
             };
-            let r = run_primary_ft(
-                &mut vm,
-                &writer,
-                &opts,
-                None,
-                &PrimaryHooks::default(),
-                (pft, None),
-            );
+            let ft = (pft, None);
+            let r = run_primary_ft(&mut vm, &writer, &opts, None, &PrimaryHooks::default(), ft);
             Ok::<_, PairError>((r, vm.disk().expect("disk").counters()))
         })
         .expect("spawn primary");

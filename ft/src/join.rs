@@ -6,9 +6,10 @@
 //! With a join point ([`JoinPoint`], given to the side's run beside its failover settings:
 //! [`run_primary_ft`](crate::run::run_primary_ft), [`run_backup_ft`](crate::run::run_backup_ft))
 //! and a [`JoinAcceptor`] listening, a new backup process (`ftvm backup --join HOST:PORT`, no
-//! guest image of its own) connects and is cloned from the running VM: memory (and, in own-copy mode, the disk) pre-copied while the
-//! guest runs, then a short stop-and-copy at an exit boundary ([`ftvm_vmm_core::transfer`]); from that
-//! exit on the primary records again and the new backup replays.
+//! guest image of its own) connects and is cloned from the running VM: memory (and, in
+//! own-copy mode, the disk) pre-copied while the guest runs, then a short stop-and-copy at an
+//! exit boundary ([`ftvm_vmm_core::transfer`]); from that exit on the primary records again
+//! and the new backup replays.
 //!
 //! # The join, step by step (one TCP connection, then the logging channel over it)
 //! ```text

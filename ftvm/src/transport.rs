@@ -72,7 +72,7 @@ fn xdp_transport(s: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {
     open_xdp(peer).with_context(|| format!("cannot open AF_XDP on {peer}"))
 }
 
-/// AF_XDP on `interface` (also a joined pair's link, `join.rs`).
+/// AF_XDP on `interface` (also a joined pair's link, [`crate::join`]).
 #[cfg(feature = "xdp")]
 pub(crate) fn open_xdp(interface: &str) -> Result<Box<dyn Transport>, TransportError> {
     use ftvm_channel::xdp::{XdpConfig, XdpTransport};
@@ -91,6 +91,9 @@ pub(crate) fn open_xdp(_: &str) -> Result<Box<dyn Transport>, TransportError> {
     })
 }
 
+/// The primary's end of the logging link: it connects to the backup's `--peer` (tcp,
+/// tcp-spin, uring) or opens the rings the backup created (shm), waiting 30 s at most for
+/// the backup, or opens AF_XDP on its own interface (xdp).
 pub(crate) fn primary_transport(s: &CommonConfig) -> anyhow::Result<Box<dyn Transport>> {
     let timeout = Duration::from_secs(30);
     let peer = s.peer()?;

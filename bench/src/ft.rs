@@ -86,6 +86,11 @@ struct Row {
     /// own measured throughput: `nproc × 10⁶ / (µs per request) / FT off's ops/s`, capped at
     /// 1 (see [`host_bound`]). 1 for FT off.
     host_bound_ratio: f64,
+    /// What the primary's vCPU thread alone allows, an estimate of the bound where the
+    /// backup has cores of its own (separate hosts): FT off's vCPU CPU per request over this
+    /// configuration's (the thread `ftvm`; FT off's own vCPU runs at one full core), capped
+    /// at 1. 1 for FT off.
+    vcpu_bound_ratio: f64,
     runs: usize,
 }
 
@@ -598,6 +603,8 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     // base[load][test]: FT off's ops/s.
     let mut base = vec![[0.0f64; 2]; loads.len()];
+    // base_vcpu[load]: FT off's vCPU thread, µs per request.
+    let mut base_vcpu = vec![0.0f64; loads.len()];
     for (cell, (t, (li, &(clients, pipeline)))) in transports
         .iter()
         .flat_map(|t| std::iter::repeat(t).zip(loads.iter().enumerate()))
@@ -617,6 +624,7 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
             let mut m = samples[cell][i].clone().map(|mut v| median(&mut v));
             if t == "none" {
                 base[li][i] = m[0];
+                base_vcpu[li] = pt.get("ftvm").copied().unwrap_or(0.0);
                 m[4] = 0.0;
                 m[5] = 0.0;
             }
@@ -653,6 +661,10 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
                 max_lag_ms: m[12],
                 client_us_per_req: m[13],
                 host_bound_ratio: host_bound(m[8] + m[9] + m[13], base[li][i]),
+                vcpu_bound_ratio: match pt.get("ftvm") {
+                    Some(&us) if us > 0.0 && base_vcpu[li] > 0.0 => (base_vcpu[li] / us).min(1.0),
+                    _ => 1.0,
+                },
                 runs,
             });
         }
@@ -677,6 +689,7 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
                 format!("{:.0}", r.backup_us_per_req),
                 format!("{:.1}", r.client_us_per_req),
                 format!("{:.2}", r.host_bound_ratio),
+                format!("{:.2}", r.vcpu_bound_ratio),
             ]
         })
         .collect();
@@ -701,6 +714,7 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
             "backup µs/req",
             "client µs/req",
             "host bound",
+            "vCPU bound",
         ],
         &table,
     );
@@ -805,6 +819,30 @@ pub fn plot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_bound_is_the_cores_over_the_cpu_per_request() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // 20 µs per request on `cores` cores: cores × 50 000 requests per second at most.
+        let at_most = cores * 50_000.0;
+        assert!((host_bound(20.0, at_most * 2.0) - 0.5).abs() < 1e-9);
+        assert_eq!(host_bound(20.0, at_most / 2.0), 1.0, "capped at 1");
+        assert_eq!(host_bound(0.0, 1000.0), 1.0, "nothing measured");
+        assert!(host_bound(30.0, at_most) < host_bound(20.0, at_most));
+    }
+
+    #[test]
+    fn children_cpu_counts_a_waited_child() {
+        let before = children_cpu();
+        // About 0.3 s of CPU in a child, then waited for.
+        let st = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("sh");
+        assert!(st.success());
+        let used = children_cpu().saturating_sub(before);
+        assert!(used >= Duration::from_millis(50), "counted {used:?}");
+    }
 
     #[test]
     fn shared_suffix_selects_the_shared_disk_mode() {

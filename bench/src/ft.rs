@@ -72,6 +72,25 @@ struct Row {
     primary_threads_us_per_req: BTreeMap<String, f64>,
     /// The backup's CPU per request by thread name (`ftvm-log-recv` is the receiver poller).
     backup_threads_us_per_req: BTreeMap<String, f64>,
+    /// The primary's throttle over the whole run of the configuration (every load): its
+    /// smallest CPU share (1: it never throttled; FT off and `--throttle-target-ms 0`: 1)
+    /// and the time it spent below a share of 1, in ms.
+    throttle_min_share: f64,
+    throttled_ms: f64,
+    /// The largest lag of the backup's execution the throttle saw, in ms (0 without one).
+    max_lag_ms: f64,
+    /// CPU time of the client (`redis-benchmark`) per request, in µs: it shares the host.
+    client_us_per_req: f64,
+    /// The FT on/off ratio this host allows at most when every core works for this
+    /// configuration (primary + backup + client CPU per request) and FT off is held to its
+    /// own measured throughput: `nproc × 10⁶ / (µs per request) / FT off's ops/s`, capped at
+    /// 1 (see [`host_bound`]). 1 for FT off.
+    host_bound_ratio: f64,
+    /// What the primary's vCPU thread alone allows, an estimate of the bound where the
+    /// backup has cores of its own (separate hosts): FT off's vCPU CPU per request over this
+    /// configuration's (the thread `ftvm`; FT off's own vCPU runs at one full core), capped
+    /// at 1. 1 for FT off.
+    vcpu_bound_ratio: f64,
     runs: usize,
 }
 
@@ -94,6 +113,23 @@ fn thread_cpu(pid: u32) -> BTreeMap<String, Duration> {
         }
     }
     by_name
+}
+
+/// CPU time of this process's children that have been waited for (`cutime` + `cstime` of
+/// `/proc/self/stat`, in USER_HZ ticks: 100 per second in Linux's ABI); the client
+/// (`redis-benchmark`, run through `ip netns exec` and `timeout`) counts once it has exited.
+fn children_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // `rest` starts at field 3 (state): cutime is field 16, cstime field 17.
+            Some(f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 /// CPU time of every thread of process `pid`; zero when gone.
@@ -123,7 +159,9 @@ type Measured = (String, f64, f64, f64);
 type Cpu = (f64, BTreeMap<String, f64>);
 /// What one load measured: per test (SET, GET) ops/s, p50, p99; the CPU of the primary and
 /// of the backup.
-type Loaded = (Vec<Measured>, Cpu, Cpu);
+/// A load's figures: SET and GET, the primary's and the backup's CPU, the client's CPU per
+/// request (µs).
+type Loaded = (Vec<Measured>, Cpu, Cpu, f64);
 /// What one configuration measured: each load's figures, in the order of the loads; the
 /// primary's report.
 type One = (Vec<Loaded>, serde_json::Value);
@@ -208,6 +246,7 @@ fn one(
     dir: &Path,
     config: &str,
     (loads, requests): (&[Load], u64),
+    (primary_args, backup_args): (&[String], &[String]),
 ) -> anyhow::Result<One> {
     let (transport, shared) = split_config(config);
     for d in ["a.img", "b.img"] {
@@ -262,6 +301,11 @@ fn one(
                     format!("file:{}", arbiter.display()),
                 ]);
             }
+            v.extend_from_slice(if role == "primary" {
+                primary_args
+            } else {
+                backup_args
+            });
         } else {
             v.push("--quiet".into());
         }
@@ -361,6 +405,7 @@ fn one_load(ns: &Netns, pids: &[u32], load: Load, requests: u64) -> anyhow::Resu
     let (n, c, p) = (requests.to_string(), load.0.to_string(), load.1.to_string());
     let threads0: Vec<BTreeMap<String, Duration>> = pids.iter().map(|&p| thread_cpu(p)).collect();
     let cpu0: Vec<Duration> = pids.iter().map(|&p| process_cpu(p)).collect();
+    let client0 = children_cpu();
     let t0 = Instant::now();
     let out = ns.exec(
         "timeout",
@@ -381,6 +426,8 @@ fn one_load(ns: &Netns, pids: &[u32], load: Load, requests: u64) -> anyhow::Resu
         ],
     )?;
     let wall = t0.elapsed().as_secs_f64().max(1e-6);
+    let client_us =
+        children_cpu().saturating_sub(client0).as_secs_f64() * 1e6 / (2 * requests) as f64;
     let threads: Vec<BTreeMap<String, f64>> = pids
         .iter()
         .zip(&threads0)
@@ -405,7 +452,20 @@ fn one_load(ns: &Netns, pids: &[u32], load: Load, requests: u64) -> anyhow::Resu
             parse_csv(&csv, test).ok_or_else(|| anyhow!("no {test} row in: {csv}"))?;
         rows.push((test.to_string(), rps, p50, p99));
     }
-    Ok((rows, primary_cpu, backup_cpu))
+    Ok((rows, primary_cpu, backup_cpu, client_us))
+}
+
+/// The highest FT on/off ratio the host's cores allow: a configuration that needs `us_per_req`
+/// µs of CPU per request in all (both sides and the client) can serve at most
+/// `nproc × 10⁶ / us_per_req` requests per second, whatever it does with them; divided by FT
+/// off's measured `base_ops` (ops/s), capped at 1. Where primary and backup share a host (as
+/// here) this bounds the ratio below what separate hosts would give.
+fn host_bound(us_per_req: f64, base_ops: f64) -> f64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    if us_per_req <= 0.0 || base_ops <= 0.0 {
+        return 1.0;
+    }
+    (cores * 1e6 / us_per_req / base_ops).min(1.0)
 }
 
 /// `T+shared` → (`T`, shared-disk mode); `T` → (`T`, own copies).
@@ -443,6 +503,14 @@ pub struct Args {
     /// configuration runs each load in turn.
     #[arg(long, value_delimiter = ',', value_parser = parse_load, default_value = "8x1,50x16")]
     pub loads: Vec<Load>,
+    /// An extra argument for the primary of every FT pair (repeatable, e.g.
+    /// `--primary-arg=--throttle-target-ms --primary-arg=0`), for tuning experiments; the
+    /// results' header (`command`) records them.
+    #[arg(long = "primary-arg", allow_hyphen_values = true)]
+    pub primary_args: Vec<String>,
+    /// An extra argument for the backup of every FT pair (repeatable), as `--primary-arg`.
+    #[arg(long = "backup-arg", allow_hyphen_values = true)]
+    pub backup_args: Vec<String>,
 }
 
 /// Entry point.
@@ -478,7 +546,7 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     // A cell is one (transport, load): cell `ti * loads.len() + li`.
     let cells = transports.len() * loads.len();
     // samples[cell][test] = one value vector per column, over the runs.
-    type Samples = [Vec<f64>; 10];
+    type Samples = [Vec<f64>; 14];
     let mut samples: Vec<[Samples; 2]> = (0..cells).map(|_| Default::default()).collect();
     // threads[cell][role] = per thread name, µs per request over the runs.
     type ThreadSamples = BTreeMap<String, Vec<f64>>;
@@ -487,9 +555,17 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     for run in 0..runs {
         for (ti, t) in transports.iter().enumerate() {
             eprintln!("ft: run {}/{runs}: kv with FT {t} ...", run + 1);
-            let (measured, primary) = one(&ns, &bin, &dir, t, (&loads, requests))?;
+            let (measured, primary) = one(
+                &ns,
+                &bin,
+                &dir,
+                t,
+                (&loads, requests),
+                (&args.primary_args, &args.backup_args),
+            )?;
             let f = |k: &str| primary.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-            for (li, (r, (pc, pt), (bc, bt))) in measured.into_iter().enumerate() {
+            let throttle = |k: &str, off: f64| primary["throttle"][k].as_f64().unwrap_or(off);
+            for (li, (r, (pc, pt), (bc, bt), client_us)) in measured.into_iter().enumerate() {
                 let cell = ti * loads.len() + li;
                 // (A float sum of nothing is -0.0.)
                 let total = |m: &BTreeMap<String, f64>| m.values().fold(0.0, |a, b| a + b);
@@ -512,6 +588,10 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
                         bc,
                         pu,
                         bu,
+                        throttle("min_share", 1.0),
+                        throttle("throttled_ms", 0.0),
+                        throttle("max_lag_ms", 0.0),
+                        client_us,
                     ];
                     for (k, v) in values.into_iter().enumerate() {
                         samples[cell][i][k].push(v);
@@ -523,6 +603,8 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     // base[load][test]: FT off's ops/s.
     let mut base = vec![[0.0f64; 2]; loads.len()];
+    // base_vcpu[load]: FT off's vCPU thread, µs per request.
+    let mut base_vcpu = vec![0.0f64; loads.len()];
     for (cell, (t, (li, &(clients, pipeline)))) in transports
         .iter()
         .flat_map(|t| std::iter::repeat(t).zip(loads.iter().enumerate()))
@@ -542,6 +624,7 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
             let mut m = samples[cell][i].clone().map(|mut v| median(&mut v));
             if t == "none" {
                 base[li][i] = m[0];
+                base_vcpu[li] = pt.get("ftvm").copied().unwrap_or(0.0);
                 m[4] = 0.0;
                 m[5] = 0.0;
             }
@@ -573,6 +656,15 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
                 backup_us_per_req: m[9],
                 primary_threads_us_per_req: pt.clone(),
                 backup_threads_us_per_req: bt.clone(),
+                throttle_min_share: m[10],
+                throttled_ms: m[11],
+                max_lag_ms: m[12],
+                client_us_per_req: m[13],
+                host_bound_ratio: host_bound(m[8] + m[9] + m[13], base[li][i]),
+                vcpu_bound_ratio: match pt.get("ftvm") {
+                    Some(&us) if us > 0.0 && base_vcpu[li] > 0.0 => (base_vcpu[li] / us).min(1.0),
+                    _ => 1.0,
+                },
                 runs,
             });
         }
@@ -595,6 +687,9 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
                 format!("{:.2}", r.backup_cpu_cores),
                 format!("{:.0}", r.primary_us_per_req),
                 format!("{:.0}", r.backup_us_per_req),
+                format!("{:.1}", r.client_us_per_req),
+                format!("{:.2}", r.host_bound_ratio),
+                format!("{:.2}", r.vcpu_bound_ratio),
             ]
         })
         .collect();
@@ -617,6 +712,9 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
             "backup cores",
             "primary µs/req",
             "backup µs/req",
+            "client µs/req",
+            "host bound",
+            "vCPU bound",
         ],
         &table,
     );
@@ -638,7 +736,13 @@ pub fn run(opts: &Opts, args: &Args) -> anyhow::Result<()> {
             if r.transport == "none" {
                 String::new()
             } else {
-                format!("; backup [{}]", show(&r.backup_threads_us_per_req))
+                format!(
+                    "; backup [{}]; throttle: min share {:.2}, below 1 for {:.0} ms, max lag {:.0} ms",
+                    show(&r.backup_threads_us_per_req),
+                    r.throttle_min_share,
+                    r.throttled_ms,
+                    r.max_lag_ms
+                )
             }
         );
     }
@@ -715,6 +819,30 @@ pub fn plot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_bound_is_the_cores_over_the_cpu_per_request() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // 20 µs per request on `cores` cores: cores × 50 000 requests per second at most.
+        let at_most = cores * 50_000.0;
+        assert!((host_bound(20.0, at_most * 2.0) - 0.5).abs() < 1e-9);
+        assert_eq!(host_bound(20.0, at_most / 2.0), 1.0, "capped at 1");
+        assert_eq!(host_bound(0.0, 1000.0), 1.0, "nothing measured");
+        assert!(host_bound(30.0, at_most) < host_bound(20.0, at_most));
+    }
+
+    #[test]
+    fn children_cpu_counts_a_waited_child() {
+        let before = children_cpu();
+        // About 0.3 s of CPU in a child, then waited for.
+        let st = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("sh");
+        assert!(st.success());
+        let used = children_cpu().saturating_sub(before);
+        assert!(used >= Duration::from_millis(50), "counted {used:?}");
+    }
 
     #[test]
     fn shared_suffix_selects_the_shared_disk_mode() {

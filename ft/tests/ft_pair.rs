@@ -248,6 +248,16 @@ fn ft_outputs_wait_for_stalled_acks() {
     );
 }
 
+/// The timing guest's pair with `opts`, the log changed on its way by `tamper`.
+fn run_tampered(opts: PairOptions, tamper: Tamper) -> Outcome {
+    run_pair(Setup {
+        cmdline: TIMING.into(),
+        opts,
+        tamper: Some(tamper),
+        ..Default::default()
+    })
+}
+
 fn expect_divergence(r: Result<BackupReport, PairError>) -> String {
     match r {
         Err(e @ PairError::Diverged { .. }) => {
@@ -268,13 +278,7 @@ fn ft_corrupted_entry_is_a_divergence() {
             *value = value.wrapping_add(12_345_678_901);
         }
     });
-    let o = run_pair(Setup {
-        cmdline: TIMING.into(),
-        opts: opts(2, 1),
-        tamper: Some(tamper),
-        ..Default::default()
-    });
-    let text = expect_divergence(o.backup);
+    let text = expect_divergence(run_tampered(opts(2, 1), tamper).backup);
     assert!(text.contains("digest"), "{text}");
     // A read logged at another address: caught at that exit.
     let tamper: Tamper = Box::new(|_, e| {
@@ -282,13 +286,7 @@ fn ft_corrupted_entry_is_a_divergence() {
             *addr += 8;
         }
     });
-    let o = run_pair(Setup {
-        cmdline: TIMING.into(),
-        opts: opts(2, 1),
-        tamper: Some(tamper),
-        ..Default::default()
-    });
-    let text = expect_divergence(o.backup);
+    let text = expect_divergence(run_tampered(opts(2, 1), tamper).backup);
     assert!(text.contains("but the primary read"), "{text}");
 }
 
@@ -307,12 +305,7 @@ fn ft_corrupted_output_digest_is_a_divergence() {
             }
         }
     });
-    let o = run_pair(Setup {
-        cmdline: TIMING.into(),
-        opts: opts(1000, 0),
-        tamper: Some(tamper),
-        ..Default::default()
-    });
+    let o = run_tampered(opts(1000, 0), tamper);
     // (Without failover the primary then fails too: its backup closed the link.)
     let text = expect_divergence(o.backup);
     assert!(text.contains(": output of the console differs"), "{text}");
@@ -368,10 +361,7 @@ fn ft_kv_transmits_wait_for_stalled_acks() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pdisk, bdisk) = (
-        common::blank_disk(dir.path(), "primary.img"),
-        common::blank_disk(dir.path(), "backup.img"),
-    );
+    let (pdisk, bdisk) = common::blank_disks(dir.path());
     let ns = common::namespace("ftnet");
     let cmdline = format!("ip={}/24 gw=10.0.2.1 port=6379", common::GUEST_IP);
     let elf = guests::by_name("kv").expect("kv guest");

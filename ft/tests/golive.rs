@@ -25,7 +25,7 @@ use ftvm_channel::Config;
 use ftvm_ft::arbiter::{Arbiter, FileArbiter};
 use ftvm_ft::backup::{LogReader, Tamper};
 use ftvm_ft::error::PairError;
-use ftvm_ft::golive::{BackupFtReport, FtConfig};
+use ftvm_ft::golive::{BackupFtReport, FtConfig, LiveReport};
 use ftvm_ft::log::Entry;
 use ftvm_ft::node::NodeId;
 use ftvm_ft::output::Sink;
@@ -101,6 +101,20 @@ fn backup_kind(b: &BackupFtReport) -> String {
         BackupFtReport::Finished(r) => format!("finished at exit {}", r.exits),
         BackupFtReport::WentLive(l) => format!("went live: {:?}", l.timings),
     }
+}
+
+/// The backup's report of a run in which it had to go live (panics, saying how it ended
+/// instead, when it did not).
+fn went_live(b: BackupFtReport) -> Box<LiveReport> {
+    match b {
+        BackupFtReport::WentLive(live) => live,
+        other => panic!("the backup did not go live: {}", backup_kind(&other)),
+    }
+}
+
+/// Asserts that `text` (a console's) holds the checksum line `expected`.
+fn assert_checksum(text: &str, expected: &str) {
+    assert_eq!(checksum_line(text).as_deref(), Some(expected), "{text}");
 }
 
 fn checksum_line(text: &str) -> Option<String> {
@@ -285,9 +299,7 @@ fn golive_backup_takes_over_when_the_primary_crashes() {
         brief(&p, |r| format!("alone {:?}", r.alone))
     );
     let b = r.backup.join().expect("backup thread").expect("backup");
-    let BackupFtReport::WentLive(live) = b else {
-        panic!("the backup did not go live: {}", backup_kind(&b));
-    };
+    let live = went_live(b);
     assert_eq!(live.code, 0);
     assert_eq!(live.timings.generation, 2);
     assert_eq!(current(&arbiter), Some((2, "backup".into())));
@@ -311,11 +323,7 @@ fn golive_backup_takes_over_when_the_primary_crashes() {
     // The guest finished as it would have without the failure; what it printed after going
     // live was released by the new primary.
     let text = r.backup_console.text();
-    assert_eq!(
-        checksum_line(&text).as_deref(),
-        Some(expected.as_str()),
-        "{text}"
-    );
+    assert_checksum(&text, &expected);
     assert!(checksum_line(&r.primary_console.text()).is_none());
     assert!(live.exits > live.timings.at_exit);
 }
@@ -407,11 +415,7 @@ fn golive_primary_goes_alone_when_the_backup_crashes() {
     assert_eq!(o.early, 0);
     let text = r.primary_console.text();
     assert!(text.starts_with("cpu: size="), "{text}");
-    assert_eq!(
-        checksum_line(&text).as_deref(),
-        Some(expected.as_str()),
-        "{text}"
-    );
+    assert_checksum(&text, &expected);
     drop(r.stall);
 }
 
@@ -477,20 +481,14 @@ fn golive_backup_waits_for_an_unreachable_arbiter() {
     let restored = Instant::now();
     drop(outage);
     let b = r.backup.join().expect("backup thread").expect("backup");
-    let BackupFtReport::WentLive(live) = b else {
-        panic!("the backup did not go live: {}", backup_kind(&b));
-    };
+    let live = went_live(b);
     assert!(r.backup_console.first_at().expect("output after go-live") > restored);
     // (How long the take-over itself waited depends on when the replay caught up with the
     // point where the primary stopped; what matters is that nothing went live before.)
     assert!(live.timings.arbiter > Duration::ZERO, "{:?}", live.timings);
     assert_eq!(current(&arbiter), Some((2, "backup".into())));
     let text = r.backup_console.text();
-    assert_eq!(
-        checksum_line(&text).as_deref(),
-        Some(expected.as_str()),
-        "{text}"
-    );
+    assert_checksum(&text, &expected);
 }
 
 #[test]
@@ -584,16 +582,10 @@ fn golive_stale_primary_is_refused_and_the_backup_runs_the_guest() {
     assert_eq!(r.primary_console.text(), "");
     // The backup (holder of generation 2) got no log at all: it goes live at the start.
     let b = r.backup.join().expect("backup thread").expect("backup");
-    let BackupFtReport::WentLive(live) = b else {
-        panic!("the backup did not go live: {}", backup_kind(&b));
-    };
+    let live = went_live(b);
     assert_eq!((live.timings.at_exit, live.entries), (0, 0));
     let text = r.backup_console.text();
-    assert_eq!(
-        checksum_line(&text).as_deref(),
-        Some(expected.as_str()),
-        "{text}"
-    );
+    assert_checksum(&text, &expected);
 }
 
 #[test]
@@ -604,10 +596,7 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pdisk, bdisk) = (
-        common::blank_disk(dir.path(), "primary.img"),
-        common::blank_disk(dir.path(), "backup.img"),
-    );
+    let (pdisk, bdisk) = common::blank_disks(dir.path());
     let adir = dir.path().join("arbiter");
     std::fs::create_dir(&adir).expect("arbiter dir");
     let arbiter = file_arbiter(&adir);
@@ -688,9 +677,7 @@ fn golive_kv_keeps_its_data_and_address_after_the_primary_crashes() {
         .expect("backup thread")
         .expect("netns")
         .expect("backup");
-    let BackupFtReport::WentLive(live) = b else {
-        panic!("the backup did not go live: {}", backup_kind(&b));
-    };
+    let live = went_live(b);
     assert_eq!((live.code, live.timings.generation), (0, 2));
     assert_eq!(current(&arbiter), Some((2, "backup".into())));
     let tx = live.tx.expect("net device");

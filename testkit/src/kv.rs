@@ -22,6 +22,14 @@ pub fn blank_disk(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
+/// Blank disks of each side of a pair in `dir`: (`primary.img`, `backup.img`).
+pub fn blank_disks(dir: &Path) -> (PathBuf, PathBuf) {
+    (
+        blank_disk(dir, "primary.img"),
+        blank_disk(dir, "backup.img"),
+    )
+}
+
 /// Guest address and port.
 pub const GUEST_IP: &str = "10.0.2.15";
 /// The TAP interface inside the namespace.

@@ -510,7 +510,8 @@ pub struct CommonConfig {
     pub join_max_rounds: u32,
     /// Auto-converge: while pre-copy does not converge (the guest dirties memory faster than
     /// the link sends it), lower the vCPU's CPU share round by round through the CPU throttle
-    /// (needs the primary's throttle running); the share is given back at the cut. `false`: accept
+    /// (needs the throttle running: a primary's, or a went-live backup's); the share is given
+    /// back at the cut. `false`: accept
     /// the longer pause after --join-max-rounds.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", help_heading = "Re-protection")]
     pub join_auto_converge: bool,

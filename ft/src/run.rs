@@ -10,6 +10,7 @@
 //!   │  with joins)     (join::cut) …; at power off: End, wait for its acknowledgement
 //!   └─> golive::replay_ft ─> finished, or live: alone until power off
 //!                                             or, with a join point, as a lone primary
+//!                                             (running a primary's throttle)
 //! ```
 //!
 //! # Why the loop lives here, above `golive` and `join`
@@ -229,8 +230,8 @@ impl Drop for LiveThrottle<'_> {
 ///
 /// Why a throttle that cannot start (its thread not spawned; the configuration was checked
 /// when the process started) is a warning and not an error: the guest is live on this node
-/// alone, with no other copy; stopping it would lose the service to spare a backup that has
-/// not joined yet a lag. It runs unthrottled (as before joins had a lever), and says so.
+/// alone, with no other copy; stopping it would lose the service for the sake of a backup that
+/// has not joined yet. It runs unthrottled (a join then has no auto-converge lever), and says so.
 fn start_throttle(cfg: &ThrottleConfig, writer: &LogWriter) -> Option<Throttle> {
     match Throttle::for_writer(cfg.clone(), writer, current_tid()) {
         Ok(t) => {

@@ -412,6 +412,12 @@ fn three_cycles_of_kill_and_reprotect_lose_no_acked_write() {
     );
     s.shutdown_guest();
     common::assert_exits_with(s.primary.as_mut().expect("last live side"), 0);
+    // The last live side (a joiner that went live, accepting joins) ran the primary's throttle
+    // until the guest powered off, full speed while alone.
+    let r = s.report_of("c2").expect("c2's report");
+    assert_eq!(r["went_live"], true, "{r}");
+    assert_eq!(r["throttle"]["enabled"], true, "{r}");
+    assert_eq!(r["throttle"]["share"], 1.0, "{r}");
 }
 
 /// `ftvm demo --cycles 3` as a process: three failovers in a row, a new backup joining the

@@ -192,6 +192,7 @@ use super::role::{
     PrimaryRoleCell, PrimaryState,
 };
 use super::stop::{is_planned, BackupStopPolicy, PrimaryStopPolicy, StopCause, Stopped};
+use super::throttle::ThrottleStatus;
 use super::transition::{emit, GoLiveTimings, Transition, TransitionSink};
 use ftvm_vmm_core::devices::virtio::blk::{BlkCounters, BlkError, BlkHandle};
 use ftvm_vmm_core::devices::virtio::net::{NetHandle, TapError, TxCounters, TxMode};
@@ -295,6 +296,10 @@ pub struct LiveReport {
     pub outputs_verified: u64,
     /// Bytes of output they covered.
     pub output_bytes_verified: u64,
+    /// The final state of the CPU throttle it ran as a primary after going live (with a join
+    /// point carrying a throttle: [`JoinPoint::with_throttle`](crate::join::JoinPoint::with_throttle));
+    /// `None`: no throttle ran.
+    pub throttle: Option<ThrottleStatus>,
 }
 
 /// How [`run_backup_ft`](crate::run::run_backup_ft) ended.
@@ -1264,6 +1269,7 @@ impl WentLive {
             detector: self.detector.stats(),
             outputs_verified: checks.verified_count(),
             output_bytes_verified: checks.verified_bytes(),
+            throttle: None,
         }))
     }
 }

@@ -96,9 +96,12 @@
 //! `reprotect.rs` (`auto_converge_...`): the `stream` guest rewriting 24 MiB over a 400 Mbit/s
 //! link ran all 8 rounds and copied 6148 pages at the cut (pause 35–91 ms) without the lever;
 //! with it pre-copy converged in 3 rounds at a share of 0.09–0.12, 406–775 pages at the cut
-//! (pause 17 ms once the share is given back before the cut; 98 ms when it was not). Without a running throttle (`ftvm primary
-//! --throttle-target-ms 0`, or a backup that went live) there is no lever: pre-copy stops
-//! after `max_rounds` and accepts the longer pause.
+//! (pause 17 ms once the share is given back before the cut; 98 ms when it was not). A backup
+//! that went live runs the same throttle once it is a primary ([`JoinPoint::with_throttle`],
+//! started by `live_as_primary` in [`run`](crate::run)), so it has the lever too
+//! (`reprotect.rs`, `a_backup_that_went_live_auto_converges_...`). Without a running throttle
+//! (`--throttle-target-ms 0` on either role) there is no lever: pre-copy stops after
+//! `max_rounds` and accepts the longer pause.
 //!
 //! # Failure midway, in time
 //! Each side gives up on a peer that sends nothing, or does not take a message, for 20 s
@@ -143,6 +146,7 @@ use super::log::{Entry, LOG_VERSION};
 use super::node::Role;
 use super::output::OutputGate;
 use super::primary::{Lent, LogWriter, PairOptions};
+use super::throttle::{ThrottleConfig, ThrottleStatus};
 use ftvm_vmm_core::transfer::{
     Chunk, Convergence, RoundStats, Sink, Source, SourceConfig, Step, TransferError, TransferHandle,
 };
@@ -460,6 +464,10 @@ pub struct JoinPoint {
     writer: Arc<std::sync::OnceLock<LogWriter>>,
     /// The log buffer of a backup that goes live and becomes a primary.
     log_capacity: usize,
+    /// The CPU throttle a backup that goes live runs as a primary (`None`: none).
+    throttle: Option<ThrottleConfig>,
+    /// Its final state, once its run ended.
+    throttled: Arc<Mutex<Option<ThrottleStatus>>>,
 }
 
 impl std::fmt::Debug for JoinPoint {
@@ -479,7 +487,35 @@ impl JoinPoint {
             request: Arc::default(),
             writer: Arc::default(),
             log_capacity,
+            throttle: None,
+            throttled: Arc::default(),
         }
+    }
+
+    /// The same, and a backup that goes live runs `throttle` on its vCPU once it is a primary
+    /// (as `ftvm primary` does): the lag of the backups that join it is held to the target,
+    /// and a join's auto-converge lever has a throttle to lower the share through (module
+    /// docs, "Auto-converge"). `None`: no throttle (and no lever).
+    pub fn with_throttle(mut self, throttle: Option<ThrottleConfig>) -> Self {
+        self.throttle = throttle;
+        self
+    }
+
+    /// The throttle a live backup runs as a primary.
+    pub(crate) fn throttle(&self) -> Option<&ThrottleConfig> {
+        self.throttle.as_ref()
+    }
+
+    /// The run of a live backup records its throttle's final state (whichever way it ended).
+    pub(crate) fn record_throttle(&self, status: ThrottleStatus) {
+        *self.throttled.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+    }
+
+    /// The final state of the throttle a backup that went live ran as a primary
+    /// ([`JoinPoint::with_throttle`]), once that run ended — on any path: power off, a planned
+    /// stop, an error. `None` before, or when no throttle ran.
+    pub fn throttle_status(&self) -> Option<ThrottleStatus> {
+        *self.throttled.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The capacity of the log buffer a live backup gives itself.

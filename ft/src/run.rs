@@ -10,6 +10,7 @@
 //!   │  with joins)     (join::cut) …; at power off: End, wait for its acknowledgement
 //!   └─> golive::replay_ft ─> finished, or live: alone until power off
 //!                                             or, with a join point, as a lone primary
+//!                                             (running a primary's throttle)
 //! ```
 //!
 //! # Why the loop lives here, above `golive` and `join`
@@ -44,6 +45,7 @@ use super::primary::{
 };
 use super::role::{PrimaryEvent, PrimaryState};
 use super::stop::{is_planned, StopCause, Stopped};
+use super::throttle::{current_tid, Throttle, ThrottleConfig};
 use super::transition::GoLiveTimings;
 use ftvm_vmm_core::devices::virtio::blk::DiskMode;
 use ftvm_vmm_core::digest::register_digest;
@@ -185,11 +187,72 @@ fn live_as_primary(
     let opts = PairOptions::default();
     let writer = LogWriter::new(sender, opts.idle);
     writer.role().step(PrimaryEvent::RunAlone)?;
+    // The throttle a primary runs, on this (the vCPU's) thread; stopped on every way out of
+    // this function (the guard's drop), which gives the vCPU its full share back, removes the
+    // cgroup and records the final state in the join point.
+    let throttle = LiveThrottle {
+        throttle: point
+            .throttle()
+            .and_then(|cfg| start_throttle(cfg, &writer)),
+        point,
+    };
     // The first run completes the exit left pending where the replay ran out, live.
     let hooks = PrimaryHooks::default();
     let ft = (live.primary_config(), Some(point.clone()));
     let r = run_primary_ft(vm, &writer, &opts, console, &hooks, ft)?.report;
-    Ok(live.report(vm, r.code, r.outputs))
+    drop(throttle);
+    let mut report = live.report(vm, r.code, r.outputs);
+    if let BackupFtReport::WentLive(l) = &mut report {
+        l.throttle = point.throttle_status();
+    }
+    Ok(report)
+}
+
+/// The throttle of a live backup's run as a primary: stopped when dropped, its final state
+/// recorded in the join point ([`JoinPoint::throttle_status`]: the report of a run that
+/// ended in an error or a planned stop has it too).
+struct LiveThrottle<'a> {
+    throttle: Option<Throttle>,
+    point: &'a JoinPoint,
+}
+
+impl Drop for LiveThrottle<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.throttle.take() {
+            self.point.record_throttle(t.stop());
+        }
+    }
+}
+
+/// Starts the CPU throttle of a backup that went live and now runs as a primary, acting on
+/// this thread (the vCPU's) and obeying the writer's share cap (a join's auto-converge lever).
+/// Where no cgroup is writable it paces alone ([`Throttle::for_writer`]).
+///
+/// Why a throttle that cannot start (its thread not spawned; the configuration was checked
+/// when the process started) is a warning and not an error: the guest is live on this node
+/// alone, with no other copy; stopping it would lose the service for the sake of a backup that
+/// has not joined yet. It runs unthrottled (a join then has no auto-converge lever), and says so.
+fn start_throttle(cfg: &ThrottleConfig, writer: &LogWriter) -> Option<Throttle> {
+    match Throttle::for_writer(cfg.clone(), writer, current_tid()) {
+        Ok(t) => {
+            tracing::info!(
+                target: "ftvm::throttle",
+                target_ms = cfg.target.as_millis() as u64,
+                min_share = cfg.pi.min_share,
+                actuator = t.kind().name(),
+                "live as a primary: CPU throttle on"
+            );
+            Some(t)
+        }
+        Err(e) => {
+            tracing::warn!(
+                target: "ftvm::throttle",
+                error = %ftvm_vmm_core::error_chain(&e),
+                "live as a primary: cannot start the CPU throttle; running unthrottled (no auto-converge for joins)"
+            );
+            None
+        }
+    }
 }
 
 /// The primary's run; with `ft`, failure detection and going alone ([`super::golive`]), and

@@ -510,10 +510,63 @@ pub struct CommonConfig {
     pub join_max_rounds: u32,
     /// Auto-converge: while pre-copy does not converge (the guest dirties memory faster than
     /// the link sends it), lower the vCPU's CPU share round by round through the CPU throttle
-    /// (needs the primary's throttle running); the share is given back at the cut. `false`: accept
+    /// (needs the throttle running: a primary's, or a went-live backup's); the share is given
+    /// back at the cut. `false`: accept
     /// the longer pause after --join-max-rounds.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", help_heading = "Re-protection")]
     pub join_auto_converge: bool,
+}
+
+/// The CPU throttle of a primary (`ftvm primary`, and `ftvm backup` once it went live and runs
+/// as a primary that serves joins, `--accept-join`): flags and keys of both roles.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+pub struct ThrottleArgs {
+    /// Keep the backup's execution within this many milliseconds of the primary's by lowering
+    /// the primary vCPU's CPU share (a cgroup v2 or v1 `cpu` group plus pauses at the vCPU's
+    /// exits; the pauses alone where no cgroup is writable); 0 turns the throttle off. A join's
+    /// auto-converge lowers the share through it. On a backup: applied once it went live and
+    /// runs as a primary (with --accept-join).
+    #[arg(long, default_value_t = DEFAULT_THROTTLE_TARGET_MS, help_heading = "Throttle")]
+    pub throttle_target_ms: u64,
+    /// The smallest CPU share the throttle may give the vCPU, in (0, 1].
+    #[arg(long, default_value_t = 0.1, help_heading = "Throttle")]
+    pub throttle_min_share: f64,
+    /// Where the throttle's cgroup goes: `auto` (under this process's own cgroup in the cpu
+    /// controller's hierarchy), a cgroup directory (a delegated one; on cgroup v2 the process
+    /// moves into it), or `none` (pauses at exits only).
+    #[arg(
+        long,
+        value_name = "auto|none|DIR",
+        default_value = "auto",
+        help_heading = "Throttle"
+    )]
+    pub throttle_cgroup: CgroupSpec,
+}
+
+impl ThrottleArgs {
+    /// The throttle's settings (`None`: off, `--throttle-target-ms 0`).
+    pub fn config(&self) -> Option<ThrottleConfig> {
+        if self.throttle_target_ms == 0 {
+            return None;
+        }
+        let mut cfg = ThrottleConfig {
+            target: Duration::from_millis(self.throttle_target_ms),
+            cgroup: CgroupPlace::from(&self.throttle_cgroup),
+            ..ThrottleConfig::default()
+        };
+        cfg.pi.min_share = self.throttle_min_share;
+        Some(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let m = self.throttle_min_share;
+        if !(m > 0.0 && m <= 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "--throttle-min-share {m}: must be in (0, 1]"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// `ftvm primary`: the common settings and the primary's own.
@@ -537,24 +590,10 @@ pub struct PrimaryConfig {
     /// Every how many checkpoints guest memory is digested too (0: only at the end).
     #[arg(long, default_value_t = 0)]
     pub mem_digest_every: u64,
-    /// Keep the backup's execution within this many milliseconds of the primary's by lowering
-    /// the primary vCPU's CPU share (a cgroup v2 or v1 `cpu` group plus pauses at the vCPU's
-    /// exits; the pauses alone where no cgroup is writable); 0 turns the throttle off.
-    #[arg(long, default_value_t = DEFAULT_THROTTLE_TARGET_MS, help_heading = "Throttle")]
-    pub throttle_target_ms: u64,
-    /// The smallest CPU share the throttle may give the vCPU, in (0, 1].
-    #[arg(long, default_value_t = 0.1, help_heading = "Throttle")]
-    pub throttle_min_share: f64,
-    /// Where the throttle's cgroup goes: `auto` (under this process's own cgroup in the cpu
-    /// controller's hierarchy), a cgroup directory (a delegated one; on cgroup v2 the process
-    /// moves into it), or `none` (pauses at exits only).
-    #[arg(
-        long,
-        value_name = "auto|none|DIR",
-        default_value = "auto",
-        help_heading = "Throttle"
-    )]
-    pub throttle_cgroup: CgroupSpec,
+    /// The CPU throttle.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub throttle: ThrottleArgs,
     /// Without `--arbiter`, when the backup FAILS: `stop` with status 204 (held outputs are
     /// never released), or `go-alone-unprotected`: release them and run on with no backup and
     /// no failover (a backup without an arbiter never goes live, so this primary is then the
@@ -610,6 +649,10 @@ pub struct BackupConfig {
     /// the cloned VM's differs (costs a digest of guest memory inside the pause).
     #[arg(long, help_heading = "Re-protection")]
     pub verify_cut: bool,
+    /// The CPU throttle it runs once it went live and serves joins as a primary.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub throttle: ThrottleArgs,
 }
 
 /// The failover settings of one side (with an arbiter), resolved.
@@ -766,20 +809,6 @@ impl PrimaryConfig {
             OnBackupStop::Stop => BackupStopPolicy::Stop,
         }
     }
-
-    /// The throttle's settings (`None`: off, `--throttle-target-ms 0`).
-    pub fn throttle(&self) -> Option<ThrottleConfig> {
-        if self.throttle_target_ms == 0 {
-            return None;
-        }
-        let mut cfg = ThrottleConfig {
-            target: Duration::from_millis(self.throttle_target_ms),
-            cgroup: CgroupPlace::from(&self.throttle_cgroup),
-            ..ThrottleConfig::default()
-        };
-        cfg.pi.min_share = self.throttle_min_share;
-        Some(cfg)
-    }
 }
 
 impl RoleConfig for PrimaryConfig {
@@ -792,12 +821,7 @@ impl RoleConfig for PrimaryConfig {
     }
     fn validate(&self) -> Result<(), ConfigError> {
         self.common.validate()?;
-        let m = self.throttle_min_share;
-        if !(m > 0.0 && m <= 1.0) {
-            return Err(ConfigError::Invalid(format!(
-                "--throttle-min-share {m}: must be in (0, 1]"
-            )));
-        }
+        self.throttle.validate()?;
         if self.on_backup_failure() == PeerFailurePolicy::GoAloneUnprotected
             && self.common.arbiter.is_some()
         {
@@ -831,6 +855,7 @@ impl RoleConfig for BackupConfig {
     }
     fn validate(&self) -> Result<(), ConfigError> {
         self.common.validate_with(self.join.is_none())?;
+        self.throttle.validate()?;
         if self.join.is_some() && self.common.arbiter.is_none() {
             return Err(ConfigError::Invalid(
                 "--join needs --arbiter (the joined pair runs in a new generation)".into(),
@@ -1011,9 +1036,12 @@ mod tests {
         assert_eq!(c.common.mem, Size(128 << 20), "file beats default");
         assert_eq!(c.common.transport, Transport::Uring);
         assert!(c.common.shared_disk);
-        assert_eq!(c.throttle_cgroup, CgroupSpec::None);
+        assert_eq!(c.throttle.throttle_cgroup, CgroupSpec::None);
         assert_eq!(c.common.log_capacity, Size(1 << 20));
-        assert_eq!(c.throttle_target_ms, DEFAULT_THROTTLE_TARGET_MS, "default");
+        assert_eq!(
+            c.throttle.throttle_target_ms, DEFAULT_THROTTLE_TARGET_MS,
+            "default"
+        );
         assert_eq!(c.common.idle, Idle::Park, "default");
         assert_eq!(c.on_backup_stop, OnBackupStop::Alone, "default");
         let f = primary(
@@ -1063,10 +1091,10 @@ mod tests {
             e.to_string().contains("keys use `_`: `fail_timeout`"),
             "{e}"
         );
-        let e = backup(&[], "throttle_target_ms = 5\n").expect_err("primary's key");
+        let e = backup(&[], "digest_interval = 5\n").expect_err("primary's key");
         assert_eq!(
             e.to_string(),
-            "config b.toml: unknown key `throttle_target_ms` (a setting of ftvm primary only)"
+            "config b.toml: unknown key `digest_interval` (a setting of ftvm primary only)"
         );
         let e = primary(&[], "on_primary_stop = \"stop\"\n").expect_err("backup's key");
         assert!(e.to_string().contains("ftvm backup only"), "{e}");
@@ -1074,6 +1102,28 @@ mod tests {
         assert!(e.to_string().contains("unknown key `config`"), "{e}");
         let e = primary(&[], "guest = [1\n").expect_err("syntax");
         assert!(e.to_string().starts_with("config p.toml: line 1: "), "{e}");
+    }
+
+    #[test]
+    fn a_backup_takes_the_throttle_settings_it_applies_once_live() {
+        let base = "guest = \"kv\"\npeer = \"h:1\"\n";
+        let b = backup(
+            &["--throttle-min-share", "0.2"],
+            &format!("{base}throttle_target_ms = 40\nthrottle_cgroup = \"none\"\n"),
+        )
+        .expect("valid");
+        let cfg = b.throttle.config().expect("on");
+        assert_eq!(cfg.target, Duration::from_millis(40));
+        assert_eq!(cfg.pi.min_share, 0.2);
+        assert_eq!(cfg.cgroup, CgroupPlace::Off);
+        let off = backup(&[], &format!("{base}throttle_target_ms = 0\n")).expect("valid");
+        assert!(off.throttle.config().is_none());
+        let e = backup(
+            &[],
+            &format!("{base}throttle_cgroup = \"/no/such/cgroup\"\n"),
+        )
+        .expect_err("bad dir");
+        assert!(e.to_string().contains("`throttle_cgroup` = "), "{e}");
     }
 
     #[test]
@@ -1139,6 +1189,8 @@ mod tests {
             ""
         )
         .is_ok());
+        // The throttle's settings are checked on the backup too (it applies them once live).
+        assert!(backup(&with(&["--throttle-min-share", "1.5"]), "").is_err());
         let c = primary(&with(&["--go-alone-unprotected"]), "").expect("alias");
         assert_eq!(c.on_backup_failure(), PeerFailurePolicy::GoAloneUnprotected);
     }
@@ -1149,7 +1201,6 @@ mod tests {
         let p = help(<P as clap::CommandFactory>::command());
         let b = help(<B as clap::CommandFactory>::command());
         for own in [
-            "--throttle-target-ms",
             "--go-alone-unprotected",
             "--on-backup-stop",
             "--digest-interval",
@@ -1157,6 +1208,14 @@ mod tests {
             assert!(p.contains(own) && !b.contains(own), "{own}");
         }
         assert!(b.contains("--on-primary-stop") && !p.contains("--on-primary-stop"));
+        for both in [
+            "--throttle-target-ms",
+            "--throttle-min-share",
+            "--throttle-cgroup",
+        ] {
+            assert!(p.contains(both) && b.contains(both), "{both}");
+        }
+        assert!(b.contains("once it went live"), "{b}");
         assert!(
             p.contains(&format!("[default: {DEFAULT_PRIMARY_HEARTBEAT}]")),
             "{p}"

@@ -28,6 +28,7 @@ use ftvm_ft::backup::{run_backup, LogReader};
 use ftvm_ft::detector::DetectorStats;
 use ftvm_ft::error::PairError;
 use ftvm_ft::golive::{BackupFtReport, FtConfig};
+use ftvm_ft::join::JoinPoint;
 use ftvm_ft::primary::{LogWriter, PairOptions, PrimaryHooks};
 use ftvm_ft::run::{run_backup_ft, run_primary, run_primary_ft};
 use ftvm_ft::stop::{PrimaryStopPolicy, StopCause, Stopped};
@@ -198,7 +199,7 @@ pub fn primary(pc: PrimaryConfig, lifecycle: &mut Lifecycle) -> anyhow::Result<(
     // The throttle acts on this thread: `run_primary` / `run_primary_ft` run the vCPU here.
     // Once the primary goes on alone its lag source stops replicating and the controller
     // gives the vCPU its full share back.
-    let throttle = start_throttle(pc.throttle().as_ref(), &writer)?;
+    let throttle = start_throttle(pc.throttle.config().as_ref(), &writer)?;
     let run = match ft {
         None => run_primary(&mut vm, &writer, &opts, Some((buf, sink)), &hooks)
             .map(|r| (r, serde_json::Value::Null)),
@@ -331,8 +332,8 @@ fn start_throttle(
     Ok(Some(t))
 }
 
-/// The `"throttle"` object of the primary's report: the final [`ThrottleStatus`], or why there
-/// was none.
+/// The `"throttle"` object of the primary's report (and of a backup's that went live): the
+/// final [`ThrottleStatus`], or why there was none.
 fn throttle_json(status: Result<ThrottleStatus, &str>) -> serde_json::Value {
     match status {
         Err(reason) => serde_json::json!({"enabled": false, "reason": reason}),
@@ -606,7 +607,10 @@ pub(crate) fn replay(
         arbiter,
         Some((s.tap(), bc.primary_stop_policy())),
     )?;
-    let join = crate::join::join_point(s);
+    // Once live, it runs as a primary with the throttle a primary runs (the lag of the backups
+    // that join it, and a join's auto-converge lever).
+    let throttle = bc.throttle.config();
+    let join = crate::join::join_point(s).map(|p| p.with_throttle(throttle.clone()));
     // Joins are served once this backup went live (and runs as a lone primary).
     let _acceptor = crate::join::accept(s, (ft.as_ref(), join.as_ref()), &vm, channel)?;
     let result = match ft {
@@ -623,7 +627,7 @@ pub(crate) fn replay(
                     tracing::warn!(error = %e, "console write failed");
                 }
             });
-            match run_backup_ft(&mut vm, reader, (ft, join), Some((buf.clone(), sink))) {
+            match run_backup_ft(&mut vm, reader, (ft, join.clone()), Some((buf.clone(), sink))) {
                 Ok(BackupFtReport::Finished(r)) => Ok(r),
                 Ok(BackupFtReport::WentLive(live)) => {
                     let disk_digest = s.disk.as_deref().map(file_digest).transpose()?;
@@ -650,6 +654,13 @@ pub(crate) fn replay(
                             "tx": live.tx,
                             "shared_disk": disk_json(&vm),
                             "metrics": observer.snapshot(),
+                            "throttle": throttle_json(live.throttle.ok_or(
+                                match (&s.accept_join, &throttle) {
+                                    (None, _) => "not a primary serving joins (no --accept-join)",
+                                    (_, None) => "off (--throttle-target-ms 0)",
+                                    _ => "could not start (see the log)",
+                                },
+                            )),
                         }),
                     )?;
                     std::process::exit(crate::exit::guest_status(live.code));
@@ -734,6 +745,11 @@ pub(crate) fn replay(
                 "exits": st.exit,
                 "disk_digest": disk_digest.map(|d| format!("{d:016x}")),
                 "metrics": observer.snapshot(),
+                // Stopped after going live, as a primary with its throttle: how it ended.
+                "throttle": join
+                    .as_ref()
+                    .and_then(JoinPoint::throttle_status)
+                    .map(|st| throttle_json(Ok(st))),
             }),
         ),
         Err(PairError::CannotTakeOver(f)) => {

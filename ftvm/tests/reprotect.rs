@@ -12,6 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use ftvm::client::Load;
+use ftvm::exit::STOPPED;
 use ftvm::scenario::{Node, Scenario, ScenarioConfig, Side, EXIT_FENCED, JOIN_PORT};
 
 /// The arbiter's generations 1, 2, … are held by `holders`, in order.
@@ -411,6 +412,12 @@ fn three_cycles_of_kill_and_reprotect_lose_no_acked_write() {
     );
     s.shutdown_guest();
     common::assert_exits_with(s.primary.as_mut().expect("last live side"), 0);
+    // The last live side (a joiner that went live, accepting joins) ran the primary's throttle
+    // until the guest powered off, full speed while alone.
+    let r = s.report_of("c2").expect("c2's report");
+    assert_eq!(r["went_live"], true, "{r}");
+    assert_eq!(r["throttle"]["enabled"], true, "{r}");
+    assert_eq!(r["throttle"]["share"], 1.0, "{r}");
 }
 
 /// `ftvm demo --cycles 3` as a process: three failovers in a row, a new backup joining the
@@ -670,23 +677,15 @@ fn number_after(line: &str, key: &str) -> f64 {
 /// Most pre-copy rounds in [`join_dirtying_guest`].
 const DIRTY_MAX_ROUNDS: u32 = 8;
 
-/// A pair running `stream dirty=24M` (its vCPU rewrites 6144 pages as fast as it runs), the
-/// primary accepting joins with at most [`DIRTY_MAX_ROUNDS`] pre-copy rounds and
-/// `--join-auto-converge lever`; the backup killed, a new backup joins the lone primary.
-fn join_dirtying_guest(tag: &str, lever: bool) -> DirtyJoin {
+/// A pair running `stream dirty=24M` (its vCPU rewrites 6144 pages as fast as it runs), with
+/// `primary` and `backup` added to each side's flags; returns once the guest's sink is on.
+fn dirtying_pair(tag: &str, primary: &[String], backup: &[String]) -> Scenario {
     let mut c = tcp_config(tag);
     c.guest = "stream".into();
     c.cmdline = Some("ip=10.0.2.15/24 gw=10.0.2.1 dirty=24M".into());
     let mut s = Scenario::prepare(c).expect("prepare");
-    s.backup = Some(s.spawn(Side::Backup, &[]).expect("backup"));
-    let mut extra = Scenario::accept_join_args();
-    extra.extend([
-        "--join-max-rounds".into(),
-        DIRTY_MAX_ROUNDS.to_string(),
-        "--join-auto-converge".into(),
-        lever.to_string(),
-    ]);
-    s.primary = Some(s.spawn(Side::Primary, &extra).expect("primary"));
+    s.backup = Some(s.spawn(Side::Backup, backup).expect("backup"));
+    s.primary = Some(s.spawn(Side::Primary, primary).expect("primary"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !s.console(Some(Side::Primary)).contains("stream: sink on") {
         assert!(
@@ -696,13 +695,32 @@ fn join_dirtying_guest(tag: &str, lever: bool) -> DirtyJoin {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    s.backup.take().expect("backup").kill();
-    let primary = s.primary.as_mut().expect("primary");
-    primary
-        .wait_line("ALONE", Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no ALONE line: {}", primary.stderr_text()));
-    // A 400 Mbit/s link (a token bucket on the namespace's loopback, which carries the
-    // join): slower than the guest dirties its region (~100 MB/s under nested paging here).
+    s
+}
+
+/// The flags of a side that serves joins of the dirtying guest on `port`: at most
+/// [`DIRTY_MAX_ROUNDS`] pre-copy rounds, auto-converge `lever`.
+fn dirty_join_args(port: u16, lever: bool) -> Vec<String> {
+    let mut extra = accepting(port);
+    extra.extend([
+        "--join-max-rounds".into(),
+        DIRTY_MAX_ROUNDS.to_string(),
+        "--join-auto-converge".into(),
+        lever.to_string(),
+    ]);
+    extra
+}
+
+/// The lone side of [`dirtying_pair`] (now `s.primary`) serves a join on `join_port` over a
+/// 400 Mbit/s link (a token bucket on the namespace's loopback, which carries the join: slower
+/// than the guest dirties its region, ~100 MB/s under nested paging here); joiner `c` (heartbeat
+/// `heartbeat`) pairs in `generation` and replays without diverging. Returns the joiner and
+/// what the join cost.
+fn join_over_slow_link(
+    s: &mut Scenario,
+    (heartbeat, join_port): (u16, u16),
+    generation: u64,
+) -> (Node, DirtyJoin) {
     let tc = s
         .netns()
         .exec(
@@ -714,7 +732,7 @@ fn join_dirtying_guest(tag: &str, lever: bool) -> DirtyJoin {
         )
         .expect("run tc");
     assert!(tc.status.success(), "tc: {tc:?}");
-    let (mut joiner, line) = join(&mut s, ("c", 7111), 3, false);
+    let (mut joiner, line) = join_with(s, ("c", heartbeat, join_port), generation, &[]);
     // The joined backup replays the dirtying guest without diverging.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(joiner.try_status(), None, "{}", joiner.stderr_text());
@@ -725,13 +743,26 @@ fn join_dirtying_guest(tag: &str, lever: bool) -> DirtyJoin {
         .filter(|l| l.contains("join round") || l.contains("throttle started"))
         .collect();
     eprintln!("{}", rounds.join("\n"));
-    DirtyJoin {
-        rounds: number_after(&line, "generation 3: ") as u32,
+    let join = DirtyJoin {
+        rounds: number_after(&line, &format!("generation {generation}: ")) as u32,
         final_pages: number_after(&line, "ms (") as u64,
         min_share: number_after(&line, "lowest vCPU share "),
         pause_ms: number_after(&line, "pause "),
         line,
-    }
+    };
+    (joiner, join)
+}
+
+/// [`dirtying_pair`], the primary accepting joins (auto-converge `lever`); the backup killed, a
+/// new backup joins the lone primary.
+fn join_dirtying_guest(tag: &str, lever: bool) -> DirtyJoin {
+    let mut s = dirtying_pair(tag, &dirty_join_args(JOIN_PORT, lever), &[]);
+    s.backup.take().expect("backup").kill();
+    let primary = s.primary.as_mut().expect("primary");
+    primary
+        .wait_line("ALONE", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no ALONE line: {}", primary.stderr_text()));
+    join_over_slow_link(&mut s, (7111, JOIN_PORT), 3).1
 }
 
 /// Auto-converge: the `stream` guest dirties 24 MiB faster than a 400 Mbit/s link copies it, so
@@ -774,4 +805,54 @@ fn auto_converge_lowers_the_cpu_share_until_precopy_of_a_dirtying_guest_converge
         "{TEST}: pause {:.1} ms with the lever, {:.1} ms without",
         with.pause_ms, without.pause_ms
     );
+}
+
+/// Auto-converge on a backup that went live: [`dirtying_pair`] with the backup accepting joins
+/// (default throttle flags, which apply once it runs as a primary); the primary killed, the
+/// backup goes live in generation 2 and a new backup joins it over the slow link. Its CPU
+/// throttle obeys the join's lever: the share goes down round by round and pre-copy converges
+/// before [`DIRTY_MAX_ROUNDS`] (before the fix the went-live side ran no throttle: all rounds,
+/// share 1). Then the went-live side is stopped (SIGTERM) and its report names the throttle,
+/// which gave the vCPU its full share back.
+#[test]
+fn a_backup_that_went_live_auto_converges_a_join_of_a_dirtying_guest() {
+    const TEST: &str = "a_backup_that_went_live_auto_converges_a_join_of_a_dirtying_guest";
+    if common::skip(TEST) {
+        return;
+    }
+    let _serial = common::serial();
+    let mut s = dirtying_pair("rp-livelev", &[], &dirty_join_args(7301, true));
+    s.primary.take().expect("primary").kill();
+    let backup = s.backup.as_mut().expect("backup");
+    let live = backup
+        .wait_line("LIVE", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no LIVE line: {}", backup.stderr_text()));
+    assert!(live.contains("generation 2"), "{live}");
+    s.primary = s.backup.take();
+    let (joiner, join) = join_over_slow_link(&mut s, (7111, 7301), 3);
+    eprintln!("{TEST}: {join:?}");
+    assert!(
+        join.min_share < 1.0,
+        "the share was never lowered: {}",
+        join.line
+    );
+    assert!(
+        join.rounds < DIRTY_MAX_ROUNDS,
+        "no convergence: {}",
+        join.line
+    );
+    s.backup = Some(joiner);
+    // A planned stop of the went-live side (the stream guest is not reachable from the
+    // namespace here, so it cannot be told to power off): its report has the throttle too.
+    signal(s.primary.as_ref().expect("went-live side"), "TERM");
+    common::assert_exits_with(s.primary.as_mut().expect("went-live side"), STOPPED);
+    let r = s.report(Side::Backup).expect("the went-live side's report");
+    let t = &r["throttle"];
+    assert_eq!(t["enabled"], true, "{r}");
+    assert!(
+        ["cgroup-v2", "cgroup-v1", "pacer"].contains(&t["actuator"].as_str().unwrap_or("")),
+        "{t}"
+    );
+    assert!(t["min_share"].as_f64().unwrap_or(1.0) < 1.0, "{t}");
+    assert_eq!(t["share"], 1.0, "full speed given back at the end: {t}");
 }

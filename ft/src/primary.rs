@@ -206,7 +206,15 @@ impl LogStalls {
 
 impl LogWriter {
     /// A writer over `sender`'s buffer; its appender waits for log space with `idle`.
-    pub fn new(mut sender: LogSender, idle: IdleKind) -> Self {
+    pub fn new(sender: LogSender, idle: IdleKind) -> Self {
+        Self::with_observer(sender, idle, Observer::new(SideRole::Primary))
+    }
+
+    /// As [`LogWriter::new`], registering its counters (and those of everything that watches
+    /// this writer: throttle, output gate, detector) with `observer`, an observer the side
+    /// already serves: a backup that went live runs as a primary under the same `--metrics`
+    /// endpoint and report.
+    pub fn with_observer(mut sender: LogSender, idle: IdleKind, observer: Observer) -> Self {
         let position = Arc::new(AtomicU64::new(
             sender.producer().next_seq().saturating_sub(1),
         ));
@@ -228,7 +236,7 @@ impl LogWriter {
             bytes: Arc::default(),
             controls: ControlQueue::new(),
             cap: crate::share::ShareCap::default(),
-            observer: Observer::new(SideRole::Primary),
+            observer,
         };
         let appender = LogAppender::new(sender, &writer);
         *writer.lock_appender() = Some(appender);

@@ -38,6 +38,7 @@ use super::golive::{
 };
 use super::join::{cut, JoinPoint};
 use super::log::{AppliedControl, Entry, LOG_VERSION};
+use super::observe::Observer;
 use super::output::{OutputGate, Sink};
 use super::primary::{
     DiskBarrier, Lent, LinkWatch, LogAppender, LogWriteError, LogWriter, PairOptions, PrimaryHooks,
@@ -157,13 +158,16 @@ pub fn run_backup_ft(
     (ft, join): (FtConfig, Option<JoinPoint>),
     console: Option<(Arc<Mutex<Vec<u8>>>, Sink)>,
 ) -> Result<BackupFtReport, PairError> {
+    // The side's observer (what `--metrics` and the report show) stays the same when it goes
+    // live and runs as a primary.
+    let observer = reader.observer().clone();
     let live = match replay_ft(vm, reader, ft, console, join.is_some())? {
         Replayed::Finished(r) => return Ok(BackupFtReport::Finished(r)),
         Replayed::Live(live) => *live,
     };
     match join {
         None => live.run_alone(vm),
-        Some(point) => live_as_primary(vm, live, &point),
+        Some(point) => live_as_primary(vm, live, &point, observer),
     }
 }
 
@@ -174,6 +178,7 @@ fn live_as_primary(
     vm: &mut Vm,
     mut live: WentLive,
     point: &JoinPoint,
+    observer: Observer,
 ) -> Result<BackupFtReport, PairError> {
     let console = live.take_console();
     let (p, c) =
@@ -185,7 +190,7 @@ fn live_as_primary(
         ftvm_channel::PollerConfig::default(),
     )?;
     let opts = PairOptions::default();
-    let writer = LogWriter::new(sender, opts.idle);
+    let writer = LogWriter::with_observer(sender, opts.idle, observer);
     writer.role().step(PrimaryEvent::RunAlone)?;
     // The throttle a primary runs, on this (the vCPU's) thread; stopped on every way out of
     // this function (the guard's drop), which gives the vCPU its full share back, removes the

@@ -855,4 +855,9 @@ fn a_backup_that_went_live_auto_converges_a_join_of_a_dirtying_guest() {
     );
     assert!(t["min_share"].as_f64().unwrap_or(1.0) < 1.0, "{t}");
     assert_eq!(t["share"], 1.0, "full speed given back at the end: {t}");
+    // The side's metrics (its `--metrics` endpoint, embedded in the report) show the
+    // throttle of its run as a primary too, not only the replay's counters.
+    let m = &r["metrics"]["throttle"];
+    assert_eq!(m["actuator"], t["actuator"], "metrics: {m}");
+    assert!(m["min_share"].as_f64().unwrap_or(1.0) < 1.0, "metrics: {m}");
 }

@@ -73,9 +73,9 @@ struct Row {
     /// The backup's CPU per request by thread name (`ftvm-log-recv` is the receiver poller).
     backup_threads_us_per_req: BTreeMap<String, f64>,
     /// The primary's throttle over the whole run of the configuration (every load): its
-    /// smallest CPU share (1: it never throttled; FT off and `--throttle-target-ms 0`: 1)
-    /// and the time it spent below a share of 1, in ms.
+    /// smallest CPU share (1: it never throttled; FT off and `--throttle-target-ms 0`: 1).
     throttle_min_share: f64,
+    /// The time the primary's throttle spent below a share of 1 over the same run, in ms.
     throttled_ms: f64,
     /// The largest lag of the backup's execution the throttle saw, in ms (0 without one).
     max_lag_ms: f64,

@@ -46,7 +46,7 @@ use super::primary::{
 };
 use super::role::{PrimaryEvent, PrimaryState};
 use super::stop::{is_planned, StopCause, Stopped};
-use super::throttle::{current_tid, Throttle, ThrottleConfig};
+use super::throttle::{Throttle, ThrottleConfig};
 use super::transition::GoLiveTimings;
 use ftvm_vmm_core::devices::virtio::blk::DiskMode;
 use ftvm_vmm_core::digest::register_digest;
@@ -238,17 +238,8 @@ impl Drop for LiveThrottle<'_> {
 /// alone, with no other copy; stopping it would lose the service for the sake of a backup that
 /// has not joined yet. It runs unthrottled (a join then has no auto-converge lever), and says so.
 fn start_throttle(cfg: &ThrottleConfig, writer: &LogWriter) -> Option<Throttle> {
-    match Throttle::for_writer(cfg.clone(), writer, current_tid()) {
-        Ok(t) => {
-            tracing::info!(
-                target: "ftvm::throttle",
-                target_ms = cfg.target.as_millis() as u64,
-                min_share = cfg.pi.min_share,
-                actuator = t.kind().name(),
-                "live as a primary: CPU throttle on"
-            );
-            Some(t)
-        }
+    match Throttle::on_this_thread(cfg, writer, "live as a primary") {
+        Ok(t) => Some(t),
         Err(e) => {
             tracing::warn!(
                 target: "ftvm::throttle",

@@ -58,6 +58,15 @@ fn window(samples: &[Sample], from: f64, to: f64) -> Vec<&Sample> {
     samples.iter().filter(|s| s.t >= from && s.t < to).collect()
 }
 
+/// The most entries logged and not yet acknowledged at any sample.
+fn max_in_flight(samples: &[Sample]) -> u64 {
+    samples
+        .iter()
+        .map(|x| x.logged.saturating_sub(x.acked))
+        .max()
+        .unwrap_or(0)
+}
+
 fn rate(w: &[&Sample]) -> f64 {
     match (w.first(), w.last()) {
         (Some(a), Some(b)) if b.t > a.t => (b.logged - a.logged) as f64 / (b.t - a.t),
@@ -445,12 +454,7 @@ fn throttle_slowed_backup_keeps_lag_under_target_and_full_speed_returns() {
     let p = r.primary.as_ref().expect("primary");
     assert_eq!(p.log_stalls.count, 0, "the vCPU waited for log space");
     let bytes_per_entry = p.log_bytes as f64 / p.entries.max(1) as f64 + 16.0;
-    let max_inflight = r
-        .samples
-        .iter()
-        .map(|x| x.logged.saturating_sub(x.acked))
-        .max()
-        .unwrap_or(0);
+    let max_inflight = max_in_flight(&r.samples);
     assert!(
         (max_inflight as f64) * bytes_per_entry < r.ring_capacity as f64 / 2.0,
         "{max_inflight} entries in flight"
@@ -536,11 +540,7 @@ fn throttle_backup_that_stops_acking_stalls_the_primary_with_bounded_memory() {
     assert_eq!(first.logged, last.logged, "the primary kept logging");
     // ...with at most a buffer's worth of entries unacknowledged (bounded memory)...
     let max_record = 24 + 16;
-    let max_inflight = s
-        .iter()
-        .map(|x| x.logged.saturating_sub(x.acked))
-        .max()
-        .unwrap_or(0);
+    let max_inflight = max_in_flight(s);
     assert!(
         max_inflight as usize * 16 <= capacity,
         "{max_inflight} entries in flight in a {capacity}-byte buffer"
@@ -603,12 +603,7 @@ fn throttle_backup_that_never_acks_ends_in_failure_detection() {
         "failure detection took {:.1} s (peer timeout 1 s)",
         last.t
     );
-    let max_inflight = r
-        .samples
-        .iter()
-        .map(|x| x.logged.saturating_sub(x.acked))
-        .max()
-        .unwrap_or(0);
+    let max_inflight = max_in_flight(&r.samples);
     assert!(
         max_inflight as usize * 16 <= capacity,
         "{max_inflight} in flight"

@@ -32,7 +32,7 @@ use ftvm_ft::join::JoinPoint;
 use ftvm_ft::primary::{LogWriter, PairOptions, PrimaryHooks};
 use ftvm_ft::run::{run_backup_ft, run_primary, run_primary_ft};
 use ftvm_ft::stop::{PrimaryStopPolicy, StopCause, Stopped};
-use ftvm_ft::throttle::{current_tid, TargetFollower, Throttle, ThrottleConfig, ThrottleStatus};
+use ftvm_ft::throttle::{TargetFollower, Throttle, ThrottleConfig, ThrottleStatus};
 use ftvm_ft::transition::GoLiveTimings;
 use ftvm_ft::{acquire_with_retry, Acquire, Arbiter, DetectorConfig, NodeId, RetryPolicy, Role};
 use ftvm_vmm_core::devices::ConsoleOutput;
@@ -320,15 +320,8 @@ fn start_throttle(
     let Some(cfg) = cfg else {
         return Ok(None);
     };
-    let t = Throttle::for_writer(cfg.clone(), writer, current_tid())
+    let t = Throttle::on_this_thread(cfg, writer, "primary")
         .map_err(|e| anyhow::anyhow!("cannot start the CPU throttle: {}", error_text(&e)))?;
-    tracing::info!(
-        target: "ftvm::throttle",
-        target_ms = cfg.target.as_millis() as u64,
-        min_share = cfg.pi.min_share,
-        actuator = t.actuator(),
-        "primary: CPU throttle on"
-    );
     Ok(Some(t))
 }
 

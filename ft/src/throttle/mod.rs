@@ -366,6 +366,28 @@ impl Throttle {
         Ok(group)
     }
 
+    /// [`Throttle::for_writer`] on the calling thread (the vCPU's: [`current_tid`]), and says
+    /// so in one line naming `side` (`primary`, `live as a primary`), the target, the smallest
+    /// share and the actuator: the start that the primary's and a went-live backup's runs share.
+    ///
+    /// # Errors
+    /// As [`Throttle::for_writer`].
+    pub fn on_this_thread(
+        cfg: &ThrottleConfig,
+        writer: &LogWriter,
+        side: &str,
+    ) -> Result<Self, ThrottleError> {
+        let t = Self::for_writer(cfg.clone(), writer, current_tid())?;
+        tracing::info!(
+            target: "ftvm::throttle",
+            target_ms = cfg.target.as_millis() as u64,
+            min_share = cfg.pi.min_share,
+            actuator = t.actuator(),
+            "{side}: CPU throttle on"
+        );
+        Ok(t)
+    }
+
     /// Starts a throttle for the primary writing through `writer`, acting on thread `vcpu_tid`
     /// (the thread that will call `run_primary`: [`current_tid`] there), and makes it follow
     /// the target changes agreed through the log ([`propose_target`] on `writer.controls()`;
